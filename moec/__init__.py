@@ -1,0 +1,27 @@
+"""moec: an MoE-aware model compiler.
+
+    import moec
+    compiled = moec.compile(model, (input_ids,))
+    out = compiled(other_input_ids)
+    print(compiled.ir)
+    compiled.save("plan/"); again = moec.load("plan/")
+"""
+
+__version__ = "0.1.0"
+
+from moec.api import CompiledModel, compile, load  # noqa: E402
+from moec.errors import (  # noqa: E402
+    CaptureError,
+    MoecError,
+    ParseError,
+    PassError,
+    PlanError,
+    VerifyError,
+)
+from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec  # noqa: E402
+from moec.frontend.recognize import register_moe_block  # noqa: E402
+
+__all__ = [
+    "BlockSpec", "CaptureError", "CompiledModel", "ExpertsSpec", "FFNSpec", "MoecError", "ParseError",
+    "PassError", "PlanError", "RouteSpec", "VerifyError", "compile", "load", "register_moe_block",
+]

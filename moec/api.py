@@ -1,0 +1,145 @@
+"""``moec.compile``: capture -> lower -> passes -> backend -> ``CompiledModel``; and ``moec.load``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from moec.backend.torch_runner import TorchRunner
+from moec.errors import MoecError
+from moec.frontend.capture import capture
+from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
+from moec.ir.plan import load_plan, save_plan
+from moec.ir.printer import print_graph
+from moec.ir.program import Program
+from moec.passes import PassContext, build_passes, load_recipe, run_passes
+from moec.passes.dead_code import DeadCode
+
+BACKENDS = ("torch",)
+
+
+class CompiledModel:
+    """A compiled model: call it like the original model; inspect ``.ir``; ``.save()`` a plan folder."""
+
+    def __init__(self, program: Program, backend: str = "torch") -> None:
+        if backend not in BACKENDS:
+            raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        self.program = program
+        self.backend = backend
+        self.runner = TorchRunner(program)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inputs = self.program.flatten_inputs(args, kwargs)
+        return self.program.unflatten_outputs(self.runner.run(inputs))
+
+    @property
+    def ir(self) -> str:
+        """The program's IR in its canonical text form."""
+        return print_graph(self.program.graph)
+
+    @property
+    def report(self) -> dict[str, Any]:
+        return self.program.metadata.setdefault("report", {})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write a plan folder (``plan.json`` + ``weights.safetensors``) to ``path``."""
+        return save_plan(self.program, path)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per FFN/MoE layer: kind, experts, top-k, parameters and bytes of its weights."""
+        return layer_summary(self.program)
+
+
+def compile(
+    model: nn.Module,
+    example_inputs: tuple | Mapping[str, Any] = (),
+    *,
+    recipe: str | os.PathLike | Mapping[str, Any] | None = None,
+    calibration: Any = None,
+    backend: str = "torch",
+) -> CompiledModel:
+    """Compile ``model`` for inference from example inputs.
+
+    ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments, as you would
+    pass them to ``model``; the compiled model accepts other batch and sequence sizes. ``recipe`` lists
+    passes to run (a dict, or a YAML/JSON file); ``calibration`` is data for passes that need it.
+    """
+    if backend not in BACKENDS:
+        raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
+    recipe_dict = load_recipe(recipe if not isinstance(recipe, Mapping) else dict(recipe))
+    passes = build_passes(recipe_dict)
+    program = capture(model, args, kwargs)
+    context = PassContext(calibration=calibration)
+    records = run_passes(program, [DeadCode(), *passes], context)
+    program.metadata["recipe"] = recipe_dict
+    program.metadata["passes"] = records
+    if context.report:
+        program.metadata["report"] = context.report
+    return CompiledModel(program, backend)
+
+
+def load(path: str | os.PathLike, backend: str = "torch") -> CompiledModel:
+    """Load a plan folder written by ``CompiledModel.save`` or ``moec compile -o``."""
+    return CompiledModel(load_plan(path), backend)
+
+
+def weight_bytes(program: Program, names: list[str]) -> tuple[int, int]:
+    tensors = [program.weights[n] for n in names if n in program.weights]
+    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def layer_summary(program: Program) -> list[dict[str, Any]]:
+    rows = []
+    for op in program.graph.ops:
+        if not isinstance(op, (DenseFFNOp, RouteOp, ExpertsOp, SharedExpertOp)):
+            continue
+        params, size = weight_bytes(program, [ref.name for ref in op.weight_refs])
+        spec = op.spec
+        row = {
+            "op": op.op_name,
+            "weights": op.weight_refs[0].name.rsplit(".", 1)[0] if op.weight_refs else "",
+            "experts": getattr(spec, "num_experts", ""),
+            "top_k": getattr(spec, "top_k", ""),
+            "detail": describe_spec(op),
+            "params": params,
+            "bytes": size,
+        }
+        rows.append(row)
+    return rows
+
+
+def describe_spec(op: Any) -> str:
+    spec = op.spec
+    if isinstance(op, RouteOp):
+        bias = ", score bias" if spec.has_bias else ""
+        groups = f", groups {spec.topk_group}/{spec.n_group}" if spec.n_group > 1 else ""
+        return f"{spec.scoring} {spec.order}{', renorm' if spec.renormalize else ''}{bias}{groups}"
+    gate = " + sigmoid gate" if getattr(spec, "has_output_gate", False) else ""
+    kind = "gated " if spec.gated else ""
+    return f"{kind}{spec.act}, hidden {spec.hidden}, ffn {spec.intermediate}{gate}"
+
+
+def parity(model: nn.Module, compiled: CompiledModel, example_inputs: tuple | Mapping[str, Any]) -> float:
+    """Max abs difference between the original model and the compiled one on the same inputs."""
+    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
+    was_training = model.training
+    model.eval()
+    config = getattr(model, "config", None)
+    extra = {"use_cache": False} if getattr(config, "use_cache", False) else {}
+    try:
+        with torch.inference_mode():
+            expected = model(*args, **kwargs, **extra)
+    finally:
+        model.train(was_training)
+    got = compiled(*args, **kwargs)
+    leaves_expected = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
+    leaves_got = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    if len(leaves_expected) != len(leaves_got):
+        raise MoecError(f"compiled model returned {len(leaves_got)} tensors, the model {len(leaves_expected)}")
+    return max(((a.float() - b.float()).abs().max().item() for a, b in zip(leaves_expected, leaves_got, strict=True)), default=0.0)

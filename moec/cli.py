@@ -1,0 +1,160 @@
+"""The ``moec`` command: compile a model into a plan folder, and inspect plans.
+
+Exit codes: 0 success, 1 a moec error (the message says what to do), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns when piped
+console = Console(highlight=False, width=WIDTH)
+errors = Console(stderr=True, highlight=False, width=WIDTH)
+
+PARITY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+@contextlib.contextmanager
+def step(title: str) -> Iterator[None]:
+    """Show a spinner while a long step runs, then its time."""
+    start = time.perf_counter()
+    with console.status(f"{title}..."):
+        yield
+    console.print(f"[green]done[/] {title} ({time.perf_counter() - start:.1f} s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moec",
+        description="moec: an MoE-aware model compiler. Capture a PyTorch model, run passes, write a plan.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    compile_ = commands.add_parser(
+        "compile", help="compile a model into a plan folder and check parity with the original",
+        description="Compile a model and check its outputs against the original model on the example "
+                    "inputs and on inputs of another batch/sequence size.",
+    )
+    compile_.add_argument(
+        "--model", default="minilm", metavar="MODEL",
+        help="what to compile: a preset (minilm [default: the real all-MiniLM-L6-v2, offline], tiny-mixtral, "
+             "tiny-qwen2-moe, tiny-olmoe, tiny-deepseek-v3, tiny-llama, tiny-gpt2, tiny-bert), a local Hugging "
+             "Face model folder, or pkg.module:factory (a function returning a model or (model, example_kwargs))",
+    )
+    compile_.add_argument("-o", "--output", metavar="PLAN", help="write the plan folder here (replaced if it is a plan)")
+    compile_.add_argument("--recipe", metavar="FILE", help="YAML/JSON recipe listing the passes to run")
+    compile_.add_argument("--backend", default="torch", choices=["torch"], help="execution backend (default: torch)")
+    compile_.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="cast the model to this dtype first"
+    )
+    compile_.add_argument("--print-ir", action="store_true", help="print the compiled IR")
+
+    inspect_ = commands.add_parser(
+        "inspect", help="show a plan's IR and a table of its layers, experts, parameters and bytes",
+        description="Load a plan folder (checking its format version and checksums) and describe it.",
+    )
+    inspect_.add_argument("plan", metavar="PLAN", help="a plan folder written by `moec compile -o`")
+    inspect_.add_argument("--no-ir", action="store_true", help="show only the table, not the IR text")
+    return parser
+
+
+def resized(example: dict[str, Any]) -> dict[str, Any]:
+    """The example with one more batch row and a shorter last dimension (a shape capture never saw)."""
+    out = {}
+    for key, value in example.items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            value = torch.cat([value, value[:1]], dim=0)
+            value = value[..., : max(1, value.shape[-1] - 2)]
+        out[key] = value
+    return out
+
+
+def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("#", "op", "weights", "experts", "top-k", "detail", "params", "bytes"):
+        table.add_column(column, justify="right" if column in ("#", "experts", "top-k", "params", "bytes") else "left")
+    for index, row in enumerate(rows):
+        table.add_row(str(index), row["op"], row["weights"], str(row["experts"]), str(row["top_k"]),
+                      row["detail"], f"{row['params']:,}", f"{row['bytes']:,}")
+    total_params = sum(r["params"] for r in rows)
+    total_bytes = sum(r["bytes"] for r in rows)
+    table.add_row("", "total", "", "", "", "", f"{total_params:,}", f"{total_bytes:,}")
+    return table
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    import moec
+    from moec.api import parity
+    from moec.frontend.zoo import load_model_spec
+
+    with step(f"loading model {args.model}"):
+        model, example = load_model_spec(args.model)
+        dtype = getattr(torch, args.dtype)
+        model = model.to(dtype)
+    with step("capturing and compiling"):
+        compiled = moec.compile(model, example, recipe=args.recipe, backend=args.backend)
+    console.print(summary_table(compiled.summary(), f"{type(model).__name__}: FFN and MoE layers"))
+    for record in compiled.program.metadata.get("passes", []):
+        console.print(f"pass {record['pass']}: {record['seconds']:.2f} s, {record['before']} -> {record['after']}")
+    if args.print_ir:
+        console.print(compiled.ir, markup=False)
+    tolerance = PARITY_TOLERANCE[dtype]
+    ok = True
+    checks = {"example inputs": example, "resized inputs": resized(example)}
+    with step("checking parity with the original model"):
+        diffs = {label: parity(model, compiled, inputs) for label, inputs in checks.items()}
+    for label, diff in diffs.items():
+        passed = diff <= tolerance
+        ok &= passed
+        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in checks[label].items() if isinstance(v, torch.Tensor))
+        console.print(f"parity on {label} ({shapes}): max abs diff {diff:.3g} "
+                      f"{'[green]ok[/]' if passed else '[red]FAILED[/]'} (tolerance {tolerance:g})")
+    if args.output:
+        with step(f"writing plan to {args.output}"):
+            compiled.save(args.output)
+    return 0 if ok else 1
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    import moec
+    from moec.ir.plan import read_plan_json
+
+    folder, plan = read_plan_json(args.plan)
+    compiled = moec.load(folder)
+    console.print(f"plan {folder}: format {plan['format_version']}, moec {plan['moec_version']}, "
+                  f"torch {plan['torch_version']}, model {plan['metadata'].get('model_class', '?')}")
+    if not args.no_ir:
+        console.print(compiled.ir, markup=False)
+    console.print(summary_table(compiled.summary(), "FFN and MoE layers"))
+    total = sum(t.numel() * t.element_size() for t in compiled.program.weights.values())
+    console.print(f"all weights: {sum(t.numel() for t in compiled.program.weights.values()):,} parameters, {total:,} bytes")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from moec.errors import MoecError
+
+    args = build_parser().parse_args(argv)
+    handlers = {"compile": run_compile, "inspect": run_inspect}
+    try:
+        return handlers[args.command](args)
+    except MoecError as err:
+        errors.print(Text("error: ", style="bold red") + Text(str(err)))
+        return 1
+    except KeyboardInterrupt:
+        errors.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Block specs: what a recognizer learns about an FFN or MoE block, in moec's own terms.
+
+A recognizer turns a framework module (a Hugging Face sparse MoE block, a Llama MLP, a user module)
+into one of these specs. The spec names each weight by its *role* (``router``, ``w_in`` ...) and says
+where that weight lives in the model (a parameter or buffer name). Capture passes the weights to a
+``moec`` custom op in ``roles`` order together with ``spec.to_json()``; lowering reads them back.
+
+Weight layouts (moec's convention; ``transposed`` roles are stored (in, out) by the framework and are
+transposed once when lowered):
+
+* ``router``: (E, H)             ``router_bias``: (E,)  added to scores for the choice only
+* ``w_in``:   (E, F_in, H)       F_in = 2F when gated (gate rows first, then up rows), else F
+* ``b_in``:   (E, F_in)          ``w_out``: (E, H, F)    ``b_out``: (E, H)
+* dense FFN / shared expert: ``w_gate`` (F, H), ``w_up`` (F, H), ``w_down`` (H, F),
+  ``b_gate`` (F,), ``b_up`` (F,), ``b_down`` (H,), shared ``gate`` (1, H) (sigmoid gate on the output)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "quick_gelu")
+SCORINGS = ("softmax", "sigmoid")
+ORDERS = ("score_then_topk", "topk_then_score")
+
+
+@dataclass(frozen=True)
+class RouteSpec:
+    """How a router turns hidden states into (expert indices, routing weights) per token.
+
+    logits = x @ router.T (computed in float32); scores = scoring(logits) over all experts
+    (``score_then_topk``) or over the top-k logits only (``topk_then_score``). With ``router_bias``
+    the bias is added to the scores for choosing experts only (DeepSeek-V3). With ``n_group`` the
+    experts are split in groups, a group's score is the sum of its top-2 scores, and only the best
+    ``topk_group`` groups may be chosen. Chosen weights are renormalized to sum 1 (``renormalize``,
+    with ``renorm_eps`` added to the denominator), then multiplied by ``scaling``.
+    """
+
+    num_experts: int
+    top_k: int
+    scoring: str = "softmax"
+    order: str = "score_then_topk"
+    renormalize: bool = True
+    renorm_eps: float = 0.0
+    scaling: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    has_bias: bool = False
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """A dense feed-forward network: down(act(gate(x)) * up(x)) when gated, else down(act(up(x)))."""
+
+    hidden: int
+    intermediate: int
+    act: str
+    gated: bool
+    has_bias: bool = False
+    has_output_gate: bool = False  # shared expert: y *= sigmoid(x @ gate.T)
+
+
+@dataclass(frozen=True)
+class ExpertsSpec:
+    """E routed experts with stacked weights, each an FFN of width ``intermediate``."""
+
+    num_experts: int
+    hidden: int
+    intermediate: int
+    act: str
+    gated: bool
+    has_bias: bool = False
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One recognized block: a dense FFN (``kind='ffn'``) or an MoE block (``kind='moe'``).
+
+    ``weights`` maps each role to the parameter/buffer name it comes from (model-relative, dotted),
+    in the order the custom op receives them. ``transposed`` lists roles stored (in, out).
+    """
+
+    kind: str
+    family: str
+    module: str
+    weights: dict[str, str]
+    ffn: FFNSpec | None = None
+    route: RouteSpec | None = None
+    experts: ExpertsSpec | None = None
+    shared: FFNSpec | None = None
+    transposed: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def roles(self) -> list[str]:
+        return list(self.weights)
+
+    def to_json(self) -> str:
+        # No sort_keys: the order of ``weights`` is the custom op's argument order and must survive.
+        return json.dumps(asdict(self))
+
+    @staticmethod
+    def from_json(text: str) -> BlockSpec:
+        data = json.loads(text)
+        return BlockSpec(
+            kind=data["kind"],
+            family=data["family"],
+            module=data["module"],
+            weights=dict(data["weights"]),
+            ffn=FFNSpec(**data["ffn"]) if data.get("ffn") else None,
+            route=RouteSpec(**data["route"]) if data.get("route") else None,
+            experts=ExpertsSpec(**data["experts"]) if data.get("experts") else None,
+            shared=FFNSpec(**data["shared"]) if data.get("shared") else None,
+            transposed=tuple(data.get("transposed", ())),
+        )

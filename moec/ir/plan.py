@@ -1,0 +1,148 @@
+"""Plan folders: a program saved as ``plan.json`` (IR text, I/O specs, versions, checksums) and
+``weights.safetensors``. Written to a temporary folder beside the target and renamed into place, so a
+failed save leaves nothing behind; loaded without pickle, checking format version and checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from moec.errors import PlanError
+from moec.ir.parser import parse_graph
+from moec.ir.printer import print_graph
+from moec.ir.program import Program
+from moec.ir.verifier import verify
+
+FORMAT = "moec-plan"
+FORMAT_VERSION = 1
+PLAN_FILE = "plan.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, str | bytes] | None = None) -> Path:
+    """Write ``program`` as a plan folder at ``path`` (replacing an existing plan there)."""
+    from moec import __version__
+
+    target = Path(path).resolve()
+    if target.exists() and not (target / PLAN_FILE).exists() and any(target.iterdir()):
+        raise PlanError(f"{target} exists and is not a moec plan folder; choose another output path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        used = program.graph.used_weights()
+        tensors = unshared({name: t for name, t in program.weights.items() if name in used})
+        safetensors.torch.save_file(tensors, str(staging / WEIGHTS_FILE))
+        for name, content in (extra_files or {}).items():
+            mode = "wb" if isinstance(content, bytes) else "w"
+            with open(staging / name, mode) as file:
+                file.write(content)
+        plan = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "moec_version": __version__,
+            "torch_version": torch.__version__,
+            "ir": print_graph(program.graph),
+            "in_spec": program.in_spec,
+            "out_spec": program.out_spec,
+            "metadata": program.metadata,
+            "files": {name: sha256_of(staging / name) for name in [WEIGHTS_FILE, *(extra_files or {})]},
+        }
+        (staging / PLAN_FILE).write_text(json.dumps(plan, indent=1))
+        make_readable(staging)
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors that share no storage (safetensors refuses shared storage)."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().contiguous()
+        pointer = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if pointer in seen and tensor.numel() else tensor
+        seen.add(pointer)
+    return out
+
+
+def make_readable(folder: Path) -> None:
+    """Give the staged folder the permissions a normal ``mkdir``/``open`` would (mkdtemp uses 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for file in folder.iterdir():
+        file.chmod(0o666 & ~umask)
+
+
+def replace_dir(staging: Path, target: Path) -> None:
+    if not target.exists():
+        staging.rename(target)
+        return
+    old = target.with_name(f".{target.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    target.rename(old)
+    staging.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """The plan folder and its checked ``plan.json``: format, version, and checksums of its files."""
+    folder = Path(path)
+    plan_file = folder / PLAN_FILE
+    if not plan_file.is_file():
+        raise PlanError(f"{folder} is not a moec plan: {PLAN_FILE} is missing (write one with `moec compile -o`)")
+    try:
+        plan = json.loads(plan_file.read_text())
+    except json.JSONDecodeError as err:
+        raise PlanError(f"{plan_file} is not valid JSON ({err}); the plan is corrupt, compile it again") from None
+    if plan.get("format") != FORMAT:
+        raise PlanError(f"{plan_file} is not a moec plan (format {plan.get('format')!r})")
+    version = plan.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise PlanError(
+            f"{folder} has plan format version {version}, newer than this moec reads ({FORMAT_VERSION}); "
+            "upgrade moec or compile the plan again with this version"
+        )
+    for name, expected in plan.get("files", {}).items():
+        file = folder / name
+        if not file.is_file():
+            raise PlanError(f"{folder}: {name} is missing; the plan is incomplete, compile it again")
+        actual = sha256_of(file)
+        if actual != expected:
+            raise PlanError(
+                f"{folder}: sha256 checksum mismatch for {name} (expected {expected[:12]}..., found "
+                f"{actual[:12]}...): the file was changed or corrupted; compile the plan again"
+            )
+    return folder, plan
+
+
+def load_plan(path: str | os.PathLike) -> Program:
+    """Load and verify a plan folder written by ``save_plan``."""
+    folder, plan = read_plan_json(path)
+    graph = parse_graph(plan["ir"])
+    verify(graph)
+    weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
+    missing = graph.used_weights() - set(weights)
+    if missing:
+        raise PlanError(f"{folder}: {WEIGHTS_FILE} lacks weights {sorted(missing)[:5]}; compile the plan again")
+    return Program(graph, weights, plan["in_spec"], plan["out_spec"], plan.get("metadata", {}))

@@ -1,0 +1,75 @@
+"""A program: an IR graph plus its weights and the structure of the model's inputs and outputs."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from moec.ir.core import Graph
+
+
+@dataclass
+class Program:
+    """What capture produces and passes transform.
+
+    ``in_spec``/``out_spec`` are serialized pytree specs (JSON): how the user's ``(args, kwargs)``
+    flatten into the graph inputs, and how the graph outputs rebuild the model's output object.
+    """
+
+    graph: Graph
+    weights: dict[str, torch.Tensor]
+    in_spec: str
+    out_spec: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def flatten_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
+        """The graph's input tensors from a call's arguments, or ``TypeError`` saying what was expected."""
+        spec = load_treespec(self.in_spec)
+        kwargs_spec = spec.child(1) if spec.num_children == 2 else None
+        if kwargs_spec is not None and kwargs_spec.context is not None:
+            expected = list(kwargs_spec.context)
+            unknown = set(kwargs) - set(expected)
+            missing = [key for key in expected if key not in kwargs]
+            if unknown or missing:
+                raise TypeError(
+                    f"the compiled model takes keyword arguments {expected}; "
+                    f"missing {missing}, unexpected {sorted(unknown)}"
+                )
+            kwargs = {key: kwargs[key] for key in expected}
+        leaves, call_spec = pytree.tree_flatten((tuple(args), kwargs))
+        if call_spec != spec:
+            raise TypeError(f"the compiled model expects arguments shaped like {spec}, got {call_spec}")
+        return leaves
+
+    def unflatten_outputs(self, leaves: list[Any]) -> Any:
+        return pytree.tree_unflatten(leaves, load_treespec(self.out_spec))
+
+
+def dump_treespec(spec: pytree.TreeSpec) -> str:
+    return pytree.treespec_dumps(spec)
+
+
+def load_treespec(text: str) -> pytree.TreeSpec:
+    """Load a serialized pytree spec, importing the modules that define its node types first."""
+    for type_name in _node_type_names(json.loads(text)):
+        module_name = type_name.rpartition(".")[0]
+        if module_name:
+            try:
+                importlib.import_module(module_name)
+            except ImportError:
+                pass  # treespec_loads names the missing type
+    return pytree.treespec_loads(text)
+
+
+def _node_type_names(tree: Any) -> list[str]:
+    if isinstance(tree, dict):
+        names = [tree["type"]] if isinstance(tree.get("type"), str) else []
+        return names + [n for child in tree.get("children_spec", []) for n in _node_type_names(child)]
+    if isinstance(tree, list):
+        return [n for item in tree for n in _node_type_names(item)]
+    return []

@@ -1,0 +1,223 @@
+"""Plain-torch reference math for FFN and MoE blocks: the single source of truth for moec's numerics.
+
+Every backend (the IR runner, generated kernels, ONNX export) is tested against these functions, and
+these functions are tested against the Hugging Face modules they stand for. Weight layouts are the ones
+documented in :mod:`moec.frontend.blocks`. Shapes: ``x`` is ``[..., H]``; routing results are
+``[..., k]``; every block returns a tensor of ``x``'s shape and dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu": F.gelu,  # erf form
+    "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "quick_gelu": _quick_gelu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The elementwise function for one of ``blocks.ACTIVATIONS``; raises KeyError for any other name."""
+    return _ACTIVATIONS[name]
+
+
+def _score(logits: torch.Tensor, scoring: str) -> torch.Tensor:
+    if scoring == "softmax":
+        return torch.softmax(logits, dim=-1)
+    if scoring == "sigmoid":
+        return torch.sigmoid(logits)
+    raise ValueError(f"unknown router scoring {scoring!r}")
+
+
+def _mask_groups(choice: torch.Tensor, spec: RouteSpec) -> torch.Tensor:
+    """Set to -inf the choice values of experts outside the ``topk_group`` best groups.
+
+    A group's score is the sum of its two best choice values (DeepSeek-V3).
+    """
+    lead = choice.shape[:-1]
+    grouped = choice.reshape(*lead, spec.n_group, spec.num_experts // spec.n_group)
+    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [..., G]
+    best_groups = group_scores.topk(spec.topk_group, dim=-1).indices
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, best_groups, True)
+    return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).reshape(choice.shape)
+
+
+def route(
+    x: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor | None, spec: RouteSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choose ``spec.top_k`` experts per token.
+
+    Args: ``x`` [..., H]; ``router`` (E, H); ``router_bias`` (E,) or None, added to the values experts
+    are chosen by, never to the weights.
+    Returns: ``indices`` int64 [..., k] and ``weights`` float32 [..., k]. Logits are computed in float32.
+    The choice is made on the scores (``score_then_topk``) or on the raw logits (``topk_then_score``,
+    where only the chosen logits are then scored).
+    """
+    logits = F.linear(x.float(), router.float())  # [..., E]
+    if spec.order == "score_then_topk":
+        scores = _score(logits, spec.scoring)
+        choice = scores
+    elif spec.order == "topk_then_score":
+        choice = logits
+    else:
+        raise ValueError(f"unknown routing order {spec.order!r}")
+    if router_bias is not None:
+        choice = choice + router_bias.float()
+    if spec.n_group > 1:
+        choice = _mask_groups(choice, spec)
+    indices = choice.topk(spec.top_k, dim=-1).indices
+    if spec.order == "score_then_topk":
+        weights = scores.gather(-1, indices)
+    else:
+        weights = _score(logits.gather(-1, indices), spec.scoring)
+    if spec.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renorm_eps)
+    if spec.scaling != 1.0:
+        weights = weights * spec.scaling
+    return indices, weights
+
+
+def _expert_ffn(
+    rows: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    act: Callable[[torch.Tensor], torch.Tensor],
+    gated: bool,
+) -> torch.Tensor:
+    """One expert on its gathered rows [n, H]: w_in (F_in, H), w_out (H, F)."""
+    hidden = F.linear(rows, w_in, b_in)
+    if gated:
+        gate, up = hidden.chunk(2, dim=-1)
+        hidden = act(gate) * up
+    else:
+        hidden = act(hidden)
+    return F.linear(hidden, w_out, b_out)
+
+
+def experts(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    spec: ExpertsSpec,
+) -> torch.Tensor:
+    """Run the routed experts and combine them: ``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])``.
+
+    Computed grouped by expert: the (token, slot) pairs are sorted by expert id and each expert that got
+    tokens runs once on all its rows. Expert outputs are scaled by the float32 routing weight, cast to
+    ``x.dtype`` and summed in ascending expert order (as Hugging Face does).
+    Shapes: x [..., H], indices/weights [..., k], w_in (E, F_in, H), w_out (E, H, F), b_in (E, F_in),
+    b_out (E, H). Returns [..., H] in x's dtype.
+    """
+    tokens = x.reshape(-1, x.shape[-1])  # [T, H]
+    top_k = indices.shape[-1]
+    flat_experts = indices.reshape(-1)  # [T*k], pair p is (token p // k, slot p % k)
+    flat_weights = weights.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    counts = torch.bincount(flat_experts, minlength=spec.num_experts).tolist()
+    act = activation(spec.act)
+    out = torch.zeros_like(tokens)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        pairs = order[start : start + count]
+        start += count
+        token_ids = pairs // top_k
+        y = _expert_ffn(
+            tokens[token_ids],
+            w_in[expert],
+            w_out[expert],
+            None if b_in is None else b_in[expert],
+            None if b_out is None else b_out[expert],
+            act,
+            spec.gated,
+        )
+        y = y * flat_weights[pairs, None]
+        out.index_add_(0, token_ids, y.to(out.dtype))
+    return out.reshape(x.shape)
+
+
+def ffn(
+    x: torch.Tensor,
+    w_gate: torch.Tensor | None,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_gate: torch.Tensor | None,
+    b_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    spec: FFNSpec,
+) -> torch.Tensor:
+    """A dense FFN: ``down(act(gate(x)) * up(x))`` when gated, else ``down(act(up(x)))``.
+
+    With an output ``gate`` (1, H) (shared experts), the result is multiplied by ``sigmoid(x @ gate.T)``.
+    Shapes: x [..., H], w_gate/w_up (F, H), w_down (H, F). Returns [..., H].
+    """
+    act = activation(spec.act)
+    up = F.linear(x, w_up, b_up)
+    hidden = act(F.linear(x, w_gate, b_gate)) * up if spec.gated else act(up)
+    y = F.linear(hidden, w_down, b_down)
+    if gate is not None:
+        y = torch.sigmoid(F.linear(x, gate)) * y
+    return y
+
+
+def _oriented(weights: Mapping[str, torch.Tensor], transposed: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """The weights in moec's layout: roles stored (in, out) get their last two dims swapped."""
+    return {role: w.transpose(-2, -1) if role in transposed else w for role, w in weights.items()}
+
+
+def _ffn_from_roles(
+    x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: FFNSpec, prefix: str = ""
+) -> torch.Tensor:
+    def role(name: str) -> torch.Tensor | None:
+        return weights.get(prefix + name)
+
+    return ffn(
+        x,
+        role("w_gate"),
+        weights[prefix + "w_up"],
+        weights[prefix + "w_down"],
+        role("b_gate"),
+        role("b_up"),
+        role("b_down"),
+        role("gate"),
+        spec,
+    )
+
+
+def ffn_block(x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
+    """A whole ``kind='ffn'`` block; ``weights`` maps roles to tensors as the framework stores them."""
+    return _ffn_from_roles(x, _oriented(weights, spec.transposed), spec.ffn)
+
+
+def moe_block(x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
+    """A whole ``kind='moe'`` block: route, routed experts, plus the shared expert (roles ``shared_*``)."""
+    w = _oriented(weights, spec.transposed)
+    indices, routing_weights = route(x, w["router"], w.get("router_bias"), spec.route)
+    y = experts(
+        x, indices, routing_weights, w["w_in"], w["w_out"], w.get("b_in"), w.get("b_out"), spec.experts
+    )
+    if spec.shared is not None:
+        y = y + _ffn_from_roles(x, w, spec.shared, prefix="shared_")
+    return y

@@ -1,0 +1,60 @@
+"""Models moec does not recognize still compile; models it cannot export get one clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import moec
+from moec.ir import AtenOp
+
+
+class PlainMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, x):
+        return self.net(x) + x
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = Branchy()
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python branch: not exportable
+            return x * 2
+        return x
+
+
+def test_unrecognized_model_compiles_to_generic_ops():
+    torch.manual_seed(0)
+    model = PlainMLP()
+    compiled = moec.compile(model, (torch.randn(4, 8),))
+    assert all(isinstance(op, AtenOp) for op in compiled.program.graph.ops)
+    x = torch.randn(7, 8)
+    assert torch.allclose(compiled(x), model(x), atol=1e-6)
+
+
+def test_unexportable_model_names_the_module():
+    with pytest.raises(moec.CaptureError, match=r"module 'inner' \(Branchy\)"):
+        moec.compile(DataDependent(), (torch.randn(3, 4),))
+
+
+def test_wrong_example_inputs_are_named():
+    with pytest.raises(moec.CaptureError, match="do not fit PlainMLP.forward"):
+        moec.compile(PlainMLP(), (torch.randn(2, 8), torch.randn(2, 8)))
+
+
+def test_calling_with_other_arguments_is_a_clear_error():
+    compiled = moec.compile(PlainMLP(), {"x": torch.randn(2, 8)})
+    with pytest.raises(TypeError, match=r"missing \['x'\]"):
+        compiled(y=torch.randn(2, 8))

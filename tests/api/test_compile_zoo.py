@@ -1,0 +1,103 @@
+"""compile() on every family of the tiny zoo: parity with the original model at other shapes too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moec
+from moec.api import parity
+from moec.frontend.zoo import build_preset
+from moec.ir import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
+
+FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-deepseek-v3", "tiny-llama", "tiny-gpt2", "tiny-bert"]
+TOLERANCE = 1e-4  # max abs difference on logits / hidden states, float32
+
+
+def reshaped(example, batch, seq):
+    """Inputs like the example's at another (batch, seq): token ids drawn afresh, masks all ones."""
+    generator = torch.Generator().manual_seed(batch * 100 + seq)
+    out = {}
+    for key, value in example.items():
+        if key == "input_ids":
+            out[key] = torch.randint(0, int(value.max()) + 1, (batch, seq), generator=generator)
+        elif isinstance(value, torch.Tensor):
+            out[key] = torch.ones(batch, seq, dtype=value.dtype) if "mask" in key else torch.zeros(batch, seq, dtype=value.dtype)
+    return out
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def compiled_family(request):
+    model, example = build_preset(request.param)
+    return request.param, model, example, moec.compile(model, example)
+
+
+def test_parity_at_example_and_other_shapes(compiled_family):
+    name, model, example, compiled = compiled_family
+    assert parity(model, compiled, example) <= TOLERANCE
+    for batch, seq in [(1, 11), (3, 5)]:
+        diff = parity(model, compiled, reshaped(example, batch, seq))
+        assert diff <= TOLERANCE, f"{name} at batch {batch}, seq {seq}: {diff}"
+
+
+def test_output_structure_matches_the_model(compiled_family):
+    name, model, example, compiled = compiled_family
+    out = compiled(**example)
+    with torch.no_grad():
+        expected = model(**example, **({"use_cache": False} if getattr(model.config, "use_cache", False) else {}))
+    assert type(out) is type(expected)
+    assert [k for k, v in expected.items() if v is not None] == list(out.keys())
+
+
+EXPECTED_OPS = {
+    # family: (ffn.dense, moe.route, moe.experts, moe.shared_expert)
+    "tiny-mixtral": (0, 2, 2, 0),
+    "tiny-qwen2-moe": (0, 2, 2, 2),
+    "tiny-olmoe": (0, 2, 2, 0),
+    "tiny-deepseek-v3": (1, 1, 1, 1),
+    "tiny-llama": (2, 0, 0, 0),
+    "tiny-gpt2": (2, 0, 0, 0),
+    "tiny-bert": (2, 0, 0, 0),
+}
+
+
+def test_blocks_become_moec_ops(compiled_family):
+    name, model, example, compiled = compiled_family
+    graph = compiled.program.graph
+    counts = tuple(len(graph.ops_of(cls)) for cls in (DenseFFNOp, RouteOp, ExpertsOp, SharedExpertOp))
+    assert counts == EXPECTED_OPS[name]
+    if name == "tiny-qwen2-moe":
+        assert all(op.spec.has_output_gate for op in graph.ops_of(SharedExpertOp))
+    if name == "tiny-deepseek-v3":
+        (route,) = graph.ops_of(RouteOp)
+        assert route.spec.scoring == "sigmoid" and route.spec.has_bias and route.spec.n_group == 2
+
+
+def test_bfloat16_models_compile_and_match_loosely():
+    model, example = build_preset("tiny-qwen2-moe", dtype=torch.bfloat16)
+    compiled = moec.compile(model, example)
+    assert compiled.program.graph.inputs[0].type.dtype == "i64"
+    assert any(t.dtype == torch.bfloat16 for t in compiled.program.weights.values())
+    # bf16 rounding differs between grouped and per-expert evaluation; logits are O(1)
+    assert parity(model, compiled, example) <= 5e-2
+
+
+def test_train_mode_model_is_compiled_for_inference_and_left_in_train_mode():
+    model, example = build_preset("tiny-bert")
+    model.config.hidden_dropout_prob = 0.5
+    model.train()
+    compiled = moec.compile(model, example)
+    assert model.training
+    out_a, out_b = compiled(**example), compiled(**example)
+    assert torch.equal(out_a.last_hidden_state, out_b.last_hidden_state)  # no dropout
+    assert parity(model, compiled, example) <= TOLERANCE
+    assert model.training
+
+
+def test_positional_example_inputs():
+    model, example = build_preset("tiny-llama")
+    compiled = moec.compile(model, (example["input_ids"],))
+    ids = torch.randint(0, 100, (2, 6))
+    with torch.no_grad():
+        expected = model(ids, use_cache=False).logits
+    assert (compiled(ids).logits - expected).abs().max() <= TOLERANCE

@@ -1,0 +1,187 @@
+"""Recognizers: which blocks each family yields, what their specs say, and the user registration API."""
+
+from __future__ import annotations
+
+import collections
+import sys
+import types
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaMLP
+
+from moec.errors import CaptureError
+from moec.frontend import recognize as recognize_module
+from moec.frontend import zoo
+from moec.frontend.blocks import BlockSpec, ExpertsSpec, RouteSpec
+from moec.frontend.recognize import recognize, register_moe_block
+from moec.frontend.swap import swap_blocks
+from moec.frontend.zoo import load_model_spec
+from moec.kernels import reference
+
+EXPECTED_BLOCKS = {
+    "tiny-mixtral": {("moe", "mixtral"): 2},
+    "tiny-qwen2-moe": {("moe", "qwen2_moe"): 2},
+    "tiny-olmoe": {("moe", "olmoe"): 2},
+    "tiny-deepseek-v3": {("ffn", "deepseek_v3"): 1, ("moe", "deepseek_v3"): 1},
+    "tiny-llama": {("ffn", "llama"): 2},
+    "tiny-gpt2": {("ffn", "gpt2"): 2},
+    "tiny-bert": {("ffn", "bert"): 2},
+    "minilm": {("ffn", "bert"): 6},
+}
+
+
+@pytest.fixture
+def isolated_registry(monkeypatch):
+    """Registrations made by a test vanish after it."""
+    monkeypatch.setattr(recognize_module, "_REGISTRY", list(recognize_module._REGISTRY))
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_BLOCKS))
+def test_block_count_per_family(preset, name):
+    model, _ = preset(name)
+    specs = recognize(model)
+    assert collections.Counter((spec.kind, spec.family) for spec in specs) == EXPECTED_BLOCKS[name]
+
+
+def _weight(model: nn.Module, name: str) -> torch.Tensor:
+    return dict(model.named_parameters()).get(name, dict(model.named_buffers()).get(name))
+
+
+@pytest.mark.parametrize("name", [n for n in EXPECTED_BLOCKS if n != "minilm"])
+def test_weights_follow_moec_layouts(preset, name):
+    model, _ = preset(name)
+    for spec in recognize(model):
+        weights = {role: _weight(model, path) for role, path in spec.weights.items()}
+        assert None not in weights.values(), spec.weights
+        weights = {role: w.transpose(-2, -1) if role in spec.transposed else w for role, w in weights.items()}
+        if spec.kind == "moe":
+            e, f, h = spec.experts.num_experts, spec.experts.intermediate, spec.experts.hidden
+            assert weights["router"].shape == (e, h)
+            assert weights["w_in"].shape == (e, 2 * f if spec.experts.gated else f, h)
+            assert weights["w_out"].shape == (e, h, f)
+            assert ("router_bias" in weights) == spec.route.has_bias
+        ffn, prefix = (spec.ffn, "") if spec.kind == "ffn" else (spec.shared, "shared_")
+        if ffn is not None:
+            assert weights[prefix + "w_up"].shape == (ffn.intermediate, ffn.hidden)
+            assert weights[prefix + "w_down"].shape == (ffn.hidden, ffn.intermediate)
+            assert (prefix + "gate" in weights) == ffn.has_output_gate
+
+
+def test_spec_json_round_trip_keeps_role_order(preset):
+    model, _ = preset("tiny-deepseek-v3")
+    for spec in recognize(model):
+        again = BlockSpec.from_json(spec.to_json())
+        assert again == spec and again.roles == spec.roles
+
+
+def test_deepseek_v3_spec(preset):
+    model, _ = preset("tiny-deepseek-v3")
+    moe = recognize(model)[1]
+    assert moe.route.scoring == "sigmoid" and moe.route.n_group == 2 and moe.route.topk_group == 1
+    assert moe.route.scaling == model.config.routed_scaling_factor
+    assert moe.weights["router_bias"] == "model.layers.1.mlp.gate.e_score_correction_bias"
+
+
+def test_unknown_activation_leaves_block_unrecognized():
+    config = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        hidden_act="relu2",
+    )
+    assert recognize(transformers.LlamaForCausalLM(config)) == []
+
+
+class TinyMoE(nn.Module):
+    """A user's own MoE layer: softmax top-1 routing over two ReLU experts, weights as separate tensors."""
+
+    def __init__(self, hidden: int = 8, width: int = 12, num_experts: int = 2):
+        super().__init__()
+        self.router = nn.Linear(hidden, num_experts, bias=False)
+        self.up = nn.Parameter(torch.randn(num_experts, width, hidden))
+        self.down = nn.Parameter(torch.randn(num_experts, hidden, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(self.router(x), dim=-1)
+        weight, expert = probs.max(dim=-1)
+        hidden = torch.relu(torch.einsum("...h,...fh->...f", x, self.up[expert]))
+        return weight.unsqueeze(-1) * torch.einsum("...f,...hf->...h", hidden, self.down[expert])
+
+
+def tiny_moe_spec(module: TinyMoE) -> BlockSpec:
+    num_experts, hidden, width = module.down.shape
+    return BlockSpec(
+        kind="moe",
+        family="tiny-moe",
+        module="",
+        weights={"router": "router.weight", "w_in": "up", "w_out": "down"},
+        route=RouteSpec(num_experts=num_experts, top_k=1, renormalize=False),
+        experts=ExpertsSpec(
+            num_experts=num_experts, hidden=hidden, intermediate=width, act="relu", gated=False
+        ),
+    )
+
+
+def test_register_moe_block_user_module(isolated_registry):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), TinyMoE(), nn.Linear(8, 8))
+    register_moe_block(TinyMoE, tiny_moe_spec)
+    (spec,) = recognize(model)
+    assert spec.module == "1"
+    assert spec.weights == {"router": "1.router.weight", "w_in": "1.up", "w_out": "1.down"}
+    x = torch.randn(3, 5, 8)
+    with torch.no_grad():
+        expected = model(x)
+        with swap_blocks(model, [spec]):
+            swapped = model(x)
+    torch.testing.assert_close(swapped, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_later_registration_wins(isolated_registry, preset):
+    model, _ = preset("tiny-llama")
+    register_moe_block(LlamaMLP, lambda mlp: None)
+    assert recognize(model) == []
+
+
+def test_reference_is_what_recognized_specs_compute(preset):
+    """A recognized block's spec + weights, run through the reference, equals the HF module itself."""
+    model, _ = preset("tiny-qwen2-moe")
+    spec = recognize(model)[0]
+    module = model.get_submodule(spec.module)
+    weights = {role: model.get_parameter(name) for role, name in spec.weights.items()}
+    x = torch.randn(2, 5, spec.experts.hidden)
+    with torch.no_grad():
+        torch.testing.assert_close(reference.moe_block(x, weights, spec), module(x), rtol=1e-5, atol=1e-5)
+
+
+# ---- resolving a --model value, then recognizing its blocks ----------------------------------------
+
+
+def test_load_model_spec_preset_and_folder():
+    model, example = load_model_spec("tiny-gpt2")
+    assert len(recognize(model)) == 2 and example["input_ids"].shape == (2, 8)
+    model, example = load_model_spec(str(zoo.minilm_path()))
+    assert len(recognize(model)) == 6
+    assert set(example) >= {"input_ids", "attention_mask"}
+
+
+def test_load_model_spec_factory(monkeypatch):
+    user_models = types.ModuleType("user_models")
+    user_models.with_example = lambda: (nn.Sequential(TinyMoE()), {"x": torch.randn(2, 8)})
+    user_models.bare_model = lambda: zoo.build_preset("tiny-llama")[0]
+    monkeypatch.setitem(sys.modules, "user_models", user_models)
+    model, example = load_model_spec("user_models:with_example")
+    assert isinstance(model[0], TinyMoE) and set(example) == {"x"}
+    model, example = load_model_spec("user_models:bare_model")
+    assert example["input_ids"].max() < model.config.vocab_size
+
+
+@pytest.mark.parametrize("text", ["no-such-preset", "user_models_missing:factory"])
+def test_load_model_spec_errors(text):
+    with pytest.raises(CaptureError):
+        load_model_spec(text)

@@ -1,0 +1,63 @@
+"""The verifier names the op and the broken rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from moec.errors import VerifyError
+from moec.ir import AtenOp, TensorType, parse_graph, verify
+from tests.ir.test_text_roundtrip import SMALL_MOE
+
+
+def broken(old: str, new: str):
+    return parse_graph(SMALL_MOE.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("top_k=2", "top_k=5", r"moe.route \(op #0\): top_k=5 must be in 1..num_experts=4"),
+        ('scoring="softmax"', 'scoring="tanh"', "scoring='tanh' is not one of softmax, sigmoid"),
+        ('act="silu"', 'act="swish2"', "act='swish2' is not one of"),
+        ("intermediate=16", "intermediate=12", r"weight 'w_in' has shape \[4, 32, 8\], expected \[4, 24, 8\]"),
+        ("weight @experts.w_out: f32[4, 8, 16]\n", "", "weight @experts.w_out is not declared"),
+        ("aten.view.default", "aten.no_such_op.default", "torch has no ATen op 'aten.no_such_op.default'"),
+        ("gated=true)", "gated=true, colour=1)", r"unknown keyword arguments \['colour'\]"),
+        ("num_experts=4, top_k=2", "top_k=2", "bad configuration: .*num_experts"),
+    ],
+)
+def test_broken_rules_are_named(old, new, message):
+    graph = broken(old, new)
+    with pytest.raises(VerifyError, match=message):
+        verify(graph)
+
+
+def test_error_shows_the_ir_around_the_op():
+    with pytest.raises(VerifyError) as info:
+        verify(broken("top_k=2", "top_k=9"))
+    assert "> " in str(info.value) and "moe.route(%x" in str(info.value)
+
+
+def test_dominance_and_use_lists():
+    graph = parse_graph(SMALL_MOE)
+    route, experts, view = graph.ops
+    graph.ops = [experts, route, view]  # experts now reads values defined after it
+    with pytest.raises(VerifyError, match="operand #1 is used before it is defined"):
+        verify(graph)
+    graph = parse_graph(SMALL_MOE)
+    graph.ops[1].operands[0].uses.clear()  # corrupt a use-list
+    with pytest.raises(VerifyError, match="missing from its value's use-list"):
+        verify(graph)
+
+
+def test_replace_all_uses_keeps_graph_valid():
+    graph = parse_graph(SMALL_MOE)
+    experts = graph.ops[1]
+    relu = AtenOp("aten.relu.default", (graph.inputs[0],), {}, [graph.inputs[0].type])
+    graph.insert_before(experts, relu)
+    experts.results[0].replace_all_uses_with(relu.result)
+    verify(graph)
+    assert graph.ops[-1].operands[0] is relu.result and not experts.results[0].uses
+    graph.erase(experts)
+    verify(graph)
+    assert TensorType("f32", ("s0", "s1", 8)) == relu.result.type

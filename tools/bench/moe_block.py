@@ -1,0 +1,278 @@
+"""Benchmark: one Mixtral-style MoE block on the CPU, Hugging Face vs moec's grouped experts kernel.
+
+Block: hidden 1024, FFN 3584, 8 experts, top-2, float32 (352 MB of expert weights, bigger than any cache).
+
+Compared, in the same process and interleaved repeat by repeat (so background load hits all alike):
+
+* ``hf_eager``       MixtralSparseMoeBlock as shipped (router + per-expert loop)
+* ``hf_batched_mm``  / ``hf_grouped_mm``: the same block with ``config._experts_implementation`` switched
+  to HF's other experts implementations (``transformers.integrations.moe``), where they run on the CPU.
+  ``batched_mm`` gathers one weight copy per (token, slot), so it is skipped when that copy would not fit
+  in ``--batched-mm-cap-gb``.
+* ``moec``           the *same* HF router (``block.gate``) followed by ``moec.kernels.moe_cpu.experts_forward``;
+  only the expert computation differs.
+
+The machine's own limits are probed in the same run: memory bandwidth from a big fp32 matrix-vector product
+(256 MB matrix; the better of ``torch.mv`` and oneDNN), and fp32 FLOP rate from a big matmul (2048^3; the better
+of ``torch.mm`` and oneDNN). For each size moec's achieved rates use the bytes of expert weights the routing
+actually needs (distinct experts hit) and the FLOPs of the T*k expert evaluations; ``roofline`` is the fraction
+of the machine's limit, max(bytes / bandwidth, flops / flop_rate) / measured time.
+
+Run:  python tools/bench/moe_block.py [--quick] [--out bench-results/moe_block.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from moec.frontend.blocks import ExpertsSpec  # noqa: E402
+from moec.kernels.moe_cpu import experts_forward, onednn_available  # noqa: E402
+
+HIDDEN, FFN, EXPERTS, TOP_K = 1024, 3584, 8, 2
+
+
+def _time(fn, repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def probe_limits(quick: bool) -> dict:
+    """Bandwidth (GB/s) from a big matvec and FLOP rate (GFLOP/s) from a big matmul, best of two libraries."""
+    reps = 5 if quick else 9
+    gen = torch.Generator().manual_seed(0)
+    mat = torch.randn(8192, 8192, generator=gen)  # 256 MB
+    vec = torch.randn(8192, generator=gen)
+    row = vec.unsqueeze(0)
+    nbytes = mat.numel() * mat.element_size()
+    out = {"bw_torch_mv_gbs": nbytes / _time(lambda: torch.mv(mat, vec), reps, 2) / 1e9}
+    if onednn_available():
+        op = torch.ops.mkldnn._linear_pointwise
+        out["bw_onednn_matvec_gbs"] = (
+            nbytes / _time(lambda: op(row, mat, None, "none", [], ""), reps, 2) / 1e9
+        )
+    mat = None  # free the 256 MB before the matmul probe
+    n = 2048
+    a = torch.randn(n, n, generator=gen)
+    b = torch.randn(n, n, generator=gen)
+    flops = 2 * n**3
+    out["flops_torch_mm_gflops"] = flops / _time(lambda: torch.mm(a, b), reps, 2) / 1e9
+    if onednn_available():
+        op = torch.ops.mkldnn._linear_pointwise
+        bt = b.t().contiguous()
+        out["flops_onednn_gflops"] = flops / _time(lambda: op(a, bt, None, "none", [], ""), reps, 2) / 1e9
+    out["bandwidth_gbs"] = max(v for k, v in out.items() if k.startswith("bw_"))
+    out["flop_rate_gflops"] = max(v for k, v in out.items() if k.startswith("flops_"))
+    return out
+
+
+def build_block():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    config = MixtralConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_local_experts=EXPERTS,
+        num_experts_per_tok=TOP_K,
+        hidden_act="silu",
+    )
+    config._experts_implementation = "eager"
+    block = MixtralSparseMoeBlock(config).eval()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return config, block
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--out", default="bench-results/moe_block.json")
+    parser.add_argument("--sizes", default=None, help="comma-separated token counts")
+    parser.add_argument("--batched-mm-cap-gb", type=float, default=3.0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads for this run (default: torch's; restored at exit)",
+    )
+    args = parser.parse_args(argv)
+    saved_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(saved_threads)
+
+
+def _run(args) -> int:
+    load_before = os.getloadavg()
+
+    sizes = (
+        [int(s) for s in args.sizes.split(",")]
+        if args.sizes
+        else ([1, 16, 64, 256] if args.quick else [1, 16, 64, 256, 2048])
+    )
+    torch.set_grad_enabled(False)
+    config, block = build_block()
+    experts = block.experts
+    spec = ExpertsSpec(EXPERTS, HIDDEN, FFN, act="silu", gated=True)
+    per_expert_bytes = (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()) * 4
+
+    def hf(impl):
+        def run(x):
+            config._experts_implementation = impl
+            return block(x.unsqueeze(0))[0]
+
+        return run
+
+    def moec_run(x):
+        _, top_w, top_i = block.gate(x)  # the HF router, unchanged
+        return experts_forward(x, top_i, top_w, experts.gate_up_proj, experts.down_proj, None, None, spec)
+
+    impls = {"hf_eager": hf("eager"), "hf_batched_mm": hf("batched_mm"), "hf_grouped_mm": hf("grouped_mm")}
+    unavailable = {}
+    with torch.inference_mode():
+        probe_x = torch.randn(4, HIDDEN)
+        ref = impls["hf_eager"](probe_x)
+        for name in ("hf_batched_mm", "hf_grouped_mm"):
+            try:
+                err = float((impls[name](probe_x) - ref).abs().max())
+                if err > 1e-3:
+                    unavailable[name] = f"wrong result (max abs err {err:.2e})"
+            except Exception as exc:  # noqa: BLE001 - report and skip
+                unavailable[name] = f"{type(exc).__name__}: {exc}"[:200]
+        for name in unavailable:
+            impls.pop(name)
+        impls["moec"] = moec_run
+
+        print(
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
+            f", oneDNN fast path: {onednn_available()}"
+        )
+        limits = probe_limits(args.quick)
+        print(
+            f"machine limits: bandwidth {limits['bandwidth_gbs']:.1f} GB/s (matvec), "
+            f"FLOP rate {limits['flop_rate_gflops']:.1f} GFLOP/s (matmul)  {json.dumps({k: round(v, 1) for k, v in limits.items()})}"
+        )
+        for name, why in unavailable.items():
+            print(f"skipped {name}: {why}")
+
+        rows = []
+        for tokens in sizes:
+            gen = torch.Generator().manual_seed(tokens)
+            x = torch.randn(tokens, HIDDEN, generator=gen)
+            _, top_w, top_i = block.gate(x)
+            pairs = tokens * TOP_K
+            need_bytes = int(torch.unique(top_i).numel()) * per_expert_bytes
+            flops = 2 * pairs * (2 * FFN * HIDDEN + HIDDEN * FFN)
+            ref = impls["hf_eager"](x)
+            err = float((moec_run(x) - ref).abs().max() / ref.abs().max())
+            active = dict(impls)
+            skipped = {}
+            if "hf_batched_mm" in active and pairs * per_expert_bytes > args.batched_mm_cap_gb * 1e9:
+                skipped["hf_batched_mm"] = (
+                    f"needs {pairs * per_expert_bytes / 1e9:.1f} GB of gathered weights"
+                )
+                active.pop("hf_batched_mm")
+            big = tokens >= 1024
+            repeats = (3 if big else 5) if args.quick else (3 if big else 9)
+            samples = {name: [] for name in active}
+            for fn in active.values():  # warmup
+                fn(x)
+            for _ in range(repeats):  # interleaved, so background load hits every implementation alike
+                for name, fn in active.items():
+                    t0 = time.perf_counter()
+                    fn(x)
+                    samples[name].append(time.perf_counter() - t0)
+            med = {name: statistics.median(s) for name, s in samples.items()}
+            t = med["moec"]
+            gbs = need_bytes / t / 1e9
+            gflops = flops / t / 1e9
+            bound = max(
+                need_bytes / (limits["bandwidth_gbs"] * 1e9), flops / (limits["flop_rate_gflops"] * 1e9)
+            )
+            row = {
+                "tokens": tokens,
+                "time_s": med,
+                "speedup_vs": {name: med[name] / t for name in med if name != "moec"},
+                "skipped": skipped,
+                "moec_rel_err_vs_hf": err,
+                "weight_bytes_needed": need_bytes,
+                "flops": flops,
+                "moec_gbs": gbs,
+                "moec_gflops": gflops,
+                "frac_bandwidth": gbs / limits["bandwidth_gbs"],
+                "frac_flop_rate": gflops / limits["flop_rate_gflops"],
+                "roofline_frac": bound / t,
+                "repeats": repeats,
+            }
+            rows.append(row)
+            print(f"  measured T={tokens} ({repeats} repeats)", flush=True)
+
+    names = [n for n in impls if n != "moec"]
+    header = f"{'tokens':>6} | " + " | ".join(f"{n + ' ms':>17}" for n in [*names, "moec"])
+    header += " | " + " | ".join(f"{'x vs ' + n[3:]:>14}" for n in names)
+    header += f" | {'moec GB/s':>9} | {'GFLOP/s':>7} | {'%BW':>5} | {'%FLOP':>5} | {'%roof':>5}"
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        cells = [
+            f"{r['time_s'][n] * 1e3:17.2f}" if n in r["time_s"] else f"{'skipped':>17}"
+            for n in [*names, "moec"]
+        ]
+        ratios = [f"{r['speedup_vs'][n]:13.2f}x" if n in r["speedup_vs"] else f"{'-':>14}" for n in names]
+        print(
+            f"{r['tokens']:>6} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(ratios)
+            + f" | {r['moec_gbs']:9.2f} | {r['moec_gflops']:7.1f} | {100 * r['frac_bandwidth']:4.0f}%"
+            f" | {100 * r['frac_flop_rate']:4.0f}% | {100 * r['roofline_frac']:4.0f}%"
+        )
+    print(
+        f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
+    )
+    print("ratios: HF time / moec time (>1 means moec is faster); routing is HF's router in every column.")
+
+    result = {
+        "benchmark": "moe_block",
+        "config": {"hidden": HIDDEN, "ffn": FFN, "experts": EXPERTS, "top_k": TOP_K, "dtype": "float32"},
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "quick": args.quick,
+        "loadavg_before_after": [load_before, os.getloadavg()],
+        "limits": limits,
+        "unavailable": unavailable,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
