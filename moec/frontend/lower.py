@@ -135,19 +135,22 @@ class Lowering:
         x_type = x.tensor_type
         if spec.kind == "ffn":
             weights = {role: names[role] for role in FFN_ROLES if role in names}
-            return self.graph.append(DenseFFNOp.build([x], weights, spec.ffn, [x_type])).result
+            return self.graph.append(DenseFFNOp.build([x], weights, spec.ffn, [x_type], spec.module)).result
         route_weights = {role: names[role] for role in ("router", "router_bias") if role in names}
         k = spec.route.top_k
         route = self.graph.append(RouteOp.build(
             [x], route_weights, spec.route,
             [TensorType("i64", (*x_type.shape[:-1], k)), TensorType("f32", (*x_type.shape[:-1], k))],
+            spec.module,
         ))
         expert_weights = {role: names[role] for role in ("w_in", "w_out", "b_in", "b_out") if role in names}
-        routed = self.graph.append(ExpertsOp.build([x, *route.results], expert_weights, spec.experts, [x_type]))
+        routed = self.graph.append(
+            ExpertsOp.build([x, *route.results], expert_weights, spec.experts, [x_type], spec.module)
+        )
         if spec.shared is None:
             return routed.result
         shared_weights = {role[len("shared_"):]: name for role, name in names.items() if role.startswith("shared_")}
-        shared = self.graph.append(SharedExpertOp.build([x], shared_weights, spec.shared, [x_type]))
+        shared = self.graph.append(SharedExpertOp.build([x], shared_weights, spec.shared, [x_type], spec.module))
         return self.graph.append(AtenOp("aten.add.Tensor", (routed.result, shared.result), {}, [x_type])).result
 
     # -- helpers --------------------------------------------------------------------------

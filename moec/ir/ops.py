@@ -50,10 +50,18 @@ class SpecOp(Operation):
 
     @classmethod
     def build(cls, operands: list[Value], weights: dict[str, str], spec: Any,
-              result_types: list[Type]) -> SpecOp:
+              result_types: list[Type], block: str | None = None) -> SpecOp:
+        """An op from its spec; ``block`` names the model block it came from (a stable layer key)."""
         attrs = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in cls.derived_fields}
         kwargs = {role: WeightRef(name) for role, name in weights.items()} | attrs
+        if block is not None:
+            kwargs["block"] = block
         return cls(tuple(operands), kwargs, result_types)
+
+    @property
+    def block(self) -> str:
+        """The model block (module path) this op came from, or '' if unknown."""
+        return self.kwargs.get("block", "")
 
     def weight(self, role: str) -> WeightRef | None:
         return self.kwargs.get(role)
@@ -67,6 +75,7 @@ class SpecOp(Operation):
     @property
     def spec(self) -> Any:
         values = {f.name: self.kwargs[f.name] for f in fields(self.spec_class) if f.name in self.kwargs}
+        values = {k: v for k, v in values.items() if k not in self.derived_fields}
         return self.spec_class(**values, **self.derived_spec_values())
 
     def derived_spec_values(self) -> dict[str, Any]:
@@ -75,6 +84,7 @@ class SpecOp(Operation):
     def verify_(self) -> None:
         allowed = set(self.required_weights) | set(self.optional_weights)
         allowed |= {f.name for f in fields(self.spec_class)} - set(self.derived_fields)
+        allowed.add("block")
         unknown = set(self.kwargs) - allowed
         if unknown:
             raise ValueError(f"unknown keyword arguments {sorted(unknown)}")
