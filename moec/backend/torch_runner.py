@@ -41,6 +41,8 @@ def run_ffn(op: DenseFFNOp | SharedExpertOp, weight, args, kwargs):
     return reference.ffn(args[0], *(weight(role) for role in roles), op.spec)
 
 
+Observer = Callable[[Operation, list[Any], Any], None]
+
 RULES: dict[type[Operation], Rule] = {
     RouteOp: run_route,
     ExpertsOp: run_experts,
@@ -85,7 +87,9 @@ class TorchRunner:
                 frees[step].append(value_id)
         return frees
 
-    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, inputs: list[torch.Tensor], observe: Observer | None = None) -> list[torch.Tensor]:
+        """Run the graph on flat inputs; ``observe(op, args, result)`` sees every op as it runs
+        (calibration and tracing use it to record activations and routing decisions)."""
         graph = self.program.graph
         if len(inputs) != len(graph.inputs):
             raise BackendError(f"the graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
@@ -101,7 +105,10 @@ class TorchRunner:
 
         with torch.inference_mode():
             for op, step, frees in zip(graph.ops, self.steps, self.last_use, strict=True):
-                out = step(map_leaves(op.args, read), map_leaves(op.kwargs, read))
+                args = map_leaves(op.args, read)
+                out = step(args, map_leaves(op.kwargs, read))
+                if observe is not None:
+                    observe(op, args, out)
                 if len(op.results) == 1:
                     env[id(op.results[0])] = out
                 else:
