@@ -15,7 +15,7 @@ def _cached_preset(name: str, dtype: torch.dtype):
     return build_preset(name, dtype)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def preset():
     """``preset(name, dtype=torch.float32) -> (model, example_kwargs)``, shared across tests; do not mutate."""
 

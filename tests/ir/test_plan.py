@@ -1,0 +1,77 @@
+"""Plan folders: round trip, atomic writes, and one clear error for each kind of damage."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import moec
+from moec.ir.plan import PLAN_FILE, WEIGHTS_FILE
+
+
+@pytest.fixture(scope="module")
+def compiled(preset):
+    model, example = preset("tiny-qwen2-moe")
+    return moec.compile(model, example), example
+
+
+def test_save_load_round_trip(compiled, tmp_path):
+    model, example = compiled
+    folder = model.save(tmp_path / "plan")
+    assert sorted(p.name for p in folder.iterdir()) == [PLAN_FILE, WEIGHTS_FILE]
+    again = moec.load(folder)
+    assert again.ir == model.ir
+    assert torch.equal(again(**example).logits, model(**example).logits)
+    with open(folder / WEIGHTS_FILE, "rb") as file:
+        assert not file.read(16).startswith(b"\x80")  # safetensors, not a pickle
+
+
+def test_saving_over_a_plan_replaces_it_and_leaves_no_temporaries(compiled, tmp_path):
+    model, _ = compiled
+    model.save(tmp_path / "plan")
+    model.save(tmp_path / "plan")
+    assert [p.name for p in tmp_path.iterdir()] == ["plan"]
+
+
+def test_failed_save_leaves_nothing(compiled, tmp_path):
+    model, _ = compiled
+    model.program.metadata["bad"] = object()  # not JSON-serializable: the save fails midway
+    try:
+        with pytest.raises(TypeError):
+            model.save(tmp_path / "plan")
+    finally:
+        del model.program.metadata["bad"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_refuses_to_overwrite_a_folder_that_is_not_a_plan(compiled, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(moec.PlanError, match="is not a moec plan folder"):
+        compiled[0].save(tmp_path)
+
+
+def test_flipped_byte_names_the_checksum(compiled, tmp_path):
+    folder = compiled[0].save(tmp_path / "plan")
+    data = bytearray((folder / WEIGHTS_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (folder / WEIGHTS_FILE).write_bytes(bytes(data))
+    with pytest.raises(moec.PlanError, match=f"sha256 checksum mismatch for {WEIGHTS_FILE}"):
+        moec.load(folder)
+
+
+def test_missing_file_and_newer_version(compiled, tmp_path):
+    folder = compiled[0].save(tmp_path / "plan")
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    plan["format_version"] = 99
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    with pytest.raises(moec.PlanError, match="format version 99, newer than this moec reads"):
+        moec.load(folder)
+    (folder / WEIGHTS_FILE).unlink()
+    plan["format_version"] = 1
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    with pytest.raises(moec.PlanError, match=f"{WEIGHTS_FILE} is missing"):
+        moec.load(folder)
+    with pytest.raises(moec.PlanError, match="plan.json is missing"):
+        moec.load(tmp_path / "nowhere")
