@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -58,9 +59,11 @@ def inference_setup(model: nn.Module) -> Iterator[None]:
 def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     dynamic = dynamic_shapes_for(model, args, kwargs)
     try:
-        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():
+            # torch's own pytree deprecation notices, raised inside export: nothing a user can act on
+            warnings.simplefilter("ignore", FutureWarning)
             ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
-        return ep.run_decompositions({})
+            return ep.run_decompositions({})
     except CaptureError:
         raise
     except Exception as err:  # export raises many types; all mean "cannot capture"

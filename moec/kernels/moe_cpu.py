@@ -41,27 +41,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moec.frontend.blocks import ExpertsSpec
+from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
+from moec.kernels.reference import activation
 
 __all__ = ["experts_forward", "onednn_available"]
 
-
-# ----------------------------------------------------------------------------------------------
-# Activations
-# ----------------------------------------------------------------------------------------------
-
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-_ACT = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "quick_gelu": _quick_gelu,
-}
 
 # oneDNN post-op name and algorithm for the activations it can fuse into the gate GEMM.
 _ONEDNN_ACT = {
@@ -114,7 +98,7 @@ def onednn_available(dtype: torch.dtype = torch.float32, act: str = "none") -> b
             else:
                 name, algo = _ONEDNN_ACT[act]
                 got = op(x, w, b, name, [], algo)
-                want = _ACT[act](F.linear(x, w, b))
+                want = activation(act)(F.linear(x, w, b))
             scale = want.abs().max().clamp_min(1.0)
             ok = bool(got.shape == want.shape and ((got - want).abs().max() / scale) < tol)
         except Exception:  # noqa: BLE001 - any failure just disables the fast path
@@ -142,7 +126,7 @@ def _gated_hidden(
     f = spec.intermediate
     if not spec.gated:
         h = _linear(xs, w_in_e, b_in_e, fast)
-        return _ACT[spec.act](h)
+        return activation(spec.act)(h)
     if fused:
         op = torch.ops.mkldnn._linear_pointwise
         name, algo = _ONEDNN_ACT[spec.act]
@@ -151,7 +135,7 @@ def _gated_hidden(
         gate = op(xs, w_in_e[:f], bg, name, [], algo)  # act(x @ Wg.T + bg)
         return op.binary(xs, gate, w_in_e[f:], bu, "mul")  # (x @ Wu.T + bu) * act(...)
     h = _linear(xs, w_in_e, b_in_e, fast)  # [M, 2F]
-    return _ACT[spec.act](h[:, :f]).mul_(h[:, f:])
+    return activation(spec.act)(h[:, :f]).mul_(h[:, f:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,8 +159,8 @@ def experts_forward(
             f"experts_forward: expected x [T, H] and indices/weights [T, k]; got x {tuple(x.shape)}, "
             f"indices {tuple(indices.shape)}, weights {tuple(weights.shape)}"
         )
-    if spec.act not in _ACT:
-        raise ValueError(f"experts_forward: unknown activation {spec.act!r}; known: {sorted(_ACT)}")
+    if spec.act not in ACTIVATIONS:
+        raise ValueError(f"experts_forward: unknown activation {spec.act!r}; known: {ACTIVATIONS}")
     num_tokens = x.shape[0]
     top_k = indices.shape[1]
     dtype = x.dtype
