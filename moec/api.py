@@ -10,6 +10,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from moec.analysis.calibration import META_FILE as CALIBRATION_META
+from moec.analysis.calibration import Calibration
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError
 from moec.frontend.capture import capture
@@ -26,12 +28,13 @@ BACKENDS = ("torch",)
 class CompiledModel:
     """A compiled model: call it like the original model; inspect ``.ir``; ``.save()`` a plan folder."""
 
-    def __init__(self, program: Program, backend: str = "torch") -> None:
+    def __init__(self, program: Program, backend: str = "torch", calibration: Calibration | None = None) -> None:
         if backend not in BACKENDS:
             raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         self.program = program
         self.backend = backend
         self.runner = TorchRunner(program)
+        self.calibration = calibration  # the statistics passes used, saved with the plan for reuse
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self.program.flatten_inputs(args, kwargs)
@@ -47,8 +50,9 @@ class CompiledModel:
         return self.program.metadata.setdefault("report", {})
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a plan folder (``plan.json`` + ``weights.safetensors``) to ``path``."""
-        return save_plan(self.program, path)
+        """Write a plan folder (``plan.json`` + ``weights.safetensors``, and the calibration if any) to ``path``."""
+        extra = self.calibration.to_files() if self.calibration is not None else None
+        return save_plan(self.program, path, extra_files=extra)
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per FFN/MoE layer: kind, experts, top-k, parameters and bytes of its weights."""
@@ -67,7 +71,9 @@ def compile(
 
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments, as you would
     pass them to ``model``; the compiled model accepts other batch and sequence sizes. ``recipe`` lists
-    passes to run (a dict, or a YAML/JSON file); ``calibration`` is data for passes that need it.
+    passes to run (a dict, or a YAML/JSON file); ``calibration`` is data for passes that need it: a list
+    of sample inputs (each a tuple or kwargs dict like ``example_inputs``) or a ``Calibration`` (for example
+    ``Calibration.load(plan_folder)``), see ``moec.analysis.calibration``.
     """
     if backend not in BACKENDS:
         raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -81,12 +87,14 @@ def compile(
     program.metadata["passes"] = records
     if context.report:
         program.metadata["report"] = context.report
-    return CompiledModel(program, backend)
+    return CompiledModel(program, backend, context.calibrations[0] if context.calibrations else None)
 
 
 def load(path: str | os.PathLike, backend: str = "torch") -> CompiledModel:
     """Load a plan folder written by ``CompiledModel.save`` or ``moec compile -o``."""
-    return CompiledModel(load_plan(path), backend)
+    program = load_plan(path)
+    calibration = Calibration.load(path) if (Path(path) / CALIBRATION_META).is_file() else None
+    return CompiledModel(program, backend, calibration)
 
 
 def weight_bytes(program: Program, names: list[str]) -> tuple[int, int]:

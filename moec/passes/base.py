@@ -1,7 +1,8 @@
 """The pass contract: every pass is a frozen dataclass with a kebab-case name and typed options.
 
 A pass transforms a ``Program`` in place and returns a ``PassResult`` saying whether it changed
-anything and what (counts a report can show). Passes that need data read ``context.calibration``.
+anything and what (counts a report can show). Passes that need data call
+``context.statistics(program)`` (see ``moec.analysis.calibration``) and declare ``needs_calibration``.
 """
 
 from __future__ import annotations
@@ -9,15 +10,54 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from moec.errors import PassError
 from moec.ir.program import Program
 
 
 @dataclass
 class PassContext:
-    """What passes may read besides the program: calibration data and the running report."""
+    """What passes may read besides the program: calibration data and the running report.
+
+    ``calibration`` is what the user gave: sample inputs (a list of kwargs dicts or args tuples), a
+    ``Calibration`` (for example one loaded from a plan folder), or None. ``calibrations`` holds every
+    calibration known so far, oldest first; the first is the one a plan folder stores.
+    """
 
     calibration: Any = None
     report: dict[str, Any] = field(default_factory=dict)
+    max_rows: int | None = None
+    progress: bool = True
+    calibrations: list[Any] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        from moec.analysis.calibration import Calibration
+
+        if isinstance(self.calibration, Calibration):
+            self.calibrations.append(self.calibration)
+
+    def statistics(self, program: Program, needed_by: str = "this pass") -> Any:
+        """The ``Calibration`` of ``program`` as it is now: a known one whose fingerprint matches, else
+        computed by running the samples (the user's, or those a known calibration stored) through it."""
+        from moec.analysis.calibration import DEFAULT_MAX_ROWS, calibrate, calibrate_flat, fingerprint
+
+        if self.calibration is None:
+            raise PassError(f"{needed_by} needs calibration data: pass calibration=<list of sample inputs> to "
+                            "moec.compile (the CLI uses built-in text when the model has a tokenizer)")
+        current = fingerprint(program)
+        for known in self.calibrations:
+            if known.fingerprint == current:
+                return known
+        max_rows = self.max_rows or (self.calibrations[0].max_rows if self.calibrations else DEFAULT_MAX_ROWS)
+        stored = next((c.flat_samples for c in self.calibrations if c.flat_samples), None)
+        if stored is not None:
+            result = calibrate_flat(program, stored, max_rows=max_rows, progress=self.progress)
+        elif self.calibrations:
+            raise PassError(f"{needed_by}: the given calibration was computed on another program and stores "
+                            "no samples to rerun; pass the sample inputs instead")
+        else:
+            result = calibrate(program, self.calibration, max_rows=max_rows, progress=self.progress)
+        self.calibrations.append(result)
+        return result
 
 
 @dataclass
@@ -38,6 +78,10 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 @dataclass(frozen=True)
 class Pass:
     name: ClassVar[str] = ""
+
+    def needs_calibration(self) -> bool:
+        """Whether ``run`` (with these options) calls ``context.statistics``."""
+        return False
 
     def run(self, program: Program, context: PassContext) -> PassResult:
         raise NotImplementedError

@@ -1,0 +1,360 @@
+"""Calibration: run sample inputs once through the torch runner and keep what passes need.
+
+API (stable; other passes build on it)::
+
+    from moec.analysis.calibration import Calibration, calibrate
+
+    cal = calibrate(program, samples, max_rows=2048)     # samples: list of kwargs dicts or arg tuples
+    stats = cal.dense["encoder.layer.0"]                 # DenseStats of an ffn.dense op, keyed by op.block
+    stats.inputs    [N, H]  f32   subsampled FFN input rows (N <= max_rows, the same tokens in every block)
+    stats.hidden    [N, F]  f32   the FFN's hidden activations on those rows (act(up), or act(gate) * up)
+    stats.frequency [F]           fraction of all tokens on which each neuron is active
+    stats.magnitude [F]           mean |hidden| of each neuron over all tokens
+    moe = cal.moe["model.layers.3.mlp"]                  # MoEStats of a moe.route op, keyed by op.block
+    moe.indices [T, k] i64, moe.weights [T, k] f32       routing of *every* real token, in token order
+    moe.inputs  [N, H]                                   subsampled router input rows
+    moe.counts [E], moe.weight_mass [E], moe.coactivation [E, E]
+    cal.affinity(block_a, block_b) [E_a, E_b]            P(expert j in b | expert i in a), token-aligned
+    cal.traces(blocks) [T, len(blocks), k]               per-token expert choices across layers
+    cal.row_tokens [N]                                   the token index (into the traces) of each kept row
+    cal.save(folder) / Calibration.load(folder)          safetensors + JSON, never pickle
+
+Tokens are the model's real tokens: positions where the sample's ``attention_mask`` (when the program
+has an input of that name) is 0 are dropped. They are numbered sample by sample, row-major, identically in
+every block, so statistics of different layers line up token by token. Rows are kept by bottom-k sampling
+on seeded random keys (a uniform sample without replacement, identical in every block), so memory is
+bounded by ``max_rows`` per block however many samples are given; routing traces are two small integers
+and floats per token and are kept whole.
+
+A calibration remembers the flat input tensors it ran and the fingerprint of the program it ran on.
+Passes do not call ``calibrate`` themselves: they ask ``PassContext.statistics(program)``, which reuses a
+calibration whose fingerprint matches the current program and otherwise reruns the stored samples on it
+(so statistics are recomputed exactly when a pass has rewritten the program since).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from moec.backend.torch_runner import TorchRunner
+from moec.errors import MoecError
+from moec.ir.core import Operation
+from moec.ir.ops import DenseFFNOp, RouteOp
+from moec.ir.printer import print_graph
+from moec.ir.program import Program
+from moec.kernels.reference import activation
+
+FORMAT_VERSION = 1
+TENSORS_FILE = "calibration.safetensors"
+META_FILE = "calibration.json"
+DEFAULT_MAX_ROWS = 2048
+SEED = 0
+
+
+@dataclass
+class DenseStats:
+    """Statistics of one ``ffn.dense`` op. A neuron is *active* on a token when its |hidden| exceeds the
+    mean |hidden| of that token's neurons (one rule for GELU and gated SiLU MLPs alike)."""
+
+    inputs: torch.Tensor  # [N, H]
+    hidden: torch.Tensor  # [N, F]
+    active_count: torch.Tensor  # [F] f64, tokens on which the neuron was active
+    abs_sum: torch.Tensor  # [F] f64, sum of |hidden| over all tokens
+    tokens: int
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        return (self.active_count / max(self.tokens, 1)).float()
+
+    @property
+    def magnitude(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.tokens, 1)).float()
+
+
+@dataclass
+class MoEStats:
+    """Statistics of one ``moe.route`` op: the routing of every token and subsampled router inputs."""
+
+    inputs: torch.Tensor  # [N, H]
+    indices: torch.Tensor  # [T, k] i64
+    weights: torch.Tensor  # [T, k] f32
+    num_experts: int
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """[E] tokens routed to each expert."""
+        return torch.bincount(self.indices.reshape(-1), minlength=self.num_experts)
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """[E] fraction of tokens routed to each expert."""
+        return self.counts.float() / max(self.indices.shape[0], 1)
+
+    @property
+    def weight_mass(self) -> torch.Tensor:
+        """[E] sum of the routing weights each expert received."""
+        mass = torch.zeros(self.num_experts, dtype=torch.float64)
+        return mass.index_add_(0, self.indices.reshape(-1), self.weights.reshape(-1).double()).float()
+
+    @property
+    def coactivation(self) -> torch.Tensor:
+        """[E, E] tokens routed to both i and j (the diagonal: tokens routed to i)."""
+        one_hot = self.one_hot()
+        return one_hot.T @ one_hot
+
+    def one_hot(self) -> torch.Tensor:
+        """[T, E] f32: 1 where a token is routed to an expert."""
+        hot = torch.zeros(self.indices.shape[0], self.num_experts)
+        return hot.scatter_(1, self.indices, 1.0)
+
+
+@dataclass
+class Calibration:
+    """Statistics of one program on a set of samples (see the module docstring)."""
+
+    fingerprint: str
+    dense: dict[str, DenseStats] = field(default_factory=dict)
+    moe: dict[str, MoEStats] = field(default_factory=dict)
+    row_tokens: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    tokens: int = 0
+    max_rows: int = DEFAULT_MAX_ROWS
+    flat_samples: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def affinity(self, block_a: str, block_b: str) -> torch.Tensor:
+        """[E_a, E_b]: of the tokens routed to expert i in ``block_a``, the fraction routed to j in ``block_b``
+        (rows sum to ``top_k`` of block b where expert i got tokens)."""
+        a, b = self.moe[block_a], self.moe[block_b]
+        joint = a.one_hot().T @ b.one_hot()
+        return joint / a.counts.clamp(min=1).unsqueeze(1).float()
+
+    def traces(self, blocks: Sequence[str] | None = None) -> torch.Tensor:
+        """[T, L, k] i64: each token's chosen experts in each MoE block (default: all, in program order)."""
+        names = list(self.moe) if blocks is None else list(blocks)
+        return torch.stack([self.moe[name].indices for name in names], dim=1)
+
+    def to_files(self) -> dict[str, str | bytes]:
+        """The calibration as plan-folder files: a safetensors blob and a JSON description."""
+        tensors: dict[str, torch.Tensor] = {"row_tokens": self.row_tokens}
+        for block, stats in self.dense.items():
+            for key in ("inputs", "hidden", "active_count", "abs_sum"):
+                tensors[f"dense/{block}/{key}"] = getattr(stats, key)
+        for block, stats in self.moe.items():
+            for key in ("inputs", "indices", "weights"):
+                tensors[f"moe/{block}/{key}"] = getattr(stats, key)
+        for i, sample in enumerate(self.flat_samples):
+            for j, tensor in enumerate(sample):
+                tensors[f"samples/{i}/{j}"] = tensor
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "fingerprint": self.fingerprint,
+            "tokens": self.tokens,
+            "max_rows": self.max_rows,
+            "dense": {block: {"tokens": s.tokens} for block, s in self.dense.items()},
+            "moe": {block: {"num_experts": s.num_experts} for block, s in self.moe.items()},
+            "samples": [len(sample) for sample in self.flat_samples],
+        }
+        blob = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
+        return {TENSORS_FILE: blob, META_FILE: json.dumps(meta, indent=1)}
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write ``calibration.safetensors`` and ``calibration.json`` into ``folder`` (created if needed)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, content in self.to_files().items():
+            staging = folder / f".{name}.tmp"
+            staging.write_bytes(content if isinstance(content, bytes) else content.encode())
+            staging.replace(folder / name)
+        return folder
+
+    @staticmethod
+    def load(folder: str | os.PathLike) -> Calibration:
+        """Read a calibration written by ``save`` (or stored in a plan folder)."""
+        folder = Path(folder)
+        if not (folder / META_FILE).is_file() or not (folder / TENSORS_FILE).is_file():
+            raise MoecError(f"{folder} holds no calibration ({META_FILE} and {TENSORS_FILE}); "
+                            "compile with calibration samples to write one")
+        meta = json.loads((folder / META_FILE).read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise MoecError(f"{folder / META_FILE} has calibration format {meta.get('format_version')}, "
+                            f"this moec reads {FORMAT_VERSION}; calibrate again")
+        t = safetensors.torch.load_file(str(folder / TENSORS_FILE))
+        dense = {
+            block: DenseStats(t[f"dense/{block}/inputs"], t[f"dense/{block}/hidden"], t[f"dense/{block}/active_count"],
+                              t[f"dense/{block}/abs_sum"], info["tokens"])
+            for block, info in meta["dense"].items()
+        }
+        moe = {
+            block: MoEStats(t[f"moe/{block}/inputs"], t[f"moe/{block}/indices"], t[f"moe/{block}/weights"],
+                            info["num_experts"])
+            for block, info in meta["moe"].items()
+        }
+        samples = [[t[f"samples/{i}/{j}"] for j in range(n)] for i, n in enumerate(meta["samples"])]
+        return Calibration(meta["fingerprint"], dense, moe, t["row_tokens"], meta["tokens"], meta["max_rows"], samples)
+
+
+def fingerprint(program: Program) -> str:
+    """A digest of the program's IR text and the weights it uses (shape, dtype and a checksum of values),
+    so any rewrite of ops or weights gives another fingerprint."""
+    digest = hashlib.sha256(print_graph(program.graph).encode())
+    for name in sorted(program.graph.used_weights()):
+        tensor = program.weights[name]
+        checksum = tensor.detach().double().sum().item() if tensor.is_floating_point() else tensor.sum().item()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{checksum!r}".encode())
+    return digest.hexdigest()
+
+
+def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch.Tensor]]:
+    """Each sample (a kwargs dict or an args tuple) as the program's flat input tensors."""
+    flat = []
+    for sample in samples:
+        args, kwargs = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {})
+        try:
+            flat.append(program.flatten_inputs(args, kwargs))
+        except TypeError as err:
+            raise MoecError(f"calibration sample {len(flat)} does not fit the model's inputs: {err}") from None
+    if not flat:
+        raise MoecError("calibration needs at least one sample (a dict of keyword inputs or a tuple of inputs)")
+    return flat
+
+
+class _Recorder:
+    """The runner observer: accumulates per-block statistics of the sample being run."""
+
+    def __init__(self, program: Program, max_rows: int) -> None:
+        self.program = program
+        self.max_rows = max_rows
+        self.dense: dict[str, dict[str, Any]] = {}
+        self.moe: dict[str, dict[str, Any]] = {}
+        self.kept_keys = torch.zeros(0)
+        self.kept_tokens = torch.zeros(0, dtype=torch.int64)
+        self.tokens = 0
+        self.generator = torch.Generator().manual_seed(SEED)
+
+    def start_sample(self, token_mask: torch.Tensor | None) -> None:
+        self.token_mask = token_mask.reshape(-1).bool() if token_mask is not None else None
+        self.sample_tokens: int | None = None
+        self.sample_keys: torch.Tensor | None = None
+
+    def real_rows(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1])
+        if self.token_mask is not None and self.token_mask.numel() == rows.shape[0]:
+            rows = rows[self.token_mask]
+        if self.sample_tokens is None:
+            self.sample_tokens = rows.shape[0]
+            self.sample_keys = torch.rand(rows.shape[0], generator=self.generator)
+        elif rows.shape[0] != self.sample_tokens:
+            raise MoecError(f"calibration: blocks of one sample see different token counts "
+                            f"({rows.shape[0]} vs {self.sample_tokens}); token alignment is impossible")
+        return rows
+
+    def keep_rows(self, state: dict[str, Any], names: tuple[str, ...], new: tuple[torch.Tensor, ...]) -> None:
+        """Bottom-k sampling: keep the rows with the ``max_rows`` smallest keys seen so far."""
+        keys = torch.cat([state.get("keys", torch.zeros(0)), self.sample_keys])
+        order = torch.argsort(keys)[: self.max_rows]
+        state["keys"] = keys[order]
+        state["row_tokens"] = torch.cat([state.get("row_tokens", torch.zeros(0, dtype=torch.int64)),
+                                     torch.arange(self.tokens, self.tokens + self.sample_tokens)])[order]
+        for name, rows in zip(names, new, strict=True):
+            old = state.get(name)
+            state[name] = (rows if old is None else torch.cat([old, rows]))[order].contiguous()
+
+    def __call__(self, op: Operation, args: list[Any], result: Any) -> None:
+        if isinstance(op, DenseFFNOp):
+            self.observe_dense(op, args[0])
+        elif isinstance(op, RouteOp):
+            self.observe_route(op, args[0], result)
+
+    def weight(self, op: Operation, role: str) -> torch.Tensor | None:
+        ref = op.kwargs.get(role)
+        return None if ref is None else self.program.weights[ref.name].float()
+
+    def observe_dense(self, op: DenseFFNOp, x: torch.Tensor) -> None:
+        rows = self.real_rows(x).float()
+        spec = op.spec
+        up = torch.nn.functional.linear(rows, self.weight(op, "w_up"), self.weight(op, "b_up"))
+        act = activation(spec.act)
+        if spec.gated:
+            hidden = act(torch.nn.functional.linear(rows, self.weight(op, "w_gate"), self.weight(op, "b_gate"))) * up
+        else:
+            hidden = act(up)
+        magnitude = hidden.abs()
+        state = self.dense.setdefault(op.block, {"active_count": 0, "abs_sum": 0, "tokens": 0})
+        state["active_count"] = state["active_count"] + (magnitude > magnitude.mean(1, keepdim=True)).sum(0).double()
+        state["abs_sum"] = state["abs_sum"] + magnitude.sum(0).double()
+        state["tokens"] += rows.shape[0]
+        self.keep_rows(state, ("inputs", "hidden"), (rows, hidden))
+
+    def observe_route(self, op: RouteOp, x: torch.Tensor, result: tuple[torch.Tensor, torch.Tensor]) -> None:
+        rows = self.real_rows(x).float()
+        indices, weights = result
+        k = indices.shape[-1]
+        flat_indices, flat_weights = indices.reshape(-1, k), weights.reshape(-1, k).float()
+        if self.token_mask is not None and self.token_mask.numel() == flat_indices.shape[0]:
+            flat_indices, flat_weights = flat_indices[self.token_mask], flat_weights[self.token_mask]
+        state = self.moe.setdefault(op.block, {"indices": [], "weights": [], "num_experts": op.spec.num_experts})
+        state["indices"].append(flat_indices.clone())
+        state["weights"].append(flat_weights.clone())
+        self.keep_rows(state, ("inputs",), (rows,))
+
+    def end_sample(self) -> None:
+        self.tokens += self.sample_tokens or 0
+
+    def result(self, fingerprint_: str, flat_samples: list[list[torch.Tensor]]) -> Calibration:
+        dense = {
+            block: DenseStats(s["inputs"], s["hidden"], s["active_count"], s["abs_sum"], s["tokens"])
+            for block, s in self.dense.items()
+        }
+        moe = {
+            block: MoEStats(s["inputs"], torch.cat(s["indices"]), torch.cat(s["weights"]), s["num_experts"])
+            for block, s in self.moe.items()
+        }
+        any_state = next(iter([*self.dense.values(), *self.moe.values()]), {})
+        row_tokens = any_state.get("row_tokens", torch.zeros(0, dtype=torch.int64))
+        return Calibration(fingerprint_, dense, moe, row_tokens, self.tokens, self.max_rows, flat_samples)
+
+
+def calibrate(program: Program, samples: Iterable[Any], *, max_rows: int = DEFAULT_MAX_ROWS,
+              progress: bool = True) -> Calibration:
+    """Run ``samples`` (kwargs dicts or args tuples, as the model takes them) through ``program`` once and
+    collect statistics of its ``ffn.dense`` and ``moe.route`` ops (see the module docstring)."""
+    return calibrate_flat(program, flatten_samples(program, samples), max_rows=max_rows, progress=progress)
+
+
+def calibrate_flat(program: Program, flat_samples: list[list[torch.Tensor]], *, max_rows: int = DEFAULT_MAX_ROWS,
+                   progress: bool = True) -> Calibration:
+    """``calibrate`` on samples already flattened to the program's input tensors."""
+    if max_rows < 1:
+        raise MoecError(f"max_rows={max_rows} must be at least 1")
+    names = program.graph.input_names
+    mask_index = names.index("attention_mask") if "attention_mask" in names else None
+    runner = TorchRunner(program)
+    recorder = _Recorder(program, max_rows)
+    for inputs in _progress(flat_samples, progress):
+        if len(inputs) != len(names):
+            raise MoecError(f"a calibration sample has {len(inputs)} inputs, the program takes {len(names)}")
+        recorder.start_sample(inputs[mask_index] if mask_index is not None else None)
+        runner.run(inputs, observe=recorder)
+        recorder.end_sample()
+    return recorder.result(fingerprint(program), flat_samples)
+
+
+def _progress(items: list[Any], show: bool) -> Iterable[Any]:
+    if not show:
+        yield from items
+        return
+    from rich.progress import Progress
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("calibrating", total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)

@@ -1,0 +1,120 @@
+"""Calibration statistics against the Hugging Face modules they describe, their bounds, storage and reuse."""
+
+from __future__ import annotations
+
+import torch
+
+import moec
+from moec.analysis.calibration import Calibration, calibrate
+from moec.passes import PassContext
+
+
+def samples_like(example, count, seed=0, pad_last=0):
+    """``count`` batches shaped like ``example`` with fresh token ids; the last ``pad_last`` positions masked."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(0, 100, example["input_ids"].shape, generator=generator)
+        mask = torch.ones_like(ids)
+        if pad_last:
+            mask[:, -pad_last:] = 0
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return batches
+
+
+def mlp_inputs(model, layers, samples):
+    """The real (unmasked) token rows each layer's MLP received, concatenated over samples."""
+    seen = {i: [] for i in range(len(layers))}
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: seen[i].append(a[0])) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for sample in samples:
+                model(**sample, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    out = {}
+    for i, chunks in seen.items():
+        rows = [c.reshape(-1, c.shape[-1])[s["attention_mask"].reshape(-1).bool()] for c, s in zip(chunks, samples, strict=True)]
+        out[i] = torch.cat(rows)
+    return out
+
+
+def test_dense_rows_are_the_real_mlp_inputs_and_hidden_is_the_mlp_activation(captured):
+    model, example, program = captured("tiny-llama")
+    samples = samples_like(example, 3, pad_last=2)
+    cal = calibrate(program, samples, max_rows=10, progress=False)
+    real = mlp_inputs(model, model.model.layers, samples)
+    assert cal.tokens == sum(int(s["attention_mask"].sum()) for s in samples) == real[0].shape[0]
+    assert list(cal.dense) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    for i, block in enumerate(cal.dense):
+        stats = cal.dense[block]
+        assert stats.inputs.shape == (10, 32) and stats.hidden.shape == (10, 64)
+        torch.testing.assert_close(stats.inputs, real[i][cal.row_tokens], rtol=1e-5, atol=1e-5)
+        mlp = model.model.layers[i].mlp
+        with torch.no_grad():
+            expected = mlp.act_fn(mlp.gate_proj(stats.inputs)) * mlp.up_proj(stats.inputs)
+        torch.testing.assert_close(stats.hidden, expected, rtol=1e-5, atol=1e-5)
+        assert stats.tokens == cal.tokens and ((stats.frequency > 0) & (stats.frequency < 1)).all()
+    assert len(set(cal.row_tokens.tolist())) == 10
+
+
+def test_routing_trace_matches_the_hf_router_and_statistics_add_up(captured):
+    model, example, program = captured("tiny-mixtral")
+    samples = samples_like(example, 2, pad_last=1)
+    cal = calibrate(program, samples, max_rows=6, progress=False)
+    layers = model.model.layers
+    real = mlp_inputs(model, layers, samples)
+    blocks = list(cal.moe)
+    assert len(blocks) == 2
+    for i, block in enumerate(blocks):
+        stats = cal.moe[block]
+        with torch.no_grad():
+            _, expected_weights, expected = layers[i].mlp.gate(real[i])  # transformers 5: (logits, weights, indices)
+        torch.testing.assert_close(stats.weights, expected_weights)
+        assert torch.equal(stats.indices, expected)
+        assert stats.counts.sum() == cal.tokens * 2
+        assert torch.equal(stats.coactivation.diagonal().long(), stats.counts)
+        torch.testing.assert_close(stats.weight_mass.sum(), torch.tensor(float(cal.tokens)))
+        assert stats.inputs.shape == (6, 32)
+    affinity = cal.affinity(blocks[0], blocks[1])
+    used = cal.moe[blocks[0]].counts > 0
+    torch.testing.assert_close(affinity[used].sum(1), torch.full((int(used.sum()),), 2.0))
+    assert cal.traces().shape == (cal.tokens, 2, 2)
+
+
+def test_save_and_load_round_trip(tmp_path, captured):
+    model, example, program = captured("tiny-mixtral")
+    cal = calibrate(program, samples_like(example, 2), max_rows=4, progress=False)
+    again = Calibration.load(cal.save(tmp_path / "cal"))
+    assert again.fingerprint == cal.fingerprint and again.tokens == cal.tokens
+    for block in cal.moe:
+        assert torch.equal(again.moe[block].indices, cal.moe[block].indices)
+        assert torch.equal(again.moe[block].inputs, cal.moe[block].inputs)
+    assert all(torch.equal(a, b) for a, b in zip(again.flat_samples[1], cal.flat_samples[1], strict=True))
+    assert not list((tmp_path / "cal").glob(".*"))
+
+
+def test_context_reuses_statistics_until_the_program_changes(captured):
+    model, example, program = captured("tiny-bert")
+    context = PassContext(calibration=samples_like(example, 2), progress=False)
+    first = context.statistics(program)
+    assert context.statistics(program) is first
+    weight = program.graph.ops_of(moec.ir.DenseFFNOp)[0].weight("w_up").name
+    program.weights[weight] = program.weights[weight] * 2  # a rewrite of the weights
+    second = context.statistics(program)
+    assert second is not first and second.fingerprint != first.fingerprint
+    block = next(iter(first.dense))
+    torch.testing.assert_close(second.dense[block].inputs, first.dense[block].inputs)
+    assert not torch.allclose(second.dense[block].hidden, first.dense[block].hidden)
+
+
+def test_a_calibration_saved_in_a_plan_is_reused_without_the_samples(tmp_path, captured):
+    model, example, program = captured("tiny-bert")
+    cal = calibrate(program, samples_like(example, 2), progress=False)
+    compiled = moec.compile(model, example, calibration=cal)
+    assert compiled.calibration is cal
+    loaded = moec.load(compiled.save(tmp_path / "plan"))
+    assert loaded.calibration.fingerprint == cal.fingerprint
+    context = PassContext(calibration=loaded.calibration)
+    assert context.statistics(captured("tiny-bert")[2]).fingerprint == cal.fingerprint
