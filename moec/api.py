@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from moec.backend.torch_runner import TorchRunner
+from moec.backend.triton_codegen import KERNELS_FILE
 from moec.errors import MoecError
 from moec.frontend.capture import capture
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
@@ -20,18 +21,23 @@ from moec.ir.program import Program
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
 from moec.passes.dead_code import DeadCode
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 
 
 class CompiledModel:
     """A compiled model: call it like the original model; inspect ``.ir``; ``.save()`` a plan folder."""
 
-    def __init__(self, program: Program, backend: str = "torch") -> None:
+    def __init__(self, program: Program, backend: str = "torch", kernels_file: Path | None = None) -> None:
         if backend not in BACKENDS:
             raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         self.program = program
         self.backend = backend
-        self.runner = TorchRunner(program)
+        if backend == "triton":
+            from moec.backend.triton_runner import TritonRunner
+
+            self.runner = TritonRunner(program, kernels_file)
+        else:
+            self.runner = TorchRunner(program)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self.program.flatten_inputs(args, kwargs)
@@ -47,8 +53,10 @@ class CompiledModel:
         return self.program.metadata.setdefault("report", {})
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a plan folder (``plan.json`` + ``weights.safetensors``) to ``path``."""
-        return save_plan(self.program, path)
+        """Write a plan folder (``plan.json`` + ``weights.safetensors``, and the backend's generated
+        kernels, ``triton_kernels.py`` for the triton backend) to ``path``."""
+        extra_files = self.runner.plan_files() if hasattr(self.runner, "plan_files") else None
+        return save_plan(self.program, path, extra_files)
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per FFN/MoE layer: kind, experts, top-k, parameters and bytes of its weights."""
@@ -78,15 +86,22 @@ def compile(
     context = PassContext(calibration=calibration)
     records = run_passes(program, [DeadCode(), *passes], context)
     program.metadata["recipe"] = recipe_dict
+    program.metadata["backend"] = backend
     program.metadata["passes"] = records
     if context.report:
         program.metadata["report"] = context.report
     return CompiledModel(program, backend)
 
 
-def load(path: str | os.PathLike, backend: str = "torch") -> CompiledModel:
-    """Load a plan folder written by ``CompiledModel.save`` or ``moec compile -o``."""
-    return CompiledModel(load_plan(path), backend)
+def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
+    """Load a plan folder written by ``CompiledModel.save`` or ``moec compile -o``.
+
+    ``backend`` defaults to the one the plan was compiled for; a triton plan runs the kernels saved in it.
+    """
+    program = load_plan(path)
+    backend = backend or program.metadata.get("backend", "torch")
+    kernels_file = Path(path) / KERNELS_FILE
+    return CompiledModel(program, backend, kernels_file if kernels_file.is_file() else None)
 
 
 def weight_bytes(program: Program, names: list[str]) -> tuple[int, int]:

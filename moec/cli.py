@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument("-o", "--output", metavar="PLAN", help="write the plan folder here (replaced if it is a plan)")
     compile_.add_argument("--recipe", metavar="FILE", help="YAML/JSON recipe listing the passes to run")
-    compile_.add_argument("--backend", default="torch", choices=["torch"], help="execution backend (default: torch)")
+    compile_.add_argument("--backend", default="torch", choices=["torch", "triton"],
+                          help="execution backend (default: torch); triton writes its generated kernels into the plan")
     compile_.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="cast the model to this dtype first"
     )
@@ -97,6 +98,10 @@ def run_compile(args: argparse.Namespace) -> int:
     from moec.api import parity
     from moec.frontend.zoo import load_model_spec
 
+    if args.backend == "triton":
+        from moec.backend.triton_runner import import_triton
+
+        import_triton()  # before the model: importing transformers models imports triton (interpreter switch)
     with step(f"loading model {args.model}"):
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)

@@ -52,7 +52,13 @@ RULES: dict[type[Operation], Rule] = {
 
 
 class TorchRunner:
-    """Runs a program's graph on torch tensors (any device the weights are on)."""
+    """Runs a program's graph on torch tensors (any device the weights are on).
+
+    ``rules`` is the op -> rule table; another backend can run through this interpreter with some rules
+    replaced (the Triton backend substitutes its kernels for ``moe.route``/``moe.experts``).
+    """
+
+    rules: dict[type[Operation], Rule] = RULES
 
     def __init__(self, program: Program) -> None:
         self.program = program
@@ -64,7 +70,7 @@ class TorchRunner:
         if isinstance(op, AtenOp):
             fn = resolve_target(op.target)
             return lambda args, kwargs: fn(*args, **kwargs)
-        rule = RULES.get(type(op))
+        rule = self.rules.get(type(op))
         if rule is None:
             raise BackendError(f"the torch runner has no rule for {op.op_name}")
 
