@@ -98,10 +98,6 @@ def run_compile(args: argparse.Namespace) -> int:
     from moec.api import parity
     from moec.frontend.zoo import load_model_spec
 
-    if args.backend == "triton":
-        from moec.backend.triton_runner import import_triton
-
-        import_triton()  # before the model: importing transformers models imports triton (interpreter switch)
     with step(f"loading model {args.model}"):
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)

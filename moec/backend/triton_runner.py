@@ -6,14 +6,13 @@ plan was compiled for this backend, else one generated now into moec's cache. Op
 keep their torch rule, and one warning line says which and why.
 
 On a machine without a CUDA GPU, Triton runs its kernels in its interpreter (``TRITON_INTERPRET=1``, read
-when triton is first imported); moec switches it on itself when it imports triton first.
+when triton is first imported); ``import moec`` switches it on there, so import moec before anything that
+imports triton (transformers models do), or set the variable yourself.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import sys
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -28,9 +27,7 @@ from moec.ir.program import Program
 
 
 def import_triton() -> ModuleType:
-    """triton, with its interpreter switched on where there is no GPU; a BackendError if it is missing."""
-    if "triton" not in sys.modules and not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    """triton, or a BackendError saying how to install it."""
     try:
         import triton
     except ImportError:
@@ -42,12 +39,15 @@ def import_triton() -> ModuleType:
 
 
 def kernel_device(triton: ModuleType) -> torch.device:
-    if triton.knobs.runtime.interpret:
+    """Where the kernels run: the GPU, or the CPU in the interpreter (only if triton was imported in it)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(triton.language.standard.sum, InterpretedFunction):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise BackendError(
-            "backend 'triton' needs a CUDA GPU, or Triton's interpreter on the CPU: set TRITON_INTERPRET=1 "
-            "before anything imports triton (importing a transformers model does)"
+            "backend 'triton' needs a CUDA GPU, or Triton's interpreter on the CPU, which must be on when triton "
+            "is first imported: import moec before transformers/triton, or set TRITON_INTERPRET=1"
         )
     return torch.device("cuda")
 

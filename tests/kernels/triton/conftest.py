@@ -1,5 +1,5 @@
-"""Triton kernel tests run in Triton's interpreter on the CPU (tests/conftest.py switches it on before
-anything imports triton); every test here skips when triton is not installed."""
+"""Triton kernel tests run in Triton's interpreter on the CPU (``import moec``, which the top conftest does
+first, switches it on where there is no GPU); every test here skips when triton is not installed."""
 
 from __future__ import annotations
 
