@@ -72,8 +72,11 @@ def tune_shape(num_experts: int, hidden: int, ffn: int, top_k: int, dtype: torch
         weights = torch.full((tokens, top_k), 1.0 / top_k, device="cuda")
         best, best_ms = None, float("inf")
         for tiles in candidates(quick):
+            def run(tiles=tiles, x=x, indices=indices, weights=weights):
+                return triton_ops.experts(x, indices, weights, w_in, w_out, None, None, spec, tiles)
+
             try:
-                ms = time_ms(lambda: triton_ops.experts(x, indices, weights, w_in, w_out, None, None, spec, tiles))
+                ms = time_ms(run)
             except Exception as err:  # out of resources, or a tile the compiler rejects: not a candidate here
                 print(f"  skip {tiles}: {type(err).__name__}")
                 continue

@@ -96,7 +96,6 @@ def route(tokens: int, layer: dict):
 def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, peaks: tuple[float, float]) -> list[dict]:
     from moec.backend.triton_tiles import pick, shape_key, tiles_for_shape
     from moec.frontend.blocks import ExpertsSpec
-    from moec.kernels import triton_ops
 
     config, experts = build_experts(layer)
     spec = ExpertsSpec(layer["experts"], layer["hidden"], layer["ffn"], "silu", gated=True)
@@ -109,17 +108,7 @@ def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, pe
     for tokens in tokens_list:
         x, indices, weights = route(tokens, layer)
         tiles = pick(tile_rows, tokens)
-        impls = {"moec": lambda: triton_ops.experts(x, indices, weights, w_in, w_out, None, None, spec, tiles)}
-
-        def hf(impl):
-            def run():
-                config._experts_implementation = impl
-                return experts(x, indices, weights)
-            return run
-
-        for impl in ("eager", "batched_mm", "grouped_mm"):
-            impls[f"hf_{impl}"] = hf(impl)
-        impls["torch_compile"] = lambda: compiled(x, indices, weights)
+        impls = implementations(config, experts, compiled, spec, tiles, x, indices, weights)
         row = {"layer": name, "tokens": tokens, "tiles": tiles.__dict__, "ms": {}, "skipped": {}}
         with torch.inference_mode():
             config._experts_implementation = "eager"
@@ -151,9 +140,26 @@ def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, pe
         print(f"{name:>12} T={tokens:<5} moec {row['ms']['moec']:8.3f} ms | {best} {hf_times[best]:8.3f} ms "
               f"(x{row['speedup_vs_hf_best']:.2f}) | torch.compile {row['ms'].get('torch_compile', float('nan')):8.3f} ms "
               f"(x{row.get('speedup_vs_torch_compile', float('nan')):.2f}) | {fraction:.1%} of {kind}")
-    del experts, compiled
-    torch.cuda.empty_cache()
     return rows
+
+
+def implementations(config, experts, compiled, spec, tiles, x, indices, weights) -> dict:
+    """label -> a call running the experts on (x, indices, weights)."""
+    from moec.kernels import triton_ops
+
+    w_in, w_out = experts.gate_up_proj.data, experts.down_proj.data
+    impls = {"moec": lambda: triton_ops.experts(x, indices, weights, w_in, w_out, None, None, spec, tiles)}
+
+    def hf(impl):
+        def run():
+            config._experts_implementation = impl
+            return experts(x, indices, weights)
+        return run
+
+    for impl in ("eager", "batched_mm", "grouped_mm"):
+        impls[f"hf_{impl}"] = hf(impl)
+    impls["torch_compile"] = lambda: compiled(x, indices, weights)
+    return impls
 
 
 def main(argv=None) -> int:
