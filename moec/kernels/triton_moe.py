@@ -206,6 +206,44 @@ def tile_coordinates(num_tiles_m, N: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def load_weight_tile(
+    w_ptr,  # [E, ROWS, COLS] plain weights (read when not QUANTIZED)
+    q_ptr,  # uint8, 1-D: packed codes of every expert's matrix (moec's quantized weight format, version 1)
+    scales_ptr,  # [E, ROWS, COLS // GROUP] float16
+    zeros_ptr,  # [E, ROWS, COLS // GROUP] uint8
+    bits_ptr,  # [E] int32: each expert's code width (2, 3, 4 or 8)
+    offsets_ptr,  # [E] int64: where each expert's matrix starts in q_ptr
+    expert,
+    rows,  # [BLOCK_N] row indices of the tile
+    ks,  # [BLOCK_K] column indices of the tile (the reduced dim)
+    mask,  # [BLOCK_K, BLOCK_N]
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    QUANTIZED: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    """The tile ``w[expert][rows, ks]`` transposed to [BLOCK_K, BLOCK_N] (the right operand of tl.dot).
+
+    Quantized: code c of a row is bits [c*b, (c+1)*b) of the row's little-endian bit stream (LSB first),
+    rows are COLS*b/8 bytes, and w = (code - zero) * scale per group of GROUP columns, in float32. A code
+    spans two bytes only for 3-bit widths; the second byte is read only then.
+    """
+    if not QUANTIZED:
+        return tl.load(w_ptr + expert * ROWS * COLS + rows[None, :] * COLS + ks[:, None], mask=mask, other=0.0)
+    bits = tl.load(bits_ptr + expert)
+    first_bit = ks[:, None] * bits
+    shift = first_bit % 8
+    byte = tl.load(offsets_ptr + expert) + rows[None, :].to(tl.int64) * (COLS * bits // 8) + first_bit // 8
+    low = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
+    high = tl.load(q_ptr + byte + 1, mask=mask & (shift + bits > 8), other=0).to(tl.int32)
+    code = ((low | (high << 8)) >> shift) & ((1 << bits) - 1)
+    group = (expert * ROWS + rows[None, :]) * (COLS // GROUP) + ks[:, None] // GROUP
+    scale = tl.load(scales_ptr + group, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + group, mask=mask, other=0).to(tl.float32)
+    return (code.to(tl.float32) - zero) * scale
+
+
+@triton.jit
 def multiply_accumulate(a, b, acc, PRECISION: tl.constexpr):
     """acc + a @ b in float32. PRECISION "ieee" multiplies in full float32 (float32 plans, where Triton's
     default is tf32; and the interpreter, whose bfloat16 dot is wrong: products of bfloat16 values are exact
@@ -220,6 +258,7 @@ def gate_up_kernel(
     # Pointers
     x_ptr,  # [T, HIDDEN]              activations, rows contiguous
     w_in_ptr,  # [E, F_IN, HIDDEN]     F_IN = 2*INTERMEDIATE when gated (gate rows, then up rows)
+    w_in_q_ptr, w_in_scales_ptr, w_in_zeros_ptr, w_in_bits_ptr, w_in_offsets_ptr,  # when W_IN_QUANTIZED
     b_in_ptr,  # [E, F_IN]             only read when HAS_BIAS
     h_ptr,  # [num_pairs, INTERMEDIATE] out, x's dtype: act(gate) * up per pair
     sorted_pairs_ptr,  # [max_padded] int32
@@ -236,6 +275,8 @@ def gate_up_kernel(
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,  # see multiply_accumulate
+    W_IN_QUANTIZED: tl.constexpr,
+    GROUP: tl.constexpr,  # quantization group size
     # Tiles
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -253,7 +294,6 @@ def gate_up_kernel(
     col_ok = cols < INTERMEDIATE
     F_IN: tl.constexpr = 2 * INTERMEDIATE if GATED else INTERMEDIATE
 
-    w_expert = w_in_ptr + expert * F_IN * HIDDEN
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, HIDDEN, BLOCK_K):
@@ -261,11 +301,14 @@ def gate_up_kernel(
         k_ok = ks < HIDDEN
         a = tl.load(x_ptr + tokens[:, None] * HIDDEN + ks[None, :], mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
         w_mask = k_ok[:, None] & col_ok[None, :]
-        w_gate = tl.load(w_expert + cols[None, :] * HIDDEN + ks[:, None], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
-        acc_gate = multiply_accumulate(a, w_gate, acc_gate, PRECISION)
+        w_gate = load_weight_tile(w_in_ptr, w_in_q_ptr, w_in_scales_ptr, w_in_zeros_ptr, w_in_bits_ptr,
+                                  w_in_offsets_ptr, expert, cols, ks, w_mask, F_IN, HIDDEN, W_IN_QUANTIZED, GROUP)
+        acc_gate = multiply_accumulate(a, w_gate.to(a.dtype), acc_gate, PRECISION)
         if GATED:
-            w_up = tl.load(w_expert + (INTERMEDIATE + cols[None, :]) * HIDDEN + ks[:, None], mask=w_mask, other=0.0)
-            acc_up = multiply_accumulate(a, w_up, acc_up, PRECISION)
+            w_up = load_weight_tile(w_in_ptr, w_in_q_ptr, w_in_scales_ptr, w_in_zeros_ptr, w_in_bits_ptr,
+                                    w_in_offsets_ptr, expert, INTERMEDIATE + cols, ks, w_mask, F_IN, HIDDEN,
+                                    W_IN_QUANTIZED, GROUP)
+            acc_up = multiply_accumulate(a, w_up.to(a.dtype), acc_up, PRECISION)
 
     if HAS_BIAS:
         b_expert = b_in_ptr + expert * F_IN
@@ -284,6 +327,7 @@ def down_kernel(
     # Pointers
     h_ptr,  # [num_pairs, INTERMEDIATE]  gate_up_kernel's output
     w_out_ptr,  # [E, HIDDEN, INTERMEDIATE]
+    w_out_q_ptr, w_out_scales_ptr, w_out_zeros_ptr, w_out_bits_ptr, w_out_offsets_ptr,  # when W_OUT_QUANTIZED
     b_out_ptr,  # [E, HIDDEN]            only read when HAS_BIAS
     routing_ptr,  # [num_pairs] float32  routing weight of each pair
     y_ptr,  # [num_pairs, HIDDEN] out, x's dtype: routing weight * expert output, per pair
@@ -298,6 +342,8 @@ def down_kernel(
     INTERMEDIATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
+    W_OUT_QUANTIZED: tl.constexpr,
+    GROUP: tl.constexpr,
     # Tiles
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -314,14 +360,15 @@ def down_kernel(
     cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < HIDDEN
 
-    w_expert = w_out_ptr + expert * HIDDEN * INTERMEDIATE
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, INTERMEDIATE, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < INTERMEDIATE
         a = tl.load(h_ptr + rows[:, None] * INTERMEDIATE + ks[None, :], mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_expert + cols[None, :] * INTERMEDIATE + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = multiply_accumulate(a, w, acc, PRECISION)
+        w = load_weight_tile(w_out_ptr, w_out_q_ptr, w_out_scales_ptr, w_out_zeros_ptr, w_out_bits_ptr,
+                             w_out_offsets_ptr, expert, cols, ks, k_ok[:, None] & col_ok[None, :],
+                             HIDDEN, INTERMEDIATE, W_OUT_QUANTIZED, GROUP)
+        acc = multiply_accumulate(a, w.to(a.dtype), acc, PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(b_out_ptr + expert * HIDDEN + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]

@@ -8,7 +8,8 @@ Shapes and dtypes::
 
     route:    x [T, H] float, router [E, H], bias [E] | None  ->  indices int64 [T, k], weights float32 [T, k]
     align:    indices int64 [T, k]  ->  Alignment (sorted pair ids, expert of each tile, used length)
-    experts:  x [T, H] float32|bfloat16|float16, indices/weights [T, k], w_in [E, F_in, H], w_out [E, H, F],
+    experts:  x [T, H] float32|bfloat16|float16, indices/weights [T, k], w_in [E, F_in, H], w_out [E, H, F]
+              (tensors of x's dtype, or QuantizedWeight: packed codes dequantized tile by tile),
               b_in [E, F_in] | None, b_out [E, H] | None  ->  y [T, H] in x's dtype
 """
 
@@ -36,6 +37,38 @@ class TileConfig:
     GROUP_M: int = 8
     num_warps: int = 4
     num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Stacked expert matrices [E, R, C] in moec's quantized weight format (``moec.ir.quant``, version 1):
+    ``packed`` uint8 1-D (matrix after matrix, rows of ``C * bits[e] // 8`` bytes, LSB-first bit stream),
+    ``scales`` float16 and ``zeros`` uint8 [E, R, C // group], one width in {2, 3, 4, 8} per expert."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: tuple[int, ...]
+    group: int
+
+    def pointers(self) -> tuple[torch.Tensor, ...]:
+        """A kernel's quantized-weight arguments: packed codes, scales, zeros, bits [E], byte offsets [E]."""
+        device = self.packed.device
+        sizes = [self.scales.shape[1] * self.scales.shape[2] * self.group * b // 8 for b in self.bits]
+        offsets = torch.tensor([sum(sizes[:e]) for e in range(len(sizes))], dtype=torch.int64, device=device)
+        bits = torch.tensor(self.bits, dtype=torch.int32, device=device)
+        return self.packed, self.scales, self.zeros, bits, offsets
+
+
+Weight = torch.Tensor | QuantizedWeight
+
+
+def weight_args(weight: Weight) -> tuple[torch.Tensor, tuple, bool, int]:
+    """(plain pointer, quantized pointers, quantized?, group) for a kernel; unused pointers get a stand-in."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.packed, weight.pointers(), True, weight.group
+    weight = weight.contiguous()
+    return weight, (weight,) * 5, False, 1
 
 
 @dataclass(frozen=True)
@@ -113,36 +146,38 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 or triton.knobs.runtime.interpret else "tf32"
 
 
-def gate_up(x: torch.Tensor, w_in: torch.Tensor, b_in: torch.Tensor | None, alignment: Alignment,
+def gate_up(x: torch.Tensor, w_in: Weight, b_in: torch.Tensor | None, alignment: Alignment,
             spec: ExpertsSpec, top_k: int, tiles: TileConfig, kernels: ModuleType = triton_moe) -> torch.Tensor:
     """h [num_pairs, F] in x's dtype: each pair's ``act(gate) * up`` (or ``act(up)``) for its expert."""
     h = torch.empty(alignment.num_pairs, spec.intermediate, dtype=x.dtype, device=x.device)
     num_tiles_m = alignment.block_experts.numel()
     grid = (num_tiles_m * triton.cdiv(spec.intermediate, tiles.BLOCK_N),)
+    plain, quantized, is_quantized, group = weight_args(w_in)
     kernels.gate_up_kernel[grid](
-        x, w_in, b_in if b_in is not None else w_in, h,
+        x, plain, *quantized, b_in if b_in is not None else plain, h,
         alignment.sorted_pairs, alignment.block_experts, alignment.padded_total,
         alignment.num_pairs, num_tiles_m,
         HIDDEN=spec.hidden, INTERMEDIATE=spec.intermediate, TOP_K=top_k, GATED=spec.gated, ACT=spec.act,
-        HAS_BIAS=b_in is not None, PRECISION=dot_precision(x.dtype),
+        HAS_BIAS=b_in is not None, PRECISION=dot_precision(x.dtype), W_IN_QUANTIZED=is_quantized, GROUP=group,
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     return h
 
 
-def down(h: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor | None, routing: torch.Tensor,
+def down(h: torch.Tensor, w_out: Weight, b_out: torch.Tensor | None, routing: torch.Tensor,
          alignment: Alignment, spec: ExpertsSpec, tiles: TileConfig, kernels: ModuleType = triton_moe) -> torch.Tensor:
     """y [num_pairs, H] in h's dtype: each pair's expert output times its routing weight."""
     y = torch.empty(alignment.num_pairs, spec.hidden, dtype=h.dtype, device=h.device)
     num_tiles_m = alignment.block_experts.numel()
     grid = (num_tiles_m * triton.cdiv(spec.hidden, tiles.BLOCK_N),)
+    plain, quantized, is_quantized, group = weight_args(w_out)
     kernels.down_kernel[grid](
-        h, w_out, b_out if b_out is not None else w_out, routing.reshape(-1).float().contiguous(), y,
+        h, plain, *quantized, b_out if b_out is not None else plain, routing.reshape(-1).float().contiguous(), y,
         alignment.sorted_pairs, alignment.block_experts, alignment.padded_total,
         alignment.num_pairs, num_tiles_m,
         HIDDEN=spec.hidden, INTERMEDIATE=spec.intermediate, HAS_BIAS=b_out is not None,
-        PRECISION=dot_precision(h.dtype),
+        PRECISION=dot_precision(h.dtype), W_OUT_QUANTIZED=is_quantized, GROUP=group,
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -151,20 +186,21 @@ def down(h: torch.Tensor, w_out: torch.Tensor, b_out: torch.Tensor | None, routi
 
 def experts(
     x: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor,
-    w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None, b_out: torch.Tensor | None,
+    w_in: Weight, w_out: Weight, b_in: torch.Tensor | None, b_out: torch.Tensor | None,
     spec: ExpertsSpec, tiles: TileConfig = TileConfig(), kernels: ModuleType = triton_moe,
 ) -> torch.Tensor:
     """Routed experts combined: ``y[t] = sum_j routing[t, j] * expert_{indices[t, j]}(x[t])``.
 
     Align, then the fused gate/up GEMM (with the activation), then the down GEMM (scaled by the routing
-    weight); the k scaled outputs of a token are summed last.
+    weight); the k scaled outputs of a token are summed last. ``w_in``/``w_out`` may be quantized
+    (``QuantizedWeight``): tiles are dequantized in registers, never in memory.
     """
     if x.dtype not in EXPERT_DTYPES:
         raise ValueError(f"the Triton experts kernels take {EXPERT_DTYPES}, got {x.dtype}")
     num_tokens, top_k = indices.shape
     if num_tokens == 0:
         return torch.zeros_like(x)
-    x, w_in, w_out = x.contiguous(), w_in.contiguous(), w_out.contiguous()
+    x = x.contiguous()
     alignment = align(indices, spec.num_experts, tiles.BLOCK_M, kernels)
     h = gate_up(x, w_in, b_in, alignment, spec, top_k, tiles, kernels)
     y = down(h, w_out, b_out, routing, alignment, spec, tiles, kernels)
