@@ -49,7 +49,8 @@ def unsupported_reason(op: Operation) -> str | None:
             continue
         bits = getattr(weight_type, "bits", None)
         if bits is not None:
-            return f"{role} is quantized to bits {list(bits)} (the Triton backend runs unquantized weights)"
+            # The kernels read the packed format (triton_ops.QuantizedWeight); plans do not feed it to them yet.
+            return f"{role} is quantized (bits {list(bits)}); quantized plans are not wired to the Triton kernels yet"
         if weight_type.dtype != x_dtype:
             return f"{role} is {weight_type.dtype} but the activations are {x_dtype}"
     return None
