@@ -96,3 +96,13 @@ def test_triton_backend_without_triton_is_one_clear_error(mixtral, monkeypatch):
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is not installed
     with pytest.raises(BackendError, match=r"pip install 'moec\[triton\]'"):
         CompiledModel(compiled.program, "triton")
+
+
+@pytest.mark.slow
+def test_cli_compile_with_triton_writes_kernels_into_the_plan(tmp_path):
+    from moec.cli import main
+
+    plan = tmp_path / "plan"
+    assert main(["compile", "--model", "tiny-mixtral", "--backend", "triton", "-o", str(plan)]) == 0
+    assert (plan / KERNELS_FILE).is_file()
+    assert moec.load(plan).runner.kernels_file == plan / KERNELS_FILE

@@ -43,12 +43,12 @@ def random_quantized(num_experts: int, rows: int, cols: int, bits: tuple[int, ..
     return weight, torch.stack(dense)
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("w_in_bits,w_out_bits,top_k", [
-    ((4, 4, 4, 4), (8, 8, 8, 8), 2),  # the common case: 4-bit gate/up, 8-bit down
-    ((4, 8, 2, 3), (3, 2, 8, 4), 1),  # a width per expert, every supported one, 3-bit codes straddle bytes
+@pytest.mark.parametrize("w_in_bits,w_out_bits,top_k,dtype,tolerance", [
+    ((4, 4, 4, 4), (8, 8, 8, 8), 2, torch.float32, 1e-4),  # the common case: 4-bit gate/up, 8-bit down
+    # a width per expert, every supported one (3-bit codes straddle bytes), bfloat16 activations
+    ((4, 8, 2, 3), (3, 2, 8, 4), 1, torch.bfloat16, 3e-2),
 ])
-def test_quantized_experts_match_reference_on_dequantized_weights(dtype, tolerance, w_in_bits, w_out_bits, top_k):
+def test_quantized_experts_match_reference_on_dequantized_weights(w_in_bits, w_out_bits, top_k, dtype, tolerance):
     spec = ExpertsSpec(num_experts=4, hidden=64, intermediate=32, act="silu", gated=True)
     w_in, dense_in = random_quantized(4, 2 * spec.intermediate, spec.hidden, w_in_bits, group=32, seed=0)
     w_out, dense_out = random_quantized(4, spec.hidden, spec.intermediate, w_out_bits, group=32, seed=1)
