@@ -3,15 +3,9 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import pytest
 import torch
-
-# Triton kernels run in Triton's interpreter on machines without a GPU. The switch is read when triton is
-# first imported, and importing a transformers model imports triton, so it is set here, before any test module.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moec.frontend.zoo import build_preset
 
