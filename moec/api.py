@@ -13,6 +13,7 @@ from torch import nn
 from moec.analysis.calibration import META_FILE as CALIBRATION_META
 from moec.analysis.calibration import Calibration
 from moec.backend.torch_runner import TorchRunner
+from moec.backend.triton_codegen import KERNELS_FILE
 from moec.errors import MoecError
 from moec.frontend.capture import capture
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
@@ -22,19 +23,25 @@ from moec.ir.program import Program
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
 from moec.passes.dead_code import DeadCode
 
-BACKENDS = ("torch",)
+BACKENDS = ("torch", "triton")
 
 
 class CompiledModel:
     """A compiled model: call it like the original model; inspect ``.ir``; ``.save()`` a plan folder."""
 
-    def __init__(self, program: Program, backend: str = "torch", calibration: Calibration | None = None) -> None:
+    def __init__(self, program: Program, backend: str = "torch", *, calibration: Calibration | None = None,
+                 kernels_file: Path | None = None) -> None:
         if backend not in BACKENDS:
             raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
         self.program = program
         self.backend = backend
-        self.runner = TorchRunner(program)
         self.calibration = calibration  # the statistics passes used, saved with the plan for reuse
+        if backend == "triton":
+            from moec.backend.triton_runner import TritonRunner
+
+            self.runner = TritonRunner(program, kernels_file)
+        else:
+            self.runner = TorchRunner(program)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self.program.flatten_inputs(args, kwargs)
@@ -50,9 +57,11 @@ class CompiledModel:
         return self.program.metadata.setdefault("report", {})
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a plan folder (``plan.json`` + ``weights.safetensors``, and the calibration if any) to ``path``."""
-        extra = self.calibration.to_files() if self.calibration is not None else None
-        return save_plan(self.program, path, extra_files=extra)
+        """Write a plan folder (``plan.json`` + ``weights.safetensors``, the calibration if any, and the
+        backend's generated kernels, ``triton_kernels.py`` for the triton backend) to ``path``."""
+        extra_files = self.calibration.to_files() if self.calibration is not None else {}
+        extra_files |= self.runner.plan_files()
+        return save_plan(self.program, path, extra_files or None)
 
     def summary(self) -> list[dict[str, Any]]:
         """One row per FFN/MoE layer: kind, experts, top-k, parameters and bytes of its weights."""
@@ -84,17 +93,24 @@ def compile(
     context = PassContext(calibration=calibration)
     records = run_passes(program, [DeadCode(), *passes], context)
     program.metadata["recipe"] = recipe_dict
+    program.metadata["backend"] = backend
     program.metadata["passes"] = records
     if context.report:
         program.metadata["report"] = context.report
-    return CompiledModel(program, backend, context.calibrations[0] if context.calibrations else None)
+    return CompiledModel(program, backend, calibration=context.calibrations[0] if context.calibrations else None)
 
 
-def load(path: str | os.PathLike, backend: str = "torch") -> CompiledModel:
-    """Load a plan folder written by ``CompiledModel.save`` or ``moec compile -o``."""
+def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
+    """Load a plan folder written by ``CompiledModel.save`` or ``moec compile -o``.
+
+    ``backend`` defaults to the one the plan was compiled for; a triton plan runs the kernels saved in it.
+    """
     program = load_plan(path)
+    backend = backend or program.metadata.get("backend", "torch")
     calibration = Calibration.load(path) if (Path(path) / CALIBRATION_META).is_file() else None
-    return CompiledModel(program, backend, calibration)
+    kernels_file = Path(path) / KERNELS_FILE
+    return CompiledModel(program, backend, calibration=calibration,
+                         kernels_file=kernels_file if kernels_file.is_file() else None)
 
 
 def weight_bytes(program: Program, names: list[str]) -> tuple[int, int]:

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument("-o", "--output", metavar="PLAN", help="write the plan folder here (replaced if it is a plan)")
     compile_.add_argument("--recipe", metavar="FILE", help="YAML/JSON recipe listing the passes to run")
-    compile_.add_argument("--backend", default="torch", choices=["torch"], help="execution backend (default: torch)")
+    compile_.add_argument("--backend", default="torch", choices=["torch", "triton"],
+                          help="execution backend (default: torch); triton writes its generated kernels into the plan")
     compile_.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="cast the model to this dtype first"
     )

@@ -52,7 +52,13 @@ RULES: dict[type[Operation], Rule] = {
 
 
 class TorchRunner:
-    """Runs a program's graph on torch tensors (any device the weights are on)."""
+    """Runs a program's graph on torch tensors (any device the weights are on).
+
+    ``rules`` is the op -> rule table; another backend can run through this interpreter with some rules
+    replaced (the Triton backend substitutes its kernels for ``moe.route``/``moe.experts``).
+    """
+
+    rules: dict[type[Operation], Rule] = RULES
 
     def __init__(self, program: Program) -> None:
         self.program = program
@@ -64,7 +70,7 @@ class TorchRunner:
         if isinstance(op, AtenOp):
             fn = resolve_target(op.target)
             return lambda args, kwargs: fn(*args, **kwargs)
-        rule = RULES.get(type(op))
+        rule = self.rules.get(type(op))
         if rule is None:
             raise BackendError(f"the torch runner has no rule for {op.op_name}")
 
@@ -73,6 +79,10 @@ class TorchRunner:
             return weights[ref.name] if ref is not None else None
 
         return lambda args, kwargs: rule(op, weight, args, kwargs)
+
+    def plan_files(self) -> dict[str, str]:
+        """Files this backend adds to a saved plan folder (none: the IR and weights say everything)."""
+        return {}
 
     def compute_last_uses(self) -> list[list[int]]:
         """For each step, the ids of values whose last reader it is (so they can be freed)."""

@@ -1,0 +1,118 @@
+"""The Triton backend: the torch runner with ``moe.route``/``moe.experts`` replaced by generated kernels.
+
+Generic ATen ops, dense FFNs and shared experts keep the torch runner's rules. The kernels come from a
+plan's ``triton_kernels.py`` (see :mod:`moec.backend.triton_codegen`): the one in the plan folder when the
+plan was compiled for this backend, else one generated now into moec's cache. Ops the kernels cannot run
+keep their torch rule, and one warning line says which and why.
+
+On a machine without a CUDA GPU, Triton runs its kernels in its interpreter (``TRITON_INTERPRET=1``, read
+when triton is first imported); ``import moec`` switches it on there, so import moec before anything that
+imports triton (transformers models do), or set the variable yourself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from moec.backend import triton_codegen
+from moec.backend.torch_runner import RULES, TorchRunner
+from moec.errors import BackendError
+from moec.ir.ops import ExpertsOp, RouteOp
+from moec.ir.program import Program
+
+
+def import_triton() -> ModuleType:
+    """triton, or a BackendError saying how to install it."""
+    try:
+        import triton
+    except ImportError:
+        raise BackendError(
+            "backend 'triton' needs Triton, which is not installed: pip install 'moec[triton]' "
+            "(or pip install triton), or use backend 'torch'"
+        ) from None
+    return triton
+
+
+def kernel_device(triton: ModuleType) -> torch.device:
+    """Where the kernels run: the GPU, or the CPU in the interpreter (only if triton was imported in it)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if isinstance(triton.language.standard.sum, InterpretedFunction):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise BackendError(
+            "backend 'triton' needs a CUDA GPU, or Triton's interpreter on the CPU, which must be on when triton "
+            "is first imported: import moec before transformers/triton, or set TRITON_INTERPRET=1"
+        )
+    return torch.device("cuda")
+
+
+def run_route(launcher):
+    def rule(op, weight, args, kwargs):
+        x = args[0]
+        flat_indices, flat_weights = launcher(x.reshape(-1, x.shape[-1]), weight("router"), weight("router_bias"))
+        lead = x.shape[:-1]
+        return flat_indices.reshape(*lead, -1), flat_weights.reshape(*lead, -1)
+
+    return rule
+
+
+def run_experts(launcher):
+    def rule(op, weight, args, kwargs):
+        x, indices, routing = args
+        k, hidden = indices.shape[-1], x.shape[-1]
+        y = launcher(x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k),
+                     weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out"))
+        return y.reshape(x.shape)
+
+    return rule
+
+
+class TritonRunner(TorchRunner):
+    """Runs a program with the Triton kernels of ``kernels_file`` (None: generate them into the cache).
+
+    On a GPU the weights are copied to it once and inputs must be CUDA tensors; in the interpreter
+    everything stays on the CPU.
+    """
+
+    def __init__(self, program: Program, kernels_file: Path | None = None) -> None:
+        triton = import_triton()
+        device = kernel_device(triton)
+        self.source = triton_codegen.generate(program) if kernels_file is None else kernels_file.read_text()
+        self.kernels_file = kernels_file or triton_codegen.write_cached(self.source)
+        self.kernels = triton_codegen.load_kernels(self.kernels_file, program)
+        self.fallbacks = self.warn_fallbacks(program)
+        self.kernel_rules = {}  # id(op) -> rule running its launcher
+        for index, op in triton_codegen.kernel_ops(program):
+            launcher = self.kernels.LAUNCHERS.get(index)
+            if launcher is not None:
+                self.kernel_rules[id(op)] = run_route(launcher) if isinstance(op, RouteOp) else run_experts(launcher)
+        self.rules = RULES | {RouteOp: self.run_moe_op, ExpertsOp: self.run_moe_op}
+        if device.type != "cpu":
+            program = dataclasses.replace(program, weights={k: v.to(device) for k, v in program.weights.items()})
+        super().__init__(program)
+
+    def run_moe_op(self, op, weight, args, kwargs):
+        """The op's kernel launcher, or its torch rule where the kernels cannot run it."""
+        rule = self.kernel_rules.get(id(op), RULES[type(op)])
+        return rule(op, weight, args, kwargs)
+
+    @staticmethod
+    def warn_fallbacks(program: Program) -> list[str]:
+        """Warn once (one line) about the MoE ops that keep their torch rule, and return why for each."""
+        candidates = triton_codegen.kernel_ops(program)
+        reasons = [f"op {i} {op.op_name} ({reason})" for i, op in candidates
+                   if (reason := triton_codegen.unsupported_reason(op)) is not None]
+        if reasons:
+            scope = "the whole plan runs" if len(reasons) == len(candidates) else f"{len(reasons)} of {len(candidates)} MoE ops run"
+            warnings.warn(f"moec triton backend: {scope} on the torch runner: {'; '.join(reasons)}", stacklevel=3)
+        return reasons
+
+    def plan_files(self) -> dict[str, str]:
+        """The files this backend adds to a saved plan folder."""
+        return {triton_codegen.KERNELS_FILE: self.source}

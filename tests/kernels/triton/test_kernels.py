@@ -1,0 +1,127 @@
+"""Every Triton MoE kernel against its plain-torch reference, in the interpreter, on small shapes chosen to
+hit the edges: token counts that do not divide the tile, experts no token chose, top-1 and top-4."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moec.frontend.blocks import ExpertsSpec, RouteSpec
+from moec.kernels import reference, triton_reference
+from moec.kernels import triton_ops as ops  # after the conftest set TRITON_INTERPRET
+
+# (tokens, experts, top_k): 37 and 5 are not multiples of BLOCK_M=16; top-1 and top-4.
+CASES = [(37, 8, 2), (5, 6, 1), (19, 8, 4), (1, 4, 1)]
+
+
+def choose_experts(tokens: int, num_experts: int, top_k: int, seed: int = 0) -> torch.Tensor:
+    """Distinct experts per token drawn from all but the last expert, so at least one expert gets no tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.randperm(num_experts - 1, generator=generator)[:top_k] for _ in range(tokens)]
+    return torch.stack(rows).to(torch.int64)
+
+
+@pytest.mark.parametrize("tokens,num_experts,top_k", CASES)
+@pytest.mark.parametrize("block_m", [16, 32])
+def test_align_matches_reference(tokens, num_experts, top_k, block_m):
+    indices = choose_experts(tokens, num_experts, top_k)
+    got = ops.align(indices, num_experts, block_m)
+    sorted_pairs, block_experts = triton_reference.align(indices, num_experts, block_m)
+    used = int(got.padded_total)
+    assert used == sorted_pairs.numel()
+    assert torch.equal(got.sorted_pairs[:used], sorted_pairs)
+    assert torch.equal(got.block_experts[: used // block_m], block_experts)
+    assert (got.sorted_pairs[used:] == tokens * top_k).all()  # the rest is padding
+
+
+ROUTERS = [
+    ("softmax", "score_then_topk", False, False),  # Mixtral
+    ("softmax", "score_then_topk", True, False),  # OLMoE/Qwen2 with norm_topk_prob
+    ("sigmoid", "score_then_topk", True, True),  # DeepSeek-V3 without groups
+    ("softmax", "topk_then_score", False, False),
+    ("sigmoid", "topk_then_score", True, False),
+]
+
+
+@pytest.mark.parametrize("scoring,order,renormalize,with_bias,tokens,num_experts,top_k",
+                         [router + case for router in ROUTERS for case in (CASES[0], CASES[2])]
+                         + [ROUTERS[0] + CASES[1], ROUTERS[3] + CASES[3]])
+def test_router_matches_reference(scoring, order, renormalize, with_bias, tokens, num_experts, top_k):
+    generator = torch.Generator().manual_seed(1)
+    hidden = 40  # not a multiple of the 32-wide hidden tile
+    x = torch.randn(tokens, hidden, generator=generator)
+    router = torch.randn(num_experts, hidden, generator=generator)
+    bias = torch.randn(num_experts, generator=generator) if with_bias else None
+    spec = RouteSpec(num_experts, top_k, scoring, order, renormalize, renorm_eps=1e-20 if renormalize else 0.0,
+                     scaling=2.5 if with_bias else 1.0, has_bias=with_bias)
+    indices, weights = ops.route(x, router, bias, spec)
+    ref_indices, ref_weights = reference.route(x, router, bias, spec)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
+
+
+def expert_weights(spec: ExpertsSpec, dtype: torch.dtype, seed: int = 2):
+    generator = torch.Generator().manual_seed(seed)
+    f_in = 2 * spec.intermediate if spec.gated else spec.intermediate
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.2).to(dtype)
+
+    w_in, w_out = rand(spec.num_experts, f_in, spec.hidden), rand(spec.num_experts, spec.hidden, spec.intermediate)
+    if not spec.has_bias:
+        return w_in, w_out, None, None
+    return w_in, w_out, rand(spec.num_experts, f_in), rand(spec.num_experts, spec.hidden)
+
+
+TILES = ops.TileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
+
+
+@pytest.mark.parametrize("act,gated,has_bias,tokens,num_experts,top_k", [
+    ("silu", True, False, *CASES[0]),
+    ("gelu_tanh", False, True, *CASES[1]),
+    ("gelu", True, True, *CASES[2]),
+    ("relu", False, False, *CASES[0]),
+    ("quick_gelu", True, False, *CASES[3]),
+])
+def test_gate_up_and_down_match_references(act, gated, has_bias, tokens, num_experts, top_k):
+    spec = ExpertsSpec(num_experts, hidden=48, intermediate=40, act=act, gated=gated, has_bias=has_bias)
+    w_in, w_out, b_in, b_out = expert_weights(spec, torch.float32)
+    x = torch.randn(tokens, spec.hidden, generator=torch.Generator().manual_seed(3))
+    indices = choose_experts(tokens, num_experts, top_k)
+    routing = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(4))
+    alignment = ops.align(indices, num_experts, TILES.BLOCK_M)
+
+    h = ops.gate_up(x, w_in, b_in, alignment, spec, top_k, TILES)
+    torch.testing.assert_close(h, triton_reference.gate_up(x, indices, w_in, b_in, spec), rtol=1e-5, atol=1e-5)
+    y = ops.down(h, w_out, b_out, routing, alignment, spec, TILES)
+    torch.testing.assert_close(y, triton_reference.down(h, indices, routing, w_out, b_out), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("tokens,num_experts,top_k", CASES)
+def test_experts_match_reference(dtype, tolerance, tokens, num_experts, top_k):
+    """The whole op (align, gate/up, down, combine) against the reference the torch runner is checked with.
+    bfloat16: the kernels keep float32 between the GEMMs where the reference rounds to bfloat16."""
+    spec = ExpertsSpec(num_experts, hidden=32, intermediate=48, act="silu", gated=True)
+    w_in, w_out, _, _ = expert_weights(spec, dtype)
+    x = torch.randn(tokens, spec.hidden, generator=torch.Generator().manual_seed(5)).to(dtype)
+    indices = choose_experts(tokens, num_experts, top_k)
+    routing = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(6))
+    got = ops.experts(x, indices, routing, w_in, w_out, None, None, spec, TILES)
+    expected = reference.experts(x, indices, routing, w_in, w_out, None, None, spec)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
+
+
+def test_experts_with_no_tokens_is_empty():
+    spec = ExpertsSpec(4, hidden=16, intermediate=16, act="silu", gated=True)
+    w_in, w_out, _, _ = expert_weights(spec, torch.float32)
+    x = torch.empty(0, 16)
+    out = ops.experts(x, torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2), w_in, w_out, None, None, spec)
+    assert out.shape == (0, 16)
+
+
+def test_router_refuses_group_limited_routing():
+    spec = RouteSpec(8, 2, "sigmoid", n_group=4, topk_group=2)
+    with pytest.raises(ValueError, match="n_group"):
+        ops.route(torch.randn(3, 16), torch.randn(8, 16), None, spec)

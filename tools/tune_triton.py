@@ -1,0 +1,121 @@
+"""Tune the tile sizes of moec's Triton grouped GEMMs on this GPU and write them into moec's tile table.
+
+For each layer shape and each token-count bucket, every candidate ``TileConfig`` runs
+``moec.kernels.triton_ops.experts`` on random bfloat16 (or --dtype) data with random routing; the fastest
+(median of CUDA-event timings) becomes the bucket's row in ``moec/backend/triton_tiles.json``. Candidates
+that fail to compile or run out of shared memory are skipped. Plans compiled afterwards inline the new rows.
+
+Without a CUDA GPU (or without triton) it prints why and exits 0, changing nothing.
+
+Run:  python tools/tune_triton.py [--shape E H F K ...] [--quick] [--table PATH]
+      (default shapes: Mixtral 8x4096x14336 top-2 and fine-grained 64x2048x1408 top-6)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DEFAULT_SHAPES = [(8, 4096, 14336, 2), (64, 2048, 1408, 6)]
+# Each bucket's row serves token counts up to its limit; the tuning runs at the limit.
+BUCKETS = [1, 4, 16, 64, 256, 1024, 4096]
+DTYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+def candidates(quick: bool):
+    from moec.kernels.triton_ops import TileConfig
+
+    block_m = [16, 32, 64] if quick else [16, 32, 64, 128]
+    block_n = [64, 128] if quick else [32, 64, 128, 256]
+    block_k = [64, 128] if quick else [32, 64, 128]
+    group_m = [1, 8] if quick else [1, 4, 16]
+    warps = [4, 8]
+    stages = [3, 4] if quick else [2, 3, 4, 5]
+    for m, n, k, g, w, s in itertools.product(block_m, block_n, block_k, group_m, warps, stages):
+        yield TileConfig(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=s)
+
+
+def time_ms(fn, repeats: int = 20) -> float:
+    fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def tune_shape(num_experts: int, hidden: int, ffn: int, top_k: int, dtype: torch.dtype, quick: bool):
+    from moec.frontend.blocks import ExpertsSpec
+    from moec.kernels import triton_ops
+
+    spec = ExpertsSpec(num_experts, hidden, ffn, "silu", gated=True)
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    w_in = torch.randn(num_experts, 2 * ffn, hidden, generator=generator, device="cuda").to(dtype) * 0.02
+    w_out = torch.randn(num_experts, hidden, ffn, generator=generator, device="cuda").to(dtype) * 0.02
+    rows = []
+    for tokens in BUCKETS:
+        x = torch.randn(tokens, hidden, generator=generator, device="cuda").to(dtype)
+        indices = torch.rand(tokens, num_experts, generator=generator, device="cuda").topk(top_k, dim=-1).indices
+        weights = torch.full((tokens, top_k), 1.0 / top_k, device="cuda")
+        best, best_ms = None, float("inf")
+        for tiles in candidates(quick):
+            def run(tiles=tiles, x=x, indices=indices, weights=weights):
+                return triton_ops.experts(x, indices, weights, w_in, w_out, None, None, spec, tiles)
+
+            try:
+                ms = time_ms(run)
+            except Exception as err:  # out of resources, or a tile the compiler rejects: not a candidate here
+                print(f"  skip {tiles}: {type(err).__name__}")
+                continue
+            if ms < best_ms:
+                best, best_ms = tiles, ms
+        print(f"E{num_experts} H{hidden} F{ffn} k{top_k} T<={tokens}: {best_ms:.3f} ms with {best}")
+        rows.append([tokens, best.__dict__])
+    rows[-1][0] = 1 << 30  # the last row serves every larger count
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("E", "H", "F", "K"),
+                        help="experts, hidden, FFN width, top-k (repeatable)")
+    parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_NAMES))
+    parser.add_argument("--quick", action="store_true", help="a smaller candidate grid")
+    parser.add_argument("--table", type=Path, help="the table to update (default: moec's own)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("skipped: no CUDA GPU; the tile table is unchanged")
+        return 0
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("skipped: triton is not installed (pip install -e '.[triton]')")
+        return 0
+    from moec.backend.triton_tiles import TABLE_FILE, shape_key
+
+    table_file = args.table or TABLE_FILE
+    table = json.loads(table_file.read_text()) if table_file.is_file() else {"shapes": {}}
+    dtype = getattr(torch, args.dtype)
+    for num_experts, hidden, ffn, top_k in args.shape or DEFAULT_SHAPES:
+        key = shape_key(num_experts, hidden, ffn, top_k, DTYPE_NAMES[args.dtype])
+        table.setdefault("shapes", {})[key] = tune_shape(num_experts, hidden, ffn, top_k, dtype, args.quick)
+        table_file.write_text(json.dumps(table, indent=1) + "\n")  # after each shape: a long run keeps its work
+        print(f"wrote {key} to {table_file}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
