@@ -152,7 +152,7 @@ def name_dims(path: Path, program: Program) -> None:
     """Rename the exporter's symbolic dims (``s21``) after their role: ``batch``, ``sequence`` ..."""
     model = onnx.load(str(path), load_external_data=False)
     renames: dict[str, str] = {}
-    for value, ir_value in zip(model.graph.input, program.graph.inputs, strict=True):
+    for value in model.graph.input:
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
             if not dim.dim_param or dim.dim_param in renames:
                 continue
