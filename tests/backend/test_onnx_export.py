@@ -1,9 +1,9 @@
 """ONNX export of compiled zoo models: checker, shape inference and onnxruntime parity, both lowerings.
 
 Each export traces the model twice (torch.export, then torch.onnx's decompositions) and takes 20-80 s on
-a 2-core machine, so the default run covers one model per kind of graph (fused MoE with a shared expert,
-DeepSeek routing that falls back to portable, a dense encoder via the CLI); ``-m slow`` runs every family
-with both lowerings.
+a 2-core machine, so the default run exports two models (Qwen2-MoE fused into com.microsoft.MoE, with its shared expert;
+Mixtral with portable experts, through the CLI from a plan folder); ``-m slow`` runs every family with
+both lowerings.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 import moec
 from moec.backend.onnx import export_onnx
-from moec.backend.onnx.module import plan_moe
+from moec.backend.onnx.module import ProgramModule, plan_moe
 from moec.cli import main
 from moec.errors import BackendError
 
@@ -57,11 +57,18 @@ def test_ort_lowering_fuses_qwen2_moe(preset, tmp_path):
     assert ("", "NonZero") not in op_types(onnx_model)  # no portable experts left
 
 
-def test_deepseek_routing_falls_back_to_portable_with_a_warning(preset, tmp_path):
+def test_deepseek_routing_falls_back_to_portable_with_a_warning(preset):
+    model, example = preset("tiny-deepseek-v3")
+    program = moec.compile(model, example).program
+    with pytest.warns(UserWarning, match=r"model\.layers\.1\.mlp uses the portable MoE lowering: .*sigmoid"):
+        module = ProgramModule(program, "ort")
+    assert not module.moe_plan.fused and set(module.moe_plan.fallbacks) == {"model.layers.1.mlp"}
+
+
+@pytest.mark.slow
+def test_deepseek_export_is_standard_onnx_only(preset, tmp_path):
     compiled, onnx_model, report, fallbacks = export_and_check(preset, "tiny-deepseek-v3", "ort", tmp_path)
-    assert report["fused_moe_ops"] == 0
-    assert set(report["portable_fallbacks"]) == {"model.layers.1.mlp"}
-    assert len(fallbacks) == 1 and "sigmoid router scoring" in fallbacks[0]
+    assert report["fused_moe_ops"] == 0 and len(fallbacks) == 1
     types = op_types(onnx_model)
     assert ("", "TopK") in types and ("", "ScatterND") in types
     assert all(domain in ("", "ai.onnx") for domain, _ in types)
@@ -74,14 +81,18 @@ def test_dense_programs_have_nothing_to_fuse(preset):
 
 
 def test_cli_exports_a_plan_written_by_compile(tmp_path, capsys):
-    plan, out = tmp_path / "plan", tmp_path / "bert.onnx"
-    assert main(["compile", "--model", "tiny-bert", "-o", str(plan)]) == 0
-    assert main(["export-onnx", str(plan), "-o", str(out), "--lowering", "ort"]) == 0
+    """The portable lowering of a MoE model, from a plan folder: experts as standard ops only."""
+    plan, out = tmp_path / "plan", tmp_path / "mixtral.onnx"
+    assert main(["compile", "--model", "tiny-mixtral", "-o", str(plan)]) == 0
+    assert main(["export-onnx", str(plan), "-o", str(out), "--lowering", "portable"]) == 0
     printed = capsys.readouterr().out
-    assert "onnxruntime parity" in printed and "ok" in printed
+    assert "onnxruntime parity" in printed and "0 com.microsoft.MoE ops" in printed
     onnx_model = onnx.load(str(out))
-    assert [o.name for o in onnx_model.graph.output] == ["last_hidden_state", "pooler_output"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert.onnx", "plan"]
+    assert [o.name for o in onnx_model.graph.output] == ["logits"]
+    types = op_types(onnx_model)
+    assert {("", "TopK"), ("", "NonZero"), ("", "ScatterND")} <= types
+    assert all(domain in ("", "ai.onnx") for domain, _ in types)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mixtral.onnx", "plan"]
 
 
 class Searchsorted(nn.Module):
