@@ -17,7 +17,7 @@ from torch import nn
 
 import moec
 from moec.backend.onnx import export_onnx
-from moec.backend.onnx.module import ProgramModule, plan_moe
+from moec.backend.onnx.module import plan_moe
 from moec.cli import main
 from moec.errors import BackendError
 
@@ -57,18 +57,19 @@ def test_ort_lowering_fuses_qwen2_moe(preset, tmp_path):
     assert ("", "NonZero") not in op_types(onnx_model)  # no portable experts left
 
 
-def test_deepseek_routing_falls_back_to_portable_with_a_warning(preset):
+def test_deepseek_routing_falls_back_to_portable(preset):
     model, example = preset("tiny-deepseek-v3")
-    program = moec.compile(model, example).program
-    with pytest.warns(UserWarning, match=r"model\.layers\.1\.mlp uses the portable MoE lowering: .*sigmoid"):
-        module = ProgramModule(program, "ort")
-    assert not module.moe_plan.fused and set(module.moe_plan.fallbacks) == {"model.layers.1.mlp"}
+    plan = plan_moe(moec.compile(model, example).program, "ort")
+    assert not plan.fused and list(plan.fallbacks) == ["model.layers.1.mlp"]
+    assert plan.fallbacks["model.layers.1.mlp"].startswith("sigmoid router scoring")
 
 
 @pytest.mark.slow
 def test_deepseek_export_is_standard_onnx_only(preset, tmp_path):
     compiled, onnx_model, report, fallbacks = export_and_check(preset, "tiny-deepseek-v3", "ort", tmp_path)
-    assert report["fused_moe_ops"] == 0 and len(fallbacks) == 1
+    assert report["fused_moe_ops"] == 0
+    assert fallbacks == ["model.layers.1.mlp uses the portable MoE lowering: com.microsoft.MoE cannot express "
+                         "sigmoid router scoring (the op scores with softmax)"]
     types = op_types(onnx_model)
     assert ("", "TopK") in types and ("", "ScatterND") in types
     assert all(domain in ("", "ai.onnx") for domain, _ in types)

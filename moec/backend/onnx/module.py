@@ -8,7 +8,6 @@ program names, so ONNX initializers keep the model's parameter names.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +37,9 @@ class MoEPlan:
 
     fused: dict[int, RouteOp] = field(default_factory=dict)  # id(ExpertsOp) -> its RouteOp
     fallbacks: dict[str, str] = field(default_factory=dict)  # block -> reason
+
+    def is_fused_route(self, op: RouteOp) -> bool:
+        return any(route is op for route in self.fused.values())
 
 
 def plan_moe(program: Program, lowering: str) -> MoEPlan:
@@ -69,10 +71,7 @@ class ProgramModule(nn.Module):
         super().__init__()
         self.program = program
         self.moe_plan = plan_moe(program, lowering)
-        for block, reason in self.moe_plan.fallbacks.items():
-            warnings.warn(f"ONNX export: {block} uses the portable MoE lowering: com.microsoft.MoE "
-                          f"cannot express {reason}", stacklevel=3)
-        self.buffer_names: dict[str, str] = {}
+        self.weight_names: set[str] = set()
         for op in program.graph.ops:
             for ref in op.weight_refs:
                 self.add_weight(ref.name, program.weights[ref.name])
@@ -87,7 +86,7 @@ class ProgramModule(nn.Module):
 
     def add_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Register ``tensor`` as a buffer at the dotted path ``name`` (submodules made as needed)."""
-        if name in self.buffer_names:
+        if name in self.weight_names:
             return
         owner: nn.Module = self
         *path, leaf = name.split(".")
@@ -98,7 +97,7 @@ class ProgramModule(nn.Module):
                 owner.add_module(part, child)
             owner = child
         owner.register_buffer(leaf, tensor.detach(), persistent=True)
-        self.buffer_names[name] = name
+        self.weight_names.add(name)
 
     def weight(self, name: str) -> torch.Tensor:
         return self.get_buffer(name)
@@ -136,7 +135,7 @@ class ProgramModule(nn.Module):
         if isinstance(op, (DenseFFNOp, SharedExpertOp)):
             return reference.ffn(read(op.args[0]), *(role(r) for r in FFN_ROLES), op.spec)
         if isinstance(op, RouteOp):
-            if any(use.op is not None and id(use.op) in self.moe_plan.fused for use in op.results[0].uses):
+            if self.moe_plan.is_fused_route(op):
                 return None
             return route_portable(read(op.args[0]), role("router"), role("router_bias"), op.spec)
         if isinstance(op, ExpertsOp):
