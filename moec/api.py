@@ -63,6 +63,20 @@ class CompiledModel:
         extra_files |= self.runner.plan_files()
         return save_plan(self.program, path, extra_files or None)
 
+    def export_onnx(self, path: str | os.PathLike, *, lowering: str = "portable", opset: int | None = None,
+                    external_data: bool | None = None) -> Path:
+        """Write a checked ``.onnx`` file (``lowering``: ``portable`` or ``ort``); see ``moec.backend.onnx``.
+
+        The checks' results (parity per shape, fused MoE ops, fallbacks) go in ``report["onnx"]``.
+        """
+        from moec.backend.onnx import export_onnx
+        from moec.backend.onnx.export import DEFAULT_OPSET
+
+        result = export_onnx(self.program, path, lowering=lowering, opset=opset or DEFAULT_OPSET,
+                             external_data=external_data)
+        self.report["onnx"] = result.as_report()
+        return result.path
+
     def summary(self) -> list[dict[str, Any]]:
         """One row per FFN/MoE layer: kind, experts, top-k, parameters and bytes of its weights."""
         return layer_summary(self.program)

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -66,6 +67,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect_.add_argument("plan", metavar="PLAN", help="a plan folder written by `moec compile -o`")
     inspect_.add_argument("--no-ir", action="store_true", help="show only the table, not the IR text")
+
+    export_ = commands.add_parser(
+        "export-onnx", help="export a plan to a .onnx file checked in onnxruntime",
+        description="Export a plan folder to ONNX (dynamic batch and sequence axes), then check it with "
+                    "onnx.checker, shape inference and an onnxruntime parity run against the torch runner.",
+    )
+    export_.add_argument("plan", metavar="PLAN", help="a plan folder written by `moec compile -o`")
+    export_.add_argument("-o", "--output", required=True, metavar="FILE", help="the .onnx file to write")
+    export_.add_argument(
+        "--lowering", default="portable", choices=["portable", "ort"],
+        help="MoE ops as standard ONNX ops (portable, default) or onnxruntime's com.microsoft.MoE (ort)",
+    )
+    export_.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 20)")
+    export_.add_argument(
+        "--external-data", action=argparse.BooleanOptionalAction, default=None,
+        help="store weights in FILE.data beside the model (default: when weights exceed 1 GiB)",
+    )
     return parser
 
 
@@ -197,11 +215,30 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export_onnx(args: argparse.Namespace) -> int:
+    import moec
+
+    compiled = moec.load(args.plan)
+    with step(f"exporting {args.plan} to {args.output} ({args.lowering} lowering) and checking it"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fallbacks are printed below, from the report
+        compiled.export_onnx(args.output, lowering=args.lowering, opset=args.opset, external_data=args.external_data)
+    report = compiled.report["onnx"]
+    for block, reason in report["portable_fallbacks"].items():
+        console.print(f"[yellow]{block}[/]: portable MoE lowering (com.microsoft.MoE cannot express {reason})")
+    console.print(f"wrote {report['path']}: opset {report['opset']}, {report['fused_moe_ops']} com.microsoft.MoE "
+                  f"ops, external data {'yes' if report['external_data'] else 'no'}")
+    diffs = ", ".join(f"{shape}: {diff:.3g}" for shape, diff in report["parity_max_abs_diff"].items())
+    console.print(f"onnx.checker [green]ok[/], shape inference [green]ok[/], onnxruntime parity vs the torch "
+                  f"runner (batch x sequence: max abs diff) {diffs} [green]ok[/] (tolerance {report['tolerance']:g})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from moec.errors import MoecError
 
     args = build_parser().parse_args(argv)
-    handlers = {"compile": run_compile, "inspect": run_inspect}
+    handlers = {"compile": run_compile, "inspect": run_inspect, "export-onnx": run_export_onnx}
     try:
         return handlers[args.command](args)
     except MoecError as err:

@@ -1,0 +1,283 @@
+"""Export a moec program to a checked ``.onnx`` file.
+
+``export_onnx`` builds a ``ProgramModule`` (the IR evaluated with export-friendly rules), exports it
+with ``torch.onnx.export(dynamo=True)`` and checks the result before it lands at the target path:
+
+1. ``onnx.checker`` and ``onnx.shape_inference`` (strict) on the staged file;
+2. an onnxruntime parity run against the torch runner on fresh inputs of shapes capture never saw
+   (max abs difference of every output <= ``tolerance``).
+
+The file is written in a temporary folder beside the target and moved into place only when every
+check passed, so a failed export leaves nothing behind. Inputs and outputs keep the model's names;
+symbolic dims are named ``batch`` and ``sequence`` (axis 0 and 1) where they are dynamic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+import torch.utils._pytree as pytree
+from torch.export import Dim
+
+from moec.backend.onnx.module import ProgramModule
+from moec.backend.onnx.moe import LOWERINGS, TRANSLATIONS
+from moec.backend.torch_runner import TorchRunner
+from moec.errors import BackendError
+from moec.ir.core import Operation, WeightRef
+from moec.ir.ops import AtenOp, SpecOp
+from moec.ir.printer import print_graph_lines
+from moec.ir.program import Program, load_treespec
+
+DEFAULT_OPSET = 20
+EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a ``<file>.data`` beside the model
+TRACE_SHAPE = (2, 4)  # (batch, sequence) of the inputs traced
+CHECK_SHAPES = ((3, 5), (1, 11))  # (batch, sequence) of the parity inputs: shapes tracing never saw
+AXIS_NAMES = ("batch", "sequence")
+
+
+@dataclass
+class OnnxExport:
+    """What an export wrote and how its checks went (``max_abs_diff`` per (batch, sequence))."""
+
+    path: Path
+    lowering: str
+    opset: int
+    external_data: bool
+    fused_moe: int = 0
+    fallbacks: dict[str, str] = field(default_factory=dict)
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    tolerance: float = 1e-4
+
+    def as_report(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "lowering": self.lowering, "opset": self.opset,
+            "external_data": self.external_data, "fused_moe_ops": self.fused_moe,
+            "portable_fallbacks": self.fallbacks, "parity_max_abs_diff": self.max_abs_diff,
+            "tolerance": self.tolerance, "checks": ["onnx.checker", "shape_inference", "onnxruntime parity"],
+        }
+
+
+def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "portable",
+                opset: int = DEFAULT_OPSET, external_data: bool | None = None, optimize: bool = True,
+                tolerance: float = 1e-4) -> OnnxExport:
+    """Export ``program`` to ``path`` and check it (see the module docstring); raise ``BackendError``.
+
+    ``lowering`` is ``portable`` (standard ONNX ops) or ``ort`` (com.microsoft.MoE where it applies);
+    ``external_data`` None picks external data for weights above 1 GiB.
+    """
+    if lowering not in LOWERINGS:
+        raise BackendError(f"unknown ONNX lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+    check_lowerable(program)
+    target = Path(path).resolve()
+    if target.is_dir():
+        raise BackendError(f"{target} is a folder; give the path of the .onnx file to write")
+    if external_data is None:
+        external_data = sum(t.numel() * t.element_size() for t in program.weights.values()) > EXTERNAL_DATA_BYTES
+    module = ProgramModule(program, lowering)
+    fallbacks = dict(module.moe_plan.fallbacks)
+    for block, reason in fallbacks.items():
+        warnings.warn(f"{block} uses the portable MoE lowering: com.microsoft.MoE cannot express {reason}",
+                      stacklevel=2)
+    result = OnnxExport(target, lowering, opset, external_data, len(module.moe_plan.fused), fallbacks,
+                        tolerance=tolerance)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        staged = staging / target.name
+        onnx_program = trace_to_onnx(module, program, opset, optimize)
+        onnx_program.save(str(staged), external_data=external_data)
+        name_dims(staged, program)
+        check_model(staged)
+        result.max_abs_diff = check_parity(staged, program, tolerance)
+        for file in sorted(staging.iterdir(), key=lambda f: f.name == target.name):  # the model file last
+            os.replace(file, target.parent / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# tracing
+# ----------------------------------------------------------------------------------------------
+
+
+def trace_to_onnx(module: ProgramModule, program: Program, opset: int, optimize: bool):
+    graph = program.graph
+    example = example_inputs(program, *TRACE_SHAPE)
+    dynamic = tuple({axis: Dim.DYNAMIC for axis, dim in enumerate(v.tensor_type.shape) if isinstance(dim, str)}
+                    for v in graph.inputs)
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.onnx.export(
+                module, tuple(example), dynamo=True, dynamic_shapes=(dynamic,), opset_version=opset,
+                input_names=list(graph.input_names), output_names=output_names(program),
+                custom_translation_table=TRANSLATIONS, optimize=optimize, verbose=False,
+            )
+    except Exception as err:  # torch.onnx raises many types; all mean "cannot export"
+        summary = next((line for line in str(err).splitlines() if line.startswith("<class")), str(err)[:300])
+        raise BackendError(f"torch.onnx could not export the program: {summary}\n"
+                           "Run the model with the torch backend, or report the op named above.") from err
+
+
+def output_names(program: Program) -> list[str]:
+    """Output names from the model's output structure (``logits``, ``last_hidden_state`` ...)."""
+    spec = load_treespec(program.out_spec)
+    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
+    names = []
+    for path, _ in pytree.tree_flatten_with_path(tree)[0]:
+        parts = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
+        names.append("_".join(parts) or "output")
+    if len(set(names)) != len(names):
+        return [f"output_{i}" for i in range(len(names))]
+    return names
+
+
+def name_dims(path: Path, program: Program) -> None:
+    """Rename the exporter's symbolic dims (``s21``) after their role: ``batch``, ``sequence`` ..."""
+    model = onnx.load(str(path), load_external_data=False)
+    renames: dict[str, str] = {}
+    for value in model.graph.input:
+        for axis, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.dim_param or dim.dim_param in renames:
+                continue
+            name = AXIS_NAMES[axis] if axis < len(AXIS_NAMES) else f"dim{axis}"
+            if name in renames.values():
+                name = f"{value.name}_{name}"
+            renames[dim.dim_param] = name
+    for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param in renames:
+                dim.dim_param = renames[dim.dim_param]
+    onnx.save(model, str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# checks
+# ----------------------------------------------------------------------------------------------
+
+
+def check_lowerable(program: Program) -> None:
+    """Refuse, before any tracing, a generic op that torch.onnx can neither translate nor decompose."""
+    supported = onnx_supported_targets()
+    if supported is None:
+        return
+    lines, op_lines = print_graph_lines(program.graph)
+    for op in program.graph.ops:
+        if isinstance(op, AtenOp) and op.target.startswith("aten.") and op.target not in supported:
+            raise BackendError(
+                f"the ONNX exporter cannot lower {op.target} (no ONNX translation or decomposition in "
+                f"torch.onnx {torch.__version__}): line {op_lines[id(op)] + 1} of the IR, "
+                f"`{lines[op_lines[id(op)]].strip()}`, {model_location(program, op)}. Rewrite that "
+                "part of the model with supported ops, or run it with the torch backend"
+            )
+
+
+def onnx_supported_targets() -> set[str] | None:
+    """ATen targets torch.onnx translates or decomposes; None if this torch does not say.
+
+    torch.onnx exposes no public query, so this reads its registry the way ``torch.onnx.export``
+    builds it (the torchlib translations plus the decompositions it applies before translating).
+    """
+    try:
+        from torch.onnx._internal.exporter import _decomp, _registration
+    except ImportError:
+        return None
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        registry = _registration.ONNXRegistry.from_torchlib()
+    implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+    decomposed = _decomp.create_onnx_friendly_decomposition_table(implemented)
+    return {str(overload) for overload in (*implemented, *decomposed) if hasattr(overload, "_schema")}
+
+
+def model_location(program: Program, op: Operation) -> str:
+    """Where ``op`` sits in the model: between which recognized blocks (the IR keeps no finer location)."""
+    ops = program.graph.ops
+    index = ops.index(op)
+    before = next((o.block for o in reversed(ops[:index]) if isinstance(o, SpecOp) and o.block), None)
+    after = next((o.block for o in ops[index + 1:] if isinstance(o, SpecOp) and o.block), None)
+    if before and after:
+        return f"in the model between blocks {before!r} and {after!r}"
+    if before or after:
+        return f"in the model {'after' if before else 'before'} block {before or after!r}"
+    return "in the model (no recognized block around it)"
+
+
+def check_model(path: Path) -> None:
+    """onnx.checker and strict shape inference on the file; a failure is a ``BackendError``."""
+    try:
+        onnx.checker.check_model(str(path))
+        onnx.shape_inference.infer_shapes_path(str(path), str(path.with_suffix(".inferred")), strict_mode=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise BackendError(f"the exported ONNX model is invalid: {err}") from err
+    finally:
+        path.with_suffix(".inferred").unlink(missing_ok=True)
+
+
+def example_inputs(program: Program, batch: int, sequence: int) -> list[torch.Tensor]:
+    """Fresh inputs for the graph: symbolic dims get ``batch`` (axis 0) and ``sequence`` (axis 1, on).
+
+    Integer inputs read by an embedding get ids below its row count; other integer or bool inputs
+    (masks) are all ones; float inputs are standard normal. Seeded by the shape.
+    """
+    generator = torch.Generator().manual_seed(batch * 1000 + sequence)
+    vocab = embedding_rows(program)
+    inputs = []
+    for value in program.graph.inputs:
+        t = value.tensor_type
+        shape = [dim if isinstance(dim, int) else (batch if axis == 0 else sequence) for axis, dim in enumerate(t.shape)]
+        if t.torch_dtype.is_floating_point:
+            inputs.append(torch.randn(shape, generator=generator).to(t.torch_dtype))
+        elif id(value) in vocab:
+            inputs.append(torch.randint(0, vocab[id(value)], shape, generator=generator, dtype=t.torch_dtype))
+        else:
+            inputs.append(torch.ones(shape, dtype=t.torch_dtype))
+    return inputs
+
+
+def embedding_rows(program: Program) -> dict[int, int]:
+    """For each graph input used as embedding indices, the smallest table's row count."""
+    rows: dict[int, int] = {}
+    inputs = {id(v) for v in program.graph.inputs}
+    for op in program.graph.ops:
+        if isinstance(op, AtenOp) and op.target == "aten.embedding.default":
+            table, indices = op.args[0], op.args[1]
+            if id(indices) in inputs and isinstance(table, WeightRef):
+                size = program.weights[table.name].shape[0]
+                rows[id(indices)] = min(size, rows.get(id(indices), size))
+    return rows
+
+
+def check_parity(path: Path, program: Program, tolerance: float) -> dict[str, float]:
+    """onnxruntime (CPU) vs the torch runner on inputs of each ``CHECK_SHAPES`` size."""
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    runner = TorchRunner(program)
+    names = [i.name for i in session.get_inputs()]
+    diffs = {}
+    for batch, sequence in CHECK_SHAPES:
+        inputs = example_inputs(program, batch, sequence)
+        expected = runner.run(inputs)
+        got = session.run(None, {name: x.numpy() for name, x in zip(names, inputs, strict=True)})
+        diff = max(float(np.abs(e.float().numpy() - g.astype(np.float32)).max()) if e.numel() else 0.0
+                   for e, g in zip(expected, got, strict=True))
+        diffs[f"{batch}x{sequence}"] = diff
+        if not diff <= tolerance:
+            raise BackendError(
+                f"the exported model differs from the torch runner by {diff:.3g} (> {tolerance:g}) on "
+                f"inputs of batch {batch}, sequence {sequence}; nothing was written"
+            )
+    return diffs

@@ -1,0 +1,196 @@
+"""How moec's MoE ops become ONNX: two lowerings, chosen per export.
+
+* ``portable``: standard ONNX ops only. ``moe.route`` is moec's reference router (MatMul, Softmax or
+  Sigmoid, TopK, GatherElements ...); ``moe.experts`` runs each expert on the rows routed to it
+  (``experts_portable``: Equal, NonZero, Gather, MatMul, ScatterND with add), so a token costs k expert
+  evaluations, as in the torch runner.
+* ``ort``: onnxruntime's fused ``com.microsoft.MoE`` op for a ``moe.route`` + ``moe.experts`` pair. The
+  op takes router logits and does softmax, top-k and (optionally) renormalization itself, so only
+  routings it can express are fused (``ort_moe_support`` says why not); the others fall back to the
+  portable lowering with a warning.
+
+com.microsoft.MoE, as checked against onnxruntime 1.32's CPU kernel and its schema:
+  input [T, H]; router_probs [T, E] (raw logits: the op applies softmax itself);
+  fc1_experts_weights [E, F_in, H] and fc2_experts_weights [E, H, F] (moec's own ``w_in``/``w_out``
+  layouts); fc1/fc2 biases [E, F_in] / [E, H]. Gated experts use ``activation_type="swiglu"`` with
+  ``activation_alpha=1, activation_beta=0`` (silu(g) * u) and the CPU kernel accepts only the
+  interleaved gate/up layout (``swiglu_fusion=1``: rows g0, u0, g1, u1 ...; it rejects 2 with "CPU MoE
+  only supports interleaved SwiGLU format"). Its ``gelu`` is an approximation (3e-4 from erf-gelu on
+  unit-scale inputs), so only silu and relu experts are fused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+import onnxscript
+import torch
+import torch.nn.functional as F
+
+from moec.frontend.blocks import ExpertsSpec, RouteSpec
+from moec.kernels import reference
+
+LOWERINGS = ("portable", "ort")
+
+MICROSOFT = onnxscript.values.Opset("com.microsoft", 1)
+
+
+def _moe_schema() -> onnx.defs.OpSchema:
+    """com.microsoft.MoE's signature (the inputs moec uses), which the onnx package does not ship."""
+    param = onnx.defs.OpSchema.FormalParameter
+    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
+    inputs = [param("input", "T"), param("router_probs", "T"), param("fc1_experts_weights", "T"),
+              param("fc1_experts_bias", "T", param_option=optional), param("fc2_experts_weights", "T"),
+              param("fc2_experts_bias", "T", param_option=optional)]
+    attr = onnx.defs.OpSchema.Attribute
+    kinds = onnx.defs.OpSchema.AttrType
+    attributes = [attr("k", kinds.INT, ""), attr("normalize_routing_weights", kinds.INT, ""),
+                  attr("activation_type", kinds.STRING, ""), attr("activation_alpha", kinds.FLOAT, ""),
+                  attr("activation_beta", kinds.FLOAT, ""), attr("swiglu_fusion", kinds.INT, "")]
+    return onnx.defs.OpSchema(
+        "MoE", MICROSOFT.domain, MICROSOFT.version, inputs=inputs, outputs=[param("output", "T")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")], attributes=attributes,
+    )
+
+
+MOE = onnxscript.values.Op(MICROSOFT, "MoE", _moe_schema())
+ORT_ACTIVATIONS = {"silu": "silu", "relu": "relu"}  # moec act -> MoE activation_type (ungated)
+
+
+# ----------------------------------------------------------------------------------------------
+# portable: standard ONNX ops, traced from torch code
+# ----------------------------------------------------------------------------------------------
+
+
+def route_portable(x: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor | None,
+                   spec: RouteSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference router: every op it uses has a standard ONNX form."""
+    return reference.route(x, router, router_bias, spec)
+
+
+def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                     w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
+                     b_out: torch.Tensor | None, spec: ExpertsSpec) -> torch.Tensor:
+    """Routed experts with only exportable ops: x [..., H], indices/weights [..., k] -> [..., H].
+
+    The loop over experts is unrolled at export; each expert picks its (token, slot) pairs with
+    NonZero, so it runs on its own rows only, and adds its weighted output with a scatter-add.
+    """
+    tokens = x.reshape(-1, x.shape[-1])  # [T, H]
+    top_k = indices.shape[-1]
+    flat_indices = indices.reshape(-1, top_k)  # [T, k]
+    flat_weights = weights.reshape(-1, top_k)  # [T, k] float32
+    act = reference.activation(spec.act)
+    out = torch.zeros_like(tokens)
+    for expert in range(spec.num_experts):
+        token_ids, slots = torch.nonzero(flat_indices == expert, as_tuple=True)  # [n], [n]
+        hidden = F.linear(tokens[token_ids], w_in[expert], None if b_in is None else b_in[expert])
+        if spec.gated:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = act(gate) * up
+        else:
+            hidden = act(hidden)
+        y = F.linear(hidden, w_out[expert], None if b_out is None else b_out[expert])  # [n, H]
+        y = y * flat_weights[token_ids, slots].unsqueeze(-1)
+        out = out.index_put((token_ids,), y.to(out.dtype), accumulate=True)
+    return out.reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# ort: com.microsoft.MoE
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrtMoESupport:
+    """Whether a route + experts pair maps onto com.microsoft.MoE, and if not, why."""
+
+    ok: bool
+    reason: str = ""
+    normalize: bool = False
+
+
+def ort_moe_support(route: RouteSpec, experts: ExpertsSpec) -> OrtMoESupport:
+    """The one condition that keeps com.microsoft.MoE from computing this routing exactly, if any.
+
+    The op scores with softmax over all experts and picks the top k; ``normalize_routing_weights``
+    renormalizes the chosen k. Softmax then renormalize equals softmax over the chosen logits, so
+    ``topk_then_score`` softmax routing maps to ``normalize=1`` too.
+    """
+    if route.scoring != "softmax":
+        return OrtMoESupport(False, f"{route.scoring} router scoring (the op scores with softmax)")
+    if route.has_bias:
+        return OrtMoESupport(False, "a router score-correction bias (the op has no selection bias)")
+    if route.n_group > 1:
+        return OrtMoESupport(False, "grouped top-k routing (the op picks from all experts)")
+    if route.scaling != 1.0:
+        return OrtMoESupport(False, f"routing weights scaled by {route.scaling} (the op cannot scale them)")
+    if route.renormalize and route.renorm_eps > 1e-6:
+        return OrtMoESupport(False, f"renormalization with eps {route.renorm_eps} (the op adds none)")
+    if experts.gated and experts.act != "silu":
+        return OrtMoESupport(False, f"gated {experts.act} experts (the CPU op gates with silu only)")
+    if not experts.gated and experts.act not in ORT_ACTIVATIONS:
+        return OrtMoESupport(False, f"{experts.act} experts (the op's activations do not match it exactly)")
+    normalize = route.renormalize or route.order == "topk_then_score"
+    return OrtMoESupport(True, normalize=normalize)
+
+
+def interleave_gate_up(tensor: torch.Tensor) -> torch.Tensor:
+    """[E, 2F, ...] with gate rows then up rows -> rows g0, u0, g1, u1 ... (swiglu_fusion=1)."""
+    gate, up = tensor.chunk(2, dim=1)
+    return torch.stack([gate, up], dim=2).reshape(tensor.shape)
+
+
+def deinterleave_gate_up(tensor: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``interleave_gate_up``."""
+    num_experts, rows = tensor.shape[:2]
+    paired = tensor.reshape(num_experts, rows // 2, 2, *tensor.shape[2:])
+    return torch.cat([paired[:, :, 0], paired[:, :, 1]], dim=1)
+
+
+@torch.library.custom_op("moec_onnx::ort_moe", mutates_args=())
+def ort_moe(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
+            fc2: torch.Tensor, fc2_bias: torch.Tensor | None, top_k: int, normalize: bool,
+            activation: str) -> torch.Tensor:
+    """com.microsoft.MoE's semantics in torch (x [T, H], router_logits [T, E], fc* in the op's layouts).
+
+    Only its shape matters for export; the eager body documents the op and lets tests check the layouts.
+    """
+    gated = activation == "swiglu"
+    w_in = deinterleave_gate_up(fc1) if gated else fc1
+    b_in = None if fc1_bias is None else (deinterleave_gate_up(fc1_bias) if gated else fc1_bias)
+    scores, indices = router_logits.float().softmax(dim=-1).topk(top_k, dim=-1)
+    if normalize:
+        scores = scores / scores.sum(dim=-1, keepdim=True)
+    spec = ExpertsSpec(num_experts=fc1.shape[0], hidden=fc1.shape[2], intermediate=fc2.shape[2],
+                       act="silu" if gated else activation, gated=gated)
+    return reference.experts(x, indices, scores, w_in, fc2, b_in, fc2_bias, spec)
+
+
+@ort_moe.register_fake
+def _(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, top_k, normalize, activation):
+    return torch.empty_like(x)
+
+
+def ort_moe_onnx(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, top_k: int, normalize: bool, activation: str):
+    """The ONNX translation of ``moec_onnx::ort_moe``: one com.microsoft.MoE node."""
+    swiglu = {"activation_alpha": 1.0, "activation_beta": 0.0, "swiglu_fusion": 1} if activation == "swiglu" else {}
+    return MOE(
+        x, router_logits, fc1, fc1_bias, fc2, fc2_bias,
+        k=top_k, normalize_routing_weights=int(normalize), activation_type=activation, **swiglu,
+    )
+
+
+def ort_experts(x: torch.Tensor, router: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
+                fc2: torch.Tensor, fc2_bias: torch.Tensor | None, route: RouteSpec, experts: ExpertsSpec,
+                normalize: bool) -> torch.Tensor:
+    """A fused route + experts pair: router logits (MatMul) and one com.microsoft.MoE, x [..., H]."""
+    tokens = x.reshape(-1, x.shape[-1])
+    logits = F.linear(tokens.float(), router.float())  # [T, E]
+    activation = "swiglu" if experts.gated else ORT_ACTIVATIONS[experts.act]
+    y = ort_moe(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, route.top_k, normalize, activation)
+    return y.reshape(x.shape)
+
+
+TRANSLATIONS = {torch.ops.moec_onnx.ort_moe.default: ort_moe_onnx}

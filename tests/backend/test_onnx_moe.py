@@ -1,0 +1,85 @@
+"""The MoE lowerings on their own: portable experts and com.microsoft.MoE's semantics against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moec.backend.onnx.moe import (
+    deinterleave_gate_up,
+    experts_portable,
+    interleave_gate_up,
+    ort_moe,
+    ort_moe_support,
+)
+from moec.frontend.blocks import ExpertsSpec, RouteSpec
+from moec.kernels import reference
+
+TOLERANCE = 1e-5
+
+
+def random_experts(gated: bool, act: str, bias: bool, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    spec = ExpertsSpec(num_experts=4, hidden=16, intermediate=12, act=act, gated=gated, has_bias=bias)
+    f_in = 2 * spec.intermediate if gated else spec.intermediate
+    weights = {
+        "w_in": torch.randn(4, f_in, 16, generator=generator) * 0.3,
+        "w_out": torch.randn(4, 16, 12, generator=generator) * 0.3,
+        "b_in": torch.randn(4, f_in, generator=generator) if bias else None,
+        "b_out": torch.randn(4, 16, generator=generator) if bias else None,
+    }
+    x = torch.randn(2, 5, 16, generator=generator)
+    return spec, weights, x
+
+
+@pytest.mark.parametrize("gated, act, bias", [(True, "silu", False), (False, "gelu", True), (True, "gelu_tanh", True)])
+def test_portable_experts_match_reference(gated, act, bias):
+    spec, w, x = random_experts(gated, act, bias)
+    router = torch.randn(4, 16, generator=torch.Generator().manual_seed(1))
+    indices, weights = reference.route(x, router, None, RouteSpec(num_experts=4, top_k=2))
+    want = reference.experts(x, indices, weights, w["w_in"], w["w_out"], w["b_in"], w["b_out"], spec)
+    got = experts_portable(x, indices, weights, w["w_in"], w["w_out"], w["b_in"], w["b_out"], spec)
+    assert got.shape == x.shape
+    assert (got - want).abs().max() <= TOLERANCE
+
+
+def test_interleave_round_trip_and_layout():
+    tensor = torch.arange(2 * 6 * 3).reshape(2, 6, 3)
+    interleaved = interleave_gate_up(tensor)
+    assert torch.equal(interleaved[:, 0], tensor[:, 0]) and torch.equal(interleaved[:, 1], tensor[:, 3])
+    assert torch.equal(deinterleave_gate_up(interleaved), tensor)
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_ort_moe_semantics_equal_route_plus_experts(renormalize):
+    """The fused op (router logits in, interleaved swiglu weights) computes moe.route + moe.experts."""
+    spec, w, x = random_experts(True, "silu", True)
+    tokens = x.reshape(-1, 16)
+    router = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
+    route_spec = RouteSpec(num_experts=4, top_k=2, renormalize=renormalize)
+    indices, weights = reference.route(tokens, router, None, route_spec)
+    want = reference.experts(tokens, indices, weights, w["w_in"], w["w_out"], w["b_in"], w["b_out"], spec)
+    support = ort_moe_support(route_spec, spec)
+    assert support.ok and support.normalize == renormalize
+    got = ort_moe(tokens, tokens @ router.T, interleave_gate_up(w["w_in"]), interleave_gate_up(w["b_in"]),
+                  w["w_out"], w["b_out"], 2, support.normalize, "swiglu")
+    assert (got - want).abs().max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("route, experts, why", [
+    (RouteSpec(8, 2, scoring="sigmoid"), ExpertsSpec(8, 16, 8, "silu", True), "sigmoid"),
+    (RouteSpec(8, 2, n_group=2, topk_group=1), ExpertsSpec(8, 16, 8, "silu", True), "grouped"),
+    (RouteSpec(8, 2, has_bias=True), ExpertsSpec(8, 16, 8, "silu", True), "bias"),
+    (RouteSpec(8, 2, scaling=2.5), ExpertsSpec(8, 16, 8, "silu", True), "scaled"),
+    (RouteSpec(8, 2), ExpertsSpec(8, 16, 8, "gelu", True), "gated gelu"),
+    (RouteSpec(8, 2), ExpertsSpec(8, 16, 8, "gelu", False), "gelu"),
+])
+def test_ort_moe_refuses_what_it_cannot_express(route, experts, why):
+    support = ort_moe_support(route, experts)
+    assert not support.ok and why in support.reason
+
+
+def test_topk_then_softmax_routing_is_normalized():
+    support = ort_moe_support(RouteSpec(8, 2, order="topk_then_score", renormalize=False),
+                              ExpertsSpec(8, 16, 8, "relu", False))
+    assert support.ok and support.normalize
