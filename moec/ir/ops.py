@@ -162,6 +162,7 @@ class ExpertsOp(SpecOp):
     num_operands = 3
     required_weights = ("w_in", "w_out")
     optional_weights = ("b_in", "b_out")
+    quantizable_roles = ("w_in", "w_out")
     derived_fields = ("has_bias",)
 
     def derived_spec_values(self) -> dict[str, Any]:
@@ -189,6 +190,7 @@ class FFNLikeOp(SpecOp):
     num_operands = 1
     required_weights = ("w_up", "w_down")
     derived_fields = ("has_bias", "gated")
+    quantizable_roles = ("w_gate", "w_up", "w_down")
 
     def derived_spec_values(self) -> dict[str, Any]:
         return {
