@@ -49,10 +49,14 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return packed
     rows, num_bytes = packed.shape
-    chunks = packed.to(torch.int64).reshape(rows, num_bytes // bits, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
-    words = (chunks << byte_shifts).sum(dim=-1, keepdim=True)  # [R, C/8, 1]
-    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int64) * bits
+    if 8 % bits == 0:  # 2 and 4 bits: no code straddles a byte, so shift bytes directly (fast uint8 ops)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, bytes, 8 // bits]
+        return codes.reshape(rows, num_bytes * 8 // bits)
+    chunks = packed.to(torch.int32).reshape(rows, num_bytes // bits, bits)
+    byte_shifts = torch.arange(bits, dtype=torch.int32) * 8
+    words = (chunks << byte_shifts).sum(dim=-1, keepdim=True, dtype=torch.int32)  # [R, C/8, 1], 24 bits used
+    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int32) * bits
     codes = (words >> shifts) & ((1 << bits) - 1)  # [R, C/8, 8]
     return codes.to(torch.uint8).reshape(rows, num_bytes * 8 // bits)
 
