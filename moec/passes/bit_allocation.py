@@ -11,9 +11,12 @@ width), the objective, and the objective and average width of every uniform alte
 
 Analysis and application: the error table and importance are measured here (``unit_errors``), the
 allocation is solved as a plain table problem, and ``moec.passes.quantize.quantize_units`` applies it.
-Importance: an expert's routing mass (mean routing weight per calibration token); dense FFNs and shared
-experts, which every token uses with weight 1, get 1. Error: the mean squared output error of the unit's
-FFN on its calibration rows when the unit alone is rounded to that width.
+Two ways to measure (``importance=``): ``"output"`` (default) measures each unit's error where it matters,
+at the model's output: one calibration run per unit and width with only that unit rounded (RTN), error =
+mean cosine distance of the output rows to the float model's (this includes how often and how strongly
+the unit is routed to, so importance is 1). ``"routing"`` needs no extra runs (for many experts): error =
+the unit's own FFN output error (mean squared) on its calibration rows, importance = the expert's routing
+mass (mean routing weight per token; 1 for dense FFNs and shared experts).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 
 from moec.analysis import bit_allocation
 from moec.analysis.ffn_activations import FFNActivations
+from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
 from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program
@@ -39,6 +43,8 @@ from moec.passes.quantize import (
     quantizable_units,
     quantize_units,
 )
+
+IMPORTANCES = ("output", "routing")
 
 
 def unit_output(program: Program, unit: Unit, rows: torch.Tensor, replaced: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -86,10 +92,35 @@ def unit_errors(program: Program, unit: Unit, widths: tuple[int, ...], group: in
     return errors
 
 
-def unit_importance(unit: Unit, activations: FFNActivations) -> float:
+def routing_importance(unit: Unit, activations: FFNActivations) -> float:
+    """An expert's routing mass (mean routing weight per token); 1 for dense FFNs and shared experts."""
     if unit.expert is None:
         return 1.0
     return float(activations.ops[unit.op_index].mass[unit.expert])
+
+
+def output_errors(program: Program, unit: Unit, widths: tuple[int, ...], group: int,
+                  batches: list[list[torch.Tensor]]) -> list[float]:
+    """The model-level error of rounding only ``unit`` to each width: the mean cosine distance between the
+    rows (last-dim vectors) of the first graph output and those of the float program, on ``batches``."""
+    op = program.graph.ops[unit.op_index]
+    runner = TorchRunner(program)
+    originals = {op.kwargs[role].name: program.weights[op.kwargs[role].name] for role in unit.roles}
+    reference = [runner.run(batch)[0] for batch in batches]
+    errors = []
+    try:
+        for width in widths:
+            for name, original in originals.items():
+                replaced = original.clone()
+                matrix = replaced if unit.expert is None else replaced[unit.expert]
+                matrix.copy_(quantize_matrix(matrix, width, group).dequantize())
+                program.weights[name] = replaced
+            distance = [1 - F.cosine_similarity(runner.run(batch)[0].float(), ref.float(), dim=-1).mean()
+                        for batch, ref in zip(batches, reference, strict=True)]
+            errors.append(float(sum(distance)) / len(batches))
+    finally:
+        program.weights.update(originals)
+    return errors
 
 
 def unit_label(unit: Unit) -> str:
@@ -110,8 +141,11 @@ class BitAllocation(Pass):
     dense: bool = True
     per_linear: bool = False
     floors: dict[str, int] = field(default_factory=dict)  # by unit kind ("expert", "shared", "dense") or block
+    importance: str = "output"  # or "routing"
 
     def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCES:
+            raise PassError(f"importance={self.importance!r} is not one of {', '.join(IMPORTANCES)}")
         object.__setattr__(self, "widths", tuple(sorted(self.widths)))
         object.__setattr__(self, "floors", dict(self.floors))
         for width in self.widths:
@@ -133,8 +167,13 @@ class BitAllocation(Pass):
                             f"for widths {list(self.widths)} and floors {self.floors or 'none'} is {minimum:.4f} bits; "
                             "raise the budget or lower the floors")
         activations = activations_for(program, context, True)
-        importance = [unit_importance(u, activations) for u in units]
-        errors = [unit_errors(program, u, self.widths, self.group, activations) for u in units]
+        if self.importance == "output":
+            batches = list(context.calibration)
+            errors = [output_errors(program, u, self.widths, self.group, batches) for u in units]
+            importance = [1.0] * len(units)
+        else:
+            errors = [unit_errors(program, u, self.widths, self.group, activations) for u in units]
+            importance = [routing_importance(u, activations) for u in units]
         allocation = bit_allocation.solve(params, importance, errors, self.widths, self.budget, floors)
         uniform = {}
         for width in self.widths:

@@ -48,11 +48,10 @@ def skip_statistics(program: Program, batches: list[list[torch.Tensor]]) -> dict
     totals = {"evaluations": 0, "skipped": 0}
 
     def observe(op, args, result) -> None:
-        if isinstance(op, ExpertsOp) and op.skip_threshold:
+        if isinstance(op, ExpertsOp):
             totals["evaluations"] += args[2].numel()
-            totals["skipped"] += int(skipped_pairs(args[2], op.skip_threshold).sum())
-        elif isinstance(op, ExpertsOp):
-            totals["evaluations"] += args[2].numel()
+            if op.skip_threshold:
+                totals["skipped"] += int(skipped_pairs(args[2], op.skip_threshold).sum())
 
     runner = TorchRunner(program)
     for batch in batches:
