@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.plan import load_plan, save_plan
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType, storage_names
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
 from moec.passes.dead_code import DeadCode
 
@@ -128,8 +130,18 @@ def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
 
 
 def weight_bytes(program: Program, names: list[str]) -> tuple[int, int]:
-    tensors = [program.weights[n] for n in names if n in program.weights]
-    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+    """Logical parameters and stored bytes of the named weights (a quantized weight counts its packed storage)."""
+    params = size = 0
+    for name in names:
+        weight_type = program.graph.weights.get(name)
+        if isinstance(weight_type, QuantizedType):
+            params += math.prod(weight_type.shape)
+            stored = [program.weights[n] for n in storage_names(name).values()]
+        else:
+            stored = [program.weights[name]] if name in program.weights else []
+            params += sum(t.numel() for t in stored)
+        size += sum(t.numel() * t.element_size() for t in stored)
+    return params, size
 
 
 def layer_summary(program: Program) -> list[dict[str, Any]]:

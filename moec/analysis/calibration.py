@@ -213,9 +213,14 @@ def fingerprint(program: Program) -> str:
 
 
 def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch.Tensor]]:
-    """Each sample (a kwargs dict or an args tuple) as the program's flat input tensors."""
+    """Each sample (a kwargs dict, an args tuple, or already the program's flat input tensors, in graph
+    input order) as the program's flat input tensors."""
     flat = []
+    arity = len(program.graph.inputs)
     for sample in samples:
+        if isinstance(sample, (list, tuple)) and len(sample) == arity and all(isinstance(t, torch.Tensor) for t in sample):
+            flat.append(list(sample))  # flat inputs; for a model taking tensors positionally, the same thing
+            continue
         args, kwargs = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {})
         try:
             flat.append(program.flatten_inputs(args, kwargs))

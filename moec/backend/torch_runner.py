@@ -15,9 +15,13 @@ from moec.errors import BackendError
 from moec.ir.core import Operation, Value, WeightRef, map_leaves
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType
 from moec.ir.targets import resolve_target
 from moec.kernels import reference
 from moec.kernels.moe_cpu import experts_forward
+from moec.kernels.quant import QuantizedWeight
+from moec.kernels.quant_matmul import QuantizedExperts, prepare_linear
+from moec.kernels.skip import skipped_pairs
 
 Rule = Callable[[Operation, Callable[[str], torch.Tensor | None], list[Any], dict[str, Any]], Any]
 
@@ -29,16 +33,67 @@ def run_route(op: RouteOp, weight, args, kwargs):
 def run_experts(op: ExpertsOp, weight, args, kwargs):
     x, indices, routing = args
     k, hidden = indices.shape[-1], x.shape[-1]
-    y = experts_forward(
-        x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k),
-        weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out"), op.spec,
-    )
+    tokens, indices, routing = x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k)
+    threshold = op.skip_threshold
+    if threshold:
+        routing = routing.masked_fill(skipped_pairs(routing, threshold), 0.0)
+    w_in, w_out = weight("w_in"), weight("w_out")
+    if threshold or isinstance(w_in, QuantizedWeight) or isinstance(w_out, QuantizedWeight):
+        experts = weight.cached("experts", lambda: QuantizedExperts(
+            w_in, w_out, weight("b_in"), weight("b_out"), op.spec, weight.quant_kernel))
+        y = experts(tokens, indices, routing)
+    else:
+        y = experts_forward(tokens, indices, routing, w_in, w_out, weight("b_in"), weight("b_out"), op.spec)
     return y.reshape(x.shape)
 
 
 def run_ffn(op: DenseFFNOp | SharedExpertOp, weight, args, kwargs):
     roles = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "gate")
-    return reference.ffn(args[0], *(weight(role) for role in roles), op.spec)
+    tensors = [weight(role) for role in roles]
+    if not any(isinstance(t, QuantizedWeight) for t in tensors):
+        return reference.ffn(args[0], *tensors, op.spec)
+    return quantized_ffn(args[0], *tensors, op.spec, weight)
+
+
+def quantized_ffn(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gate, spec, weight):
+    """The dense FFN of ``reference.ffn`` with quantized linears, prepared once per op."""
+
+    def linear(role: str, w, b):
+        if not isinstance(w, QuantizedWeight):
+            return lambda v: torch.nn.functional.linear(v, w, b)
+        return weight.cached(role, lambda: prepare_linear(w.matrix(0), b, weight.quant_kernel))
+
+    rows = x.reshape(-1, x.shape[-1])
+    act = reference.activation(spec.act)
+    up = linear("w_up", w_up, b_up)(rows)
+    hidden = act(linear("w_gate", w_gate, b_gate)(rows)) * up if spec.gated else act(up)
+    y = linear("w_down", w_down, b_down)(hidden)
+    if gate is not None:
+        y = torch.sigmoid(torch.nn.functional.linear(rows, gate)) * y
+    return y.reshape(x.shape)
+
+
+class WeightReader:
+    """An op's weights by role: tensors, or ``QuantizedWeight`` views of packed storage; plus a per-op cache
+    for kernels prepared once (repacked quantized matrices)."""
+
+    def __init__(self, op: Operation, program: Program, quant_kernel: str) -> None:
+        self.op, self.program, self.quant_kernel = op, program, quant_kernel
+        self.prepared: dict[str, Any] = {}
+
+    def __call__(self, role: str) -> torch.Tensor | QuantizedWeight | None:
+        ref = self.op.kwargs.get(role)
+        if ref is None:
+            return None
+        weight_type = self.program.graph.weights.get(ref.name)
+        if isinstance(weight_type, QuantizedType):
+            return QuantizedWeight.from_storage(ref.name, weight_type, self.program.weights)
+        return self.program.weights[ref.name]
+
+    def cached(self, key: str, build: Callable[[], Any]) -> Any:
+        if key not in self.prepared:
+            self.prepared[key] = build()
+        return self.prepared[key]
 
 
 Observer = Callable[[Operation, list[Any], Any], None]
@@ -60,24 +115,21 @@ class TorchRunner:
 
     rules: dict[type[Operation], Rule] = RULES
 
-    def __init__(self, program: Program) -> None:
+    def __init__(self, program: Program, quant_kernel: str = "auto") -> None:
+        """``quant_kernel`` picks the kernel for quantized linears (``moec.kernels.quant_matmul.KERNELS``)."""
         self.program = program
+        self.quant_kernel = quant_kernel
         self.steps = [self.prepare(op) for op in program.graph.ops]
         self.last_use = self.compute_last_uses()
 
     def prepare(self, op: Operation) -> Callable[[list[Any], dict[str, Any]], Any]:
-        weights = self.program.weights
         if isinstance(op, AtenOp):
             fn = resolve_target(op.target)
             return lambda args, kwargs: fn(*args, **kwargs)
         rule = self.rules.get(type(op))
         if rule is None:
             raise BackendError(f"the torch runner has no rule for {op.op_name}")
-
-        def weight(role: str) -> torch.Tensor | None:
-            ref = op.kwargs.get(role)
-            return weights[ref.name] if ref is not None else None
-
+        weight = WeightReader(op, self.program, self.quant_kernel)
         return lambda args, kwargs: rule(op, weight, args, kwargs)
 
     def plan_files(self) -> dict[str, str]:
@@ -110,7 +162,7 @@ class TorchRunner:
             if isinstance(leaf, Value):
                 return env[id(leaf)]
             if isinstance(leaf, WeightRef):
-                return weights[leaf.name]
+                return weights.get(leaf.name, leaf)  # quantized weights are read through the op's rule
             return leaf
 
         with torch.inference_mode():

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from moec.ir.quant import QuantizedType
 from moec.ir.types import TensorType, Type
 
 
@@ -96,6 +97,8 @@ class Operation:
     """
 
     name: ClassVar[str] = ""
+    # Keyword weight roles that may refer to a quantized weight (``moec.ir.quant``); backends dequantize them.
+    quantizable_roles: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, args: tuple = (), kwargs: dict | None = None, result_types: list[Type] | None = None):
         self.args: tuple = ()
@@ -151,7 +154,7 @@ class Graph:
         self.input_names: list[str] = []
         self.ops: list[Operation] = []
         self.outputs: list[Value] = []
-        self.weights: dict[str, TensorType] = {}
+        self.weights: dict[str, TensorType | QuantizedType] = {}
 
     def add_input(self, name: str, type: Type) -> Value:
         value = Value(type)

@@ -47,6 +47,7 @@ class SpecOp(Operation):
     required_weights: ClassVar[tuple[str, ...]]
     optional_weights: ClassVar[tuple[str, ...]]
     derived_fields: ClassVar[tuple[str, ...]] = ()
+    extra_attributes: ClassVar[tuple[str, ...]] = ()  # keyword constants beyond the spec's fields
 
     @classmethod
     def build(cls, operands: list[Value], weights: dict[str, str], spec: Any,
@@ -84,7 +85,7 @@ class SpecOp(Operation):
     def verify_(self) -> None:
         allowed = set(self.required_weights) | set(self.optional_weights)
         allowed |= {f.name for f in fields(self.spec_class)} - set(self.derived_fields)
-        allowed.add("block")
+        allowed |= {"block", *self.extra_attributes}
         unknown = set(self.kwargs) - allowed
         if unknown:
             raise ValueError(f"unknown keyword arguments {sorted(unknown)}")
@@ -162,13 +163,23 @@ class ExpertsOp(SpecOp):
     num_operands = 3
     required_weights = ("w_in", "w_out")
     optional_weights = ("b_in", "b_out")
+    quantizable_roles = ("w_in", "w_out")
     derived_fields = ("has_bias",)
+    # Set by the dynamic-skip pass: per token, drop pairs whose routing weight is below this fraction of the
+    # token's top weight (``moec.kernels.skip``). Absent or 0: every chosen expert runs.
+    extra_attributes = ("skip_threshold",)
 
     def derived_spec_values(self) -> dict[str, Any]:
         return {"has_bias": "b_in" in self.kwargs or "b_out" in self.kwargs}
 
+    @property
+    def skip_threshold(self) -> float:
+        return float(self.kwargs.get("skip_threshold", 0.0))
+
     def verify_spec(self, spec: ExpertsSpec) -> None:
         check_choice("act", spec.act, ACTIVATIONS)
+        if not 0.0 <= self.skip_threshold < 1.0:
+            raise ValueError(f"skip_threshold={self.skip_threshold} must be in [0, 1) (the top expert always runs)")
         f_in = 2 * spec.intermediate if spec.gated else spec.intermediate
         self.expect_weight_shape("w_in", (spec.num_experts, f_in, spec.hidden))
         self.expect_weight_shape("w_out", (spec.num_experts, spec.hidden, spec.intermediate))
@@ -189,6 +200,7 @@ class FFNLikeOp(SpecOp):
     num_operands = 1
     required_weights = ("w_up", "w_down")
     derived_fields = ("has_bias", "gated")
+    quantizable_roles = ("w_gate", "w_up", "w_down")
 
     def derived_spec_values(self) -> dict[str, Any]:
         return {

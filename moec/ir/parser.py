@@ -14,6 +14,7 @@ import torch
 from moec.errors import ParseError
 from moec.ir.core import OP_CLASSES, Graph, Operation, Value, WeightRef
 from moec.ir.ops import AtenOp
+from moec.ir.quant import QuantizedType
 from moec.ir.types import DTYPES_BY_NAME, Dim, IndexType, TensorType, Type
 
 TOKEN_PATTERNS = [
@@ -22,7 +23,7 @@ TOKEN_PATTERNS = [
     ("string", r'"(?:[^"\\]|\\.)*"'),
     ("number", r"-?(?:\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+)|-inf\b"),
     ("ident", r"[A-Za-z_][A-Za-z0-9_.]*"),
-    ("punct", r"[(){}\[\],:=]"),
+    ("punct", r"[(){}\[\],:=<>]"),
 ]
 TOKEN_RE = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in TOKEN_PATTERNS))
 SPACE_RE = re.compile(r"(?:\s|//[^\n]*)*")
@@ -96,9 +97,7 @@ class Parser:
                 self.next()
                 name = self.expect_kind("weight", "@weight_name")[1:]
                 self.expect(":")
-                weight_type = self.parse_type()
-                if not isinstance(weight_type, TensorType):
-                    self.fail("a weight must have a tensor type")
+                weight_type = self.parse_weight_type()
                 graph.weights[name] = weight_type
             elif text == "return":
                 self.next()
@@ -192,6 +191,30 @@ class Parser:
                 return device
         self.pos -= len(text)
         self.fail(f"expected a value, @weight or constant, found {text or kind!r}")
+
+    def parse_weight_type(self) -> TensorType | QuantizedType:
+        """A tensor type, or ``quant<dtype[shape], bits=[...], group=G>`` (see ``moec.ir.quant``)."""
+        if self.accept("quant"):
+            self.expect("<")
+            logical = self.parse_type()
+            if not isinstance(logical, TensorType):
+                self.fail("a quantized weight's logical type must be a tensor type")
+            self.expect(",")
+            self.expect("bits")
+            self.expect("=")
+            bits = self.parse_constant()
+            self.expect(",")
+            self.expect("group")
+            self.expect("=")
+            group = self.parse_constant()
+            self.expect(">")
+            if not isinstance(bits, list) or not all(isinstance(b, int) for b in bits) or not isinstance(group, int):
+                self.fail("quant<...> takes bits=[ints] and group=int")
+            return QuantizedType(logical.dtype, logical.shape, tuple(bits), group)
+        weight_type = self.parse_type()
+        if not isinstance(weight_type, TensorType):
+            self.fail("a weight must have a tensor type")
+        return weight_type
 
     def parse_type(self) -> Type:
         name = self.expect_kind("ident", "a type")

@@ -17,10 +17,13 @@ import safetensors.torch
 import torch
 
 from moec.errors import PlanError
+from moec.ir.core import Graph
 from moec.ir.parser import parse_graph
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.verifier import verify
+from moec.kernels.quant import check_storage
 
 FORMAT = "moec-plan"
 FORMAT_VERSION = 1
@@ -46,7 +49,7 @@ def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, 
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        used = program.graph.used_weights()
+        used = stored_weight_names(program.graph)
         tensors = unshared({name: t for name, t in program.weights.items() if name in used})
         safetensors.torch.save_file(tensors, str(staging / WEIGHTS_FILE))
         for name, content in (extra_files or {}).items():
@@ -71,6 +74,15 @@ def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def stored_weight_names(graph: Graph) -> set[str]:
+    """The tensor names a graph's used weights are stored under (a quantized weight has three)."""
+    names: set[str] = set()
+    for name in graph.used_weights():
+        weight_type = graph.weights.get(name)
+        names.update(storage_names(name).values() if isinstance(weight_type, QuantizedType) else [name])
+    return names
 
 
 def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -142,7 +154,13 @@ def load_plan(path: str | os.PathLike) -> Program:
     graph = parse_graph(plan["ir"])
     verify(graph)
     weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
-    missing = graph.used_weights() - set(weights)
+    missing = stored_weight_names(graph) - set(weights)
     if missing:
         raise PlanError(f"{folder}: {WEIGHTS_FILE} lacks weights {sorted(missing)[:5]}; compile the plan again")
+    for name, weight_type in graph.weights.items():
+        if isinstance(weight_type, QuantizedType):
+            try:
+                check_storage(name, weight_type, weights)
+            except ValueError as err:
+                raise PlanError(f"{folder}: {err}; the plan is corrupt, compile it again") from None
     return Program(graph, weights, plan["in_spec"], plan["out_spec"], plan.get("metadata", {}))

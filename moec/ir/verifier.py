@@ -8,6 +8,7 @@ from moec.errors import VerifyError
 from moec.ir.core import Graph, Operation
 from moec.ir.ops import AtenOp
 from moec.ir.printer import print_graph_lines
+from moec.ir.quant import QuantizedType
 from moec.ir.targets import resolve_target
 
 INPUT_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
@@ -24,12 +25,21 @@ def verify(graph: Graph) -> None:
       5. Generic ops name a real ATen op or a known ``py.*`` op.
       6. Each op's own rules hold (``Operation.verify_``: shapes, dtypes, attributes of MoE ops).
       7. Every graph output is defined.
+      8. Quantized weights (``quant<...>``) follow the storage format of ``moec.ir.quant`` (supported widths,
+         one width per matrix, a supported group size dividing the reduced dim) and are referenced only by
+         keyword roles their op declares quantizable (``Operation.quantizable_roles``).
     """
     if len(set(graph.input_names)) != len(graph.input_names):
         raise VerifyError(f"graph inputs have duplicate names: {graph.input_names}")
     for name in graph.input_names:
         if not INPUT_NAME_RE.fullmatch(name):
             raise VerifyError(f"graph input name {name!r} is not an identifier")
+    for name, weight_type in graph.weights.items():
+        if isinstance(weight_type, QuantizedType):
+            try:
+                weight_type.check()
+            except ValueError as err:
+                raise VerifyError(f"quantized weight @{name}: {err}") from None
     defined = {id(v) for v in graph.inputs}
     for op in graph.ops:
         try:
@@ -58,6 +68,11 @@ def verify_op(graph: Graph, op: Operation, defined: set[int]) -> None:
     for ref in op.weight_refs:
         if ref.name not in graph.weights:
             raise ValueError(f"weight @{ref.name} is not declared")
+    quantized_refs = [ref for ref in op.weight_refs if isinstance(graph.weights.get(ref.name), QuantizedType)]
+    in_quantizable_roles = [op.kwargs[r] for r in op.quantizable_roles if op.kwargs.get(r) in quantized_refs]
+    if len(quantized_refs) != len(in_quantizable_roles):
+        raise ValueError(f"refers to a quantized weight where it cannot take one "
+                         f"(quantizable roles: {list(op.quantizable_roles) or 'none'})")
     if isinstance(op, AtenOp):
         try:
             resolve_target(op.target)

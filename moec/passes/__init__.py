@@ -1,6 +1,12 @@
 """Passes over moec programs, and the manager that runs a recipe of them."""
 
-from moec.passes import dead_code, dense_to_moe  # noqa: F401  (registers the passes)
+from moec.passes import (  # noqa: F401  (registers the passes)
+    bit_allocation,
+    dead_code,
+    dense_to_moe,
+    dynamic_skip,
+    quantize,
+)
 from moec.passes.base import PASSES, Pass, PassContext, PassResult, register_pass
 from moec.passes.manager import build_passes, load_recipe, run_passes
 

@@ -35,6 +35,20 @@ class PassContext:
         if isinstance(self.calibration, Calibration):
             self.calibrations.append(self.calibration)
 
+    def flat_samples(self, program: Program, needed_by: str = "this pass") -> list[list[Any]]:
+        """The calibration samples as lists of the program's flat input tensors, for passes that run the
+        program themselves (e.g. to measure output error under each candidate rewrite)."""
+        from moec.analysis.calibration import Calibration, flatten_samples
+
+        if self.calibration is None:
+            raise PassError(f"{needed_by} needs calibration data: pass calibration=<list of sample inputs> to "
+                            "moec.compile")
+        if isinstance(self.calibration, Calibration):
+            if not self.calibration.flat_samples:
+                raise PassError(f"{needed_by}: the given calibration stores no samples; pass the sample inputs")
+            return self.calibration.flat_samples
+        return flatten_samples(program, self.calibration)
+
     def statistics(self, program: Program, needed_by: str = "this pass") -> Any:
         """The ``Calibration`` of ``program`` as it is now: a known one whose fingerprint matches, else
         computed by running the samples (the user's, or those a known calibration stored) through it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType, storage_names
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 
 
@@ -29,6 +30,8 @@ class DeadCode(Pass):
         used = graph.used_weights()
         unused = [name for name in graph.weights if name not in used]
         for name in unused:
-            del graph.weights[name]
-            program.weights.pop(name, None)
+            weight_type = graph.weights.pop(name)
+            stored = storage_names(name).values() if isinstance(weight_type, QuantizedType) else [name]
+            for stored_name in stored:
+                program.weights.pop(stored_name, None)
         return PassResult(bool(removed_ops or unused), {"ops_removed": removed_ops, "weights_removed": len(unused)})

@@ -136,3 +136,19 @@ def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize,
     assert parsed.ops[1].spec == experts_spec
     assert parsed.ops[2].spec == shared_spec
     assert math.isclose(parsed.ops[0].spec.scaling, scaling)
+
+
+QUANTIZED_MOE = SMALL_MOE.replace(
+    "weight @experts.w_in: f32[4, 32, 8]", "weight @experts.w_in: quant<f32[4, 64, 64], bits=[4, 3, 2, 8], group=32>"
+).replace("weight @experts.w_out: f32[4, 8, 16]", "weight @experts.w_out: quant<f32[4, 64, 32], bits=[4, 4, 4, 4], group=32>"
+).replace("f32[s0, s1, 8]", "f32[s0, s1, 64]").replace("f32[4, 8]", "f32[4, 64]").replace("hidden=8, intermediate=16", "hidden=64, intermediate=32"
+).replace("[-1, 8]) : f32[s0*s1, 8]", "[-1, 64]) : f32[s0*s1, 64]")
+
+
+def test_quantized_weight_types_round_trip():
+    from moec.ir.quant import QuantizedType
+
+    graph = parse_graph(QUANTIZED_MOE)
+    verify(graph)
+    assert print_graph(graph) == QUANTIZED_MOE
+    assert graph.weights["experts.w_in"] == QuantizedType("f32", (4, 64, 64), (4, 3, 2, 8), 32)

@@ -61,3 +61,21 @@ def test_replace_all_uses_keeps_graph_valid():
     graph.erase(experts)
     verify(graph)
     assert TensorType("f32", ("s0", "s1", 8)) == relu.result.type
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("bits=[4, 3, 2, 8]", "bits=[4, 3, 5, 8]", r"@experts.w_in: bit widths \[5\] are not supported"),
+        ("bits=[4, 3, 2, 8]", "bits=[4, 3]", "bits has 2 entries, expected one per matrix"),
+        ("bits=[4, 4, 4, 4], group=32", "bits=[4, 4, 4, 4], group=64", "group size 64 does not divide"),
+        ("weight @gate.weight: f32[4, 64]", "weight @gate.weight: quant<f32[4, 64], bits=[4], group=32>",
+         "moe.route .*quantized weight where it cannot take one"),
+    ],
+)
+def test_quantized_weight_rules(old, new, message):
+    from tests.ir.test_text_roundtrip import QUANTIZED_MOE
+
+    graph = parse_graph(QUANTIZED_MOE.replace(old, new))
+    with pytest.raises(VerifyError, match=message):
+        verify(graph)

@@ -1,0 +1,192 @@
+"""``bit-allocation``: mixed-precision quantization, one width per expert (or per linear) chosen by an LP.
+
+Requires: a verified graph with float expert (and, with ``dense=True``, dense FFN / shared expert) weights;
+calibration samples in ``context`` (any form ``moec.compile`` takes; see ``PassContext.flat_samples``).
+Ensures: like ``quantize``, every targeted weight is packed (``moec.ir.quant``), but each unit (an expert's
+``w_in``+``w_out``, a dense FFN's linears; with ``per_linear`` each linear alone) has the width from
+``widths`` that ``moec.analysis.bit_allocation.solve`` chose: minimal sum of importance x measured error,
+with the parameter-weighted average width <= ``budget`` and each unit at or above its floor.
+``context.report["bit_allocation"]`` holds the table (unit, params, importance, error per width, chosen
+width), the objective, and the objective and average width of every uniform alternative. In place.
+
+Analysis and application: the error table and importance are measured here (``unit_errors``), the
+allocation is solved as a plain table problem, and ``moec.passes.quantize.quantize_units`` applies it.
+Two ways to measure (``importance=``): ``"output"`` (default) measures each unit's error where it matters,
+at the model's output: one calibration run per unit and width with only that unit rounded (RTN), error =
+mean cosine distance of the output rows to the float model's (this includes how often and how strongly
+the unit is routed to, so importance is 1). ``"routing"`` needs no extra runs (for many experts): error =
+the unit's own FFN output error (mean squared) on its calibration rows, importance = the expert's routing
+mass (mean routing weight per token; 1 for dense FFNs and shared experts).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from moec.analysis import bit_allocation
+from moec.analysis.ffn_activations import FFNActivations
+from moec.backend.torch_runner import TorchRunner
+from moec.errors import PassError
+from moec.ir.ops import ExpertsOp
+from moec.ir.program import Program
+from moec.kernels.quant import quantize_matrix
+from moec.kernels.reference import activation
+from moec.passes.base import Pass, PassContext, PassResult, register_pass
+from moec.passes.quantize import (
+    Unit,
+    activations_for,
+    calibration_rows,
+    check_options,
+    quantizable_units,
+    quantize_units,
+)
+
+IMPORTANCES = ("output", "routing")
+
+
+def unit_output(program: Program, unit: Unit, rows: torch.Tensor, replaced: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The unit's FFN (one expert, or a dense FFN without its output gate) on ``rows``, with some roles replaced."""
+    op = program.graph.ops[unit.op_index]
+    spec = op.spec
+    act = activation(spec.act)
+
+    def weight(role):
+        if role in replaced:
+            return replaced[role]
+        ref = op.kwargs.get(role)
+        if ref is None:
+            return None
+        tensor = program.weights[ref.name].float()
+        return tensor if unit.expert is None else tensor[unit.expert]
+
+    if isinstance(op, ExpertsOp):
+        hidden = F.linear(rows, weight("w_in"), weight("b_in"))
+        if spec.gated:
+            gate, up = hidden.chunk(2, dim=-1)
+            hidden = act(gate) * up
+        else:
+            hidden = act(hidden)
+        return F.linear(hidden, weight("w_out"), weight("b_out"))
+    up = F.linear(rows, weight("w_up"), weight("b_up"))
+    hidden = act(F.linear(rows, weight("w_gate"), weight("b_gate"))) * up if spec.gated else act(up)
+    return F.linear(hidden, weight("w_down"), weight("b_down"))
+
+
+def unit_errors(program: Program, unit: Unit, widths: tuple[int, ...], group: int,
+                activations: FFNActivations) -> list[float]:
+    """Mean squared output error of ``unit`` rounded (RTN) to each width, on its calibration rows."""
+    rows = calibration_rows(activations, unit.op_index, unit.expert)
+    op = program.graph.ops[unit.op_index]
+    reference = unit_output(program, unit, rows, {})
+    errors = []
+    for width in widths:
+        replaced = {}
+        for role in unit.roles:
+            tensor = program.weights[op.kwargs[role].name].float()
+            matrix = tensor if unit.expert is None else tensor[unit.expert]
+            replaced[role] = quantize_matrix(matrix, width, group).dequantize()
+        errors.append(float((unit_output(program, unit, rows, replaced) - reference).pow(2).sum(-1).mean()))
+    return errors
+
+
+def routing_importance(unit: Unit, activations: FFNActivations) -> float:
+    """An expert's routing mass (mean routing weight per token); 1 for dense FFNs and shared experts."""
+    if unit.expert is None:
+        return 1.0
+    return float(activations.ops[unit.op_index].mass[unit.expert])
+
+
+def output_errors(program: Program, unit: Unit, widths: tuple[int, ...], group: int,
+                  batches: list[list[torch.Tensor]]) -> list[float]:
+    """The model-level error of rounding only ``unit`` to each width: the mean cosine distance between the
+    rows (last-dim vectors) of the first graph output and those of the float program, on ``batches``."""
+    op = program.graph.ops[unit.op_index]
+    runner = TorchRunner(program)
+    originals = {op.kwargs[role].name: program.weights[op.kwargs[role].name] for role in unit.roles}
+    reference = [runner.run(batch)[0] for batch in batches]
+    errors = []
+    try:
+        for width in widths:
+            for name, original in originals.items():
+                replaced = original.clone()
+                matrix = replaced if unit.expert is None else replaced[unit.expert]
+                matrix.copy_(quantize_matrix(matrix, width, group).dequantize())
+                program.weights[name] = replaced
+            distance = [1 - F.cosine_similarity(runner.run(batch)[0].float(), ref.float(), dim=-1).mean()
+                        for batch, ref in zip(batches, reference, strict=True)]
+            errors.append(float(sum(distance)) / len(batches))
+    finally:
+        program.weights.update(originals)
+    return errors
+
+
+def unit_label(unit: Unit) -> str:
+    where = unit.block or f"op{unit.op_index}"
+    expert = f"[{unit.expert}]" if unit.expert is not None else ""
+    return f"{where}{expert}:{'+'.join(unit.roles)}"
+
+
+@register_pass
+@dataclass(frozen=True)
+class BitAllocation(Pass):
+    name = "bit-allocation"
+
+    budget: float = 3.0  # average bits over all quantized parameters
+    widths: tuple[int, ...] = (2, 3, 4, 8)
+    group: int = 64
+    method: str = "rtn"
+    dense: bool = True
+    per_linear: bool = False
+    floors: dict[str, int] = field(default_factory=dict)  # by unit kind ("expert", "shared", "dense") or block
+    importance: str = "output"  # or "routing"
+
+    def __post_init__(self) -> None:
+        if self.importance not in IMPORTANCES:
+            raise PassError(f"importance={self.importance!r} is not one of {', '.join(IMPORTANCES)}")
+        object.__setattr__(self, "widths", tuple(sorted(self.widths)))
+        object.__setattr__(self, "floors", dict(self.floors))
+        for width in self.widths:
+            check_options(width, self.group, self.method)
+
+    def floor_of(self, unit: Unit) -> int | None:
+        return self.floors.get(unit.block, self.floors.get(unit.kind))
+
+    def run(self, program: Program, context: PassContext) -> PassResult:
+        units = quantizable_units(program, self.dense, self.per_linear)
+        if not units:
+            return PassResult(False, {"units": 0})
+        params = [u.params for u in units]
+        floors = [self.floor_of(u) for u in units]
+        # Check feasibility before the (slower) measurements, so a bad budget fails at once.
+        minimum = bit_allocation.smallest_feasible_budget(params, self.widths, floors)
+        if self.budget < minimum - 1e-9:
+            raise PassError(f"an average budget of {self.budget} bits is infeasible: the smallest feasible budget "
+                            f"for widths {list(self.widths)} and floors {self.floors or 'none'} is {minimum:.4f} bits; "
+                            "raise the budget or lower the floors")
+        activations = activations_for(program, context, True)
+        if self.importance == "output":
+            batches = context.flat_samples(program)
+            errors = [output_errors(program, u, self.widths, self.group, batches) for u in units]
+            importance = [1.0] * len(units)
+        else:
+            errors = [unit_errors(program, u, self.widths, self.group, activations) for u in units]
+            importance = [routing_importance(u, activations) for u in units]
+        allocation = bit_allocation.solve(params, importance, errors, self.widths, self.budget, floors)
+        uniform = {}
+        for width in self.widths:
+            bits = [max(width, f or width) for f in floors]
+            uniform[str(width)] = {"average_bits": bit_allocation.average_bits(bits, params),
+                                   "objective": bit_allocation.objective_of(bits, self.widths, importance, errors)}
+        table = [
+            {"unit": unit_label(u), "kind": u.kind, "params": u.params, "importance": imp,
+             "error": dict(zip(map(str, self.widths), err, strict=True)), "bits": bits}
+            for u, imp, err, bits in zip(units, importance, errors, allocation.bits, strict=True)
+        ]
+        quantize_units(program, units, allocation.bits, self.group, self.method, activations)
+        summary = {"budget": self.budget, "average_bits": allocation.average_bits, "objective": allocation.objective,
+                   "solve_seconds": allocation.solve_seconds, "units": len(units)}
+        context.report["bit_allocation"] = {**summary, "uniform": uniform, "table": table}
+        return PassResult(True, summary)

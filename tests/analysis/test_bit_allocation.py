@@ -1,0 +1,62 @@
+"""The bit-allocation integer program on hand-made tables whose optimum is known."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moec.analysis.bit_allocation import average_bits, objective_of, solve
+from moec.errors import PassError
+
+ERRORS = [[10.0, 1.0], [2.0, 1.0], [5.0, 0.0]]  # three equal units, widths 2 and 4
+
+
+def test_budget_buys_the_largest_error_reduction():
+    # Budget 3.0 over three equal units allows one unit at 4 bits; unit 0 gains the most (10 -> 1).
+    allocation = solve([100, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=3.0)
+    assert allocation.bits == [4, 2, 2]
+    assert allocation.objective == pytest.approx(1 + 2 + 5)
+    assert allocation.average_bits == pytest.approx(8 / 3)
+
+
+def test_importance_changes_the_choice():
+    # With unit 2 three times as important, its gain (15) beats unit 0's (9).
+    assert solve([100, 100, 100], [1, 1, 3], ERRORS, (2, 4), budget=3.0).bits == [2, 2, 4]
+
+
+def test_parameter_counts_weight_the_budget():
+    # Unit 0 is big: upgrading it alone costs more than the budget allows, so the two small ones go up.
+    allocation = solve([400, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=2.7)
+    assert allocation.bits == [2, 4, 4]
+
+
+def test_floors_are_respected():
+    allocation = solve([100, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=3.0, floors=[None, 4, None])
+    assert allocation.bits == [2, 4, 2]
+
+
+@pytest.mark.parametrize(("budget", "floors", "smallest"), [(1.5, None, "2.0000"), (2.5, [None, 4, 4], "3.3333")])
+def test_infeasible_budget_names_the_smallest_feasible_one(budget, floors, smallest):
+    with pytest.raises(PassError, match=rf"budget of {budget} bits is infeasible.*smallest feasible budget .* is {smallest} bits"):
+        solve([100, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=budget, floors=floors)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    data=st.data(),
+    units=st.integers(1, 5),
+    budget=st.sampled_from([2.0, 2.5, 3.0, 3.5, 5.0]),
+)
+def test_matches_brute_force(data, units, budget):
+    widths = (2, 3, 4, 8)
+    params = data.draw(st.lists(st.integers(1, 50), min_size=units, max_size=units))
+    importance = data.draw(st.lists(st.floats(0.0, 5.0), min_size=units, max_size=units))
+    error = [sorted(data.draw(st.lists(st.floats(0.0, 10.0), min_size=4, max_size=4)), reverse=True) for _ in range(units)]
+    feasible = [bits for bits in itertools.product(widths, repeat=units) if average_bits(bits, params) <= budget + 1e-9]
+    best = min(objective_of(bits, widths, importance, error) for bits in feasible)
+    allocation = solve(params, importance, error, widths, budget)
+    assert allocation.average_bits <= budget + 1e-9
+    assert allocation.objective == pytest.approx(best, rel=1e-6, abs=1e-9)

@@ -1,0 +1,49 @@
+"""The dynamic-skip pass: low-weight secondary experts are dropped per token, and the runner skips them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moec.backend.torch_runner import TorchRunner
+from moec.errors import PassError
+from moec.ir import parse_graph, print_graph, verify
+from moec.ir.ops import ExpertsOp
+from moec.kernels import reference
+from moec.kernels.skip import skipped_pairs
+from moec.passes import PassContext, build_passes, run_passes
+from moec.passes.dynamic_skip import skip_statistics
+
+
+def test_skipped_pairs_never_drop_the_top_expert():
+    weights = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25], [0.5, 0.5, 0.0]])
+    assert skipped_pairs(weights, 0.5).tolist() == [[False, True, True], [False, False, False], [False, False, True]]
+
+
+def test_runner_output_equals_the_reference_without_the_dropped_pairs(compiled_program):
+    # Tiny random routers score experts almost alike, so only a threshold near 1 drops pairs here.
+    _, example, program = compiled_program("tiny-olmoe")
+    run_passes(program, build_passes({"passes": [{"dynamic-skip": {"threshold": 0.97}}]}), PassContext())
+    assert "skip_threshold=0.97" in print_graph(program.graph)
+    verify(parse_graph(print_graph(program.graph)))
+    checked = []
+
+    def observe(op, args, result):
+        if isinstance(op, ExpertsOp):
+            x, indices, weights = args
+            kept = weights.masked_fill(skipped_pairs(weights, 0.97), 0.0)
+            w = {role: program.weights[op.kwargs[role].name] for role in ("w_in", "w_out")}
+            want = reference.experts(x, indices, kept, w["w_in"], w["w_out"], None, None, op.spec)
+            torch.testing.assert_close(result, want, rtol=1e-5, atol=1e-6)
+            checked.append(op)
+
+    inputs = program.flatten_inputs((), example)
+    TorchRunner(program).run(inputs, observe=observe)
+    assert checked
+    stats = skip_statistics(program, [inputs])
+    assert 0 < stats["skipped"] < stats["evaluations"]
+
+
+def test_threshold_must_be_a_fraction():
+    with pytest.raises(PassError, match="threshold=1.0 must be in"):
+        build_passes({"passes": [{"dynamic-skip": {"threshold": 1.0}}]})

@@ -1,0 +1,274 @@
+"""Quantization benchmark: LP bit allocation vs uniform widths, bytes on disk, dynamic skip, CPU kernels.
+
+Everything is measured side by side in one run and written to bench-results/quantize.json:
+
+1. ``lp``: solve time of the allocation LP for 64 layers x 64 experts x 4 widths (random tables).
+2. ``quality``: 1 - embedding cosine (held-out sentences) on real all-MiniLM-L6-v2 and 1 - output-row cosine
+   on a tiny MoE, for uniform widths and the LP allocation at 3.0 and 2.5 average bits (2.5 is compared
+   with the best of a few uniform 2/3-bit mixes: alternate units, first or second half at 3 bits).
+3. ``bytes``: expert bytes in the saved plan at 3.0 average bits vs float32.
+4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
+5. ``kernels``: decode-sized (1-16 token) expert blocks: float32 plan vs 4-bit experts on each CPU path.
+
+    python tools/bench/quantize.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import transformers
+
+import moec
+from moec.analysis import bit_allocation
+from moec.analysis.embedding_quality import calibration_sentences, embedding_cosine, held_out_sentences
+from moec.api import CompiledModel
+from moec.frontend.blocks import ExpertsSpec
+from moec.frontend.zoo import build_preset, minilm_path
+from moec.ir import parse_graph, print_graph
+from moec.ir.program import Program
+from moec.ir.quant import QuantizedType
+from moec.kernels.moe_cpu import experts_forward
+from moec.kernels.quant import QuantizedWeight, quantize_matrix
+from moec.kernels.quant_matmul import QuantizedExperts
+from moec.passes import PassContext, build_passes, run_passes
+from moec.passes.dynamic_skip import skip_statistics
+from moec.passes.quantize import quantizable_units, quantize_units
+
+
+def clone(program: Program) -> Program:
+    return Program(parse_graph(print_graph(program.graph)), dict(program.weights), program.in_spec, program.out_spec, {})
+
+
+def bench_lp() -> dict:
+    rng = random.Random(0)
+    units, widths = 64 * 64, (2, 3, 4, 8)
+    params = [rng.randint(1, 4) * 1_000_000 for _ in range(units)]
+    importance = [rng.random() for _ in range(units)]
+    error = [sorted((rng.random() * 2.0**-b for b in widths), reverse=True) for _ in range(units)]
+    start = time.perf_counter()
+    allocation = bit_allocation.solve(params, importance, error, widths, budget=3.0)
+    return {"units": units, "widths": list(widths), "seconds": time.perf_counter() - start,
+            "average_bits": allocation.average_bits}
+
+
+def quality_runs(name: str, program: Program, calibration: list, held_out: list, loss, group: int,
+                 dense: bool, per_linear: bool) -> dict:
+    """Loss of uniform widths, uniform mixes and LP allocations at 3.0 and 2.5 bits, all on one program."""
+    reference = [CompiledModel(program).runner.run(batch)[0] for batch in held_out]
+
+    def measure(prog: Program) -> float:
+        runner = CompiledModel(prog).runner
+        return float(np.mean([loss(ref, runner.run(batch)[0], batch) for ref, batch in zip(reference, held_out, strict=True)]))
+
+    def with_bits(bits: list[int]) -> float:
+        prog = clone(program)
+        units = quantizable_units(prog, dense, per_linear)
+        quantize_units(prog, units, bits, group, "rtn", None)
+        return measure(prog)
+
+    units = quantizable_units(program, dense, per_linear)
+    out = {"model": name, "units": len(units), "uniform": {}, "mixes_2_5": {}, "lp": {}}
+    for width in (2, 3, 4):
+        out["uniform"][str(width)] = with_bits([width] * len(units))
+    half = len(units) // 2
+    params = [u.params for u in units]
+    mixes = {"alternate": [3 if i % 2 else 2 for i in range(len(units))],
+             "first_half_3": [3 if i < half else 2 for i in range(len(units))],
+             "second_half_3": [2 if i < half else 3 for i in range(len(units))]}
+    for label, bits in mixes.items():
+        if bit_allocation.average_bits(bits, params) <= 2.5 + 1e-9:
+            out["mixes_2_5"][label] = with_bits(bits)
+    for budget in (3.0, 2.5):
+        prog = clone(program)
+        context = PassContext(calibration=calibration)
+        start = time.perf_counter()
+        recipe = {"passes": [{"bit-allocation": {"budget": budget, "group": group, "dense": dense, "per_linear": per_linear}}]}
+        run_passes(prog, build_passes(recipe), context)
+        report = context.report["bit_allocation"]
+        out["lp"][str(budget)] = {"loss": measure(prog), "bits": [row["bits"] for row in report["table"]],
+                                  "objective": report["objective"], "average_bits": report["average_bits"],
+                                  "uniform_objectives": report["uniform"], "pass_seconds": time.perf_counter() - start}
+    return out
+
+
+def minilm_quality(quick: bool) -> dict:
+    model, example = build_preset("minilm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    program = moec.compile(model, example).program
+    calibration_kwargs = dict(tokenizer(calibration_sentences(), padding=True, return_tensors="pt"))
+    held = dict(tokenizer(held_out_sentences(), padding=True, return_tensors="pt"))
+    calibration = [program.flatten_inputs((), calibration_kwargs)]
+    held_out = [program.flatten_inputs((), held)]
+
+    def loss(reference, candidate, batch):
+        return 1 - embedding_cosine(reference, candidate, held["attention_mask"])
+
+    return quality_runs("minilm (dense FFNs, per linear)", program, calibration, held_out, loss, 64, True, True)
+
+
+def row_cosine_loss(reference, candidate, batch) -> float:
+    return float(1 - torch.nn.functional.cosine_similarity(reference.float(), candidate.float(), dim=-1).mean())
+
+
+def moe_quality(preset: str) -> tuple[dict, Program, list]:
+    model, example = build_preset(preset)
+    program = moec.compile(model, example).program
+    generator = torch.Generator().manual_seed(1)
+    vocab = example["input_ids"].max().item() + 1
+
+    def batch(seed_rows: int):
+        ids = torch.randint(0, int(vocab), (seed_rows, 16), generator=generator)
+        return program.flatten_inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+    calibration, held_out = [batch(8)], [batch(8)]
+    return quality_runs(f"{preset} (experts only)", program, calibration, held_out, row_cosine_loss, 32, False, False), program, held_out
+
+
+def expert_bytes(program: Program) -> dict:
+    """Expert weight bytes of the float plan and of the plan at 3.0 average bits, read back from the saved files."""
+    def saved_expert_bytes(prog: Program) -> int:
+        with tempfile.TemporaryDirectory() as folder:
+            path = CompiledModel(prog).save(Path(folder) / "plan")
+            tensors = safetensors.torch.load_file(str(path / "weights.safetensors"))
+            return sum(t.numel() * t.element_size() for n, t in tensors.items() if ".experts." in n)
+
+    float_bytes = saved_expert_bytes(program)
+    prog = clone(program)
+    units = quantizable_units(prog, dense=False)
+    quantize_units(prog, units, [3] * len(units), 32, "rtn", None)
+    quantized_bytes = saved_expert_bytes(prog)
+    types = [t for t in prog.graph.weights.values() if isinstance(t, QuantizedType)]
+    return {"float32_bytes": float_bytes, "quantized_bytes": quantized_bytes, "ratio": float_bytes / quantized_bytes,
+            "reported_bytes": sum(t.storage_bytes for t in types), "group": 32}
+
+
+def skip_costs(program: Program, held_out: list) -> list[dict]:
+    reference = [CompiledModel(program).runner.run(batch)[0] for batch in held_out]
+    rows = []
+    for threshold in (0.3, 0.5, 0.7, 0.9):
+        prog = clone(program)
+        run_passes(prog, build_passes({"passes": [{"dynamic-skip": {"threshold": threshold}}]}), PassContext())
+        runner = CompiledModel(prog).runner
+        losses = [row_cosine_loss(ref, runner.run(b)[0], b) for ref, b in zip(reference, held_out, strict=True)]
+        rows.append({"threshold": threshold, **skip_statistics(prog, held_out), "loss": float(np.mean(losses))})
+    return rows
+
+
+def time_call(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1e3
+
+
+def ort_matmul_nbits(matrix, tokens: int):
+    """onnxruntime's MatMulNBits on one 4-bit matrix [N, K] (our packing order is its order); None if unavailable."""
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        return None
+    n, k = matrix.packed.shape[0], matrix.packed.shape[1] * 2
+    group = matrix.group
+    blob = matrix.packed.reshape(n, k // group, group // 2).numpy()
+    zeros = matrix.zeros.numpy()
+    packed_zeros = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8) if zeros.shape[1] % 2 == 0 else None
+    if packed_zeros is None:
+        return None
+    node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=group)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, n])],
+        [onnx.numpy_helper.from_array(blob, "w"), onnx.numpy_helper.from_array(matrix.scales.float().numpy().reshape(-1), "s"),
+         onnx.numpy_helper.from_array(packed_zeros.reshape(-1), "z")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return lambda x: session.run(None, {"x": x})[0]
+
+
+def bench_kernels(quick: bool) -> list[dict]:
+    """An MoE block (8 experts, top-2, hidden 1024, FFN 3584, gated) at 1-16 tokens, float32 vs 4-bit experts."""
+    generator = torch.Generator().manual_seed(0)
+    experts, hidden, ffn = 8, 1024, 3584
+    spec = ExpertsSpec(num_experts=experts, hidden=hidden, intermediate=ffn, act="silu", gated=True)
+    w_in = torch.randn(experts, 2 * ffn, hidden, generator=generator) * 0.02
+    w_out = torch.randn(experts, hidden, ffn, generator=generator) * 0.02
+    q_in = QuantizedWeight.from_matrices("f32", tuple(w_in.shape), [quantize_matrix(w_in[e], 4, 64) for e in range(experts)])
+    q_out = QuantizedWeight.from_matrices("f32", tuple(w_out.shape), [quantize_matrix(w_out[e], 4, 64) for e in range(experts)])
+    paths = {kernel: QuantizedExperts(q_in, q_out, None, None, spec, kernel) for kernel in ("dequant", "int4pack")}
+    reference = QuantizedExperts(q_in.dequantize(), q_out.dequantize(), None, None, spec)  # float path, dequantized weights
+    matrix = q_in.matrix(0)
+    return [measure_tokens(tokens, hidden, experts, spec, w_in, w_out, paths, reference, matrix, generator)
+            for tokens in ((1, 16) if quick else (1, 4, 16))]
+
+
+def measure_tokens(tokens, hidden, experts, spec, w_in, w_out, paths, reference, matrix, generator) -> dict:
+    x = torch.randn(tokens, hidden, generator=generator)
+    logits = torch.randn(tokens, experts, generator=generator)
+    weights, indices = torch.softmax(logits, -1).topk(2, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    want = reference(x, indices, weights)
+    row = {"tokens": tokens, "float32_ms": time_call(lambda: experts_forward(x, indices, weights, w_in, w_out, None, None, spec), 5)}
+    for kernel, fn in paths.items():
+        got = fn(x, indices, weights)
+        row[f"{kernel}_ms"] = time_call(lambda fn=fn: fn(x, indices, weights), 5)
+        row[f"{kernel}_max_rel_error"] = float((got - want).abs().max() / want.abs().max())
+    ort_fn = ort_matmul_nbits(matrix, tokens)
+    if ort_fn is not None:
+        xs = x.numpy()
+        ort_y = torch.from_numpy(ort_fn(xs))
+        single = torch.nn.functional.linear(x, matrix.dequantize())
+        row["one_matrix_ms"] = {
+            "float32": time_call(lambda: torch.nn.functional.linear(x, w_in[0]), 5),
+            "int4pack": time_call(lambda: paths["int4pack"].input_linears[0](x), 5),
+            "ort_matmulnbits": time_call(lambda: ort_fn(xs), 5),
+        }
+        row["ort_max_rel_error"] = float((ort_y - single).abs().max() / single.abs().max())
+    row["speedup_int4pack_vs_float32"] = row["float32_ms"] / row["int4pack_ms"]
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict = {"threads": torch.get_num_threads()}
+    results["lp"] = bench_lp()
+    print("lp", json.dumps(results["lp"]), flush=True)
+    results["kernels"] = bench_kernels(args.quick)
+    moe, moe_program, moe_held_out = moe_quality("tiny-olmoe")
+    results["quality_moe"] = moe
+    print("quality moe", json.dumps(moe), flush=True)
+    results["bytes"] = expert_bytes(moe_program)
+    print("bytes", json.dumps(results["bytes"]), flush=True)
+    results["skip"] = skip_costs(moe_program, moe_held_out)
+    print("skip", json.dumps(results["skip"]), flush=True)
+    results["quality_minilm"] = minilm_quality(args.quick)
+    print("quality minilm", json.dumps(results["quality_minilm"]), flush=True)
+    out = Path("bench-results")
+    out.mkdir(exist_ok=True)
+    (out / "quantize.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'quantize.json'}")
+
+
+if __name__ == "__main__":
+    main()
