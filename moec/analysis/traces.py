@@ -123,9 +123,8 @@ def synthetic_trace(tokens: int, layers: int, num_experts: int, top_k: int = 1, 
     """A seeded trace with known structure.
 
     ``skew`` is a Zipf exponent on expert popularity (0: uniform). With probability ``affinity`` a
-    token's first expert in layer l+1 is the fixed successor (a random permutation per layer boundary)
-    of its first expert in layer l; otherwise it is drawn from the popularity distribution. Further
-    slots are distinct experts drawn from popularity.
+    token's experts in layer l+1 are the fixed successors (a random permutation per layer boundary) of
+    its experts in layer l; otherwise they are k distinct experts drawn from the popularity distribution.
     """
     if top_k > num_experts:
         raise MoecError(f"top_k={top_k} exceeds num_experts={num_experts}")
@@ -135,12 +134,9 @@ def synthetic_trace(tokens: int, layers: int, num_experts: int, top_k: int = 1, 
     successor = [torch.randperm(num_experts, generator=gen) for _ in range(layers)]
     experts = torch.empty(tokens, layers, top_k, dtype=torch.int64)
     for layer in range(layers):
-        probs = popularity[layer].expand(tokens, -1).clone()
-        first = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+        probs = popularity[layer].expand(tokens, -1)
+        experts[:, layer] = torch.multinomial(probs, top_k, generator=gen)  # distinct, by popularity
         if layer > 0 and affinity > 0:
-            follow = torch.rand(tokens, generator=gen) < affinity
-            first = torch.where(follow, successor[layer][experts[:, layer - 1, 0]], first)
-        probs.scatter_(1, first.unsqueeze(1), 0.0)
-        rest = torch.multinomial(probs, top_k - 1, generator=gen) if top_k > 1 else first[:0].reshape(tokens, 0)
-        experts[:, layer] = torch.cat([first.unsqueeze(1), rest], dim=1)
+            follow = (torch.rand(tokens, generator=gen) < affinity).unsqueeze(1)
+            experts[:, layer] = torch.where(follow, successor[layer][experts[:, layer - 1]], experts[:, layer])
     return RoutingTrace(experts, tuple(f"layer{index}" for index in range(layers)), num_experts)
