@@ -119,10 +119,7 @@ class ExpertParallelRunner(TorchRunner):
     def expert_parallel_step(self, op: ExpertsOp):
         layer = self.placement.layers.index(op.block)
         owners = torch.tensor(self.placement.ranks[layer], dtype=torch.int64)
-        local_index = torch.zeros_like(owners)
-        for rank in range(self.world_size):
-            mine = owners == rank
-            local_index[mine] = torch.arange(int(mine.sum()))
+        local_index = local_positions(owners, self.world_size)
         schedule = self.schedules.get(op.block, LayerSchedule(1, False, 0.0, 0.0))
         weights = self.program.weights
         weight = {role: weights[op.weight(role).name] if op.weight(role) is not None else None for role in EXPERT_ROLES}
@@ -132,51 +129,10 @@ class ExpertParallelRunner(TorchRunner):
 
         def step(args, kwargs):
             x, indices, routing = args
+            run_shared = (lambda: self.early_results.__setitem__(id(shared), shared_step([x], {}))) if shared else None
             hidden, k = x.shape[-1], indices.shape[-1]
-            tokens = x.reshape(-1, hidden)
-            indices, routing = indices.reshape(-1, k), routing.reshape(-1, k)
-            chunks = [c for c in torch.arange(tokens.shape[0]).tensor_split(schedule.chunks)]
-            # Per chunk: (token, slot) pairs sorted by owner rank, and how many go to each rank.
-            plans = []
-            for chunk in chunks:
-                token_of_pair = chunk.repeat_interleave(k)
-                experts = indices[chunk].reshape(-1)
-                order = torch.argsort(owners[experts], stable=True)
-                counts = torch.bincount(owners[experts], minlength=self.world_size)
-                plans.append((token_of_pair[order], experts[order], routing[chunk].reshape(-1)[order], counts))
-            send_counts = torch.stack([p[3] for p in plans], dim=1).contiguous()  # [R, C]
-            recv_counts = torch.empty_like(send_counts)
-            dist.all_to_all_single(recv_counts, send_counts)
-
-            def dispatch(i):
-                token_of_pair, experts, _, counts = plans[i]
-                send, received = counts.tolist(), recv_counts[:, i].tolist()
-                rows = torch.empty(sum(received), hidden, dtype=tokens.dtype)
-                ids = torch.empty(sum(received), dtype=torch.int64)
-                works = [dist.all_to_all_single(ids, local_index[experts], received, send, async_op=True),
-                         dist.all_to_all_single(rows, tokens[token_of_pair].contiguous(), received, send, async_op=True)]
-                return works, rows, ids
-
-            in_flight = {i: dispatch(i) for i in range(min(2, len(chunks)))}
-            if shared_step is not None:
-                self.early_results[id(shared)] = shared_step([x], {})
-            combines = []
-            for i in range(len(chunks)):
-                works, rows, ids = in_flight.pop(i)
-                for work in works:
-                    work.wait()
-                out = experts_forward(rows, ids.unsqueeze(1), torch.ones(len(ids), 1), weight["w_in"], weight["w_out"],
-                                      weight["b_in"], weight["b_out"], spec)
-                send, received = plans[i][3].tolist(), recv_counts[:, i].tolist()
-                back = torch.empty(sum(send), hidden, dtype=out.dtype)
-                combines.append((dist.all_to_all_single(back, out, send, received, async_op=True), back, i))
-                if i + 2 < len(chunks):
-                    in_flight[i + 2] = dispatch(i + 2)
-            y = torch.zeros_like(tokens)
-            for work, back, i in combines:
-                work.wait()
-                token_of_pair, _, pair_weight, _ = plans[i]
-                y.index_add_(0, token_of_pair, back * pair_weight.unsqueeze(1).to(back.dtype))
+            y = expert_parallel_layer(x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k), owners,
+                                      local_index, weight, spec, schedule.chunks, run_shared)
             return y.reshape(x.shape)
 
         return step
@@ -204,3 +160,66 @@ def gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world_size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([part[: int(n)] for part, n in zip(parts, lengths, strict=True)])
+
+
+def local_positions(owners: torch.Tensor, world_size: int) -> torch.Tensor:
+    """For each expert, its position among the experts its owner holds (the row of the local weights)."""
+    local_index = torch.zeros_like(owners)
+    for rank in range(world_size):
+        mine = owners == rank
+        local_index[mine] = torch.arange(int(mine.sum()))
+    return local_index
+
+
+def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor, owners: torch.Tensor,
+                          local_index: torch.Tensor, weight: dict[str, torch.Tensor | None], spec: Any, chunks: int,
+                          run_shared: Any = None) -> torch.Tensor:
+    """One MoE layer across the process group, in the program order of ``moec.analysis.schedule``.
+
+    ``tokens`` [T, H], ``indices``/``routing`` [T, k] are this rank's; ``owners[e]`` is expert e's rank,
+    ``local_index[e]`` its row in its owner's ``weight`` tensors (which hold that rank's experts only).
+    ``run_shared`` (or None) is called once the first dispatches are in flight. Returns y [T, H].
+    """
+    world_size = dist.get_world_size()
+    hidden, k = tokens.shape[-1], indices.shape[-1]
+    # Per chunk: (token, slot) pairs sorted by owner rank, and how many go to each rank.
+    plans = []
+    for chunk in torch.arange(tokens.shape[0]).tensor_split(chunks):
+        experts = indices[chunk].reshape(-1)
+        order = torch.argsort(owners[experts], stable=True)
+        counts = torch.bincount(owners[experts], minlength=world_size)
+        plans.append((chunk.repeat_interleave(k)[order], experts[order], routing[chunk].reshape(-1)[order], counts))
+    send_counts = torch.stack([plan[3] for plan in plans], dim=1).contiguous()  # [R, C]
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+
+    def dispatch(i):
+        token_of_pair, experts, _, counts = plans[i]
+        send, received = counts.tolist(), recv_counts[:, i].tolist()
+        rows = torch.empty(sum(received), hidden, dtype=tokens.dtype)
+        ids = torch.empty(sum(received), dtype=torch.int64)
+        works = [dist.all_to_all_single(ids, local_index[experts], received, send, async_op=True),
+                 dist.all_to_all_single(rows, tokens[token_of_pair].contiguous(), received, send, async_op=True)]
+        return works, rows, ids
+
+    in_flight = {i: dispatch(i) for i in range(min(2, chunks))}
+    if run_shared is not None:
+        run_shared()
+    combines = []
+    for i in range(chunks):
+        works, rows, ids = in_flight.pop(i)
+        for work in works:
+            work.wait()
+        out = experts_forward(rows, ids.unsqueeze(1), torch.ones(len(ids), 1), weight["w_in"], weight["w_out"],
+                              weight["b_in"], weight["b_out"], spec)
+        send, received = plans[i][3].tolist(), recv_counts[:, i].tolist()
+        back = torch.empty(sum(send), hidden, dtype=out.dtype)
+        combines.append((dist.all_to_all_single(back, out, send, received, async_op=True), back, i))
+        if i + 2 < chunks:
+            in_flight[i + 2] = dispatch(i + 2)
+    y = torch.zeros_like(tokens)
+    for work, back, i in combines:
+        work.wait()
+        token_of_pair, _, pair_weight, _ = plans[i]
+        y.index_add_(0, token_of_pair, back * pair_weight.unsqueeze(1).to(back.dtype))
+    return y

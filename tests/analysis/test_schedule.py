@@ -1,7 +1,15 @@
 import networkx as nx
 import pytest
 
-from moec.analysis.schedule import CostModel, LayerWork, choose_chunks, gantt_png, makespan, schedule_dag, start_times
+from moec.analysis.schedule import (
+    CostModel,
+    LayerWork,
+    choose_chunks,
+    gantt_png,
+    makespan,
+    schedule_dag,
+    start_times,
+)
 from moec.errors import MoecError
 
 COST = CostModel(a2a_latency_s=1e-4, a2a_s_per_byte=1e-9, gemm_latency_s=1e-5, gemm_s_per_flop=1e-10)
