@@ -6,7 +6,8 @@ little affinity). Reported: expected cross-rank token moves of each placement, t
 rank / mean, worst layer), CP-SAT's time, status and gap to its own bound.
 
 Overlap, on 4 local gloo ranks (one thread each, started with torchrun by this script): one MoE layer
-(8 experts, 2 per rank, top-2, uniform routing, a shared expert). The all-to-all and GEMM costs are measured
+(8 experts, 2 per rank, top-2, hidden 512, expert FFN 48 so that compute and all-to-all are of similar
+size, 512 tokens per rank, uniform routing, a shared expert of the same width). The all-to-all and GEMM costs are measured
 and fitted (``moec.analysis.schedule.CostModel``), ``choose_chunks`` picks the chunk count, and the
 non-overlapped step (C = 1, shared expert after) and the chosen overlapped schedule are timed interleaved,
 slowest rank's time, median over repeats. The cost model's predictions are compared with both. A Gantt
@@ -99,7 +100,8 @@ def worker(out: Path, quick: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    experts, k, hidden, ffn, tokens = 8, 2, 512, 512, (256 if quick else 512)
+    # FFN width chosen so that expert compute and all-to-all time are of similar size on one thread.
+    experts, k, hidden, ffn, tokens = 8, 2, 512, 48, (256 if quick else 512)
     reps = 5 if quick else 15
     gen = torch.Generator().manual_seed(rank)
     spec = ExpertsSpec(num_experts=experts, hidden=hidden, intermediate=ffn, act="silu", gated=True)
@@ -191,6 +193,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench-results/expert_parallel.json")
     parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
     parser.add_argument("--skip-overlap", action="store_true", help="placement only")
+    parser.add_argument("--overlap-only", action="store_true", help="the 4-rank overlap measurement only")
     args = parser.parse_args()
     if args.worker:
         worker(Path(args.worker), args.quick)
@@ -200,11 +203,11 @@ def main() -> None:
     tokens, layers, experts, ranks = (4096, 8, 32, 8) if args.quick else (16384, 16, 64, 8)
     limit = 20.0
     rows = []
-    for k in (1, 2):
+    for k in (1, 2) if not args.overlap_only else ():
         trace = synthetic_trace(tokens, layers, experts, top_k=k, skew=0.2, affinity=0.8, seed=0)
         rows.append(placement_case(f"synthetic {layers}x{experts} top-{k}", trace, ranks, limit))
-    trace = zoo_trace(args.quick)
-    for world in (2, 4):
+    for world in (2, 4) if not args.overlap_only else ():
+        trace = trace if world > 2 else zoo_trace(args.quick)
         rows.append(placement_case(f"tiny-olmoe trace on {world} ranks", trace, world, limit))
     result = {"placement": rows, "cpu_threads": torch.get_num_threads(), "load": os.getloadavg()}
     if not args.skip_overlap:
