@@ -57,12 +57,12 @@ class OverlapSchedule(Pass):
                 shared_flops=ffn_flops(self.tokens_per_rank, shared.spec.hidden, shared.spec.intermediate,
                                        shared.spec.gated) if shared is not None and self.overlap_shared else 0.0,
             )
-            overlap = self.overlap_shared or (self.chunks or 2) > 1
             if cost is not None and self.chunks is None:
                 schedule = choose_chunks(work, cost, self.max_chunks)
-                schedule = LayerSchedule(schedule.chunks, overlap, schedule.predicted_s, schedule.baseline_s)
+                schedule = LayerSchedule(schedule.chunks, self.overlap_shared, schedule.predicted_s,
+                                         schedule.baseline_s)
             else:
-                schedule = LayerSchedule(self.chunks, overlap, 0.0, 0.0)
+                schedule = LayerSchedule(self.chunks, self.overlap_shared, 0.0, 0.0)
             schedules[op.block] = schedule.to_json()
         settings["schedule"] = schedules
         context.report["overlap_schedule"] = schedules
