@@ -1,9 +1,18 @@
 import pytest
 import torch
 
+import moec
 from moec.analysis.traces import RoutingTrace, collect_trace, synthetic_trace
 from moec.errors import MoecError
+from moec.frontend.zoo import build_preset
 from moec.ir.ops import RouteOp
+
+
+@pytest.fixture(scope="module")
+def compiled_olmoe():
+    model, example = build_preset("tiny-olmoe")
+    program = moec.compile(model, example).program
+    return program, program.flatten_inputs((), example)
 
 
 def test_synthetic_trace_follows_affinity_and_skew():
