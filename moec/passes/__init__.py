@@ -1,10 +1,6 @@
 """Passes over moec programs, and the manager that runs a recipe of them."""
 
-from moec.passes import (  # noqa: F401, I001  (registers the passes)
-    dead_code,  # noqa: F401  (registers the pass)
-    expert_placement,
-    overlap_schedule,
-)
+from moec.passes import dead_code, expert_placement, overlap_schedule  # noqa: F401  (registers the passes)
 from moec.passes.base import PASSES, Pass, PassContext, PassResult, register_pass
 from moec.passes.manager import build_passes, load_recipe, run_passes
 
