@@ -5,6 +5,8 @@ from moec.passes import (  # noqa: F401  (registers the passes)
     dead_code,
     dense_to_moe,
     dynamic_skip,
+    expert_placement,
+    overlap_schedule,
     quantize,
 )
 from moec.passes.base import PASSES, Pass, PassContext, PassResult, register_pass

@@ -1,0 +1,262 @@
+"""Expert placement: which rank holds each expert of each MoE layer, chosen from routing traces.
+
+A token routed to expert a in layer l and then to expert b in layer l+1 crosses ranks unless a and b
+sit on the same rank (ExFlow's inter-layer affinity; MoETuner's ILP). ``solve_placement`` minimizes
+those expected crossings with OR-Tools CP-SAT subject to
+
+* every expert on exactly one rank,
+* per layer, each rank's routed load within ``(1 + balance_eps)`` of the mean,
+* per layer, at most ``capacity`` experts per rank, and optionally at most ``memory_bytes`` of expert
+  weights per rank over all layers,
+
+under a time limit, returning the best solution found together with the solver's bound. Two baselines,
+``contiguous_placement`` and ``round_robin_placement``, are the usual static layouts.
+
+Model: ``x[l, e, r]`` (expert e of layer l on rank r); for each expert b of layer l+1 and rank r,
+``local[l, b, r]`` is the transition mass into b that stays on r: at most the mass arriving from b's
+strongest ``predecessors_per_expert`` experts of layer l that sit on r, and zero unless b sits on r. The
+objective maximizes local mass (weaker predecessors are counted as crossing, which keeps the model small
+enough for a 2-core time limit; ``cross_rank_moves`` then scores the solution on the full trace). A
+greedy layer-by-layer placement is given as the solver's starting hint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from ortools.sat.python import cp_model
+
+from moec.analysis.traces import RoutingTrace
+from moec.errors import MoecError
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``ranks[l][e]``: the rank that holds expert e of layer ``layers[l]``; a plain, serializable plan."""
+
+    world_size: int
+    layers: tuple[str, ...]
+    ranks: tuple[tuple[int, ...], ...]
+    method: str = ""
+
+    def local_experts(self, layer: str, rank: int) -> list[int]:
+        """The experts of ``layer`` held by ``rank``, in increasing id order."""
+        owners = self.ranks[self.layers.index(layer)]
+        return [expert for expert, owner in enumerate(owners) if owner == rank]
+
+    def to_json(self) -> dict:
+        return {"world_size": self.world_size, "layers": list(self.layers),
+                "ranks": [list(row) for row in self.ranks], "method": self.method}
+
+    @staticmethod
+    def from_json(data: dict) -> Placement:
+        return Placement(int(data["world_size"]), tuple(data["layers"]),
+                         tuple(tuple(int(r) for r in row) for row in data["ranks"]), data.get("method", ""))
+
+
+@dataclass
+class SolveStats:
+    """How the CP-SAT solve went: objective and bound in moved-token units, gap, time, status."""
+
+    status: str
+    moves: float
+    bound_moves: float
+    gap: float
+    seconds: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def check_world_size(num_experts: int, world_size: int) -> None:
+    if world_size < 1:
+        raise MoecError(f"world size must be at least 1, got {world_size}")
+    if world_size > num_experts:
+        raise MoecError(
+            f"cannot place {num_experts} experts per layer on {world_size} ranks: every rank needs at least "
+            f"one expert; use at most {num_experts} ranks"
+        )
+
+
+def contiguous_placement(layers: tuple[str, ...], num_experts: int, world_size: int) -> Placement:
+    """Experts 0..E/R-1 on rank 0, the next block on rank 1, ... (the default layout of most runtimes)."""
+    check_world_size(num_experts, world_size)
+    row = tuple(expert * world_size // num_experts for expert in range(num_experts))
+    return Placement(world_size, tuple(layers), tuple(row for _ in layers), "contiguous")
+
+
+def round_robin_placement(layers: tuple[str, ...], num_experts: int, world_size: int) -> Placement:
+    """Expert e on rank e mod R."""
+    check_world_size(num_experts, world_size)
+    row = tuple(expert % world_size for expert in range(num_experts))
+    return Placement(world_size, tuple(layers), tuple(row for _ in layers), "round-robin")
+
+
+def cross_rank_moves(trace: RoutingTrace, placement: Placement) -> float:
+    """Expected token moves between ranks at layer boundaries (``RoutingTrace.transitions`` units)."""
+    ranks = torch.tensor(placement.ranks, dtype=torch.int64)
+    moves = 0.0
+    for layer, counts in enumerate(trace.transitions()):
+        differ = ranks[layer].unsqueeze(1) != ranks[layer + 1].unsqueeze(0)
+        moves += float(counts[differ].sum())
+    return moves
+
+
+def load_imbalance(trace: RoutingTrace, placement: Placement) -> float:
+    """The worst layer's busiest rank load divided by that layer's mean rank load (1.0 = perfect)."""
+    worst = 1.0
+    for layer, load in enumerate(trace.expert_load()):
+        per_rank = torch.zeros(placement.world_size, dtype=torch.float64)
+        per_rank.index_add_(0, torch.tensor(placement.ranks[layer]), load)
+        if per_rank.sum() > 0:
+            worst = max(worst, float(per_rank.max() / per_rank.mean()))
+    return worst
+
+
+def solve_placement(
+    trace: RoutingTrace,
+    world_size: int,
+    *,
+    balance_eps: float = 0.1,
+    capacity: int | None = None,
+    memory_bytes: int | None = None,
+    expert_bytes: list[int] | None = None,
+    time_limit_s: float = 20.0,
+    predecessors_per_expert: int = 2,
+    workers: int = 2,
+    seed: int = 0,
+) -> tuple[Placement, SolveStats]:
+    """The CP-SAT placement of ``trace``'s layers on ``world_size`` ranks, and how the solve went.
+
+    ``capacity`` is the most experts one rank may hold per layer (default ``ceil(E / R)``);
+    ``memory_bytes`` caps the expert bytes a rank holds over all layers, with ``expert_bytes[l]`` the
+    size of one expert of layer l. Raises ``MoecError`` when no placement can satisfy the constraints.
+    """
+    E, L, R = trace.num_experts, trace.num_layers, world_size
+    check_world_size(E, R)
+    capacity = math.ceil(E / R) if capacity is None else capacity
+    if capacity * R < E:
+        raise MoecError(
+            f"capacity {capacity} experts per rank on {R} ranks holds {capacity * R} experts, fewer than the "
+            f"{E} of each layer; raise the capacity to at least {math.ceil(E / R)}"
+        )
+    if memory_bytes is not None:
+        expert_bytes = expert_bytes or [1] * L
+        least = sum(math.ceil(E / R) * size for size in expert_bytes)
+        if memory_bytes < least:
+            raise MoecError(
+                f"memory {memory_bytes:,} bytes per rank cannot hold a 1/{R} share of every layer's experts "
+                f"({least:,} bytes); raise the memory per rank or use more ranks"
+            )
+    load = trace.expert_load().round().long()  # integer (token, slot) counts [L, E]
+    limit = [math.floor((1 + balance_eps) * int(load[layer].sum()) / R) for layer in range(L)]
+    for layer in range(L):
+        if int(load[layer].max()) > limit[layer]:
+            raise MoecError(
+                f"layer {trace.layers[layer]}: expert {int(load[layer].argmax())} alone carries "
+                f"{int(load[layer].max())} of {int(load[layer].sum())} routed tokens, more than one rank may hold "
+                f"with balance_eps={balance_eps}; raise balance_eps or use fewer ranks"
+            )
+    # Integer transition masses: T * k is an integer count of slot pairs.
+    transitions = (trace.transitions() * trace.top_k).round().long()
+    start = time.perf_counter()
+
+    model = cp_model.CpModel()
+    x = [[[model.new_bool_var(f"x{layer}_{e}_{r}") for r in range(R)] for e in range(E)] for layer in range(L)]
+    for layer in range(L):
+        for e in range(E):
+            model.add_exactly_one(x[layer][e])
+        for r in range(R):
+            column = [x[layer][e][r] for e in range(E)]
+            model.add(sum(column) <= capacity)
+            model.add(sum(int(load[layer, e]) * column[e] for e in range(E)) <= limit[layer])
+    if memory_bytes is not None:
+        for r in range(R):
+            model.add(sum(expert_bytes[layer] * x[layer][e][r] for layer in range(L) for e in range(E)) <= memory_bytes)
+
+    # local[l, b, r]: the transition mass into expert b of layer l+1 that stays on rank r; it is at most
+    # the mass arriving from layer l's experts on r, and zero unless b is on r. Its upper bound is the
+    # mass of b's ``capacity`` heaviest predecessors (no rank holds more of them), which makes the
+    # LP relaxation's bound "every expert keeps its heaviest predecessors local".
+    objective = []
+    hint = greedy_placement(load, transitions, R, capacity, limit)
+    for layer, counts in enumerate(transitions):
+        for b in range(E):
+            top = counts[:, b].topk(min(predecessors_per_expert, E))
+            predecessors = [(a, m) for a, m in zip(top.indices.tolist(), top.values.tolist(), strict=True) if m > 0]
+            best = sum(m for _, m in predecessors)
+            for r in range(R):
+                if not predecessors:
+                    break
+                local = model.new_int_var(0, best, f"y{layer}_{b}_{r}")
+                model.add(local <= sum(m * x[layer][a][r] for a, m in predecessors))
+                model.add(local <= best * x[layer + 1][b][r])
+                objective.append(local)
+                if hint is not None:
+                    on_r = hint[layer + 1][b] == r
+                    model.add_hint(local, sum(m for a, m in predecessors if hint[layer][a] == r) if on_r else 0)
+    model.maximize(sum(objective))
+    if hint is not None:
+        for layer in range(L):
+            for e in range(E):
+                for r in range(R):
+                    model.add_hint(x[layer][e][r], hint[layer][e] == r)
+
+    solver = cp_model.CpSolver()
+    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.num_workers = workers
+    solver.parameters.random_seed = seed
+    solver.parameters.symmetry_level = 0  # symmetry breaking in presolve would discard the hint
+    status = solver.solve(model)
+    if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        raise MoecError(
+            f"no placement of {E} experts x {L} layers on {R} ranks satisfies balance_eps={balance_eps}, capacity="
+            f"{capacity}{f', memory {memory_bytes:,} bytes' if memory_bytes is not None else ''} "
+            f"(solver: {solver.status_name(status)}); relax one of them"
+        )
+    ranks = tuple(tuple(next(r for r in range(R) if solver.value(x[layer][e][r])) for e in range(E)) for layer in range(L))
+    placement = Placement(R, trace.layers, ranks, "cp-sat")
+    k = trace.top_k
+    total = float(transitions.sum())
+    moves = (total - solver.objective_value) / k
+    bound_moves = (total - solver.best_objective_bound) / k
+    stats = SolveStats(
+        status=solver.status_name(status), moves=moves, bound_moves=bound_moves,
+        gap=(moves - bound_moves) / moves if moves > 0 else 0.0, seconds=time.perf_counter() - start,
+    )
+    return placement, stats
+
+
+def greedy_placement(load: torch.Tensor, transitions: torch.Tensor, world_size: int, capacity: int,
+                     limit: list[int]) -> list[list[int]] | None:
+    """A feasible starting point for the solver, or None: layer 0 by longest-load-first onto the
+    least loaded rank; each later expert (heaviest first) onto the allowed rank that keeps most of the
+    transition mass arriving from the previous layer."""
+    L, E = load.shape
+    placement: list[list[int]] = []
+    for layer in range(L):
+        owner = [-1] * E
+        rank_load = [0] * world_size
+        rank_count = [0] * world_size
+        for e in sorted(range(E), key=lambda e: -int(load[layer, e])):
+            allowed = [r for r in range(world_size)
+                       if rank_count[r] < capacity and rank_load[r] + int(load[layer, e]) <= limit[layer]]
+            if not allowed:
+                return None
+            if layer == 0:
+                best = min(allowed, key=lambda r: rank_load[r])
+            else:
+                incoming = [0] * world_size
+                for a in range(E):
+                    incoming[placement[-1][a]] += int(transitions[layer - 1, a, e])
+                best = max(allowed, key=lambda r: (incoming[r], -rank_load[r]))
+            owner[e] = best
+            rank_load[best] += int(load[layer, e])
+            rank_count[best] += 1
+        placement.append(owner)
+    return placement
+
+

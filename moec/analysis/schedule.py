@@ -1,0 +1,186 @@
+"""Overlap schedules for expert-parallel MoE layers: a DAG per layer, its makespan under a fitted cost
+model, and the chunk count that minimizes it (Tutel's pipelining, FSMoE, shortcut-connected MoE).
+
+One MoE layer on one rank, split into C chunks of its local tokens, runs in this program order (the
+distributed runtime follows it exactly)::
+
+    exchange counts (all chunks, one small all-to-all)
+    issue dispatch 0, issue dispatch 1
+    shared expert / dense path           <- while dispatch is in flight
+    for i in 0..C-1: wait dispatch i; experts on chunk i; issue combine i; issue dispatch i+2
+    wait every combine
+
+Communication runs on one serial stream (collectives complete in issue order), computation on the
+calling thread. The DAG has one node per step with its stream and predicted duration; its edges are the
+data dependencies (dispatch i -> experts i -> combine i), stream order, and issue order (dispatch i+2
+is issued after experts i). Start times are the longest path to each node, so the makespan is exact
+for the model. The non-overlapped baseline is C = 1 with every step in series.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import networkx as nx
+import numpy as np
+
+from moec.errors import MoecError
+
+COMM, COMPUTE = "comm", "compute"
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted seconds: all-to-all ``latency + bytes * per_byte``; GEMM ``latency + flops * per_flop``."""
+
+    a2a_latency_s: float
+    a2a_s_per_byte: float
+    gemm_latency_s: float
+    gemm_s_per_flop: float
+
+    def all_to_all(self, nbytes: float) -> float:
+        return self.a2a_latency_s + nbytes * self.a2a_s_per_byte
+
+    def gemm(self, flops: float) -> float:
+        return self.gemm_latency_s + flops * self.gemm_s_per_flop if flops > 0 else 0.0
+
+    @staticmethod
+    def fit(a2a_samples: list[tuple[float, float]], gemm_samples: list[tuple[float, float]]) -> CostModel:
+        """Least-squares lines through measured ``(bytes, seconds)`` and ``(flops, seconds)`` samples
+        (each needs two sizes at least); intercepts and slopes are kept non-negative."""
+        a_lat, a_slope = fit_line(a2a_samples, "all-to-all")
+        g_lat, g_slope = fit_line(gemm_samples, "GEMM")
+        return CostModel(a_lat, a_slope, g_lat, g_slope)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict) -> CostModel:
+        return CostModel(**{key: float(value) for key, value in data.items()})
+
+
+def fit_line(samples: list[tuple[float, float]], what: str) -> tuple[float, float]:
+    sizes = sorted({size for size, _ in samples})
+    if len(sizes) < 2:
+        raise MoecError(f"fitting the {what} cost needs measurements at two sizes at least, got {sizes}")
+    x = np.array([size for size, _ in samples], dtype=np.float64)
+    y = np.array([seconds for _, seconds in samples], dtype=np.float64)
+    slope, intercept = np.polyfit(x, y, 1)
+    if intercept < 0:
+        slope, intercept = float(np.dot(x, y) / np.dot(x, x)), 0.0
+    return max(float(intercept), 0.0), max(float(slope), 0.0)
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """One rank's work in one MoE layer: bytes it dispatches (and gets back in combine), FLOPs of its
+    experts on the rows it receives, FLOPs of the shared expert / dense path on its own tokens."""
+
+    dispatch_bytes: float
+    expert_flops: float
+    shared_flops: float = 0.0
+
+
+def schedule_dag(work: LayerWork, cost: CostModel, chunks: int, overlap: bool = True) -> nx.DiGraph:
+    """The DAG of one layer split into ``chunks`` chunks; ``overlap=False`` chains every step in series."""
+    if chunks < 1:
+        raise MoecError(f"a schedule needs at least one chunk, got {chunks}")
+    dag = nx.DiGraph()
+
+    def node(name: str, stream: str, seconds: float, chunk: int | None = None) -> str:
+        dag.add_node(name, stream=stream, seconds=seconds, chunk=chunk)
+        return name
+
+    send = work.dispatch_bytes / chunks
+    counts = node("counts", COMM, cost.all_to_all(0))
+    dispatch = [node(f"dispatch {i}", COMM, cost.all_to_all(send), i) for i in range(chunks)]
+    experts = [node(f"experts {i}", COMPUTE, cost.gemm(work.expert_flops / chunks), i) for i in range(chunks)]
+    combine = [node(f"combine {i}", COMM, cost.all_to_all(send), i) for i in range(chunks)]
+    shared = node("shared", COMPUTE, cost.gemm(work.shared_flops)) if work.shared_flops else None
+    for i in range(chunks):
+        dag.add_edge(dispatch[i], experts[i])
+        dag.add_edge(experts[i], combine[i])
+    if not overlap:
+        chain = [counts] + [step for i in range(chunks) for step in (dispatch[i], experts[i], combine[i])]
+        chain += [shared] if shared else []
+        nx.add_path(dag, chain)
+        return dag
+    comm_order = [counts, *dispatch[:2]]
+    for i in range(chunks):
+        comm_order += [combine[i]] + ([dispatch[i + 2]] if i + 2 < chunks else [])
+        if i + 2 < chunks:
+            dag.add_edge(experts[i], dispatch[i + 2])  # issued right after experts i
+    nx.add_path(dag, comm_order)
+    compute_order = ([shared] if shared else []) + experts
+    nx.add_path(dag, [counts, *compute_order])  # the count exchange blocks: buffers need its sizes
+    return dag
+
+
+def start_times(dag: nx.DiGraph) -> dict[str, float]:
+    """Each step's start: the latest finish among its predecessors (0 for the first ones)."""
+    start: dict[str, float] = {}
+    for name in nx.topological_sort(dag):
+        start[name] = max((start[p] + dag.nodes[p]["seconds"] for p in dag.predecessors(name)), default=0.0)
+    return start
+
+
+def makespan(dag: nx.DiGraph) -> float:
+    start = start_times(dag)
+    return max((start[n] + dag.nodes[n]["seconds"] for n in dag), default=0.0)
+
+
+@dataclass(frozen=True)
+class LayerSchedule:
+    """The chosen schedule of one layer: chunk count, whether the shared path overlaps dispatch, and
+    the predicted step times of this schedule and of the non-overlapped baseline."""
+
+    chunks: int
+    overlap: bool
+    predicted_s: float
+    baseline_s: float
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: dict) -> LayerSchedule:
+        return LayerSchedule(int(data["chunks"]), bool(data["overlap"]), float(data["predicted_s"]),
+                             float(data["baseline_s"]))
+
+
+def choose_chunks(work: LayerWork, cost: CostModel, max_chunks: int = 8) -> LayerSchedule:
+    """The chunk count in 1..max_chunks with the shortest predicted makespan (the fewest on ties)."""
+    baseline = makespan(schedule_dag(work, cost, 1, overlap=False))
+    best = min(range(1, max_chunks + 1), key=lambda c: (round(makespan(schedule_dag(work, cost, c)), 12), c))
+    return LayerSchedule(best, True, makespan(schedule_dag(work, cost, best)), baseline)
+
+
+def gantt_png(dag: nx.DiGraph, title: str = "") -> bytes:
+    """A Gantt chart of the DAG's steps, one row per stream, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    start = start_times(dag)
+    colors = {"counts": "#999999", "dispatch": "#4c72b0", "combine": "#55a868", "experts": "#dd8452",
+              "shared": "#8172b3"}
+    rows = {COMM: 1, COMPUTE: 0}
+    fig, ax = plt.subplots(figsize=(10, 2.4))
+    for name, data in dag.nodes(data=True):
+        kind = name.split()[0]
+        ax.barh(rows[data["stream"]], data["seconds"] * 1e3, left=start[name] * 1e3, color=colors[kind],
+                edgecolor="black", linewidth=0.5)
+        if data["seconds"] > 0:
+            ax.text((start[name] + data["seconds"] / 2) * 1e3, rows[data["stream"]], name.replace("experts", "exp")
+                    .replace("dispatch", "d").replace("combine", "c"), ha="center", va="center", fontsize=7)
+    ax.set_yticks([0, 1], ["compute", "communication"])
+    ax.set_xlabel("ms")
+    ax.set_title(title or f"makespan {makespan(dag) * 1e3:.2f} ms")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()

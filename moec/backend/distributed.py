@@ -1,0 +1,225 @@
+"""The expert-parallel runtime: one process per rank (torch.distributed), each holding only its own
+experts, running a plan's forward with the placement and overlap schedule stored in the plan.
+
+The plan's ``metadata["expert_parallel"]`` (written by the ``expert-placement`` and ``overlap-schedule``
+passes) holds ``world_size``, ``placement`` (``moec.analysis.placement.Placement`` JSON) and
+``schedule`` (per block, ``moec.analysis.schedule.LayerSchedule`` JSON). Every rank takes its share of
+the batch (dim 0 of every input) and runs the graph like the torch runner, except ``moe.experts``:
+
+1. each (token, slot) pair goes to the rank that owns its expert; the per-chunk pair counts are
+   exchanged first (one small blocking all-to-all),
+2. rows and local expert ids of each chunk are dispatched with asynchronous ``all_to_all_single``;
+   the block's shared expert runs while the first dispatches are in flight,
+3. the owner runs its experts on what it received and sends the outputs back (combine, asynchronous),
+4. the sender scales each returned row by its routing weight and sums it into its token.
+
+gloo supports ``all_to_all_single`` (also uneven and asynchronous) on CPU tensors in torch 2.13, so the
+exchange uses it directly. Errors found while loading are agreed on by every rank (one all-reduce)
+before any other collective, so a bad plan makes every rank raise instead of some waiting forever.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import safetensors
+import torch
+import torch.distributed as dist
+
+from moec.analysis.placement import Placement
+from moec.analysis.schedule import LayerSchedule
+from moec.backend.torch_runner import TorchRunner
+from moec.errors import BackendError, MoecError, PlanError
+from moec.ir.ops import ExpertsOp, SharedExpertOp
+from moec.ir.parser import parse_graph
+from moec.ir.plan import WEIGHTS_FILE, read_plan_json
+from moec.ir.program import Program
+from moec.ir.verifier import verify
+from moec.kernels.moe_cpu import experts_forward
+
+EXPERT_ROLES = ("w_in", "w_out", "b_in", "b_out")
+
+
+def agree(error: MoecError | None, group: Any = None) -> None:
+    """Raise on every rank if any rank hit an error: the rank's own error, or one naming the first failed rank."""
+    failed = torch.tensor([dist.get_rank() if error is not None else dist.get_world_size()])
+    dist.all_reduce(failed, op=dist.ReduceOp.MIN, group=group)
+    if error is not None:
+        raise error
+    if int(failed) < dist.get_world_size():
+        raise BackendError(f"rank {int(failed)} failed to start the expert-parallel plan (see its message); stopping")
+
+
+def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tuple[Program, dict[str, Any]]:
+    """The plan's program with only ``rank``'s experts loaded (sliced from the safetensors file, so the
+    other ranks' experts are never read), and its expert-parallel metadata."""
+    folder, plan = read_plan_json(path)
+    settings = plan.get("metadata", {}).get("expert_parallel")
+    if not settings or "placement" not in settings:
+        raise PlanError(f"{folder} has no expert placement; run the expert-placement pass before distributing it")
+    placement = Placement.from_json(settings["placement"])
+    if placement.world_size != world_size:
+        raise PlanError(
+            f"{folder} was placed for {placement.world_size} ranks but was started with {world_size}; start it "
+            f"with --nproc-per-node {placement.world_size} or place it again for {world_size} ranks"
+        )
+    graph = parse_graph(plan["ir"])
+    verify(graph)
+    expert_slices: dict[str, list[int]] = {}
+    for op in graph.ops_of(ExpertsOp):
+        if op.block not in placement.layers:
+            raise PlanError(f"{folder}: the placement has no entry for MoE block {op.block!r}; place the plan again")
+        local = placement.local_experts(op.block, rank)
+        for role in EXPERT_ROLES:
+            if op.weight(role) is not None:
+                expert_slices[op.weight(role).name] = local
+    weights = {}
+    with safetensors.safe_open(str(folder / WEIGHTS_FILE), framework="pt") as file:
+        for name in graph.used_weights():
+            if name in expert_slices:
+                stored = file.get_slice(name)
+                weights[name] = torch.cat([stored[e:e + 1] for e in expert_slices[name]])
+            else:
+                weights[name] = file.get_tensor(name)
+    return Program(graph, weights, plan["in_spec"], plan["out_spec"], plan.get("metadata", {})), settings
+
+
+class ExpertParallelRunner(TorchRunner):
+    """Runs one rank's share of a plan; every rank of the default process group must run it together."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        if not dist.is_initialized():
+            raise BackendError("the expert-parallel runtime needs torch.distributed initialized (start it with torchrun)")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        error = None
+        try:
+            program, settings = load_rank_program(path, self.rank, self.world_size)
+        except MoecError as err:
+            error = err
+        agree(error)
+        self.placement = Placement.from_json(settings["placement"])
+        self.schedules = {block: LayerSchedule.from_json(data) for block, data in settings.get("schedule", {}).items()}
+        self.shared_of = {}  # experts op -> the shared expert of its block reading the same input
+        for op in program.graph.ops_of(SharedExpertOp):
+            for experts in program.graph.ops_of(ExpertsOp):
+                if experts.block == op.block and experts.args[0] is op.args[0]:
+                    self.shared_of[id(experts)] = op
+        self.early_results: dict[int, torch.Tensor] = {}
+        super().__init__(program)
+
+    def prepare(self, op):
+        step = super().prepare(op) if not isinstance(op, ExpertsOp) else None
+        if isinstance(op, SharedExpertOp):
+            return lambda args, kwargs: self.early_results.pop(id(op)) if id(op) in self.early_results else step(args, kwargs)
+        if isinstance(op, ExpertsOp):
+            return self.expert_parallel_step(op)
+        return step
+
+    def expert_parallel_step(self, op: ExpertsOp):
+        layer = self.placement.layers.index(op.block)
+        owners = torch.tensor(self.placement.ranks[layer], dtype=torch.int64)
+        local_index = local_positions(owners, self.world_size)
+        schedule = self.schedules.get(op.block, LayerSchedule(1, False, 0.0, 0.0))
+        weights = self.program.weights
+        weight = {role: weights[op.weight(role).name] if op.weight(role) is not None else None for role in EXPERT_ROLES}
+        shared = self.shared_of.get(id(op)) if schedule.overlap else None
+        shared_step = super().prepare(shared) if shared is not None else None
+        spec = op.spec
+
+        def step(args, kwargs):
+            x, indices, routing = args
+            run_shared = (lambda: self.early_results.__setitem__(id(shared), shared_step([x], {}))) if shared else None
+            hidden, k = x.shape[-1], indices.shape[-1]
+            y = expert_parallel_layer(x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k), owners,
+                                      local_index, weight, spec, schedule.chunks, run_shared)
+            return y.reshape(x.shape)
+
+        return step
+
+    def run_sharded(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run this rank's share (its rows of dim 0 of every input) and return the whole batch's outputs,
+        gathered from every rank."""
+        batch = inputs[0].shape[0] if inputs else 0
+        if batch < self.world_size:
+            raise BackendError(f"a batch of {batch} cannot be shared by {self.world_size} ranks; give at least "
+                               f"{self.world_size} rows")
+        share = [x.tensor_split(self.world_size)[self.rank] if x.dim() else x for x in inputs]
+        outputs = self.run(share)
+        return [gather_rows(out, self.world_size) for out in outputs]
+
+
+def gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    """Concatenate every rank's ``x`` along dim 0 (shares may differ in length by one row)."""
+    length = torch.tensor([x.shape[0]])
+    lengths = [torch.empty_like(length) for _ in range(world_size)]
+    dist.all_gather(lengths, length)
+    longest = int(max(lengths))
+    padded = torch.zeros(longest, *x.shape[1:], dtype=x.dtype)
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([part[: int(n)] for part, n in zip(parts, lengths, strict=True)])
+
+
+def local_positions(owners: torch.Tensor, world_size: int) -> torch.Tensor:
+    """For each expert, its position among the experts its owner holds (the row of the local weights)."""
+    local_index = torch.zeros_like(owners)
+    for rank in range(world_size):
+        mine = owners == rank
+        local_index[mine] = torch.arange(int(mine.sum()))
+    return local_index
+
+
+def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor, owners: torch.Tensor,
+                          local_index: torch.Tensor, weight: dict[str, torch.Tensor | None], spec: Any, chunks: int,
+                          run_shared: Any = None) -> torch.Tensor:
+    """One MoE layer across the process group, in the program order of ``moec.analysis.schedule``.
+
+    ``tokens`` [T, H], ``indices``/``routing`` [T, k] are this rank's; ``owners[e]`` is expert e's rank,
+    ``local_index[e]`` its row in its owner's ``weight`` tensors (which hold that rank's experts only).
+    ``run_shared`` (or None) is called once the first dispatches are in flight. Returns y [T, H].
+    """
+    world_size = dist.get_world_size()
+    hidden, k = tokens.shape[-1], indices.shape[-1]
+    # Per chunk: (token, slot) pairs sorted by owner rank, and how many go to each rank.
+    plans = []
+    for chunk in torch.arange(tokens.shape[0]).tensor_split(chunks):
+        experts = indices[chunk].reshape(-1)
+        order = torch.argsort(owners[experts], stable=True)
+        counts = torch.bincount(owners[experts], minlength=world_size)
+        plans.append((chunk.repeat_interleave(k)[order], experts[order], routing[chunk].reshape(-1)[order], counts))
+    send_counts = torch.stack([plan[3] for plan in plans], dim=1).contiguous()  # [R, C]
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+
+    def dispatch(i):
+        token_of_pair, experts, _, counts = plans[i]
+        send, received = counts.tolist(), recv_counts[:, i].tolist()
+        rows = torch.empty(sum(received), hidden, dtype=tokens.dtype)
+        ids = torch.empty(sum(received), dtype=torch.int64)
+        works = [dist.all_to_all_single(ids, local_index[experts], received, send, async_op=True),
+                 dist.all_to_all_single(rows, tokens[token_of_pair].contiguous(), received, send, async_op=True)]
+        return works, rows, ids
+
+    in_flight = {i: dispatch(i) for i in range(min(2, chunks))}
+    if run_shared is not None:
+        run_shared()
+    combines = []
+    for i in range(chunks):
+        works, rows, ids = in_flight.pop(i)
+        for work in works:
+            work.wait()
+        out = experts_forward(rows, ids.unsqueeze(1), torch.ones(len(ids), 1), weight["w_in"], weight["w_out"],
+                              weight["b_in"], weight["b_out"], spec)
+        send, received = plans[i][3].tolist(), recv_counts[:, i].tolist()
+        back = torch.empty(sum(send), hidden, dtype=out.dtype)
+        combines.append((dist.all_to_all_single(back, out, send, received, async_op=True), back, i))
+        if i + 2 < chunks:
+            in_flight[i + 2] = dispatch(i + 2)
+    y = torch.zeros_like(tokens)
+    for work, back, i in combines:
+        work.wait()
+        token_of_pair, _, pair_weight, _ = plans[i]
+        y.index_add_(0, token_of_pair, back * pair_weight.unsqueeze(1).to(back.dtype))
+    return y

@@ -1,0 +1,71 @@
+"""``expert-placement``: record which rank holds each expert of each MoE layer.
+
+Requires: a verified graph with ``moe.experts`` ops, and a ``RoutingTrace`` (``moec.analysis.traces``)
+as ``context.calibration`` whose layers are the program's routed blocks (``method="cp-sat"`` only).
+Ensures: ``program.metadata["expert_parallel"]`` holds ``world_size`` and ``placement`` (a
+``Placement`` as JSON, one row per block) and ``placement_stats`` (moves, load balance, solver gap). The
+graph is unchanged. In place. The decision is made by ``moec.analysis.placement``; this pass applies it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moec.analysis import placement as placing
+from moec.analysis.traces import RoutingTrace
+from moec.errors import PassError
+from moec.ir.ops import ExpertsOp
+from moec.ir.program import Program
+from moec.passes.base import Pass, PassContext, PassResult, register_pass
+
+METHODS = ("cp-sat", "round-robin", "contiguous")
+
+
+@register_pass
+@dataclass(frozen=True)
+class ExpertPlacement(Pass):
+    name = "expert-placement"
+
+    world_size: int = 2
+    method: str = "cp-sat"
+    balance_eps: float = 0.1
+    capacity: int | None = None
+    memory_bytes: int | None = None
+    time_limit_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+
+    def run(self, program: Program, context: PassContext) -> PassResult:
+        experts_ops = program.graph.ops_of(ExpertsOp)
+        if not experts_ops:
+            raise PassError("the program has no moe.experts ops to place")
+        blocks = tuple(op.block for op in experts_ops)
+        counts = {op.spec.num_experts for op in experts_ops}
+        if len(counts) != 1:
+            raise PassError(f"MoE layers differ in expert count {sorted(counts)}; placement needs one count")
+        (num_experts,) = counts
+        placing.check_world_size(num_experts, self.world_size)
+        stats = {}
+        if self.method == "cp-sat":
+            trace = context.calibration
+            if not isinstance(trace, RoutingTrace):
+                raise PassError("cp-sat placement needs a RoutingTrace as calibration (moec.analysis.traces.collect_trace)")
+            if trace.layers != blocks:
+                raise PassError(f"the trace's layers {list(trace.layers)} are not the program's MoE blocks {list(blocks)}")
+            expert_bytes = [sum(program.weights[ref.name][0].numel() * program.weights[ref.name].element_size()
+                                for ref in op.weight_refs) for op in experts_ops]
+            placement, solve = placing.solve_placement(
+                trace, self.world_size, balance_eps=self.balance_eps, capacity=self.capacity,
+                memory_bytes=self.memory_bytes, expert_bytes=expert_bytes, time_limit_s=self.time_limit_s)
+            stats = {"solver": solve.to_json(), "moves": placing.cross_rank_moves(trace, placement),
+                     "load_imbalance": placing.load_imbalance(trace, placement)}
+        elif self.method == "round-robin":
+            placement = placing.round_robin_placement(blocks, num_experts, self.world_size)
+        else:
+            placement = placing.contiguous_placement(blocks, num_experts, self.world_size)
+        settings = program.metadata.setdefault("expert_parallel", {})
+        settings.update({"world_size": self.world_size, "placement": placement.to_json(), "placement_stats": stats})
+        context.report["expert_placement"] = {"method": placement.method, **stats}
+        return PassResult(True, {"layers": len(blocks), "world_size": self.world_size, "method": placement.method})

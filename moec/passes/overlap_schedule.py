@@ -1,0 +1,73 @@
+"""``overlap-schedule``: choose, per MoE layer, how many chunks its all-to-alls are split into and whether
+the shared expert runs while dispatch is in flight.
+
+Requires: a verified graph whose ``metadata["expert_parallel"]`` has a placement (run
+``expert-placement`` first), and either ``chunks`` (a fixed count) or ``cost_model`` (a
+``moec.analysis.schedule.CostModel`` as a dict, fitted to this machine's measured all-to-all and GEMM
+times). Ensures: ``metadata["expert_parallel"]["schedule"]`` maps every MoE block to a
+``LayerSchedule`` (JSON) and each block's shared expert comes right after its ``moe.experts`` op, so the
+runtime can start it early. In place. Work per layer is estimated for ``tokens_per_rank`` tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moec.analysis.schedule import CostModel, LayerSchedule, LayerWork, choose_chunks
+from moec.errors import PassError
+from moec.ir.ops import ExpertsOp, SharedExpertOp
+from moec.ir.program import Program
+from moec.passes.base import Pass, PassContext, PassResult, register_pass
+
+
+def ffn_flops(tokens: float, hidden: int, intermediate: int, gated: bool) -> float:
+    return 2.0 * tokens * hidden * intermediate * (3 if gated else 2)
+
+
+@register_pass
+@dataclass(frozen=True)
+class OverlapSchedule(Pass):
+    name = "overlap-schedule"
+
+    chunks: int | None = None
+    cost_model: dict | None = field(default=None)
+    tokens_per_rank: int = 512
+    max_chunks: int = 8
+    overlap_shared: bool = True
+
+    def run(self, program: Program, context: PassContext) -> PassResult:
+        settings = program.metadata.get("expert_parallel", {})
+        if "placement" not in settings:
+            raise PassError("overlap-schedule needs a placement: run expert-placement first")
+        if self.chunks is None and self.cost_model is None:
+            raise PassError("give overlap-schedule either chunks=N or a fitted cost_model (see tools/bench/expert_parallel.py)")
+        cost = CostModel.from_json(self.cost_model) if self.cost_model is not None else None
+        graph = program.graph
+        schedules, moved = {}, 0
+        for op in graph.ops_of(ExpertsOp):
+            shared = next((s for s in graph.ops_of(SharedExpertOp) if s.block == op.block and s.args[0] is op.args[0]), None)
+            if shared is not None and graph.ops.index(shared) != graph.ops.index(op) + 1:
+                graph.ops.remove(shared)
+                graph.ops.insert(graph.ops.index(op) + 1, shared)
+                moved += 1
+            spec, k = op.spec, self.routed_k(op)
+            work = LayerWork(
+                dispatch_bytes=self.tokens_per_rank * k * spec.hidden * 4,
+                expert_flops=ffn_flops(self.tokens_per_rank * k, spec.hidden, spec.intermediate, spec.gated),
+                shared_flops=ffn_flops(self.tokens_per_rank, shared.spec.hidden, shared.spec.intermediate,
+                                       shared.spec.gated) if shared is not None and self.overlap_shared else 0.0,
+            )
+            if cost is not None and self.chunks is None:
+                schedule = choose_chunks(work, cost, self.max_chunks)
+                schedule = LayerSchedule(schedule.chunks, self.overlap_shared, schedule.predicted_s,
+                                         schedule.baseline_s)
+            else:
+                schedule = LayerSchedule(self.chunks, self.overlap_shared, 0.0, 0.0)
+            schedules[op.block] = schedule.to_json()
+        settings["schedule"] = schedules
+        context.report["overlap_schedule"] = schedules
+        return PassResult(True, {"layers": len(schedules), "shared_moved": moved})
+
+    @staticmethod
+    def routed_k(op: ExpertsOp) -> int:
+        return op.args[1].tensor_type.shape[-1]

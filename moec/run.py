@@ -1,0 +1,69 @@
+"""Run an expert-parallel plan on every rank of a torchrun job::
+
+    torchrun --nproc-per-node R -m moec.run PLAN --inputs INPUTS.safetensors [--output OUT.safetensors]
+
+``INPUTS`` holds the model's keyword inputs by name (``input_ids``, ``attention_mask`` ...); each rank runs
+its share of the batch; rank 0 writes the whole batch's flat outputs as ``output_0``, ``output_1`` ...
+Errors print one message on every rank and every rank exits with code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+from moec.backend.distributed import ExpertParallelRunner, agree
+from moec.errors import MoecError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moec.run", description="Run an expert-parallel moec plan (under torchrun).")
+    parser.add_argument("plan", metavar="PLAN", help="a plan folder with an expert placement")
+    parser.add_argument("--inputs", required=True, metavar="FILE", help="safetensors file of the model's keyword inputs")
+    parser.add_argument("--output", metavar="FILE", help="rank 0 writes the outputs here (safetensors)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    try:
+        runner = ExpertParallelRunner(args.plan)
+        error = None
+        try:
+            kwargs = safetensors.torch.load_file(args.inputs)
+            inputs = runner.program.flatten_inputs((), kwargs)
+        except (OSError, TypeError, safetensors.SafetensorError) as err:
+            error = MoecError(f"cannot use inputs {args.inputs}: {err}")
+        agree(error)
+        outputs = runner.run_sharded(inputs)
+        if rank == 0 and args.output:
+            write_outputs(outputs, Path(args.output))
+        return 0
+    except MoecError as err:
+        print(f"error (rank {rank}): {err}", file=sys.stderr)
+        return 1
+    finally:
+        dist.destroy_process_group()
+
+
+def write_outputs(outputs: list[torch.Tensor], path: Path) -> None:
+    """Write to a temporary file beside ``path`` and rename, so a failure leaves nothing behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        safetensors.torch.save_file({f"output_{i}": t.contiguous() for i, t in enumerate(outputs)}, staging)
+        os.replace(staging, path)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+import moec
+from moec.analysis.traces import RoutingTrace, collect_trace, synthetic_trace
+from moec.errors import MoecError
+from moec.frontend.zoo import build_preset
+from moec.ir.ops import RouteOp
+
+
+@pytest.fixture(scope="module")
+def compiled_olmoe():
+    model, example = build_preset("tiny-olmoe")
+    program = moec.compile(model, example).program
+    return program, program.flatten_inputs((), example)
+
+
+def test_synthetic_trace_follows_affinity_and_skew():
+    trace = synthetic_trace(4000, 3, 8, top_k=2, skew=1.0, affinity=0.9, seed=1)
+    assert trace.experts.shape == (4000, 3, 2)
+    assert (trace.experts[..., 0] != trace.experts[..., 1]).all()  # distinct experts per token
+    transitions = trace.transitions()
+    # Slot by slot, each expert's fixed successor gets about 90% of its tokens (plus a share of the rest).
+    first_slot = torch.zeros(8, 8)
+    first_slot.index_put_((trace.experts[:, 0, 0], trace.experts[:, 1, 0]), torch.ones(4000), accumulate=True)
+    assert (first_slot.max(dim=1).values / first_slot.sum(dim=1)).min() > 0.85
+    assert transitions.sum().item() == pytest.approx(4000 * 2 * 2)  # k units per token and boundary
+    load = trace.expert_load()[0]
+    assert load.max() > 3 * load.min()  # Zipf skew 1.0 over 8 experts
+    assert torch.equal(synthetic_trace(50, 2, 4, seed=3).experts, synthetic_trace(50, 2, 4, seed=3).experts)
+
+
+def test_trace_json_round_trip(tmp_path):
+    trace = synthetic_trace(20, 2, 4, top_k=2, seed=0)
+    trace.save(tmp_path / "t.json")
+    again = RoutingTrace.load(tmp_path / "t.json")
+    assert torch.equal(again.experts, trace.experts) and again.layers == trace.layers
+
+
+def test_trace_rejects_out_of_range_experts():
+    with pytest.raises(MoecError, match="expert ids"):
+        RoutingTrace(torch.tensor([[[5]]]), ("a",), 4)
+
+
+def test_collect_trace_records_every_route(compiled_olmoe):
+    program, inputs = compiled_olmoe
+    seen = []
+    from moec.backend.torch_runner import TorchRunner
+
+    TorchRunner(program).run(inputs, observe=lambda op, args, out: seen.append(out[0]) if isinstance(op, RouteOp) else None)
+    trace = collect_trace(program, [inputs, inputs])
+    tokens = inputs[0].numel()
+    assert trace.experts.shape == (2 * tokens, 2, 2)
+    assert trace.layers == tuple(op.block for op in program.graph.ops_of(RouteOp))
+    for layer, chosen in enumerate(seen):
+        assert torch.equal(trace.experts[:tokens, layer], chosen.reshape(-1, 2))

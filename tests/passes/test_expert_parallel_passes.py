@@ -1,0 +1,61 @@
+import pytest
+
+import moec
+from moec.analysis.traces import collect_trace, synthetic_trace
+from moec.errors import PassError
+from moec.frontend.zoo import build_preset
+from moec.ir.ops import ExpertsOp, SharedExpertOp
+from moec.passes import PassContext, build_passes, run_passes
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    model, example = build_preset("tiny-qwen2-moe")
+    program = moec.compile(model, example).program
+    return program, collect_trace(program, [program.flatten_inputs((), example)])
+
+
+def run(program, recipe, trace=None):
+    context = PassContext(calibration=trace)
+    run_passes(program, build_passes({"passes": recipe}), context)
+    return context
+
+
+def test_placement_and_schedule_are_recorded_in_the_plan_metadata(qwen):
+    program, trace = qwen
+    cost = {"a2a_latency_s": 1e-4, "a2a_s_per_byte": 1e-9, "gemm_latency_s": 1e-5, "gemm_s_per_flop": 1e-10}
+    context = run(program, [{"expert-placement": {"world_size": 2, "balance_eps": 0.5, "time_limit_s": 5}},
+                            {"overlap-schedule": {"cost_model": cost, "tokens_per_rank": 4096}}], trace)
+    settings = program.metadata["expert_parallel"]
+    blocks = [op.block for op in program.graph.ops_of(ExpertsOp)]
+    assert settings["placement"]["layers"] == blocks and settings["world_size"] == 2
+    for row in settings["placement"]["ranks"]:
+        assert sorted(row) == [0, 0, 1, 1]
+    assert set(settings["schedule"]) == set(blocks)
+    assert all(s["chunks"] >= 1 and s["predicted_s"] <= s["baseline_s"] for s in settings["schedule"].values())
+    assert context.report["expert_placement"]["method"] == "cp-sat"
+    ops = program.graph.ops
+    for shared in program.graph.ops_of(SharedExpertOp):
+        assert isinstance(ops[ops.index(shared) - 1], ExpertsOp)
+
+
+def test_placement_errors(qwen):
+    program, trace = qwen
+    with pytest.raises(PassError, match="at most 4 ranks"):
+        run(program, [{"expert-placement": {"world_size": 8}}], trace)
+    with pytest.raises(PassError, match="RoutingTrace"):
+        run(program, [{"expert-placement": {"world_size": 2}}])
+    with pytest.raises(PassError, match="not the program's MoE blocks"):
+        run(program, [{"expert-placement": {"world_size": 2}}], synthetic_trace(10, 2, 4))
+    with pytest.raises(PassError, match="raise the capacity"):
+        run(program, [{"expert-placement": {"world_size": 2, "capacity": 1}}], trace)
+
+
+def test_schedule_needs_a_placement_and_a_cost_model():
+    model, example = build_preset("tiny-qwen2-moe")
+    program = moec.compile(model, example).program
+    with pytest.raises(PassError, match="run expert-placement first"):
+        run(program, [{"overlap-schedule": {"chunks": 2}}])
+    run(program, [{"expert-placement": {"world_size": 2, "method": "round-robin"}}])
+    with pytest.raises(PassError, match="cost_model"):
+        run(program, [{"overlap-schedule": {}}])

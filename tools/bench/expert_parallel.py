@@ -1,0 +1,220 @@
+"""Benchmark: expert placement (CP-SAT vs contiguous and round-robin) and overlapped expert-parallel steps.
+
+Placement, on routing traces: synthetic (16 layers x 64 experts x 8 ranks, Zipf skew 0.2, inter-layer
+affinity 0.8, top-1 and top-2) and collected from the tiny OLMoE zoo model (random weights, so it has
+little affinity). Reported: expected cross-rank token moves of each placement, the load imbalance (busiest
+rank / mean, worst layer), CP-SAT's time, status and gap to its own bound.
+
+Overlap, on 4 local gloo ranks (one thread each, started with torchrun by this script): one MoE layer
+(8 experts, 2 per rank, top-2, hidden 512, expert FFN 48 so that compute and all-to-all are of similar
+size, 512 tokens per rank, uniform routing, a shared expert of the same width). The all-to-all and GEMM costs are measured
+and fitted (``moec.analysis.schedule.CostModel``), ``choose_chunks`` picks the chunk count, and the
+non-overlapped step (C = 1, shared expert after) and the chosen overlapped schedule are timed interleaved,
+slowest rank's time, median over repeats. The cost model's predictions are compared with both. A Gantt
+chart of the chosen schedule is written as PNG.
+
+Run:  python tools/bench/expert_parallel.py [--quick] [--out bench-results/expert_parallel.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from moec.analysis import placement as placing  # noqa: E402
+from moec.analysis.schedule import CostModel, LayerWork, choose_chunks, gantt_png, schedule_dag  # noqa: E402
+from moec.analysis.traces import collect_trace, synthetic_trace  # noqa: E402
+
+
+def placement_case(name, trace, world_size, time_limit_s, balance_eps=0.1):
+    rr = placing.round_robin_placement(trace.layers, trace.num_experts, world_size)
+    contiguous = placing.contiguous_placement(trace.layers, trace.num_experts, world_size)
+    eps = max(balance_eps, placing.load_imbalance(trace, rr) - 1)  # at least as balanced as round-robin
+    solved, stats = placing.solve_placement(trace, world_size, balance_eps=eps, time_limit_s=time_limit_s)
+    moves = {p.method: placing.cross_rank_moves(trace, p) for p in (contiguous, rr, solved)}
+    row = {
+        "case": name, "tokens": trace.num_tokens, "layers": trace.num_layers, "experts": trace.num_experts,
+        "top_k": trace.top_k, "ranks": world_size, "balance_eps": round(eps, 4), "moves": moves,
+        "imbalance": {p.method: round(placing.load_imbalance(trace, p), 4) for p in (contiguous, rr, solved)},
+        "cut_vs_round_robin": 1 - moves["cp-sat"] / moves["round-robin"] if moves["round-robin"] else 0.0,
+        "solver": stats.to_json(),
+    }
+    print(f"{name:28s} moves rr {moves['round-robin']:9.0f} contiguous {moves['contiguous']:9.0f} cp-sat "
+          f"{moves['cp-sat']:9.0f} (cut {row['cut_vs_round_robin']:.1%}); imbalance rr {row['imbalance']['round-robin']:.3f} "
+          f"cp-sat {row['imbalance']['cp-sat']:.3f}; solver {stats.status} {stats.seconds:.1f} s gap {stats.gap:.2%}")
+    return row
+
+
+def zoo_trace(quick: bool):
+    import moec
+    from moec.frontend.zoo import build_preset
+
+    model, example = build_preset("tiny-olmoe")
+    program = moec.compile(model, example).program
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(2 if quick else 8):
+        ids = torch.randint(0, 128, (8, 32), generator=gen)
+        batches.append(program.flatten_inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}))
+    return collect_trace(program, batches)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Overlap: the worker runs on every rank under torchrun
+# ---------------------------------------------------------------------------------------------------------
+
+
+def timed(fn, reps):
+    import torch.distributed as dist
+
+    times = []
+    for _ in range(reps):
+        dist.barrier()
+        start = time.perf_counter()
+        fn()
+        elapsed = torch.tensor([time.perf_counter() - start])
+        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # a step ends when its slowest rank does
+        times.append(float(elapsed))
+    return statistics.median(times)
+
+
+def worker(out: Path, quick: bool) -> None:
+    import torch.distributed as dist
+
+    from moec.backend.distributed import expert_parallel_layer, local_positions
+    from moec.frontend.blocks import ExpertsSpec, FFNSpec
+    from moec.kernels import reference
+    from moec.kernels.moe_cpu import experts_forward
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # FFN width chosen so that expert compute and all-to-all time are of similar size on one thread.
+    experts, k, hidden, ffn, tokens = 8, 2, 512, 48, (256 if quick else 512)
+    reps = 5 if quick else 15
+    gen = torch.Generator().manual_seed(rank)
+    spec = ExpertsSpec(num_experts=experts, hidden=hidden, intermediate=ffn, act="silu", gated=True)
+    owners = torch.arange(experts) % world
+    local = int((owners == rank).sum())
+    weight = {"w_in": torch.randn(local, 2 * ffn, hidden, generator=gen) * 0.02,
+              "w_out": torch.randn(local, hidden, ffn, generator=gen) * 0.02, "b_in": None, "b_out": None}
+    shared_spec = FFNSpec(hidden=hidden, intermediate=ffn, act="silu", gated=True)
+    shared_w = [torch.randn(ffn, hidden, generator=gen) * 0.02, torch.randn(ffn, hidden, generator=gen) * 0.02,
+                torch.randn(hidden, ffn, generator=gen) * 0.02]
+    x = torch.randn(tokens, hidden, generator=gen)
+    indices = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    routing = torch.full((tokens, k), 1.0 / k)
+
+    def shared():
+        return reference.ffn(x, shared_w[0], shared_w[1], shared_w[2], None, None, None, None, shared_spec)
+
+    # Fit the cost model: all-to-all of total payload bytes, GEMM FLOPs of gated FFN rows.
+    a2a_samples, gemm_samples = [], []
+    for fraction in (0.125, 0.25, 0.5, 1.0):
+        n = int(tokens * k * fraction) // world * world
+        payload = torch.randn(n, hidden)
+        received = torch.empty_like(payload)
+        seconds = timed(lambda p=payload, r=received: dist.all_to_all_single(r, p), reps)
+        a2a_samples.append((n * hidden * 4, seconds))
+        rows = torch.randn(n // world * local, hidden)
+        ids = torch.arange(rows.shape[0]).remainder(local).unsqueeze(1)
+        seconds = timed(lambda r=rows, i=ids: experts_forward(r, i, torch.ones(len(i), 1), weight["w_in"],
+                                                             weight["w_out"], None, None, spec), reps)
+        gemm_samples.append((6.0 * rows.shape[0] * hidden * ffn, seconds))
+    cost = CostModel.fit(a2a_samples, gemm_samples)
+    work = LayerWork(dispatch_bytes=tokens * k * hidden * 4, expert_flops=6.0 * tokens * k * hidden * ffn,
+                     shared_flops=6.0 * tokens * hidden * ffn)
+    chosen = choose_chunks(work, cost, max_chunks=8)
+    local_index = local_positions(owners, world)
+
+    def serial():
+        expert_parallel_layer(x, indices, routing, owners, local_index, weight, spec, 1)
+        shared()
+
+    def overlapped(chunks):
+        return lambda: expert_parallel_layer(x, indices, routing, owners, local_index, weight, spec, chunks, shared)
+
+    measured = {"serial": [], "overlap_c1": [], "overlap_chosen": []}
+    for _ in range(3):  # interleaved rounds, so background load hits every variant alike
+        measured["serial"].append(timed(serial, reps))
+        measured["overlap_c1"].append(timed(overlapped(1), reps))
+        measured["overlap_chosen"].append(timed(overlapped(chosen.chunks), reps))
+    measured = {key: statistics.median(values) for key, values in measured.items()}
+    from moec.analysis.schedule import makespan
+
+    predicted = {"serial": chosen.baseline_s, "overlap_c1": makespan(schedule_dag(work, cost, 1)),
+                 "overlap_chosen": chosen.predicted_s}
+    if rank == 0:
+        result = {
+            "ranks": world, "tokens_per_rank": tokens, "hidden": hidden, "ffn": ffn, "experts": experts, "top_k": k,
+            "cost_model": cost.to_json(), "a2a_samples": a2a_samples, "gemm_samples": gemm_samples,
+            "chosen_chunks": chosen.chunks, "measured_s": measured, "predicted_s": predicted,
+            "step_ratio_overlap_vs_serial": measured["overlap_chosen"] / measured["serial"],
+            "prediction_error": {key: predicted[key] / measured[key] - 1 for key in measured},
+            "compute_s": cost.gemm(work.expert_flops), "comm_s": 2 * cost.all_to_all(work.dispatch_bytes),
+        }
+        out.write_text(json.dumps(result, indent=1))
+        out.with_suffix(".gantt.png").write_bytes(gantt_png(
+            schedule_dag(work, cost, chosen.chunks), f"chosen schedule: {chosen.chunks} chunks, predicted "
+            f"{chosen.predicted_s * 1e3:.1f} ms vs {chosen.baseline_s * 1e3:.1f} ms serial"))
+    dist.destroy_process_group()
+
+
+def overlap_section(out_dir: Path, quick: bool) -> dict:
+    part = out_dir / "expert_parallel_overlap.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4",
+               __file__, "--worker", str(part)] + (["--quick"] if quick else [])
+    subprocess.run(command, env=env, check=True)
+    result = json.loads(part.read_text())
+    m, p = result["measured_s"], result["predicted_s"]
+    print(f"overlap on 4 gloo ranks: chosen {result['chosen_chunks']} chunks; step serial {m['serial'] * 1e3:.1f} ms, "
+          f"shared-overlap C=1 {m['overlap_c1'] * 1e3:.1f} ms, chosen {m['overlap_chosen'] * 1e3:.1f} ms "
+          f"(ratio {result['step_ratio_overlap_vs_serial']:.2f}x); predicted {p['serial'] * 1e3:.1f} / "
+          f"{p['overlap_c1'] * 1e3:.1f} / {p['overlap_chosen'] * 1e3:.1f} ms; model comm {result['comm_s'] * 1e3:.1f} ms, "
+          f"compute {result['compute_s'] * 1e3:.1f} ms")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller traces and fewer repeats")
+    parser.add_argument("--out", default="bench-results/expert_parallel.json")
+    parser.add_argument("--worker", metavar="JSON", help=argparse.SUPPRESS)
+    parser.add_argument("--skip-overlap", action="store_true", help="placement only")
+    parser.add_argument("--overlap-only", action="store_true", help="the 4-rank overlap measurement only")
+    args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.worker), args.quick)
+        return
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tokens, layers, experts, ranks = (4096, 8, 32, 8) if args.quick else (16384, 16, 64, 8)
+    limit = 20.0
+    rows = []
+    for k in (1, 2) if not args.overlap_only else ():
+        trace = synthetic_trace(tokens, layers, experts, top_k=k, skew=0.2, affinity=0.8, seed=0)
+        rows.append(placement_case(f"synthetic {layers}x{experts} top-{k}", trace, ranks, limit))
+    for world in (2, 4) if not args.overlap_only else ():
+        trace = trace if world > 2 else zoo_trace(args.quick)
+        rows.append(placement_case(f"tiny-olmoe trace on {world} ranks", trace, world, limit))
+    result = {"placement": rows, "cpu_threads": torch.get_num_threads(), "load": os.getloadavg()}
+    if not args.skip_overlap:
+        result["overlap"] = overlap_section(out.parent, args.quick)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
