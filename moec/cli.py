@@ -101,13 +101,17 @@ def run_compile(args: argparse.Namespace) -> int:
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)
         model = model.to(dtype)
+    calibration, held_out = calibration_text(args.model, args.recipe)
     with step("capturing and compiling"):
-        compiled = moec.compile(model, example, recipe=args.recipe, backend=args.backend)
+        compiled = moec.compile(model, example, recipe=args.recipe, calibration=calibration, backend=args.backend)
     console.print(summary_table(compiled.summary(), f"{type(model).__name__}: FFN and MoE layers"))
     for record in compiled.program.metadata.get("passes", []):
         console.print(f"pass {record['pass']}: {record['seconds']:.2f} s, {record['before']} -> {record['after']}")
     if args.print_ir:
         console.print(compiled.ir, markup=False)
+    if held_out is not None:
+        show_quality(model, compiled, held_out)
+        return write_plan(compiled, args.output)
     tolerance = PARITY_TOLERANCE[dtype]
     ok = True
     checks = {"example inputs": example, "resized inputs": resized(example)}
@@ -119,10 +123,61 @@ def run_compile(args: argparse.Namespace) -> int:
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in checks[label].items() if isinstance(v, torch.Tensor))
         console.print(f"parity on {label} ({shapes}): max abs diff {diff:.3g} "
                       f"{'[green]ok[/]' if passed else '[red]FAILED[/]'} (tolerance {tolerance:g})")
-    if args.output:
-        with step(f"writing plan to {args.output}"):
-            compiled.save(args.output)
-    return 0 if ok else 1
+    return write_plan(compiled, args.output) if ok else 1
+
+
+def write_plan(compiled: Any, output: str | None) -> int:
+    if output:
+        with step(f"writing plan to {output}"):
+            compiled.save(output)
+    return 0
+
+
+CALIBRATION_SENTENCES, HELD_OUT_SENTENCES = 256, 128
+
+
+def calibration_text(model_spec: str, recipe: str | None) -> tuple[list | None, list | None]:
+    """(calibration batches, held-out batches) of built-in text when the recipe needs calibration, else Nones.
+
+    The text is standard-library docstrings (``moec.analysis.corpus``), tokenized by the model's tokenizer.
+    """
+    from pathlib import Path
+
+    from moec.errors import MoecError
+    from moec.passes import build_passes, load_recipe
+
+    if recipe is None or not any(p.needs_calibration() for p in build_passes(load_recipe(recipe))):
+        return None, None
+    from transformers import AutoTokenizer
+
+    from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
+    from moec.frontend.zoo import minilm_path
+
+    folder = minilm_path() if model_spec == "minilm" else Path(model_spec)
+    if not (folder / "tokenizer_config.json").is_file():
+        raise MoecError(f"the recipe needs calibration text, and model {model_spec!r} has no tokenizer to encode the "
+                        "built-in text; use a model folder with a tokenizer, or moec.compile(..., calibration=samples)")
+    with step("loading calibration text (standard-library docstrings)"):
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        calibration, held_out = calibration_and_held_out(CALIBRATION_SENTENCES, HELD_OUT_SENTENCES)
+        return tokenized_batches(tokenizer, calibration), tokenized_batches(tokenizer, held_out)
+
+
+def show_quality(model: Any, compiled: Any, held_out: list) -> None:
+    """The converted model's sentence-embedding agreement with the original on held-out text."""
+    from moec.analysis.quality import conversion_quality
+
+    with step(f"measuring quality on {sum(len(b['input_ids']) for b in held_out)} held-out sentences"):
+        quality = conversion_quality(lambda batch: model(**batch)[0], compiled.program, held_out)
+    table = Table(title=f"quality vs the original model (active FFN fraction {quality['active_ffn_fraction']:.3f})")
+    for column in ("routing", "embedding cosine", "nearest-neighbour agreement"):
+        table.add_column(column, justify="left" if column == "routing" else "right")
+    for label in ("router", "random", "oracle"):
+        if label in quality:
+            table.add_row(label, f"{quality[label]['cosine']:.4f}", f"{quality[label]['nn_agreement']:.1%}")
+    console.print(table)
+    if "gap_closed" in quality:
+        console.print(f"the router closes {quality['gap_closed']:.0%} of the random-to-oracle cosine gap")
 
 
 def run_inspect(args: argparse.Namespace) -> int:

@@ -1,0 +1,133 @@
+"""Quality of a converted model against the original: sentence-embedding agreement, and routing baselines.
+
+``embedding_quality`` compares mean-pooled, L2-normalized sentence embeddings of two runs over the same
+batches: the mean cosine between a sentence's two embeddings, and nearest-neighbour agreement (the
+fraction of sentences whose most similar other sentence is the same under both models).
+
+``RoutedRunner`` runs a converted program with its routers replaced by a baseline, to place a router
+between the two natural bounds: ``"random"`` (top-k experts drawn uniformly per token) and ``"oracle"``
+(the top-k experts by the true norm of their output on that token, which a router can only approximate).
+Chosen experts get weight 1 in both, as the ``dense-to-moe`` routers give them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from moec.backend.torch_runner import TorchRunner
+from moec.ir.core import Operation
+from moec.ir.ops import ExpertsOp, RouteOp
+from moec.ir.program import Program
+from moec.kernels.reference import activation
+
+BASELINES = ("random", "oracle")
+
+
+def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, H] unit sentence embeddings: the mean of ``hidden`` [B, S, H] over unmasked tokens."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+def sentence_embeddings(run: Callable[[dict[str, torch.Tensor]], torch.Tensor],
+                        batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """[N, H] embeddings of every sentence; ``run(batch)`` returns the last hidden state [B, S, H]."""
+    with torch.inference_mode():
+        return torch.cat([mean_pooled(run(batch), batch["attention_mask"]) for batch in batches])
+
+
+def embedding_quality(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, float]:
+    """Mean cosine and nearest-neighbour agreement of two [N, H] unit embedding sets of the same sentences."""
+    cosine = (reference * candidate).sum(-1).mean().item()
+
+    def neighbours(embeddings: torch.Tensor) -> torch.Tensor:
+        similarity = embeddings @ embeddings.T
+        similarity.fill_diagonal_(-float("inf"))
+        return similarity.argmax(-1)
+
+    agreement = (neighbours(reference) == neighbours(candidate)).float().mean().item()
+    return {"cosine": cosine, "nn_agreement": agreement}
+
+
+def expert_output_norms(x: torch.Tensor, op: ExpertsOp, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[T, E] norm of every expert's output on every token row of ``x`` [T, H]."""
+    spec = op.spec
+    w_in, w_out = weights[op.weight("w_in").name].float(), weights[op.weight("w_out").name].float()
+    b_in = weights[op.weight("b_in").name].float() if op.weight("b_in") is not None else None
+    b_out = weights[op.weight("b_out").name].float() if op.weight("b_out") is not None else None
+    act = activation(spec.act)
+    norms = []
+    for e in range(spec.num_experts):
+        h = torch.nn.functional.linear(x, w_in[e], None if b_in is None else b_in[e])
+        h = act(h[:, : spec.intermediate]) * h[:, spec.intermediate :] if spec.gated else act(h)
+        norms.append(torch.nn.functional.linear(h, w_out[e], None if b_out is None else b_out[e]).norm(dim=-1))
+    return torch.stack(norms, dim=1)
+
+
+class RoutedRunner(TorchRunner):
+    """The torch runner with every ``moe.route`` op replaced by a baseline router (see the module docstring)."""
+
+    def __init__(self, program: Program, baseline: str, seed: int = 0) -> None:
+        if baseline not in BASELINES:
+            raise ValueError(f"baseline {baseline!r} is not one of {', '.join(BASELINES)}")
+        self.baseline = baseline
+        self.generator = torch.Generator().manual_seed(seed)
+        self.experts_of = {id(op.args[1]): op for op in program.graph.ops_of(ExpertsOp)}
+        super().__init__(program)
+
+    def prepare(self, op: Operation) -> Callable[[list[Any], dict[str, Any]], Any]:
+        if not isinstance(op, RouteOp):
+            return super().prepare(op)
+        top_k = op.spec.top_k
+        experts = self.experts_of[id(op.results[0])]
+
+        def choose(args: list[Any], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+            x = args[0]
+            rows = x.reshape(-1, x.shape[-1]).float()
+            if self.baseline == "random":
+                scores = torch.rand(rows.shape[0], op.spec.num_experts, generator=self.generator)
+            else:
+                scores = expert_output_norms(rows, experts, self.program.weights)
+            indices = scores.topk(top_k, dim=-1).indices.reshape(*x.shape[:-1], top_k)
+            return indices, torch.ones(indices.shape, dtype=torch.float32)
+
+        return choose
+
+
+def active_ffn_fraction(program: Program) -> float:
+    """The fraction of the FFN neurons that run per token, averaged over the MoE blocks of ``program``
+    (routed: top_k of E experts; shared experts always)."""
+    from moec.ir.ops import SharedExpertOp
+
+    shared = {op.block: op.spec.intermediate for op in program.graph.ops_of(SharedExpertOp)}
+    fractions = []
+    for op in program.graph.ops_of(ExpertsOp):
+        route = op.args[1].owner
+        spec = op.spec
+        always = shared.get(op.block, 0)
+        fractions.append((route.spec.top_k * spec.intermediate + always) / (spec.num_experts * spec.intermediate + always))
+    return sum(fractions) / len(fractions) if fractions else 1.0
+
+
+def conversion_quality(reference: Callable[[dict[str, torch.Tensor]], torch.Tensor], program: Program,
+                       batches: Sequence[dict[str, torch.Tensor]], baselines: bool = True) -> dict[str, Any]:
+    """Embedding quality of ``program`` (its first output, mean-pooled) against ``reference(batch)`` on
+    ``batches``; with ``baselines``, also of the same experts under random and oracle routing, and the share
+    of the random-to-oracle cosine gap that the program's own routers close."""
+    expected = sentence_embeddings(reference, batches)
+
+    def quality(runner: TorchRunner) -> dict[str, float]:
+        run = lambda batch: runner.run(program.flatten_inputs((), batch))[0]  # noqa: E731
+        return embedding_quality(expected, sentence_embeddings(run, batches))
+
+    result: dict[str, Any] = {"active_ffn_fraction": active_ffn_fraction(program), "router": quality(TorchRunner(program))}
+    if baselines and program.graph.ops_of(RouteOp):
+        for baseline in BASELINES:
+            result[baseline] = quality(RoutedRunner(program, baseline))
+        gap = result["oracle"]["cosine"] - result["random"]["cosine"]
+        result["gap_closed"] = (result["router"]["cosine"] - result["random"]["cosine"]) / gap if gap > 0 else 1.0
+    return result

@@ -1,0 +1,156 @@
+"""dense-to-moe on hand-written IR and on the tiny dense zoo: exactness when every expert runs, the rewrite's
+shape, option errors, and that a fitted router beats random routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import moec
+from moec.api import parity
+from moec.backend.torch_runner import TorchRunner
+from moec.errors import PassError
+from moec.ir import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp, parse_graph, print_graph, verify
+from moec.ir.program import Program, dump_treespec
+from moec.passes import PassContext, build_passes, run_passes
+
+GELU_FFN = """\
+graph @main(%x: f32[s0, 8]) {
+  weight @mlp.up.weight: f32[16, 8]
+  weight @mlp.up.bias: f32[16]
+  weight @mlp.down.weight: f32[8, 16]
+  weight @mlp.down.bias: f32[8]
+  %0 = ffn.dense(%x, w_up=@mlp.up.weight, w_down=@mlp.down.weight, b_up=@mlp.up.bias, b_down=@mlp.down.bias, hidden=8, intermediate=16, act="gelu", block="mlp") : f32[s0, 8]
+  return %0
+}
+"""
+
+GATED_FFN = """\
+graph @main(%x: f32[s0, 8]) {
+  weight @mlp.gate.weight: f32[16, 8]
+  weight @mlp.up.weight: f32[16, 8]
+  weight @mlp.down.weight: f32[8, 16]
+  %0 = ffn.dense(%x, w_up=@mlp.up.weight, w_down=@mlp.down.weight, w_gate=@mlp.gate.weight, hidden=8, intermediate=16, act="silu", block="mlp") : f32[s0, 8]
+  return %0
+}
+"""
+
+AFTER_CENTROID = """\
+graph @main(%x: f32[s0, 8]) {
+  weight @mlp.down.bias: f32[8]
+  weight @mlp.moe.router.weight: f32[4, 8]
+  weight @mlp.moe.router.bias: f32[4]
+  weight @mlp.moe.experts.w_in: f32[4, 4, 8]
+  weight @mlp.moe.experts.w_out: f32[4, 8, 4]
+  weight @mlp.moe.experts.b_in: f32[4, 4]
+  %0, %1 = moe.route(%x, router=@mlp.moe.router.weight, router_bias=@mlp.moe.router.bias, num_experts=4, top_k=2, scoring="softmax", order="topk_then_score", renormalize=true, renorm_eps=0.0, scaling=2.0, n_group=1, topk_group=1, block="mlp") : i64[s0, 2], f32[s0, 2]
+  %2 = moe.experts(%x, %0, %1, w_in=@mlp.moe.experts.w_in, w_out=@mlp.moe.experts.w_out, b_in=@mlp.moe.experts.b_in, num_experts=4, hidden=8, intermediate=4, act="gelu", gated=false, block="mlp") : f32[s0, 8]
+  %3 = aten.add.Tensor(%2, @mlp.down.bias) : f32[s0, 8]
+  return %3
+}
+"""
+
+
+def program_from(text: str, seed: int = 0) -> Program:
+    graph = parse_graph(text)
+    generator = torch.Generator().manual_seed(seed)
+    weights = {name: torch.randn(t.shape, generator=generator) * 0.5 for name, t in graph.weights.items()}
+    in_spec = dump_treespec(pytree.tree_flatten(((torch.zeros(1, 8),), {}))[1])
+    return Program(graph, weights, in_spec, dump_treespec(pytree.tree_flatten(torch.zeros(1))[1]))
+
+
+def convert(program: Program, calibration=None, **options) -> PassContext:
+    context = PassContext(calibration=calibration, progress=False)
+    run_passes(program, build_passes({"passes": [{"dense_to_moe": options}]}), context)
+    return context
+
+
+def run(program: Program, x: torch.Tensor) -> torch.Tensor:
+    return TorchRunner(program).run([x])[0]
+
+
+def token_samples(count=4, tokens=64, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(tokens, 8, generator=generator),) for _ in range(count)]
+
+
+def test_golden_rewrite_with_a_centroid_router():
+    program = program_from(GELU_FFN)
+    convert(program, experts=4, top_k=2, router="centroid")
+    assert print_graph(program.graph) == AFTER_CENTROID
+    assert set(program.weights) == set(program.graph.weights)
+
+
+@pytest.mark.parametrize("text", [GELU_FFN, GATED_FFN], ids=["gelu", "gated-silu"])
+@pytest.mark.parametrize("shared", [0.0, 0.25])
+@pytest.mark.parametrize("method", ["weights", "coactivation"])
+def test_all_experts_active_computes_the_dense_ffn(text, shared, method):
+    program = program_from(text)
+    x = torch.randn(32, 8)
+    expected = run(program, x)
+    convert(program, calibration=token_samples(), experts=4 if shared == 0 else 3, top_k=4 if shared == 0 else 3,
+            shared=shared, method=method)
+    verify(program.graph)
+    graph = program.graph
+    assert not graph.ops_of(DenseFFNOp) and len(graph.ops_of(RouteOp)) == len(graph.ops_of(ExpertsOp)) == 1
+    assert len(graph.ops_of(SharedExpertOp)) == (1 if shared else 0)
+    torch.testing.assert_close(run(program, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_shared_expert_holds_the_most_frequently_active_neurons():
+    program = program_from(GATED_FFN)
+    context = convert(program, calibration=token_samples(), experts=3, top_k=1, shared=0.25)
+    frequency = context.calibrations[0].dense["mlp"].frequency
+    (shared,) = program.graph.ops_of(SharedExpertOp)
+    original_gate = program_from(GATED_FFN).weights["mlp.gate.weight"]
+    shared_gate = program.weights[shared.weight("w_gate").name]
+    chosen = [int((original_gate == row).all(1).nonzero()) for row in shared_gate]
+    assert sorted(chosen) == sorted(torch.argsort(frequency, descending=True)[:4].tolist())
+
+
+def test_fitted_router_beats_random_routing():
+    program = program_from(GELU_FFN)
+    x = token_samples(count=1, tokens=512, seed=7)[0][0]
+    expected = run(program, x)
+    fitted = program_from(GELU_FFN)
+    convert(fitted, calibration=token_samples(count=8), experts=8, top_k=2)
+    from moec.analysis.quality import RoutedRunner
+
+    error = (run(fitted, x) - expected).norm() / expected.norm()
+    random_error = (RoutedRunner(fitted, "random").run([x])[0] - expected).norm() / expected.norm()
+    oracle_error = (RoutedRunner(fitted, "oracle").run([x])[0] - expected).norm() / expected.norm()
+    assert oracle_error < error < random_error
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"experts": 32, "top_k": 2}, r"block 'mlp': experts=32 must be in 1\.\.16"),
+    ({"experts": 4, "top_k": 5}, r"block 'mlp': top_k=5 must be in 1\.\.experts=4"),
+    ({"experts": 5, "top_k": 2}, r"block 'mlp': the 16 routed neurons .* do not split into experts=5"),
+    ({"experts": 4, "top_k": 2, "shared": 0.3}, r"block 'mlp': the 11 routed neurons"),
+])
+def test_bad_options_name_the_block_and_change_nothing(options, message):
+    program = program_from(GELU_FFN)
+    with pytest.raises(PassError, match=message):
+        convert(program, calibration=token_samples(), **options)
+    assert print_graph(program.graph) == GELU_FFN
+
+
+def test_passes_needing_calibration_say_so():
+    with pytest.raises(PassError, match="needs calibration data"):
+        convert(program_from(GELU_FFN), experts=4, top_k=2, router="fitted")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-bert"])
+def test_tiny_dense_zoo_converts_exactly_with_every_expert_and_runs_with_fewer(name, preset):
+    model, example = preset(name)
+    samples = [example, {k: v.flip(-1) if k == "input_ids" else v for k, v in example.items()}]
+    every = {"passes": [{"dense_to_moe": {"experts": 4, "top_k": 4, "shared": 0.25 if name != "tiny-gpt2" else 0.0}}]}
+    compiled = moec.compile(model, example, recipe=every, calibration=samples)
+    graph = compiled.program.graph
+    assert not graph.ops_of(DenseFFNOp) and len(graph.ops_of(ExpertsOp)) == 2
+    assert parity(model, compiled, example) <= 1e-4
+    half = moec.compile(model, example, recipe={"passes": [{"dense_to_moe": {"experts": 4, "top_k": 2}}]},
+                        calibration=compiled.calibration)
+    assert all(op.spec.top_k == 2 for op in half.program.graph.ops_of(RouteOp))
+    assert 0 < parity(model, half, example) < float("inf")
