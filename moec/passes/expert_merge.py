@@ -4,7 +4,7 @@ Per layer, with ``keep`` (or ``keep_ratio``) merged experts:
 
 1. **Dominant experts**: the ``keep`` experts chosen for the most calibration tokens (ties: more routing weight).
 2. **Groups**: every other expert joins the dominant expert whose router logits on the calibration rows are
-   most similar to its own (cosine of the [N] logit columns).
+   most similar to its own (cosine of the [N] logit columns; a router's choice bias is added to its logits).
 3. **Alignment** (``align``): each member's neurons are permuted to match the dominant expert's by Hungarian
    matching (``scipy.optimize.linear_sum_assignment``) on ``weight`` similarity (inner product of each
    neuron's input rows, bias and output column) or ``activation`` similarity (correlation of the neurons'
@@ -96,7 +96,9 @@ def plan_layer(tensors: dict[str, torch.Tensor], counts: torch.Tensor, mass: tor
     num_experts = counts.shape[0]
     usage = counts.double() + mass.double() / (mass.double().max() + 1)  # mass only breaks count ties
     dominants = sorted(torch.argsort(usage, descending=True, stable=True)[:keep].tolist())
-    logits = F.normalize(F.linear(rows.float(), tensors["router"].float()).double().T, dim=1)  # [E, N]
+    bias = tensors.get("router_bias")
+    logits = F.linear(rows.float(), tensors["router"].float(), None if bias is None else bias.float())
+    logits = F.normalize(logits.double().T, dim=1)  # [E, N]: each expert's logits (+ choice bias) on the rows
     similarity = logits @ logits.T
     members: dict[int, list[int]] = {d: [d] for d in dominants}
     for expert in range(num_experts):
