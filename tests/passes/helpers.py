@@ -3,11 +3,15 @@ inputs and outputs a program's MoE layers see when it runs."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.utils._pytree as pytree
 
 from moec.backend.torch_runner import TorchRunner
-from moec.ir import parse_graph, verify
+from moec.frontend.capture import capture
+from moec.frontend.zoo import build_preset
+from moec.ir import parse_graph, print_graph, verify
 from moec.ir.ops import ExpertsOp, RouteOp
 from moec.ir.program import Program, dump_treespec
 
@@ -63,3 +67,16 @@ def layer_io(program: Program, inputs: list[torch.Tensor]) -> dict[str, tuple[to
 
     TorchRunner(program).run(inputs, observe=observe)
     return {block: (x, y) for block, (x, y) in seen.items()}
+
+
+@functools.cache
+def _captured(preset: str) -> Program:
+    model, example = build_preset(preset)
+    return capture(model, (), example), example
+
+
+def captured(preset: str) -> tuple[Program, dict[str, torch.Tensor]]:
+    """A fresh copy of a zoo preset's captured program (capture is the slow part), and its example inputs."""
+    program, example = _captured(preset)
+    copy = Program(parse_graph(print_graph(program.graph)), dict(program.weights), program.in_spec, program.out_spec)
+    return copy, example

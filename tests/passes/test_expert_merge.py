@@ -9,14 +9,20 @@ import torch.nn.functional as F
 
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
-from moec.frontend.capture import capture
-from moec.frontend.zoo import build_preset
 from moec.ir import print_graph
 from moec.kernels import reference
 from moec.passes import PassContext, run_passes
 from moec.passes.expert_merge import ExpertMerge, plan_layer
 from moec.passes.moe_layers import moe_layers
-from tests.passes.helpers import FFN, SMALL_MOE, layer_io, program_of, small_moe_weights, token_samples
+from tests.passes.helpers import (
+    FFN,
+    SMALL_MOE,
+    captured,
+    layer_io,
+    program_of,
+    small_moe_weights,
+    token_samples,
+)
 
 
 def merge(program, samples, **options):
@@ -99,8 +105,7 @@ def merged_expert(tensors, group, spec):
     ("tiny-deepseek-v3", 3, "none"),
 ])
 def test_zoo_layers_match_a_token_by_token_reference(preset, keep, align):
-    model, example = build_preset(preset)
-    program = capture(model, (), example)
+    program, example = captured(preset)
     layers = {layer.block: layer for layer in moe_layers(program, "test")}
     generator = torch.Generator().manual_seed(5)
     samples = [{"input_ids": torch.randint(0, 128, (2, 12), generator=generator),

@@ -7,15 +7,13 @@ import pytest
 import torch
 
 from moec.errors import PassError
-from moec.frontend.capture import capture
-from moec.frontend.zoo import build_preset
 from moec.ir import print_graph
 from moec.ir.ops import SharedExpertOp
 from moec.kernels import reference
 from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.expert_prune import ExpertPrune
 from moec.passes.moe_layers import moe_layers
-from tests.passes.helpers import SMALL_MOE, layer_io, program_of, small_moe_weights, token_samples
+from tests.passes.helpers import SMALL_MOE, captured, layer_io, program_of, small_moe_weights, token_samples
 
 
 def prune(program, samples, **options):
@@ -101,8 +99,7 @@ def test_recipe_errors_and_missing_calibration():
     ("tiny-deepseek-v3", 4, "frequency"),  # 2 routing groups: 2 experts kept in each
 ])
 def test_zoo_layers_match_the_masked_router_reference(preset, keep, criterion):
-    model, example = build_preset(preset)
-    program = capture(model, (), example)
+    program, example = captured(preset)
     layers = {layer.block: layer for layer in moe_layers(program, "test")}
     original = {block: (layer.tensors(program), layer.route.spec, layer.experts.spec) for block, layer in layers.items()}
     shared_before = {ref.name: program.weights[ref.name].clone()
