@@ -8,9 +8,13 @@ For each chosen ``ffn.dense`` op (GELU/ReLU MLPs and gated SiLU MLPs), with F ne
    k-means (``moec.analysis.neuron_clustering``) of either their input weight vectors (``method="weights"``:
    the up row, with the gate row first for gated MLPs) or their activations on calibration tokens
    (``method="coactivation"``: neurons that fire together share an expert).
-3. **Router** (``router``): ``"centroid"`` scores an expert by ``x . c`` where ``c`` is the mean of its
+3. **Mean compensation** (with calibration): a skipped expert contributes its mean output ``m_e`` over the
+   calibration tokens instead of nothing. Each expert gets the output bias ``-m_e`` and ``sum_e m_e`` joins the
+   FFN's output bias, so ``y = sum_chosen (f_e(x) - m_e) + b_down + sum_e m_e`` (exact when all experts run).
+   GELU neurons are rarely exactly zero, so this removes the systematic shift that dropping them causes.
+4. **Router** (``router``): ``"centroid"`` scores an expert by ``x . c`` where ``c`` is the mean of its
    neurons' unit input weight vectors; ``"fitted"`` (needs calibration) is a ridge least-squares fit, on the
-   calibration FFN inputs, of each expert's true output norm ``|W_down[:, e] h_e(x)|`` from ``[x, 1]``.
+   calibration FFN inputs, of each expert's true output norm ``|f_e(x) - m_e|`` from ``[x, 1]``.
    The ``top_k`` best-scoring experts run for a token, each with weight exactly 1 (a sum of neuron groups,
    like the dense FFN it replaces): the route op scores the chosen logits by softmax and scales by
    ``top_k``, and the router weight and bias are stored multiplied by 2^-32, which leaves the choice
@@ -20,11 +24,11 @@ The op ``%y = ffn.dense(%x, ...)`` becomes::
 
     %idx, %w = moe.route(%x, router=@B.router.weight, router_bias=@B.router.bias, ...)
     %e = moe.experts(%x, %idx, %w, w_in=@B.experts.w_in, w_out=@B.experts.w_out, b_in=...)
-    %s = moe.shared_expert(%x, ..., b_down=@<the FFN's output bias>)      (with a shared expert)
-    %y2 = aten.add.Tensor(%e, %s)          or, without one, aten.add.Tensor(%e, @<output bias>)
+    %s = moe.shared_expert(%x, ...)                       (with a shared expert)
+    %t = aten.add.Tensor(%e, %s)
+    %y2 = aten.add.Tensor(%t, @B.moe.output_bias)          (or the FFN's own output bias, uncompensated)
 
-where ``B`` is the op's block. The FFN's output bias belongs to no routed expert: it rides on the shared
-expert, or is added on its own.
+where ``B`` is the op's block. The FFN's output bias belongs to no routed expert, so it is added on its own.
 
 Requires: a verified graph; calibration (``context.statistics``) when ``shared > 0``, ``router="fitted"``
 or ``method="coactivation"``. Ensures: every chosen ``ffn.dense`` op is replaced as above; with
