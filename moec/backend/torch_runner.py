@@ -32,6 +32,7 @@ def run_route(op: RouteOp, weight, args, kwargs):
 
 def run_experts(op: ExpertsOp, weight, args, kwargs):
     x, indices, routing = args
+    indices = reference.remap_experts(indices, op.expert_map)
     k, hidden = indices.shape[-1], x.shape[-1]
     tokens, indices, routing = x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k)
     threshold = op.skip_threshold

@@ -156,7 +156,13 @@ class RouteOp(SpecOp):
 
 @register_op
 class ExpertsOp(SpecOp):
-    """``moe.experts(x, indices, weights) -> y``: routed experts with stacked weights, combined."""
+    """``moe.experts(x, indices, weights) -> y``: routed experts with stacked weights, combined.
+
+    With ``expert_map=[m_0, ..., m_{R-1}]`` (written by expert merging) the router's R experts share the
+    ``num_experts`` stored ones: a token routed to router expert ``r`` runs stored expert ``m_r`` with the
+    same routing weight, so two chosen experts with one target add their weights. Without it, router
+    expert ``r`` is stored expert ``r``.
+    """
 
     name = "moe.experts"
     spec_class = ExpertsSpec
@@ -165,9 +171,10 @@ class ExpertsOp(SpecOp):
     optional_weights = ("b_in", "b_out")
     quantizable_roles = ("w_in", "w_out")
     derived_fields = ("has_bias",)
-    # Set by the dynamic-skip pass: per token, drop pairs whose routing weight is below this fraction of the
-    # token's top weight (``moec.kernels.skip``). Absent or 0: every chosen expert runs.
-    extra_attributes = ("skip_threshold",)
+    # skip_threshold, set by the dynamic-skip pass: per token, drop pairs whose routing weight is below this
+    # fraction of the token's top weight (``moec.kernels.skip``); absent or 0: every chosen expert runs.
+    # expert_map, set by expert-merge: the stored expert each router expert runs (docs/IR.md).
+    extra_attributes = ("skip_threshold", "expert_map")
 
     def derived_spec_values(self) -> dict[str, Any]:
         return {"has_bias": "b_in" in self.kwargs or "b_out" in self.kwargs}
@@ -176,10 +183,37 @@ class ExpertsOp(SpecOp):
     def skip_threshold(self) -> float:
         return float(self.kwargs.get("skip_threshold", 0.0))
 
+    @property
+    def expert_map(self) -> list[int] | None:
+        """For each router expert, the stored expert it runs (None: the identity)."""
+        mapping = self.kwargs.get("expert_map")
+        return None if mapping is None else list(mapping)
+
+    @property
+    def routed_experts(self) -> int:
+        """How many experts the router chooses among (the length of ``indices``' value range)."""
+        mapping = self.expert_map
+        return self.spec.num_experts if mapping is None else len(mapping)
+
+    def verify_expert_map(self, num_experts: int) -> None:
+        mapping = self.kwargs.get("expert_map")
+        if mapping is None:
+            return
+        if not isinstance(mapping, (list, tuple)) or not all(type(m) is int for m in mapping):
+            raise ValueError(f"expert_map must be a list of ints, got {mapping!r}")
+        if any(not 0 <= m < num_experts for m in mapping) or set(mapping) != set(range(num_experts)):
+            raise ValueError(f"expert_map must map onto every stored expert 0..{num_experts - 1} and nothing else, "
+                             f"got {list(mapping)}")
+        route = self.args[1].owner
+        if isinstance(route, RouteOp) and route.kwargs.get("num_experts") != len(mapping):
+            raise ValueError(f"expert_map has {len(mapping)} entries but its router chooses among "
+                             f"{route.kwargs.get('num_experts')} experts")
+
     def verify_spec(self, spec: ExpertsSpec) -> None:
         check_choice("act", spec.act, ACTIVATIONS)
         if not 0.0 <= self.skip_threshold < 1.0:
             raise ValueError(f"skip_threshold={self.skip_threshold} must be in [0, 1) (the top expert always runs)")
+        self.verify_expert_map(spec.num_experts)
         f_in = 2 * spec.intermediate if spec.gated else spec.intermediate
         self.expect_weight_shape("w_in", (spec.num_experts, f_in, spec.hidden))
         self.expect_weight_shape("w_out", (spec.num_experts, spec.hidden, spec.intermediate))

@@ -91,6 +91,13 @@ def route(
     return indices, weights
 
 
+def remap_experts(indices: torch.Tensor, expert_map: list[int] | None) -> torch.Tensor:
+    """Router expert ids -> stored expert ids through a ``moe.experts`` ``expert_map`` (None: unchanged)."""
+    if expert_map is None:
+        return indices
+    return torch.tensor(expert_map, dtype=indices.dtype, device=indices.device)[indices]
+
+
 def _expert_ffn(
     rows: torch.Tensor,
     w_in: torch.Tensor,

@@ -5,7 +5,9 @@ from moec.passes import (  # noqa: F401  (registers the passes)
     dead_code,
     dense_to_moe,
     dynamic_skip,
+    expert_merge,
     expert_placement,
+    expert_prune,
     overlap_schedule,
     quantize,
 )

@@ -1,0 +1,160 @@
+"""``expert-prune``: remove routed experts from every MoE layer, keeping the most useful ones.
+
+Options: ``keep`` (experts per layer) or ``keep_ratio`` (a fraction of each layer's experts, rounded), and
+``criterion``:
+
+1. ``frequency``: keep the experts chosen for the most calibration tokens (ties: more routing weight).
+2. ``weight_mass``: keep the experts that received the most routing weight on calibration tokens.
+3. ``similarity`` (STUN-style behaviour similarity): repeatedly take the two most similar remaining experts
+   and remove the one with less routing weight, until ``keep`` remain. ``similarity_of`` says what is
+   compared: ``output`` (cosine of the experts' outputs on the same calibration rows) or ``router`` (cosine
+   of their router rows, needing no expert evaluation).
+
+Requires: a verified graph; calibration data (``PassContext.statistics``) for every criterion. Layers already
+merged (``moe.experts`` with an ``expert_map``) are refused: prune before merging.
+Ensures: each layer keeps the chosen experts in their original order; the router's rows (and score bias) of
+removed experts are dropped, so ``moe.route`` chooses ``top_k`` among the kept ones; ``keep >= top_k``.
+With grouped routing (``n_group > 1``, DeepSeek-V3) every group keeps ``keep / n_group`` experts so groups stay
+equal. Shared experts and all other ops are untouched. The summary reports per layer experts, parameters and
+bytes before/after and ``output_cosine``: the mean per-token cosine of the layer's routed output before and
+after, on the calibration rows.
+In place (weights keep their names and get new shapes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moec.errors import PassError
+from moec.ir.program import Program
+from moec.kernels.reference import experts
+from moec.passes.base import Pass, PassContext, PassResult, register_pass
+from moec.passes.moe_layers import (
+    MoELayer,
+    check_target_options,
+    layer_record,
+    mean_cosine,
+    moe_layers,
+    target_count,
+)
+
+CRITERIA = ("frequency", "weight_mass", "similarity")
+SIMILARITIES = ("output", "router")
+
+
+def expert_outputs(tensors: dict[str, torch.Tensor], rows: torch.Tensor, layer: MoELayer) -> torch.Tensor:
+    """[E, N*H]: every expert's output on the same calibration rows, one flattened row per expert."""
+    floats = {role: t.float() for role, t in tensors.items()}
+    rows = rows.float()
+    every_token = torch.ones(rows.shape[0], 1)
+    outputs = [
+        experts(rows, torch.full((rows.shape[0], 1), expert), every_token, floats["w_in"], floats["w_out"],
+                floats.get("b_in"), floats.get("b_out"), layer.experts.spec).reshape(-1)
+        for expert in range(floats["w_in"].shape[0])
+    ]
+    return torch.stack(outputs)
+
+
+def cosine_matrix(features: torch.Tensor) -> torch.Tensor:
+    """[E, E] pairwise cosine similarity of the rows of ``features``."""
+    unit = F.normalize(features.double(), dim=-1)
+    return unit @ unit.T
+
+
+def keep_by_score(score: torch.Tensor, groups: torch.Tensor, per_group: int) -> list[int]:
+    """The ``per_group`` best-scoring experts of every group, in expert order."""
+    kept: list[int] = []
+    for group in groups.unique().tolist():
+        members = (groups == group).nonzero().reshape(-1)
+        best = members[torch.argsort(score[members], descending=True, stable=True)[:per_group]]
+        kept += best.tolist()
+    return sorted(kept)
+
+
+def keep_by_similarity(similarity: torch.Tensor, mass: torch.Tensor, groups: torch.Tensor, per_group: int) -> list[int]:
+    """Greedy STUN-style removal: in a group holding more than ``per_group`` experts, take the most similar
+    pair and drop its expert with less routing weight (the higher id on a tie); repeat."""
+    remaining = list(range(len(mass)))
+    group_of = groups.tolist()
+    while True:
+        sizes = {g: sum(group_of[e] == g for e in remaining) for g in set(group_of)}
+        pairs = [(i, j) for i in remaining for j in remaining
+                 if i < j and group_of[i] == group_of[j] and sizes[group_of[i]] > per_group]
+        if not pairs:
+            return remaining
+        i, j = max(pairs, key=lambda pair: similarity[pair].item())
+        remaining.remove(j if mass[j] <= mass[i] else i)
+
+
+@register_pass
+@dataclass(frozen=True)
+class ExpertPrune(Pass):
+    name = "expert-prune"
+    keep: int | None = None
+    keep_ratio: float | None = None
+    criterion: str = "frequency"
+    similarity_of: str = "output"
+
+    def __post_init__(self) -> None:
+        check_target_options(self.name, self.keep, self.keep_ratio)
+        if self.criterion not in CRITERIA:
+            raise PassError(f"{self.name}: criterion={self.criterion!r} is not one of {', '.join(CRITERIA)}")
+        if self.similarity_of not in SIMILARITIES:
+            raise PassError(f"{self.name}: similarity_of={self.similarity_of!r} is not one of {', '.join(SIMILARITIES)}")
+
+    def needs_calibration(self) -> bool:
+        return True
+
+    def run(self, program: Program, context: PassContext) -> PassResult:
+        layers = moe_layers(program, self.name)
+        for layer in layers:
+            if layer.experts.expert_map is not None:
+                raise PassError(f"{self.name}: layer {layer.name} was merged (its experts have an expert_map); "
+                                "prune before merging")
+        if not layers:
+            return PassResult(False, {"layers": []})
+        statistics = context.statistics(program, needed_by=f"pass {self.name!r}")
+        records = []
+        modified = False
+        for layer in layers:
+            route = layer.route.spec
+            count = target_count(self.name, layer, self.keep, self.keep_ratio, route.top_k)
+            kept = self.choose(layer, program, statistics.moe[layer.block], count)
+            before_size, tensors = layer.size(program), layer.tensors(program)
+            rows = statistics.moe[layer.block].inputs
+            before_out = layer.routed_output(tensors, rows)
+            index = torch.tensor(kept)
+            pruned = {role: t.index_select(0, index) for role, t in tensors.items()}
+            after_out = layer.routed_output(pruned, rows)
+            layer.rewrite(program, pruned, len(kept), len(kept), None)
+            modified |= len(kept) != route.num_experts
+            records.append(layer_record(layer.name, (route.num_experts, *before_size),
+                                        (len(kept), *layer.size(program)), mean_cosine(before_out, after_out)))
+        return PassResult(modified, {"layers": records})
+
+    def choose(self, layer: MoELayer, program: Program, stats, count: int) -> list[int]:
+        """The experts a layer keeps, in expert order."""
+        route = layer.route.spec
+        groups = torch.arange(route.num_experts) // (route.num_experts // route.n_group)
+        per_group = count // route.n_group
+        if route.n_group > 1 and (count % route.n_group or per_group < 2
+                                  or route.top_k > route.topk_group * per_group):
+            raise PassError(f"{self.name}: layer {layer.name} routes in {route.n_group} groups (best "
+                            f"{route.topk_group} of them, top_k={route.top_k}); keep a multiple of {route.n_group} "
+                            f"with at least 2 experts per group and top_k within the chosen groups, not {count}")
+        if count == route.num_experts:
+            return list(range(count))
+        mass = stats.weight_mass.double()
+        if self.criterion == "frequency":
+            return keep_by_score(stats.counts.double() + mass / (mass.max() + 1), groups, per_group)
+        if self.criterion == "weight_mass":
+            return keep_by_score(mass, groups, per_group)
+        tensors = layer.tensors(program)
+        if self.similarity_of == "router":
+            features = tensors["router"].float()
+        else:
+            features = expert_outputs(tensors, stats.inputs, layer)
+        return keep_by_similarity(cosine_matrix(features), mass, groups, per_group)

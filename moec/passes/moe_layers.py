@@ -1,0 +1,155 @@
+"""MoE layers as the expert-compression passes see them: a ``moe.route`` op and the ``moe.experts`` op it
+feeds, their weights, their size, and their routed output on calibration rows.
+
+``expert_prune`` and ``expert_merge`` find layers with ``moe_layers``, decide on the layer's tensors, and
+write the result back with ``MoELayer.rewrite``; shared experts and every other op are left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moec.errors import PassError
+from moec.ir.ops import ExpertsOp, RouteOp
+from moec.ir.program import Program
+from moec.ir.types import TensorType
+from moec.kernels import reference
+
+ROUTE_ROLES = ("router", "router_bias")
+EXPERT_ROLES = ("w_in", "w_out", "b_in", "b_out")
+
+
+@dataclass
+class MoELayer:
+    """One routed MoE layer: ``route`` chooses among its router's experts, ``experts`` runs them."""
+
+    route: RouteOp
+    experts: ExpertsOp
+
+    @property
+    def block(self) -> str:
+        return self.route.block
+
+    @property
+    def name(self) -> str:
+        """The layer's name in reports: its block, else its router weight."""
+        return self.block or self.route.weight("router").name
+
+    def weight_names(self) -> list[str]:
+        return [ref.name for ref in (*self.route.weight_refs, *self.experts.weight_refs)]
+
+    def tensors(self, program: Program) -> dict[str, torch.Tensor]:
+        """The layer's weights by role (``router``, ``w_in`` ...), as stored."""
+        found = {}
+        for op, roles in ((self.route, ROUTE_ROLES), (self.experts, EXPERT_ROLES)):
+            for role in roles:
+                ref = op.weight(role)
+                if ref is not None:
+                    found[role] = program.weights[ref.name]
+        return found
+
+    def size(self, program: Program) -> tuple[int, int]:
+        """(parameters, bytes) of the layer's weights as stored."""
+        tensors = [program.weights[name] for name in self.weight_names()]
+        return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+    def routed_output(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor,
+                      expert_map: list[int] | None = None, num_experts: int | None = None) -> torch.Tensor:
+        """The layer's routed-experts output [N, H] (float32) on ``rows`` [N, H] with the given weights."""
+        route_spec = self.route.spec
+        if "router" in tensors and tensors["router"].shape[0] != route_spec.num_experts:
+            route_spec = type(route_spec)(**{**route_spec.__dict__, "num_experts": tensors["router"].shape[0]})
+        experts_spec = self.experts.spec
+        stored = num_experts if num_experts is not None else tensors["w_in"].shape[0]
+        experts_spec = type(experts_spec)(**{**experts_spec.__dict__, "num_experts": stored})
+        rows = rows.float()
+        floats = {role: t.float() for role, t in tensors.items()}
+        indices, weights = reference.route(rows, floats["router"], floats.get("router_bias"), route_spec)
+        indices = reference.remap_experts(indices, expert_map)
+        return reference.experts(rows, indices, weights, floats["w_in"], floats["w_out"], floats.get("b_in"),
+                                 floats.get("b_out"), experts_spec)
+
+    def rewrite(self, program: Program, tensors: dict[str, torch.Tensor], route_experts: int,
+                stored_experts: int, expert_map: list[int] | None) -> None:
+        """Store new weights (same names, new shapes) and set both ops' expert counts and the expert map."""
+        graph = program.graph
+        for role, tensor in tensors.items():
+            op = self.route if role in ROUTE_ROLES else self.experts
+            name = op.weight(role).name
+            program.weights[name] = tensor.contiguous()
+            graph.weights[name] = TensorType.of(tensor)
+        route_kwargs = {**self.route.kwargs, "num_experts": route_experts}
+        self.route.set_args(self.route.args, route_kwargs)
+        experts_kwargs = {key: v for key, v in self.experts.kwargs.items() if key != "expert_map"}
+        experts_kwargs["num_experts"] = stored_experts
+        if expert_map is not None:
+            experts_kwargs["expert_map"] = list(expert_map)
+        self.experts.set_args(self.experts.args, experts_kwargs)
+
+
+def moe_layers(program: Program, pass_name: str) -> list[MoELayer]:
+    """Every ``moe.experts`` op fed by a ``moe.route`` op on the same input, in program order.
+
+    Raises ``PassError`` when a layer's weights are also read by another op (rewriting them in place would
+    change that op too) or when its router does not see the experts' input.
+    """
+    graph = program.graph
+    readers: dict[str, int] = {}
+    for op in graph.ops:
+        for ref in op.weight_refs:
+            readers[ref.name] = readers.get(ref.name, 0) + 1
+    layers = []
+    for experts in graph.ops_of(ExpertsOp):
+        route = experts.args[1].owner
+        if not isinstance(route, RouteOp):
+            continue
+        layer = MoELayer(route, experts)
+        if route.args[0] is not experts.args[0]:
+            raise PassError(f"{pass_name}: layer {layer.name} routes on another input than its experts run on; "
+                            "only layers whose router and experts read the same hidden states can be compressed")
+        shared = [name for name in layer.weight_names() if readers[name] > 1]
+        if shared:
+            raise PassError(f"{pass_name}: layer {layer.name} shares weights {shared} with other ops; "
+                            "untie them before compressing experts")
+        layers.append(layer)
+    return layers
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over rows of the cosine similarity of two [N, H] tensors (1.0 for identical rows)."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12).mean().item()
+
+
+def target_count(pass_name: str, layer: MoELayer, keep: int | None, keep_ratio: float | None, top_k: int) -> int:
+    """The number of experts a layer keeps, checked against its top-k."""
+    total = layer.route.spec.num_experts
+    count = keep if keep is not None else round(total * keep_ratio)
+    if count < 1:
+        raise PassError(f"{pass_name}: layer {layer.name} would keep no experts; keep at least top_k={top_k}")
+    if count < top_k:
+        raise PassError(f"{pass_name}: layer {layer.name} would keep {count} experts, fewer than its top_k={top_k}; "
+                        f"keep at least {top_k}")
+    return min(count, total)
+
+
+def check_target_options(pass_name: str, keep: int | None, keep_ratio: float | None) -> None:
+    if (keep is None) == (keep_ratio is None):
+        raise PassError(f"{pass_name}: give exactly one of keep (experts per layer) or keep_ratio (a fraction)")
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        raise PassError(f"{pass_name}: keep={keep!r} must be a positive number of experts per layer")
+    if keep_ratio is not None and not 0 < keep_ratio <= 1:
+        raise PassError(f"{pass_name}: keep_ratio={keep_ratio!r} must be in (0, 1]")
+
+
+def layer_record(name: str, before: tuple[int, int, int], after: tuple[int, int, int], cosine: float) -> dict:
+    """One row of a compression report: experts, parameters and bytes before/after, output cosine."""
+    return {
+        "layer": name,
+        "experts_before": before[0], "experts_after": after[0],
+        "params_before": before[1], "params_after": after[1],
+        "bytes_before": before[2], "bytes_after": after[2],
+        "output_cosine": round(cosine, 6),
+    }

@@ -1,0 +1,125 @@
+"""expert-prune: which experts it keeps, what the IR looks like after, errors, and the zoo against a
+reference in which removed experts simply cannot be chosen (their router logits are -inf)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moec.errors import PassError
+from moec.ir import print_graph
+from moec.ir.ops import SharedExpertOp
+from moec.kernels import reference
+from moec.passes import PassContext, build_passes, run_passes
+from moec.passes.expert_prune import ExpertPrune
+from moec.passes.moe_layers import moe_layers
+from tests.passes.helpers import SMALL_MOE, captured, layer_io, program_of, small_moe_weights, token_samples
+
+
+def prune(program, samples, **options):
+    context = PassContext(calibration=samples, progress=False)
+    (record,) = run_passes(program, [ExpertPrune(**options)], context)
+    return record, context
+
+
+def masked_reference(x, tensors, route_spec, experts_spec, kept):
+    """The unpruned layer in which removed experts get -inf router logits (and -inf choice bias)."""
+    removed = torch.ones(route_spec.num_experts, dtype=torch.bool)
+    removed[kept] = False
+    mask = torch.zeros(route_spec.num_experts, 1).masked_fill(removed[:, None], float("-inf"))
+    router = torch.cat([tensors["router"].float(), mask], dim=1)  # logit += -inf * 1 for removed experts
+    x_with_one = torch.cat([x.float(), torch.ones(x.shape[0], 1)], dim=1)
+    bias = tensors.get("router_bias")
+    if bias is not None:
+        bias = bias.float().masked_fill(removed, float("-inf"))
+    indices, weights = reference.route(x_with_one, router, bias, route_spec)
+    return reference.experts(x.float(), indices, weights, tensors["w_in"].float(), tensors["w_out"].float(),
+                             tensors.get("b_in"), tensors.get("b_out"), experts_spec)
+
+
+def test_frequency_keeps_the_most_chosen_experts_and_shrinks_router_and_weights():
+    weights = small_moe_weights()
+    program = program_of(SMALL_MOE, weights)
+    samples = token_samples()
+    counts = PassContext(calibration=samples, progress=False).statistics(program).moe["moe"].counts
+    record, _ = prune(program, samples, keep=2)
+    kept = sorted(torch.argsort(counts, descending=True)[:2].tolist())
+    torch.testing.assert_close(program.weights["gate"], weights["gate"][kept])
+    torch.testing.assert_close(program.weights["w_in"], weights["w_in"][kept])
+    text = print_graph(program.graph)
+    assert "weight @gate: f32[2, 8]" in text and "weight @w_out: f32[2, 8, 16]" in text
+    assert "num_experts=2, top_k=2" in text and "num_experts=2, hidden=8" in text
+    (layer,) = record["summary"]["layers"]
+    assert (layer["experts_before"], layer["experts_after"]) == (4, 2)
+    assert layer["params_before"] == sum(t.numel() for t in weights.values())
+    assert layer["params_after"] == sum(program.weights[n].numel() for n in ("gate", "w_in", "w_out"))
+    assert layer["bytes_after"] == 4 * layer["params_after"]
+    assert 0 < layer["output_cosine"] < 1
+
+
+def test_similarity_removes_one_of_two_identical_experts():
+    weights = small_moe_weights()
+    for name in weights:  # expert 3 is a copy of expert 1: the most similar pair, whatever is compared
+        weights[name][3] = weights[name][1]
+    for similarity_of in ("output", "router"):
+        program = program_of(SMALL_MOE, {k: v.clone() for k, v in weights.items()})
+        prune(program, token_samples(), keep=3, criterion="similarity", similarity_of=similarity_of)
+        kept_rows = program.weights["gate"]
+        assert kept_rows.shape[0] == 3
+        assert sum(torch.equal(row, weights["gate"][1]) for row in kept_rows) == 1
+        assert any(torch.equal(row, weights["gate"][0]) for row in kept_rows)
+        assert any(torch.equal(row, weights["gate"][2]) for row in kept_rows)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"keep": 0}, "keep=0 must be a positive number of experts"),
+    ({"keep": 1}, "would keep 1 experts, fewer than its top_k=2"),
+    ({"keep_ratio": 0.1}, "would keep no experts"),
+    ({"keep": 2, "keep_ratio": 0.5}, "give exactly one of keep"),
+    ({"keep": 2, "criterion": "random"}, "criterion='random' is not one of"),
+])
+def test_bad_targets_are_one_clear_error(options, message):
+    program = program_of(SMALL_MOE, small_moe_weights())
+    with pytest.raises(PassError, match=message):
+        prune(program, token_samples(), **options)
+
+
+def test_recipe_errors_and_missing_calibration():
+    with pytest.raises(PassError, match="keep=0 must be a positive number"):
+        build_passes({"passes": [{"expert-prune": {"keep": 0}}]})
+    program = program_of(SMALL_MOE, small_moe_weights())
+    with pytest.raises(PassError, match="pass 'expert-prune' needs calibration data"):
+        run_passes(program, [ExpertPrune(keep=2)], PassContext(progress=False))
+
+
+@pytest.mark.parametrize(("preset", "keep", "criterion"), [
+    ("tiny-mixtral", 3, "frequency"),
+    ("tiny-qwen2-moe", 2, "weight_mass"),
+    ("tiny-olmoe", 4, "similarity"),
+    ("tiny-deepseek-v3", 4, "frequency"),  # 2 routing groups: 2 experts kept in each
+])
+def test_zoo_layers_match_the_masked_router_reference(preset, keep, criterion):
+    program, example = captured(preset)
+    layers = {layer.block: layer for layer in moe_layers(program, "test")}
+    original = {block: (layer.tensors(program), layer.route.spec, layer.experts.spec) for block, layer in layers.items()}
+    shared_before = {ref.name: program.weights[ref.name].clone()
+                     for op in program.graph.ops_of(SharedExpertOp) for ref in op.weight_refs}
+    generator = torch.Generator().manual_seed(5)
+    samples = [{"input_ids": torch.randint(0, 128, (2, 12), generator=generator),
+                "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(3)]
+    record, _ = prune(program, samples, keep=keep, criterion=criterion)
+    for op in program.graph.ops_of(SharedExpertOp):
+        for ref in op.weight_refs:
+            assert torch.equal(program.weights[ref.name], shared_before[ref.name])
+    seen = layer_io(program, program.flatten_inputs((), example))
+    for block, (x, y) in seen.items():
+        tensors, route_spec, experts_spec = original[block]
+        kept = [i for i, row in enumerate(tensors["router"]) if any(torch.equal(row, r) for r in program.weights[
+            layers[block].route.weight("router").name])]
+        assert len(kept) == keep
+        if route_spec.n_group > 1:
+            groups = torch.tensor(kept) // (route_spec.num_experts // route_spec.n_group)
+            assert groups.bincount().tolist() == [keep // route_spec.n_group] * route_spec.n_group
+        expected = masked_reference(x, tensors, route_spec, experts_spec, kept)
+        torch.testing.assert_close(y.float(), expected, atol=2e-5, rtol=1e-4)
+    assert [r["experts_after"] for r in record["summary"]["layers"]] == [keep] * len(layers)
