@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
-from moec.kernels.reference import activation
+from moec.kernels.reference import activation, group_by_expert
 
 __all__ = ["experts_forward", "onednn_available"]
 
@@ -184,27 +184,16 @@ def experts_forward(
     if num_tokens == 1:
         return _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast, fused)
 
-    # ---- group the T*k (token, slot) pairs by expert -----------------------------------------
-    flat_expert = indices.reshape(-1)  # [S]
-    order = torch.argsort(flat_expert, stable=True)  # [S] pair ids, sorted by expert
-    counts = torch.bincount(flat_expert, minlength=spec.num_experts).tolist()  # E host ints
-    token_of = order // top_k  # [S] token of each sorted pair
-    xs = x.index_select(0, token_of)  # [S, H] gathered rows
-    pair_weight = weights.reshape(-1).index_select(0, order)  # [S] float32
-
+    groups = group_by_expert(indices, weights, spec.num_experts)
+    xs = x.index_select(0, groups.token_of)  # [S, H] the rows of the pairs, sorted by expert
     y = torch.zeros_like(x)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        stop = start + count
+    for expert, pairs in groups.slices():
         b_in_e = None if b_in is None else b_in[expert]
         b_out_e = None if b_out is None else b_out[expert]
-        h = _gated_hidden(xs[start:stop], w_in[expert], b_in_e, spec, fast, fused)  # [M, F]
+        h = _gated_hidden(xs[pairs], w_in[expert], b_in_e, spec, fast, fused)  # [M, F]
         out = _linear(h, w_out[expert], b_out_e, fast)  # [M, H]
-        out = _scale(out, pair_weight[start:stop].unsqueeze(1))
-        y.index_add_(0, token_of[start:stop], out)
-        start = stop
+        out = _scale(out, groups.weight[pairs].unsqueeze(1))
+        y.index_add_(0, groups.token_of[pairs], out)
     return y
 
 

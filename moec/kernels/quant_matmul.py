@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from moec.frontend.blocks import ExpertsSpec
 from moec.kernels.quant import QuantizedMatrix, QuantizedWeight, quantize_matrix
-from moec.kernels.reference import activation
+from moec.kernels.reference import activation, group_by_expert
 
 KERNELS = ("auto", "dequant", "int4pack")
 INT4_TILES = 1  # inner-k tiles of torch's CPU int4 layout (the CPU kernel ignores other values)
@@ -107,28 +107,16 @@ class QuantizedExperts:
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], indices/weights [T, k] -> [T, H]; a pair whose weight is exactly 0 is skipped."""
-        top_k = indices.shape[1]
-        flat_expert = indices.reshape(-1)
-        flat_weight = weights.reshape(-1)
-        order = torch.argsort(flat_expert, stable=True)
-        order = order[flat_weight[order] != 0]  # pairs dropped by dynamic skipping cost nothing
-        counts = torch.bincount(flat_expert[order], minlength=self.spec.num_experts).tolist()
-        token_of = order // top_k
-        rows = x.index_select(0, token_of)
-        pair_weight = flat_weight.index_select(0, order).unsqueeze(1)
+        groups = group_by_expert(indices, weights, self.spec.num_experts, drop_zero_weight=True)
+        rows = x.index_select(0, groups.token_of)
         y = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            stop = start + count
-            hidden = self.input_linears[expert](rows[start:stop])
+        for expert, pairs in groups.slices():
+            hidden = self.input_linears[expert](rows[pairs])
             if self.spec.gated:
                 gate, up = hidden.chunk(2, dim=-1)
                 hidden = self.act(gate) * up
             else:
                 hidden = self.act(hidden)
-            out = self.output_linears[expert](hidden).float() * pair_weight[start:stop]
-            y.index_add_(0, token_of[start:stop], out.to(y.dtype))
-            start = stop
+            out = self.output_linears[expert](hidden).float() * groups.weight[pairs].unsqueeze(1)
+            y.index_add_(0, groups.token_of[pairs], out.to(y.dtype))
         return y

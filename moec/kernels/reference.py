@@ -9,7 +9,8 @@ documented in :mod:`moec.frontend.blocks`. Shapes: ``x`` is ``[..., H]``; routin
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -117,6 +118,37 @@ def _expert_ffn(
     return F.linear(hidden, w_out, b_out)
 
 
+@dataclass(frozen=True)
+class ExpertGroups:
+    """The T*k (token, slot) routing pairs sorted by expert id (stable, so by token within an expert)."""
+
+    token_of: torch.Tensor  # [S] the token of each sorted pair
+    weight: torch.Tensor  # [S] its routing weight
+    counts: list[int]  # pairs per expert, host ints
+
+    def slices(self) -> Iterator[tuple[int, slice]]:
+        """``(expert, slice of the sorted pairs)`` for every expert that got pairs, in expert order."""
+        start = 0
+        for expert, count in enumerate(self.counts):
+            if count:
+                yield expert, slice(start, start + count)
+            start += count
+
+
+def group_by_expert(indices: torch.Tensor, weights: torch.Tensor, num_experts: int,
+                    drop_zero_weight: bool = False) -> ExpertGroups:
+    """Sort the pairs of ``indices``/``weights`` [..., k] by expert; optionally drop pairs of weight 0
+    (pairs removed by dynamic skipping then cost nothing)."""
+    top_k = indices.shape[-1]
+    flat_experts = indices.reshape(-1)  # pair p is (token p // k, slot p % k)
+    flat_weights = weights.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    if drop_zero_weight:
+        order = order[flat_weights[order] != 0]
+    counts = torch.bincount(flat_experts[order], minlength=num_experts).tolist()
+    return ExpertGroups(order // top_k, flat_weights.index_select(0, order), counts)
+
+
 def experts(
     x: torch.Tensor,
     indices: torch.Tensor,
@@ -136,20 +168,11 @@ def experts(
     b_out (E, H). Returns [..., H] in x's dtype.
     """
     tokens = x.reshape(-1, x.shape[-1])  # [T, H]
-    top_k = indices.shape[-1]
-    flat_experts = indices.reshape(-1)  # [T*k], pair p is (token p // k, slot p % k)
-    flat_weights = weights.reshape(-1)
-    order = torch.argsort(flat_experts, stable=True)
-    counts = torch.bincount(flat_experts, minlength=spec.num_experts).tolist()
+    groups = group_by_expert(indices, weights, spec.num_experts)
     act = activation(spec.act)
     out = torch.zeros_like(tokens)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start : start + count]
-        start += count
-        token_ids = pairs // top_k
+    for expert, pairs in groups.slices():
+        token_ids = groups.token_of[pairs]
         y = _expert_ffn(
             tokens[token_ids],
             w_in[expert],
@@ -159,7 +182,7 @@ def experts(
             act,
             spec.gated,
         )
-        y = y * flat_weights[pairs, None]
+        y = y * groups.weight[pairs, None]
         out.index_add_(0, token_ids, y.to(out.dtype))
     return out.reshape(x.shape)
 
