@@ -34,7 +34,13 @@ from moec.frontend.blocks import ExpertsSpec
 from moec.ir.program import Program
 from moec.kernels.reference import activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
-from moec.passes.moe_layers import check_target_options, layer_record, mean_cosine, moe_layers, target_count
+from moec.passes.moe_layers import (
+    check_target_options,
+    layer_record,
+    mean_cosine,
+    target_count,
+    unmerged_moe_layers,
+)
 
 ALIGNMENTS = ("weight", "activation", "none")
 
@@ -154,11 +160,7 @@ class ExpertMerge(Pass):
         return True
 
     def run(self, program: Program, context: PassContext) -> PassResult:
-        layers = moe_layers(program, self.name)
-        for layer in layers:
-            if layer.experts.expert_map is not None:
-                raise PassError(f"{self.name}: layer {layer.name} is already merged (its experts have an "
-                                "expert_map); merge once, to the final count")
+        layers = unmerged_moe_layers(program, self.name, "merge once, to the final count")
         if not layers:
             return PassResult(False, {"layers": []})
         statistics = context.statistics(program, needed_by=f"pass {self.name!r}")

@@ -37,8 +37,8 @@ from moec.passes.moe_layers import (
     check_target_options,
     layer_record,
     mean_cosine,
-    moe_layers,
     target_count,
+    unmerged_moe_layers,
 )
 
 CRITERIA = ("frequency", "weight_mass", "similarity")
@@ -109,11 +109,7 @@ class ExpertPrune(Pass):
         return True
 
     def run(self, program: Program, context: PassContext) -> PassResult:
-        layers = moe_layers(program, self.name)
-        for layer in layers:
-            if layer.experts.expert_map is not None:
-                raise PassError(f"{self.name}: layer {layer.name} was merged (its experts have an expert_map); "
-                                "prune before merging")
+        layers = unmerged_moe_layers(program, self.name, "prune before merging")
         if not layers:
             return PassResult(False, {"layers": []})
         statistics = context.statistics(program, needed_by=f"pass {self.name!r}")

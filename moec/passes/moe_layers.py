@@ -118,6 +118,17 @@ def moe_layers(program: Program, pass_name: str) -> list[MoELayer]:
     return layers
 
 
+def unmerged_moe_layers(program: Program, pass_name: str, advice: str) -> list[MoELayer]:
+    """``moe_layers``, refusing (with ``advice``) a layer already merged: its experts carry an expert_map,
+    so expert ids no longer name one stored expert each."""
+    layers = moe_layers(program, pass_name)
+    for layer in layers:
+        if layer.experts.expert_map is not None:
+            raise PassError(f"{pass_name}: layer {layer.name} is already merged (its experts have an "
+                            f"expert_map); {advice}")
+    return layers
+
+
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean over rows of the cosine similarity of two [N, H] tensors (1.0 for identical rows)."""
     return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12).mean().item()
