@@ -27,19 +27,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 DEFAULT_SHAPES = [(8, 4096, 14336, 2), (64, 2048, 1408, 6)]
 # Each bucket's row serves token counts up to its limit; the tuning runs at the limit.
 BUCKETS = [1, 4, 16, 64, 256, 1024, 4096]
+QUICK_BUCKETS = [1, 16, 64, 256, 1024, 4096]
 DTYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 
 
-def candidates(quick: bool):
+# Candidate grids by regime. Decode: few rows per expert, so BLOCK_M is tl.dot's minimum and the weight
+# stream is what matters (narrow N for more programs in flight, long K for long loads); prefill: square-ish
+# tiles that feed the tensor cores.
+GRIDS = {  # regime: (max tokens, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
+    "decode": (64, [16], [32, 64, 128], [64, 128, 256], [1], [4], [3, 4]),
+    "middle": (512, [16, 32, 64], [64, 128], [64, 128], [8], [4], [3, 4]),
+    "prefill": (1 << 30, [64, 128], [128, 256], [64], [8], [4, 8], [3, 4]),
+}
+QUICK_GRIDS = {
+    "decode": (64, [16], [32, 64, 128], [128, 256], [1], [4], [4]),
+    "middle": (512, [32, 64], [64, 128], [64], [8], [4], [4]),
+    "prefill": (1 << 30, [64, 128], [128], [64], [8], [8], [3, 4]),
+}
+
+
+def candidates(tokens: int, quick: bool):
     from moec.kernels.triton_ops import TileConfig
 
-    block_m = [16, 32, 64] if quick else [16, 32, 64, 128]
-    block_n = [64, 128] if quick else [32, 64, 128, 256]
-    block_k = [64, 128] if quick else [32, 64, 128]
-    group_m = [1, 8] if quick else [1, 4, 16]
-    warps = [4, 8]
-    stages = [3, 4] if quick else [2, 3, 4, 5]
-    for m, n, k, g, w, s in itertools.product(block_m, block_n, block_k, group_m, warps, stages):
+    grids = QUICK_GRIDS if quick else GRIDS
+    _, *axes = next(grid for grid in grids.values() if tokens <= grid[0])
+    for m, n, k, g, w, s in itertools.product(*axes):
         yield TileConfig(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=s)
 
 
@@ -66,12 +78,12 @@ def tune_shape(num_experts: int, hidden: int, ffn: int, top_k: int, dtype: torch
     w_in = torch.randn(num_experts, 2 * ffn, hidden, generator=generator, device="cuda").to(dtype) * 0.02
     w_out = torch.randn(num_experts, hidden, ffn, generator=generator, device="cuda").to(dtype) * 0.02
     rows = []
-    for tokens in BUCKETS:
+    for tokens in QUICK_BUCKETS if quick else BUCKETS:
         x = torch.randn(tokens, hidden, generator=generator, device="cuda").to(dtype)
         indices = torch.rand(tokens, num_experts, generator=generator, device="cuda").topk(top_k, dim=-1).indices
         weights = torch.full((tokens, top_k), 1.0 / top_k, device="cuda")
         best, best_ms = None, float("inf")
-        for tiles in candidates(quick):
+        for tiles in candidates(tokens, quick):
             def run(tiles=tiles, x=x, indices=indices, weights=weights):
                 return triton_ops.experts(x, indices, weights, w_in, w_out, None, None, spec, tiles)
 
@@ -93,7 +105,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shape", nargs=4, type=int, action="append", metavar=("E", "H", "F", "K"),
                         help="experts, hidden, FFN width, top-k (repeatable)")
     parser.add_argument("--dtype", default="bfloat16", choices=list(DTYPE_NAMES))
-    parser.add_argument("--quick", action="store_true", help="a smaller candidate grid")
+    parser.add_argument("--quick", action="store_true", help="fewer token buckets and a smaller candidate grid")
     parser.add_argument("--table", type=Path, help="the table to update (default: moec's own)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -25,6 +25,7 @@ from moec.ir.core import Operation
 from moec.ir.ops import ExpertsOp, RouteOp
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType
 
 KERNELS_FILE = "triton_kernels.py"
 EXPERT_DTYPES = ("f32", "bf16", "f16")
@@ -45,12 +46,8 @@ def unsupported_reason(op: Operation) -> str | None:
         return f"activations of dtype {x_dtype} (the kernels take {', '.join(EXPERT_DTYPES)})"
     for role in ("w_in", "w_out", "b_in", "b_out"):
         weight_type = op.weight_type(role)
-        if weight_type is None:
-            continue
-        bits = getattr(weight_type, "bits", None)
-        if bits is not None:
-            # The kernels read the packed format (triton_ops.QuantizedWeight); plans do not feed it to them yet.
-            return f"{role} is quantized (bits {list(bits)}); quantized plans are not wired to the Triton kernels yet"
+        if weight_type is None or isinstance(weight_type, QuantizedType):
+            continue  # quantized matrices are read packed and dequantized tile by tile, whatever their dtype
         if weight_type.dtype != x_dtype:
             return f"{role} is {weight_type.dtype} but the activations are {x_dtype}"
     return None

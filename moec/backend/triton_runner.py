@@ -24,6 +24,8 @@ from moec.backend.torch_runner import RULES, TorchRunner
 from moec.errors import BackendError
 from moec.ir.ops import ExpertsOp, RouteOp
 from moec.ir.program import Program
+from moec.kernels import reference
+from moec.kernels.skip import skipped_pairs
 
 
 def import_triton() -> ModuleType:
@@ -66,7 +68,11 @@ def run_experts(launcher):
     def rule(op, weight, args, kwargs):
         x, indices, routing = args
         k, hidden = indices.shape[-1], x.shape[-1]
-        y = launcher(x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k),
+        indices = reference.remap_experts(indices, op.expert_map).reshape(-1, k)
+        routing = routing.reshape(-1, k)
+        if op.skip_threshold:  # the kernels never run a pair whose expert index is negative
+            indices = indices.masked_fill(skipped_pairs(routing, op.skip_threshold), -1)
+        y = launcher(x.reshape(-1, hidden), indices, routing,
                      weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out"))
         return y.reshape(x.shape)
 

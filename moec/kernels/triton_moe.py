@@ -10,7 +10,8 @@ GEMMs belongs to one expert. A tile gathers its token rows straight from ``x`` b
 of the activations), multiplies by that expert's weight tile, and scatters its result to the pair's row.
 Experts with no tokens own no tiles, so their weights are never read.
 
-Pair ``p`` is token ``p // TOP_K``, slot ``p % TOP_K``; padding slots hold the sentinel ``num_pairs``.
+Pair ``p`` is token ``p // TOP_K``, slot ``p % TOP_K``; padding slots hold the sentinel ``num_pairs``. A pair
+whose expert index is negative (skipped at run time) is left out of the alignment, so no tile computes it.
 """
 
 import triton
@@ -136,7 +137,7 @@ def router_topk_kernel(
 
 @triton.jit
 def count_experts_kernel(
-    indices_ptr,  # [num_pairs] int64: expert of each pair
+    indices_ptr,  # [num_pairs] int64: expert of each pair (negative: a skipped pair, left out)
     counts_ptr,  # [E] int32 out: pairs per expert
     num_pairs,
     BLOCK: tl.constexpr,
@@ -153,7 +154,7 @@ def count_experts_kernel(
 
 @triton.jit
 def align_kernel(
-    indices_ptr,  # [num_pairs] int64: expert of each pair
+    indices_ptr,  # [num_pairs] int64: expert of each pair (negative: a skipped pair, left out)
     counts_ptr,  # [E] int32: pairs per expert (count_experts_kernel)
     sorted_pairs_ptr,  # [max_padded] int32 out, pre-filled with num_pairs: pair ids grouped by expert
     block_experts_ptr,  # [max_padded // BLOCK_M] int32 out: the expert of each BLOCK_M tile

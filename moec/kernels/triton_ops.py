@@ -9,7 +9,8 @@ Shapes and dtypes::
     route:    x [T, H] float, router [E, H], bias [E] | None  ->  indices int64 [T, k], weights float32 [T, k]
     align:    indices int64 [T, k]  ->  Alignment (sorted pair ids, expert of each tile, used length)
     experts:  x [T, H] float32|bfloat16|float16, indices/weights [T, k], w_in [E, F_in, H], w_out [E, H, F]
-              (tensors of x's dtype, or QuantizedWeight: packed codes dequantized tile by tile),
+              (tensors of x's dtype, or moec.kernels.quant.QuantizedWeight, a plan's packed storage:
+              codes dequantized tile by tile),
               b_in [E, F_in] | None, b_out [E, H] | None  ->  y [T, H] in x's dtype
 """
 
@@ -23,6 +24,7 @@ import triton
 
 from moec.frontend.blocks import ExpertsSpec, RouteSpec
 from moec.kernels import triton_moe
+from moec.kernels.quant import QuantizedWeight
 
 EXPERT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -39,34 +41,24 @@ class TileConfig:
     num_stages: int = 2
 
 
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """Stacked expert matrices [E, R, C] in moec's quantized weight format (``moec.ir.quant``, version 1):
-    ``packed`` uint8 1-D (matrix after matrix, rows of ``C * bits[e] // 8`` bytes, LSB-first bit stream),
-    ``scales`` float16 and ``zeros`` uint8 [E, R, C // group], one width in {2, 3, 4, 8} per expert."""
-
-    packed: torch.Tensor
-    scales: torch.Tensor
-    zeros: torch.Tensor
-    bits: tuple[int, ...]
-    group: int
-
-    def pointers(self) -> tuple[torch.Tensor, ...]:
-        """A kernel's quantized-weight arguments: packed codes, scales, zeros, bits [E], byte offsets [E]."""
-        device = self.packed.device
-        sizes = [self.scales.shape[1] * self.scales.shape[2] * self.group * b // 8 for b in self.bits]
-        offsets = torch.tensor([sum(sizes[:e]) for e in range(len(sizes))], dtype=torch.int64, device=device)
-        bits = torch.tensor(self.bits, dtype=torch.int32, device=device)
-        return self.packed, self.scales, self.zeros, bits, offsets
-
-
 Weight = torch.Tensor | QuantizedWeight
+
+
+def quantized_pointers(weight: QuantizedWeight) -> tuple[torch.Tensor, ...]:
+    """A kernel's quantized-weight arguments for stacked experts [E, R, C]: packed codes, scales, zeros,
+    bits [E] int32 and the byte offset of each expert's matrix [E] int64, on the weight's device."""
+    qtype, device = weight.type, weight.qweight.device
+    if qtype.rank != 3:
+        raise ValueError(f"the Triton experts kernels take stacked [E, R, C] quantized weights, got {qtype}")
+    offsets = [qtype.matrix_offset(e) for e in range(qtype.num_matrices)]
+    return (weight.qweight, weight.scales, weight.zeros, torch.tensor(qtype.bits, dtype=torch.int32, device=device),
+            torch.tensor(offsets, dtype=torch.int64, device=device))
 
 
 def weight_args(weight: Weight) -> tuple[torch.Tensor, tuple, bool, int]:
     """(plain pointer, quantized pointers, quantized?, group) for a kernel; unused pointers get a stand-in."""
     if isinstance(weight, QuantizedWeight):
-        return weight.packed, weight.pointers(), True, weight.group
+        return weight.qweight, quantized_pointers(weight), True, weight.type.group
     weight = weight.contiguous()
     return weight, (weight,) * 5, False, 1
 
@@ -121,7 +113,8 @@ def route(
 
 def align(indices: torch.Tensor, num_experts: int, block_m: int, kernels: ModuleType = triton_moe,
           scan_block: int = 1024) -> Alignment:
-    """Group the (token, slot) pairs of ``indices`` [T, k] by expert, padding each group to ``block_m``."""
+    """Group the (token, slot) pairs of ``indices`` [T, k] by expert, padding each group to ``block_m``; pairs
+    with a negative expert index are left out."""
     flat = indices.reshape(-1).contiguous()
     num_pairs = flat.numel()
     # Each expert wastes at most block_m - 1 padding slots.
@@ -167,8 +160,9 @@ def gate_up(x: torch.Tensor, w_in: Weight, b_in: torch.Tensor | None, alignment:
 
 def down(h: torch.Tensor, w_out: Weight, b_out: torch.Tensor | None, routing: torch.Tensor,
          alignment: Alignment, spec: ExpertsSpec, tiles: TileConfig, kernels: ModuleType = triton_moe) -> torch.Tensor:
-    """y [num_pairs, H] in h's dtype: each pair's expert output times its routing weight."""
-    y = torch.empty(alignment.num_pairs, spec.hidden, dtype=h.dtype, device=h.device)
+    """y [num_pairs, H] in h's dtype: each pair's expert output times its routing weight (zero for pairs the
+    alignment left out: those with a negative expert index)."""
+    y = torch.zeros(alignment.num_pairs, spec.hidden, dtype=h.dtype, device=h.device)
     num_tiles_m = alignment.block_experts.numel()
     grid = (num_tiles_m * triton.cdiv(spec.hidden, tiles.BLOCK_N),)
     plain, quantized, is_quantized, group = weight_args(w_out)
@@ -189,7 +183,8 @@ def experts(
     w_in: Weight, w_out: Weight, b_in: torch.Tensor | None, b_out: torch.Tensor | None,
     spec: ExpertsSpec, tiles: TileConfig = TileConfig(), kernels: ModuleType = triton_moe,
 ) -> torch.Tensor:
-    """Routed experts combined: ``y[t] = sum_j routing[t, j] * expert_{indices[t, j]}(x[t])``.
+    """Routed experts combined: ``y[t] = sum_j routing[t, j] * expert_{indices[t, j]}(x[t])``; a pair whose
+    expert index is negative is skipped (contributes nothing, costs nothing).
 
     Align, then the fused gate/up GEMM (with the activation), then the down GEMM (scaled by the routing
     weight); the k scaled outputs of a token are summed last. ``w_in``/``w_out`` may be quantized

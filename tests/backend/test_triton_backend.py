@@ -75,12 +75,46 @@ def test_saved_plan_carries_kernels_and_runs_from_them(mixtral, tmp_path):
     torch.testing.assert_close(loaded(**example).logits, compiled(**example).logits, rtol=0, atol=0)
 
 
+def with_ir(program: Program, text: str) -> Program:
+    return Program(parse_graph(text), program.weights, program.in_spec, program.out_spec, program.metadata)
+
+
+@pytest.mark.parametrize("recipe", [
+    # packed 3-bit experts, dequantized inside the kernels (3 bits: codes straddle bytes, and the torch
+    # runner's kernel for them is exact, where its packed-int4 one rounds the activations to bfloat16)
+    [{"quantize": {"bits": 3, "group": 32}}],
+    [{"dynamic-skip": {"threshold": 0.9}}],  # secondary experts below 0.9 x the top weight: never computed
+])
+def test_compressed_plans_run_their_kernels_and_match_the_torch_runner(recipe):
+    from moec.frontend.zoo import build_preset
+
+    model, example = build_preset("tiny-mixtral")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning: every MoE op runs a generated kernel
+        compiled = moec.compile(model, example, backend="triton", recipe={"passes": recipe})
+    assert compiled.runner.fallbacks == []
+    reference = CompiledModel(compiled.program, "torch")
+    inputs = other_inputs(example)
+    torch.testing.assert_close(compiled(**inputs).logits, reference(**inputs).logits, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_merged_experts_read_the_expert_map(mixtral):
+    """After expert merging the router still picks among 4 experts, which share 3 stored ones."""
+    compiled, example = mixtral
+    text = compiled.ir.replace('gated=true, block="model.layers.0.mlp"',
+                               'gated=true, expert_map=[0, 0, 1, 3], block="model.layers.0.mlp"')
+    merged = with_ir(compiled.program, text)
+    expected = CompiledModel(merged, "torch")(**example).logits
+    assert not torch.allclose(expected, compiled(**example).logits)  # the map changes the function
+    torch.testing.assert_close(CompiledModel(merged, "triton")(**example).logits, expected, rtol=TOLERANCE, atol=TOLERANCE)
+
+
 def test_unsupported_ops_fall_back_to_torch_with_one_warning(mixtral):
     compiled, example = mixtral
     program = compiled.program
     # Group-limited routing (DeepSeek-V3) is not in the Triton router: those ops keep their torch rule.
     text = compiled.ir.replace("n_group=1, topk_group=1", "n_group=2, topk_group=1")
-    grouped = Program(parse_graph(text), program.weights, program.in_spec, program.out_spec, program.metadata)
+    grouped = with_ir(program, text)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fallback = CompiledModel(grouped, "triton")

@@ -12,6 +12,8 @@ Implementations, timed side by side in one process with CUDA events (median of r
 * ``hf_<impl>``      ``MixtralExperts`` from transformers with ``config._experts_implementation`` set to each
                      of ``eager``, ``batched_mm``, ``grouped_mm`` that runs; ``hf_best`` is the fastest per size
 * ``torch_compile``  ``torch.compile`` of the HF eager experts (dynamic shapes)
+* ``moec_int4``      moec's kernel on the same experts quantized to 4 bits (group 128, moec's packed format),
+                     dequantized tile by tile inside the kernel; its error is against the bfloat16 experts
 
 Reported per token count: times, moec's speedup over ``hf_best`` and ``torch_compile``, and moec's achieved
 fraction of the GPU's peak: memory bandwidth for decode (<= 64 tokens; bytes = the distinct experts' weights
@@ -40,7 +42,7 @@ LAYERS = {
     "fine-grained": {"hidden": 2048, "ffn": 1408, "experts": 64, "top_k": 6},
 }
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-QUICK_TOKENS = [1, 16, 256, 4096]
+QUICK_TOKENS = [1, 16, 64, 256, 512, 4096]
 DECODE_MAX_TOKENS = 64
 # Spec-sheet peaks (dense bfloat16 tensor-core TFLOP/s, HBM GB/s), matched on the device name.
 PEAKS = {"H200": (989.0, 4800.0), "H100 PCIe": (756.0, 2000.0), "H100": (989.0, 3350.0), "A100": (312.0, 2039.0)}
@@ -85,6 +87,14 @@ def build_experts(layer: dict):
     return config, experts
 
 
+def quantize_experts(stacked: torch.Tensor, bits: int, group: int):
+    """[E, R, C] bfloat16 -> moec's packed QuantizedWeight, quantized on the GPU."""
+    from moec.kernels.quant import QuantizedWeight, quantize_matrix
+
+    matrices = [quantize_matrix(matrix.float(), bits, group) for matrix in stacked]
+    return QuantizedWeight.from_matrices("bf16", tuple(stacked.shape), matrices)
+
+
 def route(tokens: int, layer: dict):
     generator = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, layer["hidden"], generator=generator, device="cuda", dtype=torch.bfloat16)
@@ -93,7 +103,21 @@ def route(tokens: int, layer: dict):
     return x, indices, weights / weights.sum(dim=-1, keepdim=True)
 
 
-def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, peaks: tuple[float, float]) -> list[dict]:
+def kernel_profile(fn, calls: int = 10) -> str:
+    """Where moec's time goes: the GPU time of each kernel it launches, from torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40)
+
+
+def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, peaks: tuple[float, float],
+                profile: bool = False) -> list[dict]:
     from moec.backend.triton_tiles import pick, shape_key, tiles_for_shape
     from moec.frontend.blocks import ExpertsSpec
 
@@ -102,13 +126,14 @@ def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, pe
     tile_rows = tiles_for_shape(shape_key(spec.num_experts, spec.hidden, spec.intermediate, layer["top_k"], "bf16"))
     w_in, w_out = experts.gate_up_proj.data, experts.down_proj.data
     expert_bytes = (w_in[0].numel() + w_out[0].numel()) * 2
+    quantized = quantize_experts(w_in, 4, 128), quantize_experts(w_out, 4, 128)
     compiled = torch.compile(experts, dynamic=True)
     peak_tflops, peak_gbs = peaks
     rows = []
     for tokens in tokens_list:
         x, indices, weights = route(tokens, layer)
         tiles = pick(tile_rows, tokens)
-        impls = implementations(config, experts, compiled, spec, tiles, x, indices, weights)
+        impls = implementations(config, experts, compiled, spec, tiles, x, indices, weights, quantized)
         row = {"layer": name, "tokens": tokens, "tiles": tiles.__dict__, "ms": {}, "skipped": {}}
         with torch.inference_mode():
             config._experts_implementation = "eager"
@@ -118,7 +143,7 @@ def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, pe
                     got = fn()
                     row.setdefault("max_abs_diff_vs_hf_eager", {})[label] = (got.float() - expected).abs().max().item()
                     row["ms"][label] = cuda_time_ms(fn, repeats)
-                except (RuntimeError, NotImplementedError, torch.OutOfMemoryError) as err:
+                except Exception as err:  # an implementation this torch/transformers/GPU lacks: reported, not fatal
                     row["skipped"][label] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                     torch.cuda.empty_cache()
         hf_times = {k: v for k, v in row["ms"].items() if k.startswith("hf_")}
@@ -134,6 +159,8 @@ def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, pe
         else:
             flops = 2 * tokens * layer["top_k"] * 3 * layer["hidden"] * layer["ffn"]
             row["moec_fraction_of_peak_bf16"] = flops / moec_s / (peak_tflops * 1e12)
+        if profile:
+            print(kernel_profile(impls["moec"]))
         rows.append(row)
         fraction = row.get("moec_fraction_of_peak_bandwidth", row.get("moec_fraction_of_peak_bf16"))
         kind = "bandwidth" if tokens <= DECODE_MAX_TOKENS else "bf16 peak"
@@ -143,7 +170,7 @@ def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, pe
     return rows
 
 
-def implementations(config, experts, compiled, spec, tiles, x, indices, weights) -> dict:
+def implementations(config, experts, compiled, spec, tiles, x, indices, weights, quantized) -> dict:
     """label -> a call running the experts on (x, indices, weights)."""
     from moec.kernels import triton_ops
 
@@ -159,6 +186,7 @@ def implementations(config, experts, compiled, spec, tiles, x, indices, weights)
     for impl in ("eager", "batched_mm", "grouped_mm"):
         impls[f"hf_{impl}"] = hf(impl)
     impls["torch_compile"] = lambda: compiled(x, indices, weights)
+    impls["moec_int4"] = lambda: triton_ops.experts(x, indices, weights, *quantized, None, None, spec, tiles)
     return impls
 
 
@@ -166,6 +194,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"tokens {QUICK_TOKENS} only, fewer repeats")
     parser.add_argument("--layers", nargs="+", default=list(LAYERS), choices=list(LAYERS))
+    parser.add_argument("--profile", action="store_true", help="also print the GPU time of each moec kernel")
     parser.add_argument("--peak-gbs", type=float, help="peak memory bandwidth, GB/s (default: spec sheet)")
     parser.add_argument("--peak-tflops", type=float, help="peak dense bf16 TFLOP/s (default: spec sheet)")
     parser.add_argument("--out", default="bench-results/triton_moe.json")
@@ -183,7 +212,8 @@ def main(argv=None) -> int:
     print(f"device {device}: peaks {peaks[0]:g} TFLOP/s bf16, {peaks[1]:g} GB/s")
     rows = []
     for name in args.layers:
-        rows += bench_layer(name, LAYERS[name], QUICK_TOKENS if args.quick else TOKENS, 10 if args.quick else 30, peaks)
+        rows += bench_layer(name, LAYERS[name], QUICK_TOKENS if args.quick else TOKENS, 10 if args.quick else 30, peaks,
+                            args.profile)
     import triton
 
     result = {"device": device, "peak_tflops_bf16": peaks[0], "peak_gbs": peaks[1], "torch": torch.__version__,

@@ -14,6 +14,15 @@ from moec.kernels import triton_ops as ops  # after the conftest set TRITON_INTE
 CASES = [(37, 8, 2), (5, 6, 1), (19, 8, 4), (1, 4, 1)]
 
 
+def to(device: torch.device, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    return [t.to(device) if t is not None else None for t in tensors]
+
+
+def on_cpu(alignment: ops.Alignment) -> ops.Alignment:
+    return ops.Alignment(alignment.sorted_pairs.cpu(), alignment.block_experts.cpu(), alignment.padded_total.cpu(),
+                         alignment.num_pairs, alignment.block_m)
+
+
 def choose_experts(tokens: int, num_experts: int, top_k: int, seed: int = 0) -> torch.Tensor:
     """Distinct experts per token drawn from all but the last expert, so at least one expert gets no tokens."""
     generator = torch.Generator().manual_seed(seed)
@@ -23,9 +32,9 @@ def choose_experts(tokens: int, num_experts: int, top_k: int, seed: int = 0) -> 
 
 @pytest.mark.parametrize("tokens,num_experts,top_k", CASES)
 @pytest.mark.parametrize("block_m", [16, 32])
-def test_align_matches_reference(tokens, num_experts, top_k, block_m):
+def test_align_matches_reference(tokens, num_experts, top_k, block_m, device):
     indices = choose_experts(tokens, num_experts, top_k)
-    got = ops.align(indices, num_experts, block_m)
+    got = on_cpu(ops.align(indices.to(device), num_experts, block_m))
     sorted_pairs, block_experts = triton_reference.align(indices, num_experts, block_m)
     used = int(got.padded_total)
     assert used == sorted_pairs.numel()
@@ -46,7 +55,7 @@ ROUTERS = [
 @pytest.mark.parametrize("scoring,order,renormalize,with_bias,tokens,num_experts,top_k",
                          [router + case for router in ROUTERS for case in (CASES[0], CASES[2])]
                          + [ROUTERS[0] + CASES[1], ROUTERS[3] + CASES[3]])
-def test_router_matches_reference(scoring, order, renormalize, with_bias, tokens, num_experts, top_k):
+def test_router_matches_reference(scoring, order, renormalize, with_bias, tokens, num_experts, top_k, device):
     generator = torch.Generator().manual_seed(1)
     hidden = 40  # not a multiple of the 32-wide hidden tile
     x = torch.randn(tokens, hidden, generator=generator)
@@ -54,7 +63,8 @@ def test_router_matches_reference(scoring, order, renormalize, with_bias, tokens
     bias = torch.randn(num_experts, generator=generator) if with_bias else None
     spec = RouteSpec(num_experts, top_k, scoring, order, renormalize, renorm_eps=1e-20 if renormalize else 0.0,
                      scaling=2.5 if with_bias else 1.0, has_bias=with_bias)
-    indices, weights = ops.route(x, router, bias, spec)
+    indices, weights = ops.route(*to(device, x, router, bias), spec)
+    indices, weights = indices.cpu(), weights.cpu()
     ref_indices, ref_weights = reference.route(x, router, bias, spec)
     assert torch.equal(indices, ref_indices)
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
@@ -83,23 +93,24 @@ TILES = ops.TileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
     ("relu", False, False, *CASES[0]),
     ("quick_gelu", True, False, *CASES[3]),
 ])
-def test_gate_up_and_down_match_references(act, gated, has_bias, tokens, num_experts, top_k):
+def test_gate_up_and_down_match_references(act, gated, has_bias, tokens, num_experts, top_k, device):
     spec = ExpertsSpec(num_experts, hidden=48, intermediate=40, act=act, gated=gated, has_bias=has_bias)
     w_in, w_out, b_in, b_out = expert_weights(spec, torch.float32)
     x = torch.randn(tokens, spec.hidden, generator=torch.Generator().manual_seed(3))
     indices = choose_experts(tokens, num_experts, top_k)
     routing = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(4))
-    alignment = ops.align(indices, num_experts, TILES.BLOCK_M)
+    alignment = ops.align(indices.to(device), num_experts, TILES.BLOCK_M)
 
-    h = ops.gate_up(x, w_in, b_in, alignment, spec, top_k, TILES)
-    torch.testing.assert_close(h, triton_reference.gate_up(x, indices, w_in, b_in, spec), rtol=1e-5, atol=1e-5)
-    y = ops.down(h, w_out, b_out, routing, alignment, spec, TILES)
-    torch.testing.assert_close(y, triton_reference.down(h, indices, routing, w_out, b_out), rtol=1e-5, atol=1e-5)
+    h = ops.gate_up(*to(device, x, w_in, b_in), alignment, spec, top_k, TILES)
+    torch.testing.assert_close(h.cpu(), triton_reference.gate_up(x, indices, w_in, b_in, spec), rtol=1e-5, atol=1e-5)
+    y = ops.down(h, *to(device, w_out, b_out, routing), alignment, spec, TILES)
+    expected = triton_reference.down(h.cpu(), indices, routing, w_out, b_out)
+    torch.testing.assert_close(y.cpu(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("tokens,num_experts,top_k", CASES)
-def test_experts_match_reference(dtype, tolerance, tokens, num_experts, top_k):
+def test_experts_match_reference(dtype, tolerance, tokens, num_experts, top_k, device):
     """The whole op (align, gate/up, down, combine) against the reference the torch runner is checked with.
     bfloat16: the kernels keep float32 between the GEMMs where the reference rounds to bfloat16."""
     spec = ExpertsSpec(num_experts, hidden=32, intermediate=48, act="silu", gated=True)
@@ -107,17 +118,36 @@ def test_experts_match_reference(dtype, tolerance, tokens, num_experts, top_k):
     x = torch.randn(tokens, spec.hidden, generator=torch.Generator().manual_seed(5)).to(dtype)
     indices = choose_experts(tokens, num_experts, top_k)
     routing = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(6))
-    got = ops.experts(x, indices, routing, w_in, w_out, None, None, spec, TILES)
+    got = ops.experts(*to(device, x, indices, routing, w_in, w_out), None, None, spec, TILES).cpu()
     expected = reference.experts(x, indices, routing, w_in, w_out, None, None, spec)
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
-def test_experts_with_no_tokens_is_empty():
+def test_pairs_with_a_negative_expert_are_skipped(device):
+    """Skipped pairs (index -1) cost nothing and add nothing: as if their routing weight were zero."""
+    tokens, num_experts, top_k = 37, 8, 2
+    spec = ExpertsSpec(num_experts, hidden=32, intermediate=48, act="silu", gated=True)
+    w_in, w_out, _, _ = expert_weights(spec, torch.float32)
+    x = torch.randn(tokens, spec.hidden, generator=torch.Generator().manual_seed(7))
+    indices = choose_experts(tokens, num_experts, top_k)
+    routing = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(8))
+    skipped = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(9)) < 0.4
+    with_skips = indices.masked_fill(skipped, -1)
+
+    alignment = on_cpu(ops.align(with_skips.to(device), num_experts, TILES.BLOCK_M))
+    used = int(alignment.padded_total)
+    assert not set(alignment.sorted_pairs[:used].tolist()) & set(torch.nonzero(skipped.flatten()).flatten().tolist())
+    got = ops.experts(*to(device, x, with_skips, routing, w_in, w_out), None, None, spec, TILES).cpu()
+    expected = reference.experts(x, indices, routing.masked_fill(skipped, 0.0), w_in, w_out, None, None, spec)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_experts_with_no_tokens_is_empty(device):
     spec = ExpertsSpec(4, hidden=16, intermediate=16, act="silu", gated=True)
     w_in, w_out, _, _ = expert_weights(spec, torch.float32)
-    x = torch.empty(0, 16)
-    out = ops.experts(x, torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2), w_in, w_out, None, None, spec)
+    x, indices, routing = torch.empty(0, 16), torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2)
+    out = ops.experts(*to(device, x, indices, routing, w_in, w_out), None, None, spec)
     assert out.shape == (0, 16)
 
 

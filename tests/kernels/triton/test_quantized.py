@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from moec.frontend.blocks import ExpertsSpec
+from moec.ir.quant import QuantizedType
 from moec.kernels import reference
 from moec.kernels import triton_ops as ops
+from moec.kernels.quant import QuantizedWeight
 
 
 def pack_row(codes: list[int], bits: int) -> list[int]:
@@ -38,8 +40,8 @@ def random_quantized(num_experts: int, rows: int, cols: int, bits: tuple[int, ..
         zeros.append(zero)
         widen = group  # each group's scale/zero covers `group` consecutive columns
         dense.append((codes.float() - zero.float().repeat_interleave(widen, 1)) * scale.float().repeat_interleave(widen, 1))
-    weight = ops.QuantizedWeight(torch.tensor(packed, dtype=torch.uint8), torch.stack(scales), torch.stack(zeros),
-                                 bits, group)
+    qtype = QuantizedType("f32", (num_experts, rows, cols), bits, group)
+    weight = QuantizedWeight(qtype, torch.tensor(packed, dtype=torch.uint8), torch.stack(scales), torch.stack(zeros))
     return weight, torch.stack(dense)
 
 
@@ -48,7 +50,8 @@ def random_quantized(num_experts: int, rows: int, cols: int, bits: tuple[int, ..
     # a width per expert, every supported one (3-bit codes straddle bytes), bfloat16 activations
     ((4, 8, 2, 3), (3, 2, 8, 4), 1, torch.bfloat16, 3e-2),
 ])
-def test_quantized_experts_match_reference_on_dequantized_weights(w_in_bits, w_out_bits, top_k, dtype, tolerance):
+def test_quantized_experts_match_reference_on_dequantized_weights(w_in_bits, w_out_bits, top_k, dtype, tolerance,
+                                                                  device):
     spec = ExpertsSpec(num_experts=4, hidden=64, intermediate=32, act="silu", gated=True)
     w_in, dense_in = random_quantized(4, 2 * spec.intermediate, spec.hidden, w_in_bits, group=32, seed=0)
     w_out, dense_out = random_quantized(4, spec.hidden, spec.intermediate, w_out_bits, group=32, seed=1)
@@ -58,7 +61,8 @@ def test_quantized_experts_match_reference_on_dequantized_weights(w_in_bits, w_o
     indices = torch.stack([torch.randperm(3, generator=generator)[:top_k] for _ in range(tokens)])  # expert 3 idle
     routing = torch.rand(tokens, top_k, generator=generator)
     tiles = ops.TileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
-    got = ops.experts(x, indices, routing, w_in, w_out, None, None, spec, tiles)
+    on_device = [QuantizedWeight(w.type, w.qweight.to(device), w.scales.to(device), w.zeros.to(device)) for w in (w_in, w_out)]
+    got = ops.experts(x.to(device), indices.to(device), routing.to(device), *on_device, None, None, spec, tiles).cpu()
     expected = reference.experts(x, indices, routing, dense_in.to(dtype), dense_out.to(dtype), None, None, spec)
     scale = expected.float().abs().max().item()
     torch.testing.assert_close(got.float() / scale, expected.float() / scale, rtol=tolerance, atol=tolerance)
