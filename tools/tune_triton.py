@@ -90,10 +90,13 @@ def tune_shape(num_experts: int, hidden: int, ffn: int, top_k: int, dtype: torch
             try:
                 ms = time_ms(run)
             except Exception as err:  # out of resources, or a tile the compiler rejects: not a candidate here
-                print(f"  skip {tiles}: {type(err).__name__}")
+                print(f"  skip {tiles}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
                 continue
             if ms < best_ms:
                 best, best_ms = tiles, ms
+        if best is None:
+            raise SystemExit(f"no candidate tile ran for E{num_experts} H{hidden} F{ffn} k{top_k} T={tokens}; "
+                             "the errors are above")
         print(f"E{num_experts} H{hidden} F{ffn} k{top_k} T<={tokens}: {best_ms:.3f} ms with {best}")
         rows.append([tokens, best.__dict__])
     rows[-1][0] = 1 << 30  # the last row serves every larger count

@@ -36,9 +36,9 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
     chunks = codes.to(torch.int64).reshape(rows, columns // CODES_PER_CHUNK, CODES_PER_CHUNK)
-    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int64) * bits
+    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int64, device=codes.device) * bits
     words = (chunks << shifts).sum(dim=-1, keepdim=True)  # [R, C/8, 1]: disjoint bits, so sum == or
-    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int64, device=codes.device) * 8
     packed = (words >> byte_shifts) & 0xFF  # [R, C/8, bits]
     return packed.to(torch.uint8).reshape(rows, columns * bits // 8)
 
@@ -50,13 +50,13 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
         return packed
     rows, num_bytes = packed.shape
     if 8 % bits == 0:  # 2 and 4 bits: no code straddles a byte, so shift bytes directly (fast uint8 ops)
-        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [R, bytes, 8 // bits]
         return codes.reshape(rows, num_bytes * 8 // bits)
     chunks = packed.to(torch.int32).reshape(rows, num_bytes // bits, bits)
-    byte_shifts = torch.arange(bits, dtype=torch.int32) * 8
+    byte_shifts = torch.arange(bits, dtype=torch.int32, device=packed.device) * 8
     words = (chunks << byte_shifts).sum(dim=-1, keepdim=True, dtype=torch.int32)  # [R, C/8, 1], 24 bits used
-    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int32) * bits
+    shifts = torch.arange(CODES_PER_CHUNK, dtype=torch.int32, device=packed.device) * bits
     codes = (words >> shifts) & ((1 << bits) - 1)  # [R, C/8, 8]
     return codes.to(torch.uint8).reshape(rows, num_bytes * 8 // bits)
 

@@ -229,19 +229,22 @@ def load_weight_tile(
     rows are COLS*b/8 bytes, and w = (code - zero) * scale per group of GROUP columns, in float32. A code
     spans two bytes only for 3-bit widths; the second byte is read only then.
     """
-    if not QUANTIZED:
-        return tl.load(w_ptr + expert * ROWS * COLS + rows[None, :] * COLS + ks[:, None], mask=mask, other=0.0)
-    bits = tl.load(bits_ptr + expert)
-    first_bit = ks[:, None] * bits
-    shift = first_bit % 8
-    byte = tl.load(offsets_ptr + expert) + rows[None, :].to(tl.int64) * (COLS * bits // 8) + first_bit // 8
-    low = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
-    high = tl.load(q_ptr + byte + 1, mask=mask & (shift + bits > 8), other=0).to(tl.int32)
-    code = ((low | (high << 8)) >> shift) & ((1 << bits) - 1)
-    group = (expert * ROWS + rows[None, :]) * (COLS // GROUP) + ks[:, None] // GROUP
-    scale = tl.load(scales_ptr + group, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(zeros_ptr + group, mask=mask, other=0).to(tl.float32)
-    return (code.to(tl.float32) - zero) * scale
+    # One branch only is compiled (QUANTIZED is a constexpr); the unused pointers are stand-ins of other types.
+    if QUANTIZED:
+        bits = tl.load(bits_ptr + expert)
+        first_bit = ks[:, None] * bits
+        shift = first_bit % 8
+        byte = tl.load(offsets_ptr + expert) + rows[None, :].to(tl.int64) * (COLS * bits // 8) + first_bit // 8
+        low = tl.load(q_ptr + byte, mask=mask, other=0).to(tl.int32)
+        high = tl.load(q_ptr + byte + 1, mask=mask & (shift + bits > 8), other=0).to(tl.int32)
+        code = ((low | (high << 8)) >> shift) & ((1 << bits) - 1)
+        group = (expert * ROWS + rows[None, :]) * (COLS // GROUP) + ks[:, None] // GROUP
+        scale = tl.load(scales_ptr + group, mask=mask, other=0.0).to(tl.float32)
+        zero = tl.load(zeros_ptr + group, mask=mask, other=0).to(tl.float32)
+        tile = (code.to(tl.float32) - zero) * scale
+    else:
+        tile = tl.load(w_ptr + expert * ROWS * COLS + rows[None, :] * COLS + ks[:, None], mask=mask, other=0.0)
+    return tile
 
 
 @triton.jit
