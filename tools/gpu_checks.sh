@@ -13,11 +13,11 @@ nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 python -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee "$out/versions.txt"
 echo "== kernel tests on the GPU"
-timeout 100 python -m pytest tests/kernels/triton -q -p no:cacheprovider -n 8 >"$out/tests.txt" 2>&1
+timeout 80 python -m pytest tests/kernels/triton -q -p no:cacheprovider -n 8 >"$out/tests.txt" 2>&1
 tail -n 15 "$out/tests.txt"
 echo "== tuning"
 timeout 130 python tools/tune_triton.py $quick 2>&1 | tee "$out/tune.txt" | grep -v "^  skip"
 cp moec/backend/triton_tiles.json "$out/"
 echo "== benchmark"
-timeout 160 python tools/bench/triton_moe.py $quick --profile --out "$out/triton_moe.json" >"$out/bench.txt" 2>&1
+timeout 220 python tools/bench/triton_moe.py $quick --profile --out "$out/triton_moe.json" >"$out/bench.txt" 2>&1
 grep -v "^ \|^-\|^Name\|^Self" "$out/bench.txt" | tail -n 40

@@ -35,13 +35,13 @@ DTYPE_NAMES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
 # stream is what matters (narrow N for more programs in flight, long K for long loads); prefill: square-ish
 # tiles that feed the tensor cores.
 GRIDS = {  # regime: (max tokens, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages)
-    "decode": (64, [16], [32, 64, 128], [64, 128, 256], [1], [4], [3, 4]),
-    "middle": (512, [16, 32, 64], [64, 128], [64, 128], [8], [4], [3, 4]),
+    "decode": (16, [16], [32, 64, 128], [64, 128, 256], [1], [4], [3, 4]),
+    "middle": (512, [16, 32, 64], [32, 64, 128], [64, 128], [1, 8], [4], [3, 4]),
     "prefill": (1 << 30, [64, 128], [128, 256], [64], [8], [4, 8], [3, 4]),
 }
 QUICK_GRIDS = {
-    "decode": (64, [16], [32, 64, 128], [128, 256], [1], [4], [4]),
-    "middle": (512, [32, 64], [64, 128], [64], [8], [4], [4]),
+    "decode": (16, [16], [32, 64, 128], [128, 256], [1], [4], [4]),
+    "middle": (512, [16, 32, 64], [32, 64, 128], [64, 128], [8], [4], [4]),
     "prefill": (1 << 30, [64, 128], [128], [64], [8], [8], [3, 4]),
 }
 

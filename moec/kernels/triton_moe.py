@@ -156,7 +156,7 @@ def count_experts_kernel(
 def align_kernel(
     indices_ptr,  # [num_pairs] int64: expert of each pair (negative: a skipped pair, left out)
     counts_ptr,  # [E] int32: pairs per expert (count_experts_kernel)
-    sorted_pairs_ptr,  # [max_padded] int32 out, pre-filled with num_pairs: pair ids grouped by expert
+    sorted_pairs_ptr,  # [max_padded] int32 out: pair ids grouped by expert, each group padded with num_pairs
     block_experts_ptr,  # [max_padded // BLOCK_M] int32 out: the expert of each BLOCK_M tile
     padded_total_ptr,  # [1] int32 out: used length of sorted_pairs (a multiple of BLOCK_M)
     num_pairs,
@@ -165,13 +165,16 @@ def align_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK: tl.constexpr,  # pairs scanned per step
 ):
-    """One program per expert: write its pairs (ascending, so stable) and its tiles' expert id."""
+    """One program per expert: write its pairs (ascending, so stable), its padding and its tiles' expert id.
+    Past the used length nothing is written: the GEMMs never read there."""
     expert = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
     counts = tl.load(counts_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     start = tl.sum(tl.where(experts < expert, padded, 0), axis=0)
     own = tl.sum(tl.where(experts == expert, padded, 0), axis=0)
+    padding = start + tl.sum(tl.where(experts == expert, counts, 0), axis=0) + tl.arange(0, BLOCK_M)
+    tl.store(sorted_pairs_ptr + padding, num_pairs, mask=padding < start + own)
     if expert == 0:
         tl.store(padded_total_ptr, tl.sum(padded, axis=0))
     for tile in range(start // BLOCK_M, (start + own) // BLOCK_M):
@@ -208,29 +211,37 @@ def tile_coordinates(num_tiles_m, N: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 @triton.jit
 def load_weight_tile(
-    w_ptr,  # [E, ROWS, COLS] plain weights (read when not QUANTIZED)
+    w_ptr,  # [E, ROWS, COLS] plain weights (read when FORMAT is "plain")
     q_ptr,  # uint8, 1-D: packed codes of every expert's matrix (moec's quantized weight format, version 1)
     scales_ptr,  # [E, ROWS, COLS // GROUP] float16
     zeros_ptr,  # [E, ROWS, COLS // GROUP] uint8
-    bits_ptr,  # [E] int32: each expert's code width (2, 3, 4 or 8)
-    offsets_ptr,  # [E] int64: where each expert's matrix starts in q_ptr
+    bits_ptr,  # [E] int32: each expert's code width (2, 3, 4 or 8), read when FORMAT is "mixed"
+    offsets_ptr,  # [E] int64: where each expert's matrix starts in q_ptr, read when FORMAT is "mixed"
     expert,
     rows,  # [BLOCK_N] row indices of the tile
-    ks,  # [BLOCK_K] column indices of the tile (the reduced dim)
-    mask,  # [BLOCK_K, BLOCK_N]
+    row_ok,  # [BLOCK_N]
+    k0,  # first column of the tile (the reduced dim)
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
-    QUANTIZED: tl.constexpr,
+    FORMAT: tl.constexpr,  # "plain" | "int4" | "int8" (every expert that width) | "mixed" (a width per expert)
     GROUP: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
-    """The tile ``w[expert][rows, ks]`` transposed to [BLOCK_K, BLOCK_N] (the right operand of tl.dot).
+    """The tile ``w[expert][rows, k0:k0 + BLOCK_K]`` transposed to [BLOCK_K, BLOCK_N] (the right operand of
+    tl.dot); quantized formats give it in float32.
 
     Quantized: code c of a row is bits [c*b, (c+1)*b) of the row's little-endian bit stream (LSB first),
-    rows are COLS*b/8 bytes, and w = (code - zero) * scale per group of GROUP columns, in float32. A code
-    spans two bytes only for 3-bit widths; the second byte is read only then.
+    rows are COLS*b/8 bytes, and w = (code - zero) * scale per group of GROUP columns. "int4"/"int8" read
+    whole bytes along the row (wide loads); "mixed" extracts each code by its expert's width, reading a
+    second byte only for codes that straddle two (3-bit widths).
     """
-    # One branch only is compiled (QUANTIZED is a constexpr); the unused pointers are stand-ins of other types.
-    if QUANTIZED:
+    ks = k0 + tl.arange(0, BLOCK_K)
+    mask = (ks[:, None] < COLS) & row_ok[None, :]
+    # One branch only is compiled (FORMAT is a constexpr); the unused pointers are stand-ins of other types.
+    if FORMAT == "plain":
+        tile = tl.load(w_ptr + expert * ROWS * COLS + rows[None, :] * COLS + ks[:, None], mask=mask, other=0.0)
+    elif FORMAT == "mixed":
         bits = tl.load(bits_ptr + expert)
         first_bit = ks[:, None] * bits
         shift = first_bit % 8
@@ -243,8 +254,33 @@ def load_weight_tile(
         zero = tl.load(zeros_ptr + group, mask=mask, other=0).to(tl.float32)
         tile = (code.to(tl.float32) - zero) * scale
     else:
-        tile = tl.load(w_ptr + expert * ROWS * COLS + rows[None, :] * COLS + ks[:, None], mask=mask, other=0.0)
+        ROW_BYTES: tl.constexpr = COLS // 2 if FORMAT == "int4" else COLS
+        row_start = q_ptr + expert * (ROWS * ROW_BYTES) + rows[None, :].to(tl.int64) * ROW_BYTES
+        if FORMAT == "int8":
+            codes = tl.load(row_start + ks[:, None], mask=mask, other=0)
+        else:  # byte i holds code 2i (low nibble) and code 2i + 1 (high nibble)
+            byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            packed = tl.load(row_start + byte_cols[:, None], mask=(byte_cols[:, None] < ROW_BYTES) & row_ok[None, :],
+                             other=0)
+            codes = tl.reshape(tl.permute(tl.join(packed & 0xF, packed >> 4), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        tile = dequantize_tile(codes, scales_ptr, zeros_ptr, expert, rows, row_ok, k0, ROWS, COLS, GROUP,
+                               BLOCK_K, BLOCK_N)
     return tile
+
+
+@triton.jit
+def dequantize_tile(codes, scales_ptr, zeros_ptr, expert, rows, row_ok, k0, ROWS: tl.constexpr, COLS: tl.constexpr,
+                    GROUP: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(codes - zero) * scale in float32 for a [BLOCK_K, BLOCK_N] tile of codes starting at column k0: one
+    scale and zero per row and GROUP columns, loaded once per group rather than once per code."""
+    GROUPS: tl.constexpr = BLOCK_K // GROUP if BLOCK_K > GROUP else 1  # groups the tile spans
+    group_cols = k0 // GROUP + tl.arange(0, GROUPS)
+    at = (expert * ROWS + rows[None, :]) * (COLS // GROUP) + group_cols[:, None]  # [GROUPS, BLOCK_N]
+    group_ok = (group_cols[:, None] < COLS // GROUP) & row_ok[None, :]
+    scale = tl.load(scales_ptr + at, mask=group_ok, other=0.0).to(tl.float32)
+    zero = tl.load(zeros_ptr + at, mask=group_ok, other=0).to(tl.float32)
+    grouped = tl.reshape(codes.to(tl.float32), (GROUPS, BLOCK_K // GROUPS, BLOCK_N))
+    return tl.reshape((grouped - zero[:, None, :]) * scale[:, None, :], (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
@@ -262,7 +298,7 @@ def gate_up_kernel(
     # Pointers
     x_ptr,  # [T, HIDDEN]              activations, rows contiguous
     w_in_ptr,  # [E, F_IN, HIDDEN]     F_IN = 2*INTERMEDIATE when gated (gate rows, then up rows)
-    w_in_q_ptr, w_in_scales_ptr, w_in_zeros_ptr, w_in_bits_ptr, w_in_offsets_ptr,  # when W_IN_QUANTIZED
+    w_in_q_ptr, w_in_scales_ptr, w_in_zeros_ptr, w_in_bits_ptr, w_in_offsets_ptr,  # when W_IN_FORMAT is quantized
     b_in_ptr,  # [E, F_IN]             only read when HAS_BIAS
     h_ptr,  # [num_pairs, INTERMEDIATE] out, x's dtype: act(gate) * up per pair
     sorted_pairs_ptr,  # [max_padded] int32
@@ -279,7 +315,7 @@ def gate_up_kernel(
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,  # see multiply_accumulate
-    W_IN_QUANTIZED: tl.constexpr,
+    W_IN_FORMAT: tl.constexpr,  # see load_weight_tile
     GROUP: tl.constexpr,  # quantization group size
     # Tiles
     BLOCK_M: tl.constexpr,
@@ -302,16 +338,16 @@ def gate_up_kernel(
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, HIDDEN, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < HIDDEN
-        a = tl.load(x_ptr + tokens[:, None] * HIDDEN + ks[None, :], mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
-        w_mask = k_ok[:, None] & col_ok[None, :]
+        a = tl.load(x_ptr + tokens[:, None] * HIDDEN + ks[None, :], mask=pair_ok[:, None] & (ks[None, :] < HIDDEN),
+                    other=0.0)
         w_gate = load_weight_tile(w_in_ptr, w_in_q_ptr, w_in_scales_ptr, w_in_zeros_ptr, w_in_bits_ptr,
-                                  w_in_offsets_ptr, expert, cols, ks, w_mask, F_IN, HIDDEN, W_IN_QUANTIZED, GROUP)
+                                  w_in_offsets_ptr, expert, cols, col_ok, k0, F_IN, HIDDEN, W_IN_FORMAT, GROUP,
+                                  BLOCK_K, BLOCK_N)
         acc_gate = multiply_accumulate(a, w_gate.to(a.dtype), acc_gate, PRECISION)
         if GATED:
             w_up = load_weight_tile(w_in_ptr, w_in_q_ptr, w_in_scales_ptr, w_in_zeros_ptr, w_in_bits_ptr,
-                                    w_in_offsets_ptr, expert, INTERMEDIATE + cols, ks, w_mask, F_IN, HIDDEN,
-                                    W_IN_QUANTIZED, GROUP)
+                                    w_in_offsets_ptr, expert, INTERMEDIATE + cols, col_ok, k0, F_IN, HIDDEN,
+                                    W_IN_FORMAT, GROUP, BLOCK_K, BLOCK_N)
             acc_up = multiply_accumulate(a, w_up.to(a.dtype), acc_up, PRECISION)
 
     if HAS_BIAS:
@@ -331,7 +367,7 @@ def down_kernel(
     # Pointers
     h_ptr,  # [num_pairs, INTERMEDIATE]  gate_up_kernel's output
     w_out_ptr,  # [E, HIDDEN, INTERMEDIATE]
-    w_out_q_ptr, w_out_scales_ptr, w_out_zeros_ptr, w_out_bits_ptr, w_out_offsets_ptr,  # when W_OUT_QUANTIZED
+    w_out_q_ptr, w_out_scales_ptr, w_out_zeros_ptr, w_out_bits_ptr, w_out_offsets_ptr,  # when W_OUT_FORMAT is quantized
     b_out_ptr,  # [E, HIDDEN]            only read when HAS_BIAS
     routing_ptr,  # [num_pairs] float32  routing weight of each pair
     y_ptr,  # [num_pairs, HIDDEN] out, x's dtype: routing weight * expert output, per pair
@@ -346,7 +382,7 @@ def down_kernel(
     INTERMEDIATE: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,
-    W_OUT_QUANTIZED: tl.constexpr,
+    W_OUT_FORMAT: tl.constexpr,
     GROUP: tl.constexpr,
     # Tiles
     BLOCK_M: tl.constexpr,
@@ -367,11 +403,11 @@ def down_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, INTERMEDIATE, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < INTERMEDIATE
-        a = tl.load(h_ptr + rows[:, None] * INTERMEDIATE + ks[None, :], mask=pair_ok[:, None] & k_ok[None, :], other=0.0)
+        a = tl.load(h_ptr + rows[:, None] * INTERMEDIATE + ks[None, :],
+                    mask=pair_ok[:, None] & (ks[None, :] < INTERMEDIATE), other=0.0)
         w = load_weight_tile(w_out_ptr, w_out_q_ptr, w_out_scales_ptr, w_out_zeros_ptr, w_out_bits_ptr,
-                             w_out_offsets_ptr, expert, cols, ks, k_ok[:, None] & col_ok[None, :],
-                             HIDDEN, INTERMEDIATE, W_OUT_QUANTIZED, GROUP)
+                             w_out_offsets_ptr, expert, cols, col_ok, k0, HIDDEN, INTERMEDIATE, W_OUT_FORMAT, GROUP,
+                             BLOCK_K, BLOCK_N)
         acc = multiply_accumulate(a, w.to(a.dtype), acc, PRECISION)
 
     if HAS_BIAS:

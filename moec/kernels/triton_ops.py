@@ -55,12 +55,21 @@ def quantized_pointers(weight: QuantizedWeight) -> tuple[torch.Tensor, ...]:
             torch.tensor(offsets, dtype=torch.int64, device=device))
 
 
-def weight_args(weight: Weight) -> tuple[torch.Tensor, tuple, bool, int]:
-    """(plain pointer, quantized pointers, quantized?, group) for a kernel; unused pointers get a stand-in."""
+def weight_format(weight: Weight) -> str:
+    """The kernels' FORMAT for a weight (see ``triton_moe.load_weight_tile``): "plain", "int4"/"int8" when
+    every expert has that width (whole-byte loads), else "mixed"."""
+    if not isinstance(weight, QuantizedWeight):
+        return "plain"
+    widths = set(weight.type.bits)
+    return f"int{widths.pop()}" if widths in ({4}, {8}) else "mixed"
+
+
+def weight_args(weight: Weight) -> tuple[torch.Tensor, tuple, str, int]:
+    """(plain pointer, quantized pointers, format, group) for a kernel; unused pointers get a stand-in."""
     if isinstance(weight, QuantizedWeight):
-        return weight.qweight, quantized_pointers(weight), True, weight.type.group
+        return weight.qweight, quantized_pointers(weight), weight_format(weight), weight.type.group
     weight = weight.contiguous()
-    return weight, (weight,) * 5, False, 1
+    return weight, (weight,) * 5, "plain", 1
 
 
 @dataclass(frozen=True)
@@ -68,7 +77,8 @@ class Alignment:
     """Pairs grouped by expert, each group padded to a multiple of ``block_m``.
 
     ``sorted_pairs`` int32 [max_padded] (padding holds ``num_pairs``), ``block_experts`` int32
-    [max_padded // block_m] (the expert of each tile; tiles past ``padded_total`` are unused),
+    [max_padded // block_m] (the expert of each tile); both are unwritten past ``padded_total``, where the
+    GEMMs never read,
     ``padded_total`` int32 [1] (on the device, so nothing waits for the host).
     """
 
@@ -121,8 +131,8 @@ def align(indices: torch.Tensor, num_experts: int, block_m: int, kernels: Module
     max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
     device = indices.device
     counts = torch.empty(num_experts, dtype=torch.int32, device=device)
-    sorted_pairs = torch.full((max_padded,), num_pairs, dtype=torch.int32, device=device)
-    block_experts = torch.zeros(max_padded // block_m, dtype=torch.int32, device=device)
+    sorted_pairs = torch.empty(max_padded, dtype=torch.int32, device=device)
+    block_experts = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
     padded_total = torch.empty(1, dtype=torch.int32, device=device)
     scan = min(scan_block, next_power_of_two(num_pairs, 16))
     kernels.count_experts_kernel[(num_experts,)](flat, counts, num_pairs, BLOCK=scan)
@@ -145,13 +155,13 @@ def gate_up(x: torch.Tensor, w_in: Weight, b_in: torch.Tensor | None, alignment:
     h = torch.empty(alignment.num_pairs, spec.intermediate, dtype=x.dtype, device=x.device)
     num_tiles_m = alignment.block_experts.numel()
     grid = (num_tiles_m * triton.cdiv(spec.intermediate, tiles.BLOCK_N),)
-    plain, quantized, is_quantized, group = weight_args(w_in)
+    plain, quantized, w_format, group = weight_args(w_in)
     kernels.gate_up_kernel[grid](
         x, plain, *quantized, b_in if b_in is not None else plain, h,
         alignment.sorted_pairs, alignment.block_experts, alignment.padded_total,
         alignment.num_pairs, num_tiles_m,
         HIDDEN=spec.hidden, INTERMEDIATE=spec.intermediate, TOP_K=top_k, GATED=spec.gated, ACT=spec.act,
-        HAS_BIAS=b_in is not None, PRECISION=dot_precision(x.dtype), W_IN_QUANTIZED=is_quantized, GROUP=group,
+        HAS_BIAS=b_in is not None, PRECISION=dot_precision(x.dtype), W_IN_FORMAT=w_format, GROUP=group,
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
@@ -165,13 +175,13 @@ def down(h: torch.Tensor, w_out: Weight, b_out: torch.Tensor | None, routing: to
     y = torch.zeros(alignment.num_pairs, spec.hidden, dtype=h.dtype, device=h.device)
     num_tiles_m = alignment.block_experts.numel()
     grid = (num_tiles_m * triton.cdiv(spec.hidden, tiles.BLOCK_N),)
-    plain, quantized, is_quantized, group = weight_args(w_out)
+    plain, quantized, w_format, group = weight_args(w_out)
     kernels.down_kernel[grid](
         h, plain, *quantized, b_out if b_out is not None else plain, routing.reshape(-1).float().contiguous(), y,
         alignment.sorted_pairs, alignment.block_experts, alignment.padded_total,
         alignment.num_pairs, num_tiles_m,
         HIDDEN=spec.hidden, INTERMEDIATE=spec.intermediate, HAS_BIAS=b_out is not None,
-        PRECISION=dot_precision(h.dtype), W_OUT_QUANTIZED=is_quantized, GROUP=group,
+        PRECISION=dot_precision(h.dtype), W_OUT_FORMAT=w_format, GROUP=group,
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )

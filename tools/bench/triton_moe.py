@@ -31,6 +31,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ LAYERS = {
     "fine-grained": {"hidden": 2048, "ffn": 1408, "experts": 64, "top_k": 6},
 }
 TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
-QUICK_TOKENS = [1, 16, 64, 256, 512, 4096]
+QUICK_TOKENS = [1, 4, 16, 64, 128, 256, 512, 4096]
 DECODE_MAX_TOKENS = 64
 # Spec-sheet peaks (dense bfloat16 tensor-core TFLOP/s, HBM GB/s), matched on the device name.
 PEAKS = {"H200": (989.0, 4800.0), "H100 PCIe": (756.0, 2000.0), "H100": (989.0, 3350.0), "A100": (312.0, 2039.0)}
@@ -104,16 +105,23 @@ def route(tokens: int, layer: dict):
 
 
 def kernel_profile(fn, calls: int = 10) -> str:
-    """Where moec's time goes: the GPU time of each kernel it launches, from torch's profiler."""
+    """Where moec's time goes: the GPU time of each kernel it launches (torch's profiler), and the host's
+    time to issue one call (no synchronization)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host_us = (time.perf_counter() - start) / calls * 1e6
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=40)
+    return f"{table}\nhost time to issue one call: {host_us:.0f} us"
 
 
 def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, peaks: tuple[float, float],

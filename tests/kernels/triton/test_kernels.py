@@ -40,7 +40,6 @@ def test_align_matches_reference(tokens, num_experts, top_k, block_m, device):
     assert used == sorted_pairs.numel()
     assert torch.equal(got.sorted_pairs[:used], sorted_pairs)
     assert torch.equal(got.block_experts[: used // block_m], block_experts)
-    assert (got.sorted_pairs[used:] == tokens * top_k).all()  # the rest is padding
 
 
 ROUTERS = [

@@ -45,13 +45,17 @@ def random_quantized(num_experts: int, rows: int, cols: int, bits: tuple[int, ..
     return weight, torch.stack(dense)
 
 
-@pytest.mark.parametrize("w_in_bits,w_out_bits,top_k,dtype,tolerance", [
-    ((4, 4, 4, 4), (8, 8, 8, 8), 2, torch.float32, 1e-4),  # the common case: 4-bit gate/up, 8-bit down
+@pytest.mark.parametrize("w_in_bits,w_out_bits,top_k,dtype,tolerance,block_k", [
+    # the common case, one width for all experts (whole-byte loads): 4-bit gate/up, 8-bit down; tiles
+    # narrower than a group, as wide, and two groups wide (the down GEMM's 32 columns are then half a tile)
+    ((4, 4, 4, 4), (8, 8, 8, 8), 2, torch.float32, 1e-4, 16),
+    ((4, 4, 4, 4), (8, 8, 8, 8), 2, torch.float32, 1e-4, 32),
+    ((4, 4, 4, 4), (8, 8, 8, 8), 2, torch.float32, 1e-4, 64),
     # a width per expert, every supported one (3-bit codes straddle bytes), bfloat16 activations
-    ((4, 8, 2, 3), (3, 2, 8, 4), 1, torch.bfloat16, 3e-2),
+    ((4, 8, 2, 3), (3, 2, 8, 4), 1, torch.bfloat16, 3e-2, 32),
 ])
 def test_quantized_experts_match_reference_on_dequantized_weights(w_in_bits, w_out_bits, top_k, dtype, tolerance,
-                                                                  device):
+                                                                  block_k, device):
     spec = ExpertsSpec(num_experts=4, hidden=64, intermediate=32, act="silu", gated=True)
     w_in, dense_in = random_quantized(4, 2 * spec.intermediate, spec.hidden, w_in_bits, group=32, seed=0)
     w_out, dense_out = random_quantized(4, spec.hidden, spec.intermediate, w_out_bits, group=32, seed=1)
@@ -60,7 +64,7 @@ def test_quantized_experts_match_reference_on_dequantized_weights(w_in_bits, w_o
     x = (torch.randn(tokens, spec.hidden, generator=generator) * 0.5).to(dtype)
     indices = torch.stack([torch.randperm(3, generator=generator)[:top_k] for _ in range(tokens)])  # expert 3 idle
     routing = torch.rand(tokens, top_k, generator=generator)
-    tiles = ops.TileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2)
+    tiles = ops.TileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block_k, GROUP_M=2)
     on_device = [QuantizedWeight(w.type, w.qweight.to(device), w.scales.to(device), w.zeros.to(device)) for w in (w_in, w_out)]
     got = ops.experts(x.to(device), indices.to(device), routing.to(device), *on_device, None, None, spec, tiles).cpu()
     expected = reference.experts(x, indices, routing, dense_in.to(dtype), dense_out.to(dtype), None, None, spec)
