@@ -136,26 +136,8 @@ def router_topk_kernel(
 
 
 @triton.jit
-def count_experts_kernel(
-    indices_ptr,  # [num_pairs] int64: expert of each pair (negative: a skipped pair, left out)
-    counts_ptr,  # [E] int32 out: pairs per expert
-    num_pairs,
-    BLOCK: tl.constexpr,
-):
-    """One program per expert: how many pairs chose it."""
-    expert = tl.program_id(0)
-    total = 0
-    for start in range(0, num_pairs, BLOCK):
-        offsets = start + tl.arange(0, BLOCK)
-        ids = tl.load(indices_ptr + offsets, mask=offsets < num_pairs, other=-1)
-        total += tl.sum((ids == expert).to(tl.int32), axis=0)
-    tl.store(counts_ptr + expert, total)
-
-
-@triton.jit
 def align_kernel(
     indices_ptr,  # [num_pairs] int64: expert of each pair (negative: a skipped pair, left out)
-    counts_ptr,  # [E] int32: pairs per expert (count_experts_kernel)
     sorted_pairs_ptr,  # [max_padded] int32 out: pair ids grouped by expert, each group padded with num_pairs
     block_experts_ptr,  # [max_padded // BLOCK_M] int32 out: the expert of each BLOCK_M tile
     padded_total_ptr,  # [1] int32 out: used length of sorted_pairs (a multiple of BLOCK_M)
@@ -163,13 +145,19 @@ def align_kernel(
     NUM_EXPERTS: tl.constexpr,
     BLOCK_E: tl.constexpr,  # next power of two >= NUM_EXPERTS
     BLOCK_M: tl.constexpr,
-    BLOCK: tl.constexpr,  # pairs scanned per step
+    BLOCK: tl.constexpr,  # pairs scanned per step when writing
+    COUNT_BLOCK: tl.constexpr,  # pairs scanned per step when counting (BLOCK_E x COUNT_BLOCK compares)
 ):
-    """One program per expert: write its pairs (ascending, so stable), its padding and its tiles' expert id.
-    Past the used length nothing is written: the GEMMs never read there."""
+    """One program per expert: count every expert's pairs (each program alike, so one launch does it all),
+    then write this expert's pairs (ascending, so stable), its padding and its tiles' expert id. Past the
+    used length nothing is written: the GEMMs never read there."""
     expert = tl.program_id(0)
     experts = tl.arange(0, BLOCK_E)
-    counts = tl.load(counts_ptr + experts, mask=experts < NUM_EXPERTS, other=0)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for scan in range(0, num_pairs, COUNT_BLOCK):
+        offsets = scan + tl.arange(0, COUNT_BLOCK)
+        ids = tl.load(indices_ptr + offsets, mask=offsets < num_pairs, other=-1)
+        counts += tl.sum((ids[None, :] == experts[:, None]).to(tl.int32), axis=1)
     padded = tl.cdiv(counts, BLOCK_M) * BLOCK_M
     start = tl.sum(tl.where(experts < expert, padded, 0), axis=0)
     own = tl.sum(tl.where(experts == expert, padded, 0), axis=0)

@@ -65,11 +65,17 @@ def weight_format(weight: Weight) -> str:
 
 
 def weight_args(weight: Weight) -> tuple[torch.Tensor, tuple, str, int]:
-    """(plain pointer, quantized pointers, format, group) for a kernel; unused pointers get a stand-in."""
-    if isinstance(weight, QuantizedWeight):
-        return weight.qweight, quantized_pointers(weight), weight_format(weight), weight.type.group
-    weight = weight.contiguous()
-    return weight, (weight,) * 5, "plain", 1
+    """(plain pointer, quantized pointers, format, group) for a kernel; unused pointers get a stand-in.
+    Only "mixed" reads the per-expert widths and offsets (made here: a small host-to-device copy per call)."""
+    if not isinstance(weight, QuantizedWeight):
+        weight = weight.contiguous()
+        return weight, (weight,) * 5, "plain", 1
+    w_format = weight_format(weight)
+    if w_format == "mixed":
+        pointers = quantized_pointers(weight)
+    else:
+        pointers = (weight.qweight, weight.scales, weight.zeros, weight.qweight, weight.qweight)
+    return weight.qweight, pointers, w_format, weight.type.group
 
 
 @dataclass(frozen=True)
@@ -130,15 +136,15 @@ def align(indices: torch.Tensor, num_experts: int, block_m: int, kernels: Module
     # Each expert wastes at most block_m - 1 padding slots.
     max_padded = triton.cdiv(num_pairs + num_experts * (block_m - 1), block_m) * block_m
     device = indices.device
-    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
     sorted_pairs = torch.empty(max_padded, dtype=torch.int32, device=device)
     block_experts = torch.empty(max_padded // block_m, dtype=torch.int32, device=device)
     padded_total = torch.empty(1, dtype=torch.int32, device=device)
     scan = min(scan_block, next_power_of_two(num_pairs, 16))
-    kernels.count_experts_kernel[(num_experts,)](flat, counts, num_pairs, BLOCK=scan)
+    block_e = next_power_of_two(num_experts)
     kernels.align_kernel[(num_experts,)](
-        flat, counts, sorted_pairs, block_experts, padded_total, num_pairs,
-        NUM_EXPERTS=num_experts, BLOCK_E=next_power_of_two(num_experts), BLOCK_M=block_m, BLOCK=scan,
+        flat, sorted_pairs, block_experts, padded_total, num_pairs,
+        NUM_EXPERTS=num_experts, BLOCK_E=block_e, BLOCK_M=block_m, BLOCK=scan,
+        COUNT_BLOCK=min(scan, max(16, 8192 // block_e)),  # a bounded compare matrix per step
     )
     return Alignment(sorted_pairs, block_experts, padded_total, num_pairs, block_m)
 
