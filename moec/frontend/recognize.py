@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from torch import nn
-from transformers import activations as hf_act
-from transformers.models.bert.modeling_bert import BertLayer
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MLP, DeepseekV3MoE
-from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
-from transformers.models.llama.modeling_llama import LlamaMLP
-from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-from transformers.models.olmoe.modeling_olmoe import OlmoeMLP, OlmoeSparseMoeBlock
-from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeMLP, Qwen2MoeSparseMoeBlock
 
 from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec
 
+if TYPE_CHECKING:  # annotations only: the built-ins match these classes by import path
+    from transformers.models.bert.modeling_bert import BertLayer
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
 ToSpec = Callable[[nn.Module], BlockSpec | None]
 
-# (class, to_spec) pairs; searched from the end, so later registrations win.
-_REGISTRY: list[tuple[type[nn.Module], ToSpec]] = []
+# (class, to_spec) pairs; searched from the end, so later registrations win. The built-ins name their
+# Hugging Face classes by import path, so that importing moec does not import every model family.
+_REGISTRY: list[tuple[type[nn.Module] | str, ToSpec]] = []
 
 
 def register_moe_block(module_class: type[nn.Module], to_spec: ToSpec) -> None:
@@ -75,8 +75,10 @@ def recognize(model: nn.Module) -> list[BlockSpec]:
 
 
 def _spec_for(module: nn.Module) -> BlockSpec | None:
+    lineage = type(module).__mro__
+    paths = {f"{cls.__module__}.{cls.__qualname__}" for cls in lineage}
     for module_class, to_spec in reversed(_REGISTRY):
-        if isinstance(module, module_class):
+        if module_class in paths if isinstance(module_class, str) else module_class in lineage:
             return to_spec(module)
     return None
 
@@ -97,6 +99,8 @@ def activation_name(act: nn.Module) -> str | None:
     Decided from the module that actually runs (not the config string), so aliases such as
     ``gelu_new``/``gelu_pytorch_tanh``/``gelu_fast`` (all tanh GELU) or ``swish`` resolve alike.
     """
+    from transformers import activations as hf_act  # here, not at the top: it imports much of transformers
+
     if isinstance(act, (hf_act.SiLUActivation, nn.SiLU)):
         return "silu"
     if isinstance(act, hf_act.GELUActivation) or (isinstance(act, nn.GELU) and act.approximate == "none"):
@@ -268,13 +272,16 @@ def _deepseek_v3_moe(block: DeepseekV3MoE) -> BlockSpec | None:
     )
 
 
-register_moe_block(LlamaMLP, _gated_mlp("llama"))
-register_moe_block(Qwen2MoeMLP, _gated_mlp("qwen2_moe"))
-register_moe_block(OlmoeMLP, _gated_mlp("olmoe"))
-register_moe_block(DeepseekV3MLP, _gated_mlp("deepseek_v3"))
-register_moe_block(GPT2MLP, _gpt2_mlp)
-register_moe_block(BertLayer, _bert_layer)
-register_moe_block(MixtralSparseMoeBlock, _softmax_moe("mixtral", lambda b: True))
-register_moe_block(OlmoeSparseMoeBlock, _softmax_moe("olmoe", lambda b: b.gate.norm_topk_prob))
-register_moe_block(Qwen2MoeSparseMoeBlock, _qwen2_moe)
-register_moe_block(DeepseekV3MoE, _deepseek_v3_moe)
+HF = "transformers.models"
+_REGISTRY.extend([
+    (f"{HF}.llama.modeling_llama.LlamaMLP", _gated_mlp("llama")),
+    (f"{HF}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeMLP", _gated_mlp("qwen2_moe")),
+    (f"{HF}.olmoe.modeling_olmoe.OlmoeMLP", _gated_mlp("olmoe")),
+    (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MLP", _gated_mlp("deepseek_v3")),
+    (f"{HF}.gpt2.modeling_gpt2.GPT2MLP", _gpt2_mlp),
+    (f"{HF}.bert.modeling_bert.BertLayer", _bert_layer),
+    (f"{HF}.mixtral.modeling_mixtral.MixtralSparseMoeBlock", _softmax_moe("mixtral", lambda b: True)),
+    (f"{HF}.olmoe.modeling_olmoe.OlmoeSparseMoeBlock", _softmax_moe("olmoe", lambda b: b.gate.norm_topk_prob)),
+    (f"{HF}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock", _qwen2_moe),
+    (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE", _deepseek_v3_moe),
+])
