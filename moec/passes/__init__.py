@@ -1,17 +1,11 @@
-"""Passes over moec programs, and the manager that runs a recipe of them."""
+"""Passes over moec programs, and the manager that runs a recipe of them.
 
-from moec.passes import (  # noqa: F401  (registers the passes)
-    bit_allocation,
-    dead_code,
-    dense_to_moe,
-    dynamic_skip,
-    expert_merge,
-    expert_placement,
-    expert_prune,
-    overlap_schedule,
-    quantize,
-)
-from moec.passes.base import PASSES, Pass, PassContext, PassResult, register_pass
+The built-in passes (``BUILTIN_PASSES``) are imported when a recipe first names them; ``register_pass``
+adds users' own.
+"""
+
+from moec.passes.base import BUILTIN_PASSES, PASSES, Pass, PassContext, PassResult, find_pass, register_pass
 from moec.passes.manager import build_passes, load_recipe, run_passes
 
-__all__ = ["PASSES", "Pass", "PassContext", "PassResult", "build_passes", "load_recipe", "register_pass", "run_passes"]
+__all__ = ["BUILTIN_PASSES", "PASSES", "Pass", "PassContext", "PassResult", "build_passes", "find_pass",
+           "load_recipe", "register_pass", "run_passes"]

@@ -7,6 +7,7 @@ anything and what (counts a report can show). Passes that need data call
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -80,13 +81,38 @@ class PassResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-PASSES: dict[str, type[Pass]] = {}
+PASSES: dict[str, type[Pass]] = {}  # the passes imported so far, by recipe name (built-ins and users' own)
+
+# The built-in passes by recipe name -> module of moec.passes, imported when a recipe first names them:
+# some pull in a solver or scipy, which ``import moec`` should not pay for.
+BUILTIN_PASSES = {
+    "bit-allocation": "bit_allocation",
+    "dead-code": "dead_code",
+    "dense-to-moe": "dense_to_moe",
+    "dynamic-skip": "dynamic_skip",
+    "expert-merge": "expert_merge",
+    "expert-placement": "expert_placement",
+    "expert-prune": "expert_prune",
+    "overlap-schedule": "overlap_schedule",
+    "quantize": "quantize",
+}
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
     """Class decorator: make a pass available to recipes under its ``name``."""
     PASSES[cls.name] = cls
     return cls
+
+
+def find_pass(name: str) -> type[Pass] | None:
+    """The pass registered under ``name`` (importing a built-in one on first use), or None."""
+    if name not in PASSES and name in BUILTIN_PASSES:
+        importlib.import_module(f"moec.passes.{BUILTIN_PASSES[name]}")
+    return PASSES.get(name)
+
+
+def pass_names() -> list[str]:
+    return sorted(set(PASSES) | set(BUILTIN_PASSES))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import yaml
 from moec.errors import MoecError, PassError
 from moec.ir.program import Program
 from moec.ir.verifier import verify
-from moec.passes.base import PASSES, Pass, PassContext
+from moec.passes.base import Pass, PassContext, find_pass, pass_names
 
 Hook = Callable[[Pass, Program, dict[str, Any]], None]
 
@@ -48,9 +48,9 @@ def build_passes(recipe: dict[str, Any]) -> list[Pass]:
         if not isinstance(entry, (str, dict)) or (isinstance(entry, dict) and len(entry) != 1):
             raise PassError(f"recipe entry {entry!r} must be a pass name or {{name: {{options}}}}")
         key = str(name).replace("_", "-")
-        if key not in PASSES:
-            raise PassError(f"unknown pass {name!r} in recipe; known passes: {', '.join(sorted(PASSES))}")
-        cls = PASSES[key]
+        cls = find_pass(key)
+        if cls is None:
+            raise PassError(f"unknown pass {name!r} in recipe; known passes: {', '.join(pass_names())}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(options or {}) - known
         if unknown:
