@@ -7,7 +7,8 @@ Ensures: like ``quantize``, every targeted weight is packed (``moec.ir.quant``),
 ``widths`` that ``moec.analysis.bit_allocation.solve`` chose: minimal sum of importance x measured error,
 with the parameter-weighted average width <= ``budget`` and each unit at or above its floor.
 ``context.report["bit_allocation"]`` holds the table (unit, params, importance, error per width, chosen
-width), the objective, and the objective and average width of every uniform alternative. In place.
+width), the objective, and the objective and average width of every uniform alternative; a saved plan
+draws it as ``bit_allocation.svg`` (``moec.analysis.allocation_chart``). In place.
 
 Analysis and application: the error table and importance are measured here (``unit_errors``), the
 allocation is solved as a plain table problem, and ``moec.passes.quantize.quantize_units`` applies it.
