@@ -10,8 +10,8 @@ Everything is measured side by side in one run and written to bench-results/quan
 4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
 5. ``kernels``: decode-sized (1-16 token) expert blocks: float32 plan vs 4-bit experts on each CPU path.
 6. ``converted``: the real-weights MoE, all-MiniLM-L6-v2 made an MoE by dense-to-moe (16 experts, top-8,
-   calibrated on standard-library docstring sentences): ``quality`` and ``skip`` as above, 1 - embedding
-   cosine on held-out sentences against the float converted model.
+   calibrated on standard-library docstring sentences; per-linear units, routing-mass importance):
+   ``quality`` and ``skip`` as above, 1 - embedding cosine on held-out sentences against the float converted model.
 
     python tools/bench/quantize.py [--quick] [--parts lp,kernels,moe,minilm,converted]
 """
@@ -76,7 +76,7 @@ def bench_lp() -> dict:
 
 
 def quality_runs(name: str, program: Program, calibration: list, held_out: list, loss, group: int,
-                 dense: bool, per_linear: bool) -> dict:
+                 dense: bool, per_linear: bool, importance: str = "output") -> dict:
     """Loss of uniform widths, uniform mixes and LP allocations at 3.0 and 2.5 bits, all on one program."""
     reference = [CompiledModel(program).runner.run(batch)[0] for batch in held_out]
 
@@ -91,7 +91,7 @@ def quality_runs(name: str, program: Program, calibration: list, held_out: list,
         return measure(prog)
 
     units = quantizable_units(program, dense, per_linear)
-    out = {"model": name, "units": len(units), "uniform": {}, "mixes_2_5": {}, "lp": {}}
+    out = {"model": name, "units": len(units), "importance": importance, "uniform": {}, "mixes_2_5": {}, "lp": {}}
     for width in (2, 3, 4):
         out["uniform"][str(width)] = with_bits([width] * len(units))
     half = len(units) // 2
@@ -106,7 +106,8 @@ def quality_runs(name: str, program: Program, calibration: list, held_out: list,
         prog = clone(program)
         context = PassContext(calibration=calibration)
         start = time.perf_counter()
-        recipe = {"passes": [{"bit-allocation": {"budget": budget, "group": group, "dense": dense, "per_linear": per_linear}}]}
+        recipe = {"passes": [{"bit-allocation": {"budget": budget, "group": group, "dense": dense, "per_linear": per_linear,
+                                                 "importance": importance}}]}
         run_passes(prog, build_passes(recipe), context)
         report = context.report["bit_allocation"]
         out["lp"][str(budget)] = {"loss": measure(prog), "bits": [row["bits"] for row in report["table"]],
@@ -180,7 +181,8 @@ def skip_costs(program: Program, held_out: list, loss) -> list[dict]:
 
 def converted_minilm(quick: bool) -> dict:
     """LP vs uniform widths and dynamic skip on all-MiniLM-L6-v2 converted by dense-to-moe (16 experts of 96
-    neurons, top-8, fitted router), measured against the float converted model on held-out sentences."""
+    neurons, top-8, fitted router; router and allocation calibrated on the same sentences), measured against
+    the float converted model on held-out sentences."""
     model, example = build_preset("minilm")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     sentences = 64 if quick else 128
@@ -196,19 +198,17 @@ def converted_minilm(quick: bool) -> dict:
 
     held = one_batch(held_text)
     held_out = [program.flatten_inputs((), held)]
-    # The output-error measurement runs the model once per expert and width: a calibration subset keeps
-    # that to a few minutes (the router was fitted on all calibration sentences above).
-    allocation_samples = [program.flatten_inputs((), one_batch(cal_text[: 16 if quick else 32]))]
 
     def loss(reference, candidate, batch):
         return 1 - embedding_cosine(reference, candidate, held["attention_mask"])
 
-    # Group 32: an expert's FFN width (1536 / 16 = 96) is not a multiple of 64.
-    quality = quality_runs("minilm converted (16 experts, top-8)", program, allocation_samples, held_out, loss,
-                           32, False, False)
+    # Each expert linear is a unit, weighted by the expert's routing mass (one calibration run; measuring
+    # each of the 192 units' error at the model output would take one run per unit and width). Group 32:
+    # an expert's FFN width (1536 / 16 = 96) is not a multiple of 64.
+    quality = quality_runs("minilm converted (16 experts, top-8, per linear)", program,
+                           [one_batch(cal_text)], held_out, loss, 32, False, True, importance="routing")
     quality["convert_seconds"] = convert_seconds
-    quality["allocation_sentences"] = 16 if quick else 32
-    quality["held_out_sentences"] = sentences
+    quality["sentences"] = {"calibration": sentences, "held_out": sentences}
     return {"quality": quality, "skip": skip_costs(program, held_out, loss)}
 
 
