@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moec.analysis.allocation_chart import allocation_svg
 from moec.analysis.calibration import META_FILE as CALIBRATION_META
 from moec.analysis.calibration import Calibration
 from moec.backend.torch_runner import TorchRunner
@@ -59,10 +60,13 @@ class CompiledModel:
         return self.program.metadata.setdefault("report", {})
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a plan folder (``plan.json`` + ``weights.safetensors``, the calibration if any, and the
-        backend's generated kernels, ``triton_kernels.py`` for the triton backend) to ``path``."""
+        """Write a plan folder (``plan.json`` + ``weights.safetensors``, the calibration if any, the
+        backend's generated kernels, ``triton_kernels.py`` for the triton backend, and the report's plots,
+        ``bit_allocation.svg`` after bit allocation) to ``path``."""
         extra_files = self.calibration.to_files() if self.calibration is not None else {}
         extra_files |= self.runner.plan_files()
+        if "bit_allocation" in self.report:
+            extra_files["bit_allocation.svg"] = allocation_svg(self.report["bit_allocation"])
         return save_plan(self.program, path, extra_files or None)
 
     def export_onnx(self, path: str | os.PathLike, *, lowering: str = "portable", opset: int | None = None,

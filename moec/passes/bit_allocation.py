@@ -7,7 +7,9 @@ Ensures: like ``quantize``, every targeted weight is packed (``moec.ir.quant``),
 ``widths`` that ``moec.analysis.bit_allocation.solve`` chose: minimal sum of importance x measured error,
 with the parameter-weighted average width <= ``budget`` and each unit at or above its floor.
 ``context.report["bit_allocation"]`` holds the table (unit, params, importance, error per width, chosen
-width), the objective, and the objective and average width of every uniform alternative. In place.
+width), the objective, the LP relaxation's bound below it, and the objective and average width of every
+uniform alternative; a saved plan
+draws it as ``bit_allocation.svg`` (``moec.analysis.allocation_chart``). In place.
 
 Analysis and application: the error table and importance are measured here (``unit_errors``), the
 allocation is solved as a plain table problem, and ``moec.passes.quantize.quantize_units`` applies it.
@@ -187,6 +189,6 @@ class BitAllocation(Pass):
         ]
         quantize_units(program, units, allocation.bits, self.group, self.method, activations)
         summary = {"budget": self.budget, "average_bits": allocation.average_bits, "objective": allocation.objective,
-                   "solve_seconds": allocation.solve_seconds, "units": len(units)}
+                   "lower_bound": allocation.lower_bound, "solve_seconds": allocation.solve_seconds, "units": len(units)}
         context.report["bit_allocation"] = {**summary, "uniform": uniform, "table": table}
         return PassResult(True, summary)

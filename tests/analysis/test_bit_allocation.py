@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from moec.analysis.bit_allocation import average_bits, objective_of, solve
@@ -44,7 +45,7 @@ def test_infeasible_budget_names_the_smallest_feasible_one(budget, floors, small
         solve([100, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=budget, floors=floors)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(
     data=st.data(),
     units=st.integers(1, 5),
@@ -54,9 +55,30 @@ def test_matches_brute_force(data, units, budget):
     widths = (2, 3, 4, 8)
     params = data.draw(st.lists(st.integers(1, 50), min_size=units, max_size=units))
     importance = data.draw(st.lists(st.floats(0.0, 5.0), min_size=units, max_size=units))
-    error = [sorted(data.draw(st.lists(st.floats(0.0, 10.0), min_size=4, max_size=4)), reverse=True) for _ in range(units)]
-    feasible = [bits for bits in itertools.product(widths, repeat=units) if average_bits(bits, params) <= budget + 1e-9]
+    # Errors in any order: a wider width may be no better (dominated), which the solver must handle.
+    error = [data.draw(st.lists(st.floats(0.0, 10.0), min_size=4, max_size=4)) for _ in range(units)]
+    floors = data.draw(st.lists(st.sampled_from([None, None, 3, 4]), min_size=units, max_size=units))
+    feasible = [bits for bits in itertools.product(widths, repeat=units) if average_bits(bits, params) <= budget + 1e-9
+                and all(floor is None or b >= floor for b, floor in zip(bits, floors, strict=True))]
+    assume(feasible)
     best = min(objective_of(bits, widths, importance, error) for bits in feasible)
-    allocation = solve(params, importance, error, widths, budget)
+    allocation = solve(params, importance, error, widths, budget, floors)
     assert allocation.average_bits <= budget + 1e-9
     assert allocation.objective == pytest.approx(best, rel=1e-6, abs=1e-9)
+
+
+@pytest.mark.parametrize("budget", [3.0, 2.5])
+def test_reduced_cost_fixing_keeps_the_optimum_of_a_full_size_table(budget):
+    # 64 layers x 64 experts x 4 widths: the fast solve (a small core after reduced-cost fixing) must reach
+    # the same optimum as the solver given every width of every unit.
+    rng = random.Random(7)
+    widths = (2, 3, 4, 8)
+    params = [rng.randint(1, 4) * 1_000_000 for _ in range(64 * 64)]
+    importance = [rng.random() for _ in params]
+    error = [sorted((rng.random() * 2.0**-b for b in widths), reverse=True) for _ in params]
+    fast = solve(params, importance, error, widths, budget)
+    full = solve(params, importance, error, widths, budget, reduced_cost_fixing=False)
+    assert fast.core_units < len(params) // 2 < full.core_units
+    assert fast.average_bits <= budget + 1e-9
+    assert fast.lower_bound <= fast.objective
+    assert fast.objective == pytest.approx(full.objective, rel=1e-9)

@@ -9,8 +9,11 @@ Everything is measured side by side in one run and written to bench-results/quan
 3. ``bytes``: expert bytes in the saved plan at 3.0 average bits vs float32.
 4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
 5. ``kernels``: decode-sized (1-16 token) expert blocks: float32 plan vs 4-bit experts on each CPU path.
+6. ``converted``: the real-weights MoE, all-MiniLM-L6-v2 made an MoE by dense-to-moe (16 experts, top-8,
+   calibrated on standard-library docstring sentences; per-linear units, routing-mass importance):
+   ``quality`` and ``skip`` as above, 1 - embedding cosine on held-out sentences against the float converted model.
 
-    python tools/bench/quantize.py [--quick]
+    python tools/bench/quantize.py [--quick] [--parts lp,kernels,moe,minilm,converted]
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ import transformers
 
 import moec
 from moec.analysis import bit_allocation
+from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
 from moec.analysis.embedding_quality import calibration_sentences, embedding_cosine, held_out_sentences
 from moec.api import CompiledModel
 from moec.frontend.blocks import ExpertsSpec
+from moec.frontend.capture import capture
 from moec.frontend.zoo import build_preset, minilm_path
 from moec.ir import parse_graph, print_graph
 from moec.ir.program import Program
@@ -49,19 +54,29 @@ def clone(program: Program) -> Program:
 
 
 def bench_lp() -> dict:
+    """Solve time for 64 layers x 64 experts x 4 widths (random tables), with reduced-cost fixing and,
+    side by side, with every width handed to the solver; both exact, so their objectives must agree."""
     rng = random.Random(0)
     units, widths = 64 * 64, (2, 3, 4, 8)
     params = [rng.randint(1, 4) * 1_000_000 for _ in range(units)]
     importance = [rng.random() for _ in range(units)]
     error = [sorted((rng.random() * 2.0**-b for b in widths), reverse=True) for _ in range(units)]
-    start = time.perf_counter()
-    allocation = bit_allocation.solve(params, importance, error, widths, budget=3.0)
-    return {"units": units, "widths": list(widths), "seconds": time.perf_counter() - start,
-            "average_bits": allocation.average_bits}
+    out = {"units": units, "widths": list(widths), "budgets": {}}
+    for budget in (3.0, 2.5):
+        row = {}
+        for label, fixing in (("fixing", True), ("full", False)):
+            start = time.perf_counter()
+            allocation = bit_allocation.solve(params, importance, error, widths, budget, reduced_cost_fixing=fixing)
+            row[label] = {"seconds": time.perf_counter() - start, "objective": allocation.objective,
+                          "lower_bound": allocation.lower_bound, "core_units": allocation.core_units,
+                          "average_bits": allocation.average_bits}
+        row["speedup"] = row["full"]["seconds"] / row["fixing"]["seconds"]
+        out["budgets"][str(budget)] = row
+    return out
 
 
 def quality_runs(name: str, program: Program, calibration: list, held_out: list, loss, group: int,
-                 dense: bool, per_linear: bool) -> dict:
+                 dense: bool, per_linear: bool, importance: str = "output") -> dict:
     """Loss of uniform widths, uniform mixes and LP allocations at 3.0 and 2.5 bits, all on one program."""
     reference = [CompiledModel(program).runner.run(batch)[0] for batch in held_out]
 
@@ -76,7 +91,7 @@ def quality_runs(name: str, program: Program, calibration: list, held_out: list,
         return measure(prog)
 
     units = quantizable_units(program, dense, per_linear)
-    out = {"model": name, "units": len(units), "uniform": {}, "mixes_2_5": {}, "lp": {}}
+    out = {"model": name, "units": len(units), "importance": importance, "uniform": {}, "mixes_2_5": {}, "lp": {}}
     for width in (2, 3, 4):
         out["uniform"][str(width)] = with_bits([width] * len(units))
     half = len(units) // 2
@@ -91,7 +106,8 @@ def quality_runs(name: str, program: Program, calibration: list, held_out: list,
         prog = clone(program)
         context = PassContext(calibration=calibration)
         start = time.perf_counter()
-        recipe = {"passes": [{"bit-allocation": {"budget": budget, "group": group, "dense": dense, "per_linear": per_linear}}]}
+        recipe = {"passes": [{"bit-allocation": {"budget": budget, "group": group, "dense": dense, "per_linear": per_linear,
+                                                 "importance": importance}}]}
         run_passes(prog, build_passes(recipe), context)
         report = context.report["bit_allocation"]
         out["lp"][str(budget)] = {"loss": measure(prog), "bits": [row["bits"] for row in report["table"]],
@@ -151,16 +167,49 @@ def expert_bytes(program: Program) -> dict:
             "reported_bytes": sum(t.storage_bytes for t in types), "group": 32}
 
 
-def skip_costs(program: Program, held_out: list) -> list[dict]:
+def skip_costs(program: Program, held_out: list, loss) -> list[dict]:
     reference = [CompiledModel(program).runner.run(batch)[0] for batch in held_out]
     rows = []
     for threshold in (0.3, 0.5, 0.7, 0.9):
         prog = clone(program)
         run_passes(prog, build_passes({"passes": [{"dynamic-skip": {"threshold": threshold}}]}), PassContext())
         runner = CompiledModel(prog).runner
-        losses = [row_cosine_loss(ref, runner.run(b)[0], b) for ref, b in zip(reference, held_out, strict=True)]
+        losses = [loss(ref, runner.run(b)[0], b) for ref, b in zip(reference, held_out, strict=True)]
         rows.append({"threshold": threshold, **skip_statistics(prog, held_out), "loss": float(np.mean(losses))})
     return rows
+
+
+def converted_minilm(quick: bool) -> dict:
+    """LP vs uniform widths and dynamic skip on all-MiniLM-L6-v2 converted by dense-to-moe (16 experts of 96
+    neurons, top-8, fitted router; router and allocation calibrated on the same sentences), measured against
+    the float converted model on held-out sentences."""
+    model, example = build_preset("minilm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    sentences = 64 if quick else 128
+    cal_text, held_text = calibration_and_held_out(sentences, sentences)
+    program = capture(model, (), example)
+    start = time.perf_counter()
+    conversion = PassContext(calibration=tokenized_batches(tokenizer, cal_text), progress=False)
+    run_passes(program, build_passes({"passes": [{"dense-to-moe": {"experts": 16, "top_k": 8}}]}), conversion)
+    convert_seconds = time.perf_counter() - start
+
+    def one_batch(text: list[str]) -> dict:
+        return dict(tokenizer(text, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+
+    held = one_batch(held_text)
+    held_out = [program.flatten_inputs((), held)]
+
+    def loss(reference, candidate, batch):
+        return 1 - embedding_cosine(reference, candidate, held["attention_mask"])
+
+    # Each expert linear is a unit, weighted by the expert's routing mass (one calibration run; measuring
+    # each of the 192 units' error at the model output would take one run per unit and width). Group 32:
+    # an expert's FFN width (1536 / 16 = 96) is not a multiple of 64.
+    quality = quality_runs("minilm converted (16 experts, top-8, per linear)", program,
+                           [one_batch(cal_text)], held_out, loss, 32, False, True, importance="routing")
+    quality["convert_seconds"] = convert_seconds
+    quality["sentences"] = {"calibration": sentences, "held_out": sentences}
+    return {"quality": quality, "skip": skip_costs(program, held_out, loss)}
 
 
 def time_call(fn, repeats: int) -> float:
@@ -244,30 +293,45 @@ def measure_tokens(tokens, hidden, experts, spec, w_in, w_out, paths, reference,
     return row
 
 
+PARTS = ("lp", "kernels", "moe", "minilm", "converted")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes, repeats and sentences")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     args = parser.parse_args()
+    parts = args.parts.split(",")
+    if unknown := set(parts) - set(PARTS):
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    results: dict = {"threads": torch.get_num_threads()}
-    results["lp"] = bench_lp()
-    print("lp", json.dumps(results["lp"]), flush=True)
-    results["kernels"] = bench_kernels(args.quick)
-    moe, moe_program, moe_held_out = moe_quality("tiny-olmoe")
-    results["quality_moe"] = moe
-    print("quality moe", json.dumps(moe), flush=True)
-    results["bytes"] = expert_bytes(moe_program)
-    print("bytes", json.dumps(results["bytes"]), flush=True)
-    results["skip"] = skip_costs(moe_program, moe_held_out)
-    print("skip", json.dumps(results["skip"]), flush=True)
-    results["quality_minilm"] = minilm_quality(args.quick)
-    print("quality minilm", json.dumps(results["quality_minilm"]), flush=True)
+    results: dict = {"threads": torch.get_num_threads(), "parts": parts}
+    if "lp" in parts:
+        results["lp"] = bench_lp()
+        print("lp", json.dumps(results["lp"]), flush=True)
+    if "kernels" in parts:
+        results["kernels"] = bench_kernels(args.quick)
+    if "moe" in parts:
+        moe, moe_program, moe_held_out = moe_quality("tiny-olmoe")
+        results["quality_moe"] = moe
+        print("quality moe", json.dumps(moe), flush=True)
+        results["bytes"] = expert_bytes(moe_program)
+        print("bytes", json.dumps(results["bytes"]), flush=True)
+        results["skip"] = skip_costs(moe_program, moe_held_out, row_cosine_loss)
+        print("skip", json.dumps(results["skip"]), flush=True)
+    if "minilm" in parts:
+        results["quality_minilm"] = minilm_quality(args.quick)
+        print("quality minilm", json.dumps(results["quality_minilm"]), flush=True)
+    if "converted" in parts:
+        results["converted_minilm"] = converted_minilm(args.quick)
+        print("converted minilm", json.dumps(results["converted_minilm"]), flush=True)
     out = Path("bench-results")
     out.mkdir(exist_ok=True)
-    (out / "quantize.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {out / 'quantize.json'}")
+    name = "quantize.json" if parts == list(PARTS) else f"quantize-{'-'.join(parts)}.json"
+    (out / name).write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / name}")
 
 
 if __name__ == "__main__":
