@@ -67,7 +67,21 @@ def describe(op: Operation) -> str:
     gated = "gated " if spec.gated else ""
     dtype = op.args[0].tensor_type.dtype
     return (f"{where}: {spec.num_experts} experts, hidden {spec.hidden}, FFN {spec.intermediate}, "
-            f"{gated}{spec.act}, {dtype} weights")
+            f"{gated}{spec.act}, {dtype} activations, {weight_description(op)}")
+
+
+def weight_description(op: ExpertsOp) -> str:
+    """``f32 weights``, or the packed widths of quantized ones (``w_in int4, w_out 3-8 bit, group 32``)."""
+    parts = []
+    for role in ("w_in", "w_out"):
+        weight_type = op.weight_type(role)
+        if not isinstance(weight_type, QuantizedType):
+            parts.append(f"{role} {weight_type.dtype}")
+            continue
+        low, high = min(weight_type.bits), max(weight_type.bits)
+        width = f"int{low}" if low == high else f"{low}-{high} bit"
+        parts.append(f"{role} {width} (group {weight_type.group})")
+    return ", ".join(parts)
 
 
 def library_source() -> str:

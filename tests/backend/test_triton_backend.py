@@ -67,7 +67,8 @@ def test_saved_plan_carries_kernels_and_runs_from_them(mixtral, tmp_path):
     plan = compiled.save(tmp_path / "plan")
     source = (plan / KERNELS_FILE).read_text()
     assert source.startswith('"""moec Triton kernels for one plan')
-    assert "model.layers.0.mlp: 4 experts, hidden 32, FFN 64, gated silu, f32 weights" in source
+    assert ("model.layers.0.mlp: 4 experts, hidden 32, FFN 64, gated silu, f32 activations, w_in f32, w_out f32"
+            in source)
     loaded = moec.load(plan)  # the backend the plan was compiled for
     assert loaded.backend == "triton"
     assert loaded.runner.kernels_file == plan / KERNELS_FILE
@@ -93,6 +94,8 @@ def test_compressed_plans_run_their_kernels_and_match_the_torch_runner(recipe):
         warnings.simplefilter("error")  # no fallback warning: every MoE op runs a generated kernel
         compiled = moec.compile(model, example, backend="triton", recipe={"passes": recipe})
     assert compiled.runner.fallbacks == []
+    if "quantize" in recipe[0]:
+        assert "w_in int3 (group 32), w_out int3 (group 32)" in compiled.runner.source  # the header says so
     reference = CompiledModel(compiled.program, "torch")
     inputs = other_inputs(example)
     torch.testing.assert_close(compiled(**inputs).logits, reference(**inputs).logits, rtol=TOLERANCE, atol=TOLERANCE)
