@@ -8,6 +8,11 @@ fraction of sentences whose most similar other sentence is the same under both m
 between the two natural bounds: ``"random"`` (top-k experts drawn uniformly per token) and ``"oracle"``
 (the top-k experts by the true norm of their output on that token, which a router can only approximate).
 Chosen experts get weight 1 in both, as the ``dense-to-moe`` routers give them.
+
+``NeuronOracleRunner`` bounds what any expert split can reach at a given active fraction: it runs the
+*original* dense program keeping, per token, the neurons with the largest true contribution to the FFN's
+output (``|h_i - m_i| * |w_down[:, i]|``) and replacing the others by their calibration mean ``m_i`` (the
+mean compensation ``dense-to-moe`` applies), as if every neuron were its own expert with a perfect router.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 
 from moec.backend.torch_runner import TorchRunner
 from moec.ir.core import Operation
-from moec.ir.ops import ExpertsOp, RouteOp
+from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp
 from moec.ir.program import Program
 from moec.kernels.reference import activation
 
@@ -96,6 +101,35 @@ class RoutedRunner(TorchRunner):
             return indices, torch.ones(indices.shape, dtype=torch.float32)
 
         return choose
+
+
+class NeuronOracleRunner(TorchRunner):
+    """The torch runner with each ``ffn.dense`` op keeping only ``fraction`` of its neurons per token (the
+    largest true contributions), the rest at their mean from ``means`` (block -> [F]); see the module
+    docstring."""
+
+    def __init__(self, program: Program, fraction: float, means: dict[str, torch.Tensor]) -> None:
+        self.fraction, self.means = fraction, means
+        super().__init__(program)
+
+    def prepare(self, op: Operation) -> Callable[[list[Any], dict[str, Any]], Any]:
+        if not isinstance(op, DenseFFNOp):
+            return super().prepare(op)
+        spec, mean = op.spec, self.means[op.block]
+        w = {role: self.program.weights[op.weight(role).name].float() if op.weight(role) is not None else None
+             for role in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")}
+        act, column_norms = activation(spec.act), w["w_down"].norm(dim=0)
+        keep = max(1, round(self.fraction * spec.intermediate))
+
+        def run(args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+            x = args[0].float()
+            up = torch.nn.functional.linear(x, w["w_up"], w["b_up"])
+            h = act(torch.nn.functional.linear(x, w["w_gate"], w["b_gate"])) * up if spec.gated else act(up)
+            chosen = ((h - mean).abs() * column_norms).topk(keep, dim=-1).indices
+            kept = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, chosen, True)
+            return torch.nn.functional.linear(torch.where(kept, h, mean), w["w_down"], w["b_down"]).to(args[0].dtype)
+
+        return run
 
 
 def active_ffn_fraction(program: Program) -> float:

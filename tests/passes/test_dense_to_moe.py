@@ -154,3 +154,26 @@ def test_tiny_dense_zoo_converts_exactly_with_every_expert_and_runs_with_fewer(n
                         calibration=compiled.calibration)
     assert all(op.spec.top_k == 2 for op in half.program.graph.ops_of(RouteOp))
     assert 0 < parity(model, half, example) < float("inf")
+
+
+@pytest.mark.parametrize("text", [GELU_FFN, GATED_FFN])
+def test_neuron_oracle_keeps_each_tokens_largest_contributions(text):
+    """The bound the bench compares routers with: per token, the top quarter of neurons by true contribution
+    run, the others contribute their mean; with every neuron kept it is the dense FFN."""
+    from moec.analysis.quality import NeuronOracleRunner
+
+    program = program_from(text)
+    x = token_samples(count=1, tokens=32, seed=3)[0][0]
+    w = program.weights
+    gated = "w_gate" in text
+    up = x @ w["mlp.up.weight"].T + (w["mlp.up.bias"] if "mlp.up.bias" in w else 0)
+    h = torch.nn.functional.silu(x @ w["mlp.gate.weight"].T) * up if gated else torch.nn.functional.gelu(up)
+    mean = torch.randn(16, generator=torch.Generator().manual_seed(4))
+    contribution = (h - mean).abs() * w["mlp.down.weight"].norm(dim=0)
+    kept = contribution >= contribution.topk(4, dim=-1).values[:, -1:]
+    expected = torch.where(kept, h, mean) @ w["mlp.down.weight"].T + (w["mlp.down.bias"] if "mlp.down.bias" in w else 0)
+
+    got = NeuronOracleRunner(program, 0.25, {"mlp": mean}).run([x])[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    everything = NeuronOracleRunner(program, 1.0, {"mlp": mean}).run([x])[0]
+    torch.testing.assert_close(everything, run(program, x), rtol=1e-5, atol=1e-5)

@@ -6,7 +6,9 @@ In one run:
 * **Quality** on held-out sentences, for active-FFN fractions 1/2, 1/4, 1/8 (``--experts`` E experts,
   top_k = E/2, E/4, E/8): mean cosine of mean-pooled sentence embeddings vs the original model, and
   nearest-neighbour agreement; the same experts under a random router and an oracle router (top-k by
-  true expert output norm), and the share of the random-to-oracle cosine gap the fitted router closes.
+  true expert output norm), and the share of the random-to-oracle cosine gap the fitted router closes; and
+  the *neuron oracle* on the original model (per token, the same fraction of neurons with the largest true
+  contributions, the rest at their calibration mean), a bound for any split into experts.
 * **Speed**: a batch of 32 x 128 tokens through the original (captured, torch runner) and the converted
   program at each fraction, median of repeats interleaved, and the ratio.
 
@@ -33,7 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from moec.analysis.calibration import calibrate  # noqa: E402
 from moec.analysis.corpus import calibration_and_held_out, tokenized_batches  # noqa: E402
-from moec.analysis.quality import conversion_quality  # noqa: E402
+from moec.analysis.quality import (  # noqa: E402,E501
+    NeuronOracleRunner,
+    conversion_quality,
+    embedding_quality,
+    sentence_embeddings,
+)
 from moec.backend.torch_runner import TorchRunner  # noqa: E402
 from moec.frontend.capture import capture  # noqa: E402
 from moec.frontend.zoo import build_preset, minilm_path  # noqa: E402
@@ -101,18 +108,27 @@ def main() -> None:
     def run_reference(batch):
         return reference.run(program.flatten_inputs((), batch))[0]
 
+    means = {block: stats.hidden.mean(0) for block, stats in calibration.dense.items()}
+    expected = sentence_embeddings(run_reference, held_batches)
+
+    def neuron_oracle(fraction: float) -> dict[str, float]:
+        runner = NeuronOracleRunner(program, fraction, means)
+        embeddings = sentence_embeddings(lambda batch: runner.run(program.flatten_inputs((), batch))[0], held_batches)
+        return embedding_quality(expected, embeddings)
+
     rows, converted = [], {}
     for divisor in (2, 4, 8):
         top_k = args.experts // divisor
         options = {"experts": args.experts, "top_k": top_k, "shared": args.shared, "method": args.method}
         converted[f"1/{divisor}"], convert_s = convert(program, context, options)
         quality = conversion_quality(run_reference, converted[f"1/{divisor}"], held_batches)
+        quality["neuron_oracle"] = neuron_oracle(quality["active_ffn_fraction"])
         rows.append({"fraction": f"1/{divisor}", "top_k": top_k, "convert_s": convert_s, **quality})
         print(f"active 1/{divisor} ({quality['active_ffn_fraction']:.3f}), top-{top_k} of {args.experts}: "
               f"convert {convert_s:.1f} s", flush=True)
-        for label in ("router", "random", "oracle"):
+        for label in ("router", "random", "oracle", "neuron_oracle"):
             q = quality[label]
-            print(f"  {label:7s} cosine {q['cosine']:.4f}  nn agreement {q['nn_agreement']:.1%}")
+            print(f"  {label:13s} cosine {q['cosine']:.4f}  nn agreement {q['nn_agreement']:.1%}")
         print(f"  router closes {quality['gap_closed']:.0%} of the random-to-oracle gap", flush=True)
 
     speed_batch = dict(tokenizer((list(held_text) * 2)[:32], padding="max_length", truncation=True, max_length=128,
