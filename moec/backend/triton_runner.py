@@ -20,7 +20,7 @@ from types import ModuleType
 import torch
 
 from moec.backend import triton_codegen
-from moec.backend.torch_runner import RULES, TorchRunner
+from moec.backend.torch_runner import RULES, Observer, TorchRunner
 from moec.errors import BackendError
 from moec.ir.ops import ExpertsOp, RouteOp
 from moec.ir.program import Program
@@ -82,8 +82,8 @@ def run_experts(launcher):
 class TritonRunner(TorchRunner):
     """Runs a program with the Triton kernels of ``kernels_file`` (None: generate them into the cache).
 
-    On a GPU the weights are copied to it once and inputs must be CUDA tensors; in the interpreter
-    everything stays on the CPU.
+    On a GPU the weights are copied to it once, inputs are moved to it (a no-op for CUDA tensors) and
+    outputs stay there; in the interpreter everything stays on the CPU.
     """
 
     def __init__(self, program: Program, kernels_file: Path | None = None) -> None:
@@ -99,9 +99,13 @@ class TritonRunner(TorchRunner):
             if launcher is not None:
                 self.kernel_rules[id(op)] = run_route(launcher) if isinstance(op, RouteOp) else run_experts(launcher)
         self.rules = RULES | {RouteOp: self.run_moe_op, ExpertsOp: self.run_moe_op}
+        self.device = device
         if device.type != "cpu":
             program = dataclasses.replace(program, weights={k: v.to(device) for k, v in program.weights.items()})
         super().__init__(program)
+
+    def run(self, inputs: list[torch.Tensor], observe: Observer | None = None) -> list[torch.Tensor]:
+        return super().run([x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs], observe)
 
     def run_moe_op(self, op, weight, args, kwargs):
         """The op's kernel launcher, or its torch rule where the kernels cannot run it."""
