@@ -13,7 +13,8 @@ nvidia-smi >"$out/nvidia-smi.txt" 2>&1
 python -c "import torch, triton, transformers; print(torch.cuda.get_device_name(), 'torch', torch.__version__,
 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee "$out/versions.txt"
 echo "== kernel tests on the GPU"
-timeout 80 python -m pytest tests/kernels/triton -q -p no:cacheprovider -n 8 >"$out/tests.txt" 2>&1
+parallel=$(python -c "import xdist" 2>/dev/null && echo "-n 8")  # compiling the kernels dominates: in parallel
+timeout 80 python -m pytest tests/kernels/triton -q -p no:cacheprovider $parallel >"$out/tests.txt" 2>&1
 tail -n 15 "$out/tests.txt"
 echo "== tuning"
 timeout 130 python tools/tune_triton.py $quick 2>&1 | tee "$out/tune.txt" | grep -v "^  skip"
