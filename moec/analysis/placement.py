@@ -12,12 +12,17 @@ those expected crossings with OR-Tools CP-SAT subject to
 under a time limit, returning the best solution found together with the solver's bound. Two baselines,
 ``contiguous_placement`` and ``round_robin_placement``, are the usual static layouts.
 
-Model: ``x[l, e, r]`` (expert e of layer l on rank r); for each expert b of layer l+1 and rank r,
-``local[l, b, r]`` is the transition mass into b that stays on r: at most the mass arriving from b's
-strongest ``predecessors_per_expert`` experts of layer l that sit on r, and zero unless b sits on r. The
-objective maximizes local mass (weaker predecessors are counted as crossing, which keeps the model small
-enough for a 2-core time limit; ``cross_rank_moves`` then scores the solution on the full trace). A
-greedy layer-by-layer placement is given as the solver's starting hint.
+Model: ``x[l, e, r]`` (expert e of layer l on rank r) and, for each *affinity edge* a -> b (expert a of
+layer l to expert b of layer l+1: one of b's ``predecessors_per_expert`` heaviest predecessors carrying at
+least ``min_predecessor_share`` of the heaviest one's mass), ``together[l, a, b, r]``, true only if both sit
+on r. The objective maximizes the edges' local mass. Thinner predecessors are left out: in a trace with
+affinity their mass is the unstructured rest, of which no placement keeps much more than 1/R local, and
+modelling it leaves the solver a bound ("every modelled pair local") it cannot close. Ranks are
+interchangeable, so layer 0's expert e may only use ranks 0..e (one labelling of each placement).
+
+Around the solver, ``moec.analysis.placement_search`` improves on the full trace: a greedy layer-by-layer
+placement polished by expert and chain swaps is the solver's hint, and the solver's answer is polished the
+same way. ``SolveStats`` keeps the solver's objective, bound and gap apart from the full-trace moves.
 """
 
 from __future__ import annotations
