@@ -143,7 +143,6 @@ def solve_placement(
     memory_bytes: int | None = None,
     expert_bytes: list[int] | None = None,
     time_limit_s: float = 20.0,
-    gap_limit: float = 0.0,
     predecessors_per_expert: int = 2,
     min_predecessor_share: float = 0.25,
     workers: int = 2,
@@ -153,8 +152,8 @@ def solve_placement(
 
     ``capacity`` is the most experts one rank may hold per layer (default ``ceil(E / R)``);
     ``memory_bytes`` caps the expert bytes a rank holds over all layers, with ``expert_bytes[l]`` the
-    size of one expert of layer l. The solver stops at ``time_limit_s`` or once its relative gap is at
-    most ``gap_limit``. Raises ``MoecError`` when no placement can satisfy the constraints.
+    size of one expert of layer l. ``time_limit_s`` bounds model building and solving; the local search
+    on the solver's answer comes on top (well under a second at 16 x 64 x 8). Raises ``MoecError`` when no placement can satisfy the constraints.
     """
     E, L, R = trace.num_experts, trace.num_layers, world_size
     check_world_size(E, R)
@@ -241,7 +240,6 @@ def solve_placement(
 
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = max(time_limit_s - (time.perf_counter() - start), 0.1)
-    solver.parameters.relative_gap_limit = gap_limit
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     solver.parameters.symmetry_level = 0  # symmetry breaking in presolve would discard the hint

@@ -61,6 +61,14 @@ def _neighbour_mass(owners: torch.Tensor, masses: torch.Tensor, layer: int, worl
     return value
 
 
+def _all_neighbour_mass(one_hot: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
+    """``[L, E, R]``: ``_neighbour_mass`` of every layer at once, from the placement's one-hot ``[L, E, R]``."""
+    value = torch.zeros_like(one_hot)
+    value[1:] += torch.bmm(masses.transpose(1, 2), one_hot[:-1])
+    value[:-1] += torch.bmm(masses, one_hot[1:])
+    return value
+
+
 def _swap_experts(owners, masses, load, limit, world_size) -> bool:
     changed, sweep_changed = False, True
     while sweep_changed:
@@ -90,7 +98,6 @@ def _swap_experts(owners, masses, load, limit, world_size) -> bool:
 def _swap_groups(owners, masses, load, limit, world_size, groups) -> bool:
     if len(groups) < 2:
         return False
-    L = owners.shape[0]
     member = groups.double()  # [G, L, E]
     profile = groups.sum(2)  # experts per layer [G, L]
     same_shape = (profile.unsqueeze(1) == profile.unsqueeze(0)).all(2)
@@ -103,8 +110,7 @@ def _swap_groups(owners, masses, load, limit, world_size, groups) -> bool:
         held = torch.einsum("gle,ler->gr", member, one_hot)
         whole = held.max(1).values == profile.sum(1)  # the group sits on one rank
         rank = held.argmax(1)
-        value = torch.stack([torch.einsum("ge,er->gr", member[:, layer], _neighbour_mass(owners, masses, layer, world_size))
-                             for layer in range(L)]).sum(0)  # [G, R]
+        value = torch.einsum("gle,ler->gr", member, _all_neighbour_mass(one_hot, masses))  # [G, R]
         value[torch.arange(len(groups)), rank] -= between.diagonal()  # internal edges stay local anyway
         current = value.gather(1, rank.unsqueeze(1)).squeeze(1)
         exchanged = value[:, rank]
