@@ -12,12 +12,17 @@ those expected crossings with OR-Tools CP-SAT subject to
 under a time limit, returning the best solution found together with the solver's bound. Two baselines,
 ``contiguous_placement`` and ``round_robin_placement``, are the usual static layouts.
 
-Model: ``x[l, e, r]`` (expert e of layer l on rank r); for each expert b of layer l+1 and rank r,
-``local[l, b, r]`` is the transition mass into b that stays on r: at most the mass arriving from b's
-strongest ``predecessors_per_expert`` experts of layer l that sit on r, and zero unless b sits on r. The
-objective maximizes local mass (weaker predecessors are counted as crossing, which keeps the model small
-enough for a 2-core time limit; ``cross_rank_moves`` then scores the solution on the full trace). A
-greedy layer-by-layer placement is given as the solver's starting hint.
+Model: ``x[l, e, r]`` (expert e of layer l on rank r) and, for each *affinity edge* a -> b (expert a of
+layer l to expert b of layer l+1: one of b's ``predecessors_per_expert`` heaviest predecessors carrying at
+least ``min_predecessor_share`` of the heaviest one's mass), ``together[l, a, b, r]``, true only if both sit
+on r. The objective maximizes the edges' local mass. Thinner predecessors are left out: in a trace with
+affinity their mass is the unstructured rest, of which no placement keeps much more than 1/R local, and
+modelling it leaves the solver a bound ("every modelled pair local") it cannot close. Ranks are
+interchangeable, so layer 0's expert e may only use ranks 0..e (one labelling of each placement).
+
+Around the solver, ``moec.analysis.placement_search`` improves on the full trace: a greedy layer-by-layer
+placement polished by expert and chain swaps is the solver's hint, and the solver's answer is polished the
+same way. ``SolveStats`` keeps the solver's objective, bound and gap apart from the full-trace moves.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dataclasses import asdict, dataclass
 import torch
 from ortools.sat.python import cp_model
 
+from moec.analysis import placement_search
 from moec.analysis.traces import RoutingTrace
 from moec.errors import MoecError
 
@@ -59,13 +65,25 @@ class Placement:
 
 @dataclass
 class SolveStats:
-    """How the CP-SAT solve went: objective and bound in moved-token units, gap, time, status."""
+    """How a placement solve went.
+
+    ``objective`` and ``bound``: the modelled local mass (token units) CP-SAT found and its proven upper
+    bound; ``gap`` = (bound - objective) / objective, CP-SAT's relative gap on the maximized objective.
+    ``solver_moves`` = total transition mass - objective (unmodelled mass counted as moved) and
+    ``gap_moves`` = (bound - objective) / solver_moves, the same gap relative to moved tokens.
+    ``moves``: the returned placement's cross-rank moves on the full trace (after swap polishing).
+    ``seconds``: the whole call (local search and model building included); ``solver_seconds``: CP-SAT's part.
+    """
 
     status: str
-    moves: float
-    bound_moves: float
+    objective: float
+    bound: float
     gap: float
+    gap_moves: float
+    solver_moves: float
+    moves: float
     seconds: float
+    solver_seconds: float
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -126,6 +144,7 @@ def solve_placement(
     expert_bytes: list[int] | None = None,
     time_limit_s: float = 20.0,
     predecessors_per_expert: int = 2,
+    min_predecessor_share: float = 0.25,
     workers: int = 2,
     seed: int = 0,
 ) -> tuple[Placement, SolveStats]:
@@ -133,7 +152,8 @@ def solve_placement(
 
     ``capacity`` is the most experts one rank may hold per layer (default ``ceil(E / R)``);
     ``memory_bytes`` caps the expert bytes a rank holds over all layers, with ``expert_bytes[l]`` the
-    size of one expert of layer l. Raises ``MoecError`` when no placement can satisfy the constraints.
+    size of one expert of layer l. ``time_limit_s`` bounds model building and solving; the local search
+    on the solver's answer comes on top (well under a second at 16 x 64 x 8). Raises ``MoecError`` when no placement can satisfy the constraints.
     """
     E, L, R = trace.num_experts, trace.num_layers, world_size
     check_world_size(E, R)
@@ -163,42 +183,55 @@ def solve_placement(
     # Integer transition masses: T * k is an integer count of slot pairs.
     transitions = (trace.transitions() * trace.top_k).round().long()
     start = time.perf_counter()
+    edges = affinity_edges(transitions, predecessors_per_expert, min_predecessor_share)
+    groups = placement_search.affinity_groups(edges, L, E)
+    limits = torch.tensor(limit)
+
+    def improve(ranks: list[list[int]]) -> list[list[int]]:
+        return placement_search.improve(torch.tensor(ranks), transitions, load, limits, R, groups).tolist()
+
+    hint = greedy_placement(load, transitions, R, capacity, limit)
+    if hint is not None:
+        hint = canonical_rank_labels(improve(hint), R)
 
     model = cp_model.CpModel()
     x = [[[model.new_bool_var(f"x{layer}_{e}_{r}") for r in range(R)] for e in range(E)] for layer in range(L)]
     for layer in range(L):
         for e in range(E):
             model.add_exactly_one(x[layer][e])
+        weights = load[layer].tolist()
         for r in range(R):
             column = [x[layer][e][r] for e in range(E)]
-            model.add(sum(column) <= capacity)
-            model.add(sum(int(load[layer, e]) * column[e] for e in range(E)) <= limit[layer])
+            model.add(cp_model.LinearExpr.sum(column) <= capacity)
+            model.add(cp_model.LinearExpr.weighted_sum(column, weights) <= limit[layer])
     if memory_bytes is not None:
         for r in range(R):
-            model.add(sum(expert_bytes[layer] * x[layer][e][r] for layer in range(L) for e in range(E)) <= memory_bytes)
+            column = [x[layer][e][r] for layer in range(L) for e in range(E)]
+            model.add(cp_model.LinearExpr.weighted_sum(column, [expert_bytes[layer] for layer in range(L) for _ in range(E)])
+                      <= memory_bytes)
+    # Ranks are interchangeable across the whole model, so every placement has R! relabelled copies; fixing
+    # the labels by first use in layer 0 (expert e uses one of ranks 0..e) keeps one of them.
+    for e in range(min(E, R)):
+        for r in range(e + 1, R):
+            model.add(x[0][e][r] == 0)
 
-    # local[l, b, r]: the transition mass into expert b of layer l+1 that stays on rank r; it is at most
-    # the mass arriving from layer l's experts on r, and zero unless b is on r. Its upper bound is the
-    # mass of b's ``capacity`` heaviest predecessors (no rank holds more of them), which makes the
-    # LP relaxation's bound "every expert keeps its heaviest predecessors local".
-    objective = []
-    hint = greedy_placement(load, transitions, R, capacity, limit)
-    for layer, counts in enumerate(transitions):
-        for b in range(E):
-            top = counts[:, b].topk(min(predecessors_per_expert, E))
-            predecessors = [(a, m) for a, m in zip(top.indices.tolist(), top.values.tolist(), strict=True) if m > 0]
-            best = sum(m for _, m in predecessors)
-            for r in range(R):
-                if not predecessors:
-                    break
-                local = model.new_int_var(0, best, f"y{layer}_{b}_{r}")
-                model.add(local <= sum(m * x[layer][a][r] for a, m in predecessors))
-                model.add(local <= best * x[layer + 1][b][r])
-                objective.append(local)
-                if hint is not None:
-                    on_r = hint[layer + 1][b] == r
-                    model.add_hint(local, sum(m for a, m in predecessors if hint[layer][a] == r) if on_r else 0)
-    model.maximize(sum(objective))
+    # together[l, a, b, r]: expert a of layer l and expert b of layer l+1 both sit on rank r, so the
+    # transition mass between them stays local. (Per pair rather than per expert b with a "min" of its
+    # predecessors' mass: the LP relaxation is tighter and the constraints are plain implications.)
+    objective, masses = [], []
+    for layer, per_expert in enumerate(edges):
+        for b, predecessors in enumerate(per_expert):
+            for a, mass in predecessors:
+                pair = [model.new_bool_var(f"t{layer}_{a}_{b}_{r}") for r in range(R)]
+                model.add_at_most_one(pair)  # implied, but it gives the solver the bound "all pairs local"
+                for r, together in enumerate(pair):
+                    model.add_implication(together, x[layer][a][r])
+                    model.add_implication(together, x[layer + 1][b][r])
+                    if hint is not None:
+                        model.add_hint(together, hint[layer][a] == r and hint[layer + 1][b] == r)
+                objective += pair
+                masses += [mass] * R
+    model.maximize(cp_model.LinearExpr.weighted_sum(objective, masses))
     if hint is not None:
         for layer in range(L):
             for e in range(E):
@@ -206,7 +239,7 @@ def solve_placement(
                     model.add_hint(x[layer][e][r], hint[layer][e] == r)
 
     solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = time_limit_s
+    solver.parameters.max_time_in_seconds = max(time_limit_s - (time.perf_counter() - start), 0.1)
     solver.parameters.num_workers = workers
     solver.parameters.random_seed = seed
     solver.parameters.symmetry_level = 0  # symmetry breaking in presolve would discard the hint
@@ -217,17 +250,47 @@ def solve_placement(
             f"{capacity}{f', memory {memory_bytes:,} bytes' if memory_bytes is not None else ''} "
             f"(solver: {solver.status_name(status)}); relax one of them"
         )
-    ranks = tuple(tuple(next(r for r in range(R) if solver.value(x[layer][e][r])) for e in range(E)) for layer in range(L))
-    placement = Placement(R, trace.layers, ranks, "cp-sat")
+    solved = [[next(r for r in range(R) if solver.value(x[layer][e][r])) for e in range(E)] for layer in range(L)]
+    placement = Placement(R, trace.layers, tuple(tuple(row) for row in improve(solved)), "cp-sat")
     k = trace.top_k
     total = float(transitions.sum())
-    moves = (total - solver.objective_value) / k
-    bound_moves = (total - solver.best_objective_bound) / k
+    found, bound = solver.objective_value, solver.best_objective_bound
     stats = SolveStats(
-        status=solver.status_name(status), moves=moves, bound_moves=bound_moves,
-        gap=(moves - bound_moves) / moves if moves > 0 else 0.0, seconds=time.perf_counter() - start,
+        status=solver.status_name(status), objective=found / k, bound=bound / k,
+        gap=(bound - found) / found if found > 0 else 0.0,
+        gap_moves=(bound - found) / (total - found) if total > found else 0.0,
+        solver_moves=(total - found) / k, moves=cross_rank_moves(trace, placement),
+        seconds=time.perf_counter() - start, solver_seconds=solver.wall_time,
     )
     return placement, stats
+
+
+def affinity_edges(transitions: torch.Tensor, per_expert: int, min_share: float) -> list[list[list[tuple[int, int]]]]:
+    """``edges[l][b]``: the (expert a of layer l, mass) pairs the model scores for expert b of layer l+1:
+    b's ``per_expert`` heaviest predecessors that carry at least ``min_share`` of the heaviest one's mass.
+
+    Mass from the remaining predecessors is spread thin (in a trace with affinity it is the noise that
+    follows no structure); placement cannot keep much more than 1/R of it local, so it is left out of
+    the model and scored on the full trace afterwards, which keeps the solver's bound meaningful."""
+    top = transitions.topk(min(per_expert, transitions.shape[1]), dim=1)  # values, indices [L-1, p, E]
+    keep = (top.values > 0) & (top.values >= min_share * top.values[:, :1])
+    edges = []
+    for layer in range(transitions.shape[0]):
+        rows = []
+        for b in range(transitions.shape[2]):
+            chosen = keep[layer, :, b]
+            rows.append(list(zip(top.indices[layer, chosen, b].tolist(), top.values[layer, chosen, b].tolist(), strict=True)))
+        edges.append(rows)
+    return edges
+
+
+def canonical_rank_labels(ranks: list[list[int]], world_size: int) -> list[list[int]]:
+    """The same placement with ranks renamed in order of first use by layer 0's experts 0, 1, ...
+    (the labelling the model's symmetry-breaking constraints allow)."""
+    order = list(dict.fromkeys(ranks[0]))
+    order += [r for r in range(world_size) if r not in order]
+    rename = {old: new for new, old in enumerate(order)}
+    return [[rename[r] for r in row] for row in ranks]
 
 
 def greedy_placement(load: torch.Tensor, transitions: torch.Tensor, world_size: int, capacity: int,
