@@ -26,13 +26,18 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir
 import onnxruntime
+import onnxscript.optimizer
+import onnxscript.rewriter.onnx_fusions
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
+from moec.backend.onnx import quant
 from moec.backend.onnx.module import ProgramModule
-from moec.backend.onnx.moe import LOWERINGS, TRANSLATIONS
+from moec.backend.onnx.moe import LOWERINGS
+from moec.backend.onnx.moe import TRANSLATIONS as MOE_TRANSLATIONS
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError
 from moec.ir.core import Operation, WeightRef
@@ -45,6 +50,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a ``<file>.data`` bes
 TRACE_SHAPE = (2, 4)  # (batch, sequence) of the inputs traced
 CHECK_SHAPES = ((3, 5), (1, 11))  # (batch, sequence) of the parity inputs: shapes tracing never saw
 AXIS_NAMES = ("batch", "sequence")
+TRANSLATIONS = {**MOE_TRANSLATIONS, **quant.TRANSLATIONS}
 
 
 @dataclass
@@ -98,7 +104,7 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
         staged = staging / target.name
         onnx_program = trace_to_onnx(module, program, opset, optimize)
         onnx_program.save(str(staged), external_data=external_data)
-        name_dims(staged, program)
+        tidy(staged)
         check_model(staged)
         result.max_abs_diff = check_parity(staged, program, tolerance)
         for file in sorted(staging.iterdir(), key=lambda f: f.name == target.name):  # the model file last
@@ -122,15 +128,24 @@ def trace_to_onnx(module: ProgramModule, program: Program, opset: int, optimize:
     try:
         with contextlib.redirect_stdout(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.onnx.export(
+            onnx_program = torch.onnx.export(
                 module, tuple(example), dynamo=True, dynamic_shapes=(dynamic,), opset_version=opset,
                 input_names=list(graph.input_names), output_names=output_names(program),
-                custom_translation_table=TRANSLATIONS, optimize=optimize, verbose=False,
+                custom_translation_table=TRANSLATIONS, optimize=False, verbose=False,
             )
+            if optimize:
+                optimize_onnx(onnx_program.model)
+            return onnx_program
     except Exception as err:  # torch.onnx raises many types; all mean "cannot export"
         summary = next((line for line in str(err).splitlines() if line.startswith("<class")), str(err)[:300])
         raise BackendError(f"torch.onnx could not export the program: {summary}\n"
                            "Run the model with the torch backend, or report the op named above.") from err
+
+
+def optimize_onnx(model: onnx_ir.Model) -> None:
+    """torch.onnx's optimization (constant folding, rewrites, fusions) with packed weights left packed."""
+    onnxscript.optimizer.optimize_ir(model, should_fold=quant.keep_packed)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
 def output_names(program: Program) -> list[str]:
@@ -146,9 +161,12 @@ def output_names(program: Program) -> list[str]:
     return names
 
 
-def name_dims(path: Path, program: Program) -> None:
-    """Rename the exporter's symbolic dims (``s21``) after their role: ``batch``, ``sequence`` ..."""
+def tidy(path: Path) -> None:
+    """Rename the exporter's symbolic dims (``s21``) after their role (``batch``, ``sequence`` ...) and drop
+    its per-node debugging metadata (stack traces into this exporter's module, not into the model)."""
     model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        del node.metadata_props[:]
     renames: dict[str, str] = {}
     for value in model.graph.input:
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
@@ -265,7 +283,7 @@ def embedding_rows(program: Program) -> dict[int, int]:
 def check_parity(path: Path, program: Program, tolerance: float) -> dict[str, float]:
     """onnxruntime (CPU) vs the torch runner on inputs of each ``CHECK_SHAPES`` size."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    runner = TorchRunner(program)
+    runner = TorchRunner(program, quant_kernel="dequant")  # exact dequantization, as the export computes
     names = [i.name for i in session.get_inputs()]
     diffs = {}
     for batch, sequence in CHECK_SHAPES:
