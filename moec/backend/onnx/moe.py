@@ -107,8 +107,9 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
                      b_out: torch.Tensor | None, spec: ExpertsSpec) -> torch.Tensor:
     """Routed experts with only exportable ops: x [..., H], indices/weights [..., k] -> [..., H].
 
-    The loop over experts is unrolled at export; each expert picks its (token, slot) pairs with
-    NonZero, so it runs on its own rows only, and adds its weighted output with a scatter-add.
+    The loop over experts is unrolled at export; each expert picks the tokens routed to it with one
+    NonZero (a token picks an expert at most once), so it runs on its own rows only, and adds its
+    weighted output with a scatter-add.
     """
     tokens = x.reshape(-1, x.shape[-1])  # [T, H]
     top_k = indices.shape[-1]
@@ -117,7 +118,9 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     act = reference.activation(spec.act)
     out = torch.zeros_like(tokens)
     for expert in range(spec.num_experts):
-        token_ids, slots = torch.nonzero(flat_indices == expert, as_tuple=True)  # [n], [n]
+        chosen = flat_indices == expert  # [T, k], at most one True a row
+        token_ids = torch.nonzero(chosen.any(dim=-1)).squeeze(-1)  # [n]
+        token_weights = (flat_weights * chosen).sum(dim=-1)  # [T]: the expert's routing weight, 0 if unrouted
         hidden = F.linear(tokens[token_ids], w_in[expert], None if b_in is None else b_in[expert])
         if spec.gated:
             gate, up = hidden.chunk(2, dim=-1)
@@ -125,7 +128,7 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
         else:
             hidden = act(hidden)
         y = F.linear(hidden, w_out[expert], None if b_out is None else b_out[expert])  # [n, H]
-        y = y * flat_weights[token_ids, slots].unsqueeze(-1)
+        y = y * token_weights[token_ids].unsqueeze(-1)
         out = out.index_put((token_ids,), y.to(out.dtype), accumulate=True)
     return out.reshape(x.shape)
 
