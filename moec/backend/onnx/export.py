@@ -178,7 +178,8 @@ def prepare(exported: torch.export.ExportedProgram,
     for node in graph_module.graph.nodes:
         if node.op == "call_function" and node.target in IMPLEMENTED_TWINS:
             if node.target is torch.ops.aten.to.dtype:  # to(x, dtype, non_blocking, copy) -> _to_copy(x, dtype=)
-                node.args, node.kwargs = (node.args[0],), {"dtype": node.args[1]}
+                dtype = node.args[1] if len(node.args) > 1 else node.kwargs["dtype"]
+                node.args, node.kwargs = (node.args[0],), {"dtype": dtype}
             node.target = IMPLEMENTED_TWINS[node.target]
     _torch_onnx_fx_passes.remove_assertion_nodes(graph_module)
     implemented = directly_translated(registry)

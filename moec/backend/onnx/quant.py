@@ -14,9 +14,9 @@ two ways, both as custom torch ops that torch.export keeps opaque and ``TRANSLAT
   ``moec.kernels.quant.dequantize_codes``, then used as a float weight (MatMul, or portable experts).
   ONNX's ``DequantizeLinear`` cannot read 2- or 3-bit codes and takes group-wise scales only from opset
   21 on, so the dequantization is written out; unpacking goes through int64 words (8 codes of ``b``
-  bits fill ``b`` bytes), since ``BitShift`` has no signed kernels in onnxruntime.
+  bits fill ``b`` bytes) with Div and Mod, one formula for every width.
 
-``KEEP_PACKED`` tells the exporter's constant folding to leave every node reading packed storage alone:
+``keep_packed`` tells the exporter's constant folding to leave every node reading packed storage alone:
 folding it would store the float weights in the file.
 """
 
@@ -47,7 +47,7 @@ MATMUL_NBITS = contrib_op(
 
 
 def matmul_nbits_operands(weight: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """A 2-D ``bits``-bit weight [N, K] in MatMulNBits' layout, keyed by storage suffix."""
+    """A 2-D 4-bit weight [N, K] in MatMulNBits' layout, keyed by storage suffix (zero points a nibble each)."""
     matrix, t = weight.matrix(0), weight.type
     blocks = t.columns // t.group
     packed = matrix.packed.reshape(t.rows, blocks, t.group * matrix.bits // 8)
