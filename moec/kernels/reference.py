@@ -53,7 +53,7 @@ def _mask_groups(choice: torch.Tensor, spec: RouteSpec) -> torch.Tensor:
     grouped = choice.reshape(*lead, spec.n_group, spec.num_experts // spec.n_group)
     group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [..., G]
     best_groups = group_scores.topk(spec.topk_group, dim=-1).indices
-    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, best_groups, True)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(-1, best_groups, True)
     return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).reshape(choice.shape)
 
 

@@ -13,9 +13,12 @@ Compared on one sequence of 1, 16 and 256 tokens, in the same process and interl
 * ``ort_portable``   onnxruntime CPU session on the portable export
 * ``ort_fused``      onnxruntime CPU session on the ort export
 
-torch and onnxruntime use the same number of intra-op threads (``--threads``).
+torch and onnxruntime use the same number of intra-op threads (``--threads``). With ``--bits B`` the
+compiled model's experts are quantized first (``quantize`` pass, group 32), so the exports carry packed
+weights (``ort``: com.microsoft.QMoE for 2 and 4 bits) and the file sizes are printed beside the float
+weights' bytes; HF eager then differs from the others by the quantization error.
 
-Run:  python tools/bench/onnx_runtime.py [--quick] [--threads 1] [--out bench-results/onnx_runtime.json]
+Run:  python tools/bench/onnx_runtime.py [--quick] [--threads 1] [--bits 4] [--out bench-results/onnx_runtime.json]
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="the tiny-mixtral preset and fewer repeats")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and onnxruntime")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--bits", type=int, default=None, help="quantize the experts to this width before export")
     parser.add_argument("--out", default="bench-results/onnx_runtime.json")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -93,7 +97,9 @@ def main(argv=None) -> int:
     model, description = build_model(args.quick)
     vocab = model.config.vocab_size
     example = {"input_ids": torch.randint(0, vocab, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
-    compiled = moec.compile(model, example)
+    recipe = {"passes": [{"quantize": {"bits": args.bits, "group": 32}}]} if args.bits else None
+    compiled = moec.compile(model, example, recipe=recipe)
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads
     options.inter_op_num_threads = 1
@@ -102,13 +108,17 @@ def main(argv=None) -> int:
         for lowering, runner in (("portable", "ort_portable"), ("ort", "ort_fused")):
             start = time.perf_counter()
             path = compiled.export_onnx(Path(folder) / f"{lowering}.onnx", lowering=lowering)
-            checks[lowering] = dict(compiled.report["onnx"], export_seconds=round(time.perf_counter() - start, 1))
+            checks[lowering] = dict(compiled.report["onnx"], export_seconds=round(time.perf_counter() - start, 1),
+                                    file_bytes=path.stat().st_size)
             sessions[runner] = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    if args.bits:
+        description += f", experts quantized to {args.bits} bits (group 32)"
     print(f"model: {description}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
           f"{args.threads} thread(s), load average at start {os.getloadavg()[0]:.1f}")
     for lowering, check in checks.items():
         print(f"export {lowering}: {check['export_seconds']} s, parity max abs diff {check['parity_max_abs_diff']}, "
-              f"{check['fused_moe_ops']} com.microsoft.MoE ops")
+              f"{check['fused_moe_ops']} fused MoE ops, file {check['file_bytes'] / 1e6:.2f} MB "
+              f"(float32 weights {float_bytes / 1e6:.2f} MB)")
 
     rows = []
     for tokens in TOKENS:
@@ -138,7 +148,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({
         "model": description, "threads": args.threads, "repeats": repeats, "machine": platform.processor() or platform.machine(),
         "load_average_end": os.getloadavg()[0], "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "exports": checks, "rows": rows,
+        "bits": args.bits, "float_weight_bytes": float_bytes, "exports": checks, "rows": rows,
     }, indent=2))
     print(f"wrote {out}")
     return 0

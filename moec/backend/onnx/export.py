@@ -1,7 +1,10 @@
 """Export a moec program to a checked ``.onnx`` file.
 
-``export_onnx`` builds a ``ProgramModule`` (the IR evaluated with export-friendly rules), exports it
-with ``torch.onnx.export(dynamo=True)`` and checks the result before it lands at the target path:
+``export_onnx`` builds a ``ProgramModule`` (the IR evaluated with export-friendly rules), traces it
+once with ``torch.export`` and translates it with torch.onnx's dynamo exporter: the steps of
+``torch.onnx.export(dynamo=True)``, run here so that the translation registry is built once per process,
+the decomposition re-trace is skipped when no op needs it (``prepare``), and constant folding leaves
+packed weights packed. The result is checked before it lands at the target path:
 
 1. ``onnx.checker`` and ``onnx.shape_inference`` (strict) on the staged file;
 2. an onnxruntime parity run against the torch runner on fresh inputs of shapes capture never saw
@@ -15,6 +18,7 @@ symbolic dims are named ``batch`` and ``sequence`` (axis 0 and 1) where they are
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import shutil
@@ -26,13 +30,24 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx_ir
 import onnxruntime
+import onnxscript.optimizer
+import onnxscript.rewriter.onnx_fusions
+import onnxscript.version_converter
 import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
+from torch.onnx._internal.exporter import _core as _torch_onnx_core
+from torch.onnx._internal.exporter import _decomp, _registration
+from torch.onnx._internal.exporter import _fx_passes as _torch_onnx_fx_passes
+from torch.onnx._internal.exporter import _ir_passes as _torch_onnx_ir_passes
+from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
 
+from moec.backend.onnx import quant
 from moec.backend.onnx.module import ProgramModule
-from moec.backend.onnx.moe import LOWERINGS, TRANSLATIONS
+from moec.backend.onnx.moe import LOWERINGS
+from moec.backend.onnx.moe import TRANSLATIONS as MOE_TRANSLATIONS
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError
 from moec.ir.core import Operation, WeightRef
@@ -45,6 +60,7 @@ EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a ``<file>.data`` bes
 TRACE_SHAPE = (2, 4)  # (batch, sequence) of the inputs traced
 CHECK_SHAPES = ((3, 5), (1, 11))  # (batch, sequence) of the parity inputs: shapes tracing never saw
 AXIS_NAMES = ("batch", "sequence")
+TRANSLATIONS = {**MOE_TRANSLATIONS, **quant.TRANSLATIONS}
 
 
 @dataclass
@@ -98,7 +114,7 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
         staged = staging / target.name
         onnx_program = trace_to_onnx(module, program, opset, optimize)
         onnx_program.save(str(staged), external_data=external_data)
-        name_dims(staged, program)
+        tidy(staged)
         check_model(staged)
         result.max_abs_diff = check_parity(staged, program, tolerance)
         for file in sorted(staging.iterdir(), key=lambda f: f.name == target.name):  # the model file last
@@ -114,23 +130,81 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
 
 
 def trace_to_onnx(module: ProgramModule, program: Program, opset: int, optimize: bool):
+    """One torch.export trace of ``module``, translated by torch.onnx's registry (see ``prepare``)."""
     graph = program.graph
     example = example_inputs(program, *TRACE_SHAPE)
     dynamic = tuple({axis: Dim.DYNAMIC for axis, dim in enumerate(v.tensor_type.shape) if isinstance(dim, str)}
                     for v in graph.inputs)
+    registry = onnx_registry(opset)
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return torch.onnx.export(
-                module, tuple(example), dynamo=True, dynamic_shapes=(dynamic,), opset_version=opset,
-                input_names=list(graph.input_names), output_names=output_names(program),
-                custom_translation_table=TRANSLATIONS, optimize=optimize, verbose=False,
-            )
+            exported = torch.export.export(module, tuple(example), dynamic_shapes=(dynamic,), strict=False)
+            exported = prepare(exported, registry)
+            onnx_program = _torch_onnx_core._exported_program_to_onnx_program(exported, registry=registry)
+            onnxscript.version_converter.convert_version(onnx_program.model, opset, fallback=True)
+            _torch_onnx_ir_passes.rename_inputs(onnx_program.model, list(graph.input_names))
+            _torch_onnx_ir_passes.rename_outputs(onnx_program.model, output_names(program))
+            if optimize:
+                optimize_onnx(onnx_program.model)
+            return onnx_program
     except Exception as err:  # torch.onnx raises many types; all mean "cannot export"
         summary = next((line for line in str(err).splitlines() if line.startswith("<class")), str(err)[:300])
         raise BackendError(f"torch.onnx could not export the program: {summary}\n"
                            "Run the model with the torch backend, or report the op named above.") from err
+
+
+# Overloads torch.onnx reaches only through a decomposition, and the implemented overload each one
+# decomposes to (same arguments, same result): swapping them spares a whole re-trace.
+IMPLEMENTED_TWINS = {
+    torch.ops.aten.to.dtype: torch.ops.aten._to_copy.default,
+    torch.ops.aten.__and__.Tensor: torch.ops.aten.bitwise_and.Tensor,
+    torch.ops.aten.__or__.Tensor: torch.ops.aten.bitwise_or.Tensor,
+}
+
+
+def prepare(exported: torch.export.ExportedProgram,
+            registry: _registration.ONNXRegistry) -> torch.export.ExportedProgram:
+    """What torch.onnx does to a traced program before translating it, without re-tracing when it can.
+
+    torch.onnx always re-traces the program to apply its decomposition table (as long as the first
+    trace). moec's graphs are made of ATen ops the registry mostly translates directly, so: swap
+    ``IMPLEMENTED_TWINS``, drop assertion nodes, and when every op left is translated directly and
+    none mutates its inputs, only insert explicit type promotions (torch.onnx's pass); otherwise run
+    torch.onnx's own preparation (decompositions included).
+    """
+    graph_module = exported.graph_module
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in IMPLEMENTED_TWINS:
+            if node.target is torch.ops.aten.to.dtype:  # to(x, dtype, non_blocking, copy) -> _to_copy(x, dtype=)
+                dtype = node.args[1] if len(node.args) > 1 else node.kwargs["dtype"]
+                node.args, node.kwargs = (node.args[0],), {"dtype": dtype}
+            node.target = IMPLEMENTED_TWINS[node.target]
+    _torch_onnx_fx_passes.remove_assertion_nodes(graph_module)
+    implemented = directly_translated(registry)
+    if any(node.op == "call_function" and (node.target not in implemented or mutates(node.target))
+           for node in graph_module.graph.nodes):
+        return _torch_onnx_core._prepare_exported_program_for_export(exported, registry=registry)
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # as torch.onnx prepares
+        _torch_onnx_fx_passes.insert_type_promotion_nodes(graph_module)
+    return exported
+
+
+def mutates(target) -> bool:
+    schema = getattr(target, "_schema", None)  # operator.getitem and symbolic-size functions have none
+    return schema is not None and schema.is_mutable
+
+
+@functools.cache
+def directly_translated(registry: _registration.ONNXRegistry) -> frozenset:
+    return frozenset(_decomp.get_onnx_implemented_overloads(registry))
+
+
+def optimize_onnx(model: onnx_ir.Model) -> None:
+    """torch.onnx's optimization (constant folding, rewrites, fusions) with packed weights left packed."""
+    onnxscript.optimizer.optimize_ir(model, should_fold=quant.keep_packed)
+    onnxscript.rewriter.onnx_fusions.fuse(model)
 
 
 def output_names(program: Program) -> list[str]:
@@ -146,9 +220,12 @@ def output_names(program: Program) -> list[str]:
     return names
 
 
-def name_dims(path: Path, program: Program) -> None:
-    """Rename the exporter's symbolic dims (``s21``) after their role: ``batch``, ``sequence`` ..."""
+def tidy(path: Path) -> None:
+    """Rename the exporter's symbolic dims (``s21``) after their role (``batch``, ``sequence`` ...) and drop
+    its per-node debugging metadata (stack traces into this exporter's module, not into the model)."""
     model = onnx.load(str(path), load_external_data=False)
+    for node in model.graph.node:
+        del node.metadata_props[:]
     renames: dict[str, str] = {}
     for value in model.graph.input:
         for axis, dim in enumerate(value.type.tensor_type.shape.dim):
@@ -173,8 +250,6 @@ def name_dims(path: Path, program: Program) -> None:
 def check_lowerable(program: Program) -> None:
     """Refuse, before any tracing, a generic op that torch.onnx can neither translate nor decompose."""
     supported = onnx_supported_targets()
-    if supported is None:
-        return
     lines, op_lines = print_graph_lines(program.graph)
     for op in program.graph.ops:
         if isinstance(op, AtenOp) and op.target.startswith("aten.") and op.target not in supported:
@@ -186,20 +261,25 @@ def check_lowerable(program: Program) -> None:
             )
 
 
-def onnx_supported_targets() -> set[str] | None:
-    """ATen targets torch.onnx translates or decomposes; None if this torch does not say.
-
-    torch.onnx exposes no public query, so this reads its registry the way ``torch.onnx.export``
-    builds it (the torchlib translations plus the decompositions it applies before translating).
-    """
-    try:
-        from torch.onnx._internal.exporter import _decomp, _registration
-    except ImportError:
-        return None
+@functools.cache
+def onnx_registry(opset: int) -> _registration.ONNXRegistry:
+    """torch.onnx's translation table with moec's custom translations, built as ``torch.onnx.export``
+    builds it (torchlib at ``opset``, at least the opset torchlib is written for), once per process:
+    building it takes seconds, as long as tracing a small model."""
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        registry = _registration.ONNXRegistry.from_torchlib()
-    implemented = set(_decomp.get_onnx_implemented_overloads(registry))
+        registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, TORCHLIB_OPSET))
+    for torch_op, onnx_op in TRANSLATIONS.items():
+        registry.register_op(torch_op, onnx_op, is_complex=False)
+    return registry
+
+
+@functools.cache
+def onnx_supported_targets() -> set[str]:
+    """ATen targets torch.onnx translates or decomposes (the registry's translations plus the
+    decompositions it applies before translating; torch.onnx exposes no public query)."""
+    registry = onnx_registry(DEFAULT_OPSET)
+    implemented = directly_translated(registry)
     decomposed = _decomp.create_onnx_friendly_decomposition_table(implemented)
     return {str(overload) for overload in (*implemented, *decomposed) if hasattr(overload, "_schema")}
 
@@ -265,7 +345,7 @@ def embedding_rows(program: Program) -> dict[int, int]:
 def check_parity(path: Path, program: Program, tolerance: float) -> dict[str, float]:
     """onnxruntime (CPU) vs the torch runner on inputs of each ``CHECK_SHAPES`` size."""
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    runner = TorchRunner(program)
+    runner = TorchRunner(program, quant_kernel="dequant")  # exact dequantization, as the export computes
     names = [i.name for i in session.get_inputs()]
     diffs = {}
     for batch, sequence in CHECK_SHAPES:

@@ -11,21 +11,28 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moec.backend.onnx.moe import (
+    PackedExperts,
     experts_portable,
     interleave_gate_up,
     ort_experts,
     ort_moe_support,
+    qmoe_operands,
+    qmoe_support,
     route_portable,
 )
+from moec.backend.onnx.quant import dequantize, matmul_nbits, matmul_nbits_operands, uses_matmul_nbits
 from moec.errors import BackendError
 from moec.ir.core import Operation, Value, WeightRef, map_leaves
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.targets import resolve_target
 from moec.kernels import reference
+from moec.kernels.quant import QuantizedWeight
 
 FFN_ROLES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "gate")
 INTERLEAVED_SUFFIX = "_swiglu_interleaved"
@@ -60,8 +67,17 @@ def plan_moe(program: Program, lowering: str) -> MoEPlan:
         if not support.ok:
             plan.fallbacks[block] = support.reason
             continue
+        packed = qmoe_support(*(quantized_type(program, experts.weight(role)) for role in ("w_in", "w_out")))
+        if packed:
+            plan.fallbacks[block] = packed
+            continue
         plan.fused[id(experts)] = route
     return plan
+
+
+def quantized_type(program: Program, ref: WeightRef | None) -> QuantizedType | None:
+    weight_type = None if ref is None else program.graph.weights[ref.name]
+    return weight_type if isinstance(weight_type, QuantizedType) else None
 
 
 class ProgramModule(nn.Module):
@@ -73,16 +89,38 @@ class ProgramModule(nn.Module):
         self.moe_plan = plan_moe(program, lowering)
         self.weight_names: set[str] = set()
         for op in program.graph.ops:
+            fused = id(op) in self.moe_plan.fused
             for ref in op.weight_refs:
-                self.add_weight(ref.name, program.weights[ref.name])
+                weight_type = quantized_type(program, ref)
+                if fused and weight_type is not None:
+                    stored = QuantizedWeight.from_storage(ref.name, weight_type, program.weights)
+                    operands = qmoe_operands(stored, gated_rows=op.spec.gated and ref is op.weight("w_in"))
+                    for part, storage_name in storage_names(ref.name).items():
+                        self.add_weight(storage_name, operands[part])
+                else:
+                    self.add_program_weight(ref.name)
         for route in self.moe_plan.fused.values():
             experts = route.results[0].uses[0].op
             if experts.spec.gated:
                 for role in ("w_in", "b_in"):
                     ref = experts.weight(role)
-                    if ref is not None:
+                    if ref is not None and quantized_type(program, ref) is None:
                         interleaved = interleave_gate_up(program.weights[ref.name])
                         self.add_weight(ref.name + INTERLEAVED_SUFFIX, interleaved)
+
+    def add_program_weight(self, name: str) -> None:
+        """A float weight as is; a quantized one as its storage, in MatMulNBits' layout where it is one."""
+        weight_type = self.program.graph.weights[name]
+        if not isinstance(weight_type, QuantizedType):
+            self.add_weight(name, self.program.weights[name])
+            return
+        stored = QuantizedWeight.from_storage(name, weight_type, self.program.weights)
+        if uses_matmul_nbits(weight_type):
+            operands = matmul_nbits_operands(stored)
+        else:
+            operands = {"qweight": stored.qweight, "scales": stored.scales, "zeros": stored.zeros}
+        for part, storage_name in storage_names(name).items():
+            self.add_weight(storage_name, operands[part])
 
     def add_weight(self, name: str, tensor: torch.Tensor) -> None:
         """Register ``tensor`` as a buffer at the dotted path ``name`` (submodules made as needed)."""
@@ -100,7 +138,49 @@ class ProgramModule(nn.Module):
         self.weight_names.add(name)
 
     def weight(self, name: str) -> torch.Tensor:
-        return self.get_buffer(name)
+        """The float weight ``name``; a quantized one dequantized in the graph."""
+        weight_type = self.program.graph.weights.get(name)
+        if not isinstance(weight_type, QuantizedType):
+            return self.get_buffer(name)
+        if uses_matmul_nbits(weight_type):
+            raise BackendError(f"@{name} is read as a MatMulNBits operand only; use ``linear``")
+        parts = storage_names(name)
+        return dequantize(self.get_buffer(parts["qweight"]), self.get_buffer(parts["scales"]),
+                          self.get_buffer(parts["zeros"]), list(weight_type.bits), weight_type.group,
+                          list(weight_type.shape))
+
+    def fused_experts_weight(self, ref: WeightRef, suffix: str) -> torch.Tensor | PackedExperts:
+        """A fused expert weight: float (interleaved buffers carry ``suffix``), or QMoE's packed operands."""
+        weight_type = quantized_type(self.program, ref)
+        if weight_type is None:
+            return self.weight(ref.name + suffix)
+        parts = {part: self.get_buffer(name) for part, name in storage_names(ref.name).items()}
+        return PackedExperts(**parts, bits=weight_type.bits[0], group=weight_type.group)
+
+    def linear(self, x: torch.Tensor, name: str, bias: torch.Tensor | None) -> torch.Tensor:
+        """``x @ W.T (+ bias)`` for the weight ``name``: MatMulNBits where it is 4-bit, else a MatMul."""
+        weight_type = self.program.graph.weights[name]
+        if not (isinstance(weight_type, QuantizedType) and uses_matmul_nbits(weight_type)):
+            return F.linear(x, self.weight(name), bias)
+        parts = storage_names(name)
+        y = matmul_nbits(x, self.get_buffer(parts["qweight"]), self.get_buffer(parts["scales"]),
+                         self.get_buffer(parts["zeros"]), weight_type.bits[0], weight_type.group)
+        return y if bias is None else y + bias
+
+    def ffn(self, op: DenseFFNOp | SharedExpertOp, x: torch.Tensor) -> torch.Tensor:
+        """``reference.ffn`` with each linear through ``linear`` (so quantized ones stay packed)."""
+        def linear(value: torch.Tensor, role: str) -> torch.Tensor:
+            bias = op.kwargs.get("b" + role[1:])
+            return self.linear(value, op.kwargs[role].name, None if bias is None else self.weight(bias.name))
+
+        act = reference.activation(op.spec.act)
+        up = linear(x, "w_up")
+        hidden = act(linear(x, "w_gate")) * up if op.spec.gated else act(up)
+        y = linear(hidden, "w_down")
+        gate = op.kwargs.get("gate")
+        if gate is not None:
+            y = torch.sigmoid(F.linear(x, self.weight(gate.name))) * y
+        return y
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         graph = self.program.graph
@@ -133,6 +213,8 @@ class ProgramModule(nn.Module):
         if isinstance(op, AtenOp):
             return resolve_target(op.target)(*map_leaves(op.args, read), **map_leaves(op.kwargs, read))
         if isinstance(op, (DenseFFNOp, SharedExpertOp)):
+            if any(isinstance(self.program.graph.weights[ref.name], QuantizedType) for ref in op.weight_refs):
+                return self.ffn(op, read(op.args[0]))
             return reference.ffn(read(op.args[0]), *(role(r) for r in FFN_ROLES), op.spec)
         if isinstance(op, RouteOp):
             if self.moe_plan.is_fused_route(op):
@@ -143,11 +225,11 @@ class ProgramModule(nn.Module):
             if route is None:
                 return experts_portable(*(read(a) for a in op.args), role("w_in"), role("w_out"),
                                         role("b_in"), role("b_out"), op.spec)
-            gated = op.spec.gated
-            suffix = INTERLEAVED_SUFFIX if gated else ""
-            fc1 = self.weight(op.weight("w_in").name + suffix)
+            suffix = INTERLEAVED_SUFFIX if op.spec.gated else ""
             fc1_bias = None if op.weight("b_in") is None else self.weight(op.weight("b_in").name + suffix)
             normalize = ort_moe_support(route.spec, op.spec).normalize
-            return ort_experts(read(op.args[0]), self.weight(route.weight("router").name), fc1, fc1_bias,
-                               role("w_out"), role("b_out"), route.spec, op.spec, normalize)
+            return ort_experts(read(op.args[0]), self.weight(route.weight("router").name),
+                               self.fused_experts_weight(op.weight("w_in"), suffix), fc1_bias,
+                               self.fused_experts_weight(op.weight("w_out"), ""), role("b_out"), route.spec,
+                               op.spec, normalize)
         raise BackendError(f"the ONNX exporter has no rule for {op.op_name}")

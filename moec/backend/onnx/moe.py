@@ -17,6 +17,14 @@ com.microsoft.MoE, as checked against onnxruntime 1.32's CPU kernel and its sche
   interleaved gate/up layout (``swiglu_fusion=1``: rows g0, u0, g1, u1 ...; it rejects 2 with "CPU MoE
   only supports interleaved SwiGLU format"). Its ``gelu`` is an approximation (3e-4 from erf-gelu on
   unit-scale inputs), so only silu and relu experts are fused.
+
+com.microsoft.QMoE takes quantized experts the same way (checked against onnxruntime 1.32 by running
+it): fc1/fc2 weights uint8 ``[E, R, C * bits / 8]`` (moec's packed rows, matrix after matrix), with
+``block_size`` = moec's group, scales ``[E, R, C / group]`` in the input's type and zero points packed
+like the codes, ``[E, R, ceil(C / group * bits / 8)]``; gated fc1 rows interleaved as for MoE. Its CPU
+kernel matches moec's dequantization for 2 and 4 bits (float32 GEMMs, ~1e-7 relative); 3-bit experts
+need float16 activations there and 8-bit ones come out 1% off moec's affine dequantization, so those
+(and experts of mixed widths) use the portable lowering.
 """
 
 from __future__ import annotations
@@ -29,32 +37,57 @@ import torch
 import torch.nn.functional as F
 
 from moec.frontend.blocks import ExpertsSpec, RouteSpec
+from moec.ir.quant import QuantizedType
 from moec.kernels import reference
+from moec.kernels.quant import QuantizedWeight, dequantize_codes, pack_codes, unpack_codes
 
 LOWERINGS = ("portable", "ort")
 
 MICROSOFT = onnxscript.values.Opset("com.microsoft", 1)
 
 
-def _moe_schema() -> onnx.defs.OpSchema:
-    """com.microsoft.MoE's signature (the inputs moec uses), which the onnx package does not ship."""
+def contrib_op(name: str, inputs: list[tuple[str, str]], attributes: dict[str, str],
+               types: dict[str, list[str]], optional: tuple[str, ...] = ()) -> onnxscript.values.Op:
+    """A com.microsoft op for translations, with the signature moec uses (the onnx package ships none).
+
+    ``inputs`` are (name, type parameter) pairs, those named in ``optional`` optional; ``attributes`` map
+    names to ``int``, ``float`` or ``string``; the output has the first input's type.
+    """
     param = onnx.defs.OpSchema.FormalParameter
-    optional = onnx.defs.OpSchema.FormalParameterOption.Optional
-    inputs = [param("input", "T"), param("router_probs", "T"), param("fc1_experts_weights", "T"),
-              param("fc1_experts_bias", "T", param_option=optional), param("fc2_experts_weights", "T"),
-              param("fc2_experts_bias", "T", param_option=optional)]
-    attr = onnx.defs.OpSchema.Attribute
-    kinds = onnx.defs.OpSchema.AttrType
-    attributes = [attr("k", kinds.INT, ""), attr("normalize_routing_weights", kinds.INT, ""),
-                  attr("activation_type", kinds.STRING, ""), attr("activation_alpha", kinds.FLOAT, ""),
-                  attr("activation_beta", kinds.FLOAT, ""), attr("swiglu_fusion", kinds.INT, "")]
-    return onnx.defs.OpSchema(
-        "MoE", MICROSOFT.domain, MICROSOFT.version, inputs=inputs, outputs=[param("output", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], "")], attributes=attributes,
-    )
+    option = onnx.defs.OpSchema.FormalParameterOption
+    formal = [param(n, t, param_option=option.Optional if n in optional else option.Single) for n, t in inputs]
+    kinds = {"int": onnx.defs.OpSchema.AttrType.INT, "float": onnx.defs.OpSchema.AttrType.FLOAT,
+             "string": onnx.defs.OpSchema.AttrType.STRING}
+    attrs = [onnx.defs.OpSchema.Attribute(n, kinds[kind], "") for n, kind in attributes.items()]
+    schema = onnx.defs.OpSchema(name, MICROSOFT.domain, MICROSOFT.version, inputs=formal,
+                                outputs=[param("output", inputs[0][1])],
+                                type_constraints=[(t, allowed, "") for t, allowed in types.items()],
+                                attributes=attrs)
+    return onnxscript.values.Op(MICROSOFT, name, schema)
 
 
-MOE = onnxscript.values.Op(MICROSOFT, "MoE", _moe_schema())
+MOE = contrib_op(
+    "MoE",
+    inputs=[("input", "T"), ("router_probs", "T"), ("fc1_experts_weights", "T"), ("fc1_experts_bias", "T"),
+            ("fc2_experts_weights", "T"), ("fc2_experts_bias", "T")],
+    attributes={"k": "int", "normalize_routing_weights": "int", "activation_type": "string",
+                "activation_alpha": "float", "activation_beta": "float", "swiglu_fusion": "int"},
+    types={"T": ["tensor(float)", "tensor(float16)"]},
+    optional=("fc1_experts_bias", "fc2_experts_bias"),
+)
+QMOE = contrib_op(
+    "QMoE",
+    inputs=[("input", "T"), ("router_probs", "T"), ("fc1_experts_weights", "T1"), ("fc1_scales", "T"),
+            ("fc1_experts_bias", "T"), ("fc2_experts_weights", "T1"), ("fc2_scales", "T"),
+            ("fc2_experts_bias", "T"), ("fc3_experts_weights", "T1"), ("fc3_scales", "T"),
+            ("fc3_experts_bias", "T"), ("fc1_zero_points", "T1"), ("fc2_zero_points", "T1")],
+    attributes={"k": "int", "normalize_routing_weights": "int", "activation_type": "string",
+                "activation_alpha": "float", "activation_beta": "float", "swiglu_fusion": "int",
+                "expert_weight_bits": "int", "block_size": "int", "weights_prepacked": "int"},
+    types={"T": ["tensor(float)", "tensor(float16)"], "T1": ["tensor(uint8)"]},
+    optional=("fc1_experts_bias", "fc2_experts_bias", "fc3_experts_weights", "fc3_scales", "fc3_experts_bias"),
+)
+QMOE_WIDTHS = (2, 4)
 ORT_ACTIVATIONS = {"silu": "silu", "relu": "relu"}  # moec act -> MoE activation_type (ungated)
 
 
@@ -74,8 +107,9 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
                      b_out: torch.Tensor | None, spec: ExpertsSpec) -> torch.Tensor:
     """Routed experts with only exportable ops: x [..., H], indices/weights [..., k] -> [..., H].
 
-    The loop over experts is unrolled at export; each expert picks its (token, slot) pairs with
-    NonZero, so it runs on its own rows only, and adds its weighted output with a scatter-add.
+    The loop over experts is unrolled at export; each expert picks the tokens routed to it with one
+    NonZero (a token picks an expert at most once), so it runs on its own rows only, and adds its
+    weighted output with a scatter-add.
     """
     tokens = x.reshape(-1, x.shape[-1])  # [T, H]
     top_k = indices.shape[-1]
@@ -84,7 +118,9 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     act = reference.activation(spec.act)
     out = torch.zeros_like(tokens)
     for expert in range(spec.num_experts):
-        token_ids, slots = torch.nonzero(flat_indices == expert, as_tuple=True)  # [n], [n]
+        chosen = flat_indices == expert  # [T, k], at most one True a row
+        token_ids = torch.nonzero(chosen.any(dim=-1)).squeeze(-1)  # [n]
+        token_weights = (flat_weights * chosen).sum(dim=-1)  # [T]: the expert's routing weight, 0 if unrouted
         hidden = F.linear(tokens[token_ids], w_in[expert], None if b_in is None else b_in[expert])
         if spec.gated:
             gate, up = hidden.chunk(2, dim=-1)
@@ -92,7 +128,7 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
         else:
             hidden = act(hidden)
         y = F.linear(hidden, w_out[expert], None if b_out is None else b_out[expert])  # [n, H]
-        y = y * flat_weights[token_ids, slots].unsqueeze(-1)
+        y = y * token_weights[token_ids].unsqueeze(-1)
         out = out.index_put((token_ids,), y.to(out.dtype), accumulate=True)
     return out.reshape(x.shape)
 
@@ -134,6 +170,20 @@ def ort_moe_support(route: RouteSpec, experts: ExpertsSpec) -> OrtMoESupport:
         return OrtMoESupport(False, f"{experts.act} experts (the op's activations do not match it exactly)")
     normalize = route.renormalize or route.order == "topk_then_score"
     return OrtMoESupport(True, normalize=normalize)
+
+
+def qmoe_support(w_in: QuantizedType | None, w_out: QuantizedType | None) -> str:
+    """Why com.microsoft.QMoE cannot take these expert weights ("" if it can; both None: float experts)."""
+    if w_in is None and w_out is None:
+        return ""
+    if w_in is None or w_out is None:
+        return "experts with one float and one quantized weight (QMoE quantizes both)"
+    widths = set(w_in.bits) | set(w_out.bits)
+    if len(widths) > 1 or w_in.group != w_out.group:
+        return f"experts of mixed widths {sorted(widths)} (QMoE takes one width and one group size)"
+    if widths - set(QMOE_WIDTHS):
+        return f"{widths.pop()}-bit experts (onnxruntime's CPU QMoE matches moec's dequantization for 2 and 4 bits)"
+    return ""
 
 
 def interleave_gate_up(tensor: torch.Tensor) -> torch.Tensor:
@@ -182,15 +232,83 @@ def ort_moe_onnx(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, top_k: int, nor
     )
 
 
-def ort_experts(x: torch.Tensor, router: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
-                fc2: torch.Tensor, fc2_bias: torch.Tensor | None, route: RouteSpec, experts: ExpertsSpec,
-                normalize: bool) -> torch.Tensor:
-    """A fused route + experts pair: router logits (MatMul) and one com.microsoft.MoE, x [..., H]."""
+def qmoe_operands(weight: QuantizedWeight, gated_rows: bool) -> dict[str, torch.Tensor]:
+    """One expert weight [E, R, C] in QMoE's layout, keyed by storage suffix; ``gated_rows`` interleaves them."""
+    t = weight.type
+    packed = weight.qweight.reshape(t.shape[0], t.rows, -1)
+    scales, zeros = weight.scales.float(), weight.zeros
+    if gated_rows:
+        packed, scales, zeros = interleave_gate_up(packed), interleave_gate_up(scales), interleave_gate_up(zeros)
+    blocks, bits = zeros.shape[-1], t.bits[0]
+    padded = torch.cat([zeros, zeros.new_zeros(*zeros.shape[:-1], -blocks % 8)], dim=-1)  # whole bytes
+    packed_zeros = pack_codes(padded.reshape(-1, padded.shape[-1]), bits).reshape(*zeros.shape[:-1], -1)
+    packed_zeros = packed_zeros[..., : -(-blocks * bits // 8)]
+    return {"qweight": packed.contiguous(), "scales": scales.contiguous(), "zeros": packed_zeros.contiguous()}
+
+
+def dequantize_qmoe(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """The float [E, R, C] weight of ``qmoe_operands``."""
+    experts, rows = packed.shape[:2]
+    codes = unpack_codes(packed.reshape(experts * rows, -1), bits)
+    zero_codes = unpack_codes(zeros.reshape(experts * rows, -1), bits)[:, : scales.shape[-1]]
+    return dequantize_codes(codes, scales.reshape(experts * rows, -1), zero_codes).reshape(experts, rows, -1)
+
+
+@torch.library.custom_op("moec_onnx::ort_qmoe", mutates_args=())
+def ort_qmoe(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc1_scales: torch.Tensor,
+             fc1_zeros: torch.Tensor, fc1_bias: torch.Tensor | None, fc2: torch.Tensor, fc2_scales: torch.Tensor,
+             fc2_zeros: torch.Tensor, fc2_bias: torch.Tensor | None, top_k: int, normalize: bool, activation: str,
+             bits: int, group: int) -> torch.Tensor:
+    """com.microsoft.QMoE's semantics: ``ort_moe`` on the weights ``qmoe_operands`` packs."""
+    return ort_moe(x, router_logits, dequantize_qmoe(fc1, fc1_scales, fc1_zeros, bits), fc1_bias,
+                   dequantize_qmoe(fc2, fc2_scales, fc2_zeros, bits), fc2_bias, top_k, normalize, activation)
+
+
+@ort_qmoe.register_fake
+def _(x, router_logits, fc1, fc1_scales, fc1_zeros, fc1_bias, fc2, fc2_scales, fc2_zeros, fc2_bias, top_k,
+      normalize, activation, bits, group):
+    return torch.empty_like(x)
+
+
+def ort_qmoe_onnx(x, router_logits, fc1, fc1_scales, fc1_zeros, fc1_bias, fc2, fc2_scales, fc2_zeros, fc2_bias,
+                  top_k: int, normalize: bool, activation: str, bits: int, group: int):
+    """The ONNX translation of ``moec_onnx::ort_qmoe``: one com.microsoft.QMoE node on raw packed weights."""
+    swiglu = {"activation_alpha": 1.0, "activation_beta": 0.0, "swiglu_fusion": 1} if activation == "swiglu" else {}
+    return QMOE(
+        x, router_logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, None, None, None,
+        fc1_zeros, fc2_zeros, k=top_k, normalize_routing_weights=int(normalize), activation_type=activation,
+        expert_weight_bits=bits, block_size=group, weights_prepacked=0, **swiglu,
+    )
+
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """An expert weight as QMoE operands (``qmoe_operands``): packed codes, scales, zero points."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group: int
+
+
+def ort_experts(x: torch.Tensor, router: torch.Tensor, fc1: torch.Tensor | PackedExperts,
+                fc1_bias: torch.Tensor | None, fc2: torch.Tensor | PackedExperts, fc2_bias: torch.Tensor | None,
+                route: RouteSpec, experts: ExpertsSpec, normalize: bool) -> torch.Tensor:
+    """A fused route + experts pair: router logits (MatMul) and one com.microsoft.MoE (float weights) or
+    QMoE (``PackedExperts``), x [..., H]."""
     tokens = x.reshape(-1, x.shape[-1])
     logits = F.linear(tokens.float(), router.float())  # [T, E]
     activation = "swiglu" if experts.gated else ORT_ACTIVATIONS[experts.act]
-    y = ort_moe(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, route.top_k, normalize, activation)
+    if isinstance(fc1, PackedExperts) and isinstance(fc2, PackedExperts):
+        y = ort_qmoe(tokens, logits, fc1.qweight, fc1.scales, fc1.zeros, fc1_bias, fc2.qweight, fc2.scales,
+                     fc2.zeros, fc2_bias, route.top_k, normalize, activation, fc1.bits, fc1.group)
+    else:
+        y = ort_moe(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, route.top_k, normalize, activation)
     return y.reshape(x.shape)
 
 
-TRANSLATIONS = {torch.ops.moec_onnx.ort_moe.default: ort_moe_onnx}
+TRANSLATIONS = {
+    torch.ops.moec_onnx.ort_moe.default: ort_moe_onnx,
+    torch.ops.moec_onnx.ort_qmoe.default: ort_qmoe_onnx,
+}

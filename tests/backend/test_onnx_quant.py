@@ -1,0 +1,143 @@
+"""Quantized weights in the ONNX export: layouts of MatMulNBits / QMoE operands, the standard-op
+dequantization, and whole exports that keep the weights packed and match the torch runner.
+
+Parity is against the torch runner's exact ``dequant`` kernel at 1e-4 (float32): MatMulNBits and QMoE
+dequantize to float32 and run float32 GEMMs (no int8 activations), so they differ from it by summation
+order only (~1e-7 here).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import torch
+import transformers
+from onnx import TensorProto, helper, numpy_helper
+
+import moec
+from moec.backend.onnx.moe import dequantize_qmoe, interleave_gate_up, qmoe_operands, qmoe_support
+from moec.backend.onnx.quant import dequantize_onnx, matmul_nbits, matmul_nbits_operands
+from moec.ir.quant import QuantizedType
+from moec.kernels.quant import QuantizedWeight, quantize_matrix
+
+TOLERANCE = 1e-4
+
+
+def quantized(shape, bits, group=32, seed=0) -> QuantizedWeight:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if len(shape) == 2:
+        return QuantizedWeight.from_matrices("f32", shape, [quantize_matrix(w, bits[0], group)])
+    return QuantizedWeight.from_matrices("f32", shape, [quantize_matrix(w[e], b, group) for e, b in enumerate(bits)])
+
+
+@pytest.mark.parametrize("bits", [[2, 2], [3, 3], [4, 4], [8, 8], [3, 8]])
+def test_standard_op_dequantization_is_exact(bits):
+    """The ONNX dequantization (evaluated op by op in onnxruntime) equals moec's, bit for bit."""
+    weight = quantized((2, 8, 64), bits)
+    out = dequantize_onnx(weight.qweight.numpy(), weight.scales.numpy(), weight.zeros.numpy(), bits, 32, [2, 8, 64])
+    assert np.array_equal(out.value, weight.dequantize().numpy())
+
+
+def test_matmul_nbits_reads_moec_packing(tmp_path):
+    """One MatMulNBits node on ``matmul_nbits_operands``, with an odd number of blocks per row (padded zero points)."""
+    n, k, group = 24, 96, 32
+    weight = quantized((n, k), [4], group)
+    operands = matmul_nbits_operands(weight)
+    assert operands["zeros"].shape == (n, 2)  # 3 four-bit zero points a row, padded to whole bytes
+    node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=4, block_size=group)
+    initializers = [numpy_helper.from_array(operands[part].numpy(), name)
+                    for part, name in (("qweight", "w"), ("scales", "s"), ("zeros", "z"))]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, n])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(1))
+    want = x @ weight.dequantize().T
+    got = session.run(None, {"x": x.numpy()})[0]
+    assert np.abs(got - want.numpy()).max() <= 1e-5
+    eager = matmul_nbits(x, operands["qweight"], operands["scales"], operands["zeros"], 4, group)
+    assert (eager - want).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize("gated", [True, False])
+def test_qmoe_operands_hold_the_same_weight(bits, gated):
+    weight = quantized((4, 16, 96), [bits] * 4)
+    operands = qmoe_operands(weight, gated_rows=gated)
+    want = interleave_gate_up(weight.dequantize()) if gated else weight.dequantize()
+    assert torch.equal(dequantize_qmoe(operands["qweight"], operands["scales"], operands["zeros"], bits), want)
+
+
+@pytest.mark.parametrize("w_in, w_out, why", [
+    ((3, 3), (3, 3), "3-bit experts"),
+    ((8, 8), (8, 8), "8-bit experts"),
+    ((4, 2), (4, 4), "mixed widths"),
+    ((4, 4), None, "one float and one quantized"),
+])
+def test_qmoe_refuses_what_onnxruntime_does_not_match(w_in, w_out, why):
+    def weight_type(bits):
+        return None if bits is None else QuantizedType("f32", (2, 16, 64), bits, 32)
+
+    assert why in qmoe_support(weight_type(w_in), weight_type(w_out))
+    assert qmoe_support(weight_type((4, 4)), weight_type((4, 4))) == ""
+
+
+def packed_bytes(onnx_model, weight_name):
+    return sum(len(init.raw_data) for init in onnx_model.graph.initializer if init.name.startswith(weight_name + "."))
+
+
+def quantize_and_export(model, example, bits, lowering, path):
+    compiled = moec.compile(model, example, recipe={"passes": [{"quantize": {"bits": bits, "group": 32}}]})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled.export_onnx(path, lowering=lowering)
+    report = compiled.report["onnx"]
+    assert max(report["parity_max_abs_diff"].values()) <= TOLERANCE
+    fallbacks = [str(w.message) for w in caught if "portable MoE lowering" in str(w.message)]
+    return compiled, onnx.load(str(path)), fallbacks
+
+
+def test_4bit_qwen2_moe_exports_qmoe_and_matmul_nbits(preset, tmp_path):
+    """Routed experts become com.microsoft.QMoE, the shared experts' linears MatMulNBits; all stay packed."""
+    compiled, onnx_model, fallbacks = quantize_and_export(*preset("tiny-qwen2-moe"), 4, "ort", tmp_path / "q.onnx")
+    ops = [node.op_type for node in onnx_model.graph.node]
+    assert ops.count("QMoE") == 2 and ops.count("MatMulNBits") == 6 and not fallbacks
+    assert "MoE" not in ops and "NonZero" not in ops
+    graph = compiled.program.graph
+    for name, weight_type in graph.weights.items():
+        if isinstance(weight_type, QuantizedType):  # 4 bits + scale and zero per 32: >= 5x below float32
+            assert 5 * packed_bytes(onnx_model, name) < 4 * math.prod(weight_type.shape), name
+    float_shapes = {tuple(init.dims) for init in onnx_model.graph.initializer if init.data_type == TensorProto.FLOAT}
+    assert not any(tuple(t.shape) in float_shapes for t in graph.weights.values() if isinstance(t, QuantizedType))
+
+
+def expert_heavy_mixtral():
+    """A Mixtral whose experts hold most of the weights (as in real MoE models), built in code."""
+    config = transformers.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=256, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    input_ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+
+def test_3bit_experts_fall_back_to_dequantized_portable_experts(tmp_path):
+    """QMoE cannot take 3-bit experts on the CPU: one warning per block, portable experts on weights
+    dequantized in the graph; the file stays several times smaller than the float32 weights alone."""
+    model, example = expert_heavy_mixtral()
+    float_bytes = sum(p.numel() * 4 for p in model.parameters())
+    path = tmp_path / "q.onnx"
+    compiled, onnx_model, fallbacks = quantize_and_export(model, example, 3, "ort", path)
+    assert fallbacks == [f"model.layers.{i}.mlp uses the portable MoE lowering: com.microsoft.MoE cannot express "
+                         "3-bit experts (onnxruntime's CPU QMoE matches moec's dequantization for 2 and 4 bits)"
+                         for i in range(2)]
+    ops = {node.op_type for node in onnx_model.graph.node}
+    assert {"NonZero", "ScatterND", "Mod"} <= ops and "QMoE" not in ops
+    assert 4 * path.stat().st_size < float_bytes
