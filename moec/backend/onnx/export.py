@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import os
 import shutil
 import tempfile
@@ -266,9 +267,15 @@ def onnx_registry(opset: int) -> _registration.ONNXRegistry:
     """torch.onnx's translation table with moec's custom translations, built as ``torch.onnx.export``
     builds it (torchlib at ``opset``, at least the opset torchlib is written for), once per process:
     building it takes seconds, as long as tracing a small model."""
-    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-        warnings.simplefilter("ignore")
-        registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, TORCHLIB_OPSET))
+    log = logging.getLogger(_registration.__name__)  # it logs a notice per torchvision op it cannot find
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            registry = _registration.ONNXRegistry.from_torchlib(opset_version=max(opset, TORCHLIB_OPSET))
+    finally:
+        log.setLevel(level)
     for torch_op, onnx_op in TRANSLATIONS.items():
         registry.register_op(torch_op, onnx_op, is_complex=False)
     return registry
