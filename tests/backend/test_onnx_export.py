@@ -131,3 +131,28 @@ def test_every_family_exports_with_both_lowerings(compiled_preset, name, lowerin
                              "sigmoid router scoring (the op scores with softmax)"]
     else:
         assert not fallbacks
+
+
+@pytest.fixture(scope="module")
+def minilm_moe(preset):
+    """The real-weights MoE: all-MiniLM-L6-v2 split into 16 experts per FFN (top-4) by dense-to-moe."""
+    import transformers
+
+    from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
+    from moec.frontend.zoo import minilm_path
+
+    model, example = preset("minilm")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    sentences, _ = calibration_and_held_out(32, 0)
+    recipe = {"passes": [{"dense-to-moe": {"experts": 16, "top_k": 4}}]}
+    return moec.compile(model, example, recipe=recipe, calibration=tokenized_batches(tokenizer, sentences))
+
+
+@pytest.mark.parametrize("lowering", ["portable", "ort"])
+def test_minilm_converted_to_moe_exports_with_both_lowerings(minilm_moe, lowering, tmp_path):
+    """Its routers (biased, scaled) are beyond com.microsoft.MoE, so `ort` keeps portable experts, saying so."""
+    assert len(minilm_moe.program.graph.ops_of(ExpertsOp)) == 6
+    onnx_model, report, fallbacks = export_and_check(minilm_moe, lowering, tmp_path / "minilm-moe.onnx")
+    assert report["fused_moe_ops"] == 0
+    assert len(fallbacks) == (6 if lowering == "ort" else 0)
+    assert ("", "TopK") in op_types(onnx_model)
