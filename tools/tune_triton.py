@@ -16,13 +16,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.bench.triton_moe import cuda_time_ms  # noqa: E402  (one CUDA-event timer for the tuner and the bench)
 
 DEFAULT_SHAPES = [(8, 4096, 14336, 2), (64, 2048, 1408, 6)]
 # Each bucket's row serves token counts up to its limit; the tuning runs at the limit.
@@ -55,20 +56,6 @@ def candidates(tokens: int, quick: bool):
         yield TileConfig(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=g, num_warps=w, num_stages=s)
 
 
-def time_ms(fn, repeats: int = 20) -> float:
-    fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
-
-
 def tune_shape(num_experts: int, hidden: int, ffn: int, top_k: int, dtype: torch.dtype, quick: bool):
     from moec.frontend.blocks import ExpertsSpec
     from moec.kernels import triton_ops
@@ -88,7 +75,7 @@ def tune_shape(num_experts: int, hidden: int, ffn: int, top_k: int, dtype: torch
                 return triton_ops.experts(x, indices, weights, w_in, w_out, None, None, spec, tiles)
 
             try:
-                ms = time_ms(run)
+                ms = cuda_time_ms(run, repeats=20, warmup=1)
             except Exception as err:  # out of resources, or a tile the compiler rejects: not a candidate here
                 print(f"  skip {tiles}: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
                 continue
