@@ -198,6 +198,17 @@ def tile_coordinates(num_tiles_m, N: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
 
 
 @triton.jit
+def tile_operands(tile_m, tile_n, block_experts_ptr, sorted_pairs_ptr, num_pairs, N: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A grouped-GEMM tile's expert, its BLOCK_M pair ids (padding holds ``num_pairs``) and which are real,
+    and its BLOCK_N output columns of N and which are in range."""
+    expert = tl.load(block_experts_ptr + tile_m).to(tl.int64)
+    pairs = tl.load(sorted_pairs_ptr + tile_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return expert, pairs, pairs < num_pairs, cols, cols < N
+
+
+@triton.jit
 def load_weight_tile(
     w_ptr,  # [E, ROWS, COLS] plain weights (read when FORMAT is "plain")
     q_ptr,  # uint8, 1-D: packed codes of every expert's matrix (moec's quantized weight format, version 1)
@@ -314,12 +325,9 @@ def gate_up_kernel(
     tile_m, tile_n = tile_coordinates(num_tiles_m, INTERMEDIATE, BLOCK_N, GROUP_M)
     if tile_m * BLOCK_M >= tl.load(padded_total_ptr):
         return
-    expert = tl.load(block_experts_ptr + tile_m).to(tl.int64)
-    pairs = tl.load(sorted_pairs_ptr + tile_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    pair_ok = pairs < num_pairs
+    expert, pairs, pair_ok, cols, col_ok = tile_operands(tile_m, tile_n, block_experts_ptr, sorted_pairs_ptr,
+                                                         num_pairs, INTERMEDIATE, BLOCK_M, BLOCK_N)
     tokens = (pairs // TOP_K).to(tl.int64)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < INTERMEDIATE
     F_IN: tl.constexpr = 2 * INTERMEDIATE if GATED else INTERMEDIATE
 
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -381,12 +389,9 @@ def down_kernel(
     tile_m, tile_n = tile_coordinates(num_tiles_m, HIDDEN, BLOCK_N, GROUP_M)
     if tile_m * BLOCK_M >= tl.load(padded_total_ptr):
         return
-    expert = tl.load(block_experts_ptr + tile_m).to(tl.int64)
-    pairs = tl.load(sorted_pairs_ptr + tile_m * BLOCK_M + tl.arange(0, BLOCK_M))
-    pair_ok = pairs < num_pairs
+    expert, pairs, pair_ok, cols, col_ok = tile_operands(tile_m, tile_n, block_experts_ptr, sorted_pairs_ptr,
+                                                         num_pairs, HIDDEN, BLOCK_M, BLOCK_N)
     rows = pairs.to(tl.int64)
-    cols = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < HIDDEN
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, INTERMEDIATE, BLOCK_K):
