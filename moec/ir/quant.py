@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moec.ir.types import DTYPES_BY_NAME, Dim
+from moec.ir.types import Dim, check_dtype
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -63,8 +63,7 @@ class QuantizedType:
     group: int
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES_BY_NAME:
-            raise ValueError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES_BY_NAME)}")
+        check_dtype(self.dtype)
 
     @property
     def rank(self) -> int:

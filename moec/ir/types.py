@@ -26,6 +26,12 @@ DTYPE_NAMES: dict[torch.dtype, str] = {
 }
 DTYPES_BY_NAME: dict[str, torch.dtype] = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
+
+def check_dtype(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is one of the IR's dtype names."""
+    if name not in DTYPES_BY_NAME:
+        raise ValueError(f"unknown dtype {name!r}; known: {', '.join(DTYPES_BY_NAME)}")
+
 Dim = int | str
 
 
@@ -37,8 +43,7 @@ class TensorType:
     shape: tuple[Dim, ...]
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES_BY_NAME:
-            raise ValueError(f"unknown dtype {self.dtype!r}; known: {', '.join(DTYPES_BY_NAME)}")
+        check_dtype(self.dtype)
 
     @property
     def rank(self) -> int:
