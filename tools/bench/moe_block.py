@@ -1,4 +1,4 @@
-"""Benchmark: one Mixtral-style MoE block on the CPU, Hugging Face vs moec's grouped experts kernel.
+"""Benchmark: one Mixtral-style MoE block on the CPU, Hugging Face vs moec's grouped experts kernels.
 
 Block: hidden 1024, FFN 3584, 8 experts, top-2, float32 (352 MB of expert weights, bigger than any cache).
 
@@ -9,12 +9,16 @@ Compared, in the same process and interleaved repeat by repeat (so background lo
   to HF's other experts implementations (``transformers.integrations.moe``), where they run on the CPU.
   ``batched_mm`` gathers one weight copy per (token, slot), so it is skipped when that copy would not fit
   in ``--batched-mm-cap-gb``.
-* ``moec``           the *same* HF router (``block.gate``) followed by ``moec.kernels.moe_cpu.experts_forward``;
-  only the expert computation differs.
+* ``moec``           the *same* HF router (``block.gate``) followed by the experts kernel the torch runner uses
+  by default for float32 on the CPU (``moec.kernels.moe_onnxruntime``: onnxruntime GEMMs on weights packed
+  once); only the expert computation differs.
+* ``moec_torch_ops``  the same with the runner's other kernel, ``moec.kernels.moe_cpu.experts_forward``
+  (oneDNN/MKL through torch; ``TorchRunner(expert_kernel="torch")``).
 
 The machine's own limits are probed in the same run: memory bandwidth from a big fp32 matrix-vector product
-(256 MB matrix; the better of ``torch.mv`` and oneDNN), and fp32 FLOP rate from a big matmul (2048^3; the better
-of ``torch.mm`` and oneDNN). For each size moec's achieved rates use the bytes of expert weights the routing
+(256 MB matrix; the best of ``torch.mv``, oneDNN and onnxruntime), and fp32 FLOP rate from a big matmul
+(2048^3; the best of ``torch.mm``, oneDNN and onnxruntime). For each size moec's achieved rates use the bytes of
+expert weights the routing
 actually needs (distinct experts hit) and the FLOPs of the T*k expert evaluations; ``roofline`` is the fraction
 of the machine's limit, max(bytes / bandwidth, flops / flop_rate) / measured time.
 
@@ -38,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from moec.frontend.blocks import ExpertsSpec  # noqa: E402
 from moec.kernels.moe_cpu import experts_forward, onednn_available  # noqa: E402
+from moec.kernels.moe_onnxruntime import OnnxruntimeExperts  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, TOP_K = 1024, 3584, 8, 2
 
@@ -53,8 +58,26 @@ def _time(fn, repeats: int, warmup: int) -> float:
     return statistics.median(samples)
 
 
+def onnxruntime_matmul(b: torch.Tensor):
+    """``a -> a @ b`` by an onnxruntime session holding ``b`` as a constant (packed once, as moec's kernel)."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["y"])], "matmul",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["m", b.shape[0]])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", b.shape[1]])],
+        [numpy_helper.from_array(b.numpy(), "b")])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(), options,
+        providers=["CPUExecutionProvider"])
+    return lambda a: session.run(None, {"a": a})
+
+
 def probe_limits(quick: bool) -> dict:
-    """Bandwidth (GB/s) from a big matvec and FLOP rate (GFLOP/s) from a big matmul, best of two libraries."""
+    """Bandwidth (GB/s) from a big matvec and FLOP rate (GFLOP/s) from a big matmul, best of three libraries."""
     reps = 5 if quick else 9
     gen = torch.Generator().manual_seed(0)
     mat = torch.randn(8192, 8192, generator=gen)  # 256 MB
@@ -67,7 +90,10 @@ def probe_limits(quick: bool) -> dict:
         out["bw_onednn_matvec_gbs"] = (
             nbytes / _time(lambda: op(row, mat, None, "none", [], ""), reps, 2) / 1e9
         )
-    mat = None  # free the 256 MB before the matmul probe
+    matvec = onnxruntime_matmul(mat.T.contiguous())
+    row_np = row.numpy()
+    out["bw_onnxruntime_matvec_gbs"] = nbytes / _time(lambda: matvec(row_np), reps, 2) / 1e9
+    mat = matvec = None  # free the 256 MB (and its packed copy) before the matmul probe
     n = 2048
     a = torch.randn(n, n, generator=gen)
     b = torch.randn(n, n, generator=gen)
@@ -77,6 +103,8 @@ def probe_limits(quick: bool) -> dict:
         op = torch.ops.mkldnn._linear_pointwise
         bt = b.t().contiguous()
         out["flops_onednn_gflops"] = flops / _time(lambda: op(a, bt, None, "none", [], ""), reps, 2) / 1e9
+    matmul, a_np = onnxruntime_matmul(b), a.numpy()
+    out["flops_onnxruntime_gflops"] = flops / _time(lambda: matmul(a_np), reps, 2) / 1e9
     out["bandwidth_gbs"] = max(v for k, v in out.items() if k.startswith("bw_"))
     out["flop_rate_gflops"] = max(v for k, v in out.items() if k.startswith("flops_"))
     return out
@@ -145,11 +173,18 @@ def _run(args) -> int:
 
         return run
 
+    onnxruntime_experts = OnnxruntimeExperts(experts.gate_up_proj.detach(), experts.down_proj.detach(), None, None, spec)
+
     def moec_run(x):
         _, top_w, top_i = block.gate(x)  # the HF router, unchanged
+        return onnxruntime_experts(x, top_i, top_w)
+
+    def moec_torch_ops(x):
+        _, top_w, top_i = block.gate(x)
         return experts_forward(x, top_i, top_w, experts.gate_up_proj, experts.down_proj, None, None, spec)
 
-    impls = {"hf_eager": hf("eager"), "hf_batched_mm": hf("batched_mm"), "hf_grouped_mm": hf("grouped_mm")}
+    impls = {"hf_eager": hf("eager"), "hf_batched_mm": hf("batched_mm"), "hf_grouped_mm": hf("grouped_mm"),
+             "moec_torch_ops": moec_torch_ops}
     unavailable = {}
     with torch.inference_mode():
         probe_x = torch.randn(4, HIDDEN)
@@ -231,7 +266,7 @@ def _run(args) -> int:
 
     names = [n for n in impls if n != "moec"]
     header = f"{'tokens':>6} | " + " | ".join(f"{n + ' ms':>17}" for n in [*names, "moec"])
-    header += " | " + " | ".join(f"{'x vs ' + n[3:]:>14}" for n in names)
+    header += " | " + " | ".join(f"{'x vs ' + n.removeprefix('hf_'):>14}" for n in names)
     header += f" | {'moec GB/s':>9} | {'GFLOP/s':>7} | {'%BW':>5} | {'%FLOP':>5} | {'%roof':>5}"
     print()
     print(header)
@@ -253,7 +288,7 @@ def _run(args) -> int:
     print(
         f"load average before/after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
     )
-    print("ratios: HF time / moec time (>1 means moec is faster); routing is HF's router in every column.")
+    print("ratios: other time / moec time (>1 means moec is faster); routing is HF's router in every column.")
 
     result = {
         "benchmark": "moe_block",

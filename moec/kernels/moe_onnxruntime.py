@@ -1,0 +1,128 @@
+"""Routed experts on the CPU through onnxruntime's prepacked GEMMs: the torch runner's float32 fast path
+for large experts.
+
+Why: an MoE layer's expert GEMMs are skinny (a few to a few dozen rows against a 7168 x 1024 weight), so
+they are bound by how fast the weights stream from memory. MKL's ``sgemm`` (behind ``F.linear``) and
+oneDNN's matmul pack the weight operand on every call, which reads and writes it again; measured on a
+2-core AMD EPYC with 4 rows per expert they reach 2-6 GB/s where a matrix-vector product streams 10-12.
+onnxruntime packs each constant GEMM operand once, when the session is built (MLAS prepacking), and then
+runs these GEMMs at close to matrix-vector speed (``tools/bench/moe_block.py``, docs/BENCHMARKS.md).
+
+How: one session per ``moe.experts`` op, built on first use. For every expert ``e`` the graph has an input
+``x_e`` [rows, H] and an output ``y_e`` [rows, H]: ``Gemm(x_e, w_in[e], transB) -> activation (-> gate * up)
+-> Gemm(., w_out[e], transB)``. The weights are handed to onnxruntime as external initializers that
+*share* the torch tensors' memory (nothing is serialized or copied); onnxruntime's packed copies are the
+extra memory this path costs, about the experts' float32 size once more. A call sorts the (token, slot)
+pairs by expert, feeds each expert its rows (an empty [0, H] array for an expert with none), runs the
+session once, scales the outputs by their routing weights and adds them into ``y``.
+
+Same contract as ``moec.kernels.moe_cpu.experts_forward`` for float32 (shapes in its docstring); results
+agree with it to float32 rounding (summation order differs).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnx import TensorProto, helper
+
+from moec.frontend.blocks import ExpertsSpec
+from moec.kernels.reference import group_by_expert
+
+__all__ = ["OnnxruntimeExperts"]
+
+OPSET = 20  # Gelu with its ``approximate`` attribute
+
+
+def _activation_nodes(name: str, pre: str, out: str) -> list[onnx.NodeProto]:
+    """ONNX nodes computing ``out = act(pre)`` for an activation of ``blocks.ACTIVATIONS``."""
+    if name == "relu":
+        return [helper.make_node("Relu", [pre], [out])]
+    if name in ("gelu", "gelu_tanh"):
+        return [helper.make_node("Gelu", [pre], [out], approximate="none" if name == "gelu" else "tanh")]
+    if name == "silu":
+        return [helper.make_node("Sigmoid", [pre], [f"{pre}_sig"]), helper.make_node("Mul", [pre, f"{pre}_sig"], [out])]
+    if name == "quick_gelu":  # x * sigmoid(1.702 x)
+        return [helper.make_node("Mul", [pre, "quick_gelu_scale"], [f"{pre}_scaled"]),
+                helper.make_node("Sigmoid", [f"{pre}_scaled"], [f"{pre}_sig"]),
+                helper.make_node("Mul", [pre, f"{pre}_sig"], [out])]
+    raise ValueError(f"no ONNX lowering for activation {name!r}")
+
+
+def _external(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
+    """A graph initializer that only names ``tensor``: its data is handed over at session build."""
+    proto = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(tensor.shape))
+    proto.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", f"moec-shared/{name}"), ("offset", "0"), ("length", str(tensor.numel() * 4))):
+        entry = proto.external_data.add()
+        entry.key, entry.value = key, value
+    return proto
+
+
+class OnnxruntimeExperts:
+    """Runs one ``moe.experts`` op's float32 experts with onnxruntime; call as ``experts_forward``'s
+    ``(x, indices, weights)`` part. Keeps references to the weight tensors it shares with onnxruntime."""
+
+    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
+                 b_out: torch.Tensor | None, spec: ExpertsSpec, threads: int | None = None) -> None:
+        if w_in.dtype != torch.float32 or w_out.dtype != torch.float32 or w_in.device.type != "cpu":
+            raise ValueError("OnnxruntimeExperts runs float32 CPU weights only")
+        self.spec = spec
+        self.shared = {}  # name -> contiguous float32 tensor whose memory onnxruntime reads
+        nodes: list[onnx.NodeProto] = []
+        inputs, outputs, initializers = [], [], []
+        f = spec.intermediate
+        for e in range(spec.num_experts):
+            x, pre, hidden, y = f"x{e}", f"pre{e}", f"hidden{e}", f"y{e}"
+            self.shared[f"w_in{e}"] = w_in[e].detach().contiguous()
+            self.shared[f"w_out{e}"] = w_out[e].detach().contiguous()
+            gemm_in = [x, f"w_in{e}"] + ([f"b_in{e}"] if b_in is not None else [])
+            gemm_out = [hidden, f"w_out{e}"] + ([f"b_out{e}"] if b_out is not None else [])
+            nodes.append(helper.make_node("Gemm", gemm_in, [pre], transB=1))
+            if spec.gated:
+                nodes.append(helper.make_node("Split", [pre, "gate_up_sizes"], [f"gate{e}", f"up{e}"], axis=1))
+                nodes += _activation_nodes(spec.act, f"gate{e}", f"act{e}")
+                nodes.append(helper.make_node("Mul", [f"act{e}", f"up{e}"], [hidden]))
+            else:
+                nodes += _activation_nodes(spec.act, pre, hidden)
+            nodes.append(helper.make_node("Gemm", gemm_out, [y], transB=1))
+            inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [f"rows{e}", spec.hidden]))
+            outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [f"rows{e}", spec.hidden]))
+            for role, bias in (("b_in", b_in), ("b_out", b_out)):
+                if bias is not None:
+                    initializers.append(onnx.numpy_helper.from_array(bias[e].float().numpy(), f"{role}{e}"))
+        initializers += [_external(name, tensor) for name, tensor in self.shared.items()]
+        if spec.gated:
+            initializers.append(helper.make_tensor("gate_up_sizes", TensorProto.INT64, [2], [f, f]))
+        if spec.act == "quick_gelu":
+            initializers.append(helper.make_tensor("quick_gelu_scale", TensorProto.FLOAT, [], [1.702]))
+        graph = helper.make_graph(nodes, "moec_experts", inputs, outputs, initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        # Its worker threads must not spin between calls: torch runs the rest of the model on the same cores.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        names = list(self.shared)
+        self._values = [onnxruntime.OrtValue.ortvalue_from_numpy(self.shared[n].numpy()) for n in names]
+        options.add_external_initializers(names, self._values)
+        self.session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                                    providers=["CPUExecutionProvider"])
+        self._empty = np.zeros((0, spec.hidden), dtype=np.float32)
+
+    def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` for x [T, H] float32 on the CPU."""
+        groups = group_by_expert(indices, weights, self.spec.num_experts)
+        rows = x.float().index_select(0, groups.token_of).numpy()  # [S, H] sorted by expert
+        feeds, start = {}, 0
+        for e, count in enumerate(groups.counts):
+            feeds[f"x{e}"] = rows[start:start + count] if count else self._empty
+            start += count
+        outputs = self.session.run(None, feeds)
+        expert_rows = torch.from_numpy(np.concatenate(outputs)) if len(outputs) > 1 else torch.from_numpy(outputs[0])
+        y = torch.zeros(x.shape, dtype=torch.float32)
+        y.index_add_(0, groups.token_of, expert_rows.mul_(groups.weight.unsqueeze(1)))
+        return y.to(x.dtype)

@@ -1,0 +1,82 @@
+"""moec's onnxruntime experts kernel against the plain reference, and how the torch runner picks it.
+
+Tolerance: 1e-5 relative to the output's largest magnitude, float32 (onnxruntime's GEMMs block and sum in
+another order than torch's).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moec.backend.torch_runner import TorchRunner
+from moec.errors import BackendError
+from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
+from moec.frontend.capture import capture
+from moec.frontend.zoo import build_preset
+from moec.ir.ops import ExpertsOp
+from moec.kernels import reference
+
+pytest.importorskip("onnxruntime")
+from moec.kernels.moe_onnxruntime import OnnxruntimeExperts  # noqa: E402
+
+RTOL = 1e-5
+
+
+def random_experts(act: str, gated: bool, bias: bool, generator: torch.Generator, experts: int = 5):
+    spec = ExpertsSpec(num_experts=experts, hidden=16, intermediate=12, act=act, gated=gated, has_bias=bias)
+    f_in = 2 * spec.intermediate if gated else spec.intermediate
+    w_in = torch.randn(experts, f_in, spec.hidden, generator=generator)
+    w_out = torch.randn(experts, spec.hidden, spec.intermediate, generator=generator)
+    b_in = torch.randn(experts, f_in, generator=generator) if bias else None
+    b_out = torch.randn(experts, spec.hidden, generator=generator) if bias else None
+    return spec, w_in, w_out, b_in, b_out
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference(act: str, gated: bool, bias: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    spec, w_in, w_out, b_in, b_out = random_experts(act, gated, bias, generator)
+    kernel = OnnxruntimeExperts(w_in, w_out, b_in, b_out, spec)
+    for tokens in (1, 3, 40):  # 1 and 3 tokens leave some experts without rows
+        x = torch.randn(tokens, spec.hidden, generator=generator)
+        weights, indices = torch.randn(tokens, spec.num_experts, generator=generator).softmax(-1).topk(2)
+        want = reference.experts(x, indices, weights, w_in, w_out, b_in, b_out, spec)
+        got = kernel(x, indices, weights)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert float((got - want).abs().max() / want.abs().max()) < RTOL, (act, gated, bias, tokens)
+
+
+def test_weights_are_shared_not_copied() -> None:
+    """onnxruntime reads the torch tensors' memory: the kernel holds views of the stacked weights."""
+    generator = torch.Generator().manual_seed(1)
+    spec, w_in, w_out, _, _ = random_experts("silu", True, False, generator)
+    kernel = OnnxruntimeExperts(w_in, w_out, None, None, spec)
+    assert kernel.shared["w_in0"].data_ptr() == w_in.data_ptr()
+    assert kernel.shared["w_out2"].data_ptr() == w_out[2].data_ptr()
+
+
+def test_runner_expert_kernels_agree_and_auto_uses_onnxruntime(monkeypatch) -> None:
+    calls = []
+    run = OnnxruntimeExperts.__call__
+    monkeypatch.setattr(OnnxruntimeExperts, "__call__", lambda self, *args: calls.append(1) or run(self, *args))
+    model, example = build_preset("tiny-mixtral")
+    program = capture(model, (), example)
+    inputs = program.flatten_inputs((), example)
+    want = TorchRunner(program, expert_kernel="torch").run(inputs)[0]
+    assert not calls
+    got = TorchRunner(program).run(inputs)[0]
+    assert len(calls) == len(program.graph.ops_of(ExpertsOp)) > 0, "auto runs float32 CPU experts on onnxruntime"
+    assert float((got - want).abs().max() / want.abs().max()) < RTOL
+
+
+def test_runner_refuses_onnxruntime_for_bfloat16_and_unknown_kernels() -> None:
+    model, example = build_preset("tiny-mixtral")
+    program = capture(model.to(torch.bfloat16), (), example)
+    with pytest.raises(BackendError, match="float32 experts on the CPU only"):
+        TorchRunner(program, expert_kernel="onnxruntime").run(program.flatten_inputs((), example))
+    assert TorchRunner(program).run(program.flatten_inputs((), example))[0].dtype == torch.bfloat16  # auto: torch
+    with pytest.raises(BackendError, match="expert_kernel='fast' is not one of"):
+        TorchRunner(program, expert_kernel="fast")
