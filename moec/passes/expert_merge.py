@@ -1,23 +1,48 @@
-"""``expert-merge``: merge each MoE layer's experts into fewer, MC-SMoE style, keeping the router.
+"""``expert-merge``: merge each MoE layer's experts into fewer (MC-SMoE recipe), then refit them.
 
 Per layer, with ``keep`` (or ``keep_ratio``) merged experts:
 
-1. **Dominant experts**: the ``keep`` experts chosen for the most calibration tokens (ties: more routing weight).
-2. **Groups**: every other expert joins the dominant expert whose router logits on the calibration rows are
-   most similar to its own (cosine of the [N] logit columns; a router's choice bias is added to its logits).
+1. **Dominant experts**: the ``keep`` experts chosen for the most calibration tokens (ties: more routing
+   weight); with ``router="groups"`` on a layer that routes in groups (``n_group > 1``), ``keep / n_group``
+   of every routing group, as ``expert-prune`` keeps them.
+2. **Groups**: every other expert joins the dominant expert (of its routing group) whose router logits on the
+   calibration rows are most similar to its own (cosine of the [N] logit columns; a router's choice bias is
+   added to its logits).
 3. **Alignment** (``align``): each member's neurons are permuted to match the dominant expert's by Hungarian
    matching (``scipy.optimize.linear_sum_assignment``) on ``weight`` similarity (inner product of each
    neuron's input rows, bias and output column) or ``activation`` similarity (correlation of the neurons'
-   hidden activations on the calibration rows); ``none`` skips it (the ablation).
-4. **Averaging**: a group's weights are averaged with its members' routing frequencies as weights (uniform
-   when no member was chosen).
+   hidden activations on the calibration rows); ``none`` skips it (the ablation: neuron i meets neuron i).
+4. **Combining** (``combine``), aligned neuron by aligned neuron:
+   ``select`` keeps, at each position, the neuron of the member that matters most there: the largest
+   importance ``sum over the calibration rows routed to the member of |h_n(x) - mean(h_n)| * |w_out[:, n]|``
+   (how much the neuron's output varies on the tokens it serves; its constant part is the refit bias's job).
+   ``average`` is MC-SMoE's average with the members' routing frequencies as weights. Experts made by
+   ``dense-to-moe`` are disjoint neuron clusters of one FFN, so the average of two aligned neurons computes
+   neither; selecting keeps real neurons. Output biases are averaged with the frequencies in both cases.
+5. **Routing** (``router``): ``groups`` keeps one router row per group, the dominant expert's (and its choice
+   bias), so top-k picks k *distinct* merged experts and their weights are scored over the kept rows as the
+   route op says (exactly as after pruning to the dominant experts; a converted MoE's weights stay 1).
+   ``members`` keeps all router rows (MC-SMoE): ``moe.experts`` gets an ``expert_map`` sending every member
+   to its group's merged expert, and two chosen members of one group add their weights on it (the token then
+   runs fewer than top-k distinct experts).
+6. **Refit** (``refit``): the merged experts' ``w_out`` (and ``b_out`` where the experts have one) are fitted
+   jointly by least squares so that the layer's routed output under the new routing reproduces the unmerged
+   layer's on the calibration rows. The ridge term pulls toward the combined weights (strength
+   ``refit_ridge`` times the mean diagonal of the normal equations), which keeps the fit from chasing the few
+   calibration rows (a layer has ``keep * (F + 1)`` unknowns per output feature; the solve is dense, so very
+   wide experts may want ``refit=False``).
 
-Requires: a verified graph; calibration data (``PassContext.statistics``). Layers already merged are refused.
-Ensures: the router is unchanged (same rows, same top-k over the original logits); ``moe.experts`` stores one
-expert per group and gets ``expert_map`` sending every router expert to its group's merged expert, so two
-chosen members of one group add their routing weights on the merged expert. Shared experts and all other ops
-are untouched. The summary reports per layer experts, parameters and bytes before/after, ``output_cosine``
-(mean per-token cosine of the layer's routed output before and after, on the calibration rows) and the groups.
+With ``router="groups"``, the dominant experts' own weights and no refit, the result would be frequency pruning;
+the default (``select``, ``groups``, refit) starts near it and uses the members' neurons and outputs.
+
+Requires: a verified graph; calibration data (``PassContext.statistics``). Layers carrying an ``expert_map``
+(merged with ``router="members"``) are refused.
+Ensures: ``moe.experts`` stores one expert per group, in the order of the dominant experts' ids. With
+``groups`` routing the router keeps the dominant experts' rows (same order) and ``moe.route`` chooses top-k
+among them; with ``members`` routing the router is unchanged and ``expert_map`` maps router experts to
+merged ones. Shared experts and all other ops are untouched. The summary reports per layer experts,
+parameters and bytes before/after, ``output_cosine`` (mean per-token cosine of the layer's routed output
+before and after, on the calibration rows the refit saw) and the groups.
 In place (weights keep their names and get new shapes).
 """
 
@@ -29,30 +54,40 @@ import scipy.optimize
 import torch
 import torch.nn.functional as F
 
+from moec.analysis.calibration import MoEStats
 from moec.errors import PassError
 from moec.frontend.blocks import ExpertsSpec
 from moec.ir.program import Program
 from moec.kernels.reference import activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 from moec.passes.moe_layers import (
+    ROUTE_ROLES,
+    MoELayer,
     check_target_options,
+    keep_by_score,
     layer_record,
     mean_cosine,
+    routing_groups,
     target_count,
     unmerged_moe_layers,
 )
 
 ALIGNMENTS = ("weight", "activation", "none")
+COMBINES = ("select", "average")
+ROUTERS = ("groups", "members")
 
 
 @dataclass
 class MergeGroup:
     """Router experts merged into one: ``members[0]`` is the dominant one. ``permutations[i][j]`` is the
-    neuron of ``members[i]`` aligned with the dominant expert's neuron ``j``; ``weights`` sum to 1."""
+    neuron of ``members[i]`` aligned with the dominant expert's neuron ``j``; ``weights`` (the members'
+    routing frequencies, summing to 1) combine output biases; ``neuron_weights[i, j]`` is member i's share
+    of merged neuron j (each column sums to 1)."""
 
     members: list[int]
     permutations: list[list[int]]
     weights: list[float]
+    neuron_weights: torch.Tensor  # [M, F] f64
 
 
 def hidden_activations(tensors: dict[str, torch.Tensor], expert: int, rows: torch.Tensor,
@@ -96,51 +131,112 @@ def align_neurons(tensors: dict[str, torch.Tensor], dominant: int, member: int, 
     return columns.tolist()
 
 
-def plan_layer(tensors: dict[str, torch.Tensor], counts: torch.Tensor, mass: torch.Tensor, rows: torch.Tensor,
-               keep: int, spec: ExpertsSpec, align: str) -> list[MergeGroup]:
-    """The merge groups of one layer, ordered by dominant expert id (see the module docstring)."""
-    num_experts = counts.shape[0]
-    usage = counts.double() + mass.double() / (mass.double().max() + 1)  # mass only breaks count ties
-    dominants = sorted(torch.argsort(usage, descending=True, stable=True)[:keep].tolist())
+def neuron_importance(tensors: dict[str, torch.Tensor], expert: int, rows: torch.Tensor,
+                      spec: ExpertsSpec) -> torch.Tensor:
+    """[F] f64: how much each neuron's output varies on ``rows``, ``sum |h - mean h| * |w_out column|``."""
+    if rows.shape[0] == 0:
+        return torch.zeros(spec.intermediate, dtype=torch.float64)
+    hidden = hidden_activations(tensors, expert, rows, spec).double()
+    return (hidden - hidden.mean(0)).abs().sum(0) * tensors["w_out"][expert].double().norm(dim=0)
+
+
+def neuron_shares(tensors: dict[str, torch.Tensor], members: list[int], permutations: list[list[int]],
+                  weights: torch.Tensor, served: torch.Tensor, rows: torch.Tensor, spec: ExpertsSpec,
+                  combine: str) -> torch.Tensor:
+    """[M, F]: each member's share of each merged neuron (``combine``, see the module docstring).
+    ``served`` [N, E] says which calibration rows each router expert was chosen for."""
+    if combine == "average":
+        return weights.double().unsqueeze(1).expand(len(members), spec.intermediate).clone()
+    importance = torch.stack([
+        neuron_importance(tensors, member, rows[served[:, member]], spec)[torch.tensor(permutation)]
+        for member, permutation in zip(members, permutations, strict=True)
+    ])
+    winners = importance.argmax(0, keepdim=True)  # ties: the first member, the dominant expert
+    return torch.zeros_like(importance).scatter_(0, winners, 1.0)
+
+
+def plan_layer(tensors: dict[str, torch.Tensor], stats: MoEStats, layer: MoELayer, routing_group: torch.Tensor,
+               per_group: int, align: str, combine: str) -> list[MergeGroup]:
+    """The merge groups of one layer, ordered by dominant expert id (see the module docstring).
+    ``routing_group`` [E] is each router expert's routing group, of which ``per_group`` experts dominate."""
+    spec, rows = layer.experts.spec, stats.inputs.float()
+    mass = stats.weight_mass.double()
+    dominants = keep_by_score(stats.counts.double() + mass / (mass.max() + 1), routing_group, per_group)
     bias = tensors.get("router_bias")
-    logits = F.linear(rows.float(), tensors["router"].float(), None if bias is None else bias.float())
+    logits = F.linear(rows, tensors["router"].float(), None if bias is None else bias.float())
     logits = F.normalize(logits.double().T, dim=1)  # [E, N]: each expert's logits (+ choice bias) on the rows
     similarity = logits @ logits.T
     members: dict[int, list[int]] = {d: [d] for d in dominants}
-    for expert in range(num_experts):
+    for expert in range(len(routing_group)):
         if expert not in members:
-            best = max(dominants, key=lambda d: (similarity[expert, d].item(), -d))
+            candidates = [d for d in dominants if routing_group[d] == routing_group[expert]]
+            best = max(candidates, key=lambda d: (similarity[expert, d].item(), -d))
             members[best].append(expert)
+    indices, _ = layer.routing(tensors, rows)
+    served = torch.zeros(rows.shape[0], len(routing_group), dtype=torch.bool).scatter_(1, indices, True)
     groups = []
     for dominant in dominants:
         group = members[dominant]
-        frequency = counts[group].double()
+        frequency = stats.counts[group].double()
         weights = frequency / frequency.sum() if frequency.sum() > 0 else torch.full((len(group),), 1 / len(group))
         permutations = [align_neurons(tensors, dominant, m, rows, spec, align) for m in group]
-        groups.append(MergeGroup(group, permutations, weights.tolist()))
+        shares = neuron_shares(tensors, group, permutations, weights, served, rows, spec, combine)
+        groups.append(MergeGroup(group, permutations, weights.tolist(), shares))
     return groups
 
 
 def merge_weights(tensors: dict[str, torch.Tensor], groups: list[MergeGroup], spec: ExpertsSpec) -> dict[str, torch.Tensor]:
-    """Stacked merged expert weights (one per group); the router is returned unchanged."""
-    merged: dict[str, list[torch.Tensor]] = {role: [] for role in tensors if role not in ("router", "router_bias")}
+    """Stacked merged expert weights (one per group), without the router."""
+    merged: dict[str, list[torch.Tensor]] = {role: [] for role in tensors if role not in ROUTE_ROLES}
     for group in groups:
         sums: dict[str, torch.Tensor] = {}
-        for member, permutation, weight in zip(group.members, group.permutations, group.weights, strict=True):
-            neurons = torch.tensor(permutation)
+        for i, (member, permutation) in enumerate(zip(group.members, group.permutations, strict=True)):
+            neurons, share = torch.tensor(permutation), group.neuron_weights[i]
             rows_in = torch.cat([neurons, neurons + spec.intermediate]) if spec.gated else neurons
-            aligned = {"w_in": tensors["w_in"][member].double()[rows_in],
-                       "w_out": tensors["w_out"][member].double()[:, neurons]}
+            share_in = torch.cat([share, share]) if spec.gated else share
+            aligned = {"w_in": tensors["w_in"][member].double()[rows_in] * share_in.unsqueeze(1),
+                       "w_out": tensors["w_out"][member].double()[:, neurons] * share}
             if "b_in" in tensors:
-                aligned["b_in"] = tensors["b_in"][member].double()[rows_in]
+                aligned["b_in"] = tensors["b_in"][member].double()[rows_in] * share_in
             if "b_out" in tensors:
-                aligned["b_out"] = tensors["b_out"][member].double()
+                aligned["b_out"] = tensors["b_out"][member].double() * group.weights[i]
             for role, tensor in aligned.items():
-                sums[role] = sums.get(role, 0) + weight * tensor
+                sums[role] = sums.get(role, 0) + tensor
         for role in merged:
             merged[role].append(sums[role].to(tensors[role].dtype))
-    out = {role: torch.stack(parts) for role, parts in merged.items()}
-    return out | {role: tensors[role] for role in ("router", "router_bias") if role in tensors}
+    return {role: torch.stack(parts) for role, parts in merged.items()}
+
+
+def refit_outputs(layer: MoELayer, merged: dict[str, torch.Tensor], rows: torch.Tensor, target: torch.Tensor,
+                  expert_map: list[int] | None, ridge: float) -> dict[str, torch.Tensor]:
+    """New ``w_out`` (and ``b_out``) of the merged experts: the ridge least-squares fit, pulled toward the
+    current ones, of the layer's routed output under ``merged``'s routing to ``target`` [N, H] on ``rows``."""
+    spec = layer.experts.spec
+    indices, weights = layer.routing(merged, rows, expert_map)
+    count, width = merged["w_in"].shape[0], spec.intermediate
+    columns = width + ("b_out" in merged)
+    design = torch.zeros(rows.shape[0], count, columns, dtype=torch.float64)  # [N, G, F (+1)]
+    for expert in range(count):
+        chosen = indices == expert
+        served = chosen.any(-1)
+        weight = (weights * chosen).sum(-1)[served].double().unsqueeze(1)  # its summed routing weight per row
+        design[served, expert, :width] = hidden_activations(merged, expert, rows[served].float(), spec).double() * weight
+        if "b_out" in merged:
+            design[served, expert, width:] = weight
+    design = design.reshape(rows.shape[0], -1)
+    current = merged["w_out"].double().transpose(1, 2)  # [G, F, H]
+    if "b_out" in merged:
+        current = torch.cat([current, merged["b_out"].double().unsqueeze(1)], dim=1)
+    current = current.reshape(count * columns, -1)
+    gram = design.T @ design
+    strength = (ridge * gram.diagonal().mean()).clamp_min(1e-12)
+    solution = torch.linalg.solve(gram + strength * torch.eye(len(gram), dtype=gram.dtype),
+                                  design.T @ target.double() + strength * current)
+    solution = solution.reshape(count, columns, -1)
+    refitted = {"w_out": solution[:, :width].transpose(1, 2).to(merged["w_out"].dtype).contiguous()}
+    if "b_out" in merged:
+        refitted["b_out"] = solution[:, width].to(merged["b_out"].dtype).contiguous()
+    return refitted
 
 
 @register_pass
@@ -150,11 +246,19 @@ class ExpertMerge(Pass):
     keep: int | None = None
     keep_ratio: float | None = None
     align: str = "weight"
+    combine: str = "select"
+    router: str = "groups"
+    refit: bool = True
+    refit_ridge: float = 0.1
 
     def __post_init__(self) -> None:
         check_target_options(self.name, self.keep, self.keep_ratio)
-        if self.align not in ALIGNMENTS:
-            raise PassError(f"{self.name}: align={self.align!r} is not one of {', '.join(ALIGNMENTS)}")
+        for option, value, allowed in (("align", self.align, ALIGNMENTS), ("combine", self.combine, COMBINES),
+                                       ("router", self.router, ROUTERS)):
+            if value not in allowed:
+                raise PassError(f"{self.name}: {option}={value!r} is not one of {', '.join(allowed)}")
+        if not self.refit_ridge > 0:
+            raise PassError(f"{self.name}: refit_ridge={self.refit_ridge!r} must be positive")
 
     def needs_calibration(self) -> bool:
         return True
@@ -167,23 +271,45 @@ class ExpertMerge(Pass):
         records = []
         modified = False
         for layer in layers:
-            route, experts_spec = layer.route.spec, layer.experts.spec
+            route = layer.route.spec
             count = target_count(self.name, layer, self.keep, self.keep_ratio, route.top_k)
+            if self.router == "groups":
+                routing_group, per_group = routing_groups(self.name, layer, count)
+            else:
+                routing_group, per_group = torch.zeros(route.num_experts, dtype=torch.long), count
             stats = statistics.moe[layer.block]
-            tensors = layer.tensors(program)
+            tensors, rows = layer.tensors(program), stats.inputs.float()
             before_size = layer.size(program)
-            before_out = layer.routed_output(tensors, stats.inputs)
-            groups = plan_layer(tensors, stats.counts, stats.weight_mass, stats.inputs, count, experts_spec, self.align)
-            expert_map = [0] * route.num_experts
-            for index, group in enumerate(groups):
-                for member in group.members:
-                    expert_map[member] = index
-            merged = merge_weights(tensors, groups, experts_spec)
-            after_out = layer.routed_output(merged, stats.inputs, expert_map)
+            before_out = layer.routed_output(tensors, rows)
+            groups = plan_layer(tensors, stats, layer, routing_group, per_group, self.align, self.combine)
             if count < route.num_experts:
-                layer.rewrite(program, merged, route.num_experts, count, expert_map)
+                merged, expert_map = self.merge(tensors, groups, layer, rows, before_out)
+                after_out = layer.routed_output(merged, rows, expert_map)
+                router_rows = count if expert_map is None else route.num_experts
+                layer.rewrite(program, merged, router_rows, count, expert_map)
                 modified = True
+            else:
+                after_out = before_out
             record = layer_record(layer.name, (route.num_experts, *before_size), (count, *layer.size(program)),
                                   mean_cosine(before_out, after_out))
             records.append(record | {"groups": [group.members for group in groups]})
         return PassResult(modified, {"layers": records})
+
+    def merge(self, tensors: dict[str, torch.Tensor], groups: list[MergeGroup], layer: MoELayer, rows: torch.Tensor,
+              target: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[int] | None]:
+        """The layer's new weights (router included) and expert map (None with ``groups`` routing)."""
+        merged = merge_weights(tensors, groups, layer.experts.spec)
+        routers = {role: tensors[role] for role in ROUTE_ROLES if role in tensors}
+        if self.router == "groups":
+            dominants = torch.tensor([group.members[0] for group in groups])
+            merged |= {role: router.index_select(0, dominants) for role, router in routers.items()}
+            expert_map = None
+        else:
+            merged |= routers
+            expert_map = [0] * layer.route.spec.num_experts
+            for index, group in enumerate(groups):
+                for member in group.members:
+                    expert_map[member] = index
+        if self.refit:
+            merged |= refit_outputs(layer, merged, rows, target, expert_map, self.refit_ridge)
+        return merged, expert_map

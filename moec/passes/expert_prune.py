@@ -35,8 +35,10 @@ from moec.passes.base import Pass, PassContext, PassResult, register_pass
 from moec.passes.moe_layers import (
     MoELayer,
     check_target_options,
+    keep_by_score,
     layer_record,
     mean_cosine,
+    routing_groups,
     target_count,
     unmerged_moe_layers,
 )
@@ -62,16 +64,6 @@ def cosine_matrix(features: torch.Tensor) -> torch.Tensor:
     """[E, E] pairwise cosine similarity of the rows of ``features``."""
     unit = F.normalize(features.double(), dim=-1)
     return unit @ unit.T
-
-
-def keep_by_score(score: torch.Tensor, groups: torch.Tensor, per_group: int) -> list[int]:
-    """The ``per_group`` best-scoring experts of every group, in expert order."""
-    kept: list[int] = []
-    for group in groups.unique().tolist():
-        members = (groups == group).nonzero().reshape(-1)
-        best = members[torch.argsort(score[members], descending=True, stable=True)[:per_group]]
-        kept += best.tolist()
-    return sorted(kept)
 
 
 def keep_by_similarity(similarity: torch.Tensor, mass: torch.Tensor, groups: torch.Tensor, per_group: int) -> list[int]:
@@ -134,13 +126,7 @@ class ExpertPrune(Pass):
     def choose(self, layer: MoELayer, program: Program, stats, count: int) -> list[int]:
         """The experts a layer keeps, in expert order."""
         route = layer.route.spec
-        groups = torch.arange(route.num_experts) // (route.num_experts // route.n_group)
-        per_group = count // route.n_group
-        if route.n_group > 1 and (count % route.n_group or per_group < 2
-                                  or route.top_k > route.topk_group * per_group):
-            raise PassError(f"{self.name}: layer {layer.name} routes in {route.n_group} groups (best "
-                            f"{route.topk_group} of them, top_k={route.top_k}); keep a multiple of {route.n_group} "
-                            f"with at least 2 experts per group and top_k within the chosen groups, not {count}")
+        groups, per_group = routing_groups(self.name, layer, count)
         if count == route.num_experts:
             return list(range(count))
         mass = stats.weight_mass.double()

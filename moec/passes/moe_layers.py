@@ -56,19 +56,27 @@ class MoELayer:
         tensors = [program.weights[name] for name in self.weight_names()]
         return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
 
+    def routing(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor,
+                expert_map: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored expert ids [N, k], routing weights [N, k] f32) of ``rows`` [N, H] under the router in
+        ``tensors``, which may have fewer rows than the op's (a pruned or group router)."""
+        route_spec = self.route.spec
+        if tensors["router"].shape[0] != route_spec.num_experts:
+            route_spec = type(route_spec)(**{**route_spec.__dict__, "num_experts": tensors["router"].shape[0]})
+        bias = tensors.get("router_bias")
+        indices, weights = reference.route(rows.float(), tensors["router"].float(),
+                                           None if bias is None else bias.float(), route_spec)
+        return reference.remap_experts(indices, expert_map), weights
+
     def routed_output(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor,
                       expert_map: list[int] | None = None, num_experts: int | None = None) -> torch.Tensor:
         """The layer's routed-experts output [N, H] (float32) on ``rows`` [N, H] with the given weights."""
-        route_spec = self.route.spec
-        if "router" in tensors and tensors["router"].shape[0] != route_spec.num_experts:
-            route_spec = type(route_spec)(**{**route_spec.__dict__, "num_experts": tensors["router"].shape[0]})
         experts_spec = self.experts.spec
         stored = num_experts if num_experts is not None else tensors["w_in"].shape[0]
         experts_spec = type(experts_spec)(**{**experts_spec.__dict__, "num_experts": stored})
         rows = rows.float()
         floats = {role: t.float() for role, t in tensors.items()}
-        indices, weights = reference.route(rows, floats["router"], floats.get("router_bias"), route_spec)
-        indices = reference.remap_experts(indices, expert_map)
+        indices, weights = self.routing(floats, rows, expert_map)
         return reference.experts(rows, indices, weights, floats["w_in"], floats["w_out"], floats.get("b_in"),
                                  floats.get("b_out"), experts_spec)
 
@@ -144,6 +152,29 @@ def target_count(pass_name: str, layer: MoELayer, keep: int | None, keep_ratio: 
         raise PassError(f"{pass_name}: layer {layer.name} would keep {count} experts, fewer than its top_k={top_k}; "
                         f"keep at least {top_k}")
     return min(count, total)
+
+
+def keep_by_score(score: torch.Tensor, groups: torch.Tensor, per_group: int) -> list[int]:
+    """The ``per_group`` best-scoring experts of every routing group, in expert order."""
+    kept: list[int] = []
+    for group in groups.unique().tolist():
+        members = (groups == group).nonzero().reshape(-1)
+        best = members[torch.argsort(score[members], descending=True, stable=True)[:per_group]]
+        kept += best.tolist()
+    return sorted(kept)
+
+
+def routing_groups(pass_name: str, layer: MoELayer, count: int) -> tuple[torch.Tensor, int]:
+    """The routing group of every router expert [E] and how many experts each group keeps, so that a layer
+    that routes in groups (``n_group > 1``, DeepSeek-V3) keeps equal groups that can still serve top-k."""
+    route = layer.route.spec
+    groups = torch.arange(route.num_experts) // (route.num_experts // route.n_group)
+    per_group = count // route.n_group
+    if route.n_group > 1 and (count % route.n_group or per_group < 2 or route.top_k > route.topk_group * per_group):
+        raise PassError(f"{pass_name}: layer {layer.name} routes in {route.n_group} groups (best "
+                        f"{route.topk_group} of them, top_k={route.top_k}); keep a multiple of {route.n_group} "
+                        f"with at least 2 experts per group and top_k within the chosen groups, not {count}")
+    return groups, per_group
 
 
 def check_target_options(pass_name: str, keep: int | None, keep_ratio: float | None) -> None:

@@ -1,6 +1,7 @@
-"""expert-merge and expert-prune on the real all-MiniLM-L6-v2 made an MoE (16 experts, top-4) by dense-to-moe:
-alignment beats no alignment in the same run, and the reported sizes are those of the saved weights file.
-(The full comparison with pruning is ``tools/bench/compress_experts.py``; figures in docs/BENCHMARKS.md.)"""
+"""expert-merge and expert-prune on the real all-MiniLM-L6-v2 made an MoE (16 experts, top-4) by dense-to-moe,
+in one run: merging to 8 stays near the MoE and beats pruning to 8 by frequency, alignment helps the MC-SMoE
+average, and the reported sizes (about half) are those of the saved weights file.
+(The full comparison is ``tools/bench/compress_experts.py``; figures in docs/BENCHMARKS.md.)"""
 
 from __future__ import annotations
 
@@ -42,24 +43,28 @@ def embeddings(program, batches):
     return sentence_embeddings(lambda batch: runner.run(program.flatten_inputs((), batch))[0], batches)
 
 
-def test_aligned_merge_beats_unaligned_and_sizes_match_the_saved_weights():
+MC_SMOE = {"combine": "average", "router": "members", "refit": False}
+MERGE_DROP_FLOOR = 0.007  # embedding cosine the default merge may lose against the MoE (measured: 0.0055)
+
+
+def test_merge_to_8_stays_near_the_moe_beats_frequency_pruning_and_alignment_helps_averaging():
     dense, moe, context, held = minilm_moe()
     original = embeddings(dense, held)
+    moe_cosine = embedding_quality(original, embeddings(moe, held))["cosine"]
+    rows = {
+        "merge": {"expert-merge": {"keep": 8}},
+        "prune": {"expert-prune": {"keep": 8, "criterion": "frequency"}},
+        "average": {"expert-merge": {"keep": 8, **MC_SMOE}},
+        "average, no alignment": {"expert-merge": {"keep": 8, "align": "none", **MC_SMOE}},
+    }
     cosine = {}
-    for align in ("weight", "none"):
-        merged, record, _ = run_recipe(moe, context, {"expert-merge": {"keep": 8, "align": align}})
-        cosine[align] = embedding_quality(original, embeddings(merged, held))["cosine"]
+    for label, entry in rows.items():
+        program, record, _ = run_recipe(moe, context, entry)
+        cosine[label] = embedding_quality(original, embeddings(program, held))["cosine"]
         layers = record["summary"]["layers"]
         assert [r["experts_after"] for r in layers] == [8] * len(LAYERS)
-        saved = saved_sizes(merged)
-        assert {r["layer"]: (r["params_after"], r["bytes_after"]) for r in layers} == saved
-    assert cosine["weight"] > cosine["none"]
-
-
-def test_prune_to_8_reports_the_saved_sizes_and_keeps_top_k_valid():
-    _, moe, context, held = minilm_moe()
-    pruned, record, _ = run_recipe(moe, context, {"expert-prune": {"keep": 8}})
-    layers = record["summary"]["layers"]
-    assert {r["layer"]: (r["params_after"], r["bytes_after"]) for r in layers} == saved_sizes(pruned)
-    assert all(r["params_after"] < r["params_before"] / 1.9 for r in layers)
-    TorchRunner(pruned).run(pruned.flatten_inputs((), held[0]))
+        assert {r["layer"]: (r["params_after"], r["bytes_after"]) for r in layers} == saved_sizes(program)
+        assert all(r["params_after"] < r["params_before"] / 1.9 for r in layers)
+    assert moe_cosine - cosine["merge"] <= MERGE_DROP_FLOOR
+    assert cosine["merge"] > cosine["prune"]
+    assert cosine["average"] > cosine["average, no alignment"]

@@ -1,5 +1,5 @@
-"""expert-merge: alignment recovers permuted duplicates exactly, the merged IR, errors, and the zoo against a
-token-by-token reference built from the pass's own merge plan."""
+"""expert-merge: alignment recovers permuted duplicates exactly, the merged IR under both routings, the output
+refit, errors, and the zoo against a token-by-token reference built from the pass's own merge plan."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from moec.errors import PassError
 from moec.ir import print_graph
 from moec.kernels import reference
 from moec.passes import PassContext, run_passes
-from moec.passes.expert_merge import ExpertMerge, plan_layer
+from moec.passes.expert_merge import ExpertMerge, merge_weights, plan_layer, refit_outputs
 from moec.passes.moe_layers import moe_layers
 from tests.passes.helpers import (
     FFN,
@@ -41,13 +41,17 @@ def permuted_twin_weights():
     return weights
 
 
-@pytest.mark.parametrize("align", ["weight", "activation"])
-def test_alignment_merges_a_permuted_twin_exactly_and_no_alignment_does_not(align):
+# The twin pair is chosen together (same router row): only member routing keeps both of its routing weights.
+MC_SMOE = {"router": "members", "refit": False}
+
+
+@pytest.mark.parametrize(("align", "combine"), [("weight", "average"), ("activation", "average"), ("weight", "select")])
+def test_alignment_merges_a_permuted_twin_exactly_and_no_alignment_does_not(align, combine):
     weights = permuted_twin_weights()
     aligned = program_of(SMALL_MOE, {k: v.clone() for k, v in weights.items()})
-    record = merge(aligned, token_samples(), keep=3, align=align)
+    record = merge(aligned, token_samples(), keep=3, align=align, combine=combine, **MC_SMOE)
     unaligned = program_of(SMALL_MOE, {k: v.clone() for k, v in weights.items()})
-    ablation = merge(unaligned, token_samples(), keep=3, align="none")
+    ablation = merge(unaligned, token_samples(), keep=3, align="none", combine=combine, **MC_SMOE)
     (layer,) = record["summary"]["layers"]
     assert [0, 2] in layer["groups"] or [2, 0] in layer["groups"]
     assert layer["output_cosine"] == pytest.approx(1.0, abs=1e-6)
@@ -57,10 +61,10 @@ def test_alignment_merges_a_permuted_twin_exactly_and_no_alignment_does_not(alig
     torch.testing.assert_close(TorchRunner(aligned).run([x])[0], TorchRunner(before).run([x])[0], atol=1e-5, rtol=1e-5)
 
 
-def test_merged_ir_keeps_the_router_and_maps_router_experts():
+def test_member_routing_keeps_the_router_and_maps_router_experts():
     weights = permuted_twin_weights()
     program = program_of(SMALL_MOE, weights)
-    record = merge(program, token_samples(), keep=2)
+    record = merge(program, token_samples(), keep=2, router="members")
     text = print_graph(program.graph)
     assert "weight @gate: f32[4, 8]" in text and "weight @w_in: f32[2, 32, 8]" in text
     assert "num_experts=4, top_k=2" in text and "num_experts=2, hidden=8" in text
@@ -72,39 +76,87 @@ def test_merged_ir_keeps_the_router_and_maps_router_experts():
     assert layer["params_after"] == sum(t.numel() for t in program.weights.values()) < layer["params_before"]
 
 
+def test_group_routing_keeps_the_dominant_router_rows_and_no_map():
+    weights = small_moe_weights()
+    program = program_of(SMALL_MOE, weights)
+    record = merge(program, token_samples(), keep=2)
+    text = print_graph(program.graph)
+    assert "weight @gate: f32[2, 8]" in text and "weight @w_in: f32[2, 32, 8]" in text
+    assert "num_experts=2, top_k=2" in text and "expert_map" not in text
+    (layer,) = record["summary"]["layers"]
+    dominants = [group[0] for group in layer["groups"]]
+    assert dominants == sorted(dominants) and sorted(sum(layer["groups"], [])) == [0, 1, 2, 3]
+    torch.testing.assert_close(program.weights["gate"], weights["gate"][dominants])
+    # an ordinary (smaller) MoE layer again: it can be merged further
+    merge(program, token_samples(), keep=2)
+
+
+def test_refit_reproduces_reachable_outputs_and_never_raises_the_calibration_error():
+    program = program_of(SMALL_MOE, small_moe_weights())
+    (layer,) = moe_layers(program, "test")
+    tensors, rows = layer.tensors(program), torch.cat([x for (x,) in token_samples()])
+    stats = PassContext(calibration=token_samples(), progress=False).statistics(program).moe["moe"]
+    groups = plan_layer(tensors, stats, layer, torch.zeros(4, dtype=torch.long), 2, "weight", "select")
+    merged = merge_weights(tensors, groups, layer.experts.spec)
+    merged["router"] = tensors["router"][[group.members[0] for group in groups]]
+    # a target the merged experts can produce exactly, with other output weights: the fit finds them
+    reachable = merged | {"w_out": torch.randn_like(merged["w_out"])}
+    target = layer.routed_output(reachable, rows)
+    refitted = refit_outputs(layer, merged, rows, target, None, ridge=1e-9)
+    torch.testing.assert_close(refitted["w_out"], reachable["w_out"], atol=1e-3, rtol=1e-3)
+    # the unmerged layer's output: the fit's squared error is at most that of the combined weights
+    target = layer.routed_output(tensors, rows)
+    error = {name: (layer.routed_output(weights, rows) - target).square().sum().item()
+             for name, weights in (("combined", merged), ("refitted", merged | refit_outputs(layer, merged, rows, target,
+                                                                                               None, ridge=0.1)))}
+    assert error["refitted"] < error["combined"]
+
+
 def test_errors_without_calibration_and_on_a_merged_layer():
     program = program_of(SMALL_MOE, small_moe_weights())
     with pytest.raises(PassError, match="pass 'expert-merge' needs calibration data"):
         run_passes(program, [ExpertMerge(keep=2)], PassContext(progress=False))
-    merge(program, token_samples(), keep=2)
+    merge(program, token_samples(), keep=2, router="members")
     with pytest.raises(PassError, match="already merged"):
         merge(program, token_samples(), keep=2)
     with pytest.raises(PassError, match="fewer than its top_k=2"):
         merge(program_of(SMALL_MOE, small_moe_weights()), token_samples(), keep=1)
     with pytest.raises(PassError, match="align='sorted' is not one of"):
         ExpertMerge(keep=2, align="sorted")
+    with pytest.raises(PassError, match="router='experts' is not one of groups, members"):
+        ExpertMerge(keep=2, router="experts")
+    with pytest.raises(PassError, match="refit_ridge=0 must be positive"):
+        ExpertMerge(keep=2, refit_ridge=0)
+    with pytest.raises(PassError, match="keep a multiple of 2"):
+        program, _ = captured("tiny-deepseek-v3")
+        merge(program, [{"input_ids": torch.ones(1, 4, dtype=torch.long),
+                          "attention_mask": torch.ones(1, 4, dtype=torch.long)}], keep=3)
 
 
 def merged_expert(tensors, group, spec):
-    """One merged expert, neuron by neuron: w = sum_i weight_i * neuron perm_i[j] of member i."""
+    """One merged expert, neuron by neuron: w_j = sum_i share_ij * neuron perm_i[j] of member i."""
     gate = torch.zeros(spec.intermediate, spec.hidden, dtype=torch.float64)
     up, down = torch.zeros_like(gate), torch.zeros(spec.hidden, spec.intermediate, dtype=torch.float64)
-    for member, permutation, weight in zip(group.members, group.permutations, group.weights, strict=True):
+    for member, permutation, shares in zip(group.members, group.permutations, group.neuron_weights, strict=True):
         w_in, w_out = tensors["w_in"][member].double(), tensors["w_out"][member].double()
         for j, source in enumerate(permutation):
-            gate[j] += weight * w_in[source]
-            up[j] += weight * w_in[spec.intermediate + source]
-            down[:, j] += weight * w_out[:, source]
+            gate[j] += shares[j] * w_in[source]
+            up[j] += shares[j] * w_in[spec.intermediate + source]
+            down[:, j] += shares[j] * w_out[:, source]
     return gate.float(), up.float(), down.float()
 
 
-@pytest.mark.parametrize(("preset", "keep", "align"), [
-    ("tiny-mixtral", 2, "weight"),
-    ("tiny-qwen2-moe", 3, "activation"),
-    ("tiny-olmoe", 4, "weight"),
-    ("tiny-deepseek-v3", 3, "none"),
+@pytest.mark.parametrize(("preset", "keep", "align", "combine", "router"), [
+    ("tiny-mixtral", 2, "weight", "select", "groups"),
+    ("tiny-qwen2-moe", 3, "activation", "average", "members"),
+    ("tiny-olmoe", 4, "weight", "select", "groups"),
+    ("tiny-olmoe", 4, "activation", "average", "groups"),
+    ("tiny-deepseek-v3", 4, "none", "select", "groups"),
+    ("tiny-deepseek-v3", 3, "weight", "average", "members"),
 ])
-def test_zoo_layers_match_a_token_by_token_reference(preset, keep, align):
+def test_zoo_layers_match_a_token_by_token_reference(preset, keep, align, combine, router):
+    """Without the refit (tested above), every merged expert is the plan's neuron combination; the route
+    chooses among the dominant rows (``groups``) or maps the members (``members``)."""
     program, example = captured(preset)
     layers = {layer.block: layer for layer in moe_layers(program, "test")}
     generator = torch.Generator().manual_seed(5)
@@ -113,23 +165,46 @@ def test_zoo_layers_match_a_token_by_token_reference(preset, keep, align):
     stats = PassContext(calibration=samples, progress=False).statistics(program)
     plans = {}
     for block, layer in layers.items():
-        tensors, moe = layer.tensors(program), stats.moe[block]
-        plans[block] = (tensors, layer.route.spec, layer.experts.spec,
-                        plan_layer(tensors, moe.counts, moe.weight_mass, moe.inputs, keep, layer.experts.spec, align))
-    record = merge(program, samples, keep=keep, align=align)
+        tensors, route_spec = layer.tensors(program), layer.route.spec
+        routing_group = torch.arange(route_spec.num_experts) // (route_spec.num_experts // route_spec.n_group)
+        per_group = keep // route_spec.n_group
+        if router == "members":
+            routing_group, per_group = torch.zeros_like(routing_group), keep
+        groups = plan_layer(tensors, stats.moe[block], layer, routing_group, per_group, align, combine)
+        plans[block] = (tensors, route_spec, layer.experts.spec, groups)
+    record = merge(program, samples, keep=keep, align=align, combine=combine, router=router, refit=False)
     seen = layer_io(program, program.flatten_inputs((), example))
     for block, (x, y) in seen.items():
         tensors, route_spec, experts_spec, groups = plans[block]
         merged = [merged_expert(tensors, group, experts_spec) for group in groups]
-        group_of = {member: g for g, group in enumerate(groups) for member in group.members}
-        indices, weights = reference.route(x, tensors["router"], tensors.get("router_bias"), route_spec)
+        if router == "groups":
+            dominants = [group.members[0] for group in groups]
+            bias = tensors.get("router_bias")
+            indices, weights = reference.route(x, tensors["router"][dominants], None if bias is None else bias[dominants],
+                                               type(route_spec)(**{**route_spec.__dict__, "num_experts": keep}))
+            stored_of = list(range(keep))
+        else:
+            indices, weights = reference.route(x, tensors["router"], tensors.get("router_bias"), route_spec)
+            stored_of = {member: g for g, group in enumerate(groups) for member in group.members}
         expected = torch.zeros_like(x)
+        act = reference.activation(experts_spec.act)
         for t in range(x.shape[0]):
             for slot in range(route_spec.top_k):
-                gate, up, down = merged[group_of[int(indices[t, slot])]]
-                act = reference.activation(experts_spec.act)
+                gate, up, down = merged[stored_of[int(indices[t, slot])]]
                 expected[t] += weights[t, slot] * F.linear(act(F.linear(x[t], gate)) * F.linear(x[t], up), down)
         torch.testing.assert_close(y, expected, atol=2e-5, rtol=1e-4)
     summary = record["summary"]["layers"]
     assert [r["groups"] for r in summary] == [[g.members for g in plans[b][3]] for b in seen]
     assert all(r["experts_after"] == keep and r["params_after"] < r["params_before"] for r in summary)
+    if combine == "select":  # every merged neuron is one member's neuron
+        assert all(((g.neuron_weights == 0) | (g.neuron_weights == 1)).all() for plan in plans.values() for g in plan[3])
+
+
+def test_refit_raises_zoo_layer_output_cosine_on_calibration_rows():
+    samples = [{"input_ids": torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(seed)),
+                "attention_mask": torch.ones(2, 12, dtype=torch.long)} for seed in range(3)]
+    cosines = {}
+    for refit in (False, True):
+        program, _ = captured("tiny-olmoe")
+        cosines[refit] = [r["output_cosine"] for r in merge(program, samples, keep=4, refit=refit)["summary"]["layers"]]
+    assert all(fitted > plain for fitted, plain in zip(cosines[True], cosines[False], strict=True))

@@ -3,9 +3,14 @@
 In one run: MiniLM's 6 FFNs become 16 experts each, top-4 (``dense-to-moe``, fitted routers); then, from that
 same MoE, each row below compresses every layer to ``--keep`` experts (default 8):
 
-* ``merge (weight-aligned)``: ``expert-merge``, neurons aligned by Hungarian matching on weights (MC-SMoE).
+* ``merge (weight-aligned)``: ``expert-merge`` with its defaults: neurons aligned by Hungarian matching on
+  weights, the most important member neuron kept at each aligned position, one router row per group, and
+  the merged experts' output weights refitted on the calibration rows.
 * ``merge (activation-aligned)``: the same, matching neurons by activation correlation.
-* ``merge (no alignment)``: the ablation, members averaged neuron i with neuron i.
+* ``merge (no alignment)``: the ablation, neuron i of every member competing with neuron i.
+* ``merge (no refit)``: the defaults without the output refit.
+* ``MC-SMoE merge (weight-aligned)`` and ``(no alignment)``: the original recipe: frequency-weighted
+  average of the aligned members, router kept with an expert map, no refit; with and without alignment.
 * ``prune (frequency)``, ``prune (weight mass)``, ``prune (similarity)``: ``expert-prune`` by each criterion.
 
 Quality on held-out sentences: mean cosine of mean-pooled sentence embeddings vs the original dense model
@@ -15,9 +20,10 @@ weights.safetensors* are checked against the pass's report, exactly.
 
 Text: sentences of Python standard-library docstrings (``moec.analysis.corpus``), split into disjoint
 calibration and held-out parts. Calibration is shared: the dense model's for dense-to-moe, then the MoE's
-(computed once, reused by every compression row).
+(computed once, reused by every compression row); ``--rows`` (default 8192) calibration rows are kept per
+layer, which is every token of the 256 calibration sentences, for the fits (router, merge refit).
 
-Run:  python tools/bench/compress_experts.py [--quick] [--keep 8] [--out bench-results/compress_experts.json]
+Run:  python tools/bench/compress_experts.py [--quick] [--keep 8] [--rows 8192] [--out bench-results/compress_experts.json]
 """
 
 from __future__ import annotations
@@ -49,10 +55,14 @@ from moec.ir.program import Program  # noqa: E402
 from moec.passes import PassContext, build_passes, run_passes  # noqa: E402
 from moec.passes.moe_layers import moe_layers  # noqa: E402
 
+MC_SMOE = {"combine": "average", "router": "members", "refit": False}
 ROWS = {
     "merge (weight-aligned)": {"expert-merge": {"align": "weight"}},
     "merge (activation-aligned)": {"expert-merge": {"align": "activation"}},
     "merge (no alignment)": {"expert-merge": {"align": "none"}},
+    "merge (no refit)": {"expert-merge": {"align": "weight", "refit": False}},
+    "MC-SMoE merge (weight-aligned)": {"expert-merge": {"align": "weight", **MC_SMOE}},
+    "MC-SMoE merge (no alignment)": {"expert-merge": {"align": "none", **MC_SMOE}},
     "prune (frequency)": {"expert-prune": {"criterion": "frequency"}},
     "prune (weight mass)": {"expert-prune": {"criterion": "weight_mass"}},
     "prune (similarity)": {"expert-prune": {"criterion": "similarity"}},
@@ -91,6 +101,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--keep", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=8192, help="calibration rows kept per layer")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="bench-results/compress_experts.json")
     args = parser.parse_args()
@@ -105,7 +116,7 @@ def main() -> None:
     cal_text, held_text = calibration_and_held_out(n_cal, n_held)
     cal_batches, held_batches = tokenized_batches(tokenizer, cal_text), tokenized_batches(tokenizer, held_text)
     dense = capture(model, (), example)
-    context = PassContext(calibration=calibrate(dense, cal_batches, progress=False), progress=False)
+    context = PassContext(calibration=calibrate(dense, cal_batches, max_rows=args.rows, progress=False), progress=False)
     moe, _, convert_s = run_recipe(dense, context, {"dense-to-moe": {"experts": args.experts, "top_k": args.top_k}})
 
     def embeddings(program: Program) -> torch.Tensor:
@@ -116,7 +127,7 @@ def main() -> None:
     moe_quality = embedding_quality(original, unmerged)
     print(f"MiniLM -> {args.experts} experts/layer, top-{args.top_k} (dense-to-moe, {convert_s:.1f} s): "
           f"cosine vs original {moe_quality['cosine']:.4f}, nn agreement {moe_quality['nn_agreement']:.1%}")
-    print(f"{'row':28s} {'cos vs dense':>12s} {'vs MoE':>8s} {'drop':>7s} {'nn agr':>7s} {'experts':>8s} "
+    print(f"{'row':32s} {'cos vs dense':>12s} {'vs MoE':>8s} {'drop':>7s} {'nn agr':>7s} {'experts':>8s} "
           f"{'MB before':>9s} {'MB after':>9s} {'s':>6s}")
     rows = []
     for label, entry in ROWS.items():
@@ -139,7 +150,7 @@ def main() -> None:
             "sizes_match_saved_weights": sizes_match, "layers": layers,
         }
         rows.append(row)
-        print(f"{label:28s} {row['cosine_vs_dense']:12.4f} {row['cosine_vs_moe']:8.4f} {row['drop_vs_moe']:7.4f} "
+        print(f"{label:32s} {row['cosine_vs_dense']:12.4f} {row['cosine_vs_moe']:8.4f} {row['drop_vs_moe']:7.4f} "
               f"{row['nn_agreement_vs_dense']:7.1%} {args.experts:>3d} -> {args.keep:<2d} "
               f"{row['bytes_before'] / 1e6:9.2f} {row['bytes_after'] / 1e6:9.2f} {seconds:6.1f}", flush=True)
     by_row = {row["row"]: row for row in rows}
@@ -149,6 +160,8 @@ def main() -> None:
         > by_row["prune (frequency)"]["cosine_vs_dense"],
         "alignment_beats_no_alignment": by_row["merge (weight-aligned)"]["cosine_vs_dense"]
         > by_row["merge (no alignment)"]["cosine_vs_dense"],
+        "mc_smoe_alignment_beats_no_alignment": by_row["MC-SMoE merge (weight-aligned)"]["cosine_vs_dense"]
+        > by_row["MC-SMoE merge (no alignment)"]["cosine_vs_dense"],
         "sizes_match_saved_weights": all(row["sizes_match_saved_weights"] for row in rows),
     }
     for check, ok in checks.items():
