@@ -75,7 +75,10 @@ def uses_onnxruntime(kernel: str, x: torch.Tensor, w_in: torch.Tensor, w_out: to
         why = "onnxruntime is not installed (pip install onnxruntime)" if not available else \
             "it runs float32 experts on the CPU only"
         raise BackendError(f"expert_kernel='onnxruntime' cannot run this plan: {why}; use expert_kernel='torch'")
-    return supported and available
+    # auto runs one token on torch's decode path: oneDNN's matvec streams an expert matrix faster than
+    # onnxruntime's one-row GEMM (5.2 vs 5.7 ms for Mixtral-sized experts, 2 threads; from 4 tokens on
+    # onnxruntime is ahead).
+    return supported and available and (kernel == "onnxruntime" or x.shape[0] > 1)
 
 
 def run_ffn(op: DenseFFNOp | SharedExpertOp, weight, args, kwargs):
@@ -151,8 +154,8 @@ class TorchRunner:
         """``quant_kernel`` picks the kernel for quantized linears (``moec.kernels.quant_matmul.KERNELS``);
         ``expert_kernel`` the one for float routed experts (``EXPERT_KERNELS``: ``onnxruntime`` is
         ``moec.kernels.moe_onnxruntime``, ``torch`` is ``moec.kernels.moe_cpu``, ``auto`` the first for
-        float32 experts on the CPU when onnxruntime is installed, else the second; it was faster at every
-        size measured, from 200 thousand to 50 million expert weights per layer and 1 to 1024 tokens)."""
+        float32 experts on the CPU and more than one token when onnxruntime is installed, else the second;
+        see ``uses_onnxruntime``)."""
         if expert_kernel not in EXPERT_KERNELS:
             raise BackendError(f"expert_kernel={expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
         self.program = program

@@ -58,7 +58,7 @@ def test_weights_are_shared_not_copied() -> None:
     assert kernel.shared["w_out2"].data_ptr() == w_out[2].data_ptr()
 
 
-def test_runner_expert_kernels_agree_and_auto_uses_onnxruntime(monkeypatch) -> None:
+def test_runner_expert_kernels_agree_and_auto_picks_by_token_count(monkeypatch) -> None:
     calls = []
     run = OnnxruntimeExperts.__call__
     monkeypatch.setattr(OnnxruntimeExperts, "__call__", lambda self, *args: calls.append(1) or run(self, *args))
@@ -70,6 +70,10 @@ def test_runner_expert_kernels_agree_and_auto_uses_onnxruntime(monkeypatch) -> N
     got = TorchRunner(program).run(inputs)[0]
     assert len(calls) == len(program.graph.ops_of(ExpertsOp)) > 0, "auto runs float32 CPU experts on onnxruntime"
     assert float((got - want).abs().max() / want.abs().max()) < RTOL
+    calls.clear()
+    one_token = {name: tensor[:1, :1] for name, tensor in example.items()}
+    TorchRunner(program).run(program.flatten_inputs((), one_token))
+    assert not calls, "auto runs a single token on torch's decode path"
 
 
 def test_runner_refuses_onnxruntime_for_bfloat16_and_unknown_kernels() -> None:

@@ -9,9 +9,9 @@ Compared, in the same process and interleaved repeat by repeat (so background lo
   to HF's other experts implementations (``transformers.integrations.moe``), where they run on the CPU.
   ``batched_mm`` gathers one weight copy per (token, slot), so it is skipped when that copy would not fit
   in ``--batched-mm-cap-gb``.
-* ``moec``           the *same* HF router (``block.gate``) followed by the experts kernel the torch runner uses
+* ``moec``           the *same* HF router (``block.gate``) followed by the experts kernel the torch runner picks
   by default for float32 on the CPU (``moec.kernels.moe_onnxruntime``: onnxruntime GEMMs on weights packed
-  once); only the expert computation differs.
+  once; for one token ``moe_cpu``'s decode path); only the expert computation differs.
 * ``moec_torch_ops``  the same with the runner's other kernel, ``moec.kernels.moe_cpu.experts_forward``
   (oneDNN/MKL through torch; ``TorchRunner(expert_kernel="torch")``).
 
@@ -40,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from moec.backend.torch_runner import uses_onnxruntime  # noqa: E402
 from moec.frontend.blocks import ExpertsSpec  # noqa: E402
 from moec.kernels.moe_cpu import experts_forward, onednn_available  # noqa: E402
 from moec.kernels.moe_onnxruntime import OnnxruntimeExperts  # noqa: E402
@@ -177,7 +178,9 @@ def _run(args) -> int:
 
     def moec_run(x):
         _, top_w, top_i = block.gate(x)  # the HF router, unchanged
-        return onnxruntime_experts(x, top_i, top_w)
+        if uses_onnxruntime("auto", x, experts.gate_up_proj, experts.down_proj):  # the runner's own choice
+            return onnxruntime_experts(x, top_i, top_w)
+        return experts_forward(x, top_i, top_w, experts.gate_up_proj, experts.down_proj, None, None, spec)
 
     def moec_torch_ops(x):
         _, top_w, top_i = block.gate(x)
