@@ -10,8 +10,11 @@ Per layer, with ``keep`` (or ``keep_ratio``) merged experts:
    added to its logits).
 3. **Alignment** (``align``): each member's neurons are permuted to match the dominant expert's by Hungarian
    matching (``scipy.optimize.linear_sum_assignment``) on ``weight`` similarity (inner product of each
-   neuron's input rows, bias and output column) or ``activation`` similarity (correlation of the neurons'
-   hidden activations on the calibration rows); ``none`` skips it (the ablation: neuron i meets neuron i).
+   neuron's input rows, bias and output column), ``activation`` similarity (correlation of the neurons'
+   hidden activations on the calibration rows) or, for ``select``, ``importance``: the pairing that lets
+   selection keep the most importance (``importance_alignment``; for two members, the most important half of
+   their neurons); ``none`` skips it (the ablation: neuron i meets neuron i). Default: ``importance`` for
+   ``select``, ``weight`` for ``average``.
 4. **Combining** (``combine``), aligned neuron by aligned neuron:
    ``select`` keeps, at each position, the neuron of the member that matters most there: the largest
    importance ``sum over the calibration rows routed to the member of |h_n(x) - mean(h_n)| * |w_out[:, n]|``
@@ -72,7 +75,7 @@ from moec.passes.moe_layers import (
     unmerged_moe_layers,
 )
 
-ALIGNMENTS = ("weight", "activation", "none")
+ALIGNMENTS = ("importance", "weight", "activation", "none")
 COMBINES = ("select", "average")
 ROUTERS = ("groups", "members")
 
@@ -131,6 +134,24 @@ def align_neurons(tensors: dict[str, torch.Tensor], dominant: int, member: int, 
     return columns.tolist()
 
 
+def importance_alignment(importances: list[torch.Tensor]) -> list[list[int]]:
+    """Permutations of each member's neurons (``importances[0]`` is the dominant expert's, kept in place)
+    such that keeping the most important neuron at every position keeps as much importance as possible.
+
+    Members are matched one after another by Hungarian matching on ``max(kept[j], importance[n])``, ``kept``
+    being the importance already kept at position ``j``; exact for two members (the kept neurons are then the
+    most important half of the pair's), greedy beyond.
+    """
+    kept = importances[0].clone()
+    permutations = [list(range(kept.shape[0]))]
+    for importance in importances[1:]:
+        gain = torch.maximum(kept.unsqueeze(1), importance.unsqueeze(0))  # [position, member neuron]
+        _, columns = scipy.optimize.linear_sum_assignment(gain.numpy(), maximize=True)
+        permutations.append(columns.tolist())
+        kept = torch.maximum(kept, importance[torch.from_numpy(columns)])
+    return permutations
+
+
 def neuron_importance(tensors: dict[str, torch.Tensor], expert: int, rows: torch.Tensor,
                       spec: ExpertsSpec) -> torch.Tensor:
     """[F] f64: how much each neuron's output varies on ``rows``, ``sum |h - mean h| * |w_out column|``."""
@@ -179,7 +200,11 @@ def plan_layer(tensors: dict[str, torch.Tensor], stats: MoEStats, layer: MoELaye
         group = members[dominant]
         frequency = stats.counts[group].double()
         weights = frequency / frequency.sum() if frequency.sum() > 0 else torch.full((len(group),), 1 / len(group))
-        permutations = [align_neurons(tensors, dominant, m, rows, spec, align) for m in group]
+        if align == "importance":
+            permutations = importance_alignment([
+                neuron_importance(tensors, member, rows[served[:, member]], spec) for member in group])
+        else:
+            permutations = [align_neurons(tensors, dominant, m, rows, spec, align) for m in group]
         shares = neuron_shares(tensors, group, permutations, weights, served, rows, spec, combine)
         groups.append(MergeGroup(group, permutations, weights.tolist(), shares))
     return groups
@@ -245,7 +270,7 @@ class ExpertMerge(Pass):
     name = "expert-merge"
     keep: int | None = None
     keep_ratio: float | None = None
-    align: str = "weight"
+    align: str | None = None  # None: "importance" for combine="select", "weight" for "average"
     combine: str = "select"
     router: str = "groups"
     refit: bool = True
@@ -253,12 +278,22 @@ class ExpertMerge(Pass):
 
     def __post_init__(self) -> None:
         check_target_options(self.name, self.keep, self.keep_ratio)
-        for option, value, allowed in (("align", self.align, ALIGNMENTS), ("combine", self.combine, COMBINES),
+        for option, value, allowed in (("align", self.alignment, ALIGNMENTS), ("combine", self.combine, COMBINES),
                                        ("router", self.router, ROUTERS)):
             if value not in allowed:
                 raise PassError(f"{self.name}: {option}={value!r} is not one of {', '.join(allowed)}")
+        if self.alignment == "importance" and self.combine != "select":
+            raise PassError(f"{self.name}: align='importance' pairs neurons for combine='select'; "
+                            f"with combine={self.combine!r} use align='weight', 'activation' or 'none'")
         if not self.refit_ridge > 0:
             raise PassError(f"{self.name}: refit_ridge={self.refit_ridge!r} must be positive")
+
+    @property
+    def alignment(self) -> str:
+        """``align``, or its default for ``combine``."""
+        if self.align is not None:
+            return self.align
+        return "importance" if self.combine == "select" else "weight"
 
     def needs_calibration(self) -> bool:
         return True
@@ -281,7 +316,7 @@ class ExpertMerge(Pass):
             tensors, rows = layer.tensors(program), stats.inputs.float()
             before_size = layer.size(program)
             before_out = layer.routed_output(tensors, rows)
-            groups = plan_layer(tensors, stats, layer, routing_group, per_group, self.align, self.combine)
+            groups = plan_layer(tensors, stats, layer, routing_group, per_group, self.alignment, self.combine)
             if count < route.num_experts:
                 merged, expert_map = self.merge(tensors, groups, layer, rows, before_out)
                 after_out = layer.routed_output(merged, rows, expert_map)

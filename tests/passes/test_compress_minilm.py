@@ -1,6 +1,6 @@
 """expert-merge and expert-prune on the real all-MiniLM-L6-v2 made an MoE (16 experts, top-4) by dense-to-moe,
-in one run: merging to 8 stays near the MoE and beats pruning to 8 by frequency, alignment helps the MC-SMoE
-average, and the reported sizes (about half) are those of the saved weights file.
+in one run: merging to 8 stays near the MoE and beats pruning to 8 by frequency, alignment helps (importance
+pairing the default merge, weight pairing the MC-SMoE average), and the reported sizes (about half) are those of the saved weights file.
 (The full comparison is ``tools/bench/compress_experts.py``; figures in docs/BENCHMARKS.md.)"""
 
 from __future__ import annotations
@@ -44,15 +44,16 @@ def embeddings(program, batches):
 
 
 MC_SMOE = {"combine": "average", "router": "members", "refit": False}
-MERGE_DROP_FLOOR = 0.007  # embedding cosine the default merge may lose against the MoE (measured: 0.0055)
+MERGE_DROP_FLOOR = 0.007  # embedding cosine the default merge may lose against the MoE (measured: 0.0047)
 
 
-def test_merge_to_8_stays_near_the_moe_beats_frequency_pruning_and_alignment_helps_averaging():
+def test_merge_to_8_stays_near_the_moe_beats_frequency_pruning_and_alignment_helps():
     dense, moe, context, held = minilm_moe()
     original = embeddings(dense, held)
     moe_cosine = embedding_quality(original, embeddings(moe, held))["cosine"]
     rows = {
         "merge": {"expert-merge": {"keep": 8}},
+        "merge, no alignment": {"expert-merge": {"keep": 8, "align": "none"}},
         "prune": {"expert-prune": {"keep": 8, "criterion": "frequency"}},
         "average": {"expert-merge": {"keep": 8, **MC_SMOE}},
         "average, no alignment": {"expert-merge": {"keep": 8, "align": "none", **MC_SMOE}},
@@ -67,4 +68,5 @@ def test_merge_to_8_stays_near_the_moe_beats_frequency_pruning_and_alignment_hel
         assert all(r["params_after"] < r["params_before"] / 1.9 for r in layers)
     assert moe_cosine - cosine["merge"] <= MERGE_DROP_FLOOR
     assert cosine["merge"] > cosine["prune"]
+    assert cosine["merge"] > cosine["merge, no alignment"]
     assert cosine["average"] > cosine["average, no alignment"]

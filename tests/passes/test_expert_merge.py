@@ -12,7 +12,13 @@ from moec.errors import PassError
 from moec.ir import print_graph
 from moec.kernels import reference
 from moec.passes import PassContext, run_passes
-from moec.passes.expert_merge import ExpertMerge, merge_weights, plan_layer, refit_outputs
+from moec.passes.expert_merge import (
+    ExpertMerge,
+    importance_alignment,
+    merge_weights,
+    plan_layer,
+    refit_outputs,
+)
 from moec.passes.moe_layers import moe_layers
 from tests.passes.helpers import (
     FFN,
@@ -59,6 +65,20 @@ def test_alignment_merges_a_permuted_twin_exactly_and_no_alignment_does_not(alig
     x = torch.randn(40, 8)
     before = program_of(SMALL_MOE, weights)
     torch.testing.assert_close(TorchRunner(aligned).run([x])[0], TorchRunner(before).run([x])[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_importance_alignment_keeps_the_most_important_half_of_a_pair(seed):
+    generator = torch.Generator().manual_seed(seed)
+    dominant, member = torch.rand(12, generator=generator, dtype=torch.float64), torch.rand(12, generator=generator,
+                                                                                           dtype=torch.float64)
+    identity, permutation = importance_alignment([dominant, member])
+    assert identity == list(range(12)) and sorted(permutation) == list(range(12))
+    kept = torch.maximum(dominant, member[torch.tensor(permutation)])
+    best = torch.cat([dominant, member]).sort(descending=True).values[:12]
+    torch.testing.assert_close(kept.sort(descending=True).values, best)
+    unaligned_kept = torch.maximum(dominant, member).sum()
+    assert kept.sum() >= unaligned_kept
 
 
 def test_member_routing_keeps_the_router_and_maps_router_experts():
@@ -151,6 +171,7 @@ def merged_expert(tensors, group, spec):
     ("tiny-qwen2-moe", 3, "activation", "average", "members"),
     ("tiny-olmoe", 4, "weight", "select", "groups"),
     ("tiny-olmoe", 4, "activation", "average", "groups"),
+    ("tiny-olmoe", 3, "importance", "select", "groups"),
     ("tiny-deepseek-v3", 4, "none", "select", "groups"),
     ("tiny-deepseek-v3", 3, "weight", "average", "members"),
 ])

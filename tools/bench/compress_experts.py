@@ -3,10 +3,11 @@
 In one run: MiniLM's 6 FFNs become 16 experts each, top-4 (``dense-to-moe``, fitted routers); then, from that
 same MoE, each row below compresses every layer to ``--keep`` experts (default 8):
 
-* ``merge (weight-aligned)``: ``expert-merge`` with its defaults: neurons aligned by Hungarian matching on
-  weights, the most important member neuron kept at each aligned position, one router row per group, and
-  the merged experts' output weights refitted on the calibration rows.
-* ``merge (activation-aligned)``: the same, matching neurons by activation correlation.
+* ``merge (importance-aligned)``: ``expert-merge`` with its defaults: members' neurons paired (Hungarian
+  matching) so that keeping the more important neuron of each pair keeps the most importance, that neuron
+  kept, one router row per group, and the merged experts' output weights refitted on the calibration rows.
+* ``merge (weight-aligned)``, ``merge (activation-aligned)``: the same, pairing neurons by weight similarity
+  or by activation correlation (MC-SMoE's alignments).
 * ``merge (no alignment)``: the ablation, neuron i of every member competing with neuron i.
 * ``merge (no refit)``: the defaults without the output refit.
 * ``MC-SMoE merge (weight-aligned)`` and ``(no alignment)``: the original recipe: frequency-weighted
@@ -57,10 +58,11 @@ from moec.passes.moe_layers import moe_layers  # noqa: E402
 
 MC_SMOE = {"combine": "average", "router": "members", "refit": False}
 ROWS = {
+    "merge (importance-aligned)": {"expert-merge": {}},
     "merge (weight-aligned)": {"expert-merge": {"align": "weight"}},
     "merge (activation-aligned)": {"expert-merge": {"align": "activation"}},
     "merge (no alignment)": {"expert-merge": {"align": "none"}},
-    "merge (no refit)": {"expert-merge": {"align": "weight", "refit": False}},
+    "merge (no refit)": {"expert-merge": {"refit": False}},
     "MC-SMoE merge (weight-aligned)": {"expert-merge": {"align": "weight", **MC_SMOE}},
     "MC-SMoE merge (no alignment)": {"expert-merge": {"align": "none", **MC_SMOE}},
     "prune (frequency)": {"expert-prune": {"criterion": "frequency"}},
@@ -155,10 +157,10 @@ def main() -> None:
               f"{row['bytes_before'] / 1e6:9.2f} {row['bytes_after'] / 1e6:9.2f} {seconds:6.1f}", flush=True)
     by_row = {row["row"]: row for row in rows}
     checks = {
-        "merge_within_0.02_of_moe": by_row["merge (weight-aligned)"]["drop_vs_moe"] <= 0.02,
-        "merge_beats_frequency_prune": by_row["merge (weight-aligned)"]["cosine_vs_dense"]
+        "merge_within_0.02_of_moe": by_row["merge (importance-aligned)"]["drop_vs_moe"] <= 0.02,
+        "merge_beats_frequency_prune": by_row["merge (importance-aligned)"]["cosine_vs_dense"]
         > by_row["prune (frequency)"]["cosine_vs_dense"],
-        "alignment_beats_no_alignment": by_row["merge (weight-aligned)"]["cosine_vs_dense"]
+        "alignment_beats_no_alignment": by_row["merge (importance-aligned)"]["cosine_vs_dense"]
         > by_row["merge (no alignment)"]["cosine_vs_dense"],
         "mc_smoe_alignment_beats_no_alignment": by_row["MC-SMoE merge (weight-aligned)"]["cosine_vs_dense"]
         > by_row["MC-SMoE merge (no alignment)"]["cosine_vs_dense"],
