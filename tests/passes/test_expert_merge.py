@@ -143,6 +143,10 @@ def test_errors_without_calibration_and_on_a_merged_layer():
         merge(program_of(SMALL_MOE, small_moe_weights()), token_samples(), keep=1)
     with pytest.raises(PassError, match="align='sorted' is not one of"):
         ExpertMerge(keep=2, align="sorted")
+    with pytest.raises(PassError, match="align='importance' pairs neurons for combine='select'"):
+        ExpertMerge(keep=2, align="importance", combine="average")
+    assert ExpertMerge(keep=2, combine="average").alignment == "weight"
+    assert ExpertMerge(keep=2).alignment == "importance"
     with pytest.raises(PassError, match="router='experts' is not one of groups, members"):
         ExpertMerge(keep=2, router="experts")
     with pytest.raises(PassError, match="refit_ridge=0 must be positive"):
