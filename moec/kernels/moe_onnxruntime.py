@@ -66,7 +66,7 @@ class OnnxruntimeExperts:
     ``(x, indices, weights)`` part. Keeps references to the weight tensors it shares with onnxruntime."""
 
     def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
-                 b_out: torch.Tensor | None, spec: ExpertsSpec, threads: int | None = None) -> None:
+                 b_out: torch.Tensor | None, spec: ExpertsSpec) -> None:
         if w_in.dtype != torch.float32 or w_out.dtype != torch.float32 or w_in.device.type != "cpu":
             raise ValueError("OnnxruntimeExperts runs float32 CPU weights only")
         self.spec = spec
@@ -92,7 +92,7 @@ class OnnxruntimeExperts:
             outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [f"rows{e}", spec.hidden]))
             for role, bias in (("b_in", b_in), ("b_out", b_out)):
                 if bias is not None:
-                    initializers.append(onnx.numpy_helper.from_array(bias[e].float().numpy(), f"{role}{e}"))
+                    initializers.append(onnx.numpy_helper.from_array(bias[e].detach().float().numpy(), f"{role}{e}"))
         initializers += [_external(name, tensor) for name, tensor in self.shared.items()]
         if spec.gated:
             initializers.append(helper.make_tensor("gate_up_sizes", TensorProto.INT64, [2], [f, f]))
@@ -102,7 +102,7 @@ class OnnxruntimeExperts:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()
         options.inter_op_num_threads = 1
         # Its worker threads must not spin between calls: torch runs the rest of the model on the same cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -116,13 +116,12 @@ class OnnxruntimeExperts:
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` for x [T, H] float32 on the CPU."""
         groups = group_by_expert(indices, weights, self.spec.num_experts)
-        rows = x.float().index_select(0, groups.token_of).numpy()  # [S, H] sorted by expert
+        rows = x.index_select(0, groups.token_of).numpy()  # [S, H] sorted by expert
         feeds, start = {}, 0
         for e, count in enumerate(groups.counts):
             feeds[f"x{e}"] = rows[start:start + count] if count else self._empty
             start += count
         outputs = self.session.run(None, feeds)
-        expert_rows = torch.from_numpy(np.concatenate(outputs)) if len(outputs) > 1 else torch.from_numpy(outputs[0])
-        y = torch.zeros(x.shape, dtype=torch.float32)
-        y.index_add_(0, groups.token_of, expert_rows.mul_(groups.weight.unsqueeze(1)))
-        return y.to(x.dtype)
+        expert_rows = torch.from_numpy(np.concatenate(outputs))  # [S, H] in the same order
+        y = torch.zeros_like(x)
+        return y.index_add_(0, groups.token_of, expert_rows.mul_(groups.weight.unsqueeze(1)))

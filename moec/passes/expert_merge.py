@@ -161,17 +161,14 @@ def neuron_importance(tensors: dict[str, torch.Tensor], expert: int, rows: torch
     return (hidden - hidden.mean(0)).abs().sum(0) * tensors["w_out"][expert].double().norm(dim=0)
 
 
-def neuron_shares(tensors: dict[str, torch.Tensor], members: list[int], permutations: list[list[int]],
-                  weights: torch.Tensor, served: torch.Tensor, rows: torch.Tensor, spec: ExpertsSpec,
-                  combine: str) -> torch.Tensor:
-    """[M, F]: each member's share of each merged neuron (``combine``, see the module docstring).
-    ``served`` [N, E] says which calibration rows each router expert was chosen for."""
-    if combine == "average":
-        return weights.double().unsqueeze(1).expand(len(members), spec.intermediate).clone()
-    importance = torch.stack([
-        neuron_importance(tensors, member, rows[served[:, member]], spec)[torch.tensor(permutation)]
-        for member, permutation in zip(members, permutations, strict=True)
-    ])
+def neuron_shares(importances: list[torch.Tensor] | None, permutations: list[list[int]], weights: torch.Tensor,
+                  spec: ExpertsSpec) -> torch.Tensor:
+    """[M, F]: each member's share of each merged neuron: the members' ``weights`` at every position
+    (``average``, ``importances`` None) or 1 for the most important aligned neuron (``select``)."""
+    if importances is None:
+        return weights.double().unsqueeze(1).expand(len(permutations), spec.intermediate).clone()
+    importance = torch.stack([imp[torch.tensor(permutation)] for imp, permutation in zip(importances, permutations,
+                                                                                         strict=True)])
     winners = importance.argmax(0, keepdim=True)  # ties: the first member, the dominant expert
     return torch.zeros_like(importance).scatter_(0, winners, 1.0)
 
@@ -200,12 +197,13 @@ def plan_layer(tensors: dict[str, torch.Tensor], stats: MoEStats, layer: MoELaye
         group = members[dominant]
         frequency = stats.counts[group].double()
         weights = frequency / frequency.sum() if frequency.sum() > 0 else torch.full((len(group),), 1 / len(group))
+        importances = None if combine == "average" else [
+            neuron_importance(tensors, member, rows[served[:, member]], spec) for member in group]
         if align == "importance":
-            permutations = importance_alignment([
-                neuron_importance(tensors, member, rows[served[:, member]], spec) for member in group])
+            permutations = importance_alignment(importances)
         else:
             permutations = [align_neurons(tensors, dominant, m, rows, spec, align) for m in group]
-        shares = neuron_shares(tensors, group, permutations, weights, served, rows, spec, combine)
+        shares = neuron_shares(importances, permutations, weights, spec)
         groups.append(MergeGroup(group, permutations, weights.tolist(), shares))
     return groups
 
