@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from moec.errors import BackendError
-from moec.ir.core import Operation, Value, WeightRef, map_leaves
+from moec.ir.core import Operation, Value, WeightRef, iter_leaves
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
@@ -132,6 +132,25 @@ class WeightReader:
 
 
 Observer = Callable[[Operation, list[Any], Any], None]
+ArgumentReader = Callable[[dict[int, Any], dict[str, Any]], Any]
+
+
+def argument_reader(tree: Any) -> ArgumentReader:
+    """``(env, weights) -> tree`` with every ``Value`` leaf read from ``env`` (by id) and every ``WeightRef``
+    from ``weights`` (a quantized weight, absent there, stays a ``WeightRef`` for its op's rule to read).
+    Built once per op, so a run neither walks constant subtrees nor checks leaf types again."""
+    if isinstance(tree, Value):
+        key = id(tree)
+        return lambda env, weights: env[key]
+    if isinstance(tree, WeightRef):
+        return lambda env, weights: weights.get(tree.name, tree)
+    if not any(isinstance(leaf, (Value, WeightRef)) for leaf in iter_leaves(tree)):
+        return lambda env, weights: tree
+    if isinstance(tree, dict):
+        entries = {key: argument_reader(item) for key, item in tree.items()}
+        return lambda env, weights: {key: read(env, weights) for key, read in entries.items()}
+    items, kind = [argument_reader(item) for item in tree], type(tree)
+    return lambda env, weights: kind([read(env, weights) for read in items])
 
 RULES: dict[type[Operation], Rule] = {
     RouteOp: run_route,
@@ -162,6 +181,7 @@ class TorchRunner:
         self.quant_kernel = quant_kernel
         self.expert_kernel = expert_kernel
         self.steps = [self.prepare(op) for op in program.graph.ops]
+        self.readers = [(argument_reader(op.args), argument_reader(op.kwargs)) for op in program.graph.ops]
         self.last_use = self.compute_last_uses()
 
     def prepare(self, op: Operation) -> Callable[[list[Any], dict[str, Any]], Any]:
@@ -200,17 +220,11 @@ class TorchRunner:
         env: dict[int, Any] = {id(v): x for v, x in zip(graph.inputs, inputs, strict=True)}
         weights = self.program.weights
 
-        def read(leaf: Any) -> Any:
-            if isinstance(leaf, Value):
-                return env[id(leaf)]
-            if isinstance(leaf, WeightRef):
-                return weights.get(leaf.name, leaf)  # quantized weights are read through the op's rule
-            return leaf
-
         with torch.inference_mode():
-            for op, step, frees in zip(graph.ops, self.steps, self.last_use, strict=True):
-                args = map_leaves(op.args, read)
-                out = step(args, map_leaves(op.kwargs, read))
+            for op, step, (read_args, read_kwargs), frees in zip(graph.ops, self.steps, self.readers, self.last_use,
+                                                                 strict=True):
+                args = read_args(env, weights)
+                out = step(args, read_kwargs(env, weights))
                 if observe is not None:
                     observe(op, args, out)
                 if len(op.results) == 1:
