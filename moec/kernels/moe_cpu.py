@@ -1,6 +1,6 @@
 """Routed experts grouped by expert, on torch's matmuls: the torch runner's ``moe.experts`` kernel for every
-dtype and device (float32 on the CPU runs ``moec.kernels.moe_onnxruntime`` instead when onnxruntime is
-installed, unless ``expert_kernel="torch"``).
+dtype and device (float32 inputs of more than one token on the CPU run ``moec.kernels.moe_onnxruntime``
+instead when onnxruntime is installed, unless ``expert_kernel="torch"``).
 
 Contract (the same as the plain reference in ``moec.kernels.reference``)::
 

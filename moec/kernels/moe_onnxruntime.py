@@ -1,5 +1,5 @@
-"""Routed experts on the CPU through onnxruntime's prepacked GEMMs: the torch runner's float32 fast path
-for large experts.
+"""Routed experts on the CPU through onnxruntime's prepacked GEMMs: the torch runner's float32 kernel for
+inputs of more than one token (``moec.backend.torch_runner.uses_onnxruntime``).
 
 Why: an MoE layer's expert GEMMs are skinny (a few to a few dozen rows against a 7168 x 1024 weight), so
 they are bound by how fast the weights stream from memory. MKL's ``sgemm`` (behind ``F.linear``) and
