@@ -147,7 +147,7 @@ def test_minilm_converted_to_moe_traces_without_padding_and_placement_beats_roun
     calibration_text, held_text = calibration_and_held_out(16, 8)
     calibration = calibrate(program, tokenized_batches(tokenizer, calibration_text), progress=False)
     program = Program(parse_graph(print_graph(program.graph)), program.weights, program.in_spec, program.out_spec)
-    run_passes(program, build_passes({"passes": [{"dense_to_moe": {"experts": 8, "top_k": 2}}]}),
+    run_passes(program, build_passes({"passes": [{"dense_to_moe": {"experts": 8, "top_k": 2, "method": "weights"}}]}),
                PassContext(calibration=calibration, progress=False))
     batches = tokenized_batches(tokenizer, held_text, batch_size=1)
     trace = collect_trace(program, [program.flatten_inputs((), batch) for batch in batches])

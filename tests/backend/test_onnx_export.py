@@ -144,7 +144,7 @@ def minilm_moe(preset):
     model, example = preset("minilm")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     sentences, _ = calibration_and_held_out(32, 0)
-    recipe = {"passes": [{"dense-to-moe": {"experts": 16, "top_k": 4}}]}
+    recipe = {"passes": [{"dense-to-moe": {"experts": 16, "top_k": 4, "method": "weights"}}]}
     return moec.compile(model, example, recipe=recipe, calibration=tokenized_batches(tokenizer, sentences))
 
 

@@ -75,7 +75,7 @@ def test_converted_minilm_lp_beats_uniform_three_bits_and_the_best_mix_at_two_an
     calibration = [dict(tokenizer(cal_text, padding=True, return_tensors="pt"))]
     held = dict(tokenizer(held_text, padding=True, return_tensors="pt"))
     converted = capture(model, (), example)
-    run_passes(converted, build_passes({"passes": [{"dense-to-moe": {"experts": 16, "top_k": 8}}]}),
+    run_passes(converted, build_passes({"passes": [{"dense-to-moe": {"experts": 16, "top_k": 8, "method": "weights"}}]}),
                PassContext(calibration=calibration, progress=False))
     held_inputs = converted.flatten_inputs((), held)
     with torch.inference_mode():

@@ -33,7 +33,8 @@ def minilm_moe():
     dense = capture(model, (), example)
     context = PassContext(calibration=calibrate(dense, tokenized_batches(tokenizer, cal_text), progress=False),
                           progress=False)
-    moe, _, _ = run_recipe(dense, context, {"dense-to-moe": {"experts": 16, "top_k": 4, "layers": list(LAYERS)}})
+    moe, _, _ = run_recipe(dense, context, {"dense-to-moe": {"experts": 16, "top_k": 4, "method": "weights",
+                                                                "layers": list(LAYERS)}})
     held = tokenized_batches(tokenizer, held_text)
     return dense, moe, context, held
 

@@ -136,6 +136,22 @@ def test_bad_options_name_the_block_and_change_nothing(options, message):
     assert print_graph(program.graph) == GELU_FFN
 
 
+@pytest.mark.parametrize(("options", "clustering"), [
+    ({"router": "fitted"}, "coactivation"),
+    ({"router": "fitted", "method": "weights"}, "weights"),
+    ({"router": "centroid"}, "weights"),
+    ({"router": "centroid", "shared": 0.25}, "coactivation"),
+])
+def test_clustering_defaults_to_coactivation_when_the_pass_calibrates(options, clustering):
+    program = program_from(GELU_FFN)
+    calibrates = options["router"] == "fitted" or "shared" in options
+    context = PassContext(calibration=token_samples() if calibrates else None, progress=False)
+    experts = 3 if "shared" in options else 4
+    recipe = {"passes": [{"dense_to_moe": {"experts": experts, "top_k": 2, **options}}]}
+    (record,) = run_passes(program, build_passes(recipe), context)
+    assert record["summary"]["method"] == clustering
+
+
 def test_passes_needing_calibration_say_so():
     with pytest.raises(PassError, match="needs calibration data"):
         convert(program_from(GELU_FFN), experts=4, top_k=2, router="fitted")

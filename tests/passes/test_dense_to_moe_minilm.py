@@ -1,10 +1,12 @@
 """dense-to-moe on the real all-MiniLM-L6-v2 weights: quality at half the FFN active, on held-out
 standard-library docstring text, and the fitted router against random and oracle routing.
 
-The floors are what the pass achieves today (measured 0.854 cosine and 97% of
-the random-to-oracle gap closed), kept a little below so that they guard against regressions. The issue's
-target (0.97 / 90%) is not reached: even oracle routing over these experts gives 0.876 (0.904 with 64
-experts), so the loss is in dropping half of MiniLM's GELU neurons, not in the router. Slow: about 3 minutes.
+The floors are what the pass achieves today with its default clustering (coactivation: measured 0.893
+cosine, 67% nearest-neighbour agreement, 98% of the random-to-oracle gap closed), kept a little below so that
+they guard against regressions; clustering by input weights gives 0.854 in the same setting, and the test
+checks the default stays ahead. The issue's target (0.97 / 90%) is not reached: even oracle routing over these
+experts gives 0.909, and the neuron oracle (every neuron its own expert) 0.979 / 83%, so the loss is in dropping
+half of MiniLM's GELU neurons, not in the router. Slow: about 4 minutes.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.passes import PassContext, build_passes, run_passes
 
-COSINE_FLOOR, NN_FLOOR, GAP_FLOOR = 0.83, 0.50, 0.80
+COSINE_FLOOR, NN_FLOOR, GAP_FLOOR = 0.87, 0.60, 0.80
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +42,19 @@ def minilm_setup():
 @pytest.mark.slow
 def test_half_active_ffn_keeps_sentence_embeddings(minilm_setup):
     program, calibration, held_out, runner = minilm_setup
-    converted = Program(parse_graph(print_graph(program.graph)), dict(program.weights), program.in_spec, program.out_spec)
-    run_passes(converted, build_passes({"passes": [{"dense_to_moe": {"experts": 16, "top_k": 8}}]}),
-               PassContext(calibration=calibration, progress=False))
-    quality = conversion_quality(lambda b: runner.run(program.flatten_inputs((), b))[0], converted, held_out)
+
+    def converted(**options) -> Program:
+        copy = Program(parse_graph(print_graph(program.graph)), dict(program.weights), program.in_spec, program.out_spec)
+        run_passes(copy, build_passes({"passes": [{"dense_to_moe": {"experts": 16, "top_k": 8, **options}}]}),
+                   PassContext(calibration=calibration, progress=False))
+        return copy
+
+    def reference(batch):
+        return runner.run(program.flatten_inputs((), batch))[0]
+
+    quality = conversion_quality(reference, converted(), held_out)
+    by_weights = conversion_quality(reference, converted(method="weights"), held_out, baselines=False)
+    assert quality["router"]["cosine"] > by_weights["router"]["cosine"], (quality, by_weights)
     assert quality["active_ffn_fraction"] == 0.5
     assert quality["router"]["cosine"] >= COSINE_FLOOR, quality
     assert quality["router"]["nn_agreement"] >= NN_FLOOR, quality

@@ -119,7 +119,8 @@ def main() -> None:
     cal_batches, held_batches = tokenized_batches(tokenizer, cal_text), tokenized_batches(tokenizer, held_text)
     dense = capture(model, (), example)
     context = PassContext(calibration=calibrate(dense, cal_batches, max_rows=args.rows, progress=False), progress=False)
-    moe, _, convert_s = run_recipe(dense, context, {"dense-to-moe": {"experts": args.experts, "top_k": args.top_k}})
+    moe, _, convert_s = run_recipe(dense, context, {"dense-to-moe": {"experts": args.experts, "top_k": args.top_k,
+                                                                  "method": "weights"}})
 
     def embeddings(program: Program) -> torch.Tensor:
         runner = TorchRunner(program)

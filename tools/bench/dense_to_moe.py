@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer sentences and repeats")
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--shared", type=float, default=0.0, help="fraction of neurons in an always-on shared expert")
-    parser.add_argument("--method", default="weights", choices=["weights", "coactivation"])
+    parser.add_argument("--method", default=None, choices=["weights", "coactivation"],
+                        help="neuron clustering (default: the pass's, coactivation with a fitted router)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default="bench-results/dense_to_moe.json")
     args = parser.parse_args()

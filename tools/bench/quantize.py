@@ -190,7 +190,7 @@ def converted_minilm(quick: bool) -> dict:
     program = capture(model, (), example)
     start = time.perf_counter()
     conversion = PassContext(calibration=tokenized_batches(tokenizer, cal_text), progress=False)
-    run_passes(program, build_passes({"passes": [{"dense-to-moe": {"experts": 16, "top_k": 8}}]}), conversion)
+    run_passes(program, build_passes({"passes": [{"dense-to-moe": {"experts": 16, "top_k": 8, "method": "weights"}}]}), conversion)
     convert_seconds = time.perf_counter() - start
 
     def one_batch(text: list[str]) -> dict:
