@@ -140,14 +140,15 @@ def test_local_search_respects_the_load_limit():
 
 @pytest.mark.slow
 def test_minilm_converted_to_moe_traces_without_padding_and_placement_beats_round_robin(captured):
-    """The bench's real-trace case in miniature: dense-to-moe on the real all-MiniLM-L6-v2, routing traced
-    one sentence at a time (no padding tokens), placed on 2 ranks. Slow: about a minute here."""
+    """The bench's real-trace case in miniature: dense-to-moe on the real all-MiniLM-L6-v2 (its default
+    coactivation clustering), routing traced one sentence at a time (no padding tokens), placed on 2 ranks:
+    at least 40% fewer cross-rank moves than round-robin. Slow: about a minute here."""
     _, _, program = captured("minilm")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     calibration_text, held_text = calibration_and_held_out(16, 8)
     calibration = calibrate(program, tokenized_batches(tokenizer, calibration_text), progress=False)
     program = Program(parse_graph(print_graph(program.graph)), program.weights, program.in_spec, program.out_spec)
-    run_passes(program, build_passes({"passes": [{"dense_to_moe": {"experts": 8, "top_k": 2, "method": "weights"}}]}),
+    run_passes(program, build_passes({"passes": [{"dense_to_moe": {"experts": 8, "top_k": 2}}]}),
                PassContext(calibration=calibration, progress=False))
     batches = tokenized_batches(tokenizer, held_text, batch_size=1)
     trace = collect_trace(program, [program.flatten_inputs((), batch) for batch in batches])
@@ -157,4 +158,5 @@ def test_minilm_converted_to_moe_traces_without_padding_and_placement_beats_roun
     eps = max(0.1, placing.load_imbalance(trace, rr) - 1)
     placement, _ = placing.solve_placement(trace, 2, balance_eps=eps, time_limit_s=5)
     assert placing.load_imbalance(trace, placement) <= 1 + eps + 1e-9
-    assert placing.cross_rank_moves(trace, placement) < placing.cross_rank_moves(trace, rr)
+    cut = 1 - placing.cross_rank_moves(trace, placement) / placing.cross_rank_moves(trace, rr)
+    assert cut >= 0.40, cut  # the issue's target; 51% measured

@@ -128,7 +128,7 @@ def minilm_traces(quick: bool, experts: int, top_k: int):
     calibration_text, held_text = calibration_and_held_out(*((64, 64) if quick else (128, 128)))
     program = capture(model, (), example)
     calibration = calibrate(program, tokenized_batches(tokenizer, calibration_text), progress=False)
-    run_passes(program, build_passes({"passes": [{"dense_to_moe": {"experts": experts, "top_k": top_k, "method": "weights"}}]}),
+    run_passes(program, build_passes({"passes": [{"dense_to_moe": {"experts": experts, "top_k": top_k}}]}),
                PassContext(calibration=calibration, progress=False))
 
     def trace(sentences):
