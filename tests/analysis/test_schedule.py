@@ -5,6 +5,7 @@ from moec.analysis.schedule import (
     CostModel,
     LayerWork,
     choose_chunks,
+    concurrent_streams,
     gantt_png,
     makespan,
     schedule_dag,
@@ -22,6 +23,9 @@ def test_fit_recovers_lines():
     assert model.a2a_latency_s == pytest.approx(2e-4) and model.a2a_s_per_byte == pytest.approx(3e-9)
     assert model.gemm_latency_s == pytest.approx(5e-6) and model.gemm_s_per_flop == pytest.approx(2e-11)
     assert CostModel.from_json(model.to_json()) == model
+    assert model.streams == 2.0 and CostModel.fit(a2a, gemm, streams=1.0).streams == 1.0
+    older = {key: value for key, value in model.to_json().items() if key != "streams"}  # a plan from before
+    assert CostModel.from_json(older) == model
     with pytest.raises(MoecError, match="two sizes"):
         CostModel.fit([(1.0, 1.0)], gemm)
 
@@ -60,5 +64,27 @@ def test_choose_chunks_is_the_best_count():
     assert choose_chunks(work, latency_bound).chunks == 1
 
 
+def test_ranks_sharing_cores_gain_nothing_from_overlap():
+    """With one stream per rank every schedule costs the sum of its steps, so chunking never pays."""
+    work = LayerWork(4e6, 4e7, 1e7)
+    shared_cores = CostModel(**{**COST.to_json(), "streams": 1.0})
+    for chunks in (1, 2, 4):
+        dag = schedule_dag(work, shared_cores, chunks)
+        assert makespan(dag) == pytest.approx(sum(d["seconds"] for _, d in dag.nodes(data=True)))
+    assert choose_chunks(work, COST).chunks > 1
+    chosen = choose_chunks(work, shared_cores)
+    assert chosen.chunks == 1 and chosen.predicted_s == pytest.approx(chosen.baseline_s)
+
+
+@pytest.mark.parametrize(("cores", "ranks", "threads", "streams"),
+                         [(2, 4, 1, 1.0), (4, 4, 1, 1.0), (6, 4, 1, 1.5), (8, 4, 1, 2.0), (64, 4, 2, 2.0)])
+def test_concurrent_streams_from_cores_per_rank(cores, ranks, threads, streams):
+    assert concurrent_streams(cores, ranks, threads) == streams
+    with pytest.raises(MoecError, match="must be positive"):
+        concurrent_streams(0, ranks)
+
+
 def test_gantt_is_a_png():
     assert gantt_png(schedule_dag(LayerWork(1e6, 1e7), COST, 3)).startswith(b"\x89PNG")
+    shared_cores = CostModel(**{**COST.to_json(), "streams": 1.0})
+    assert gantt_png(schedule_dag(LayerWork(4e6, 4e7, 1e7), shared_cores, 2)).startswith(b"\x89PNG")
