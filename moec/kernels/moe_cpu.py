@@ -19,7 +19,8 @@ How it runs (why each choice, measured on a 2-core AMD EPYC, Mixtral-sized exper
 ``tools/bench/moe_block.py`` and docs/BENCHMARKS.md):
 
 * **Grouped by expert.** The T*k (token, slot) pairs are sorted by expert (a stable argsort + bincount),
-  their rows gathered once into a contiguous buffer, and each expert that got tokens runs two GEMMs on
+  their rows gathered once into a contiguous buffer (on the CPU one kept between calls,
+  ``moec.kernels.workspace``), and each expert that got tokens runs two GEMMs on
   its slice. Every used expert's weights are read exactly once per call; experts with no tokens are
   never touched. The Python loop is over experts, never over tokens.
 * **oneDNN matmul where available.** For the skinny GEMMs of MoE (a few to a few hundred rows against a
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
 from moec.kernels.reference import activation, group_by_expert
+from moec.kernels.workspace import scratch
 
 __all__ = ["experts_forward", "onednn_available"]
 
@@ -187,7 +189,10 @@ def experts_forward(
         return _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast, fused)
 
     groups = group_by_expert(indices, weights, spec.num_experts)
-    xs = x.index_select(0, groups.token_of)  # [S, H] the rows of the pairs, sorted by expert
+    # [S, H] the rows of the pairs, sorted by expert; on the CPU into a buffer kept between calls
+    kept = x.device.type == "cpu" and not x.requires_grad
+    out = scratch("moe_rows", len(groups.token_of), x.shape[1], dtype) if kept else None
+    xs = torch.index_select(x, 0, groups.token_of, out=out)
     y = torch.zeros_like(x)
     for expert, pairs in groups.slices():
         b_in_e = None if b_in is None else b_in[expert]

@@ -13,8 +13,9 @@ How: one session per ``moe.experts`` op, built on first use. For every expert ``
 -> Gemm(., w_out[e], transB)``. The weights are handed to onnxruntime as external initializers that
 *share* the torch tensors' memory (nothing is serialized or copied); onnxruntime's packed copies are the
 extra memory this path costs, about the experts' float32 size once more. A call sorts the (token, slot)
-pairs by expert, feeds each expert its rows (an empty [0, H] array for an expert with none), runs the
-session once, scales the outputs by their routing weights and adds them into ``y``.
+pairs by expert, gathers their rows into one buffer (``moec.kernels.workspace``: kept between calls), feeds
+each expert its rows (an empty [0, H] array for an expert with none), runs the session once, collects the
+outputs into a second kept buffer, scales them by their routing weights and adds them into ``y``.
 
 Same contract as ``moec.kernels.moe_cpu.experts_forward`` for float32 (shapes in its docstring); results
 agree with it to float32 rounding (summation order differs).
@@ -30,6 +31,7 @@ from onnx import TensorProto, helper
 
 from moec.frontend.blocks import ExpertsSpec
 from moec.kernels.reference import group_by_expert
+from moec.kernels.workspace import scratch
 
 __all__ = ["OnnxruntimeExperts"]
 
@@ -116,12 +118,15 @@ class OnnxruntimeExperts:
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` for x [T, H] float32 on the CPU."""
         groups = group_by_expert(indices, weights, self.spec.num_experts)
-        rows = x.index_select(0, groups.token_of).numpy()  # [S, H] sorted by expert
+        pairs, hidden = len(groups.token_of), self.spec.hidden
+        rows = torch.index_select(x, 0, groups.token_of, out=scratch("moe_rows", pairs, hidden, x.dtype))
+        rows_np = rows.numpy()  # [S, H] sorted by expert
         feeds, start = {}, 0
         for e, count in enumerate(groups.counts):
-            feeds[f"x{e}"] = rows[start:start + count] if count else self._empty
+            feeds[f"x{e}"] = rows_np[start:start + count] if count else self._empty
             start += count
         outputs = self.session.run(None, feeds)
-        expert_rows = torch.from_numpy(np.concatenate(outputs))  # [S, H] in the same order
+        expert_rows = scratch("moe_expert_rows", pairs, hidden, x.dtype)  # [S, H] in the same order
+        np.concatenate(outputs, out=expert_rows.numpy())
         y = torch.zeros_like(x)
         return y.index_add_(0, groups.token_of, expert_rows.mul_(groups.weight.unsqueeze(1)))
