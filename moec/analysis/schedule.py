@@ -142,12 +142,16 @@ def start_times(dag: nx.DiGraph) -> dict[str, float]:
     return start
 
 
+def longest_path(dag: nx.DiGraph) -> float:
+    """When the last step ends if every stream runs its steps as soon as their inputs are ready."""
+    start = start_times(dag)
+    return max((start[n] + dag.nodes[n]["seconds"] for n in dag), default=0.0)
+
+
 def makespan(dag: nx.DiGraph) -> float:
     """The longest path, or the total step time over the rank's concurrent streams if that is longer."""
-    start = start_times(dag)
-    longest = max((start[n] + dag.nodes[n]["seconds"] for n in dag), default=0.0)
     total = sum(data["seconds"] for _, data in dag.nodes(data=True))
-    return max(longest, total / dag.graph.get("streams", 2.0))
+    return max(longest_path(dag), total / dag.graph.get("streams", 2.0))
 
 
 @dataclass(frozen=True)
@@ -198,7 +202,7 @@ def gantt_png(dag: nx.DiGraph, title: str = "") -> bytes:
     ax.set_yticks([0, 1], ["compute", "communication"])
     ax.set_xlabel("ms")
     title = title or f"makespan {makespan(dag) * 1e3:.2f} ms"
-    drawn = max((start[n] + dag.nodes[n]["seconds"] for n in dag), default=0.0)
+    drawn = longest_path(dag)
     if makespan(dag) > drawn * (1 + 1e-9):
         title += (f"\n(drawn as if the streams overlapped, {drawn * 1e3:.1f} ms; with "
                   f"{dag.graph['streams']:g} stream(s) per rank the steps take turns)")
