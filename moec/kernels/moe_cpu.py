@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
 from moec.kernels.reference import activation, group_by_expert
-from moec.kernels.workspace import scratch
+from moec.kernels.workspace import gathered_rows
 
 __all__ = ["experts_forward", "onednn_available"]
 
@@ -192,10 +192,7 @@ def experts_forward(
         return _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast)
 
     groups = group_by_expert(indices, weights, spec.num_experts)
-    # [S, H] the rows of the pairs, sorted by expert; on the CPU into a buffer kept between calls
-    kept = x.device.type == "cpu" and not x.requires_grad
-    out = scratch("moe_rows", len(groups.token_of), x.shape[1], dtype) if kept else None
-    xs = torch.index_select(x, 0, groups.token_of, out=out)
+    xs = gathered_rows(x, groups.token_of)  # [S, H] the rows of the pairs, sorted by expert
     y = torch.zeros_like(x)
     for expert, pairs in groups.slices():
         b_in_e = None if b_in is None else b_in[expert]

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 
 from moec.frontend.blocks import ExpertsSpec
 from moec.kernels.reference import group_by_expert
-from moec.kernels.workspace import scratch
+from moec.kernels.workspace import gathered_rows, scratch
 
 __all__ = ["OnnxruntimeExperts"]
 
@@ -118,15 +118,13 @@ class OnnxruntimeExperts:
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` for x [T, H] float32 on the CPU."""
         groups = group_by_expert(indices, weights, self.spec.num_experts)
-        pairs, hidden = len(groups.token_of), self.spec.hidden
-        rows = torch.index_select(x, 0, groups.token_of, out=scratch("moe_rows", pairs, hidden, x.dtype))
-        rows_np = rows.numpy()  # [S, H] sorted by expert
+        rows_np = gathered_rows(x, groups.token_of).numpy()  # [S, H] sorted by expert
         feeds, start = {}, 0
         for e, count in enumerate(groups.counts):
             feeds[f"x{e}"] = rows_np[start:start + count] if count else self._empty
             start += count
         outputs = self.session.run(None, feeds)
-        expert_rows = scratch("moe_expert_rows", pairs, hidden, x.dtype)  # [S, H] in the same order
+        expert_rows = scratch("moe_expert_rows", len(rows_np), self.spec.hidden, x.dtype)  # [S, H], same order
         np.concatenate(outputs, out=expert_rows.numpy())
         y = torch.zeros_like(x)
         return y.index_add_(0, groups.token_of, expert_rows.mul_(groups.weight.unsqueeze(1)))

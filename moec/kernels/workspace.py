@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-__all__ = ["release", "scratch"]
+__all__ = ["gathered_rows", "release", "scratch"]
 
 _local = threading.local()
 
@@ -38,3 +38,11 @@ def scratch(name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor
 def release() -> None:
     """Free the calling thread's scratch buffers."""
     _local.__dict__.pop("buffers", None)
+
+
+def gathered_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x.index_select(0, index)`` for x [T, H]: into this thread's kept ``"moe_rows"`` buffer when x is on the
+    CPU and does not require grad, else a new tensor."""
+    if x.device.type != "cpu" or x.requires_grad:
+        return x.index_select(0, index)
+    return torch.index_select(x, 0, index, out=scratch("moe_rows", len(index), x.shape[1], x.dtype))

@@ -15,7 +15,7 @@ import torch
 from moec.frontend.blocks import ExpertsSpec
 from moec.kernels import reference
 from moec.kernels.moe_cpu import experts_forward
-from moec.kernels.workspace import release, scratch
+from moec.kernels.workspace import gathered_rows, release, scratch
 
 
 def test_a_name_reuses_its_memory_and_grows_when_asked_for_more():
@@ -31,6 +31,16 @@ def test_a_name_reuses_its_memory_and_grows_when_asked_for_more():
     assert larger.shape == (16, 8) and scratch("rows", 4, 8, torch.float32).data_ptr() == larger.data_ptr()
     release()
     assert scratch("rows", 4, 8, torch.float32).data_ptr() != larger.data_ptr()
+
+
+def test_gathered_rows_land_in_the_kept_buffer_unless_grad_is_needed():
+    x, index = torch.randn(5, 3), torch.tensor([4, 0, 0, 2])
+    rows = gathered_rows(x, index)
+    assert torch.equal(rows, x[index])
+    assert rows.data_ptr() == scratch("moe_rows", 4, 3, torch.float32).data_ptr()
+    leaf = x.clone().requires_grad_()
+    with_grad = gathered_rows(leaf, index)
+    assert with_grad.requires_grad and with_grad.data_ptr() != rows.data_ptr()
 
 
 def test_threads_get_their_own_buffers():
