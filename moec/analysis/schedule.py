@@ -5,19 +5,20 @@ One MoE layer on one rank, split into C chunks of its local tokens, runs in this
 distributed runtime follows it exactly)::
 
     exchange counts (all chunks, one small all-to-all)
-    issue dispatch 0, issue dispatch 1
+    gather chunk 0's rows, issue dispatch 0; gather chunk 1's rows, issue dispatch 1
     shared expert / dense path           <- while dispatch is in flight
-    for i in 0..C-1: wait dispatch i; experts on chunk i; issue combine i; issue dispatch i+2
-    wait every combine
+    for i in 0..C-1: wait dispatch i; experts on chunk i; issue combine i; gather i+2, issue dispatch i+2
+    for i in 0..C-1: wait combine i; sum its rows into their tokens
 
-Communication runs on one serial stream (collectives complete in issue order), computation on the
-calling thread. The DAG has one node per step with its stream and predicted duration; its edges are the
-data dependencies (dispatch i -> experts i -> combine i), stream order, and issue order (dispatch i+2
-is issued after experts i). Start times are the longest path to each node. The makespan is that
-longest path, or the steps' total time divided by the rank's ``CostModel.streams`` when that is longer:
-communication only overlaps computation when a rank has a core to spare for it (on a CPU with fewer
-cores than ranks, gloo's copies and the GEMMs take turns on the same cores, and overlapping only
-interleaves the same work). The non-overlapped baseline is C = 1 with every step in series.
+Communication runs on one serial stream (collectives complete in issue order), computation (the
+GEMMs and the row gathers and sums around them) on the calling thread. The DAG has one node per step
+with its stream and predicted duration; its edges are the data dependencies (gather i -> dispatch i ->
+experts i -> combine i -> sum i), stream order, and issue order. Start times are the longest path to
+each node. The makespan is that longest path, or the steps' total time divided by the rank's
+``CostModel.streams`` when that is longer: communication only overlaps computation when a rank has a
+core to spare for it (on a CPU with fewer cores than ranks, gloo's copies and the GEMMs take turns on
+the same cores, and overlapping only interleaves the same work). The non-overlapped baseline is C = 1
+with every step in series.
 """
 
 from __future__ import annotations
@@ -36,14 +37,18 @@ COMM, COMPUTE = "comm", "compute"
 @dataclass(frozen=True)
 class CostModel:
     """Predicted seconds: all-to-all ``latency + bytes * per_byte``; GEMM ``latency + flops * per_flop``;
-    ``streams``: how many of one rank's steps really run at once, between 1 (ranks share cores) and 2
-    (communication and computation side by side); see ``concurrent_streams``."""
+    row copy (gathering a chunk's rows for dispatch, or summing the returned rows into their tokens)
+    ``latency + bytes * per_byte``; ``streams``: how many of one rank's steps really run at once,
+    between 1 (ranks share cores) and 2 (communication and computation side by side); see
+    ``concurrent_streams``."""
 
     a2a_latency_s: float
     a2a_s_per_byte: float
     gemm_latency_s: float
     gemm_s_per_flop: float
     streams: float = 2.0
+    copy_latency_s: float = 0.0
+    copy_s_per_byte: float = 0.0
 
     def all_to_all(self, nbytes: float) -> float:
         return self.a2a_latency_s + nbytes * self.a2a_s_per_byte
@@ -51,14 +56,19 @@ class CostModel:
     def gemm(self, flops: float) -> float:
         return self.gemm_latency_s + flops * self.gemm_s_per_flop if flops > 0 else 0.0
 
+    def copy(self, nbytes: float) -> float:
+        return self.copy_latency_s + nbytes * self.copy_s_per_byte if nbytes > 0 else 0.0
+
     @staticmethod
     def fit(a2a_samples: list[tuple[float, float]], gemm_samples: list[tuple[float, float]],
-            streams: float = 2.0) -> CostModel:
-        """Least-squares lines through measured ``(bytes, seconds)`` and ``(flops, seconds)`` samples
-        (each needs two sizes at least); intercepts and slopes are kept non-negative."""
+            streams: float = 2.0, copy_samples: list[tuple[float, float]] | None = None) -> CostModel:
+        """Least-squares lines through measured all-to-all ``(bytes, seconds)``, GEMM ``(flops,
+        seconds)`` and, optionally, row copy ``(bytes, seconds)`` samples (each needs two sizes at
+        least; without copy samples copies cost nothing); intercepts and slopes are kept non-negative."""
         a_lat, a_slope = fit_line(a2a_samples, "all-to-all")
         g_lat, g_slope = fit_line(gemm_samples, "GEMM")
-        return CostModel(a_lat, a_slope, g_lat, g_slope, streams)
+        c_lat, c_slope = fit_line(copy_samples, "row copy") if copy_samples else (0.0, 0.0)
+        return CostModel(a_lat, a_slope, g_lat, g_slope, streams, c_lat, c_slope)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -111,26 +121,27 @@ def schedule_dag(work: LayerWork, cost: CostModel, chunks: int, overlap: bool = 
 
     send = work.dispatch_bytes / chunks
     counts = node("counts", COMM, cost.all_to_all(0))
+    gather = [node(f"gather {i}", COMPUTE, cost.copy(send), i) for i in range(chunks)]
     dispatch = [node(f"dispatch {i}", COMM, cost.all_to_all(send), i) for i in range(chunks)]
     experts = [node(f"experts {i}", COMPUTE, cost.gemm(work.expert_flops / chunks), i) for i in range(chunks)]
     combine = [node(f"combine {i}", COMM, cost.all_to_all(send), i) for i in range(chunks)]
+    total = [node(f"sum {i}", COMPUTE, cost.copy(send), i) for i in range(chunks)]
     shared = node("shared", COMPUTE, cost.gemm(work.shared_flops)) if work.shared_flops else None
     for i in range(chunks):
-        dag.add_edge(dispatch[i], experts[i])
-        dag.add_edge(experts[i], combine[i])
+        nx.add_path(dag, [gather[i], dispatch[i], experts[i], combine[i], total[i]])
     if not overlap:
-        chain = [counts] + [step for i in range(chunks) for step in (dispatch[i], experts[i], combine[i])]
+        chain = [counts] + [step for i in range(chunks)
+                            for step in (gather[i], dispatch[i], experts[i], combine[i], total[i])]
         chain += [shared] if shared else []
         nx.add_path(dag, chain)
         return dag
     comm_order = [counts, *dispatch[:2]]
+    compute_order = [*gather[:2]] + ([shared] if shared else [])
     for i in range(chunks):
         comm_order += [combine[i]] + ([dispatch[i + 2]] if i + 2 < chunks else [])
-        if i + 2 < chunks:
-            dag.add_edge(experts[i], dispatch[i + 2])  # issued right after experts i
+        compute_order += [experts[i]] + ([gather[i + 2]] if i + 2 < chunks else [])
     nx.add_path(dag, comm_order)
-    compute_order = ([shared] if shared else []) + experts
-    nx.add_path(dag, [counts, *compute_order])  # the count exchange blocks: buffers need its sizes
+    nx.add_path(dag, [counts, *compute_order, *total])  # the count exchange blocks: buffers need its sizes
     return dag
 
 
@@ -189,7 +200,7 @@ def gantt_png(dag: nx.DiGraph, title: str = "") -> bytes:
 
     start = start_times(dag)
     colors = {"counts": "#999999", "dispatch": "#4c72b0", "combine": "#55a868", "experts": "#dd8452",
-              "shared": "#8172b3"}
+              "shared": "#8172b3", "gather": "#c4ad66", "sum": "#c4ad66"}
     rows = {COMM: 1, COMPUTE: 0}
     fig, ax = plt.subplots(figsize=(10, 2.4))
     for name, data in dag.nodes(data=True):
@@ -198,7 +209,7 @@ def gantt_png(dag: nx.DiGraph, title: str = "") -> bytes:
                 edgecolor="black", linewidth=0.5)
         if data["seconds"] > 0:
             ax.text((start[name] + data["seconds"] / 2) * 1e3, rows[data["stream"]], name.replace("experts", "exp")
-                    .replace("dispatch", "d").replace("combine", "c"), ha="center", va="center", fontsize=7)
+                    .replace("dispatch", "d").replace("combine", "c").replace("gather", "g").replace("sum", "s"), ha="center", va="center", fontsize=7)
     ax.set_yticks([0, 1], ["compute", "communication"])
     ax.set_xlabel("ms")
     title = title or f"makespan {makespan(dag) * 1e3:.2f} ms"

@@ -6,10 +6,11 @@ passes) holds ``world_size``, ``placement`` (``moec.analysis.placement.Placement
 ``schedule`` (per block, ``moec.analysis.schedule.LayerSchedule`` JSON). Every rank takes its share of
 the batch (dim 0 of every input) and runs the graph like the torch runner, except ``moe.experts``:
 
-1. each (token, slot) pair goes to the rank that owns its expert; the per-chunk pair counts are
-   exchanged first (one small blocking all-to-all),
-2. rows and local expert ids of each chunk are dispatched with asynchronous ``all_to_all_single``;
-   the block's shared expert runs while the first dispatches are in flight,
+1. each (token, slot) pair goes to the rank that owns its expert, sorted by that expert; the pair
+   counts per chunk and destination expert are exchanged first (one small blocking all-to-all), so
+   the owner knows which expert every row it receives is for,
+2. each chunk's token rows are dispatched with one asynchronous ``all_to_all_single``; the block's
+   shared expert runs while the first dispatches are in flight,
 3. the owner runs its experts on what it received and sends the outputs back (combine, asynchronous),
 4. the sender scales each returned row by its routing weight and sums it into its token.
 
@@ -21,6 +22,7 @@ before any other collective, so a bad plan makes every rank raise instead of som
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import safetensors
@@ -171,6 +173,47 @@ def local_positions(owners: torch.Tensor, world_size: int) -> torch.Tensor:
     return local_index
 
 
+@dataclass(frozen=True)
+class ChunkRoute:
+    """One chunk's (token, slot) pairs sorted by destination: by the rank owning their expert, then by the
+    expert's row in that rank's weights. ``counts[r, j]``: how many pairs go to rank r's local expert j."""
+
+    token_of_pair: torch.Tensor  # [P] the pair's token (row of this rank's tokens)
+    weights: torch.Tensor  # [P] the pair's routing weight
+    counts: torch.Tensor  # [R, L] with L the most experts any rank holds
+
+
+def route_chunks(indices: torch.Tensor, routing: torch.Tensor, owners: torch.Tensor, local_index: torch.Tensor,
+                 world_size: int, chunks: int) -> list[ChunkRoute]:
+    """Split this rank's tokens into ``chunks`` chunks and sort each chunk's pairs by destination."""
+    k, per_rank = indices.shape[-1], int(local_index.max()) + 1
+    destination = owners * per_rank + local_index  # per expert: its (rank, local row) as one sort key
+    routes = []
+    for chunk in torch.arange(indices.shape[0]).tensor_split(chunks):
+        keys = destination[indices[chunk].reshape(-1)]
+        order = torch.argsort(keys, stable=True)
+        counts = torch.bincount(keys, minlength=world_size * per_rank).reshape(world_size, per_rank)
+        routes.append(ChunkRoute(chunk.repeat_interleave(k)[order], routing[chunk].reshape(-1)[order], counts))
+    return routes
+
+
+def received_expert_rows(counts: torch.Tensor) -> torch.Tensor:
+    """[N] for received rows grouped by source rank, then by local expert (``counts`` [R, L] from each
+    source rank), each row's local expert."""
+    per_rank = counts.shape[1]
+    return torch.arange(per_rank).repeat(counts.shape[0]).repeat_interleave(counts.reshape(-1))
+
+
+def outgoing_rows(tokens: torch.Tensor, route: ChunkRoute) -> torch.Tensor:
+    """[P, H] the token row of each of the chunk's pairs, in dispatch order."""
+    return tokens[route.token_of_pair]
+
+
+def add_combined(y: torch.Tensor, returned: torch.Tensor, route: ChunkRoute) -> None:
+    """Sum each returned expert output, scaled by its routing weight, into its token's row of ``y``."""
+    y.index_add_(0, route.token_of_pair, returned * route.weights.unsqueeze(1).to(returned.dtype))
+
+
 def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor, owners: torch.Tensor,
                           local_index: torch.Tensor, weight: dict[str, torch.Tensor | None], spec: Any, chunks: int,
                           run_shared: Any = None) -> torch.Tensor:
@@ -179,47 +222,40 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
     ``tokens`` [T, H], ``indices``/``routing`` [T, k] are this rank's; ``owners[e]`` is expert e's rank,
     ``local_index[e]`` its row in its owner's ``weight`` tensors (which hold that rank's experts only).
     ``run_shared`` (or None) is called once the first dispatches are in flight. Returns y [T, H].
+
+    Only token rows travel: the per-expert pair counts exchanged first tell each owner which of its
+    experts every received row is for, since rows arrive sorted by expert.
     """
     world_size = dist.get_world_size()
-    hidden, k = tokens.shape[-1], indices.shape[-1]
-    # Per chunk: (token, slot) pairs sorted by owner rank, and how many go to each rank.
-    plans = []
-    for chunk in torch.arange(tokens.shape[0]).tensor_split(chunks):
-        experts = indices[chunk].reshape(-1)
-        order = torch.argsort(owners[experts], stable=True)
-        counts = torch.bincount(owners[experts], minlength=world_size)
-        plans.append((chunk.repeat_interleave(k)[order], experts[order], routing[chunk].reshape(-1)[order], counts))
-    send_counts = torch.stack([plan[3] for plan in plans], dim=1).contiguous()  # [R, C]
+    hidden = tokens.shape[-1]
+    routes = route_chunks(indices, routing, owners, local_index, world_size, chunks)
+    send_counts = torch.stack([route.counts for route in routes], dim=1).contiguous()  # [R, C, L]
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts)
+    sent = send_counts.sum(-1).T.tolist()  # [C][R] rows to each rank
+    received = recv_counts.sum(-1).T.tolist()  # [C][R] rows from each rank
 
     def dispatch(i):
-        token_of_pair, experts, _, counts = plans[i]
-        send, received = counts.tolist(), recv_counts[:, i].tolist()
-        rows = torch.empty(sum(received), hidden, dtype=tokens.dtype)
-        ids = torch.empty(sum(received), dtype=torch.int64)
-        works = [dist.all_to_all_single(ids, local_index[experts], received, send, async_op=True),
-                 dist.all_to_all_single(rows, tokens[token_of_pair].contiguous(), received, send, async_op=True)]
-        return works, rows, ids
+        rows = torch.empty(sum(received[i]), hidden, dtype=tokens.dtype)
+        outgoing = outgoing_rows(tokens, routes[i])
+        return dist.all_to_all_single(rows, outgoing, received[i], sent[i], async_op=True), rows
 
     in_flight = {i: dispatch(i) for i in range(min(2, chunks))}
     if run_shared is not None:
         run_shared()
     combines = []
     for i in range(chunks):
-        works, rows, ids = in_flight.pop(i)
-        for work in works:
-            work.wait()
+        work, rows = in_flight.pop(i)
+        work.wait()
+        ids = received_expert_rows(recv_counts[:, i])
         out = experts_forward(rows, ids.unsqueeze(1), torch.ones(len(ids), 1), weight["w_in"], weight["w_out"],
                               weight["b_in"], weight["b_out"], spec)
-        send, received = plans[i][3].tolist(), recv_counts[:, i].tolist()
-        back = torch.empty(sum(send), hidden, dtype=out.dtype)
-        combines.append((dist.all_to_all_single(back, out, send, received, async_op=True), back, i))
+        returned = torch.empty(sum(sent[i]), hidden, dtype=out.dtype)
+        combines.append((dist.all_to_all_single(returned, out, sent[i], received[i], async_op=True), returned))
         if i + 2 < chunks:
             in_flight[i + 2] = dispatch(i + 2)
     y = torch.zeros_like(tokens)
-    for work, back, i in combines:
+    for (work, returned), route in zip(combines, routes, strict=True):
         work.wait()
-        token_of_pair, _, pair_weight, _ = plans[i]
-        y.index_add_(0, token_of_pair, back * pair_weight.unsqueeze(1).to(back.dtype))
+        add_combined(y, returned, route)
     return y

@@ -3,8 +3,8 @@ the shared expert runs while dispatch is in flight.
 
 Requires: a verified graph whose ``metadata["expert_parallel"]`` has a placement (run
 ``expert-placement`` first), and either ``chunks`` (a fixed count) or ``cost_model`` (a
-``moec.analysis.schedule.CostModel`` as a dict, fitted to this machine's measured all-to-all and GEMM
-times, with ``streams`` from ``concurrent_streams`` for the cores each rank will have: on ranks that share
+``moec.analysis.schedule.CostModel`` as a dict, fitted to this machine's measured all-to-all, GEMM and
+row-copy times, with ``streams`` from ``concurrent_streams`` for the cores each rank will have: on ranks that share
 cores overlap gains nothing and one chunk is chosen). Ensures: ``metadata["expert_parallel"]["schedule"]`` maps every MoE block to a
 ``LayerSchedule`` (JSON) and each block's shared expert comes right after its ``moe.experts`` op, so the
 runtime can start it early. In place. Work per layer is estimated for ``tokens_per_rank`` tokens.

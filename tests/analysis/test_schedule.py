@@ -28,12 +28,30 @@ def test_fit_recovers_lines():
     assert CostModel.from_json(older) == model
     with pytest.raises(MoecError, match="two sizes"):
         CostModel.fit([(1.0, 1.0)], gemm)
+    assert model.copy(1e6) == 0.0  # fitted without row-copy samples: copies are free
+    copies = CostModel.fit(a2a, gemm, copy_samples=[(n, 1e-5 + 4e-10 * n) for n in (1e3, 1e6)])
+    assert copies.copy_latency_s == pytest.approx(1e-5) and copies.copy_s_per_byte == pytest.approx(4e-10)
+    assert copies.copy(0) == 0.0 and CostModel.from_json(copies.to_json()) == copies
 
 
 def test_serial_schedule_is_the_sum_of_its_steps():
     work = LayerWork(4e6, 4e7, 1e7)
     dag = schedule_dag(work, COST, 3, overlap=False)
     assert makespan(dag) == pytest.approx(sum(d["seconds"] for _, d in dag.nodes(data=True)))
+
+
+def test_row_copies_surround_each_chunks_communication():
+    copying = CostModel(**{**COST.to_json(), "copy_latency_s": 2e-5, "copy_s_per_byte": 5e-10})
+    work = LayerWork(4e6, 4e7, 1e7)
+    for overlap in (False, True):
+        dag = schedule_dag(work, copying, 3, overlap=overlap)
+        for i in range(3):
+            assert dag.has_edge(f"gather {i}", f"dispatch {i}") and dag.has_edge(f"combine {i}", f"sum {i}")
+            assert dag.nodes[f"gather {i}"]["seconds"] == pytest.approx(2e-5 + 5e-10 * 4e6 / 3)
+    serial = makespan(schedule_dag(work, copying, 1, overlap=False))
+    assert serial == pytest.approx(makespan(schedule_dag(work, COST, 1, overlap=False)) + 2 * (2e-5 + 5e-10 * 4e6))
+    start = start_times(schedule_dag(work, copying, 3))
+    assert start["gather 2"] >= start["experts 0"]  # chunk 2 is gathered once chunk 0's experts are done
 
 
 def test_overlap_dag_structure_and_makespan():

@@ -11,6 +11,13 @@ import torch
 
 import moec
 from moec.analysis.traces import collect_trace
+from moec.backend.distributed import (
+    add_combined,
+    local_positions,
+    outgoing_rows,
+    received_expert_rows,
+    route_chunks,
+)
 from moec.frontend.zoo import build_preset
 from moec.passes import PassContext, build_passes, run_passes
 
@@ -59,3 +66,37 @@ def test_wrong_world_size_fails_on_every_rank(qwen_plan):
     assert done.returncode != 0
     for rank in range(3):
         assert f"error (rank {rank}): " in done.stderr and "placed for 2 ranks but was started with 3" in done.stderr
+
+
+def test_pair_bookkeeping_in_one_process():
+    """The runtime's dispatch and combine bookkeeping with the all-to-alls simulated by slicing: each owner
+    derives every received row's expert from the exchanged counts alone, and the sums match the MoE."""
+    world, experts, k, tokens, hidden, chunks = 3, 7, 2, 11, 4, 2
+    gen = torch.Generator().manual_seed(0)
+    owners = torch.tensor([2, 0, 1, 0, 2, 1, 0])
+    local_index = local_positions(owners, world)
+    global_id = torch.full((world, int(local_index.max()) + 1), -1)
+    global_id[owners, local_index] = torch.arange(experts)
+    ranks = [(torch.randn(tokens, hidden, generator=gen),
+              torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)]),
+              torch.rand(tokens, k, generator=gen)) for _ in range(world)]
+    routes = [route_chunks(ids, weights, owners, local_index, world, chunks) for _, ids, weights in ranks]
+    outputs = [torch.zeros(tokens, hidden) for _ in range(world)]
+    for chunk in range(chunks):
+        sent = [torch.tensor([0, *routes[s][chunk].counts.sum(1).cumsum(0).tolist()]) for s in range(world)]
+        returned = [[] for _ in range(world)]
+        for owner in range(world):
+            rows = torch.cat([outgoing_rows(ranks[s][0], routes[s][chunk])[sent[s][owner]:sent[s][owner + 1]]
+                              for s in range(world)])
+            counts = torch.stack([routes[s][chunk].counts[owner] for s in range(world)])
+            expert = global_id[owner, received_expert_rows(counts)]
+            assert (expert >= 0).all()
+            out = rows * (expert + 1).unsqueeze(1)  # expert e multiplies by e + 1
+            bounds = counts.sum(1).cumsum(0).tolist()
+            for s, (start, end) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
+                returned[s].append(out[start:end])
+        for s in range(world):
+            add_combined(outputs[s], torch.cat(returned[s]), routes[s][chunk])
+    for (x, ids, weights), y in zip(ranks, outputs, strict=True):
+        expected = (weights.unsqueeze(-1) * x.unsqueeze(1) * (ids + 1).unsqueeze(-1)).sum(1)
+        torch.testing.assert_close(y, expected)

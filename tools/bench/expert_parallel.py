@@ -168,7 +168,13 @@ def timed(fn, reps):
 def worker(out: Path, quick: bool) -> None:
     import torch.distributed as dist
 
-    from moec.backend.distributed import expert_parallel_layer, local_positions
+    from moec.backend.distributed import (
+        ChunkRoute,
+        add_combined,
+        expert_parallel_layer,
+        local_positions,
+        outgoing_rows,
+    )
     from moec.frontend.blocks import ExpertsSpec, FFNSpec
     from moec.kernels import reference
     from moec.kernels.moe_cpu import experts_forward
@@ -195,8 +201,10 @@ def worker(out: Path, quick: bool) -> None:
     def shared():
         return reference.ffn(x, shared_w[0], shared_w[1], shared_w[2], None, None, None, None, shared_spec)
 
-    # Fit the cost model: all-to-all of total payload bytes, GEMM FLOPs of gated FFN rows.
-    a2a_samples, gemm_samples = [], []
+    # Fit the cost model: all-to-all of total payload bytes, GEMM FLOPs of gated FFN rows, and the row
+    # copies around them (the gather before dispatch and the weighted sum after combine) by bytes.
+    a2a_samples, gemm_samples, copy_samples = [], [], []
+    summed = torch.zeros_like(x)
     for fraction in (0.125, 0.25, 0.5, 1.0):
         n = int(tokens * k * fraction) // world * world
         payload = torch.randn(n, hidden)
@@ -208,8 +216,12 @@ def worker(out: Path, quick: bool) -> None:
         seconds = timed(lambda r=rows, i=ids: experts_forward(r, i, torch.ones(len(i), 1), weight["w_in"],
                                                              weight["w_out"], None, None, spec), reps)
         gemm_samples.append((6.0 * rows.shape[0] * hidden * ffn, seconds))
+        route = ChunkRoute(torch.randint(tokens, (n,), generator=gen), torch.rand(n, generator=gen), torch.zeros(0))
+        copy_samples.append((n * hidden * 4, timed(lambda r=route: outgoing_rows(x, r), reps)))
+        copy_samples.append((n * hidden * 4, timed(lambda r=route, p=payload: add_combined(summed, p, r), reps)))
     # One compute thread per rank: communication overlaps it only where a rank has a core to spare.
-    cost = CostModel.fit(a2a_samples, gemm_samples, streams=concurrent_streams(len(os.sched_getaffinity(0)), world))
+    cost = CostModel.fit(a2a_samples, gemm_samples, streams=concurrent_streams(len(os.sched_getaffinity(0)), world),
+                         copy_samples=copy_samples)
     work = LayerWork(dispatch_bytes=tokens * k * hidden * 4, expert_flops=6.0 * tokens * k * hidden * ffn,
                      shared_flops=6.0 * tokens * hidden * ffn)
     chosen = choose_chunks(work, cost, max_chunks=8)
@@ -236,10 +248,12 @@ def worker(out: Path, quick: bool) -> None:
         result = {
             "ranks": world, "tokens_per_rank": tokens, "hidden": hidden, "ffn": ffn, "experts": experts, "top_k": k,
             "cost_model": cost.to_json(), "a2a_samples": a2a_samples, "gemm_samples": gemm_samples,
+            "copy_samples": copy_samples,
             "chosen_chunks": chosen.chunks, "measured_s": measured, "predicted_s": predicted,
             "step_ratio_overlap_vs_serial": measured["overlap_chosen"] / measured["serial"],
             "prediction_error": {key: predicted[key] / measured[key] - 1 for key in measured},
             "compute_s": cost.gemm(work.expert_flops), "comm_s": 2 * cost.all_to_all(work.dispatch_bytes),
+            "copy_s": 2 * cost.copy(work.dispatch_bytes),
         }
         out.write_text(json.dumps(result, indent=1))
         out.with_suffix(".gantt.png").write_bytes(gantt_png(
@@ -260,7 +274,7 @@ def overlap_section(out_dir: Path, quick: bool) -> dict:
           f"shared-overlap C=1 {m['overlap_c1'] * 1e3:.1f} ms, chosen {m['overlap_chosen'] * 1e3:.1f} ms "
           f"(ratio {result['step_ratio_overlap_vs_serial']:.2f}x); predicted {p['serial'] * 1e3:.1f} / "
           f"{p['overlap_c1'] * 1e3:.1f} / {p['overlap_chosen'] * 1e3:.1f} ms; model comm {result['comm_s'] * 1e3:.1f} ms, "
-          f"compute {result['compute_s'] * 1e3:.1f} ms, {result['cost_model']['streams']:g} concurrent stream(s) per rank")
+          f"compute {result['compute_s'] * 1e3:.1f} ms, row copies {result['copy_s'] * 1e3:.1f} ms, {result['cost_model']['streams']:g} concurrent stream(s) per rank")
     return result
 
 
