@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The Triton backend's checks that need a CUDA GPU, in one go: the kernel tests on the GPU, tile tuning
-# (written into moec/backend/triton_tiles.json), then the benchmark with the tuned tiles.
-# Logs and results go to OUT_DIR. --quick: smaller tuning grid and fewer token counts.
+# The checks that need a machine larger than the 2-core development one, in one go: the Triton backend's
+# kernel tests on the GPU, tile tuning (written into moec/backend/triton_tiles.json), the benchmark with
+# the tuned tiles, then the 4-rank gloo overlap measurement (tools/bench/expert_parallel.py), which needs
+# a spare core per rank to show any overlap. Logs and results go to OUT_DIR. --quick: smaller tuning grid
+# and fewer token counts.
 #
 # Usage: tools/gpu_checks.sh OUT_DIR [--quick]
 set -u
@@ -22,3 +24,6 @@ cp moec/backend/triton_tiles.json "$out/"
 echo "== benchmark"
 timeout 220 python tools/bench/triton_moe.py $quick --profile --out "$out/triton_moe.json" >"$out/bench.txt" 2>&1
 grep -v "^ \|^-\|^Name\|^Self" "$out/bench.txt" | tail -n 40
+echo "== expert-parallel overlap on 4 gloo ranks ($(nproc) cores)"
+timeout 90 python tools/bench/expert_parallel.py --overlap-only --out "$out/expert_parallel.json" 2>&1 \
+  | grep -v "Warn" | tee "$out/expert_parallel.txt" | tail -n 3
