@@ -181,6 +181,12 @@ def describe_spec(op: Any) -> str:
 
 def parity(model: nn.Module, compiled: CompiledModel, example_inputs: tuple | Mapping[str, Any]) -> float:
     """Max abs difference between the original model and the compiled one on the same inputs."""
+    return deviation(model, compiled, example_inputs)[0]
+
+
+def deviation(model: nn.Module, compiled: CompiledModel, example_inputs: tuple | Mapping[str, Any]) -> tuple[float, float]:
+    """(max abs difference between the original model's and the compiled one's outputs on the same inputs,
+    the largest magnitude among the original's outputs): how far outputs moved, and on what scale."""
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
     was_training = model.training
     model.eval()
@@ -196,5 +202,8 @@ def parity(model: nn.Module, compiled: CompiledModel, example_inputs: tuple | Ma
     leaves_got = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
     if len(leaves_expected) != len(leaves_got):
         raise MoecError(f"compiled model returned {len(leaves_got)} tensors, the model {len(leaves_expected)}")
-    return max(((a.float() - b.float().to(a.device)).abs().max().item()  # the triton backend answers on its GPU
-                for a, b in zip(leaves_expected, leaves_got, strict=True)), default=0.0)
+    pairs = list(zip(leaves_expected, leaves_got, strict=True))
+    difference = max(((a.float() - b.float().to(a.device)).abs().max().item()  # the triton backend answers on its GPU
+                      for a, b in pairs if a.numel()), default=0.0)
+    scale = max((a.float().abs().max().item() for a, _ in pairs if a.numel()), default=0.0)
+    return difference, scale

@@ -118,6 +118,9 @@ def pass_names() -> list[str]:
 @dataclass(frozen=True)
 class Pass:
     name: ClassVar[str] = ""
+    # True for passes that change the model's outputs by design (quantization, pruning, conversion to
+    # experts): the CLI then reports how far the outputs moved instead of failing its parity check.
+    approximate: ClassVar[bool] = False
 
     def needs_calibration(self) -> bool:
         """Whether ``run`` (with these options) calls ``context.statistics``."""

@@ -135,6 +135,7 @@ def unit_label(unit: Unit) -> str:
 @dataclass(frozen=True)
 class BitAllocation(Pass):
     name = "bit-allocation"
+    approximate = True
 
     budget: float = 3.0  # average bits over all quantized parameters
     widths: tuple[int, ...] = (2, 3, 4, 8)

@@ -75,6 +75,7 @@ class ExpertLayout:
 @dataclass(frozen=True)
 class DenseToMoE(Pass):
     name = "dense-to-moe"
+    approximate = True
 
     experts: int = 8
     top_k: int = 2

@@ -26,6 +26,7 @@ from moec.passes.base import Pass, PassContext, PassResult, register_pass
 @dataclass(frozen=True)
 class DynamicSkip(Pass):
     name = "dynamic-skip"
+    approximate = True
 
     threshold: float = 0.3
 

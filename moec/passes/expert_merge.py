@@ -266,6 +266,7 @@ def refit_outputs(layer: MoELayer, merged: dict[str, torch.Tensor], rows: torch.
 @dataclass(frozen=True)
 class ExpertMerge(Pass):
     name = "expert-merge"
+    approximate = True
     keep: int | None = None
     keep_ratio: float | None = None
     align: str | None = None  # None: "importance" for combine="select", "weight" for "average"

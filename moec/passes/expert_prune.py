@@ -85,6 +85,7 @@ def keep_by_similarity(similarity: torch.Tensor, mass: torch.Tensor, groups: tor
 @dataclass(frozen=True)
 class ExpertPrune(Pass):
     name = "expert-prune"
+    approximate = True
     keep: int | None = None
     keep_ratio: float | None = None
     criterion: str = "frequency"

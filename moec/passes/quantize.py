@@ -175,6 +175,7 @@ def activations_for(program: Program, context: PassContext, needed: bool) -> FFN
 @dataclass(frozen=True)
 class Quantize(Pass):
     name = "quantize"
+    approximate = True
 
     bits: int = 4
     group: int = 64

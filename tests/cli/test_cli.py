@@ -25,6 +25,43 @@ def test_compile_prints_layers_and_parity(qwen_plan, capsys):
     assert out.count("ok (tolerance 0.0001)") == 2
 
 
+def test_a_recipe_that_changes_the_model_reports_its_deviation_and_writes_the_plan(tmp_path, capsys):
+    """Quantizing changes the outputs by design: the CLI says how much and writes the plan instead of failing
+    a parity tolerance meant for lossless compilation."""
+    recipe = tmp_path / "quantize.yaml"
+    recipe.write_text("passes:\n  - quantize: {bits: 2, group: 32}\n")
+    assert main(["compile", "--model", "tiny-mixtral", "--recipe", str(recipe), "-o", str(tmp_path / "plan")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("deviation on") == 2 and "FAILED" not in out and "(tolerance" not in out
+    diff = float(out.split("deviation on example inputs")[1].split("max abs diff ")[1].split(",")[0])
+    assert diff > 1e-4  # 2-bit experts do move the outputs: this is not parity
+    assert "quantize changes the model's outputs by design" in out
+    assert (tmp_path / "plan" / WEIGHTS_FILE).is_file()
+
+
+def test_a_lossless_recipe_that_breaks_parity_fails_without_writing_a_plan(tmp_path, capsys, monkeypatch):
+    from dataclasses import dataclass
+
+    from moec.passes.base import PASSES, Pass, PassResult
+
+    @dataclass(frozen=True)
+    class ScaleFirstWeight(Pass):  # a pass that claims to be exact but is not
+        name = "test-scale-first-weight"
+
+        def run(self, program, context):
+            first = next(iter(program.weights))
+            program.weights[first] = program.weights[first] * 1.5
+            return PassResult(True)
+
+    monkeypatch.setitem(PASSES, ScaleFirstWeight.name, ScaleFirstWeight)
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("passes:\n  - test-scale-first-weight: {}\n")
+    assert main(["compile", "--model", "tiny-mixtral", "--recipe", str(recipe), "-o", str(tmp_path / "plan")]) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAILED") == 2 and "deviation" not in out
+    assert not (tmp_path / "plan").exists()
+
+
 def test_inspect_shows_shared_expert_and_gate(qwen_plan, capsys):
     assert main(["inspect", str(qwen_plan)]) == 0
     out = capsys.readouterr().out
