@@ -54,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compile_.add_argument("-o", "--output", metavar="PLAN", help="write the plan folder here (replaced if it is a plan)")
     compile_.add_argument("--recipe", metavar="FILE", help="YAML/JSON recipe listing the passes to run")
+    compile_.add_argument(
+        "--calibration", metavar="FILE",
+        help="data for passes that calibrate: a .txt file (one text sample per line, encoded by the model's "
+             "tokenizer) or a .safetensors file (the model's inputs by name, samples along dim 0); default: "
+             "built-in English text (standard-library docstrings) when the model has a tokenizer",
+    )
     compile_.add_argument("--backend", default="torch", choices=["torch", "triton"],
                           help="execution backend (default: torch); triton writes its generated kernels into the plan")
     compile_.add_argument(
@@ -120,7 +126,7 @@ def run_compile(args: argparse.Namespace) -> int:
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)
         model = model.to(dtype)
-    calibration, held_out = calibration_text(args.model, args.recipe)
+    calibration, held_out = calibration_data(args.model, args.recipe, args.calibration)
     with step("capturing and compiling"):
         compiled = moec.compile(model, example, recipe=args.recipe, calibration=calibration, backend=args.backend)
     console.print(summary_table(compiled.summary(), f"{type(model).__name__}: FFN and MoE layers"))
@@ -170,33 +176,83 @@ def write_plan(compiled: Any, output: str | None) -> int:
 
 
 CALIBRATION_SENTENCES, HELD_OUT_SENTENCES = 256, 128
+CALIBRATION_BATCH = 32
 
 
-def calibration_text(model_spec: str, recipe: str | None) -> tuple[list | None, list | None]:
-    """(calibration batches, held-out batches) of built-in text when the recipe needs calibration, else Nones.
+def calibration_data(model_spec: str, recipe: str | None, path: str | None) -> tuple[list | None, list | None]:
+    """(calibration batches, held-out batches) when the recipe needs calibration, else Nones.
 
-    The text is standard-library docstrings (``moec.analysis.corpus``), tokenized by the model's tokenizer.
+    Calibration is the ``path`` file when given (see ``read_calibration_file``), else built-in text:
+    standard-library docstrings (``moec.analysis.corpus``) tokenized by the model's tokenizer. Held-out
+    batches, for the quality table, are built-in text the calibration never saw (None without a tokenizer).
     """
-    from pathlib import Path
-
     from moec.errors import MoecError
     from moec.passes import build_passes, load_recipe
 
-    if recipe is None or not any(p.needs_calibration() for p in build_passes(load_recipe(recipe))):
+    needs = recipe is not None and any(p.needs_calibration() for p in build_passes(load_recipe(recipe)))
+    if path is not None and not needs:
+        raise MoecError(f"--calibration {path}: no pass of the recipe needs calibration data; leave it out")
+    if not needs:
         return None, None
-    from transformers import AutoTokenizer
-
     from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
+
+    tokenizer = model_tokenizer(model_spec)
+    if path is None and tokenizer is None:
+        raise MoecError(f"the recipe needs calibration data, and model {model_spec!r} has no tokenizer to encode the "
+                        "built-in text; give --calibration FILE (token ids by input name in a .safetensors file)")
+    with step(f"loading calibration data ({path or 'standard-library docstrings'})"):
+        text, held_out = calibration_and_held_out(CALIBRATION_SENTENCES, HELD_OUT_SENTENCES)
+        calibration = (read_calibration_file(path, tokenizer) if path is not None
+                       else tokenized_batches(tokenizer, text, CALIBRATION_BATCH))
+        return calibration, tokenized_batches(tokenizer, held_out) if tokenizer is not None else None
+
+
+def model_tokenizer(model_spec: str) -> Any:
+    """The tokenizer of the default model or of a local Hugging Face folder, or None."""
+    from pathlib import Path
+
     from moec.frontend.zoo import minilm_path
 
     folder = minilm_path() if model_spec == "minilm" else Path(model_spec)
     if not (folder / "tokenizer_config.json").is_file():
-        raise MoecError(f"the recipe needs calibration text, and model {model_spec!r} has no tokenizer to encode the "
-                        "built-in text; use a model folder with a tokenizer, or moec.compile(..., calibration=samples)")
-    with step("loading calibration text (standard-library docstrings)"):
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        calibration, held_out = calibration_and_held_out(CALIBRATION_SENTENCES, HELD_OUT_SENTENCES)
-        return tokenized_batches(tokenizer, calibration), tokenized_batches(tokenizer, held_out)
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def read_calibration_file(path: str, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    """Calibration batches from ``path``: a ``.txt`` file (one text sample per non-empty line, encoded by the
+    model's tokenizer) or a ``.safetensors`` file (the model's inputs by name, samples along dim 0)."""
+    from pathlib import Path
+
+    import safetensors.torch
+
+    from moec.analysis.corpus import tokenized_batches
+    from moec.errors import MoecError
+
+    file = Path(path)
+    if not file.is_file():
+        raise MoecError(f"--calibration {path}: no such file")
+    if file.suffix == ".txt":
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise MoecError(f"--calibration {path}: the file has no text (one sample per line)")
+        if tokenizer is None:
+            raise MoecError(f"--calibration {path}: the model has no tokenizer to encode text; give its inputs as "
+                            "token ids in a .safetensors file instead")
+        return tokenized_batches(tokenizer, lines, CALIBRATION_BATCH)
+    if file.suffix == ".safetensors":
+        tensors = safetensors.torch.load_file(str(file))
+        rows = {name: tensor.shape[0] if tensor.dim() else 0 for name, tensor in tensors.items()}
+        if not tensors or len(set(rows.values())) != 1 or 0 in rows.values():
+            raise MoecError(f"--calibration {path}: expected the model's inputs by name with the same number of "
+                            f"samples along dim 0, got {rows or 'no tensors'}")
+        count = next(iter(rows.values()))
+        return [{name: tensor[i:i + CALIBRATION_BATCH] for name, tensor in tensors.items()}
+                for i in range(0, count, CALIBRATION_BATCH)]
+    raise MoecError(f"--calibration {path}: give a .txt file (one text sample per line) or a .safetensors file "
+                    "(the model's inputs by name, samples along dim 0)")
 
 
 def show_quality(model: Any, compiled: Any, held_out: list) -> None:

@@ -343,11 +343,17 @@ def calibrate_flat(program: Program, flat_samples: list[list[torch.Tensor]], *, 
     mask_index = names.index("attention_mask") if "attention_mask" in names else None
     runner = TorchRunner(program)
     recorder = _Recorder(program, max_rows)
-    for inputs in _progress(flat_samples, progress):
+    for index, inputs in enumerate(_progress(flat_samples, progress)):
         if len(inputs) != len(names):
             raise MoecError(f"a calibration sample has {len(inputs)} inputs, the program takes {len(names)}")
         recorder.start_sample(inputs[mask_index] if mask_index is not None else None)
-        runner.run(inputs, observe=recorder)
+        try:
+            runner.run(inputs, observe=recorder)
+        except (IndexError, RuntimeError, ValueError) as error:
+            shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(names, inputs, strict=True))
+            raise MoecError(f"calibration sample {index} ({shapes}) does not run through the model: "
+                            f"{type(error).__name__}: {error}; check that the samples are valid inputs for it "
+                            "(token ids below the vocabulary size, shapes the model takes)") from error
         recorder.end_sample()
     return recorder.result(fingerprint(program), flat_samples)
 

@@ -57,7 +57,7 @@ class PassContext:
 
         if self.calibration is None:
             raise PassError(f"{needed_by} needs calibration data: pass calibration=<list of sample inputs> to "
-                            "moec.compile (the CLI uses built-in text when the model has a tokenizer)")
+                            "moec.compile (the CLI: --calibration FILE, or built-in text when the model has a tokenizer)")
         current = fingerprint(program)
         for known in self.calibrations:
             if known.fingerprint == current:
