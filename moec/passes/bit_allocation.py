@@ -42,6 +42,7 @@ from moec.passes.quantize import (
     activations_for,
     calibration_rows,
     check_options,
+    check_quantizable,
     quantizable_units,
     quantize_units,
 )
@@ -161,6 +162,7 @@ class BitAllocation(Pass):
         units = quantizable_units(program, self.dense, self.per_linear)
         if not units:
             return PassResult(False, {"units": 0})
+        check_quantizable(program, units, self.group)
         params = [u.params for u in units]
         floors = [self.floor_of(u) for u in units]
         # Check feasibility before the (slower) measurements, so a bad budget fails at once.

@@ -134,7 +134,8 @@ def quantize_one(w: torch.Tensor, bits: int, group: int, method: str, inputs: to
 
 def quantize_units(program: Program, units: list[Unit], bits: list[int], group: int, method: str,
                    activations: FFNActivations | None) -> None:
-    """Quantize every role of every unit at its width and replace the float weights by packed storage."""
+    """Quantize every role of every unit at its width and replace the float weights by packed storage
+    (``units`` passed ``check_quantizable``)."""
     widths: dict[tuple[int, str], dict[int | None, int]] = {}
     for unit, width in zip(units, bits, strict=True):
         for role in unit.roles:
@@ -144,12 +145,6 @@ def quantize_units(program: Program, units: list[Unit], bits: list[int], group: 
     for (op_index, role), by_expert in widths.items():  # all from the float weights, then all replaced
         name = graph.ops[op_index].kwargs[role].name
         weight_type = graph.weights[name]
-        if isinstance(weight_type, QuantizedType):
-            raise PassError(f"weight @{name} is already quantized; quantize a program once")
-        try:
-            check_group(group, weight_type.shape[-1])
-        except ValueError as err:
-            raise PassError(f"weight @{name} {list(weight_type.shape)}: {err}") from None
         float_weight = program.weights[name].float()
         matrices = []
         for expert, width in sorted(by_expert.items(), key=lambda item: -1 if item[0] is None else item[0]):
@@ -163,6 +158,21 @@ def quantize_units(program: Program, units: list[Unit], bits: list[int], group: 
         graph.weights[name] = weight.type
         del program.weights[name]
         program.weights.update(weight.storage(name))
+
+
+def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
+    """One ``PassError`` naming the first weight of ``units`` that is already quantized or whose reduced
+    dimension ``group`` does not divide (checked before any slow measurement or rounding)."""
+    for unit in units:
+        for role in unit.roles:
+            name = program.graph.ops[unit.op_index].kwargs[role].name
+            weight_type = program.graph.weights[name]
+            if isinstance(weight_type, QuantizedType):
+                raise PassError(f"weight @{name} is already quantized; quantize a program once")
+            try:
+                check_group(group, weight_type.shape[-1])
+            except ValueError as err:
+                raise PassError(f"weight @{name} {list(weight_type.shape)}: {err}") from None
 
 
 def activations_for(program: Program, context: PassContext, needed: bool) -> FFNActivations | None:
@@ -189,6 +199,7 @@ class Quantize(Pass):
         units = quantizable_units(program, self.dense)
         if not units:
             return PassResult(False, {"quantized_weights": 0})
+        check_quantizable(program, units, self.group)
         before = sum(t.numel() * t.element_size() for t in program.weights.values())
         activations = activations_for(program, context, self.method == "gptq")
         quantize_units(program, units, [self.bits] * len(units), self.group, self.method, activations)

@@ -44,6 +44,12 @@ def test_infeasible_budget_is_one_error_naming_the_smallest(compiled_program):
         allocate(program, [program.flatten_inputs((), example)], budget=2.0, group=32, floors={"shared": 8})
 
 
+def test_group_that_does_not_divide_names_the_weight_before_measuring(compiled_program):
+    _, example, program = compiled_program("tiny-mixtral")  # hidden 32: the default group of 64 does not divide it
+    with pytest.raises(PassError, match=r"weight @.* group size 64 does not divide the reduced dimension 32"):
+        allocate(program, [program.flatten_inputs((), example)], budget=3.0)
+
+
 @pytest.mark.slow
 def test_minilm_lp_beats_uniform_three_bits(compiled_program):
     """Real weights: at 3.0 average bits the allocation loses less embedding cosine than uniform 3 bits."""
