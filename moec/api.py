@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -181,13 +182,43 @@ def describe_spec(op: Any) -> str:
 
 def parity(model: nn.Module, compiled: CompiledModel, example_inputs: tuple | Mapping[str, Any]) -> float:
     """Max abs difference between the original model and the compiled one on the same inputs."""
-    return deviation(model, compiled, example_inputs)[0]
+    return max(((a.float() - b.float()).abs().max().item() for a, b in paired_outputs(model, compiled, example_inputs)
+                if a.numel()), default=0.0)
 
 
-def deviation(model: nn.Module, compiled: CompiledModel, example_inputs: tuple | Mapping[str, Any]) -> tuple[float, float]:
-    """(max abs difference between the original model's and the compiled one's outputs on the same inputs,
-    the largest magnitude among the original's outputs): how far outputs moved, and on what scale."""
-    args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
+@dataclass(frozen=True)
+class Deviation:
+    """How far a compiled model that changes the model by design (quantized, pruned, converted to experts)
+    lies from the original on some inputs, over the rows of every output tensor (its last dimension is a
+    row); with an ``attention_mask`` input, padding positions are left out."""
+
+    max_abs_diff: float
+    scale: float  # the largest magnitude among the original's output rows
+    cosine: float  # mean cosine between the original's and the compiled model's output rows
+
+
+def deviation(model: nn.Module, compiled: CompiledModel, inputs: tuple | Mapping[str, Any]) -> Deviation:
+    """The ``Deviation`` of ``compiled`` from ``model`` on ``inputs``."""
+    mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+    rows = []
+    for expected, got in paired_outputs(model, compiled, inputs):
+        if expected.dim() == 0 or not expected.numel():
+            continue
+        if isinstance(mask, torch.Tensor) and expected.dim() >= 3 and expected.shape[:2] == mask.shape:
+            keep = mask.to(expected.device).bool()
+            expected, got = expected[keep], got[keep]
+        rows.append((expected.float().reshape(-1, expected.shape[-1]), got.float().reshape(-1, expected.shape[-1])))
+    if not rows:
+        return Deviation(0.0, 0.0, 1.0)
+    cosines = torch.cat([torch.nn.functional.cosine_similarity(a, b, dim=-1) for a, b in rows])
+    return Deviation(max((a - b).abs().max().item() for a, b in rows), max(a.abs().max().item() for a, _ in rows),
+                     cosines.mean().item())
+
+
+def paired_outputs(model: nn.Module, compiled: CompiledModel,
+                   inputs: tuple | Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(original, compiled) pairs of every output tensor on the same inputs, on the original's device."""
+    args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs), {})
     was_training = model.training
     model.eval()
     config = getattr(model, "config", None)
@@ -202,8 +233,5 @@ def deviation(model: nn.Module, compiled: CompiledModel, example_inputs: tuple |
     leaves_got = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
     if len(leaves_expected) != len(leaves_got):
         raise MoecError(f"compiled model returned {len(leaves_got)} tensors, the model {len(leaves_expected)}")
-    pairs = list(zip(leaves_expected, leaves_got, strict=True))
-    difference = max(((a.float() - b.float().to(a.device)).abs().max().item()  # the triton backend answers on its GPU
-                      for a, b in pairs if a.numel()), default=0.0)
-    scale = max((a.float().abs().max().item() for a, _ in pairs if a.numel()), default=0.0)
-    return difference, scale
+    # The triton backend answers on its GPU.
+    return [(a, b.to(a.device)) for a, b in zip(leaves_expected, leaves_got, strict=True)]

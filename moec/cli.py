@@ -119,7 +119,7 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def run_compile(args: argparse.Namespace) -> int:
     import moec
-    from moec.api import deviation
+    from moec.api import deviation, parity
     from moec.frontend.zoo import load_model_spec
 
     with step(f"loading model {args.model}"):
@@ -142,13 +142,17 @@ def run_compile(args: argparse.Namespace) -> int:
     ok = True
     checks = {"example inputs": example, "resized inputs": resized(example)}
     with step("comparing with the original model" if changing else "checking parity with the original model"):
-        results = {label: deviation(model, compiled, inputs) for label, inputs in checks.items()}
-    for label, (diff, scale) in results.items():
+        compare = deviation if changing else parity
+        results = {label: compare(model, compiled, inputs) for label, inputs in checks.items()}
+    for label, result in results.items():
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in checks[label].items() if isinstance(v, torch.Tensor))
         if changing:  # no tolerance to hold: the recipe asked for a different model
-            relative = f", {diff / scale:.2%} of the outputs' largest magnitude" if scale else ""
-            console.print(f"deviation on {label} ({shapes}): max abs diff {diff:.3g}{relative}")
+            relative = f" ({result.max_abs_diff / result.scale:.2%} of the largest output)" if result.scale else ""
+            padding = "; padding positions left out" if "attention_mask" in checks[label] else ""
+            console.print(f"deviation on {label} ({shapes}): output cosine {result.cosine:.4f}, "
+                          f"max abs diff {result.max_abs_diff:.3g}{relative}{padding}")
             continue
+        diff = result
         passed = diff <= tolerance
         ok &= passed
         console.print(f"parity on {label} ({shapes}): max abs diff {diff:.3g} "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import moec
-from moec.api import parity
+from moec.api import deviation, parity
 from moec.frontend.zoo import build_preset
 from moec.ir import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 
@@ -101,3 +101,19 @@ def test_positional_example_inputs():
     with torch.no_grad():
         expected = model(ids, use_cache=False).logits
     assert (compiled(ids).logits - expected).abs().max() <= TOLERANCE
+
+
+def test_deviation_leaves_padding_positions_out():
+    """A causal model's outputs at real positions do not depend on the padding after them, so the deviation of
+    a quantized compile on padded inputs equals the one on the same inputs cut before the padding."""
+    model, example = build_preset("tiny-llama")
+    compiled = moec.compile(model, example, recipe={"passes": [{"quantize": {"bits": 2, "group": 32}}]})
+    ids = torch.randint(0, 100, (1, 9), generator=torch.Generator().manual_seed(0))
+    padded = {"input_ids": ids, "attention_mask": torch.tensor([[1] * 5 + [0] * 4])}
+    cut = {"input_ids": ids[:, :5], "attention_mask": torch.ones(1, 5, dtype=torch.int64)}
+    on_padded, on_cut = deviation(model, compiled, padded), deviation(model, compiled, cut)
+    assert on_padded.max_abs_diff > 1e-3 and 0.5 < on_padded.cosine < 0.9999  # 2 bits do move the logits
+    assert on_padded.cosine == pytest.approx(on_cut.cosine, abs=1e-5)
+    assert on_padded.max_abs_diff == pytest.approx(on_cut.max_abs_diff, abs=1e-5)
+    exact = moec.compile(model, example)
+    assert deviation(model, exact, padded).cosine == pytest.approx(1.0, abs=1e-6)
