@@ -121,14 +121,17 @@ def run_compile(args: argparse.Namespace) -> int:
     import moec
     from moec.api import deviation, parity
     from moec.frontend.zoo import load_model_spec
+    from moec.passes import build_passes, load_recipe
 
     with step(f"loading model {args.model}"):
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)
         model = model.to(dtype)
-    calibration, held_out = calibration_data(args.model, args.recipe, args.calibration)
+    recipe = load_recipe(args.recipe)  # read once: the passes decide calibration and how outputs are checked
+    passes = build_passes(recipe)
+    calibration, held_out = calibration_data(args.model, passes, args.calibration)
     with step("capturing and compiling"):
-        compiled = moec.compile(model, example, recipe=args.recipe, calibration=calibration, backend=args.backend)
+        compiled = moec.compile(model, example, recipe=recipe, calibration=calibration, backend=args.backend)
     console.print(summary_table(compiled.summary(), f"{type(model).__name__}: FFN and MoE layers"))
     for record in compiled.program.metadata.get("passes", []):
         console.print(f"pass {record['pass']}: {record['seconds']:.2f} s, {record['before']} -> {record['after']}")
@@ -137,7 +140,7 @@ def run_compile(args: argparse.Namespace) -> int:
     if held_out is not None:
         show_quality(model, compiled, held_out)
         return write_plan(compiled, args.output)
-    changing = approximate_passes(args.recipe)
+    changing = list(dict.fromkeys(p.name for p in passes if p.approximate))  # change the outputs by design
     tolerance = PARITY_TOLERANCE[dtype]
     ok = True
     checks = {"example inputs": example, "resized inputs": resized(example)}
@@ -163,15 +166,6 @@ def run_compile(args: argparse.Namespace) -> int:
     return write_plan(compiled, args.output) if ok else 1
 
 
-def approximate_passes(recipe: str | None) -> list[str]:
-    """The recipe's passes that change the model's outputs by design, by name, in order."""
-    from moec.passes import build_passes, load_recipe
-
-    if recipe is None:
-        return []
-    return list(dict.fromkeys(p.name for p in build_passes(load_recipe(recipe)) if p.approximate))
-
-
 def write_plan(compiled: Any, output: str | None) -> int:
     if output:
         with step(f"writing plan to {output}"):
@@ -183,17 +177,16 @@ CALIBRATION_SENTENCES, HELD_OUT_SENTENCES = 256, 128
 CALIBRATION_BATCH = 32
 
 
-def calibration_data(model_spec: str, recipe: str | None, path: str | None) -> tuple[list | None, list | None]:
-    """(calibration batches, held-out batches) when the recipe needs calibration, else Nones.
+def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tuple[list | None, list | None]:
+    """(calibration batches, held-out batches) when one of ``passes`` needs calibration, else Nones.
 
     Calibration is the ``path`` file when given (see ``read_calibration_file``), else built-in text:
     standard-library docstrings (``moec.analysis.corpus``) tokenized by the model's tokenizer. Held-out
     batches, for the quality table, are built-in text the calibration never saw (None without a tokenizer).
     """
     from moec.errors import MoecError
-    from moec.passes import build_passes, load_recipe
 
-    needs = recipe is not None and any(p.needs_calibration() for p in build_passes(load_recipe(recipe)))
+    needs = any(p.needs_calibration() for p in passes)
     if path is not None and not needs:
         raise MoecError(f"--calibration {path}: no pass of the recipe needs calibration data; leave it out")
     if not needs:
@@ -205,10 +198,12 @@ def calibration_data(model_spec: str, recipe: str | None, path: str | None) -> t
         raise MoecError(f"the recipe needs calibration data, and model {model_spec!r} has no tokenizer to encode the "
                         "built-in text; give --calibration FILE (token ids by input name in a .safetensors file)")
     with step(f"loading calibration data ({path or 'standard-library docstrings'})"):
+        if tokenizer is None:
+            return read_calibration_file(path, tokenizer), None
         text, held_out = calibration_and_held_out(CALIBRATION_SENTENCES, HELD_OUT_SENTENCES)
         calibration = (read_calibration_file(path, tokenizer) if path is not None
                        else tokenized_batches(tokenizer, text, CALIBRATION_BATCH))
-        return calibration, tokenized_batches(tokenizer, held_out) if tokenizer is not None else None
+        return calibration, tokenized_batches(tokenizer, held_out)
 
 
 def model_tokenizer(model_spec: str) -> Any:

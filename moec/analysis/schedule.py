@@ -125,13 +125,13 @@ def schedule_dag(work: LayerWork, cost: CostModel, chunks: int, overlap: bool = 
     dispatch = [node(f"dispatch {i}", COMM, cost.all_to_all(send), i) for i in range(chunks)]
     experts = [node(f"experts {i}", COMPUTE, cost.gemm(work.expert_flops / chunks), i) for i in range(chunks)]
     combine = [node(f"combine {i}", COMM, cost.all_to_all(send), i) for i in range(chunks)]
-    total = [node(f"sum {i}", COMPUTE, cost.copy(send), i) for i in range(chunks)]
+    sums = [node(f"sum {i}", COMPUTE, cost.copy(send), i) for i in range(chunks)]
     shared = node("shared", COMPUTE, cost.gemm(work.shared_flops)) if work.shared_flops else None
     for i in range(chunks):
-        nx.add_path(dag, [gather[i], dispatch[i], experts[i], combine[i], total[i]])
+        nx.add_path(dag, [gather[i], dispatch[i], experts[i], combine[i], sums[i]])
     if not overlap:
         chain = [counts] + [step for i in range(chunks)
-                            for step in (gather[i], dispatch[i], experts[i], combine[i], total[i])]
+                            for step in (gather[i], dispatch[i], experts[i], combine[i], sums[i])]
         chain += [shared] if shared else []
         nx.add_path(dag, chain)
         return dag
@@ -141,7 +141,7 @@ def schedule_dag(work: LayerWork, cost: CostModel, chunks: int, overlap: bool = 
         comm_order += [combine[i]] + ([dispatch[i + 2]] if i + 2 < chunks else [])
         compute_order += [experts[i]] + ([gather[i + 2]] if i + 2 < chunks else [])
     nx.add_path(dag, comm_order)
-    nx.add_path(dag, [counts, *compute_order, *total])  # the count exchange blocks: buffers need its sizes
+    nx.add_path(dag, [counts, *compute_order, *sums])  # the count exchange blocks: buffers need its sizes
     return dag
 
 

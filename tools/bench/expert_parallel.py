@@ -9,8 +9,8 @@ to its own bound (relative to its objective and to the modelled moved tokens).
 
 Overlap, on 4 local gloo ranks (one thread each, started with torchrun by this script): one MoE layer
 (8 experts, 2 per rank, top-2, hidden 512, expert FFN 48 so that compute and all-to-all are of similar
-size, 512 tokens per rank, uniform routing, a shared expert of the same width). The all-to-all and GEMM costs are measured
-and fitted (``moec.analysis.schedule.CostModel``; its concurrent streams per rank from the cores per rank),
+size, 512 tokens per rank, uniform routing, a shared expert of the same width). The all-to-all, GEMM and
+row-copy costs are measured and fitted (``moec.analysis.schedule.CostModel``; its concurrent streams per rank from the cores per rank),
 ``choose_chunks`` picks the chunk count, and the
 non-overlapped step (C = 1, shared expert after) and the chosen overlapped schedule are timed interleaved,
 slowest rank's time, median over repeats. The cost model's predictions are compared with both. A Gantt
