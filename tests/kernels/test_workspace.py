@@ -45,9 +45,11 @@ def test_gathered_rows_land_in_the_kept_buffer_unless_grad_is_needed():
 
 def test_threads_get_their_own_buffers():
     pointers = []
+    both_hold_one = threading.Barrier(2)  # a finished thread's buffers are freed: compare live ones
 
     def take():
         pointers.append(scratch("rows", 64, 64, torch.float32).data_ptr())
+        both_hold_one.wait(timeout=30)
 
     threads = [threading.Thread(target=take) for _ in range(2)]
     for thread in threads:
