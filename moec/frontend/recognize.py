@@ -20,7 +20,6 @@ from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec
 
 if TYPE_CHECKING:  # annotations only: the built-ins match these classes by import path
     from transformers.models.bert.modeling_bert import BertLayer
-    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
     from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
 
@@ -116,7 +115,7 @@ def activation_name(act: nn.Module) -> str | None:
 
 
 def _gated_mlp_ffn_spec(mlp: nn.Module) -> FFNSpec | None:
-    """gate_proj/up_proj/down_proj Linear layers with ``act_fn`` (Llama, Qwen2-MoE, DeepSeek-V3, OLMoE)."""
+    """gate_proj/up_proj/down_proj Linear layers with ``act_fn`` (Llama, Mistral, Qwen, Gemma, the MoE families' dense MLPs)."""
     act = activation_name(mlp.act_fn)
     if act is None:
         return None
@@ -237,45 +236,56 @@ def _qwen2_moe(block: Qwen2MoeSparseMoeBlock) -> BlockSpec | None:
     return dataclasses.replace(spec, weights=weights, shared=shared)
 
 
-def _deepseek_v3_moe(block: DeepseekV3MoE) -> BlockSpec | None:
-    found = _routed_experts(block)
-    shared = _gated_mlp_ffn_spec(block.shared_experts)
-    if found is None or shared is None:
-        return None
-    expert_weights, experts = found
-    gate = block.gate
-    route = RouteSpec(
-        num_experts=experts.num_experts,
-        top_k=gate.top_k,
-        scoring="sigmoid",
-        renormalize=gate.norm_topk_prob,
-        renorm_eps=1e-20,
-        scaling=float(gate.routed_scaling_factor),
-        n_group=gate.num_group,
-        topk_group=gate.topk_group,
-        has_bias=True,
-    )
-    weights = {
-        "router": "gate.weight",
-        "router_bias": "gate.e_score_correction_bias",
-        **expert_weights,
-        **_gated_mlp_weights(block.shared_experts, prefix="shared_experts.", role_prefix="shared_"),
-    }
-    return BlockSpec(
-        kind="moe",
-        family="deepseek_v3",
-        module="",
-        weights=weights,
-        route=route,
-        experts=experts,
-        shared=shared,
-    )
+def _grouped_sigmoid_moe(family: str) -> ToSpec:
+    """DeepSeek-V3-style blocks: sigmoid scores, a score-correction bias for the choice only, grouped top-k,
+    renormalized and scaled weights, and always-on shared experts."""
+
+    def to_spec(block: nn.Module) -> BlockSpec | None:
+        found = _routed_experts(block)
+        shared = _gated_mlp_ffn_spec(block.shared_experts)
+        if found is None or shared is None:
+            return None
+        expert_weights, experts = found
+        gate = block.gate
+        route = RouteSpec(
+            num_experts=experts.num_experts,
+            top_k=gate.top_k,
+            scoring="sigmoid",
+            renormalize=gate.norm_topk_prob,
+            renorm_eps=1e-20,
+            scaling=float(gate.routed_scaling_factor),
+            n_group=gate.num_group,
+            topk_group=gate.topk_group,
+            has_bias=True,
+        )
+        weights = {
+            "router": "gate.weight",
+            "router_bias": "gate.e_score_correction_bias",
+            **expert_weights,
+            **_gated_mlp_weights(block.shared_experts, prefix="shared_experts.", role_prefix="shared_"),
+        }
+        return BlockSpec(
+            kind="moe",
+            family=family,
+            module="",
+            weights=weights,
+            route=route,
+            experts=experts,
+            shared=shared,
+        )
+
+    return to_spec
 
 
 HF = "transformers.models"
 _REGISTRY.extend([
     (f"{HF}.llama.modeling_llama.LlamaMLP", _gated_mlp("llama")),
+    (f"{HF}.mistral.modeling_mistral.MistralMLP", _gated_mlp("mistral")),
+    (f"{HF}.qwen2.modeling_qwen2.Qwen2MLP", _gated_mlp("qwen2")),
+    (f"{HF}.qwen3.modeling_qwen3.Qwen3MLP", _gated_mlp("qwen3")),
+    (f"{HF}.gemma.modeling_gemma.GemmaMLP", _gated_mlp("gemma")),
     (f"{HF}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeMLP", _gated_mlp("qwen2_moe")),
+    (f"{HF}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeMLP", _gated_mlp("qwen3_moe")),
     (f"{HF}.olmoe.modeling_olmoe.OlmoeMLP", _gated_mlp("olmoe")),
     (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MLP", _gated_mlp("deepseek_v3")),
     (f"{HF}.gpt2.modeling_gpt2.GPT2MLP", _gpt2_mlp),
@@ -283,5 +293,12 @@ _REGISTRY.extend([
     (f"{HF}.mixtral.modeling_mixtral.MixtralSparseMoeBlock", _softmax_moe("mixtral", lambda b: True)),
     (f"{HF}.olmoe.modeling_olmoe.OlmoeSparseMoeBlock", _softmax_moe("olmoe", lambda b: b.gate.norm_topk_prob)),
     (f"{HF}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock", _qwen2_moe),
-    (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE", _deepseek_v3_moe),
+    (f"{HF}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock", _softmax_moe("qwen3_moe", lambda b: b.gate.norm_topk_prob)),
+    (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE", _grouped_sigmoid_moe("deepseek_v3")),
+    (f"{HF}.glm4_moe.modeling_glm4_moe.Glm4MoeMLP", _gated_mlp("glm4_moe")),
+    (f"{HF}.glm4_moe.modeling_glm4_moe.Glm4MoeMoE", _grouped_sigmoid_moe("glm4_moe")),
+    (f"{HF}.dots1.modeling_dots1.Dots1MLP", _gated_mlp("dots1")),
+    (f"{HF}.dots1.modeling_dots1.Dots1MoE", _grouped_sigmoid_moe("dots1")),
+    (f"{HF}.flex_olmo.modeling_flex_olmo.FlexOlmoSparseMoeBlock", _softmax_moe("flex_olmo", lambda b: b.gate.norm_topk_prob)),
+    (f"{HF}.minimax.modeling_minimax.MiniMaxSparseMoeBlock", _softmax_moe("minimax", lambda b: True)),
 ])

@@ -71,6 +71,19 @@ def _tiny_qwen2_moe():
     return _tiny(transformers.Qwen2MoeForCausalLM, config)
 
 
+def _tiny_qwen3_moe():
+    config = transformers.Qwen3MoeConfig(
+        **_DECODER,
+        head_dim=8,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=True,
+        mlp_only_layers=[0],  # layer 0 keeps a dense MLP, as some checkpoints do
+    )
+    return _tiny(transformers.Qwen3MoeForCausalLM, config)
+
+
 def _tiny_olmoe():
     config = transformers.OlmoeConfig(
         **_DECODER, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1
@@ -153,6 +166,7 @@ def _minilm():
 PRESETS: dict[str, Callable[[], tuple[nn.Module, Example]]] = {
     "tiny-mixtral": _tiny_mixtral,
     "tiny-qwen2-moe": _tiny_qwen2_moe,
+    "tiny-qwen3-moe": _tiny_qwen3_moe,
     "tiny-olmoe": _tiny_olmoe,
     "tiny-deepseek-v3": _tiny_deepseek_v3,
     "tiny-llama": _tiny_llama,

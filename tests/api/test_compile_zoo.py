@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import moec
 from moec.api import deviation, parity
 from moec.frontend.zoo import build_preset
 from moec.ir import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 
-FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-deepseek-v3", "tiny-llama", "tiny-gpt2", "tiny-bert"]
+FAMILIES = [
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-qwen3-moe",
+    "tiny-olmoe",
+    "tiny-deepseek-v3",
+    "tiny-llama",
+    "tiny-gpt2",
+    "tiny-bert",
+]
 TOLERANCE = 1e-4  # max abs difference on logits / hidden states, float32
 
 
@@ -53,6 +63,7 @@ EXPECTED_OPS = {
     # family: (ffn.dense, moe.route, moe.experts, moe.shared_expert)
     "tiny-mixtral": (0, 2, 2, 0),
     "tiny-qwen2-moe": (0, 2, 2, 2),
+    "tiny-qwen3-moe": (1, 1, 1, 0),
     "tiny-olmoe": (0, 2, 2, 0),
     "tiny-deepseek-v3": (1, 1, 1, 1),
     "tiny-llama": (2, 0, 0, 0),
@@ -117,3 +128,82 @@ def test_deviation_leaves_padding_positions_out():
     assert on_padded.max_abs_diff == pytest.approx(on_cut.max_abs_diff, abs=1e-5)
     exact = moec.compile(model, example)
     assert deviation(model, exact, padded).cosine == pytest.approx(1.0, abs=1e-6)
+
+
+
+def _tiny_decoder(model_class, config_class, **options):
+    """A seeded 2-layer decoder of hidden 32 and vocab 128, with the family's own options."""
+    config = config_class(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        **options,
+    )
+    torch.manual_seed(0)
+    return model_class(config).eval()
+
+
+def _assert_parity_at_two_shapes(model, compiled, example):
+    assert parity(model, compiled, example) <= TOLERANCE
+    assert parity(model, compiled, {"input_ids": torch.randint(0, 128, (3, 5))}) <= TOLERANCE
+
+
+DENSE_GATED = {
+    # family: (model class, config class); each MLP is gate/up/down with the config's activation
+    "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
+    "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+    "qwen3": (transformers.Qwen3ForCausalLM, transformers.Qwen3Config),
+    "gemma": (transformers.GemmaForCausalLM, transformers.GemmaConfig),  # tanh GELU, scaled embeddings
+}
+
+
+@pytest.mark.parametrize("family", list(DENSE_GATED))
+def test_dense_gated_families_become_ffn_ops(family):
+    model = _tiny_decoder(*DENSE_GATED[family], head_dim=8)
+    example = {"input_ids": torch.randint(0, 128, (2, 8))}
+    compiled = moec.compile(model, example)
+    ffns = compiled.program.graph.ops_of(DenseFFNOp)
+    assert len(ffns) == 2 and all(op.spec.gated for op in ffns)
+    _assert_parity_at_two_shapes(model, compiled, example)
+
+
+_DEEPSEEK_STYLE = dict(
+    head_dim=8, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+    n_group=2, topk_group=1, first_k_dense_replace=1,
+)
+MORE_MOE = {
+    # family: (model class, config class, options, expected (ffn.dense, moe.route, moe.experts, moe.shared_expert))
+    "glm4_moe": (transformers.Glm4MoeForCausalLM, transformers.Glm4MoeConfig, _DEEPSEEK_STYLE, (1, 1, 1, 1)),
+    "dots1": (transformers.Dots1ForCausalLM, transformers.Dots1Config, _DEEPSEEK_STYLE, (1, 1, 1, 1)),
+    "flex_olmo": (  # OLMoE routing
+        transformers.FlexOlmoForCausalLM,
+        transformers.FlexOlmoConfig,
+        dict(num_experts=8, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=1),
+        (0, 2, 2, 0),
+    ),
+    "minimax": (  # Mixtral routing
+        transformers.MiniMaxForCausalLM,
+        transformers.MiniMaxConfig,
+        dict(head_dim=8, num_local_experts=4, num_experts_per_tok=2),
+        (0, 2, 2, 0),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", list(MORE_MOE))
+def test_more_moe_families_become_moe_ops(family):
+    model_class, config_class, options, expected_ops = MORE_MOE[family]
+    model = _tiny_decoder(model_class, config_class, **options)
+    with torch.no_grad():  # the score-correction bias is zero at init; make it steer the choice
+        for module in model.modules():
+            if hasattr(module, "e_score_correction_bias"):
+                module.e_score_correction_bias.normal_(0.0, 0.05)
+    example = {"input_ids": torch.randint(0, 128, (2, 8))}
+    compiled = moec.compile(model, example)
+    graph = compiled.program.graph
+    assert tuple(len(graph.ops_of(cls)) for cls in (DenseFFNOp, RouteOp, ExpertsOp, SharedExpertOp)) == expected_ops
+    _assert_parity_at_two_shapes(model, compiled, example)

@@ -22,7 +22,7 @@ from moec.errors import BackendError
 from moec.ir.ops import ExpertsOp
 
 TOLERANCE = 1e-4
-MOE_FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-deepseek-v3"]
+MOE_FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3"]
 DENSE_FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-bert", "minilm"]
 
 

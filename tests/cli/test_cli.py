@@ -158,6 +158,16 @@ def test_bad_usage_exits_2(capsys):
     assert info.value.code == 2
 
 
+def test_model_help_names_every_preset(monkeypatch, capsys):
+    from moec.frontend.zoo import PRESETS
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside preset names
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    help_text = capsys.readouterr().out
+    assert [name for name in PRESETS if name not in help_text] == []
+
+
 def test_unknown_model_is_one_clear_error(capsys):
     assert main(["compile", "--model", "no-such-model"]) == 1
     err = capsys.readouterr().err

@@ -24,6 +24,7 @@ from moec.kernels import reference
 EXPECTED_BLOCKS = {
     "tiny-mixtral": {("moe", "mixtral"): 2},
     "tiny-qwen2-moe": {("moe", "qwen2_moe"): 2},
+    "tiny-qwen3-moe": {("ffn", "qwen3_moe"): 1, ("moe", "qwen3_moe"): 1},
     "tiny-olmoe": {("moe", "olmoe"): 2},
     "tiny-deepseek-v3": {("ffn", "deepseek_v3"): 1, ("moe", "deepseek_v3"): 1},
     "tiny-llama": {("ffn", "llama"): 2},

@@ -17,7 +17,7 @@ from moec.frontend.swap import swap_blocks
 from moec.kernels import reference
 
 TINY = [name for name in zoo.PRESETS if name.startswith("tiny-")]
-MOE = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-olmoe", "tiny-deepseek-v3"]
+MOE = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3"]
 
 
 def _main_output(outputs) -> torch.Tensor:
