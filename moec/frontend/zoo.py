@@ -54,26 +54,43 @@ def _tiny(model_class: type[nn.Module], config: transformers.PretrainedConfig) -
     return model_class(config).eval(), _token_example(config.vocab_size)
 
 
+def tiny_decoder(
+    model_class: type[nn.Module], config_class: type[transformers.PretrainedConfig], **options
+) -> tuple[nn.Module, Example]:
+    """A seeded decoder of the shared tiny shape (2 layers, hidden 32, 4 heads, 2 KV heads, vocab 128) with
+    the family's own ``options``. A score-correction bias (DeepSeek-V3 routing) is a zero buffer at init;
+    it is drawn at random here, so that tests see it steer the choice of experts."""
+    model, example = _tiny(model_class, config_class(**{**_DECODER, **options}))
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.normal_(0.0, 0.05)
+    return model, example
+
+
 def _tiny_mixtral():
-    config = transformers.MixtralConfig(**_DECODER, num_local_experts=4, num_experts_per_tok=2)
-    return _tiny(transformers.MixtralForCausalLM, config)
+    return tiny_decoder(
+        transformers.MixtralForCausalLM, transformers.MixtralConfig, num_local_experts=4, num_experts_per_tok=2
+    )
 
 
 def _tiny_qwen2_moe():
-    config = transformers.Qwen2MoeConfig(
-        **_DECODER,
+    return tiny_decoder(
+        transformers.Qwen2MoeForCausalLM,
+        transformers.Qwen2MoeConfig,
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=32,
         shared_expert_intermediate_size=64,
         norm_topk_prob=True,
     )
-    return _tiny(transformers.Qwen2MoeForCausalLM, config)
 
 
 def _tiny_qwen3_moe():
-    config = transformers.Qwen3MoeConfig(
-        **_DECODER,
+    return tiny_decoder(
+        transformers.Qwen3MoeForCausalLM,
+        transformers.Qwen3MoeConfig,
         head_dim=8,
         num_experts=8,
         num_experts_per_tok=2,
@@ -81,19 +98,24 @@ def _tiny_qwen3_moe():
         norm_topk_prob=True,
         mlp_only_layers=[0],  # layer 0 keeps a dense MLP, as some checkpoints do
     )
-    return _tiny(transformers.Qwen3MoeForCausalLM, config)
 
 
 def _tiny_olmoe():
-    config = transformers.OlmoeConfig(
-        **_DECODER, num_experts=8, num_experts_per_tok=2, pad_token_id=0, eos_token_id=1
+    return tiny_decoder(
+        transformers.OlmoeForCausalLM,
+        transformers.OlmoeConfig,
+        num_experts=8,
+        num_experts_per_tok=2,
+        pad_token_id=0,
+        eos_token_id=1,
     )
-    return _tiny(transformers.OlmoeForCausalLM, config)
 
 
 def _tiny_deepseek_v3():
-    config = transformers.DeepseekV3Config(
-        **{**_DECODER, "num_key_value_heads": 4},  # multi-head latent attention: one KV head per head
+    return tiny_decoder(
+        transformers.DeepseekV3ForCausalLM,
+        transformers.DeepseekV3Config,
+        num_key_value_heads=4,  # multi-head latent attention: one KV head per head
         moe_intermediate_size=32,
         n_routed_experts=8,
         n_shared_experts=1,
@@ -107,16 +129,10 @@ def _tiny_deepseek_v3():
         qk_nope_head_dim=8,
         v_head_dim=8,
     )
-    model, example = _tiny(transformers.DeepseekV3ForCausalLM, config)
-    # The correction bias is a zero buffer at init; make it non-trivial so tests see it steer the choice.
-    with torch.no_grad():
-        for layer in model.model.layers[config.first_k_dense_replace :]:
-            layer.mlp.gate.e_score_correction_bias.normal_(0.0, 0.05)
-    return model, example
 
 
 def _tiny_llama():
-    return _tiny(transformers.LlamaForCausalLM, transformers.LlamaConfig(**_DECODER))
+    return tiny_decoder(transformers.LlamaForCausalLM, transformers.LlamaConfig)
 
 
 def _tiny_gpt2():

@@ -8,7 +8,7 @@ import transformers
 
 import moec
 from moec.api import deviation, parity
-from moec.frontend.zoo import build_preset
+from moec.frontend.zoo import build_preset, tiny_decoder
 from moec.ir import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 
 FAMILIES = [
@@ -42,12 +42,16 @@ def compiled_family(request):
     return request.param, model, example, moec.compile(model, example)
 
 
-def test_parity_at_example_and_other_shapes(compiled_family):
-    name, model, example, compiled = compiled_family
+def assert_parity_at_example_and_other_shapes(model, compiled, example):
     assert parity(model, compiled, example) <= TOLERANCE
     for batch, seq in [(1, 11), (3, 5)]:
         diff = parity(model, compiled, reshaped(example, batch, seq))
-        assert diff <= TOLERANCE, f"{name} at batch {batch}, seq {seq}: {diff}"
+        assert diff <= TOLERANCE, f"at batch {batch}, seq {seq}: {diff}"
+
+
+def test_parity_at_example_and_other_shapes(compiled_family):
+    name, model, example, compiled = compiled_family
+    assert_parity_at_example_and_other_shapes(model, compiled, example)
 
 
 def test_output_structure_matches_the_model(compiled_family):
@@ -130,28 +134,6 @@ def test_deviation_leaves_padding_positions_out():
     assert deviation(model, exact, padded).cosine == pytest.approx(1.0, abs=1e-6)
 
 
-
-def _tiny_decoder(model_class, config_class, **options):
-    """A seeded 2-layer decoder of hidden 32 and vocab 128, with the family's own options."""
-    config = config_class(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **options,
-    )
-    torch.manual_seed(0)
-    return model_class(config).eval()
-
-
-def _assert_parity_at_two_shapes(model, compiled, example):
-    assert parity(model, compiled, example) <= TOLERANCE
-    assert parity(model, compiled, {"input_ids": torch.randint(0, 128, (3, 5))}) <= TOLERANCE
-
-
 DENSE_GATED = {
     # family: (model class, config class); each MLP is gate/up/down with the config's activation
     "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
@@ -163,12 +145,11 @@ DENSE_GATED = {
 
 @pytest.mark.parametrize("family", list(DENSE_GATED))
 def test_dense_gated_families_become_ffn_ops(family):
-    model = _tiny_decoder(*DENSE_GATED[family], head_dim=8)
-    example = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, example = tiny_decoder(*DENSE_GATED[family], head_dim=8)
     compiled = moec.compile(model, example)
     ffns = compiled.program.graph.ops_of(DenseFFNOp)
     assert len(ffns) == 2 and all(op.spec.gated for op in ffns)
-    _assert_parity_at_two_shapes(model, compiled, example)
+    assert_parity_at_example_and_other_shapes(model, compiled, example)
 
 
 _DEEPSEEK_STYLE = dict(
@@ -197,13 +178,8 @@ MORE_MOE = {
 @pytest.mark.parametrize("family", list(MORE_MOE))
 def test_more_moe_families_become_moe_ops(family):
     model_class, config_class, options, expected_ops = MORE_MOE[family]
-    model = _tiny_decoder(model_class, config_class, **options)
-    with torch.no_grad():  # the score-correction bias is zero at init; make it steer the choice
-        for module in model.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.normal_(0.0, 0.05)
-    example = {"input_ids": torch.randint(0, 128, (2, 8))}
+    model, example = tiny_decoder(model_class, config_class, **options)
     compiled = moec.compile(model, example)
     graph = compiled.program.graph
     assert tuple(len(graph.ops_of(cls)) for cls in (DenseFFNOp, RouteOp, ExpertsOp, SharedExpertOp)) == expected_ops
-    _assert_parity_at_two_shapes(model, compiled, example)
+    assert_parity_at_example_and_other_shapes(model, compiled, example)
