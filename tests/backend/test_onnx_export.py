@@ -52,10 +52,14 @@ def op_types(onnx_model):
     return {(node.domain, node.op_type) for node in onnx_model.graph.node}
 
 
-def test_deepseek_routing_falls_back_to_portable(compiled_preset):
-    plan = plan_moe(compiled_preset("tiny-deepseek-v3").program, "ort")
-    assert not plan.fused and list(plan.fallbacks) == ["model.layers.1.mlp"]
-    assert plan.fallbacks["model.layers.1.mlp"].startswith("sigmoid router scoring")
+def test_deepseek_routing_is_chosen_by_the_portable_router_and_fused(compiled_preset):
+    """Sigmoid, biased, grouped routing is beyond the op's own softmax: the portable router chooses."""
+    program = compiled_preset("tiny-deepseek-v3").program
+    plan = plan_moe(program, "ort")
+    (experts,) = program.graph.ops_of(ExpertsOp)
+    assert list(plan.fused) == [id(experts)] and not plan.routed_by_op and not plan.fallbacks
+    mixtral = compiled_preset("tiny-mixtral").program
+    assert len(plan_moe(mixtral, "ort").routed_by_op) == 2  # softmax top-k: the op routes itself
 
 
 def test_dense_programs_have_nothing_to_fuse(compiled_preset):
@@ -117,7 +121,7 @@ def test_every_family_exports_with_both_lowerings(compiled_preset, name, lowerin
     onnx_model, report, fallbacks = export_and_check(compiled, lowering, tmp_path / f"{name}.onnx")
     types = op_types(onnx_model)
     moe_blocks = len(compiled.program.graph.ops_of(ExpertsOp))
-    fused = lowering == "ort" and name != "tiny-deepseek-v3"
+    fused = lowering == "ort"
     assert report["fused_moe_ops"] == sum(node.op_type == "MoE" for node in onnx_model.graph.node)
     assert report["fused_moe_ops"] == (moe_blocks if fused else 0)
     if not fused:
@@ -126,11 +130,20 @@ def test_every_family_exports_with_both_lowerings(compiled_preset, name, lowerin
         assert {("", "TopK"), ("", "NonZero"), ("", "ScatterND")} <= types
     if fused:
         assert ("", "NonZero") not in types  # no portable experts left
-    if name == "tiny-deepseek-v3" and lowering == "ort":
-        assert fallbacks == ["model.layers.1.mlp uses the portable MoE lowering: com.microsoft.MoE cannot express "
-                             "sigmoid router scoring (the op scores with softmax)"]
-    else:
-        assert not fallbacks
+    assert not fallbacks
+
+
+def test_a_dense_to_moe_llama_exports_fused(preset, tmp_path):
+    """dense-to-moe routing (choice bias, top-k then softmax, scaled: each chosen expert weighs exactly 1)
+    goes to com.microsoft.MoE as the portable router's choice; silu experts need no fallback."""
+    model, example = preset("tiny-llama")
+    recipe = {"passes": [{"dense-to-moe": {"experts": 4, "top_k": 2}}]}
+    calibration = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+                   for ids in torch.randint(0, 128, (4, 2, 8), generator=torch.Generator().manual_seed(0))]
+    compiled = moec.compile(model, example, recipe=recipe, calibration=calibration)
+    onnx_model, report, fallbacks = export_and_check(compiled, "ort", tmp_path / "llama-moe.onnx")
+    assert report["fused_moe_ops"] == 2 and not fallbacks
+    assert ("", "NonZero") not in op_types(onnx_model)
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +164,8 @@ def minilm_moe(preset):
 @pytest.mark.slow
 @pytest.mark.parametrize("lowering", ["portable", "ort"])
 def test_minilm_converted_to_moe_exports_with_both_lowerings(minilm_moe, lowering, tmp_path):
-    """Its routers (biased, scaled) are beyond com.microsoft.MoE, so `ort` keeps portable experts, saying so.
+    """Its GELU experts are beyond com.microsoft.MoE (its gelu is an approximation), so `ort` keeps portable
+    experts, saying so.
     Slow: about 95 s per export (torch.export reasons symbolically about 96 experts' data-dependent rows)."""
     assert len(minilm_moe.program.graph.ops_of(ExpertsOp)) == 6
     onnx_model, report, fallbacks = export_and_check(minilm_moe, lowering, tmp_path / "minilm-moe.onnx")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moec.backend.onnx.moe import (
+    choice_logits,
     deinterleave_gate_up,
     experts_portable,
     interleave_gate_up,
@@ -66,17 +67,44 @@ def test_ort_moe_semantics_equal_route_plus_experts(renormalize):
     assert (got - want).abs().max() <= TOLERANCE
 
 
+@pytest.mark.parametrize("route, why", [
+    (RouteSpec(8, 2, scoring="sigmoid"), "sigmoid"),
+    (RouteSpec(8, 2, n_group=2, topk_group=1), "grouped"),
+    (RouteSpec(8, 2, has_bias=True), "bias"),
+    (RouteSpec(8, 2, scaling=2.5), "scaled"),
+])
+def test_routing_beyond_the_op_is_handed_over_as_a_choice(route, why):
+    support = ort_moe_support(route, ExpertsSpec(8, 16, 8, "silu", True))
+    assert support.ok and not support.routes_itself and why in support.reason
+
+
 @pytest.mark.parametrize("route, experts, why", [
-    (RouteSpec(8, 2, scoring="sigmoid"), ExpertsSpec(8, 16, 8, "silu", True), "sigmoid"),
-    (RouteSpec(8, 2, n_group=2, topk_group=1), ExpertsSpec(8, 16, 8, "silu", True), "grouped"),
-    (RouteSpec(8, 2, has_bias=True), ExpertsSpec(8, 16, 8, "silu", True), "bias"),
-    (RouteSpec(8, 2, scaling=2.5), ExpertsSpec(8, 16, 8, "silu", True), "scaled"),
     (RouteSpec(8, 2), ExpertsSpec(8, 16, 8, "gelu", True), "gated gelu"),
     (RouteSpec(8, 2), ExpertsSpec(8, 16, 8, "gelu", False), "gelu"),
+    (RouteSpec(8, 2, scaling=-1.0), ExpertsSpec(8, 16, 8, "silu", True), "scaled by -1.0"),
 ])
-def test_ort_moe_refuses_what_it_cannot_express(route, experts, why):
+def test_ort_moe_refuses_what_it_cannot_compute(route, experts, why):
     support = ort_moe_support(route, experts)
     assert not support.ok and why in support.reason
+
+
+@pytest.mark.parametrize("weight_scale", [1.0, 1e-12])
+def test_choice_logits_make_the_op_compute_any_routing(weight_scale):
+    """DeepSeek-style routing (sigmoid, choice bias, groups, scaling) through the op: the choice as logits,
+    the output rescaled per token, equals moe.route + moe.experts; tiny weights too (log of small numbers)."""
+    spec, w, x = random_experts(True, "silu", True)
+    tokens = x.reshape(-1, 16)
+    generator = torch.Generator().manual_seed(3)
+    router, bias = torch.randn(4, 16, generator=generator), torch.randn(4, generator=generator) * 0.1
+    route_spec = RouteSpec(num_experts=4, top_k=2, scoring="sigmoid", renormalize=True, renorm_eps=1e-20,
+                           scaling=2.5 * weight_scale, n_group=2, topk_group=1, has_bias=True)
+    indices, weights = reference.route(tokens, router, bias, route_spec)
+    want = reference.experts(tokens, indices, weights, w["w_in"], w["w_out"], w["b_in"], w["b_out"], spec)
+    logits, scale = choice_logits(indices, weights, 4)
+    got = ort_moe(tokens, logits, interleave_gate_up(w["w_in"]), interleave_gate_up(w["b_in"]),
+                  w["w_out"], w["b_out"], 2, False, "swiglu") * scale
+    assert want.abs().max() > 0
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # relative to the output's largest magnitude
 
 
 def test_topk_then_softmax_routing_is_normalized():

@@ -117,6 +117,13 @@ def test_4bit_qwen2_moe_exports_qmoe_and_matmul_nbits(preset, tmp_path):
     assert not any(tuple(t.shape) in float_shapes for t in graph.weights.values() if isinstance(t, QuantizedType))
 
 
+def test_4bit_deepseek_routing_reaches_qmoe_as_a_choice(preset, tmp_path):
+    """Sigmoid, biased, grouped routing: standard ops choose, QMoE runs the packed experts (parity checked)."""
+    _, onnx_model, fallbacks = quantize_and_export(*preset("tiny-deepseek-v3"), 4, "ort", tmp_path / "q.onnx")
+    ops = [node.op_type for node in onnx_model.graph.node]
+    assert ops.count("QMoE") == 1 and "Sigmoid" in ops and "NonZero" not in ops and not fallbacks
+
+
 def expert_heavy_mixtral():
     """A Mixtral whose experts hold most of the weights (as in real MoE models), built in code."""
     config = transformers.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=256, num_hidden_layers=2,

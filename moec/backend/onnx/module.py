@@ -16,6 +16,7 @@ from torch import nn
 
 from moec.backend.onnx.moe import (
     PackedExperts,
+    choice_logits,
     experts_portable,
     interleave_gate_up,
     ort_experts,
@@ -43,10 +44,12 @@ class MoEPlan:
     """Which route + experts pairs become one com.microsoft.MoE, and why the others do not."""
 
     fused: dict[int, RouteOp] = field(default_factory=dict)  # id(ExpertsOp) -> its RouteOp
+    routed_by_op: set[int] = field(default_factory=set)  # id(RouteOp) whose routing the fused op computes
     fallbacks: dict[str, str] = field(default_factory=dict)  # block -> reason
 
     def is_fused_route(self, op: RouteOp) -> bool:
-        return any(route is op for route in self.fused.values())
+        """Whether the fused op does this router's work (else the portable router runs and hands it the choice)."""
+        return id(op) in self.routed_by_op
 
 
 def plan_moe(program: Program, lowering: str) -> MoEPlan:
@@ -72,6 +75,8 @@ def plan_moe(program: Program, lowering: str) -> MoEPlan:
             plan.fallbacks[block] = packed
             continue
         plan.fused[id(experts)] = route
+        if support.routes_itself:
+            plan.routed_by_op.add(id(route))
     return plan
 
 
@@ -227,9 +232,16 @@ class ProgramModule(nn.Module):
                                         role("b_in"), role("b_out"), op.spec)
             suffix = INTERLEAVED_SUFFIX if op.spec.gated else ""
             fc1_bias = None if op.weight("b_in") is None else self.weight(op.weight("b_in").name + suffix)
-            normalize = ort_moe_support(route.spec, op.spec).normalize
-            return ort_experts(read(op.args[0]), self.weight(route.weight("router").name),
-                               self.fused_experts_weight(op.weight("w_in"), suffix), fc1_bias,
-                               self.fused_experts_weight(op.weight("w_out"), ""), role("b_out"), route.spec,
-                               op.spec, normalize)
+            weights = (self.fused_experts_weight(op.weight("w_in"), suffix), fc1_bias,
+                       self.fused_experts_weight(op.weight("w_out"), ""), role("b_out"))
+            x = read(op.args[0])
+            tokens = x.reshape(-1, x.shape[-1])
+            support = ort_moe_support(route.spec, op.spec)
+            if support.routes_itself:
+                logits = F.linear(tokens.float(), self.weight(route.weight("router").name).float())
+                return ort_experts(x, logits, *weights, op.spec, route.spec.top_k, support.normalize)
+            indices, routing_weights = (read(a).reshape(tokens.shape[0], -1) for a in op.args[1:3])
+            logits, scale = choice_logits(indices, routing_weights, op.spec.num_experts)
+            y = ort_experts(x, logits, *weights, op.spec, route.spec.top_k, normalize=False)
+            return y * scale.reshape(*x.shape[:-1], 1).to(y.dtype)
         raise BackendError(f"the ONNX exporter has no rule for {op.op_name}")

@@ -5,9 +5,11 @@
   (``experts_portable``: Equal, NonZero, Gather, MatMul, ScatterND with add), so a token costs k expert
   evaluations, as in the torch runner.
 * ``ort``: onnxruntime's fused ``com.microsoft.MoE`` op for a ``moe.route`` + ``moe.experts`` pair. The
-  op takes router logits and does softmax, top-k and (optionally) renormalization itself, so only
-  routings it can express are fused (``ort_moe_support`` says why not); the others fall back to the
-  portable lowering with a warning.
+  op takes router logits and does softmax, top-k and (optionally) renormalization itself. Routings it
+  cannot express (sigmoid scores, a choice bias, grouped top-k, scaled weights) are chosen by the
+  portable router and handed to the op as logits that make it pick the same experts with proportional
+  weights, its output rescaled per token (``choice_logits``). Experts whose activation the op does not
+  compute exactly (``ort_moe_support`` says why) fall back to the portable lowering with a warning.
 
 com.microsoft.MoE, as checked against onnxruntime 1.32's CPU kernel and its schema:
   input [T, H]; router_probs [T, E] (raw logits: the op applies softmax itself);
@@ -149,36 +151,66 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
 
 @dataclass(frozen=True)
 class OrtMoESupport:
-    """Whether a route + experts pair maps onto com.microsoft.MoE, and if not, why."""
+    """Whether a route + experts pair maps onto com.microsoft.MoE, and how.
+
+    ``routes_itself``: the op computes the routing from router logits (with ``normalize``); otherwise the
+    portable router chooses and the op gets that choice as logits (``choice_logits``); ``reason`` says why.
+    """
 
     ok: bool
     reason: str = ""
     normalize: bool = False
+    routes_itself: bool = True
 
 
 def ort_moe_support(route: RouteSpec, experts: ExpertsSpec) -> OrtMoESupport:
-    """The one condition that keeps com.microsoft.MoE from computing this routing exactly, if any.
+    """Whether com.microsoft.MoE can run these experts exactly, and whether it can also do the routing.
 
     The op scores with softmax over all experts and picks the top k; ``normalize_routing_weights``
     renormalizes the chosen k. Softmax then renormalize equals softmax over the chosen logits, so
-    ``topk_then_score`` softmax routing maps to ``normalize=1`` too.
+    ``topk_then_score`` softmax routing maps to ``normalize=1`` too. Any other routing with weights >= 0
+    (sigmoid, choice bias, groups, scaling) is chosen by the portable router and handed over as logits.
     """
-    if route.scoring != "softmax":
-        return OrtMoESupport(False, f"{route.scoring} router scoring (the op scores with softmax)")
-    if route.has_bias:
-        return OrtMoESupport(False, "a router score-correction bias (the op has no selection bias)")
-    if route.n_group > 1:
-        return OrtMoESupport(False, "grouped top-k routing (the op picks from all experts)")
-    if route.scaling != 1.0:
-        return OrtMoESupport(False, f"routing weights scaled by {route.scaling} (the op cannot scale them)")
-    if route.renormalize and route.renorm_eps > 1e-6:
-        return OrtMoESupport(False, f"renormalization with eps {route.renorm_eps} (the op adds none)")
     if experts.gated and experts.act != "silu":
         return OrtMoESupport(False, f"gated {experts.act} experts (the CPU op gates with silu only)")
     if not experts.gated and experts.act not in ORT_ACTIVATIONS:
         return OrtMoESupport(False, f"{experts.act} experts (the op's activations do not match it exactly)")
-    normalize = route.renormalize or route.order == "topk_then_score"
-    return OrtMoESupport(True, normalize=normalize)
+    if route.scaling < 0:
+        return OrtMoESupport(False, f"routing weights scaled by {route.scaling} (the op takes weights >= 0)")
+    own_routing = route_beyond_the_op(route)
+    if own_routing:
+        return OrtMoESupport(True, own_routing, routes_itself=False)
+    return OrtMoESupport(True, normalize=route.renormalize or route.order == "topk_then_score")
+
+
+def route_beyond_the_op(route: RouteSpec) -> str:
+    """Why the op's own softmax + top-k cannot compute this routing ("" if it can)."""
+    if route.scoring != "softmax":
+        return f"{route.scoring} router scoring (the op scores with softmax)"
+    if route.has_bias:
+        return "a router score-correction bias (the op has no selection bias)"
+    if route.n_group > 1:
+        return "grouped top-k routing (the op picks from all experts)"
+    if route.scaling != 1.0:
+        return f"routing weights scaled by {route.scaling} (the op cannot scale them)"
+    if route.renormalize and route.renorm_eps > 1e-6:
+        return f"renormalization with eps {route.renorm_eps} (the op adds none)"
+    return ""
+
+
+CHOICE_FLOOR = -1e4  # logit of an expert not chosen: exp(-1e4 - max) is 0 in float32 for any chosen weight
+
+
+def choice_logits(indices: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] under which the op (softmax, top-k, no renormalization) picks exactly the chosen
+    experts ``indices`` [T, k] with weights ``w_i / sum(w)``, and the per-token sum ``sum(w)`` [T, 1] that
+    turns the op's output into ``sum_i w_i f_i(x)``: log-weights at the chosen experts, ``CHOICE_FLOOR``
+    elsewhere. Weights below 1e-30 count as 1e-30 (their experts still contribute nothing measurable).
+    """
+    weights = weights.float()
+    logits = torch.full((indices.shape[0], num_experts), CHOICE_FLOOR, dtype=torch.float32, device=weights.device)
+    logits = logits.scatter(1, indices, weights.clamp_min(1e-30).log())
+    return logits, weights.sum(dim=-1, keepdim=True)
 
 
 def qmoe_support(w_in: QuantizedType | None, w_out: QuantizedType | None) -> str:
@@ -301,19 +333,18 @@ class PackedExperts:
     group: int
 
 
-def ort_experts(x: torch.Tensor, router: torch.Tensor, fc1: torch.Tensor | PackedExperts,
+def ort_experts(x: torch.Tensor, logits: torch.Tensor, fc1: torch.Tensor | PackedExperts,
                 fc1_bias: torch.Tensor | None, fc2: torch.Tensor | PackedExperts, fc2_bias: torch.Tensor | None,
-                route: RouteSpec, experts: ExpertsSpec, normalize: bool) -> torch.Tensor:
-    """A fused route + experts pair: router logits (MatMul) and one com.microsoft.MoE (float weights) or
-    QMoE (``PackedExperts``), x [..., H]."""
+                experts: ExpertsSpec, top_k: int, normalize: bool) -> torch.Tensor:
+    """Routed experts as one com.microsoft.MoE (float weights) or QMoE (``PackedExperts``): x [..., H],
+    router logits [T, E] for the T = x.numel() / H tokens."""
     tokens = x.reshape(-1, x.shape[-1])
-    logits = F.linear(tokens.float(), router.float())  # [T, E]
     activation = "swiglu" if experts.gated else ORT_ACTIVATIONS[experts.act]
     if isinstance(fc1, PackedExperts) and isinstance(fc2, PackedExperts):
         y = ort_qmoe(tokens, logits, fc1.qweight, fc1.scales, fc1.zeros, fc1_bias, fc2.qweight, fc2.scales,
-                     fc2.zeros, fc2_bias, route.top_k, normalize, activation, fc1.bits, fc1.group)
+                     fc2.zeros, fc2_bias, top_k, normalize, activation, fc1.bits, fc1.group)
     else:
-        y = ort_moe(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, route.top_k, normalize, activation)
+        y = ort_moe(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, top_k, normalize, activation)
     return y.reshape(x.shape)
 
 
