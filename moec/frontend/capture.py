@@ -41,18 +41,21 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
 
 @contextlib.contextmanager
 def inference_setup(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no KV cache for the duration of the capture; restores both after."""
+    """Eval mode and no KV cache for the duration of the capture; restores both after.
+
+    Every config in the model counts: an encoder-decoder's decoder stack keeps its own copy (T5).
+    """
     was_training = model.training
-    config = getattr(model, "config", None)
-    use_cache = getattr(config, "use_cache", None)
+    caching = {id(config): (config, config.use_cache) for module in model.modules()
+               if getattr(config := getattr(module, "config", None), "use_cache", False)}
     model.eval()
-    if use_cache:
+    for config, _ in caching.values():
         config.use_cache = False
     try:
         yield
     finally:
         model.train(was_training)
-        if use_cache:
+        for config, use_cache in caching.values():
             config.use_cache = use_cache
 
 

@@ -108,6 +108,12 @@ class Lowering:
             return
         if name is None:
             raise CaptureError(f"unsupported operation {target} {source_location(node)}")
+        if not name.startswith(("aten.", "py.")):
+            raise CaptureError(
+                f"operation {name} (a custom op of the {name.split('.')[0]!r} library) {source_location(node)}: "
+                "moec carries ATen ops only; register that block with moec.register_moe_block, or make the "
+                "module run plain torch ops"
+            )
         args = self.map_args(node.args)
         kwargs = self.map_args(dict(node.kwargs))
         constant = node.meta.get("val")

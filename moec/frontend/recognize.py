@@ -168,6 +168,24 @@ def _gpt2_mlp(mlp: GPT2MLP) -> BlockSpec | None:
     )
 
 
+def _t5_ffn(mlp: nn.Module) -> BlockSpec | None:
+    """T5's ``DenseReluDense``: wi -> act -> wo, or gated wi_0 (gate) and wi_1 (up); no biases. A ``wo`` kept
+    in another dtype than the rest (flan-t5 in half precision) is left to generic ops."""
+    act = activation_name(mlp.act)
+    gated = hasattr(mlp, "wi_0")
+    up = mlp.wi_1 if gated else mlp.wi
+    if act is None or mlp.wo.weight.dtype != up.weight.dtype:
+        return None
+    weights = {"w_gate": "wi_0.weight", "w_up": "wi_1.weight"} if gated else {"w_up": "wi.weight"}
+    return BlockSpec(
+        kind="ffn",
+        family="t5",
+        module="",
+        weights={**weights, "w_down": "wo.weight"},
+        ffn=FFNSpec(hidden=up.in_features, intermediate=up.out_features, act=act, gated=gated, has_bias=False),
+    )
+
+
 def _bert_layer(layer: BertLayer) -> BlockSpec | None:
     # The block is intermediate.dense -> act -> output.dense; output's dropout, residual and LayerNorm stay
     # outside (see swap.py for how the layer is patched).
@@ -220,6 +238,23 @@ def _softmax_moe(family: str, renormalize: Callable[[nn.Module], bool]) -> ToSpe
         )
 
     return to_spec
+
+
+def _granite_moe(block: nn.Module) -> BlockSpec | None:
+    """GraniteMoE: top-k of the router logits, then softmax over the chosen k (``router``, not ``gate``)."""
+    found = _routed_experts(block)
+    if found is None:
+        return None
+    expert_weights, experts = found
+    route = RouteSpec(num_experts=experts.num_experts, top_k=block.router.top_k, order="topk_then_score")
+    return BlockSpec(
+        kind="moe",
+        family="granitemoe",
+        module="",
+        weights={"router": "router.weight", **expert_weights},
+        route=route,
+        experts=experts,
+    )
 
 
 def _qwen2_moe(block: Qwen2MoeSparseMoeBlock) -> BlockSpec | None:
@@ -289,6 +324,8 @@ _REGISTRY.extend([
     (f"{HF}.olmoe.modeling_olmoe.OlmoeMLP", _gated_mlp("olmoe")),
     (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MLP", _gated_mlp("deepseek_v3")),
     (f"{HF}.gpt2.modeling_gpt2.GPT2MLP", _gpt2_mlp),
+    (f"{HF}.t5.modeling_t5.T5DenseActDense", _t5_ffn),
+    (f"{HF}.t5.modeling_t5.T5DenseGatedActDense", _t5_ffn),
     (f"{HF}.bert.modeling_bert.BertLayer", _bert_layer),
     (f"{HF}.mixtral.modeling_mixtral.MixtralSparseMoeBlock", _softmax_moe("mixtral", lambda b: True)),
     (f"{HF}.olmoe.modeling_olmoe.OlmoeSparseMoeBlock", _softmax_moe("olmoe", lambda b: b.gate.norm_topk_prob)),
@@ -301,4 +338,5 @@ _REGISTRY.extend([
     (f"{HF}.dots1.modeling_dots1.Dots1MoE", _grouped_sigmoid_moe("dots1")),
     (f"{HF}.flex_olmo.modeling_flex_olmo.FlexOlmoSparseMoeBlock", _softmax_moe("flex_olmo", lambda b: b.gate.norm_topk_prob)),
     (f"{HF}.minimax.modeling_minimax.MiniMaxSparseMoeBlock", _softmax_moe("minimax", lambda b: True)),
+    (f"{HF}.granitemoe.modeling_granitemoe.GraniteMoeMoE", _granite_moe),
 ])

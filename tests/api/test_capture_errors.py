@@ -35,6 +35,26 @@ class Branchy(nn.Module):
         return x
 
 
+@torch.library.custom_op("moec_test::double", mutates_args=())
+def double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@double.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class UsesCustomOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(8, 8))
+        self.inner.register_forward_hook(lambda module, args, out: double(out))
+
+    def forward(self, x):
+        return self.inner(x)
+
+
 def test_unrecognized_model_compiles_to_generic_ops():
     torch.manual_seed(0)
     model = PlainMLP()
@@ -58,3 +78,9 @@ def test_calling_with_other_arguments_is_a_clear_error():
     compiled = moec.compile(PlainMLP(), {"x": torch.randn(2, 8)})
     with pytest.raises(TypeError, match=r"missing \['x'\]"):
         compiled(y=torch.randn(2, 8))
+
+
+def test_a_custom_op_of_another_library_names_the_op_and_the_module():
+    with pytest.raises(moec.CaptureError, match=r"moec_test.double.default \(a custom op of the 'moec_test' library\) "
+                                                r"in module 'inner'"):
+        moec.compile(UsesCustomOp(), (torch.randn(3, 8),))

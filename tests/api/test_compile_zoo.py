@@ -166,6 +166,12 @@ MORE_MOE = {
         dict(num_experts=8, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=1),
         (0, 2, 2, 0),
     ),
+    "granitemoe": (  # top-k of the logits, then softmax over the chosen
+        transformers.GraniteMoeForCausalLM,
+        transformers.GraniteMoeConfig,
+        dict(num_local_experts=4, num_experts_per_tok=2),
+        (0, 2, 2, 0),
+    ),
     "minimax": (  # Mixtral routing
         transformers.MiniMaxForCausalLM,
         transformers.MiniMaxConfig,
@@ -183,3 +189,22 @@ def test_more_moe_families_become_moe_ops(family):
     graph = compiled.program.graph
     assert tuple(len(graph.ops_of(cls)) for cls in (DenseFFNOp, RouteOp, ExpertsOp, SharedExpertOp)) == expected_ops
     assert_parity_at_example_and_other_shapes(model, compiled, example)
+
+
+@pytest.mark.parametrize("feed_forward", ["relu", "gated-gelu"])
+def test_encoder_decoder_models_compile_without_the_decoder_cache(feed_forward):
+    """T5's decoder stack keeps its own config copy with use_cache=True; capture turns off every one of them
+    (the cache object is not a tensor output) and restores them after. Both T5 FFN kinds become ffn.dense."""
+    config = transformers.T5Config(vocab_size=128, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8,
+                                   feed_forward_proj=feed_forward)
+    torch.manual_seed(0)
+    model = transformers.T5Model(config).eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    example = {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+    compiled = moec.compile(model, example)
+    assert model.decoder.config.use_cache and model.config.use_cache
+    ffns = compiled.program.graph.ops_of(DenseFFNOp)
+    assert len(ffns) == 2 and all(op.spec.gated == (feed_forward == "gated-gelu") for op in ffns)
+    assert parity(model, compiled, example) <= TOLERANCE
+    other = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(1))
+    assert parity(model, compiled, {"input_ids": other, "decoder_input_ids": other[:, :2]}) <= TOLERANCE
