@@ -186,25 +186,32 @@ def _t5_ffn(mlp: nn.Module) -> BlockSpec | None:
     )
 
 
-def _bert_layer(layer: BertLayer) -> BlockSpec | None:
-    # The block is intermediate.dense -> act -> output.dense; output's dropout, residual and LayerNorm stay
-    # outside (see swap.py for how the layer is patched).
-    act = activation_name(layer.intermediate.intermediate_act_fn)
-    if act is None:
-        return None
-    up = layer.intermediate.dense
-    return BlockSpec(
-        kind="ffn",
-        family="bert",
-        module="",
-        weights={
-            "w_up": "intermediate.dense.weight",
-            "b_up": "intermediate.dense.bias",
-            "w_down": "output.dense.weight",
-            "b_down": "output.dense.bias",
-        },
-        ffn=FFNSpec(hidden=up.in_features, intermediate=up.out_features, act=act, gated=False, has_bias=True),
-    )
+BERT_STYLE_FAMILIES = ("bert", "roberta", "xlm_roberta", "camembert", "electra")
+
+
+def _bert_layer(family: str) -> ToSpec:
+    """BERT-style encoder layers: the block is intermediate.dense -> act -> output.dense; output's dropout,
+    residual and LayerNorm stay outside (see swap.py for how the layer is patched)."""
+
+    def to_spec(layer: BertLayer) -> BlockSpec | None:
+        act = activation_name(layer.intermediate.intermediate_act_fn)
+        if act is None:
+            return None
+        up = layer.intermediate.dense
+        return BlockSpec(
+            kind="ffn",
+            family=family,
+            module="",
+            weights={
+                "w_up": "intermediate.dense.weight",
+                "b_up": "intermediate.dense.bias",
+                "w_down": "output.dense.weight",
+                "b_down": "output.dense.bias",
+            },
+            ffn=FFNSpec(hidden=up.in_features, intermediate=up.out_features, act=act, gated=False, has_bias=True),
+        )
+
+    return to_spec
 
 
 def _routed_experts(block: nn.Module) -> tuple[dict[str, str], ExpertsSpec] | None:
@@ -326,7 +333,11 @@ _REGISTRY.extend([
     (f"{HF}.gpt2.modeling_gpt2.GPT2MLP", _gpt2_mlp),
     (f"{HF}.t5.modeling_t5.T5DenseActDense", _t5_ffn),
     (f"{HF}.t5.modeling_t5.T5DenseGatedActDense", _t5_ffn),
-    (f"{HF}.bert.modeling_bert.BertLayer", _bert_layer),
+    (f"{HF}.bert.modeling_bert.BertLayer", _bert_layer("bert")),
+    (f"{HF}.roberta.modeling_roberta.RobertaLayer", _bert_layer("roberta")),
+    (f"{HF}.xlm_roberta.modeling_xlm_roberta.XLMRobertaLayer", _bert_layer("xlm_roberta")),
+    (f"{HF}.camembert.modeling_camembert.CamembertLayer", _bert_layer("camembert")),
+    (f"{HF}.electra.modeling_electra.ElectraLayer", _bert_layer("electra")),
     (f"{HF}.mixtral.modeling_mixtral.MixtralSparseMoeBlock", _softmax_moe("mixtral", lambda b: True)),
     (f"{HF}.olmoe.modeling_olmoe.OlmoeSparseMoeBlock", _softmax_moe("olmoe", lambda b: b.gate.norm_topk_prob)),
     (f"{HF}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock", _qwen2_moe),

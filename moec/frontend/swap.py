@@ -17,6 +17,7 @@ from torch import nn
 from moec.errors import CaptureError
 from moec.frontend import custom_ops  # noqa: F401  (registers torch.ops.moec.*)
 from moec.frontend.blocks import BlockSpec
+from moec.frontend.recognize import BERT_STYLE_FAMILIES
 
 
 def block_op(spec: BlockSpec) -> Callable[..., torch.Tensor]:
@@ -62,7 +63,7 @@ def _patch(
     module: nn.Module, spec: BlockSpec, run: Callable[[torch.Tensor], torch.Tensor]
 ) -> tuple[str, Callable]:
     """(attribute to override on the instance, replacement)."""
-    if spec.family == "bert":
+    if spec.family in BERT_STYLE_FAMILIES:
         return "feed_forward_chunk", _bert_feed_forward(module, run)
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:

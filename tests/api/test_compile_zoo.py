@@ -208,3 +208,17 @@ def test_encoder_decoder_models_compile_without_the_decoder_cache(feed_forward):
     assert parity(model, compiled, example) <= TOLERANCE
     other = torch.randint(0, 128, (3, 6), generator=torch.Generator().manual_seed(1))
     assert parity(model, compiled, {"input_ids": other, "decoder_input_ids": other[:, :2]}) <= TOLERANCE
+
+
+@pytest.mark.parametrize("family", ["Roberta", "XLMRoberta", "Camembert", "Electra"])
+def test_bert_style_encoders_become_ffn_ops(family):
+    config_class, model_class = getattr(transformers, f"{family}Config"), getattr(transformers, f"{family}Model")
+    config = config_class(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=64, pad_token_id=1)
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    ids = torch.randint(2, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    compiled = moec.compile(model, example)
+    assert len(compiled.program.graph.ops_of(DenseFFNOp)) == 2
+    assert_parity_at_example_and_other_shapes(model, compiled, example)
