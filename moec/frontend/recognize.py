@@ -147,6 +147,26 @@ def _gated_mlp(family: str) -> ToSpec:
     return to_spec
 
 
+def _plain_mlp(family: str, up: str, down: str, act: str = "act") -> ToSpec:
+    """``up`` Linear -> activation ``act`` -> ``down`` Linear, both with biases or neither (a dropout after
+    them is the identity for inference)."""
+
+    def to_spec(mlp: nn.Module) -> BlockSpec | None:
+        act_name = activation_name(getattr(mlp, act))
+        up_linear, down_linear = getattr(mlp, up), getattr(mlp, down)
+        has_bias = up_linear.bias is not None
+        if act_name is None or (down_linear.bias is not None) != has_bias:
+            return None
+        weights = {"w_up": f"{up}.weight", "w_down": f"{down}.weight"}
+        if has_bias:
+            weights |= {"b_up": f"{up}.bias", "b_down": f"{down}.bias"}
+        ffn = FFNSpec(hidden=up_linear.in_features, intermediate=up_linear.out_features, act=act_name, gated=False,
+                      has_bias=has_bias)
+        return BlockSpec(kind="ffn", family=family, module="", weights=weights, ffn=ffn)
+
+    return to_spec
+
+
 def _gpt2_mlp(mlp: GPT2MLP) -> BlockSpec | None:
     # Conv1D stores its weight (in, out); the dropout after c_proj is the identity in eval mode.
     act = activation_name(mlp.act)
@@ -331,6 +351,10 @@ _REGISTRY.extend([
     (f"{HF}.olmoe.modeling_olmoe.OlmoeMLP", _gated_mlp("olmoe")),
     (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MLP", _gated_mlp("deepseek_v3")),
     (f"{HF}.gpt2.modeling_gpt2.GPT2MLP", _gpt2_mlp),
+    (f"{HF}.gpt_neox.modeling_gpt_neox.GPTNeoXMLP", _plain_mlp("gpt_neox", "dense_h_to_4h", "dense_4h_to_h")),
+    (f"{HF}.gptj.modeling_gptj.GPTJMLP", _plain_mlp("gptj", "fc_in", "fc_out")),
+    (f"{HF}.falcon.modeling_falcon.FalconMLP", _plain_mlp("falcon", "dense_h_to_4h", "dense_4h_to_h")),
+    (f"{HF}.clip.modeling_clip.CLIPMLP", _plain_mlp("clip", "fc1", "fc2", act="activation_fn")),
     (f"{HF}.t5.modeling_t5.T5DenseActDense", _t5_ffn),
     (f"{HF}.t5.modeling_t5.T5DenseGatedActDense", _t5_ffn),
     (f"{HF}.bert.modeling_bert.BertLayer", _bert_layer("bert")),

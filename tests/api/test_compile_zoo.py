@@ -222,3 +222,29 @@ def test_bert_style_encoders_become_ffn_ops(family):
     compiled = moec.compile(model, example)
     assert len(compiled.program.graph.ops_of(DenseFFNOp)) == 2
     assert_parity_at_example_and_other_shapes(model, compiled, example)
+
+
+PLAIN_MLPS = {
+    # family: (model class, config); each MLP is up -> activation -> down
+    "gpt_neox": (transformers.GPTNeoXForCausalLM, lambda: transformers.GPTNeoXConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "gptj": (transformers.GPTJForCausalLM, lambda: transformers.GPTJConfig(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64)),
+    "falcon": (transformers.FalconForCausalLM, lambda: transformers.FalconConfig(  # no biases
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)),
+    "clip": (transformers.CLIPTextModel, lambda: transformers.CLIPTextConfig(  # quick GELU
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)),
+}
+
+
+@pytest.mark.parametrize("family", list(PLAIN_MLPS))
+def test_plain_mlp_families_become_ffn_ops(family):
+    model_class, config = PLAIN_MLPS[family]
+    torch.manual_seed(0)
+    model = model_class(config()).eval()
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    compiled = moec.compile(model, example)
+    ffns = compiled.program.graph.ops_of(DenseFFNOp)
+    assert len(ffns) == 2 and not any(op.spec.gated for op in ffns)
+    assert_parity_at_example_and_other_shapes(model, compiled, example)
