@@ -70,13 +70,33 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
     except CaptureError:
         raise
     except Exception as err:  # export raises many types; all mean "cannot capture"
-        where = failing_module(model, err)
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        eager_error = eager_failure(model, args, kwargs)
+        if eager_error is not None:
+            raise CaptureError(
+                f"{type(model).__name__} fails on the example inputs themselves, without moec: "
+                f"{describe(model, eager_error)}\npass example inputs that the model runs on"
+            ) from eager_error
         raise CaptureError(
-            f"cannot export {type(model).__name__}: {where}: {type(err).__name__}: {reason}\n"
+            f"cannot export {type(model).__name__}: {describe(model, err)}\n"
             "moec needs a model that torch.export can trace; rewrite the data-dependent Python control flow "
             "in that module, or register its block with moec.register_moe_block"
         ) from err
+
+
+def eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> Exception | None:
+    """The error ``model(*args, **kwargs)`` raises when run as is, or None when it runs."""
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as err:  # whatever the model raises
+        return err
+    return None
+
+
+def describe(model: nn.Module, err: BaseException) -> str:
+    """Where ``err`` was raised in ``model``, its type and the first line of its message."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"{failing_module(model, err)}: {type(err).__name__}: {reason}"
 
 
 def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

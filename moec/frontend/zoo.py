@@ -162,17 +162,27 @@ def minilm_path() -> Path:
 
 
 def _load_hf_folder(path: Path) -> tuple[nn.Module, Example]:
-    """A local Hugging Face model folder, loaded without network access."""
+    """A local Hugging Face model folder, loaded without network access, with its head when it is a causal
+    or sequence-to-sequence LM. An encoder-decoder's example feeds the decoder the encoder's tokens."""
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
-    causal = any(arch.endswith("ForCausalLM") for arch in config.architectures or ())
-    auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    architectures = config.architectures or ()
+    if any(arch.endswith("ForCausalLM") for arch in architectures):
+        auto_class = transformers.AutoModelForCausalLM
+    elif config.is_encoder_decoder and any(arch.endswith("ForConditionalGeneration") for arch in architectures):
+        auto_class = transformers.AutoModelForSeq2SeqLM
+    else:
+        auto_class = transformers.AutoModel
     model = auto_class.from_pretrained(path, local_files_only=True).eval()
     if (path / "tokenizer_config.json").exists():
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        return model, dict(tokenizer(_EXAMPLE_SENTENCES, padding=True, return_tensors="pt"))
-    return model, _token_example(config.vocab_size)
+        example = dict(tokenizer(_EXAMPLE_SENTENCES, padding=True, return_tensors="pt"))
+    else:
+        example = _token_example(config.vocab_size)
+    if config.is_encoder_decoder:
+        example["decoder_input_ids"] = example["input_ids"]
+    return model, example
 
 
 def _minilm():

@@ -55,6 +55,13 @@ class UsesCustomOp(nn.Module):
         return self.inner(x)
 
 
+class WantsTwoInputs(nn.Module):
+    def forward(self, x, y=None):
+        if y is None:
+            raise ValueError("y is required")
+        return x + y
+
+
 def test_unrecognized_model_compiles_to_generic_ops():
     torch.manual_seed(0)
     model = PlainMLP()
@@ -84,3 +91,9 @@ def test_a_custom_op_of_another_library_names_the_op_and_the_module():
     with pytest.raises(moec.CaptureError, match=r"moec_test.double.default \(a custom op of the 'moec_test' library\) "
                                                 r"in module 'inner'"):
         moec.compile(UsesCustomOp(), (torch.randn(3, 8),))
+
+
+def test_a_model_that_fails_on_its_example_inputs_is_told_so():
+    """Not a tracing problem: the model raises on these inputs without moec, and the error says that."""
+    with pytest.raises(moec.CaptureError, match="fails on the example inputs themselves.*y is required"):
+        moec.compile(WantsTwoInputs(), (torch.randn(3, 8),))

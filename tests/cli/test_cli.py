@@ -168,6 +168,18 @@ def test_model_help_names_every_preset(monkeypatch, capsys):
     assert [name for name in PRESETS if name not in help_text] == []
 
 
+def test_an_encoder_decoder_folder_compiles_with_decoder_inputs(tmp_path, capsys):
+    """A saved T5ForConditionalGeneration: loaded with its LM head, its example feeds the decoder too."""
+    import transformers
+
+    config = transformers.T5Config(vocab_size=128, d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8)
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    assert main(["compile", "--model", str(tmp_path / "t5"), "-o", str(tmp_path / "plan")]) == 0
+    out = capsys.readouterr().out
+    assert "T5ForConditionalGeneration" in out and "decoder_input_ids (3, 6)" in out
+
+
 def test_unknown_model_is_one_clear_error(capsys):
     assert main(["compile", "--model", "no-such-model"]) == 1
     err = capsys.readouterr().err
