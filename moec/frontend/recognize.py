@@ -1,8 +1,12 @@
 """Block recognizers: find the FFN and MoE blocks of a model by module class and describe them as specs.
 
-Built in: Hugging Face Mixtral, Qwen2-MoE, OLMoE and DeepSeek-V3 sparse blocks, the gated MLPs of
-Llama-style models (Llama, Qwen2-MoE and DeepSeek-V3 dense layers, shared experts), GPT-2 MLPs and BERT
-feed-forward sublayers. Users add their own classes with :func:`register_moe_block`.
+Built in (by class, see the table at the end): the sparse MoE blocks of Hugging Face Mixtral, Qwen2/3-MoE,
+OLMoE, FlexOlmo, MiniMax, GraniteMoE, DeepSeek-V3, GLM-4-MoE and dots1; the gated MLPs of Llama-style
+models and of those MoE families' dense layers and shared experts; GPT-2, GPT-J, GPT-NeoX, Falcon, CLIP
+and T5 MLPs; BERT-style feed-forward sublayers. Users add their own classes with
+:func:`register_moe_block`. A module of any other class with the Llama-style gated MLP's parts
+(``gate_proj``, ``up_proj``, ``down_proj`` Linears and ``act_fn``) is recognized too when a probe shows
+that it computes exactly that (``_probed_gated_mlp``).
 
 A recognizer may decline a module (for example one with an activation moec does not model) by
 returning None; the module then stays ordinary torch code in the captured graph.
@@ -14,6 +18,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec
@@ -79,7 +84,32 @@ def _spec_for(module: nn.Module) -> BlockSpec | None:
     for module_class, to_spec in reversed(_REGISTRY):
         if module_class in paths if isinstance(module_class, str) else module_class in lineage:
             return to_spec(module)
-    return None
+    return _probed_gated_mlp(module)
+
+
+def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
+    """A module of an unlisted class with a gated MLP's parts, when its forward on a few random rows equals
+    ``down(act(gate(x)) * up(x))`` computed from those parts (same ops, so the same rounding). Its family is
+    its class name."""
+    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    if not all(isinstance(part, nn.Linear) for part in parts) or not isinstance(getattr(mlp, "act_fn", None), nn.Module):
+        return None
+    ffn = _gated_mlp_ffn_spec(mlp)
+    if ffn is None:
+        return None
+    gate, up, down = parts
+    weight = up.weight
+    x = torch.randn(3, ffn.hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            actual = mlp(x)
+            expected = down(mlp.act_fn(gate(x)) * up(x))
+            same = isinstance(actual, torch.Tensor) and actual.shape == expected.shape and torch.equal(actual, expected)
+    except Exception:  # a forward with other arguments or shapes is not this MLP
+        return None
+    if not same:
+        return None
+    return BlockSpec(kind="ffn", family=type(mlp).__name__, module="", weights=_gated_mlp_weights(mlp), ffn=ffn)
 
 
 def _anchored(spec: BlockSpec, path: str) -> BlockSpec:

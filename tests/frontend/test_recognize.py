@@ -12,6 +12,7 @@ import transformers
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaMLP
 
+import moec
 from moec.errors import CaptureError
 from moec.frontend import recognize as recognize_module
 from moec.frontend import zoo
@@ -19,6 +20,7 @@ from moec.frontend.blocks import BlockSpec, ExpertsSpec, RouteSpec
 from moec.frontend.recognize import recognize, register_moe_block
 from moec.frontend.swap import swap_blocks
 from moec.frontend.zoo import load_model_spec
+from moec.ir import DenseFFNOp
 from moec.kernels import reference
 
 EXPECTED_BLOCKS = {
@@ -186,3 +188,45 @@ def test_load_model_spec_factory(monkeypatch):
 def test_load_model_spec_errors(text):
     with pytest.raises(CaptureError):
         load_model_spec(text)
+
+
+# ---- gated MLPs of unlisted classes, recognized by a probe ------------------------------------------
+
+
+class UnlistedGatedMLP(nn.Module):
+    def __init__(self, swap_gate_and_up: bool = False):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+        self.down_proj = nn.Linear(16, 8, bias=False)
+        self.act_fn = nn.SiLU()
+        self.swap_gate_and_up = swap_gate_and_up
+
+    def forward(self, x):
+        gate, up = (self.up_proj, self.gate_proj) if self.swap_gate_and_up else (self.gate_proj, self.up_proj)
+        return self.down_proj(self.act_fn(gate(x)) * up(x))
+
+
+class TwoMLPs(nn.Module):
+    def __init__(self, swap_gate_and_up: bool):
+        super().__init__()
+        self.first, self.second = UnlistedGatedMLP(), UnlistedGatedMLP(swap_gate_and_up)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+def test_an_unlisted_gated_mlp_is_recognized_only_when_the_probe_agrees():
+    """Same parts, same attribute names; the second MLP gates with up_proj instead: not this block."""
+    torch.manual_seed(0)
+    model = TwoMLPs(swap_gate_and_up=True).eval()
+    specs = recognize(model)
+    assert [(spec.module, spec.family) for spec in specs] == [("first", "UnlistedGatedMLP")]
+    compiled = moec.compile(model, (torch.randn(4, 8),))
+    assert len(compiled.program.graph.ops_of(DenseFFNOp)) == 1
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)
+
+
+def test_olmo2_mlps_are_recognized_by_the_probe():
+    model, _ = zoo.tiny_decoder(transformers.Olmo2ForCausalLM, transformers.Olmo2Config)
+    assert [spec.family for spec in recognize(model)] == ["Olmo2MLP", "Olmo2MLP"]
