@@ -8,6 +8,7 @@ import transformers
 
 import moec
 from moec.api import deviation, parity
+from moec.frontend.recognize import recognize
 from moec.frontend.zoo import build_preset, tiny_decoder
 from moec.ir import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 
@@ -134,6 +135,12 @@ def test_deviation_leaves_padding_positions_out():
     assert deviation(model, exact, padded).cosine == pytest.approx(1.0, abs=1e-6)
 
 
+def one_fast(names, fast):
+    """Parameters for per-family compile tests: ``fast`` in the default run, the others (recognized by the same
+    code as a family compiled there) marked slow; ``test_every_family_is_recognized`` covers them all fast."""
+    return [pytest.param(name, marks=() if name in fast else pytest.mark.slow) for name in names]
+
+
 DENSE_GATED = {
     # family: (model class, config class); each MLP is gate/up/down with the config's activation
     "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
@@ -143,7 +150,7 @@ DENSE_GATED = {
 }
 
 
-@pytest.mark.parametrize("family", list(DENSE_GATED))
+@pytest.mark.parametrize("family", one_fast(DENSE_GATED, fast={"gemma"}))
 def test_dense_gated_families_become_ffn_ops(family):
     model, example = tiny_decoder(*DENSE_GATED[family], head_dim=8)
     compiled = moec.compile(model, example)
@@ -181,7 +188,7 @@ MORE_MOE = {
 }
 
 
-@pytest.mark.parametrize("family", list(MORE_MOE))
+@pytest.mark.parametrize("family", one_fast(MORE_MOE, fast={"glm4_moe", "granitemoe"}))
 def test_more_moe_families_become_moe_ops(family):
     model_class, config_class, options, expected_ops = MORE_MOE[family]
     model, example = tiny_decoder(model_class, config_class, **options)
@@ -210,15 +217,21 @@ def test_encoder_decoder_models_compile_without_the_decoder_cache(feed_forward):
     assert parity(model, compiled, {"input_ids": other, "decoder_input_ids": other[:, :2]}) <= TOLERANCE
 
 
-@pytest.mark.parametrize("family", ["Roberta", "XLMRoberta", "Camembert", "Electra"])
-def test_bert_style_encoders_become_ffn_ops(family):
+BERT_STYLE = ["Roberta", "XLMRoberta", "Camembert", "Electra"]
+
+
+def bert_style_encoder(family):
     config_class, model_class = getattr(transformers, f"{family}Config"), getattr(transformers, f"{family}Model")
     config = config_class(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                           num_attention_heads=4, max_position_embeddings=64, pad_token_id=1)
     torch.manual_seed(0)
-    model = model_class(config).eval()
     ids = torch.randint(2, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return model_class(config).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("family", one_fast(BERT_STYLE, fast={"Roberta"}))
+def test_bert_style_encoders_become_ffn_ops(family):
+    model, example = bert_style_encoder(family)
     compiled = moec.compile(model, example)
     assert len(compiled.program.graph.ops_of(DenseFFNOp)) == 2
     assert_parity_at_example_and_other_shapes(model, compiled, example)
@@ -237,14 +250,32 @@ PLAIN_MLPS = {
 }
 
 
-@pytest.mark.parametrize("family", list(PLAIN_MLPS))
-def test_plain_mlp_families_become_ffn_ops(family):
+def plain_mlp_model(family):
     model_class, config = PLAIN_MLPS[family]
     torch.manual_seed(0)
-    model = model_class(config()).eval()
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return model_class(config()).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@pytest.mark.parametrize("family", one_fast(PLAIN_MLPS, fast={"gpt_neox", "falcon"}))
+def test_plain_mlp_families_become_ffn_ops(family):
+    model, example = plain_mlp_model(family)
     compiled = moec.compile(model, example)
     ffns = compiled.program.graph.ops_of(DenseFFNOp)
     assert len(ffns) == 2 and not any(op.spec.gated for op in ffns)
     assert_parity_at_example_and_other_shapes(model, compiled, example)
+
+
+FAMILY_MODELS = {
+    **{name: lambda name=name: tiny_decoder(*DENSE_GATED[name], head_dim=8)[0] for name in DENSE_GATED},
+    **{name: lambda name=name: tiny_decoder(*MORE_MOE[name][:2], **MORE_MOE[name][2])[0] for name in MORE_MOE},
+    **{name.lower(): lambda name=name: bert_style_encoder(name)[0] for name in BERT_STYLE},
+    **{name: lambda name=name: plain_mlp_model(name)[0] for name in PLAIN_MLPS},
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_MODELS))
+def test_every_family_is_recognized(family):
+    """Each registration finds its model's blocks (the compile tests above check numerics)."""
+    specs = recognize(FAMILY_MODELS[family]())
+    assert len(specs) == 2 and {spec.family for spec in specs} == {family.replace("xlmroberta", "xlm_roberta")}
