@@ -156,10 +156,9 @@ def run_compile(args: argparse.Namespace) -> int:
             console.print(f"deviation on {label} ({shapes}): output cosine {result.cosine:.4f}, "
                           f"max abs diff {result.max_abs_diff:.3g}{relative}{padding}")
             continue
-        diff = result
-        passed = diff <= tolerance
+        passed = result <= tolerance
         ok &= passed
-        console.print(f"parity on {label} ({shapes}): max abs diff {diff:.3g} "
+        console.print(f"parity on {label} ({shapes}): max abs diff {result:.3g} "
                       f"{'[green]ok[/]' if passed else '[red]FAILED[/]'} (tolerance {tolerance:g})")
     if changing:
         verb = "changes" if len(changing) == 1 else "change"

@@ -274,44 +274,28 @@ def _routed_experts(block: nn.Module) -> tuple[dict[str, str], ExpertsSpec] | No
     return {"w_in": "experts.gate_up_proj", "w_out": "experts.down_proj"}, spec
 
 
-def _softmax_moe(family: str, renormalize: Callable[[nn.Module], bool]) -> ToSpec:
-    """Mixtral-style blocks: softmax over all experts, top-k, optional renormalization."""
+def _softmax_moe(family: str, renormalize: Callable[[nn.Module], bool], router: str = "gate",
+                 order: str = "score_then_topk") -> ToSpec:
+    """Mixtral-style blocks: softmax scores and top-k in ``order``, optional renormalization; the router
+    module (with ``weight`` and ``top_k``) is the block's ``router`` attribute."""
 
     def to_spec(block: nn.Module) -> BlockSpec | None:
         found = _routed_experts(block)
         if found is None:
             return None
         expert_weights, experts = found
-        route = RouteSpec(
-            num_experts=experts.num_experts, top_k=block.gate.top_k, renormalize=renormalize(block)
-        )
+        route = RouteSpec(num_experts=experts.num_experts, top_k=getattr(block, router).top_k,
+                          order=order, renormalize=renormalize(block))
         return BlockSpec(
             kind="moe",
             family=family,
             module="",
-            weights={"router": "gate.weight", **expert_weights},
+            weights={"router": f"{router}.weight", **expert_weights},
             route=route,
             experts=experts,
         )
 
     return to_spec
-
-
-def _granite_moe(block: nn.Module) -> BlockSpec | None:
-    """GraniteMoE: top-k of the router logits, then softmax over the chosen k (``router``, not ``gate``)."""
-    found = _routed_experts(block)
-    if found is None:
-        return None
-    expert_weights, experts = found
-    route = RouteSpec(num_experts=experts.num_experts, top_k=block.router.top_k, order="topk_then_score")
-    return BlockSpec(
-        kind="moe",
-        family="granitemoe",
-        module="",
-        weights={"router": "router.weight", **expert_weights},
-        route=route,
-        experts=experts,
-    )
 
 
 def _qwen2_moe(block: Qwen2MoeSparseMoeBlock) -> BlockSpec | None:
@@ -403,5 +387,7 @@ _REGISTRY.extend([
     (f"{HF}.dots1.modeling_dots1.Dots1MoE", _grouped_sigmoid_moe("dots1")),
     (f"{HF}.flex_olmo.modeling_flex_olmo.FlexOlmoSparseMoeBlock", _softmax_moe("flex_olmo", lambda b: b.gate.norm_topk_prob)),
     (f"{HF}.minimax.modeling_minimax.MiniMaxSparseMoeBlock", _softmax_moe("minimax", lambda b: True)),
-    (f"{HF}.granitemoe.modeling_granitemoe.GraniteMoeMoE", _granite_moe),
+    # GraniteMoE: top-k of the router logits, then softmax over the chosen k
+    (f"{HF}.granitemoe.modeling_granitemoe.GraniteMoeMoE",
+     _softmax_moe("granitemoe", lambda b: False, router="router", order="topk_then_score")),
 ])
