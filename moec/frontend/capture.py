@@ -1,4 +1,5 @@
-"""Capture a PyTorch model as a moec ``Program``: recognize blocks, swap them for moec ops, export, lower.
+"""Capture a PyTorch model as a moec ``Program``: recognize blocks, swap them for moec ops, export, lower,
+then fold the FFNs no recognizer claimed (``moec.frontend.ffn_patterns``).
 
 The model is captured for inference: in eval mode, without a KV cache (``config.use_cache=False``),
 with every tensor input dimension dynamic unless the model pins it. The model is left as it was.
@@ -19,6 +20,7 @@ from torch.export import Dim
 
 from moec.errors import CaptureError
 from moec.frontend.blocks import BlockSpec
+from moec.frontend.ffn_patterns import fold_dense_ffns
 from moec.frontend.lower import lower
 from moec.frontend.recognize import recognize
 from moec.frontend.swap import swap_blocks
@@ -34,7 +36,9 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     with inference_setup(model), swap_blocks(model, specs):
         ep = export(model, args, kwargs)
     program = lower(ep)
-    program.metadata["blocks"] = [block_summary(spec) for spec in specs]
+    folded = fold_dense_ffns(program)
+    program.metadata["blocks"] = [block_summary(spec) for spec in specs] + [
+        {"module": block, "kind": "ffn", "family": "pattern"} for block in folded]
     program.metadata["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
     return program
 

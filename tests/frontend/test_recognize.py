@@ -216,13 +216,17 @@ class TwoMLPs(nn.Module):
 
 
 def test_an_unlisted_gated_mlp_is_recognized_only_when_the_probe_agrees():
-    """Same parts, same attribute names; the second MLP gates with up_proj instead: not this block."""
+    """Same parts, same attribute names; the second MLP gates with up_proj instead: not this block. Its
+    ATen ops are then folded by pattern, with the weights in the roles the graph shows."""
     torch.manual_seed(0)
     model = TwoMLPs(swap_gate_and_up=True).eval()
     specs = recognize(model)
     assert [(spec.module, spec.family) for spec in specs] == [("first", "UnlistedGatedMLP")]
     compiled = moec.compile(model, (torch.randn(4, 8),))
-    assert len(compiled.program.graph.ops_of(DenseFFNOp)) == 1
+    first, second = compiled.program.graph.ops_of(DenseFFNOp)
+    assert first.weight("w_gate").name == "first.gate_proj.weight"
+    assert second.weight("w_gate").name == "second.up_proj.weight"
+    assert second.weight("w_up").name == "second.gate_proj.weight"
     x = torch.randn(2, 5, 8)
     torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)
 

@@ -1,0 +1,202 @@
+"""FFN chains that no recognizer claimed are folded into ffn.dense after lowering (moec.frontend.ffn_patterns)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import moec
+from moec.api import parity
+from moec.backend.torch_runner import TorchRunner
+from moec.frontend.capture import capture
+from moec.frontend.ffn_patterns import match_ffn
+from moec.ir import DenseFFNOp
+from moec.ir.ops import AtenOp
+from moec.ir.verifier import verify
+
+TOLERANCE = 1e-4  # max abs difference, float32 (the folded op runs the same ATen math: 0.0 in practice)
+
+
+def ffn_ops(program):
+    return program.graph.ops_of(DenseFFNOp)
+
+
+def assert_same_function(model, program, *inputs):
+    runner = TorchRunner(program)
+    with torch.no_grad():
+        for x in inputs:
+            torch.testing.assert_close(runner.run([x])[0], model(x), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("act, name", [(nn.ReLU(), "relu"), (nn.GELU(), "gelu"), (nn.GELU(approximate="tanh"), "gelu_tanh"),
+                                       (nn.SiLU(), "silu")])
+def test_plain_chain_with_eval_dropout_becomes_one_ffn(act, name):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 24), act, nn.Dropout(0.1), nn.Linear(24, 8)).eval()
+    program = capture(model, (torch.randn(4, 8),))
+    (op,) = ffn_ops(program)
+    assert (op.spec.act, op.spec.gated, op.spec.intermediate, op.spec.has_bias) == (name, False, 24, True)
+    assert op.block == "0"  # no common module path: the up projection's module
+    assert not [o for o in program.graph.ops if isinstance(o, AtenOp) and "linear" in o.target]
+    assert program.metadata["blocks"] == [{"module": "0", "kind": "ffn", "family": "pattern"}]
+    verify(program.graph)
+    assert_same_function(model, program, torch.randn(3, 8), torch.randn(2, 5, 8))
+
+
+class GatedMLP(nn.Module):
+    """A Llama-style MLP under names no recognizer knows, multiplied up-first."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+        self.w2 = nn.Linear(16, 8, bias=False)
+
+    def forward(self, x):
+        return self.w2(self.w3(x) * nn.functional.silu(self.w1(x)))
+
+
+class FusedGatedMLP(nn.Module):
+    """Phi-3's MLP: one projection computes gate and up, cut in two."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(8, 32, bias=bias)
+        self.down_proj = nn.Linear(16, 8, bias=bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(up * nn.functional.gelu(gate))
+
+
+def test_gated_chain_becomes_a_gated_ffn_with_the_graphs_roles():
+    torch.manual_seed(0)
+    model = GatedMLP().eval()
+    program = capture(model, (torch.randn(4, 8),))
+    (op,) = ffn_ops(program)
+    assert op.spec.gated and op.spec.act == "silu"
+    assert [op.weight(role).name for role in ("w_gate", "w_up", "w_down")] == ["w1.weight", "w3.weight", "w2.weight"]
+    assert_same_function(model, program, torch.randn(6, 8))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_gate_up_projection_is_split_into_gate_and_up_weights(bias):
+    torch.manual_seed(0)
+    model = FusedGatedMLP(bias).eval()
+    program = capture(model, (torch.randn(4, 8),))
+    (op,) = ffn_ops(program)
+    assert op.spec.gated and op.spec.act == "gelu" and op.spec.intermediate == 16
+    assert op.weight("w_gate").name == "gate_up_proj.gate.weight"
+    torch.testing.assert_close(program.weights["gate_up_proj.gate.weight"], model.gate_up_proj.weight[:16], rtol=0, atol=0)
+    torch.testing.assert_close(program.weights["gate_up_proj.up.weight"], model.gate_up_proj.weight[16:], rtol=0, atol=0)
+    assert "gate_up_proj.weight" not in program.weights and "gate_up_proj.weight" not in program.graph.weights
+    assert (op.weight("b_up") is not None) == bias
+    verify(program.graph)
+    assert_same_function(model, program, torch.randn(2, 3, 8))
+
+
+class ReusedHidden(nn.Module):
+    """The hidden activations are read twice: folding would hide them from the second reader."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        hidden = torch.relu(self.up(x))
+        return self.down(hidden) + hidden.sum(-1, keepdim=True)
+
+
+class Narrowing(nn.Module):
+    """linear -> relu -> linear to another width: a head, not an FFN."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize("model, reason", [(ReusedHidden(), "has 2 uses"), (Narrowing(), "an FFN keeps the shape")])
+def test_chains_that_do_not_fold_say_why(model, reason):
+    model.eval()
+    program = capture(model, (torch.randn(4, 8),))
+    assert not ffn_ops(program)
+    (down,) = [op for op in program.graph.ops if isinstance(op, AtenOp) and op.target == "aten.linear.default"
+               and op.weight_refs[0].name == "down.weight"]
+    assert reason in match_ffn(down, program)
+    assert_same_function(model, program, torch.randn(3, 8))
+
+
+def opt_model():
+    config = transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+    return transformers.OPTModel(config)
+
+
+def bart_model():
+    config = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4,
+                                     decoder_attention_heads=4, max_position_embeddings=64)
+    return transformers.BartModel(config)
+
+
+def distilbert_model():
+    config = transformers.DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+                                           max_position_embeddings=64)
+    return transformers.DistilBertModel(config)
+
+
+def phi3_model():
+    config = transformers.Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                     bos_token_id=1, eos_token_id=1)
+    return transformers.Phi3Model(config)
+
+
+def vit_model():
+    config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, image_size=16, patch_size=8)
+    return transformers.ViTModel(config)
+
+
+def token_inputs(batch, seq):
+    return {"input_ids": torch.randint(2, 128, (batch, seq), generator=torch.Generator().manual_seed(batch * seq))}
+
+
+def image_inputs(batch, _seq):
+    return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(batch))}
+
+
+HF_FAMILIES = {
+    # family: (model, inputs, expected (block, act, gated) of each folded FFN)
+    "opt": (opt_model, token_inputs, [(f"decoder.layers.{i}", "relu", False) for i in range(2)]),
+    "bart": (bart_model, token_inputs, [("encoder.layers.0", "gelu", False), ("decoder.layers.0", "gelu", False)]),
+    "distilbert": (distilbert_model, token_inputs, [(f"transformer.layer.{i}.ffn", "gelu", False) for i in range(2)]),
+    "vit": (vit_model, image_inputs, [(f"layers.{i}.mlp", "gelu", False) for i in range(2)]),
+    "phi3": (phi3_model, token_inputs, [(f"layers.{i}.mlp", "silu", True) for i in range(2)]),
+}
+
+
+@pytest.mark.parametrize("family", [pytest.param(name, marks=() if name in {"opt", "phi3"} else pytest.mark.slow)
+                                    for name in HF_FAMILIES])
+def test_inline_and_unlisted_ffns_of_hf_models_are_folded(family):
+    build, inputs, expected = HF_FAMILIES[family]
+    torch.manual_seed(0)
+    model = build().eval()
+    compiled = moec.compile(model, inputs(2, 8))
+    assert [(op.block, op.spec.act, op.spec.gated) for op in ffn_ops(compiled.program)] == expected
+    for batch, seq in [(2, 8), (3, 5)]:
+        assert parity(model, compiled, inputs(batch, seq)) <= TOLERANCE
+
+
+def test_dense_to_moe_converts_a_folded_ffn():
+    """OPT's inline FFNs become MoE blocks; with every expert active the model computes the same function."""
+    torch.manual_seed(0)
+    model = opt_model().eval()
+    recipe = {"passes": [{"dense_to_moe": {"experts": 4, "top_k": 4, "router": "centroid"}}]}
+    compiled = moec.compile(model, token_inputs(2, 8), recipe=recipe)
+    assert not ffn_ops(compiled.program)
+    assert parity(model, compiled, token_inputs(3, 5)) <= TOLERANCE
