@@ -2,21 +2,25 @@
 graph become ``ffn.dense`` ops, so that passes (``dense-to-moe``, ``quantize``) and backends see them as FFNs.
 
 Models that write their FFN inline in a layer (OPT, BART), in a module of their own that no recognizer knows
-(DistilBERT, ViT), or as a user's ``nn.Sequential`` all lower to the same few ATen ops. The patterns, each
-mapping ``x [..., H]`` to ``[..., H]`` through ``F`` neurons:
+(DistilBERT, ViT, BLOOM), or as a user's ``nn.Sequential`` all lower to the same few ATen ops. The patterns,
+each mapping ``x [..., H]`` to ``[..., H]`` through ``F`` neurons:
 
-1. **plain**: ``down(act(up(x)))``, ``act`` one of relu, gelu (erf or tanh form), silu;
+1. **plain**: ``down(act(up(x)))``;
 2. **gated**: ``down(act(gate(x)) * up(x))``, the product's operands in either order;
 3. **fused gated** (Phi-3): ``g, u = split(gate_up(x), F, -1)``, then ``down(u * act(g))``; the fused weight's
    rows are split into ``w_gate`` and ``w_up`` (new weights named after it) and it is dropped when unused.
 
-Every value inside the chain must have exactly one use (nothing else reads the hidden activations), every
+``act`` is one activation op (relu, gelu in its erf or tanh form, silu) or elementwise ops of one tensor and
+Python numbers that compute one of moec's activations (``blocks.ACTIVATIONS``), which a probe on 8,097 points
+decides: BLOOM's ``x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x)))`` is ``gelu_tanh``,
+``x * sigmoid(1.702 * x)`` is ``quick_gelu``. Every value inside the chain must have exactly one use (nothing else reads the hidden activations), every
 linear's weight and bias must be graph weights, and eval-mode no-ops between the activation (or product) and
 ``down`` (``aten.clone``, ``aten.alias``, ``aten.dropout`` with ``train=False``) are dropped. ``match_ffn``
 returns why a chain does not fold, so a test or a user can see why an FFN stayed generic.
 
-Contract: the folded graph computes the same function (``ffn.dense`` runs the same ATen math, in the same
-order); a folded FFN's block is the common module path of its weights (``model.decoder.layers.0`` for OPT's
+Contract: the folded graph computes the same function: the same ATen math in the same order when the
+activation was one op, and to float32 rounding when moec's activation replaces a written-out one (they agree
+within 1e-6 x (1 + |value|) on the probe; 2.4e-7 for BLOOM's). A folded FFN's block is the common module path of its weights (``model.decoder.layers.0`` for OPT's
 ``fc1``/``fc2``), or the up projection's module when they share none. In place.
 """
 
@@ -24,11 +28,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moec.frontend.blocks import FFNSpec
-from moec.ir.core import Operation, Value, WeightRef
+import torch
+
+from moec.frontend.blocks import ACTIVATIONS, FFNSpec
+from moec.ir.core import Operation, Value, WeightRef, iter_leaves, map_leaves
 from moec.ir.ops import AtenOp, DenseFFNOp
 from moec.ir.program import Program
+from moec.ir.targets import resolve_target
 from moec.ir.types import TensorType
+from moec.kernels.reference import activation as reference_activation
 
 LINEAR = "aten.linear.default"
 PASS_THROUGH = {"aten.clone.default", "aten.alias.default", "aten.dropout.default"}
@@ -86,49 +94,64 @@ def _match(down: Operation, program: Program) -> FFNMatch:
             raise NoMatch("the dropout before the down projection is not in eval mode")
         ops.append(owner)
         hidden = owner.args[0]
+    gated_reason = None
     if owner.op_name == "aten.mul.Tensor":
-        match = match_gated(owner, program)
-    else:
-        act = activation_of(owner)
-        up = single_use_producer(owner.args[0], "the activation's input")
-        if not is_linear(up):
-            raise NoMatch(f"the activation's input comes from {up.op_name}, not a linear")
-        w_up, b_up = linear_weights(up)
-        x = up.args[0]
-        match = FFNMatch(x, act, False, {"w_up": w_up} | optional("b_up", b_up), [owner, up])
+        try:
+            match = match_gated(owner, program)
+        except NoMatch as reason:
+            gated_reason = reason
+    if owner.op_name != "aten.mul.Tensor" or gated_reason is not None:
+        try:
+            match = match_plain(hidden, program)
+        except NoMatch as reason:
+            raise NoMatch(f"not gated ({gated_reason}), nor an activation ({reason})" if gated_reason else str(reason)) \
+                from None
     match.ops = ops + match.ops
     match.weights |= {"w_down": w_down} | optional("b_down", b_down)
     return checked(match, down, program)
+
+
+def match_plain(hidden: Value, program: Program) -> FFNMatch:
+    """``act(up(x))``."""
+    act, source, act_ops = activation_chain(hidden, program)
+    up = source.owner
+    if not is_linear(up):
+        raise NoMatch(f"the activation's input comes from {up.op_name}, not a linear")
+    w_up, b_up = linear_weights(up)
+    return FFNMatch(up.args[0], act, False, {"w_up": w_up} | optional("b_up", b_up), [*act_ops, up])
 
 
 def match_gated(product: Operation, program: Program) -> FFNMatch:
     """``act(gate(x)) * up(x)``, or the two halves of one fused ``gate_up`` linear split in two."""
     if len(product.args) != 2 or not all(isinstance(a, Value) for a in product.args):
         raise NoMatch("the product before the down projection is not of two tensors")
-    producers = [single_use_producer(a, "an operand of the product") for a in product.args]
-    act_side = [i for i, p in enumerate(producers) if p.op_name in ACTIVATION_TARGETS]
-    if not act_side:
+    for side in (0, 1):
+        try:
+            single_use_producer(product.args[side], "an operand of the product")
+            act, gate_value, act_ops = activation_chain(product.args[side], program)
+            break
+        except NoMatch:
+            continue
+    else:
         raise NoMatch("neither operand of the product is an activation")
-    act_op = producers[act_side[0]]
-    up_value = product.args[1 - act_side[0]]
-    act = activation_of(act_op)
-    gate_value = act_op.args[0]
-    if isinstance(gate_value, Value) and gate_value.owner is not None and gate_value.owner.op_name == "aten.split.Tensor":
-        return match_fused(product, act_op, act, gate_value, up_value, program)
-    gate, up = (single_use_producer(gate_value, "the gate"), single_use_producer(up_value, "the up projection"))
+    up_value = product.args[1 - side]
+    owner = gate_value.owner
+    if owner is not None and owner.op_name == "aten.split.Tensor":
+        return match_fused(product, act_ops, act, gate_value, up_value, program)
+    gate, up = gate_value.owner, single_use_producer(up_value, "the up projection")
     if not (is_linear(gate) and is_linear(up)):
         raise NoMatch("the product's operands are not act(linear(x)) and linear(x)")
     if gate.args[0] is not up.args[0]:
         raise NoMatch("the gate and up projections read different inputs")
     (w_gate, b_gate), (w_up, b_up) = linear_weights(gate), linear_weights(up)
     weights = {"w_gate": w_gate, "w_up": w_up} | optional("b_gate", b_gate) | optional("b_up", b_up)
-    return FFNMatch(gate.args[0], act, True, weights, [product, act_op, gate, up])
+    return FFNMatch(gate.args[0], act, True, weights, [product, *act_ops, gate, up])
 
 
-def match_fused(product: Operation, act_op: Operation, act: str, gate_value: Value, up_value: Value,
+def match_fused(product: Operation, act_ops: list[Operation], act: str, gate_value: Value, up_value: Value,
                 program: Program) -> FFNMatch:
     split = gate_value.owner
-    if up_value.owner is not split or len(split.results) != 2 or any(len(r.uses) != 1 for r in split.results):
+    if up_value.owner is not split or len(split.results) != 2 or len(up_value.uses) != 1:
         raise NoMatch("the split feeding the product does not give exactly its gate and up halves")
     width, dim = split.args[1], split.args[2] if len(split.args) > 2 else 0
     fused = single_use_producer(split.args[0], "the fused gate/up projection")
@@ -144,16 +167,89 @@ def match_fused(product: Operation, act_op: Operation, act: str, gate_value: Val
              "w_up": (w_fused, (1 - gate_half) * width, (2 - gate_half) * width)}
     if b_fused is not None:
         spans |= {"b_gate": (b_fused, *spans["w_gate"][1:]), "b_up": (b_fused, *spans["w_up"][1:])}
-    return FFNMatch(fused.args[0], act, True, {}, [product, act_op, split, fused], spans)
+    return FFNMatch(fused.args[0], act, True, {}, [product, *act_ops, split, fused], spans)
 
 
 ACTIVATION_TARGETS = {"aten.relu.default", "aten.gelu.default", "aten.silu.default"}
+# Elementwise ops an activation may be written with (BLOOM's tanh GELU, x * sigmoid(1.702 x) ...).
+ELEMENTWISE = ACTIVATION_TARGETS | {
+    "aten.mul.Tensor", "aten.add.Tensor", "aten.sub.Tensor", "aten.div.Tensor", "aten.rsub.Scalar",
+    "aten.neg.default", "aten.tanh.default", "aten.sigmoid.default", "aten.erf.default", "aten.exp.default",
+    "aten.pow.Tensor_Scalar",
+}
+MAX_FORMULA_OPS = 16
+PROBE = torch.cat([torch.linspace(-10.0, 10.0, 4001), 3 * torch.randn(4096, generator=torch.Generator().manual_seed(0))])
+PROBE_TOLERANCE = 1e-6  # relative to 1 + |activation|: float32 rounding of a rewritten formula, not another function
+
+
+def activation_chain(value: Value, program: Program) -> tuple[str, Value, list[Operation]]:
+    """(``FFNSpec.act`` name, its input, the ops computing it, last first) of an activation ending at ``value``.
+
+    One activation op, or elementwise ops of one input tensor (and Python numbers) whose values on a probe
+    of 8,097 points agree with one of moec's activations to float32 rounding. Nothing outside the ops may
+    read their results or their input.
+    """
+    owner = value.owner
+    if isinstance(owner, AtenOp) and owner.target in ACTIVATION_TARGETS:
+        single_use_producer(owner.args[0], "the activation's input")
+        return activation_of(owner), owner.args[0], [owner]
+    ops, sources = formula_ops(value)
+    if len(sources) != 1:
+        raise NoMatch(f"{owner.op_name if owner else 'an input'} is no activation: it reads {len(sources)} tensors")
+    (source,) = sources
+    single_use_producer(source, "the activation's input", allowed_users=ops)
+    inside = {id(op) for op in ops}
+    for op in ops:
+        outside = [use.op for result in op.results if result is not value for use in result.uses
+                   if id(use.op) not in inside]
+        if outside:
+            raise NoMatch(f"{op.op_name} inside the activation is also read by {outside[0].op_name}")
+    order = {id(op): index for index, op in enumerate(program.graph.ops)}
+    ops.sort(key=lambda op: -order[id(op)])
+    return probe_activation(ops, source), source, ops
+
+
+def formula_ops(value: Value) -> tuple[list[Operation], list[Value]]:
+    """The elementwise ops that compute ``value``, and the tensors they read from outside."""
+    ops: dict[int, Operation] = {}
+    sources: dict[int, Value] = {}
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        op = current.owner
+        if not (isinstance(op, AtenOp) and op.target in ELEMENTWISE):
+            if current is value:
+                raise NoMatch(f"{op.op_name if op else 'a graph input'} is not an activation")
+            sources[id(current)] = current
+            continue
+        if id(op) in ops:
+            continue
+        if any(not isinstance(leaf, (Value, int, float, str)) for leaf in iter_leaves((op.args, op.kwargs))):
+            raise NoMatch(f"{op.op_name} in the activation reads a weight or a non-scalar constant")
+        ops[id(op)] = op
+        if len(ops) > MAX_FORMULA_OPS:
+            raise NoMatch(f"the elementwise ops before the down projection are more than {MAX_FORMULA_OPS}")
+        stack.extend(op.operands)
+    return list(ops.values()), list(sources.values())
+
+
+def probe_activation(ops: list[Operation], source: Value) -> str:
+    """The activation the elementwise ``ops`` (last first) compute from ``source``, found by probing."""
+    env = {id(source): PROBE}
+    for op in reversed(ops):
+        args, kwargs = map_leaves((op.args, op.kwargs), lambda leaf: env[id(leaf)] if isinstance(leaf, Value) else leaf)
+        env[id(op.result)] = resolve_target(op.target)(*args, **kwargs)
+    out = env[id(ops[0].result)]
+    for name in ACTIVATIONS:
+        expected = reference_activation(name)(PROBE)
+        if out.shape == expected.shape and ((out - expected).abs() <= PROBE_TOLERANCE * (1 + expected.abs())).all():
+            return name
+    raise NoMatch(f"the elementwise ops before the down projection ({', '.join(op.op_name for op in ops)}) "
+                  f"compute none of {', '.join(ACTIVATIONS)}")
 
 
 def activation_of(op: Operation) -> str:
     """The ``FFNSpec.act`` name of an activation op."""
-    if op.op_name not in ACTIVATION_TARGETS:
-        raise NoMatch(f"{op.op_name} is not an activation moec's FFN op computes (relu, gelu, silu)")
     if op.op_name == "aten.gelu.default":
         approximate = op.kwargs.get("approximate", op.args[1] if len(op.args) > 1 else "none")
         return {"none": "gelu", "tanh": "gelu_tanh"}[approximate]
@@ -237,11 +333,16 @@ def linear_weights(op: Operation) -> tuple[str, str | None]:
     return weight.name, None if bias is None else bias.name
 
 
-def single_use_producer(value: object, what: str) -> Operation:
-    """The generic op that computes ``value``, which nothing else may read."""
+def single_use_producer(value: object, what: str, allowed_users: list[Operation] | None = None) -> Operation:
+    """The generic op that computes ``value``, which nothing else may read (but ``allowed_users``, all of
+    them, when given; else exactly one op)."""
     if not isinstance(value, Value) or value.owner is None:
         raise NoMatch(f"{what} is not computed by an op of the graph")
-    if len(value.uses) != 1:
+    if allowed_users is None:
+        read_elsewhere = len(value.uses) != 1
+    else:
+        read_elsewhere = bool({id(use.op) for use in value.uses} - {id(op) for op in allowed_users})
+    if read_elsewhere:
         raise NoMatch(f"{what} has {len(value.uses)} uses; folding would hide it from the others")
     if not isinstance(value.owner, AtenOp):
         raise NoMatch(f"{what} comes from {value.owner.op_name}")
