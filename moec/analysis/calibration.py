@@ -21,7 +21,9 @@ API (stable; other passes build on it)::
 
 Tokens are the model's real tokens: positions where the sample's ``attention_mask`` (when the program
 has an input of that name) is 0 are dropped. They are numbered sample by sample, row-major, identically in
-every block, so statistics of different layers line up token by token. Rows are kept by bottom-k sampling
+every block that sees the same tokens, so statistics of different layers line up token by token. Blocks that
+see other token counts (an encoder-decoder's decoder, the stages of a hierarchical vision model) number
+and sample their own tokens; ``affinity`` and ``traces`` refuse MoE blocks whose tokens differ. Rows are kept by bottom-k sampling
 on seeded random keys (a uniform sample without replacement, identical in every block), so memory is
 bounded by ``max_rows`` per block however many samples are given; routing traces are two small integers
 and floats per token and are kept whole.
@@ -133,13 +135,22 @@ class Calibration:
         """[E_a, E_b]: of the tokens routed to expert i in ``block_a``, the fraction routed to j in ``block_b``
         (rows sum to ``top_k`` of block b where expert i got tokens)."""
         a, b = self.moe[block_a], self.moe[block_b]
+        self.check_aligned([block_a, block_b])
         joint = a.one_hot().T @ b.one_hot()
         return joint / a.counts.clamp(min=1).unsqueeze(1).float()
 
     def traces(self, blocks: Sequence[str] | None = None) -> torch.Tensor:
         """[T, L, k] i64: each token's chosen experts in each MoE block (default: all, in program order)."""
         names = list(self.moe) if blocks is None else list(blocks)
+        self.check_aligned(names)
         return torch.stack([self.moe[name].indices for name in names], dim=1)
+
+    def check_aligned(self, blocks: Sequence[str]) -> None:
+        counts = {block: self.moe[block].indices.shape[0] for block in blocks}
+        if len(set(counts.values())) > 1:
+            raise MoecError(f"calibration: MoE blocks {', '.join(f'{b} ({n} tokens)' for b, n in counts.items())} "
+                            "saw different tokens (an encoder and a decoder?); their routing does not line up "
+                            "token by token")
 
     def to_files(self) -> dict[str, str | bytes]:
         """The calibration as plan-folder files: a safetensors blob and a JSON description."""
@@ -162,7 +173,7 @@ class Calibration:
             "moe": {block: {"num_experts": s.num_experts} for block, s in self.moe.items()},
             "samples": [len(sample) for sample in self.flat_samples],
         }
-        blob = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
+        blob = safetensors.torch.save(unshared(tensors))
         return {TENSORS_FILE: blob, META_FILE: json.dumps(meta, indent=1)}
 
     def save(self, folder: str | os.PathLike) -> Path:
@@ -247,7 +258,7 @@ class _Recorder:
     def start_sample(self, token_mask: torch.Tensor | None) -> None:
         self.token_mask = token_mask.reshape(-1).bool() if token_mask is not None else None
         self.sample_tokens: int | None = None
-        self.sample_keys: torch.Tensor | None = None
+        self.sample_keys: dict[int, torch.Tensor] = {}  # token count -> the sample's row keys for it
 
     def real_rows(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
@@ -255,19 +266,20 @@ class _Recorder:
             rows = rows[self.token_mask]
         if self.sample_tokens is None:
             self.sample_tokens = rows.shape[0]
-            self.sample_keys = torch.rand(rows.shape[0], generator=self.generator)
-        elif rows.shape[0] != self.sample_tokens:
-            raise MoecError(f"calibration: blocks of one sample see different token counts "
-                            f"({rows.shape[0]} vs {self.sample_tokens}); token alignment is impossible")
+        if rows.shape[0] not in self.sample_keys:
+            self.sample_keys[rows.shape[0]] = torch.rand(rows.shape[0], generator=self.generator)
         return rows
 
     def keep_rows(self, state: dict[str, Any], names: tuple[str, ...], new: tuple[torch.Tensor, ...]) -> None:
         """Bottom-k sampling: keep the rows with the ``max_rows`` smallest keys seen so far."""
-        keys = torch.cat([state.get("keys", torch.zeros(0)), self.sample_keys])
+        count = new[0].shape[0]
+        first = state.get("numbered", 0)  # this block's tokens so far
+        state["numbered"] = first + count
+        keys = torch.cat([state.get("keys", torch.zeros(0)), self.sample_keys[count]])
         order = torch.argsort(keys)[: self.max_rows]
         state["keys"] = keys[order]
         state["row_tokens"] = torch.cat([state.get("row_tokens", torch.zeros(0, dtype=torch.int64)),
-                                     torch.arange(self.tokens, self.tokens + self.sample_tokens)])[order]
+                                     torch.arange(first, first + count)])[order]
         for name, rows in zip(names, new, strict=True):
             old = state.get(name)
             state[name] = (rows if old is None else torch.cat([old, rows]))[order].contiguous()
@@ -369,3 +381,19 @@ def _progress(items: list[Any], show: bool) -> Iterable[Any]:
         for item in items:
             yield item
             bar.advance(task)
+
+
+def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors of which no two share memory, as safetensors requires: samples given as views of
+    one batch, or the same sample twice, are copied (only those; statistics can be large)."""
+    storages: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        tensor = tensor.contiguous()
+        storage = tensor.untyped_storage().data_ptr()
+        if storage in storages:
+            tensor = tensor.clone()
+            storage = tensor.untyped_storage().data_ptr()
+        storages.add(storage)
+        out[key] = tensor
+    return out

@@ -95,6 +95,46 @@ def test_save_and_load_round_trip(tmp_path, captured):
     assert not list((tmp_path / "cal").glob(".*"))
 
 
+def test_samples_that_share_memory_are_saved(tmp_path, captured):
+    """Rows of one batch given as samples (views of one tensor), and one sample given twice."""
+    model, example, program = captured("tiny-bert")
+    batch = samples_like(example, 1)[0]
+    rows = [{key: value[i : i + 1] for key, value in batch.items()} for i in range(batch["input_ids"].shape[0])]
+    cal = calibrate(program, [*rows, rows[0]], progress=False)
+    again = Calibration.load(cal.save(tmp_path / "cal"))
+    assert len(again.flat_samples) == len(rows) + 1
+    for loaded, given in zip(again.flat_samples, cal.flat_samples, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(loaded, given, strict=True))
+
+
+class TwoTokenCounts(torch.nn.Module):
+    """Two FFNs, the second on the first two positions only (like a decoder, or a downsampled stage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+        self.second = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+
+    def forward(self, x):
+        return self.second(self.first(x)[:, :2])
+
+
+def test_blocks_that_see_different_token_counts_are_calibrated_each_on_its_own_tokens():
+    torch.manual_seed(0)
+    model = TwoTokenCounts().eval()
+    samples = [(torch.randn(3, 5, 8),), (torch.randn(2, 4, 8),)]
+    recipe = {"passes": [{"dense_to_moe": {"experts": 4, "top_k": 4}}]}
+    compiled = moec.compile(model, samples[0], recipe=recipe, calibration=samples)
+    stats = compiled.calibration.dense
+    assert {block: s.tokens for block, s in stats.items()} == {"first": 3 * 5 + 2 * 4, "second": 3 * 2 + 2 * 2}
+    with torch.no_grad():
+        second_inputs = torch.cat([model.first(x)[:, :2].reshape(-1, 8) for (x,) in samples])
+    kept = stats["second"].inputs
+    assert all((second_inputs - row).abs().amax(1).min() < 1e-6 for row in kept)  # real rows of that block
+    x = torch.randn(2, 6, 8)
+    torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)  # every expert active: same function
+
+
 def test_context_reuses_statistics_until_the_program_changes(captured):
     model, example, program = captured("tiny-bert")
     context = PassContext(calibration=samples_like(example, 2), progress=False)
