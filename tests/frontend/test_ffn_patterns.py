@@ -176,43 +176,6 @@ def test_chains_that_do_not_fold_say_why(model, reason):
     assert_same_function(model, program, torch.randn(3, 8))
 
 
-def opt_model():
-    config = transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
-                                    num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
-    return transformers.OPTModel(config)
-
-
-def bart_model():
-    config = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
-                                     encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4,
-                                     decoder_attention_heads=4, max_position_embeddings=64)
-    return transformers.BartModel(config)
-
-
-def distilbert_model():
-    config = transformers.DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
-                                           max_position_embeddings=64)
-    return transformers.DistilBertModel(config)
-
-
-def phi3_model():
-    config = transformers.Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
-                                     bos_token_id=1, eos_token_id=1)
-    return transformers.Phi3Model(config)
-
-
-def bloom_model():
-    config = transformers.BloomConfig(vocab_size=128, hidden_size=32, n_layer=2, n_head=4)
-    return transformers.BloomModel(config)
-
-
-def vit_model():
-    config = transformers.ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, image_size=16, patch_size=8)
-    return transformers.ViTModel(config)
-
-
 def token_inputs(batch, seq):
     return {"input_ids": torch.randint(2, 128, (batch, seq), generator=torch.Generator().manual_seed(batch * seq))}
 
@@ -221,23 +184,37 @@ def image_inputs(batch, _seq):
     return {"pixel_values": torch.randn(batch, 3, 16, 16, generator=torch.Generator().manual_seed(batch))}
 
 
+T = transformers
 HF_FAMILIES = {
-    # family: (model, inputs, expected (block, act, gated) of each folded FFN)
-    "opt": (opt_model, token_inputs, [(f"decoder.layers.{i}", "relu", False) for i in range(2)]),
-    "bart": (bart_model, token_inputs, [("encoder.layers.0", "gelu", False), ("decoder.layers.0", "gelu", False)]),
-    "distilbert": (distilbert_model, token_inputs, [(f"transformer.layer.{i}.ffn", "gelu", False) for i in range(2)]),
-    "vit": (vit_model, image_inputs, [(f"layers.{i}.mlp", "gelu", False) for i in range(2)]),
-    "phi3": (phi3_model, token_inputs, [(f"layers.{i}.mlp", "silu", True) for i in range(2)]),
-    "bloom": (bloom_model, token_inputs, [(f"h.{i}.mlp", "gelu_tanh", False) for i in range(2)]),  # written out
+    # family: (model class, config class, config options, inputs, expected (block, act, gated) of each folded FFN)
+    "opt": (T.OPTModel, T.OPTConfig, dict(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32),
+            token_inputs, [(f"decoder.layers.{i}", "relu", False) for i in range(2)]),
+    "bart": (T.BartModel, T.BartConfig, dict(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                                             encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4,
+                                             decoder_attention_heads=4, max_position_embeddings=64),
+             token_inputs, [("encoder.layers.0", "gelu", False), ("decoder.layers.0", "gelu", False)]),
+    "distilbert": (T.DistilBertModel, T.DistilBertConfig, dict(vocab_size=128, dim=32, hidden_dim=64, n_layers=2,
+                                                               n_heads=4, max_position_embeddings=64),
+                   token_inputs, [(f"transformer.layer.{i}.ffn", "gelu", False) for i in range(2)]),
+    "vit": (T.ViTModel, T.ViTConfig, dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, image_size=16, patch_size=8),
+            image_inputs, [(f"layers.{i}.mlp", "gelu", False) for i in range(2)]),
+    "phi3": (T.Phi3Model, T.Phi3Config, dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, pad_token_id=0,
+                                             bos_token_id=1, eos_token_id=1),
+             token_inputs, [(f"layers.{i}.mlp", "silu", True) for i in range(2)]),
+    "bloom": (T.BloomModel, T.BloomConfig, dict(vocab_size=128, hidden_size=32, n_layer=2, n_head=4),
+              token_inputs, [(f"h.{i}.mlp", "gelu_tanh", False) for i in range(2)]),  # GELU written out
 }
 
 
 @pytest.mark.parametrize("family", [pytest.param(name, marks=() if name == "opt" else pytest.mark.slow)
                                     for name in HF_FAMILIES])
 def test_inline_and_unlisted_ffns_of_hf_models_are_folded(family):
-    build, inputs, expected = HF_FAMILIES[family]
+    model_class, config_class, options, inputs, expected = HF_FAMILIES[family]
     torch.manual_seed(0)
-    model = build().eval()
+    model = model_class(config_class(**options)).eval()
     compiled = moec.compile(model, inputs(2, 8))
     assert [(op.block, op.spec.act, op.spec.gated) for op in ffn_ops(compiled.program)] == expected
     for batch, seq in [(2, 8), (3, 5)]:
