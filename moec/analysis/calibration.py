@@ -21,12 +21,12 @@ API (stable; other passes build on it)::
 
 Tokens are the model's real tokens: positions where the sample's ``attention_mask`` (when the program
 has an input of that name) is 0 are dropped. They are numbered sample by sample, row-major, identically in
-every block that sees the same tokens, so statistics of different layers line up token by token. Blocks that
-see other token counts (an encoder-decoder's decoder, the stages of a hierarchical vision model) number
-and sample their own tokens; ``affinity`` and ``traces`` refuse MoE blocks whose tokens differ. Rows are kept by bottom-k sampling
-on seeded random keys (a uniform sample without replacement, identical in every block), so memory is
-bounded by ``max_rows`` per block however many samples are given; routing traces are two small integers
-and floats per token and are kept whole.
+every block that sees the same tokens, so statistics of different layers line up token by token. Blocks
+that see other token counts (an encoder-decoder's decoder, the stages of a hierarchical vision model)
+number and sample their own tokens; ``affinity`` and ``traces`` refuse MoE blocks whose tokens differ.
+Rows are kept by bottom-k sampling on seeded random keys (a uniform sample without replacement, identical
+in every block that sees the same tokens), so memory is bounded by ``max_rows`` per block however many
+samples are given; routing traces are two small integers and floats per token and are kept whole.
 
 A calibration remembers the flat input tensors it ran and the fingerprint of the program it ran on.
 Passes do not call ``calibrate`` themselves: they ask ``PassContext.statistics(program)``, which reuses a

@@ -94,18 +94,16 @@ def _match(down: Operation, program: Program) -> FFNMatch:
             raise NoMatch("the dropout before the down projection is not in eval mode")
         ops.append(owner)
         hidden = owner.args[0]
-    gated_reason = None
-    if owner.op_name == "aten.mul.Tensor":
+    if owner.op_name != "aten.mul.Tensor":
+        match = match_plain(hidden, program)
+    else:
         try:
             match = match_gated(owner, program)
-        except NoMatch as reason:
-            gated_reason = reason
-    if owner.op_name != "aten.mul.Tensor" or gated_reason is not None:
-        try:
-            match = match_plain(hidden, program)
-        except NoMatch as reason:
-            raise NoMatch(f"not gated ({gated_reason}), nor an activation ({reason})" if gated_reason else str(reason)) \
-                from None
+        except NoMatch as gated:  # a product can also end a written-out activation (BLOOM's GELU)
+            try:
+                match = match_plain(hidden, program)
+            except NoMatch as plain:
+                raise NoMatch(f"not gated ({gated}), nor an activation ({plain})") from None
     match.ops = ops + match.ops
     match.weights |= {"w_down": w_down} | optional("b_down", b_down)
     return checked(match, down, program)
