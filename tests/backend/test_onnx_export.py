@@ -114,6 +114,27 @@ def test_external_data_lands_beside_the_model(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
 
 
+class Patchify(nn.Module):
+    """8 x 8 patches of an image of any size, then an MLP: images smaller than a patch do not run."""
+
+    def __init__(self):
+        super().__init__()
+        self.patches = nn.Conv2d(3, 8, kernel_size=8, stride=8)
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, pixels):
+        return self.mlp(self.patches(pixels).flatten(2).transpose(1, 2))
+
+
+def test_image_sizes_come_from_the_capture_example(tmp_path):
+    """Height and width are dynamic; the export traces and checks at the example's 16 x 24, varying the
+    batch (a small made-up size, as for a sequence, would be smaller than one patch)."""
+    compiled = moec.compile(Patchify().eval(), (torch.randn(2, 3, 16, 24),))
+    assert compiled.program.metadata["example_shapes"] == [[2, 3, 16, 24]]
+    result = export_onnx(compiled.program, tmp_path / "model.onnx")
+    assert max(result.max_abs_diff.values()) <= 1e-5
+
+
 @pytest.mark.parametrize("lowering", ["portable", "ort"])
 @pytest.mark.parametrize("name", MOE_FAMILIES + DENSE_FAMILIES)
 def test_every_family_exports_with_both_lowerings(compiled_preset, name, lowering, tmp_path):

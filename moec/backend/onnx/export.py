@@ -316,17 +316,21 @@ def check_model(path: Path) -> None:
 
 
 def example_inputs(program: Program, batch: int, sequence: int) -> list[torch.Tensor]:
-    """Fresh inputs for the graph: symbolic dims get ``batch`` (axis 0) and ``sequence`` (axis 1, on).
+    """Fresh inputs for the graph: symbolic dims get ``batch`` (axis 0) and ``sequence`` (axis 1); from axis 2
+    on they keep the capture example's size when the program recorded it (an image's height and width must
+    fit its patches, windows and strides), else ``sequence``.
 
     Integer inputs read by an embedding get ids below its row count; other integer or bool inputs
     (masks) are all ones; float inputs are standard normal. Seeded by the shape.
     """
     generator = torch.Generator().manual_seed(batch * 1000 + sequence)
     vocab = embedding_rows(program)
+    examples = program.metadata.get("example_shapes") or [None] * len(program.graph.inputs)
     inputs = []
-    for value in program.graph.inputs:
+    for value, example in zip(program.graph.inputs, examples, strict=True):
         t = value.tensor_type
-        shape = [dim if isinstance(dim, int) else (batch if axis == 0 else sequence) for axis, dim in enumerate(t.shape)]
+        shape = [dim if isinstance(dim, int) else input_size(axis, batch, sequence, example, t.rank)
+                 for axis, dim in enumerate(t.shape)]
         if t.torch_dtype.is_floating_point:
             inputs.append(torch.randn(shape, generator=generator).to(t.torch_dtype))
         elif id(value) in vocab:
@@ -334,6 +338,15 @@ def example_inputs(program: Program, batch: int, sequence: int) -> list[torch.Te
         else:
             inputs.append(torch.ones(shape, dtype=t.torch_dtype))
     return inputs
+
+
+def input_size(axis: int, batch: int, sequence: int, example: list[int] | None, rank: int) -> int:
+    """The size of a symbolic input dim in ``example_inputs``."""
+    if axis == 0:
+        return batch
+    if axis >= 2 and example is not None and len(example) == rank:
+        return example[axis]
+    return sequence
 
 
 def embedding_rows(program: Program) -> dict[int, int]:
