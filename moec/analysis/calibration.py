@@ -51,6 +51,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError
 from moec.ir.core import Operation
 from moec.ir.ops import DenseFFNOp, RouteOp
+from moec.ir.plan import unshared
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.kernels.reference import activation
@@ -381,19 +382,3 @@ def _progress(items: list[Any], show: bool) -> Iterable[Any]:
         for item in items:
             yield item
             bar.advance(task)
-
-
-def unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous tensors of which no two share memory, as safetensors requires: samples given as views of
-    one batch, or the same sample twice, are copied (only those; statistics can be large)."""
-    storages: set[int] = set()
-    out = {}
-    for key, tensor in tensors.items():
-        tensor = tensor.contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        if storage in storages:
-            tensor = tensor.clone()
-            storage = tensor.untyped_storage().data_ptr()
-        storages.add(storage)
-        out[key] = tensor
-    return out

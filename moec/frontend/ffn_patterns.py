@@ -13,15 +13,17 @@ each mapping ``x [..., H]`` to ``[..., H]`` through ``F`` neurons:
 ``act`` is one activation op (relu, gelu in its erf or tanh form, silu) or elementwise ops of one tensor and
 Python numbers that compute one of moec's activations (``blocks.ACTIVATIONS``), which a probe on 8,097 points
 decides: BLOOM's ``x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x)))`` is ``gelu_tanh``,
-``x * sigmoid(1.702 * x)`` is ``quick_gelu``. Every value inside the chain must have exactly one use (nothing else reads the hidden activations), every
-linear's weight and bias must be graph weights, and eval-mode no-ops between the activation (or product) and
-``down`` (``aten.clone``, ``aten.alias``, ``aten.dropout`` with ``train=False``) are dropped. ``match_ffn``
+``x * sigmoid(1.702 * x)`` is ``quick_gelu``. Nothing outside a chain may read a value inside it (the
+hidden activations stay private), every linear's weight and bias must be graph weights, and eval-mode no-ops
+between the activation (or product) and ``down`` (``aten.clone``, ``aten.alias``, ``aten.dropout`` with
+``train=False``) are dropped. ``match_ffn``
 returns why a chain does not fold, so a test or a user can see why an FFN stayed generic.
 
 Contract: the folded graph computes the same function: the same ATen math in the same order when the
 activation was one op, and to float32 rounding when moec's activation replaces a written-out one (they agree
-within 1e-6 x (1 + |value|) on the probe; 2.4e-7 for BLOOM's). A folded FFN's block is the common module path of its weights (``model.decoder.layers.0`` for OPT's
-``fc1``/``fc2``), or the up projection's module when they share none. In place.
+within 1e-6 x (1 + |value|) on the probe; 2.4e-7 for BLOOM's). A folded FFN's block is the common module
+path of its weights (``model.decoder.layers.0`` for OPT's ``fc1``/``fc2``), or the up projection's module
+when they share none. In place.
 """
 
 from __future__ import annotations
@@ -291,9 +293,10 @@ def rewrite(program: Program, down: Operation, match: FFNMatch, block: str) -> N
     graph.set_outputs([ffn.result if value is down.result else value for value in graph.outputs])
     for op in match.ops:  # from the down projection back to the input: each op's users are gone by then
         graph.erase(op)
-    for name in {name for name, _, _ in match.fused_rows.values()} - graph.used_weights():
-        del graph.weights[name]
-        program.weights.pop(name, None)
+    if match.fused_rows:  # the fused weight, unless something else still reads it
+        for name in {name for name, _, _ in match.fused_rows.values()} - graph.used_weights():
+            del graph.weights[name]
+            program.weights.pop(name, None)
 
 
 def split_weight_name(fused: str, role: str) -> str:
