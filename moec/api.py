@@ -160,7 +160,7 @@ def layer_summary(program: Program) -> list[dict[str, Any]]:
             "op": op.op_name,
             "weights": op.weight_refs[0].name.rsplit(".", 1)[0] if op.weight_refs else "",
             "experts": getattr(spec, "num_experts", ""),
-            "top_k": getattr(spec, "top_k", ""),
+            "top_k": op.args[1].tensor_type.shape[-1] if isinstance(op, ExpertsOp) else getattr(spec, "top_k", ""),
             "detail": describe_spec(op),
             "params": params,
             "bytes": size,
@@ -176,6 +176,8 @@ def describe_spec(op: Any) -> str:
         groups = f", groups {spec.topk_group}/{spec.n_group}" if spec.n_group > 1 else ""
         return f"{spec.scoring} {spec.order}{', renorm' if spec.renormalize else ''}{bias}{groups}"
     gate = " + sigmoid gate" if getattr(spec, "has_output_gate", False) else ""
+    if isinstance(op, ExpertsOp) and not isinstance(op.args[1].owner, RouteOp):
+        gate = ", routed by the model's own code"
     kind = "gated " if spec.gated else ""
     return f"{kind}{spec.act}, hidden {spec.hidden}, ffn {spec.intermediate}{gate}"
 

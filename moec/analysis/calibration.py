@@ -10,7 +10,7 @@ API (stable; other passes build on it)::
     stats.hidden    [N, F]  f32   the FFN's hidden activations on those rows (act(up), or act(gate) * up)
     stats.frequency [F]           fraction of all tokens on which each neuron is active
     stats.magnitude [F]           mean |hidden| of each neuron over all tokens
-    moe = cal.moe["model.layers.3.mlp"]                  # MoEStats of a moe.route op, keyed by op.block
+    moe = cal.moe["model.layers.3.mlp"]                  # MoEStats of a moe.experts op, keyed by op.block
     moe.indices [T, k] i64, moe.weights [T, k] f32       routing of *every* real token, in token order
     moe.inputs  [N, H]                                   subsampled router input rows
     moe.counts [E], moe.weight_mass [E], moe.coactivation [E, E]
@@ -50,7 +50,7 @@ import torch
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError
 from moec.ir.core import Operation
-from moec.ir.ops import DenseFFNOp, RouteOp
+from moec.ir.ops import DenseFFNOp, ExpertsOp
 from moec.ir.plan import unshared
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
@@ -85,7 +85,8 @@ class DenseStats:
 
 @dataclass
 class MoEStats:
-    """Statistics of one ``moe.route`` op: the routing of every token and subsampled router inputs."""
+    """Statistics of one ``moe.experts`` op: the routing it was given for every token (by a ``moe.route``
+    or the model's own router code) and subsampled input rows."""
 
     inputs: torch.Tensor  # [N, H]
     indices: torch.Tensor  # [T, k] i64
@@ -288,8 +289,8 @@ class _Recorder:
     def __call__(self, op: Operation, args: list[Any], result: Any) -> None:
         if isinstance(op, DenseFFNOp):
             self.observe_dense(op, args[0])
-        elif isinstance(op, RouteOp):
-            self.observe_route(op, args[0], result)
+        elif isinstance(op, ExpertsOp):
+            self.observe_routing(op, args[0], (args[1], args[2]))
 
     def weight(self, op: Operation, role: str) -> torch.Tensor | None:
         ref = op.kwargs.get(role)
@@ -311,14 +312,15 @@ class _Recorder:
         state["tokens"] += rows.shape[0]
         self.keep_rows(state, ("inputs", "hidden"), (rows, hidden))
 
-    def observe_route(self, op: RouteOp, x: torch.Tensor, result: tuple[torch.Tensor, torch.Tensor]) -> None:
+    def observe_routing(self, op: ExpertsOp, x: torch.Tensor, result: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """The choice a ``moe.experts`` op is given (by a ``moe.route``, or the model's own router code)."""
         rows = self.real_rows(x).float()
         indices, weights = result
         k = indices.shape[-1]
         flat_indices, flat_weights = indices.reshape(-1, k), weights.reshape(-1, k).float()
         if self.token_mask is not None and self.token_mask.numel() == flat_indices.shape[0]:
             flat_indices, flat_weights = flat_indices[self.token_mask], flat_weights[self.token_mask]
-        state = self.moe.setdefault(op.block, {"indices": [], "weights": [], "num_experts": op.spec.num_experts})
+        state = self.moe.setdefault(op.block, {"indices": [], "weights": [], "num_experts": op.routed_experts})
         state["indices"].append(flat_indices.clone())
         state["weights"].append(flat_weights.clone())
         self.keep_rows(state, ("inputs",), (rows,))
@@ -343,7 +345,7 @@ class _Recorder:
 def calibrate(program: Program, samples: Iterable[Any], *, max_rows: int = DEFAULT_MAX_ROWS,
               progress: bool = True) -> Calibration:
     """Run ``samples`` (kwargs dicts or args tuples, as the model takes them) through ``program`` once and
-    collect statistics of its ``ffn.dense`` and ``moe.route`` ops (see the module docstring)."""
+    collect statistics of its ``ffn.dense`` and ``moe.experts`` ops (see the module docstring)."""
     return calibrate_flat(program, flatten_samples(program, samples), max_rows=max_rows, progress=progress)
 
 

@@ -1,12 +1,13 @@
 """Routing traces: which experts every token chose in every MoE layer.
 
 A ``RoutingTrace`` is one int64 tensor ``experts[tokens, layers, k]`` plus the layer keys (the ``block``
-of each ``moe.route`` op, in program order) and each layer's expert count. That is all placement and
+of each ``moe.experts`` op, in program order) and each layer's expert count. That is all placement and
 scheduling need, and it is what calibration statistics can hand over directly.
 
 Traces come from two places:
 
-* ``collect_trace``: run a program through the torch runner and record every ``moe.route`` result;
+* ``collect_trace``: run a program through the torch runner and record the experts every ``moe.experts``
+  op is given;
 * ``synthetic_trace``: a seeded generator with a controllable popularity skew (Zipf exponent) and
   inter-layer affinity (the probability that a token's next-layer expert follows a fixed successor
   of its current one), for tests with a known structure and for scale studies.
@@ -23,7 +24,7 @@ import torch
 
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError
-from moec.ir.ops import RouteOp
+from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program
 
 
@@ -92,13 +93,14 @@ class RoutingTrace:
 
 
 def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> RoutingTrace:
-    """Run ``program`` on each batch of flat graph inputs and record every ``moe.route``'s chosen experts.
+    """Run ``program`` on each batch of flat graph inputs and record the experts each ``moe.experts`` op is
+    given: a ``moe.route``'s choice, or that of the model's own router code.
 
     Every routed layer must share one expert count and top-k (true of every supported family)."""
-    routes = [op for op in program.graph.ops if isinstance(op, RouteOp)]
+    routes = program.graph.ops_of(ExpertsOp)
     if not routes:
-        raise MoecError("the program has no moe.route ops, so there is no routing to trace")
-    specs = {(op.spec.num_experts, op.spec.top_k) for op in routes}
+        raise MoecError("the program has no moe.experts ops, so there is no routing to trace")
+    specs = {(op.routed_experts, op.args[1].tensor_type.shape[-1]) for op in routes}
     if len(specs) != 1:
         raise MoecError(f"routed layers differ in (experts, top-k): {sorted(specs)}; trace them separately")
     (num_experts, _), = specs
@@ -110,7 +112,7 @@ def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> Routin
 
         def observe(op, args, result, chosen=chosen):
             if id(op) in position:
-                indices = result[0]
+                indices = args[1]
                 chosen[position[id(op)]] = indices.reshape(-1, indices.shape[-1]).clone()
 
         runner.run(inputs, observe=observe)

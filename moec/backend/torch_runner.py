@@ -36,7 +36,8 @@ def run_experts(op: ExpertsOp, weight, args, kwargs):
     x, indices, routing = args
     indices = reference.remap_experts(indices, op.expert_map)
     k, hidden = indices.shape[-1], x.shape[-1]
-    tokens, indices, routing = x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k)
+    # float32 routing weights: a model's own router code may hand over bf16 ones
+    tokens, indices, routing = x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k).float()
     threshold = op.skip_threshold
     if threshold:
         routing = routing.masked_fill(skipped_pairs(routing, threshold), 0.0)
@@ -227,9 +228,9 @@ class TorchRunner:
                 out = step(args, read_kwargs(env, weights))
                 if observe is not None:
                     observe(op, args, out)
-                if len(op.results) == 1:
+                if len(op.results) == 1 and not isinstance(out, (list, tuple)):
                     env[id(op.results[0])] = out
-                else:
+                else:  # several results, or a list of one (unbind of a dim of size 1)
                     for value, item in zip(op.results, out or (), strict=False):
                         env[id(value)] = item
                 for value_id in frees:

@@ -1,7 +1,7 @@
 """Block specs: what a recognizer learns about an FFN or MoE block, in moec's own terms.
 
-A recognizer turns a framework module (a Hugging Face sparse MoE block, a Llama MLP, a user module)
-into one of these specs. The spec names each weight by its *role* (``router``, ``w_in`` ...) and says
+A recognizer turns a framework module (a Hugging Face sparse MoE block or experts module, a Llama MLP, a
+user module) into one of these specs. The spec names each weight by its *role* (``router``, ``w_in`` ...) and says
 where that weight lives in the model (a parameter or buffer name). Capture passes the weights to a
 ``moec`` custom op in ``roles`` order together with ``spec.to_json()``; lowering reads them back.
 
@@ -75,7 +75,9 @@ class ExpertsSpec:
 
 @dataclass(frozen=True)
 class BlockSpec:
-    """One recognized block: a dense FFN (``kind='ffn'``) or an MoE block (``kind='moe'``).
+    """One recognized block: a dense FFN (``kind='ffn'``), an MoE block (``kind='moe'``), or the routed
+    experts alone (``kind='experts'``: the module gets the router's choice as arguments, and the router
+    stays the model's own code).
 
     ``weights`` maps each role to the parameter/buffer name it comes from (model-relative, dotted),
     in the order the custom op receives them. ``transposed`` lists roles stored (in, out).

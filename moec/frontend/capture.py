@@ -33,7 +33,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
         raise CaptureError(f"moec compiles torch.nn.Module models, got {type(model).__name__}")
     kwargs = dict(kwargs or {})
     specs = recognize(model)
-    with inference_setup(model), swap_blocks(model, specs):
+    with inference_setup(model), exportable_experts(model, specs), swap_blocks(model, specs):
         ep = export(model, args, kwargs)
     program = lower(ep)
     folded = fold_dense_ffns(program)
@@ -64,6 +64,34 @@ def inference_setup(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
         for config, use_cache in caching.values():
             config.use_cache = use_cache
+
+
+@contextlib.contextmanager
+def exportable_experts(model: nn.Module, specs: list[BlockSpec]) -> Iterator[None]:
+    """Hugging Face experts modules that no spec claims run Hugging Face's ``batched_mm`` experts code for the
+    capture (its default ``grouped_mm`` calls a custom op, ``eager`` loops over the experts hit), with a
+    warning: that code stays generic ops and copies an expert's weights per (token, expert) pair."""
+    claimed = [spec.module for spec in specs]
+    configs, generic = {}, []
+    for path, module in model.named_modules():
+        config = getattr(module, "config", None)
+        if (not hasattr(module, "is_concatenated") or not hasattr(config, "_experts_implementation")
+                or any(path == c or path.startswith(c + ".") or not c for c in claimed)):
+            continue
+        generic.append(f"{path!r} ({type(module).__name__})")
+        configs.setdefault(id(config), (config, config._experts_implementation))
+        config._experts_implementation = "batched_mm"
+    if generic:
+        warnings.warn(
+            f"moec does not model the experts of {len(generic)} module(s): {', '.join(generic[:3])}"
+            f"{', ...' if len(generic) > 3 else ''}. They are captured as Hugging Face's batched_mm code, which "
+            "copies one expert's weights per (token, expert) pair, so memory grows with the number of tokens; "
+            "register the block with moec.register_moe_block to run them on moec's expert kernels", stacklevel=4)
+    try:
+        yield
+    finally:
+        for config, implementation in configs.values():
+            config._experts_implementation = implementation
 
 
 def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:

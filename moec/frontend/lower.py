@@ -2,7 +2,8 @@
 
 Contract:
   * ``moec.moe_block`` nodes become ``moe.route`` + ``moe.experts`` (+ ``moe.shared_expert`` and an add);
-    ``moec.ffn`` nodes become ``ffn.dense``. Their weights are referenced by parameter name.
+    ``moec.ffn`` nodes become ``ffn.dense``; ``moec.experts`` nodes (routed experts given the choice of
+    the model's own router code) become ``moe.experts``. Their weights are referenced by parameter name.
   * Every other ATen node becomes a generic ``AtenOp``; Python scalar arithmetic on sizes becomes ``py.*``.
   * Lifted parameters, buffers and constants become graph weights; runtime asserts are dropped.
   * Roles a recognizer marked ``transposed`` are stored transposed in the program's weights.
@@ -26,7 +27,7 @@ from moec.ir.program import Program, dump_treespec
 from moec.ir.targets import PY_NAMES
 from moec.ir.types import IndexType, TensorType, Type
 
-BLOCK_TARGETS = {"moec.moe_block.default", "moec.ffn.default"}
+BLOCK_TARGETS = {"moec.moe_block.default", "moec.ffn.default", "moec.experts.default"}
 DROPPED_TARGETS = {
     "aten._assert_tensor_metadata.default",
     "aten._assert_scalar.default",
@@ -126,7 +127,7 @@ class Lowering:
         self.env[node] = list(op.results) if isinstance(val, (list, tuple)) else (op.results[0] if op.results else None)
 
     def lower_block(self, node: torch.fx.Node) -> Value:
-        x_node, weight_nodes, config = node.args
+        x_node, *routing_nodes, weight_nodes, config = node.args
         spec = BlockSpec.from_json(config)
         x = self.env[x_node]
         names = {}
@@ -139,6 +140,11 @@ class Lowering:
                 self.weights[ref.name] = self.weights[ref.name].t().contiguous()
                 self.graph.weights[ref.name] = TensorType.of(self.weights[ref.name])
         x_type = x.tensor_type
+        expert_weights = {role: names[role] for role in ("w_in", "w_out", "b_in", "b_out") if role in names}
+        if spec.kind == "experts":
+            routing = [self.env[n] for n in routing_nodes]
+            return self.graph.append(ExpertsOp.build([x, *routing], expert_weights, spec.experts, [x_type],
+                                                     spec.module)).result
         if spec.kind == "ffn":
             weights = {role: names[role] for role in FFN_ROLES if role in names}
             return self.graph.append(DenseFFNOp.build([x], weights, spec.ffn, [x_type], spec.module)).result
@@ -149,7 +155,6 @@ class Lowering:
             [TensorType("i64", (*x_type.shape[:-1], k)), TensorType("f32", (*x_type.shape[:-1], k))],
             spec.module,
         ))
-        expert_weights = {role: names[role] for role in ("w_in", "w_out", "b_in", "b_out") if role in names}
         routed = self.graph.append(
             ExpertsOp.build([x, *route.results], expert_weights, spec.experts, [x_type], spec.module)
         )

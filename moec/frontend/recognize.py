@@ -6,7 +6,9 @@ models and of those MoE families' dense layers and shared experts; GPT-2, GPT-J,
 and T5 MLPs; BERT-style feed-forward sublayers. Users add their own classes with
 :func:`register_moe_block`. A module of any other class with the Llama-style gated MLP's parts
 (``gate_proj``, ``up_proj``, ``down_proj`` Linears and ``act_fn``) is recognized too when a probe shows
-that it computes exactly that (``_probed_gated_mlp``).
+that it computes exactly that (``_probed_gated_mlp``). So is a Hugging Face experts module (stacked
+expert weights, ``forward(hidden_states, top_k_index, top_k_weights)``) in a block no recognizer claims,
+when a probe shows it computes moec's experts op (``_probed_hf_experts``): its router stays the model's code.
 
 A recognizer may decline a module (for example one with an activation moec does not model) by
 returning None; the module then stays ordinary torch code in the captured graph.
@@ -84,7 +86,7 @@ def _spec_for(module: nn.Module) -> BlockSpec | None:
     for module_class, to_spec in reversed(_REGISTRY):
         if module_class in paths if isinstance(module_class, str) else module_class in lineage:
             return to_spec(module)
-    return _probed_gated_mlp(module)
+    return _probed_gated_mlp(module) or _probed_hf_experts(module)
 
 
 def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
@@ -110,6 +112,73 @@ def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
     if not same:
         return None
     return BlockSpec(kind="ffn", family=type(mlp).__name__, module="", weights=_gated_mlp_weights(mlp), ffn=ffn)
+
+
+def _probed_hf_experts(experts: nn.Module) -> BlockSpec | None:
+    """A Hugging Face experts module (``forward(hidden_states, top_k_index, top_k_weights)``, the stacked
+    ``gate_up_proj`` (E, 2F, H) or ``up_proj`` (E, F, H), ``down_proj`` (E, H, F), optional biases, ``act_fn``),
+    when its forward on random rows and a random choice of experts equals moec's experts op.
+
+    This covers the MoE blocks whose router moec does not model (Qwen3-Next, Jamba, PhiMoE, Ernie 4.5 ...):
+    their experts become a ``moe.experts`` op and their router stays the model's own code. Layouts Hugging
+    Face marks as transposed or interleaved, and experts with their own gating, are left alone.
+    """
+    if (getattr(experts, "is_transposed", True) or not getattr(experts, "is_concatenated", False)
+            or getattr(experts, "has_post_expert_norm", True)
+            or getattr(type(experts), "_apply_gate", None) not in (None, _hf_default_apply_gate())):
+        return None
+    gated = bool(getattr(experts, "has_gate", False))
+    w_in_name = "gate_up_proj" if gated else "up_proj"
+    w_in, w_out = getattr(experts, w_in_name, None), getattr(experts, "down_proj", None)
+    act = activation_name(getattr(experts, "act_fn", None))
+    if not isinstance(w_in, torch.Tensor) or not isinstance(w_out, torch.Tensor) or w_out.dim() != 3 or act is None:
+        return None
+    num_experts, hidden, intermediate = w_out.shape
+    if w_in.shape != (num_experts, 2 * intermediate if gated else intermediate, hidden):
+        return None
+    weights = {"w_in": w_in_name, "w_out": "down_proj"}
+    if getattr(experts, "has_bias", False):
+        weights |= {"b_in": f"{w_in_name}_bias", "b_out": "down_proj_bias"}
+    spec = ExpertsSpec(num_experts=num_experts, hidden=hidden, intermediate=intermediate, act=act, gated=gated,
+                       has_bias="b_in" in weights)
+    block = BlockSpec(kind="experts", family=type(experts).__name__, module="", weights=weights, experts=spec)
+    return block if _experts_probe_agrees(experts, block) else None
+
+
+def _hf_default_apply_gate() -> Callable | None:
+    """Hugging Face's ``act(gate) * up`` for experts modules (others have their own gating, GPT-OSS's)."""
+    try:
+        from transformers.integrations.moe import _default_apply_gate as default
+    except ImportError:
+        return None
+    return default
+
+
+def _experts_probe_agrees(experts: nn.Module, block: BlockSpec) -> bool:
+    """Whether ``experts(x, indices, weights)`` matches moec's experts op on 8 random rows, each routed to
+    two random experts, to the rounding of the module's dtype (relative to the output's largest value)."""
+    from moec.kernels import reference
+
+    spec = block.experts
+    tensors = {role: getattr(experts, name) for role, name in block.weights.items()}
+    w_in = tensors["w_in"]
+    generator = torch.Generator().manual_seed(0)
+    top_k = min(2, spec.num_experts)
+    x = torch.randn(8, spec.hidden, generator=generator).to(w_in.device, w_in.dtype)
+    indices = torch.rand(8, spec.num_experts, generator=generator).argsort(dim=-1)[:, :top_k].to(w_in.device)
+    routing = torch.rand(8, top_k, generator=generator).to(w_in.device)
+    try:
+        with torch.no_grad():
+            actual = experts(x, indices, routing)
+            expected = reference.experts(x, indices, routing, tensors["w_in"], tensors["w_out"],
+                                         tensors.get("b_in"), tensors.get("b_out"), spec)
+    except Exception:  # another forward signature: not this kind of experts module
+        return False
+    if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
+        return False
+    tolerance = 1e-4 if w_in.dtype == torch.float32 else 2e-2
+    scale = expected.float().abs().max().clamp_min(1e-30)
+    return bool(((actual.float() - expected.float()).abs().max() <= tolerance * scale).item())
 
 
 def _anchored(spec: BlockSpec, path: str) -> BlockSpec:

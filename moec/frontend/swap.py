@@ -1,6 +1,7 @@
 """Swap recognized blocks for thin wrappers around the ``moec`` custom ops, for the length of a ``with``.
 
-Inside :func:`swap_blocks` each block's module runs one ``moec.moe_block`` / ``moec.ffn`` call on the
+Inside :func:`swap_blocks` each block's module runs one ``moec.moe_block`` / ``moec.ffn`` /
+``moec.experts`` call on the
 model's own parameters and buffers (fetched by name at call time, so torch.export lifts them as
 placeholders), and returns what the original forward returned. The swap is inference semantics:
 dropout and router jitter, active only in training, are not reproduced.
@@ -22,7 +23,7 @@ from moec.frontend.recognize import BERT_STYLE_FAMILIES
 
 def block_op(spec: BlockSpec) -> Callable[..., torch.Tensor]:
     """The custom op that runs a block of this kind."""
-    return torch.ops.moec.moe_block if spec.kind == "moe" else torch.ops.moec.ffn
+    return {"moe": torch.ops.moec.moe_block, "experts": torch.ops.moec.experts}.get(spec.kind, torch.ops.moec.ffn)
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -32,14 +33,15 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
         return model.get_buffer(name)
 
 
-def _block_fn(model: nn.Module, spec: BlockSpec) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x -> op(x, weights, config)`` for one block, with the weights looked up on every call."""
+def _block_fn(model: nn.Module, spec: BlockSpec) -> Callable[..., torch.Tensor]:
+    """``(x, *routing) -> op(x, *routing, weights, config)`` for one block, with the weights looked up on
+    every call (``routing``: the router's indices and weights, for an experts module)."""
     op = block_op(spec)
     config = spec.to_json()
     names = list(spec.weights.values())
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return op(x, [_tensor(model, name) for name in names], config)
+    def run(x: torch.Tensor, *routing: torch.Tensor) -> torch.Tensor:
+        return op(x, *routing, [_tensor(model, name) for name in names], config)
 
     return run
 
@@ -65,6 +67,12 @@ def _patch(
     """(attribute to override on the instance, replacement)."""
     if spec.family in BERT_STYLE_FAMILIES:
         return "feed_forward_chunk", _bert_feed_forward(module, run)
+    if spec.kind == "experts":
+        def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+            return run(hidden_states, top_k_index, top_k_weights)
+
+        return "forward", experts_forward
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         return run(hidden_states)

@@ -131,6 +131,13 @@ def _tiny_deepseek_v3():
     )
 
 
+def _tiny_phimoe():
+    # sparsemixer routing, which moec does not model: the router stays generic ops, the experts a moe.experts
+    return tiny_decoder(
+        transformers.PhimoeForCausalLM, transformers.PhimoeConfig, num_local_experts=4, num_experts_per_tok=2
+    )
+
+
 def _tiny_llama():
     return tiny_decoder(transformers.LlamaForCausalLM, transformers.LlamaConfig)
 
@@ -195,6 +202,7 @@ PRESETS: dict[str, Callable[[], tuple[nn.Module, Example]]] = {
     "tiny-qwen3-moe": _tiny_qwen3_moe,
     "tiny-olmoe": _tiny_olmoe,
     "tiny-deepseek-v3": _tiny_deepseek_v3,
+    "tiny-phimoe": _tiny_phimoe,
     "tiny-llama": _tiny_llama,
     "tiny-gpt2": _tiny_gpt2,
     "tiny-bert": _tiny_bert,

@@ -44,7 +44,23 @@ class Program:
         leaves, call_spec = pytree.tree_flatten((tuple(args), kwargs))
         if call_spec != spec:
             raise TypeError(f"the compiled model expects arguments shaped like {spec}, got {call_spec}")
+        self.check_input_shapes(leaves)
         return leaves
+
+    def check_input_shapes(self, leaves: list[Any]) -> None:
+        """``ValueError`` naming the first input tensor whose fixed sizes differ from the graph's. (Another rank
+        is let through: a graph of rank-agnostic ops, an MLP's, runs on [T, H] and [B, S, H] alike.)"""
+        for leaf, value, name in zip(leaves, self.graph.inputs, self.graph.input_names, strict=False):
+            expected = value.type
+            if not isinstance(leaf, torch.Tensor) or not hasattr(expected, "shape"):
+                continue
+            fixed = [(axis, size) for axis, size in enumerate(expected.shape) if isinstance(size, int)]
+            if leaf.dim() == len(expected.shape) and any(leaf.shape[axis] != size for axis, size in fixed):
+                raise ValueError(
+                    f"input {name!r} has shape {list(leaf.shape)}, but the compiled model takes {expected}: "
+                    "the sizes written as numbers were fixed when the model was captured (the model's code "
+                    "pins them to the example's sizes); compile with an example of the size you will run"
+                )
 
     def unflatten_outputs(self, leaves: list[Any]) -> Any:
         return pytree.tree_unflatten(leaves, load_treespec(self.out_spec))

@@ -241,6 +241,14 @@ def ffn_block(x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: BlockS
     return _ffn_from_roles(x, _oriented(weights, spec.transposed), spec.ffn)
 
 
+def experts_block(x: torch.Tensor, indices: torch.Tensor, routing_weights: torch.Tensor,
+                  weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
+    """A ``kind='experts'`` block: the routed experts for a choice made by the model's own router."""
+    w = _oriented(weights, spec.transposed)
+    return experts(x, indices, routing_weights.float(), w["w_in"], w["w_out"], w.get("b_in"), w.get("b_out"),
+                   spec.experts)
+
+
 def moe_block(x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
     """A whole ``kind='moe'`` block: route, routed experts, plus the shared expert (roles ``shared_*``)."""
     w = _oriented(weights, spec.transposed)

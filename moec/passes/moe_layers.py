@@ -102,7 +102,8 @@ def moe_layers(program: Program, pass_name: str) -> list[MoELayer]:
     """Every ``moe.experts`` op fed by a ``moe.route`` op on the same input, in program order.
 
     Raises ``PassError`` when a layer's weights are also read by another op (rewriting them in place would
-    change that op too) or when its router does not see the experts' input.
+    change that op too), when its router does not see the experts' input, or when it is routed by the
+    model's own code rather than a ``moe.route``.
     """
     graph = program.graph
     readers: dict[str, int] = {}
@@ -113,7 +114,9 @@ def moe_layers(program: Program, pass_name: str) -> list[MoELayer]:
     for experts in graph.ops_of(ExpertsOp):
         route = experts.args[1].owner
         if not isinstance(route, RouteOp):
-            continue
+            raise PassError(f"{pass_name}: layer {experts.block or 'moe.experts'} is routed by the model's own "
+                            "code (moec has no spec for its router), so its router cannot be rewritten; "
+                            "register the block with moec.register_moe_block to compress its experts")
         layer = MoELayer(route, experts)
         if route.args[0] is not experts.args[0]:
             raise PassError(f"{pass_name}: layer {layer.name} routes on another input than its experts run on; "

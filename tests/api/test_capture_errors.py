@@ -57,6 +57,21 @@ class UsesCustomOp(nn.Module):
         return self.inner(x)
 
 
+class PinsItsWidth(nn.Module):
+    """The view pins the input's second dim to 8 (2 x 4) at capture."""
+
+    def forward(self, x):
+        return x.view(x.shape[0], 2, 4).sum(-1)
+
+
+class UnbindsOne(nn.Module):
+    """``unbind`` of a dim of size 1: an op whose one result the runner gets as a list of one."""
+
+    def forward(self, x):
+        (row,) = x.unsqueeze(-2).unbind(-2)
+        return row * 2
+
+
 class WantsTwoInputs(nn.Module):
     def forward(self, x, y=None):
         if y is None:
@@ -87,6 +102,19 @@ def test_calling_with_other_arguments_is_a_clear_error():
     compiled = moec.compile(TanhMLP(), {"x": torch.randn(2, 8)})
     with pytest.raises(TypeError, match=r"missing \['x'\]"):
         compiled(y=torch.randn(2, 8))
+
+
+def test_an_input_whose_fixed_size_differs_is_named():
+    compiled = moec.compile(PinsItsWidth(), (torch.randn(3, 8),))
+    assert compiled(torch.randn(5, 8)).shape == (5, 2)  # the free dim may change
+    with pytest.raises(ValueError, match=r"input 'x' has shape \[5, 6\], but the compiled model takes f32\[\w+, 8\]"):
+        compiled(torch.randn(5, 6))
+
+
+def test_an_op_returning_a_list_of_one_tensor_runs():
+    compiled = moec.compile(UnbindsOne(), (torch.randn(3, 8),))
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(compiled(x), x * 2, rtol=0, atol=0)
 
 
 def test_a_custom_op_of_another_library_names_the_op_and_the_module():

@@ -17,7 +17,6 @@ from moec.frontend.swap import swap_blocks
 from moec.kernels import reference
 
 TINY = [name for name in zoo.PRESETS if name.startswith("tiny-")]
-MOE = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3"]
 
 
 def _main_output(outputs) -> torch.Tensor:
@@ -37,7 +36,7 @@ def _other_shape(example: dict[str, torch.Tensor], batch: int = 3, seq: int = 5)
 @pytest.fixture
 def op_calls(monkeypatch):
     """Counts the reference block calls made by the eager custom ops."""
-    calls = {"moe": 0, "ffn": 0}
+    calls = {"moe": 0, "ffn": 0, "experts": 0}
 
     def counting(kind, fn):
         def wrapped(*args, **kwargs):
@@ -48,6 +47,7 @@ def op_calls(monkeypatch):
 
     monkeypatch.setattr(reference, "moe_block", counting("moe", reference.moe_block))
     monkeypatch.setattr(reference, "ffn_block", counting("ffn", reference.ffn_block))
+    monkeypatch.setattr(reference, "experts_block", counting("experts", reference.experts_block))
     return calls
 
 
@@ -61,8 +61,9 @@ def test_swapped_model_matches_original_fp32(preset, op_calls, name):
             with swap_blocks(model, specs):
                 swapped = _main_output(model(**inputs))
         torch.testing.assert_close(swapped, expected, rtol=1e-5, atol=1e-5)
-    assert op_calls["moe"] + op_calls["ffn"] == 2 * len(specs)
+    assert sum(op_calls.values()) == 2 * len(specs)
     assert op_calls["moe"] == 2 * sum(spec.kind == "moe" for spec in specs)
+    assert op_calls["experts"] == 2 * sum(spec.kind == "experts" for spec in specs)
 
 
 @pytest.mark.parametrize("name", TINY)

@@ -202,9 +202,9 @@ class ProgramModule(nn.Module):
             out = self.run_op(op, read)
             if out is None:
                 continue
-            if len(op.results) == 1:
+            if len(op.results) == 1 and not isinstance(out, (list, tuple)):
                 env[id(op.results[0])] = out
-            else:
+            else:  # several results, or a list of one (unbind of a dim of size 1)
                 for value, item in zip(op.results, out, strict=True):
                     env[id(value)] = item
         return tuple(env[id(v)] for v in graph.outputs)

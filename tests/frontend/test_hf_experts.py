@@ -1,0 +1,155 @@
+"""Hugging Face experts modules under a router moec does not model: the experts become ``moe.experts`` and
+the router stays the model's own code; experts moec cannot model are captured as Hugging Face's generic
+``batched_mm`` code, with a warning."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers
+from torch import nn
+from transformers.integrations.moe import use_experts_implementation
+
+import moec
+from moec.analysis.calibration import calibrate
+from moec.analysis.traces import collect_trace
+from moec.api import parity
+from moec.frontend.recognize import recognize
+from moec.frontend.zoo import tiny_decoder
+from moec.ir import ExpertsOp, RouteOp
+
+HIDDEN, WIDTH, EXPERTS = 16, 24, 4
+
+
+@use_experts_implementation
+class ToyExperts(nn.Module):
+    """Stacked experts as Hugging Face writes them (its decorator picks the implementation from the config)."""
+
+    def __init__(self, config: transformers.PretrainedConfig, act_fn: nn.Module) -> None:
+        super().__init__()
+        self.num_experts = EXPERTS
+        self.gate_up_proj = nn.Parameter(torch.randn(EXPERTS, 2 * WIDTH, HIDDEN) / HIDDEN**0.5)
+        self.down_proj = nn.Parameter(torch.randn(EXPERTS, HIDDEN, WIDTH) / WIDTH**0.5)
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):  # replaced by the decorator's dispatch
+        raise NotImplementedError
+
+
+class SquaredSigmoidMoE(nn.Module):
+    """A router moec has no spec for: top-2 of squared sigmoid scores, renormalized."""
+
+    def __init__(self, act_fn: nn.Module) -> None:
+        super().__init__()
+        config = transformers.PretrainedConfig()
+        config._experts_implementation = "grouped_mm"  # what PreTrainedModel sets up for a real model
+        self.router = nn.Linear(HIDDEN, EXPERTS, bias=False)
+        self.experts = ToyExperts(config, act_fn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, HIDDEN)
+        weights, chosen = torch.topk(torch.sigmoid(self.router(rows)) ** 2, 2, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)
+        return x + self.experts(rows, chosen, weights).reshape(x.shape)
+
+
+class NotQuiteSiLU(nn.SiLU):
+    """Passes for SiLU by its class, computes ReLU: only the probe can tell."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x)
+
+
+def _toy(act_fn: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    return SquaredSigmoidMoE(act_fn).eval()
+
+
+def _assert_parity(model: nn.Module, compiled: moec.CompiledModel, shapes: list[tuple[int, ...]]) -> None:
+    for shape in shapes:
+        x = torch.randn(*shape, HIDDEN)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_experts_under_an_unmodelled_router_become_a_moe_experts_op():
+    model = _toy(nn.SiLU())
+    (spec,) = recognize(model)
+    assert (spec.kind, spec.family, spec.module) == ("experts", "ToyExperts", "experts")
+    assert spec.weights == {"w_in": "experts.gate_up_proj", "w_out": "experts.down_proj"}
+    compiled = moec.compile(model, (torch.randn(2, 5, HIDDEN),))
+    graph = compiled.program.graph
+    assert len(graph.ops_of(ExpertsOp)) == 1 and not graph.ops_of(RouteOp)
+    assert "aten.topk" in compiled.ir and "aten.sigmoid" in compiled.ir  # the router is the model's own code
+    _assert_parity(model, compiled, [(2, 5), (1, 1), (3, 7)])
+    (row,) = [row for row in compiled.summary() if row["op"] == "moe.experts"]
+    assert row["top_k"] == 2 and "routed by the model's own code" in row["detail"]
+
+
+def test_calibration_and_traces_see_the_choice_of_the_models_own_router():
+    model = _toy(nn.SiLU())
+    compiled = moec.compile(model, (torch.randn(2, 5, HIDDEN),))
+    samples = [(torch.randn(2, 5, HIDDEN),) for _ in range(3)]
+    stats = calibrate(compiled.program, samples, progress=False).moe["experts"]
+    with torch.no_grad():  # the choice the model's router makes on the same rows
+        rows = torch.cat([x.reshape(-1, HIDDEN) for (x,) in samples])
+        _, chosen = torch.topk(torch.sigmoid(model.router(rows)) ** 2, 2, dim=-1)
+    assert torch.equal(stats.indices, chosen) and stats.num_experts == EXPERTS
+    trace = collect_trace(compiled.program, [list(sample) for sample in samples])
+    assert trace.layers == ("experts",) and torch.equal(trace.experts[:, 0], chosen)
+
+
+def test_expert_pruning_refuses_a_router_it_cannot_rewrite():
+    with pytest.raises(moec.PassError, match="layer experts is routed by the model's own code"):
+        moec.compile(_toy(nn.SiLU()), (torch.randn(2, 5, HIDDEN),), recipe={"passes": [{"expert-prune": {"keep": 2}}]},
+                     calibration=[(torch.randn(2, 5, HIDDEN),)])
+
+
+def test_experts_the_probe_rejects_are_captured_generic_with_a_warning():
+    model = _toy(NotQuiteSiLU())
+    assert recognize(model) == []
+    with pytest.warns(UserWarning, match=r"does not model the experts of 1 module\(s\): 'experts' \(ToyExperts\)"):
+        compiled = moec.compile(model, (torch.randn(2, 5, HIDDEN),))
+    assert not compiled.program.graph.ops_of(ExpertsOp)
+    _assert_parity(model, compiled, [(2, 5), (3, 7)])
+    assert model.experts.config._experts_implementation == "grouped_mm"  # the capture put it back
+
+
+def test_phimoe_experts_run_on_moec_under_its_sparsemixer_router(preset):
+    model, example = preset("tiny-phimoe")
+    assert [(spec.kind, spec.family) for spec in recognize(model)] == [("experts", "PhimoeExperts")] * 2
+    compiled = moec.compile(model, example)
+    assert len(compiled.program.graph.ops_of(ExpertsOp)) == 2 and not compiled.program.graph.ops_of(RouteOp)
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+    assert parity(model, compiled, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) <= 1e-4
+
+
+# Families whose MoE block moec has no recognizer for, with tiny configs; their experts are recognized.
+FAMILIES = {
+    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, head_dim=8),
+    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, head_dim=8),
+    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, moe_intermediate_size=32, head_dim=8),
+    "exaone_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
+    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32),
+    "solar_open": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1,
+                       topk_group=1, head_dim=8),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_families_with_unmodelled_routers_keep_parity(family):
+    package = __import__(f"transformers.models.{family}", fromlist=["_"])
+    causal_lm = next(getattr(package, name) for name in dir(package) if name.endswith("ForCausalLM"))
+    options = {key: value for key, value in FAMILIES[family].items()
+               if key in inspect.signature(causal_lm.config_class.__init__).parameters}
+    model, example = tiny_decoder(causal_lm, causal_lm.config_class, **options)
+    assert any(spec.kind == "experts" for spec in recognize(model))
+    compiled = moec.compile(model, example)
+    assert compiled.program.graph.ops_of(ExpertsOp)
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+    assert parity(model, compiled, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) <= 1e-4
