@@ -135,8 +135,13 @@ def test_image_sizes_come_from_the_capture_example(tmp_path):
     assert max(result.max_abs_diff.values()) <= 1e-5
 
 
+# The default run exports one family per routing kind and one per dense FFN kind; the rest run with -m slow.
+DEFAULT_RUN_FAMILIES = {"tiny-mixtral", "tiny-deepseek-v3", "tiny-llama", "tiny-bert"}
+
+
 @pytest.mark.parametrize("lowering", ["portable", "ort"])
-@pytest.mark.parametrize("name", MOE_FAMILIES + DENSE_FAMILIES)
+@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in DEFAULT_RUN_FAMILIES else pytest.mark.slow)
+                                  for name in MOE_FAMILIES + DENSE_FAMILIES])
 def test_every_family_exports_with_both_lowerings(compiled_preset, name, lowering, tmp_path):
     compiled = compiled_preset(name)
     onnx_model, report, fallbacks = export_and_check(compiled, lowering, tmp_path / f"{name}.onnx")

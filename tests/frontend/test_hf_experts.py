@@ -5,6 +5,7 @@ the router stays the model's own code; experts moec cannot model are captured as
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import pytest
 import torch
@@ -124,6 +125,21 @@ def test_phimoe_experts_run_on_moec_under_its_sparsemixer_router(preset):
     assert len(compiled.program.graph.ops_of(ExpertsOp)) == 2 and not compiled.program.graph.ops_of(RouteOp)
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
     assert parity(model, compiled, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) <= 1e-4
+
+
+@pytest.mark.slow
+def test_phimoe_exports_to_onnx_with_its_router_as_portable_ops(preset, tmp_path):
+    model, example = preset("tiny-phimoe")
+    compiled = moec.compile(model, example)
+    for lowering in ("portable", "ort"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            compiled.export_onnx(tmp_path / f"{lowering}.onnx", lowering=lowering)
+        report = compiled.report["onnx"]
+        assert max(report["parity_max_abs_diff"].values()) <= 1e-4 and report["fused_moe_ops"] == 0
+        fallbacks = [str(w.message) for w in caught if "portable MoE lowering" in str(w.message)]
+        assert len(fallbacks) == (2 if lowering == "ort" else 0)
+        assert all("its routing does not come straight from one moe.route" in text for text in fallbacks)
 
 
 # Families whose MoE block moec has no recognizer for, with tiny configs; their experts are recognized.
