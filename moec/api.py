@@ -160,7 +160,7 @@ def layer_summary(program: Program) -> list[dict[str, Any]]:
             "op": op.op_name,
             "weights": op.weight_refs[0].name.rsplit(".", 1)[0] if op.weight_refs else "",
             "experts": getattr(spec, "num_experts", ""),
-            "top_k": op.args[1].tensor_type.shape[-1] if isinstance(op, ExpertsOp) else getattr(spec, "top_k", ""),
+            "top_k": op.top_k if isinstance(op, ExpertsOp) else getattr(spec, "top_k", ""),
             "detail": describe_spec(op),
             "params": params,
             "bytes": size,

@@ -140,9 +140,9 @@ def active_ffn_fraction(program: Program) -> float:
     shared = {op.block: op.spec.intermediate for op in program.graph.ops_of(SharedExpertOp)}
     fractions = []
     for op in program.graph.ops_of(ExpertsOp):
-        top_k, spec = op.args[1].tensor_type.shape[-1], op.spec
+        spec = op.spec
         always = shared.get(op.block, 0)
-        fractions.append((top_k * spec.intermediate + always) / (spec.num_experts * spec.intermediate + always))
+        fractions.append((op.top_k * spec.intermediate + always) / (spec.num_experts * spec.intermediate + always))
     return sum(fractions) / len(fractions) if fractions else 1.0
 
 

@@ -100,7 +100,7 @@ def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> Routin
     routes = program.graph.ops_of(ExpertsOp)
     if not routes:
         raise MoecError("the program has no moe.experts ops, so there is no routing to trace")
-    specs = {(op.routed_experts, op.args[1].tensor_type.shape[-1]) for op in routes}
+    specs = {(op.routed_experts, op.top_k) for op in routes}
     if len(specs) != 1:
         raise MoecError(f"routed layers differ in (experts, top-k): {sorted(specs)}; trace them separately")
     (num_experts, _), = specs

@@ -150,8 +150,7 @@ each op's shapes, routing and activation, with tile sizes per token count from m
         if isinstance(op, RouteOp):
             launchers.append(route_launcher(index, op))
         else:
-            top_k = op.args[1].tensor_type.shape[-1]
-            launchers.append(experts_launcher(index, op, top_k))
+            launchers.append(experts_launcher(index, op, op.top_k))
     table = ", ".join(f"{i}: {'route' if isinstance(op, RouteOp) else 'experts'}_{i}" for i, op in supported)
     footer = f'''
 

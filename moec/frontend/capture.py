@@ -22,7 +22,7 @@ from moec.errors import CaptureError
 from moec.frontend.blocks import BlockSpec
 from moec.frontend.ffn_patterns import fold_dense_ffns
 from moec.frontend.lower import lower
-from moec.frontend.recognize import recognize
+from moec.frontend.recognize import is_hf_experts, recognize
 from moec.frontend.swap import swap_blocks
 from moec.ir.program import Program
 
@@ -74,10 +74,9 @@ def exportable_experts(model: nn.Module, specs: list[BlockSpec]) -> Iterator[Non
     claimed = [spec.module for spec in specs]
     configs, generic = {}, []
     for path, module in model.named_modules():
-        config = getattr(module, "config", None)
-        if (not hasattr(module, "is_concatenated") or not hasattr(config, "_experts_implementation")
-                or any(path == c or path.startswith(c + ".") or not c for c in claimed)):
+        if not is_hf_experts(module) or any(path == c or path.startswith(c + ".") or not c for c in claimed):
             continue
+        config = module.config
         generic.append(f"{path!r} ({type(module).__name__})")
         configs.setdefault(id(config), (config, config._experts_implementation))
         config._experts_implementation = "batched_mm"

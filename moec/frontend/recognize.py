@@ -123,7 +123,8 @@ def _probed_hf_experts(experts: nn.Module) -> BlockSpec | None:
     their experts become a ``moe.experts`` op and their router stays the model's own code. Layouts Hugging
     Face marks as transposed or interleaved, and experts with their own gating, are left alone.
     """
-    if (getattr(experts, "is_transposed", True) or not getattr(experts, "is_concatenated", False)
+    # Flags an older transformers may not set read as the unsupported layout.
+    if (not is_hf_experts(experts) or getattr(experts, "is_transposed", True) or not experts.is_concatenated
             or getattr(experts, "has_post_expert_norm", True)
             or getattr(type(experts), "_apply_gate", None) not in (None, _hf_default_apply_gate())):
         return None
@@ -143,6 +144,12 @@ def _probed_hf_experts(experts: nn.Module) -> BlockSpec | None:
                        has_bias="b_in" in weights)
     block = BlockSpec(kind="experts", family=type(experts).__name__, module="", weights=weights, experts=spec)
     return block if _experts_probe_agrees(experts, block) else None
+
+
+def is_hf_experts(module: nn.Module) -> bool:
+    """Whether ``module`` was built by Hugging Face's experts interface (``use_experts_implementation``): it
+    carries the layout flags (``has_gate``, ``is_concatenated`` ...) and a config that picks its implementation."""
+    return hasattr(module, "is_concatenated") and hasattr(getattr(module, "config", None), "_experts_implementation")
 
 
 def _hf_default_apply_gate() -> Callable | None:

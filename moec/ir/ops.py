@@ -190,6 +190,11 @@ class ExpertsOp(SpecOp):
         return None if mapping is None else list(mapping)
 
     @property
+    def top_k(self) -> int:
+        """How many experts each token is routed to (the last dim of ``indices``)."""
+        return self.args[1].tensor_type.shape[-1]
+
+    @property
     def routed_experts(self) -> int:
         """How many experts the router chooses among (the length of ``indices``' value range)."""
         mapping = self.expert_map

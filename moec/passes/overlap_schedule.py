@@ -51,7 +51,7 @@ class OverlapSchedule(Pass):
                 graph.ops.remove(shared)
                 graph.ops.insert(graph.ops.index(op) + 1, shared)
                 moved += 1
-            spec, k = op.spec, self.routed_k(op)
+            spec, k = op.spec, op.top_k
             work = LayerWork(
                 dispatch_bytes=self.tokens_per_rank * k * spec.hidden * 4,
                 expert_flops=ffn_flops(self.tokens_per_rank * k, spec.hidden, spec.intermediate, spec.gated),
@@ -68,7 +68,3 @@ class OverlapSchedule(Pass):
         settings["schedule"] = schedules
         context.report["overlap_schedule"] = schedules
         return PassResult(True, {"layers": len(schedules), "shared_moved": moved})
-
-    @staticmethod
-    def routed_k(op: ExpertsOp) -> int:
-        return op.args[1].tensor_type.shape[-1]
