@@ -43,7 +43,7 @@ class CompiledModel:
         if backend == "triton":
             from moec.backend.triton_runner import TritonRunner
 
-            self.runner = TritonRunner(program, kernels_file)
+            self.runner: TorchRunner = TritonRunner(program, kernels_file)
         else:
             self.runner = TorchRunner(program)
 
@@ -140,7 +140,7 @@ def weight_bytes(program: Program, names: list[str]) -> tuple[int, int]:
     for name in names:
         weight_type = program.graph.weights.get(name)
         if isinstance(weight_type, QuantizedType):
-            params += math.prod(weight_type.shape)
+            params += math.prod(weight_type.static_shape)
             stored = [program.weights[n] for n in storage_names(name).values()]
         else:
             stored = [program.weights[name]] if name in program.weights else []

@@ -120,7 +120,7 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def run_compile(args: argparse.Namespace) -> int:
     import moec
-    from moec.api import deviation, parity
+    from moec.api import Deviation, deviation, parity
     from moec.frontend.zoo import load_model_spec
     from moec.passes import build_passes, load_recipe
 
@@ -150,7 +150,7 @@ def run_compile(args: argparse.Namespace) -> int:
         results = {label: compare(model, compiled, inputs) for label, inputs in checks.items()}
     for label, result in results.items():
         shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in checks[label].items() if isinstance(v, torch.Tensor))
-        if changing:  # no tolerance to hold: the recipe asked for a different model
+        if isinstance(result, Deviation):  # no tolerance to hold: the recipe asked for a different model
             relative = f" ({result.max_abs_diff / result.scale:.2%} of the largest output)" if result.scale else ""
             padding = "; padding positions left out" if "attention_mask" in checks[label] else ""
             console.print(f"deviation on {label} ({shapes}): output cosine {result.cosine:.4f}, "
@@ -199,6 +199,7 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
                         "built-in text; give --calibration FILE (token ids by input name in a .safetensors file)")
     with step(f"loading calibration data ({path or 'standard-library docstrings'})"):
         if tokenizer is None:
+            assert path is not None, "checked above: without a tokenizer a calibration file is given"
             return read_calibration_file(path, tokenizer), None
         text, held_out = calibration_and_held_out(CALIBRATION_SENTENCES, HELD_OUT_SENTENCES)
         calibration = (read_calibration_file(path, tokenizer) if path is not None

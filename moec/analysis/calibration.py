@@ -160,9 +160,9 @@ class Calibration:
         for block, stats in self.dense.items():
             for key in ("inputs", "hidden", "active_count", "abs_sum"):
                 tensors[f"dense/{block}/{key}"] = getattr(stats, key)
-        for block, stats in self.moe.items():
+        for block, moe_stats in self.moe.items():
             for key in ("inputs", "indices", "weights"):
-                tensors[f"moe/{block}/{key}"] = getattr(stats, key)
+                tensors[f"moe/{block}/{key}"] = getattr(moe_stats, key)
         for i, sample in enumerate(self.flat_samples):
             for j, tensor in enumerate(sample):
                 tensors[f"samples/{i}/{j}"] = tensor
@@ -296,13 +296,17 @@ class _Recorder:
         ref = op.kwargs.get(role)
         return None if ref is None else self.program.weights[ref.name].float()
 
+    def required_weight(self, op: DenseFFNOp, role: str) -> torch.Tensor:
+        return self.program.weights[op.required_weight(role).name].float()
+
     def observe_dense(self, op: DenseFFNOp, x: torch.Tensor) -> None:
         rows = self.real_rows(x).float()
         spec = op.spec
-        up = torch.nn.functional.linear(rows, self.weight(op, "w_up"), self.weight(op, "b_up"))
+        up = torch.nn.functional.linear(rows, self.required_weight(op, "w_up"), self.weight(op, "b_up"))
         act = activation(spec.act)
         if spec.gated:
-            hidden = act(torch.nn.functional.linear(rows, self.weight(op, "w_gate"), self.weight(op, "b_gate"))) * up
+            w_gate, b_gate = self.required_weight(op, "w_gate"), self.weight(op, "b_gate")
+            hidden = act(torch.nn.functional.linear(rows, w_gate, b_gate)) * up
         else:
             hidden = act(up)
         magnitude = hidden.abs()

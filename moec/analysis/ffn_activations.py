@@ -64,8 +64,8 @@ def collect(program: Program, batches: list[list[torch.Tensor]]) -> FFNActivatio
     for key, parts in rows.items():
         inputs = torch.cat(parts)[:MAX_ROWS]
         record = OpActivations(inputs)
-        if key in routing:
-            op = program.graph.ops[key]
+        op = program.graph.ops[key]
+        if isinstance(op, ExpertsOp):  # observed with its routing
             indices = torch.cat([i for i, _ in routing[key]])
             weights = torch.cat([w for _, w in routing[key]])
             num_experts = op.spec.num_experts

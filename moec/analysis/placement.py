@@ -163,8 +163,8 @@ def solve_placement(
             f"capacity {capacity} experts per rank on {R} ranks holds {capacity * R} experts, fewer than the "
             f"{E} of each layer; raise the capacity to at least {math.ceil(E / R)}"
         )
+    expert_bytes = expert_bytes or [1] * L
     if memory_bytes is not None:
-        expert_bytes = expert_bytes or [1] * L
         least = sum(math.ceil(E / R) * size for size in expert_bytes)
         if memory_bytes < least:
             raise MoecError(

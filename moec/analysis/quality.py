@@ -24,7 +24,7 @@ import torch
 
 from moec.backend.torch_runner import TorchRunner
 from moec.ir.core import Operation
-from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp
+from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SpecOp
 from moec.ir.program import Program
 from moec.kernels.reference import activation
 
@@ -58,12 +58,22 @@ def embedding_quality(reference: torch.Tensor, candidate: torch.Tensor) -> dict[
     return {"cosine": cosine, "nn_agreement": agreement}
 
 
+def float_weight(op: SpecOp, role: str, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The float32 weight of ``op``'s ``role``, or None if the op has none."""
+    ref = op.weight(role)
+    return None if ref is None else weights[ref.name].float()
+
+
+def required_float_weight(op: SpecOp, role: str, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight of a role ``op`` must have (see ``SpecOp.required_weight``)."""
+    return weights[op.required_weight(role).name].float()
+
+
 def expert_output_norms(x: torch.Tensor, op: ExpertsOp, weights: dict[str, torch.Tensor]) -> torch.Tensor:
     """[T, E] norm of every expert's output on every token row of ``x`` [T, H]."""
     spec = op.spec
-    w_in, w_out = weights[op.weight("w_in").name].float(), weights[op.weight("w_out").name].float()
-    b_in = weights[op.weight("b_in").name].float() if op.weight("b_in") is not None else None
-    b_out = weights[op.weight("b_out").name].float() if op.weight("b_out") is not None else None
+    w_in, w_out = required_float_weight(op, "w_in", weights), required_float_weight(op, "w_out", weights)
+    b_in, b_out = float_weight(op, "b_in", weights), float_weight(op, "b_out", weights)
     act = activation(spec.act)
     norms = []
     for e in range(spec.num_experts):
@@ -115,19 +125,21 @@ class NeuronOracleRunner(TorchRunner):
     def prepare(self, op: Operation) -> Callable[[list[Any], dict[str, Any]], Any]:
         if not isinstance(op, DenseFFNOp):
             return super().prepare(op)
-        spec, mean = op.spec, self.means[op.block]
-        w = {role: self.program.weights[op.weight(role).name].float() if op.weight(role) is not None else None
-             for role in ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")}
-        act, column_norms = activation(spec.act), w["w_down"].norm(dim=0)
+        spec, mean, weights = op.spec, self.means[op.block], self.program.weights
+        w_up = required_float_weight(op, "w_up", weights)
+        w_down = required_float_weight(op, "w_down", weights)
+        w_gate = required_float_weight(op, "w_gate", weights) if spec.gated else None
+        b_gate, b_up, b_down = (float_weight(op, role, weights) for role in ("b_gate", "b_up", "b_down"))
+        act, column_norms = activation(spec.act), w_down.norm(dim=0)
         keep = max(1, round(self.fraction * spec.intermediate))
 
         def run(args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
             x = args[0].float()
-            up = torch.nn.functional.linear(x, w["w_up"], w["b_up"])
-            h = act(torch.nn.functional.linear(x, w["w_gate"], w["b_gate"])) * up if spec.gated else act(up)
+            up = torch.nn.functional.linear(x, w_up, b_up)
+            h = act(torch.nn.functional.linear(x, w_gate, b_gate)) * up if w_gate is not None else act(up)
             chosen = ((h - mean).abs() * column_norms).topk(keep, dim=-1).indices
             kept = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, chosen, True)
-            return torch.nn.functional.linear(torch.where(kept, h, mean), w["w_down"], w["b_down"]).to(args[0].dtype)
+            return torch.nn.functional.linear(torch.where(kept, h, mean), w_down, b_down).to(args[0].dtype)
 
         return run
 

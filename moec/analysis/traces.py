@@ -108,7 +108,7 @@ def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> Routin
     runner = TorchRunner(program)
     per_batch = []
     for inputs in batches:
-        chosen: list[torch.Tensor | None] = [None] * len(routes)
+        chosen: dict[int, torch.Tensor] = {}  # position in routes -> its indices
 
         def observe(op, args, result, chosen=chosen):
             if id(op) in position:
@@ -116,7 +116,7 @@ def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> Routin
                 chosen[position[id(op)]] = indices.reshape(-1, indices.shape[-1]).clone()
 
         runner.run(inputs, observe=observe)
-        per_batch.append(torch.stack(chosen, dim=1))
+        per_batch.append(torch.stack([chosen[layer] for layer in range(len(routes))], dim=1))
     return RoutingTrace(torch.cat(per_batch), tuple(op.block for op in routes), num_experts)
 
 

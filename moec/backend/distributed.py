@@ -74,8 +74,9 @@ def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tu
             raise PlanError(f"{folder}: the placement has no entry for MoE block {op.block!r}; place the plan again")
         local = placement.local_experts(op.block, rank)
         for role in EXPERT_ROLES:
-            if op.weight(role) is not None:
-                expert_slices[op.weight(role).name] = local
+            ref = op.weight(role)
+            if ref is not None:
+                expert_slices[ref.name] = local
     weights = {}
     with safetensors.safe_open(str(folder / WEIGHTS_FILE), framework="pt") as file:
         for name in graph.used_weights():
@@ -124,7 +125,8 @@ class ExpertParallelRunner(TorchRunner):
         local_index = local_positions(owners, self.world_size)
         schedule = self.schedules.get(op.block, LayerSchedule(1, False, 0.0, 0.0))
         weights = self.program.weights
-        weight = {role: weights[op.weight(role).name] if op.weight(role) is not None else None for role in EXPERT_ROLES}
+        refs = {role: op.weight(role) for role in EXPERT_ROLES}
+        weight = {role: None if ref is None else weights[ref.name] for role, ref in refs.items()}
         shared = self.shared_of.get(id(op)) if schedule.overlap else None
         shared_step = super().prepare(shared) if shared is not None else None
         spec = op.spec
@@ -226,6 +228,9 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
     Only token rows travel: the per-expert pair counts exchanged first tell each owner which of its
     experts every received row is for, since rows arrive sorted by expert.
     """
+    w_in, w_out = weight["w_in"], weight["w_out"]
+    if w_in is None or w_out is None:
+        raise BackendError("an experts layer needs its w_in and w_out weights")
     world_size = dist.get_world_size()
     hidden = tokens.shape[-1]
     routes = route_chunks(indices, routing, owners, local_index, world_size, chunks)
@@ -248,7 +253,7 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
         work, rows = in_flight.pop(i)
         work.wait()
         ids = received_expert_rows(recv_counts[:, i])
-        out = experts_forward(rows, ids.unsqueeze(1), torch.ones(len(ids), 1), weight["w_in"], weight["w_out"],
+        out = experts_forward(rows, ids.unsqueeze(1), torch.ones(len(ids), 1), w_in, w_out,
                               weight["b_in"], weight["b_out"], spec)
         returned = torch.empty(sum(sent[i]), hidden, dtype=out.dtype)
         combines.append((dist.all_to_all_single(returned, out, sent[i], received[i], async_op=True), returned))

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from moec.errors import BackendError
-from moec.ir.core import Operation, Value, WeightRef, iter_leaves
+from moec.ir.core import Operation, OpT, Value, WeightRef, iter_leaves
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
@@ -24,8 +24,6 @@ from moec.kernels.moe_cpu import experts_forward
 from moec.kernels.quant import QuantizedWeight
 from moec.kernels.quant_matmul import QuantizedExperts, prepare_linear
 from moec.kernels.skip import skipped_pairs
-
-Rule = Callable[[Operation, Callable[[str], torch.Tensor | None], list[Any], dict[str, Any]], Any]
 
 
 def run_route(op: RouteOp, weight, args, kwargs):
@@ -84,10 +82,10 @@ def uses_onnxruntime(kernel: str, x: torch.Tensor, w_in: torch.Tensor, w_out: to
 
 def run_ffn(op: DenseFFNOp | SharedExpertOp, weight, args, kwargs):
     roles = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "gate")
-    tensors = [weight(role) for role in roles]
-    if not any(isinstance(t, QuantizedWeight) for t in tensors):
-        return reference.ffn(args[0], *tensors, op.spec)
-    return quantized_ffn(args[0], *tensors, op.spec, weight)
+    tensors = {role: weight(role) for role in roles}  # by role, which names the parameters of both ffns
+    if not any(isinstance(t, QuantizedWeight) for t in tensors.values()):
+        return reference.ffn(args[0], **tensors, spec=op.spec)
+    return quantized_ffn(args[0], **tensors, spec=op.spec, weight=weight)
 
 
 def quantized_ffn(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gate, spec, weight):
@@ -132,6 +130,7 @@ class WeightReader:
         return self.prepared[key]
 
 
+Rule = Callable[[Operation, WeightReader, list[Any], dict[str, Any]], Any]
 Observer = Callable[[Operation, list[Any], Any], None]
 ArgumentReader = Callable[[dict[int, Any], dict[str, Any]], Any]
 
@@ -153,11 +152,22 @@ def argument_reader(tree: Any) -> ArgumentReader:
     items, kind = [argument_reader(item) for item in tree], type(tree)
     return lambda env, weights: kind([read(env, weights) for read in items])
 
+def rule_for(op_class: type[OpT], run: Callable[[OpT, WeightReader, list[Any], dict[str, Any]], Any]) -> Rule:
+    """``run`` as a rule of the table, which looks it up by ``op_class`` (so it gets ops of that class)."""
+
+    def rule(op: Operation, weight: WeightReader, args: list[Any], kwargs: dict[str, Any]) -> Any:
+        if not isinstance(op, op_class):
+            raise BackendError(f"the torch rule for {op_class.name} cannot run {op.op_name}")
+        return run(op, weight, args, kwargs)
+
+    return rule
+
+
 RULES: dict[type[Operation], Rule] = {
-    RouteOp: run_route,
-    ExpertsOp: run_experts,
-    DenseFFNOp: run_ffn,
-    SharedExpertOp: run_ffn,
+    RouteOp: rule_for(RouteOp, run_route),
+    ExpertsOp: rule_for(ExpertsOp, run_experts),
+    DenseFFNOp: rule_for(DenseFFNOp, run_ffn),
+    SharedExpertOp: rule_for(SharedExpertOp, run_ffn),
 }
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from types import ModuleType
 
 from moec.errors import PlanError
-from moec.ir.core import Operation
 from moec.ir.ops import ExpertsOp, RouteOp
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
@@ -35,7 +34,7 @@ def ir_digest(program: Program) -> str:
     return hashlib.sha256(print_graph(program.graph).encode()).hexdigest()
 
 
-def unsupported_reason(op: Operation) -> str | None:
+def unsupported_reason(op: RouteOp | ExpertsOp) -> str | None:
     """Why the Triton kernels cannot run ``op`` (a route or experts op), or None if they can."""
     if isinstance(op, RouteOp):
         if op.spec.n_group > 1:
@@ -53,12 +52,12 @@ def unsupported_reason(op: Operation) -> str | None:
     return None
 
 
-def kernel_ops(program: Program) -> list[tuple[int, Operation]]:
+def kernel_ops(program: Program) -> list[tuple[int, RouteOp | ExpertsOp]]:
     """(index in the graph, op) of every op the Triton backend could substitute."""
     return [(i, op) for i, op in enumerate(program.graph.ops) if isinstance(op, (RouteOp, ExpertsOp))]
 
 
-def describe(op: Operation) -> str:
+def describe(op: RouteOp | ExpertsOp) -> str:
     spec = op.spec
     where = op.block or "?"
     if isinstance(op, RouteOp):
@@ -75,6 +74,7 @@ def weight_description(op: ExpertsOp) -> str:
     parts = []
     for role in ("w_in", "w_out"):
         weight_type = op.weight_type(role)
+        assert weight_type is not None, "an experts op in a graph has its required w_in and w_out"
         if not isinstance(weight_type, QuantizedType):
             parts.append(f"{role} {weight_type.dtype}")
             continue
@@ -178,6 +178,8 @@ def load_kernels(path: Path, program: Program) -> ModuleType:
     """Import a generated kernel file and check it was generated for ``program``'s IR."""
     name = f"moec_triton_kernels_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise PlanError(f"{path} cannot be imported as a Python module; compile the plan again")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     try:

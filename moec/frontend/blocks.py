@@ -9,7 +9,8 @@ Weight layouts (moec's convention; ``transposed`` roles are stored (in, out) by 
 transposed once when lowered):
 
 * ``router``: (E, H)             ``router_bias``: (E,)  added to scores for the choice only
-* ``w_in``:   (E, F_in, H)       F_in = 2F when gated (gate rows first, then up rows), else F
+* ``w_in``:   (E, F_in, H)       F_in = 2F when gated (gate rows first, then up rows), else F; a role in
+  ``interleaved`` alternates gate and up rows instead and is reordered once when lowered
 * ``b_in``:   (E, F_in)          ``w_out``: (E, H, F)    ``b_out``: (E, H)
 * dense FFN / shared expert: ``w_gate`` (F, H), ``w_up`` (F, H), ``w_down`` (H, F),
   ``b_gate`` (F,), ``b_up`` (F,), ``b_down`` (H,), shared ``gate`` (1, H) (sigmoid gate on the output)
@@ -63,7 +64,12 @@ class FFNSpec:
 
 @dataclass(frozen=True)
 class ExpertsSpec:
-    """E routed experts with stacked weights, each an FFN of width ``intermediate``."""
+    """E routed experts with stacked weights, each an FFN of width ``intermediate``.
+
+    Gated experts compute ``act(gate) * up``; with ``limit`` (GPT-OSS, DeepSeek-V4) the gate is first
+    clamped to at most ``limit`` and up to [-limit, limit], and ``up_offset`` is added to up after that
+    (GPT-OSS: 1), so ``act(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset)``.
+    """
 
     num_experts: int
     hidden: int
@@ -71,6 +77,13 @@ class ExpertsSpec:
     act: str
     gated: bool
     has_bias: bool = False
+    limit: float | None = None
+    up_offset: float = 0.0
+
+    @property
+    def plain_gating(self) -> bool:
+        """Whether the experts gate as ``act(gate) * up``, with no clamp or offset."""
+        return self.limit is None and self.up_offset == 0.0
 
 
 @dataclass(frozen=True)
@@ -80,7 +93,8 @@ class BlockSpec:
     stays the model's own code).
 
     ``weights`` maps each role to the parameter/buffer name it comes from (model-relative, dotted),
-    in the order the custom op receives them. ``transposed`` lists roles stored (in, out).
+    in the order the custom op receives them. ``transposed`` lists roles stored (in, out); ``interleaved``
+    lists gated roles whose gate and up rows alternate (after any transposition; GPT-OSS).
     """
 
     kind: str
@@ -92,6 +106,7 @@ class BlockSpec:
     experts: ExpertsSpec | None = None
     shared: FFNSpec | None = None
     transposed: tuple[str, ...] = field(default_factory=tuple)
+    interleaved: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def roles(self) -> list[str]:
@@ -114,4 +129,5 @@ class BlockSpec:
             experts=ExpertsSpec(**data["experts"]) if data.get("experts") else None,
             shared=FFNSpec(**data["shared"]) if data.get("shared") else None,
             transposed=tuple(data.get("transposed", ())),
+            interleaved=tuple(data.get("interleaved", ())),
         )

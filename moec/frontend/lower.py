@@ -6,7 +6,8 @@ Contract:
     the model's own router code) become ``moe.experts``. Their weights are referenced by parameter name.
   * Every other ATen node becomes a generic ``AtenOp``; Python scalar arithmetic on sizes becomes ``py.*``.
   * Lifted parameters, buffers and constants become graph weights; runtime asserts are dropped.
-  * Roles a recognizer marked ``transposed`` are stored transposed in the program's weights.
+  * Roles a recognizer marked ``transposed`` are stored transposed in the program's weights, and roles it
+    marked ``interleaved`` with their gate rows first.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program, dump_treespec
 from moec.ir.targets import PY_NAMES
 from moec.ir.types import IndexType, TensorType, Type
+from moec.kernels.reference import oriented_weight
 
 BLOCK_TARGETS = {"moec.moe_block.default", "moec.ffn.default", "moec.experts.default"}
 DROPPED_TARGETS = {
@@ -136,8 +138,8 @@ class Lowering:
             if not isinstance(ref, WeightRef):
                 raise CaptureError(f"block {spec.module}: weight {role!r} is computed, not a parameter or buffer")
             names[role] = ref.name
-            if role in spec.transposed:
-                self.weights[ref.name] = self.weights[ref.name].t().contiguous()
+            if role in spec.transposed or role in spec.interleaved:
+                self.weights[ref.name] = oriented_weight(self.weights[ref.name], role, spec).contiguous()
                 self.graph.weights[ref.name] = TensorType.of(self.weights[ref.name])
         x_type = x.tensor_type
         expert_weights = {role: names[role] for role in ("w_in", "w_out", "b_in", "b_out") if role in names}

@@ -90,9 +90,9 @@ def _spec_for(module: nn.Module) -> BlockSpec | None:
 
 
 def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
-    """A module of an unlisted class with a gated MLP's parts, when its forward on a few random rows equals
-    ``down(act(gate(x)) * up(x))`` computed from those parts (same ops, so the same rounding). Its family is
-    its class name."""
+    """A module of an unlisted class with a gated MLP's parts, when its forward on a few random rows (scaled
+    to ``PROBE_PEAKS``) equals ``down(act(gate(x)) * up(x))`` computed from those parts (same ops, so the
+    same rounding). Its family is its class name."""
     parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
     if not all(isinstance(part, nn.Linear) for part in parts) or not isinstance(getattr(mlp, "act_fn", None), nn.Module):
         return None
@@ -101,9 +101,10 @@ def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
         return None
     gate, up, down = parts
     weight = up.weight
-    x = torch.randn(3, ffn.hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    x = torch.randn(8, ffn.hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     try:
         with torch.no_grad():
+            x = _rows_reaching_probe_peaks(x, lambda rows: torch.cat([gate(rows), up(rows)], dim=-1))
             actual = mlp(x)
             expected = down(mlp.act_fn(gate(x)) * up(x))
             same = isinstance(actual, torch.Tensor) and actual.shape == expected.shape and torch.equal(actual, expected)
@@ -116,34 +117,57 @@ def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
 
 def _probed_hf_experts(experts: nn.Module) -> BlockSpec | None:
     """A Hugging Face experts module (``forward(hidden_states, top_k_index, top_k_weights)``, the stacked
-    ``gate_up_proj`` (E, 2F, H) or ``up_proj`` (E, F, H), ``down_proj`` (E, H, F), optional biases, ``act_fn``),
-    when its forward on random rows and a random choice of experts equals moec's experts op.
+    ``gate_up_proj`` (E, 2F, H) or ``up_proj`` (E, F, H), ``down_proj`` (E, H, F), each maybe stored
+    transposed, gate and up rows maybe interleaved, optional biases), when its forward on random rows and a
+    random choice of experts equals moec's experts op.
 
-    This covers the MoE blocks whose router moec does not model (Qwen3-Next, Jamba, PhiMoE, Ernie 4.5 ...):
-    their experts become a ``moe.experts`` op and their router stays the model's own code. Layouts Hugging
-    Face marks as transposed or interleaved, and experts with their own gating, are left alone.
+    This covers the MoE blocks whose router moec does not model (Qwen3-Next, Jamba, PhiMoE, Ernie 4.5,
+    GPT-OSS, DeepSeek-V4 ...): their experts become a ``moe.experts`` op and their router stays the model's
+    own code. Experts with their own gating function are taken when it is one of the clamped forms moec
+    models (``ExpertsSpec.limit``, ``up_offset``); experts with a norm after each expert are left alone.
     """
-    # Flags an older transformers may not set read as the unsupported layout.
-    if (not is_hf_experts(experts) or getattr(experts, "is_transposed", True) or not experts.is_concatenated
-            or getattr(experts, "has_post_expert_norm", True)
-            or getattr(type(experts), "_apply_gate", None) not in (None, _hf_default_apply_gate())):
-        return None
+    layout = {flag: getattr(experts, flag, None) for flag in ("is_transposed", "is_concatenated", "has_post_expert_norm")}
+    if not is_hf_experts(experts) or None in layout.values() or layout["has_post_expert_norm"]:
+        return None  # flags an older transformers may not set read as an unsupported layout
     gated = bool(getattr(experts, "has_gate", False))
     w_in_name = "gate_up_proj" if gated else "up_proj"
     w_in, w_out = getattr(experts, w_in_name, None), getattr(experts, "down_proj", None)
-    act = activation_name(getattr(experts, "act_fn", None))
-    if not isinstance(w_in, torch.Tensor) or not isinstance(w_out, torch.Tensor) or w_out.dim() != 3 or act is None:
+    if not isinstance(w_in, torch.Tensor) or not isinstance(w_out, torch.Tensor) or w_out.dim() != 3:
         return None
-    num_experts, hidden, intermediate = w_out.shape
-    if w_in.shape != (num_experts, 2 * intermediate if gated else intermediate, hidden):
+    transposed = ("w_in", "w_out") if layout["is_transposed"] else ()
+    num_experts, hidden, intermediate = w_out.transpose(-2, -1).shape if transposed else w_out.shape
+    f_in = 2 * intermediate if gated else intermediate
+    if w_in.shape != ((num_experts, hidden, f_in) if transposed else (num_experts, f_in, hidden)):
         return None
     weights = {"w_in": w_in_name, "w_out": "down_proj"}
     if getattr(experts, "has_bias", False):
         weights |= {"b_in": f"{w_in_name}_bias", "b_out": "down_proj_bias"}
-    spec = ExpertsSpec(num_experts=num_experts, hidden=hidden, intermediate=intermediate, act=act, gated=gated,
-                       has_bias="b_in" in weights)
-    block = BlockSpec(kind="experts", family=type(experts).__name__, module="", weights=weights, experts=spec)
-    return block if _experts_probe_agrees(experts, block) else None
+    interleaved = tuple(role for role in ("w_in", "b_in") if role in weights) if gated and not layout["is_concatenated"] else ()
+    for act, limit, up_offset in _gating_candidates(experts, gated):
+        spec = ExpertsSpec(num_experts=num_experts, hidden=hidden, intermediate=intermediate, act=act, gated=gated,
+                           has_bias="b_in" in weights, limit=limit, up_offset=up_offset)
+        block = BlockSpec(kind="experts", family=type(experts).__name__, module="", weights=weights, experts=spec,
+                          transposed=transposed, interleaved=interleaved)
+        if _experts_probe_agrees(experts, block):
+            return block
+    return None
+
+
+def _gating_candidates(experts: nn.Module, gated: bool) -> list[tuple[str, float | None, float]]:
+    """The (activation, limit, up_offset) an experts module may compute, for the probe to decide between.
+
+    Hugging Face's default gating is ``act_fn(gate) * up``. Experts with their own ``_apply_gate`` may
+    clamp at ``self.limit`` (DeepSeek-V4: SiLU), and add 1 to up with ``gate * sigmoid(alpha * gate)``
+    (GPT-OSS: alpha 1.702, which is moec's ``quick_gelu``)."""
+    act = activation_name(getattr(experts, "act_fn", None))
+    if getattr(type(experts), "_apply_gate", None) in (None, _hf_default_apply_gate()) or not gated:
+        return [] if act is None else [(act, None, 0.0)]
+    alpha = getattr(experts, "alpha", None)
+    acts = [act] if act is not None else []
+    acts += [name for name, a in (("silu", 1.0), ("quick_gelu", 1.702)) if alpha == a and name not in acts]
+    limit = getattr(experts, "limit", None)
+    limits = [float(limit)] if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0 else []
+    return [(name, bound, offset) for name in acts for bound in limits for offset in (0.0, 1.0)]
 
 
 def is_hf_experts(module: nn.Module) -> bool:
@@ -162,12 +186,14 @@ def _hf_default_apply_gate() -> Callable | None:
 
 
 def _experts_probe_agrees(experts: nn.Module, block: BlockSpec) -> bool:
-    """Whether ``experts(x, indices, weights)`` matches moec's experts op on 8 random rows, each routed to
-    two random experts, to the rounding of the module's dtype (relative to the output's largest value)."""
+    """Whether ``experts(x, indices, weights)`` matches moec's experts op on 8 random rows (scaled to
+    ``PROBE_PEAKS``), each routed to two random experts, to the rounding of the module's dtype (relative to
+    each row's largest output)."""
     from moec.kernels import reference
 
     spec = block.experts
-    tensors = {role: getattr(experts, name) for role, name in block.weights.items()}
+    tensors = {role: reference.oriented_weight(getattr(experts, name), role, block)
+               for role, name in block.weights.items()}
     w_in = tensors["w_in"]
     generator = torch.Generator().manual_seed(0)
     top_k = min(2, spec.num_experts)
@@ -176,16 +202,32 @@ def _experts_probe_agrees(experts: nn.Module, block: BlockSpec) -> bool:
     routing = torch.rand(8, top_k, generator=generator).to(w_in.device)
     try:
         with torch.no_grad():
+            x = _rows_reaching_probe_peaks(x, lambda rows: rows @ w_in.reshape(-1, spec.hidden).T)
             actual = experts(x, indices, routing)
-            expected = reference.experts(x, indices, routing, tensors["w_in"], tensors["w_out"],
-                                         tensors.get("b_in"), tensors.get("b_out"), spec)
+            expected = reference.experts(x, indices, routing, w_in, tensors["w_out"], tensors.get("b_in"),
+                                         tensors.get("b_out"), spec)
     except Exception:  # another forward signature: not this kind of experts module
         return False
     if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
         return False
     tolerance = 1e-4 if w_in.dtype == torch.float32 else 2e-2
-    scale = expected.float().abs().max().clamp_min(1e-30)
-    return bool(((actual.float() - expected.float()).abs().max() <= tolerance * scale).item())
+    scale = expected.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)  # per row: their peaks differ
+    return bool(((actual.float() - expected.float()).abs() <= tolerance * scale).all().item())
+
+
+# The probes' rows are scaled so that their largest |pre-activation| takes each of these values in turn:
+# from small to past the clamps some models put around their activation (GPT-OSS clamps at 7, DeepSeek-V4
+# at 10), so that a clamp the modelled formula lacks shows as a difference. The largest stays small enough
+# for float16's range after the gated product and the down projection.
+PROBE_PEAKS = (0.1, 1.0, 10.0, 50.0)
+
+
+def _rows_reaching_probe_peaks(x: torch.Tensor, pre_activation: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``x`` with row i rescaled so that ``pre_activation``'s largest magnitude on it is about
+    ``PROBE_PEAKS[i % len(PROBE_PEAKS)]`` (exactly so for a pre-activation without bias)."""
+    peaks = pre_activation(x).float().abs().amax(dim=-1).clamp_min(1e-30)
+    targets = torch.tensor(PROBE_PEAKS, device=x.device).repeat(len(x) // len(PROBE_PEAKS) + 1)[: len(x)]
+    return (x.float() * (targets / peaks).unsqueeze(-1)).to(x.dtype)
 
 
 def _anchored(spec: BlockSpec, path: str) -> BlockSpec:

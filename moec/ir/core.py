@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from moec.ir.quant import QuantizedType
 from moec.ir.types import TensorType, Type
@@ -81,6 +81,7 @@ def iter_leaves(tree: Any) -> Iterator[Any]:
 
 
 OP_CLASSES: dict[str, type[Operation]] = {}
+OpT = TypeVar("OpT", bound="Operation")
 
 
 def register_op(cls: type[Operation]) -> type[Operation]:
@@ -184,7 +185,7 @@ class Graph:
     def set_outputs(self, outputs: list[Value]) -> None:
         self.outputs = list(outputs)
 
-    def ops_of(self, op_class: type[Operation]) -> list[Operation]:
+    def ops_of(self, op_class: type[OpT]) -> list[OpT]:
         return [op for op in self.ops if isinstance(op, op_class)]
 
     def used_weights(self) -> set[str]:

@@ -17,7 +17,8 @@ from typing import Any, ClassVar
 
 from moec.frontend.blocks import ACTIVATIONS, ORDERS, SCORINGS, ExpertsSpec, FFNSpec, RouteSpec
 from moec.ir.core import Operation, Value, WeightRef, register_op
-from moec.ir.types import TensorType, Type
+from moec.ir.quant import QuantizedType
+from moec.ir.types import Dim, TensorType, Type
 
 
 class AtenOp(Operation):
@@ -48,12 +49,15 @@ class SpecOp(Operation):
     optional_weights: ClassVar[tuple[str, ...]]
     derived_fields: ClassVar[tuple[str, ...]] = ()
     extra_attributes: ClassVar[tuple[str, ...]] = ()  # keyword constants beyond the spec's fields
+    # Spec fields written only when they differ from their default (features few models have).
+    omitted_at_default: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def build(cls, operands: list[Value], weights: dict[str, str], spec: Any,
               result_types: list[Type], block: str | None = None) -> SpecOp:
         """An op from its spec; ``block`` names the model block it came from (a stable layer key)."""
-        attrs = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in cls.derived_fields}
+        attrs = {f.name: getattr(spec, f.name) for f in fields(spec) if f.name not in cls.derived_fields
+                 and not (f.name in cls.omitted_at_default and getattr(spec, f.name) == f.default)}
         kwargs = {role: WeightRef(name) for role, name in weights.items()} | attrs
         if block is not None:
             kwargs["block"] = block
@@ -67,7 +71,15 @@ class SpecOp(Operation):
     def weight(self, role: str) -> WeightRef | None:
         return self.kwargs.get(role)
 
-    def weight_type(self, role: str) -> TensorType | None:
+    def required_weight(self, role: str) -> WeightRef:
+        """The weight of a role the op must have: one of ``required_weights`` (a verified op has them), one
+        its configuration needs (``w_gate`` of a gated FFN), or one the caller found on it."""
+        ref = self.weight(role)
+        if ref is None:
+            raise ValueError(f"{self.op_name} has no {role!r} weight")
+        return ref
+
+    def weight_type(self, role: str) -> TensorType | QuantizedType | None:
         ref = self.weight(role)
         if ref is None or self.graph is None:
             return None
@@ -114,7 +126,7 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
-def check_token_operand(value: Value, hidden: int, what: str) -> TensorType:
+def check_token_operand(value: Value, hidden: Dim, what: str) -> TensorType:
     t = value.tensor_type
     if t.rank < 1 or t.shape[-1] != hidden:
         raise ValueError(f"{what} must be [..., {hidden}], got {t}")
@@ -171,6 +183,7 @@ class ExpertsOp(SpecOp):
     optional_weights = ("b_in", "b_out")
     quantizable_roles = ("w_in", "w_out")
     derived_fields = ("has_bias",)
+    omitted_at_default = ("limit", "up_offset")
     # skip_threshold, set by the dynamic-skip pass: per token, drop pairs whose routing weight is below this
     # fraction of the token's top weight (``moec.kernels.skip``); absent or 0: every chosen expert runs.
     # expert_map, set by expert-merge: the stored expert each router expert runs (docs/IR.md).
@@ -216,6 +229,10 @@ class ExpertsOp(SpecOp):
 
     def verify_spec(self, spec: ExpertsSpec) -> None:
         check_choice("act", spec.act, ACTIVATIONS)
+        if not spec.plain_gating and not spec.gated:
+            raise ValueError("limit and up_offset apply to gated experts only")
+        if spec.limit is not None and not (isinstance(spec.limit, (int, float)) and spec.limit > 0):
+            raise ValueError(f"limit={spec.limit!r} must be a positive number")
         if not 0.0 <= self.skip_threshold < 1.0:
             raise ValueError(f"skip_threshold={self.skip_threshold} must be in [0, 1) (the top expert always runs)")
         self.verify_expert_map(spec.num_experts)
@@ -238,7 +255,7 @@ class FFNLikeOp(SpecOp):
     spec_class = FFNSpec
     num_operands = 1
     required_weights = ("w_up", "w_down")
-    derived_fields = ("has_bias", "gated")
+    derived_fields: ClassVar[tuple[str, ...]] = ("has_bias", "gated")
     quantizable_roles = ("w_gate", "w_up", "w_down")
 
     def derived_spec_values(self) -> dict[str, Any]:

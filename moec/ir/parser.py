@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -38,7 +38,9 @@ class Parser:
 
     # -- lexing ---------------------------------------------------------------------------
     def skip_space(self) -> None:
-        self.pos = SPACE_RE.match(self.text, self.pos).end()
+        match = SPACE_RE.match(self.text, self.pos)
+        assert match is not None, "SPACE_RE matches the empty string, so it matches anywhere"
+        self.pos = match.end()
 
     def peek(self) -> tuple[str, str]:
         self.skip_space()
@@ -47,6 +49,7 @@ class Parser:
         match = TOKEN_RE.match(self.text, self.pos)
         if not match:
             self.fail(f"unexpected character {self.text[self.pos]!r}")
+        assert match.lastgroup is not None, "every TOKEN_RE alternative is a named group"
         return (match.lastgroup, match.group())
 
     def next(self) -> tuple[str, str]:
@@ -73,7 +76,7 @@ class Parser:
         self.next()
         return got
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> NoReturn:
         line = self.text.count("\n", 0, self.pos) + 1
         column = self.pos - (self.text.rfind("\n", 0, self.pos) + 1) + 1
         source_line = self.text.splitlines()[line - 1] if self.text.strip() else ""
@@ -157,7 +160,6 @@ class Parser:
         if name.startswith(("aten.", "py.")):
             return AtenOp(name, args, kwargs, result_types)
         self.fail(f"unknown op {name!r}; known: {', '.join(sorted(OP_CLASSES))}, aten.*, py.*")
-        raise AssertionError  # unreachable: fail raises
 
     def parse_constant(self) -> Any:
         kind, text = self.next()

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moec.ir.types import Dim, check_dtype
+from moec.ir.types import Dim, check_dtype, static_shape
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
@@ -54,7 +54,8 @@ class QuantizedType:
     """A weight of logical type ``dtype[shape]`` stored as packed ``bits``-bit codes in groups of ``group``.
 
     ``bits`` has one width per matrix (one for a 2-D weight, one per expert for a 3-D one). The type is
-    duck-compatible with ``TensorType`` for ``dtype``, ``shape`` and ``rank`` (the shape an op sees).
+    duck-compatible with ``TensorType`` for ``dtype``, ``shape``, ``static_shape`` and ``rank`` (the shape
+    an op sees).
     """
 
     dtype: str
@@ -70,16 +71,20 @@ class QuantizedType:
         return len(self.shape)
 
     @property
+    def static_shape(self) -> tuple[int, ...]:
+        return static_shape(self.shape)
+
+    @property
     def num_matrices(self) -> int:
-        return self.shape[0] if self.rank == 3 else 1
+        return self.static_shape[0] if self.rank == 3 else 1
 
     @property
     def rows(self) -> int:
-        return self.shape[-2]
+        return self.static_shape[-2]
 
     @property
     def columns(self) -> int:
-        return self.shape[-1]
+        return self.static_shape[-1]
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the broken rule of the format (see the module docstring)."""
@@ -108,7 +113,7 @@ class QuantizedType:
 
     @property
     def scale_shape(self) -> tuple[int, ...]:
-        return (*self.shape[:-1], self.columns // self.group)
+        return (*self.static_shape[:-1], self.columns // self.group)
 
     @property
     def storage_bytes(self) -> int:

@@ -35,6 +35,14 @@ def check_dtype(name: str) -> None:
 Dim = int | str
 
 
+def static_shape(shape: tuple[Dim, ...]) -> tuple[int, ...]:
+    """``shape`` as ints; raise ``ValueError`` if a dim is symbolic (weights have static shapes)."""
+    dims = tuple(d for d in shape if isinstance(d, int))
+    if len(dims) != len(shape):
+        raise ValueError(f"shape {list(shape)} is not static")
+    return dims
+
+
 @dataclass(frozen=True)
 class TensorType:
     """A tensor of a dtype name (``f32``...) and a shape whose dims are ints or symbolic expressions."""
@@ -48,6 +56,10 @@ class TensorType:
     @property
     def rank(self) -> int:
         return len(self.shape)
+
+    @property
+    def static_shape(self) -> tuple[int, ...]:
+        return static_shape(self.shape)
 
     @property
     def torch_dtype(self) -> torch.dtype:

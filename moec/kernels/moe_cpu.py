@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
-from moec.kernels.reference import activation, group_by_expert
+from moec.kernels.reference import activation, gated_activation, group_by_expert
 from moec.kernels.workspace import gathered_rows
 
 __all__ = ["experts_forward", "onednn_available"]
@@ -142,6 +142,8 @@ def _gated_hidden(
         gate = op(xs, w_in_e[:f], bg, name, [], algo)  # act(x @ Wg.T + bg)
         return op.binary(xs, gate, w_in_e[f:], bu, "mul")  # (x @ Wu.T + bu) * act(...)
     h = _linear(xs, w_in_e, b_in_e, fast)  # [M, 2F]
+    if not spec.plain_gating:
+        return gated_activation(h[:, :f], h[:, f:], spec)
     return activation(spec.act)(h[:, :f]).mul_(h[:, f:])
 
 
@@ -183,6 +185,7 @@ def experts_forward(
     fast = onednn_available(dtype)
     fused = (
         spec.gated
+        and spec.plain_gating
         and spec.act in _ONEDNN_ACT
         and onednn_available(dtype, spec.act)
         and onednn_available(dtype, "mul")

@@ -85,8 +85,16 @@ class OnnxruntimeExperts:
             nodes.append(helper.make_node("Gemm", gemm_in, [pre], transB=1))
             if spec.gated:
                 nodes.append(helper.make_node("Split", [pre, "gate_up_sizes"], [f"gate{e}", f"up{e}"], axis=1))
-                nodes += _activation_nodes(spec.act, f"gate{e}", f"act{e}")
-                nodes.append(helper.make_node("Mul", [f"act{e}", f"up{e}"], [hidden]))
+                gate, up = f"gate{e}", f"up{e}"
+                if spec.limit is not None:
+                    nodes.append(helper.make_node("Clip", [gate, "", "limit"], [f"clipped_gate{e}"]))
+                    nodes.append(helper.make_node("Clip", [up, "minus_limit", "limit"], [f"clipped_up{e}"]))
+                    gate, up = f"clipped_gate{e}", f"clipped_up{e}"
+                if spec.up_offset:
+                    nodes.append(helper.make_node("Add", [up, "up_offset"], [f"offset_up{e}"]))
+                    up = f"offset_up{e}"
+                nodes += _activation_nodes(spec.act, gate, f"act{e}")
+                nodes.append(helper.make_node("Mul", [f"act{e}", up], [hidden]))
             else:
                 nodes += _activation_nodes(spec.act, pre, hidden)
             nodes.append(helper.make_node("Gemm", gemm_out, [y], transB=1))
@@ -98,6 +106,11 @@ class OnnxruntimeExperts:
         initializers += [_external(name, tensor) for name, tensor in self.shared.items()]
         if spec.gated:
             initializers.append(helper.make_tensor("gate_up_sizes", TensorProto.INT64, [2], [f, f]))
+        if spec.limit is not None:
+            initializers.append(helper.make_tensor("limit", TensorProto.FLOAT, [], [spec.limit]))
+            initializers.append(helper.make_tensor("minus_limit", TensorProto.FLOAT, [], [-spec.limit]))
+        if spec.up_offset:
+            initializers.append(helper.make_tensor("up_offset", TensorProto.FLOAT, [], [spec.up_offset]))
         if spec.act == "quick_gelu":
             initializers.append(helper.make_tensor("quick_gelu_scale", TensorProto.FLOAT, [], [1.702]))
         graph = helper.make_graph(nodes, "moec_experts", inputs, outputs, initializers)

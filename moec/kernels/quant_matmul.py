@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from moec.frontend.blocks import ExpertsSpec
 from moec.kernels.quant import QuantizedMatrix, QuantizedWeight, quantize_matrix
-from moec.kernels.reference import activation, group_by_expert
+from moec.kernels.reference import activation, gated_activation, group_by_expert
 
 KERNELS = ("auto", "dequant", "int4pack")
 INT4_TILES = 1  # inner-k tiles of torch's CPU int4 layout (the CPU kernel ignores other values)
@@ -114,7 +114,7 @@ class QuantizedExperts:
             hidden = self.input_linears[expert](rows[pairs])
             if self.spec.gated:
                 gate, up = hidden.chunk(2, dim=-1)
-                hidden = self.act(gate) * up
+                hidden = gated_activation(gate, up, self.spec)
             else:
                 hidden = self.act(hidden)
             out = self.output_linears[expert](hidden).float() * groups.weight[pairs].unsqueeze(1)

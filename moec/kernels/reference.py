@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -99,22 +100,32 @@ def remap_experts(indices: torch.Tensor, expert_map: list[int] | None) -> torch.
     return torch.tensor(expert_map, dtype=indices.dtype, device=indices.device)[indices]
 
 
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
+    """``act(gate) * up`` of gated experts, with the clamp and offset ``spec`` may carry (GPT-OSS,
+    DeepSeek-V4): ``act(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset)``."""
+    if spec.limit is not None:
+        gate = gate.clamp(max=spec.limit)
+        up = up.clamp(min=-spec.limit, max=spec.limit)
+    if spec.up_offset:
+        up = up + spec.up_offset
+    return activation(spec.act)(gate) * up
+
+
 def _expert_ffn(
     rows: torch.Tensor,
     w_in: torch.Tensor,
     w_out: torch.Tensor,
     b_in: torch.Tensor | None,
     b_out: torch.Tensor | None,
-    act: Callable[[torch.Tensor], torch.Tensor],
-    gated: bool,
+    spec: ExpertsSpec,
 ) -> torch.Tensor:
     """One expert on its gathered rows [n, H]: w_in (F_in, H), w_out (H, F)."""
     hidden = F.linear(rows, w_in, b_in)
-    if gated:
+    if spec.gated:
         gate, up = hidden.chunk(2, dim=-1)
-        hidden = act(gate) * up
+        hidden = gated_activation(gate, up, spec)
     else:
-        hidden = act(hidden)
+        hidden = activation(spec.act)(hidden)
     return F.linear(hidden, w_out, b_out)
 
 
@@ -169,7 +180,6 @@ def experts(
     """
     tokens = x.reshape(-1, x.shape[-1])  # [T, H]
     groups = group_by_expert(indices, weights, spec.num_experts)
-    act = activation(spec.act)
     out = torch.zeros_like(tokens)
     for expert, pairs in groups.slices():
         token_ids = groups.token_of[pairs]
@@ -179,8 +189,7 @@ def experts(
             w_out[expert],
             None if b_in is None else b_in[expert],
             None if b_out is None else b_out[expert],
-            act,
-            spec.gated,
+            spec,
         )
         y = y * groups.weight[pairs, None]
         out.index_add_(0, token_ids, y.to(out.dtype))
@@ -205,16 +214,33 @@ def ffn(
     """
     act = activation(spec.act)
     up = F.linear(x, w_up, b_up)
-    hidden = act(F.linear(x, w_gate, b_gate)) * up if spec.gated else act(up)
+    if spec.gated:
+        if w_gate is None:
+            raise ValueError("a gated FFN needs w_gate")
+        hidden = act(F.linear(x, w_gate, b_gate)) * up
+    else:
+        hidden = act(up)
     y = F.linear(hidden, w_down, b_down)
     if gate is not None:
         y = torch.sigmoid(F.linear(x, gate)) * y
     return y
 
 
-def _oriented(weights: Mapping[str, torch.Tensor], transposed: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The weights in moec's layout: roles stored (in, out) get their last two dims swapped."""
-    return {role: w.transpose(-2, -1) if role in transposed else w for role, w in weights.items()}
+def oriented_weight(w: torch.Tensor, role: str, spec: BlockSpec) -> torch.Tensor:
+    """One weight in moec's layout: a role stored (in, out) gets its last two dims swapped, and a gated role
+    whose gate and up entries alternate (gate, up, gate, up ...) gets all its gate entries first."""
+    if role in spec.transposed:
+        w = w.transpose(-2, -1)
+    if role in spec.interleaved:
+        dim = -1 if role.startswith("b_") else -2  # biases (E, 2F), weights (E, 2F, H)
+        gate, up = w.unflatten(dim, (-1, 2)).unbind(dim=dim)
+        w = torch.cat([gate, up], dim=dim)
+    return w
+
+
+def _oriented(weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> dict[str, torch.Tensor]:
+    """The weights of a block in moec's layout (``oriented_weight``)."""
+    return {role: oriented_weight(w, role, spec) for role, w in weights.items()}
 
 
 def _ffn_from_roles(
@@ -236,25 +262,37 @@ def _ffn_from_roles(
     )
 
 
+_Part = TypeVar("_Part", FFNSpec, RouteSpec, ExpertsSpec)
+
+
+def _required(part: _Part | None, name: str, spec: BlockSpec) -> _Part:
+    """The ``name`` part of ``spec``, which a block of its kind must have."""
+    if part is None:
+        raise ValueError(f"a kind={spec.kind!r} block spec needs its {name!r} part")
+    return part
+
+
 def ffn_block(x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
     """A whole ``kind='ffn'`` block; ``weights`` maps roles to tensors as the framework stores them."""
-    return _ffn_from_roles(x, _oriented(weights, spec.transposed), spec.ffn)
+    return _ffn_from_roles(x, _oriented(weights, spec), _required(spec.ffn, "ffn", spec))
 
 
 def experts_block(x: torch.Tensor, indices: torch.Tensor, routing_weights: torch.Tensor,
                   weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
     """A ``kind='experts'`` block: the routed experts for a choice made by the model's own router."""
-    w = _oriented(weights, spec.transposed)
+    w = _oriented(weights, spec)
     return experts(x, indices, routing_weights.float(), w["w_in"], w["w_out"], w.get("b_in"), w.get("b_out"),
-                   spec.experts)
+                   _required(spec.experts, "experts", spec))
 
 
 def moe_block(x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
     """A whole ``kind='moe'`` block: route, routed experts, plus the shared expert (roles ``shared_*``)."""
-    w = _oriented(weights, spec.transposed)
-    indices, routing_weights = route(x, w["router"], w.get("router_bias"), spec.route)
+    w = _oriented(weights, spec)
+    indices, routing_weights = route(x, w["router"], w.get("router_bias"),
+                                     _required(spec.route, "route", spec))
     y = experts(
-        x, indices, routing_weights, w["w_in"], w["w_out"], w.get("b_in"), w.get("b_out"), spec.experts
+        x, indices, routing_weights, w["w_in"], w["w_out"], w.get("b_in"), w.get("b_out"),
+        _required(spec.experts, "experts", spec),
     )
     if spec.shared is not None:
         y = y + _ffn_from_roles(x, w, spec.shared, prefix="shared_")

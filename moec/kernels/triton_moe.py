@@ -299,7 +299,7 @@ def gate_up_kernel(
     w_in_ptr,  # [E, F_IN, HIDDEN]     F_IN = 2*INTERMEDIATE when gated (gate rows, then up rows)
     w_in_q_ptr, w_in_scales_ptr, w_in_zeros_ptr, w_in_bits_ptr, w_in_offsets_ptr,  # when W_IN_FORMAT is quantized
     b_in_ptr,  # [E, F_IN]             only read when HAS_BIAS
-    h_ptr,  # [num_pairs, INTERMEDIATE] out, x's dtype: act(gate) * up per pair
+    h_ptr,  # [num_pairs, INTERMEDIATE] out, x's dtype: act(gate) * up per pair (see LIMIT)
     sorted_pairs_ptr,  # [max_padded] int32
     block_experts_ptr,  # [max_padded // BLOCK_M] int32
     padded_total_ptr,  # [1] int32
@@ -312,6 +312,8 @@ def gate_up_kernel(
     TOP_K: tl.constexpr,
     GATED: tl.constexpr,
     ACT: tl.constexpr,
+    LIMIT: tl.constexpr,  # gated: clamp gate to <= LIMIT and up to [-LIMIT, LIMIT] first; 0.0: no clamp
+    UP_OFFSET: tl.constexpr,  # gated: added to up after the clamp
     HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr,  # see multiply_accumulate
     W_IN_FORMAT: tl.constexpr,  # see load_weight_tile
@@ -351,9 +353,12 @@ def gate_up_kernel(
         acc_gate += tl.load(b_expert + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         if GATED:
             acc_up += tl.load(b_expert + INTERMEDIATE + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED and LIMIT > 0.0:
+        acc_gate = tl.minimum(acc_gate, LIMIT)
+        acc_up = tl.minimum(tl.maximum(acc_up, -LIMIT), LIMIT)
     hidden = apply_activation(acc_gate, ACT)
     if GATED:
-        hidden = hidden * acc_up
+        hidden = hidden * (acc_up + UP_OFFSET)
     h_ptrs = h_ptr + pairs.to(tl.int64)[:, None] * INTERMEDIATE + cols[None, :]
     tl.store(h_ptrs, hidden.to(h_ptr.dtype.element_ty), mask=pair_ok[:, None] & col_ok[None, :])
 

@@ -167,6 +167,7 @@ def gate_up(x: torch.Tensor, w_in: Weight, b_in: torch.Tensor | None, alignment:
         alignment.sorted_pairs, alignment.block_experts, alignment.padded_total,
         alignment.num_pairs, num_tiles_m,
         HIDDEN=spec.hidden, INTERMEDIATE=spec.intermediate, TOP_K=top_k, GATED=spec.gated, ACT=spec.act,
+        LIMIT=float(spec.limit or 0.0), UP_OFFSET=float(spec.up_offset),
         HAS_BIAS=b_in is not None, PRECISION=dot_precision(x.dtype), W_IN_FORMAT=w_format, GROUP=group,
         BLOCK_M=tiles.BLOCK_M, BLOCK_N=tiles.BLOCK_N, BLOCK_K=tiles.BLOCK_K, GROUP_M=tiles.GROUP_M,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,

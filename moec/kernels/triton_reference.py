@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from moec.frontend.blocks import ExpertsSpec
-from moec.kernels.reference import activation
+from moec.kernels.reference import activation, gated_activation
 
 
 def align(indices: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,11 +39,10 @@ def gate_up(x: torch.Tensor, indices: torch.Tensor, w_in: torch.Tensor, b_in: to
     hidden = torch.einsum("ph,pfh->pf", rows, w_in.float()[experts])
     if b_in is not None:
         hidden = hidden + b_in.float()[experts]
-    act = activation(spec.act)
     if spec.gated:
         gate, up = hidden.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(hidden)
+        return gated_activation(gate, up, spec)
+    return activation(spec.act)(hidden)
 
 
 def down(h: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor, w_out: torch.Tensor,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from moec.analysis import bit_allocation
-from moec.analysis.ffn_activations import FFNActivations
+from moec.analysis.ffn_activations import FFNActivations, collect
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
 from moec.ir.ops import ExpertsOp
@@ -39,10 +39,10 @@ from moec.kernels.reference import activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 from moec.passes.quantize import (
     Unit,
-    activations_for,
     calibration_rows,
     check_options,
     check_quantizable,
+    op_of_unit,
     quantizable_units,
     quantize_units,
 )
@@ -52,7 +52,7 @@ IMPORTANCES = ("output", "routing")
 
 def unit_output(program: Program, unit: Unit, rows: torch.Tensor, replaced: dict[str, torch.Tensor]) -> torch.Tensor:
     """The unit's FFN (one expert, or a dense FFN without its output gate) on ``rows``, with some roles replaced."""
-    op = program.graph.ops[unit.op_index]
+    op = op_of_unit(program, unit)
     spec = op.spec
     act = activation(spec.act)
 
@@ -99,7 +99,9 @@ def routing_importance(unit: Unit, activations: FFNActivations) -> float:
     """An expert's routing mass (mean routing weight per token); 1 for dense FFNs and shared experts."""
     if unit.expert is None:
         return 1.0
-    return float(activations.ops[unit.op_index].mass[unit.expert])
+    mass = activations.ops[unit.op_index].mass
+    assert mass is not None, "collect records the routing of every moe.experts op"
+    return float(mass[unit.expert])
 
 
 def output_errors(program: Program, unit: Unit, widths: tuple[int, ...], group: int,
@@ -171,7 +173,7 @@ class BitAllocation(Pass):
             raise PassError(f"an average budget of {self.budget} bits is infeasible: the smallest feasible budget "
                             f"for widths {list(self.widths)} and floors {self.floors or 'none'} is {minimum:.4f} bits; "
                             "raise the budget or lower the floors")
-        activations = activations_for(program, context, True)
+        activations = collect(program, context.flat_samples(program))
         if self.importance == "output":
             batches = context.flat_samples(program)
             errors = [output_errors(program, u, self.widths, self.group, batches) for u in units]

@@ -51,10 +51,10 @@ import torch
 from moec.analysis.neuron_clustering import balanced_kmeans
 from moec.errors import PassError
 from moec.frontend.blocks import ExpertsSpec, FFNSpec, RouteSpec
-from moec.ir.core import Value, WeightRef
+from moec.ir.core import Operation, Value, WeightRef
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
-from moec.ir.types import TensorType
+from moec.ir.types import TensorType, Type
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 
 METHODS = ("weights", "coactivation")
@@ -188,7 +188,7 @@ class DenseToMoE(Pass):
         graph = program.graph
         spec = op.spec
         x = op.args[0]
-        prefix = op.block or op.weight("w_up").name.rsplit(".", 1)[0]
+        prefix = op.block or op.required_weight("w_up").name.rsplit(".", 1)[0]
         dtype = weight(program, op, "w_up").dtype
         new_weights: dict[str, torch.Tensor] = {}
 
@@ -203,7 +203,8 @@ class DenseToMoE(Pass):
         route_spec = RouteSpec(num_experts=self.experts, top_k=self.top_k, order="topk_then_score",
                                scaling=float(self.top_k), has_bias=True)
         lead = x.tensor_type.shape[:-1]
-        route_types = [TensorType("i64", (*lead, self.top_k)), TensorType("f32", (*lead, self.top_k))]
+        route_types: list[Type] = [TensorType("i64", (*lead, self.top_k)),
+                                   TensorType("f32", (*lead, self.top_k))]
         route_weights = {"router": add_weight("router.weight", router * ROUTER_SCALE),
                          "router_bias": add_weight("router.bias", bias * ROUTER_SCALE)}
         # The route op computes its logits in float32 whatever the model's dtype; keep the router exact.
@@ -229,7 +230,7 @@ class DenseToMoE(Pass):
                                    act=spec.act, gated=spec.gated)
         experts = ExpertsOp.build([x, *route.results], {k: v.name for k, v in expert_weights.items()},
                                   experts_spec, [x.type], op.block)
-        new_ops = [route, experts]
+        new_ops: list[Operation] = [route, experts]
         output: Value = experts.result
         if len(layout.shared):
             shared_weights = {"w_up": add_weight("shared.w_up", weight(program, op, "w_up")[layout.shared]),
@@ -284,7 +285,7 @@ def program_weight(new_weights: dict[str, torch.Tensor], ref: WeightRef) -> torc
 
 
 def weight(program: Program, op: DenseFFNOp, role: str) -> torch.Tensor:
-    return program.weights[op.weight(role).name]
+    return program.weights[op.required_weight(role).name]
 
 
 def bias_or_zeros(program: Program, op: DenseFFNOp, role: str, size: int) -> torch.Tensor:

@@ -200,6 +200,8 @@ def plan_layer(tensors: dict[str, torch.Tensor], stats: MoEStats, layer: MoELaye
         importances = None if combine == "average" else [
             neuron_importance(tensors, member, rows[served[:, member]], spec) for member in group]
         if align == "importance":
+            if importances is None:
+                raise ValueError("align='importance' pairs neurons for combine='select' only")
             permutations = importance_alignment(importances)
         else:
             permutations = [align_neurons(tensors, dominant, m, rows, spec, align) for m in group]

@@ -7,8 +7,9 @@ A recipe is a dict (or YAML/JSON file) ``{"passes": [entry, ...]}``; an entry is
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from moec.passes.base import Pass, PassContext, find_pass, pass_names
 Hook = Callable[[Pass, Program, dict[str, Any]], None]
 
 
-def load_recipe(source: str | Path | dict | None) -> dict[str, Any]:
+def load_recipe(source: str | os.PathLike | dict | None) -> dict[str, Any]:
     """A recipe dict from a dict, a YAML/JSON file path, or None (no passes)."""
     if source is None:
         return {"passes": []}
@@ -72,7 +73,7 @@ def program_stats(program: Program) -> dict[str, int]:
 
 
 def run_passes(program: Program, passes: list[Pass], context: PassContext,
-               hooks: list[Hook] = ()) -> list[dict[str, Any]]:
+               hooks: Sequence[Hook] = ()) -> list[dict[str, Any]]:
     """Run ``passes`` in order; verify after each; return one record per pass (time, changes)."""
     records: list[dict[str, Any]] = []
     for pass_ in passes:

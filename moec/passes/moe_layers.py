@@ -36,7 +36,7 @@ class MoELayer:
     @property
     def name(self) -> str:
         """The layer's name in reports: its block, else its router weight."""
-        return self.block or self.route.weight("router").name
+        return self.block or self.route.required_weight("router").name
 
     def weight_names(self) -> list[str]:
         return [ref.name for ref in (*self.route.weight_refs, *self.experts.weight_refs)]
@@ -86,7 +86,7 @@ class MoELayer:
         graph = program.graph
         for role, tensor in tensors.items():
             op = self.route if role in ROUTE_ROLES else self.experts
-            name = op.weight(role).name
+            name = op.required_weight(role).name
             program.weights[name] = tensor.contiguous()
             graph.weights[name] = TensorType.of(tensor)
         route_kwargs = {**self.route.kwargs, "num_experts": route_experts}

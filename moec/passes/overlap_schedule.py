@@ -58,12 +58,13 @@ class OverlapSchedule(Pass):
                 shared_flops=ffn_flops(self.tokens_per_rank, shared.spec.hidden, shared.spec.intermediate,
                                        shared.spec.gated) if shared is not None and self.overlap_shared else 0.0,
             )
-            if cost is not None and self.chunks is None:
+            if self.chunks is not None:
+                schedule = LayerSchedule(self.chunks, self.overlap_shared, 0.0, 0.0)
+            else:
+                assert cost is not None, "checked above: without chunks=N a cost model is given"
                 schedule = choose_chunks(work, cost, self.max_chunks)
                 schedule = LayerSchedule(schedule.chunks, self.overlap_shared, schedule.predicted_s,
                                          schedule.baseline_s)
-            else:
-                schedule = LayerSchedule(self.chunks, self.overlap_shared, 0.0, 0.0)
             schedules[op.block] = schedule.to_json()
         settings["schedule"] = schedules
         context.report["overlap_schedule"] = schedules

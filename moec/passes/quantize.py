@@ -46,6 +46,15 @@ class Unit:
     params: int
 
 
+def op_of_unit(program: Program, unit: Unit) -> ExpertsOp | DenseFFNOp | SharedExpertOp:
+    """The op ``unit`` belongs to (``quantizable_units`` makes units of these ops only)."""
+    op = program.graph.ops[unit.op_index]
+    if not isinstance(op, (ExpertsOp, DenseFFNOp, SharedExpertOp)):
+        raise PassError(f"a quantization unit names op {unit.op_index}, a {op.op_name}, "
+                        "not an FFN or experts op")
+    return op
+
+
 def quantizable_units(program: Program, dense: bool, per_linear: bool = False) -> list[Unit]:
     """The units of the graph's expert ops (one per expert) and, with ``dense``, of dense FFNs/shared experts."""
     units = []
@@ -67,7 +76,7 @@ def quantizable_units(program: Program, dense: bool, per_linear: bool = False) -
 
 
 def _matrix_numel(program: Program, name: str) -> int:
-    shape = program.graph.weights[name].shape
+    shape = program.graph.weights[name].static_shape
     return shape[-1] * shape[-2]
 
 
@@ -98,6 +107,7 @@ def calibration_rows(activations: FFNActivations, op_index: int, expert: int | N
     """The op's calibration input rows [N, H]; for an expert, those routed to it (all if fewer than ``MIN_EXPERT_ROWS``)."""
     record = activations.ops[op_index]
     if expert is not None:
+        assert record.indices is not None, "collect records the routing of every moe.experts op"
         chosen = (record.indices == expert).any(dim=-1)
         if int(chosen.sum()) >= MIN_EXPERT_ROWS:
             return record.inputs[chosen]
@@ -128,6 +138,8 @@ def float_hidden(program: Program, op, expert: int | None, rows: torch.Tensor) -
 
 def quantize_one(w: torch.Tensor, bits: int, group: int, method: str, inputs: torch.Tensor | None) -> QuantizedMatrix:
     if method == "gptq":
+        if inputs is None:
+            raise PassError("method='gptq' needs calibration inputs")
         return gptq_quantize(w, inputs, bits, group)
     return quantize_matrix(w, bits, group)
 
@@ -149,11 +161,13 @@ def quantize_units(program: Program, units: list[Unit], bits: list[int], group: 
         matrices = []
         for expert, width in sorted(by_expert.items(), key=lambda item: -1 if item[0] is None else item[0]):
             w = float_weight if expert is None else float_weight[expert]
-            inputs = linear_inputs(program, op_index, role, expert, activations) if method == "gptq" else None
+            inputs = None
+            if method == "gptq" and activations is not None:  # without them quantize_one refuses GPTQ
+                inputs = linear_inputs(program, op_index, role, expert, activations)
             matrices.append(quantize_one(w, width, group, method, inputs))
         if len(matrices) != (weight_type.shape[0] if weight_type.rank == 3 else 1):
             raise PassError(f"weight @{name}: every expert needs a width")
-        quantized[name] = QuantizedWeight.from_matrices(weight_type.dtype, tuple(weight_type.shape), matrices)
+        quantized[name] = QuantizedWeight.from_matrices(weight_type.dtype, weight_type.static_shape, matrices)
     for name, weight in quantized.items():
         graph.weights[name] = weight.type
         del program.weights[name]
@@ -170,7 +184,7 @@ def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
             if isinstance(weight_type, QuantizedType):
                 raise PassError(f"weight @{name} is already quantized; quantize a program once")
             try:
-                check_group(group, weight_type.shape[-1])
+                check_group(group, weight_type.static_shape[-1])
             except ValueError as err:
                 raise PassError(f"weight @{name} {list(weight_type.shape)}: {err}") from None
 

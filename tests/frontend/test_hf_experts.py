@@ -169,3 +169,54 @@ def test_families_with_unmodelled_routers_keep_parity(family):
     assert compiled.program.graph.ops_of(ExpertsOp)
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
     assert parity(model, compiled, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) <= 1e-4
+
+
+# ---- experts with clamped gating (GPT-OSS, DeepSeek-V4) --------------------------------------------
+
+CLAMPED = {  # family: (tiny config options, expected (act, limit, up_offset), transposed and interleaved)
+    "gpt_oss": (dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=8),
+                ("quick_gelu", 7.0, 1.0), True),
+    "deepseek_v4": (dict(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
+                    ("silu", 10.0, 0.0), False),
+}
+
+
+def _clamped_family(family: str) -> tuple[nn.Module, tuple]:
+    """The tiny model with its experts' weights scaled up 30x, so that their clamps bind."""
+    package = __import__(f"transformers.models.{family}", fromlist=["_"])
+    causal_lm = next(getattr(package, name) for name in dir(package) if name.endswith("ForCausalLM"))
+    options = {key: value for key, value in CLAMPED[family][0].items()
+               if key in inspect.signature(causal_lm.config_class.__init__).parameters}
+    model, example = tiny_decoder(causal_lm, causal_lm.config_class, **options)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if ".experts." in name:
+                weight.mul_(30)
+    return model, example
+
+
+@pytest.mark.parametrize("family", [
+    "gpt_oss", pytest.param("deepseek_v4", marks=pytest.mark.slow),
+])
+def test_experts_with_clamped_gating_run_on_moec(family, tmp_path):
+    model, example = _clamped_family(family)
+    _, gating, stored_transposed = CLAMPED[family]
+    specs = [spec for spec in recognize(model) if spec.kind == "experts"]
+    assert len(specs) == 2
+    for spec in specs:
+        assert (spec.experts.act, spec.experts.limit, spec.experts.up_offset) == gating
+        assert bool(spec.transposed) == bool(spec.interleaved) == stored_transposed
+    compiled = moec.compile(model, example)
+    assert len(compiled.program.graph.ops_of(ExpertsOp)) == 2
+    assert f"limit={gating[1]}" in compiled.ir
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert parity(model, compiled, inputs) <= 1e-4
+    compiled.save(tmp_path / "plan")
+    assert parity(model, moec.load(tmp_path / "plan"), inputs) <= 1e-4
+    with torch.no_grad():  # the clamps bind on these inputs: lifting them changes the model's output
+        clamped = model(**inputs, use_cache=False).logits
+        for module in model.modules():
+            if type(module).__name__.endswith("Experts"):
+                module.limit = 1e9
+        assert (model(**inputs, use_cache=False).logits - clamped).abs().max() > 1e-3

@@ -231,6 +231,26 @@ def test_an_unlisted_gated_mlp_is_recognized_only_when_the_probe_agrees():
     torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-6)
 
 
+class ClampedGatedMLP(UnlistedGatedMLP):
+    """DeepSeek-V4's MLP: a gated MLP whose gate and up are clamped at 10, which small inputs never reach."""
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x).clamp(max=10.0), self.up_proj(x).clamp(min=-10.0, max=10.0)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def test_a_gated_mlp_with_a_clamp_is_not_taken_for_a_plain_one():
+    torch.manual_seed(0)
+    mlp = ClampedGatedMLP().eval()
+    x = torch.randn(64, 8)
+    assert torch.equal(mlp(x), UnlistedGatedMLP.forward(mlp, x))  # the clamp is invisible at this scale
+    assert recognize(mlp) == []
+    compiled = moec.compile(mlp, (x,))
+    assert not compiled.program.graph.ops_of(DenseFFNOp)
+    large = 40 * torch.randn(2, 5, 8)
+    torch.testing.assert_close(compiled(large), mlp(large), rtol=0, atol=1e-5)
+
+
 def test_olmo2_mlps_are_recognized_by_the_probe():
     model, _ = zoo.tiny_decoder(transformers.Olmo2ForCausalLM, transformers.Olmo2Config)
     assert [spec.family for spec in recognize(model)] == ["Olmo2MLP", "Olmo2MLP"]

@@ -107,8 +107,9 @@ def test_generated_graphs_round_trip(graph):
     st.floats(0.1, 4.0),
     st.sampled_from(["silu", "gelu", "relu"]),
     st.booleans(),
+    st.tuples(st.one_of(st.none(), st.floats(0.5, 20.0)), st.sampled_from([0.0, 1.0])),
 )
-def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize, scaling, act, shared_gate):
+def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize, scaling, act, shared_gate, gating):
     num_experts, top_k = experts_topk
     graph = Graph()
     x = graph.add_input("x", TensorType("f32", ("s0", 8)))
@@ -121,7 +122,9 @@ def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize,
     route_spec = RouteSpec(num_experts=num_experts, top_k=top_k, scoring=scoring, renormalize=renormalize, scaling=scaling)
     route = graph.append(RouteOp.build([x], {"router": "router"}, route_spec,
                                        [TensorType("i64", ("s0", top_k)), TensorType("f32", ("s0", top_k))]))
-    experts_spec = ExpertsSpec(num_experts=num_experts, hidden=8, intermediate=4, act=act, gated=True)
+    limit, up_offset = gating  # clamped gating (GPT-OSS, DeepSeek-V4); written only when set
+    experts_spec = ExpertsSpec(num_experts=num_experts, hidden=8, intermediate=4, act=act, gated=True, limit=limit,
+                               up_offset=up_offset)
     routed = graph.append(ExpertsOp.build([x, *route.results], {"w_in": "w_in", "w_out": "w_out"}, experts_spec, [x.type]))
     shared_weights = {"w_up": "up", "w_down": "down"} | ({"gate": "gate"} if shared_gate else {})
     shared_spec = FFNSpec(hidden=8, intermediate=4, act=act, gated=False, has_output_gate=shared_gate)
@@ -134,6 +137,7 @@ def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize,
     assert print_graph(parsed) == text
     assert parsed.ops[0].spec == route_spec
     assert parsed.ops[1].spec == experts_spec
+    assert ("limit=" in text) == (limit is not None) and ("up_offset=" in text) == (up_offset != 0.0)
     assert parsed.ops[2].spec == shared_spec
     assert math.isclose(parsed.ops[0].spec.scaling, scaling)
 

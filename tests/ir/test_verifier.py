@@ -24,6 +24,8 @@ def broken(old: str, new: str):
         ("aten.view.default", "aten.no_such_op.default", "torch has no ATen op 'aten.no_such_op.default'"),
         ("gated=true)", "gated=true, colour=1)", r"unknown keyword arguments \['colour'\]"),
         ("num_experts=4, top_k=2", "top_k=2", "bad configuration: .*num_experts"),
+        ("gated=true)", "gated=true, limit=-1.0)", "limit=-1.0 must be a positive number"),
+        ("gated=true)", "gated=false, up_offset=1.0)", "limit and up_offset apply to gated experts only"),
     ],
 )
 def test_broken_rules_are_named(old, new, message):

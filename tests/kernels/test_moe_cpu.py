@@ -116,6 +116,25 @@ def test_bias_and_activations_match_loop(act, gated, num_tokens):
     assert _rel_err(got, want) < RTOL
 
 
+@pytest.mark.parametrize("num_tokens", [1, 9])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, RTOL), (torch.bfloat16, 2e-2)])
+def test_clamped_gating_matches_reference(num_tokens, dtype, tolerance):
+    """GPT-OSS's gating (limit 2 here, up + 1) on weights large enough that the clamps bind; one token takes
+    the decode path."""
+    from moec.kernels import reference
+
+    gen = torch.Generator().manual_seed(7)
+    spec = ExpertsSpec(6, 32, 24, act="quick_gelu", gated=True, has_bias=True, limit=2.0, up_offset=1.0)
+    w_in, w_out = torch.randn(6, 48, 32, generator=gen), torch.randn(6, 32, 24, generator=gen) * 0.3
+    b_in, b_out = torch.randn(6, 48, generator=gen), torch.randn(6, 32, generator=gen)
+    x = torch.randn(num_tokens, 32, generator=gen)
+    indices, weights = _routing(num_tokens, 6, 3, gen, skip=())
+    want = reference.experts(x, indices, weights, w_in, w_out, b_in, b_out, spec)
+    x, w_in, w_out, b_in, b_out = (t.to(dtype) for t in (x, w_in, w_out, b_in, b_out))
+    got = experts_forward(x, indices, weights, w_in, w_out, b_in, b_out, spec)
+    assert _rel_err(got.float(), want) < tolerance
+
+
 def test_repeated_expert_in_one_token_counts_twice():
     gen = torch.Generator().manual_seed(3)
     spec = ExpertsSpec(4, 16, 8, act="silu", gated=True)

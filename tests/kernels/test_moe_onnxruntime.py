@@ -6,6 +6,8 @@ another order than torch's).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -47,6 +49,21 @@ def test_matches_reference(act: str, gated: bool, bias: bool) -> None:
         got = kernel(x, indices, weights)
         assert got.shape == want.shape and got.dtype == torch.float32
         assert float((got - want).abs().max() / want.abs().max()) < RTOL, (act, gated, bias, tokens)
+
+
+@pytest.mark.parametrize("act,limit,up_offset", [("silu", 2.0, 0.0), ("quick_gelu", 2.0, 1.0), ("silu", None, 1.0)])
+def test_clamped_gating_matches_reference(act: str, limit: float | None, up_offset: float) -> None:
+    """DeepSeek-V4's and GPT-OSS's gating; unit-normal weights on 16 inputs put many pre-activations past 2."""
+    generator = torch.Generator().manual_seed(0)
+    plain, w_in, w_out, b_in, b_out = random_experts(act, True, True, generator)
+    spec = dataclasses.replace(plain, limit=limit, up_offset=up_offset)
+    kernel = OnnxruntimeExperts(w_in, w_out, b_in, b_out, spec)
+    x = torch.randn(40, spec.hidden, generator=generator)
+    weights, indices = torch.randn(40, spec.num_experts, generator=generator).softmax(-1).topk(2)
+    want = reference.experts(x, indices, weights, w_in, w_out, b_in, b_out, spec)
+    assert float((want - reference.experts(x, indices, weights, w_in, w_out, b_in, b_out, plain)).abs().max()) > 1.0
+    got = kernel(x, indices, weights)
+    assert float((got - want).abs().max() / want.abs().max()) < RTOL
 
 
 def test_weights_are_shared_not_copied() -> None:

@@ -187,7 +187,9 @@ def prepare(exported: torch.export.ExportedProgram,
     if any(node.op == "call_function" and (node.target not in implemented or mutates(node.target))
            for node in graph_module.graph.nodes):
         return _torch_onnx_core._prepare_exported_program_for_export(exported, registry=registry)
-    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # as torch.onnx prepares
+    # As torch.onnx prepares. patch() is added to the config module at run time (torch's own calls ignore
+    # the same error).
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
         _torch_onnx_fx_passes.insert_type_promotion_nodes(graph_module)
     return exported
 
@@ -198,8 +200,8 @@ def mutates(target) -> bool:
 
 
 @functools.cache
-def directly_translated(registry: _registration.ONNXRegistry) -> frozenset:
-    return frozenset(_decomp.get_onnx_implemented_overloads(registry))
+def directly_translated(registry: _registration.ONNXRegistry) -> set[_registration.TorchOp]:
+    return set(_decomp.get_onnx_implemented_overloads(registry))
 
 
 def optimize_onnx(model: onnx_ir.Model) -> None:

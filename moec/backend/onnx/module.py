@@ -9,6 +9,7 @@ program names, so ONNX initializers keep the model's parameter names.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,6 @@ from moec.ir.targets import resolve_target
 from moec.kernels import reference
 from moec.kernels.quant import QuantizedWeight
 
-FFN_ROLES = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "gate")
 INTERLEAVED_SUFFIX = "_swiglu_interleaved"
 
 
@@ -94,24 +94,22 @@ class ProgramModule(nn.Module):
         self.moe_plan = plan_moe(program, lowering)
         self.weight_names: set[str] = set()
         for op in program.graph.ops:
-            fused = id(op) in self.moe_plan.fused
             for ref in op.weight_refs:
                 weight_type = quantized_type(program, ref)
-                if fused and weight_type is not None:
+                if isinstance(op, ExpertsOp) and id(op) in self.moe_plan.fused and weight_type is not None:
                     stored = QuantizedWeight.from_storage(ref.name, weight_type, program.weights)
                     operands = qmoe_operands(stored, gated_rows=op.spec.gated and ref is op.weight("w_in"))
                     for part, storage_name in storage_names(ref.name).items():
                         self.add_weight(storage_name, operands[part])
                 else:
                     self.add_program_weight(ref.name)
-        for route in self.moe_plan.fused.values():
-            experts = route.results[0].uses[0].op
-            if experts.spec.gated:
+        for experts in program.graph.ops_of(ExpertsOp):
+            if id(experts) in self.moe_plan.fused and experts.spec.gated:
                 for role in ("w_in", "b_in"):
-                    ref = experts.weight(role)
-                    if ref is not None and quantized_type(program, ref) is None:
-                        interleaved = interleave_gate_up(program.weights[ref.name])
-                        self.add_weight(ref.name + INTERLEAVED_SUFFIX, interleaved)
+                    fc1_ref = experts.weight(role)
+                    if fc1_ref is not None and quantized_type(program, fc1_ref) is None:
+                        interleaved = interleave_gate_up(program.weights[fc1_ref.name])
+                        self.add_weight(fc1_ref.name + INTERLEAVED_SUFFIX, interleaved)
 
     def add_program_weight(self, name: str) -> None:
         """A float weight as is; a quantized one as its storage, in MatMulNBits' layout where it is one."""
@@ -189,7 +187,7 @@ class ProgramModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         graph = self.program.graph
-        env: dict[int, object] = {id(v): x for v, x in zip(graph.inputs, inputs, strict=True)}
+        env: dict[int, Any] = {id(v): x for v, x in zip(graph.inputs, inputs, strict=True)}
 
         def read(leaf):
             if isinstance(leaf, Value):
@@ -215,30 +213,36 @@ class ProgramModule(nn.Module):
             ref = op.kwargs.get(name)
             return None if ref is None else self.weight(ref.name)
 
+        def required(name: str) -> torch.Tensor:
+            return self.weight(op.kwargs[name].name)
+
         if isinstance(op, AtenOp):
             return resolve_target(op.target)(*map_leaves(op.args, read), **map_leaves(op.kwargs, read))
         if isinstance(op, (DenseFFNOp, SharedExpertOp)):
             if any(isinstance(self.program.graph.weights[ref.name], QuantizedType) for ref in op.weight_refs):
                 return self.ffn(op, read(op.args[0]))
-            return reference.ffn(read(op.args[0]), *(role(r) for r in FFN_ROLES), op.spec)
+            return reference.ffn(read(op.args[0]), role("w_gate"), required("w_up"), required("w_down"),
+                                 role("b_gate"), role("b_up"), role("b_down"), role("gate"), op.spec)
         if isinstance(op, RouteOp):
             if self.moe_plan.is_fused_route(op):
                 return None
-            return route_portable(read(op.args[0]), role("router"), role("router_bias"), op.spec)
+            return route_portable(read(op.args[0]), required("router"), role("router_bias"), op.spec)
         if isinstance(op, ExpertsOp):
             route = self.moe_plan.fused.get(id(op))
             if route is None:
-                return experts_portable(*(read(a) for a in op.args), role("w_in"), role("w_out"),
+                x, indices, routing = (read(a) for a in op.args)
+                return experts_portable(x, indices, routing, required("w_in"), required("w_out"),
                                         role("b_in"), role("b_out"), op.spec)
             suffix = INTERLEAVED_SUFFIX if op.spec.gated else ""
-            fc1_bias = None if op.weight("b_in") is None else self.weight(op.weight("b_in").name + suffix)
-            weights = (self.fused_experts_weight(op.weight("w_in"), suffix), fc1_bias,
-                       self.fused_experts_weight(op.weight("w_out"), ""), role("b_out"))
+            b_in = op.weight("b_in")
+            fc1_bias = None if b_in is None else self.weight(b_in.name + suffix)
+            weights = (self.fused_experts_weight(op.required_weight("w_in"), suffix), fc1_bias,
+                       self.fused_experts_weight(op.required_weight("w_out"), ""), role("b_out"))
             x = read(op.args[0])
             tokens = x.reshape(-1, x.shape[-1])
             support = ort_moe_support(route.spec, op.spec)
             if support.routes_itself:
-                logits = F.linear(tokens.float(), self.weight(route.weight("router").name).float())
+                logits = F.linear(tokens.float(), self.weight(route.required_weight("router").name).float())
                 return ort_experts(x, logits, *weights, op.spec, route.spec.top_k, support.normalize)
             indices, routing_weights = (read(a).reshape(tokens.shape[0], -1) for a in op.args[1:3])
             logits, scale = choice_logits(indices, routing_weights, op.spec.num_experts)

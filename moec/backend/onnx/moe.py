@@ -40,12 +40,15 @@ need float16 activations there and 8-bit ones come out 1% off moec's affine dequ
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import onnx
 import onnxscript
 import torch
 import torch.nn.functional as F
+from torch._ops import OpOverload
 
 from moec.frontend.blocks import ExpertsSpec, RouteSpec
 from moec.ir.quant import QuantizedType
@@ -126,7 +129,6 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     top_k = indices.shape[-1]
     flat_indices = indices.reshape(-1, top_k)  # [T, k]
     flat_weights = weights.reshape(-1, top_k)  # [T, k] float32
-    act = reference.activation(spec.act)
     out = torch.zeros_like(tokens)
     for expert in range(spec.num_experts):
         chosen = flat_indices == expert  # [T, k], at most one True a row
@@ -135,9 +137,9 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
         hidden = F.linear(tokens[token_ids], w_in[expert], None if b_in is None else b_in[expert])
         if spec.gated:
             gate, up = hidden.chunk(2, dim=-1)
-            hidden = act(gate) * up
+            hidden = reference.gated_activation(gate, up, spec)
         else:
-            hidden = act(hidden)
+            hidden = reference.activation(spec.act)(hidden)
         y = F.linear(hidden, w_out[expert], None if b_out is None else b_out[expert])  # [n, H]
         y = y * token_weights[token_ids].unsqueeze(-1)
         out = out.index_put((token_ids,), y.to(out.dtype), accumulate=True)
@@ -171,6 +173,8 @@ def ort_moe_support(route: RouteSpec, experts: ExpertsSpec) -> OrtMoESupport:
     ``topk_then_score`` softmax routing maps to ``normalize=1`` too. Any other routing with weights >= 0
     (sigmoid, choice bias, groups, scaling) is chosen by the portable router and handed over as logits.
     """
+    if not experts.plain_gating:
+        return OrtMoESupport(False, "clamped gating (limit, up_offset), which moec does not map onto the op yet")
     if experts.gated and experts.act != "silu":
         return OrtMoESupport(False, f"gated {experts.act} experts (the CPU op gates with silu only)")
     if not experts.gated and experts.act not in ORT_ACTIVATIONS:
@@ -276,7 +280,7 @@ def ort_moe_onnx(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, top_k: int, nor
 def qmoe_operands(weight: QuantizedWeight, gated_rows: bool) -> dict[str, torch.Tensor]:
     """One expert weight [E, R, C] in QMoE's layout, keyed by storage suffix; ``gated_rows`` interleaves them."""
     t = weight.type
-    packed = weight.qweight.reshape(t.shape[0], t.rows, -1)
+    packed = weight.qweight.reshape(t.static_shape[0], t.rows, -1)
     scales, zeros = weight.scales.float(), weight.zeros
     if gated_rows:
         packed, scales, zeros = interleave_gate_up(packed), interleave_gate_up(scales), interleave_gate_up(zeros)
@@ -348,7 +352,9 @@ def ort_experts(x: torch.Tensor, logits: torch.Tensor, fc1: torch.Tensor | Packe
     return y.reshape(x.shape)
 
 
-TRANSLATIONS = {
+Translations = dict[OpOverload, Callable[..., Any]]  # custom op -> the onnxscript function that translates it
+
+TRANSLATIONS: Translations = {
     torch.ops.moec_onnx.ort_moe.default: ort_moe_onnx,
     torch.ops.moec_onnx.ort_qmoe.default: ort_qmoe_onnx,
 }

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from onnxscript import opset18 as op
 
-from moec.backend.onnx.moe import contrib_op
+from moec.backend.onnx.moe import Translations, contrib_op
 from moec.ir.quant import STORAGE_SUFFIXES, QuantizedType
 from moec.kernels.quant import CODES_PER_CHUNK, QuantizedWeight, dequantize_codes, unpack_codes
 
@@ -114,8 +114,10 @@ def dequantize_onnx(qweight, scales, zeros, bits: list[int], group: int, shape: 
             parts.append(unpack_onnx(part, width, rows, columns))
         codes = op.Concat(*parts, axis=0)
     grouped = op.Reshape(codes, ints([*shape[:-1], columns // group, group]))
-    zero = op.Unsqueeze(op.Cast(zeros, to=ir.DataType.FLOAT), ints([-1]))
-    scale = op.Unsqueeze(op.Cast(scales, to=ir.DataType.FLOAT), ints([-1]))
+    # onnxscript types Cast's result as a union of every ONNX type (whatever ``to`` is), which no
+    # constrained op input such as Unsqueeze's accepts.
+    zero = op.Unsqueeze(op.Cast(zeros, to=ir.DataType.FLOAT), ints([-1]))  # type: ignore[type-var]
+    scale = op.Unsqueeze(op.Cast(scales, to=ir.DataType.FLOAT), ints([-1]))  # type: ignore[type-var]
     return op.Reshape(op.Mul(op.Sub(grouped, zero), scale), ints(shape))
 
 
@@ -137,12 +139,13 @@ def ints(values: list[int]):
 def keep_packed(node: ir.Node) -> bool | None:
     """Constant folding rule: never fold a node that reads packed storage (None: the default rules)."""
     for value in node.inputs:
-        if value is not None and value.is_initializer() and value.name.rsplit(".", 1)[-1] in STORAGE_SUFFIXES:
+        name = value.name if value is not None and value.is_initializer() else None
+        if name is not None and name.rsplit(".", 1)[-1] in STORAGE_SUFFIXES:
             return False
     return None
 
 
-TRANSLATIONS = {
+TRANSLATIONS: Translations = {
     torch.ops.moec_onnx.matmul_nbits.default: matmul_nbits_onnx,
     torch.ops.moec_onnx.dequantize.default: dequantize_onnx,
 }

@@ -3,6 +3,8 @@ hit the edges: token counts that do not divide the tile, experts no token chose,
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -105,6 +107,23 @@ def test_gate_up_and_down_match_references(act, gated, has_bias, tokens, num_exp
     y = ops.down(h, *to(device, w_out, b_out, routing), alignment, spec, TILES)
     expected = triton_reference.down(h.cpu(), indices, routing, w_out, b_out)
     torch.testing.assert_close(y.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_clamped_gating_matches_reference(device):
+    """GPT-OSS's gating: quick_gelu(min(gate, limit)) * (clamp(up, -limit, limit) + 1); the weights are
+    large enough that both clamps bind."""
+    spec = ExpertsSpec(4, hidden=48, intermediate=40, act="quick_gelu", gated=True, has_bias=True, limit=1.5,
+                       up_offset=1.0)
+    w_in, w_out, b_in, b_out = expert_weights(spec, torch.float32)
+    tokens, top_k = 19, 2
+    x = 4 * torch.randn(tokens, spec.hidden, generator=torch.Generator().manual_seed(3))
+    indices = choose_experts(tokens, spec.num_experts, top_k)
+    alignment = ops.align(indices.to(device), spec.num_experts, TILES.BLOCK_M)
+    h = ops.gate_up(*to(device, x, w_in, b_in), alignment, spec, top_k, TILES)
+    want = triton_reference.gate_up(x, indices, w_in, b_in, spec)
+    unclamped = triton_reference.gate_up(x, indices, w_in, b_in, dataclasses.replace(spec, limit=None))
+    assert (want - unclamped).abs().max() > 0.1  # the clamp matters on these rows
+    torch.testing.assert_close(h.cpu(), want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
