@@ -152,6 +152,7 @@ def argument_reader(tree: Any) -> ArgumentReader:
     items, kind = [argument_reader(item) for item in tree], type(tree)
     return lambda env, weights: kind([read(env, weights) for read in items])
 
+
 def rule_for(op_class: type[OpT], run: Callable[[OpT, WeightReader, list[Any], dict[str, Any]], Any]) -> Rule:
     """``run`` as a rule of the table, which looks it up by ``op_class`` (so it gets ops of that class)."""
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "quick_gelu")
+ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "quick_gelu", "relu2")  # relu2: relu(x) ** 2
 SCORINGS = ("softmax", "sigmoid")
 ORDERS = ("score_then_topk", "topk_then_score")
 
@@ -131,3 +132,14 @@ class BlockSpec:
             transposed=tuple(data.get("transposed", ())),
             interleaved=tuple(data.get("interleaved", ())),
         )
+
+
+_Part = TypeVar("_Part", FFNSpec, RouteSpec, ExpertsSpec)
+
+
+def required_part(part: _Part | None, name: str, spec: BlockSpec) -> _Part:
+    """``spec``'s ``name`` part (``spec.route`` ...), which a block of its kind has: a spec without it is a
+    recognizer's bug."""
+    if part is None:
+        raise ValueError(f"block {spec.module!r} ({spec.family}, kind={spec.kind!r}) has no {name!r} spec")
+    return part

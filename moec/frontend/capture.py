@@ -11,7 +11,7 @@ import contextlib
 import inspect
 import warnings
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx.experimental._config as fx_config
@@ -25,6 +25,9 @@ from moec.frontend.lower import lower
 from moec.frontend.recognize import is_hf_experts, recognize
 from moec.frontend.swap import swap_blocks
 from moec.ir.program import Program
+
+if TYPE_CHECKING:  # annotations only: importing moec does not import transformers
+    from transformers import PretrainedConfig
 
 
 def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> Program:
@@ -54,7 +57,8 @@ def inference_setup(model: nn.Module) -> Iterator[None]:
     """
     was_training = model.training
     caching = {id(config): (config, config.use_cache) for module in model.modules()
-               if getattr(config := getattr(module, "config", None), "use_cache", False)}
+               if (config := getattr(module, "config", None)) is not None
+               and getattr(config, "use_cache", False)}
     model.eval()
     for config, _ in caching.values():
         config.use_cache = False
@@ -72,7 +76,8 @@ def exportable_experts(model: nn.Module, specs: list[BlockSpec]) -> Iterator[Non
     capture (its default ``grouped_mm`` calls a custom op, ``eager`` loops over the experts hit), with a
     warning: that code stays generic ops and copies an expert's weights per (token, expert) pair."""
     claimed = [spec.module for spec in specs]
-    configs, generic = {}, []
+    configs: dict[int, tuple[PretrainedConfig, str | dict | None]] = {}
+    generic: list[str] = []
     for path, module in model.named_modules():
         if not is_hf_experts(module) or any(path == c or path.startswith(c + ".") or not c for c in claimed):
             continue
@@ -96,7 +101,9 @@ def exportable_experts(model: nn.Module, specs: list[BlockSpec]) -> Iterator[Non
 def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     dynamic = dynamic_shapes_for(model, args, kwargs)
     try:
-        with torch.no_grad(), fx_config.patch(backed_size_oblivious=True), warnings.catch_warnings():
+        # patch() is added to the config module at run time (torch's own calls ignore the same error).
+        with (torch.no_grad(), fx_config.patch(backed_size_oblivious=True),  # type: ignore[attr-defined]
+              warnings.catch_warnings()):
             # torch's own pytree deprecation notices, raised inside export: nothing a user can act on
             warnings.simplefilter("ignore", FutureWarning)
             ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)

@@ -28,7 +28,9 @@ when they share none. In place.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 import torch
 
@@ -116,7 +118,8 @@ def match_plain(hidden: Value, program: Program) -> FFNMatch:
     act, source, act_ops = activation_chain(hidden, program)
     up = source.owner
     if not is_linear(up):
-        raise NoMatch(f"the activation's input comes from {up.op_name}, not a linear")
+        raise NoMatch(f"the activation's input comes from {up.op_name if up else 'a graph input'}, "
+                      "not a linear")
     w_up, b_up = linear_weights(up)
     return FFNMatch(up.args[0], act, False, {"w_up": w_up} | optional("b_up", b_up), [*act_ops, up])
 
@@ -148,10 +151,10 @@ def match_gated(product: Operation, program: Program) -> FFNMatch:
     return FFNMatch(gate.args[0], act, True, weights, [product, *act_ops, gate, up])
 
 
-def match_fused(product: Operation, act_ops: list[Operation], act: str, gate_value: Value, up_value: Value,
+def match_fused(product: Operation, act_ops: list[AtenOp], act: str, gate_value: Value, up_value: Value,
                 program: Program) -> FFNMatch:
     split = gate_value.owner
-    if up_value.owner is not split or len(split.results) != 2 or len(up_value.uses) != 1:
+    if split is None or up_value.owner is not split or len(split.results) != 2 or len(up_value.uses) != 1:
         raise NoMatch("the split feeding the product does not give exactly its gate and up halves")
     width, dim = split.args[1], split.args[2] if len(split.args) > 2 else 0
     fused = single_use_producer(split.args[0], "the fused gate/up projection")
@@ -182,7 +185,7 @@ PROBE = torch.cat([torch.linspace(-10.0, 10.0, 4001), 3 * torch.randn(4096, gene
 PROBE_TOLERANCE = 1e-6  # relative to 1 + |activation|: float32 rounding of a rewritten formula, not another function
 
 
-def activation_chain(value: Value, program: Program) -> tuple[str, Value, list[Operation]]:
+def activation_chain(value: Value, program: Program) -> tuple[str, Value, list[AtenOp]]:
     """(``FFNSpec.act`` name, its input, the ops computing it, last first) of an activation ending at ``value``.
 
     One activation op, or elementwise ops of one input tensor (and Python numbers) whose values on a probe
@@ -209,9 +212,9 @@ def activation_chain(value: Value, program: Program) -> tuple[str, Value, list[O
     return probe_activation(ops, source), source, ops
 
 
-def formula_ops(value: Value) -> tuple[list[Operation], list[Value]]:
+def formula_ops(value: Value) -> tuple[list[AtenOp], list[Value]]:
     """The elementwise ops that compute ``value``, and the tensors they read from outside."""
-    ops: dict[int, Operation] = {}
+    ops: dict[int, AtenOp] = {}
     sources: dict[int, Value] = {}
     stack = [value]
     while stack:
@@ -233,7 +236,7 @@ def formula_ops(value: Value) -> tuple[list[Operation], list[Value]]:
     return list(ops.values()), list(sources.values())
 
 
-def probe_activation(ops: list[Operation], source: Value) -> str:
+def probe_activation(ops: list[AtenOp], source: Value) -> str:
     """The activation the elementwise ``ops`` (last first) compute from ``source``, found by probing."""
     env = {id(source): PROBE}
     for op in reversed(ops):
@@ -261,12 +264,14 @@ def checked(match: FFNMatch, down: Operation, program: Program) -> FFNMatch:
     x_type = match.x.tensor_type if isinstance(match.x, Value) else None
     if x_type is None or down.result.type != x_type:
         raise NoMatch(f"the chain maps {x_type} to {down.result.type}; an FFN keeps the shape")
-    shapes = {role: tuple(program.graph.weights[name].shape) for role, name in match.weights.items()}
+    shapes = {role: program.graph.weights[name].static_shape for role, name in match.weights.items()}
     for role, (name, start, stop) in match.fused_rows.items():
-        shapes[role] = (stop - start, *program.graph.weights[name].shape[1:])
+        shapes[role] = (stop - start, *program.graph.weights[name].static_shape[1:])
         if split_weight_name(name, role) in program.graph.weights:
             raise NoMatch(f"weight name {split_weight_name(name, role)!r} for the split {name} is taken")
     hidden, neurons = x_type.shape[-1], shapes["w_down"][-1]
+    if not isinstance(hidden, int):
+        raise NoMatch(f"the chain's hidden size {hidden} is symbolic")
     expected = {"w_gate": (neurons, hidden), "w_up": (neurons, hidden), "w_down": (hidden, neurons),
                 "b_gate": (neurons,), "b_up": (neurons,), "b_down": (hidden,)}
     for role, shape in shapes.items():
@@ -321,7 +326,7 @@ def block_name(match: FFNMatch, taken: set[str]) -> str:
     return block
 
 
-def is_linear(op: Operation) -> bool:
+def is_linear(op: Operation | None) -> TypeGuard[AtenOp]:
     return isinstance(op, AtenOp) and op.target == LINEAR
 
 
@@ -334,7 +339,7 @@ def linear_weights(op: Operation) -> tuple[str, str | None]:
     return weight.name, None if bias is None else bias.name
 
 
-def single_use_producer(value: object, what: str, allowed_users: list[Operation] | None = None) -> Operation:
+def single_use_producer(value: object, what: str, allowed_users: Sequence[Operation] | None = None) -> AtenOp:
     """The generic op that computes ``value``, which nothing else may read (but ``allowed_users``, all of
     them, when given; else exactly one op)."""
     if not isinstance(value, Value) or value.owner is None:

@@ -21,7 +21,7 @@ import torch.fx
 from torch.export import ExportedProgram
 
 from moec.errors import CaptureError
-from moec.frontend.blocks import BlockSpec
+from moec.frontend.blocks import BlockSpec, required_part
 from moec.ir.core import Graph, Value, WeightRef
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program, dump_treespec
@@ -101,7 +101,7 @@ class Lowering:
         target = node.target
         if target is operator.getitem:
             producer, index = node.args
-            self.env[node] = self.env[producer][index]
+            self.env[node] = self.lowered(producer)[index]
             return
         name = target_name(target)
         if name in DROPPED_TARGETS:
@@ -130,8 +130,10 @@ class Lowering:
 
     def lower_block(self, node: torch.fx.Node) -> Value:
         x_node, *routing_nodes, weight_nodes, config = node.args
+        if not isinstance(weight_nodes, (list, tuple)) or not isinstance(config, str):
+            raise CaptureError(f"{node.target} {source_location(node)} is not given its weights and config")
         spec = BlockSpec.from_json(config)
-        x = self.env[x_node]
+        x = self.lowered(x_node)
         names = {}
         for role, weight_node in zip(spec.roles, weight_nodes, strict=True):
             ref = self.env.get(weight_node)
@@ -142,16 +144,18 @@ class Lowering:
                 self.weights[ref.name] = oriented_weight(self.weights[ref.name], role, spec).contiguous()
                 self.graph.weights[ref.name] = TensorType.of(self.weights[ref.name])
         x_type = x.tensor_type
-        expert_weights = {role: names[role] for role in ("w_in", "w_out", "b_in", "b_out") if role in names}
+        expert_weights: dict[str, str] = {role: names[role] for role in ("w_in", "w_out", "b_in", "b_out")
+                                          if role in names}
         if spec.kind == "experts":
-            routing = [self.env[n] for n in routing_nodes]
+            routing = [self.lowered(n) for n in routing_nodes]
             return self.graph.append(ExpertsOp.build([x, *routing], expert_weights, spec.experts, [x_type],
                                                      spec.module)).result
         if spec.kind == "ffn":
             weights = {role: names[role] for role in FFN_ROLES if role in names}
             return self.graph.append(DenseFFNOp.build([x], weights, spec.ffn, [x_type], spec.module)).result
-        route_weights = {role: names[role] for role in ("router", "router_bias") if role in names}
-        k = spec.route.top_k
+        route_weights: dict[str, str] = {role: names[role] for role in ("router", "router_bias")
+                                         if role in names}
+        k = required_part(spec.route, "route", spec).top_k
         route = self.graph.append(RouteOp.build(
             [x], route_weights, spec.route,
             [TensorType("i64", (*x_type.shape[:-1], k)), TensorType("f32", (*x_type.shape[:-1], k))],
@@ -170,6 +174,12 @@ class Lowering:
     def add_weight(self, name: str, tensor: torch.Tensor) -> None:
         self.weights[name] = tensor
         self.graph.weights[name] = TensorType.of(tensor)
+
+    def lowered(self, arg: torch.fx.node.Argument) -> Any:
+        """What the graph node ``arg`` was lowered to."""
+        if not isinstance(arg, torch.fx.Node):
+            raise CaptureError(f"expected a graph node, got {arg!r}")
+        return self.env[arg]
 
     def map_args(self, tree: Any) -> Any:
         if isinstance(tree, torch.fx.Node):

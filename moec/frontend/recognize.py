@@ -18,17 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TypeVar
 
 import torch
 from torch import nn
 
-from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec
-
-if TYPE_CHECKING:  # annotations only: the built-ins match these classes by import path
-    from transformers.models.bert.modeling_bert import BertLayer
-    from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
-    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec, required_part
 
 ToSpec = Callable[[nn.Module], BlockSpec | None]
 
@@ -93,20 +88,21 @@ def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
     """A module of an unlisted class with a gated MLP's parts, when its forward on a few random rows (scaled
     to ``PROBE_PEAKS``) equals ``down(act(gate(x)) * up(x))`` computed from those parts (same ops, so the
     same rounding). Its family is its class name."""
-    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
-    if not all(isinstance(part, nn.Linear) for part in parts) or not isinstance(getattr(mlp, "act_fn", None), nn.Module):
+    gate, up, down = (getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
+    act_fn = getattr(mlp, "act_fn", None)
+    if not (isinstance(gate, nn.Linear) and isinstance(up, nn.Linear) and isinstance(down, nn.Linear)
+            and isinstance(act_fn, nn.Module)):
         return None
     ffn = _gated_mlp_ffn_spec(mlp)
     if ffn is None:
         return None
-    gate, up, down = parts
     weight = up.weight
     x = torch.randn(8, ffn.hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     try:
         with torch.no_grad():
             x = _rows_reaching_probe_peaks(x, lambda rows: torch.cat([gate(rows), up(rows)], dim=-1))
             actual = mlp(x)
-            expected = down(mlp.act_fn(gate(x)) * up(x))
+            expected = down(act_fn(gate(x)) * up(x))
             same = isinstance(actual, torch.Tensor) and actual.shape == expected.shape and torch.equal(actual, expected)
     except Exception:  # a forward with other arguments or shapes is not this MLP
         return None
@@ -191,7 +187,7 @@ def _experts_probe_agrees(experts: nn.Module, block: BlockSpec) -> bool:
     each row's largest output)."""
     from moec.kernels import reference
 
-    spec = block.experts
+    spec = required_part(block.experts, "experts", block)
     tensors = {role: reference.oriented_weight(getattr(experts, name), role, block)
                for role, name in block.weights.items()}
     w_in = tensors["w_in"]
@@ -240,8 +236,9 @@ def _anchored(spec: BlockSpec, path: str) -> BlockSpec:
 # ---- Hugging Face built-ins ------------------------------------------------------------------------
 
 
-def activation_name(act: nn.Module) -> str | None:
-    """moec's name for a Hugging Face / torch activation module, or None when moec does not model it.
+def activation_name(act: object) -> str | None:
+    """moec's name for a Hugging Face / torch activation module, or None when moec does not model it (or
+    ``act`` is no such module: a plain function, None).
 
     Decided from the module that actually runs (not the config string), so aliases such as
     ``gelu_new``/``gelu_pytorch_tanh``/``gelu_fast`` (all tanh GELU) or ``swish`` resolve alike.
@@ -259,7 +256,24 @@ def activation_name(act: nn.Module) -> str | None:
         return "quick_gelu"
     if type(act) is nn.ReLU:
         return "relu"
+    if isinstance(act, hf_act.ReLUSquaredActivation):
+        return "relu2"
     return None
+
+
+_Kind = TypeVar("_Kind")
+
+
+def _attribute(module: nn.Module, path: str, kind: type[_Kind]) -> _Kind:
+    """The attribute at the dotted ``path`` of ``module``, which the module's class (the one its recognizer is
+    registered for) makes a ``kind``: a submodule, a parameter, a setting copied from the config."""
+    value: object = module
+    for name in path.split("."):
+        value = getattr(value, name)
+    if not isinstance(value, kind):
+        raise TypeError(f"{type(module).__name__}.{path} is of type {type(value).__name__}, "
+                        f"expected {kind.__name__}")
+    return value
 
 
 def _gated_mlp_ffn_spec(mlp: nn.Module) -> FFNSpec | None:
@@ -267,12 +281,13 @@ def _gated_mlp_ffn_spec(mlp: nn.Module) -> FFNSpec | None:
     act = activation_name(mlp.act_fn)
     if act is None:
         return None
+    gate_proj = _attribute(mlp, "gate_proj", nn.Linear)
     return FFNSpec(
-        hidden=mlp.gate_proj.in_features,
-        intermediate=mlp.gate_proj.out_features,
+        hidden=gate_proj.in_features,
+        intermediate=gate_proj.out_features,
         act=act,
         gated=True,
-        has_bias=mlp.gate_proj.bias is not None,
+        has_bias=gate_proj.bias is not None,
     )
 
 
@@ -315,12 +330,12 @@ def _plain_mlp(family: str, up: str, down: str, act: str = "act") -> ToSpec:
     return to_spec
 
 
-def _gpt2_mlp(mlp: GPT2MLP) -> BlockSpec | None:
+def _gpt2_mlp(mlp: nn.Module) -> BlockSpec | None:
     # Conv1D stores its weight (in, out); the dropout after c_proj is the identity in eval mode.
     act = activation_name(mlp.act)
     if act is None:
         return None
-    hidden, intermediate = mlp.c_fc.weight.shape
+    hidden, intermediate = _attribute(mlp, "c_fc.weight", torch.Tensor).shape
     return BlockSpec(
         kind="ffn",
         family="gpt2",
@@ -341,8 +356,8 @@ def _t5_ffn(mlp: nn.Module) -> BlockSpec | None:
     in another dtype than the rest (flan-t5 in half precision) is left to generic ops."""
     act = activation_name(mlp.act)
     gated = hasattr(mlp, "wi_0")
-    up = mlp.wi_1 if gated else mlp.wi
-    if act is None or mlp.wo.weight.dtype != up.weight.dtype:
+    up = _attribute(mlp, "wi_1" if gated else "wi", nn.Linear)
+    if act is None or _attribute(mlp, "wo.weight", torch.Tensor).dtype != up.weight.dtype:
         return None
     weights = {"w_gate": "wi_0.weight", "w_up": "wi_1.weight"} if gated else {"w_up": "wi.weight"}
     return BlockSpec(
@@ -361,11 +376,11 @@ def _bert_layer(family: str) -> ToSpec:
     """BERT-style encoder layers: the block is intermediate.dense -> act -> output.dense; output's dropout,
     residual and LayerNorm stay outside (see swap.py for how the layer is patched)."""
 
-    def to_spec(layer: BertLayer) -> BlockSpec | None:
-        act = activation_name(layer.intermediate.intermediate_act_fn)
+    def to_spec(layer: nn.Module) -> BlockSpec | None:
+        act = activation_name(layer.get_submodule("intermediate").intermediate_act_fn)
         if act is None:
             return None
-        up = layer.intermediate.dense
+        up = _attribute(layer, "intermediate.dense", nn.Linear)
         return BlockSpec(
             kind="ffn",
             family=family,
@@ -384,10 +399,10 @@ def _bert_layer(family: str) -> ToSpec:
 
 def _routed_experts(block: nn.Module) -> tuple[dict[str, str], ExpertsSpec] | None:
     """The HF stacked experts (``experts.gate_up_proj`` (E, 2F, H), ``experts.down_proj`` (E, H, F))."""
-    act = activation_name(block.experts.act_fn)
+    act = activation_name(block.get_submodule("experts").act_fn)
     if act is None:
         return None
-    num_experts, hidden, intermediate = block.experts.down_proj.shape
+    num_experts, hidden, intermediate = _attribute(block, "experts.down_proj", torch.Tensor).shape
     spec = ExpertsSpec(num_experts=num_experts, hidden=hidden, intermediate=intermediate, act=act, gated=True)
     return {"w_in": "experts.gate_up_proj", "w_out": "experts.down_proj"}, spec
 
@@ -416,15 +431,22 @@ def _softmax_moe(family: str, renormalize: Callable[[nn.Module], bool], router: 
     return to_spec
 
 
-def _qwen2_moe(block: Qwen2MoeSparseMoeBlock) -> BlockSpec | None:
-    spec = _softmax_moe("qwen2_moe", lambda b: b.gate.norm_topk_prob)(block)
-    shared = _gated_mlp_ffn_spec(block.shared_expert)
+def _norm_topk_prob(block: nn.Module) -> bool:
+    """Whether the block's router (``gate``) renormalizes its top-k weights: its ``norm_topk_prob``, which a
+    Hugging Face config may leave None (read as no)."""
+    return bool(block.get_submodule("gate").norm_topk_prob)
+
+
+def _qwen2_moe(block: nn.Module) -> BlockSpec | None:
+    spec = _softmax_moe("qwen2_moe", _norm_topk_prob)(block)
+    shared_expert = block.get_submodule("shared_expert")
+    shared = _gated_mlp_ffn_spec(shared_expert)
     if spec is None or shared is None:
         return None
     shared = dataclasses.replace(shared, has_output_gate=True)
     weights = {
         **spec.weights,
-        **_gated_mlp_weights(block.shared_expert, prefix="shared_expert.", role_prefix="shared_"),
+        **_gated_mlp_weights(shared_expert, prefix="shared_expert.", role_prefix="shared_"),
         "shared_gate": "shared_expert_gate.weight",
     }
     return dataclasses.replace(spec, weights=weights, shared=shared)
@@ -436,27 +458,31 @@ def _grouped_sigmoid_moe(family: str) -> ToSpec:
 
     def to_spec(block: nn.Module) -> BlockSpec | None:
         found = _routed_experts(block)
-        shared = _gated_mlp_ffn_spec(block.shared_experts)
+        shared_experts = block.get_submodule("shared_experts")
+        shared = _gated_mlp_ffn_spec(shared_experts)
         if found is None or shared is None:
             return None
         expert_weights, experts = found
-        gate = block.gate
+        gate = block.get_submodule("gate")
+        scaling = gate.routed_scaling_factor
+        if not isinstance(scaling, (int, float)):
+            raise TypeError(f"{type(gate).__name__}.routed_scaling_factor is {scaling!r}, not a number")
         route = RouteSpec(
             num_experts=experts.num_experts,
-            top_k=gate.top_k,
+            top_k=_attribute(gate, "top_k", int),
             scoring="sigmoid",
-            renormalize=gate.norm_topk_prob,
+            renormalize=_norm_topk_prob(block),
             renorm_eps=1e-20,
-            scaling=float(gate.routed_scaling_factor),
-            n_group=gate.num_group,
-            topk_group=gate.topk_group,
+            scaling=float(scaling),
+            n_group=_attribute(gate, "num_group", int),
+            topk_group=_attribute(gate, "topk_group", int),
             has_bias=True,
         )
         weights = {
             "router": "gate.weight",
             "router_bias": "gate.e_score_correction_bias",
             **expert_weights,
-            **_gated_mlp_weights(block.shared_experts, prefix="shared_experts.", role_prefix="shared_"),
+            **_gated_mlp_weights(shared_experts, prefix="shared_experts.", role_prefix="shared_"),
         }
         return BlockSpec(
             kind="moe",
@@ -495,15 +521,15 @@ _REGISTRY.extend([
     (f"{HF}.camembert.modeling_camembert.CamembertLayer", _bert_layer("camembert")),
     (f"{HF}.electra.modeling_electra.ElectraLayer", _bert_layer("electra")),
     (f"{HF}.mixtral.modeling_mixtral.MixtralSparseMoeBlock", _softmax_moe("mixtral", lambda b: True)),
-    (f"{HF}.olmoe.modeling_olmoe.OlmoeSparseMoeBlock", _softmax_moe("olmoe", lambda b: b.gate.norm_topk_prob)),
+    (f"{HF}.olmoe.modeling_olmoe.OlmoeSparseMoeBlock", _softmax_moe("olmoe", _norm_topk_prob)),
     (f"{HF}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock", _qwen2_moe),
-    (f"{HF}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock", _softmax_moe("qwen3_moe", lambda b: b.gate.norm_topk_prob)),
+    (f"{HF}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock", _softmax_moe("qwen3_moe", _norm_topk_prob)),
     (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE", _grouped_sigmoid_moe("deepseek_v3")),
     (f"{HF}.glm4_moe.modeling_glm4_moe.Glm4MoeMLP", _gated_mlp("glm4_moe")),
     (f"{HF}.glm4_moe.modeling_glm4_moe.Glm4MoeMoE", _grouped_sigmoid_moe("glm4_moe")),
     (f"{HF}.dots1.modeling_dots1.Dots1MLP", _gated_mlp("dots1")),
     (f"{HF}.dots1.modeling_dots1.Dots1MoE", _grouped_sigmoid_moe("dots1")),
-    (f"{HF}.flex_olmo.modeling_flex_olmo.FlexOlmoSparseMoeBlock", _softmax_moe("flex_olmo", lambda b: b.gate.norm_topk_prob)),
+    (f"{HF}.flex_olmo.modeling_flex_olmo.FlexOlmoSparseMoeBlock", _softmax_moe("flex_olmo", _norm_topk_prob)),
     (f"{HF}.minimax.modeling_minimax.MiniMaxSparseMoeBlock", _softmax_moe("minimax", lambda b: True)),
     # GraniteMoE: top-k of the router logits, then softmax over the chosen k
     (f"{HF}.granitemoe.modeling_granitemoe.GraniteMoeMoE",

@@ -55,14 +55,14 @@ def _bert_feed_forward(layer: nn.Module, run: Callable[[torch.Tensor], torch.Ten
     """
 
     def feed_forward_chunk(attention_output: torch.Tensor) -> torch.Tensor:
-        output = layer.output
-        return output.LayerNorm(output.dropout(run(attention_output)) + attention_output)
+        dropout, layer_norm = layer.get_submodule("output.dropout"), layer.get_submodule("output.LayerNorm")
+        return layer_norm(dropout(run(attention_output)) + attention_output)
 
     return feed_forward_chunk
 
 
 def _patch(
-    module: nn.Module, spec: BlockSpec, run: Callable[[torch.Tensor], torch.Tensor]
+    module: nn.Module, spec: BlockSpec, run: Callable[..., torch.Tensor]
 ) -> tuple[str, Callable]:
     """(attribute to override on the instance, replacement)."""
     if spec.family in BERT_STYLE_FAMILIES:

@@ -173,6 +173,8 @@ def _load_hf_folder(path: Path) -> tuple[nn.Module, Example]:
     or sequence-to-sequence LM. An encoder-decoder's example feeds the decoder the encoder's tokens."""
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     architectures = config.architectures or ()
+    auto_class: type[transformers.AutoModelForCausalLM | transformers.AutoModelForSeq2SeqLM
+                     | transformers.AutoModel]
     if any(arch.endswith("ForCausalLM") for arch in architectures):
         auto_class = transformers.AutoModelForCausalLM
     elif config.is_encoder_decoder and any(arch.endswith("ForConditionalGeneration") for arch in architectures):

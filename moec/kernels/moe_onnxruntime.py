@@ -42,6 +42,8 @@ def _activation_nodes(name: str, pre: str, out: str) -> list[onnx.NodeProto]:
     """ONNX nodes computing ``out = act(pre)`` for an activation of ``blocks.ACTIVATIONS``."""
     if name == "relu":
         return [helper.make_node("Relu", [pre], [out])]
+    if name == "relu2":
+        return [helper.make_node("Relu", [pre], [f"{pre}_relu"]), helper.make_node("Mul", [f"{pre}_relu", f"{pre}_relu"], [out])]
     if name in ("gelu", "gelu_tanh"):
         return [helper.make_node("Gelu", [pre], [out], approximate="none" if name == "gelu" else "tanh")]
     if name == "silu":

@@ -11,16 +11,20 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 
-from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec
+from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec, required_part
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
+
+
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    """Squared ReLU (Primer; NemotronH's experts), as Hugging Face computes it."""
+    return torch.square(F.relu(x))
 
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -29,6 +33,7 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
     "relu": F.relu,
     "quick_gelu": _quick_gelu,
+    "relu2": _relu2,
 }
 
 
@@ -262,19 +267,9 @@ def _ffn_from_roles(
     )
 
 
-_Part = TypeVar("_Part", FFNSpec, RouteSpec, ExpertsSpec)
-
-
-def _required(part: _Part | None, name: str, spec: BlockSpec) -> _Part:
-    """The ``name`` part of ``spec``, which a block of its kind must have."""
-    if part is None:
-        raise ValueError(f"a kind={spec.kind!r} block spec needs its {name!r} part")
-    return part
-
-
 def ffn_block(x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
     """A whole ``kind='ffn'`` block; ``weights`` maps roles to tensors as the framework stores them."""
-    return _ffn_from_roles(x, _oriented(weights, spec), _required(spec.ffn, "ffn", spec))
+    return _ffn_from_roles(x, _oriented(weights, spec), required_part(spec.ffn, "ffn", spec))
 
 
 def experts_block(x: torch.Tensor, indices: torch.Tensor, routing_weights: torch.Tensor,
@@ -282,17 +277,17 @@ def experts_block(x: torch.Tensor, indices: torch.Tensor, routing_weights: torch
     """A ``kind='experts'`` block: the routed experts for a choice made by the model's own router."""
     w = _oriented(weights, spec)
     return experts(x, indices, routing_weights.float(), w["w_in"], w["w_out"], w.get("b_in"), w.get("b_out"),
-                   _required(spec.experts, "experts", spec))
+                   required_part(spec.experts, "experts", spec))
 
 
 def moe_block(x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
     """A whole ``kind='moe'`` block: route, routed experts, plus the shared expert (roles ``shared_*``)."""
     w = _oriented(weights, spec)
     indices, routing_weights = route(x, w["router"], w.get("router_bias"),
-                                     _required(spec.route, "route", spec))
+                                     required_part(spec.route, "route", spec))
     y = experts(
         x, indices, routing_weights, w["w_in"], w["w_out"], w.get("b_in"), w.get("b_out"),
-        _required(spec.experts, "experts", spec),
+        required_part(spec.experts, "experts", spec),
     )
     if spec.shared is not None:
         y = y + _ffn_from_roles(x, w, spec.shared, prefix="shared_")

@@ -33,6 +33,9 @@ def apply_activation(x, ACT: tl.constexpr):
         return 0.5 * x * (2.0 * tl.sigmoid(2.0 * inner))
     elif ACT == "relu":
         return tl.maximum(x, 0.0)
+    elif ACT == "relu2":
+        positive = tl.maximum(x, 0.0)
+        return positive * positive
     else:  # quick_gelu
         return x * tl.sigmoid(1.702 * x)
 

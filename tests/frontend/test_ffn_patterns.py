@@ -104,6 +104,7 @@ class WrittenOut(nn.Module):
         "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
         "silu": lambda x: x / (1 + torch.exp(-x)),
         "gelu": lambda x: 0.5 * x * (1 + torch.erf(x / 2**0.5)),
+        "relu2": lambda x: torch.relu(x) ** 2,  # Primer's squared ReLU
         "none of them": lambda x: x * torch.sigmoid(x) + 0.01 * x,
     }
 
@@ -120,7 +121,7 @@ class WrittenOut(nn.Module):
 
 
 @pytest.mark.parametrize("formula, gated", [("gelu_tanh", False), ("quick_gelu", False), ("silu", False),
-                                           ("gelu", False), ("silu", True)])
+                                           ("gelu", False), ("relu2", False), ("silu", True)])
 def test_activation_written_out_in_elementwise_ops_is_identified_by_probing(formula, gated):
     torch.manual_seed(0)
     model = WrittenOut(formula, gated).eval()

@@ -153,6 +153,8 @@ FAMILIES = {
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32),
     "solar_open": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1,
                        topk_group=1, head_dim=8),
+    "nemotron_h": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,  # squared-ReLU experts
+                       moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1),
 }
 
 

@@ -48,6 +48,7 @@ def _assert_same_routing(ours, theirs):
         ("gelu_pytorch_tanh", "gelu_tanh"),
         ("quick_gelu", "quick_gelu"),
         ("relu", "relu"),
+        ("relu2", "relu2"),
     ],
 )
 def test_activation_matches_hf(hf_name, act):
@@ -169,7 +170,7 @@ def _naive_moe(x, indices, weights, w_in, w_out, b_in, b_out, act, gated):
     num_experts=st.integers(1, 6),
     data=st.data(),
     gated=st.booleans(),
-    act=st.sampled_from(["silu", "gelu", "gelu_tanh", "relu", "quick_gelu"]),
+    act=st.sampled_from(["silu", "gelu", "gelu_tanh", "relu", "quick_gelu", "relu2"]),
 )
 def test_grouped_experts_equal_per_token_loop(tokens, num_experts, data, gated, act):
     top_k = data.draw(st.integers(1, num_experts))

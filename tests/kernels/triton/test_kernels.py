@@ -92,6 +92,7 @@ TILES = ops.TileConfig(BLOCK_M=16, BLOCK_N=32, BLOCK_K=16, GROUP_M=2)
     ("gelu_tanh", False, True, *CASES[1]),
     ("gelu", True, True, *CASES[2]),
     ("relu", False, False, *CASES[0]),
+    ("relu2", False, True, *CASES[1]),
     ("quick_gelu", True, False, *CASES[3]),
 ])
 def test_gate_up_and_down_match_references(act, gated, has_bias, tokens, num_experts, top_k, device):
