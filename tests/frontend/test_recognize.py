@@ -88,16 +88,17 @@ def test_deepseek_v3_spec(preset):
     assert moe.weights["router_bias"] == "model.layers.1.mlp.gate.e_score_correction_bias"
 
 
-def test_unknown_activation_leaves_block_unrecognized():
+@pytest.mark.parametrize("hidden_act, act", [("mish", None), ("relu2", "relu2")])
+def test_a_llama_mlp_is_recognized_only_with_an_activation_moec_models(hidden_act, act):
     config = transformers.LlamaConfig(
         vocab_size=32,
         hidden_size=16,
         intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
-        hidden_act="relu2",
+        hidden_act=hidden_act,
     )
-    assert recognize(transformers.LlamaForCausalLM(config)) == []
+    assert [spec.ffn.act for spec in recognize(transformers.LlamaForCausalLM(config))] == ([act] if act else [])
 
 
 class TinyMoE(nn.Module):
