@@ -19,7 +19,7 @@ from moec.backend.onnx import export_onnx
 from moec.backend.onnx.module import plan_moe
 from moec.cli import main
 from moec.errors import BackendError
-from moec.ir.ops import ExpertsOp
+from moec.ir.ops import ExpertsOp, RouteOp
 
 TOLERANCE = 1e-4
 MOE_FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3"]
@@ -57,9 +57,10 @@ def test_deepseek_routing_is_chosen_by_the_portable_router_and_fused(compiled_pr
     program = compiled_preset("tiny-deepseek-v3").program
     plan = plan_moe(program, "ort")
     (experts,) = program.graph.ops_of(ExpertsOp)
-    assert list(plan.fused) == [id(experts)] and not plan.routed_by_op and not plan.fallbacks
+    assert list(plan.fused) == [id(experts)] and plan.fused[id(experts)].route is None and not plan.fallbacks
     mixtral = compiled_preset("tiny-mixtral").program
-    assert len(plan_moe(mixtral, "ort").routed_by_op) == 2  # softmax top-k: the op routes itself
+    routes = [fused.route for fused in plan_moe(mixtral, "ort").fused.values()]
+    assert len(routes) == 2 and all(isinstance(route, RouteOp) for route in routes)  # the op routes itself
 
 
 def test_dense_programs_have_nothing_to_fuse(compiled_preset):
@@ -198,3 +199,21 @@ def test_minilm_converted_to_moe_exports_with_both_lowerings(minilm_moe, lowerin
     assert report["fused_moe_ops"] == 0
     assert len(fallbacks) == (6 if lowering == "ort" else 0)
     assert ("", "TopK") in op_types(onnx_model)
+
+
+def test_clamped_experts_under_the_models_own_router_export_fused(tmp_path):
+    """GPT-OSS's router stays its own ATen ops (linear with bias, top-k, softmax); its experts still fuse,
+    clamped SwiGLU and all, taking the chosen experts as logits (weights from a softmax, experts from a
+    top-k: both proved from the graph)."""
+    from tests.frontend.test_hf_experts import CLAMPED, clamped_family
+
+    model, example = clamped_family("gpt_oss")
+    compiled = moec.compile(model, example)
+    onnx_model, report, fallbacks = export_and_check(compiled, "ort", tmp_path / "gpt_oss.onnx")
+    assert report["fused_moe_ops"] == 2 and not fallbacks
+    assert ("", "NonZero") not in op_types(onnx_model)
+    _, limit, up_offset = CLAMPED["gpt_oss"][1]
+    for node in (node for node in onnx_model.graph.node if node.op_type == "MoE"):
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["swiglu_limit"] == limit and attributes["activation_beta"] == up_offset
+        assert attributes["activation_alpha"] == pytest.approx(1.702)  # quick_gelu

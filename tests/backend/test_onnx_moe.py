@@ -63,7 +63,7 @@ def test_ort_moe_semantics_equal_route_plus_experts(renormalize):
     support = ort_moe_support(route_spec, spec)
     assert support.ok and support.normalize == renormalize
     got = ort_moe(tokens, tokens @ router.T, interleave_gate_up(w["w_in"]), interleave_gate_up(w["b_in"]),
-                  w["w_out"], w["b_out"], 2, support.normalize, "swiglu")
+                  w["w_out"], w["b_out"], 2, support.normalize, "swiglu", 1.0, 0.0, None)
     assert (got - want).abs().max() <= TOLERANCE
 
 
@@ -102,7 +102,7 @@ def test_choice_logits_make_the_op_compute_any_routing(weight_scale):
     want = reference.experts(tokens, indices, weights, w["w_in"], w["w_out"], w["b_in"], w["b_out"], spec)
     logits, scale = choice_logits(indices, weights, 4)
     got = ort_moe(tokens, logits, interleave_gate_up(w["w_in"]), interleave_gate_up(w["b_in"]),
-                  w["w_out"], w["b_out"], 2, False, "swiglu") * scale
+                  w["w_out"], w["b_out"], 2, False, "swiglu", 1.0, 0.0, None) * scale
     assert want.abs().max() > 0
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # relative to the output's largest magnitude
 

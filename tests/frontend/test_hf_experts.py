@@ -183,7 +183,7 @@ CLAMPED = {  # family: (tiny config options, expected (act, limit, up_offset), t
 }
 
 
-def _clamped_family(family: str) -> tuple[nn.Module, tuple]:
+def clamped_family(family: str) -> tuple[nn.Module, tuple]:
     """The tiny model with its experts' weights scaled up 30x, so that their clamps bind."""
     package = __import__(f"transformers.models.{family}", fromlist=["_"])
     causal_lm = next(getattr(package, name) for name in dir(package) if name.endswith("ForCausalLM"))
@@ -201,7 +201,7 @@ def _clamped_family(family: str) -> tuple[nn.Module, tuple]:
     "gpt_oss", pytest.param("deepseek_v4", marks=pytest.mark.slow),
 ])
 def test_experts_with_clamped_gating_run_on_moec(family, tmp_path):
-    model, example = _clamped_family(family)
+    model, example = clamped_family(family)
     _, gating, stored_transposed = CLAMPED[family]
     specs = [spec for spec in recognize(model) if spec.kind == "experts"]
     assert len(specs) == 2

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
         generator = torch.Generator().manual_seed(tokens)
         x, logits = torch.randn(tokens, hidden, generator=generator), torch.randn(tokens, experts, generator=generator)
         fc1 = interleave_gate_up(torch.from_numpy(w_in))
-        expected = ort_moe(x, logits, fc1, None, torch.from_numpy(w_out), None, TOP_K, True, "swiglu").numpy()
+        expected = ort_moe(x, logits, fc1, None, torch.from_numpy(w_out), None, TOP_K, True, "swiglu", 1.0, 0.0, None).numpy()
         feeds = {"x": x.numpy(), "logits": logits.numpy()}
         diffs = {name: float(np.abs(s.run(None, feeds)[0] - expected).max()) for name, s in sessions.items()}
         ms = interleaved_medians({name: (s, feeds) for name, s in sessions.items()}, repeats)

@@ -21,6 +21,7 @@ from moec.backend.onnx.moe import (
     experts_portable,
     interleave_gate_up,
     ort_experts,
+    ort_experts_support,
     ort_moe_support,
     qmoe_operands,
     qmoe_support,
@@ -32,6 +33,7 @@ from moec.ir.core import Operation, Value, WeightRef, map_leaves
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType, storage_names
+from moec.ir.routing_facts import has_distinct_choices, is_nonnegative
 from moec.ir.targets import resolve_target
 from moec.kernels import reference
 from moec.kernels.quant import QuantizedWeight
@@ -39,45 +41,66 @@ from moec.kernels.quant import QuantizedWeight
 INTERLEAVED_SUFFIX = "_swiglu_interleaved"
 
 
+@dataclass(frozen=True)
+class FusedExperts:
+    """A ``moe.experts`` op that becomes one com.microsoft.MoE: with ``route``, the op computes that
+    router's routing itself from logits (``normalize``: renormalizing the chosen weights); without, it
+    gets the routing already chosen as logits (``choice_logits``)."""
+
+    route: RouteOp | None = None
+    normalize: bool = False
+
+
 @dataclass
 class MoEPlan:
-    """Which route + experts pairs become one com.microsoft.MoE, and why the others do not."""
+    """Which experts ops become one com.microsoft.MoE, and why the others do not."""
 
-    fused: dict[int, RouteOp] = field(default_factory=dict)  # id(ExpertsOp) -> its RouteOp
-    routed_by_op: set[int] = field(default_factory=set)  # id(RouteOp) whose routing the fused op computes
+    fused: dict[int, FusedExperts] = field(default_factory=dict)  # id(ExpertsOp) -> how it is fused
     fallbacks: dict[str, str] = field(default_factory=dict)  # block -> reason
 
     def is_fused_route(self, op: RouteOp) -> bool:
-        """Whether the fused op does this router's work (else the portable router runs and hands it the choice)."""
-        return id(op) in self.routed_by_op
+        """Whether a fused op does this router's work (else the router runs and hands its choice on)."""
+        return any(fused.route is op for fused in self.fused.values())
 
 
 def plan_moe(program: Program, lowering: str) -> MoEPlan:
-    """Decide, per ``moe.experts``, whether the ``ort`` lowering can fuse it with its router."""
+    """Decide, per ``moe.experts``, whether the ``ort`` lowering fuses it, and with its router or not.
+
+    The op routes itself for a softmax ``moe.route`` that feeds only these experts; any other routing
+    (a ``moe.route`` beyond the op's softmax, or the model's own router ops) is handed over as the
+    chosen experts, which needs weights >= 0 and distinct experts per token (``moec.ir.routing_facts``).
+    """
     plan = MoEPlan()
     if lowering != "ort":
         return plan
     for experts in program.graph.ops_of(ExpertsOp):
-        route = experts.args[1].owner
         block = experts.block or f"moe.experts #{program.graph.ops.index(experts)}"
-        if not isinstance(route, RouteOp) or route.results != [experts.args[1], experts.args[2]]:
-            plan.fallbacks[block] = "its routing does not come straight from one moe.route"
+        unsupported = ort_experts_support(experts.spec) or qmoe_support(
+            *(quantized_type(program, experts.weight(role)) for role in ("w_in", "w_out")))
+        if unsupported:
+            plan.fallbacks[block] = unsupported
             continue
-        if route.args[0] is not experts.args[0] or any(len(v.uses) != 1 for v in route.results):
-            plan.fallbacks[block] = "the router's results are used elsewhere or it routes another tensor"
-            continue
-        support = ort_moe_support(route.spec, experts.spec)
-        if not support.ok:
-            plan.fallbacks[block] = support.reason
-            continue
-        packed = qmoe_support(*(quantized_type(program, experts.weight(role)) for role in ("w_in", "w_out")))
-        if packed:
-            plan.fallbacks[block] = packed
-            continue
-        plan.fused[id(experts)] = route
-        if support.routes_itself:
-            plan.routed_by_op.add(id(route))
+        route = own_route(experts)
+        support = None if route is None else ort_moe_support(route.spec, experts.spec)
+        if route is not None and support is not None and support.ok and support.routes_itself:
+            plan.fused[id(experts)] = FusedExperts(route, support.normalize)
+        elif not is_nonnegative(experts.args[2]):
+            plan.fallbacks[block] = "routing weights not provably >= 0 (the op weighs experts by probabilities)"
+        elif not has_distinct_choices(experts.args[1]):
+            plan.fallbacks[block] = "a routing that may choose one expert twice for a token (the op chooses distinct experts)"
+        else:
+            plan.fused[id(experts)] = FusedExperts()
     return plan
+
+
+def own_route(experts: ExpertsOp) -> RouteOp | None:
+    """The ``moe.route`` that computes exactly these experts' routing for their own input and nothing else."""
+    route = experts.args[1].owner
+    if not isinstance(route, RouteOp) or route.results != [experts.args[1], experts.args[2]]:
+        return None
+    if route.args[0] is not experts.args[0] or any(len(v.uses) != 1 for v in route.results):
+        return None
+    return route
 
 
 def quantized_type(program: Program, ref: WeightRef | None) -> QuantizedType | None:
@@ -228,8 +251,8 @@ class ProgramModule(nn.Module):
                 return None
             return route_portable(read(op.args[0]), required("router"), role("router_bias"), op.spec)
         if isinstance(op, ExpertsOp):
-            route = self.moe_plan.fused.get(id(op))
-            if route is None:
+            fused = self.moe_plan.fused.get(id(op))
+            if fused is None:
                 x, indices, routing = (read(a) for a in op.args)
                 return experts_portable(x, indices, routing, required("w_in"), required("w_out"),
                                         role("b_in"), role("b_out"), op.spec)
@@ -240,12 +263,12 @@ class ProgramModule(nn.Module):
                        self.fused_experts_weight(op.required_weight("w_out"), ""), role("b_out"))
             x = read(op.args[0])
             tokens = x.reshape(-1, x.shape[-1])
-            support = ort_moe_support(route.spec, op.spec)
-            if support.routes_itself:
-                logits = F.linear(tokens.float(), self.weight(route.required_weight("router").name).float())
-                return ort_experts(x, logits, *weights, op.spec, route.spec.top_k, support.normalize)
-            indices, routing_weights = (read(a).reshape(tokens.shape[0], -1) for a in op.args[1:3])
+            if fused.route is not None:
+                logits = F.linear(tokens.float(), self.weight(fused.route.required_weight("router").name).float())
+                return ort_experts(x, logits, *weights, op.spec, fused.route.spec.top_k, fused.normalize)
+            top_k = int(op.args[1].tensor_type.shape[-1])
+            indices, routing_weights = (read(a).reshape(tokens.shape[0], top_k) for a in op.args[1:3])
             logits, scale = choice_logits(indices, routing_weights, op.spec.num_experts)
-            y = ort_experts(x, logits, *weights, op.spec, route.spec.top_k, normalize=False)
+            y = ort_experts(x, logits, *weights, op.spec, top_k, normalize=False)
             return y * scale.reshape(*x.shape[:-1], 1).to(y.dtype)
         raise BackendError(f"the ONNX exporter has no rule for {op.op_name}")

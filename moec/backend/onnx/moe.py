@@ -8,17 +8,22 @@
   op takes router logits and does softmax, top-k and (optionally) renormalization itself. Routings it
   cannot express (sigmoid scores, a choice bias, grouped top-k, scaled weights) are chosen by the
   portable router and handed to the op as logits that make it pick the same experts with proportional
-  weights, its output rescaled per token (``choice_logits``). Experts whose activation the op does not
-  compute exactly (``ort_moe_support`` says why) fall back to the portable lowering with a warning.
+  weights, its output rescaled per token (``choice_logits``); so are routings the model computes with its
+  own ops, where the graph proves the weights >= 0 and a token's experts distinct
+  (``moec.ir.routing_facts``). Experts whose activation the op does not compute exactly
+  (``ort_experts_support`` says why) fall back to the portable lowering with a warning.
 
 com.microsoft.MoE, as checked against onnxruntime 1.32's CPU kernel and its schema:
   input [T, H]; router_probs [T, E] (raw logits: the op applies softmax itself);
   fc1_experts_weights [E, F_in, H] and fc2_experts_weights [E, H, F] (moec's own ``w_in``/``w_out``
-  layouts); fc1/fc2 biases [E, F_in] / [E, H]. Gated experts use ``activation_type="swiglu"`` with
-  ``activation_alpha=1, activation_beta=0`` (silu(g) * u) and the CPU kernel accepts only the
-  interleaved gate/up layout (``swiglu_fusion=1``: rows g0, u0, g1, u1 ...; it rejects 2 with "CPU MoE
-  only supports interleaved SwiGLU format"). Its ``gelu`` is an approximation (3e-4 from erf-gelu on
-  unit-scale inputs), so only silu and relu experts are fused.
+  layouts); fc1/fc2 biases [E, F_in] / [E, H]. Gated experts use ``activation_type="swiglu"``, which
+  computes ``g * sigmoid(activation_alpha * g) * (u + activation_beta)`` after clamping
+  ``g <= swiglu_limit`` and ``|u| <= swiglu_limit`` when that attribute is set: alpha 1 is silu, alpha
+  1.702 moec's ``quick_gelu``, and beta and the limit carry GPT-OSS's clamped gating (``up_offset``,
+  ``limit``) exactly. The CPU kernel accepts only the interleaved gate/up layout (``swiglu_fusion=1``:
+  rows g0, u0, g1, u1 ...; it rejects 2 with "CPU MoE only supports interleaved SwiGLU format"). Its
+  ``gelu`` is an approximation (3e-4 from erf-gelu on unit-scale inputs), so ungated experts are fused
+  only with silu and relu.
 
 Speed on the CPU execution provider (onnxruntime 1.32, float32): the MoE kernel has no weight
 pre-packing and hands MLAS each expert's [out, in] weights with TransB on every call, so MLAS
@@ -85,7 +90,8 @@ MOE = contrib_op(
     inputs=[("input", "T"), ("router_probs", "T"), ("fc1_experts_weights", "T"), ("fc1_experts_bias", "T"),
             ("fc2_experts_weights", "T"), ("fc2_experts_bias", "T")],
     attributes={"k": "int", "normalize_routing_weights": "int", "activation_type": "string",
-                "activation_alpha": "float", "activation_beta": "float", "swiglu_fusion": "int"},
+                "activation_alpha": "float", "activation_beta": "float", "swiglu_fusion": "int",
+                "swiglu_limit": "float"},
     types={"T": ["tensor(float)", "tensor(float16)"]},
     optional=("fc1_experts_bias", "fc2_experts_bias"),
 )
@@ -97,12 +103,13 @@ QMOE = contrib_op(
             ("fc3_experts_bias", "T"), ("fc1_zero_points", "T1"), ("fc2_zero_points", "T1")],
     attributes={"k": "int", "normalize_routing_weights": "int", "activation_type": "string",
                 "activation_alpha": "float", "activation_beta": "float", "swiglu_fusion": "int",
-                "expert_weight_bits": "int", "block_size": "int", "weights_prepacked": "int"},
+                "swiglu_limit": "float", "expert_weight_bits": "int", "block_size": "int", "weights_prepacked": "int"},
     types={"T": ["tensor(float)", "tensor(float16)"], "T1": ["tensor(uint8)"]},
     optional=("fc1_experts_bias", "fc2_experts_bias", "fc3_experts_weights", "fc3_scales", "fc3_experts_bias"),
 )
 QMOE_WIDTHS = (2, 4)
 ORT_ACTIVATIONS = {"silu": "silu", "relu": "relu"}  # moec act -> MoE activation_type (ungated)
+SWIGLU_ALPHAS = {"silu": 1.0, "quick_gelu": 1.702}  # moec act of gated experts -> swiglu's activation_alpha
 
 
 # ----------------------------------------------------------------------------------------------
@@ -165,6 +172,15 @@ class OrtMoESupport:
     routes_itself: bool = True
 
 
+def ort_experts_support(experts: ExpertsSpec) -> str:
+    """Why com.microsoft.MoE cannot compute these experts exactly ("" if it can)."""
+    if experts.gated and experts.act not in SWIGLU_ALPHAS:
+        return f"gated {experts.act} experts (the op gates with x * sigmoid(alpha * x) only)"
+    if not experts.gated and experts.act not in ORT_ACTIVATIONS:
+        return f"{experts.act} experts (the op's activations do not match it exactly)"
+    return ""
+
+
 def ort_moe_support(route: RouteSpec, experts: ExpertsSpec) -> OrtMoESupport:
     """Whether com.microsoft.MoE can run these experts exactly, and whether it can also do the routing.
 
@@ -173,12 +189,9 @@ def ort_moe_support(route: RouteSpec, experts: ExpertsSpec) -> OrtMoESupport:
     ``topk_then_score`` softmax routing maps to ``normalize=1`` too. Any other routing with weights >= 0
     (sigmoid, choice bias, groups, scaling) is chosen by the portable router and handed over as logits.
     """
-    if not experts.plain_gating:
-        return OrtMoESupport(False, "clamped gating (limit, up_offset), which moec does not map onto the op yet")
-    if experts.gated and experts.act != "silu":
-        return OrtMoESupport(False, f"gated {experts.act} experts (the CPU op gates with silu only)")
-    if not experts.gated and experts.act not in ORT_ACTIVATIONS:
-        return OrtMoESupport(False, f"{experts.act} experts (the op's activations do not match it exactly)")
+    unsupported = ort_experts_support(experts)
+    if unsupported:
+        return OrtMoESupport(False, unsupported)
     if route.scaling < 0:
         return OrtMoESupport(False, f"routing weights scaled by {route.scaling} (the op takes weights >= 0)")
     own_routing = route_beyond_the_op(route)
@@ -247,8 +260,9 @@ def deinterleave_gate_up(tensor: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("moec_onnx::ort_moe", mutates_args=())
 def ort_moe(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc1_bias: torch.Tensor | None,
             fc2: torch.Tensor, fc2_bias: torch.Tensor | None, top_k: int, normalize: bool,
-            activation: str) -> torch.Tensor:
-    """com.microsoft.MoE's semantics in torch (x [T, H], router_logits [T, E], fc* in the op's layouts).
+            activation: str, alpha: float, beta: float, limit: float | None) -> torch.Tensor:
+    """com.microsoft.MoE's semantics in torch (x [T, H], router_logits [T, E], fc* in the op's layouts;
+    ``alpha``, ``beta``, ``limit``: swiglu's attributes, see ``swiglu_attributes``).
 
     Only its shape matters for export; the eager body documents the op and lets tests check the layouts.
     """
@@ -258,22 +272,38 @@ def ort_moe(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc1
     scores, indices = router_logits.float().softmax(dim=-1).topk(top_k, dim=-1)
     if normalize:
         scores = scores / scores.sum(dim=-1, keepdim=True)
-    spec = ExpertsSpec(num_experts=fc1.shape[0], hidden=fc1.shape[2], intermediate=fc2.shape[2],
-                       act="silu" if gated else activation, gated=gated)
+    act = {a: name for name, a in SWIGLU_ALPHAS.items()}[alpha] if gated else activation
+    spec = ExpertsSpec(num_experts=fc1.shape[0], hidden=fc1.shape[2], intermediate=fc2.shape[2], act=act,
+                       gated=gated, limit=limit if gated else None, up_offset=beta if gated else 0.0)
     return reference.experts(x, indices, scores, w_in, fc2, b_in, fc2_bias, spec)
 
 
 @ort_moe.register_fake
-def _(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, top_k, normalize, activation):
+def _(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, top_k, normalize, activation, alpha, beta, limit):
     return torch.empty_like(x)
 
 
-def ort_moe_onnx(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, top_k: int, normalize: bool, activation: str):
+def swiglu_attributes(activation: str, alpha: float, beta: float, limit: float | None) -> dict[str, Any]:
+    """The MoE/QMoE attributes of gated experts: ``act(min(g, limit)) * (clamp(u, -limit, limit) + beta)``
+    with ``act(x) = x * sigmoid(alpha * x)``, weights interleaved; none for ungated experts."""
+    if activation != "swiglu":
+        return {}
+    clamp = {} if limit is None else {"swiglu_limit": limit}
+    return {"activation_alpha": alpha, "activation_beta": beta, "swiglu_fusion": 1, **clamp}
+
+
+def swiglu_parameters(experts: ExpertsSpec) -> tuple[float, float, float | None]:
+    """``alpha, beta, limit`` of ``swiglu_attributes`` for these experts (ignored when ungated)."""
+    return SWIGLU_ALPHAS.get(experts.act, 1.0), experts.up_offset, experts.limit
+
+
+def ort_moe_onnx(x, router_logits, fc1, fc1_bias, fc2, fc2_bias, top_k: int, normalize: bool, activation: str,
+                 alpha: float, beta: float, limit: float | None):
     """The ONNX translation of ``moec_onnx::ort_moe``: one com.microsoft.MoE node."""
-    swiglu = {"activation_alpha": 1.0, "activation_beta": 0.0, "swiglu_fusion": 1} if activation == "swiglu" else {}
     return MOE(
         x, router_logits, fc1, fc1_bias, fc2, fc2_bias,
-        k=top_k, normalize_routing_weights=int(normalize), activation_type=activation, **swiglu,
+        k=top_k, normalize_routing_weights=int(normalize), activation_type=activation,
+        **swiglu_attributes(activation, alpha, beta, limit),
     )
 
 
@@ -303,26 +333,28 @@ def dequantize_qmoe(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
 def ort_qmoe(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc1_scales: torch.Tensor,
              fc1_zeros: torch.Tensor, fc1_bias: torch.Tensor | None, fc2: torch.Tensor, fc2_scales: torch.Tensor,
              fc2_zeros: torch.Tensor, fc2_bias: torch.Tensor | None, top_k: int, normalize: bool, activation: str,
-             bits: int, group: int) -> torch.Tensor:
+             alpha: float, beta: float, limit: float | None, bits: int, group: int) -> torch.Tensor:
     """com.microsoft.QMoE's semantics: ``ort_moe`` on the weights ``qmoe_operands`` packs."""
     return ort_moe(x, router_logits, dequantize_qmoe(fc1, fc1_scales, fc1_zeros, bits), fc1_bias,
-                   dequantize_qmoe(fc2, fc2_scales, fc2_zeros, bits), fc2_bias, top_k, normalize, activation)
+                   dequantize_qmoe(fc2, fc2_scales, fc2_zeros, bits), fc2_bias, top_k, normalize, activation,
+                   alpha, beta, limit)
 
 
 @ort_qmoe.register_fake
 def _(x, router_logits, fc1, fc1_scales, fc1_zeros, fc1_bias, fc2, fc2_scales, fc2_zeros, fc2_bias, top_k,
-      normalize, activation, bits, group):
+      normalize, activation, alpha, beta, limit, bits, group):
     return torch.empty_like(x)
 
 
 def ort_qmoe_onnx(x, router_logits, fc1, fc1_scales, fc1_zeros, fc1_bias, fc2, fc2_scales, fc2_zeros, fc2_bias,
-                  top_k: int, normalize: bool, activation: str, bits: int, group: int):
+                  top_k: int, normalize: bool, activation: str, alpha: float, beta: float, limit: float | None,
+                  bits: int, group: int):
     """The ONNX translation of ``moec_onnx::ort_qmoe``: one com.microsoft.QMoE node on raw packed weights."""
-    swiglu = {"activation_alpha": 1.0, "activation_beta": 0.0, "swiglu_fusion": 1} if activation == "swiglu" else {}
     return QMOE(
         x, router_logits, fc1, fc1_scales, fc1_bias, fc2, fc2_scales, fc2_bias, None, None, None,
         fc1_zeros, fc2_zeros, k=top_k, normalize_routing_weights=int(normalize), activation_type=activation,
-        expert_weight_bits=bits, block_size=group, weights_prepacked=0, **swiglu,
+        expert_weight_bits=bits, block_size=group, weights_prepacked=0,
+        **swiglu_attributes(activation, alpha, beta, limit),
     )
 
 
@@ -344,11 +376,12 @@ def ort_experts(x: torch.Tensor, logits: torch.Tensor, fc1: torch.Tensor | Packe
     router logits [T, E] for the T = x.numel() / H tokens."""
     tokens = x.reshape(-1, x.shape[-1])
     activation = "swiglu" if experts.gated else ORT_ACTIVATIONS[experts.act]
+    swiglu = swiglu_parameters(experts)
     if isinstance(fc1, PackedExperts) and isinstance(fc2, PackedExperts):
         y = ort_qmoe(tokens, logits, fc1.qweight, fc1.scales, fc1.zeros, fc1_bias, fc2.qweight, fc2.scales,
-                     fc2.zeros, fc2_bias, top_k, normalize, activation, fc1.bits, fc1.group)
+                     fc2.zeros, fc2_bias, top_k, normalize, activation, *swiglu, fc1.bits, fc1.group)
     else:
-        y = ort_moe(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, top_k, normalize, activation)
+        y = ort_moe(tokens, logits, fc1, fc1_bias, fc2, fc2_bias, top_k, normalize, activation, *swiglu)
     return y.reshape(x.shape)
 
 
