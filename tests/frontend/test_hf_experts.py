@@ -139,7 +139,8 @@ def test_phimoe_exports_to_onnx_with_its_router_as_portable_ops(preset, tmp_path
         assert max(report["parity_max_abs_diff"].values()) <= 1e-4 and report["fused_moe_ops"] == 0
         fallbacks = [str(w.message) for w in caught if "portable MoE lowering" in str(w.message)]
         assert len(fallbacks) == (2 if lowering == "ort" else 0)
-        assert all("its routing does not come straight from one moe.route" in text for text in fallbacks)
+        # sparsemixer's weights and choices are not a plain softmax of a top-k, so nothing proves them fit
+        assert all("not provably >= 0" in text or "twice" in text for text in fallbacks)
 
 
 # Families whose MoE block moec has no recognizer for, with tiny configs; their experts are recognized.
