@@ -14,8 +14,7 @@ from moec.ir.ops import AtenOp, RouteOp
 
 # Results that are >= 0 (or NaN) whatever the input.
 NONNEGATIVE_OPS = frozenset({
-    "aten.softmax.int", "aten._softmax.default", "aten.sigmoid.default", "aten.softplus.default",
-    "aten.relu.default", "aten.exp.default", "aten.abs.default", "aten.sqrt.default",
+    "aten.softmax.int", "aten._softmax.default", "aten.sigmoid.default", "aten.relu.default", "aten.exp.default", "aten.abs.default", "aten.sqrt.default",
 })
 # Ops whose first result is >= 0 where their first operand is (they move, select or sum its elements).
 SIGN_PRESERVING_OPS = frozenset({
@@ -46,6 +45,8 @@ def is_nonnegative(value: Value | float | int) -> bool:
         return False
     if op.target in NONNEGATIVE_OPS:
         return True
+    if op.target == "aten.softplus.default":  # log(1 + exp(beta * x)) / beta: >= 0 unless beta < 0
+        return all(is_nonnegative(arg) for arg in op.args[1:2])
     if op.target in SIGN_PRESERVING_OPS:
         return value.index == 0 and bool(op.args) and is_nonnegative(op.args[0])
     if op.target in NONNEGATIVE_COMBINATIONS:

@@ -43,6 +43,7 @@ def routed_experts(routing: str, indices: str = "%3") -> ExpertsOp:
   %10 = aten.div.Tensor(%5, %7) : f32[s0, 2]
   %8 = aten.mul.Tensor(%10, 1.5) : f32[s0, 2]""", True),  # DeepSeek-V4: sqrt(softplus), renormalized, scaled
     ("  %8 = aten.mul.Tensor(%2, 1.0) : f32[s0, 2]", False),  # raw logits may be negative
+    ("  %8 = aten.softplus.default(%2, -1.0) : f32[s0, 2]", False),  # softplus with beta < 0 is <= 0
     ("""  %4 = aten.sigmoid.default(%2) : f32[s0, 2]
   %8 = aten.mul.Tensor(%4, -2.0) : f32[s0, 2]""", False),  # a negative scale
     ("""  %4 = aten.sigmoid.default(%2) : f32[s0, 2]

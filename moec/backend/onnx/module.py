@@ -82,7 +82,7 @@ def plan_moe(program: Program, lowering: str) -> MoEPlan:
             continue
         route = own_route(experts)
         support = None if route is None else ort_moe_support(route.spec, experts.spec)
-        if route is not None and support is not None and support.ok and support.routes_itself:
+        if support is not None and support.ok and support.routes_itself:
             plan.fused[id(experts)] = FusedExperts(route, support.normalize)
         elif not is_nonnegative(experts.args[2]):
             plan.fallbacks[block] = "routing weights not provably >= 0 (the op weighs experts by probabilities)"
