@@ -179,7 +179,11 @@ def describe_spec(op: Any) -> str:
     if isinstance(op, ExpertsOp) and not isinstance(op.args[1].owner, RouteOp):
         gate = ", routed by the model's own code"
     kind = "gated " if spec.gated else ""
-    return f"{kind}{spec.act}, hidden {spec.hidden}, ffn {spec.intermediate}{gate}"
+    clamp = ""
+    if getattr(spec, "limit", None) is not None:
+        offset = f", up + {spec.up_offset:g}" if spec.up_offset else ""
+        clamp = f", clamped at {spec.limit:g}{offset}"
+    return f"{kind}{spec.act}{clamp}, hidden {spec.hidden}, ffn {spec.intermediate}{gate}"
 
 
 def parity(model: nn.Module, compiled: CompiledModel, example_inputs: tuple | Mapping[str, Any]) -> float:

@@ -49,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument(
         "--model", default="minilm", metavar="MODEL",
         help="what to compile: a preset (minilm [default: the real all-MiniLM-L6-v2, offline], tiny-mixtral, "
-             "tiny-qwen2-moe, tiny-qwen3-moe, tiny-olmoe, tiny-deepseek-v3, tiny-phimoe, tiny-llama, tiny-gpt2, "
-             "tiny-bert), a local Hugging Face model folder, or pkg.module:factory (a function returning a model or "
+             "tiny-qwen2-moe, tiny-qwen3-moe, tiny-olmoe, tiny-deepseek-v3, tiny-phimoe, tiny-gpt-oss, "
+             "tiny-llama, tiny-gpt2, tiny-bert), a local Hugging Face model folder, or pkg.module:factory (a function returning a model or "
              "(model, example_kwargs))",
     )
     compile_.add_argument("-o", "--output", metavar="PLAN", help="write the plan folder here (replaced if it is a plan)")

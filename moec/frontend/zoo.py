@@ -138,6 +138,15 @@ def _tiny_phimoe():
     )
 
 
+def _tiny_gpt_oss():
+    # the router (linear with bias, top-k, softmax of the k) stays generic ops; the experts, with their
+    # clamped quick-GELU gating and interleaved gate/up columns, become a moe.experts
+    return tiny_decoder(
+        transformers.GptOssForCausalLM, transformers.GptOssConfig,
+        num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=8,
+    )
+
+
 def _tiny_llama():
     return tiny_decoder(transformers.LlamaForCausalLM, transformers.LlamaConfig)
 
@@ -205,6 +214,7 @@ PRESETS: dict[str, Callable[[], tuple[nn.Module, Example]]] = {
     "tiny-olmoe": _tiny_olmoe,
     "tiny-deepseek-v3": _tiny_deepseek_v3,
     "tiny-phimoe": _tiny_phimoe,
+    "tiny-gpt-oss": _tiny_gpt_oss,
     "tiny-llama": _tiny_llama,
     "tiny-gpt2": _tiny_gpt2,
     "tiny-bert": _tiny_bert,

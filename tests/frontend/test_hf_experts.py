@@ -212,6 +212,9 @@ def test_experts_with_clamped_gating_run_on_moec(family, tmp_path):
     compiled = moec.compile(model, example)
     assert len(compiled.program.graph.ops_of(ExpertsOp)) == 2
     assert f"limit={gating[1]}" in compiled.ir
+    offset = f", up + {gating[2]:g}" if gating[2] else ""
+    assert all(f"clamped at {gating[1]:g}{offset}," in row["detail"]
+               for row in compiled.summary() if row["op"] == "moe.experts")
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     assert parity(model, compiled, inputs) <= 1e-4
