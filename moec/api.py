@@ -172,7 +172,7 @@ def layer_summary(program: Program) -> list[dict[str, Any]]:
 def describe_spec(op: Any) -> str:
     spec = op.spec
     if isinstance(op, RouteOp):
-        bias = ", score bias" if spec.has_bias else ""
+        bias = (", logit bias" if spec.has_logit_bias else "") + (", score bias" if spec.has_bias else "")
         groups = f", groups {spec.topk_group}/{spec.n_group}" if spec.n_group > 1 else ""
         return f"{spec.scoring} {spec.order}{', renorm' if spec.renormalize else ''}{bias}{groups}"
     gate = " + sigmoid gate" if getattr(spec, "has_output_gate", False) else ""

@@ -27,7 +27,7 @@ from moec.kernels.skip import skipped_pairs
 
 
 def run_route(op: RouteOp, weight, args, kwargs):
-    return reference.route(args[0], weight("router"), weight("router_bias"), op.spec)
+    return reference.route(args[0], weight("router"), weight("router_bias"), op.spec, weight("router_logit_bias"))
 
 
 def run_experts(op: ExpertsOp, weight, args, kwargs):

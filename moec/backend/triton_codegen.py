@@ -98,9 +98,10 @@ def route_launcher(index: int, op: RouteOp) -> str:
 ROUTE_SPEC_{index} = {op.spec!r}
 
 
-def route_{index}(x, router, router_bias):
+def route_{index}(x, router, router_bias, router_logit_bias):
     """IR op {index}, {describe(op)}."""
-    return triton_ops.route(x, router, router_bias, ROUTE_SPEC_{index}, kernels=KERNELS)
+    return triton_ops.route(x, router, router_bias, ROUTE_SPEC_{index}, kernels=KERNELS,
+                            logit_bias=router_logit_bias)
 '''
 
 

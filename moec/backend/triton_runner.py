@@ -57,7 +57,8 @@ def kernel_device(triton: ModuleType) -> torch.device:
 def run_route(launcher):
     def rule(op, weight, args, kwargs):
         x = args[0]
-        flat_indices, flat_weights = launcher(x.reshape(-1, x.shape[-1]), weight("router"), weight("router_bias"))
+        flat_indices, flat_weights = launcher(x.reshape(-1, x.shape[-1]), weight("router"), weight("router_bias"),
+                                              weight("router_logit_bias"))
         lead = x.shape[:-1]
         return flat_indices.reshape(*lead, -1), flat_weights.reshape(*lead, -1)
 

@@ -8,7 +8,8 @@ where that weight lives in the model (a parameter or buffer name). Capture passe
 Weight layouts (moec's convention; ``transposed`` roles are stored (in, out) by the framework and are
 transposed once when lowered):
 
-* ``router``: (E, H)             ``router_bias``: (E,)  added to scores for the choice only
+* ``router``: (E, H)             ``router_logit_bias``: (E,)  added to the logits (GPT-OSS)
+  ``router_bias``: (E,)  added to the scores for the choice only (DeepSeek-V3)
 * ``w_in``:   (E, F_in, H)       F_in = 2F when gated (gate rows first, then up rows), else F; a role in
   ``interleaved`` alternates gate and up rows instead and is reordered once when lowered
 * ``b_in``:   (E, F_in)          ``w_out``: (E, H, F)    ``b_out``: (E, H)
@@ -31,7 +32,8 @@ ORDERS = ("score_then_topk", "topk_then_score")
 class RouteSpec:
     """How a router turns hidden states into (expert indices, routing weights) per token.
 
-    logits = x @ router.T (computed in float32); scores = scoring(logits) over all experts
+    logits = x @ router.T (computed in float32), plus ``router_logit_bias`` when the router has one
+    (``has_logit_bias``, GPT-OSS); scores = scoring(logits) over all experts
     (``score_then_topk``) or over the top-k logits only (``topk_then_score``). With ``router_bias``
     the bias is added to the scores for choosing experts only (DeepSeek-V3). With ``n_group`` the
     experts are split in groups, a group's score is the sum of its top-2 scores, and only the best
@@ -49,6 +51,7 @@ class RouteSpec:
     n_group: int = 1
     topk_group: int = 1
     has_bias: bool = False
+    has_logit_bias: bool = False
 
 
 @dataclass(frozen=True)

@@ -153,8 +153,8 @@ class Lowering:
         if spec.kind == "ffn":
             weights = {role: names[role] for role in FFN_ROLES if role in names}
             return self.graph.append(DenseFFNOp.build([x], weights, spec.ffn, [x_type], spec.module)).result
-        route_weights: dict[str, str] = {role: names[role] for role in ("router", "router_bias")
-                                         if role in names}
+        route_weights: dict[str, str] = {role: names[role] for role in ("router", "router_bias",
+                                                                            "router_logit_bias") if role in names}
         k = required_part(spec.route, "route", spec).top_k
         route = self.graph.append(RouteOp.build(
             [x], route_weights, spec.route,

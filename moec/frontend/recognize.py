@@ -118,9 +118,10 @@ def _probed_hf_experts(experts: nn.Module) -> BlockSpec | None:
     random choice of experts equals moec's experts op.
 
     This covers the MoE blocks whose router moec does not model (Qwen3-Next, Jamba, PhiMoE, Ernie 4.5,
-    GPT-OSS, DeepSeek-V4 ...): their experts become a ``moe.experts`` op and their router stays the model's
-    own code. Experts with their own gating function are taken when it is one of the clamped forms moec
-    models (``ExpertsSpec.limit``, ``up_offset``); experts with a norm after each expert are left alone.
+    DeepSeek-V4 ...): their experts become a ``moe.experts`` op and their router stays the model's own
+    code (GPT-OSS's recognizer uses it for its experts). Experts with their own gating function are taken
+    when it is one of the clamped forms moec models (``ExpertsSpec.limit``, ``up_offset``); experts with a
+    norm after each expert are left alone.
     """
     layout = {flag: getattr(experts, flag, None) for flag in ("is_transposed", "is_concatenated", "has_post_expert_norm")}
     if not is_hf_experts(experts) or None in layout.values() or layout["has_post_expert_norm"]:
@@ -497,6 +498,25 @@ def _grouped_sigmoid_moe(family: str) -> ToSpec:
     return to_spec
 
 
+# Families whose MoE block returns (hidden states, router scores) rather than the hidden states alone.
+ROUTER_SCORES_FAMILIES = ("gpt_oss",)
+
+
+def _gpt_oss_moe(block: nn.Module) -> BlockSpec | None:
+    """GPT-OSS: a router with its own bias (top-k of the biased logits, softmax over the chosen k) over
+    experts that the experts probe recognizes (transposed, interleaved, biased, clamped SwiGLU)."""
+    experts = _probed_hf_experts(block.get_submodule("experts"))
+    router = block.get_submodule("router")
+    if experts is None or not isinstance(getattr(router, "bias", None), torch.Tensor):
+        return None
+    spec = required_part(experts.experts, "experts", experts)
+    route = RouteSpec(num_experts=spec.num_experts, top_k=_attribute(router, "top_k", int), order="topk_then_score",
+                      renormalize=False, has_logit_bias=True)
+    weights = {"router": "router.weight", "router_logit_bias": "router.bias",
+               **{role: f"experts.{name}" for role, name in experts.weights.items()}}
+    return dataclasses.replace(experts, kind="moe", family="gpt_oss", weights=weights, route=route)
+
+
 HF = "transformers.models"
 _REGISTRY.extend([
     (f"{HF}.llama.modeling_llama.LlamaMLP", _gated_mlp("llama")),
@@ -534,4 +554,5 @@ _REGISTRY.extend([
     # GraniteMoE: top-k of the router logits, then softmax over the chosen k
     (f"{HF}.granitemoe.modeling_granitemoe.GraniteMoeMoE",
      _softmax_moe("granitemoe", lambda b: False, router="router", order="topk_then_score")),
+    (f"{HF}.gpt_oss.modeling_gpt_oss.GptOssMLP", _gpt_oss_moe),
 ])

@@ -18,7 +18,7 @@ from torch import nn
 from moec.errors import CaptureError
 from moec.frontend import custom_ops  # noqa: F401  (registers torch.ops.moec.*)
 from moec.frontend.blocks import BlockSpec
-from moec.frontend.recognize import BERT_STYLE_FAMILIES
+from moec.frontend.recognize import BERT_STYLE_FAMILIES, ROUTER_SCORES_FAMILIES
 
 
 def block_op(spec: BlockSpec) -> Callable[..., torch.Tensor]:
@@ -73,6 +73,15 @@ def _patch(
             return run(hidden_states, top_k_index, top_k_weights)
 
         return "forward", experts_forward
+    if spec.family in ROUTER_SCORES_FAMILIES:
+        def forward_with_router_scores(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            # The block also returns its router's scores: the model's router computes them (callers that
+            # drop them, as the decoder layer does, leave its ops dead, and capture removes them).
+            router = module.get_submodule("router")
+            _, scores, _ = router(hidden_states.reshape(-1, hidden_states.shape[-1]))
+            return run(hidden_states), scores
+
+        return "forward", forward_with_router_scores
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         return run(hidden_states)

@@ -141,11 +141,11 @@ class RouteOp(SpecOp):
     spec_class = RouteSpec
     num_operands = 1
     required_weights = ("router",)
-    optional_weights = ("router_bias",)
-    derived_fields = ("has_bias",)
+    optional_weights = ("router_bias", "router_logit_bias")
+    derived_fields = ("has_bias", "has_logit_bias")
 
     def derived_spec_values(self) -> dict[str, Any]:
-        return {"has_bias": "router_bias" in self.kwargs}
+        return {"has_bias": "router_bias" in self.kwargs, "has_logit_bias": "router_logit_bias" in self.kwargs}
 
     def verify_spec(self, spec: RouteSpec) -> None:
         check_choice("scoring", spec.scoring, SCORINGS)
@@ -160,6 +160,7 @@ class RouteOp(SpecOp):
                 raise ValueError(f"router weight must be [{spec.num_experts}, H], got {router}")
             check_token_operand(self.args[0], router.shape[1], "x")
         self.expect_weight_shape("router_bias", (spec.num_experts,))
+        self.expect_weight_shape("router_logit_bias", (spec.num_experts,))
         x_type = self.args[0].tensor_type
         expected = [TensorType("i64", (*x_type.shape[:-1], spec.top_k)), TensorType("f32", (*x_type.shape[:-1], spec.top_k))]
         if [r.type for r in self.results] != expected:

@@ -1,6 +1,6 @@
 """Facts about routing values that follow from the ops that produce them.
 
-A ``moe.experts`` op whose router stays the model's own ATen ops (GPT-OSS, DeepSeek-V4 ...) gets its
+A ``moe.experts`` op whose router stays the model's own ATen ops (PhiMoE, DeepSeek-V4 ...) gets its
 expert indices and routing weights as plain tensors. A backend that hands such a choice to a fused
 kernel that weighs experts by probabilities needs two facts no type carries: the weights are never
 negative, and a token never names the same expert twice. Both are proved here from the producing ops,

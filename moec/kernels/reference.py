@@ -64,17 +64,20 @@ def _mask_groups(choice: torch.Tensor, spec: RouteSpec) -> torch.Tensor:
 
 
 def route(
-    x: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor | None, spec: RouteSpec
+    x: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor | None, spec: RouteSpec,
+    router_logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose ``spec.top_k`` experts per token.
 
     Args: ``x`` [..., H]; ``router`` (E, H); ``router_bias`` (E,) or None, added to the values experts
-    are chosen by, never to the weights.
+    are chosen by, never to the weights; ``router_logit_bias`` (E,) or None, the router's own bias,
+    added to the logits (so to both the choice and the weights).
     Returns: ``indices`` int64 [..., k] and ``weights`` float32 [..., k]. Logits are computed in float32.
     The choice is made on the scores (``score_then_topk``) or on the raw logits (``topk_then_score``,
     where only the chosen logits are then scored).
     """
-    logits = F.linear(x.float(), router.float())  # [..., E]
+    logit_bias = None if router_logit_bias is None else router_logit_bias.float()
+    logits = F.linear(x.float(), router.float(), logit_bias)  # [..., E]
     if spec.order == "score_then_topk":
         scores = _score(logits, spec.scoring)
         choice = scores
@@ -284,7 +287,7 @@ def moe_block(x: torch.Tensor, weights: Mapping[str, torch.Tensor], spec: BlockS
     """A whole ``kind='moe'`` block: route, routed experts, plus the shared expert (roles ``shared_*``)."""
     w = _oriented(weights, spec)
     indices, routing_weights = route(x, w["router"], w.get("router_bias"),
-                                     required_part(spec.route, "route", spec))
+                                     required_part(spec.route, "route", spec), w.get("router_logit_bias"))
     y = experts(
         x, indices, routing_weights, w["w_in"], w["w_out"], w.get("b_in"), w.get("b_out"),
         required_part(spec.experts, "experts", spec),

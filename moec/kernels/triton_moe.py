@@ -51,6 +51,7 @@ def router_topk_kernel(
     x_ptr,  # [T, HIDDEN]        any float dtype, rows contiguous
     router_ptr,  # [E, HIDDEN]   any float dtype, contiguous
     bias_ptr,  # [E]             choice bias (only read when HAS_BIAS)
+    logit_bias_ptr,  # [E]       the router's own bias, added to the logits (only read when HAS_LOGIT_BIAS)
     indices_ptr,  # [T, TOP_K]   int64 out: chosen experts, best first
     weights_ptr,  # [T, TOP_K]   float32 out: routing weights
     # Sizes
@@ -65,6 +66,7 @@ def router_topk_kernel(
     RENORM_EPS: tl.constexpr,
     SCALING: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_LOGIT_BIAS: tl.constexpr,
     # Tiles
     BLOCK_T: tl.constexpr,  # tokens per program
     BLOCK_E: tl.constexpr,  # next power of two >= NUM_EXPERTS (>= 16 for tl.dot)
@@ -85,6 +87,8 @@ def router_topk_kernel(
         w = tl.load(router_ptr + experts[None, :] * HIDDEN + cols[:, None],
                     mask=expert_ok[None, :] & (cols[:, None] < HIDDEN), other=0.0)  # [BLOCK_H, BLOCK_E]
         logits = tl.dot(x.to(tl.float32), w.to(tl.float32), logits, input_precision="ieee")
+    if HAS_LOGIT_BIAS:
+        logits = logits + tl.load(logit_bias_ptr + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
     logits = tl.where(expert_ok[None, :], logits, float("-inf"))
 
     if SCORE_FIRST:

@@ -101,9 +101,10 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
 
 def route(
     x: torch.Tensor, router: torch.Tensor, bias: torch.Tensor | None, spec: RouteSpec,
-    kernels: ModuleType = triton_moe, block_t: int = 16,
+    kernels: ModuleType = triton_moe, block_t: int = 16, logit_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k routing of every row of ``x`` (the semantics of :func:`moec.kernels.reference.route`)."""
+    """Top-k routing of every row of ``x`` (the semantics of :func:`moec.kernels.reference.route`;
+    ``bias`` is its ``router_bias``, ``logit_bias`` its ``router_logit_bias``)."""
     if spec.n_group > 1:
         raise ValueError("the Triton router does not implement group-limited routing (n_group > 1)")
     num_tokens, hidden = x.shape
@@ -115,12 +116,13 @@ def route(
     if num_tokens == 0:
         return indices, weights
     kernels.router_topk_kernel[(triton.cdiv(num_tokens, block_t),)](
-        x, router, bias if bias is not None else router, indices, weights,
+        x, router, bias if bias is not None else router, logit_bias if logit_bias is not None else router,
+        indices, weights,
         num_tokens,
         HIDDEN=hidden, NUM_EXPERTS=spec.num_experts, TOP_K=spec.top_k,
         SCORING=spec.scoring, SCORE_FIRST=spec.order == "score_then_topk",
         RENORMALIZE=spec.renormalize, RENORM_EPS=float(spec.renorm_eps), SCALING=float(spec.scaling),
-        HAS_BIAS=bias is not None,
+        HAS_BIAS=bias is not None, HAS_LOGIT_BIAS=logit_bias is not None,
         BLOCK_T=block_t, BLOCK_E=next_power_of_two(spec.num_experts, 16),
         BLOCK_H=min(64, next_power_of_two(hidden, 16)), BLOCK_KS=next_power_of_two(spec.top_k),
     )

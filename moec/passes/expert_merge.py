@@ -180,9 +180,11 @@ def plan_layer(tensors: dict[str, torch.Tensor], stats: MoEStats, layer: MoELaye
     spec, rows = layer.experts.spec, stats.inputs.float()
     mass = stats.weight_mass.double()
     dominants = keep_by_score(stats.counts.double() + mass / (mass.max() + 1), routing_group, per_group)
-    bias = tensors.get("router_bias")
-    logits = F.linear(rows, tensors["router"].float(), None if bias is None else bias.float())
-    logits = F.normalize(logits.double().T, dim=1)  # [E, N]: each expert's logits (+ choice bias) on the rows
+    logits = F.linear(rows, tensors["router"].float())
+    for role in ("router_logit_bias", "router_bias"):
+        if role in tensors:
+            logits = logits + tensors[role].float()
+    logits = F.normalize(logits.double().T, dim=1)  # [E, N]: each expert's logits (+ biases) on the rows
     similarity = logits @ logits.T
     members: dict[int, list[int]] = {d: [d] for d in dominants}
     for expert in range(len(routing_group)):

@@ -18,7 +18,7 @@ from moec.ir.program import Program
 from moec.ir.types import TensorType
 from moec.kernels import reference
 
-ROUTE_ROLES = ("router", "router_bias")
+ROUTE_ROLES = ("router", "router_bias", "router_logit_bias")
 EXPERT_ROLES = ("w_in", "w_out", "b_in", "b_out")
 
 
@@ -63,9 +63,8 @@ class MoELayer:
         route_spec = self.route.spec
         if tensors["router"].shape[0] != route_spec.num_experts:
             route_spec = type(route_spec)(**{**route_spec.__dict__, "num_experts": tensors["router"].shape[0]})
-        bias = tensors.get("router_bias")
-        indices, weights = reference.route(rows.float(), tensors["router"].float(),
-                                           None if bias is None else bias.float(), route_spec)
+        indices, weights = reference.route(rows.float(), tensors["router"].float(), tensors.get("router_bias"),
+                                           route_spec, tensors.get("router_logit_bias"))
         return reference.remap_experts(indices, expert_map), weights
 
     def routed_output(self, tensors: dict[str, torch.Tensor], rows: torch.Tensor,

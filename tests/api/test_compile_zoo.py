@@ -18,6 +18,7 @@ FAMILIES = [
     "tiny-qwen3-moe",
     "tiny-olmoe",
     "tiny-deepseek-v3",
+    "tiny-gpt-oss",
     "tiny-llama",
     "tiny-gpt2",
     "tiny-bert",
@@ -71,6 +72,7 @@ EXPECTED_OPS = {
     "tiny-qwen3-moe": (1, 1, 1, 0),
     "tiny-olmoe": (0, 2, 2, 0),
     "tiny-deepseek-v3": (1, 1, 1, 1),
+    "tiny-gpt-oss": (0, 2, 2, 0),
     "tiny-llama": (2, 0, 0, 0),
     "tiny-gpt2": (2, 0, 0, 0),
     "tiny-bert": (2, 0, 0, 0),
@@ -87,6 +89,9 @@ def test_blocks_become_moec_ops(compiled_family):
     if name == "tiny-deepseek-v3":
         (route,) = graph.ops_of(RouteOp)
         assert route.spec.scoring == "sigmoid" and route.spec.has_bias and route.spec.n_group == 2
+    if name == "tiny-gpt-oss":
+        assert all(route.spec.has_logit_bias and route.spec.order == "topk_then_score"
+                   for route in graph.ops_of(RouteOp))
 
 
 def test_bfloat16_models_compile_and_match_loosely():

@@ -22,7 +22,7 @@ from moec.errors import BackendError
 from moec.ir.ops import ExpertsOp, RouteOp
 
 TOLERANCE = 1e-4
-MOE_FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3"]
+MOE_FAMILIES = ["tiny-mixtral", "tiny-qwen2-moe", "tiny-qwen3-moe", "tiny-olmoe", "tiny-deepseek-v3", "tiny-gpt-oss"]
 DENSE_FAMILIES = ["tiny-llama", "tiny-gpt2", "tiny-bert", "minilm"]
 
 
@@ -201,18 +201,27 @@ def test_minilm_converted_to_moe_exports_with_both_lowerings(minilm_moe, lowerin
     assert ("", "TopK") in op_types(onnx_model)
 
 
-def test_clamped_experts_under_the_models_own_router_export_fused(tmp_path):
-    """GPT-OSS's router stays its own ATen ops (linear with bias, top-k, softmax); its experts still fuse,
-    clamped SwiGLU and all, taking the chosen experts as logits (weights from a softmax, experts from a
-    top-k: both proved from the graph)."""
+@pytest.mark.parametrize("router", ["moec", "model"])
+def test_gpt_oss_clamped_experts_export_fused(router, monkeypatch, tmp_path):
+    """GPT-OSS's clamped SwiGLU experts fuse into com.microsoft.MoE under either router: moec's (a
+    ``moe.route`` with the router's own logit bias, which the op then routes by itself: no TopK left), or,
+    with the block's recognizer left out, the model's own ATen ops (linear with bias, top-k, softmax)
+    handing over the chosen experts as logits (weights from a softmax, experts from a top-k: both proved
+    from the graph)."""
+    from moec.frontend import recognize
     from tests.frontend.test_hf_experts import CLAMPED, clamped_family
 
+    if router == "model":
+        monkeypatch.setattr(recognize, "_REGISTRY", [entry for entry in recognize._REGISTRY
+                                                     if not str(entry[0]).endswith(".GptOssMLP")])
     model, example = clamped_family("gpt_oss")
     compiled = moec.compile(model, example)
+    assert len(compiled.program.graph.ops_of(RouteOp)) == (2 if router == "moec" else 0)
     onnx_model, report, fallbacks = export_and_check(compiled, "ort", tmp_path / "gpt_oss.onnx")
     assert report["fused_moe_ops"] == 2 and not fallbacks
     assert ("", "NonZero") not in op_types(onnx_model)
-    _, limit, up_offset = CLAMPED["gpt_oss"][1]
+    assert (("", "TopK") in op_types(onnx_model)) == (router == "model")
+    _, (_, limit, up_offset), *_ = CLAMPED["gpt_oss"]
     for node in (node for node in onnx_model.graph.node if node.op_type == "MoE"):
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attributes["swiglu_limit"] == limit and attributes["activation_beta"] == up_offset

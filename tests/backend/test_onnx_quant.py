@@ -124,6 +124,20 @@ def test_4bit_deepseek_routing_reaches_qmoe_as_a_choice(preset, tmp_path):
     assert ops.count("QMoE") == 1 and "Sigmoid" in ops and "NonZero" not in ops and not fallbacks
 
 
+def test_4bit_gpt_oss_clamped_experts_export_qmoe(tmp_path):
+    """GPT-OSS's clamped SwiGLU (clamps binding: experts scaled 30x) in QMoE, routed by the op itself with
+    the router's bias on its logits; parity with the torch runner's dequantized experts is checked."""
+    from tests.frontend.test_hf_experts import clamped_family
+
+    _, onnx_model, fallbacks = quantize_and_export(*clamped_family("gpt_oss"), 4, "ort", tmp_path / "q.onnx")
+    qmoe = [node for node in onnx_model.graph.node if node.op_type == "QMoE"]
+    assert len(qmoe) == 2 and not fallbacks
+    assert "TopK" not in [node.op_type for node in onnx_model.graph.node]
+    for node in qmoe:
+        attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attributes["swiglu_limit"] == 7.0 and attributes["activation_beta"] == 1.0
+
+
 def expert_heavy_mixtral():
     """A Mixtral whose experts hold most of the weights (as in real MoE models), built in code."""
     config = transformers.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=256, num_hidden_layers=2,

@@ -16,6 +16,7 @@ import moec  # noqa: E402
 from moec.api import CompiledModel  # noqa: E402
 from moec.backend.triton_codegen import KERNELS_FILE  # noqa: E402
 from moec.errors import BackendError  # noqa: E402
+from moec.ir.ops import RouteOp  # noqa: E402
 from moec.ir.parser import parse_graph  # noqa: E402
 from moec.ir.program import Program  # noqa: E402
 
@@ -96,6 +97,22 @@ def test_compressed_plans_run_their_kernels_and_match_the_torch_runner(recipe):
     assert compiled.runner.fallbacks == []
     if "quantize" in recipe[0]:
         assert "w_in int3 (group 32), w_out int3 (group 32)" in compiled.runner.source  # the header says so
+    reference = CompiledModel(compiled.program, "torch")
+    inputs = other_inputs(example)
+    torch.testing.assert_close(compiled(**inputs).logits, reference(**inputs).logits, rtol=TOLERANCE, atol=TOLERANCE)
+
+
+def test_gpt_oss_runs_its_kernels_and_matches_the_torch_runner():
+    """GPT-OSS: the router's own bias on the logits in the Triton router, clamped SwiGLU experts with biases."""
+    from moec.frontend.zoo import build_preset
+
+    model, example = build_preset("tiny-gpt-oss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback warning: every MoE op runs a generated kernel
+        compiled = moec.compile(model, example, backend="triton")
+    assert compiled.runner.fallbacks == []
+    routes = compiled.program.graph.ops_of(RouteOp)
+    assert len(routes) == 2 and all(route.spec.has_logit_bias for route in routes)
     reference = CompiledModel(compiled.program, "torch")
     inputs = other_inputs(example)
     torch.testing.assert_close(compiled(**inputs).logits, reference(**inputs).logits, rtol=TOLERANCE, atol=TOLERANCE)

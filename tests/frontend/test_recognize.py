@@ -29,6 +29,7 @@ EXPECTED_BLOCKS = {
     "tiny-qwen3-moe": {("ffn", "qwen3_moe"): 1, ("moe", "qwen3_moe"): 1},
     "tiny-olmoe": {("moe", "olmoe"): 2},
     "tiny-deepseek-v3": {("ffn", "deepseek_v3"): 1, ("moe", "deepseek_v3"): 1},
+    "tiny-gpt-oss": {("moe", "gpt_oss"): 2},
     "tiny-llama": {("ffn", "llama"): 2},
     "tiny-gpt2": {("ffn", "gpt2"): 2},
     "tiny-bert": {("ffn", "bert"): 2},

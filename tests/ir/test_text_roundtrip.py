@@ -108,8 +108,10 @@ def test_generated_graphs_round_trip(graph):
     st.sampled_from(["silu", "gelu", "relu"]),
     st.booleans(),
     st.tuples(st.one_of(st.none(), st.floats(0.5, 20.0)), st.sampled_from([0.0, 1.0])),
+    st.sets(st.sampled_from(["router_bias", "router_logit_bias"])),
 )
-def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize, scaling, act, shared_gate, gating):
+def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize, scaling, act, shared_gate, gating,
+                                            router_biases):
     num_experts, top_k = experts_topk
     graph = Graph()
     x = graph.add_input("x", TensorType("f32", ("s0", 8)))
@@ -118,9 +120,11 @@ def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize,
         "w_in": TensorType("f32", (num_experts, 8, 8)),
         "w_out": TensorType("f32", (num_experts, 8, 4)),
         "up": TensorType("f32", (4, 8)), "down": TensorType("f32", (8, 4)), "gate": TensorType("f32", (1, 8)),
-    })
-    route_spec = RouteSpec(num_experts=num_experts, top_k=top_k, scoring=scoring, renormalize=renormalize, scaling=scaling)
-    route = graph.append(RouteOp.build([x], {"router": "router"}, route_spec,
+    } | {role: TensorType("f32", (num_experts,)) for role in router_biases})
+    route_spec = RouteSpec(num_experts=num_experts, top_k=top_k, scoring=scoring, renormalize=renormalize, scaling=scaling,
+                           has_bias="router_bias" in router_biases, has_logit_bias="router_logit_bias" in router_biases)
+    route_weights = {"router": "router"} | {role: role for role in sorted(router_biases)}
+    route = graph.append(RouteOp.build([x], route_weights, route_spec,
                                        [TensorType("i64", ("s0", top_k)), TensorType("f32", ("s0", top_k))]))
     limit, up_offset = gating  # clamped gating (GPT-OSS, DeepSeek-V4); written only when set
     experts_spec = ExpertsSpec(num_experts=num_experts, hidden=8, intermediate=4, act=act, gated=True, limit=limit,

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.activations import ACT2FN
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts, MixtralTopKRouter
 from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
 from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
@@ -117,6 +118,20 @@ def test_route_matches_deepseek_v3(n_group, topk_group, top_k):
     )
     ours = reference.route(x, router.weight, router.e_score_correction_bias, spec)
     _assert_same_routing(ours, (hf_indices, hf_weights))
+
+
+def test_route_matches_gpt_oss():
+    """GPT-OSS's router has its own bias: top-k of the biased logits, softmax over the chosen k."""
+    config = transformers.GptOssConfig(hidden_size=HIDDEN, num_local_experts=8, num_experts_per_tok=3)
+    router = _init_router(GptOssTopKRouter(config))
+    with torch.no_grad():
+        router.bias.normal_(0, 2.0)  # large enough to change choices
+    x = torch.randn(40, HIDDEN)
+    _, hf_weights, hf_indices = router(x)
+    spec = RouteSpec(num_experts=8, top_k=3, order="topk_then_score", renormalize=False, has_logit_bias=True)
+    _assert_same_routing(reference.route(x, router.weight, None, spec, router.bias), (hf_indices, hf_weights))
+    unbiased = reference.route(x, router.weight, None, spec)
+    assert not torch.equal(unbiased[0], hf_indices)  # the bias matters on these inputs
 
 
 def test_route_bias_steers_choice_not_weights():

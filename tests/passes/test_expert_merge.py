@@ -233,3 +233,20 @@ def test_refit_raises_zoo_layer_output_cosine_on_calibration_rows():
         program, _ = captured("tiny-olmoe")
         cosines[refit] = [r["output_cosine"] for r in merge(program, samples, keep=4, refit=refit)["summary"]["layers"]]
     assert all(fitted > plain for fitted, plain in zip(cosines[True], cosines[False], strict=True))
+
+
+def test_group_routers_keep_the_dominant_experts_logit_bias():
+    """GPT-OSS's router has its own bias on the logits: with ``groups`` routing, each merged expert's router
+    row and its bias are the dominant member's."""
+    program, _ = captured("tiny-gpt-oss")
+    layers = moe_layers(program, "test")
+    before = {layer.block: layer.tensors(program) for layer in layers}
+    generator = torch.Generator().manual_seed(5)
+    samples = [{"input_ids": torch.randint(0, 128, (2, 12), generator=generator),
+                "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(3)]
+    record = merge(program, samples, keep=2, router="groups", refit=False)
+    for layer, summary in zip(layers, record["summary"]["layers"], strict=True):
+        dominants = [members[0] for members in summary["groups"]]
+        after = layer.tensors(program)
+        for role in ("router", "router_logit_bias"):
+            assert torch.equal(after[role], before[layer.block][role][dominants]), role

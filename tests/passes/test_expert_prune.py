@@ -32,7 +32,7 @@ def masked_reference(x, tensors, route_spec, experts_spec, kept):
     bias = tensors.get("router_bias")
     if bias is not None:
         bias = bias.float().masked_fill(removed, float("-inf"))
-    indices, weights = reference.route(x_with_one, router, bias, route_spec)
+    indices, weights = reference.route(x_with_one, router, bias, route_spec, tensors.get("router_logit_bias"))
     return reference.experts(x.float(), indices, weights, tensors["w_in"].float(), tensors["w_out"].float(),
                              tensors.get("b_in"), tensors.get("b_out"), experts_spec)
 
@@ -97,6 +97,7 @@ def test_recipe_errors_and_missing_calibration():
     ("tiny-qwen2-moe", 2, "weight_mass"),
     ("tiny-olmoe", 4, "similarity"),
     ("tiny-deepseek-v3", 4, "frequency"),  # 2 routing groups: 2 experts kept in each
+    ("tiny-gpt-oss", 3, "weight_mass"),  # the router's own bias is pruned with its rows
 ])
 def test_zoo_layers_match_the_masked_router_reference(preset, keep, criterion):
     program, example = captured(preset)

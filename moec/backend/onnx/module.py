@@ -249,7 +249,8 @@ class ProgramModule(nn.Module):
         if isinstance(op, RouteOp):
             if self.moe_plan.is_fused_route(op):
                 return None
-            return route_portable(read(op.args[0]), required("router"), role("router_bias"), op.spec)
+            return route_portable(read(op.args[0]), required("router"), role("router_bias"), op.spec,
+                                  role("router_logit_bias"))
         if isinstance(op, ExpertsOp):
             fused = self.moe_plan.fused.get(id(op))
             if fused is None:
@@ -264,7 +265,9 @@ class ProgramModule(nn.Module):
             x = read(op.args[0])
             tokens = x.reshape(-1, x.shape[-1])
             if fused.route is not None:
-                logits = F.linear(tokens.float(), self.weight(fused.route.required_weight("router").name).float())
+                logit_bias = fused.route.weight("router_logit_bias")
+                logits = F.linear(tokens.float(), self.weight(fused.route.required_weight("router").name).float(),
+                                  None if logit_bias is None else self.weight(logit_bias.name).float())
                 return ort_experts(x, logits, *weights, op.spec, fused.route.spec.top_k, fused.normalize)
             top_k = int(op.args[1].tensor_type.shape[-1])
             indices, routing_weights = (read(a).reshape(tokens.shape[0], top_k) for a in op.args[1:3])

@@ -117,10 +117,10 @@ SWIGLU_ALPHAS = {"silu": 1.0, "quick_gelu": 1.702}  # moec act of gated experts 
 # ----------------------------------------------------------------------------------------------
 
 
-def route_portable(x: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor | None,
-                   spec: RouteSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def route_portable(x: torch.Tensor, router: torch.Tensor, router_bias: torch.Tensor | None, spec: RouteSpec,
+                   router_logit_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference router: every op it uses has a standard ONNX form."""
-    return reference.route(x, router, router_bias, spec)
+    return reference.route(x, router, router_bias, spec, router_logit_bias)
 
 
 def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,

@@ -71,6 +71,19 @@ def test_router_matches_reference(scoring, order, renormalize, with_bias, tokens
     torch.testing.assert_close(weights, ref_weights, rtol=1e-5, atol=1e-6)
 
 
+def test_router_with_logit_bias_matches_reference(device):
+    """GPT-OSS routing: the router's own bias on the logits, top-k, softmax over the chosen k."""
+    generator = torch.Generator().manual_seed(3)
+    x, router = torch.randn(37, 40, generator=generator), torch.randn(8, 40, generator=generator)
+    logit_bias = torch.randn(8, generator=generator) * 3
+    spec = RouteSpec(8, 2, order="topk_then_score", renormalize=False, has_logit_bias=True)
+    indices, weights = ops.route(*to(device, x, router), None, spec, logit_bias=logit_bias.to(device))
+    ref_indices, ref_weights = reference.route(x, router, None, spec, logit_bias)
+    assert torch.equal(indices.cpu(), ref_indices)
+    torch.testing.assert_close(weights.cpu(), ref_weights, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(ref_indices, reference.route(x, router, None, spec)[0])  # the bias changes choices
+
+
 def expert_weights(spec: ExpertsSpec, dtype: torch.dtype, seed: int = 2):
     generator = torch.Generator().manual_seed(seed)
     f_in = 2 * spec.intermediate if spec.gated else spec.intermediate
