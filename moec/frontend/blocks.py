@@ -9,7 +9,8 @@ Weight layouts (moec's convention; ``transposed`` roles are stored (in, out) by 
 transposed once when lowered):
 
 * ``router``: (E, H)             ``router_logit_bias``: (E,)  added to the logits (GPT-OSS)
-  ``router_bias``: (E,)  added to the scores for the choice only (DeepSeek-V3)
+  ``router_bias``: (E,)  added to the scores for the choice only (DeepSeek-V3); either bias may be stored
+  (1, E) (Ernie 4.5) and is flattened once when lowered
 * ``w_in``:   (E, F_in, H)       F_in = 2F when gated (gate rows first, then up rows), else F; a role in
   ``interleaved`` alternates gate and up rows instead and is reordered once when lowered
 * ``b_in``:   (E, F_in)          ``w_out``: (E, H, F)    ``b_out``: (E, H)
@@ -26,6 +27,7 @@ from typing import TypeVar
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "quick_gelu", "relu2")  # relu2: relu(x) ** 2
 SCORINGS = ("softmax", "sigmoid")
 ORDERS = ("score_then_topk", "topk_then_score")
+ROUTER_BIAS_ROLES = ("router_bias", "router_logit_bias")
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch.fx
 from torch.export import ExportedProgram
 
 from moec.errors import CaptureError
-from moec.frontend.blocks import BlockSpec, required_part
+from moec.frontend.blocks import ROUTER_BIAS_ROLES, BlockSpec, required_part
 from moec.ir.core import Graph, Value, WeightRef
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program, dump_treespec
@@ -140,7 +140,7 @@ class Lowering:
             if not isinstance(ref, WeightRef):
                 raise CaptureError(f"block {spec.module}: weight {role!r} is computed, not a parameter or buffer")
             names[role] = ref.name
-            if role in spec.transposed or role in spec.interleaved:
+            if role in spec.transposed or role in spec.interleaved or role in ROUTER_BIAS_ROLES:
                 self.weights[ref.name] = oriented_weight(self.weights[ref.name], role, spec).contiguous()
                 self.graph.weights[ref.name] = TensorType.of(self.weights[ref.name])
         x_type = x.tensor_type
@@ -153,8 +153,7 @@ class Lowering:
         if spec.kind == "ffn":
             weights = {role: names[role] for role in FFN_ROLES if role in names}
             return self.graph.append(DenseFFNOp.build([x], weights, spec.ffn, [x_type], spec.module)).result
-        route_weights: dict[str, str] = {role: names[role] for role in ("router", "router_bias",
-                                                                            "router_logit_bias") if role in names}
+        route_weights: dict[str, str] = {role: names[role] for role in ("router", *ROUTER_BIAS_ROLES) if role in names}
         k = required_part(spec.route, "route", spec).top_k
         route = self.graph.append(RouteOp.build(
             [x], route_weights, spec.route,

@@ -117,9 +117,9 @@ def _probed_hf_experts(experts: nn.Module) -> BlockSpec | None:
     transposed, gate and up rows maybe interleaved, optional biases), when its forward on random rows and a
     random choice of experts equals moec's experts op.
 
-    This covers the MoE blocks whose router moec does not model (Qwen3-Next, Jamba, PhiMoE, Ernie 4.5,
+    This covers the MoE blocks whose router moec does not model (Jamba, PhiMoE, GraniteMoE-Shared, NemotronH,
     DeepSeek-V4 ...): their experts become a ``moe.experts`` op and their router stays the model's own
-    code (GPT-OSS's recognizer uses it for its experts). Experts with their own gating function are taken
+    code (``_probed_moe`` uses it for the experts of blocks whose router moec does model). Experts with their own gating function are taken
     when it is one of the clamped forms moec models (``ExpertsSpec.limit``, ``up_offset``); experts with a
     norm after each expert are left alone.
     """
@@ -502,19 +502,77 @@ def _grouped_sigmoid_moe(family: str) -> ToSpec:
 ROUTER_SCORES_FAMILIES = ("gpt_oss",)
 
 
-def _gpt_oss_moe(block: nn.Module) -> BlockSpec | None:
-    """GPT-OSS: a router with its own bias (top-k of the biased logits, softmax over the chosen k) over
-    experts that the experts probe recognizes (transposed, interleaved, biased, clamped SwiGLU)."""
-    experts = _probed_hf_experts(block.get_submodule("experts"))
+RouteOf = Callable[[nn.Module, int], tuple[RouteSpec, dict[str, str]] | None]
+
+
+def _probed_moe(family: str, route_of: RouteOf, shared: str = "", shared_gate: str = "") -> ToSpec:
+    """Blocks whose ``experts`` module the experts probe recognizes (any Hugging Face layout: transposed,
+    interleaved, biased, clamped), routed as ``route_of(block, num_experts)`` says (its spec and router
+    weights; None: a routing moec does not model), plus the always-on gated-MLP shared expert at attribute
+    ``shared`` when the block has one, with a sigmoid gate at ``shared_gate``."""
+
+    def to_spec(block: nn.Module) -> BlockSpec | None:
+        experts = _probed_hf_experts(block.get_submodule("experts"))
+        if experts is None:
+            return None
+        routing = route_of(block, required_part(experts.experts, "experts", experts).num_experts)
+        if routing is None:
+            return None
+        route, weights = routing
+        weights = {**weights, **{role: f"experts.{name}" for role, name in experts.weights.items()}}
+        shared_spec = None
+        shared_mlp = getattr(block, shared, None) if shared else None
+        if shared_mlp is not None:
+            shared_spec = _gated_mlp_ffn_spec(shared_mlp)
+            if shared_spec is None:
+                return None
+            weights |= _gated_mlp_weights(shared_mlp, prefix=f"{shared}.", role_prefix="shared_")
+            if shared_gate:
+                shared_spec = dataclasses.replace(shared_spec, has_output_gate=True)
+                weights["shared_gate"] = f"{shared_gate}.weight"
+        return dataclasses.replace(experts, kind="moe", family=family, weights=weights, route=route, shared=shared_spec)
+
+    return to_spec
+
+
+def _gpt_oss_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]]:
+    """A router with its own bias: top-k of the biased logits, softmax over the chosen k."""
     router = block.get_submodule("router")
-    if experts is None or not isinstance(getattr(router, "bias", None), torch.Tensor):
-        return None
-    spec = required_part(experts.experts, "experts", experts)
-    route = RouteSpec(num_experts=spec.num_experts, top_k=_attribute(router, "top_k", int), order="topk_then_score",
+    route = RouteSpec(num_experts=num_experts, top_k=_attribute(router, "top_k", int), order="topk_then_score",
                       renormalize=False, has_logit_bias=True)
-    weights = {"router": "router.weight", "router_logit_bias": "router.bias",
-               **{role: f"experts.{name}" for role, name in experts.weights.items()}}
-    return dataclasses.replace(experts, kind="moe", family="gpt_oss", weights=weights, route=route)
+    return route, {"router": "router.weight", "router_logit_bias": "router.bias"}
+
+
+def _softmax_route(renormalize: Callable[[nn.Module], bool], weight: str = "gate.weight") -> RouteOf:
+    """Softmax over all experts, then top-k (the block's ``gate`` has ``top_k``; ``weight``: the router's
+    weight; ``renormalize`` reads the block)."""
+
+    def route_of(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]]:
+        top_k = _attribute(block.get_submodule("gate"), "top_k", int)
+        return RouteSpec(num_experts=num_experts, top_k=top_k, renormalize=renormalize(block)), {"router": weight}
+
+    return route_of
+
+
+def _ernie_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """Softmax scores, a score-correction bias (stored (1, E)) for the choice only, and the chosen scores
+    divided by ``max(sum, norm_min)``: the same as ``sum + norm_min`` in float32, since k softmax scores
+    chosen first sum to at least k / E, far above ``norm_min`` (1e-12 in its configs; a larger one is not
+    modelled)."""
+    gate = block.get_submodule("gate")
+    norm_min = getattr(gate, "norm_min", None)
+    if not isinstance(norm_min, (int, float)) or not 0 <= norm_min <= 1e-6:
+        return None
+    route = RouteSpec(num_experts=num_experts, top_k=_attribute(gate, "top_k", int), renormalize=True,
+                      renorm_eps=float(norm_min), has_bias=True)
+    return route, {"router": "gate.weight", "router_bias": "gate.moe_statics.e_score_correction_bias"}
+
+
+def _minimax_m2_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]]:
+    """Sigmoid scores, the block's score-correction bias for the choice only, renormalized chosen scores."""
+    route = RouteSpec(num_experts=num_experts, top_k=_attribute(block, "top_k", int), scoring="sigmoid",
+                      renormalize=True, has_bias=True)
+    return route, {"router": "gate.weight", "router_bias": "e_score_correction_bias"}
 
 
 HF = "transformers.models"
@@ -554,5 +612,14 @@ _REGISTRY.extend([
     # GraniteMoE: top-k of the router logits, then softmax over the chosen k
     (f"{HF}.granitemoe.modeling_granitemoe.GraniteMoeMoE",
      _softmax_moe("granitemoe", lambda b: False, router="router", order="topk_then_score")),
-    (f"{HF}.gpt_oss.modeling_gpt_oss.GptOssMLP", _gpt_oss_moe),
+    (f"{HF}.gpt_oss.modeling_gpt_oss.GptOssMLP", _probed_moe("gpt_oss", _gpt_oss_route)),
+    (f"{HF}.qwen3_next.modeling_qwen3_next.Qwen3NextSparseMoeBlock",
+     _probed_moe("qwen3_next", _softmax_route(_norm_topk_prob), "shared_expert", "shared_expert_gate")),
+    (f"{HF}.hunyuan_v1_moe.modeling_hunyuan_v1_moe.HunYuanMoEV1Moe",
+     _probed_moe("hunyuan_v1_moe", _softmax_route(lambda b: True, "gate.wg.weight"), "shared_mlp")),
+    (f"{HF}.minimax_m2.modeling_minimax_m2.MiniMaxM2SparseMoeBlock", _probed_moe("minimax_m2", _minimax_m2_route)),
+    (f"{HF}.ernie4_5_moe.modeling_ernie4_5_moe.Ernie4_5_MoeSparseMoeBlock",
+     _probed_moe("ernie4_5_moe", _ernie_route, "shared_experts")),
+    (f"{HF}.exaone_moe.modeling_exaone_moe.ExaoneMoeSparseMoEBlock", _grouped_sigmoid_moe("exaone_moe")),
+    (f"{HF}.solar_open.modeling_solar_open.SolarOpenMoE", _grouped_sigmoid_moe("solar_open")),
 ])

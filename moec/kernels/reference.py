@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec, required_part
+from moec.frontend.blocks import ROUTER_BIAS_ROLES, BlockSpec, ExpertsSpec, FFNSpec, RouteSpec, required_part
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -235,8 +235,11 @@ def ffn(
 
 
 def oriented_weight(w: torch.Tensor, role: str, spec: BlockSpec) -> torch.Tensor:
-    """One weight in moec's layout: a role stored (in, out) gets its last two dims swapped, and a gated role
-    whose gate and up entries alternate (gate, up, gate, up ...) gets all its gate entries first."""
+    """One weight in moec's layout: a role stored (in, out) gets its last two dims swapped, a gated role
+    whose gate and up entries alternate (gate, up, gate, up ...) gets all its gate entries first, and a
+    router bias stored (1, E) becomes (E,)."""
+    if role in ROUTER_BIAS_ROLES:
+        return w.reshape(-1)
     if role in spec.transposed:
         w = w.transpose(-2, -1)
     if role in spec.interleaved:

@@ -1,6 +1,7 @@
-"""Hugging Face experts modules under a router moec does not model: the experts become ``moe.experts`` and
-the router stays the model's own code; experts moec cannot model are captured as Hugging Face's generic
-``batched_mm`` code, with a warning."""
+"""Hugging Face experts modules: under a router moec does not model, the experts become ``moe.experts`` and
+the router stays the model's own code; under a router it models, the whole block becomes ``moe.route`` +
+``moe.experts``; experts moec cannot model are captured as Hugging Face's generic ``batched_mm`` code, with
+a warning."""
 
 from __future__ import annotations
 
@@ -143,17 +144,18 @@ def test_phimoe_exports_to_onnx_with_its_router_as_portable_ops(preset, tmp_path
         assert all("not provably >= 0" in text or "twice" in text for text in fallbacks)
 
 
+def tiny_family(family: str, options: dict) -> tuple[nn.Module, dict]:
+    """The family's causal LM from a tiny config (the ``options`` its config class takes)."""
+    package = __import__(f"transformers.models.{family}", fromlist=["_"])
+    causal_lm = next(getattr(package, name) for name in dir(package) if name.endswith("ForCausalLM"))
+    options = {key: value for key, value in options.items()
+               if key in inspect.signature(causal_lm.config_class.__init__).parameters}
+    return tiny_decoder(causal_lm, causal_lm.config_class, **options)
+
+
 # Families whose MoE block moec has no recognizer for, with tiny configs; their experts are recognized.
 FAMILIES = {
-    "qwen3_next": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=32, head_dim=8),
-    "ernie4_5_moe": dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, head_dim=8),
-    "hunyuan_v1_moe": dict(num_experts=4, moe_topk=2, moe_intermediate_size=32, head_dim=8),
-    "exaone_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
-    "minimax_m2": dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32),
-    "solar_open": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=1,
-                       topk_group=1, head_dim=8),
     "nemotron_h": dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,  # squared-ReLU experts
                        moe_shared_expert_intermediate_size=32, n_group=1, topk_group=1),
 }
@@ -162,16 +164,54 @@ FAMILIES = {
 @pytest.mark.slow
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_families_with_unmodelled_routers_keep_parity(family):
-    package = __import__(f"transformers.models.{family}", fromlist=["_"])
-    causal_lm = next(getattr(package, name) for name in dir(package) if name.endswith("ForCausalLM"))
-    options = {key: value for key, value in FAMILIES[family].items()
-               if key in inspect.signature(causal_lm.config_class.__init__).parameters}
-    model, example = tiny_decoder(causal_lm, causal_lm.config_class, **options)
+    model, example = tiny_family(family, FAMILIES[family])
     assert any(spec.kind == "experts" for spec in recognize(model))
     compiled = moec.compile(model, example)
     assert compiled.program.graph.ops_of(ExpertsOp)
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
     assert parity(model, compiled, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) <= 1e-4
+
+
+# Families whose whole MoE block moec recognizes (its router as a moe.route, its experts by the probe): tiny
+# config options, and whether the router has a score-correction bias.
+ROUTED_FAMILIES = {
+    "qwen3_next": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        shared_expert_intermediate_size=32, head_dim=8), False),
+    "hunyuan_v1_moe": (dict(num_experts=4, moe_topk=2, moe_intermediate_size=32, head_dim=8), False),
+    "minimax_m2": (dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8), True),
+    "ernie4_5_moe": (dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+                          head_dim=8), True),  # its bias stored (1, E)
+    "exaone_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8), True),
+    "solar_open": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
+                        topk_group=1, head_dim=8), True),
+}
+
+
+@pytest.mark.parametrize("family", [  # Qwen3-Next is slow: its linear attention runs a reference implementation
+    pytest.param(family, marks=pytest.mark.slow if family == "qwen3_next" else ()) for family in ROUTED_FAMILIES])
+def test_families_with_modelled_routers_keep_parity(family):
+    options, biased = ROUTED_FAMILIES[family]
+    model, example = tiny_family(family, options)
+    biases = [t for name, t in [*model.named_parameters(), *model.named_buffers()]
+              if name.endswith("e_score_correction_bias")]
+    assert bool(biases) == biased
+    with torch.no_grad():
+        for bias in biases:  # initialized to zero: make them change the choice
+            bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    specs = [spec for spec in recognize(model) if spec.experts is not None]
+    assert specs and all(spec.kind == "moe" and spec.family == family for spec in specs)
+    assert all(spec.route.has_bias == biased for spec in specs)
+    compiled = moec.compile(model, example)
+    assert len(compiled.program.graph.ops_of(RouteOp)) == len(specs)
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert parity(model, compiled, inputs) <= 1e-4
+    if biased:  # the biases matter on these inputs: removing them changes the model's output
+        with torch.no_grad():
+            before = model(**inputs, use_cache=False).logits
+            for bias in biases:
+                bias.zero_()
+            assert (model(**inputs, use_cache=False).logits - before).abs().max() > 1e-4
 
 
 # ---- experts with clamped gating (GPT-OSS, DeepSeek-V4) --------------------------------------------
@@ -186,11 +226,7 @@ CLAMPED = {  # family: (tiny config options, expected (act, limit, up_offset), t
 
 def clamped_family(family: str) -> tuple[nn.Module, tuple]:
     """The tiny model with its experts' weights scaled up 30x, so that their clamps bind."""
-    package = __import__(f"transformers.models.{family}", fromlist=["_"])
-    causal_lm = next(getattr(package, name) for name in dir(package) if name.endswith("ForCausalLM"))
-    options = {key: value for key, value in CLAMPED[family][0].items()
-               if key in inspect.signature(causal_lm.config_class.__init__).parameters}
-    model, example = tiny_decoder(causal_lm, causal_lm.config_class, **options)
+    model, example = tiny_family(family, CLAMPED[family][0])
     with torch.no_grad():
         for name, weight in model.named_parameters():
             if ".experts." in name:
