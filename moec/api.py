@@ -173,7 +173,8 @@ def describe_spec(op: Any) -> str:
     spec = op.spec
     if isinstance(op, RouteOp):
         bias = (", logit bias" if spec.has_logit_bias else "") + (", score bias" if spec.has_bias else "")
-        groups = f", groups {spec.topk_group}/{spec.n_group}" if spec.n_group > 1 else ""
+        by_best = " by best" if spec.group_score == "max" else ""
+        groups = f", groups {spec.topk_group}/{spec.n_group}{by_best}" if spec.n_group > 1 else ""
         return f"{spec.scoring} {spec.order}{', renorm' if spec.renormalize else ''}{bias}{groups}"
     gate = " + sigmoid gate" if getattr(spec, "has_output_gate", False) else ""
     if isinstance(op, ExpertsOp) and not isinstance(op.args[1].owner, RouteOp):

@@ -27,6 +27,7 @@ from typing import TypeVar
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "quick_gelu", "relu2")  # relu2: relu(x) ** 2
 SCORINGS = ("softmax", "sigmoid")
 ORDERS = ("score_then_topk", "topk_then_score")
+GROUP_SCORES = ("top2_sum", "max")
 ROUTER_BIAS_ROLES = ("router_bias", "router_logit_bias")
 
 
@@ -38,8 +39,9 @@ class RouteSpec:
     (``has_logit_bias``, GPT-OSS); scores = scoring(logits) over all experts
     (``score_then_topk``) or over the top-k logits only (``topk_then_score``). With ``router_bias``
     the bias is added to the scores for choosing experts only (DeepSeek-V3). With ``n_group`` the
-    experts are split in groups, a group's score is the sum of its top-2 scores, and only the best
-    ``topk_group`` groups may be chosen. Chosen weights are renormalized to sum 1 (``renormalize``,
+    experts are split in groups, a group's score is the sum of its top-2 choice values (``group_score``
+    ``top2_sum``, DeepSeek-V3) or its best one (``max``, DeepSeek-V2), and only the best ``topk_group``
+    groups may be chosen. Chosen weights are renormalized to sum 1 (``renormalize``,
     with ``renorm_eps`` added to the denominator), then multiplied by ``scaling``.
     """
 
@@ -52,6 +54,7 @@ class RouteSpec:
     scaling: float = 1.0
     n_group: int = 1
     topk_group: int = 1
+    group_score: str = "top2_sum"
     has_bias: bool = False
     has_logit_bias: bool = False
 

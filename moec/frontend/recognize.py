@@ -1,7 +1,8 @@
 """Block recognizers: find the FFN and MoE blocks of a model by module class and describe them as specs.
 
-Built in (by class, see the table at the end): the sparse MoE blocks of Hugging Face Mixtral, Qwen2/3-MoE,
-OLMoE, FlexOlmo, MiniMax, GraniteMoE, DeepSeek-V3, GLM-4-MoE and dots1; the gated MLPs of Llama-style
+Built in (by class, see the table at the end): the sparse MoE blocks of some thirty Hugging Face families
+(Mixtral, Qwen2/3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, GPT-OSS, Mistral 4 ...: the router as a
+``RouteSpec``, the experts by their standard layout or by the experts probe); the gated MLPs of Llama-style
 models and of those MoE families' dense layers and shared experts; GPT-2, GPT-J, GPT-NeoX, Falcon, CLIP
 and T5 MLPs; BERT-style feed-forward sublayers. Users add their own classes with
 :func:`register_moe_block`. A module of any other class with the Llama-style gated MLP's parts
@@ -22,6 +23,7 @@ from typing import TypeVar
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec, required_part
 
@@ -238,14 +240,17 @@ def _anchored(spec: BlockSpec, path: str) -> BlockSpec:
 
 
 def activation_name(act: object) -> str | None:
-    """moec's name for a Hugging Face / torch activation module, or None when moec does not model it (or
-    ``act`` is no such module: a plain function, None).
+    """moec's name for a Hugging Face / torch activation module or ``torch.nn.functional`` activation
+    function (LFM2-MoE's experts call ``F.silu``), or None when moec does not model it.
 
-    Decided from the module that actually runs (not the config string), so aliases such as
+    Decided from what actually runs (not the config string), so aliases such as
     ``gelu_new``/``gelu_pytorch_tanh``/``gelu_fast`` (all tanh GELU) or ``swish`` resolve alike.
     """
     from transformers import activations as hf_act  # here, not at the top: it imports much of transformers
 
+    functions: dict[object, str] = {F.silu: "silu", F.gelu: "gelu", F.relu: "relu"}
+    if callable(act) and act in functions:
+        return functions[act]
     if isinstance(act, (hf_act.SiLUActivation, nn.SiLU)):
         return "silu"
     if isinstance(act, hf_act.GELUActivation) or (isinstance(act, nn.GELU) and act.approximate == "none"):
@@ -535,21 +540,47 @@ def _probed_moe(family: str, route_of: RouteOf, shared: str = "", shared_gate: s
     return to_spec
 
 
-def _gpt_oss_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]]:
-    """A router with its own bias: top-k of the biased logits, softmax over the chosen k."""
-    router = block.get_submodule("router")
-    route = RouteSpec(num_experts=num_experts, top_k=_attribute(router, "top_k", int), order="topk_then_score",
-                      renormalize=False, has_logit_bias=True)
-    return route, {"router": "router.weight", "router_logit_bias": "router.bias"}
+def _setting(block: nn.Module, path: str) -> object:
+    """The value at the dotted ``path`` of ``block`` (a setting copied from the config)."""
+    value: object = block
+    for name in path.split("."):
+        value = getattr(value, name)
+    return value
 
 
-def _softmax_route(renormalize: Callable[[nn.Module], bool], weight: str = "gate.weight") -> RouteOf:
-    """Softmax over all experts, then top-k (the block's ``gate`` has ``top_k``; ``weight``: the router's
-    weight; ``renormalize`` reads the block)."""
+def _route(*, weight: str = "gate.weight", top_k: str = "gate.top_k", scoring: str = "softmax",
+           order: str = "score_then_topk", renormalize: bool | str = True, renorm_eps: float = 0.0,
+           scaling: str = "", bias: str = "", logit_bias: str = "", groups: str = "",
+           group_score: str = "top2_sum") -> RouteOf:
+    """A routing read from where the block keeps it; every path is relative to the block.
 
-    def route_of(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]]:
-        top_k = _attribute(block.get_submodule("gate"), "top_k", int)
-        return RouteSpec(num_experts=num_experts, top_k=top_k, renormalize=renormalize(block)), {"router": weight}
+    ``weight`` and ``top_k``: the router's weight (E, H) and k. ``renormalize``: fixed, or the path of the
+    flag (``norm_topk_prob``; None reads as no). ``scaling``: the path of the factor the chosen weights are
+    multiplied by (in the router or applied to the experts' sum: the same, the sum being linear in them).
+    ``bias``: a score-correction bias for the choice only; ``logit_bias``: the router's own bias, added to
+    its logits. ``groups``: the module with ``num_group`` and ``topk_group`` (group-limited top-k, groups
+    scored by ``group_score``); one whose allowed groups hold fewer than k experts is not modelled (the
+    block then stays the model's code)."""
+
+    def route_of(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+        k = _attribute(block, top_k, int)
+        renorm = renormalize if isinstance(renormalize, bool) else bool(_setting(block, renormalize))
+        factor = _setting(block, scaling) if scaling else 1.0
+        if not isinstance(factor, (int, float)):
+            raise TypeError(f"{type(block).__name__}.{scaling} is {factor!r}, not a number")
+        n_group = _attribute(block, f"{groups}.num_group", int) if groups else 1
+        topk_group = _attribute(block, f"{groups}.topk_group", int) if groups else 1
+        if k > topk_group * (num_experts // n_group):
+            return None
+        route = RouteSpec(num_experts=num_experts, top_k=k, scoring=scoring, order=order, renormalize=renorm,
+                          renorm_eps=renorm_eps, scaling=float(factor), n_group=n_group, topk_group=topk_group,
+                          group_score=group_score, has_bias=bool(bias), has_logit_bias=bool(logit_bias))
+        weights = {"router": weight}
+        if bias:
+            weights["router_bias"] = bias
+        if logit_bias:
+            weights["router_logit_bias"] = logit_bias
+        return route, weights
 
     return route_of
 
@@ -559,20 +590,52 @@ def _ernie_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[st
     divided by ``max(sum, norm_min)``: the same as ``sum + norm_min`` in float32, since k softmax scores
     chosen first sum to at least k / E, far above ``norm_min`` (1e-12 in its configs; a larger one is not
     modelled)."""
-    gate = block.get_submodule("gate")
-    norm_min = getattr(gate, "norm_min", None)
+    norm_min = getattr(block.get_submodule("gate"), "norm_min", None)
     if not isinstance(norm_min, (int, float)) or not 0 <= norm_min <= 1e-6:
         return None
-    route = RouteSpec(num_experts=num_experts, top_k=_attribute(gate, "top_k", int), renormalize=True,
-                      renorm_eps=float(norm_min), has_bias=True)
-    return route, {"router": "gate.weight", "router_bias": "gate.moe_statics.e_score_correction_bias"}
+    return _route(renorm_eps=float(norm_min), bias="gate.moe_statics.e_score_correction_bias")(block, num_experts)
 
 
-def _minimax_m2_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]]:
-    """Sigmoid scores, the block's score-correction bias for the choice only, renormalized chosen scores."""
-    route = RouteSpec(num_experts=num_experts, top_k=_attribute(block, "top_k", int), scoring="sigmoid",
-                      renormalize=True, has_bias=True)
-    return route, {"router": "gate.weight", "router_bias": "e_score_correction_bias"}
+def _laguna_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """Sigmoid scores with a score-correction bias, renormalized, the experts' sum scaled by the block; a
+    router with tanh soft-capped logits is not modelled."""
+    if _setting(block, "gate.router_logit_softcapping"):
+        return None
+    return _route(scoring="sigmoid", bias="gate.e_score_correction_bias", scaling="routed_scaling_factor")(
+        block, num_experts)
+
+
+def _deepseek_v2_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """Softmax scores, top-k from all experts (``greedy``) or from the best groups, a group scored by its
+    best expert (``group_limited_greedy``), scaled and not renormalized."""
+    method = _setting(block, "gate.topk_method")
+    if method not in ("greedy", "group_limited_greedy"):
+        return None
+    groups = "gate" if method == "group_limited_greedy" else ""
+    return _route(renormalize=False, scaling="gate.routed_scaling_factor", groups=groups, group_score="max")(
+        block, num_experts)
+
+
+def _lfm2_moe_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """Sigmoid scores, the block's expert bias for the choice only (when it has one), renormalized with eps
+    1e-6 when the router says so, and scaled."""
+    bias = "expert_bias" if _setting(block, "use_expert_bias") else ""
+    return _route(scoring="sigmoid", renormalize="gate.norm_topk_prob", renorm_eps=1e-6,
+                  scaling="gate.routed_scaling_factor", bias=bias)(block, num_experts)
+
+
+def _cohere2_moe_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """Top-k of the logits, then softmax over the chosen k or their sigmoids (renormalized when the router
+    says so); a shared expert averaged with the routed ones (not summed) is not modelled."""
+    if getattr(block, "num_shared_experts", 0) and block.shared_expert_combination_strategy != "sum":
+        return None
+    selection = _setting(block, "gate.expert_selection_fn")
+    if selection == "softmax":
+        return _route(order="topk_then_score", renormalize=False)(block, num_experts)
+    if selection == "sigmoid":
+        return _route(scoring="sigmoid", order="topk_then_score", renormalize="gate.norm_topk_prob")(
+            block, num_experts)
+    return None
 
 
 HF = "transformers.models"
@@ -612,14 +675,53 @@ _REGISTRY.extend([
     # GraniteMoE: top-k of the router logits, then softmax over the chosen k
     (f"{HF}.granitemoe.modeling_granitemoe.GraniteMoeMoE",
      _softmax_moe("granitemoe", lambda b: False, router="router", order="topk_then_score")),
-    (f"{HF}.gpt_oss.modeling_gpt_oss.GptOssMLP", _probed_moe("gpt_oss", _gpt_oss_route)),
+    (f"{HF}.gpt_oss.modeling_gpt_oss.GptOssMLP", _probed_moe("gpt_oss", _route(weight="router.weight", top_k="router.top_k", order="topk_then_score",
+                                      renormalize=False, logit_bias="router.bias"))),
     (f"{HF}.qwen3_next.modeling_qwen3_next.Qwen3NextSparseMoeBlock",
-     _probed_moe("qwen3_next", _softmax_route(_norm_topk_prob), "shared_expert", "shared_expert_gate")),
+     _probed_moe("qwen3_next", _route(renormalize="gate.norm_topk_prob"), "shared_expert", "shared_expert_gate")),
     (f"{HF}.hunyuan_v1_moe.modeling_hunyuan_v1_moe.HunYuanMoEV1Moe",
-     _probed_moe("hunyuan_v1_moe", _softmax_route(lambda b: True, "gate.wg.weight"), "shared_mlp")),
-    (f"{HF}.minimax_m2.modeling_minimax_m2.MiniMaxM2SparseMoeBlock", _probed_moe("minimax_m2", _minimax_m2_route)),
+     _probed_moe("hunyuan_v1_moe", _route(weight="gate.wg.weight"), "shared_mlp")),
+    (f"{HF}.minimax_m2.modeling_minimax_m2.MiniMaxM2SparseMoeBlock", _probed_moe("minimax_m2", _route(top_k="top_k", scoring="sigmoid",
+                                                                                bias="e_score_correction_bias"))),
     (f"{HF}.ernie4_5_moe.modeling_ernie4_5_moe.Ernie4_5_MoeSparseMoeBlock",
      _probed_moe("ernie4_5_moe", _ernie_route, "shared_experts")),
     (f"{HF}.exaone_moe.modeling_exaone_moe.ExaoneMoeSparseMoEBlock", _grouped_sigmoid_moe("exaone_moe")),
     (f"{HF}.solar_open.modeling_solar_open.SolarOpenMoE", _grouped_sigmoid_moe("solar_open")),
+    (f"{HF}.glm4_moe_lite.modeling_glm4_moe_lite.Glm4MoeLiteMoE", _grouped_sigmoid_moe("glm4_moe_lite")),
+    (f"{HF}.deepseek_v2.modeling_deepseek_v2.DeepseekV2Moe", _probed_moe("deepseek_v2", _deepseek_v2_route,
+                                                                          "shared_experts")),
+    (f"{HF}.mistral4.modeling_mistral4.Mistral4MoE",
+     _probed_moe("mistral4", _route(renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
+                                    scaling="gate.routed_scaling_factor", groups="gate"), "shared_experts")),
+    (f"{HF}.mimo_v2_flash.modeling_mimo_v2_flash.MiMoV2FlashMoE",
+     _probed_moe("mimo_v2_flash", _route(scoring="sigmoid", renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
+                                         scaling="gate.routed_scaling_factor", bias="gate.e_score_correction_bias",
+                                         groups="gate"))),
+    (f"{HF}.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeSparseMoeBlock",
+     _probed_moe("qwen3_5_moe", _route(), "shared_expert", "shared_expert_gate")),
+    (f"{HF}.qwen4_exp.modeling_qwen4_exp.Qwen4ExpTextSparseMoeBlock",
+     _probed_moe("qwen4_exp", _route(renormalize="gate.norm_topk_prob"), "shared_expert", "shared_expert_gate")),
+    (f"{HF}.mellum.modeling_mellum.MellumSparseMoeBlock", _probed_moe("mellum", _route(renormalize="gate.norm_topk_prob"))),
+    (f"{HF}.lara_mini.modeling_lara_mini.LaraMiniSparseMoeBlock",
+     _probed_moe("lara_mini", _route(renormalize="gate.norm_topk_prob"), "shared_expert")),
+    (f"{HF}.granitemoe_swa.modeling_granitemoe_swa.GraniteMoeSWAMoE",
+     _probed_moe("granitemoe_swa", _route(weight="router.weight", top_k="router.top_k", order="topk_then_score",
+                                          renormalize=False))),
+    (f"{HF}.aria.modeling_aria.AriaTextMoELayer",
+     _probed_moe("aria", _route(weight="router.weight", top_k="router.top_k", order="topk_then_score",
+                                renormalize=False), "shared_experts")),
+    (f"{HF}.kolibri1.modeling_kolibri1.Kolibri1SparseMoeBlock",
+     _probed_moe("kolibri1", _route(scoring="sigmoid", order="topk_then_score", renormalize="gate.norm_topk_prob",
+                                    bias="gate.e_score_correction_bias"), "shared_experts")),
+    (f"{HF}.hy_v3.modeling_hy_v3.HYV3MoE",
+     _probed_moe("hy_v3", _route(scoring="sigmoid", renorm_eps=1e-20, scaling="gate.router_scaling_factor",
+                                 bias="e_score_correction_bias"), "shared_experts")),
+    (f"{HF}.afmoe.modeling_afmoe.AfmoeSparseMoeBlock",
+     _probed_moe("afmoe", _route(weight="router.gate.weight", top_k="router.top_k", scoring="sigmoid",
+                                 renorm_eps=1e-20, scaling="router.route_scale", bias="expert_bias"),
+                 "shared_experts")),
+    (f"{HF}.laguna.modeling_laguna.LagunaSparseMoeBlock", _probed_moe("laguna", _laguna_route, "shared_experts")),
+    (f"{HF}.lfm2_moe.modeling_lfm2_moe.Lfm2MoeSparseMoeBlock", _probed_moe("lfm2_moe", _lfm2_moe_route)),
+    (f"{HF}.cohere2_moe.modeling_cohere2_moe.Cohere2MoeSparseMoeBlock",
+     _probed_moe("cohere2_moe", _cohere2_moe_route, "shared_experts")),
 ])

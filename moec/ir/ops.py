@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, ClassVar
 
-from moec.frontend.blocks import ACTIVATIONS, ORDERS, SCORINGS, ExpertsSpec, FFNSpec, RouteSpec
+from moec.frontend.blocks import ACTIVATIONS, GROUP_SCORES, ORDERS, SCORINGS, ExpertsSpec, FFNSpec, RouteSpec
 from moec.ir.core import Operation, Value, WeightRef, register_op
 from moec.ir.quant import QuantizedType
 from moec.ir.types import Dim, TensorType, Type
@@ -143,6 +143,7 @@ class RouteOp(SpecOp):
     required_weights = ("router",)
     optional_weights = ("router_bias", "router_logit_bias")
     derived_fields = ("has_bias", "has_logit_bias")
+    omitted_at_default = ("group_score",)
 
     def derived_spec_values(self) -> dict[str, Any]:
         return {"has_bias": "router_bias" in self.kwargs, "has_logit_bias": "router_logit_bias" in self.kwargs}
@@ -150,6 +151,7 @@ class RouteOp(SpecOp):
     def verify_spec(self, spec: RouteSpec) -> None:
         check_choice("scoring", spec.scoring, SCORINGS)
         check_choice("order", spec.order, ORDERS)
+        check_choice("group_score", spec.group_score, GROUP_SCORES)
         if not 1 <= spec.top_k <= spec.num_experts:
             raise ValueError(f"top_k={spec.top_k} must be in 1..num_experts={spec.num_experts}")
         if spec.num_experts % spec.n_group or not 1 <= spec.topk_group <= spec.n_group:

@@ -53,11 +53,14 @@ def _score(logits: torch.Tensor, scoring: str) -> torch.Tensor:
 def _mask_groups(choice: torch.Tensor, spec: RouteSpec) -> torch.Tensor:
     """Set to -inf the choice values of experts outside the ``topk_group`` best groups.
 
-    A group's score is the sum of its two best choice values (DeepSeek-V3).
+    A group's score is the sum of its two best choice values (DeepSeek-V3) or its best one (DeepSeek-V2).
     """
     lead = choice.shape[:-1]
     grouped = choice.reshape(*lead, spec.n_group, spec.num_experts // spec.n_group)
-    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [..., G]
+    if spec.group_score == "max":
+        group_scores = grouped.amax(dim=-1)  # [..., G]
+    else:
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
     best_groups = group_scores.topk(spec.topk_group, dim=-1).indices
     keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter(-1, best_groups, True)
     return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).reshape(choice.shape)

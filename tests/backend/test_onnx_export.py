@@ -101,6 +101,22 @@ def test_unlowerable_op_is_one_clear_error_and_no_file(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+class ComplexRotation(nn.Module):
+    """Rotates pairs of features as complex numbers, the way DeepSeek-V2 applies rotary embeddings."""
+
+    def forward(self, x):
+        pairs = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+        return torch.view_as_real(pairs * torch.polar(torch.ones(2), torch.tensor([0.1, 0.2]))).flatten(-2)
+
+
+def test_complex_values_are_one_clear_error_and_no_file(tmp_path):
+    compiled = moec.compile(ComplexRotation(), (torch.randn(2, 3, 4),))
+    target = tmp_path / "model.onnx"
+    with pytest.raises(BackendError, match=r"cannot lower aten\.\w+\.\w+ \(complex-valued tensors.*line \d+ of the IR"):
+        compiled.export_onnx(target)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_parity_leaves_nothing_behind(tmp_path):
     compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
     with pytest.raises(BackendError, match="differs from the torch runner"):

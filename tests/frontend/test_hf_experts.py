@@ -148,8 +148,8 @@ def tiny_family(family: str, options: dict) -> tuple[nn.Module, dict]:
     """The family's causal LM from a tiny config (the ``options`` its config class takes)."""
     package = __import__(f"transformers.models.{family}", fromlist=["_"])
     causal_lm = next(getattr(package, name) for name in dir(package) if name.endswith("ForCausalLM"))
-    options = {key: value for key, value in options.items()
-               if key in inspect.signature(causal_lm.config_class.__init__).parameters}
+    unknown = set(options) - set(inspect.signature(causal_lm.config_class.__init__).parameters)
+    assert not unknown, f"{causal_lm.config_class.__name__} takes no {sorted(unknown)}"
     return tiny_decoder(causal_lm, causal_lm.config_class, **options)
 
 
@@ -173,34 +173,68 @@ def test_families_with_unmodelled_routers_keep_parity(family):
 
 
 # Families whose whole MoE block moec recognizes (its router as a moe.route, its experts by the probe): tiny
-# config options, and whether the router has a score-correction bias.
+# config options (a scaling factor other than 1 where the router scales, so that a wrong one shows), and
+# whether the router has a score-correction bias; a "family:variant" key tests another setting of the family.
+_FULL_ATTENTION = dict(layer_types=["full_attention"] * 2)  # no linear attention: its reference code is slow
+_MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8)  # DeepSeek-V2-style latent attention at the tiny size
 ROUTED_FAMILIES = {
     "qwen3_next": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                        shared_expert_intermediate_size=32, head_dim=8), False),
-    "hunyuan_v1_moe": (dict(num_experts=4, moe_topk=2, moe_intermediate_size=32, head_dim=8), False),
+                        shared_expert_intermediate_size=32, head_dim=8, **_FULL_ATTENTION), False),
+    "qwen3_5_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         shared_expert_intermediate_size=32, head_dim=8, **_FULL_ATTENTION), False),
+    "qwen4_exp": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, norm_topk_prob=True, head_dim=8), False),
+    "hunyuan_v1_moe": (dict(num_experts=4, moe_topk=2, head_dim=8), False),
     "minimax_m2": (dict(num_local_experts=4, num_experts_per_tok=2, head_dim=8), True),
-    "ernie4_5_moe": (dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
-                          head_dim=8), True),  # its bias stored (1, E)
-    "exaone_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8), True),
+    "ernie4_5_moe": (dict(moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1),
+                     True),  # its bias stored (1, E)
+    "exaone_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), True),
     "solar_open": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
                         topk_group=1, head_dim=8), True),
+    "glm4_moe_lite": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
+                           topk_group=1, routed_scaling_factor=2.5, **_MLA), True),
+    "deepseek_v2": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                         first_k_dense_replace=0, routed_scaling_factor=2.5, **_MLA), False),
+    "deepseek_v2:grouped": (dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,  # by best
+                                 first_k_dense_replace=0, topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                 routed_scaling_factor=2.5, **_MLA), False),
+    "mistral4": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
+                      topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, **_MLA), False),
+    "mimo_v2_flash": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
+                           topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, head_dim=8), True),
+    "mellum": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True), False),
+    "lara_mini": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, norm_topk_prob=True, **_FULL_ATTENTION), False),
+    "granitemoe_swa": (dict(num_local_experts=4, num_experts_per_tok=2), False),
+    "aria": (dict(moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1), False),
+    "kolibri1": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True), True),
+    "hy_v3": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32), True),
+    "afmoe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, route_scale=2.5), True),
+    "laguna": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                    shared_expert_intermediate_size=32, moe_routed_scaling_factor=2.5), True),
+    "lfm2_moe": (dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, num_dense_layers=0,
+                      use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=2.0,
+                      layer_types=["full_attention", "conv"]), True),  # experts call F.silu, a plain function
+    "cohere2_moe": (dict(num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                         shared_expert_combination_strategy="sum"), False),
 }
 
 
-@pytest.mark.parametrize("family", [  # Qwen3-Next is slow: its linear attention runs a reference implementation
-    pytest.param(family, marks=pytest.mark.slow if family == "qwen3_next" else ()) for family in ROUTED_FAMILIES])
-def test_families_with_modelled_routers_keep_parity(family):
-    options, biased = ROUTED_FAMILIES[family]
+@pytest.mark.parametrize("case", [  # Qwen4-Exp's linear attention (its reference code) is slow
+    pytest.param(case, marks=pytest.mark.slow if case == "qwen4_exp" else ()) for case in ROUTED_FAMILIES])
+def test_families_with_modelled_routers_keep_parity(case):
+    options, biased = ROUTED_FAMILIES[case]
+    family = case.partition(":")[0]
     model, example = tiny_family(family, options)
-    biases = [t for name, t in [*model.named_parameters(), *model.named_buffers()]
-              if name.endswith("e_score_correction_bias")]
-    assert bool(biases) == biased
-    with torch.no_grad():
-        for bias in biases:  # initialized to zero: make them change the choice
-            bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     specs = [spec for spec in recognize(model) if spec.experts is not None]
     assert specs and all(spec.kind == "moe" and spec.family == family for spec in specs)
     assert all(spec.route.has_bias == biased for spec in specs)
+    state = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    biases = [state[spec.weights["router_bias"]] for spec in specs if spec.route.has_bias]
+    with torch.no_grad():
+        for bias in biases:  # initialized to zero: make them change the choice
+            bias.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     compiled = moec.compile(model, example)
     assert len(compiled.program.graph.ops_of(RouteOp)) == len(specs)
     ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
@@ -212,6 +246,21 @@ def test_families_with_modelled_routers_keep_parity(family):
             for bias in biases:
                 bias.zero_()
             assert (model(**inputs, use_cache=False).logits - before).abs().max() > 1e-4
+
+
+# Routing settings moec does not model: the block is left to the experts-only path (its router stays the
+# model's code), never recognized with the setting dropped.
+UNMODELLED_SETTINGS = {
+    "laguna": dict(moe_router_logit_softcapping=3.0),
+    "cohere2_moe": dict(num_shared_experts=1, shared_expert_combination_strategy="average"),
+}
+
+
+@pytest.mark.parametrize("family", list(UNMODELLED_SETTINGS))
+def test_unmodelled_routing_settings_leave_the_router_to_the_model(family):
+    model, _ = tiny_family(family, {**ROUTED_FAMILIES[family][0], **UNMODELLED_SETTINGS[family]})
+    kinds = {spec.kind for spec in recognize(model) if spec.experts is not None}
+    assert kinds == {"experts"}
 
 
 # ---- experts with clamped gating (GPT-OSS, DeepSeek-V4) --------------------------------------------

@@ -109,9 +109,10 @@ def test_generated_graphs_round_trip(graph):
     st.booleans(),
     st.tuples(st.one_of(st.none(), st.floats(0.5, 20.0)), st.sampled_from([0.0, 1.0])),
     st.sets(st.sampled_from(["router_bias", "router_logit_bias"])),
+    st.sampled_from(["top2_sum", "max"]),
 )
 def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize, scaling, act, shared_gate, gating,
-                                            router_biases):
+                                            router_biases, group_score):
     num_experts, top_k = experts_topk
     graph = Graph()
     x = graph.add_input("x", TensorType("f32", ("s0", 8)))
@@ -122,7 +123,7 @@ def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize,
         "up": TensorType("f32", (4, 8)), "down": TensorType("f32", (8, 4)), "gate": TensorType("f32", (1, 8)),
     } | {role: TensorType("f32", (num_experts,)) for role in router_biases})
     route_spec = RouteSpec(num_experts=num_experts, top_k=top_k, scoring=scoring, renormalize=renormalize, scaling=scaling,
-                           has_bias="router_bias" in router_biases, has_logit_bias="router_logit_bias" in router_biases)
+                           group_score=group_score, has_bias="router_bias" in router_biases, has_logit_bias="router_logit_bias" in router_biases)
     route_weights = {"router": "router"} | {role: role for role in sorted(router_biases)}
     route = graph.append(RouteOp.build([x], route_weights, route_spec,
                                        [TensorType("i64", ("s0", top_k)), TensorType("f32", ("s0", top_k))]))
@@ -141,6 +142,7 @@ def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize,
     assert print_graph(parsed) == text
     assert parsed.ops[0].spec == route_spec
     assert parsed.ops[1].spec == experts_spec
+    assert ("group_score=" in text) == (group_score != "top2_sum")  # written only when not the default
     assert ("limit=" in text) == (limit is not None) and ("up_offset=" in text) == (up_offset != 0.0)
     assert parsed.ops[2].spec == shared_spec
     assert math.isclose(parsed.ops[0].spec.scaling, scaling)

@@ -51,10 +51,11 @@ from moec.backend.onnx.moe import LOWERINGS
 from moec.backend.onnx.moe import TRANSLATIONS as MOE_TRANSLATIONS
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError
-from moec.ir.core import Operation, WeightRef
+from moec.ir.core import Operation, Value, WeightRef
 from moec.ir.ops import AtenOp, SpecOp
 from moec.ir.printer import print_graph_lines
 from moec.ir.program import Program, load_treespec
+from moec.ir.types import DTYPES_BY_NAME, TensorType
 
 DEFAULT_OPSET = 20
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a ``<file>.data`` beside the model
@@ -255,13 +256,24 @@ def check_lowerable(program: Program) -> None:
     supported = onnx_supported_targets()
     lines, op_lines = print_graph_lines(program.graph)
     for op in program.graph.ops:
-        if isinstance(op, AtenOp) and op.target.startswith("aten.") and op.target not in supported:
-            raise BackendError(
-                f"the ONNX exporter cannot lower {op.target} (no ONNX translation or decomposition in "
-                f"torch.onnx {torch.__version__}): line {op_lines[id(op)] + 1} of the IR, "
-                f"`{lines[op_lines[id(op)]].strip()}`, {model_location(program, op)}. Rewrite that "
-                "part of the model with supported ops, or run it with the torch backend"
-            )
+        if not isinstance(op, AtenOp):
+            continue
+        if op.target.startswith("aten.") and op.target not in supported:
+            reason = f"no ONNX translation or decomposition in torch.onnx {torch.__version__}"
+        elif any(is_complex(value) for value in [*op.operands, *op.results]):
+            reason = ("complex-valued tensors, which torch.onnx does not translate; rotary embeddings written "
+                      "with torch.view_as_complex, as in DeepSeek-V2, are one source")
+        else:
+            continue
+        raise BackendError(
+            f"the ONNX exporter cannot lower {op.target} ({reason}): line {op_lines[id(op)] + 1} of the IR, "
+            f"`{lines[op_lines[id(op)]].strip()}`, {model_location(program, op)}. Rewrite that "
+            "part of the model with supported ops, or run it with the torch backend"
+        )
+
+
+def is_complex(value: Value) -> bool:
+    return isinstance(value.type, TensorType) and DTYPES_BY_NAME[value.type.dtype].is_complex
 
 
 @functools.cache
