@@ -156,15 +156,18 @@ def _gating_candidates(experts: nn.Module, gated: bool) -> list[tuple[str, float
     """The (activation, limit, up_offset) an experts module may compute, for the probe to decide between.
 
     Hugging Face's default gating is ``act_fn(gate) * up``. Experts with their own ``_apply_gate`` may
-    clamp at ``self.limit`` (DeepSeek-V4: SiLU), and add 1 to up with ``gate * sigmoid(alpha * gate)``
-    (GPT-OSS: alpha 1.702, which is moec's ``quick_gelu``)."""
+    clamp at ``self.limit`` (DeepSeek-V4: SiLU) or ``self.swiglu_limit`` (HY-V4: SiLU written out, no
+    ``act_fn``), and add 1 to up with ``gate * sigmoid(alpha * gate)`` (GPT-OSS: alpha 1.702, which is
+    moec's ``quick_gelu``)."""
     act = activation_name(getattr(experts, "act_fn", None))
     if getattr(type(experts), "_apply_gate", None) in (None, _hf_default_apply_gate()) or not gated:
         return [] if act is None else [(act, None, 0.0)]
     alpha = getattr(experts, "alpha", None)
     acts = [act] if act is not None else []
     acts += [name for name, a in (("silu", 1.0), ("quick_gelu", 1.702)) if alpha == a and name not in acts]
-    limit = getattr(experts, "limit", None)
+    if not acts and alpha is None:
+        acts = ["silu"]
+    limit = getattr(experts, "limit", getattr(experts, "swiglu_limit", None))
     limits = [float(limit)] if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0 else []
     return [(name, bound, offset) for name in acts for bound in limits for offset in (0.0, 1.0)]
 
@@ -638,6 +641,10 @@ def _cohere2_moe_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, d
     return None
 
 
+# DeepSeek-V3's routing (``_grouped_sigmoid_moe``) for blocks whose experts only the probe recognizes.
+_DEEPSEEK_V3_ROUTE = _route(scoring="sigmoid", renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
+                            scaling="gate.routed_scaling_factor", bias="gate.e_score_correction_bias", groups="gate")
+
 HF = "transformers.models"
 _REGISTRY.extend([
     (f"{HF}.llama.modeling_llama.LlamaMLP", _gated_mlp("llama")),
@@ -688,15 +695,15 @@ _REGISTRY.extend([
     (f"{HF}.exaone_moe.modeling_exaone_moe.ExaoneMoeSparseMoEBlock", _grouped_sigmoid_moe("exaone_moe")),
     (f"{HF}.solar_open.modeling_solar_open.SolarOpenMoE", _grouped_sigmoid_moe("solar_open")),
     (f"{HF}.glm4_moe_lite.modeling_glm4_moe_lite.Glm4MoeLiteMoE", _grouped_sigmoid_moe("glm4_moe_lite")),
+    (f"{HF}.kimi_linear.modeling_kimi_linear.KimiLinearMoE", _grouped_sigmoid_moe("kimi_linear")),
+    (f"{HF}.bailing_hybrid.modeling_bailing_hybrid.BailingHybridMoE", _grouped_sigmoid_moe("bailing_hybrid")),
     (f"{HF}.deepseek_v2.modeling_deepseek_v2.DeepseekV2Moe", _probed_moe("deepseek_v2", _deepseek_v2_route,
                                                                           "shared_experts")),
     (f"{HF}.mistral4.modeling_mistral4.Mistral4MoE",
      _probed_moe("mistral4", _route(renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
                                     scaling="gate.routed_scaling_factor", groups="gate"), "shared_experts")),
-    (f"{HF}.mimo_v2_flash.modeling_mimo_v2_flash.MiMoV2FlashMoE",
-     _probed_moe("mimo_v2_flash", _route(scoring="sigmoid", renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
-                                         scaling="gate.routed_scaling_factor", bias="gate.e_score_correction_bias",
-                                         groups="gate"))),
+    (f"{HF}.mimo_v2_flash.modeling_mimo_v2_flash.MiMoV2FlashMoE", _probed_moe("mimo_v2_flash", _DEEPSEEK_V3_ROUTE)),
+    (f"{HF}.hy_v4.modeling_hy_v4.HYV4MoE", _probed_moe("hy_v4", _DEEPSEEK_V3_ROUTE, "shared_experts")),
     (f"{HF}.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeSparseMoeBlock",
      _probed_moe("qwen3_5_moe", _route(), "shared_expert", "shared_expert_gate")),
     (f"{HF}.qwen4_exp.modeling_qwen4_exp.Qwen4ExpTextSparseMoeBlock",

@@ -194,6 +194,14 @@ ROUTED_FAMILIES = {
                         topk_group=1, head_dim=8), True),
     "glm4_moe_lite": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
                            topk_group=1, routed_scaling_factor=2.5, **_MLA), True),
+    "kimi_linear": (dict(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
+                         routed_scaling_factor=2.5, pad_token_id=0, mlp_layer_types=["sparse"] * 2,
+                         **_FULL_ATTENTION, **_MLA), True),
+    "bailing_hybrid": (dict(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
+                            topk_group=1, routed_scaling_factor=2.5, pad_token_id=0, first_k_dense_replace=0,
+                            **_FULL_ATTENTION, **_MLA), True),
+    "hy_v4": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
+                   routed_scaling_factor=2.5, pad_token_id=0, mlp_layer_types=["sparse"] * 2, **_MLA), True),
     "deepseek_v2": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                          first_k_dense_replace=0, routed_scaling_factor=2.5, **_MLA), False),
     "deepseek_v2:grouped": (dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,  # by best
@@ -268,8 +276,9 @@ def test_unmodelled_routing_settings_leave_the_router_to_the_model(family):
 CLAMPED = {  # family: (tiny config options, expected (act, limit, up_offset), transposed and interleaved, kind)
     "gpt_oss": (dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=8),
                 ("quick_gelu", 7.0, 1.0), True, "moe"),  # its router too (a logit bias) is moec's
-    "deepseek_v4": (dict(num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
+    "deepseek_v4": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
                     ("silu", 10.0, 0.0), False, "experts"),
+    "hy_v4": ({**ROUTED_FAMILIES["hy_v4"][0], "swiglu_limit": 0.5}, ("silu", 0.5, 0.0), False, "moe"),  # no act_fn
 }
 
 
@@ -284,7 +293,7 @@ def clamped_family(family: str) -> tuple[nn.Module, tuple]:
 
 
 @pytest.mark.parametrize("family", [
-    "gpt_oss", pytest.param("deepseek_v4", marks=pytest.mark.slow),
+    "gpt_oss", "hy_v4", pytest.param("deepseek_v4", marks=pytest.mark.slow),
 ])
 def test_experts_with_clamped_gating_run_on_moec(family, tmp_path):
     model, example = clamped_family(family)
@@ -309,5 +318,5 @@ def test_experts_with_clamped_gating_run_on_moec(family, tmp_path):
         clamped = model(**inputs, use_cache=False).logits
         for module in model.modules():
             if type(module).__name__.endswith("Experts"):
-                module.limit = 1e9
+                setattr(module, "swiglu_limit" if hasattr(module, "swiglu_limit") else "limit", 1e9)
         assert (model(**inputs, use_cache=False).logits - clamped).abs().max() > 1e-3
