@@ -121,9 +121,9 @@ def _probed_hf_experts(experts: nn.Module) -> BlockSpec | None:
 
     This covers the MoE blocks whose router moec does not model (Jamba, PhiMoE, GraniteMoE-Shared, NemotronH,
     DeepSeek-V4 ...): their experts become a ``moe.experts`` op and their router stays the model's own
-    code (``_probed_moe`` uses it for the experts of blocks whose router moec does model). Experts with their own gating function are taken
-    when it is one of the clamped forms moec models (``ExpertsSpec.limit``, ``up_offset``); experts with a
-    norm after each expert are left alone.
+    code (``_moe_block`` uses it for the experts of blocks whose router moec does model). Experts with their
+    own gating function are taken when it is one of the clamped forms moec models (``ExpertsSpec.limit``,
+    ``up_offset``); experts with a norm after each expert are left alone.
     """
     layout = {flag: getattr(experts, flag, None) for flag in ("is_transposed", "is_concatenated", "has_post_expert_norm")}
     if not is_hf_experts(experts) or None in layout.values() or layout["has_post_expert_norm"]:
@@ -406,104 +406,16 @@ def _bert_layer(family: str) -> ToSpec:
     return to_spec
 
 
-def _routed_experts(block: nn.Module) -> tuple[dict[str, str], ExpertsSpec] | None:
-    """The HF stacked experts (``experts.gate_up_proj`` (E, 2F, H), ``experts.down_proj`` (E, H, F))."""
-    act = activation_name(block.get_submodule("experts").act_fn)
+def _stacked_experts(experts: nn.Module) -> BlockSpec | None:
+    """Hugging Face stacked experts in the standard layout (``gate_up_proj`` (E, 2F, H), gate rows first;
+    ``down_proj`` (E, H, F); an ``act_fn`` moec models), taken as they are, without a probe."""
+    act = activation_name(experts.act_fn)
     if act is None:
         return None
-    num_experts, hidden, intermediate = _attribute(block, "experts.down_proj", torch.Tensor).shape
+    num_experts, hidden, intermediate = _attribute(experts, "down_proj", torch.Tensor).shape
     spec = ExpertsSpec(num_experts=num_experts, hidden=hidden, intermediate=intermediate, act=act, gated=True)
-    return {"w_in": "experts.gate_up_proj", "w_out": "experts.down_proj"}, spec
-
-
-def _softmax_moe(family: str, renormalize: Callable[[nn.Module], bool], router: str = "gate",
-                 order: str = "score_then_topk") -> ToSpec:
-    """Mixtral-style blocks: softmax scores and top-k in ``order``, optional renormalization; the router
-    module (with ``weight`` and ``top_k``) is the block's ``router`` attribute."""
-
-    def to_spec(block: nn.Module) -> BlockSpec | None:
-        found = _routed_experts(block)
-        if found is None:
-            return None
-        expert_weights, experts = found
-        route = RouteSpec(num_experts=experts.num_experts, top_k=getattr(block, router).top_k,
-                          order=order, renormalize=renormalize(block))
-        return BlockSpec(
-            kind="moe",
-            family=family,
-            module="",
-            weights={"router": f"{router}.weight", **expert_weights},
-            route=route,
-            experts=experts,
-        )
-
-    return to_spec
-
-
-def _norm_topk_prob(block: nn.Module) -> bool:
-    """Whether the block's router (``gate``) renormalizes its top-k weights: its ``norm_topk_prob``, which a
-    Hugging Face config may leave None (read as no)."""
-    return bool(block.get_submodule("gate").norm_topk_prob)
-
-
-def _qwen2_moe(block: nn.Module) -> BlockSpec | None:
-    spec = _softmax_moe("qwen2_moe", _norm_topk_prob)(block)
-    shared_expert = block.get_submodule("shared_expert")
-    shared = _gated_mlp_ffn_spec(shared_expert)
-    if spec is None or shared is None:
-        return None
-    shared = dataclasses.replace(shared, has_output_gate=True)
-    weights = {
-        **spec.weights,
-        **_gated_mlp_weights(shared_expert, prefix="shared_expert.", role_prefix="shared_"),
-        "shared_gate": "shared_expert_gate.weight",
-    }
-    return dataclasses.replace(spec, weights=weights, shared=shared)
-
-
-def _grouped_sigmoid_moe(family: str) -> ToSpec:
-    """DeepSeek-V3-style blocks: sigmoid scores, a score-correction bias for the choice only, grouped top-k,
-    renormalized and scaled weights, and always-on shared experts."""
-
-    def to_spec(block: nn.Module) -> BlockSpec | None:
-        found = _routed_experts(block)
-        shared_experts = block.get_submodule("shared_experts")
-        shared = _gated_mlp_ffn_spec(shared_experts)
-        if found is None or shared is None:
-            return None
-        expert_weights, experts = found
-        gate = block.get_submodule("gate")
-        scaling = gate.routed_scaling_factor
-        if not isinstance(scaling, (int, float)):
-            raise TypeError(f"{type(gate).__name__}.routed_scaling_factor is {scaling!r}, not a number")
-        route = RouteSpec(
-            num_experts=experts.num_experts,
-            top_k=_attribute(gate, "top_k", int),
-            scoring="sigmoid",
-            renormalize=_norm_topk_prob(block),
-            renorm_eps=1e-20,
-            scaling=float(scaling),
-            n_group=_attribute(gate, "num_group", int),
-            topk_group=_attribute(gate, "topk_group", int),
-            has_bias=True,
-        )
-        weights = {
-            "router": "gate.weight",
-            "router_bias": "gate.e_score_correction_bias",
-            **expert_weights,
-            **_gated_mlp_weights(shared_experts, prefix="shared_experts.", role_prefix="shared_"),
-        }
-        return BlockSpec(
-            kind="moe",
-            family=family,
-            module="",
-            weights=weights,
-            route=route,
-            experts=experts,
-            shared=shared,
-        )
-
-    return to_spec
+    return BlockSpec(kind="experts", family=type(experts).__name__, module="",
+                     weights={"w_in": "gate_up_proj", "w_out": "down_proj"}, experts=spec)
 
 
 # Families whose MoE block returns (hidden states, router scores) rather than the hidden states alone.
@@ -513,14 +425,16 @@ ROUTER_SCORES_FAMILIES = ("gpt_oss",)
 RouteOf = Callable[[nn.Module, int], tuple[RouteSpec, dict[str, str]] | None]
 
 
-def _probed_moe(family: str, route_of: RouteOf, shared: str = "", shared_gate: str = "") -> ToSpec:
-    """Blocks whose ``experts`` module the experts probe recognizes (any Hugging Face layout: transposed,
-    interleaved, biased, clamped), routed as ``route_of(block, num_experts)`` says (its spec and router
-    weights; None: a routing moec does not model), plus the always-on gated-MLP shared expert at attribute
-    ``shared`` when the block has one, with a sigmoid gate at ``shared_gate``."""
+def _moe_block(family: str, route_of: RouteOf, shared: str = "", shared_gate: str = "",
+               experts_of: ToSpec = _probed_hf_experts) -> ToSpec:
+    """An MoE block: its ``experts`` module as ``experts_of`` describes it (by default the experts probe, for
+    any Hugging Face layout: transposed, interleaved, biased, clamped; ``_stacked_experts`` for the standard
+    layout), routed as ``route_of(block, num_experts)`` says (its spec and router weights; None: a routing
+    moec does not model), plus the always-on gated-MLP shared expert at attribute ``shared`` when the block
+    has one, with a sigmoid gate at ``shared_gate``."""
 
     def to_spec(block: nn.Module) -> BlockSpec | None:
-        experts = _probed_hf_experts(block.get_submodule("experts"))
+        experts = experts_of(block.get_submodule("experts"))
         if experts is None:
             return None
         routing = route_of(block, required_part(experts.experts, "experts", experts).num_experts)
@@ -641,9 +555,25 @@ def _cohere2_moe_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, d
     return None
 
 
-# DeepSeek-V3's routing (``_grouped_sigmoid_moe``) for blocks whose experts only the probe recognizes.
+# Routings several families share: DeepSeek-V3's (sigmoid scores, a score-correction bias for the choice
+# only, group-limited top-k, renormalized and scaled weights), and top-k of the logits of the block's
+# ``router`` then softmax over the chosen k (GraniteMoE), and softmax then top-k renormalized when the
+# ``gate`` router's ``norm_topk_prob`` says so (OLMoE, the Qwen MoEs).
 _DEEPSEEK_V3_ROUTE = _route(scoring="sigmoid", renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
                             scaling="gate.routed_scaling_factor", bias="gate.e_score_correction_bias", groups="gate")
+_ROUTER_TOPK_THEN_SOFTMAX = _route(weight="router.weight", top_k="router.top_k", order="topk_then_score",
+                                   renormalize=False)
+_SOFTMAX_TOPK_ROUTE = _route(renormalize="gate.norm_topk_prob")
+
+
+def _stacked_moe(family: str, route_of: RouteOf, shared: str = "", shared_gate: str = "") -> ToSpec:
+    return _moe_block(family, route_of, shared, shared_gate, experts_of=_stacked_experts)
+
+
+def _deepseek_v3_moe(family: str) -> ToSpec:
+    """DeepSeek-V3-style blocks: its routing, standard-layout experts and always-on shared experts."""
+    return _stacked_moe(family, _DEEPSEEK_V3_ROUTE, "shared_experts")
+
 
 HF = "transformers.models"
 _REGISTRY.extend([
@@ -668,67 +598,65 @@ _REGISTRY.extend([
     (f"{HF}.xlm_roberta.modeling_xlm_roberta.XLMRobertaLayer", _bert_layer("xlm_roberta")),
     (f"{HF}.camembert.modeling_camembert.CamembertLayer", _bert_layer("camembert")),
     (f"{HF}.electra.modeling_electra.ElectraLayer", _bert_layer("electra")),
-    (f"{HF}.mixtral.modeling_mixtral.MixtralSparseMoeBlock", _softmax_moe("mixtral", lambda b: True)),
-    (f"{HF}.olmoe.modeling_olmoe.OlmoeSparseMoeBlock", _softmax_moe("olmoe", _norm_topk_prob)),
-    (f"{HF}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock", _qwen2_moe),
-    (f"{HF}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock", _softmax_moe("qwen3_moe", _norm_topk_prob)),
-    (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE", _grouped_sigmoid_moe("deepseek_v3")),
+    (f"{HF}.mixtral.modeling_mixtral.MixtralSparseMoeBlock", _stacked_moe("mixtral", _route())),
+    (f"{HF}.olmoe.modeling_olmoe.OlmoeSparseMoeBlock", _stacked_moe("olmoe", _SOFTMAX_TOPK_ROUTE)),
+    (f"{HF}.qwen2_moe.modeling_qwen2_moe.Qwen2MoeSparseMoeBlock",
+     _stacked_moe("qwen2_moe", _SOFTMAX_TOPK_ROUTE, "shared_expert", "shared_expert_gate")),
+    (f"{HF}.qwen3_moe.modeling_qwen3_moe.Qwen3MoeSparseMoeBlock", _stacked_moe("qwen3_moe", _SOFTMAX_TOPK_ROUTE)),
+    (f"{HF}.deepseek_v3.modeling_deepseek_v3.DeepseekV3MoE", _deepseek_v3_moe("deepseek_v3")),
     (f"{HF}.glm4_moe.modeling_glm4_moe.Glm4MoeMLP", _gated_mlp("glm4_moe")),
-    (f"{HF}.glm4_moe.modeling_glm4_moe.Glm4MoeMoE", _grouped_sigmoid_moe("glm4_moe")),
+    (f"{HF}.glm4_moe.modeling_glm4_moe.Glm4MoeMoE", _deepseek_v3_moe("glm4_moe")),
     (f"{HF}.dots1.modeling_dots1.Dots1MLP", _gated_mlp("dots1")),
-    (f"{HF}.dots1.modeling_dots1.Dots1MoE", _grouped_sigmoid_moe("dots1")),
-    (f"{HF}.flex_olmo.modeling_flex_olmo.FlexOlmoSparseMoeBlock", _softmax_moe("flex_olmo", _norm_topk_prob)),
-    (f"{HF}.minimax.modeling_minimax.MiniMaxSparseMoeBlock", _softmax_moe("minimax", lambda b: True)),
-    # GraniteMoE: top-k of the router logits, then softmax over the chosen k
-    (f"{HF}.granitemoe.modeling_granitemoe.GraniteMoeMoE",
-     _softmax_moe("granitemoe", lambda b: False, router="router", order="topk_then_score")),
-    (f"{HF}.gpt_oss.modeling_gpt_oss.GptOssMLP", _probed_moe("gpt_oss", _route(weight="router.weight", top_k="router.top_k", order="topk_then_score",
-                                      renormalize=False, logit_bias="router.bias"))),
+    (f"{HF}.dots1.modeling_dots1.Dots1MoE", _deepseek_v3_moe("dots1")),
+    (f"{HF}.flex_olmo.modeling_flex_olmo.FlexOlmoSparseMoeBlock", _stacked_moe("flex_olmo", _SOFTMAX_TOPK_ROUTE)),
+    (f"{HF}.minimax.modeling_minimax.MiniMaxSparseMoeBlock", _stacked_moe("minimax", _route())),
+    (f"{HF}.granitemoe.modeling_granitemoe.GraniteMoeMoE", _stacked_moe("granitemoe", _ROUTER_TOPK_THEN_SOFTMAX)),
+    (f"{HF}.gpt_oss.modeling_gpt_oss.GptOssMLP",
+     _moe_block("gpt_oss", _route(weight="router.weight", top_k="router.top_k", order="topk_then_score",
+                                  renormalize=False, logit_bias="router.bias"))),
     (f"{HF}.qwen3_next.modeling_qwen3_next.Qwen3NextSparseMoeBlock",
-     _probed_moe("qwen3_next", _route(renormalize="gate.norm_topk_prob"), "shared_expert", "shared_expert_gate")),
+     _moe_block("qwen3_next", _SOFTMAX_TOPK_ROUTE, "shared_expert", "shared_expert_gate")),
     (f"{HF}.hunyuan_v1_moe.modeling_hunyuan_v1_moe.HunYuanMoEV1Moe",
-     _probed_moe("hunyuan_v1_moe", _route(weight="gate.wg.weight"), "shared_mlp")),
-    (f"{HF}.minimax_m2.modeling_minimax_m2.MiniMaxM2SparseMoeBlock", _probed_moe("minimax_m2", _route(top_k="top_k", scoring="sigmoid",
-                                                                                bias="e_score_correction_bias"))),
+     _moe_block("hunyuan_v1_moe", _route(weight="gate.wg.weight"), "shared_mlp")),
+    (f"{HF}.minimax_m2.modeling_minimax_m2.MiniMaxM2SparseMoeBlock",
+     _moe_block("minimax_m2", _route(top_k="top_k", scoring="sigmoid", bias="e_score_correction_bias"))),
     (f"{HF}.ernie4_5_moe.modeling_ernie4_5_moe.Ernie4_5_MoeSparseMoeBlock",
-     _probed_moe("ernie4_5_moe", _ernie_route, "shared_experts")),
-    (f"{HF}.exaone_moe.modeling_exaone_moe.ExaoneMoeSparseMoEBlock", _grouped_sigmoid_moe("exaone_moe")),
-    (f"{HF}.solar_open.modeling_solar_open.SolarOpenMoE", _grouped_sigmoid_moe("solar_open")),
-    (f"{HF}.glm4_moe_lite.modeling_glm4_moe_lite.Glm4MoeLiteMoE", _grouped_sigmoid_moe("glm4_moe_lite")),
-    (f"{HF}.kimi_linear.modeling_kimi_linear.KimiLinearMoE", _grouped_sigmoid_moe("kimi_linear")),
-    (f"{HF}.bailing_hybrid.modeling_bailing_hybrid.BailingHybridMoE", _grouped_sigmoid_moe("bailing_hybrid")),
-    (f"{HF}.deepseek_v2.modeling_deepseek_v2.DeepseekV2Moe", _probed_moe("deepseek_v2", _deepseek_v2_route,
-                                                                          "shared_experts")),
+     _moe_block("ernie4_5_moe", _ernie_route, "shared_experts")),
+    (f"{HF}.exaone_moe.modeling_exaone_moe.ExaoneMoeSparseMoEBlock", _deepseek_v3_moe("exaone_moe")),
+    (f"{HF}.solar_open.modeling_solar_open.SolarOpenMoE", _deepseek_v3_moe("solar_open")),
+    (f"{HF}.glm4_moe_lite.modeling_glm4_moe_lite.Glm4MoeLiteMoE", _deepseek_v3_moe("glm4_moe_lite")),
+    (f"{HF}.kimi_linear.modeling_kimi_linear.KimiLinearMoE", _deepseek_v3_moe("kimi_linear")),
+    (f"{HF}.bailing_hybrid.modeling_bailing_hybrid.BailingHybridMoE", _deepseek_v3_moe("bailing_hybrid")),
+    (f"{HF}.deepseek_v2.modeling_deepseek_v2.DeepseekV2Moe",
+     _moe_block("deepseek_v2", _deepseek_v2_route, "shared_experts")),
     (f"{HF}.mistral4.modeling_mistral4.Mistral4MoE",
-     _probed_moe("mistral4", _route(renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
+     _moe_block("mistral4", _route(renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
                                     scaling="gate.routed_scaling_factor", groups="gate"), "shared_experts")),
-    (f"{HF}.mimo_v2_flash.modeling_mimo_v2_flash.MiMoV2FlashMoE", _probed_moe("mimo_v2_flash", _DEEPSEEK_V3_ROUTE)),
-    (f"{HF}.hy_v4.modeling_hy_v4.HYV4MoE", _probed_moe("hy_v4", _DEEPSEEK_V3_ROUTE, "shared_experts")),
+    (f"{HF}.mimo_v2_flash.modeling_mimo_v2_flash.MiMoV2FlashMoE",
+     _moe_block("mimo_v2_flash", _DEEPSEEK_V3_ROUTE)),
+    (f"{HF}.hy_v4.modeling_hy_v4.HYV4MoE", _moe_block("hy_v4", _DEEPSEEK_V3_ROUTE, "shared_experts")),
     (f"{HF}.qwen3_5_moe.modeling_qwen3_5_moe.Qwen3_5MoeSparseMoeBlock",
-     _probed_moe("qwen3_5_moe", _route(), "shared_expert", "shared_expert_gate")),
+     _moe_block("qwen3_5_moe", _route(), "shared_expert", "shared_expert_gate")),
     (f"{HF}.qwen4_exp.modeling_qwen4_exp.Qwen4ExpTextSparseMoeBlock",
-     _probed_moe("qwen4_exp", _route(renormalize="gate.norm_topk_prob"), "shared_expert", "shared_expert_gate")),
-    (f"{HF}.mellum.modeling_mellum.MellumSparseMoeBlock", _probed_moe("mellum", _route(renormalize="gate.norm_topk_prob"))),
+     _moe_block("qwen4_exp", _SOFTMAX_TOPK_ROUTE, "shared_expert", "shared_expert_gate")),
+    (f"{HF}.mellum.modeling_mellum.MellumSparseMoeBlock", _moe_block("mellum", _SOFTMAX_TOPK_ROUTE)),
     (f"{HF}.lara_mini.modeling_lara_mini.LaraMiniSparseMoeBlock",
-     _probed_moe("lara_mini", _route(renormalize="gate.norm_topk_prob"), "shared_expert")),
+     _moe_block("lara_mini", _SOFTMAX_TOPK_ROUTE, "shared_expert")),
     (f"{HF}.granitemoe_swa.modeling_granitemoe_swa.GraniteMoeSWAMoE",
-     _probed_moe("granitemoe_swa", _route(weight="router.weight", top_k="router.top_k", order="topk_then_score",
-                                          renormalize=False))),
-    (f"{HF}.aria.modeling_aria.AriaTextMoELayer",
-     _probed_moe("aria", _route(weight="router.weight", top_k="router.top_k", order="topk_then_score",
-                                renormalize=False), "shared_experts")),
+     _moe_block("granitemoe_swa", _ROUTER_TOPK_THEN_SOFTMAX)),
+    (f"{HF}.aria.modeling_aria.AriaTextMoELayer", _moe_block("aria", _ROUTER_TOPK_THEN_SOFTMAX, "shared_experts")),
     (f"{HF}.kolibri1.modeling_kolibri1.Kolibri1SparseMoeBlock",
-     _probed_moe("kolibri1", _route(scoring="sigmoid", order="topk_then_score", renormalize="gate.norm_topk_prob",
+     _moe_block("kolibri1", _route(scoring="sigmoid", order="topk_then_score", renormalize="gate.norm_topk_prob",
                                     bias="gate.e_score_correction_bias"), "shared_experts")),
     (f"{HF}.hy_v3.modeling_hy_v3.HYV3MoE",
-     _probed_moe("hy_v3", _route(scoring="sigmoid", renorm_eps=1e-20, scaling="gate.router_scaling_factor",
+     _moe_block("hy_v3", _route(scoring="sigmoid", renorm_eps=1e-20, scaling="gate.router_scaling_factor",
                                  bias="e_score_correction_bias"), "shared_experts")),
     (f"{HF}.afmoe.modeling_afmoe.AfmoeSparseMoeBlock",
-     _probed_moe("afmoe", _route(weight="router.gate.weight", top_k="router.top_k", scoring="sigmoid",
+     _moe_block("afmoe", _route(weight="router.gate.weight", top_k="router.top_k", scoring="sigmoid",
                                  renorm_eps=1e-20, scaling="router.route_scale", bias="expert_bias"),
                  "shared_experts")),
-    (f"{HF}.laguna.modeling_laguna.LagunaSparseMoeBlock", _probed_moe("laguna", _laguna_route, "shared_experts")),
-    (f"{HF}.lfm2_moe.modeling_lfm2_moe.Lfm2MoeSparseMoeBlock", _probed_moe("lfm2_moe", _lfm2_moe_route)),
+    (f"{HF}.laguna.modeling_laguna.LagunaSparseMoeBlock", _moe_block("laguna", _laguna_route, "shared_experts")),
+    (f"{HF}.lfm2_moe.modeling_lfm2_moe.Lfm2MoeSparseMoeBlock", _moe_block("lfm2_moe", _lfm2_moe_route)),
     (f"{HF}.cohere2_moe.modeling_cohere2_moe.Cohere2MoeSparseMoeBlock",
-     _probed_moe("cohere2_moe", _cohere2_moe_route, "shared_experts")),
+     _moe_block("cohere2_moe", _cohere2_moe_route, "shared_experts")),
 ])
