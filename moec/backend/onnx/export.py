@@ -46,16 +46,16 @@ from torch.onnx._internal.exporter import _ir_passes as _torch_onnx_ir_passes
 from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
 
 from moec.backend.onnx import quant
+from moec.backend.onnx.complex_pairs import pairs_unsupported, touches_complex
 from moec.backend.onnx.module import ProgramModule
 from moec.backend.onnx.moe import LOWERINGS
 from moec.backend.onnx.moe import TRANSLATIONS as MOE_TRANSLATIONS
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError
-from moec.ir.core import Operation, Value, WeightRef
+from moec.ir.core import Operation, WeightRef
 from moec.ir.ops import AtenOp, SpecOp
 from moec.ir.printer import print_graph_lines
 from moec.ir.program import Program, load_treespec
-from moec.ir.types import DTYPES_BY_NAME, TensorType
 
 DEFAULT_OPSET = 20
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a ``<file>.data`` beside the model
@@ -258,11 +258,13 @@ def check_lowerable(program: Program) -> None:
     for op in program.graph.ops:
         if not isinstance(op, AtenOp):
             continue
-        if op.target.startswith("aten.") and op.target not in supported:
+        if touches_complex(op.args, op.results):
+            unsupported = pairs_unsupported(op.target, op.args, op.kwargs)
+            if not unsupported:
+                continue
+            reason = f"complex-valued tensors: {unsupported}"
+        elif op.target.startswith("aten.") and op.target not in supported:
             reason = f"no ONNX translation or decomposition in torch.onnx {torch.__version__}"
-        elif any(is_complex(value) for value in [*op.operands, *op.results]):
-            reason = ("complex-valued tensors, which torch.onnx does not translate; rotary embeddings written "
-                      "with torch.view_as_complex, as in DeepSeek-V2, are one source")
         else:
             continue
         raise BackendError(
@@ -270,10 +272,6 @@ def check_lowerable(program: Program) -> None:
             f"`{lines[op_lines[id(op)]].strip()}`, {model_location(program, op)}. Rewrite that "
             "part of the model with supported ops, or run it with the torch backend"
         )
-
-
-def is_complex(value: Value) -> bool:
-    return isinstance(value.type, TensorType) and DTYPES_BY_NAME[value.type.dtype].is_complex
 
 
 @functools.cache

@@ -1,6 +1,7 @@
 """A torch module that evaluates a moec program with export-friendly rules, for ``torch.onnx.export``.
 
-Generic ops call the ATen op they name (torch's exporter knows how to turn those into ONNX);
+Generic ops call the ATen op they name (torch's exporter knows how to turn those into ONNX), complex-valued
+ones on (real, imaginary) pairs (``moec.backend.onnx.complex_pairs``);
 ``ffn.dense`` and ``moe.shared_expert`` run moec's reference FFN; ``moe.route`` and ``moe.experts`` run
 the lowering chosen in ``plan_moe`` (see ``moec.backend.onnx.moe``). Weights become buffers under their
 program names, so ONNX initializers keep the model's parameter names.
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moec.backend.onnx.complex_pairs import run_on_pairs, touches_complex
 from moec.backend.onnx.moe import (
     PackedExperts,
     choice_logits,
@@ -240,6 +242,8 @@ class ProgramModule(nn.Module):
             return self.weight(op.kwargs[name].name)
 
         if isinstance(op, AtenOp):
+            if touches_complex(op.args, op.results):  # complex values travel as (real, imaginary) pairs
+                return run_on_pairs(op.target, op.args, map_leaves(op.args, read))
             return resolve_target(op.target)(*map_leaves(op.args, read), **map_leaves(op.kwargs, read))
         if isinstance(op, (DenseFFNOp, SharedExpertOp)):
             if any(isinstance(self.program.graph.weights[ref.name], QuantizedType) for ref in op.weight_refs):
