@@ -36,8 +36,18 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
         raise CaptureError(f"moec compiles torch.nn.Module models, got {type(model).__name__}")
     kwargs = dict(kwargs or {})
     specs = recognize(model)
-    with inference_setup(model), exportable_experts(model, specs), swap_blocks(model, specs):
-        ep = export(model, args, kwargs)
+    with inference_setup(model):
+        try:
+            with exportable_experts(model, specs), swap_blocks(model, specs):
+                ep = export(model, args, kwargs)
+        except EagerFailure as failure:
+            if eager_failure(model, args, kwargs) is None:  # the model itself runs: moec's swap broke it
+                raise CaptureError(
+                    f"{type(model).__name__} runs on the example inputs, but not with moec's ops in place of its "
+                    f"recognized blocks ({', '.join(sorted({spec.family for spec in specs}))}): "
+                    f"{describe(model, failure.eager_error)}\nthis is a moec recognizer error; please report it"
+                ) from failure.eager_error
+            raise
     program = lower(ep)
     folded = fold_dense_ffns(program)
     program.metadata["blocks"] = [block_summary(spec) for spec in specs] + [
@@ -98,6 +108,14 @@ def exportable_experts(model: nn.Module, specs: list[BlockSpec]) -> Iterator[Non
             config._experts_implementation = implementation
 
 
+class EagerFailure(CaptureError):
+    """The model, as export saw it, fails when simply run on the example inputs (``eager_error``)."""
+
+    def __init__(self, message: str, eager_error: Exception) -> None:
+        super().__init__(message)
+        self.eager_error = eager_error
+
+
 def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
     dynamic = dynamic_shapes_for(model, args, kwargs)
     try:
@@ -113,9 +131,9 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
     except Exception as err:  # export raises many types; all mean "cannot capture"
         eager_error = eager_failure(model, args, kwargs)
         if eager_error is not None:
-            raise CaptureError(
+            raise EagerFailure(
                 f"{type(model).__name__} fails on the example inputs themselves, without moec: "
-                f"{describe(model, eager_error)}\npass example inputs that the model runs on"
+                f"{describe(model, eager_error)}\npass example inputs that the model runs on", eager_error
             ) from eager_error
         raise CaptureError(
             f"cannot export {type(model).__name__}: {describe(model, err)}\n"

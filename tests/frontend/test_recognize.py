@@ -147,6 +147,32 @@ def test_register_moe_block_user_module(isolated_registry):
     torch.testing.assert_close(swapped, expected, rtol=1e-5, atol=1e-5)
 
 
+class TupleMoE(TinyMoE):
+    """Returns (output, aux) where the registered spec says a tensor: moec's swapped block breaks its caller."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return super().forward(x), None
+
+
+class UnpacksTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = TupleMoE()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.moe(x)
+        return y
+
+
+def test_a_block_moec_cannot_stand_in_for_is_named_as_moecs_error(isolated_registry):
+    """The model runs as is; only with the swapped block does it fail, and the error says so (not that the
+    model fails on its inputs)."""
+    register_moe_block(TupleMoE, tiny_moe_spec)
+    with pytest.raises(moec.CaptureError, match=r"(?s)runs on the example inputs, but not with moec's ops in place of "
+                                                r"its recognized blocks \(tiny-moe\).*moec recognizer error"):
+        moec.compile(UnpacksTuple(), (torch.randn(3, 5, 8),))
+
+
 def test_later_registration_wins(isolated_registry, preset):
     model, _ = preset("tiny-llama")
     register_moe_block(LlamaMLP, lambda mlp: None)
