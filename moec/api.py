@@ -184,6 +184,8 @@ def describe_spec(op: Any) -> str:
     if getattr(spec, "limit", None) is not None:
         offset = f", up + {spec.up_offset:g}" if spec.up_offset else ""
         clamp = f", clamped at {spec.limit:g}{offset}"
+    if getattr(spec, "weighted_input", False):
+        gate += ", routing weight on the input"
     return f"{kind}{spec.act}{clamp}, hidden {spec.hidden}, ffn {spec.intermediate}{gate}"
 
 

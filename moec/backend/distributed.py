@@ -21,6 +21,7 @@ before any other collective, so a bad plan makes every rank raise instead of som
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -206,14 +207,18 @@ def received_expert_rows(counts: torch.Tensor) -> torch.Tensor:
     return torch.arange(per_rank).repeat(counts.shape[0]).repeat_interleave(counts.reshape(-1))
 
 
-def outgoing_rows(tokens: torch.Tensor, route: ChunkRoute) -> torch.Tensor:
-    """[P, H] the token row of each of the chunk's pairs, in dispatch order."""
-    return tokens[route.token_of_pair]
+def outgoing_rows(tokens: torch.Tensor, route: ChunkRoute, weighted_input: bool) -> torch.Tensor:
+    """[P, H] the token row of each of the chunk's pairs, in dispatch order; scaled by the pair's routing
+    weight for experts that weigh their input (``ExpertsSpec.weighted_input``)."""
+    rows = tokens[route.token_of_pair]
+    return rows * route.weights.unsqueeze(1).to(rows.dtype) if weighted_input else rows
 
 
-def add_combined(y: torch.Tensor, returned: torch.Tensor, route: ChunkRoute) -> None:
-    """Sum each returned expert output, scaled by its routing weight, into its token's row of ``y``."""
-    y.index_add_(0, route.token_of_pair, returned * route.weights.unsqueeze(1).to(returned.dtype))
+def add_combined(y: torch.Tensor, returned: torch.Tensor, route: ChunkRoute, weighted_input: bool) -> None:
+    """Sum each returned expert output into its token's row of ``y``, scaled by its routing weight unless
+    the weight went into the expert's input."""
+    y.index_add_(0, route.token_of_pair,
+                 returned if weighted_input else returned * route.weights.unsqueeze(1).to(returned.dtype))
 
 
 def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor, owners: torch.Tensor,
@@ -242,7 +247,7 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
 
     def dispatch(i):
         rows = torch.empty(sum(received[i]), hidden, dtype=tokens.dtype)
-        outgoing = outgoing_rows(tokens, routes[i])
+        outgoing = outgoing_rows(tokens, routes[i], spec.weighted_input)
         return dist.all_to_all_single(rows, outgoing, received[i], sent[i], async_op=True), rows
 
     in_flight = {i: dispatch(i) for i in range(min(2, chunks))}
@@ -254,7 +259,7 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
         work.wait()
         ids = received_expert_rows(recv_counts[:, i])
         out = experts_forward(rows, ids.unsqueeze(1), torch.ones(len(ids), 1), w_in, w_out,
-                              weight["b_in"], weight["b_out"], spec)
+                              weight["b_in"], weight["b_out"], dataclasses.replace(spec, weighted_input=False))
         returned = torch.empty(sum(sent[i]), hidden, dtype=out.dtype)
         combines.append((dist.all_to_all_single(returned, out, sent[i], received[i], async_op=True), returned))
         if i + 2 < chunks:
@@ -262,5 +267,5 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
     y = torch.zeros_like(tokens)
     for (work, returned), route in zip(combines, routes, strict=True):
         work.wait()
-        add_combined(y, returned, route)
+        add_combined(y, returned, route, spec.weighted_input)
     return y

@@ -64,6 +64,7 @@ def describe(op: RouteOp | ExpertsOp) -> str:
         renorm = ", renormalized" if spec.renormalize else ""
         return f"{where}: {spec.num_experts} experts, top-{spec.top_k}, {spec.scoring} {spec.order}{renorm}"
     gated = "gated " if spec.gated else ""
+    gated += "input-weighted " if spec.weighted_input else ""
     dtype = op.args[0].tensor_type.dtype
     return (f"{where}: {spec.num_experts} experts, hidden {spec.hidden}, FFN {spec.intermediate}, "
             f"{gated}{spec.act}, {dtype} activations, {weight_description(op)}")

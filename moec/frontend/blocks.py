@@ -78,6 +78,10 @@ class ExpertsSpec:
     Gated experts compute ``act(gate) * up``; with ``limit`` (GPT-OSS, DeepSeek-V4) the gate is first
     clamped to at most ``limit`` and up to [-limit, limit], and ``up_offset`` is added to up after that
     (GPT-OSS: 1), so ``act(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset)``.
+
+    A routing weight scales its expert's output, ``sum_j w_j * expert_j(x)``; with ``weighted_input``
+    (Llama 4) it scales the expert's input instead, ``sum_j expert_j(w_j * x)``, and the experts have no
+    biases, so that a pair of weight 0 contributes nothing either way.
     """
 
     num_experts: int
@@ -88,6 +92,7 @@ class ExpertsSpec:
     has_bias: bool = False
     limit: float | None = None
     up_offset: float = 0.0
+    weighted_input: bool = False
 
     @property
     def plain_gating(self) -> bool:

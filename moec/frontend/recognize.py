@@ -91,7 +91,7 @@ def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
     to ``PROBE_PEAKS``) equals ``down(act(gate(x)) * up(x))`` computed from those parts (same ops, so the
     same rounding). Its family is its class name."""
     gate, up, down = (getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
-    act_fn = getattr(mlp, "act_fn", None)
+    act_fn = _mlp_act_fn(mlp)
     if not (isinstance(gate, nn.Linear) and isinstance(up, nn.Linear) and isinstance(down, nn.Linear)
             and isinstance(act_fn, nn.Module)):
         return None
@@ -119,8 +119,8 @@ def _probed_hf_experts(experts: nn.Module) -> BlockSpec | None:
     transposed, gate and up rows maybe interleaved, optional biases), when its forward on random rows and a
     random choice of experts equals moec's experts op.
 
-    This covers the MoE blocks whose router moec does not model (Jamba, PhiMoE, GraniteMoE-Shared, NemotronH,
-    DeepSeek-V4 ...): their experts become a ``moe.experts`` op and their router stays the model's own
+    This covers the MoE blocks whose router moec does not model (PhiMoE, DeepSeek-V4, Zaya, Gemma 4, NemotronH
+    with latent experts ...): their experts become a ``moe.experts`` op and their router stays the model's own
     code (``_moe_block`` uses it for the experts of blocks whose router moec does model). Experts with their
     own gating function are taken when it is one of the clamped forms moec models (``ExpertsSpec.limit``,
     ``up_offset``); experts with a norm after each expert are left alone.
@@ -285,9 +285,16 @@ def _attribute(module: nn.Module, path: str, kind: type[_Kind]) -> _Kind:
     return value
 
 
+def _mlp_act_fn(mlp: nn.Module) -> object:
+    """A gated MLP's activation: its ``act_fn``, or its ``activation_fn`` (Llama 4); None if it has neither."""
+    act_fn = getattr(mlp, "act_fn", None)
+    return getattr(mlp, "activation_fn", None) if act_fn is None else act_fn
+
+
 def _gated_mlp_ffn_spec(mlp: nn.Module) -> FFNSpec | None:
-    """gate_proj/up_proj/down_proj Linear layers with ``act_fn`` (Llama, Mistral, Qwen, Gemma, the MoE families' dense MLPs)."""
-    act = activation_name(mlp.act_fn)
+    """gate_proj/up_proj/down_proj Linear layers with an activation (Llama, Mistral, Qwen, Gemma, the MoE
+    families' dense MLPs)."""
+    act = activation_name(_mlp_act_fn(mlp))
     if act is None:
         return None
     gate_proj = _attribute(mlp, "gate_proj", nn.Linear)
@@ -319,21 +326,32 @@ def _gated_mlp(family: str) -> ToSpec:
     return to_spec
 
 
+def _plain_mlp_parts(mlp: nn.Module, up: str, down: str, act: str, prefix: str = "",
+                     role_prefix: str = "") -> tuple[FFNSpec, dict[str, str]] | None:
+    """The spec and weights of ``up`` Linear -> activation ``act`` -> ``down`` Linear, both with biases or
+    neither; None for an activation moec does not model."""
+    act_name = activation_name(getattr(mlp, act))
+    up_linear, down_linear = getattr(mlp, up), getattr(mlp, down)
+    has_bias = up_linear.bias is not None
+    if act_name is None or (down_linear.bias is not None) != has_bias:
+        return None
+    names = {"w_up": f"{up}.weight", "w_down": f"{down}.weight"}
+    if has_bias:
+        names |= {"b_up": f"{up}.bias", "b_down": f"{down}.bias"}
+    ffn = FFNSpec(hidden=up_linear.in_features, intermediate=up_linear.out_features, act=act_name, gated=False,
+                  has_bias=has_bias)
+    return ffn, {f"{role_prefix}{role}": f"{prefix}{name}" for role, name in names.items()}
+
+
 def _plain_mlp(family: str, up: str, down: str, act: str = "act") -> ToSpec:
     """``up`` Linear -> activation ``act`` -> ``down`` Linear, both with biases or neither (a dropout after
     them is the identity for inference)."""
 
     def to_spec(mlp: nn.Module) -> BlockSpec | None:
-        act_name = activation_name(getattr(mlp, act))
-        up_linear, down_linear = getattr(mlp, up), getattr(mlp, down)
-        has_bias = up_linear.bias is not None
-        if act_name is None or (down_linear.bias is not None) != has_bias:
+        parts = _plain_mlp_parts(mlp, up, down, act)
+        if parts is None:
             return None
-        weights = {"w_up": f"{up}.weight", "w_down": f"{down}.weight"}
-        if has_bias:
-            weights |= {"b_up": f"{up}.bias", "b_down": f"{down}.bias"}
-        ffn = FFNSpec(hidden=up_linear.in_features, intermediate=up_linear.out_features, act=act_name, gated=False,
-                      has_bias=has_bias)
+        ffn, weights = parts
         return BlockSpec(kind="ffn", family=family, module="", weights=weights, ffn=ffn)
 
     return to_spec
@@ -418,8 +436,23 @@ def _stacked_experts(experts: nn.Module) -> BlockSpec | None:
                      weights={"w_in": "gate_up_proj", "w_out": "down_proj"}, experts=spec)
 
 
-# Families whose MoE block returns (hidden states, router scores) rather than the hidden states alone.
-ROUTER_SCORES_FAMILIES = ("gpt_oss",)
+def _llama4_experts(experts: nn.Module) -> BlockSpec | None:
+    """Llama 4's experts: ``gate_up_proj`` (E, H, 2F) and ``down_proj`` (E, F, H), both stored (in, out), gate
+    columns first; its block scales each expert's input rows by their routing weight (``weighted_input``)."""
+    act = activation_name(experts.act_fn)
+    if act is None:
+        return None
+    num_experts, intermediate, hidden = _attribute(experts, "down_proj", torch.Tensor).shape
+    spec = ExpertsSpec(num_experts=num_experts, hidden=hidden, intermediate=intermediate, act=act, gated=True,
+                       weighted_input=True)
+    return BlockSpec(kind="experts", family=type(experts).__name__, module="",
+                     weights={"w_in": "gate_up_proj", "w_out": "down_proj"}, experts=spec,
+                     transposed=("w_in", "w_out"))
+
+
+# Families whose MoE block returns (hidden states, its router's second output) rather than the hidden states
+# alone: GPT-OSS's (and the OpenAI privacy filter's) router scores, Llama 4's router logits.
+ROUTER_SCORES_FAMILIES = ("gpt_oss", "openai_privacy_filter", "llama4")
 
 
 RouteOf = Callable[[nn.Module, int], tuple[RouteSpec, dict[str, str]] | None]
@@ -430,8 +463,8 @@ def _moe_block(family: str, route_of: RouteOf, shared: str = "", shared_gate: st
     """An MoE block: its ``experts`` module as ``experts_of`` describes it (by default the experts probe, for
     any Hugging Face layout: transposed, interleaved, biased, clamped; ``_stacked_experts`` for the standard
     layout), routed as ``route_of(block, num_experts)`` says (its spec and router weights; None: a routing
-    moec does not model), plus the always-on gated-MLP shared expert at attribute ``shared`` when the block
-    has one, with a sigmoid gate at ``shared_gate``."""
+    moec does not model), plus the always-on shared expert at attribute ``shared`` when the block has one (a
+    gated MLP, or ``up_proj`` -> ``act_fn`` -> ``down_proj``), with a sigmoid gate at ``shared_gate``."""
 
     def to_spec(block: nn.Module) -> BlockSpec | None:
         experts = experts_of(block.get_submodule("experts"))
@@ -445,16 +478,25 @@ def _moe_block(family: str, route_of: RouteOf, shared: str = "", shared_gate: st
         shared_spec = None
         shared_mlp = getattr(block, shared, None) if shared else None
         if shared_mlp is not None:
-            shared_spec = _gated_mlp_ffn_spec(shared_mlp)
-            if shared_spec is None:
+            shared_parts = _shared_expert(shared_mlp, f"{shared}.")
+            if shared_parts is None:
                 return None
-            weights |= _gated_mlp_weights(shared_mlp, prefix=f"{shared}.", role_prefix="shared_")
+            shared_spec, shared_weights = shared_parts
+            weights |= shared_weights
             if shared_gate:
                 shared_spec = dataclasses.replace(shared_spec, has_output_gate=True)
                 weights["shared_gate"] = f"{shared_gate}.weight"
         return dataclasses.replace(experts, kind="moe", family=family, weights=weights, route=route, shared=shared_spec)
 
     return to_spec
+
+
+def _shared_expert(mlp: nn.Module, prefix: str) -> tuple[FFNSpec, dict[str, str]] | None:
+    """A shared expert's spec and weights (roles ``shared_*``): a gated MLP, or a plain one (NemotronH)."""
+    if not hasattr(mlp, "gate_proj"):
+        return _plain_mlp_parts(mlp, "up_proj", "down_proj", "act_fn", prefix, role_prefix="shared_")
+    spec = _gated_mlp_ffn_spec(mlp)
+    return None if spec is None else (spec, _gated_mlp_weights(mlp, prefix=prefix, role_prefix="shared_"))
 
 
 def _setting(block: nn.Module, path: str) -> object:
@@ -476,8 +518,8 @@ def _route(*, weight: str = "gate.weight", top_k: str = "gate.top_k", scoring: s
     multiplied by (in the router or applied to the experts' sum: the same, the sum being linear in them).
     ``bias``: a score-correction bias for the choice only; ``logit_bias``: the router's own bias, added to
     its logits. ``groups``: the module with ``num_group`` and ``topk_group`` (group-limited top-k, groups
-    scored by ``group_score``); one whose allowed groups hold fewer than k experts is not modelled (the
-    block then stays the model's code)."""
+    scored by ``group_score``; a ``num_group`` of None means no groups); one whose allowed groups hold fewer
+    than k experts is not modelled (the block then stays the model's code)."""
 
     def route_of(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
         k = _attribute(block, top_k, int)
@@ -485,8 +527,10 @@ def _route(*, weight: str = "gate.weight", top_k: str = "gate.top_k", scoring: s
         factor = _setting(block, scaling) if scaling else 1.0
         if not isinstance(factor, (int, float)):
             raise TypeError(f"{type(block).__name__}.{scaling} is {factor!r}, not a number")
-        n_group = _attribute(block, f"{groups}.num_group", int) if groups else 1
-        topk_group = _attribute(block, f"{groups}.topk_group", int) if groups else 1
+        n_group, topk_group = 1, 1
+        if groups and _setting(block, f"{groups}.num_group") is not None:  # None: no groups (A.X-K2-Light)
+            n_group = _attribute(block, f"{groups}.num_group", int)
+            topk_group = _attribute(block, f"{groups}.topk_group", int)
         if k > topk_group * (num_experts // n_group):
             return None
         route = RouteSpec(num_experts=num_experts, top_k=k, scoring=scoring, order=order, renormalize=renorm,
@@ -553,6 +597,35 @@ def _cohere2_moe_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, d
         return _route(scoring="sigmoid", order="topk_then_score", renormalize="gate.norm_topk_prob")(
             block, num_experts)
     return None
+
+
+def _nemotron_h_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """DeepSeek-V3's routing; a block whose experts run in a latent space (``moe_latent_size``: projections
+    around the experts) is not modelled."""
+    if not isinstance(block.get_submodule("fc1_latent_proj"), nn.Identity):
+        return None
+    return _DEEPSEEK_V3_ROUTE(block, num_experts)
+
+
+def _longcat_flash_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """Softmax scores, a score-correction bias for the choice only, not renormalized, scaled (the router's
+    ``classifier.bias`` is never applied by the model); zero-compute (identity) experts, ``zero_expert_num``,
+    are not modelled."""
+    if _setting(block, "experts.zero_expert_num"):
+        return None
+    return _route(weight="router.classifier.weight", top_k="router.top_k", renormalize=False,
+                  scaling="router.routed_scaling_factor", bias="router.e_score_correction_bias")(block, num_experts)
+
+
+def _step3p7_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """Sigmoid scores, a score-correction bias for the choice only, renormalized, the experts' sum scaled by
+    the block; a layer whose routed or shared experts clamp after the activation (``swiglu_limits``) is not
+    modelled."""
+    limits = [_setting(block, path) for path in ("experts.limit", "shared_experts.limit")]
+    if any(not isinstance(limit, (int, float)) or limit < float("inf") for limit in limits):
+        return None
+    return _route(scoring="sigmoid", bias="gate.e_score_correction_bias", scaling="routed_scaling_factor")(
+        block, num_experts)
 
 
 # Routings several families share: DeepSeek-V3's (sigmoid scores, a score-correction bias for the choice
@@ -657,6 +730,46 @@ _REGISTRY.extend([
                  "shared_experts")),
     (f"{HF}.laguna.modeling_laguna.LagunaSparseMoeBlock", _moe_block("laguna", _laguna_route, "shared_experts")),
     (f"{HF}.lfm2_moe.modeling_lfm2_moe.Lfm2MoeSparseMoeBlock", _moe_block("lfm2_moe", _lfm2_moe_route)),
+    (f"{HF}.deepseek_v32.modeling_deepseek_v32.DeepseekV32MoE", _deepseek_v3_moe("deepseek_v32")),
+    (f"{HF}.dots3_note.modeling_dots3_note.Dots3NoteTextMoE", _deepseek_v3_moe("dots3_note")),
+    (f"{HF}.axk2.modeling_axk2.AXK2MoE", _moe_block("axk2", _DEEPSEEK_V3_ROUTE, "shared_experts")),
+    (f"{HF}.beam.modeling_beam.BeamMoE",
+     _stacked_moe("beam", _route(scoring="sigmoid", renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
+                                 scaling="routed_scaling_factor", bias="gate.e_score_correction_bias", groups="gate"))),
+    (f"{HF}.deepseek_ocr2.modeling_deepseek_ocr2.DeepseekOcr2TextMoe",
+     _moe_block("deepseek_ocr2", _deepseek_v2_route, "shared_experts")),
+    (f"{HF}.unlimited_ocr.modeling_unlimited_ocr.UnlimitedOcrTextMoe",
+     _moe_block("unlimited_ocr", _deepseek_v2_route, "shared_experts")),
+    (f"{HF}.mistral_large4.modeling_mistral_large4.MistralLarge4TextMoE",
+     _moe_block("mistral_large4", _route(renorm_eps=1e-20, scaling="gate.routed_scaling_factor", groups="gate"),
+                "shared_experts")),
+    (f"{HF}.nemotron_h.modeling_nemotron_h.NemotronHMoE",
+     _moe_block("nemotron_h", _nemotron_h_route, "shared_experts")),
+    (f"{HF}.longcat_flash.modeling_longcat_flash.LongcatFlashMoE",
+     _stacked_moe("longcat_flash", _longcat_flash_route)),
+    (f"{HF}.step3p7.modeling_step3p7.Step3p7SparseMoeBlock",
+     _stacked_moe("step3p7", _step3p7_route, "shared_experts")),
+    (f"{HF}.qwen3_vl_moe.modeling_qwen3_vl_moe.Qwen3VLMoeTextSparseMoeBlock", _stacked_moe("qwen3_vl_moe", _route())),
+    (f"{HF}.qwen3_omni_moe.modeling_qwen3_omni_moe.Qwen3OmniMoeThinkerTextSparseMoeBlock",
+     _stacked_moe("qwen3_omni_moe", _SOFTMAX_TOPK_ROUTE)),
+    (f"{HF}.openai_privacy_filter.modeling_openai_privacy_filter.OpenAIPrivacyFilterMLP",
+     _moe_block("openai_privacy_filter", _route(weight="router.weight", top_k="router.top_k",
+                                                order="topk_then_score", renormalize=False, logit_bias="router.bias"))),
+    (f"{HF}.glm4v_moe.modeling_glm4v_moe.Glm4vMoeTextMoE", _deepseek_v3_moe("glm4v_moe")),
+    (f"{HF}.glm_moe_dsa.modeling_glm_moe_dsa.GlmMoeDsaMoE", _deepseek_v3_moe("glm_moe_dsa")),
+    (f"{HF}.hy_v4_vl.modeling_hy_v4_vl.HYV4VLMoE", _moe_block("hy_v4_vl", _DEEPSEEK_V3_ROUTE, "shared_experts")),
+    (f"{HF}.flint.modeling_flint.FlintSparseMoeBlock",
+     _moe_block("flint", _route(scoring="sigmoid", renormalize="gate.norm_topk_prob"), "shared_expert")),
+    (f"{HF}.granitemoehybrid.modeling_granitemoehybrid.GraniteMoeHybridMoE",
+     _stacked_moe("granitemoehybrid", _ROUTER_TOPK_THEN_SOFTMAX)),
+    (f"{HF}.granitemoeshared.modeling_granitemoeshared.GraniteMoeSharedMoE",  # its shared MLP: a dense FFN
+     _stacked_moe("granitemoeshared", _ROUTER_TOPK_THEN_SOFTMAX)),
+    (f"{HF}.jamba.modeling_jamba.JambaSparseMoeBlock",
+     _moe_block("jamba", _route(weight="router.weight", top_k="router.top_k", renormalize=False))),
+    (f"{HF}.llama4.modeling_llama4.Llama4TextMoe",
+     _moe_block("llama4", _route(weight="router.weight", top_k="router.top_k", scoring="sigmoid",
+                                 order="topk_then_score", renormalize=False), "shared_expert",
+                experts_of=_llama4_experts)),
     (f"{HF}.cohere2_moe.modeling_cohere2_moe.Cohere2MoeSparseMoeBlock",
      _moe_block("cohere2_moe", _cohere2_moe_route, "shared_experts")),
 ])

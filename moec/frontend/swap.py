@@ -75,11 +75,11 @@ def _patch(
         return "forward", experts_forward
     if spec.family in ROUTER_SCORES_FAMILIES:
         def forward_with_router_scores(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # The block also returns its router's scores: the model's router computes them (callers that
-            # drop them, as the decoder layer does, leave its ops dead, and capture removes them).
+            # The block also returns its router's scores (GPT-OSS) or logits (Llama 4), its router's second
+            # output: the model's router computes them (callers that drop them, as the decoder layers do,
+            # leave its ops dead, and capture removes them).
             router = module.get_submodule("router")
-            _, scores, _ = router(hidden_states.reshape(-1, hidden_states.shape[-1]))
-            return run(hidden_states), scores
+            return run(hidden_states), router(hidden_states.reshape(-1, hidden_states.shape[-1]))[1]
 
         return "forward", forward_with_router_scores
 

@@ -186,7 +186,7 @@ class ExpertsOp(SpecOp):
     optional_weights = ("b_in", "b_out")
     quantizable_roles = ("w_in", "w_out")
     derived_fields = ("has_bias",)
-    omitted_at_default = ("limit", "up_offset")
+    omitted_at_default = ("limit", "up_offset", "weighted_input")
     # skip_threshold, set by the dynamic-skip pass: per token, drop pairs whose routing weight is below this
     # fraction of the token's top weight (``moec.kernels.skip``); absent or 0: every chosen expert runs.
     # expert_map, set by expert-merge: the stored expert each router expert runs (docs/IR.md).
@@ -234,6 +234,9 @@ class ExpertsOp(SpecOp):
         check_choice("act", spec.act, ACTIVATIONS)
         if not spec.plain_gating and not spec.gated:
             raise ValueError("limit and up_offset apply to gated experts only")
+        if spec.weighted_input and spec.has_bias:
+            raise ValueError("experts that take the routing weight on their input have no biases (a pair of "
+                             "weight 0, such as a skipped one, must contribute nothing)")
         if spec.limit is not None and not (isinstance(spec.limit, (int, float)) and spec.limit > 0):
             raise ValueError(f"limit={spec.limit!r} must be a positive number")
         if not 0.0 <= self.skip_threshold < 1.0:

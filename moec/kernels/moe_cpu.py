@@ -11,6 +11,7 @@ Contract (the same as the plain reference in ``moec.kernels.reference``)::
     w_out    [E, H, F]
     b_in     [E, F_in] or None                 b_out [E, H] or None
     y        [T, H]      dtype of x            y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])
+                                               (spec.weighted_input: sum_j expert_{indices[t, j]}(weights[t, j] * x[t]))
 
     expert_e(v) = w_out[e] @ h + b_out[e],   h = act(g) * u  (gated; [g; u] = w_in[e] @ v + b_in[e])
                                              h = act(w_in[e] @ v + b_in[e])  (not gated)
@@ -48,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
-from moec.kernels.reference import activation, gated_activation, group_by_expert
+from moec.kernels.reference import activation, gated_activation, group_by_expert, output_weight, weighted_rows
 from moec.kernels.workspace import gathered_rows
 
 __all__ = ["experts_forward", "onednn_available"]
@@ -200,9 +201,10 @@ def experts_forward(
     for expert, pairs in groups.slices():
         b_in_e = None if b_in is None else b_in[expert]
         b_out_e = None if b_out is None else b_out[expert]
-        h = _gated_hidden(xs[pairs], w_in[expert], b_in_e, spec, fast, fused)  # [M, F]
+        weight = groups.weight[pairs]
+        h = _gated_hidden(weighted_rows(xs[pairs], weight, spec), w_in[expert], b_in_e, spec, fast, fused)  # [M, F]
         out = _linear(h, w_out[expert], b_out_e, fast)  # [M, H]
-        out = _scale(out, groups.weight[pairs].unsqueeze(1))
+        out = _scale(out, output_weight(weight, spec).unsqueeze(1))
         y.index_add_(0, groups.token_of[pairs], out)
     return y
 
@@ -217,11 +219,11 @@ def _scale(out: torch.Tensor, weight) -> torch.Tensor:
 def _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast) -> torch.Tensor:
     """T == 1: read only the k chosen experts, one matvec pair each (gate and up rows in one matvec, the
     activation after it: faster than the two post-op-fused matvecs), in expert order."""
-    slots = sorted(zip(indices[0].tolist(), weights[0].tolist(), strict=True))
+    order = indices[0].argsort(stable=True)
     y = torch.zeros_like(x)  # [1, H]
-    for expert, weight in slots:
+    for expert, weight in zip(indices[0, order].tolist(), weights[0, order].split(1), strict=True):
         b_in_e = None if b_in is None else b_in[expert]
         b_out_e = None if b_out is None else b_out[expert]
-        h = _gated_hidden(x, w_in[expert], b_in_e, spec, fast, fused=False)  # [1, F]
-        y.add_(_scale(_linear(h, w_out[expert], b_out_e, fast), weight))
+        h = _gated_hidden(weighted_rows(x, weight, spec), w_in[expert], b_in_e, spec, fast, fused=False)  # [1, F]
+        y.add_(_scale(_linear(h, w_out[expert], b_out_e, fast), output_weight(weight, spec)))
     return y

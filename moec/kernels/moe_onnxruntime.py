@@ -32,7 +32,7 @@ import torch
 from onnx import TensorProto, helper
 
 from moec.frontend.blocks import ExpertsSpec
-from moec.kernels.reference import group_by_expert
+from moec.kernels.reference import group_by_expert, weighted_rows
 from moec.kernels.workspace import gathered_rows, scratch
 
 __all__ = ["OnnxruntimeExperts"]
@@ -133,9 +133,11 @@ class OnnxruntimeExperts:
         self._empty = np.zeros((0, spec.hidden), dtype=np.float32)
 
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` for x [T, H] float32 on the CPU."""
+        """``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` for x [T, H] float32 on the CPU (the
+        weight scaling the expert's input instead for ``spec.weighted_input``)."""
         groups = group_by_expert(indices, weights, self.spec.num_experts)
-        rows_np = gathered_rows(x, groups.token_of).numpy()  # [S, H] sorted by expert
+        rows = weighted_rows(gathered_rows(x, groups.token_of), groups.weight, self.spec)  # [S, H] sorted by expert
+        rows_np = rows.numpy()
         feeds, start = {}, 0
         for e, count in enumerate(groups.counts):
             feeds[f"x{e}"] = rows_np[start:start + count] if count else self._empty
@@ -144,4 +146,6 @@ class OnnxruntimeExperts:
         expert_rows = scratch("moe_expert_rows", len(rows_np), self.spec.hidden, x.dtype)  # [S, H], same order
         np.concatenate(outputs, out=expert_rows.numpy())
         y = torch.zeros_like(x)
-        return y.index_add_(0, groups.token_of, expert_rows.mul_(groups.weight.unsqueeze(1)))
+        if not self.spec.weighted_input:
+            expert_rows.mul_(groups.weight.unsqueeze(1))
+        return y.index_add_(0, groups.token_of, expert_rows)

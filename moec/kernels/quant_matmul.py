@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from moec.frontend.blocks import ExpertsSpec
 from moec.kernels.quant import QuantizedMatrix, QuantizedWeight, quantize_matrix
-from moec.kernels.reference import activation, gated_activation, group_by_expert
+from moec.kernels.reference import activation, gated_activation, group_by_expert, output_weight, weighted_rows
 
 KERNELS = ("auto", "dequant", "int4pack")
 INT4_TILES = 1  # inner-k tiles of torch's CPU int4 layout (the CPU kernel ignores other values)
@@ -111,12 +111,13 @@ class QuantizedExperts:
         rows = x.index_select(0, groups.token_of)
         y = torch.zeros_like(x)
         for expert, pairs in groups.slices():
-            hidden = self.input_linears[expert](rows[pairs])
+            weight = groups.weight[pairs]
+            hidden = self.input_linears[expert](weighted_rows(rows[pairs], weight, self.spec))
             if self.spec.gated:
                 gate, up = hidden.chunk(2, dim=-1)
                 hidden = gated_activation(gate, up, self.spec)
             else:
                 hidden = self.act(hidden)
-            out = self.output_linears[expert](hidden).float() * groups.weight[pairs].unsqueeze(1)
+            out = self.output_linears[expert](hidden).float() * output_weight(weight, self.spec).unsqueeze(1)
             y.index_add_(0, groups.token_of[pairs], out.to(y.dtype))
         return y

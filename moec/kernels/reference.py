@@ -171,6 +171,19 @@ def group_by_expert(indices: torch.Tensor, weights: torch.Tensor, num_experts: i
     return ExpertGroups(order // top_k, flat_weights.index_select(0, order), counts)
 
 
+def weighted_rows(rows: torch.Tensor, weight: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
+    """The rows an expert computes on: its gathered token rows, scaled by their float32 routing ``weight``
+    (cast to the rows' dtype first, as Llama 4 does) when the experts weigh their input
+    (``spec.weighted_input``), else the rows themselves."""
+    return rows * weight.to(rows.dtype).unsqueeze(-1) if spec.weighted_input else rows
+
+
+def output_weight(weight: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
+    """The factor an expert's output rows are scaled by: their routing ``weight`` [n], or ones when the
+    weight went into the input (``spec.weighted_input``)."""
+    return torch.ones_like(weight) if spec.weighted_input else weight
+
+
 def experts(
     x: torch.Tensor,
     indices: torch.Tensor,
@@ -181,7 +194,8 @@ def experts(
     b_out: torch.Tensor | None,
     spec: ExpertsSpec,
 ) -> torch.Tensor:
-    """Run the routed experts and combine them: ``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])``.
+    """Run the routed experts and combine them: ``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])``
+    (``sum_j expert_{indices[t, j]}(weights[t, j] * x[t])`` for experts that weigh their input).
 
     Computed grouped by expert: the (token, slot) pairs are sorted by expert id and each expert that got
     tokens runs once on all its rows. Expert outputs are scaled by the float32 routing weight, cast to
@@ -195,14 +209,14 @@ def experts(
     for expert, pairs in groups.slices():
         token_ids = groups.token_of[pairs]
         y = _expert_ffn(
-            tokens[token_ids],
+            weighted_rows(tokens[token_ids], groups.weight[pairs], spec),
             w_in[expert],
             w_out[expert],
             None if b_in is None else b_in[expert],
             None if b_out is None else b_out[expert],
             spec,
         )
-        y = y * groups.weight[pairs, None]
+        y = y * output_weight(groups.weight[pairs], spec)[:, None]
         out.index_add_(0, token_ids, y.to(out.dtype))
     return out.reshape(x.shape)
 

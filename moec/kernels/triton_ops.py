@@ -202,8 +202,9 @@ def experts(
     w_in: Weight, w_out: Weight, b_in: torch.Tensor | None, b_out: torch.Tensor | None,
     spec: ExpertsSpec, tiles: TileConfig = TileConfig(), kernels: ModuleType = triton_moe,
 ) -> torch.Tensor:
-    """Routed experts combined: ``y[t] = sum_j routing[t, j] * expert_{indices[t, j]}(x[t])``; a pair whose
-    expert index is negative is skipped (contributes nothing, costs nothing).
+    """Routed experts combined: ``y[t] = sum_j routing[t, j] * expert_{indices[t, j]}(x[t])`` (for experts that
+    weigh their input, ``sum_j expert_{indices[t, j]}(routing[t, j] * x[t])``); a pair whose expert index is
+    negative is skipped (contributes nothing, costs nothing).
 
     Align, then the fused gate/up GEMM (with the activation), then the down GEMM (scaled by the routing
     weight); the k scaled outputs of a token are summed last. ``w_in``/``w_out`` may be quantized
@@ -216,6 +217,11 @@ def experts(
         return torch.zeros_like(x)
     x = x.contiguous()
     alignment = align(indices, spec.num_experts, tiles.BLOCK_M, kernels)
-    h = gate_up(x, w_in, b_in, alignment, spec, top_k, tiles, kernels)
+    if spec.weighted_input:  # one weighted row per pair, which the gate/up kernel reads as a token of its own
+        pair_rows = x.repeat_interleave(top_k, dim=0) * routing.reshape(-1, 1).to(x.dtype)
+        h = gate_up(pair_rows, w_in, b_in, alignment, spec, 1, tiles, kernels)
+        routing = torch.ones_like(routing)
+    else:
+        h = gate_up(x, w_in, b_in, alignment, spec, top_k, tiles, kernels)
     y = down(h, w_out, b_out, routing, alignment, spec, tiles, kernels)
     return y.view(num_tokens, top_k, spec.hidden).sum(dim=1) if top_k > 1 else y

@@ -35,7 +35,7 @@ from moec.errors import PassError
 from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program
 from moec.kernels.quant import quantize_matrix
-from moec.kernels.reference import activation
+from moec.kernels.reference import activation, gated_activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 from moec.passes.quantize import (
     Unit,
@@ -69,7 +69,7 @@ def unit_output(program: Program, unit: Unit, rows: torch.Tensor, replaced: dict
         hidden = F.linear(rows, weight("w_in"), weight("b_in"))
         if spec.gated:
             gate, up = hidden.chunk(2, dim=-1)
-            hidden = act(gate) * up
+            hidden = gated_activation(gate, up, spec)
         else:
             hidden = act(hidden)
         return F.linear(hidden, weight("w_out"), weight("b_out"))
@@ -81,7 +81,7 @@ def unit_output(program: Program, unit: Unit, rows: torch.Tensor, replaced: dict
 def unit_errors(program: Program, unit: Unit, widths: tuple[int, ...], group: int,
                 activations: FFNActivations) -> list[float]:
     """Mean squared output error of ``unit`` rounded (RTN) to each width, on its calibration rows."""
-    rows = calibration_rows(activations, unit.op_index, unit.expert)
+    rows = calibration_rows(program, activations, unit.op_index, unit.expert)
     op = program.graph.ops[unit.op_index]
     reference = unit_output(program, unit, rows, {})
     errors = []

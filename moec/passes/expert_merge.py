@@ -39,7 +39,8 @@ With ``router="groups"``, the dominant experts' own weights and no refit, the re
 the default (``select``, ``groups``, refit) starts near it and uses the members' neurons and outputs.
 
 Requires: a verified graph; calibration data (``PassContext.statistics``). Layers carrying an ``expert_map``
-(merged with ``router="members"``) are refused.
+(merged with ``router="members"``) are refused, and so are experts that take the routing weight on their
+input (Llama 4).
 Ensures: ``moe.experts`` stores one expert per group, in the order of the dominant experts' ids. With
 ``groups`` routing the router keeps the dominant experts' rows (same order) and ``moe.route`` chooses top-k
 among them; with ``members`` routing the router is unchanged and ``expert_map`` maps router experts to
@@ -303,6 +304,11 @@ class ExpertMerge(Pass):
 
     def run(self, program: Program, context: PassContext) -> PassResult:
         layers = unmerged_moe_layers(program, self.name, "merge once, to the final count")
+        for layer in layers:
+            if layer.experts.spec.weighted_input:
+                raise PassError(f"{self.name}: layer {layer.name}'s experts take the routing weight on their input "
+                                "(Llama 4), and merging refits outputs that the weight scales; use expert-prune "
+                                "to shrink this layer")
         if not layers:
             return PassResult(False, {"layers": []})
         statistics = context.statistics(program, needed_by=f"pass {self.name!r}")

@@ -27,7 +27,7 @@ from moec.ir.program import Program
 from moec.ir.quant import SUPPORTED_BITS, QuantizedType, check_group
 from moec.kernels.gptq import gptq_quantize
 from moec.kernels.quant import QuantizedMatrix, QuantizedWeight, quantize_matrix
-from moec.kernels.reference import activation
+from moec.kernels.reference import activation, gated_activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 
 METHODS = ("rtn", "gptq")
@@ -97,20 +97,26 @@ def linear_inputs(program: Program, unit_op: int, role: str, expert: int | None,
 
     For an expert, the rows routed to it (all the layer's rows when it got fewer than ``MIN_EXPERT_ROWS``).
     """
-    rows = calibration_rows(activations, unit_op, expert)
+    rows = calibration_rows(program, activations, unit_op, expert)
     if role not in ("w_out", "w_down"):
         return rows
     return float_hidden(program, program.graph.ops[unit_op], expert, rows)
 
 
-def calibration_rows(activations: FFNActivations, op_index: int, expert: int | None) -> torch.Tensor:
-    """The op's calibration input rows [N, H]; for an expert, those routed to it (all if fewer than ``MIN_EXPERT_ROWS``)."""
+def calibration_rows(program: Program, activations: FFNActivations, op_index: int, expert: int | None) -> torch.Tensor:
+    """The op's calibration input rows [N, H]; for an expert, those routed to it (all if fewer than
+    ``MIN_EXPERT_ROWS``), each scaled by its routing weight when the experts weigh their input."""
     record = activations.ops[op_index]
     if expert is not None:
-        assert record.indices is not None, "collect records the routing of every moe.experts op"
-        chosen = (record.indices == expert).any(dim=-1)
+        assert record.indices is not None and record.weights is not None, "collect records every experts op's routing"
+        slots = record.indices == expert  # [N, k]
+        chosen = slots.any(dim=-1)
         if int(chosen.sum()) >= MIN_EXPERT_ROWS:
-            return record.inputs[chosen]
+            rows = record.inputs[chosen]
+            op = program.graph.ops[op_index]
+            if isinstance(op, ExpertsOp) and op.spec.weighted_input:
+                rows = rows * (record.weights[chosen] * slots[chosen]).sum(dim=-1, keepdim=True)
+            return rows
     return record.inputs
 
 
@@ -130,7 +136,7 @@ def float_hidden(program: Program, op, expert: int | None, rows: torch.Tensor) -
         hidden = F.linear(rows, weight("w_in"), weight("b_in"))
         if spec.gated:
             gate, up = hidden.chunk(2, dim=-1)
-            return act(gate) * up
+            return gated_activation(gate, up, spec)
         return act(hidden)
     up = F.linear(rows, weight("w_up"), weight("b_up"))
     return act(F.linear(rows, weight("w_gate"), weight("b_gate"))) * up if spec.gated else act(up)

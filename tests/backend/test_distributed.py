@@ -68,9 +68,11 @@ def test_wrong_world_size_fails_on_every_rank(qwen_plan):
         assert f"error (rank {rank}): " in done.stderr and "placed for 2 ranks but was started with 3" in done.stderr
 
 
-def test_pair_bookkeeping_in_one_process():
+@pytest.mark.parametrize("weighted_input", [False, True])
+def test_pair_bookkeeping_in_one_process(weighted_input):
     """The runtime's dispatch and combine bookkeeping with the all-to-alls simulated by slicing: each owner
-    derives every received row's expert from the exchanged counts alone, and the sums match the MoE."""
+    derives every received row's expert from the exchanged counts alone, and the sums match the MoE (the
+    routing weight scaling each expert's output, or its input)."""
     world, experts, k, tokens, hidden, chunks = 3, 7, 2, 11, 4, 2
     gen = torch.Generator().manual_seed(0)
     owners = torch.tensor([2, 0, 1, 0, 2, 1, 0])
@@ -86,17 +88,19 @@ def test_pair_bookkeeping_in_one_process():
         sent = [torch.tensor([0, *routes[s][chunk].counts.sum(1).cumsum(0).tolist()]) for s in range(world)]
         returned = [[] for _ in range(world)]
         for owner in range(world):
-            rows = torch.cat([outgoing_rows(ranks[s][0], routes[s][chunk])[sent[s][owner]:sent[s][owner + 1]]
+            rows = torch.cat([outgoing_rows(ranks[s][0], routes[s][chunk], weighted_input)[sent[s][owner]:sent[s][owner + 1]]
                               for s in range(world)])
             counts = torch.stack([routes[s][chunk].counts[owner] for s in range(world)])
             expert = global_id[owner, received_expert_rows(counts)]
             assert (expert >= 0).all()
-            out = rows * (expert + 1).unsqueeze(1)  # expert e multiplies by e + 1
+            out = rows.square() * (expert + 1).unsqueeze(1)  # expert e squares and multiplies by e + 1
             bounds = counts.sum(1).cumsum(0).tolist()
             for s, (start, end) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
                 returned[s].append(out[start:end])
         for s in range(world):
-            add_combined(outputs[s], torch.cat(returned[s]), routes[s][chunk])
+            add_combined(outputs[s], torch.cat(returned[s]), routes[s][chunk], weighted_input)
     for (x, ids, weights), y in zip(ranks, outputs, strict=True):
-        expected = (weights.unsqueeze(-1) * x.unsqueeze(1) * (ids + 1).unsqueeze(-1)).sum(1)
+        w = weights.unsqueeze(-1)
+        inputs = w * x.unsqueeze(1) if weighted_input else x.unsqueeze(1)
+        expected = ((1 if weighted_input else w) * inputs.square() * (ids + 1).unsqueeze(-1)).sum(1)
         torch.testing.assert_close(y, expected)

@@ -110,9 +110,10 @@ def test_generated_graphs_round_trip(graph):
     st.tuples(st.one_of(st.none(), st.floats(0.5, 20.0)), st.sampled_from([0.0, 1.0])),
     st.sets(st.sampled_from(["router_bias", "router_logit_bias"])),
     st.sampled_from(["top2_sum", "max"]),
+    st.booleans(),
 )
 def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize, scaling, act, shared_gate, gating,
-                                            router_biases, group_score):
+                                            router_biases, group_score, weighted_input):
     num_experts, top_k = experts_topk
     graph = Graph()
     x = graph.add_input("x", TensorType("f32", ("s0", 8)))
@@ -129,7 +130,7 @@ def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize,
                                        [TensorType("i64", ("s0", top_k)), TensorType("f32", ("s0", top_k))]))
     limit, up_offset = gating  # clamped gating (GPT-OSS, DeepSeek-V4); written only when set
     experts_spec = ExpertsSpec(num_experts=num_experts, hidden=8, intermediate=4, act=act, gated=True, limit=limit,
-                               up_offset=up_offset)
+                               up_offset=up_offset, weighted_input=weighted_input)
     routed = graph.append(ExpertsOp.build([x, *route.results], {"w_in": "w_in", "w_out": "w_out"}, experts_spec, [x.type]))
     shared_weights = {"w_up": "up", "w_down": "down"} | ({"gate": "gate"} if shared_gate else {})
     shared_spec = FFNSpec(hidden=8, intermediate=4, act=act, gated=False, has_output_gate=shared_gate)
@@ -144,6 +145,7 @@ def test_moe_ops_round_trip_with_their_specs(experts_topk, scoring, renormalize,
     assert parsed.ops[1].spec == experts_spec
     assert ("group_score=" in text) == (group_score != "top2_sum")  # written only when not the default
     assert ("limit=" in text) == (limit is not None) and ("up_offset=" in text) == (up_offset != 0.0)
+    assert ("weighted_input=" in text) == weighted_input
     assert parsed.ops[2].spec == shared_spec
     assert math.isclose(parsed.ops[0].spec.scaling, scaling)
 

@@ -26,6 +26,8 @@ def broken(old: str, new: str):
         ("num_experts=4, top_k=2", "top_k=2", "bad configuration: .*num_experts"),
         ("gated=true)", "gated=true, limit=-1.0)", "limit=-1.0 must be a positive number"),
         ("gated=true)", "gated=false, up_offset=1.0)", "limit and up_offset apply to gated experts only"),
+        ("w_out=@experts.w_out,", "w_out=@experts.w_out, b_out=@experts.w_in, weighted_input=true,",
+         "experts that take the routing weight on their input have no biases"),
     ],
 )
 def test_broken_rules_are_named(old, new, message):

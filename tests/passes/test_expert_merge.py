@@ -141,6 +141,9 @@ def test_errors_without_calibration_and_on_a_merged_layer():
         merge(program, token_samples(), keep=2)
     with pytest.raises(PassError, match="fewer than its top_k=2"):
         merge(program_of(SMALL_MOE, small_moe_weights()), token_samples(), keep=1)
+    weighted_input = SMALL_MOE.replace("gated=true,", "gated=true, weighted_input=true,")
+    with pytest.raises(PassError, match="layer moe's experts take the routing weight on their input"):
+        merge(program_of(weighted_input, small_moe_weights()), token_samples(), keep=2)
     with pytest.raises(PassError, match="align='sorted' is not one of"):
         ExpertMerge(keep=2, align="sorted")
     with pytest.raises(PassError, match="align='importance' pairs neurons for combine='select'"):

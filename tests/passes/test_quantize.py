@@ -6,12 +6,16 @@ import pytest
 import safetensors.torch
 import torch
 
+from moec.analysis.ffn_activations import collect
 from moec.api import CompiledModel, load
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
+from moec.ir.ops import ExpertsOp
 from moec.ir.quant import QuantizedType, storage_names
 from moec.kernels.quant import QuantizedWeight
 from moec.passes import PassContext, build_passes, run_passes
+from moec.passes.quantize import calibration_rows
+from tests.passes.helpers import SMALL_MOE, program_of, small_moe_weights, token_samples
 
 
 def quantized(program, recipe, calibration=None):
@@ -94,3 +98,20 @@ def test_group_that_does_not_divide_names_the_weight(compiled_program):
     _, _, program = compiled_program("tiny-mixtral")  # hidden 32: a group of 64 does not divide w_in's rows
     with pytest.raises(PassError, match=r"weight @.*experts.* group size 64 does not divide the reduced dimension 32"):
         quantized(program, [{"quantize": {"bits": 4, "group": 64}}])
+
+
+def test_calibration_rows_of_experts_weighing_their_input_are_the_rows_they_compute_on():
+    """GPTQ and the bit-allocation errors see each expert's rows scaled by its routing weight when the
+    experts take the weight on their input (Llama 4), and the plain token rows otherwise."""
+    for weighted_input in (False, True):
+        text = SMALL_MOE.replace('gated=true,', f'gated=true, weighted_input={str(weighted_input).lower()},')
+        program = program_of(text, small_moe_weights())
+        activations = collect(program, [list(sample) for sample in token_samples()])
+        op_index = program.graph.ops.index(program.graph.ops_of(ExpertsOp)[0])
+        record = activations.ops[op_index]
+        slots = record.indices == 1
+        chosen = slots.any(dim=-1)
+        weight = (record.weights * slots).sum(dim=-1, keepdim=True)[chosen]
+        expected = record.inputs[chosen] * (weight if weighted_input else 1.0)
+        torch.testing.assert_close(calibration_rows(program, activations, op_index, 1), expected)
+        assert (weight < 0.99).any()  # the scaling shows

@@ -130,7 +130,7 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
 
     The loop over experts is unrolled at export; each expert picks the tokens routed to it with one
     NonZero (a token picks an expert at most once), so it runs on its own rows only, and adds its
-    weighted output with a scatter-add.
+    weighted output (or its output on weighted rows) with a scatter-add.
     """
     tokens = x.reshape(-1, x.shape[-1])  # [T, H]
     top_k = indices.shape[-1]
@@ -141,14 +141,16 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
         chosen = flat_indices == expert  # [T, k], at most one True a row
         token_ids = torch.nonzero(chosen.any(dim=-1)).squeeze(-1)  # [n]
         token_weights = (flat_weights * chosen).sum(dim=-1)  # [T]: the expert's routing weight, 0 if unrouted
-        hidden = F.linear(tokens[token_ids], w_in[expert], None if b_in is None else b_in[expert])
+        rows = reference.weighted_rows(tokens[token_ids], token_weights[token_ids], spec)
+        hidden = F.linear(rows, w_in[expert], None if b_in is None else b_in[expert])
         if spec.gated:
             gate, up = hidden.chunk(2, dim=-1)
             hidden = reference.gated_activation(gate, up, spec)
         else:
             hidden = reference.activation(spec.act)(hidden)
         y = F.linear(hidden, w_out[expert], None if b_out is None else b_out[expert])  # [n, H]
-        y = y * token_weights[token_ids].unsqueeze(-1)
+        if not spec.weighted_input:
+            y = y * token_weights[token_ids].unsqueeze(-1)
         out = out.index_put((token_ids,), y.to(out.dtype), accumulate=True)
     return out.reshape(x.shape)
 
@@ -174,6 +176,8 @@ class OrtMoESupport:
 
 def ort_experts_support(experts: ExpertsSpec) -> str:
     """Why com.microsoft.MoE cannot compute these experts exactly ("" if it can)."""
+    if experts.weighted_input:
+        return "experts that take the routing weight on their input (the op scales their outputs)"
     if experts.gated and experts.act not in SWIGLU_ALPHAS:
         return f"gated {experts.act} experts (the op gates with x * sigmoid(alpha * x) only)"
     if not experts.gated and experts.act not in ORT_ACTIVATIONS:

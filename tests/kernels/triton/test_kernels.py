@@ -156,6 +156,22 @@ def test_experts_match_reference(dtype, tolerance, tokens, num_experts, top_k, d
     torch.testing.assert_close(got.float(), expected.float(), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("tokens,num_experts,top_k", [(37, 8, 2), (1, 4, 1)])
+def test_experts_weighing_their_input_match_reference(tokens, num_experts, top_k, device):
+    """Llama 4's experts: each pair's row is scaled by its routing weight before the expert, not after."""
+    spec = ExpertsSpec(num_experts, hidden=32, intermediate=48, act="silu", gated=True, weighted_input=True)
+    w_in, w_out, _, _ = expert_weights(spec, torch.float32)
+    x = torch.randn(tokens, spec.hidden, generator=torch.Generator().manual_seed(5))
+    indices = choose_experts(tokens, num_experts, top_k)
+    routing = torch.rand(tokens, top_k, generator=torch.Generator().manual_seed(6))
+    got = ops.experts(*to(device, x, indices, routing, w_in, w_out), None, None, spec, TILES).cpu()
+    expected = reference.experts(x, indices, routing, w_in, w_out, None, None, spec)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    on_outputs = reference.experts(x, indices, routing, w_in, w_out, None, None,
+                                   dataclasses.replace(spec, weighted_input=False))
+    assert (on_outputs - expected).abs().max() > 1e-3
+
+
 def test_pairs_with_a_negative_expert_are_skipped(device):
     """Skipped pairs (index -1) cost nothing and add nothing: as if their routing weight were zero."""
     tokens, num_experts, top_k = 37, 8, 2
