@@ -157,12 +157,12 @@ def _gating_candidates(experts: nn.Module, gated: bool) -> list[tuple[str, float
 
     Hugging Face's default gating is ``act_fn(gate) * up``. Experts with their own ``_apply_gate`` may
     clamp at ``self.limit`` (DeepSeek-V4: SiLU) or ``self.swiglu_limit`` (HY-V4: SiLU written out, no
-    ``act_fn``), and add 1 to up with ``gate * sigmoid(alpha * gate)`` (GPT-OSS: alpha 1.702, which is
-    moec's ``quick_gelu``)."""
+    ``act_fn``), and add 1 to up with ``gate * sigmoid(alpha * gate)`` (GPT-OSS: ``alpha`` 1.702, which is
+    moec's ``quick_gelu``; MiniMax-M3-VL: ``swiglu_alpha``)."""
     act = activation_name(getattr(experts, "act_fn", None))
     if getattr(type(experts), "_apply_gate", None) in (None, _hf_default_apply_gate()) or not gated:
         return [] if act is None else [(act, None, 0.0)]
-    alpha = getattr(experts, "alpha", None)
+    alpha = getattr(experts, "alpha", getattr(experts, "swiglu_alpha", None))
     acts = [act] if act is not None else []
     acts += [name for name, a in (("silu", 1.0), ("quick_gelu", 1.702)) if alpha == a and name not in acts]
     if not acts and alpha is None:
@@ -455,6 +455,11 @@ def _llama4_experts(experts: nn.Module) -> BlockSpec | None:
 ROUTER_SCORES_FAMILIES = ("gpt_oss", "openai_privacy_filter", "llama4")
 
 
+# Families whose MoE block ends with a norm module of its own on (routed + shared): its attribute. The swapped
+# block applies it, as the model's code, to moec's output.
+OUTPUT_NORMS = {"axk1": "post_mlp_layernorm"}
+
+
 RouteOf = Callable[[nn.Module, int], tuple[RouteSpec, dict[str, str]] | None]
 
 
@@ -732,6 +737,7 @@ _REGISTRY.extend([
     (f"{HF}.lfm2_moe.modeling_lfm2_moe.Lfm2MoeSparseMoeBlock", _moe_block("lfm2_moe", _lfm2_moe_route)),
     (f"{HF}.deepseek_v32.modeling_deepseek_v32.DeepseekV32MoE", _deepseek_v3_moe("deepseek_v32")),
     (f"{HF}.dots3_note.modeling_dots3_note.Dots3NoteTextMoE", _deepseek_v3_moe("dots3_note")),
+    (f"{HF}.axk1.modeling_axk1.AXK1MoE", _deepseek_v3_moe("axk1")),
     (f"{HF}.axk2.modeling_axk2.AXK2MoE", _moe_block("axk2", _DEEPSEEK_V3_ROUTE, "shared_experts")),
     (f"{HF}.beam.modeling_beam.BeamMoE",
      _stacked_moe("beam", _route(scoring="sigmoid", renormalize="gate.norm_topk_prob", renorm_eps=1e-20,

@@ -18,7 +18,7 @@ from torch import nn
 from moec.errors import CaptureError
 from moec.frontend import custom_ops  # noqa: F401  (registers torch.ops.moec.*)
 from moec.frontend.blocks import BlockSpec
-from moec.frontend.recognize import BERT_STYLE_FAMILIES, ROUTER_SCORES_FAMILIES
+from moec.frontend.recognize import BERT_STYLE_FAMILIES, OUTPUT_NORMS, ROUTER_SCORES_FAMILIES
 
 
 def block_op(spec: BlockSpec) -> Callable[..., torch.Tensor]:
@@ -82,6 +82,14 @@ def _patch(
             return run(hidden_states), router(hidden_states.reshape(-1, hidden_states.shape[-1]))[1]
 
         return "forward", forward_with_router_scores
+
+    if spec.family in OUTPUT_NORMS:
+        norm = module.get_submodule(OUTPUT_NORMS[spec.family])
+
+        def forward_with_output_norm(hidden_states: torch.Tensor) -> torch.Tensor:
+            return norm(run(hidden_states))
+
+        return "forward", forward_with_output_norm
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         return run(hidden_states)

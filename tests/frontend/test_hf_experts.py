@@ -242,6 +242,8 @@ ROUTED_FAMILIES = {
     "dots3_note": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                         shared_experts_intermediate_size=32, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                         mlp_layer_types=["sparse"] * 2, head_dim=8, pad_token_id=0, **_MLA), True),
+    "axk1": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
+                  routed_scaling_factor=2.5, mlp_layer_types=["sparse"] * 2, **_MLA), True),  # a norm on its output
     "axk2": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, routed_scaling_factor=2.5,
                   mlp_layer_types=["sparse"] * 2, **_MLA), True),  # no expert groups: num_group None
     "axk2:grouped": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
@@ -357,6 +359,9 @@ CLAMPED = {  # family: (tiny config options, expected (act, limit, up_offset), t
     "deepseek_v4": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=8),
                     ("silu", 10.0, 0.0), False, "experts"),
     "hy_v4": ({**ROUTED_FAMILIES["hy_v4"][0], "swiglu_limit": 0.5}, ("silu", 0.5, 0.0), False, "moe"),  # no act_fn
+    "minimax_m3_vl": (dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, shared_intermediate_size=32,
+                           dense_intermediate_size=64, routed_scaling_factor=2.5, head_dim=8, rotary_dim=4),
+                      ("quick_gelu", 7.0, 1.0), False, "experts"),  # alpha in swiglu_alpha; its clamped shared MLP
 }
 
 
@@ -372,6 +377,7 @@ def clamped_family(family: str) -> tuple[nn.Module, tuple]:
 
 @pytest.mark.parametrize("family", [
     "gpt_oss", "hy_v4", pytest.param("deepseek_v4", marks=pytest.mark.slow),
+    pytest.param("minimax_m3_vl", marks=pytest.mark.slow),
 ])
 def test_experts_with_clamped_gating_run_on_moec(family, tmp_path):
     model, example = clamped_family(family)

@@ -1,0 +1,116 @@
+"""Benchmark: one Llama 4 MoE block on the CPU, Hugging Face eager and torch.compile vs moec.
+
+Block: ``Llama4TextMoe`` (a sigmoid router choosing top-1 of 16 experts, the routing weight scaling each
+expert's input, plus an always-on shared expert), hidden 1024, FFN 1536, float32 (302 MB of routed expert
+weights). Hugging Face runs every expert on every token (the unchosen ones on zero rows); moec runs each
+token's chosen expert only (``moe.route`` + ``moe.experts`` with ``weighted_input``).
+
+Compared in one process, interleaved repeat by repeat, median of ``--repeats`` after a warmup:
+
+* ``hf_eager``        the block as shipped;
+* ``hf_compiled``     ``torch.compile`` of the same block (inductor, default mode);
+* ``moec``            ``moec.compile`` of the block: the torch runner, its default CPU kernels.
+
+Every implementation is checked against ``hf_eager`` on each size before timing (max abs difference, reported).
+
+Run:  python tools/bench/llama4_block.py [--quick] [--threads N] [--out bench-results/llama4_block.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import moec  # noqa: E402
+
+HIDDEN, FFN, EXPERTS, TOP_K = 1024, 1536, 16, 1
+
+
+def block() -> Llama4TextMoe:
+    config = transformers.Llama4TextConfig(hidden_size=HIDDEN, intermediate_size=FFN, num_local_experts=EXPERTS,
+                                           num_experts_per_tok=TOP_K, hidden_act="silu")
+    torch.manual_seed(0)
+    moe = Llama4TextMoe(config).eval()
+    with torch.no_grad():
+        for weight in (moe.experts.gate_up_proj, moe.experts.down_proj):
+            weight.normal_(0.0, weight.shape[1] ** -0.5)  # gate_up is zeros and down_proj empty at init
+    return moe
+
+
+def timed(fn, repeats: int) -> list[float]:
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return samples
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tokens 1 and 64 only, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--out", default="bench-results/llama4_block.json")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = [1, 64] if args.quick else [1, 16, 128, 512]
+    repeats = 3 if args.quick else args.repeats
+
+    moe = block()
+    example = torch.randn(1, 8, HIDDEN)
+    start = time.perf_counter()
+    compiled = moec.compile(moe, (example,))
+    moec_compile_s = time.perf_counter() - start
+    hf_compiled = torch.compile(moe)
+
+    runners = {
+        "hf_eager": lambda x: moe(x)[0],
+        "hf_compiled": lambda x: hf_compiled(x)[0],
+        "moec": lambda x: compiled(x)[0],
+    }
+    rows = []
+    with torch.inference_mode():
+        for tokens in sizes:
+            x = torch.randn(1, tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+            want = runners["hf_eager"](x).reshape(tokens, HIDDEN)
+            diffs = {}
+            for name, run in runners.items():
+                got = run(x).reshape(tokens, HIDDEN)  # also the warmup (and torch.compile's compile)
+                diffs[name] = float((got - want).abs().max())
+            samples = {name: [] for name in runners}
+            for _ in range(repeats):
+                for name, run in runners.items():
+                    samples[name] += timed(lambda run=run, x=x: run(x), 1)
+            ms = {name: statistics.median(values) for name, values in samples.items()}
+            row = {"tokens": tokens, "ms": ms, "max_abs_diff": diffs,
+                   "moec_vs": {name: ms[name] / ms["moec"] for name in runners if name != "moec"}}
+            rows.append(row)
+            print(f"{tokens:5d} tokens  " + "  ".join(f"{name} {value:8.2f} ms" for name, value in ms.items())
+                  + f"  moec x{row['moec_vs']['hf_eager']:.2f} vs eager, x{row['moec_vs']['hf_compiled']:.2f} "
+                  f"vs compiled  (max abs diff {max(diffs.values()):.1e})", flush=True)
+
+    result = {"block": {"hidden": HIDDEN, "ffn": FFN, "experts": EXPERTS, "top_k": TOP_K, "dtype": "float32"},
+              "threads": torch.get_num_threads(), "repeats": repeats, "moec_compile_s": moec_compile_s,
+              "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.processor(),
+              "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
