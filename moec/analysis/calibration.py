@@ -54,7 +54,7 @@ from moec.ir.ops import DenseFFNOp, ExpertsOp
 from moec.ir.plan import unshared
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
-from moec.kernels.reference import activation
+from moec.kernels.reference import activation, gated_activation
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "calibration.safetensors"
@@ -303,12 +303,11 @@ class _Recorder:
         rows = self.real_rows(x).float()
         spec = op.spec
         up = torch.nn.functional.linear(rows, self.required_weight(op, "w_up"), self.weight(op, "b_up"))
-        act = activation(spec.act)
         if spec.gated:
             w_gate, b_gate = self.required_weight(op, "w_gate"), self.weight(op, "b_gate")
-            hidden = act(torch.nn.functional.linear(rows, w_gate, b_gate)) * up
+            hidden = gated_activation(torch.nn.functional.linear(rows, w_gate, b_gate), up, spec)
         else:
-            hidden = act(up)
+            hidden = activation(spec.act)(up)
         magnitude = hidden.abs()
         state = self.dense.setdefault(op.block, {"active_count": 0, "abs_sum": 0, "tokens": 0})
         state["active_count"] = state["active_count"] + (magnitude > magnitude.mean(1, keepdim=True)).sum(0).double()

@@ -26,7 +26,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.ir.core import Operation
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SpecOp
 from moec.ir.program import Program
-from moec.kernels.reference import activation
+from moec.kernels.reference import activation, gated_activation
 
 BASELINES = ("random", "oracle")
 
@@ -78,7 +78,7 @@ def expert_output_norms(x: torch.Tensor, op: ExpertsOp, weights: dict[str, torch
     norms = []
     for e in range(spec.num_experts):
         h = torch.nn.functional.linear(x, w_in[e], None if b_in is None else b_in[e])
-        h = act(h[:, : spec.intermediate]) * h[:, spec.intermediate :] if spec.gated else act(h)
+        h = gated_activation(h[:, : spec.intermediate], h[:, spec.intermediate :], spec) if spec.gated else act(h)
         norms.append(torch.nn.functional.linear(h, w_out[e], None if b_out is None else b_out[e]).norm(dim=-1))
     return torch.stack(norms, dim=1)
 
@@ -136,7 +136,8 @@ class NeuronOracleRunner(TorchRunner):
         def run(args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
             x = args[0].float()
             up = torch.nn.functional.linear(x, w_up, b_up)
-            h = act(torch.nn.functional.linear(x, w_gate, b_gate)) * up if w_gate is not None else act(up)
+            h = gated_activation(torch.nn.functional.linear(x, w_gate, b_gate), up, spec) if w_gate is not None \
+                else act(up)
             chosen = ((h - mean).abs() * column_norms).topk(keep, dim=-1).indices
             kept = torch.zeros_like(h, dtype=torch.bool).scatter_(-1, chosen, True)
             return torch.nn.functional.linear(torch.where(kept, h, mean), w_down, b_down).to(args[0].dtype)

@@ -97,9 +97,11 @@ def quantized_ffn(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gate, spec, wei
         return weight.cached(role, lambda: prepare_linear(w.matrix(0), b, weight.quant_kernel))
 
     rows = x.reshape(-1, x.shape[-1])
-    act = reference.activation(spec.act)
     up = linear("w_up", w_up, b_up)(rows)
-    hidden = act(linear("w_gate", w_gate, b_gate)(rows)) * up if spec.gated else act(up)
+    if spec.gated:
+        hidden = reference.gated_activation(linear("w_gate", w_gate, b_gate)(rows), up, spec)
+    else:
+        hidden = reference.activation(spec.act)(up)
     y = linear("w_down", w_down, b_down)(hidden)
     if gate is not None:
         y = torch.sigmoid(torch.nn.functional.linear(rows, gate)) * y

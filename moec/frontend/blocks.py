@@ -61,7 +61,11 @@ class RouteSpec:
 
 @dataclass(frozen=True)
 class FFNSpec:
-    """A dense feed-forward network: down(act(gate(x)) * up(x)) when gated, else down(act(up(x)))."""
+    """A dense feed-forward network: down(act(gate(x)) * up(x)) when gated, else down(act(up(x))).
+
+    A gated FFN may clamp as gated experts do (``ExpertsSpec``; GLM-5-Next's and DeepSeek-V4's MLPs):
+    ``act(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset)``.
+    """
 
     hidden: int
     intermediate: int
@@ -69,6 +73,13 @@ class FFNSpec:
     gated: bool
     has_bias: bool = False
     has_output_gate: bool = False  # shared expert: y *= sigmoid(x @ gate.T)
+    limit: float | None = None
+    up_offset: float = 0.0
+
+    @property
+    def plain_gating(self) -> bool:
+        """Whether the FFN gates as ``act(gate) * up``, with no clamp or offset."""
+        return self.limit is None and self.up_offset == 0.0
 
 
 @dataclass(frozen=True)

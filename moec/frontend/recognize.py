@@ -18,8 +18,9 @@ returning None; the module then stays ordinary torch code in the captured graph.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TypeGuard, TypeVar
 
 import torch
 from torch import nn
@@ -87,30 +88,39 @@ def _spec_for(module: nn.Module) -> BlockSpec | None:
 
 
 def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
-    """A module of an unlisted class with a gated MLP's parts, when its forward on a few random rows (scaled
-    to ``PROBE_PEAKS``) equals ``down(act(gate(x)) * up(x))`` computed from those parts (same ops, so the
-    same rounding). Its family is its class name."""
+    """A module of an unlisted class with a gated MLP's parts, when the probe confirms it
+    (``_gated_mlp_probe_agrees``). Its family is its class name."""
     gate, up, down = (getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj"))
     act_fn = _mlp_act_fn(mlp)
     if not (isinstance(gate, nn.Linear) and isinstance(up, nn.Linear) and isinstance(down, nn.Linear)
             and isinstance(act_fn, nn.Module)):
         return None
     ffn = _gated_mlp_ffn_spec(mlp)
-    if ffn is None:
+    if ffn is None or not _gated_mlp_probe_agrees(mlp, ffn):
         return None
+    return BlockSpec(kind="ffn", family=type(mlp).__name__, module="", weights=_gated_mlp_weights(mlp), ffn=ffn)
+
+
+def _gated_mlp_probe_agrees(mlp: nn.Module, ffn: FFNSpec) -> bool:
+    """Whether the gated MLP's forward on a few random rows (scaled to ``PROBE_PEAKS``) equals
+    ``down(act(gate(x)) * up(x))``, clamped as ``ffn`` says, computed from its parts (same ops, so the same
+    rounding)."""
+    gate, up, down = (_attribute(mlp, name, nn.Linear) for name in ("gate_proj", "up_proj", "down_proj"))
+    act_fn = _mlp_act_fn(mlp)
+    if not callable(act_fn):
+        return False
     weight = up.weight
     x = torch.randn(8, ffn.hidden, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     try:
         with torch.no_grad():
             x = _rows_reaching_probe_peaks(x, lambda rows: torch.cat([gate(rows), up(rows)], dim=-1))
-            actual = mlp(x)
-            expected = down(act_fn(gate(x)) * up(x))
-            same = isinstance(actual, torch.Tensor) and actual.shape == expected.shape and torch.equal(actual, expected)
+            g, u = gate(x), up(x)
+            if ffn.limit is not None:
+                g, u = g.clamp(max=ffn.limit), u.clamp(min=-ffn.limit, max=ffn.limit)
+            actual, expected = mlp(x), down(act_fn(g) * u)
+            return isinstance(actual, torch.Tensor) and actual.shape == expected.shape and torch.equal(actual, expected)
     except Exception:  # a forward with other arguments or shapes is not this MLP
-        return None
-    if not same:
-        return None
-    return BlockSpec(kind="ffn", family=type(mlp).__name__, module="", weights=_gated_mlp_weights(mlp), ffn=ffn)
+        return False
 
 
 def _probed_hf_experts(experts: nn.Module) -> BlockSpec | None:
@@ -168,7 +178,7 @@ def _gating_candidates(experts: nn.Module, gated: bool) -> list[tuple[str, float
     if not acts and alpha is None:
         acts = ["silu"]
     limit = getattr(experts, "limit", getattr(experts, "swiglu_limit", None))
-    limits = [float(limit)] if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0 else []
+    limits = [float(limit)] if _is_clamp(limit) else []
     return [(name, bound, offset) for name in acts for bound in limits for offset in (0.0, 1.0)]
 
 
@@ -293,18 +303,26 @@ def _mlp_act_fn(mlp: nn.Module) -> object:
 
 def _gated_mlp_ffn_spec(mlp: nn.Module) -> FFNSpec | None:
     """gate_proj/up_proj/down_proj Linear layers with an activation (Llama, Mistral, Qwen, Gemma, the MoE
-    families' dense MLPs)."""
+    families' dense MLPs); a ``swiglu_limit`` or ``limit`` the MLP keeps is read as its clamp (GLM-5-Next,
+    DeepSeek-V4), which only the probe confirms."""
     act = activation_name(_mlp_act_fn(mlp))
     if act is None:
         return None
     gate_proj = _attribute(mlp, "gate_proj", nn.Linear)
+    limit = getattr(mlp, "swiglu_limit", getattr(mlp, "limit", None))
     return FFNSpec(
         hidden=gate_proj.in_features,
         intermediate=gate_proj.out_features,
         act=act,
         gated=True,
         has_bias=gate_proj.bias is not None,
+        limit=float(limit) if _is_clamp(limit) else None,
     )
+
+
+def _is_clamp(limit: object) -> TypeGuard[float]:
+    """Whether a module's ``limit`` setting is a clamp (a positive finite number; inf or None: none)."""
+    return isinstance(limit, (int, float)) and not isinstance(limit, bool) and 0 < limit < math.inf
 
 
 def _gated_mlp_weights(mlp: nn.Module, prefix: str = "", role_prefix: str = "") -> dict[str, str]:
@@ -501,7 +519,9 @@ def _shared_expert(mlp: nn.Module, prefix: str) -> tuple[FFNSpec, dict[str, str]
     if not hasattr(mlp, "gate_proj"):
         return _plain_mlp_parts(mlp, "up_proj", "down_proj", "act_fn", prefix, role_prefix="shared_")
     spec = _gated_mlp_ffn_spec(mlp)
-    return None if spec is None else (spec, _gated_mlp_weights(mlp, prefix=prefix, role_prefix="shared_"))
+    if spec is None or (spec.limit is not None and not _gated_mlp_probe_agrees(mlp, spec)):
+        return None
+    return spec, _gated_mlp_weights(mlp, prefix=prefix, role_prefix="shared_")
 
 
 def _setting(block: nn.Module, path: str) -> object:
@@ -763,6 +783,8 @@ _REGISTRY.extend([
                                                 order="topk_then_score", renormalize=False, logit_bias="router.bias"))),
     (f"{HF}.glm4v_moe.modeling_glm4v_moe.Glm4vMoeTextMoE", _deepseek_v3_moe("glm4v_moe")),
     (f"{HF}.glm_moe_dsa.modeling_glm_moe_dsa.GlmMoeDsaMoE", _deepseek_v3_moe("glm_moe_dsa")),
+    (f"{HF}.glm5_next.modeling_glm5_next.Glm5NextTextMoE",
+     _moe_block("glm5_next", _DEEPSEEK_V3_ROUTE, "shared_experts")),  # clamped experts and shared expert
     (f"{HF}.hy_v4_vl.modeling_hy_v4_vl.HYV4VLMoE", _moe_block("hy_v4_vl", _DEEPSEEK_V3_ROUTE, "shared_experts")),
     (f"{HF}.flint.modeling_flint.FlintSparseMoeBlock",
      _moe_block("flint", _route(scoring="sigmoid", renormalize="gate.norm_topk_prob"), "shared_expert")),

@@ -232,13 +232,10 @@ class ExpertsOp(SpecOp):
 
     def verify_spec(self, spec: ExpertsSpec) -> None:
         check_choice("act", spec.act, ACTIVATIONS)
-        if not spec.plain_gating and not spec.gated:
-            raise ValueError("limit and up_offset apply to gated experts only")
+        check_gating(spec)
         if spec.weighted_input and spec.has_bias:
             raise ValueError("experts that take the routing weight on their input have no biases (a pair of "
                              "weight 0, such as a skipped one, must contribute nothing)")
-        if spec.limit is not None and not (isinstance(spec.limit, (int, float)) and spec.limit > 0):
-            raise ValueError(f"limit={spec.limit!r} must be a positive number")
         if not 0.0 <= self.skip_threshold < 1.0:
             raise ValueError(f"skip_threshold={self.skip_threshold} must be in [0, 1) (the top expert always runs)")
         self.verify_expert_map(spec.num_experts)
@@ -257,12 +254,21 @@ class ExpertsOp(SpecOp):
             raise ValueError(f"result must be {x_type}")
 
 
+def check_gating(spec: ExpertsSpec | FFNSpec) -> None:
+    """The clamp and offset of gated experts or FFNs: a positive ``limit``, and neither on ungated ones."""
+    if not spec.plain_gating and not spec.gated:
+        raise ValueError("limit and up_offset apply to gated experts and FFNs only")
+    if spec.limit is not None and not (isinstance(spec.limit, (int, float)) and spec.limit > 0):
+        raise ValueError(f"limit={spec.limit!r} must be a positive number")
+
+
 class FFNLikeOp(SpecOp):
     spec_class = FFNSpec
     num_operands = 1
     required_weights = ("w_up", "w_down")
     derived_fields: ClassVar[tuple[str, ...]] = ("has_bias", "gated")
     quantizable_roles = ("w_gate", "w_up", "w_down")
+    omitted_at_default = ("limit", "up_offset")
 
     def derived_spec_values(self) -> dict[str, Any]:
         return {
@@ -272,6 +278,7 @@ class FFNLikeOp(SpecOp):
 
     def verify_spec(self, spec: FFNSpec) -> None:
         check_choice("act", spec.act, ACTIVATIONS)
+        check_gating(spec)
         for role in ("w_gate", "w_up"):
             self.expect_weight_shape(role, (spec.intermediate, spec.hidden))
         self.expect_weight_shape("w_down", (spec.hidden, spec.intermediate))

@@ -111,9 +111,9 @@ def remap_experts(indices: torch.Tensor, expert_map: list[int] | None) -> torch.
     return torch.tensor(expert_map, dtype=indices.dtype, device=indices.device)[indices]
 
 
-def gated_activation(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
-    """``act(gate) * up`` of gated experts, with the clamp and offset ``spec`` may carry (GPT-OSS,
-    DeepSeek-V4): ``act(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset)``."""
+def gated_activation(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec | FFNSpec) -> torch.Tensor:
+    """``act(gate) * up`` of gated experts or FFNs, with the clamp and offset ``spec`` may carry (GPT-OSS,
+    DeepSeek-V4, GLM-5-Next): ``act(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset)``."""
     if spec.limit is not None:
         gate = gate.clamp(max=spec.limit)
         up = up.clamp(min=-spec.limit, max=spec.limit)
@@ -232,19 +232,19 @@ def ffn(
     gate: torch.Tensor | None,
     spec: FFNSpec,
 ) -> torch.Tensor:
-    """A dense FFN: ``down(act(gate(x)) * up(x))`` when gated, else ``down(act(up(x)))``.
+    """A dense FFN: ``down(act(gate(x)) * up(x))`` when gated (clamped as ``spec`` says), else
+    ``down(act(up(x)))``.
 
     With an output ``gate`` (1, H) (shared experts), the result is multiplied by ``sigmoid(x @ gate.T)``.
     Shapes: x [..., H], w_gate/w_up (F, H), w_down (H, F). Returns [..., H].
     """
-    act = activation(spec.act)
     up = F.linear(x, w_up, b_up)
     if spec.gated:
         if w_gate is None:
             raise ValueError("a gated FFN needs w_gate")
-        hidden = act(F.linear(x, w_gate, b_gate)) * up
+        hidden = gated_activation(F.linear(x, w_gate, b_gate), up, spec)
     else:
-        hidden = act(up)
+        hidden = activation(spec.act)(up)
     y = F.linear(hidden, w_down, b_down)
     if gate is not None:
         y = torch.sigmoid(F.linear(x, gate)) * y

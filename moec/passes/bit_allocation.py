@@ -74,7 +74,7 @@ def unit_output(program: Program, unit: Unit, rows: torch.Tensor, replaced: dict
             hidden = act(hidden)
         return F.linear(hidden, weight("w_out"), weight("b_out"))
     up = F.linear(rows, weight("w_up"), weight("b_up"))
-    hidden = act(F.linear(rows, weight("w_gate"), weight("b_gate"))) * up if spec.gated else act(up)
+    hidden = gated_activation(F.linear(rows, weight("w_gate"), weight("b_gate")), up, spec) if spec.gated else act(up)
     return F.linear(hidden, weight("w_down"), weight("b_down"))
 
 

@@ -227,7 +227,7 @@ class DenseToMoE(Pass):
         if stats is not None:
             expert_weights["b_out"] = add_weight("experts.b_out", -mean_expert_outputs(program, op, layout, stats))
         experts_spec = ExpertsSpec(num_experts=self.experts, hidden=spec.hidden, intermediate=ids.shape[1],
-                                   act=spec.act, gated=spec.gated)
+                                   act=spec.act, gated=spec.gated, limit=spec.limit, up_offset=spec.up_offset)
         experts = ExpertsOp.build([x, *route.results], {k: v.name for k, v in expert_weights.items()},
                                   experts_spec, [x.type], op.block)
         new_ops: list[Operation] = [route, experts]
@@ -238,7 +238,8 @@ class DenseToMoE(Pass):
             for role in ("w_gate", "b_gate", "b_up"):
                 if op.weight(role) is not None:
                     shared_weights[role] = add_weight(f"shared.{role}", weight(program, op, role)[layout.shared])
-            shared_spec = FFNSpec(hidden=spec.hidden, intermediate=len(layout.shared), act=spec.act, gated=spec.gated)
+            shared_spec = FFNSpec(hidden=spec.hidden, intermediate=len(layout.shared), act=spec.act, gated=spec.gated,
+                                  limit=spec.limit, up_offset=spec.up_offset)
             refs = {k: v.name for k, v in shared_weights.items()}
             shared = SharedExpertOp.build([x], refs, shared_spec, [x.type], op.block)
             total = AtenOp("aten.add.Tensor", (output, shared.result), {}, [x.type])

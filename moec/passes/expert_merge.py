@@ -62,7 +62,7 @@ from moec.analysis.calibration import MoEStats
 from moec.errors import PassError
 from moec.frontend.blocks import ExpertsSpec
 from moec.ir.program import Program
-from moec.kernels.reference import activation
+from moec.kernels.reference import activation, gated_activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 from moec.passes.moe_layers import (
     ROUTE_ROLES,
@@ -99,11 +99,10 @@ def hidden_activations(tensors: dict[str, torch.Tensor], expert: int, rows: torc
     """[N, F]: one expert's hidden activations (before ``w_out``) on ``rows``."""
     b_in = tensors.get("b_in")
     pre = F.linear(rows.float(), tensors["w_in"][expert].float(), None if b_in is None else b_in[expert].float())
-    act = activation(spec.act)
     if spec.gated:
         gate, up = pre.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(pre)
+        return gated_activation(gate, up, spec)
+    return activation(spec.act)(pre)
 
 
 def neuron_features(tensors: dict[str, torch.Tensor], expert: int, spec: ExpertsSpec) -> torch.Tensor:

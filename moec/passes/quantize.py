@@ -139,7 +139,7 @@ def float_hidden(program: Program, op, expert: int | None, rows: torch.Tensor) -
             return gated_activation(gate, up, spec)
         return act(hidden)
     up = F.linear(rows, weight("w_up"), weight("b_up"))
-    return act(F.linear(rows, weight("w_gate"), weight("b_gate"))) * up if spec.gated else act(up)
+    return gated_activation(F.linear(rows, weight("w_gate"), weight("b_gate")), up, spec) if spec.gated else act(up)
 
 
 def quantize_one(w: torch.Tensor, bits: int, group: int, method: str, inputs: torch.Tensor | None) -> QuantizedMatrix:

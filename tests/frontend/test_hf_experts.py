@@ -150,7 +150,7 @@ MODEL_CLASSES = {
     "mistral_large4": "MistralLarge4TextModel", "step3p7": "Step3p7TextModel", "qwen3_vl_moe": "Qwen3VLMoeTextModel",
     "qwen3_omni_moe": "Qwen3OmniMoeThinkerTextModel",
     "openai_privacy_filter": "OpenAIPrivacyFilterForTokenClassification", "glm4v_moe": "Glm4vMoeTextModel",
-    "hy_v4_vl": "HYV4VLTextModel",
+    "hy_v4_vl": "HYV4VLTextModel", "glm5_next": "Glm5NextTextModel",
 }
 
 
@@ -420,3 +420,34 @@ def test_llama4_exports_to_onnx_with_both_lowerings(tmp_path):
         fallbacks = [str(w.message) for w in caught if "portable MoE lowering" in str(w.message)]
         assert len(fallbacks) == (1 if lowering == "ort" else 0)
         assert all("routing weight on their input" in text for text in fallbacks)
+
+
+GLM5_NEXT = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2, topk_group=1,
+                 routed_scaling_factor=2.5, mlp_layer_types=["sparse"] * 2, layer_types=["full_attention"] * 2,
+                 pad_token_id=0, index_topk=4, index_kpool=2, index_head_dim=8, index_n_heads=2, hc_mult=2,
+                 hc_sinkhorn_iters=3, linear_head_dim=8, linear_num_heads=2, num_key_value_heads=4, kv_lora_rank=16,
+                 q_lora_rank=16, qk_rope_head_dim=0, qk_nope_head_dim=16, v_head_dim=8, swiglu_limit=0.5)
+
+
+@pytest.mark.slow  # about 40 s: GLM-5-Next's indexer attention
+def test_a_clamped_shared_expert_is_a_clamped_shared_expert_op():
+    """GLM-5-Next clamps its experts and its shared expert at swiglu_limit: the whole block is moec's, and
+    the clamps bind on these inputs (weights scaled up 30x)."""
+    model, example = tiny_family("glm5_next", GLM5_NEXT)
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if ".experts." in name or ".shared_experts." in name:
+                weight.mul_(30)
+    specs = [spec for spec in recognize(model) if spec.experts is not None]
+    assert len(specs) == 2 and all(spec.kind == "moe" for spec in specs)
+    assert all(spec.experts.limit == spec.shared.limit == 0.5 for spec in specs)
+    compiled = moec.compile(model, example)
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    assert parity(model, compiled, inputs) <= 1e-4
+    with torch.no_grad():
+        clamped = model(**inputs, use_cache=False)[0]
+        for module in model.modules():
+            if hasattr(module, "swiglu_limit") and "Experts" not in type(module).__name__:
+                module.swiglu_limit = 1e9  # the shared experts' clamp only
+        assert (model(**inputs, use_cache=False)[0] - clamped).abs().max() > 1e-3

@@ -173,6 +173,40 @@ def test_a_block_moec_cannot_stand_in_for_is_named_as_moecs_error(isolated_regis
         moec.compile(UnpacksTuple(), (torch.randn(3, 5, 8),))
 
 
+class ClampedMLP(nn.Module):
+    """A gated MLP that clamps gate and up at ``swiglu_limit`` (GLM-5-Next, DeepSeek-V4), or, with
+    ``clamps=False``, keeps the attribute and does not clamp."""
+
+    def __init__(self, clamps: bool = True):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+        self.down_proj, self.act_fn = nn.Linear(16, 8, bias=False), nn.SiLU()
+        self.swiglu_limit, self.clamps = 2.0, clamps
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.clamps:
+            gate, up = gate.clamp(max=self.swiglu_limit), up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return self.down_proj(self.act_fn(gate) * up)
+
+
+def test_a_clamped_mlp_is_a_clamped_ffn_op_when_the_probe_confirms_the_clamp(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(ClampedMLP(), nn.Linear(8, 8))
+    (spec,) = recognize(model)
+    assert (spec.kind, spec.ffn.limit) == ("ffn", 2.0)
+    compiled = moec.compile(model, (torch.randn(3, 8),))
+    assert "limit=2.0" in compiled.ir and "clamped at 2" in compiled.summary()[0]["detail"]
+    compiled.save(tmp_path / "plan")
+    x = torch.randn(5, 8) * 10  # pre-activations well past the clamp
+    with torch.no_grad():
+        for runner in (compiled, moec.load(tmp_path / "plan")):
+            torch.testing.assert_close(runner(x), model(x), rtol=0, atol=1e-5)
+        model[0].clamps = False
+        assert (model(x) - compiled(x)).abs().max() > 1e-3  # the clamp binds
+    assert recognize(nn.Sequential(ClampedMLP(clamps=False))) == []  # the attribute alone is not a clamp
+
+
 def test_later_registration_wins(isolated_registry, preset):
     model, _ = preset("tiny-llama")
     register_moe_block(LlamaMLP, lambda mlp: None)

@@ -25,7 +25,7 @@ def broken(old: str, new: str):
         ("gated=true)", "gated=true, colour=1)", r"unknown keyword arguments \['colour'\]"),
         ("num_experts=4, top_k=2", "top_k=2", "bad configuration: .*num_experts"),
         ("gated=true)", "gated=true, limit=-1.0)", "limit=-1.0 must be a positive number"),
-        ("gated=true)", "gated=false, up_offset=1.0)", "limit and up_offset apply to gated experts only"),
+        ("gated=true)", "gated=false, up_offset=1.0)", "limit and up_offset apply to gated experts and FFNs only"),
         ("w_out=@experts.w_out,", "w_out=@experts.w_out, b_out=@experts.w_in, weighted_input=true,",
          "experts that take the routing weight on their input have no biases"),
     ],

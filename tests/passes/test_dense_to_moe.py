@@ -36,6 +36,8 @@ graph @main(%x: f32[s0, 8]) {
 }
 """
 
+CLAMPED_FFN = GATED_FFN.replace('act="silu",', 'act="silu", limit=0.5,')  # GLM-5-Next's and DeepSeek-V4's MLPs
+
 AFTER_CENTROID = """\
 graph @main(%x: f32[s0, 8]) {
   weight @mlp.down.bias: f32[8]
@@ -82,7 +84,7 @@ def test_golden_rewrite_with_a_centroid_router():
     assert set(program.weights) == set(program.graph.weights)
 
 
-@pytest.mark.parametrize("text", [GELU_FFN, GATED_FFN], ids=["gelu", "gated-silu"])
+@pytest.mark.parametrize("text", [GELU_FFN, GATED_FFN, CLAMPED_FFN], ids=["gelu", "gated-silu", "clamped"])
 @pytest.mark.parametrize("shared", [0.0, 0.25])
 @pytest.mark.parametrize("method", ["weights", "coactivation"])
 def test_all_experts_active_computes_the_dense_ffn(text, shared, method):
@@ -96,6 +98,9 @@ def test_all_experts_active_computes_the_dense_ffn(text, shared, method):
     assert not graph.ops_of(DenseFFNOp) and len(graph.ops_of(RouteOp)) == len(graph.ops_of(ExpertsOp)) == 1
     assert len(graph.ops_of(SharedExpertOp)) == (1 if shared else 0)
     torch.testing.assert_close(run(program, x), expected, rtol=1e-5, atol=1e-5)
+    if "limit=" in text:  # the clamp binds on these rows and carries over to the experts
+        assert all(op.spec.limit == 0.5 for op in graph.ops_of(ExpertsOp))
+        assert (expected - run(program_from(GATED_FFN), x)).abs().max() > 1e-3
 
 
 def test_shared_expert_holds_the_most_frequently_active_neurons():

@@ -201,9 +201,11 @@ class ProgramModule(nn.Module):
             bias = op.kwargs.get("b" + role[1:])
             return self.linear(value, op.kwargs[role].name, None if bias is None else self.weight(bias.name))
 
-        act = reference.activation(op.spec.act)
         up = linear(x, "w_up")
-        hidden = act(linear(x, "w_gate")) * up if op.spec.gated else act(up)
+        if op.spec.gated:
+            hidden = reference.gated_activation(linear(x, "w_gate"), up, op.spec)
+        else:
+            hidden = reference.activation(op.spec.act)(up)
         y = linear(hidden, "w_down")
         gate = op.kwargs.get("gate")
         if gate is not None:
