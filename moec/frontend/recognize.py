@@ -646,8 +646,7 @@ def _step3p7_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[
     """Sigmoid scores, a score-correction bias for the choice only, renormalized, the experts' sum scaled by
     the block; a layer whose routed or shared experts clamp after the activation (``swiglu_limits``) is not
     modelled."""
-    limits = [_setting(block, path) for path in ("experts.limit", "shared_experts.limit")]
-    if any(not isinstance(limit, (int, float)) or limit < float("inf") for limit in limits):
+    if any(_is_clamp(_setting(block, path)) for path in ("experts.limit", "shared_experts.limit")):
         return None
     return _route(scoring="sigmoid", bias="gate.e_score_correction_bias", scaling="routed_scaling_factor")(
         block, num_experts)
