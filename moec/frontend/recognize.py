@@ -473,6 +473,11 @@ def _llama4_experts(experts: nn.Module) -> BlockSpec | None:
 ROUTER_SCORES_FAMILIES = ("gpt_oss", "openai_privacy_filter", "llama4")
 
 
+# Families whose MoE block returns (its output flattened to 1-D, its router's logits flattened), for a caller
+# that assigns them to one modality's token positions (Ernie 4.5-VL).
+FLAT_OUTPUT_FAMILIES = ("ernie4_5_vl_moe",)
+
+
 # Families whose MoE block ends with a norm module of its own on (routed + shared): its attribute. The swapped
 # block applies it, as the model's code, to moec's output.
 OUTPUT_NORMS = {"axk1": "post_mlp_layernorm"}
@@ -784,6 +789,8 @@ _REGISTRY.extend([
     (f"{HF}.glm_moe_dsa.modeling_glm_moe_dsa.GlmMoeDsaMoE", _deepseek_v3_moe("glm_moe_dsa")),
     (f"{HF}.glm5_next.modeling_glm5_next.Glm5NextTextMoE",
      _moe_block("glm5_next", _DEEPSEEK_V3_ROUTE, "shared_experts")),  # clamped experts and shared expert
+    (f"{HF}.ernie4_5_vl_moe.modeling_ernie4_5_vl_moe.Ernie4_5_VLMoeSparseMoeBlock",
+     _moe_block("ernie4_5_vl_moe", _ernie_route)),  # one per modality; the shared expert is the outer block's
     (f"{HF}.hy_v4_vl.modeling_hy_v4_vl.HYV4VLMoE", _moe_block("hy_v4_vl", _DEEPSEEK_V3_ROUTE, "shared_experts")),
     (f"{HF}.flint.modeling_flint.FlintSparseMoeBlock",
      _moe_block("flint", _route(scoring="sigmoid", renormalize="gate.norm_topk_prob"), "shared_expert")),

@@ -17,8 +17,13 @@ from torch import nn
 
 from moec.errors import CaptureError
 from moec.frontend import custom_ops  # noqa: F401  (registers torch.ops.moec.*)
-from moec.frontend.blocks import BlockSpec
-from moec.frontend.recognize import BERT_STYLE_FAMILIES, OUTPUT_NORMS, ROUTER_SCORES_FAMILIES
+from moec.frontend.blocks import BlockSpec, required_part
+from moec.frontend.recognize import (
+    BERT_STYLE_FAMILIES,
+    FLAT_OUTPUT_FAMILIES,
+    OUTPUT_NORMS,
+    ROUTER_SCORES_FAMILIES,
+)
 
 
 def block_op(spec: BlockSpec) -> Callable[..., torch.Tensor]:
@@ -83,6 +88,13 @@ def _patch(
 
         return "forward", forward_with_router_scores
 
+    if spec.family in FLAT_OUTPUT_FAMILIES:
+        def flat_forward(hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            rows = hidden_states.reshape(-1, required_part(spec.experts, "experts", spec).hidden)
+            router_logits = module.get_submodule("gate")(rows)[0]  # the model's router, as its block returns them
+            return run(rows).flatten(), router_logits.flatten()
+
+        return "forward", flat_forward
     if spec.family in OUTPUT_NORMS:
         norm = module.get_submodule(OUTPUT_NORMS[spec.family])
 
