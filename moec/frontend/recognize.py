@@ -347,9 +347,11 @@ def _gated_mlp(family: str) -> ToSpec:
 def _plain_mlp_parts(mlp: nn.Module, up: str, down: str, act: str, prefix: str = "",
                      role_prefix: str = "") -> tuple[FFNSpec, dict[str, str]] | None:
     """The spec and weights of ``up`` Linear -> activation ``act`` -> ``down`` Linear, both with biases or
-    neither; None for an activation moec does not model."""
-    act_name = activation_name(getattr(mlp, act))
-    up_linear, down_linear = getattr(mlp, up), getattr(mlp, down)
+    neither; None for a module without those parts or an activation moec does not model."""
+    act_name = activation_name(getattr(mlp, act, None))
+    up_linear, down_linear = getattr(mlp, up, None), getattr(mlp, down, None)
+    if not (isinstance(up_linear, nn.Linear) and isinstance(down_linear, nn.Linear)):
+        return None
     has_bias = up_linear.bias is not None
     if act_name is None or (down_linear.bias is not None) != has_bias:
         return None
