@@ -5,13 +5,16 @@ Two kernels compute ``y = x @ dequantize(W).T (+ b)`` for one quantized matrix `
 * ``dequant``: unpack and dequantize this one matrix to float32, then an fp32 ``F.linear``. The reference:
   exact up to float32 matmul rounding, any width, any dtype; dequantized weights live for one call only.
 * ``int4pack``: torch's packed 4-bit CPU GEMM (``aten._weight_int4pack_mm_for_cpu``) on bfloat16
-  activations. The codes are repacked once, at load, into torch's tile layout (same bytes as stored) and
-  the zero point folded into a float offset: ``(q - z) * s == (q - 8) * s + (8 - z) * s``. Exact to its
-  reference, ``dequant`` on bfloat16-rounded inputs with a bfloat16 result. 4 bits only.
+  activations, for 2-, 3- and 4-bit matrices. The codes are repacked once, at load, into torch's tile layout
+  (a 2- or 3-bit code, moved to the middle of the 4-bit range, is a 4-bit code, so narrower matrices take
+  4 bits per weight in memory while the plan keeps their narrow packing) and the zero point folded into a
+  float offset: ``(q - z) * s == (q - 8) * s + (8 - z) * s`` for 4 bits. Exact to its reference, ``dequant`` on
+  bfloat16-rounded inputs with a bfloat16 result.
 
 Measured side by side (with float32 and onnxruntime's MatMulNBits) by ``tools/bench/quantize.py``; the
-bfloat16 ``int4pack`` kernel was the fastest for 1-16 tokens, so ``auto`` picks it for 4-bit matrices
-when a probe on a small problem agrees with ``dequant`` and falls back to ``dequant`` otherwise.
+bfloat16 ``int4pack`` kernel was the fastest for 1-16 tokens at every width it takes, so ``auto`` picks it
+for matrices of at most 4 bits when a probe on a small problem agrees with ``dequant``, and ``dequant``
+otherwise (8 bits, or where the probe fails).
 """
 
 from __future__ import annotations
@@ -24,10 +27,17 @@ import torch.nn.functional as F
 
 from moec.frontend.blocks import ExpertsSpec
 from moec.kernels.quant import QuantizedMatrix, QuantizedWeight, quantize_matrix
-from moec.kernels.reference import activation, gated_activation, group_by_expert, output_weight, weighted_rows
+from moec.kernels.reference import (
+    activation,
+    gated_activation,
+    group_by_expert,
+    weighted_outputs,
+    weighted_rows,
+)
 
 KERNELS = ("auto", "dequant", "int4pack")
 INT4_TILES = 1  # inner-k tiles of torch's CPU int4 layout (the CPU kernel ignores other values)
+INT4_MAX_BITS = 4  # narrower codes fit the 4-bit tiles unchanged
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -40,12 +50,18 @@ def dequant_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None) ->
 
 
 def int4pack_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None) -> Linear:
-    """The bfloat16 packed-int4 GEMM for a 4-bit ``matrix`` [N, K]; ``x`` [M, K] of any float dtype."""
-    if matrix.bits != 4:
-        raise ValueError(f"int4pack takes 4-bit matrices, got {matrix.bits} bits")
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(matrix.codes().to(torch.int32), INT4_TILES)
+    """The bfloat16 packed-int4 GEMM for a ``matrix`` [N, K] of at most 4 bits; ``x`` [M, K] of any float dtype."""
+    if matrix.bits > INT4_MAX_BITS:
+        raise ValueError(f"int4pack takes matrices of at most {INT4_MAX_BITS} bits, got {matrix.bits} bits; "
+                         "use the dequant kernel")
+    # Narrower codes are shifted to the middle of the 4-bit range: q + c with c = 8 - 2**(bits-1), so that
+    # (q - z) * s == (q + c - 8) * s + (2**(bits-1) - z) * s keeps both factors small and the bfloat16
+    # rounding of the scale and the offset costs least.
+    half_range = 1 << (matrix.bits - 1)
+    codes = matrix.codes().to(torch.int32) + (8 - half_range)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, INT4_TILES)
     scales = matrix.scales.float()
-    offsets = (8.0 - matrix.zeros.float()) * scales
+    offsets = (half_range - matrix.zeros.float()) * scales
     scales_and_zeros = torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous().bfloat16()  # [K/g, N, 2]
     group = matrix.group
 
@@ -77,7 +93,7 @@ def prepare_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None, ke
     if kernel not in KERNELS:
         raise ValueError(f"unknown quantized kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if kernel == "auto":
-        kernel = "int4pack" if matrix.bits == 4 and int4pack_available() else "dequant"
+        kernel = "int4pack" if matrix.bits <= INT4_MAX_BITS and int4pack_available() else "dequant"
     return int4pack_linear(matrix, bias) if kernel == "int4pack" else dequant_linear(matrix, bias)
 
 
@@ -118,6 +134,6 @@ class QuantizedExperts:
                 hidden = gated_activation(gate, up, self.spec)
             else:
                 hidden = self.act(hidden)
-            out = self.output_linears[expert](hidden).float() * output_weight(weight, self.spec).unsqueeze(1)
+            out = weighted_outputs(self.output_linears[expert](hidden).float(), weight, self.spec)
             y.index_add_(0, groups.token_of[pairs], out.to(y.dtype))
         return y

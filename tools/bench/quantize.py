@@ -8,7 +8,8 @@ Everything is measured side by side in one run and written to bench-results/quan
    with the best of a few uniform 2/3-bit mixes: alternate units, first or second half at 3 bits).
 3. ``bytes``: expert bytes in the saved plan at 3.0 average bits vs float32.
 4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
-5. ``kernels``: decode-sized (1-16 token) expert blocks: float32 plan vs 4-bit experts on each CPU path.
+5. ``kernels``: decode-sized (1-16 token) expert blocks: float32 plan vs 2-, 3-, 4- and 8-bit experts (4 only
+   with ``--quick``) on each CPU path that takes the width.
 6. ``converted``: the real-weights MoE, all-MiniLM-L6-v2 made an MoE by dense-to-moe (16 experts, top-8,
    calibrated on standard-library docstring sentences; per-linear units, routing-mass importance):
    ``quality`` and ``skip`` as above, 1 - embedding cosine on held-out sentences against the float converted model.
@@ -43,7 +44,7 @@ from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
 from moec.kernels.moe_cpu import experts_forward
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
-from moec.kernels.quant_matmul import QuantizedExperts
+from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts
 from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.dynamic_skip import skip_statistics
 from moec.passes.quantize import quantizable_units, quantize_units
@@ -251,33 +252,39 @@ def ort_matmul_nbits(matrix, tokens: int):
 
 
 def bench_kernels(quick: bool) -> list[dict]:
-    """An MoE block (8 experts, top-2, hidden 1024, FFN 3584, gated) at 1-16 tokens, float32 vs 4-bit experts."""
+    """An MoE block (8 experts, top-2, hidden 1024, FFN 3584, gated) at 1-16 tokens, float32 vs quantized
+    experts of each width (group 64) on each CPU path that takes that width."""
     generator = torch.Generator().manual_seed(0)
     experts, hidden, ffn = 8, 1024, 3584
     spec = ExpertsSpec(num_experts=experts, hidden=hidden, intermediate=ffn, act="silu", gated=True)
     w_in = torch.randn(experts, 2 * ffn, hidden, generator=generator) * 0.02
     w_out = torch.randn(experts, hidden, ffn, generator=generator) * 0.02
-    q_in = QuantizedWeight.from_matrices("f32", tuple(w_in.shape), [quantize_matrix(w_in[e], 4, 64) for e in range(experts)])
-    q_out = QuantizedWeight.from_matrices("f32", tuple(w_out.shape), [quantize_matrix(w_out[e], 4, 64) for e in range(experts)])
-    paths = {kernel: QuantizedExperts(q_in, q_out, None, None, spec, kernel) for kernel in ("dequant", "int4pack")}
-    reference = QuantizedExperts(q_in.dequantize(), q_out.dequantize(), None, None, spec)  # float path, dequantized weights
-    matrix = q_in.matrix(0)
-    return [measure_tokens(tokens, hidden, experts, spec, w_in, w_out, paths, reference, matrix, generator)
-            for tokens in ((1, 16) if quick else (1, 4, 16))]
+    rows = []
+    for bits in (4,) if quick else (2, 3, 4, 8):
+        q_in = QuantizedWeight.from_matrices("f32", tuple(w_in.shape), [quantize_matrix(w_in[e], bits, 64) for e in range(experts)])
+        q_out = QuantizedWeight.from_matrices("f32", tuple(w_out.shape), [quantize_matrix(w_out[e], bits, 64) for e in range(experts)])
+        kernels = ("dequant", "int4pack") if bits <= INT4_MAX_BITS else ("dequant",)
+        paths = {kernel: QuantizedExperts(q_in, q_out, None, None, spec, kernel) for kernel in kernels}
+        reference = QuantizedExperts(q_in.dequantize(), q_out.dequantize(), None, None, spec)  # float path, dequantized weights
+        for tokens in (1, 16) if quick else (1, 4, 16):
+            rows.append(measure_tokens(bits, tokens, hidden, experts, spec, w_in, w_out, paths, reference, q_in.matrix(0), generator))
+    return rows
 
 
-def measure_tokens(tokens, hidden, experts, spec, w_in, w_out, paths, reference, matrix, generator) -> dict:
+def measure_tokens(bits, tokens, hidden, experts, spec, w_in, w_out, paths, reference, matrix, generator) -> dict:
     x = torch.randn(tokens, hidden, generator=generator)
     logits = torch.randn(tokens, experts, generator=generator)
     weights, indices = torch.softmax(logits, -1).topk(2, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     want = reference(x, indices, weights)
-    row = {"tokens": tokens, "float32_ms": time_call(lambda: experts_forward(x, indices, weights, w_in, w_out, None, None, spec), 5)}
+    row = {"bits": bits, "tokens": tokens,
+           "float32_ms": time_call(lambda: experts_forward(x, indices, weights, w_in, w_out, None, None, spec), 5)}
     for kernel, fn in paths.items():
         got = fn(x, indices, weights)
         row[f"{kernel}_ms"] = time_call(lambda fn=fn: fn(x, indices, weights), 5)
         row[f"{kernel}_max_rel_error"] = float((got - want).abs().max() / want.abs().max())
-    ort_fn = ort_matmul_nbits(matrix, tokens)
+        row[f"speedup_{kernel}_vs_float32"] = row["float32_ms"] / row[f"{kernel}_ms"]
+    ort_fn = ort_matmul_nbits(matrix, tokens) if bits == 4 else None
     if ort_fn is not None:
         xs = x.numpy()
         ort_y = torch.from_numpy(ort_fn(xs))
@@ -288,7 +295,6 @@ def measure_tokens(tokens, hidden, experts, spec, w_in, w_out, paths, reference,
             "ort_matmulnbits": time_call(lambda: ort_fn(xs), 5),
         }
         row["ort_max_rel_error"] = float((ort_y - single).abs().max() / single.abs().max())
-    row["speedup_int4pack_vs_float32"] = row["float32_ms"] / row["int4pack_ms"]
     print(json.dumps(row), flush=True)
     return row
 

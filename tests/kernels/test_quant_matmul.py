@@ -1,0 +1,70 @@
+"""Quantized linears and experts of the torch runner (``moec.kernels.quant_matmul``) against ``dequant``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moec.frontend.blocks import ExpertsSpec
+from moec.kernels.quant import QuantizedWeight, quantize_matrix
+from moec.kernels.quant_matmul import (
+    QuantizedExperts,
+    dequant_linear,
+    int4pack_available,
+    int4pack_linear,
+    prepare_linear,
+)
+
+needs_int4pack = pytest.mark.skipif(not int4pack_available(), reason="torch's packed int4 CPU GEMM is not usable here")
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@needs_int4pack
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", [32, 64])
+def test_int4pack_takes_every_width_up_to_four_bits(bits, group):
+    generator = torch.Generator().manual_seed(bits * group)
+    matrix = quantize_matrix(torch.randn(96, 256, generator=generator), bits, group)
+    bias = torch.randn(96, generator=generator)
+    x = torch.randn(5, 256, generator=generator).bfloat16().float()  # the kernel's inputs are bfloat16
+    want = dequant_linear(matrix, bias)(x)
+    got = int4pack_linear(matrix, bias)(x)
+    # a bfloat16 result, bfloat16 scales and offsets (8 significant bits): measured 4e-3 to 5.4e-3
+    assert relative_error(got, want) < 1e-2
+
+
+@needs_int4pack
+def test_auto_picks_int4pack_up_to_four_bits_and_dequant_above():
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(64, 128, generator=generator)
+    x = torch.randn(3, 128, generator=generator)
+    for bits in (2, 3, 4):
+        matrix = quantize_matrix(w, bits, 32)
+        assert torch.equal(prepare_linear(matrix)(x), int4pack_linear(matrix)(x))
+    matrix = quantize_matrix(w, 8, 32)
+    assert torch.equal(prepare_linear(matrix)(x), dequant_linear(matrix)(x))
+
+
+def test_int4pack_refuses_eight_bits_naming_the_kernel_to_use():
+    with pytest.raises(ValueError, match="at most 4 bits, got 8 bits; use the dequant kernel"):
+        int4pack_linear(quantize_matrix(torch.randn(8, 64), 8, 32))
+
+
+@needs_int4pack
+def test_experts_of_mixed_widths_agree_with_dequant():
+    generator = torch.Generator().manual_seed(3)
+    experts, hidden, ffn = 4, 64, 96
+    spec = ExpertsSpec(num_experts=experts, hidden=hidden, intermediate=ffn, act="silu", gated=True)
+    widths = (2, 3, 4, 8)
+    w_in = torch.randn(experts, 2 * ffn, hidden, generator=generator) * 0.1
+    w_out = torch.randn(experts, hidden, ffn, generator=generator) * 0.1
+    q_in = QuantizedWeight.from_matrices("f32", tuple(w_in.shape), [quantize_matrix(w_in[e], b, 32) for e, b in enumerate(widths)])
+    q_out = QuantizedWeight.from_matrices("f32", tuple(w_out.shape), [quantize_matrix(w_out[e], b, 32) for e, b in enumerate(widths)])
+    x = torch.randn(12, hidden, generator=generator).bfloat16().float()
+    weights, indices = torch.softmax(torch.randn(12, experts, generator=generator), -1).topk(2, dim=-1)
+    want = QuantizedExperts(q_in, q_out, None, None, spec, "dequant")(x, indices, weights)
+    got = QuantizedExperts(q_in, q_out, None, None, spec)(x, indices, weights)
+    assert relative_error(got, want) < 2e-2
