@@ -34,11 +34,13 @@ from moec.analysis.placement import Placement
 from moec.analysis.schedule import LayerSchedule
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError, MoecError, PlanError
+from moec.frontend.blocks import ExpertsSpec
 from moec.ir.ops import ExpertsOp, SharedExpertOp
 from moec.ir.parser import parse_graph
 from moec.ir.plan import WEIGHTS_FILE, read_plan_json
 from moec.ir.program import Program
 from moec.ir.verifier import verify
+from moec.kernels import reference
 from moec.kernels.moe_cpu import experts_forward
 
 EXPERT_ROLES = ("w_in", "w_out", "b_in", "b_out")
@@ -207,18 +209,16 @@ def received_expert_rows(counts: torch.Tensor) -> torch.Tensor:
     return torch.arange(per_rank).repeat(counts.shape[0]).repeat_interleave(counts.reshape(-1))
 
 
-def outgoing_rows(tokens: torch.Tensor, route: ChunkRoute, weighted_input: bool) -> torch.Tensor:
-    """[P, H] the token row of each of the chunk's pairs, in dispatch order; scaled by the pair's routing
-    weight for experts that weigh their input (``ExpertsSpec.weighted_input``)."""
-    rows = tokens[route.token_of_pair]
-    return rows * route.weights.unsqueeze(1).to(rows.dtype) if weighted_input else rows
+def outgoing_rows(tokens: torch.Tensor, route: ChunkRoute, spec: ExpertsSpec) -> torch.Tensor:
+    """[P, H] the token row of each of the chunk's pairs, in dispatch order, as the experts take it
+    (``reference.weighted_rows``)."""
+    return reference.weighted_rows(tokens[route.token_of_pair], route.weights, spec)
 
 
-def add_combined(y: torch.Tensor, returned: torch.Tensor, route: ChunkRoute, weighted_input: bool) -> None:
-    """Sum each returned expert output into its token's row of ``y``, scaled by its routing weight unless
-    the weight went into the expert's input."""
-    y.index_add_(0, route.token_of_pair,
-                 returned if weighted_input else returned * route.weights.unsqueeze(1).to(returned.dtype))
+def add_combined(y: torch.Tensor, returned: torch.Tensor, route: ChunkRoute, spec: ExpertsSpec) -> None:
+    """Sum each returned expert output (scaled in place, ``reference.weighted_outputs``) into its token's row
+    of ``y``."""
+    y.index_add_(0, route.token_of_pair, reference.weighted_outputs(returned, route.weights, spec))
 
 
 def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor, owners: torch.Tensor,
@@ -247,7 +247,7 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
 
     def dispatch(i):
         rows = torch.empty(sum(received[i]), hidden, dtype=tokens.dtype)
-        outgoing = outgoing_rows(tokens, routes[i], spec.weighted_input)
+        outgoing = outgoing_rows(tokens, routes[i], spec)
         return dist.all_to_all_single(rows, outgoing, received[i], sent[i], async_op=True), rows
 
     in_flight = {i: dispatch(i) for i in range(min(2, chunks))}
@@ -267,5 +267,5 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
     y = torch.zeros_like(tokens)
     for (work, returned), route in zip(combines, routes, strict=True):
         work.wait()
-        add_combined(y, returned, route, spec.weighted_input)
+        add_combined(y, returned, route, spec)
     return y

@@ -49,7 +49,13 @@ import torch
 import torch.nn.functional as F
 
 from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
-from moec.kernels.reference import activation, gated_activation, group_by_expert, output_weight, weighted_rows
+from moec.kernels.reference import (
+    activation,
+    gated_activation,
+    group_by_expert,
+    weighted_outputs,
+    weighted_rows,
+)
 from moec.kernels.workspace import gathered_rows
 
 __all__ = ["experts_forward", "onednn_available"]
@@ -203,17 +209,9 @@ def experts_forward(
         b_out_e = None if b_out is None else b_out[expert]
         weight = groups.weight[pairs]
         h = _gated_hidden(weighted_rows(xs[pairs], weight, spec), w_in[expert], b_in_e, spec, fast, fused)  # [M, F]
-        out = _linear(h, w_out[expert], b_out_e, fast)  # [M, H]
-        out = _scale(out, output_weight(weight, spec).unsqueeze(1))
+        out = weighted_outputs(_linear(h, w_out[expert], b_out_e, fast), weight, spec)  # [M, H]
         y.index_add_(0, groups.token_of[pairs], out)
     return y
-
-
-def _scale(out: torch.Tensor, weight) -> torch.Tensor:
-    """out * weight (weight float32, a tensor or a number), in place for float32, rounded once otherwise."""
-    if out.dtype == torch.float32:
-        return out.mul_(weight)
-    return (out.float() * weight).to(out.dtype)
 
 
 def _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast) -> torch.Tensor:
@@ -225,5 +223,5 @@ def _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast) -> torch.
         b_in_e = None if b_in is None else b_in[expert]
         b_out_e = None if b_out is None else b_out[expert]
         h = _gated_hidden(weighted_rows(x, weight, spec), w_in[expert], b_in_e, spec, fast, fused=False)  # [1, F]
-        y.add_(_scale(_linear(h, w_out[expert], b_out_e, fast), output_weight(weight, spec)))
+        y.add_(weighted_outputs(_linear(h, w_out[expert], b_out_e, fast), weight, spec))
     return y

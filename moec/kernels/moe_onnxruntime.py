@@ -32,7 +32,7 @@ import torch
 from onnx import TensorProto, helper
 
 from moec.frontend.blocks import ExpertsSpec
-from moec.kernels.reference import group_by_expert, weighted_rows
+from moec.kernels.reference import group_by_expert, weighted_outputs, weighted_rows
 from moec.kernels.workspace import gathered_rows, scratch
 
 __all__ = ["OnnxruntimeExperts"]
@@ -145,7 +145,4 @@ class OnnxruntimeExperts:
         outputs = self.session.run(None, feeds)
         expert_rows = scratch("moe_expert_rows", len(rows_np), self.spec.hidden, x.dtype)  # [S, H], same order
         np.concatenate(outputs, out=expert_rows.numpy())
-        y = torch.zeros_like(x)
-        if not self.spec.weighted_input:
-            expert_rows.mul_(groups.weight.unsqueeze(1))
-        return y.index_add_(0, groups.token_of, expert_rows)
+        return torch.zeros_like(x).index_add_(0, groups.token_of, weighted_outputs(expert_rows, groups.weight, self.spec))

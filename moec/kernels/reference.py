@@ -178,10 +178,16 @@ def weighted_rows(rows: torch.Tensor, weight: torch.Tensor, spec: ExpertsSpec) -
     return rows * weight.to(rows.dtype).unsqueeze(-1) if spec.weighted_input else rows
 
 
-def output_weight(weight: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
-    """The factor an expert's output rows are scaled by: their routing ``weight`` [n], or ones when the
-    weight went into the input (``spec.weighted_input``)."""
-    return torch.ones_like(weight) if spec.weighted_input else weight
+def weighted_outputs(rows: torch.Tensor, weight: torch.Tensor, spec: ExpertsSpec) -> torch.Tensor:
+    """The rows an expert adds to its tokens: its output ``rows`` [n, H] times their float32 routing ``weight``
+    [n] (the product in float32, rounded once to the rows' dtype; float32 rows are scaled in place, so pass
+    rows the caller owns), or the rows themselves when the weight went into the input
+    (``spec.weighted_input``)."""
+    if spec.weighted_input:
+        return rows
+    if rows.dtype == torch.float32:
+        return rows.mul_(weight.unsqueeze(-1))
+    return (rows.float() * weight.unsqueeze(-1)).to(rows.dtype)
 
 
 def experts(
@@ -216,8 +222,7 @@ def experts(
             None if b_out is None else b_out[expert],
             spec,
         )
-        y = y * output_weight(groups.weight[pairs], spec)[:, None]
-        out.index_add_(0, token_ids, y.to(out.dtype))
+        out.index_add_(0, token_ids, weighted_outputs(y, groups.weight[pairs], spec).to(out.dtype))
     return out.reshape(x.shape)
 
 

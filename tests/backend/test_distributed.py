@@ -18,6 +18,7 @@ from moec.backend.distributed import (
     received_expert_rows,
     route_chunks,
 )
+from moec.frontend.blocks import ExpertsSpec
 from moec.frontend.zoo import build_preset
 from moec.passes import PassContext, build_passes, run_passes
 
@@ -74,6 +75,8 @@ def test_pair_bookkeeping_in_one_process(weighted_input):
     derives every received row's expert from the exchanged counts alone, and the sums match the MoE (the
     routing weight scaling each expert's output, or its input)."""
     world, experts, k, tokens, hidden, chunks = 3, 7, 2, 11, 4, 2
+    spec = ExpertsSpec(num_experts=experts, hidden=hidden, intermediate=1, act="silu", gated=False,
+                       weighted_input=weighted_input)
     gen = torch.Generator().manual_seed(0)
     owners = torch.tensor([2, 0, 1, 0, 2, 1, 0])
     local_index = local_positions(owners, world)
@@ -88,7 +91,7 @@ def test_pair_bookkeeping_in_one_process(weighted_input):
         sent = [torch.tensor([0, *routes[s][chunk].counts.sum(1).cumsum(0).tolist()]) for s in range(world)]
         returned = [[] for _ in range(world)]
         for owner in range(world):
-            rows = torch.cat([outgoing_rows(ranks[s][0], routes[s][chunk], weighted_input)[sent[s][owner]:sent[s][owner + 1]]
+            rows = torch.cat([outgoing_rows(ranks[s][0], routes[s][chunk], spec)[sent[s][owner]:sent[s][owner + 1]]
                               for s in range(world)])
             counts = torch.stack([routes[s][chunk].counts[owner] for s in range(world)])
             expert = global_id[owner, received_expert_rows(counts)]
@@ -98,7 +101,7 @@ def test_pair_bookkeeping_in_one_process(weighted_input):
             for s, (start, end) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
                 returned[s].append(out[start:end])
         for s in range(world):
-            add_combined(outputs[s], torch.cat(returned[s]), routes[s][chunk], weighted_input)
+            add_combined(outputs[s], torch.cat(returned[s]), routes[s][chunk], spec)
     for (x, ids, weights), y in zip(ranks, outputs, strict=True):
         w = weights.unsqueeze(-1)
         inputs = w * x.unsqueeze(1) if weighted_input else x.unsqueeze(1)

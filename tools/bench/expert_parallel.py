@@ -217,8 +217,8 @@ def worker(out: Path, quick: bool) -> None:
                                                              weight["w_out"], None, None, spec), reps)
         gemm_samples.append((6.0 * rows.shape[0] * hidden * ffn, seconds))
         route = ChunkRoute(torch.randint(tokens, (n,), generator=gen), torch.rand(n, generator=gen), torch.zeros(0))
-        copy_samples.append((n * hidden * 4, timed(lambda r=route: outgoing_rows(x, r, False), reps)))
-        copy_samples.append((n * hidden * 4, timed(lambda r=route, p=payload: add_combined(summed, p, r, False), reps)))
+        copy_samples.append((n * hidden * 4, timed(lambda r=route: outgoing_rows(x, r, spec), reps)))
+        copy_samples.append((n * hidden * 4, timed(lambda r=route, p=payload: add_combined(summed, p, r, spec), reps)))
     # One compute thread per rank: communication overlaps it only where a rank has a core to spare.
     cost = CostModel.fit(a2a_samples, gemm_samples, streams=concurrent_streams(len(os.sched_getaffinity(0)), world),
                          copy_samples=copy_samples)

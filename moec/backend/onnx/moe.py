@@ -149,8 +149,7 @@ def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
         else:
             hidden = reference.activation(spec.act)(hidden)
         y = F.linear(hidden, w_out[expert], None if b_out is None else b_out[expert])  # [n, H]
-        if not spec.weighted_input:
-            y = y * token_weights[token_ids].unsqueeze(-1)
+        y = reference.weighted_outputs(y, token_weights[token_ids], spec)
         out = out.index_put((token_ids,), y.to(out.dtype), accumulate=True)
     return out.reshape(x.shape)
 
