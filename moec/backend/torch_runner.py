@@ -41,15 +41,17 @@ def run_experts(op: ExpertsOp, weight, args, kwargs):
         routing = routing.masked_fill(skipped_pairs(routing, threshold), 0.0)
     w_in, w_out = weight("w_in"), weight("w_out")
     if threshold or isinstance(w_in, QuantizedWeight) or isinstance(w_out, QuantizedWeight):
-        experts = weight.cached("experts", lambda: QuantizedExperts(
-            w_in, w_out, weight("b_in"), weight("b_out"), op.spec, weight.quant_kernel))
+        b_in, b_out = weight("b_in"), weight("b_out")
+        experts = weight.cached("experts", lambda: QuantizedExperts(w_in, w_out, b_in, b_out, op.spec, weight.quant_kernel),
+                                (w_in, w_out, b_in, b_out))
         y = experts(tokens, indices, routing)
     elif uses_onnxruntime(weight.expert_kernel, tokens, w_in, w_out):
         # Imported on first use: onnx and onnxruntime take about a second to import.
         from moec.kernels.moe_onnxruntime import OnnxruntimeExperts
 
-        experts = weight.cached("onnxruntime_experts", lambda: OnnxruntimeExperts(
-            w_in, w_out, weight("b_in"), weight("b_out"), op.spec))
+        b_in, b_out = weight("b_in"), weight("b_out")
+        experts = weight.cached("onnxruntime_experts", lambda: OnnxruntimeExperts(w_in, w_out, b_in, b_out, op.spec),
+                                (w_in, w_out, b_in, b_out))
         y = experts(tokens, indices, routing)
     else:
         y = experts_forward(tokens, indices, routing, w_in, w_out, weight("b_in"), weight("b_out"), op.spec)
@@ -94,7 +96,7 @@ def quantized_ffn(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gate, spec, wei
     def linear(role: str, w, b):
         if not isinstance(w, QuantizedWeight):
             return lambda v: torch.nn.functional.linear(v, w, b)
-        return weight.cached(role, lambda: prepare_linear(w.matrix(0), b, weight.quant_kernel))
+        return weight.cached(role, lambda: prepare_linear(w.matrix(0), b, weight.quant_kernel), (w, b))
 
     rows = x.reshape(-1, x.shape[-1])
     up = linear("w_up", w_up, b_up)(rows)
@@ -110,7 +112,12 @@ def quantized_ffn(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gate, spec, wei
 
 class WeightReader:
     """An op's weights by role: tensors, or ``QuantizedWeight`` views of packed storage; plus a per-op cache
-    for kernels prepared once (repacked quantized matrices)."""
+    for kernels prepared once (repacked quantized matrices, onnxruntime sessions holding packed experts).
+
+    A cached kernel is rebuilt when a weight it was built from has been replaced in ``program.weights``
+    since (passes and analyses that try weights out on one runner do that); changes made in place to a
+    weight tensor are not seen.
+    """
 
     def __init__(self, op: Operation, program: Program, quant_kernel: str, expert_kernel: str) -> None:
         self.op, self.program = op, program
@@ -126,10 +133,26 @@ class WeightReader:
             return QuantizedWeight.from_storage(ref.name, weight_type, self.program.weights)
         return self.program.weights[ref.name]
 
-    def cached(self, key: str, build: Callable[[], Any]) -> Any:
-        if key not in self.prepared:
-            self.prepared[key] = build()
-        return self.prepared[key]
+    def cached(self, key: str, build: Callable[[], Any], sources: tuple[torch.Tensor | QuantizedWeight | None, ...]) -> Any:
+        """``build()``, kept while the weights in ``sources`` are the ones it was built from."""
+        tensors = [t for source in sources for t in _storage_tensors(source)]
+        entry = self.prepared.get(key)
+        if entry is None or not _same_objects(entry[0], tensors):
+            entry = self.prepared[key] = (tensors, build())
+        return entry[1]
+
+
+def _same_objects(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _storage_tensors(weight: torch.Tensor | QuantizedWeight | None) -> tuple[torch.Tensor, ...]:
+    """The tensors of ``program.weights`` that ``weight`` reads."""
+    if weight is None:
+        return ()
+    if isinstance(weight, QuantizedWeight):
+        return weight.qweight, weight.scales, weight.zeros
+    return (weight,)
 
 
 Rule = Callable[[Operation, WeightReader, list[Any], dict[str, Any]], Any]

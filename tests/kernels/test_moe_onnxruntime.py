@@ -17,6 +17,7 @@ from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
 from moec.frontend.capture import capture
 from moec.frontend.zoo import build_preset
 from moec.ir.ops import ExpertsOp
+from moec.ir.quant import storage_names
 from moec.kernels import reference
 
 pytest.importorskip("onnxruntime")
@@ -101,3 +102,29 @@ def test_runner_refuses_onnxruntime_for_bfloat16_and_unknown_kernels() -> None:
     assert TorchRunner(program).run(program.flatten_inputs((), example))[0].dtype == torch.bfloat16  # auto: torch
     with pytest.raises(BackendError, match="expert_kernel='fast' is not one of"):
         TorchRunner(program, expert_kernel="fast")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_runner_rebuilds_a_prepared_kernel_when_its_weights_are_replaced(quantized) -> None:
+    """Passes try weights out on one runner (bit allocation rounds one unit at a time): a kernel prepared
+    from the old weights (an onnxruntime session, repacked quantized experts) must not keep serving them."""
+    from moec.passes import PassContext, build_passes, run_passes
+
+    model, example = build_preset("tiny-mixtral")
+    program = capture(model, (), example)
+    if quantized:
+        run_passes(program, build_passes({"passes": [{"quantize": {"bits": 4, "group": 32, "dense": False}}]}),
+                   PassContext())
+    inputs = program.flatten_inputs((), example)
+    runner = TorchRunner(program)
+    before = runner.run(inputs)[0]
+    name = program.graph.ops_of(ExpertsOp)[0].kwargs["w_out"].name
+    zeroed = storage_names(name)["scales"] if quantized else name  # the experts' output weights become zero
+    original = {n: program.weights[n] for n in (storage_names(name).values() if quantized else [name])}
+    for n, tensor in original.items():  # every storage tensor replaced by a new object
+        program.weights[n] = torch.zeros_like(tensor) if n == zeroed else tensor.clone()
+    changed = runner.run(inputs)[0]
+    assert not torch.allclose(changed, before)
+    torch.testing.assert_close(changed, TorchRunner(program).run(inputs)[0])
+    program.weights.update(original)
+    torch.testing.assert_close(runner.run(inputs)[0], before)

@@ -33,6 +33,9 @@ def test_per_expert_widths_meet_the_budget(compiled_program, importance):
     assert len(expert_types) == 4 and all(len(t.bits) == 8 for t in expert_types)  # 2 layers x (w_in, w_out)
     assert report["average_bits"] <= 2.5 + 1e-9 and len(report["table"]) == 16
     assert set(report["uniform"]) == {"2", "3", "4", "8"}
+    for row in report["table"]:  # every unit's measured error falls with each wider width
+        errors = [row["error"][width] for width in ("2", "3", "4", "8")]
+        assert errors[0] > errors[1] > errors[2] > errors[3] > 0, row
     # The solved objective is at least as good as any uniform width that fits the budget.
     assert report["lower_bound"] <= report["objective"] <= report["uniform"]["2"]["objective"] + 1e-12
     assert TorchRunner(program).run(inputs)[0].isfinite().all()

@@ -133,7 +133,7 @@ def minilm_quality(quick: bool) -> dict:
 
 
 def row_cosine_loss(reference, candidate, batch) -> float:
-    return float(1 - torch.nn.functional.cosine_similarity(reference.float(), candidate.float(), dim=-1).mean())
+    return float(1 - torch.nn.functional.cosine_similarity(reference.double(), candidate.double(), dim=-1).mean())
 
 
 def moe_quality(preset: str) -> tuple[dict, Program, list]:
