@@ -12,7 +12,11 @@ transposed once when lowered):
   ``router_bias``: (E,)  added to the scores for the choice only (DeepSeek-V3); either bias may be stored
   (1, E) (Ernie 4.5) and is flattened once when lowered
 * ``w_in``:   (E, F_in, H)       F_in = 2F when gated (gate rows first, then up rows), else F; a role in
-  ``interleaved`` alternates gate and up rows instead and is reordered once when lowered
+  ``interleaved`` alternates gate and up rows instead and is reordered once when lowered; a gated ``w_in``
+  stored as two tensors is given as the roles ``w_in.gate`` and ``w_in.up`` (E, F, H) (DBRX), joined once
+  when lowered into one weight named ``<block>.w_in``
+* an experts role in ``flattened`` is stored with its experts stacked along its rows, (E * R, C) for
+  (E, R, C) (DBRX); it is unflattened before any transposition
 * ``b_in``:   (E, F_in)          ``w_out``: (E, H, F)    ``b_out``: (E, H)
 * dense FFN / shared expert: ``w_gate`` (F, H), ``w_up`` (F, H), ``w_down`` (H, F),
   ``b_gate`` (F,), ``b_up`` (F,), ``b_down`` (H,), shared ``gate`` (1, H) (sigmoid gate on the output)
@@ -29,6 +33,7 @@ SCORINGS = ("softmax", "sigmoid")
 ORDERS = ("score_then_topk", "topk_then_score")
 GROUP_SCORES = ("top2_sum", "max")
 ROUTER_BIAS_ROLES = ("router_bias", "router_logit_bias")
+GATE_UP_PARTS = ("w_in.gate", "w_in.up")  # a gated w_in stored as two tensors (DBRX), in the order they join
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,8 @@ class BlockSpec:
 
     ``weights`` maps each role to the parameter/buffer name it comes from (model-relative, dotted),
     in the order the custom op receives them. ``transposed`` lists roles stored (in, out); ``interleaved``
-    lists gated roles whose gate and up rows alternate (after any transposition; GPT-OSS).
+    lists gated roles whose gate and up rows alternate (after any transposition; GPT-OSS); ``flattened``
+    lists experts roles stored (E * R, C) (DBRX).
     """
 
     kind: str
@@ -132,6 +138,7 @@ class BlockSpec:
     shared: FFNSpec | None = None
     transposed: tuple[str, ...] = field(default_factory=tuple)
     interleaved: tuple[str, ...] = field(default_factory=tuple)
+    flattened: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def roles(self) -> list[str]:
@@ -155,6 +162,7 @@ class BlockSpec:
             shared=FFNSpec(**data["shared"]) if data.get("shared") else None,
             transposed=tuple(data.get("transposed", ())),
             interleaved=tuple(data.get("interleaved", ())),
+            flattened=tuple(data.get("flattened", ())),
         )
 
 

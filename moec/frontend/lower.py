@@ -6,8 +6,10 @@ Contract:
     the model's own router code) become ``moe.experts``. Their weights are referenced by parameter name.
   * Every other ATen node becomes a generic ``AtenOp``; Python scalar arithmetic on sizes becomes ``py.*``.
   * Lifted parameters, buffers and constants become graph weights; runtime asserts are dropped.
-  * Roles a recognizer marked ``transposed`` are stored transposed in the program's weights, and roles it
-    marked ``interleaved`` with their gate rows first.
+  * Roles a recognizer marked ``transposed`` are stored transposed in the program's weights, roles it
+    marked ``interleaved`` with their gate rows first, and roles it marked ``flattened`` as (E, R, C). A
+    ``w_in`` given as gate and up parts becomes one new weight, ``<block>.w_in``; the parts are dropped
+    unless another op reads them.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ import torch.fx
 from torch.export import ExportedProgram
 
 from moec.errors import CaptureError
-from moec.frontend.blocks import ROUTER_BIAS_ROLES, BlockSpec, required_part
+from moec.frontend.blocks import GATE_UP_PARTS, ROUTER_BIAS_ROLES, BlockSpec, required_part
 from moec.ir.core import Graph, Value, WeightRef
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program, dump_treespec
 from moec.ir.targets import PY_NAMES
 from moec.ir.types import IndexType, TensorType, Type
-from moec.kernels.reference import oriented_weight
+from moec.kernels.reference import joined_gate_up, oriented_weight
 
 BLOCK_TARGETS = {"moec.moe_block.default", "moec.ffn.default", "moec.experts.default"}
 DROPPED_TARGETS = {
@@ -51,6 +53,7 @@ class Lowering:
         self.graph = Graph()
         self.weights: dict[str, torch.Tensor] = {}
         self.env: dict[torch.fx.Node, Any] = {}
+        self.joined_parts: set[str] = set()  # weights joined into another one (gate and up parts)
         signature = ep.graph_signature
         self.weight_sources = {
             **signature.inputs_to_parameters,
@@ -71,6 +74,8 @@ class Lowering:
                 self.graph.set_outputs(outputs)
             else:
                 raise CaptureError(f"unsupported graph node kind {node.op!r} ({node.target})")
+        for name in self.joined_parts - self.graph.used_weights():
+            del self.weights[name], self.graph.weights[name]
         return Program(
             graph=self.graph,
             weights=self.weights,
@@ -140,9 +145,10 @@ class Lowering:
             if not isinstance(ref, WeightRef):
                 raise CaptureError(f"block {spec.module}: weight {role!r} is computed, not a parameter or buffer")
             names[role] = ref.name
-            if role in spec.transposed or role in spec.interleaved or role in ROUTER_BIAS_ROLES:
-                self.weights[ref.name] = oriented_weight(self.weights[ref.name], role, spec).contiguous()
-                self.graph.weights[ref.name] = TensorType.of(self.weights[ref.name])
+            if {role} & {*spec.transposed, *spec.interleaved, *spec.flattened, *ROUTER_BIAS_ROLES}:
+                self.add_weight(ref.name, oriented_weight(self.weights[ref.name], role, spec).contiguous())
+        if all(part in names for part in GATE_UP_PARTS):
+            names["w_in"] = self.joined_w_in(spec, [names.pop(part) for part in GATE_UP_PARTS])
         x_type = x.tensor_type
         expert_weights: dict[str, str] = {role: names[role] for role in ("w_in", "w_out", "b_in", "b_out")
                                           if role in names}
@@ -168,6 +174,15 @@ class Lowering:
         shared_weights = {role[len("shared_"):]: name for role, name in names.items() if role.startswith("shared_")}
         shared = self.graph.append(SharedExpertOp.build([x], shared_weights, spec.shared, [x_type], spec.module))
         return self.graph.append(AtenOp("aten.add.Tensor", (routed.result, shared.result), {}, [x_type])).result
+
+    def joined_w_in(self, spec: BlockSpec, parts: list[str]) -> str:
+        """The name of a new weight ``<block>.w_in`` joined from the (oriented) gate and up ``parts``."""
+        name = f"{spec.module}.w_in".lstrip(".")
+        if name in self.weights:
+            raise CaptureError(f"block {spec.module}: the name {name!r} for its joined w_in is taken by a weight")
+        self.add_weight(name, joined_gate_up(*(self.weights[part] for part in parts)))
+        self.joined_parts.update(parts)
+        return name
 
     # -- helpers --------------------------------------------------------------------------
     def add_weight(self, name: str, tensor: torch.Tensor) -> None:

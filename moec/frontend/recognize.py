@@ -470,6 +470,21 @@ def _llama4_experts(experts: nn.Module) -> BlockSpec | None:
                      transposed=("w_in", "w_out"))
 
 
+def _dbrx_experts(experts: nn.Module) -> BlockSpec | None:
+    """DBRX's experts: gate ``mlp.w1`` and up ``mlp.v1``, (E * F, H) each, and ``mlp.w2`` (E * F, H), each
+    expert's down projection stored (in, out); an ``activation_fn`` moec models."""
+    mlp = experts.get_submodule("mlp")
+    act = activation_name(mlp.activation_fn)
+    if act is None:
+        return None
+    num_experts = _attribute(experts, "num_experts", int)
+    rows, hidden = _attribute(mlp, "w2", torch.Tensor).shape
+    spec = ExpertsSpec(num_experts=num_experts, hidden=hidden, intermediate=rows // num_experts, act=act, gated=True)
+    return BlockSpec(kind="experts", family=type(experts).__name__, module="",
+                     weights={"w_in.gate": "mlp.w1", "w_in.up": "mlp.v1", "w_out": "mlp.w2"}, experts=spec,
+                     transposed=("w_out",), flattened=("w_in.gate", "w_in.up", "w_out"))
+
+
 # Families whose MoE block returns (hidden states, its router's second output) rather than the hidden states
 # alone: GPT-OSS's (and the OpenAI privacy filter's) router scores, Llama 4's router logits.
 ROUTER_SCORES_FAMILIES = ("gpt_oss", "openai_privacy_filter", "llama4")
@@ -596,6 +611,15 @@ def _laguna_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[s
         return None
     return _route(scoring="sigmoid", bias="gate.e_score_correction_bias", scaling="routed_scaling_factor")(
         block, num_experts)
+
+
+def _dbrx_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """Softmax then top-k, the chosen weights divided by their p-norm, p = ``moe_normalize_expert_weights``
+    (None: not divided): p = 1 is renormalization, the weights being positive; another p is not modelled."""
+    p = block.moe_normalize_expert_weights
+    if p is not None and p != 1:
+        return None
+    return _route(weight="router.layer.weight", top_k="top_k", renormalize=p is not None)(block, num_experts)
 
 
 def _deepseek_v2_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
@@ -808,4 +832,6 @@ _REGISTRY.extend([
                 experts_of=_llama4_experts)),
     (f"{HF}.cohere2_moe.modeling_cohere2_moe.Cohere2MoeSparseMoeBlock",
      _moe_block("cohere2_moe", _cohere2_moe_route, "shared_experts")),
+    (f"{HF}.dbrx.modeling_dbrx.DbrxFFN", _moe_block("dbrx", _dbrx_route, experts_of=_dbrx_experts)),
+    (f"{HF}.dbrx.modeling_dbrx.DbrxExperts", _dbrx_experts),  # under a router moec does not model
 ])

@@ -75,7 +75,11 @@ def _patch(
     if spec.kind == "experts":
         def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                             top_k_weights: torch.Tensor) -> torch.Tensor:
-            return run(hidden_states, top_k_index, top_k_weights)
+            if hidden_states.dim() == 2:
+                return run(hidden_states, top_k_index, top_k_weights)
+            # The choice is per token, [T, k]; DBRX's experts get the tokens unflattened, [B, S, H].
+            rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+            return run(rows, top_k_index, top_k_weights).reshape(hidden_states.shape)
 
         return "forward", experts_forward
     if spec.family in ROUTER_SCORES_FAMILIES:

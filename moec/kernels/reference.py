@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from moec.frontend.blocks import ROUTER_BIAS_ROLES, BlockSpec, ExpertsSpec, FFNSpec, RouteSpec, required_part
+from moec.frontend.blocks import (
+    GATE_UP_PARTS,
+    ROUTER_BIAS_ROLES,
+    BlockSpec,
+    ExpertsSpec,
+    FFNSpec,
+    RouteSpec,
+    required_part,
+)
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -257,11 +265,14 @@ def ffn(
 
 
 def oriented_weight(w: torch.Tensor, role: str, spec: BlockSpec) -> torch.Tensor:
-    """One weight in moec's layout: a role stored (in, out) gets its last two dims swapped, a gated role
-    whose gate and up entries alternate (gate, up, gate, up ...) gets all its gate entries first, and a
-    router bias stored (1, E) becomes (E,)."""
+    """One weight in moec's layout: a role stored with its experts stacked along its rows gets them back as
+    the leading dim, a role stored (in, out) gets its last two dims swapped, a gated role whose gate and up
+    entries alternate (gate, up, gate, up ...) gets all its gate entries first, and a router bias stored
+    (1, E) becomes (E,)."""
     if role in ROUTER_BIAS_ROLES:
         return w.reshape(-1)
+    if role in spec.flattened:
+        w = w.unflatten(0, (required_part(spec.experts, "experts", spec).num_experts, -1))
     if role in spec.transposed:
         w = w.transpose(-2, -1)
     if role in spec.interleaved:
@@ -271,9 +282,18 @@ def oriented_weight(w: torch.Tensor, role: str, spec: BlockSpec) -> torch.Tensor
     return w
 
 
+def joined_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """A gated ``w_in`` (E, 2F, H) from its gate and up parts (E, F, H), each in moec's layout."""
+    return torch.cat([gate, up], dim=-2)
+
+
 def _oriented(weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> dict[str, torch.Tensor]:
-    """The weights of a block in moec's layout (``oriented_weight``)."""
-    return {role: oriented_weight(w, role, spec) for role, w in weights.items()}
+    """The weights of a block in moec's layout (``oriented_weight``), a ``w_in`` stored as gate and up parts
+    joined."""
+    oriented = {role: oriented_weight(w, role, spec) for role, w in weights.items()}
+    if all(part in oriented for part in GATE_UP_PARTS):
+        oriented["w_in"] = joined_gate_up(*(oriented.pop(part) for part in GATE_UP_PARTS))
+    return oriented
 
 
 def _ffn_from_roles(

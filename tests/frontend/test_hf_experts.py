@@ -193,6 +193,7 @@ def test_families_with_unmodelled_routers_keep_parity(family):
 # config options (a scaling factor other than 1 where the router scales, so that a wrong one shows), and
 # whether the router has a score-correction bias; a "family:variant" key tests another setting of the family.
 _FULL_ATTENTION = dict(layer_types=["full_attention"] * 2)  # no linear attention: its reference code is slow
+_DBRX_ATTENTION = dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0)  # its attention fails without a clip
 _MLA = dict(num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
             v_head_dim=8)  # DeepSeek-V2-style latent attention at the tiny size
 ROUTED_FAMILIES = {
@@ -243,6 +244,8 @@ ROUTED_FAMILIES = {
                       layer_types=["full_attention", "conv"]), True),  # experts call F.silu, a plain function
     "cohere2_moe": (dict(num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
                          shared_expert_combination_strategy="sum"), False),
+    "dbrx": (dict(d_model=32, attn_config=_DBRX_ATTENTION, ffn_config=dict(  # the p-norm with p = 1: renormalized
+        ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2, moe_normalize_expert_weights=1.0)), False),
     "deepseek_v32": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, n_group=2,
                           topk_group=1, routed_scaling_factor=2.5, mlp_layer_types=["sparse"] * 2, **_MLA), True),
     "dots3_note": (dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
@@ -312,10 +315,10 @@ IDLE_ON_TEXT = {"ernie4_5_vl_moe": "vision_moe"}  # its vision experts' blocks, 
 # One case per routing feature runs by default (shared expert gate, bias on a sigmoid choice, renormalization
 # eps, groups scored by the best two or the best one, top-k of logits then sigmoid or softmax, a nested router
 # weight, a functional activation, routing weights on the experts' input, a shared expert that is not gated,
-# groups a config leaves unset); the others, at 5-10 s each, and
-# Qwen4-Exp (its linear attention's reference code, about a minute) are slow.
+# groups a config leaves unset, gate and up weights stored apart with the experts along their rows); the
+# others, at 5-10 s each, and Qwen4-Exp (its linear attention's reference code, about a minute) are slow.
 DEFAULT_CASES = ("qwen3_next", "minimax_m2", "ernie4_5_moe", "mistral4", "deepseek_v2:grouped", "kolibri1",
-                 "cohere2_moe", "afmoe", "lfm2_moe", "llama4", "nemotron_h", "axk2")
+                 "cohere2_moe", "afmoe", "lfm2_moe", "llama4", "nemotron_h", "axk2", "dbrx")
 
 
 @pytest.mark.parametrize("case", [
@@ -354,6 +357,8 @@ UNMODELLED_SETTINGS = {
     "cohere2_moe": dict(num_shared_experts=1, shared_expert_combination_strategy="average"),
     "step3p7": dict(swiglu_limits=[0.5, 0.5]),  # clamped after the activation
     "longcat_flash": dict(zero_expert_num=2),  # identity experts
+    "dbrx": dict(ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2,
+                                 moe_normalize_expert_weights=2.0)),  # weights divided by their 2-norm
 }
 
 
@@ -361,7 +366,51 @@ UNMODELLED_SETTINGS = {
 def test_unmodelled_routing_settings_leave_the_router_to_the_model(family):
     model, _ = tiny_family(family, {**ROUTED_FAMILIES[family][0], **UNMODELLED_SETTINGS[family]})
     kinds = {spec.kind for spec in recognize(model) if spec.experts is not None}
-    assert kinds == ({"experts"} if family in ("laguna", "cohere2_moe") else set())
+    assert kinds == ({"experts"} if family in ("laguna", "cohere2_moe", "dbrx") else set())
+
+
+def test_dbrx_experts_under_its_2_norm_router_run_on_moec():
+    """DBRX's experts (gate and up stored apart, the experts along their rows) are a moe.experts op under the
+    router moec leaves to the model; the joined w_in replaces the parts in the program."""
+    model, example = tiny_family("dbrx", {**ROUTED_FAMILIES["dbrx"][0], **UNMODELLED_SETTINGS["dbrx"]})
+    compiled = moec.compile(model, example)
+    assert len(compiled.program.graph.ops_of(ExpertsOp)) == 2 and not compiled.program.graph.ops_of(RouteOp)
+    assert "aten.linalg_vector_norm" in compiled.ir  # the model's own p-norm
+    names = set(compiled.program.weights)
+    assert "transformer.blocks.0.ffn.experts.w_in" in names and not any(".mlp.w1" in n or ".mlp.v1" in n for n in names)
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+    assert parity(model, compiled, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) <= 1e-4
+
+
+# MoE blocks moec leaves to the model, whose export then fails on their router naming it. Switch Transformers
+# drops the tokens past each expert's capacity in a sequence (64 in its configs: longer sequences lose some),
+# which moe.route does not model. NLLB-MoE's experts module (transformers 5) one-hot encodes the router's
+# top-1 mask, so every token runs expert_1 with its top-1 weight and expert_0 with its top-2 weight: not a
+# routing moec's ops express.
+def _tiny_switch_transformers() -> tuple[nn.Module, dict]:
+    config = transformers.SwitchTransformersConfig(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                   num_heads=4, num_experts=4, expert_capacity=4, encoder_sparse_step=1)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    return transformers.SwitchTransformersEncoderModel(config).eval(), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _tiny_nllb_moe() -> tuple[nn.Module, dict]:
+    config = transformers.NllbMoeConfig(vocab_size=128, d_model=32, encoder_layers=2, decoder_layers=2,
+                                        encoder_ffn_dim=64, decoder_ffn_dim=64, encoder_attention_heads=4,
+                                        decoder_attention_heads=4, num_experts=4, encoder_sparse_step=1,
+                                        decoder_sparse_step=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    return transformers.NllbMoeModel(config).eval(), {"input_ids": ids, "decoder_input_ids": ids[:, :5]}
+
+
+@pytest.mark.parametrize("build", [_tiny_switch_transformers, _tiny_nllb_moe])
+def test_blocks_moec_does_not_model_stay_the_models_and_their_export_error_names_the_router(build):
+    model, example = build()
+    assert recognize(model) == []
+    with pytest.raises(moec.CaptureError, match=r"cannot export \w+: module 'encoder\.\w+\.0\..*router\.classifier'"):
+        moec.compile(model, example)
 
 
 # ---- experts with clamped gating (GPT-OSS, DeepSeek-V4) --------------------------------------------
