@@ -135,11 +135,17 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
                 f"{type(model).__name__} fails on the example inputs themselves, without moec: "
                 f"{describe(model, eager_error)}\npass example inputs that the model runs on", eager_error
             ) from eager_error
-        raise CaptureError(
-            f"cannot export {type(model).__name__}: {describe(model, err)}\n"
-            "moec needs a model that torch.export can trace; rewrite the data-dependent Python control flow "
-            "in that module, or register its block with moec.register_moe_block"
-        ) from err
+        raise CaptureError(f"cannot export {type(model).__name__}: {describe(model, err)}\n{export_hint(err)}") from err
+
+
+def export_hint(err: BaseException) -> str:
+    """What a user can do about an export failure ``err``."""
+    if "Couldn't swap" in str(err):  # Module._apply under export: a .to()/.float() of a module inside forward
+        return ("that module converts its own parameters while it runs (a .to() or .float() of a module inside "
+                "forward), which torch.export cannot trace; convert the model before compiling and remove the "
+                "conversion from forward")
+    return ("moec needs a model that torch.export can trace; rewrite the data-dependent Python control flow "
+            "in that module, or register its block with moec.register_moe_block")
 
 
 def eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> Exception | None:

@@ -1,7 +1,7 @@
 """Block recognizers: find the FFN and MoE blocks of a model by module class and describe them as specs.
 
-Built in (by class, see the table at the end): the sparse MoE blocks of some thirty Hugging Face families
-(Mixtral, Qwen2/3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, GPT-OSS, Mistral 4 ...: the router as a
+Built in (by class, see the table at the end): the sparse MoE blocks of sixty-one Hugging Face families
+(Mixtral, Qwen2/3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, GPT-OSS, Mistral 4, Llama 4, DBRX ...: the router as a
 ``RouteSpec``, the experts by their standard layout or by the experts probe); the gated MLPs of Llama-style
 models and of those MoE families' dense layers and shared experts; GPT-2, GPT-J, GPT-NeoX, Falcon, CLIP
 and T5 MLPs; BERT-style feed-forward sublayers. Users add their own classes with

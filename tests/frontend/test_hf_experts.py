@@ -409,7 +409,8 @@ def _tiny_nllb_moe() -> tuple[nn.Module, dict]:
 def test_blocks_moec_does_not_model_stay_the_models_and_their_export_error_names_the_router(build):
     model, example = build()
     assert recognize(model) == []
-    with pytest.raises(moec.CaptureError, match=r"cannot export \w+: module 'encoder\.\w+\.0\..*router\.classifier'"):
+    with pytest.raises(moec.CaptureError, match=r"cannot export \w+: module 'encoder\.\w+\.0\..*router\.classifier'"
+                       r"(.|\n)*converts its own parameters while it runs"):
         moec.compile(model, example)
 
 
