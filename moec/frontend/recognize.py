@@ -1,10 +1,10 @@
 """Block recognizers: find the FFN and MoE blocks of a model by module class and describe them as specs.
 
 Built in (by class, see the table at the end): the sparse MoE blocks of sixty-one Hugging Face families
-(Mixtral, Qwen2/3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, GPT-OSS, Mistral 4, Llama 4, DBRX ...: the router as a
-``RouteSpec``, the experts by their standard layout or by the experts probe); the gated MLPs of Llama-style
-models and of those MoE families' dense layers and shared experts; GPT-2, GPT-J, GPT-NeoX, Falcon, CLIP
-and T5 MLPs; BERT-style feed-forward sublayers. Users add their own classes with
+(Mixtral, Qwen2/3-MoE, Qwen3-Next, OLMoE, DeepSeek-V2/V3, GLM-4-MoE, GPT-OSS, Mistral 4, Llama 4, DBRX ...:
+the router as a ``RouteSpec``, the experts by their standard layout or by the experts probe); the gated
+MLPs of Llama-style models and of those MoE families' dense layers and shared experts; GPT-2, GPT-J,
+GPT-NeoX, Falcon, CLIP and T5 MLPs; BERT-style feed-forward sublayers. Users add their own classes with
 :func:`register_moe_block`. A module of any other class with the Llama-style gated MLP's parts
 (``gate_proj``, ``up_proj``, ``down_proj`` Linears and ``act_fn``) is recognized too when a probe shows
 that it computes exactly that (``_probed_gated_mlp``). So is a Hugging Face experts module (stacked
