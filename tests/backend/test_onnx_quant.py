@@ -161,4 +161,7 @@ def test_3bit_experts_fall_back_to_dequantized_portable_experts(tmp_path):
                          for i in range(2)]
     ops = {node.op_type for node in onnx_model.graph.node}
     assert {"NonZero", "ScatterND", "Mod"} <= ops and "QMoE" not in ops
-    assert 4 * path.stat().st_size < float_bytes
+    # the weights as stored (packed codes and their scales) and the whole file, with the graph's structure,
+    # which at this tiny size is a quarter of it (measured: 151 KB of initializers in a 212 KB file)
+    assert 4 * sum(len(t.raw_data) for t in onnx_model.graph.initializer) < float_bytes
+    assert 3 * path.stat().st_size < float_bytes
