@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.plan import load_plan, save_plan
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
-from moec.ir.quant import QuantizedType, storage_names
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
 from moec.passes.dead_code import DeadCode
 
@@ -134,27 +132,12 @@ def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
                          kernels_file=kernels_file if kernels_file.is_file() else None)
 
 
-def weight_bytes(program: Program, names: list[str]) -> tuple[int, int]:
-    """Logical parameters and stored bytes of the named weights (a quantized weight counts its packed storage)."""
-    params = size = 0
-    for name in names:
-        weight_type = program.graph.weights.get(name)
-        if isinstance(weight_type, QuantizedType):
-            params += math.prod(weight_type.static_shape)
-            stored = [program.weights[n] for n in storage_names(name).values()]
-        else:
-            stored = [program.weights[name]] if name in program.weights else []
-            params += sum(t.numel() for t in stored)
-        size += sum(t.numel() * t.element_size() for t in stored)
-    return params, size
-
-
 def layer_summary(program: Program) -> list[dict[str, Any]]:
     rows = []
     for op in program.graph.ops:
         if not isinstance(op, (DenseFFNOp, RouteOp, ExpertsOp, SharedExpertOp)):
             continue
-        params, size = weight_bytes(program, [ref.name for ref in op.weight_refs])
+        params, size = program.weight_sizes(ref.name for ref in op.weight_refs)
         spec = op.spec
         row = {
             "op": op.op_name,

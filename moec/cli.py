@@ -122,8 +122,11 @@ def run_compile(args: argparse.Namespace) -> int:
     import moec
     from moec.api import Deviation, deviation, parity
     from moec.frontend.zoo import load_model_spec
+    from moec.ir.plan import check_plan_target
     from moec.passes import build_passes, load_recipe
 
+    if args.output:
+        check_plan_target(args.output)  # before the work, not after it
     with step(f"loading model {args.model}"):
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)
@@ -283,8 +286,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     if not args.no_ir:
         console.print(compiled.ir, markup=False)
     console.print(summary_table(compiled.summary(), "FFN and MoE layers"))
-    total = sum(t.numel() * t.element_size() for t in compiled.program.weights.values())
-    console.print(f"all weights: {sum(t.numel() for t in compiled.program.weights.values()):,} parameters, {total:,} bytes")
+    params, size = compiled.program.weight_sizes()
+    console.print(f"all weights: {params:,} parameters, {size:,} bytes")
     return 0
 
 

@@ -20,7 +20,7 @@ from moec.errors import PlanError
 from moec.ir.core import Graph
 from moec.ir.parser import parse_graph
 from moec.ir.printer import print_graph
-from moec.ir.program import Program
+from moec.ir.program import Program, load_treespec
 from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.verifier import verify
 from moec.kernels.quant import check_storage
@@ -29,6 +29,7 @@ FORMAT = "moec-plan"
 FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "weights.safetensors"
+PLAN_FIELDS = {"ir": str, "in_spec": str, "out_spec": str, "metadata": dict, "files": dict}  # and their types
 
 
 def sha256_of(path: Path) -> str:
@@ -39,13 +40,27 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_plan_target(path: str | os.PathLike) -> Path:
+    """``path`` resolved, if a plan folder can be written there: a new path under folders (missing ones are
+    created), an empty folder or an existing plan (replaced); else one ``PlanError`` saying why."""
+    target = Path(path).resolve()
+    if target.is_dir():
+        if not (target / PLAN_FILE).exists() and any(target.iterdir()):
+            raise PlanError(f"{target} exists and is not a moec plan folder; choose another output path")
+    elif target.exists():
+        raise PlanError(f"{target} is a file, not a folder; choose another output path for the plan")
+    else:
+        blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            raise PlanError(f"cannot write a plan at {target}: {blocking} is a file; choose another output path")
+    return target
+
+
 def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, str | bytes] | None = None) -> Path:
     """Write ``program`` as a plan folder at ``path`` (replacing an existing plan there)."""
     from moec import __version__
 
-    target = Path(path).resolve()
-    if target.exists() and not (target / PLAN_FILE).exists() and any(target.iterdir()):
-        raise PlanError(f"{target} exists and is not a moec plan folder; choose another output path")
+    target = check_plan_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -127,6 +142,9 @@ def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         plan = json.loads(plan_file.read_text())
     except json.JSONDecodeError as err:
         raise PlanError(f"{plan_file} is not valid JSON ({err}); the plan is corrupt, compile it again") from None
+    if not isinstance(plan, dict):
+        raise PlanError(f"{plan_file} holds a JSON {type(plan).__name__}, not a plan; the plan is corrupt, "
+                        "compile it again")
     if plan.get("format") != FORMAT:
         raise PlanError(f"{plan_file} is not a moec plan (format {plan.get('format')!r})")
     version = plan.get("format_version")
@@ -135,7 +153,14 @@ def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
             f"{folder} has plan format version {version}, newer than this moec reads ({FORMAT_VERSION}); "
             "upgrade moec or compile the plan again with this version"
         )
-    for name, expected in plan.get("files", {}).items():
+    for key, kind in PLAN_FIELDS.items():
+        if not isinstance(plan.get(key), kind):
+            found = "missing" if key not in plan else f"a JSON {type(plan[key]).__name__}"
+            raise PlanError(f"{plan_file}: its {key!r} entry is {found}, expected a {kind.__name__}; the plan is "
+                            "corrupt, compile it again")
+    if WEIGHTS_FILE not in plan["files"]:
+        raise PlanError(f"{plan_file} lists no checksum for {WEIGHTS_FILE}; the plan is corrupt, compile it again")
+    for name, expected in plan["files"].items():
         file = folder / name
         if not file.is_file():
             raise PlanError(f"{folder}: {name} is missing; the plan is incomplete, compile it again")
@@ -163,4 +188,10 @@ def load_plan(path: str | os.PathLike) -> Program:
                 check_storage(name, weight_type, weights)
             except ValueError as err:
                 raise PlanError(f"{folder}: {err}; the plan is corrupt, compile it again") from None
-    return Program(graph, weights, plan["in_spec"], plan["out_spec"], plan.get("metadata", {}))
+    for key in ("in_spec", "out_spec"):
+        try:
+            load_treespec(plan[key])
+        except Exception as err:  # whatever a corrupt spec makes pytree raise
+            raise PlanError(f"{folder}: its {key} cannot be read ({type(err).__name__}: {err}); the plan is "
+                            "corrupt, compile it again") from None
+    return Program(graph, weights, plan["in_spec"], plan["out_spec"], plan["metadata"])

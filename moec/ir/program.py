@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from moec.ir.core import Graph
+from moec.ir.quant import QuantizedType, storage_names
 
 
 @dataclass
@@ -26,6 +29,21 @@ class Program:
     in_spec: str
     out_spec: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    def weight_sizes(self, names: Iterable[str] | None = None) -> tuple[int, int]:
+        """(parameters, stored bytes) of the named graph weights, all of them by default: a quantized weight
+        counts the elements of its logical shape and the bytes of its packed storage."""
+        params = size = 0
+        for name in self.graph.weights if names is None else names:
+            weight_type = self.graph.weights.get(name)
+            if isinstance(weight_type, QuantizedType):
+                params += math.prod(weight_type.static_shape)
+                stored = [self.weights[n] for n in storage_names(name).values()]
+            else:
+                stored = [self.weights[name]] if name in self.weights else []
+                params += sum(t.numel() for t in stored)
+            size += sum(t.numel() * t.element_size() for t in stored)
+        return params, size
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
         """The graph's input tensors from a call's arguments, or ``TypeError`` saying what was expected."""

@@ -67,8 +67,7 @@ def program_stats(program: Program) -> dict[str, int]:
     from moec.ir.ops import ExpertsOp
 
     experts = sum(op.spec.num_experts for op in program.graph.ops_of(ExpertsOp))
-    params = sum(t.numel() for t in program.weights.values())
-    size = sum(t.numel() * t.element_size() for t in program.weights.values())
+    params, size = program.weight_sizes()
     return {"experts": experts, "params": params, "bytes": size}
 
 

@@ -75,3 +75,27 @@ def test_missing_file_and_newer_version(compiled, tmp_path):
         moec.load(folder)
     with pytest.raises(moec.PlanError, match="plan.json is missing"):
         moec.load(tmp_path / "nowhere")
+
+
+def test_an_output_path_that_is_or_lies_under_a_file_is_one_error(compiled, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(moec.PlanError, match="afile is a file, not a folder"):
+        compiled[0].save(tmp_path / "afile")
+    with pytest.raises(moec.PlanError, match=r"cannot write a plan at .*/sub/plan: .*afile is a file"):
+        compiled[0].save(tmp_path / "afile" / "sub" / "plan")
+    assert [p.name for p in tmp_path.iterdir()] == ["afile"] and (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (lambda plan: [plan], "holds a JSON list, not a plan"),
+    (lambda plan: {k: v for k, v in plan.items() if k != "ir"}, "its 'ir' entry is missing, expected a str"),
+    (lambda plan: {**plan, "metadata": None}, "its 'metadata' entry is a JSON NoneType, expected a dict"),
+    (lambda plan: {k: v for k, v in plan.items() if k != "files"}, "its 'files' entry is missing"),
+    (lambda plan: {**plan, "files": {}}, f"lists no checksum for {WEIGHTS_FILE}"),
+    (lambda plan: {**plan, "in_spec": "[1, 2"}, "its in_spec cannot be read"),
+])
+def test_a_damaged_plan_json_is_one_plan_error(compiled, tmp_path, damage, message):
+    folder = compiled[0].save(tmp_path / "plan")
+    (folder / PLAN_FILE).write_text(json.dumps(damage(json.loads((folder / PLAN_FILE).read_text()))))
+    with pytest.raises(moec.PlanError, match=message):
+        moec.load(folder)
