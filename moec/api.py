@@ -17,7 +17,7 @@ from moec.analysis.calibration import Calibration
 from moec.backend.torch_runner import TorchRunner
 from moec.backend.triton_codegen import KERNELS_FILE
 from moec.errors import MoecError
-from moec.frontend.capture import capture
+from moec.frontend.capture import capture, inference_setup
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.plan import load_plan, save_plan
 from moec.ir.printer import print_graph
@@ -211,15 +211,8 @@ def paired_outputs(model: nn.Module, compiled: CompiledModel,
                    inputs: tuple | Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(original, compiled) pairs of every output tensor on the same inputs, on the original's device."""
     args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else (tuple(inputs), {})
-    was_training = model.training
-    model.eval()
-    config = getattr(model, "config", None)
-    extra = {"use_cache": False} if getattr(config, "use_cache", False) else {}
-    try:
-        with torch.inference_mode():
-            expected = model(*args, **kwargs, **extra)
-    finally:
-        model.train(was_training)
+    with inference_setup(model), torch.inference_mode():  # as it was captured: eval, no cache or router logits
+        expected = model(*args, **kwargs)
     got = compiled(*args, **kwargs)
     leaves_expected = [t for t in torch.utils._pytree.tree_leaves(expected) if isinstance(t, torch.Tensor)]
     leaves_got = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]

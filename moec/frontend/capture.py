@@ -1,8 +1,10 @@
 """Capture a PyTorch model as a moec ``Program``: recognize blocks, swap them for moec ops, export, lower,
 then fold the FFNs no recognizer claimed (``moec.frontend.ffn_patterns``).
 
-The model is captured for inference: in eval mode, without a KV cache (``config.use_cache=False``),
-with every tensor input dimension dynamic unless the model pins it. The model is left as it was.
+The model is captured for inference: in eval mode, without a KV cache or router logits in its outputs
+(``INFERENCE_CONFIG``), with every tensor input dimension dynamic unless the model pins it. The model is
+left as it was. Example inputs that share memory (``labels`` given as the ``input_ids`` tensor itself) are
+captured as separate inputs.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     """Export ``model(*args, **kwargs)`` and lower it to IR with its recognized blocks as moec ops."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"moec compiles torch.nn.Module models, got {type(model).__name__}")
-    kwargs = dict(kwargs or {})
+    args, kwargs = distinct_inputs(tuple(args), dict(kwargs or {}))
     specs = recognize(model)
     with inference_setup(model):
         try:
@@ -59,25 +61,48 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     return program
 
 
+def distinct_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The example with every tensor that shares memory with an earlier one cloned: export would trace two
+    arguments given as one tensor as one input, and the model would read one where the caller meant the
+    other."""
+    seen: set[int] = set()
+
+    def distinct(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        storage = leaf.untyped_storage().data_ptr()
+        if storage in seen:
+            return leaf.clone()
+        seen.add(storage)
+        return leaf
+
+    return torch.utils._pytree.tree_map(distinct, (args, kwargs))
+
+
+# Config settings that add outputs an inference graph does not carry, with the value capture uses.
+INFERENCE_CONFIG = {"use_cache": False, "output_router_logits": False}
+
+
 @contextlib.contextmanager
 def inference_setup(model: nn.Module) -> Iterator[None]:
-    """Eval mode and no KV cache for the duration of the capture; restores both after.
+    """Eval mode and ``INFERENCE_CONFIG`` for the duration of the capture; restores both after.
 
     Every config in the model counts: an encoder-decoder's decoder stack keeps its own copy (T5).
     """
     was_training = model.training
-    caching = {id(config): (config, config.use_cache) for module in model.modules()
-               if (config := getattr(module, "config", None)) is not None
-               and getattr(config, "use_cache", False)}
+    configs = {id(config): config for module in model.modules()
+               if (config := getattr(module, "config", None)) is not None}
+    changed = [(config, name, getattr(config, name)) for config in configs.values()
+               for name, value in INFERENCE_CONFIG.items() if getattr(config, name, value) != value]
     model.eval()
-    for config, _ in caching.values():
-        config.use_cache = False
+    for config, name, _ in changed:
+        setattr(config, name, INFERENCE_CONFIG[name])
     try:
         yield
     finally:
         model.train(was_training)
-        for config, use_cache in caching.values():
-            config.use_cache = use_cache
+        for config, name, value in changed:
+            setattr(config, name, value)
 
 
 @contextlib.contextmanager
@@ -135,17 +160,29 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
                 f"{type(model).__name__} fails on the example inputs themselves, without moec: "
                 f"{describe(model, eager_error)}\npass example inputs that the model runs on", eager_error
             ) from eager_error
-        raise CaptureError(f"cannot export {type(model).__name__}: {describe(model, err)}\n{export_hint(err)}") from err
+        raise CaptureError(f"cannot export {type(model).__name__}: {describe(model, err)}\n"
+                           f"{export_hint(err, args, kwargs)}") from err
 
 
-def export_hint(err: BaseException) -> str:
-    """What a user can do about an export failure ``err``."""
+def export_hint(err: BaseException, args: tuple, kwargs: dict) -> str:
+    """What a user can do about an export failure ``err`` on the example ``args``/``kwargs``."""
+    single = [f"{name} {list(x.shape)}" for name, x in named_tensors(args, kwargs) if 1 in x.shape[1:]]
+    if single and "Sym" in str(err):  # a size of 1 is specialized: code that branches on it (is_causal = q_len > 1) cannot trace
+        return (f"the example has inputs with a size of 1 after the batch dimension ({', '.join(single)}), "
+                "which export cannot keep dynamic; use an example with at least 2 tokens there")
     if "Couldn't swap" in str(err):  # Module._apply under export: a .to()/.float() of a module inside forward
         return ("that module converts its own parameters while it runs (a .to() or .float() of a module inside "
                 "forward), which torch.export cannot trace; convert the model before compiling and remove the "
                 "conversion from forward")
     return ("moec needs a model that torch.export can trace; rewrite the data-dependent Python control flow "
             "in that module, or register its block with moec.register_moe_block")
+
+
+def named_tensors(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
+    """The example's tensors with the name of the argument each one is in (positional ones by position)."""
+    named = [(f"argument {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    return [(name, leaf) for name, value in named for leaf in torch.utils._pytree.tree_leaves(value)
+            if isinstance(leaf, torch.Tensor)]
 
 
 def eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> Exception | None:

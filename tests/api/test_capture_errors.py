@@ -127,3 +127,11 @@ def test_a_model_that_fails_on_its_example_inputs_is_told_so():
     """Not a tracing problem: the model raises on these inputs without moec, and the error says that."""
     with pytest.raises(moec.CaptureError, match="fails on the example inputs themselves.*y is required"):
         moec.compile(WantsTwoInputs(), (torch.randn(3, 8),))
+
+
+def test_an_example_of_one_token_is_told_to_use_two():
+    from moec.frontend.zoo import build_preset
+
+    model, example = build_preset("tiny-llama")
+    with pytest.raises(moec.CaptureError, match=r"size of 1 after the batch dimension \(input_ids \[2, 1\].*at least 2 tokens"):
+        moec.compile(model, {name: tensor[:, :1] for name, tensor in example.items()})

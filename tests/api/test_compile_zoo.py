@@ -124,6 +124,29 @@ def test_positional_example_inputs():
     assert (compiled(ids).logits - expected).abs().max() <= TOLERANCE
 
 
+def test_example_inputs_given_as_one_tensor_stay_separate_inputs():
+    """``labels=input_ids`` (the usual idiom) must not make the compiled model read its labels as ids."""
+    model, example = build_preset("tiny-mixtral")
+    compiled = moec.compile(model, {**example, "labels": example["input_ids"]})
+    generator = torch.Generator().manual_seed(0)
+    ids, labels = (torch.randint(0, 100, (2, 6), generator=generator) for _ in range(2))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        expected = model(**inputs)
+    got = compiled(**inputs)
+    assert (got.logits - expected.logits).abs().max() <= TOLERANCE
+    assert abs(float(got.loss - expected.loss)) <= TOLERANCE
+
+
+def test_router_logits_asked_for_by_the_config_are_left_out_and_the_setting_kept():
+    model, example = build_preset("tiny-qwen2-moe")
+    model.config.output_router_logits = True
+    compiled = moec.compile(model, example)
+    assert model.config.output_router_logits
+    assert compiled(**example).router_logits is None
+    assert parity(model, compiled, example) <= TOLERANCE
+
+
 def test_deviation_leaves_padding_positions_out():
     """A causal model's outputs at real positions do not depend on the padding after them, so the deviation of
     a quantized compile on padded inputs equals the one on the same inputs cut before the padding."""
