@@ -55,6 +55,10 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     program.metadata["blocks"] = [block_summary(spec) for spec in specs] + [
         {"module": block, "kind": "ffn", "family": "pattern"} for block in folded]
     program.metadata["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
+    # So that a call may give by position what the example gave by keyword, and the other way round.
+    program.metadata["forward_parameters"] = [
+        name for name, parameter in inspect.signature(model.forward).parameters.items()
+        if parameter.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
     # Sizes a backend may fall back on for dims it cannot choose itself (an image's height and width).
     program.metadata["example_shapes"] = [list(x.shape) if isinstance(x, torch.Tensor) else None
                                           for x in program.flatten_inputs(tuple(args), kwargs)]

@@ -48,6 +48,7 @@ class Program:
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
         """The graph's input tensors from a call's arguments, or ``TypeError`` saying what was expected."""
         spec = load_treespec(self.in_spec)
+        args, kwargs = self.in_captured_form(spec, tuple(args), kwargs)
         kwargs_spec = spec.child(1) if spec.num_children == 2 else None
         if kwargs_spec is not None and kwargs_spec.context is not None:
             expected = list(kwargs_spec.context)
@@ -64,6 +65,20 @@ class Program:
             raise TypeError(f"the compiled model expects arguments shaped like {spec}, got {call_spec}")
         self.check_input_shapes(leaves)
         return leaves
+
+    def in_captured_form(self, spec: pytree.TreeSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A call's arguments moved to where the captured example had them: one the example gave by keyword
+        may come by position and the other way round, matched by the names of the model's ``forward``
+        parameters (``metadata["forward_parameters"]``). Arguments that cannot be matched stay as they are."""
+        names = self.metadata.get("forward_parameters", [])
+        positional = spec.child(0).num_children
+        if len(args) == positional or len(args) > len(names) or positional > len(names):
+            return args, kwargs
+        bound = dict(zip(names, args, strict=False))
+        if bound.keys() & kwargs.keys() or not set(names[:positional]) <= bound.keys() | kwargs.keys():
+            return args, kwargs
+        bound.update(kwargs)
+        return tuple(bound.pop(name) for name in names[:positional]), bound
 
     def check_input_shapes(self, leaves: list[Any]) -> None:
         """``ValueError`` naming the first input tensor whose fixed sizes differ from the graph's. (Another rank

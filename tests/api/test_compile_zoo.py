@@ -124,6 +124,22 @@ def test_positional_example_inputs():
     assert (compiled(ids).logits - expected).abs().max() <= TOLERANCE
 
 
+def test_arguments_may_come_by_keyword_or_by_position_whatever_the_example_did(tmp_path):
+    model, example = build_preset("tiny-llama")
+    ids = torch.randint(0, 100, (2, 6))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = model(ids, mask, use_cache=False).logits
+    by_position, by_keyword = moec.compile(model, (example["input_ids"], example["attention_mask"])), moec.compile(model, example)
+    for compiled in (by_position, by_keyword):
+        for args, kwargs in (((ids, mask), {}), ((ids,), {"attention_mask": mask}), ((), {"input_ids": ids, "attention_mask": mask})):
+            assert (compiled(*args, **kwargs).logits - expected).abs().max() <= TOLERANCE
+    again = moec.load(by_keyword.save(tmp_path / "plan"))  # the parameter names are in the plan
+    assert (again(ids, mask).logits - expected).abs().max() <= TOLERANCE
+    with pytest.raises(TypeError, match=r"missing \['attention_mask'\]"):
+        by_keyword(ids)
+
+
 def test_example_inputs_given_as_one_tensor_stay_separate_inputs():
     """``labels=input_ids`` (the usual idiom) must not make the compiled model read its labels as ids."""
     model, example = build_preset("tiny-mixtral")
