@@ -64,7 +64,20 @@ class Program:
         if call_spec != spec:
             raise TypeError(f"the compiled model expects arguments shaped like {spec}, got {call_spec}")
         self.check_input_shapes(leaves)
-        return leaves
+        return self.with_captured_dtypes(leaves)
+
+    def with_captured_dtypes(self, leaves: list[Any]) -> list[Any]:
+        """``leaves`` with integer and bool tensors cast to the integer or bool dtype their graph input was
+        captured with: token ids as int32 or int64, masks as bool or integers (the model's code converted them
+        itself, on the branch the example took). Other dtypes are left as they are."""
+        out = []
+        for leaf, value in zip(leaves, self.graph.inputs, strict=False):
+            expected = getattr(value.type, "torch_dtype", None)
+            if (isinstance(leaf, torch.Tensor) and expected is not None and leaf.dtype != expected
+                    and not _is_float(leaf.dtype) and not _is_float(expected)):
+                leaf = leaf.to(expected)
+            out.append(leaf)
+        return out + leaves[len(out):]
 
     def in_captured_form(self, spec: pytree.TreeSpec, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A call's arguments moved to where the captured example had them: one the example gave by keyword
@@ -97,6 +110,10 @@ class Program:
 
     def unflatten_outputs(self, leaves: list[Any]) -> Any:
         return pytree.tree_unflatten(leaves, load_treespec(self.out_spec))
+
+
+def _is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
 
 
 def dump_treespec(spec: pytree.TreeSpec) -> str:

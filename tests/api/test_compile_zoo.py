@@ -140,6 +140,20 @@ def test_arguments_may_come_by_keyword_or_by_position_whatever_the_example_did(t
         by_keyword(ids)
 
 
+def test_ids_and_masks_of_another_integer_or_bool_dtype_are_cast_to_the_captured_one():
+    """Compiled with a bool mask, called with the usual int64 one (the model converted its mask on the branch
+    the example took), and int32 ids."""
+    model, example = build_preset("tiny-llama")
+    compiled = moec.compile(model, {**example, "attention_mask": example["attention_mask"].bool()})
+    ids = torch.randint(0, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        expected = model(ids, mask, use_cache=False).logits
+    got = compiled(input_ids=ids.int(), attention_mask=mask).logits
+    assert (got[1] - expected[1]).abs().max() <= TOLERANCE and (got[0, 2:] - expected[0, 2:]).abs().max() <= TOLERANCE
+
+
 def test_example_inputs_given_as_one_tensor_stay_separate_inputs():
     """``labels=input_ids`` (the usual idiom) must not make the compiled model read its labels as ids."""
     model, example = build_preset("tiny-mixtral")
