@@ -76,9 +76,11 @@ class Parser:
         self.next()
         return got
 
-    def fail(self, message: str) -> NoReturn:
-        line = self.text.count("\n", 0, self.pos) + 1
-        column = self.pos - (self.text.rfind("\n", 0, self.pos) + 1) + 1
+    def fail(self, message: str, at: int | None = None) -> NoReturn:
+        """``ParseError`` pointing at offset ``at`` of the text (default: where parsing stands)."""
+        pos = self.pos if at is None else at
+        line = self.text.count("\n", 0, pos) + 1
+        column = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
         source_line = self.text.splitlines()[line - 1] if self.text.strip() else ""
         raise ParseError(f"line {line}, column {column}: {message}\n  {source_line}\n  {' ' * (column - 1)}^")
 
@@ -128,6 +130,9 @@ class Parser:
                 result_names.append(self.expect_kind("value", "%result")[1:])
             self.expect("=")
         op_name = self.expect_kind("ident", "an op name")
+        if op_name not in OP_CLASSES and not op_name.startswith(("aten.", "py.")):
+            self.fail(f"unknown op {op_name!r}; known: {', '.join(sorted(OP_CLASSES))}, aten.*, py.*",
+                      at=self.pos - len(op_name))
         self.expect("(")
         args, kwargs = [], {}
         while not self.accept(")"):
@@ -157,9 +162,7 @@ class Parser:
     def make_op(self, name: str, args: tuple, kwargs: dict, result_types: list[Type]) -> Operation:
         if name in OP_CLASSES:
             return OP_CLASSES[name](args, kwargs, result_types)
-        if name.startswith(("aten.", "py.")):
-            return AtenOp(name, args, kwargs, result_types)
-        self.fail(f"unknown op {name!r}; known: {', '.join(sorted(OP_CLASSES))}, aten.*, py.*")
+        return AtenOp(name, args, kwargs, result_types)  # parse_op let through only aten.* and py.* names
 
     def parse_constant(self) -> Any:
         kind, text = self.next()
