@@ -218,9 +218,14 @@ def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> dict[str,
             lambda leaf: {i: Dim.AUTO for i in range(leaf.dim())} if isinstance(leaf, torch.Tensor) else None, value
         )
         if kind is inspect.Parameter.VAR_KEYWORD:
-            specs.update(spec)  # **kwargs: export wants its entries by their own names
-        else:
-            specs[name] = spec
+            # torch.export (2.13) fails on every dynamic-shape form of **kwargs entries
+            options = [key for key, v in value.items() if not isinstance(v, torch.Tensor)]
+            raise CaptureError(
+                f"the example gives {sorted(value)} through {type(model).__name__}.forward's **{name}, which moec "
+                "cannot capture; give only the arguments forward names"
+                + (f" (for {options}: set them on the model's config, e.g. model.config.{options[0]} = "
+                   f"{value[options[0]]!r})" if options else ""))
+        specs[name] = spec
     return specs
 
 

@@ -135,3 +135,15 @@ def test_an_example_of_one_token_is_told_to_use_two():
     model, example = build_preset("tiny-llama")
     with pytest.raises(moec.CaptureError, match=r"size of 1 after the batch dimension \(input_ids \[2, 1\].*at least 2 tokens"):
         moec.compile(model, {name: tensor[:, :1] for name, tensor in example.items()})
+
+
+def test_an_example_argument_through_forwards_kwargs_is_one_error_saying_what_to_do():
+    from moec.frontend.zoo import build_preset
+
+    model, example = build_preset("tiny-mixtral")
+    with pytest.raises(moec.CaptureError, match=r"\['output_hidden_states'\] through MixtralForCausalLM.forward's "
+                       r"\*\*kwargs.*model.config.output_hidden_states = True"):
+        moec.compile(model, {**example, "output_hidden_states": True})
+    model.config.output_hidden_states = True  # what the error says to do
+    compiled = moec.compile(model, example)
+    assert len(compiled(**example).hidden_states) == model.config.num_hidden_layers + 1
