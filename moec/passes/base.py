@@ -2,7 +2,8 @@
 
 A pass transforms a ``Program`` in place and returns a ``PassResult`` saying whether it changed
 anything and what (counts a report can show). Passes that need data call
-``context.statistics(program)`` (see ``moec.analysis.calibration``) and declare ``needs_calibration``.
+``context.statistics`` or ``context.flat_samples`` (see ``moec.analysis.calibration``) and say so in
+``needs_calibration``, which the CLI reads to decide whether to load calibration data.
 """
 
 from __future__ import annotations
@@ -36,28 +37,28 @@ class PassContext:
         if isinstance(self.calibration, Calibration):
             self.calibrations.append(self.calibration)
 
-    def flat_samples(self, program: Program, needed_by: str = "this pass") -> list[list[Any]]:
+    def flat_samples(self, program: Program, needed_by: str) -> list[list[Any]]:
         """The calibration samples as lists of the program's flat input tensors, for passes that run the
-        program themselves (e.g. to measure output error under each candidate rewrite)."""
+        program themselves (e.g. to measure output error under each candidate rewrite). ``needed_by``
+        names the asking pass in errors (``"pass 'quantize'"``)."""
         from moec.analysis.calibration import Calibration, flatten_samples
 
         if self.calibration is None:
-            raise PassError(f"{needed_by} needs calibration data: pass calibration=<list of sample inputs> to "
-                            "moec.compile")
+            raise missing_calibration(needed_by)
         if isinstance(self.calibration, Calibration):
             if not self.calibration.flat_samples:
                 raise PassError(f"{needed_by}: the given calibration stores no samples; pass the sample inputs")
             return self.calibration.flat_samples
         return flatten_samples(program, self.calibration)
 
-    def statistics(self, program: Program, needed_by: str = "this pass") -> Any:
+    def statistics(self, program: Program, needed_by: str) -> Any:
         """The ``Calibration`` of ``program`` as it is now: a known one whose fingerprint matches, else
-        computed by running the samples (the user's, or those a known calibration stored) through it."""
+        computed by running the samples (the user's, or those a known calibration stored) through it.
+        ``needed_by`` names the asking pass in errors."""
         from moec.analysis.calibration import DEFAULT_MAX_ROWS, calibrate, calibrate_flat, fingerprint
 
         if self.calibration is None:
-            raise PassError(f"{needed_by} needs calibration data: pass calibration=<list of sample inputs> to "
-                            "moec.compile (the CLI: --calibration FILE, or built-in text when the model has a tokenizer)")
+            raise missing_calibration(needed_by)
         current = fingerprint(program)
         for known in self.calibrations:
             if known.fingerprint == current:
@@ -73,6 +74,12 @@ class PassContext:
             result = calibrate(program, self.calibration, max_rows=max_rows, progress=self.progress)
         self.calibrations.append(result)
         return result
+
+
+def missing_calibration(needed_by: str) -> PassError:
+    """The error of a pass that needs calibration data and was given none: both ways to give it."""
+    return PassError(f"{needed_by} needs calibration data: pass calibration=<list of sample inputs> to "
+                     "moec.compile, or --calibration FILE to the moec CLI")
 
 
 @dataclass

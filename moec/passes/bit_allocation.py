@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from moec.analysis import bit_allocation
-from moec.analysis.ffn_activations import FFNActivations, collect
+from moec.analysis.ffn_activations import FFNActivations
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
 from moec.ir.ops import ExpertsOp
@@ -39,6 +39,7 @@ from moec.kernels.reference import activation, gated_activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 from moec.passes.quantize import (
     Unit,
+    activations_for,
     calibration_rows,
     check_options,
     check_quantizable,
@@ -158,6 +159,9 @@ class BitAllocation(Pass):
         for width in self.widths:
             check_options(width, self.group, self.method)
 
+    def needs_calibration(self) -> bool:
+        return True  # both importances measure errors on calibration samples
+
     def floor_of(self, unit: Unit) -> int | None:
         return self.floors.get(unit.block, self.floors.get(unit.kind))
 
@@ -174,9 +178,10 @@ class BitAllocation(Pass):
             raise PassError(f"an average budget of {self.budget} bits is infeasible: the smallest feasible budget "
                             f"for widths {list(self.widths)} and floors {self.floors or 'none'} is {minimum:.4f} bits; "
                             "raise the budget or lower the floors")
-        activations = collect(program, context.flat_samples(program))
+        needed_by = f"pass {self.name!r}"
+        activations = activations_for(program, context, needed_by)
         if self.importance == "output":
-            batches = context.flat_samples(program)
+            batches = context.flat_samples(program, needed_by)
             errors = [output_errors(program, u, self.widths, self.group, batches) for u in units]
             importance = [1.0] * len(units)
         else:

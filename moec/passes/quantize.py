@@ -195,10 +195,9 @@ def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
                 raise PassError(f"weight @{name} {list(weight_type.shape)}: {err}") from None
 
 
-def activations_for(program: Program, context: PassContext, needed: bool) -> FFNActivations | None:
-    if not needed:
-        return None
-    return collect(program, context.flat_samples(program))
+def activations_for(program: Program, context: PassContext, needed_by: str) -> FFNActivations:
+    """The FFN inputs and routing of ``program`` on the context's calibration samples."""
+    return collect(program, context.flat_samples(program, needed_by))
 
 
 @register_pass
@@ -215,13 +214,16 @@ class Quantize(Pass):
     def __post_init__(self) -> None:
         check_options(self.bits, self.group, self.method)
 
+    def needs_calibration(self) -> bool:
+        return self.method == "gptq"
+
     def run(self, program: Program, context: PassContext) -> PassResult:
         units = quantizable_units(program, self.dense)
         if not units:
             return PassResult(False, {"quantized_weights": 0})
         check_quantizable(program, units, self.group)
         before = sum(t.numel() * t.element_size() for t in program.weights.values())
-        activations = activations_for(program, context, self.method == "gptq")
+        activations = activations_for(program, context, f"pass {self.name!r}") if self.needs_calibration() else None
         quantize_units(program, units, [self.bits] * len(units), self.group, self.method, activations)
         after = sum(t.numel() * t.element_size() for t in program.weights.values())
         summary = {"bits": self.bits, "group": self.group, "method": self.method, "units": len(units),

@@ -138,11 +138,11 @@ def test_blocks_that_see_different_token_counts_are_calibrated_each_on_its_own_t
 def test_context_reuses_statistics_until_the_program_changes(captured):
     model, example, program = captured("tiny-bert")
     context = PassContext(calibration=samples_like(example, 2), progress=False)
-    first = context.statistics(program)
-    assert context.statistics(program) is first
+    first = context.statistics(program, "test")
+    assert context.statistics(program, "test") is first
     weight = program.graph.ops_of(moec.ir.DenseFFNOp)[0].weight("w_up").name
     program.weights[weight] = program.weights[weight] * 2  # a rewrite of the weights
-    second = context.statistics(program)
+    second = context.statistics(program, "test")
     assert second is not first and second.fingerprint != first.fingerprint
     block = next(iter(first.dense))
     torch.testing.assert_close(second.dense[block].inputs, first.dense[block].inputs)
@@ -157,4 +157,4 @@ def test_a_calibration_saved_in_a_plan_is_reused_without_the_samples(tmp_path, c
     loaded = moec.load(compiled.save(tmp_path / "plan"))
     assert loaded.calibration.fingerprint == cal.fingerprint
     context = PassContext(calibration=loaded.calibration)
-    assert context.statistics(captured("tiny-bert")[2]).fingerprint == cal.fingerprint
+    assert context.statistics(captured("tiny-bert")[2], "test").fingerprint == cal.fingerprint

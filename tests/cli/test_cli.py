@@ -95,6 +95,16 @@ def test_calibration_from_a_file_for_a_model_without_tokenizer(calibration_files
     assert len(moec.load(plan).program.graph.ops_of(ExpertsOp)) == 2  # both FFNs became experts
 
 
+def test_gptq_and_bit_allocation_take_a_calibration_file(calibration_files, tmp_path, capsys):
+    folder = calibration_files
+    for recipe in ("passes: [{quantize: {bits: 4, group: 32, method: gptq}}]",
+                   "passes: [{bit-allocation: {budget: 3.0, group: 32, importance: routing}}]"):
+        (tmp_path / "recipe.yaml").write_text(recipe + "\n")
+        assert main(["compile", "--model", "tiny-llama", "--recipe", str(tmp_path / "recipe.yaml"),
+                     "--calibration", str(folder / "ids.safetensors")]) == 0
+        assert "changes the model's outputs by design" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("recipe", "calibration", "message"), [
     ("convert.yaml", None, "give --calibration FILE"),
     ("quantize.yaml", "ids.safetensors", "no pass of the recipe needs calibration data"),

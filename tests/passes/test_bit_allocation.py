@@ -41,6 +41,15 @@ def test_per_expert_widths_meet_the_budget(compiled_program, importance):
     assert TorchRunner(program).run(inputs)[0].isfinite().all()
 
 
+@pytest.mark.parametrize("importance", ["routing", "output"])
+def test_needs_calibration_and_names_itself_without_it(compiled_program, importance):
+    (pass_,) = build_passes({"passes": [{"bit-allocation": {"importance": importance}}]})
+    assert pass_.needs_calibration()
+    _, _, program = compiled_program("tiny-mixtral")
+    with pytest.raises(PassError, match=r"pass 'bit-allocation' needs calibration data: .*--calibration FILE"):
+        allocate(program, None, group=32, importance=importance)
+
+
 def test_infeasible_budget_is_one_error_naming_the_smallest(compiled_program):
     _, example, program = compiled_program("tiny-qwen2-moe")
     with pytest.raises(PassError, match=r"smallest feasible budget for widths \[2, 3, 4, 8\] and floors .*shared.* is 4\.0000 bits"):

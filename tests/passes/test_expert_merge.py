@@ -115,7 +115,7 @@ def test_refit_reproduces_reachable_outputs_and_never_raises_the_calibration_err
     program = program_of(SMALL_MOE, small_moe_weights())
     (layer,) = moe_layers(program, "test")
     tensors, rows = layer.tensors(program), torch.cat([x for (x,) in token_samples()])
-    stats = PassContext(calibration=token_samples(), progress=False).statistics(program).moe["moe"]
+    stats = PassContext(calibration=token_samples(), progress=False).statistics(program, "test").moe["moe"]
     groups = plan_layer(tensors, stats, layer, torch.zeros(4, dtype=torch.long), 2, "weight", "select")
     merged = merge_weights(tensors, groups, layer.experts.spec)
     merged["router"] = tensors["router"][[group.members[0] for group in groups]]
@@ -190,7 +190,7 @@ def test_zoo_layers_match_a_token_by_token_reference(preset, keep, align, combin
     generator = torch.Generator().manual_seed(5)
     samples = [{"input_ids": torch.randint(0, 128, (2, 12), generator=generator),
                 "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(3)]
-    stats = PassContext(calibration=samples, progress=False).statistics(program)
+    stats = PassContext(calibration=samples, progress=False).statistics(program, "test")
     plans = {}
     for block, layer in layers.items():
         tensors, route_spec = layer.tensors(program), layer.route.spec

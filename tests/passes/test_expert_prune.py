@@ -41,7 +41,7 @@ def test_frequency_keeps_the_most_chosen_experts_and_shrinks_router_and_weights(
     weights = small_moe_weights()
     program = program_of(SMALL_MOE, weights)
     samples = token_samples()
-    counts = PassContext(calibration=samples, progress=False).statistics(program).moe["moe"].counts
+    counts = PassContext(calibration=samples, progress=False).statistics(program, "test").moe["moe"].counts
     record, _ = prune(program, samples, keep=2)
     kept = sorted(torch.argsort(counts, descending=True)[:2].tolist())
     torch.testing.assert_close(program.weights["gate"], weights["gate"][kept])

@@ -69,6 +69,15 @@ def test_gptq_runs_on_calibration_and_stays_close(compiled_program):
     assert errors["gptq"] < errors["rtn"]
 
 
+def test_gptq_declares_it_needs_calibration_and_names_itself_without_it(compiled_program):
+    assert build_passes({"passes": [{"quantize": {"method": "gptq"}}]})[0].needs_calibration()
+    assert not build_passes({"passes": [{"quantize": {"method": "rtn"}}]})[0].needs_calibration()
+    _, _, program = compiled_program("tiny-mixtral")
+    with pytest.raises(PassError, match=r"pass 'quantize' needs calibration data: pass calibration=.* to "
+                                        r"moec.compile, or --calibration FILE to the moec CLI"):
+        quantized(program, [{"quantize": {"group": 32, "method": "gptq"}}])
+
+
 def test_plan_holds_packed_storage_and_reports_its_bytes(compiled_program, tmp_path):
     model, example, program = compiled_program("tiny-mixtral")
     float_expert_bytes = sum(program.weights[n].numel() * 4 for n, t in program.graph.weights.items() if "experts" in n)
