@@ -86,7 +86,9 @@ class DenseStats:
 @dataclass
 class MoEStats:
     """Statistics of one ``moe.experts`` op: the routing it was given for every token (by a ``moe.route``
-    or the model's own router code) and subsampled input rows."""
+    or the model's own router code) and subsampled input rows. Expert ids are the router's: after a merge
+    that keeps every router row, ``num_experts`` is the op's ``routed_experts``, not its stored count (the
+    compression passes that read these statistics rewrite router rows, and refuse merged layers)."""
 
     inputs: torch.Tensor  # [N, H]
     indices: torch.Tensor  # [T, k] i64

@@ -6,6 +6,9 @@ One run of the torch runner over calibration batches with an ``observe`` hook re
 * for ``moe.experts``: ``frequency[e]`` (fraction of tokens that chose expert ``e``) and ``mass[e]`` (mean
   routing weight expert ``e`` received per token), the importance of each expert.
 
+Experts are the op's stored experts: after a merge whose router kept every row (``expert_map``), router
+ids are mapped to the stored expert they run, so a stored expert gets the tokens of all its members.
+
 This is deliberately small; when the project-wide ``Calibration`` lands, ``collect`` becomes a view of it.
 Calibration batches are lists of flat graph inputs (``Program.flatten_inputs``).
 """
@@ -20,6 +23,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.ir.core import Operation
 from moec.ir.ops import DenseFFNOp, ExpertsOp, SharedExpertOp
 from moec.ir.program import Program
+from moec.kernels import reference
 
 FFN_OPS = (ExpertsOp, DenseFFNOp, SharedExpertOp)
 MAX_ROWS = 4096  # rows kept per op: enough for GPTQ Hessians and error estimates at these widths
@@ -30,7 +34,7 @@ class OpActivations:
     inputs: torch.Tensor  # [N, H] float32
     frequency: torch.Tensor | None = None  # [E], experts only
     mass: torch.Tensor | None = None  # [E]
-    indices: torch.Tensor | None = None  # [N, k] routing of the kept rows, experts only
+    indices: torch.Tensor | None = None  # [N, k] stored expert ids of the kept rows, experts only
     weights: torch.Tensor | None = None  # [N, k]
 
 
@@ -55,7 +59,8 @@ def collect(program: Program, batches: list[list[torch.Tensor]]) -> FFNActivatio
             rows.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).float())
             if isinstance(op, ExpertsOp):
                 k = args[1].shape[-1]
-                routing.setdefault(key, []).append((args[1].reshape(-1, k), args[2].reshape(-1, k).float()))
+                stored = reference.remap_experts(args[1].reshape(-1, k), op.expert_map)
+                routing.setdefault(key, []).append((stored, args[2].reshape(-1, k).float()))
 
     runner = TorchRunner(program)
     for batch in batches:

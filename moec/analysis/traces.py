@@ -26,6 +26,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError
 from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program
+from moec.kernels import reference
 
 
 @dataclass(frozen=True)
@@ -94,13 +95,14 @@ class RoutingTrace:
 
 def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> RoutingTrace:
     """Run ``program`` on each batch of flat graph inputs and record the experts each ``moe.experts`` op is
-    given: a ``moe.route``'s choice, or that of the model's own router code.
+    given: a ``moe.route``'s choice, or that of the model's own router code, as the stored experts that run
+    (through the op's ``expert_map`` after a merge), which are what placement distributes.
 
     Every routed layer must share one expert count and top-k (true of every supported family)."""
     routes = program.graph.ops_of(ExpertsOp)
     if not routes:
         raise MoecError("the program has no moe.experts ops, so there is no routing to trace")
-    specs = {(op.routed_experts, op.top_k) for op in routes}
+    specs = {(op.spec.num_experts, op.top_k) for op in routes}
     if len(specs) != 1:
         raise MoecError(f"routed layers differ in (experts, top-k): {sorted(specs)}; trace them separately")
     (num_experts, _), = specs
@@ -112,7 +114,7 @@ def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> Routin
 
         def observe(op, args, result, chosen=chosen):
             if id(op) in position:
-                indices = args[1]
+                indices = reference.remap_experts(args[1], op.expert_map)
                 chosen[position[id(op)]] = indices.reshape(-1, indices.shape[-1]).clone()
 
         runner.run(inputs, observe=observe)

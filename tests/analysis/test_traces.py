@@ -6,6 +6,9 @@ from moec.analysis.traces import RoutingTrace, collect_trace, synthetic_trace
 from moec.errors import MoecError
 from moec.frontend.zoo import build_preset
 from moec.ir.ops import RouteOp
+from moec.kernels import reference
+from tests.ir.test_expert_map import MERGED, merged_weights
+from tests.passes.helpers import program_of, token_samples
 
 
 @pytest.fixture(scope="module")
@@ -54,3 +57,12 @@ def test_collect_trace_records_every_route(compiled_olmoe):
     assert trace.layers == tuple(op.block for op in program.graph.ops_of(RouteOp))
     for layer, chosen in enumerate(seen):
         assert torch.equal(trace.experts[:tokens, layer], chosen.reshape(-1, 2))
+
+
+def test_a_merged_layer_is_traced_as_the_stored_experts_that_run():
+    weights = merged_weights()
+    program = program_of(MERGED, weights)
+    (x,) = token_samples(count=1)[0]
+    trace = collect_trace(program, [[x]])
+    router_ids, _ = reference.route(x, weights["gate"], None, program.graph.ops[0].spec)
+    assert trace.num_experts == 2 and torch.equal(trace.experts[:, 0], router_ids % 2)

@@ -78,6 +78,24 @@ def test_gptq_declares_it_needs_calibration_and_names_itself_without_it(compiled
         quantized(program, [{"quantize": {"group": 32, "method": "gptq"}}])
 
 
+def test_gptq_after_a_merge_that_keeps_every_router_row(compiled_program):
+    """The router still picks among 8 experts; GPTQ calibrates each of the 2 stored experts on its members' rows."""
+    _, example, program = compiled_program("tiny-mixtral")
+    inputs = program.flatten_inputs((), example)
+    recipe = [{"expert-merge": {"keep": 2, "router": "members"}}, {"quantize": {"bits": 8, "group": 32, "method": "gptq"}}]
+    merged_out = None
+
+    def after_merge(pass_, program, record):
+        nonlocal merged_out
+        if pass_.name == "expert-merge":
+            merged_out = TorchRunner(program).run(inputs)[0]
+
+    run_passes(program, build_passes({"passes": recipe}), PassContext(calibration=[inputs]), hooks=[after_merge])
+    assert program.graph.ops_of(ExpertsOp)[0].expert_map is not None
+    out = TorchRunner(program, quant_kernel="dequant").run(inputs)[0]
+    torch.testing.assert_close(out, merged_out, rtol=0.02, atol=0.02 * float(merged_out.abs().max()))
+
+
 def test_plan_holds_packed_storage_and_reports_its_bytes(compiled_program, tmp_path):
     model, example, program = compiled_program("tiny-mixtral")
     float_expert_bytes = sum(program.weights[n].numel() * 4 for n, t in program.graph.weights.items() if "experts" in n)
