@@ -51,7 +51,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError
 from moec.ir.core import Operation
 from moec.ir.ops import DenseFFNOp, ExpertsOp
-from moec.ir.plan import unshared
+from moec.ir.plan import stored_weight_names, unshared
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.kernels.reference import activation, gated_activation
@@ -217,10 +217,11 @@ class Calibration:
 
 
 def fingerprint(program: Program) -> str:
-    """A digest of the program's IR text and the weights it uses (shape, dtype and a checksum of values),
-    so any rewrite of ops or weights gives another fingerprint."""
+    """A digest of the program's IR text and the tensors its weights are stored in (shape, dtype and a
+    checksum of values; a quantized weight's packed storage), so any rewrite of ops or weights gives
+    another fingerprint."""
     digest = hashlib.sha256(print_graph(program.graph).encode())
-    for name in sorted(program.graph.used_weights()):
+    for name in sorted(stored_weight_names(program.graph)):
         tensor = program.weights[name]
         checksum = tensor.detach().double().sum().item() if tensor.is_floating_point() else tensor.sum().item()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{checksum!r}".encode())

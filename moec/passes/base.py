@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from moec.errors import PassError
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType
 
 
 @dataclass
@@ -80,6 +81,15 @@ def missing_calibration(needed_by: str) -> PassError:
     """The error of a pass that needs calibration data and was given none: both ways to give it."""
     return PassError(f"{needed_by} needs calibration data: pass calibration=<list of sample inputs> to "
                      "moec.compile, or --calibration FILE to the moec CLI")
+
+
+def check_float_weights(program: Program, pass_name: str, layer: str, weight_names: list[str]) -> None:
+    """One ``PassError`` naming ``layer`` when one of its weights is already quantized: passes that rewrite
+    weights (pruning, merging, splitting FFNs) work on float weights and run before quantization."""
+    quantized = [name for name in weight_names if isinstance(program.graph.weights.get(name), QuantizedType)]
+    if quantized:
+        raise PassError(f"{pass_name}: layer {layer} is already quantized (@{quantized[0]}); run {pass_name} "
+                        "before quantize or bit-allocation in the recipe")
 
 
 @dataclass

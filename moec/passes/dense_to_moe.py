@@ -33,7 +33,7 @@ The op ``%y = ffn.dense(%x, ...)`` becomes::
 
 where ``B`` is the op's block. The FFN's output bias belongs to no routed expert, so it is added on its own.
 
-Requires: a verified graph; calibration (``context.statistics``) when ``shared > 0``, ``router="fitted"``
+Requires: a verified graph whose chosen FFNs have float weights (run before quantize); calibration (``context.statistics``) when ``shared > 0``, ``router="fitted"``
 or ``method="coactivation"``. Ensures: every chosen ``ffn.dense`` op is replaced as above; with
 ``top_k == experts`` and no shared expert the block computes the same function as before (to float32
 rounding); the replaced op's weights are removed. Every option problem (more experts than neurons,
@@ -55,7 +55,7 @@ from moec.ir.core import Operation, Value, WeightRef
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.ir.types import TensorType, Type
-from moec.passes.base import Pass, PassContext, PassResult, register_pass
+from moec.passes.base import Pass, PassContext, PassResult, check_float_weights, register_pass
 
 METHODS = ("weights", "coactivation")
 ROUTERS = ("fitted", "centroid")
@@ -108,7 +108,7 @@ class DenseToMoE(Pass):
     def run(self, program: Program, context: PassContext) -> PassResult:
         ops = self.chosen_ops(program)
         for op in ops:
-            self.check_options(op)
+            self.check_options(program, op)
         if not ops:
             return PassResult(False)
         stats = context.statistics(program, needed_by=f"pass {self.name!r}") if self.needs_calibration() else None
@@ -140,8 +140,9 @@ class DenseToMoE(Pass):
     def shared_count(self, op: DenseFFNOp) -> int:
         return round(self.shared * op.spec.intermediate)
 
-    def check_options(self, op: DenseFFNOp) -> None:
+    def check_options(self, program: Program, op: DenseFFNOp) -> None:
         where = f"block {op.block!r}"
+        check_float_weights(program, self.name, op.block, [ref.name for ref in op.weight_refs])
         routed = op.spec.intermediate - self.shared_count(op)
         if self.experts < 1 or self.experts > routed:
             raise PassError(f"{where}: experts={self.experts} must be in 1..{routed} (the FFN's routed neurons)")

@@ -39,8 +39,8 @@ With ``router="groups"``, the dominant experts' own weights and no refit, the re
 the default (``select``, ``groups``, refit) starts near it and uses the members' neurons and outputs.
 
 Requires: a verified graph; calibration data (``PassContext.statistics``). Layers carrying an ``expert_map``
-(merged with ``router="members"``) are refused, and so are experts that take the routing weight on their
-input (Llama 4).
+(merged with ``router="members"``) are refused, and so are quantized layers (merge before quantizing) and
+experts that take the routing weight on their input (Llama 4).
 Ensures: ``moe.experts`` stores one expert per group, in the order of the dominant experts' ids. With
 ``groups`` routing the router keeps the dominant experts' rows (same order) and ``moe.route`` chooses top-k
 among them; with ``members`` routing the router is unchanged and ``expert_map`` maps router experts to

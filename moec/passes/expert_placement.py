@@ -16,9 +16,21 @@ from moec.analysis.traces import RoutingTrace
 from moec.errors import PassError
 from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType, storage_names
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 
 METHODS = ("cp-sat", "round-robin", "contiguous")
+
+
+def stored_expert_bytes(program: Program, op: ExpertsOp) -> int:
+    """Bytes one expert of ``op`` takes as stored (quantized weights by their packed storage, whose widths
+    may differ between experts: the mean over the layer's experts)."""
+    names: list[str] = []
+    for ref in op.weight_refs:
+        quantized = isinstance(program.graph.weights[ref.name], QuantizedType)
+        names += storage_names(ref.name).values() if quantized else [ref.name]
+    total = sum(program.weights[name].numel() * program.weights[name].element_size() for name in names)
+    return total // op.spec.num_experts
 
 
 @register_pass
@@ -54,8 +66,7 @@ class ExpertPlacement(Pass):
                 raise PassError("cp-sat placement needs a RoutingTrace as calibration (moec.analysis.traces.collect_trace)")
             if trace.layers != blocks:
                 raise PassError(f"the trace's layers {list(trace.layers)} are not the program's MoE blocks {list(blocks)}")
-            expert_bytes = [sum(program.weights[ref.name][0].numel() * program.weights[ref.name].element_size()
-                                for ref in op.weight_refs) for op in experts_ops]
+            expert_bytes = [stored_expert_bytes(program, op) for op in experts_ops]
             placement, solve = placing.solve_placement(
                 trace, self.world_size, balance_eps=self.balance_eps, capacity=self.capacity,
                 memory_bytes=self.memory_bytes, expert_bytes=expert_bytes, time_limit_s=self.time_limit_s)

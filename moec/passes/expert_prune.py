@@ -11,7 +11,8 @@ Options: ``keep`` (experts per layer) or ``keep_ratio`` (a fraction of each laye
    of their router rows, needing no expert evaluation).
 
 Requires: a verified graph; calibration data (``PassContext.statistics``) for every criterion. Layers already
-merged (``moe.experts`` with an ``expert_map``) are refused: prune before merging.
+merged (``moe.experts`` with an ``expert_map``) are refused: prune before merging; so are quantized layers:
+prune before quantizing.
 Ensures: each layer keeps the chosen experts in their original order; the router's rows (and score bias) of
 removed experts are dropped, so ``moe.route`` chooses ``top_k`` among the kept ones; ``keep >= top_k``.
 With grouped routing (``n_group > 1``, DeepSeek-V3) every group keeps ``keep / n_group`` experts so groups stay

@@ -17,6 +17,7 @@ from moec.ir.ops import ExpertsOp, RouteOp
 from moec.ir.program import Program
 from moec.ir.types import TensorType
 from moec.kernels import reference
+from moec.passes.base import check_float_weights
 
 ROUTE_ROLES = ("router", "router_bias", "router_logit_bias")
 EXPERT_ROLES = ("w_in", "w_out", "b_in", "b_out")
@@ -100,7 +101,7 @@ class MoELayer:
 def moe_layers(program: Program, pass_name: str) -> list[MoELayer]:
     """Every ``moe.experts`` op fed by a ``moe.route`` op on the same input, in program order.
 
-    Raises ``PassError`` when a layer's weights are also read by another op (rewriting them in place would
+    Raises ``PassError`` when a layer's weights are quantized, when they are also read by another op (rewriting them in place would
     change that op too), when its router does not see the experts' input, or when it is routed by the
     model's own code rather than a ``moe.route``.
     """
@@ -120,6 +121,7 @@ def moe_layers(program: Program, pass_name: str) -> list[MoELayer]:
         if route.args[0] is not experts.args[0]:
             raise PassError(f"{pass_name}: layer {layer.name} routes on another input than its experts run on; "
                             "only layers whose router and experts read the same hidden states can be compressed")
+        check_float_weights(program, pass_name, layer.name, layer.weight_names())
         shared = [name for name in layer.weight_names() if readers[name] > 1]
         if shared:
             raise PassError(f"{pass_name}: layer {layer.name} shares weights {shared} with other ops; "

@@ -188,7 +188,8 @@ def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
             name = program.graph.ops[unit.op_index].kwargs[role].name
             weight_type = program.graph.weights[name]
             if isinstance(weight_type, QuantizedType):
-                raise PassError(f"weight @{name} is already quantized; quantize a program once")
+                raise PassError(f"weight @{name} is already quantized (by an earlier quantize or bit-allocation); "
+                                "quantize each weight once")
             try:
                 check_group(group, weight_type.static_shape[-1])
             except ValueError as err:

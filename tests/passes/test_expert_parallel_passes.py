@@ -51,6 +51,15 @@ def test_placement_errors(qwen):
         run(program, [{"expert-placement": {"world_size": 2, "capacity": 1}}], trace)
 
 
+def test_placement_counts_quantized_experts_by_their_packed_bytes():
+    model, example = build_preset("tiny-qwen2-moe")
+    program = moec.compile(model, example).program
+    trace = collect_trace(program, [program.flatten_inputs((), example)])
+    placement = {"expert-placement": {"world_size": 2, "balance_eps": 0.5, "time_limit_s": 5, "memory_bytes": 10**9}}
+    run(program, [{"quantize": {"bits": 4, "group": 32}}, placement], trace)
+    assert sorted(program.metadata["expert_parallel"]["placement"]["ranks"][0]) == [0, 0, 1, 1]
+
+
 def test_schedule_needs_a_placement_and_a_cost_model():
     model, example = build_preset("tiny-qwen2-moe")
     program = moec.compile(model, example).program

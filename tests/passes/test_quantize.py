@@ -6,6 +6,7 @@ import pytest
 import safetensors.torch
 import torch
 
+from moec.analysis.calibration import fingerprint
 from moec.analysis.ffn_activations import collect
 from moec.api import CompiledModel, load
 from moec.backend.torch_runner import TorchRunner
@@ -94,6 +95,42 @@ def test_gptq_after_a_merge_that_keeps_every_router_row(compiled_program):
     assert program.graph.ops_of(ExpertsOp)[0].expert_map is not None
     out = TorchRunner(program, quant_kernel="dequant").run(inputs)[0]
     torch.testing.assert_close(out, merged_out, rtol=0.02, atol=0.02 * float(merged_out.abs().max()))
+
+
+@pytest.mark.parametrize(("preset", "rewrite", "layer"), [
+    ("tiny-mixtral", {"expert-prune": {"keep": 2}}, "model.layers.0.mlp"),
+    ("tiny-mixtral", {"expert-merge": {"keep": 2}}, "model.layers.0.mlp"),
+    ("tiny-llama", {"dense-to-moe": {"experts": 4, "top_k": 2}}, "model.layers.0.mlp"),
+])
+def test_passes_that_rewrite_float_weights_refuse_quantized_layers(compiled_program, preset, rewrite, layer):
+    _, example, program = compiled_program(preset)
+    (name,) = rewrite
+    with pytest.raises(PassError, match=rf"{name}: layer {layer} is already quantized \(@{layer}\..*\); "
+                                        rf"run {name} before quantize"):
+        quantized(program, [{"quantize": {"bits": 4, "group": 32}}, rewrite],
+                  calibration=[program.flatten_inputs((), example)])
+
+
+def test_bit_allocation_after_quantize_names_the_quantized_weight(compiled_program):
+    _, example, program = compiled_program("tiny-mixtral")
+    with pytest.raises(PassError, match=r"weight @model.layers.0.mlp.experts.\w+ is already quantized \(by an earlier "
+                                        r"quantize or bit-allocation\); quantize each weight once"):
+        quantized(program, [{"quantize": {"bits": 4, "group": 32}}, {"bit-allocation": {"group": 32}}],
+                  calibration=[program.flatten_inputs((), example)])
+
+
+def test_calibrating_after_quantize_fingerprints_the_packed_storage(compiled_program):
+    """dense-to-moe calibrates a program whose experts are already quantized (DeepSeek-V3's first FFN is dense)."""
+    _, example, program = compiled_program("tiny-deepseek-v3")
+    context = PassContext(calibration=[program.flatten_inputs((), example)], progress=False)
+    recipe = [{"quantize": {"bits": 4, "group": 32, "dense": False}},
+              {"dense-to-moe": {"experts": 4, "top_k": 2, "router": "fitted"}}]
+    run_passes(program, build_passes({"passes": recipe}), context)
+    assert len(program.graph.ops_of(ExpertsOp)) == 2
+    first = fingerprint(program)
+    name = next(n for n, t in program.graph.weights.items() if isinstance(t, QuantizedType))
+    program.weights[f"{name}.scales"] = program.weights[f"{name}.scales"] * 2
+    assert fingerprint(program) != first
 
 
 def test_plan_holds_packed_storage_and_reports_its_bytes(compiled_program, tmp_path):
