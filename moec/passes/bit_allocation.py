@@ -38,6 +38,7 @@ from moec.kernels.quant import quantize_matrix
 from moec.kernels.reference import activation, gated_activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 from moec.passes.quantize import (
+    UNIT_KINDS,
     Unit,
     activations_for,
     calibration_rows,
@@ -148,16 +149,32 @@ class BitAllocation(Pass):
     method: str = "rtn"
     dense: bool = True
     per_linear: bool = False
-    floors: dict[str, int] = field(default_factory=dict)  # by unit kind ("expert", "shared", "dense") or block
+    floors: dict[str, int] = field(default_factory=dict)  # by unit kind (UNIT_KINDS) or block
     importance: str = "output"  # or "routing"
 
     def __post_init__(self) -> None:
         if self.importance not in IMPORTANCES:
             raise PassError(f"importance={self.importance!r} is not one of {', '.join(IMPORTANCES)}")
+        if not self.widths or len(set(self.widths)) != len(self.widths):
+            raise PassError(f"widths={list(self.widths)} must list one or more distinct widths")
         object.__setattr__(self, "widths", tuple(sorted(self.widths)))
         object.__setattr__(self, "floors", dict(self.floors))
         for width in self.widths:
             check_options(width, self.group, self.method)
+        if not self.budget > 0:
+            raise PassError(f"budget={self.budget} must be a positive average number of bits")
+        for key, floor in self.floors.items():
+            if floor > self.widths[-1]:
+                raise PassError(f"floors[{key!r}]={floor} is above every width in {list(self.widths)}; lower the "
+                                "floor or add a wider width")
+
+    def check_floor_keys(self, units: list[Unit]) -> None:
+        """One ``PassError`` naming a ``floors`` key that is neither a unit kind nor the block of a unit."""
+        blocks = list(dict.fromkeys(unit.block for unit in units))
+        for key in self.floors:
+            if key not in UNIT_KINDS and key not in blocks:
+                raise PassError(f"floors key {key!r} is neither a unit kind ({', '.join(UNIT_KINDS)}) nor the block "
+                                f"of a quantized FFN (such as {blocks[0]!r})")
 
     def needs_calibration(self) -> bool:
         return True  # both importances measure errors on calibration samples
@@ -170,6 +187,7 @@ class BitAllocation(Pass):
         if not units:
             return PassResult(False, {"units": 0})
         check_quantizable(program, units, self.group)
+        self.check_floor_keys(units)
         params = [u.params for u in units]
         floors = [self.floor_of(u) for u in units]
         # Check feasibility before the (slower) measurements, so a bad budget fails at once.

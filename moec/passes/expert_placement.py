@@ -48,6 +48,14 @@ class ExpertPlacement(Pass):
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+        for option, value in (("world_size", self.world_size), ("capacity", self.capacity),
+                              ("memory_bytes", self.memory_bytes)):
+            if value is not None and value < 1:
+                raise PassError(f"{option}={value} must be at least 1")
+        if self.balance_eps < 0:
+            raise PassError(f"balance_eps={self.balance_eps} must be at least 0 (the allowed load imbalance)")
+        if not self.time_limit_s > 0:
+            raise PassError(f"time_limit_s={self.time_limit_s} must be positive")
 
     def run(self, program: Program, context: PassContext) -> PassResult:
         experts_ops = program.graph.ops_of(ExpertsOp)

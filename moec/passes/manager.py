@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import types
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,44 +25,124 @@ from moec.passes.base import Pass, PassContext, find_pass, pass_names
 Hook = Callable[[Pass, Program, dict[str, Any]], None]
 
 
+RECIPE_KEYS = ("passes",)
+
+
 def load_recipe(source: str | os.PathLike | dict | None) -> dict[str, Any]:
-    """A recipe dict from a dict, a YAML/JSON file path, or None (no passes)."""
+    """A recipe dict from a dict, a YAML/JSON file path, or None (no passes).
+
+    A recipe is a mapping with a ``passes`` list and nothing else: a misspelled key or a pass written at
+    the top level is an error, not a recipe that runs nothing."""
     if source is None:
         return {"passes": []}
+    where = "the recipe"
     if isinstance(source, dict):
         recipe = source
     else:
         path = Path(source)
+        where = f"recipe file {path}"
         if not path.is_file():
             raise PassError(f"recipe file {path} does not exist")
         try:
             recipe = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise PassError(f"recipe file {path} is not valid YAML/JSON: {err}") from None
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("passes", []), list):
-        raise PassError("a recipe must be a mapping with a 'passes' list, e.g. {'passes': [{'dead-code': {}}]}")
-    return {"passes": list(recipe.get("passes", [])), **{k: v for k, v in recipe.items() if k != "passes"}}
+    example = "e.g. {'passes': [{'quantize': {'bits': 4}}]}"
+    if not isinstance(recipe, dict):
+        raise PassError(f"{where} must be a mapping with a 'passes' list, {example}")
+    unknown = [key for key in recipe if key not in RECIPE_KEYS]
+    if unknown:
+        is_pass = find_pass(str(unknown[0]).replace("_", "-")) is not None
+        advice = f" (a pass goes in the 'passes' list, {example})" if is_pass else ""
+        raise PassError(f"{where} has an unknown key {unknown[0]!r}; valid keys: {', '.join(RECIPE_KEYS)}{advice}")
+    if not isinstance(recipe.get("passes"), list):
+        raise PassError(f"{where} needs a 'passes' list, {example}")
+    return {"passes": list(recipe["passes"])}
 
 
 def build_passes(recipe: dict[str, Any]) -> list[Pass]:
+    """The passes of ``recipe`` (see ``load_recipe``), each built from its entry with every option checked
+    against the type the pass declares for it (``check_option``)."""
     passes = []
     for entry in recipe["passes"]:
-        name, options = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()), (None, None))
-        if not isinstance(entry, (str, dict)) or (isinstance(entry, dict) and len(entry) != 1):
+        if not (isinstance(entry, str) or (isinstance(entry, dict) and len(entry) == 1)):
             raise PassError(f"recipe entry {entry!r} must be a pass name or {{name: {{options}}}}")
+        name, options = (entry, None) if isinstance(entry, str) else next(iter(entry.items()))
         key = str(name).replace("_", "-")
         cls = find_pass(key)
         if cls is None:
             raise PassError(f"unknown pass {name!r} in recipe; known passes: {', '.join(pass_names())}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(options or {}) - known
+        if options is None:
+            options = {}
+        if not isinstance(options, dict):
+            raise PassError(f"pass {key!r}: its options must be a mapping {{option: value}}, got {options!r}")
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        unknown = set(options) - set(fields)
         if unknown:
-            raise PassError(f"pass {key!r} has no option(s) {sorted(unknown)}; its options: {sorted(known)}")
+            raise PassError(f"pass {key!r} has no option(s) {sorted(unknown)}; its options: {sorted(fields)}")
+        hints = typing.get_type_hints(cls)
+        for option, value in options.items():
+            check_option(key, option, value, hints[option])
         try:
-            passes.append(cls(**(options or {})))
-        except (TypeError, ValueError) as err:
-            raise PassError(f"pass {key!r}: bad options: {err}") from None
+            passes.append(cls(**options))
+        except (TypeError, ValueError, PassError) as err:
+            message = str(err)  # some passes name themselves already ("expert-prune: keep=...")
+            raise PassError(message if message.startswith(f"{key}: ") else f"pass {key!r}: {message}") from None
     return passes
+
+
+def check_option(pass_name: str, option: str, value: Any, annotation: Any) -> None:
+    """One ``PassError`` naming the pass and the option when ``value`` is not of the option's declared type.
+
+    A float option takes an int, an int option takes no float or bool, a bool option only true/false, a
+    tuple or list option a list of its items, a dict option a mapping; other annotations are not checked."""
+    if not matches(value, annotation):
+        raise PassError(f"pass {pass_name!r}: option {option}={value!r} must be {describe(annotation)}")
+
+
+def matches(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(matches(value, arg) for arg in args)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if annotation in (tuple, list) or origin in (tuple, list):
+        item = args[0] if args and (origin is list or args[-1] is Ellipsis) else Any
+        return isinstance(value, (list, tuple)) and all(matches(v, item) for v in value)
+    if annotation is dict or origin is dict:
+        key, item = args or (Any, Any)
+        return isinstance(value, dict) and all(matches(k, key) and matches(v, item) for k, v in value.items())
+    return True  # Any, or a type of a user's pass that recipes cannot spell
+
+
+def describe(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        parts = [describe(arg) for arg in args]
+        return (", or " if any(" or " in part for part in parts) else " or ").join(parts)
+    names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    if annotation in (tuple, list) or origin in (tuple, list):
+        item = args[0] if args and (origin is list or args[-1] is Ellipsis) else Any
+        return "a list" if item is Any else f"a list of {plural(describe(item))}"
+    if annotation is dict or origin is dict:
+        return "a mapping" if not args else f"a mapping of {plural(describe(args[0]))} to {plural(describe(args[1]))}"
+    return str(annotation)
+
+
+def plural(description: str) -> str:
+    """``"an integer"`` -> ``"integers"``, ``"a string or an integer"`` -> ``"strings or integers"``."""
+    words = [part.removeprefix("an ").removeprefix("a ") for part in description.split(" or ")]
+    return " or ".join(word if word in ("null", "true", "false", "list") else f"{word}s" for word in words)
 
 
 def program_stats(program: Program) -> dict[str, int]:

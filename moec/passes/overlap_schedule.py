@@ -36,6 +36,12 @@ class OverlapSchedule(Pass):
     max_chunks: int = 8
     overlap_shared: bool = True
 
+    def __post_init__(self) -> None:
+        for option, value in (("chunks", self.chunks), ("tokens_per_rank", self.tokens_per_rank),
+                              ("max_chunks", self.max_chunks)):
+            if value is not None and value < 1:
+                raise PassError(f"{option}={value} must be at least 1")
+
     def run(self, program: Program, context: PassContext) -> PassResult:
         settings = program.metadata.get("expert_parallel", {})
         if "placement" not in settings:

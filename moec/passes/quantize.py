@@ -31,6 +31,7 @@ from moec.kernels.reference import activation, gated_activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 
 METHODS = ("rtn", "gptq")
+UNIT_KINDS = ("expert", "shared", "dense")
 MIN_EXPERT_ROWS = 16  # below this many routed calibration rows, an expert's GPTQ uses all the layer's rows
 
 
@@ -41,7 +42,7 @@ class Unit:
     op_index: int
     roles: tuple[str, ...]
     expert: int | None
-    kind: str  # "expert", "shared" or "dense"
+    kind: str  # one of UNIT_KINDS
     block: str
     params: int
 

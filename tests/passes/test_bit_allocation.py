@@ -56,6 +56,14 @@ def test_infeasible_budget_is_one_error_naming_the_smallest(compiled_program):
         allocate(program, [program.flatten_inputs((), example)], budget=2.0, group=32, floors={"shared": 8})
 
 
+@pytest.mark.parametrize("key", ["experts", "model.layers.9.mlp"])
+def test_floor_keys_are_unit_kinds_or_blocks(compiled_program, key):
+    _, _, program = compiled_program("tiny-qwen2-moe")
+    with pytest.raises(PassError, match=rf"floors key '{key}' is neither a unit kind \(expert, shared, dense\) nor "
+                                        r"the block of a quantized FFN \(such as 'model.layers.0.mlp'\)"):
+        allocate(program, None, budget=4.0, group=32, floors={key: 8})
+
+
 def test_group_that_does_not_divide_names_the_weight_before_measuring(compiled_program):
     _, example, program = compiled_program("tiny-mixtral")  # hidden 32: the default group of 64 does not divide it
     with pytest.raises(PassError, match=r"weight @.* group size 64 does not divide the reduced dimension 32"):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from moec.errors import PassError
-from moec.passes import BUILTIN_PASSES, build_passes, find_pass
+from moec.passes import BUILTIN_PASSES, build_passes, find_pass, load_recipe
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_PASSES))
@@ -34,3 +34,56 @@ def test_importing_moec_imports_no_pass_module_nor_model_family():
             "('transformers.models.', 'ortools', 'scipy.optimize'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("pases: [{quantize: {bits: 4}}]", r"has an unknown key 'pases'; valid keys: passes$"),
+    ("quantize: {bits: 4}", r"has an unknown key 'quantize'; valid keys: passes \(a pass goes in the 'passes' list"),
+    ("passes: []\ndense_to_moe: {}", r"has an unknown key 'dense_to_moe'; valid keys: passes \(a pass goes in"),
+    ("passes:", r"needs a 'passes' list"),
+    ("passes: {quantize: {}}", r"needs a 'passes' list"),
+    ("- quantize: {}", r"must be a mapping with a 'passes' list"),
+])
+def test_recipe_mistakes_are_named_not_ignored(tmp_path, text, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(PassError, match=rf"recipe file {path} {message}"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    (5, r"recipe entry 5 must be a pass name or \{name: \{options\}\}"),
+    (None, r"recipe entry None must be a pass name"),
+    ({"quantize": 4}, r"pass 'quantize': its options must be a mapping \{option: value\}, got 4"),
+    ({"quantize": {"bits": 4.0}}, r"pass 'quantize': option bits=4.0 must be an integer$"),
+    ({"quantize": {"group": 32.0}}, r"pass 'quantize': option group=32.0 must be an integer$"),
+    ({"quantize": {"bits": True}}, r"pass 'quantize': option bits=True must be an integer$"),
+    ({"quantize": {"dense": "no"}}, r"pass 'quantize': option dense='no' must be true or false$"),
+    ({"quantize": {"method": 1}}, r"pass 'quantize': option method=1 must be a string$"),
+    ({"quantize": {"bits": 5}}, r"pass 'quantize': bits=5 is not supported"),
+    ({"bit-allocation": {"budget": "3"}}, r"pass 'bit-allocation': option budget='3' must be a number$"),
+    ({"bit-allocation": {"budget": 0}}, r"pass 'bit-allocation': budget=0 must be a positive average number of bits"),
+    ({"bit-allocation": {"widths": []}}, r"pass 'bit-allocation': widths=\[\] must list one or more distinct widths"),
+    ({"bit-allocation": {"widths": [2, 2, 4]}}, r"widths=\[2, 2, 4\] must list one or more distinct widths"),
+    ({"bit-allocation": {"widths": 4}}, r"option widths=4 must be a list of integers$"),
+    ({"bit-allocation": {"floors": {"expert": 16}}}, r"pass 'bit-allocation': floors\['expert'\]=16 is above every "
+                                                     r"width in \[2, 3, 4, 8\]"),
+    ({"bit-allocation": {"floors": {"expert": "8"}}}, r"option floors=\{'expert': '8'\} must be a mapping of "
+                                                      r"strings to integers$"),
+    ({"dense-to-moe": {"layers": [0, 1.5]}}, r"option layers=\[0, 1.5\] must be a list of strings or integers, or null$"),
+    ({"expert-prune": {"keep": 2.5}}, r"pass 'expert-prune': option keep=2.5 must be an integer or null$"),
+    ({"expert-prune": {"keep": 0}}, r"^expert-prune: keep=0 must be a positive number"),
+    ({"overlap-schedule": {"chunks": 0}}, r"pass 'overlap-schedule': chunks=0 must be at least 1"),
+    ({"expert-placement": {"world_size": 0}}, r"pass 'expert-placement': world_size=0 must be at least 1"),
+])
+def test_bad_options_are_one_error_naming_the_pass_and_option(entry, message):
+    with pytest.raises(PassError, match=message):
+        build_passes({"passes": [entry]})
+
+
+def test_options_of_the_declared_types_are_taken():
+    quantize, allocate, convert = build_passes({"passes": [
+        {"quantize": None}, {"bit-allocation": {"budget": 3, "widths": [4, 2], "floors": {"expert": 4}}},
+        {"dense-to-moe": {"layers": [0, "model.layers.1.mlp"]}}]})
+    assert quantize.bits == 4 and allocate.budget == 3 and allocate.widths == (2, 4)
+    assert convert.layers == (0, "model.layers.1.mlp")
