@@ -94,8 +94,12 @@ def check_float_weights(program: Program, pass_name: str, layer: str, weight_nam
 
 @dataclass
 class PassResult:
+    """What a pass did: whether it changed the program, and counts a report can show. A pass that found
+    nothing to work on says why in ``note``; the manager adds it to the summary and warns."""
+
     modified: bool
     summary: dict[str, Any] = field(default_factory=dict)
+    note: str | None = None
 
 
 PASSES: dict[str, type[Pass]] = {}  # the passes imported so far, by recipe name (built-ins and users' own)

@@ -44,6 +44,7 @@ from moec.passes.quantize import (
     calibration_rows,
     check_options,
     check_quantizable,
+    nothing_to_quantize,
     op_of_unit,
     quantizable_units,
     quantize_units,
@@ -185,7 +186,7 @@ class BitAllocation(Pass):
     def run(self, program: Program, context: PassContext) -> PassResult:
         units = quantizable_units(program, self.dense, self.per_linear)
         if not units:
-            return PassResult(False, {"units": 0})
+            return PassResult(False, {"units": 0}, note=nothing_to_quantize(self.dense))
         check_quantizable(program, units, self.group)
         self.check_floor_keys(units)
         params = [u.params for u in units]

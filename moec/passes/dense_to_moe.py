@@ -110,7 +110,7 @@ class DenseToMoE(Pass):
         for op in ops:
             self.check_options(program, op)
         if not ops:
-            return PassResult(False)
+            return PassResult(False, note="the program has no ffn.dense ops to split into experts")
         stats = context.statistics(program, needed_by=f"pass {self.name!r}") if self.needs_calibration() else None
         for op in ops:
             dense_stats = stats.dense.get(op.block) if stats is not None else None

@@ -41,7 +41,8 @@ class DynamicSkip(Pass):
         summary = {"threshold": self.threshold, "expert_ops": len(ops)}
         if ops:
             context.report["dynamic_skip"] = summary
-        return PassResult(bool(ops), summary)
+        note = None if ops else "the program has no moe.experts ops whose experts could be skipped"
+        return PassResult(bool(ops), summary, note=note)
 
 
 def skip_statistics(program: Program, batches: list[list[torch.Tensor]]) -> dict[str, float]:

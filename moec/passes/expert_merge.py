@@ -309,7 +309,7 @@ class ExpertMerge(Pass):
                                 "(Llama 4), and merging refits outputs that the weight scales; use expert-prune "
                                 "to shrink this layer")
         if not layers:
-            return PassResult(False, {"layers": []})
+            return PassResult(False, {"layers": []}, note="the program has no routed MoE layers to merge")
         statistics = context.statistics(program, needed_by=f"pass {self.name!r}")
         records = []
         modified = False

@@ -105,7 +105,7 @@ class ExpertPrune(Pass):
     def run(self, program: Program, context: PassContext) -> PassResult:
         layers = unmerged_moe_layers(program, self.name, "prune before merging")
         if not layers:
-            return PassResult(False, {"layers": []})
+            return PassResult(False, {"layers": []}, note="the program has no routed MoE layers to prune")
         statistics = context.statistics(program, needed_by=f"pass {self.name!r}")
         records = []
         modified = False

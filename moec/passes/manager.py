@@ -11,6 +11,7 @@ import os
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,9 @@ def run_passes(program: Program, passes: list[Pass], context: PassContext,
         except MoecError as err:
             ran = ", ".join(r["pass"] for r in records) or "none"
             raise PassError(f"pass {pass_.name!r} failed (passes run before it: {ran}): {err}") from err
+        summary = {**result.summary, "note": result.note} if result.note else result.summary
+        if result.note:
+            warnings.warn(f"pass {pass_.name!r} changed nothing: {result.note}", stacklevel=2)
         record = {
             "pass": pass_.name,
             "options": dataclasses.asdict(pass_),
@@ -173,7 +177,7 @@ def run_passes(program: Program, passes: list[Pass], context: PassContext,
             "modified": result.modified,
             "before": before,
             "after": program_stats(program),
-            **({"summary": result.summary} if result.summary else {}),
+            **({"summary": summary} if summary else {}),
         }
         records.append(record)
         for hook in hooks:

@@ -81,6 +81,13 @@ def _matrix_numel(program: Program, name: str) -> int:
     return shape[-1] * shape[-2]
 
 
+def nothing_to_quantize(dense: bool) -> str:
+    """The note of a quantizing pass that found no unit."""
+    if dense:
+        return "the program has no moe.experts, ffn.dense or moe.shared_expert ops to quantize"
+    return "the program has no moe.experts ops to quantize (dense=False leaves dense FFNs and shared experts)"
+
+
 def check_options(bits: int, group: int, method: str) -> None:
     if bits not in SUPPORTED_BITS:
         raise PassError(f"bits={bits} is not supported; use one of {list(SUPPORTED_BITS)}")
@@ -222,7 +229,7 @@ class Quantize(Pass):
     def run(self, program: Program, context: PassContext) -> PassResult:
         units = quantizable_units(program, self.dense)
         if not units:
-            return PassResult(False, {"quantized_weights": 0})
+            return PassResult(False, {"quantized_weights": 0}, note=nothing_to_quantize(self.dense))
         check_quantizable(program, units, self.group)
         before = sum(t.numel() * t.element_size() for t in program.weights.values())
         activations = activations_for(program, context, f"pass {self.name!r}") if self.needs_calibration() else None

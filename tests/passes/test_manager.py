@@ -3,13 +3,14 @@ clear error."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
 import pytest
 
 from moec.errors import PassError
-from moec.passes import BUILTIN_PASSES, build_passes, find_pass, load_recipe
+from moec.passes import BUILTIN_PASSES, PassContext, build_passes, find_pass, load_recipe, run_passes
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_PASSES))
@@ -87,3 +88,17 @@ def test_options_of_the_declared_types_are_taken():
         {"dense-to-moe": {"layers": [0, "model.layers.1.mlp"]}}]})
     assert quantize.bits == 4 and allocate.budget == 3 and allocate.widths == (2, 4)
     assert convert.layers == (0, "model.layers.1.mlp")
+
+
+@pytest.mark.parametrize(("preset", "name", "options", "note"), [
+    ("tiny-llama", "expert-prune", {"keep": 2}, "the program has no routed MoE layers to prune"),
+    ("tiny-llama", "expert-merge", {"keep": 2}, "the program has no routed MoE layers to merge"),
+    ("tiny-llama", "dynamic-skip", {}, "the program has no moe.experts ops whose experts could be skipped"),
+    ("tiny-llama", "quantize", {"dense": False}, "the program has no moe.experts ops to quantize (dense=False "),
+    ("tiny-mixtral", "dense-to-moe", {}, "the program has no ffn.dense ops to split into experts"),
+])
+def test_a_pass_that_finds_nothing_to_work_on_notes_it_and_warns(compiled_program, preset, name, options, note):
+    _, _, program = compiled_program(preset)
+    with pytest.warns(UserWarning, match=rf"pass '{name}' changed nothing: {re.escape(note)}"):
+        (record,) = run_passes(program, build_passes({"passes": [{name: options}]}), PassContext())
+    assert record["summary"]["note"].startswith(note) and not record["modified"]
