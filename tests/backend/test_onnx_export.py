@@ -259,3 +259,28 @@ def test_gpt_oss_clamped_experts_export_fused(router, monkeypatch, tmp_path):
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attributes["swiglu_limit"] == limit and attributes["activation_beta"] == up_offset
         assert attributes["activation_alpha"] == pytest.approx(1.702)  # quick_gelu
+
+
+@pytest.fixture(scope="module")
+def merged_skipping_mixtral(preset):
+    """Mixtral with its 4 experts merged to 2 (router: members, so the router keeps 4 ids: an expert_map)
+    and dynamic skipping at 0.9 (which fires on the parity check's inputs)."""
+    model, example = preset("tiny-mixtral")
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    recipe = {"passes": [{"expert-merge": {"keep": 2, "router": "members"}}, {"dynamic-skip": {"threshold": 0.9}}]}
+    return moec.compile(model, example, recipe=recipe, calibration=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
+
+
+@pytest.mark.parametrize("lowering", ["portable", "ort"])
+def test_merged_and_skipping_experts_export_with_both_lowerings(merged_skipping_mixtral, lowering, tmp_path):
+    """The export applies expert_map and skip_threshold as the torch runner does (parity), skips on the
+    check's inputs, and ``ort`` hands the remapped, skipped routing to com.microsoft.MoE as a choice."""
+    from moec.backend.onnx.export import CHECK_SHAPES, example_inputs
+    from moec.passes.dynamic_skip import skip_statistics
+
+    program = merged_skipping_mixtral.program
+    assert all(op.expert_map is not None and op.skip_threshold == 0.9 for op in program.graph.ops_of(ExpertsOp))
+    assert skip_statistics(program, [example_inputs(program, *shape) for shape in CHECK_SHAPES])["skipped"] > 0
+    onnx_model, report, fallbacks = export_and_check(merged_skipping_mixtral, lowering, tmp_path / "m.onnx")
+    assert not fallbacks
+    assert report["fused_moe_ops"] == (2 if lowering == "ort" else 0)

@@ -15,6 +15,7 @@ from moec.backend.onnx.moe import (
 )
 from moec.frontend.blocks import ExpertsSpec, RouteSpec
 from moec.kernels import reference
+from moec.kernels.skip import skipped_pairs
 
 TOLERANCE = 1e-5
 
@@ -111,3 +112,49 @@ def test_topk_then_softmax_routing_is_normalized():
     support = ort_moe_support(RouteSpec(8, 2, order="topk_then_score", renormalize=False),
                               ExpertsSpec(8, 16, 8, "relu", False))
     assert support.ok and support.normalize
+
+
+EXPERT_MAP = [0, 1, 1, 2, 3, 3]  # 6 router experts onto 4 stored ones, as expert-merge writes it
+
+
+def merged_skipping_routing(x, threshold=0.3):
+    """Top-3 of 6 router experts, then the op's ``expert_map`` and ``skip_threshold``, as the torch runner
+    applies them: stored ids, and the skipped pairs' weights zeroed."""
+    router = torch.randn(6, 16, generator=torch.Generator().manual_seed(4))
+    indices, weights = reference.route(x, router, None, RouteSpec(num_experts=6, top_k=3))
+    stored = reference.remap_experts(indices, EXPERT_MAP)
+    skipped = skipped_pairs(weights, threshold)
+    sorted_ids = stored.sort(dim=-1).values
+    two_experts = (sorted_ids[..., 1:] == sorted_ids[..., :-1]).sum(dim=-1) == 1  # two pairs on one, one on another
+    assert skipped.any() and (two_experts & ~skipped.any(dim=-1)).any()  # both cases occur
+    return indices, weights, stored, weights.masked_fill(skipped, 0.0)
+
+
+def test_portable_experts_apply_expert_map_and_skip():
+    spec, w, x = random_experts(True, "silu", True)
+    indices, weights, stored, kept = merged_skipping_routing(x)
+    want = reference.experts(x, stored, kept, w["w_in"], w["w_out"], w["b_in"], w["b_out"], spec)
+    got = experts_portable(x, indices, weights, w["w_in"], w["w_out"], w["b_in"], w["b_out"], spec,
+                           expert_map=EXPERT_MAP, skip_threshold=0.3)
+    assert (got - want).abs().max() <= TOLERANCE
+
+
+def test_choice_logits_add_a_tokens_pairs_on_one_expert_and_drop_zero_weights():
+    """Remapped choices may name one stored expert twice (the weights add); skipped pairs weigh exactly 0."""
+    spec, w, x = random_experts(True, "silu", True)
+    tokens = x.reshape(-1, 16)
+    _, _, stored, kept = merged_skipping_routing(tokens)
+    want = reference.experts(tokens, stored, kept, w["w_in"], w["w_out"], w["b_in"], w["b_out"], spec)
+    logits, scale = choice_logits(stored, kept, 4)
+    got = ort_moe(tokens, logits, interleave_gate_up(w["w_in"]), interleave_gate_up(w["b_in"]),
+                  w["w_out"], w["b_out"], 3, False, "swiglu", 1.0, 0.0, None) * scale
+    assert (got - want).abs().max() <= TOLERANCE
+
+
+def test_unrenormalized_softmax_reaches_qmoe_as_a_choice():
+    """onnxruntime's CPU QMoE renormalizes whatever normalize_routing_weights says; MoE does not."""
+    route, experts = RouteSpec(8, 2, renormalize=False), ExpertsSpec(8, 16, 8, "silu", True)
+    assert ort_moe_support(route, experts).routes_itself
+    support = ort_moe_support(route, experts, packed=True)
+    assert support.ok and not support.routes_itself and "QMoE renormalizes" in support.reason
+    assert ort_moe_support(RouteSpec(8, 2, renormalize=True), experts, packed=True).routes_itself

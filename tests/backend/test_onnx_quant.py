@@ -20,7 +20,14 @@ import transformers
 from onnx import TensorProto, helper, numpy_helper
 
 import moec
-from moec.backend.onnx.moe import dequantize_qmoe, interleave_gate_up, qmoe_operands, qmoe_support
+from moec.backend.onnx.moe import (
+    dequantize_qmoe,
+    interleave_gate_up,
+    ort_moe,
+    ort_qmoe,
+    qmoe_operands,
+    qmoe_support,
+)
 from moec.backend.onnx.quant import dequantize_onnx, matmul_nbits, matmul_nbits_operands
 from moec.ir.quant import QuantizedType
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
@@ -72,6 +79,36 @@ def test_qmoe_operands_hold_the_same_weight(bits, gated):
     operands = qmoe_operands(weight, gated_rows=gated)
     want = interleave_gate_up(weight.dequantize()) if gated else weight.dequantize()
     assert torch.equal(dequantize_qmoe(operands["qweight"], operands["scales"], operands["zeros"], bits), want)
+
+
+def test_qmoe_semantics_match_onnxruntime_without_normalization():
+    """One QMoE node with normalize_routing_weights=0: onnxruntime's CPU kernel renormalizes anyway, as
+    ``ort_qmoe`` says (an unrenormalized routing would differ by about the size of the output here)."""
+    experts, tokens, hidden, top_k = 4, 6, 32, 2
+    fc1, fc2 = quantized((experts, 128, hidden), [4] * experts), quantized((experts, hidden, 64), [4] * experts, seed=1)
+    operands = qmoe_operands(fc1, gated_rows=True), qmoe_operands(fc2, gated_rows=False)
+    names = [(f"fc{i}", f"s{i}", f"z{i}") for i in (1, 2)]
+    initializers = [numpy_helper.from_array(ops[part].numpy(), name) for ops, parts in zip(operands, names, strict=True)
+                    for part, name in zip(("qweight", "scales", "zeros"), parts, strict=True)]
+    node = helper.make_node("QMoE", ["x", "r", "fc1", "s1", "", "fc2", "s2", "", "", "", "", "z1", "z2"], ["y"],
+                            domain="com.microsoft", k=top_k, normalize_routing_weights=0, activation_type="swiglu",
+                            activation_alpha=1.0, activation_beta=0.0, swiglu_fusion=1, expert_weight_bits=4,
+                            block_size=32)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, hidden]),
+                                            helper.make_tensor_value_info("r", TensorProto.FLOAT, [tokens, experts])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, hidden])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(2)
+    x, logits = torch.randn(tokens, hidden, generator=generator), torch.randn(tokens, experts, generator=generator)
+    got = torch.from_numpy(session.run(None, {"x": x.numpy(), "r": logits.numpy()})[0])
+    fc1_ops, fc2_ops = operands
+    want = ort_qmoe(x, logits, fc1_ops["qweight"], fc1_ops["scales"], fc1_ops["zeros"], None, fc2_ops["qweight"],
+                    fc2_ops["scales"], fc2_ops["zeros"], None, top_k, False, "swiglu", 1.0, 0.0, None, 4, 32)
+    unnormalized = ort_moe(x, logits, dequantize_qmoe(fc1_ops["qweight"], fc1_ops["scales"], fc1_ops["zeros"], 4), None,
+                           fc2.dequantize(), None, top_k, False, "swiglu", 1.0, 0.0, None)
+    scale = want.abs().max()
+    assert (got - want).abs().max() <= 1e-6 * scale and (got - unnormalized).abs().max() > 0.1 * scale
 
 
 @pytest.mark.parametrize("w_in, w_out, why", [
@@ -165,3 +202,4 @@ def test_3bit_experts_fall_back_to_dequantized_portable_experts(tmp_path):
     # which at this tiny size is a quarter of it (measured: 151 KB of initializers in a 212 KB file)
     assert 4 * sum(len(t.raw_data) for t in onnx_model.graph.initializer) < float_bytes
     assert 3 * path.stat().st_size < float_bytes
+

@@ -39,6 +39,7 @@ from moec.ir.routing_facts import has_distinct_choices, is_nonnegative
 from moec.ir.targets import resolve_target
 from moec.kernels import reference
 from moec.kernels.quant import QuantizedWeight
+from moec.kernels.skip import skipped_pairs
 
 INTERLEAVED_SUFFIX = "_swiglu_interleaved"
 
@@ -68,23 +69,30 @@ class MoEPlan:
 def plan_moe(program: Program, lowering: str) -> MoEPlan:
     """Decide, per ``moe.experts``, whether the ``ort`` lowering fuses it, and with its router or not.
 
-    The op routes itself for a softmax ``moe.route`` that feeds only these experts; any other routing
-    (a ``moe.route`` beyond the op's softmax, or the model's own router ops) is handed over as the
-    chosen experts, which needs weights >= 0 and distinct experts per token (``moec.ir.routing_facts``).
+    The op routes itself for a softmax ``moe.route`` that feeds only these experts, when the experts
+    neither remap (``expert_map``) nor skip (``skip_threshold``) the router's choice; any other routing
+    (a ``moe.route`` beyond the op's softmax, the model's own router ops, a remapped or skipping one) is
+    handed over as the chosen experts, which needs weights >= 0 and distinct experts per token
+    (``moec.ir.routing_facts``).
     """
     plan = MoEPlan()
     if lowering != "ort":
         return plan
     for experts in program.graph.ops_of(ExpertsOp):
         block = experts.block or f"moe.experts #{program.graph.ops.index(experts)}"
-        unsupported = ort_experts_support(experts.spec) or qmoe_support(
-            *(quantized_type(program, experts.weight(role)) for role in ("w_in", "w_out")))
+        weight_types = [quantized_type(program, experts.weight(role)) for role in ("w_in", "w_out")]
+        unsupported = ort_experts_support(experts.spec) or qmoe_support(*weight_types)
+        if not unsupported and int(experts.top_k) > experts.spec.num_experts:
+            unsupported = (f"top-{experts.top_k} routing over {experts.spec.num_experts} stored experts (the op "
+                           "picks k distinct experts)")
         if unsupported:
             plan.fallbacks[block] = unsupported
             continue
         route = own_route(experts)
-        support = None if route is None else ort_moe_support(route.spec, experts.spec)
-        if support is not None and support.ok and support.routes_itself:
+        packed = any(t is not None for t in weight_types)
+        support = None if route is None else ort_moe_support(route.spec, experts.spec, packed)
+        changes_routing = experts.expert_map is not None or experts.skip_threshold > 0
+        if support is not None and support.ok and support.routes_itself and not changes_routing:
             plan.fused[id(experts)] = FusedExperts(route, support.normalize)
         elif not is_nonnegative(experts.args[2]):
             plan.fallbacks[block] = "routing weights not provably >= 0 (the op weighs experts by probabilities)"
@@ -262,7 +270,7 @@ class ProgramModule(nn.Module):
             if fused is None:
                 x, indices, routing = (read(a) for a in op.args)
                 return experts_portable(x, indices, routing, required("w_in"), required("w_out"),
-                                        role("b_in"), role("b_out"), op.spec)
+                                        role("b_in"), role("b_out"), op.spec, op.expert_map, op.skip_threshold)
             suffix = INTERLEAVED_SUFFIX if op.spec.gated else ""
             b_in = op.weight("b_in")
             fc1_bias = None if b_in is None else self.weight(b_in.name + suffix)
@@ -275,8 +283,11 @@ class ProgramModule(nn.Module):
                 logits = F.linear(tokens.float(), self.weight(fused.route.required_weight("router").name).float(),
                                   None if logit_bias is None else self.weight(logit_bias.name).float())
                 return ort_experts(x, logits, *weights, op.spec, fused.route.spec.top_k, fused.normalize)
-            top_k = int(op.args[1].tensor_type.shape[-1])
+            top_k = int(op.top_k)
             indices, routing_weights = (read(a).reshape(tokens.shape[0], top_k) for a in op.args[1:3])
+            indices, routing_weights = reference.remap_experts(indices, op.expert_map), routing_weights.float()
+            if op.skip_threshold:
+                routing_weights = routing_weights.masked_fill(skipped_pairs(routing_weights, op.skip_threshold), 0.0)
             logits, scale = choice_logits(indices, routing_weights, op.spec.num_experts)
             y = ort_experts(x, logits, *weights, op.spec, top_k, normalize=False)
             return y * scale.reshape(*x.shape[:-1], 1).to(y.dtype)

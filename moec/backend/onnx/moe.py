@@ -10,8 +10,10 @@
   portable router and handed to the op as logits that make it pick the same experts with proportional
   weights, its output rescaled per token (``choice_logits``); so are routings the model computes with its
   own ops, where the graph proves the weights >= 0 and a token's experts distinct
-  (``moec.ir.routing_facts``). Experts whose activation the op does not compute exactly
-  (``ort_experts_support`` says why) fall back to the portable lowering with a warning.
+  (``moec.ir.routing_facts``), and routings that ``moe.experts`` itself changes (an ``expert_map`` from
+  merging, a dynamic-skip threshold), applied before the choice becomes logits. Experts whose activation
+  the op does not compute exactly (``ort_experts_support`` says why) fall back to the portable lowering
+  with a warning.
 
 com.microsoft.MoE, as checked against onnxruntime 1.32's CPU kernel and its schema:
   input [T, H]; router_probs [T, E] (raw logits: the op applies softmax itself);
@@ -40,7 +42,9 @@ it): fc1/fc2 weights uint8 ``[E, R, C * bits / 8]`` (moec's packed rows, matrix 
 like the codes, ``[E, R, ceil(C / group * bits / 8)]``; gated fc1 rows interleaved as for MoE. Its CPU
 kernel matches moec's dequantization for 2 and 4 bits (float32 GEMMs, ~1e-7 relative); 3-bit experts
 need float16 activations there and 8-bit ones come out 1% off moec's affine dequantization, so those
-(and experts of mixed widths) use the portable lowering.
+(and experts of mixed widths) use the portable lowering. It renormalizes the chosen routing weights even
+with ``normalize_routing_weights=0``, so softmax routing without renormalization (OLMoE) reaches it as a
+choice (``choice_logits``, whose weights sum to 1 already).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from moec.frontend.blocks import ExpertsSpec, RouteSpec
 from moec.ir.quant import QuantizedType
 from moec.kernels import reference
 from moec.kernels.quant import QuantizedWeight, dequantize_codes, pack_codes, unpack_codes
+from moec.kernels.skip import skipped_pairs
 
 LOWERINGS = ("portable", "ort")
 
@@ -125,20 +130,26 @@ def route_portable(x: torch.Tensor, router: torch.Tensor, router_bias: torch.Ten
 
 def experts_portable(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                      w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
-                     b_out: torch.Tensor | None, spec: ExpertsSpec) -> torch.Tensor:
+                     b_out: torch.Tensor | None, spec: ExpertsSpec, expert_map: list[int] | None = None,
+                     skip_threshold: float = 0.0) -> torch.Tensor:
     """Routed experts with only exportable ops: x [..., H], indices/weights [..., k] -> [..., H].
 
-    The loop over experts is unrolled at export; each expert picks the tokens routed to it with one
-    NonZero (a token picks an expert at most once), so it runs on its own rows only, and adds its
-    weighted output (or its output on weighted rows) with a scatter-add.
+    ``expert_map`` and ``skip_threshold`` are ``moe.experts``' attributes: router ids become stored ids
+    through a Gather on the map (two pairs of a token may then reach one expert: their weights add), and
+    the pairs ``moec.kernels.skip.skipped_pairs`` drops do not run. The loop over experts is unrolled at
+    export; each expert picks the tokens routed to it with one NonZero, so it runs on its own rows only,
+    and adds its weighted output (or its output on weighted rows) with a scatter-add.
     """
     tokens = x.reshape(-1, x.shape[-1])  # [T, H]
     top_k = indices.shape[-1]
-    flat_indices = indices.reshape(-1, top_k)  # [T, k]
-    flat_weights = weights.reshape(-1, top_k)  # [T, k] float32
+    flat_indices = reference.remap_experts(indices, expert_map).reshape(-1, top_k)  # [T, k] stored ids
+    flat_weights = weights.reshape(-1, top_k).float()  # [T, k]
+    kept = ~skipped_pairs(flat_weights, skip_threshold) if skip_threshold else None  # [T, k]
     out = torch.zeros_like(tokens)
     for expert in range(spec.num_experts):
-        chosen = flat_indices == expert  # [T, k], at most one True a row
+        chosen = flat_indices == expert  # [T, k]
+        if kept is not None:
+            chosen = chosen & kept
         token_ids = torch.nonzero(chosen.any(dim=-1)).squeeze(-1)  # [n]
         token_weights = (flat_weights * chosen).sum(dim=-1)  # [T]: the expert's routing weight, 0 if unrouted
         rows = reference.weighted_rows(tokens[token_ids], token_weights[token_ids], spec)
@@ -184,13 +195,16 @@ def ort_experts_support(experts: ExpertsSpec) -> str:
     return ""
 
 
-def ort_moe_support(route: RouteSpec, experts: ExpertsSpec) -> OrtMoESupport:
-    """Whether com.microsoft.MoE can run these experts exactly, and whether it can also do the routing.
+def ort_moe_support(route: RouteSpec, experts: ExpertsSpec, packed: bool = False) -> OrtMoESupport:
+    """Whether com.microsoft.MoE (QMoE for ``packed`` experts) can run these experts exactly, and whether it
+    can also do the routing.
 
     The op scores with softmax over all experts and picks the top k; ``normalize_routing_weights``
     renormalizes the chosen k. Softmax then renormalize equals softmax over the chosen logits, so
-    ``topk_then_score`` softmax routing maps to ``normalize=1`` too. Any other routing with weights >= 0
-    (sigmoid, choice bias, groups, scaling) is chosen by the portable router and handed over as logits.
+    ``topk_then_score`` softmax routing maps to ``normalize=1`` too. onnxruntime's CPU QMoE renormalizes
+    whatever the attribute says, so unrenormalized softmax routing reaches it as a choice. Any other routing
+    with weights >= 0 (sigmoid, choice bias, groups, scaling) is chosen by the portable router and handed
+    over as logits.
     """
     unsupported = ort_experts_support(experts)
     if unsupported:
@@ -200,7 +214,11 @@ def ort_moe_support(route: RouteSpec, experts: ExpertsSpec) -> OrtMoESupport:
     own_routing = route_beyond_the_op(route)
     if own_routing:
         return OrtMoESupport(True, own_routing, routes_itself=False)
-    return OrtMoESupport(True, normalize=route.renormalize or route.order == "topk_then_score")
+    normalize = route.renormalize or route.order == "topk_then_score"
+    if packed and not normalize:
+        return OrtMoESupport(True, "softmax routing without renormalization (onnxruntime's CPU QMoE renormalizes "
+                                   "the chosen weights regardless of normalize_routing_weights)", routes_itself=False)
+    return OrtMoESupport(True, normalize=normalize)
 
 
 def route_beyond_the_op(route: RouteSpec) -> str:
@@ -222,14 +240,15 @@ CHOICE_FLOOR = -1e4  # logit of an expert not chosen: exp(-1e4 - max) is 0 in fl
 
 
 def choice_logits(indices: torch.Tensor, weights: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] under which the op (softmax, top-k, no renormalization) picks exactly the chosen
-    experts ``indices`` [T, k] with weights ``w_i / sum(w)``, and the per-token sum ``sum(w)`` [T, 1] that
-    turns the op's output into ``sum_i w_i f_i(x)``: log-weights at the chosen experts, ``CHOICE_FLOOR``
-    elsewhere. Weights below 1e-30 count as 1e-30 (their experts still contribute nothing measurable).
+    """Router logits [T, E] under which the op (softmax, top-k, no renormalization) computes the routing
+    ``indices``/``weights`` [T, k] (weights >= 0), and the per-token sum ``sum(w)`` [T, 1] that turns the op's
+    output into ``sum_i w_i f_i(x)``: each expert's log-weight (the weights of a token's pairs that reach
+    one expert added), ``CHOICE_FLOOR`` for experts of weight 0, so the op weighs them exactly 0.
     """
     weights = weights.float()
-    logits = torch.full((indices.shape[0], num_experts), CHOICE_FLOOR, dtype=torch.float32, device=weights.device)
-    logits = logits.scatter(1, indices, weights.clamp_min(1e-30).log())
+    dense = torch.zeros((indices.shape[0], num_experts), dtype=torch.float32, device=weights.device)
+    dense = dense.scatter_add(1, indices, weights)  # [T, E]
+    logits = torch.where(dense > 0, dense.log(), CHOICE_FLOOR)
     return logits, weights.sum(dim=-1, keepdim=True)
 
 
@@ -337,9 +356,10 @@ def ort_qmoe(x: torch.Tensor, router_logits: torch.Tensor, fc1: torch.Tensor, fc
              fc1_zeros: torch.Tensor, fc1_bias: torch.Tensor | None, fc2: torch.Tensor, fc2_scales: torch.Tensor,
              fc2_zeros: torch.Tensor, fc2_bias: torch.Tensor | None, top_k: int, normalize: bool, activation: str,
              alpha: float, beta: float, limit: float | None, bits: int, group: int) -> torch.Tensor:
-    """com.microsoft.QMoE's semantics: ``ort_moe`` on the weights ``qmoe_operands`` packs."""
+    """com.microsoft.QMoE's semantics on onnxruntime's CPU kernel: ``ort_moe`` on the weights ``qmoe_operands``
+    packs, the chosen weights renormalized whatever ``normalize`` says (measured on onnxruntime 1.32)."""
     return ort_moe(x, router_logits, dequantize_qmoe(fc1, fc1_scales, fc1_zeros, bits), fc1_bias,
-                   dequantize_qmoe(fc2, fc2_scales, fc2_zeros, bits), fc2_bias, top_k, normalize, activation,
+                   dequantize_qmoe(fc2, fc2_scales, fc2_zeros, bits), fc2_bias, top_k, True, activation,
                    alpha, beta, limit)
 
 
