@@ -293,17 +293,22 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_export_onnx(args: argparse.Namespace) -> int:
     import moec
+    from moec.backend.onnx.export import DEFAULT_OPSET, check_opset
 
+    opset = DEFAULT_OPSET if args.opset is None else args.opset
+    check_opset(opset)
     compiled = moec.load(args.plan)
     with step(f"exporting {args.plan} to {args.output} ({args.lowering} lowering) and checking it"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fallbacks are printed below, from the report
-        compiled.export_onnx(args.output, lowering=args.lowering, opset=args.opset, external_data=args.external_data)
+        compiled.export_onnx(args.output, lowering=args.lowering, opset=opset, external_data=args.external_data)
     report = compiled.report["onnx"]
     for block, reason in report["portable_fallbacks"].items():
         console.print(f"[yellow]{block}[/]: portable MoE lowering (com.microsoft.MoE cannot express {reason})")
-    console.print(f"wrote {report['path']}: opset {report['opset']}, {report['fused_moe_ops']} com.microsoft.MoE "
-                  f"ops, external data {'yes' if report['external_data'] else 'no'}")
+    fused = " and ".join(f"{count} {op} op{'s' if count > 1 else ''}"
+                         for op, count in report["fused_moe_ops_by_op"].items()) or "no fused MoE ops"
+    console.print(f"wrote {report['path']}: opset {report['opset']}, {fused}, "
+                  f"external data {'yes' if report['external_data'] else 'no'}")
     diffs = ", ".join(f"{shape}: {diff:.3g}" for shape, diff in report["parity_max_abs_diff"].items())
     console.print(f"onnx.checker [green]ok[/], shape inference [green]ok[/], onnxruntime parity vs the torch "
                   f"runner (batch x sequence: max abs diff) {diffs} [green]ok[/] (tolerance {report['tolerance']:g})")

@@ -74,7 +74,7 @@ def test_cli_exports_a_plan_written_by_compile(tmp_path, capsys):
     assert main(["compile", "--model", "tiny-mixtral", "-o", str(plan)]) == 0
     assert main(["export-onnx", str(plan), "-o", str(out), "--lowering", "portable"]) == 0
     printed = capsys.readouterr().out
-    assert "onnxruntime parity" in printed and "0 com.microsoft.MoE ops" in printed
+    assert "onnxruntime parity" in printed and "opset 20, no fused MoE ops" in printed
     onnx_model = onnx.load(str(out))
     assert [o.name for o in onnx_model.graph.output] == ["logits"]
     types = op_types(onnx_model)
@@ -141,11 +141,67 @@ def test_failed_parity_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_failed_export_removes_the_folders_it_made(tmp_path):
+    compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
+    with pytest.raises(BackendError, match="differs from the torch runner"):
+        export_onnx(compiled.program, tmp_path / "new" / "folders" / "model.onnx", tolerance=-1.0)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_external_data_lands_beside_the_model(tmp_path):
+    """... and an inline export over it removes the data file it no longer reads."""
     compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
     result = export_onnx(compiled.program, tmp_path / "model.onnx", external_data=True)
     assert result.external_data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]
+    assert not export_onnx(compiled.program, tmp_path / "model.onnx", external_data=False).external_data
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+
+
+@pytest.mark.parametrize("opset", [0, 13, 17, 99])
+def test_an_opset_out_of_range_is_refused_up_front(opset, tmp_path):
+    compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
+    with pytest.raises(BackendError, match=rf"cannot export at ONNX opset {opset}: choose an opset from 18 to 25"):
+        export_onnx(compiled.program, tmp_path / "model.onnx", opset=opset)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_report_gives_the_written_opset_and_the_cli_checks_it_first(tmp_path, capsys):
+    compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
+    result = export_onnx(compiled.program, tmp_path / "model.onnx", opset=21)
+    assert result.opset == 21 == onnx.load(str(tmp_path / "model.onnx")).opset_import[0].version
+    assert main(["export-onnx", str(tmp_path / "no-plan"), "-o", str(tmp_path / "x.onnx"), "--opset", "0"]) == 1
+    assert "error: cannot export at ONNX opset 0" in capsys.readouterr().err
+
+
+def test_rotary_models_export_at_opset_23(compiled_preset, tmp_path):
+    """onnxscript's RotaryEmbedding fusion (opset 23) writes caches onnxruntime rejects: it is left out."""
+    result = export_onnx(compiled_preset("tiny-llama").program, tmp_path / "llama.onnx", opset=23)
+    assert result.opset == 23 and max(result.max_abs_diff.values()) <= TOLERANCE
+    assert ("", "RotaryEmbedding") not in op_types(onnx.load(str(tmp_path / "llama.onnx")))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_plans_are_refused(dtype, tmp_path):
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval().to(dtype)
+    compiled = moec.compile(model, (torch.randn(2, 3, 4, dtype=dtype),))
+    name = {torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    with pytest.raises(BackendError, match=rf"the plan computes in {name}; .* Compile the model in float32"):
+        compiled.export_onnx(tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_onnxruntime_failure_in_the_parity_check_is_one_error(monkeypatch, tmp_path):
+    """onnxruntime has no bfloat16 Add: with the dtype check left out, its error arrives as a BackendError."""
+    from moec.backend.onnx import export
+
+    monkeypatch.setattr(export, "check_float32", lambda program: None)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval().to(torch.bfloat16)
+    compiled = moec.compile(model, (torch.randn(2, 3, 4, dtype=torch.bfloat16),))
+    with pytest.raises(BackendError, match=r"onnxruntime could not run the exported model in the parity check: "
+                                           r"\[ONNXRuntimeError\][^\n]*; nothing was written"):
+        compiled.export_onnx(tmp_path / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
 
 
 class Patchify(nn.Module):
@@ -184,6 +240,7 @@ def test_every_family_exports_with_both_lowerings(compiled_preset, name, lowerin
     fused = lowering == "ort"
     assert report["fused_moe_ops"] == sum(node.op_type == "MoE" for node in onnx_model.graph.node)
     assert report["fused_moe_ops"] == (moe_blocks if fused else 0)
+    assert report["fused_moe_ops_by_op"] == ({"com.microsoft.MoE": moe_blocks} if fused and moe_blocks else {})
     if not fused:
         assert all(domain in ("", "ai.onnx") for domain, _ in types)  # standard ONNX only
     if moe_blocks and not fused:
@@ -283,4 +340,4 @@ def test_merged_and_skipping_experts_export_with_both_lowerings(merged_skipping_
     assert skip_statistics(program, [example_inputs(program, *shape) for shape in CHECK_SHAPES])["skipped"] > 0
     onnx_model, report, fallbacks = export_and_check(merged_skipping_mixtral, lowering, tmp_path / "m.onnx")
     assert not fallbacks
-    assert report["fused_moe_ops"] == (2 if lowering == "ort" else 0)
+    assert report["fused_moe_ops_by_op"] == ({"com.microsoft.MoE": 2} if lowering == "ort" else {})

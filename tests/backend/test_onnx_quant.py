@@ -29,6 +29,7 @@ from moec.backend.onnx.moe import (
     qmoe_support,
 )
 from moec.backend.onnx.quant import dequantize_onnx, matmul_nbits, matmul_nbits_operands
+from moec.cli import main
 from moec.ir.quant import QuantizedType
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
 
@@ -203,3 +204,15 @@ def test_3bit_experts_fall_back_to_dequantized_portable_experts(tmp_path):
     assert 4 * sum(len(t.raw_data) for t in onnx_model.graph.initializer) < float_bytes
     assert 3 * path.stat().st_size < float_bytes
 
+
+def test_4bit_olmoe_without_renormalization_exports_qmoe_from_the_cli(preset, tmp_path, capsys):
+    """OLMoE's softmax top-k keeps its weights unrenormalized, which QMoE cannot compute itself: the portable
+    router chooses (TopK in the file) and QMoE runs the packed experts; the CLI names the op it wrote."""
+    model, example = preset("tiny-olmoe")
+    assert not model.config.norm_topk_prob
+    plan, path = tmp_path / "plan", tmp_path / "q.onnx"
+    moec.compile(model, example, recipe={"passes": [{"quantize": {"bits": 4, "group": 32}}]}).save(plan)
+    assert main(["export-onnx", str(plan), "-o", str(path), "--lowering", "ort"]) == 0
+    assert "2 com.microsoft.QMoE ops" in capsys.readouterr().out
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("QMoE") == 2 and "TopK" in ops and "NonZero" not in ops

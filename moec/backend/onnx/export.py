@@ -11,8 +11,13 @@ packed weights packed. The result is checked before it lands at the target path:
    (max abs difference of every output <= ``tolerance``).
 
 The file is written in a temporary folder beside the target and moved into place only when every
-check passed, so a failed export leaves nothing behind. Inputs and outputs keep the model's names;
-symbolic dims are named ``batch`` and ``sequence`` (axis 0 and 1) where they are dynamic.
+check passed, so a failed export leaves nothing behind (nor the folders it made for the file); an
+inline export removes the ``<file>.data`` an earlier export with external data left there. Inputs and
+outputs keep the model's names; symbolic dims are named ``batch`` and ``sequence`` (axis 0 and 1) where
+they are dynamic.
+
+Only float32 programs are exported: onnxruntime's CPU kernels lack bfloat16 for most ops (and float16
+for some, ScatterND's add among them), so a plan compiled in bfloat16 or float16 is refused up front.
 """
 
 from __future__ import annotations
@@ -34,10 +39,11 @@ import onnx
 import onnx_ir
 import onnxruntime
 import onnxscript.optimizer
-import onnxscript.rewriter.onnx_fusions
 import onnxscript.version_converter
 import torch
 import torch.utils._pytree as pytree
+from onnxscript.rewriter.rules.fusion import _gqa, _rms_normalization
+from onnxscript.version_converter._version_converter import SUPPORTED_MAX_ONNX_OPSET
 from torch.export import Dim
 from torch.onnx._internal.exporter import _core as _torch_onnx_core
 from torch.onnx._internal.exporter import _decomp, _registration
@@ -58,6 +64,10 @@ from moec.ir.printer import print_graph_lines
 from moec.ir.program import Program, load_treespec
 
 DEFAULT_OPSET = 20
+MIN_OPSET = TORCHLIB_OPSET  # torch.onnx translates at this opset; the version converter only goes up
+MAX_OPSET = min(SUPPORTED_MAX_ONNX_OPSET, onnx.defs.onnx_opset_version())
+FUSED_MOE_OPS = ("MoE", "QMoE")  # com.microsoft ops of the ort lowering
+LOW_PRECISION = {"bf16": "bfloat16", "f16": "float16"}  # IR dtypes the export refuses
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a ``<file>.data`` beside the model
 TRACE_SHAPE = (2, 4)  # (batch, sequence) of the inputs traced
 CHECK_SHAPES = ((3, 5), (1, 11))  # (batch, sequence) of the parity inputs: shapes tracing never saw
@@ -67,13 +77,14 @@ TRANSLATIONS = {**MOE_TRANSLATIONS, **quant.TRANSLATIONS}
 
 @dataclass
 class OnnxExport:
-    """What an export wrote and how its checks went (``max_abs_diff`` per (batch, sequence))."""
+    """What an export wrote and how its checks went (``max_abs_diff`` per (batch, sequence)); ``opset``
+    and ``fused_ops`` (com.microsoft.MoE / QMoE nodes by op) are read from the written file."""
 
     path: Path
     lowering: str
     opset: int
     external_data: bool
-    fused_moe: int = 0
+    fused_ops: dict[str, int] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
     max_abs_diff: dict[str, float] = field(default_factory=dict)
     tolerance: float = 1e-4
@@ -81,7 +92,8 @@ class OnnxExport:
     def as_report(self) -> dict[str, Any]:
         return {
             "path": str(self.path), "lowering": self.lowering, "opset": self.opset,
-            "external_data": self.external_data, "fused_moe_ops": self.fused_moe,
+            "external_data": self.external_data, "fused_moe_ops": sum(self.fused_ops.values()),
+            "fused_moe_ops_by_op": self.fused_ops,
             "portable_fallbacks": self.fallbacks, "parity_max_abs_diff": self.max_abs_diff,
             "tolerance": self.tolerance, "checks": ["onnx.checker", "shape_inference", "onnxruntime parity"],
         }
@@ -93,10 +105,13 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
     """Export ``program`` to ``path`` and check it (see the module docstring); raise ``BackendError``.
 
     ``lowering`` is ``portable`` (standard ONNX ops) or ``ort`` (com.microsoft.MoE where it applies);
-    ``external_data`` None picks external data for weights above 1 GiB.
+    ``opset`` from ``MIN_OPSET`` to ``MAX_OPSET``; ``external_data`` None picks external data for weights
+    above 1 GiB.
     """
     if lowering not in LOWERINGS:
         raise BackendError(f"unknown ONNX lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
+    check_opset(opset)
+    check_float32(program)
     check_lowerable(program)
     target = Path(path).resolve()
     if target.is_dir():
@@ -108,19 +123,25 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
     for block, reason in fallbacks.items():
         warnings.warn(f"{block} uses the portable MoE lowering: com.microsoft.MoE cannot express {reason}",
                       stacklevel=2)
-    result = OnnxExport(target, lowering, opset, external_data, len(module.moe_plan.fused), fallbacks,
-                        tolerance=tolerance)
+    result = OnnxExport(target, lowering, opset, external_data, fallbacks=fallbacks, tolerance=tolerance)
+    made = next((folder for folder in reversed(target.parents) if not folder.exists()), None)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         staged = staging / target.name
         onnx_program = trace_to_onnx(module, program, opset, optimize)
         onnx_program.save(str(staged), external_data=external_data)
-        tidy(staged)
+        result.opset, result.fused_ops = tidy(staged)
         check_model(staged)
         result.max_abs_diff = check_parity(staged, program, tolerance)
         for file in sorted(staging.iterdir(), key=lambda f: f.name == target.name):  # the model file last
             os.replace(file, target.parent / file.name)
+        if not external_data:
+            target.with_name(target.name + ".data").unlink(missing_ok=True)  # an earlier export's, now stale
+    except BaseException:
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return result
@@ -145,7 +166,7 @@ def trace_to_onnx(module: ProgramModule, program: Program, opset: int, optimize:
             exported = torch.export.export(module, tuple(example), dynamic_shapes=(dynamic,), strict=False)
             exported = prepare(exported, registry)
             onnx_program = _torch_onnx_core._exported_program_to_onnx_program(exported, registry=registry)
-            onnxscript.version_converter.convert_version(onnx_program.model, opset, fallback=True)
+            onnxscript.version_converter.convert_version(onnx_program.model, opset)
             _torch_onnx_ir_passes.rename_inputs(onnx_program.model, list(graph.input_names))
             _torch_onnx_ir_passes.rename_outputs(onnx_program.model, output_names(program))
             if optimize:
@@ -206,9 +227,15 @@ def directly_translated(registry: _registration.ONNXRegistry) -> set[_registrati
 
 
 def optimize_onnx(model: onnx_ir.Model) -> None:
-    """torch.onnx's optimization (constant folding, rewrites, fusions) with packed weights left packed."""
+    """torch.onnx's optimization (constant folding, rewrites, fusions) with packed weights left packed.
+
+    Of onnxscript's opset-23 fusions, RotaryEmbedding is left out: it writes cos/sin caches of batch 1,
+    which onnxruntime (1.32) rejects for inputs of any other batch.
+    """
     onnxscript.optimizer.optimize_ir(model, should_fold=quant.keep_packed)
-    onnxscript.rewriter.onnx_fusions.fuse(model)
+    if model.opset_imports.get("") == 23:
+        _rms_normalization.fuse_rms_normalization(model)
+        _gqa.fuse_gqa(model)
 
 
 def output_names(program: Program) -> list[str]:
@@ -224,10 +251,19 @@ def output_names(program: Program) -> list[str]:
     return names
 
 
-def tidy(path: Path) -> None:
+def tidy(path: Path) -> tuple[int, dict[str, int]]:
     """Rename the exporter's symbolic dims (``s21``) after their role (``batch``, ``sequence`` ...) and drop
-    its per-node debugging metadata (stack traces into this exporter's module, not into the model)."""
+    its per-node debugging metadata (stack traces into this exporter's module, not into the model).
+
+    Returns the file's ONNX opset and its fused MoE nodes, counted by op (``com.microsoft.QMoE``: 2).
+    """
     model = onnx.load(str(path), load_external_data=False)
+    opset = next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+    fused: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.domain == "com.microsoft" and node.op_type in FUSED_MOE_OPS:
+            name = f"{node.domain}.{node.op_type}"
+            fused[name] = fused.get(name, 0) + 1
     for node in model.graph.node:
         del node.metadata_props[:]
     renames: dict[str, str] = {}
@@ -244,11 +280,30 @@ def tidy(path: Path) -> None:
             if dim.dim_param in renames:
                 dim.dim_param = renames[dim.dim_param]
     onnx.save(model, str(path))
+    return opset, fused
 
 
 # ----------------------------------------------------------------------------------------------
 # checks
 # ----------------------------------------------------------------------------------------------
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset the exporter cannot write (torch.onnx translates at 18; onnxscript converts up to 25)."""
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise BackendError(f"cannot export at ONNX opset {opset}: choose an opset from {MIN_OPSET} to {MAX_OPSET} "
+                           f"(default {DEFAULT_OPSET})")
+
+
+def check_float32(program: Program) -> None:
+    """Refuse a program with bfloat16 or float16 weights or values (see the module docstring)."""
+    graph = program.graph
+    types = [*graph.weights.values(), *(v.type for v in graph.inputs), *(v.type for op in graph.ops for v in op.results)]
+    found = sorted(LOW_PRECISION.keys() & {getattr(t, "dtype", "") for t in types})
+    if found:
+        raise BackendError(f"the plan computes in {' and '.join(LOW_PRECISION[d] for d in found)}; the ONNX export "
+                           "writes float32 models only (onnxruntime's CPU kernels lack bfloat16 for most ops, float16 "
+                           "for some). Compile the model in float32 (moec compile --dtype float32) and export that plan")
 
 
 def check_lowerable(program: Program) -> None:
@@ -375,15 +430,16 @@ def embedding_rows(program: Program) -> dict[int, int]:
 
 
 def check_parity(path: Path, program: Program, tolerance: float) -> dict[str, float]:
-    """onnxruntime (CPU) vs the torch runner on inputs of each ``CHECK_SHAPES`` size."""
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    """onnxruntime (CPU) vs the torch runner on inputs of each ``CHECK_SHAPES`` size; onnxruntime failing to
+    load or run the file is a ``BackendError`` too."""
+    session = run_onnxruntime(onnxruntime.InferenceSession, str(path), providers=["CPUExecutionProvider"])
     runner = TorchRunner(program, quant_kernel="dequant")  # exact dequantization, as the export computes
     names = [i.name for i in session.get_inputs()]
     diffs = {}
     for batch, sequence in CHECK_SHAPES:
         inputs = example_inputs(program, batch, sequence)
         expected = runner.run(inputs)
-        got = session.run(None, {name: x.numpy() for name, x in zip(names, inputs, strict=True)})
+        got = run_onnxruntime(session.run, None, {name: x.numpy() for name, x in zip(names, inputs, strict=True)})
         diff = max(float(np.abs(e.float().numpy() - g.astype(np.float32)).max()) if e.numel() else 0.0
                    for e, g in zip(expected, got, strict=True))
         diffs[f"{batch}x{sequence}"] = diff
@@ -393,3 +449,13 @@ def check_parity(path: Path, program: Program, tolerance: float) -> dict[str, fl
                 f"inputs of batch {batch}, sequence {sequence}; nothing was written"
             )
     return diffs
+
+
+def run_onnxruntime(call, *args, **kwargs):
+    """``call(*args, **kwargs)``, an onnxruntime error becoming one ``BackendError`` line."""
+    try:
+        return call(*args, **kwargs)
+    except Exception as err:  # onnxruntime's errors share no base class but Exception
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise BackendError(f"onnxruntime could not run the exported model in the parity check: {first}; nothing "
+                           "was written. Export with the other lowering, or run the plan with the torch backend") from err
