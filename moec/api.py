@@ -77,7 +77,7 @@ class CompiledModel:
         from moec.backend.onnx import export_onnx
         from moec.backend.onnx.export import DEFAULT_OPSET
 
-        result = export_onnx(self.program, path, lowering=lowering, opset=opset or DEFAULT_OPSET,
+        result = export_onnx(self.program, path, lowering=lowering, opset=DEFAULT_OPSET if opset is None else opset,
                              external_data=external_data)
         self.report["onnx"] = result.as_report()
         return result.path

@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lowering", default="portable", choices=["portable", "ort"],
         help="MoE ops as standard ONNX ops (portable, default) or onnxruntime's com.microsoft.MoE (ort)",
     )
-    export_.add_argument("--opset", type=int, default=None, help="ONNX opset (default: 20)")
+    export_.add_argument("--opset", type=int, default=None,
+                         help="ONNX opset: 18 (torch.onnx's) up to what the installed onnx converts to "
+                              "(default: 20)")
     export_.add_argument(
         "--external-data", action=argparse.BooleanOptionalAction, default=None,
         help="store weights in FILE.data beside the model (default: when weights exceed 1 GiB)",
