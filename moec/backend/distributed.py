@@ -39,9 +39,11 @@ from moec.ir.ops import ExpertsOp, SharedExpertOp
 from moec.ir.parser import parse_graph
 from moec.ir.plan import WEIGHTS_FILE, read_plan_json
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType
 from moec.ir.verifier import verify
 from moec.kernels import reference
 from moec.kernels.moe_cpu import experts_forward
+from moec.kernels.skip import skipped_pairs
 
 EXPERT_ROLES = ("w_in", "w_out", "b_in", "b_out")
 
@@ -72,6 +74,13 @@ def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tu
     graph = parse_graph(plan["ir"])
     verify(graph)
     expert_slices: dict[str, list[int]] = {}
+    unsupported = [f"quantized weights ({name})" for name, weight_type in graph.weights.items()
+                   if isinstance(weight_type, QuantizedType)][:1]
+    unsupported += [f"MoE block {op.block!r}'s experts shared by several router experts (expert-merge with router "
+                    "'members')" for op in graph.ops_of(ExpertsOp) if op.expert_map is not None][:1]
+    if unsupported:
+        raise PlanError(f"{folder} has {unsupported[0]}, which the expert-parallel runtime does not run; distribute "
+                        "a plan without them, or run this one in one process (moec.load)")
     for op in graph.ops_of(ExpertsOp):
         if op.block not in placement.layers:
             raise PlanError(f"{folder}: the placement has no entry for MoE block {op.block!r}; place the plan again")
@@ -136,6 +145,8 @@ class ExpertParallelRunner(TorchRunner):
 
         def step(args, kwargs):
             x, indices, routing = args
+            if op.skip_threshold:  # a skipped pair travels with weight 0, as the torch runner computes it
+                routing = routing.float().masked_fill(skipped_pairs(routing.float(), op.skip_threshold), 0.0)
             run_shared = (lambda: self.early_results.__setitem__(id(shared), shared_step([x], {}))) if shared else None
             hidden, k = x.shape[-1], indices.shape[-1]
             y = expert_parallel_layer(x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k), owners,

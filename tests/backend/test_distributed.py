@@ -107,3 +107,20 @@ def test_pair_bookkeeping_in_one_process(weighted_input):
         inputs = w * x.unsqueeze(1) if weighted_input else x.unsqueeze(1)
         expected = ((1 if weighted_input else w) * inputs.square() * (ids + 1).unsqueeze(-1)).sum(1)
         torch.testing.assert_close(y, expected)
+
+
+def test_a_quantized_plan_is_refused_by_name_before_any_rank_starts(tmp_path):
+    """The runtime reads float expert weights: a quantized plan is one PlanError, not a KeyError on some rank."""
+    from moec.backend.distributed import load_rank_program
+
+    model, example = build_preset("tiny-qwen2-moe")
+    compiled = moec.compile(model, example)
+    program = compiled.program
+    trace = collect_trace(program, [program.flatten_inputs((), example)])
+    recipe = {"passes": [{"quantize": {"bits": 4, "group": 32, "dense": False}},
+                         {"expert-placement": {"world_size": 2, "balance_eps": 0.5, "time_limit_s": 5}}]}
+    run_passes(program, build_passes(recipe), PassContext(calibration=trace))
+    folder = compiled.save(tmp_path / "plan")
+    with pytest.raises(moec.PlanError, match=r"has quantized weights \(.*experts.*\), which the expert-parallel runtime "
+                       r"does not run"):
+        load_rank_program(folder, 0, 2)
