@@ -146,7 +146,8 @@ class ExpertParallelRunner(TorchRunner):
         def step(args, kwargs):
             x, indices, routing = args
             if op.skip_threshold:  # a skipped pair travels with weight 0, as the torch runner computes it
-                routing = routing.float().masked_fill(skipped_pairs(routing.float(), op.skip_threshold), 0.0)
+                routing = routing.float()
+                routing = routing.masked_fill(skipped_pairs(routing, op.skip_threshold), 0.0)
             run_shared = (lambda: self.early_results.__setitem__(id(shared), shared_step([x], {}))) if shared else None
             hidden, k = x.shape[-1], indices.shape[-1]
             y = expert_parallel_layer(x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k), owners,

@@ -116,12 +116,18 @@ def matches(value: Any, annotation: Any) -> bool:
     if annotation is str:
         return isinstance(value, str)
     if annotation in (tuple, list) or origin in (tuple, list):
-        item = args[0] if args and (origin is list or args[-1] is Ellipsis) else Any
+        item = sequence_item(annotation)
         return isinstance(value, (list, tuple)) and all(matches(v, item) for v in value)
     if annotation is dict or origin is dict:
         key, item = args or (Any, Any)
         return isinstance(value, dict) and all(matches(k, key) and matches(v, item) for k, v in value.items())
     return True  # Any, or a type of a user's pass that recipes cannot spell
+
+
+def sequence_item(annotation: Any) -> Any:
+    """The item type of a list or homogeneous tuple annotation (``list[int]``, ``tuple[int, ...]``), else Any."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    return args[0] if args and (origin is list or args[-1] is Ellipsis) else Any
 
 
 def describe(annotation: Any) -> str:
@@ -133,7 +139,7 @@ def describe(annotation: Any) -> str:
     if annotation in names:
         return names[annotation]
     if annotation in (tuple, list) or origin in (tuple, list):
-        item = args[0] if args and (origin is list or args[-1] is Ellipsis) else Any
+        item = sequence_item(annotation)
         return "a list" if item is Any else f"a list of {plural(describe(item))}"
     if annotation is dict or origin is dict:
         return "a mapping" if not args else f"a mapping of {plural(describe(args[0]))} to {plural(describe(args[1]))}"
