@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from ortools.linear_solver import pywraplp
 
@@ -52,9 +52,6 @@ class Allocation:
     solve_seconds: float
     lower_bound: float  # the LP relaxation's optimum: no allocation costs less
     core_units: int  # units left with more than one width after reduced-cost fixing (all units without it)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def average_bits(bits: Sequence[int], params: Sequence[int]) -> float:
