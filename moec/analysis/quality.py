@@ -38,6 +38,11 @@ def mean_pooled(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
+def embedding_cosine(reference: torch.Tensor, candidate: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean cosine between the sentence embeddings of two [B, S, H] token-state tensors of the same batch."""
+    return float((mean_pooled(reference, mask) * mean_pooled(candidate, mask)).sum(-1).mean())
+
+
 def sentence_embeddings(run: Callable[[dict[str, torch.Tensor]], torch.Tensor],
                         batches: Sequence[dict[str, torch.Tensor]]) -> torch.Tensor:
     """[N, H] embeddings of every sentence; ``run(batch)`` returns the last hidden state [B, S, H]."""

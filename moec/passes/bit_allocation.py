@@ -5,7 +5,10 @@ calibration samples in ``context`` (any form ``moec.compile`` takes; see ``PassC
 Ensures: like ``quantize``, every targeted weight is packed (``moec.ir.quant``), but each unit (an expert's
 ``w_in``+``w_out``, a dense FFN's linears; with ``per_linear`` each linear alone) has the width from
 ``widths`` that ``moec.analysis.bit_allocation.solve`` chose: minimal sum of importance x measured error,
-with the parameter-weighted average width <= ``budget`` and each unit at or above its floor.
+with the parameter-weighted average width <= ``budget`` and each unit at or above its floor. That sum
+assumes the units' errors add up; the pass measures the solved allocation and the widest uniform width
+within the budget together at the model output (all their units rounded at once, on the calibration
+samples) and applies the uniform one if it measures lower (``kept`` and ``measured`` in the report).
 ``context.report["bit_allocation"]`` holds the table (unit, params, importance, error per width, chosen
 width), the objective, the LP relaxation's bound below it, and the objective and average width of every
 uniform alternative; a saved plan
@@ -15,14 +18,16 @@ Analysis and application: the error table and importance are measured here (``un
 allocation is solved as a plain table problem, and ``moec.passes.quantize.quantize_units`` applies it.
 Two ways to measure (``importance=``): ``"output"`` (default) measures each unit's error where it matters,
 at the model's output: one calibration run per unit and width with only that unit rounded (RTN), error =
-mean cosine distance of the output rows to the float model's (this includes how often and how strongly
-the unit is routed to, so importance is 1). ``"routing"`` needs no extra runs (for many experts): error =
-the unit's own FFN output error (mean squared) on its calibration rows, importance = the expert's routing
-mass (mean routing weight per token; 1 for dense FFNs and shared experts).
+mean cosine distance of the output rows to the float model's, padding positions left out (``OutputError``;
+this includes how often and how strongly the unit is routed to, so importance is 1). ``"routing"`` needs
+no run per unit (for many experts): error = the unit's own FFN output error (mean squared) on its
+calibration rows, importance = the expert's routing mass (mean routing weight per token; 1 for dense FFNs
+and shared experts).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -107,29 +112,46 @@ def routing_importance(unit: Unit, activations: FFNActivations) -> float:
     return float(mass[unit.expert])
 
 
-def output_errors(program: Program, unit: Unit, widths: tuple[int, ...], group: int,
-                  batches: list[list[torch.Tensor]]) -> list[float]:
-    """The model-level error of rounding only ``unit`` to each width: the mean cosine distance between the
-    rows (last-dim vectors) of the first graph output and those of the float program, on ``batches``."""
-    op = program.graph.ops[unit.op_index]
-    runner = TorchRunner(program)
-    originals = {op.kwargs[role].name: program.weights[op.kwargs[role].name] for role in unit.roles}
-    reference = [runner.run(batch)[0] for batch in batches]
-    errors = []
-    try:
-        for width in widths:
-            for name, original in originals.items():
-                replaced = original.clone()
-                matrix = replaced if unit.expert is None else replaced[unit.expert]
-                matrix.copy_(quantize_matrix(matrix, width, group).dequantize())
-                program.weights[name] = replaced
-            # in float64: one unit's rounding moves the cosine by less than float32 resolves near 1
-            distance = [1 - F.cosine_similarity(runner.run(batch)[0].double(), ref.double(), dim=-1).mean()
-                        for batch, ref in zip(batches, reference, strict=True)]
-            errors.append(float(sum(distance)) / len(batches))
-    finally:
-        program.weights.update(originals)
-    return errors
+class OutputError:
+    """The model-level error of rounding units (RTN) to some widths: the mean cosine distance between the
+    rows (last-dim vectors) of the program's first output with those units rounded and without, on the
+    calibration ``batches``. With an ``attention_mask`` input, padding positions are left out, as in
+    calibration. ``program.weights`` is left as it was."""
+
+    def __init__(self, program: Program, batches: list[list[torch.Tensor]], group: int) -> None:
+        self.program, self.batches, self.group = program, batches, group
+        self.runner = TorchRunner(program)
+        names = program.graph.input_names
+        self.masks = [batch[names.index("attention_mask")].bool() if "attention_mask" in names else None
+                      for batch in batches]
+        self.reference = [self.rows(batch, mask) for batch, mask in zip(batches, self.masks, strict=True)]
+
+    def rows(self, batch: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """The first output's rows on ``batch``, real tokens only, in float64 (one unit's rounding moves the
+        cosine by less than float32 resolves near 1)."""
+        output = self.runner.run(batch)[0]
+        if mask is not None and output.dim() >= 3 and output.shape[:2] == mask.shape:
+            output = output[mask]
+        return output.double().reshape(-1, output.shape[-1])
+
+    def __call__(self, units: list[Unit], bits: list[int]) -> float:
+        originals: dict[str, torch.Tensor] = {}
+        try:
+            for unit, width in zip(units, bits, strict=True):
+                op = self.program.graph.ops[unit.op_index]
+                for role in unit.roles:
+                    name = op.kwargs[role].name
+                    if name not in originals:  # one copy per tensor: a layer's experts share theirs
+                        originals[name] = self.program.weights[name]
+                        self.program.weights[name] = originals[name].clone()
+                    weight = self.program.weights[name]
+                    matrix = weight if unit.expert is None else weight[unit.expert]
+                    matrix.copy_(quantize_matrix(matrix, width, self.group).dequantize())
+            distance = [1 - F.cosine_similarity(self.rows(batch, mask), reference, dim=-1).mean()
+                        for batch, mask, reference in zip(self.batches, self.masks, self.reference, strict=True)]
+            return float(sum(distance)) / len(self.batches)
+        finally:
+            self.program.weights.update(originals)
 
 
 def unit_label(unit: Unit) -> str:
@@ -199,26 +221,45 @@ class BitAllocation(Pass):
                             "raise the budget or lower the floors")
         needed_by = f"pass {self.name!r}"
         activations = activations_for(program, context, needed_by)
+        output_error = OutputError(program, context.flat_samples(program, needed_by), self.group)
         if self.importance == "output":
-            batches = context.flat_samples(program, needed_by)
-            errors = [output_errors(program, u, self.widths, self.group, batches) for u in units]
+            errors = [[output_error([u], [width]) for width in self.widths] for u in units]
             importance = [1.0] * len(units)
         else:
             errors = [unit_errors(program, u, self.widths, self.group, activations) for u in units]
             importance = [routing_importance(u, activations) for u in units]
         allocation = bit_allocation.solve(params, importance, errors, self.widths, self.budget, floors)
-        uniform = {}
-        for width in self.widths:
-            bits = [max(width, f or width) for f in floors]
-            uniform[str(width)] = {"average_bits": bit_allocation.average_bits(bits, params),
-                                   "objective": bit_allocation.objective_of(bits, self.widths, importance, errors)}
+        uniform_bits = {width: [max(width, f or width) for f in floors] for width in self.widths}
+        uniform = {str(width): {"average_bits": bit_allocation.average_bits(bits, params),
+                                "objective": bit_allocation.objective_of(bits, self.widths, importance, errors)}
+                   for width, bits in uniform_bits.items()}
+        chosen, check = self.checked_against_uniform(allocation.bits, uniform_bits, params,
+                                                     lambda bits: output_error(units, bits))
         table = [
             {"unit": unit_label(u), "kind": u.kind, "params": u.params, "importance": imp,
              "error": dict(zip(map(str, self.widths), err, strict=True)), "bits": bits}
-            for u, imp, err, bits in zip(units, importance, errors, allocation.bits, strict=True)
+            for u, imp, err, bits in zip(units, importance, errors, chosen, strict=True)
         ]
-        quantize_units(program, units, allocation.bits, self.group, self.method, activations)
-        summary = {"budget": self.budget, "average_bits": allocation.average_bits, "objective": allocation.objective,
-                   "lower_bound": allocation.lower_bound, "solve_seconds": allocation.solve_seconds, "units": len(units)}
+        quantize_units(program, units, chosen, self.group, self.method, activations)
+        summary = {"budget": self.budget, "average_bits": bit_allocation.average_bits(chosen, params),
+                   "objective": bit_allocation.objective_of(chosen, self.widths, importance, errors),
+                   "lower_bound": allocation.lower_bound, "solve_seconds": allocation.solve_seconds, "units": len(units),
+                   **check}
         context.report["bit_allocation"] = {**summary, "uniform": uniform, "table": table}
         return PassResult(True, summary)
+
+    def checked_against_uniform(self, bits: list[int], uniform_bits: dict[int, list[int]], params: list[int],
+                                measured: Callable[[list[int]], float]) -> tuple[list[int], dict]:
+        """The solved ``bits``, or the widest uniform width within the budget if that measures a smaller error
+        at the model output (``measured``): the objective adds up the units' errors measured one at a time,
+        and rounding many units at once need not add up the same way. Returns the widths to apply and a
+        report entry: which was kept, and the two measured errors when they were compared."""
+        fitting = [w for w, b in uniform_bits.items() if bit_allocation.average_bits(b, params) <= self.budget + 1e-9]
+        if not fitting or uniform_bits[max(fitting)] == bits:
+            return bits, {"kept": "allocation"}
+        width = max(fitting)
+        label = f"uniform {width}-bit"
+        errors = {"allocation": measured(bits), label: measured(uniform_bits[width])}
+        if errors[label] < errors["allocation"]:
+            return uniform_bits[width], {"kept": label, "measured": errors}
+        return bits, {"kept": "allocation", "measured": errors}

@@ -3,9 +3,10 @@
 Everything is measured side by side in one run and written to bench-results/quantize.json:
 
 1. ``lp``: solve time of the allocation LP for 64 layers x 64 experts x 4 widths (random tables).
-2. ``quality``: 1 - embedding cosine (held-out sentences) on real all-MiniLM-L6-v2 and 1 - output-row cosine
-   on a tiny MoE, for uniform widths and the LP allocation at 3.0 and 2.5 average bits (2.5 is compared
-   with the best of a few uniform 2/3-bit mixes: alternate units, first or second half at 3 bits).
+2. ``quality``: 1 - embedding cosine on real all-MiniLM-L6-v2 (32 held-out standard-library docstring
+   sentences; 32 others calibrate) and 1 - output-row cosine on a tiny MoE, for uniform widths and the LP
+   allocation at 3.0 and 2.5 average bits (2.5 is compared with the best of a few uniform 2/3-bit mixes:
+   alternate units, first or second half at 3 bits).
 3. ``bytes``: expert bytes in the saved plan at 3.0 average bits vs float32.
 4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
 5. ``kernels``: decode-sized (1-16 token) expert blocks: float32 plan vs 2-, 3-, 4- and 8-bit experts (4 only
@@ -34,7 +35,7 @@ import transformers
 import moec
 from moec.analysis import bit_allocation
 from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
-from moec.analysis.embedding_quality import calibration_sentences, embedding_cosine, held_out_sentences
+from moec.analysis.quality import embedding_cosine
 from moec.api import CompiledModel
 from moec.frontend.blocks import ExpertsSpec
 from moec.frontend.capture import capture
@@ -121,8 +122,9 @@ def minilm_quality(quick: bool) -> dict:
     model, example = build_preset("minilm")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     program = moec.compile(model, example).program
-    calibration_kwargs = dict(tokenizer(calibration_sentences(), padding=True, return_tensors="pt"))
-    held = dict(tokenizer(held_out_sentences(), padding=True, return_tensors="pt"))
+    cal_text, held_text = calibration_and_held_out(32, 32)
+    calibration_kwargs = dict(tokenizer(cal_text, padding=True, return_tensors="pt"))
+    held = dict(tokenizer(held_text, padding=True, return_tensors="pt"))
     calibration = [program.flatten_inputs((), calibration_kwargs)]
     held_out = [program.flatten_inputs((), held)]
 
