@@ -114,7 +114,8 @@ def quality_runs(name: str, program: Program, calibration: list, held_out: list,
         report = context.report["bit_allocation"]
         out["lp"][str(budget)] = {"loss": measure(prog), "bits": [row["bits"] for row in report["table"]],
                                   "objective": report["objective"], "average_bits": report["average_bits"],
-                                  "uniform_objectives": report["uniform"], "pass_seconds": time.perf_counter() - start}
+                                  "uniform_objectives": report["uniform"], "kept": report["kept"],
+                                  "measured_on_calibration": report.get("measured"), "pass_seconds": time.perf_counter() - start}
     return out
 
 
