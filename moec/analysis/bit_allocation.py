@@ -31,6 +31,7 @@ tables, so the solver is tested alone on tables whose optimum is known.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -173,6 +174,8 @@ def solve(params: Sequence[int], importance: Sequence[float], error: Sequence[Se
     for floor in floors:
         if floor is not None and floor > max(widths):
             raise PassError(f"a floor of {floor} bits is above every candidate width {list(widths)}")
+    if not math.isfinite(budget):
+        raise PassError(f"budget={budget} must be a finite average number of bits (such as 3.0)")
     minimum = smallest_feasible_budget(params, widths, floors)
     if budget < minimum - 1e-9:
         raise PassError(f"an average budget of {budget} bits is infeasible: the smallest feasible budget for "

@@ -27,6 +27,7 @@ and shared experts).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -184,8 +185,8 @@ class BitAllocation(Pass):
         object.__setattr__(self, "floors", dict(self.floors))
         for width in self.widths:
             check_options(width, self.group, self.method)
-        if not self.budget > 0:
-            raise PassError(f"budget={self.budget} must be a positive average number of bits")
+        if not (self.budget > 0 and math.isfinite(self.budget)):
+            raise PassError(f"budget={self.budget} must be a positive, finite average number of bits (such as 3.0)")
         for key, floor in self.floors.items():
             if floor > self.widths[-1]:
                 raise PassError(f"floors[{key!r}]={floor} is above every width in {list(self.widths)}; lower the "

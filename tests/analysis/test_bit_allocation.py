@@ -45,6 +45,12 @@ def test_infeasible_budget_names_the_smallest_feasible_one(budget, floors, small
         solve([100, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=budget, floors=floors)
 
 
+@pytest.mark.parametrize("budget", [float("inf"), float("nan")])
+def test_budget_must_be_finite(budget):
+    with pytest.raises(PassError, match=rf"budget={budget} must be a finite average number of bits"):
+        solve([100, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=budget)
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     data=st.data(),
