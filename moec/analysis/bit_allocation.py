@@ -71,6 +71,22 @@ def smallest_feasible_budget(params: Sequence[int], widths: Sequence[int], floor
     return average_bits(lowest, params)
 
 
+def check_budget(budget: float, params: Sequence[int], widths: Sequence[int], floors: Sequence[int | None],
+                 described_floors: str) -> None:
+    """A ``PassError`` unless ``budget`` is finite and at least ``smallest_feasible_budget``. The message gives
+    that smallest budget rounded up to 4 decimals, so that the printed figure is itself a feasible budget."""
+    if not math.isfinite(budget):
+        raise PassError(f"budget={budget} must be a finite average number of bits (such as 3.0)")
+    minimum = smallest_feasible_budget(params, widths, floors)
+    if budget < minimum - 1e-9:
+        # Up, not to the nearest: 3.33333 prints as 3.3334. The 1e-6 (of the last digit) keeps float noise
+        # above an exact figure, such as 3.0000000000000004, from printing as 3.0001.
+        smallest = math.ceil(minimum * 1e4 - 1e-6) / 1e4
+        raise PassError(f"an average budget of {budget} bits is infeasible: the smallest feasible budget for "
+                        f"widths {list(widths)} and {described_floors} is {smallest:.4f} bits; raise the budget or "
+                        "lower the floors")
+
+
 @dataclass(frozen=True)
 class Choice:
     """One candidate width of one unit: its bits (params x width) and its cost (importance x error)."""
@@ -174,12 +190,7 @@ def solve(params: Sequence[int], importance: Sequence[float], error: Sequence[Se
     for floor in floors:
         if floor is not None and floor > max(widths):
             raise PassError(f"a floor of {floor} bits is above every candidate width {list(widths)}")
-    if not math.isfinite(budget):
-        raise PassError(f"budget={budget} must be a finite average number of bits (such as 3.0)")
-    minimum = smallest_feasible_budget(params, widths, floors)
-    if budget < minimum - 1e-9:
-        raise PassError(f"an average budget of {budget} bits is infeasible: the smallest feasible budget for "
-                        f"widths {list(widths)} and these floors is {minimum:.4f} bits; raise the budget or lower the floors")
+    check_budget(budget, params, widths, floors, "these floors")
     start = time.perf_counter()
     total = float(sum(params))
     capacity = (budget + 1e-9) * total

@@ -215,11 +215,7 @@ class BitAllocation(Pass):
         params = [u.params for u in units]
         floors = [self.floor_of(u) for u in units]
         # Check feasibility before the (slower) measurements, so a bad budget fails at once.
-        minimum = bit_allocation.smallest_feasible_budget(params, self.widths, floors)
-        if self.budget < minimum - 1e-9:
-            raise PassError(f"an average budget of {self.budget} bits is infeasible: the smallest feasible budget "
-                            f"for widths {list(self.widths)} and floors {self.floors or 'none'} is {minimum:.4f} bits; "
-                            "raise the budget or lower the floors")
+        bit_allocation.check_budget(self.budget, params, self.widths, floors, f"floors {self.floors or 'none'}")
         needed_by = f"pass {self.name!r}"
         activations = activations_for(program, context, needed_by)
         output_error = OutputError(program, context.flat_samples(program, needed_by), self.group)

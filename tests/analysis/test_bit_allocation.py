@@ -39,10 +39,11 @@ def test_floors_are_respected():
     assert allocation.bits == [2, 4, 2]
 
 
-@pytest.mark.parametrize(("budget", "floors", "smallest"), [(1.5, None, "2.0000"), (2.5, [None, 4, 4], "3.3333")])
-def test_infeasible_budget_names_the_smallest_feasible_one(budget, floors, smallest):
+@pytest.mark.parametrize(("budget", "floors", "smallest"), [(1.5, None, "2.0000"), (2.5, [None, 4, 4], "3.3334")])
+def test_infeasible_budget_names_the_smallest_feasible_one_rounded_up(budget, floors, smallest):
     with pytest.raises(PassError, match=rf"budget of {budget} bits is infeasible.*smallest feasible budget .* is {smallest} bits"):
         solve([100, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=budget, floors=floors)
+    solve([100, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=float(smallest), floors=floors)  # the figure works
 
 
 @pytest.mark.parametrize("budget", [float("inf"), float("nan")])
