@@ -22,6 +22,7 @@ from moec.ir.targets import resolve_target
 from moec.kernels import reference
 from moec.kernels.moe_cpu import experts_forward
 from moec.kernels.quant import QuantizedWeight
+from moec.kernels.quant_matmul import KERNELS as QUANT_KERNELS
 from moec.kernels.quant_matmul import QuantizedExperts, prepare_linear
 from moec.kernels.skip import skipped_pairs
 
@@ -212,6 +213,8 @@ class TorchRunner:
         ``moec.kernels.moe_onnxruntime``, ``torch`` is ``moec.kernels.moe_cpu``, ``auto`` the first for
         float32 experts on the CPU and more than one token when onnxruntime is installed, else the second;
         see ``uses_onnxruntime``)."""
+        if quant_kernel not in QUANT_KERNELS:
+            raise BackendError(f"quant_kernel={quant_kernel!r} is not one of {', '.join(QUANT_KERNELS)}")
         if expert_kernel not in EXPERT_KERNELS:
             raise BackendError(f"expert_kernel={expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
         self.program = program

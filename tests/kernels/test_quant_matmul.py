@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moec.backend.torch_runner import TorchRunner
+from moec.errors import BackendError
 from moec.frontend.blocks import ExpertsSpec
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
 from moec.kernels.quant_matmul import (
@@ -14,6 +16,7 @@ from moec.kernels.quant_matmul import (
     int4pack_linear,
     prepare_linear,
 )
+from tests.passes.helpers import SMALL_MOE, program_of, small_moe_weights
 
 needs_int4pack = pytest.mark.skipif(not int4pack_available(), reason="torch's packed int4 CPU GEMM is not usable here")
 
@@ -46,6 +49,11 @@ def test_auto_picks_int4pack_up_to_four_bits_and_dequant_above():
         assert torch.equal(prepare_linear(matrix)(x), int4pack_linear(matrix)(x))
     matrix = quantize_matrix(w, 8, 32)
     assert torch.equal(prepare_linear(matrix)(x), dequant_linear(matrix)(x))
+
+
+def test_runner_refuses_an_unknown_quant_kernel_when_built():
+    with pytest.raises(BackendError, match="quant_kernel='fast' is not one of auto, dequant, int4pack"):
+        TorchRunner(program_of(SMALL_MOE, small_moe_weights()), quant_kernel="fast")
 
 
 def test_int4pack_refuses_eight_bits_naming_the_kernel_to_use():
