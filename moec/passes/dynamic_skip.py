@@ -1,9 +1,11 @@
 """``dynamic-skip``: online expert pruning; per token, routed experts with a small routing weight are not run.
 
-Requires: a verified graph. Ensures: every ``moe.experts`` op has ``skip_threshold=threshold``; at run time a
-token's (expert, weight) pair is dropped when its weight is below ``threshold`` times the token's top
-weight (``moec.kernels.skip``; the top expert always runs, kept weights are not renormalized), and the
-runner does no work for dropped pairs. Nothing else changes. In place.
+Requires: a verified graph. Ensures: every ``moe.experts`` op whose tokens are routed to more than one expert
+has ``skip_threshold=threshold``; at run time a token's (expert, weight) pair is dropped when its weight is
+below ``threshold`` times the token's top weight (``moec.kernels.skip``; the top expert always runs, kept
+weights are not renormalized), and the runner does no work for dropped pairs. Ops with top-1 routing are
+left as they are (their one expert is the top one: nothing to skip), counted as ``top_1_ops`` in the
+summary. Nothing else changes. In place.
 
 The fraction of expert evaluations skipped depends on the inputs; ``skip_statistics`` measures it.
 """
@@ -36,13 +38,18 @@ class DynamicSkip(Pass):
 
     def run(self, program: Program, context: PassContext) -> PassResult:
         ops = program.graph.ops_of(ExpertsOp)
-        for op in ops:
+        skipping = [op for op in ops if op.top_k != 1]
+        for op in skipping:
             op.set_args(op.args, {**op.kwargs, "skip_threshold": float(self.threshold)})
-        summary = {"threshold": self.threshold, "expert_ops": len(ops)}
-        if ops:
+        summary = {"threshold": self.threshold, "expert_ops": len(skipping), "top_1_ops": len(ops) - len(skipping)}
+        if skipping:
             context.report["dynamic_skip"] = summary
-        note = None if ops else "the program has no moe.experts ops whose experts could be skipped"
-        return PassResult(bool(ops), summary, note=note)
+        note = None
+        if not ops:
+            note = "the program has no moe.experts ops whose experts could be skipped"
+        elif not skipping:
+            note = "every moe.experts op routes each token to one expert (top-1), which always runs: nothing to skip"
+        return PassResult(bool(skipping), summary, note=note)
 
 
 def skip_statistics(program: Program, batches: list[list[torch.Tensor]]) -> dict[str, float]:

@@ -13,6 +13,7 @@ from moec.kernels import reference
 from moec.kernels.skip import skipped_pairs
 from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.dynamic_skip import skip_statistics
+from tests.passes.helpers import SMALL_MOE, program_of, small_moe_weights
 
 
 def test_skipped_pairs_never_drop_the_top_expert():
@@ -47,3 +48,13 @@ def test_runner_output_equals_the_reference_without_the_dropped_pairs(compiled_p
 def test_threshold_must_be_a_fraction():
     with pytest.raises(PassError, match="threshold=1.0 must be in"):
         build_passes({"passes": [{"dynamic-skip": {"threshold": 1.0}}]})
+
+
+def test_top_1_routing_is_left_alone():
+    top_1 = SMALL_MOE.replace("top_k=2", "top_k=1").replace("i64[s0, 2], f32[s0, 2]", "i64[s0, 1], f32[s0, 1]")
+    program = program_of(top_1, small_moe_weights())
+    with pytest.warns(UserWarning, match=r"dynamic-skip' changed nothing: every moe.experts op .* one expert \(top-1\)"):
+        (record,) = run_passes(program, build_passes({"passes": [{"dynamic-skip": {"threshold": 0.5}}]}), PassContext())
+    assert "skip_threshold" not in print_graph(program.graph)
+    assert not record["modified"]
+    assert {k: record["summary"][k] for k in ("expert_ops", "top_1_ops")} == {"expert_ops": 0, "top_1_ops": 1}
