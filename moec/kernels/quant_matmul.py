@@ -13,8 +13,8 @@ Two kernels compute ``y = x @ dequantize(W).T (+ b)`` for one quantized matrix `
 
 Measured side by side (with float32 and onnxruntime's MatMulNBits) by ``tools/bench/quantize.py``; the
 bfloat16 ``int4pack`` kernel was the fastest for 1-16 tokens at every width it takes, so ``auto`` picks it
-for matrices of at most 4 bits when a probe on a small problem agrees with ``dequant``, and ``dequant``
-otherwise (8 bits, or where the probe fails).
+for CPU matrices of at most 4 bits when a probe on a small problem agrees with ``dequant``, and ``dequant``
+otherwise (8 bits, weights on another device such as a GPU, or where the probe fails; ``auto_kernel``).
 """
 
 from __future__ import annotations
@@ -88,12 +88,19 @@ def int4pack_available() -> bool:
         return False
 
 
+def auto_kernel(bits: int, device: torch.device) -> str:
+    """The kernel ``auto`` picks for a matrix of ``bits`` stored on ``device``: ``int4pack`` has CPU kernels only."""
+    if device.type == "cpu" and bits <= INT4_MAX_BITS and int4pack_available():
+        return "int4pack"
+    return "dequant"
+
+
 def prepare_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None, kernel: str = "auto") -> Linear:
     """A function ``x [M, K] -> [M, N]`` computing the quantized linear with ``kernel`` (see the module docstring)."""
     if kernel not in KERNELS:
         raise ValueError(f"unknown quantized kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if kernel == "auto":
-        kernel = "int4pack" if matrix.bits <= INT4_MAX_BITS and int4pack_available() else "dequant"
+        kernel = auto_kernel(matrix.bits, matrix.packed.device)
     return int4pack_linear(matrix, bias) if kernel == "int4pack" else dequant_linear(matrix, bias)
 
 

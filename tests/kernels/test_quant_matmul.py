@@ -11,6 +11,7 @@ from moec.frontend.blocks import ExpertsSpec
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
 from moec.kernels.quant_matmul import (
     QuantizedExperts,
+    auto_kernel,
     dequant_linear,
     int4pack_available,
     int4pack_linear,
@@ -49,6 +50,13 @@ def test_auto_picks_int4pack_up_to_four_bits_and_dequant_above():
         assert torch.equal(prepare_linear(matrix)(x), int4pack_linear(matrix)(x))
     matrix = quantize_matrix(w, 8, 32)
     assert torch.equal(prepare_linear(matrix)(x), dequant_linear(matrix)(x))
+
+
+def test_auto_picks_int4pack_on_the_cpu_only(monkeypatch):
+    monkeypatch.setattr("moec.kernels.quant_matmul.int4pack_available", lambda: True)
+    assert auto_kernel(4, torch.device("cpu")) == "int4pack"
+    assert auto_kernel(8, torch.device("cpu")) == "dequant"
+    assert auto_kernel(4, torch.device("cuda", 0)) == "dequant"  # torch has no GPU kernel for int4pack's CPU ops
 
 
 def test_runner_refuses_an_unknown_quant_kernel_when_built():
