@@ -1,8 +1,9 @@
 """The bit-allocation report as a picture: an SVG bar chart of the width chosen for each unit.
 
 One bar per unit, in report order (so a layer's experts sit side by side), its height the chosen width and
-its colour the width; a dashed line marks the budget. Plain SVG text, so a plan folder needs no plotting
-library to carry it and any browser shows it.
+its colour the width; a dashed line marks the budget. The title compares the objective with that of each
+uniform width, greying out and labelling those over the budget (they are no option). Plain SVG text, so a
+plan folder needs no plotting library to carry it and any browser shows it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from xml.sax.saxutils import escape
 
 COLOURS = {2: "#d73027", 3: "#fc8d59", 4: "#91bfdb", 8: "#4575b4"}  # other widths: grey
+GREY = "#999999"
 WIDTH, HEIGHT, MARGIN = 720, 240, 40
 
 
@@ -23,17 +25,20 @@ def allocation_svg(report: dict) -> str:
     def y(bits: float) -> float:
         return MARGIN + plot_height * (1 - bits / top)
 
-    uniform = report["uniform"]
-    comparison = ", ".join(f"uniform {w}: {u['objective']:.4g}" for w, u in uniform.items())
+    comparison = []
+    for width, uniform in report["uniform"].items():
+        label = escape(f"uniform {width}: {uniform['objective']:.4g}")
+        over = uniform["average_bits"] > report["budget"] + 1e-9  # the pass's tolerance
+        comparison.append(f'<tspan fill="{GREY}">{label} (over budget)</tspan>' if over else label)
     title = (f"bit allocation: {len(table)} units, budget {report['budget']} bits, average "
-             f"{report['average_bits']:.3f}; objective {report['objective']:.4g} ({comparison})")
+             f"{report['average_bits']:.3f}; objective {report['objective']:.4g}")
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" font-family="sans-serif" '
         f'font-size="10">',
-        f'<text x="{MARGIN}" y="{MARGIN / 2}">{escape(title)}</text>',
+        f'<text x="{MARGIN}" y="{MARGIN / 2}">{escape(title)} ({", ".join(comparison)})</text>',
     ]
     for index, row in enumerate(table):
-        colour = COLOURS.get(row["bits"], "#999999")
+        colour = COLOURS.get(row["bits"], GREY)
         parts.append(f'<rect x="{MARGIN + index * bar:.2f}" y="{y(row["bits"]):.2f}" width="{max(bar * 0.9, 0.5):.2f}" '
                      f'height="{MARGIN + plot_height - y(row["bits"]):.2f}" fill="{colour}">'
                      f'<title>{escape(row["unit"])}: {row["bits"]} bits</title></rect>')

@@ -16,7 +16,7 @@ SVG = "{http://www.w3.org/2000/svg}"
 def report(bits: list[int], budget: float = 3.0) -> dict:
     table = [{"unit": f"layers.{i // 2}.experts[{i % 2}]:w_in+w_out", "bits": b} for i, b in enumerate(bits)]
     return {"table": table, "budget": budget, "average_bits": sum(bits) / len(bits), "objective": 0.5,
-            "uniform": {"2": {"objective": 2.0}, "4": {"objective": 0.1}}}
+            "uniform": {"2": {"objective": 2.0, "average_bits": 2.0}, "4": {"objective": 0.1, "average_bits": 4.0}}}
 
 
 def test_one_bar_per_unit_as_tall_as_its_width():
@@ -29,6 +29,13 @@ def test_one_bar_per_unit_as_tall_as_its_width():
     assert [h / heights[0] for h in heights] == pytest.approx([b / bits[0] for b in bits])
     assert len({bar.get("fill") for bar in bars}) == 4
     assert "uniform 2: 2" in root.find(f"{SVG}text").text
+
+
+def test_uniform_widths_over_the_budget_are_greyed_and_labelled():
+    title = ET.fromstring(allocation_svg(report([2, 4, 2, 4], budget=3.0))).find(f"{SVG}text")
+    assert "".join(title.itertext()).endswith("(uniform 2: 2, uniform 4: 0.1 (over budget))")
+    (over,) = title.findall(f"{SVG}tspan")
+    assert over.text == "uniform 4: 0.1 (over budget)" and over.get("fill") == "#999999"
 
 
 def test_saved_plan_carries_the_chart(tmp_path):
