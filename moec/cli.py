@@ -263,15 +263,19 @@ def read_calibration_file(path: str, tokenizer: Any) -> list[dict[str, torch.Ten
 def show_quality(model: Any, compiled: Any, held_out: list) -> None:
     """The converted model's sentence-embedding agreement with the original on held-out text."""
     from moec.analysis.quality import conversion_quality
+    from moec.ir.ops import RouteOp
 
     with step(f"measuring quality on {sum(len(b['input_ids']) for b in held_out)} held-out sentences"):
         quality = conversion_quality(lambda batch: model(**batch)[0], compiled.program, held_out)
-    table = Table(title=f"quality vs the original model (active FFN fraction {quality['active_ffn_fraction']:.3f})")
-    for column in ("routing", "embedding cosine", "nearest-neighbour agreement"):
-        table.add_column(column, justify="left" if column == "routing" else "right")
+    routed = bool(compiled.program.graph.ops_of(RouteOp))
+    title = "quality vs the original model"
+    table = Table(title=f"{title} (active FFN fraction {quality['active_ffn_fraction']:.3f})" if routed else title)
+    for column in ("routing" if routed else "model", "embedding cosine", "nearest-neighbour agreement"):
+        table.add_column(column, justify="right" if table.columns else "left")
     for label in ("router", "random", "oracle"):
         if label in quality:
-            table.add_row(label, f"{quality[label]['cosine']:.4f}", f"{quality[label]['nn_agreement']:.1%}")
+            name = label if routed else "compiled"
+            table.add_row(name, f"{quality[label]['cosine']:.4f}", f"{quality[label]['nn_agreement']:.1%}")
     console.print(table)
     if "gap_closed" in quality:
         console.print(f"the router closes {quality['gap_closed']:.0%} of the random-to-oracle cosine gap")

@@ -202,3 +202,21 @@ def test_default_compile_is_real_minilm_with_parity():
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ffn.dense") == 6
     assert result.stdout.count("ok (tolerance 0.0001)") == 2
+
+
+def test_quality_table_of_a_model_without_routers_has_no_routing_rows(capsys):
+    """A dense model's quality table (a calibrating quantize recipe on MiniLM) shows one row for the compiled
+    model: no routing column, router row or active FFN fraction, which only mean something for an MoE."""
+    import transformers
+
+    from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
+    from moec.cli import show_quality
+    from moec.frontend.zoo import build_preset, minilm_path
+
+    model, example = build_preset("minilm")
+    compiled = moec.compile(model, example)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
+    show_quality(model, compiled, tokenized_batches(tokenizer, calibration_and_held_out(0, 8)[1]))
+    out = capsys.readouterr().out
+    assert "compiled" in out and "1.0000" in out and "100.0%" in out  # no pass ran: the same embeddings
+    assert "router" not in out and "routing" not in out and "active FFN fraction" not in out
