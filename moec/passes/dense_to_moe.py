@@ -37,7 +37,7 @@ Requires: a verified graph whose chosen FFNs have float weights (run before quan
 or ``method="coactivation"``. Ensures: every chosen ``ffn.dense`` op is replaced as above; with
 ``top_k == experts`` and no shared expert the block computes the same function as before (to float32
 rounding); the replaced op's weights are removed. Every option problem (more experts than neurons,
-``top_k`` > ``experts``, neurons that do not divide) is reported for the first offending block before
+``top_k`` > ``experts``, neurons that do not divide, an empty or repeated ``layers``) is reported for the first offending block before
 anything is changed. In place.
 """
 
@@ -92,6 +92,9 @@ class DenseToMoE(Pass):
         if not 0.0 <= self.shared < 1.0:
             raise ValueError(f"shared={self.shared} must be a fraction in [0, 1)")
         if self.layers is not None:
+            if not self.layers:
+                raise ValueError("layers=[] chooses no FFN; list blocks or indices, or leave layers out to convert "
+                                 "every ffn.dense op")
             object.__setattr__(self, "layers", tuple(self.layers))
 
     @property
@@ -135,6 +138,9 @@ class DenseToMoE(Pass):
             else:
                 raise PassError(f"layers: {layer!r} is neither an ffn.dense block ({', '.join(by_block)}) "
                                 f"nor an index below {len(ops)}")
+            if chosen[-1] in chosen[:-1]:
+                raise PassError(f"layers: {layer!r} names block {chosen[-1].block!r} a second time; "
+                                "list each FFN once")
         return chosen
 
     def shared_count(self, op: DenseFFNOp) -> int:
