@@ -100,8 +100,9 @@ def compile(
     ``example_inputs`` is a tuple of positional arguments or a dict of keyword arguments, as you would
     pass them to ``model``; the compiled model accepts other batch and sequence sizes. ``recipe`` lists
     passes to run (a dict, or a YAML/JSON file); ``calibration`` is data for passes that need it: a list
-    of sample inputs (each a tuple or kwargs dict like ``example_inputs``) or a ``Calibration`` (for example
-    ``Calibration.load(plan_folder)``), see ``moec.analysis.calibration``.
+    of sample inputs (each a tuple or kwargs dict like ``example_inputs``, or a tensor for a model with one
+    input) or a ``Calibration`` (for example ``Calibration.load(plan_folder)``), see
+    ``moec.analysis.calibration``.
     """
     if backend not in BACKENDS:
         raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")

@@ -5,6 +5,7 @@ API (stable; other passes build on it)::
     from moec.analysis.calibration import Calibration, calibrate
 
     cal = calibrate(program, samples, max_rows=2048)     # samples: list of kwargs dicts or arg tuples
+                                                         # (or tensors, for a program with one input)
     stats = cal.dense["encoder.layer.0"]                 # DenseStats of an ffn.dense op, keyed by op.block
     stats.inputs    [N, H]  f32   subsampled FFN input rows (N <= max_rows, the same tokens in every block)
     stats.hidden    [N, F]  f32   the FFN's hidden activations on those rows (act(up), or act(gate) * up)
@@ -229,11 +230,18 @@ def fingerprint(program: Program) -> str:
 
 
 def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch.Tensor]]:
-    """Each sample (a kwargs dict, an args tuple, or already the program's flat input tensors, in graph
-    input order) as the program's flat input tensors."""
-    flat = []
+    """Each sample (a kwargs dict, an args tuple, already the program's flat input tensors in graph input
+    order, or, for a program with one input, a tensor) as the program's flat input tensors."""
+    flat: list[list[torch.Tensor]] = []
     arity = len(program.graph.inputs)
     for sample in samples:
+        if isinstance(sample, torch.Tensor):
+            if arity != 1:
+                raise MoecError(f"calibration sample {len(flat)} is one tensor, and the model takes {arity} inputs "
+                                f"({', '.join(program.graph.input_names)}); give each sample as a dict of them "
+                                "by name or a tuple")
+            flat.append(program.with_captured_dtypes([sample]))
+            continue
         if isinstance(sample, (list, tuple)) and len(sample) == arity and all(isinstance(t, torch.Tensor) for t in sample):
             flat.append(list(sample))  # flat inputs; for a model taking tensors positionally, the same thing
             continue

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import moec
 from moec.analysis.calibration import Calibration, calibrate
+from moec.errors import MoecError
 from moec.passes import PassContext
 
 
@@ -158,3 +160,22 @@ def test_a_calibration_saved_in_a_plan_is_reused_without_the_samples(tmp_path, c
     assert loaded.calibration.fingerprint == cal.fingerprint
     context = PassContext(calibration=loaded.calibration)
     assert context.statistics(captured("tiny-bert")[2], "test").fingerprint == cal.fingerprint
+
+
+def one_input_program():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    return moec.compile(model, (torch.randn(4, 8),)).program
+
+
+def test_a_model_with_one_input_takes_tensors_as_samples(captured):
+    program = one_input_program()
+    tensors = [torch.randn(5, 8), torch.randn(3, 8)]
+    from_tensors = calibrate(program, tensors, progress=False)
+    from_tuples = calibrate(program, [(t,) for t in tensors], progress=False)
+    assert from_tensors.tokens == from_tuples.tokens == 8
+    (block,) = from_tuples.dense
+    torch.testing.assert_close(from_tensors.dense[block].hidden, from_tuples.dense[block].hidden)
+    _, example, bert = captured("tiny-bert")
+    with pytest.raises(MoecError, match=rf"sample 0 is one tensor, and the model takes {len(example)} inputs \(input_ids"):
+        calibrate(bert, [example["input_ids"]], progress=False)
