@@ -101,16 +101,16 @@ def compile(
     pass them to ``model``; the compiled model accepts other batch and sequence sizes. ``recipe`` lists
     passes to run (a dict, or a YAML/JSON file); ``calibration`` is data for passes that need it: a list
     of sample inputs (each a tuple or kwargs dict like ``example_inputs``, or a tensor for a model with one
-    input) or a ``Calibration`` (for example ``Calibration.load(plan_folder)``), see
-    ``moec.analysis.calibration``.
+    input), one batch (a dict, or a tensor), or a ``Calibration`` (for example
+    ``Calibration.load(plan_folder)``), see ``moec.analysis.calibration``.
     """
     if backend not in BACKENDS:
         raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
     recipe_dict = load_recipe(recipe if not isinstance(recipe, Mapping) else dict(recipe))
     passes = build_passes(recipe_dict)
-    program = capture(model, args, kwargs)
     context = PassContext(calibration=calibration)
+    program = capture(model, args, kwargs)
     records = run_passes(program, [DeadCode(), *passes], context)
     program.metadata["recipe"] = recipe_dict
     program.metadata["backend"] = backend

@@ -48,6 +48,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from moec.analysis.traces import RoutingTrace
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError
 from moec.ir.core import Operation
@@ -227,6 +228,25 @@ def fingerprint(program: Program) -> str:
         checksum = tensor.detach().double().sum().item() if tensor.is_floating_point() else tensor.sum().item()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{checksum!r}".encode())
     return digest.hexdigest()
+
+
+ACCEPTED_FORMS = ("a list of sample inputs (each a kwargs dict, an args tuple, or a tensor for a model with one "
+                  "input), one batch as a dict or a tensor, or a Calibration (moec.load(plan_folder).calibration)")
+
+
+def given_calibration(data: Any) -> Any:
+    """What ``calibration=`` was given, as passes read it: None, a ``Calibration`` or a ``RoutingTrace`` (for
+    expert placement), or samples. A dict or a tensor is one batch; a path, or anything else that is not a
+    collection of samples, is refused."""
+    if data is None or isinstance(data, (Calibration, RoutingTrace)):
+        return data
+    if isinstance(data, (Mapping, torch.Tensor)):
+        return [data]
+    if isinstance(data, (str, bytes, os.PathLike)):
+        raise MoecError(f"calibration={os.fsdecode(data)!r} is a path, not calibration data; give {ACCEPTED_FORMS}")
+    if not isinstance(data, Iterable):
+        raise MoecError(f"calibration of type {type(data).__name__} is not calibration data; give {ACCEPTED_FORMS}")
+    return data
 
 
 def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch.Tensor]]:

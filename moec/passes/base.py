@@ -21,9 +21,10 @@ from moec.ir.quant import QuantizedType
 class PassContext:
     """What passes may read besides the program: calibration data and the running report.
 
-    ``calibration`` is what the user gave: sample inputs (a list of kwargs dicts or args tuples), a
-    ``Calibration`` (for example one loaded from a plan folder), or None. ``calibrations`` holds every
-    calibration known so far, oldest first; the first is the one a plan folder stores.
+    ``calibration`` is what the user gave: sample inputs (a list of kwargs dicts or args tuples; a dict or
+    a tensor is one batch), a ``Calibration`` (for example one loaded from a plan folder), or None; any other
+    form is refused here (``given_calibration``). ``calibrations`` holds every calibration known so far,
+    oldest first; the first is the one a plan folder stores.
     """
 
     calibration: Any = None
@@ -33,8 +34,9 @@ class PassContext:
     calibrations: list[Any] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from moec.analysis.calibration import Calibration
+        from moec.analysis.calibration import Calibration, given_calibration
 
+        self.calibration = given_calibration(self.calibration)
         if isinstance(self.calibration, Calibration):
             self.calibrations.append(self.calibration)
 

@@ -179,3 +179,19 @@ def test_a_model_with_one_input_takes_tensors_as_samples(captured):
     _, example, bert = captured("tiny-bert")
     with pytest.raises(MoecError, match=rf"sample 0 is one tensor, and the model takes {len(example)} inputs \(input_ids"):
         calibrate(bert, [example["input_ids"]], progress=False)
+
+
+def test_one_batch_given_as_a_dict_or_a_tensor_is_one_sample(captured):
+    _, example, bert = captured("tiny-bert")
+    from_dict = PassContext(calibration=example, progress=False).statistics(bert, "test")
+    assert len(from_dict.flat_samples) == 1 and from_dict.tokens == int(example["attention_mask"].sum())
+    program = one_input_program()
+    batch = torch.randn(2, 5, 8)
+    from_tensor = PassContext(calibration=batch, progress=False).statistics(program, "test")
+    assert len(from_tensor.flat_samples) == 1 and torch.equal(from_tensor.flat_samples[0][0], batch)
+
+
+@pytest.mark.parametrize("given", ["plan/", 3])
+def test_a_path_or_a_number_as_calibration_names_the_accepted_forms(given):
+    with pytest.raises(MoecError, match=r"not calibration data; give a list of sample inputs .* one batch"):
+        PassContext(calibration=given)
