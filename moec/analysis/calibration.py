@@ -236,8 +236,9 @@ ACCEPTED_FORMS = ("a list of sample inputs (each a kwargs dict, an args tuple, o
 
 def given_calibration(data: Any) -> Any:
     """What ``calibration=`` was given, as passes read it: None, a ``Calibration`` or a ``RoutingTrace`` (for
-    expert placement), or samples. A dict or a tensor is one batch; a path, or anything else that is not a
-    collection of samples, is refused."""
+    expert placement), or a list of samples. A dict or a tensor is one batch; any other iterable (a generator
+    too) is read once, here, so that every pass that calibrates sees all of it; a path, or anything else that
+    is not a collection of samples, is refused."""
     if data is None or isinstance(data, (Calibration, RoutingTrace)):
         return data
     if isinstance(data, (Mapping, torch.Tensor)):
@@ -246,7 +247,7 @@ def given_calibration(data: Any) -> Any:
         raise MoecError(f"calibration={os.fsdecode(data)!r} is a path, not calibration data; give {ACCEPTED_FORMS}")
     if not isinstance(data, Iterable):
         raise MoecError(f"calibration of type {type(data).__name__} is not calibration data; give {ACCEPTED_FORMS}")
-    return data
+    return list(data)
 
 
 def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch.Tensor]]:

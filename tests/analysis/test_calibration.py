@@ -195,3 +195,11 @@ def test_one_batch_given_as_a_dict_or_a_tensor_is_one_sample(captured):
 def test_a_path_or_a_number_as_calibration_names_the_accepted_forms(given):
     with pytest.raises(MoecError, match=r"not calibration data; give a list of sample inputs .* one batch"):
         PassContext(calibration=given)
+
+
+def test_a_generator_is_read_once_so_every_pass_sees_every_sample():
+    program = one_input_program()
+    batches = [torch.randn(4, 8) for _ in range(3)]
+    context = PassContext(calibration=(batch for batch in batches), progress=False)
+    assert len(context.flat_samples(program, "pass 'quantize'")) == len(batches)
+    assert context.statistics(program, "pass 'dense-to-moe'").tokens == 4 * len(batches)
