@@ -21,7 +21,8 @@ API (stable; other passes build on it)::
     cal.save(folder) / Calibration.load(folder)          safetensors + JSON, never pickle
 
 Tokens are the model's real tokens: positions where the sample's ``attention_mask`` (when the program
-has an input of that name) is 0 are dropped. They are numbered sample by sample, row-major, identically in
+has an input of that name) is 0 are dropped, and a sample with no real token is left out with a warning
+(an error when every sample is such). They are numbered sample by sample, row-major, identically in
 every block that sees the same tokens, so statistics of different layers line up token by token. Blocks
 that see other token counts (an encoder-decoder's decoder, the stages of a hierarchical vision model)
 number and sample their own tokens; ``affinity`` and ``traces`` refuse MoE blocks whose tokens differ.
@@ -40,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,7 +275,24 @@ def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch
             raise MoecError(f"calibration sample {len(flat)} does not fit the model's inputs: {err}") from None
     if not flat:
         raise MoecError("calibration needs at least one sample (a dict of keyword inputs or a tuple of inputs)")
-    return flat
+    return without_padding_only_samples(program, flat)
+
+
+def without_padding_only_samples(program: Program, flat: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """``flat`` without the samples whose ``attention_mask`` is all zeros (no real token to learn from), left
+    out with a warning; one error when that leaves none."""
+    names = program.graph.input_names
+    if "attention_mask" not in names:
+        return flat
+    mask_index = names.index("attention_mask")
+    padding_only = {i for i, sample in enumerate(flat) if not sample[mask_index].any()}
+    if len(padding_only) == len(flat):
+        raise MoecError("calibration: the attention_mask of every sample is all zeros, so there is no real token "
+                        "to calibrate on; give samples with real tokens (attention_mask 1 at each of them)")
+    if padding_only:
+        warnings.warn(f"calibration: samples {sorted(padding_only)} are left out, their attention_mask is all "
+                      "zeros (padding only)", stacklevel=2)
+    return [sample for i, sample in enumerate(flat) if i not in padding_only]
 
 
 class _Recorder:

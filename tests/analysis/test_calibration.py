@@ -203,3 +203,15 @@ def test_a_generator_is_read_once_so_every_pass_sees_every_sample():
     context = PassContext(calibration=(batch for batch in batches), progress=False)
     assert len(context.flat_samples(program, "pass 'quantize'")) == len(batches)
     assert context.statistics(program, "pass 'dense-to-moe'").tokens == 4 * len(batches)
+
+
+def test_samples_that_are_all_padding_are_left_out_and_none_left_is_an_error(captured):
+    _, example, program = captured("tiny-bert")
+    real, padding = samples_like(example, 2)
+    padding["attention_mask"].zero_()
+    with pytest.warns(UserWarning, match=r"samples \[1\] are left out, their attention_mask is all zeros"):
+        cal = calibrate(program, [real, padding], progress=False)
+    assert len(cal.flat_samples) == 1 and cal.tokens == int(real["attention_mask"].sum())
+    assert all(not stats.hidden.isnan().any() for stats in cal.dense.values())
+    with pytest.raises(MoecError, match="the attention_mask of every sample is all zeros"):
+        calibrate(program, [padding, padding], progress=False)
