@@ -130,7 +130,8 @@ def main() -> None:
         for label in ("router", "random", "oracle", "neuron_oracle"):
             q = quality[label]
             print(f"  {label:13s} cosine {q['cosine']:.4f}  nn agreement {q['nn_agreement']:.1%}")
-        print(f"  router closes {quality['gap_closed']:.0%} of the random-to-oracle gap", flush=True)
+        if "gap_closed" in quality:  # absent when random and oracle routing agree (no gap to close)
+            print(f"  router closes {quality['gap_closed']:.0%} of the random-to-oracle gap", flush=True)
 
     speed_batch = dict(tokenizer((list(held_text) * 2)[:32], padding="max_length", truncation=True, max_length=128,
                                  return_tensors="pt"))
