@@ -1,6 +1,7 @@
 """The ``moec`` command: compile a model into a plan folder, and inspect plans.
 
-Exit codes: 0 success, 1 a moec error (the message says what to do), 2 bad usage.
+Exit codes: 0 success, 1 a moec error (the message says what to do), 2 bad usage (an argument that cannot
+be used as given, such as a ``--calibration`` path that is not a calibration file).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,11 +20,19 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from moec.errors import MoecError
+
 WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns when piped
 console = Console(highlight=False, width=WIDTH)
 errors = Console(stderr=True, highlight=False, width=WIDTH)
 
 PARITY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+CALIBRATION_FORMS = ("a .txt file (one text sample per line) or a .safetensors file (the model's inputs by name, "
+                     "samples along dim 0)")
+
+
+class UsageError(MoecError):
+    """A command-line argument that cannot be used as given: exit code 2, like argparse's own usage errors."""
 
 
 @contextlib.contextmanager
@@ -129,6 +139,8 @@ def run_compile(args: argparse.Namespace) -> int:
 
     if args.output:
         check_plan_target(args.output)  # before the work, not after it
+    if args.calibration:
+        check_calibration_path(args.calibration)
     with step(f"loading model {args.model}"):
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)
@@ -189,8 +201,6 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
     standard-library docstrings (``moec.analysis.corpus``) tokenized by the model's tokenizer. Held-out
     batches, for the quality table, are built-in text the calibration never saw (None without a tokenizer).
     """
-    from moec.errors import MoecError
-
     needs = any(p.needs_calibration() for p in passes)
     if path is not None and not needs:
         raise MoecError(f"--calibration {path}: no pass of the recipe needs calibration data; leave it out")
@@ -214,8 +224,6 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
 
 def model_tokenizer(model_spec: str) -> Any:
     """The tokenizer of the default model or of a local Hugging Face folder, or None."""
-    from pathlib import Path
-
     from moec.frontend.zoo import minilm_path
 
     folder = minilm_path() if model_spec == "minilm" else Path(model_spec)
@@ -226,19 +234,26 @@ def model_tokenizer(model_spec: str) -> Any:
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def check_calibration_path(path: str) -> Path:
+    """``path`` if it names a calibration file of an accepted form, else one ``UsageError`` listing them."""
+    file = Path(path)
+    if file.is_dir():
+        raise UsageError(f"--calibration {path} is a folder, not a calibration file; give {CALIBRATION_FORMS}")
+    if not file.is_file():
+        raise UsageError(f"--calibration {path}: no such file")
+    if file.suffix not in (".txt", ".safetensors"):
+        raise UsageError(f"--calibration {path}: give {CALIBRATION_FORMS}")
+    return file
+
+
 def read_calibration_file(path: str, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     """Calibration batches from ``path``: a ``.txt`` file (one text sample per non-empty line, encoded by the
     model's tokenizer) or a ``.safetensors`` file (the model's inputs by name, samples along dim 0)."""
-    from pathlib import Path
-
     import safetensors.torch
 
     from moec.analysis.corpus import tokenized_batches
-    from moec.errors import MoecError
 
-    file = Path(path)
-    if not file.is_file():
-        raise MoecError(f"--calibration {path}: no such file")
+    file = check_calibration_path(path)
     if file.suffix == ".txt":
         lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
         if not lines:
@@ -247,17 +262,14 @@ def read_calibration_file(path: str, tokenizer: Any) -> list[dict[str, torch.Ten
             raise MoecError(f"--calibration {path}: the model has no tokenizer to encode text; give its inputs as "
                             "token ids in a .safetensors file instead")
         return tokenized_batches(tokenizer, lines, CALIBRATION_BATCH)
-    if file.suffix == ".safetensors":
-        tensors = safetensors.torch.load_file(str(file))
-        rows = {name: tensor.shape[0] if tensor.dim() else 0 for name, tensor in tensors.items()}
-        if not tensors or len(set(rows.values())) != 1 or 0 in rows.values():
-            raise MoecError(f"--calibration {path}: expected the model's inputs by name with the same number of "
-                            f"samples along dim 0, got {rows or 'no tensors'}")
-        count = next(iter(rows.values()))
-        return [{name: tensor[i:i + CALIBRATION_BATCH] for name, tensor in tensors.items()}
-                for i in range(0, count, CALIBRATION_BATCH)]
-    raise MoecError(f"--calibration {path}: give a .txt file (one text sample per line) or a .safetensors file "
-                    "(the model's inputs by name, samples along dim 0)")
+    tensors = safetensors.torch.load_file(str(file))
+    rows = {name: tensor.shape[0] if tensor.dim() else 0 for name, tensor in tensors.items()}
+    if not tensors or len(set(rows.values())) != 1 or 0 in rows.values():
+        raise MoecError(f"--calibration {path}: expected the model's inputs by name with the same number of "
+                        f"samples along dim 0, got {rows or 'no tensors'}")
+    count = next(iter(rows.values()))
+    return [{name: tensor[i:i + CALIBRATION_BATCH] for name, tensor in tensors.items()}
+            for i in range(0, count, CALIBRATION_BATCH)]
 
 
 def show_quality(model: Any, compiled: Any, held_out: list) -> None:
@@ -322,12 +334,13 @@ def run_export_onnx(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from moec.errors import MoecError
-
     args = build_parser().parse_args(argv)
     handlers = {"compile": run_compile, "inspect": run_inspect, "export-onnx": run_export_onnx}
     try:
         return handlers[args.command](args)
+    except UsageError as err:
+        errors.print(Text("error: ", style="bold red") + Text(str(err)))
+        return 2
     except MoecError as err:
         errors.print(Text("error: ", style="bold red") + Text(str(err)))
         return 1

@@ -81,6 +81,8 @@ def calibration_files(tmp_path_factory):
     safetensors.torch.save_file({"input_ids": ids, "attention_mask": mask[:3]}, str(folder / "uneven.safetensors"))
     safetensors.torch.save_file({"input_ids": ids + 10**6, "attention_mask": mask}, str(folder / "big.safetensors"))
     (folder / "lines.txt").write_text("one sample\nanother sample\n")
+    (folder / "plan").mkdir()
+    (folder / "plan" / "plan.json").write_text("{}")
     return folder
 
 
@@ -105,19 +107,21 @@ def test_gptq_and_bit_allocation_take_a_calibration_file(calibration_files, tmp_
         assert "changes the model's outputs by design" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize(("recipe", "calibration", "message"), [
-    ("convert.yaml", None, "give --calibration FILE"),
-    ("quantize.yaml", "ids.safetensors", "no pass of the recipe needs calibration data"),
-    ("convert.yaml", "missing.safetensors", "no such file"),
-    ("convert.yaml", "convert.yaml", "give a .txt file"),
-    ("convert.yaml", "uneven.safetensors", "same number of samples along dim 0"),
-    ("convert.yaml", "lines.txt", "no tokenizer to encode text"),
-    ("convert.yaml", "big.safetensors", "token ids below the vocabulary size"),
+@pytest.mark.parametrize(("recipe", "calibration", "message", "code"), [
+    ("convert.yaml", None, "give --calibration FILE", 1),
+    ("quantize.yaml", "ids.safetensors", "no pass of the recipe needs calibration data", 1),
+    ("convert.yaml", "missing.safetensors", "no such file", 2),
+    ("convert.yaml", "convert.yaml", "give a .txt file", 2),
+    ("convert.yaml", "plan", "is a folder, not a calibration file; give a .txt file", 2),
+    ("convert.yaml", "uneven.safetensors", "same number of samples along dim 0", 1),
+    ("convert.yaml", "lines.txt", "no tokenizer to encode text", 1),
+    ("convert.yaml", "big.safetensors", "token ids below the vocabulary size", 1),
 ])
-def test_calibration_file_errors(calibration_files, tmp_path, capsys, recipe, calibration, message):
+def test_calibration_file_errors(calibration_files, tmp_path, capsys, recipe, calibration, message, code):
+    """A path that is not a calibration file is bad usage (2); a file the model cannot use, a moec error (1)."""
     folder = calibration_files
     args = ["compile", "--model", "tiny-llama", "--recipe", str(folder / recipe), "-o", str(tmp_path / "plan")]
-    assert main(args + (["--calibration", str(folder / calibration)] if calibration else [])) == 1
+    assert main(args + (["--calibration", str(folder / calibration)] if calibration else [])) == code
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "plan").exists()
