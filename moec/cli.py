@@ -249,6 +249,7 @@ def check_calibration_path(path: str) -> Path:
 def read_calibration_file(path: str, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     """Calibration batches from ``path``: a ``.txt`` file (one text sample per non-empty line, encoded by the
     model's tokenizer) or a ``.safetensors`` file (the model's inputs by name, samples along dim 0)."""
+    import safetensors
     import safetensors.torch
 
     from moec.analysis.corpus import tokenized_batches
@@ -262,7 +263,11 @@ def read_calibration_file(path: str, tokenizer: Any) -> list[dict[str, torch.Ten
             raise MoecError(f"--calibration {path}: the model has no tokenizer to encode text; give its inputs as "
                             "token ids in a .safetensors file instead")
         return tokenized_batches(tokenizer, lines, CALIBRATION_BATCH)
-    tensors = safetensors.torch.load_file(str(file))
+    try:
+        tensors = safetensors.torch.load_file(str(file))
+    except safetensors.SafetensorError as err:
+        raise UsageError(f"--calibration {path} is not a readable .safetensors file (truncated or corrupt: {err}); "
+                         "write it again with safetensors.torch.save_file") from None
     rows = {name: tensor.shape[0] if tensor.dim() else 0 for name, tensor in tensors.items()}
     if not tensors or len(set(rows.values())) != 1 or 0 in rows.values():
         raise MoecError(f"--calibration {path}: expected the model's inputs by name with the same number of "

@@ -80,6 +80,8 @@ def calibration_files(tmp_path_factory):
     safetensors.torch.save_file({"input_ids": ids, "attention_mask": mask}, str(folder / "ids.safetensors"))
     safetensors.torch.save_file({"input_ids": ids, "attention_mask": mask[:3]}, str(folder / "uneven.safetensors"))
     safetensors.torch.save_file({"input_ids": ids + 10**6, "attention_mask": mask}, str(folder / "big.safetensors"))
+    whole = (folder / "ids.safetensors").read_bytes()
+    (folder / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
     (folder / "lines.txt").write_text("one sample\nanother sample\n")
     (folder / "plan").mkdir()
     (folder / "plan" / "plan.json").write_text("{}")
@@ -113,6 +115,7 @@ def test_gptq_and_bit_allocation_take_a_calibration_file(calibration_files, tmp_
     ("convert.yaml", "missing.safetensors", "no such file", 2),
     ("convert.yaml", "convert.yaml", "give a .txt file", 2),
     ("convert.yaml", "plan", "is a folder, not a calibration file; give a .txt file", 2),
+    ("convert.yaml", "truncated.safetensors", "truncated.safetensors is not a readable .safetensors file", 2),
     ("convert.yaml", "uneven.safetensors", "same number of samples along dim 0", 1),
     ("convert.yaml", "lines.txt", "no tokenizer to encode text", 1),
     ("convert.yaml", "big.safetensors", "token ids below the vocabulary size", 1),
