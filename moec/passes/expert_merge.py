@@ -46,7 +46,9 @@ Ensures: ``moe.experts`` stores one expert per group, in the order of the domina
 among them; with ``members`` routing the router is unchanged and ``expert_map`` maps router experts to
 merged ones. Shared experts and all other ops are untouched. The summary reports per layer experts,
 parameters and bytes before/after, ``output_cosine`` (mean per-token cosine of the layer's routed output
-before and after, on the calibration rows the refit saw) and the groups.
+before and after, on the calibration rows the refit saw) and the groups. A layer with no more experts than
+the target is left as it is, and when that is every layer the pass calibrates nothing and says so in its
+note (the summary's ``note``, and a warning).
 In place (weights keep their names and get new shapes).
 """
 
@@ -69,8 +71,10 @@ from moec.passes.moe_layers import (
     MoELayer,
     check_target_options,
     keep_by_score,
+    kept_whole_record,
     layer_record,
     mean_cosine,
+    nothing_to_do_note,
     routing_groups,
     target_count,
     unmerged_moe_layers,
@@ -310,12 +314,17 @@ class ExpertMerge(Pass):
                                 "to shrink this layer")
         if not layers:
             return PassResult(False, {"layers": []}, note="the program has no routed MoE layers to merge")
+        counts = [target_count(self.name, layer, self.keep, self.keep_ratio, layer.route.spec.top_k) for layer in layers]
+        if all(count == layer.route.spec.num_experts for layer, count in zip(layers, counts, strict=True)):
+            return PassResult(False, {"layers": [self.kept_whole(program, layer) for layer in layers]},
+                              note=nothing_to_do_note(self.keep, self.keep_ratio, layers, "merged"))
         statistics = context.statistics(program, needed_by=f"pass {self.name!r}")
         records = []
-        modified = False
-        for layer in layers:
+        for layer, count in zip(layers, counts, strict=True):
             route = layer.route.spec
-            count = target_count(self.name, layer, self.keep, self.keep_ratio, route.top_k)
+            if count == route.num_experts:
+                records.append(self.kept_whole(program, layer))
+                continue
             if self.router == "groups":
                 routing_group, per_group = routing_groups(self.name, layer, count)
             else:
@@ -325,18 +334,20 @@ class ExpertMerge(Pass):
             before_size = layer.size(program)
             before_out = layer.routed_output(tensors, rows)
             groups = plan_layer(tensors, stats, layer, routing_group, per_group, self.alignment, self.combine)
-            if count < route.num_experts:
-                merged, expert_map = self.merge(tensors, groups, layer, rows, before_out)
-                after_out = layer.routed_output(merged, rows, expert_map)
-                router_rows = count if expert_map is None else route.num_experts
-                layer.rewrite(program, merged, router_rows, count, expert_map)
-                modified = True
-            else:
-                after_out = before_out
+            merged, expert_map = self.merge(tensors, groups, layer, rows, before_out)
+            after_out = layer.routed_output(merged, rows, expert_map)
+            router_rows = count if expert_map is None else route.num_experts
+            layer.rewrite(program, merged, router_rows, count, expert_map)
             record = layer_record(layer.name, (route.num_experts, *before_size), (count, *layer.size(program)),
                                   mean_cosine(before_out, after_out))
             records.append(record | {"groups": [group.members for group in groups]})
-        return PassResult(modified, {"layers": records})
+        return PassResult(True, {"layers": records})
+
+    @staticmethod
+    def kept_whole(program: Program, layer: MoELayer) -> dict:
+        """The report row of a layer that keeps every expert: each expert its own group."""
+        groups = [[expert] for expert in range(layer.route.spec.num_experts)]
+        return kept_whole_record(program, layer) | {"groups": groups}
 
     def merge(self, tensors: dict[str, torch.Tensor], groups: list[MergeGroup], layer: MoELayer, rows: torch.Tensor,
               target: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[int] | None]:

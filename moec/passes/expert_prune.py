@@ -15,6 +15,8 @@ merged (``moe.experts`` with an ``expert_map``) are refused: prune before mergin
 prune before quantizing.
 Ensures: each layer keeps the chosen experts in their original order; the router's rows (and score bias) of
 removed experts are dropped, so ``moe.route`` chooses ``top_k`` among the kept ones; ``keep >= top_k``.
+A layer with no more experts than the target is left as it is, and when that is every layer the pass
+calibrates nothing and says so in its note (the summary's ``note``, and a warning).
 With grouped routing (``n_group > 1``, DeepSeek-V3) every group keeps ``keep / n_group`` experts so groups stay
 equal. Shared experts and all other ops are untouched. The summary reports per layer experts, parameters and
 bytes before/after and ``output_cosine``: the mean per-token cosine of the layer's routed output before and
@@ -37,8 +39,10 @@ from moec.passes.moe_layers import (
     MoELayer,
     check_target_options,
     keep_by_score,
+    kept_whole_record,
     layer_record,
     mean_cosine,
+    nothing_to_do_note,
     routing_groups,
     target_count,
     unmerged_moe_layers,
@@ -106,12 +110,17 @@ class ExpertPrune(Pass):
         layers = unmerged_moe_layers(program, self.name, "prune before merging")
         if not layers:
             return PassResult(False, {"layers": []}, note="the program has no routed MoE layers to prune")
+        counts = [target_count(self.name, layer, self.keep, self.keep_ratio, layer.route.spec.top_k) for layer in layers]
+        if all(count == layer.route.spec.num_experts for layer, count in zip(layers, counts, strict=True)):
+            return PassResult(False, {"layers": [kept_whole_record(program, layer) for layer in layers]},
+                              note=nothing_to_do_note(self.keep, self.keep_ratio, layers, "pruned"))
         statistics = context.statistics(program, needed_by=f"pass {self.name!r}")
         records = []
-        modified = False
-        for layer in layers:
+        for layer, count in zip(layers, counts, strict=True):
             route = layer.route.spec
-            count = target_count(self.name, layer, self.keep, self.keep_ratio, route.top_k)
+            if count == route.num_experts:
+                records.append(kept_whole_record(program, layer))
+                continue
             kept = self.choose(layer, program, statistics.moe[layer.block], count)
             before_size, tensors = layer.size(program), layer.tensors(program)
             rows = statistics.moe[layer.block].inputs
@@ -120,17 +129,13 @@ class ExpertPrune(Pass):
             pruned = {role: t.index_select(0, index) for role, t in tensors.items()}
             after_out = layer.routed_output(pruned, rows)
             layer.rewrite(program, pruned, len(kept), len(kept), None)
-            modified |= len(kept) != route.num_experts
             records.append(layer_record(layer.name, (route.num_experts, *before_size),
                                         (len(kept), *layer.size(program)), mean_cosine(before_out, after_out)))
-        return PassResult(modified, {"layers": records})
+        return PassResult(True, {"layers": records})
 
     def choose(self, layer: MoELayer, program: Program, stats, count: int) -> list[int]:
         """The experts a layer keeps, in expert order."""
-        route = layer.route.spec
         groups, per_group = routing_groups(self.name, layer, count)
-        if count == route.num_experts:
-            return list(range(count))
         mass = stats.weight_mass.double()
         if self.criterion == "frequency":
             return keep_by_score(stats.counts.double() + mass / (mass.max() + 1), groups, per_group)

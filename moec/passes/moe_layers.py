@@ -147,7 +147,7 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def target_count(pass_name: str, layer: MoELayer, keep: int | None, keep_ratio: float | None, top_k: int) -> int:
-    """The number of experts a layer keeps, checked against its top-k."""
+    """The number of experts a layer keeps, checked against its top-k (at most the layer's experts)."""
     total = layer.route.spec.num_experts
     count = keep if keep is not None else round(total * keep_ratio)
     if count < 1:
@@ -188,6 +188,20 @@ def check_target_options(pass_name: str, keep: int | None, keep_ratio: float | N
         raise PassError(f"{pass_name}: keep={keep!r} must be a positive number of experts per layer")
     if keep_ratio is not None and not 0 < keep_ratio <= 1:
         raise PassError(f"{pass_name}: keep_ratio={keep_ratio!r} must be in (0, 1]")
+
+
+def kept_whole_record(program: Program, layer: MoELayer) -> dict:
+    """The report row of a layer that keeps every expert (the target is at least its expert count)."""
+    experts = layer.route.spec.num_experts
+    return layer_record(layer.name, (experts, *layer.size(program)), (experts, *layer.size(program)), 1.0)
+
+
+def nothing_to_do_note(keep: int | None, keep_ratio: float | None, layers: list[MoELayer], done: str) -> str:
+    """The note of a pass whose target keeps every expert of every layer (``done``: "pruned", "merged")."""
+    target = f"keep={keep}" if keep is not None else f"keep_ratio={keep_ratio}"
+    most = max(layer.route.spec.num_experts for layer in layers)
+    return (f"{target} keeps every expert (a layer has at most {most}), so nothing was {done}; "
+            f"keep fewer experts than a layer has")
 
 
 def layer_record(name: str, before: tuple[int, int, int], after: tuple[int, int, int], cosine: float) -> dict:

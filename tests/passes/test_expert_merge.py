@@ -107,8 +107,9 @@ def test_group_routing_keeps_the_dominant_router_rows_and_no_map():
     dominants = [group[0] for group in layer["groups"]]
     assert dominants == sorted(dominants) and sorted(sum(layer["groups"], [])) == [0, 1, 2, 3]
     torch.testing.assert_close(program.weights["gate"], weights["gate"][dominants])
-    # an ordinary (smaller) MoE layer again: it can be merged further
-    merge(program, token_samples(), keep=2)
+    # an ordinary (smaller) MoE layer again, not refused as merged; keep=2 leaves its 2 experts as they are
+    with pytest.warns(UserWarning, match="nothing was merged"):
+        merge(program, token_samples(), keep=2)
 
 
 def test_refit_reproduces_reachable_outputs_and_never_raises_the_calibration_error():
@@ -130,6 +131,20 @@ def test_refit_reproduces_reachable_outputs_and_never_raises_the_calibration_err
              for name, weights in (("combined", merged), ("refitted", merged | refit_outputs(layer, merged, rows, target,
                                                                                                None, ridge=0.1)))}
     assert error["refitted"] < error["combined"]
+
+
+@pytest.mark.parametrize("options", [{"keep": 4}, {"keep": 10, "router": "members"}, {"keep_ratio": 1.0}])
+def test_a_target_of_every_expert_changes_nothing_and_says_so(options):
+    program = program_of(SMALL_MOE, small_moe_weights())
+    before = print_graph(program.graph)
+    context = PassContext(calibration=token_samples(), progress=False)
+    with pytest.warns(UserWarning, match="nothing was merged"):
+        (record,) = run_passes(program, [ExpertMerge(**options)], context)
+    assert print_graph(program.graph) == before and not record["modified"]
+    assert "keeps every expert (a layer has at most 4)" in record["summary"]["note"]
+    (row,) = record["summary"]["layers"]
+    assert (row["experts_before"], row["experts_after"], row["groups"]) == (4, 4, [[0], [1], [2], [3]])
+    assert not context.calibrations  # nothing to plan, so nothing calibrated
 
 
 def test_errors_without_calibration_and_on_a_merged_layer():

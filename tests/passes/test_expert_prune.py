@@ -84,6 +84,19 @@ def test_bad_targets_are_one_clear_error(options, message):
         prune(program, token_samples(), **options)
 
 
+@pytest.mark.parametrize("options", [{"keep": 4}, {"keep": 10}, {"keep_ratio": 1.0}])
+def test_a_target_of_every_expert_changes_nothing_and_says_so(options):
+    program = program_of(SMALL_MOE, small_moe_weights())
+    before = print_graph(program.graph)
+    context = PassContext(calibration=token_samples(), progress=False)
+    with pytest.warns(UserWarning, match="nothing was pruned"):
+        (record,) = run_passes(program, [ExpertPrune(**options)], context)
+    assert print_graph(program.graph) == before and not record["modified"]
+    assert "keeps every expert (a layer has at most 4)" in record["summary"]["note"]
+    assert [(row["experts_before"], row["experts_after"]) for row in record["summary"]["layers"]] == [(4, 4)]
+    assert not context.calibrations  # nothing to choose, so nothing calibrated
+
+
 def test_recipe_errors_and_missing_calibration():
     with pytest.raises(PassError, match="keep=0 must be a positive number"):
         build_passes({"passes": [{"expert-prune": {"keep": 0}}]})
