@@ -37,8 +37,8 @@ Requires: a verified graph whose chosen FFNs have float weights (run before quan
 or ``method="coactivation"``. Ensures: every chosen ``ffn.dense`` op is replaced as above; with
 ``top_k == experts`` and no shared expert the block computes the same function as before (to float32
 rounding); the replaced op's weights are removed. Every option problem (more experts than neurons,
-``top_k`` > ``experts``, neurons that do not divide, an empty or repeated ``layers``) is reported for the first offending block before
-anything is changed. In place.
+``top_k`` > ``experts``, neurons that do not divide, a ``shared`` too small for one neuron, an empty or
+repeated ``layers``) is reported for the first offending block before anything is changed. In place.
 """
 
 from __future__ import annotations
@@ -149,7 +149,12 @@ class DenseToMoE(Pass):
     def check_options(self, program: Program, op: DenseFFNOp) -> None:
         where = f"block {op.block!r}"
         check_float_weights(program, self.name, op.block, [ref.name for ref in op.weight_refs])
-        routed = op.spec.intermediate - self.shared_count(op)
+        width = op.spec.intermediate
+        if self.shared > 0 and self.shared_count(op) < 1:
+            raise PassError(f"{where}: shared={self.shared} gives the shared expert no neuron (round(shared * "
+                            f"{width}) = 0 of the FFN's {width}); use shared >= {1 / width:.4g} (one neuron), or "
+                            "shared=0 for no shared expert")
+        routed = width - self.shared_count(op)
         if self.experts < 1 or self.experts > routed:
             raise PassError(f"{where}: experts={self.experts} must be in 1..{routed} (the FFN's routed neurons)")
         if not 1 <= self.top_k <= self.experts:

@@ -133,6 +133,8 @@ def test_fitted_router_beats_random_routing():
     ({"experts": 4, "top_k": 5}, r"block 'mlp': top_k=5 must be in 1\.\.experts=4"),
     ({"experts": 5, "top_k": 2}, r"block 'mlp': the 16 routed neurons .* do not split into experts=5"),
     ({"experts": 4, "top_k": 2, "shared": 0.3}, r"block 'mlp': the 11 routed neurons"),
+    ({"experts": 4, "top_k": 2, "shared": 0.01}, r"block 'mlp': shared=0.01 gives the shared expert no neuron .* "
+                                                 r"use shared >= 0\.0625 \(one neuron\)"),
     ({"experts": 4, "top_k": 2, "layers": [0, "mlp"]}, r"layers: 'mlp' names block 'mlp' a second time"),
     ({"experts": 4, "top_k": 2, "layers": []}, r"layers=\[\] chooses no FFN"),
 ])
