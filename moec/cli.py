@@ -256,7 +256,12 @@ def read_calibration_file(path: str, tokenizer: Any) -> list[dict[str, torch.Ten
 
     file = check_calibration_path(path)
     if file.suffix == ".txt":
-        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            text = file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--calibration {path} is not UTF-8 text (byte {err.start}); save it as UTF-8, "
+                             "one sample per line") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise MoecError(f"--calibration {path}: the file has no text (one sample per line)")
         if tokenizer is None:

@@ -83,6 +83,7 @@ def calibration_files(tmp_path_factory):
     whole = (folder / "ids.safetensors").read_bytes()
     (folder / "truncated.safetensors").write_bytes(whole[: len(whole) // 2])
     (folder / "lines.txt").write_text("one sample\nanother sample\n")
+    (folder / "latin1.txt").write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
     (folder / "plan").mkdir()
     (folder / "plan" / "plan.json").write_text("{}")
     return folder
@@ -117,6 +118,7 @@ def test_gptq_and_bit_allocation_take_a_calibration_file(calibration_files, tmp_
     ("convert.yaml", "plan", "is a folder, not a calibration file; give a .txt file", 2),
     ("convert.yaml", "truncated.safetensors", "truncated.safetensors is not a readable .safetensors file", 2),
     ("convert.yaml", "uneven.safetensors", "same number of samples along dim 0", 1),
+    ("convert.yaml", "latin1.txt", "latin1.txt is not UTF-8 text (byte 3)", 2),
     ("convert.yaml", "lines.txt", "no tokenizer to encode text", 1),
     ("convert.yaml", "big.safetensors", "token ids below the vocabulary size", 1),
 ])
