@@ -3,10 +3,10 @@
 Everything is measured side by side in one run and written to bench-results/quantize.json:
 
 1. ``lp``: solve time of the allocation LP for 64 layers x 64 experts x 4 widths (random tables).
-2. ``quality``: 1 - embedding cosine on real all-MiniLM-L6-v2 (32 held-out standard-library docstring
-   sentences; 32 others calibrate) and 1 - output-row cosine on a tiny MoE, for uniform widths and the LP
-   allocation at 3.0 and 2.5 average bits (2.5 is compared with the best of a few uniform 2/3-bit mixes:
-   alternate units, first or second half at 3 bits).
+2. ``quality``: 1 - embedding cosine on real all-MiniLM-L6-v2 (128 held-out standard-library docstring
+   sentences, 128 others calibrate; 32 and 32 with ``--quick``) and 1 - output-row cosine on a tiny MoE,
+   for uniform widths and the LP allocation at 3.0 and 2.5 average bits (2.5 is compared with the best of
+   a few uniform 2/3-bit mixes: alternate units, first or second half at 3 bits).
 3. ``bytes``: expert bytes in the saved plan at 3.0 average bits vs float32.
 4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
 5. ``kernels``: decode-sized (1-16 token) expert blocks: float32 plan vs 2-, 3-, 4- and 8-bit experts (4 only
@@ -120,19 +120,24 @@ def quality_runs(name: str, program: Program, calibration: list, held_out: list,
 
 
 def minilm_quality(quick: bool) -> dict:
+    """LP vs uniform widths on dense all-MiniLM-L6-v2 (per-linear units, output-error importance), calibrated
+    and measured on different sentences in batches of 32."""
     model, example = build_preset("minilm")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     program = moec.compile(model, example).program
-    cal_text, held_text = calibration_and_held_out(32, 32)
-    calibration_kwargs = dict(tokenizer(cal_text, padding=True, return_tensors="pt"))
-    held = dict(tokenizer(held_text, padding=True, return_tensors="pt"))
-    calibration = [program.flatten_inputs((), calibration_kwargs)]
-    held_out = [program.flatten_inputs((), held)]
+    sentences = 32 if quick else 128
+    cal_text, held_text = calibration_and_held_out(sentences, sentences)
+    held_batches = tokenized_batches(tokenizer, held_text)
+    held_out = [program.flatten_inputs((), batch) for batch in held_batches]
+    masks = {id(flat): batch["attention_mask"] for flat, batch in zip(held_out, held_batches, strict=True)}
 
     def loss(reference, candidate, batch):
-        return 1 - embedding_cosine(reference, candidate, held["attention_mask"])
+        return 1 - embedding_cosine(reference, candidate, masks[id(batch)])
 
-    return quality_runs("minilm (dense FFNs, per linear)", program, calibration, held_out, loss, 64, True, True)
+    quality = quality_runs("minilm (dense FFNs, per linear)", program, tokenized_batches(tokenizer, cal_text),
+                           held_out, loss, 64, True, True)
+    quality["sentences"] = {"calibration": sentences, "held_out": sentences}
+    return quality
 
 
 def row_cosine_loss(reference, candidate, batch) -> float:
