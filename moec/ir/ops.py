@@ -12,6 +12,7 @@ Every MoE op works on ``[..., H]`` inputs: leading dims are tokens.
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from typing import Any, ClassVar
 
@@ -76,7 +77,7 @@ class SpecOp(Operation):
         its configuration needs (``w_gate`` of a gated FFN), or one the caller found on it."""
         ref = self.weight(role)
         if ref is None:
-            raise ValueError(f"{self.op_name} has no {role!r} weight")
+            raise ValueError(f"'{self.op_name}' has no weight {role!r}")
         return ref
 
     def weight_type(self, role: str) -> TensorType | QuantizedType | None:
@@ -100,10 +101,10 @@ class SpecOp(Operation):
         allowed |= {"block", *self.extra_attributes}
         unknown = set(self.kwargs) - allowed
         if unknown:
-            raise ValueError(f"unknown keyword arguments {sorted(unknown)}")
+            raise ValueError(f"unknown attributes {', '.join(map(repr, sorted(unknown)))}")
         for role in self.required_weights:
             if not isinstance(self.kwargs.get(role), WeightRef):
-                raise ValueError(f"weight {role!r} is required and must be a @weight reference")
+                raise ValueError(f"weight {role!r} is required and must be a '@name' reference")
         if len(self.args) != self.num_operands or not all(isinstance(a, Value) for a in self.args):
             raise ValueError(f"takes {self.num_operands} value operands, got {len(self.args)} arguments")
         try:
@@ -118,18 +119,20 @@ class SpecOp(Operation):
     def expect_weight_shape(self, role: str, shape: tuple) -> None:
         weight_type = self.weight_type(role)
         if weight_type is not None and tuple(weight_type.shape) != tuple(shape):
-            raise ValueError(f"weight {role!r} has shape {list(weight_type.shape)}, expected {list(shape)}")
+            raise ValueError(f"weight {role!r} ('{self.kwargs[role]}') has shape {list(weight_type.shape)}, "
+                             f"expected {list(shape)}")
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+        shown = json.dumps(value) if isinstance(value, str) else repr(value)  # as the IR text spells a string
+        raise ValueError(f"{name!r} is {shown}; it must be one of {', '.join(map(json.dumps, choices))}")
 
 
-def check_token_operand(value: Value, hidden: Dim, what: str) -> TensorType:
+def check_token_operand(value: Value, hidden: Dim) -> TensorType:
     t = value.tensor_type
     if t.rank < 1 or t.shape[-1] != hidden:
-        raise ValueError(f"{what} must be [..., {hidden}], got {t}")
+        raise ValueError(f"operand #0 must be [..., {hidden}], got {t}")
     return t
 
 
@@ -153,14 +156,16 @@ class RouteOp(SpecOp):
         check_choice("order", spec.order, ORDERS)
         check_choice("group_score", spec.group_score, GROUP_SCORES)
         if not 1 <= spec.top_k <= spec.num_experts:
-            raise ValueError(f"top_k={spec.top_k} must be in 1..num_experts={spec.num_experts}")
+            raise ValueError(f"'top_k' is {spec.top_k}; it must be in 1..{spec.num_experts} ('num_experts')")
         if spec.num_experts % spec.n_group or not 1 <= spec.topk_group <= spec.n_group:
-            raise ValueError(f"n_group={spec.n_group} must divide num_experts and hold topk_group={spec.topk_group}")
+            raise ValueError(f"'n_group' is {spec.n_group}; it must divide 'num_experts' ({spec.num_experts}), "
+                             f"and 'topk_group' ({spec.topk_group}) must be in 1..{spec.n_group}")
         router = self.weight_type("router")
         if router is not None:
             if router.rank != 2 or router.shape[0] != spec.num_experts:
-                raise ValueError(f"router weight must be [{spec.num_experts}, H], got {router}")
-            check_token_operand(self.args[0], router.shape[1], "x")
+                raise ValueError(f"weight 'router' ('{self.kwargs['router']}') must be [{spec.num_experts}, H], "
+                                 f"got {router}")
+            check_token_operand(self.args[0], router.shape[1])
         self.expect_weight_shape("router_bias", (spec.num_experts,))
         self.expect_weight_shape("router_logit_bias", (spec.num_experts,))
         x_type = self.args[0].tensor_type
@@ -221,35 +226,37 @@ class ExpertsOp(SpecOp):
         if mapping is None:
             return
         if not isinstance(mapping, (list, tuple)) or not all(type(m) is int for m in mapping):
-            raise ValueError(f"expert_map must be a list of ints, got {mapping!r}")
+            raise ValueError(f"'expert_map' must be a list of ints, got {mapping!r}")
         if any(not 0 <= m < num_experts for m in mapping) or set(mapping) != set(range(num_experts)):
-            raise ValueError(f"expert_map must map onto every stored expert 0..{num_experts - 1} and nothing else, "
+            raise ValueError(f"'expert_map' must map onto every stored expert 0..{num_experts - 1} and nothing else, "
                              f"got {list(mapping)}")
         route = self.args[1].owner
         if isinstance(route, RouteOp) and route.kwargs.get("num_experts") != len(mapping):
-            raise ValueError(f"expert_map has {len(mapping)} entries but its router chooses among "
-                             f"{route.kwargs.get('num_experts')} experts")
+            raise ValueError(f"'expert_map' has {len(mapping)} entries but its router ('moe.route', 'num_experts') "
+                             f"chooses among {route.kwargs.get('num_experts')} experts")
 
     def verify_spec(self, spec: ExpertsSpec) -> None:
         check_choice("act", spec.act, ACTIVATIONS)
         check_gating(spec)
         if spec.weighted_input and spec.has_bias:
-            raise ValueError("experts that take the routing weight on their input have no biases (a pair of "
-                             "weight 0, such as a skipped one, must contribute nothing)")
+            raise ValueError("experts that take the routing weight on their input ('weighted_input') have no biases "
+                             "('b_in', 'b_out'): a pair of weight 0, such as a skipped one, must contribute nothing")
         if not 0.0 <= self.skip_threshold < 1.0:
-            raise ValueError(f"skip_threshold={self.skip_threshold} must be in [0, 1) (the top expert always runs)")
+            raise ValueError(f"'skip_threshold' is {self.skip_threshold}; it must be in [0, 1) "
+                             f"(the top expert always runs)")
         self.verify_expert_map(spec.num_experts)
         f_in = 2 * spec.intermediate if spec.gated else spec.intermediate
         self.expect_weight_shape("w_in", (spec.num_experts, f_in, spec.hidden))
         self.expect_weight_shape("w_out", (spec.num_experts, spec.hidden, spec.intermediate))
         self.expect_weight_shape("b_in", (spec.num_experts, f_in))
         self.expect_weight_shape("b_out", (spec.num_experts, spec.hidden))
-        x_type = check_token_operand(self.args[0], spec.hidden, "x")
+        x_type = check_token_operand(self.args[0], spec.hidden)
         idx_type, w_type = self.args[1].tensor_type, self.args[2].tensor_type
         if idx_type.dtype != "i64" or idx_type.shape[:-1] != x_type.shape[:-1]:
-            raise ValueError(f"indices must be i64[{', '.join(map(str, x_type.shape[:-1]))}, k], got {idx_type}")
+            raise ValueError(f"operand #1 (indices) must be i64[{', '.join(map(str, x_type.shape[:-1]))}, k], got {idx_type}")
         if w_type.shape != idx_type.shape:
-            raise ValueError(f"routing weights {w_type} must match indices {idx_type}")
+            raise ValueError(f"operand #2 (routing weights) is {w_type}; it must have the shape of "
+                             f"operand #1 (indices), {idx_type}")
         if len(self.results) != 1 or self.results[0].type != x_type:
             raise ValueError(f"result must be {x_type}")
 
@@ -257,9 +264,9 @@ class ExpertsOp(SpecOp):
 def check_gating(spec: ExpertsSpec | FFNSpec) -> None:
     """The clamp and offset of gated experts or FFNs: a positive ``limit``, and neither on ungated ones."""
     if not spec.plain_gating and not spec.gated:
-        raise ValueError("limit and up_offset apply to gated experts and FFNs only")
+        raise ValueError("'limit' and 'up_offset' apply to gated experts and FFNs only")
     if spec.limit is not None and not (isinstance(spec.limit, (int, float)) and spec.limit > 0):
-        raise ValueError(f"limit={spec.limit!r} must be a positive number")
+        raise ValueError(f"'limit' is {spec.limit!r}; it must be a positive number")
 
 
 class FFNLikeOp(SpecOp):
@@ -285,7 +292,7 @@ class FFNLikeOp(SpecOp):
         for role in ("b_gate", "b_up"):
             self.expect_weight_shape(role, (spec.intermediate,))
         self.expect_weight_shape("b_down", (spec.hidden,))
-        x_type = check_token_operand(self.args[0], spec.hidden, "x")
+        x_type = check_token_operand(self.args[0], spec.hidden)
         if len(self.results) != 1 or self.results[0].type != x_type:
             raise ValueError(f"result must be {x_type}")
 

@@ -93,7 +93,7 @@ class QuantizedType:
         if self.dtype not in ("f32", "f16", "bf16"):
             raise ValueError(f"a quantized weight's logical dtype must be floating, got {self.dtype}")
         if len(self.bits) != self.num_matrices:
-            raise ValueError(f"bits has {len(self.bits)} entries, expected one per matrix ({self.num_matrices})")
+            raise ValueError(f"'bits' has {len(self.bits)} entries, expected one per matrix ({self.num_matrices})")
         bad_bits = sorted({b for b in self.bits if b not in SUPPORTED_BITS})
         if bad_bits:
             raise ValueError(f"bit widths {bad_bits} are not supported; use {list(SUPPORTED_BITS)}")

@@ -34,8 +34,8 @@ def test_expert_map_round_trips_and_verifies():
 @pytest.mark.parametrize(("bad_map", "message"), [
     ("[0, 1, 0, 2]", "must map onto every stored expert 0..1"),
     ("[0, 0, 0, 0]", "must map onto every stored expert 0..1"),
-    ("[0, 1, 0]", "expert_map has 3 entries but its router chooses among 4 experts"),
-    ('[0, "1", 0, 1]', "expert_map must be a list of ints"),
+    ("[0, 1, 0]", "'expert_map' has 3 entries but its router .* chooses among 4 experts"),
+    ('[0, "1", 0, 1]', "'expert_map' must be a list of ints"),
 ])
 def test_bad_expert_maps_are_named(bad_map, message):
     with pytest.raises(VerifyError, match=message):
