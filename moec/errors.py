@@ -12,7 +12,12 @@ class CaptureError(MoecError):
 
 
 class VerifyError(MoecError):
-    """The IR breaks one of the verifier's invariants."""
+    """The IR breaks one of the verifier's invariants; ``block`` is the model block (module path) of the
+    op at fault, when that op came from one."""
+
+    def __init__(self, message: str, block: str | None = None) -> None:
+        super().__init__(message)
+        self.block = block
 
 
 class ParseError(MoecError):

@@ -20,13 +20,14 @@ import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
 
-from moec.errors import CaptureError
+from moec.errors import CaptureError, VerifyError
 from moec.frontend.blocks import BlockSpec
 from moec.frontend.ffn_patterns import fold_dense_ffns
 from moec.frontend.lower import lower
-from moec.frontend.recognize import is_hf_experts, recognize
+from moec.frontend.recognize import is_hf_experts, recognize, user_registration
 from moec.frontend.swap import swap_blocks
 from moec.ir.program import Program
+from moec.ir.verifier import verify
 
 if TYPE_CHECKING:  # annotations only: importing moec does not import transformers
     from transformers import PretrainedConfig
@@ -52,6 +53,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
             raise
     program = lower(ep)
     folded = fold_dense_ffns(program)
+    verify_registered_blocks(model, program)
     program.metadata["blocks"] = [block_summary(spec) for spec in specs] + [
         {"module": block, "kind": "ffn", "family": "pattern"} for block in folded]
     program.metadata["model_class"] = f"{type(model).__module__}.{type(model).__qualname__}"
@@ -63,6 +65,33 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     program.metadata["example_shapes"] = [list(x.shape) if isinstance(x, torch.Tensor) else None
                                           for x in program.flatten_inputs(tuple(args), kwargs)]
     return program
+
+
+def verify_registered_blocks(model: nn.Module, program: Program) -> None:
+    """Verify the captured IR; a failure in a block described by a ``register_moe_block`` call names that
+    block and the registration, whose spec does not match the module."""
+    try:
+        verify(program.graph)
+    except VerifyError as err:
+        registration = registration_of_block(model, err.block)
+        if registration is None:
+            raise
+        module_class, to_spec = registration
+        describer = getattr(to_spec, "__qualname__", repr(to_spec))
+        raise VerifyError(
+            f"block {err.block!r} ({module_class.__qualname__}, described by {describer} through "
+            f"moec.register_moe_block) does not match its module: {err}\n"
+            f"fix the sizes, weights or settings that {describer} returns", block=err.block) from None
+
+
+def registration_of_block(model: nn.Module, block: str | None) -> tuple[type[nn.Module], Any] | None:
+    """The ``register_moe_block`` call that described the module at path ``block``, if any."""
+    if block is None:
+        return None
+    try:
+        return user_registration(model.get_submodule(block))
+    except AttributeError:  # a block found by pattern, not a module of the model
+        return None
 
 
 def distinct_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:

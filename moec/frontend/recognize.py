@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from moec.errors import CaptureError
 from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec, required_part
 
 ToSpec = Callable[[nn.Module], BlockSpec | None]
@@ -41,7 +42,9 @@ def register_moe_block(module_class: type[nn.Module], to_spec: ToSpec) -> None:
     Weight names in the returned spec are relative to the module (``"router.weight"``); moec prefixes
     the module's path in the model, and fills ``module``. Return None to leave an instance unrecognized.
     Registrations made later win over earlier ones and over the built-ins; subclasses match too.
-    The module's ``forward(hidden_states)`` must return one tensor of the input's shape.
+    The module's ``forward(hidden_states)`` must return one tensor of the input's shape. Capture checks
+    each spec against its module (weight names, then the IR's sizes) and names the block and ``to_spec``
+    when they disagree.
 
     Example, for a module with a router ``nn.Linear(H, E)`` and stacked expert weights
     ``w1`` (E, 2F, H) (gate rows first) and ``w2`` (E, H, F)::
@@ -57,7 +60,22 @@ def register_moe_block(module_class: type[nn.Module], to_spec: ToSpec) -> None:
 
         moec.register_moe_block(MyMoE, my_moe_spec)
     """
+    if not (isinstance(module_class, type) and issubclass(module_class, nn.Module)):
+        given = (f"an instance of {type(module_class).__name__}; pass the class itself"
+                 if isinstance(module_class, nn.Module) else repr(module_class))
+        raise TypeError(f"register_moe_block: module_class must be a torch.nn.Module subclass, got {given}")
+    if not callable(to_spec):
+        raise TypeError(f"register_moe_block: to_spec must be a function taking a {module_class.__name__} and "
+                        f"returning a moec.BlockSpec or None, got {to_spec!r}")
     _REGISTRY.append((module_class, to_spec))
+
+
+def user_registration(module: nn.Module) -> tuple[type[nn.Module], ToSpec] | None:
+    """The ``register_moe_block`` call that describes ``module``, or None when a built-in or a probe does."""
+    found = _registration_for(module)
+    if found is None or isinstance(found[0], str):
+        return None
+    return found[0], found[1]
 
 
 def recognize(model: nn.Module) -> list[BlockSpec]:
@@ -78,13 +96,38 @@ def recognize(model: nn.Module) -> list[BlockSpec]:
     return specs
 
 
-def _spec_for(module: nn.Module) -> BlockSpec | None:
+def _registration_for(module: nn.Module) -> tuple[type[nn.Module] | str, ToSpec] | None:
+    """The latest registry entry whose class ``module`` is an instance of."""
     lineage = type(module).__mro__
     paths = {f"{cls.__module__}.{cls.__qualname__}" for cls in lineage}
     for module_class, to_spec in reversed(_REGISTRY):
         if module_class in paths if isinstance(module_class, str) else module_class in lineage:
-            return to_spec(module)
-    return _probed_gated_mlp(module) or _probed_hf_experts(module)
+            return module_class, to_spec
+    return None
+
+
+def _spec_for(module: nn.Module) -> BlockSpec | None:
+    found = _registration_for(module)
+    if found is None:
+        return _probed_gated_mlp(module) or _probed_hf_experts(module)
+    spec = found[1](module)
+    if not isinstance(found[0], str):
+        _check_registered_spec(module, found[1], spec)
+    return spec
+
+
+def _check_registered_spec(module: nn.Module, to_spec: ToSpec, spec: object) -> None:
+    """A user's ``to_spec`` returned a BlockSpec (or None) whose weights are tensors of ``module``."""
+    name = getattr(to_spec, "__qualname__", repr(to_spec))
+    if spec is not None and not isinstance(spec, BlockSpec):
+        raise CaptureError(f"{name}, registered for {type(module).__name__} with moec.register_moe_block, returned "
+                           f"a {type(spec).__name__}; it must return a moec.BlockSpec, or None to leave the module alone")
+    tensors = {n for n, _ in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
+    for role, weight in (spec.weights.items() if spec is not None else ()):
+        if weight not in tensors:
+            raise CaptureError(f"{name}, registered for {type(module).__name__} with moec.register_moe_block, gives "
+                               f"weight {role!r} as {weight!r}, which is not a parameter or buffer of that module "
+                               f"(names are relative to the module, such as 'router.weight')")
 
 
 def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:

@@ -6,7 +6,7 @@ import re
 
 from moec.errors import VerifyError
 from moec.ir.core import Graph, Operation, WeightRef, iter_leaves
-from moec.ir.ops import AtenOp
+from moec.ir.ops import AtenOp, SpecOp
 from moec.ir.printer import Namer, print_graph_lines
 from moec.ir.quant import QuantizedType
 from moec.ir.targets import resolve_target
@@ -49,7 +49,8 @@ def verify(graph: Graph) -> None:
         try:
             verify_op(graph, op, defined, names)
         except ValueError as err:
-            raise VerifyError(describe(graph, op, str(err))) from None
+            block = op.block if isinstance(op, SpecOp) and "block" in op.kwargs else None
+            raise VerifyError(describe(graph, op, str(err)), block=block) from None
         defined.update(id(r) for r in op.results)
     in_graph = {id(op) for op in graph.ops}
     for value in [*graph.inputs, *(r for op in graph.ops for r in op.results)]:
@@ -73,7 +74,8 @@ def printed_names(graph: Graph) -> Namer:
 
 def quote_op(graph: Graph, op: Operation) -> str:
     if any(op is other for other in graph.ops):
-        return f"'{op.op_name}' (op #{graph.ops.index(op)})"
+        block = f", block {op.block!r}" if isinstance(op, SpecOp) and "block" in op.kwargs else ""
+        return f"'{op.op_name}' (op #{graph.ops.index(op)}{block})"
     return f"'{op.op_name}' (an op outside the graph)"
 
 

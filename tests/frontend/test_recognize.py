@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import sys
 import types
 
@@ -39,8 +40,10 @@ EXPECTED_BLOCKS = {
 
 @pytest.fixture
 def isolated_registry(monkeypatch):
-    """Registrations made by a test vanish after it."""
-    monkeypatch.setattr(recognize_module, "_REGISTRY", list(recognize_module._REGISTRY))
+    """Registrations made by a test vanish after it; gives the registry as it was before the test."""
+    registry = list(recognize_module._REGISTRY)
+    monkeypatch.setattr(recognize_module, "_REGISTRY", list(registry))
+    return registry
 
 
 @pytest.mark.parametrize("name", list(EXPECTED_BLOCKS))
@@ -171,6 +174,47 @@ def test_a_block_moec_cannot_stand_in_for_is_named_as_moecs_error(isolated_regis
     with pytest.raises(moec.CaptureError, match=r"(?s)runs on the example inputs, but not with moec's ops in place of "
                                                 r"its recognized blocks \(tiny-moe\).*moec recognizer error"):
         moec.compile(UnpacksTuple(), (torch.randn(3, 5, 8),))
+
+
+@pytest.mark.parametrize(("module_class", "to_spec", "message"), [
+    (TinyMoE(), tiny_moe_spec, "module_class must be a torch.nn.Module subclass, got an instance of TinyMoE"),
+    (tiny_moe_spec, tiny_moe_spec, "module_class must be a torch.nn.Module subclass, got <function tiny_moe_spec"),
+    (int, tiny_moe_spec, "module_class must be a torch.nn.Module subclass, got <class 'int'>"),
+    (TinyMoE, "tiny_moe_spec", "to_spec must be a function taking a TinyMoE .* got 'tiny_moe_spec'"),
+])
+def test_register_moe_block_checks_its_arguments(isolated_registry, module_class, to_spec, message):
+    with pytest.raises(TypeError, match=message):
+        register_moe_block(module_class, to_spec)
+    assert recognize_module._REGISTRY == isolated_registry
+
+
+def narrow_experts_spec(module: TinyMoE) -> BlockSpec:
+    """Says the experts are half as wide as they are: the stacked weights do not fit."""
+    spec = tiny_moe_spec(module)
+    return dataclasses.replace(spec, experts=dataclasses.replace(spec.experts, intermediate=6))
+
+
+def test_a_registered_block_whose_spec_does_not_fit_is_named(isolated_registry):
+    register_moe_block(TinyMoE, narrow_experts_spec)
+    model = nn.Sequential(nn.Linear(8, 8), TinyMoE(), nn.Linear(8, 8))
+    with pytest.raises(moec.VerifyError) as info:
+        moec.compile(model, (torch.randn(3, 5, 8),))
+    assert info.value.block == "1"
+    message = str(info.value)
+    assert message.startswith("block '1' (TinyMoE, described by narrow_experts_spec through moec.register_moe_block)")
+    assert "weight 'w_in' ('@1.up') has shape [2, 12, 8], expected [2, 6, 8]" in message
+
+
+@pytest.mark.parametrize(("to_spec", "message"), [
+    (lambda m: {"kind": "moe"}, "returned a dict; it must return a moec.BlockSpec"),
+    (lambda m: dataclasses.replace(tiny_moe_spec(m), weights={"router": "router.weight", "w_in": "upp",
+                                                                "w_out": "down"}),
+     "gives weight 'w_in' as 'upp', which is not a parameter or buffer of that module"),
+])
+def test_a_registered_spec_function_that_returns_a_wrong_spec_is_named(isolated_registry, to_spec, message):
+    register_moe_block(TinyMoE, to_spec)
+    with pytest.raises(CaptureError, match=rf"<lambda>, registered for TinyMoE with moec.register_moe_block, {message}"):
+        recognize(nn.Sequential(TinyMoE()))
 
 
 class ClampedMLP(nn.Module):
