@@ -10,6 +10,7 @@ captured as separate inputs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import warnings
 from collections.abc import Iterator
@@ -51,6 +52,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
                     f"{describe(model, failure.eager_error)}\nthis is a moec recognizer error; please report it"
                 ) from failure.eager_error
             raise
+    check_serializable_structure(model, ep)
     program = lower(ep)
     folded = fold_dense_ffns(program)
     verify_registered_blocks(model, program)
@@ -187,12 +189,17 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
     except CaptureError:
         raise
     except Exception as err:  # export raises many types; all mean "cannot capture"
-        eager_error = eager_failure(model, args, kwargs)
+        output, eager_error = eager_run(model, args, kwargs)
         if eager_error is not None:
             raise EagerFailure(
                 f"{type(model).__name__} fails on the example inputs themselves, without moec: "
                 f"{describe(model, eager_error)}\npass example inputs that the model runs on", eager_error
             ) from eager_error
+        opaque = opaque_leaf_type(output)
+        if opaque is not None:
+            raise CaptureError(f"{type(model).__name__}.forward returns {opaque.__qualname__}, a class torch.export "
+                               f"cannot look inside; register it as a pytree before compiling: "
+                               f"{pytree_registration(opaque)}") from None
         raise CaptureError(f"cannot export {type(model).__name__}: {describe(model, err)}\n"
                            f"{export_hint(err, args, kwargs)}") from err
 
@@ -220,12 +227,54 @@ def named_tensors(args: tuple, kwargs: dict) -> list[tuple[str, torch.Tensor]]:
 
 def eager_failure(model: nn.Module, args: tuple, kwargs: dict) -> Exception | None:
     """The error ``model(*args, **kwargs)`` raises when run as is, or None when it runs."""
+    return eager_run(model, args, kwargs)[1]
+
+
+def eager_run(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, Exception | None]:
+    """``model(*args, **kwargs)`` run as is: (its output, None), or (None, the error it raises)."""
     try:
         with torch.no_grad():
-            model(*args, **kwargs)
+            return model(*args, **kwargs), None
     except Exception as err:  # whatever the model raises
-        return err
+        return None, err
+
+
+# Leaves torch.export carries in a model's outputs; any other leaf is a class pytree does not know.
+PLAIN_LEAVES = (torch.Tensor, int, float, bool, complex, str, type(None))
+
+
+def opaque_leaf_type(output: Any) -> type | None:
+    """The first class in ``output`` that pytree does not know how to flatten, or None."""
+    for leaf in torch.utils._pytree.tree_leaves(output):
+        if not isinstance(leaf, PLAIN_LEAVES):
+            return type(leaf)
     return None
+
+
+def pytree_registration(cls: type) -> str:
+    """The call that registers ``cls`` as a pytree moec can capture and save (its serialized name is its import
+    path, which ``moec.load`` imports)."""
+    name = f'serialized_type_name="{cls.__module__}.{cls.__qualname__}"'
+    if dataclasses.is_dataclass(cls):
+        return f"torch.utils._pytree.register_dataclass({cls.__qualname__}, {name})"
+    return (f"torch.utils._pytree.register_pytree_node({cls.__qualname__}, flatten_fn, unflatten_fn, {name}) "
+            f"(see torch.utils._pytree)")
+
+
+def check_serializable_structure(model: nn.Module, ep: torch.export.ExportedProgram) -> None:
+    """Every class in the structure of the model's inputs and outputs has the serialized name a plan stores."""
+    for what, spec in (("takes", ep.call_spec.in_spec), ("returns", ep.call_spec.out_spec)):
+        nodes = [spec]
+        while nodes:
+            node = nodes.pop()
+            serialization = torch.utils._pytree.SUPPORTED_SERIALIZED_TYPES.get(node.type)
+            if not node.is_leaf() and (serialization is None or serialization.serialized_type_name
+                                       == torch.utils._pytree.NO_SERIALIZED_TYPE_NAME_FOUND):
+                raise CaptureError(
+                    f"{type(model).__name__}.forward {what} {node.type.__qualname__}, a class registered as a pytree "
+                    f"without a serialized_type_name, so moec cannot store its structure; register it with one: "
+                    f"{pytree_registration(node.type)}")
+            nodes.extend(node.child(i) for i in range(node.num_children))
 
 
 def describe(model: nn.Module, err: BaseException) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -147,3 +149,48 @@ def test_an_example_argument_through_forwards_kwargs_is_one_error_saying_what_to
     model.config.output_hidden_states = True  # what the error says to do
     compiled = moec.compile(model, example)
     assert len(compiled(**example).hidden_states) == model.config.num_hidden_layers + 1
+
+
+def model_returning(output_class: type) -> nn.Module:
+    class ReturnsItsOwnClass(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return output_class(hidden=self.proj(x))
+
+    return ReturnsItsOwnClass()
+
+
+def test_an_unregistered_dataclass_output_is_named_with_the_call_that_registers_it():
+    @dataclasses.dataclass
+    class Output:
+        hidden: torch.Tensor
+
+    registration = (f'torch.utils._pytree.register_dataclass({Output.__qualname__}, '
+                    f'serialized_type_name="{__name__}.{Output.__qualname__}")')
+    with pytest.raises(moec.CaptureError) as info:
+        moec.compile(model_returning(Output), (torch.randn(2, 3, 8),))
+    assert str(info.value) == (f"ReturnsItsOwnClass.forward returns {Output.__qualname__}, a class torch.export cannot "
+                               f"look inside; register it as a pytree before compiling: {registration}")
+
+
+def test_an_output_class_registered_without_a_serialized_name_is_named_and_the_advised_one_compiles():
+    @dataclasses.dataclass
+    class Unnamed:  # registered for this test only
+        hidden: torch.Tensor
+
+    @dataclasses.dataclass
+    class Named:  # registered for this test only, as the error advises
+        hidden: torch.Tensor
+
+    torch.utils._pytree.register_dataclass(Unnamed)
+    with pytest.raises(moec.CaptureError, match=r"returns .*Unnamed, a class registered as a pytree without a "
+                                                r"serialized_type_name.*register_dataclass\(.*Unnamed, serialized"):
+        moec.compile(model_returning(Unnamed), (torch.randn(2, 3, 8),))
+    torch.utils._pytree.register_dataclass(Named, serialized_type_name=f"{__name__}.{Named.__qualname__}")
+    model, x = model_returning(Named), torch.randn(4, 5, 8)
+    out = moec.compile(model, (torch.randn(2, 3, 8),))(x)
+    assert isinstance(out, Named)
+    torch.testing.assert_close(out.hidden, model(x).hidden)
