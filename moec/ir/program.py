@@ -46,25 +46,59 @@ class Program:
         return params, size
 
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
-        """The graph's input tensors from a call's arguments, or ``TypeError`` saying what was expected."""
+        """The graph's input tensors from a call's arguments, or ``TypeError`` naming the inputs the compiled
+        model takes and what the call got wrong."""
         spec = load_treespec(self.in_spec)
-        args, kwargs = self.in_captured_form(spec, tuple(args), kwargs)
-        kwargs_spec = spec.child(1) if spec.num_children == 2 else None
-        if kwargs_spec is not None and kwargs_spec.context is not None:
-            expected = list(kwargs_spec.context)
-            unknown = set(kwargs) - set(expected)
-            missing = [key for key in expected if key not in kwargs]
-            if unknown or missing:
-                raise TypeError(
-                    f"the compiled model takes keyword arguments {expected}; "
-                    f"missing {missing}, unexpected {sorted(unknown)}"
-                )
-            kwargs = {key: kwargs[key] for key in expected}
-        leaves, call_spec = pytree.tree_flatten((tuple(args), kwargs))
+        captured_args, captured_kwargs = self.in_captured_form(spec, tuple(args), kwargs)
+        keywords = keyword_names(spec)
+        if len(captured_args) != spec.child(0).num_children or set(captured_kwargs) != set(keywords):
+            raise TypeError(self.call_mismatch(spec, tuple(args), kwargs))
+        captured = (captured_args, {key: captured_kwargs[key] for key in keywords})
+        leaves, call_spec = pytree.tree_flatten(captured)
         if call_spec != spec:
-            raise TypeError(f"the compiled model expects arguments shaped like {spec}, got {call_spec}")
+            raise TypeError(self.structure_mismatch(spec, captured))
         self.check_input_shapes(leaves)
         return self.with_captured_dtypes(leaves)
+
+    def input_names(self, spec: pytree.TreeSpec) -> list[str]:
+        """The names of the inputs the compiled model takes, as the captured example gave them: positional ones
+        by their ``forward`` parameter name (``argument i`` when it has none), then keyword ones."""
+        names = self.metadata.get("forward_parameters", [])
+        positional = [names[i] if i < len(names) else f"argument {i}" for i in range(spec.child(0).num_children)]
+        return positional + keyword_names(spec)
+
+    def call_mismatch(self, spec: pytree.TreeSpec, args: tuple, kwargs: dict) -> str:
+        """What a call whose arguments do not fit the captured example got wrong."""
+        expected = self.input_names(spec)
+        order = self.metadata.get("forward_parameters", []) or expected
+        by_position = order[:len(args)]
+        problems = []
+        if len(args) > len(by_position):
+            problems.append("more positional arguments than it takes")
+        problems += [f"{name!r} given by position, which the example did not give"
+                     for name in by_position if name not in expected]
+        problems += [f"{key!r} given twice (by position and by keyword)" for key in kwargs if key in by_position]
+        problems += [f"unknown keyword argument {key!r}" for key in kwargs if key not in expected]
+        missing = [name for name in expected if name not in by_position and name not in kwargs]
+        if missing:
+            problems.append(f"missing {', '.join(missing)}")
+        given = [f"{len(args)} positional argument{'s' * (len(args) != 1)}"] if args else []
+        if kwargs:
+            given.append(f"keyword{'s' * (len(kwargs) != 1)} {', '.join(kwargs)}")
+        return (f"the compiled model takes ({', '.join(expected)}); got {' and '.join(given) or 'no arguments'}: "
+                f"{'; '.join(problems) or 'arguments it cannot match to those names'}")
+
+    def structure_mismatch(self, spec: pytree.TreeSpec, captured: tuple[tuple, dict]) -> str:
+        """Which argument's nesting (tensor, tuple, list, dict ...) differs from the captured example's."""
+        expected = self.input_names(spec)
+        given = [*captured[0], *captured[1].values()]
+        example = [spec.child(0).child(i) for i in range(spec.child(0).num_children)]
+        example += [spec.child(1).child(i) for i in range(spec.child(1).num_children)]
+        for name, value, example_spec in zip(expected, given, example, strict=True):
+            if pytree.tree_structure(value) != example_spec:
+                return (f"the compiled model takes ({', '.join(expected)}); {name!r} is {structure(value)} where "
+                        f"the example gave {structure(example_spec)}")
+        return f"the compiled model takes ({', '.join(expected)}); the call's arguments do not match the example's"
 
     def with_captured_dtypes(self, leaves: list[Any]) -> list[Any]:
         """``leaves`` with integer and bool tensors cast to the integer or bool dtype their graph input was
@@ -110,6 +144,20 @@ class Program:
 
     def unflatten_outputs(self, leaves: list[Any]) -> Any:
         return pytree.tree_unflatten(leaves, load_treespec(self.out_spec))
+
+
+def keyword_names(spec: pytree.TreeSpec) -> list[str]:
+    """The names of the keyword inputs of a call spec ``((args...), {kwargs...})``, in captured order."""
+    return list(spec.child(1).context or []) if spec.num_children == 2 else []
+
+
+def structure(value: Any) -> str:
+    """A short description of an argument's nesting (``a Tensor``, ``a tuple of 2``), or of an example's
+    argument given as its spec."""
+    if isinstance(value, pytree.TreeSpec):
+        return "a single value" if value.is_leaf() else f"a {value.type.__name__} of {value.num_children}"
+    node = pytree.tree_structure(value)
+    return f"a {type(value).__name__}" if node.is_leaf() else f"a {node.type.__name__} of {node.num_children}"
 
 
 def _is_float(dtype: torch.dtype) -> bool:

@@ -100,12 +100,6 @@ def test_wrong_example_inputs_are_named():
         moec.compile(TanhMLP(), (torch.randn(2, 8), torch.randn(2, 8)))
 
 
-def test_calling_with_other_arguments_is_a_clear_error():
-    compiled = moec.compile(TanhMLP(), {"x": torch.randn(2, 8)})
-    with pytest.raises(TypeError, match=r"missing \['x'\]"):
-        compiled(y=torch.randn(2, 8))
-
-
 def test_an_input_whose_fixed_size_differs_is_named():
     compiled = moec.compile(PinsItsWidth(), (torch.randn(3, 8),))
     assert compiled(torch.randn(5, 8)).shape == (5, 2)  # the free dim may change
