@@ -148,7 +148,10 @@ def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if plan.get("format") != FORMAT:
         raise PlanError(f"{plan_file} is not a moec plan (format {plan.get('format')!r})")
     version = plan.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise PlanError(f"{plan_file}: its 'format_version' entry is {json.dumps(version)}, expected a positive integer "
+                        f"(this moec writes {FORMAT_VERSION}); the plan is corrupt, compile it again")
+    if version > FORMAT_VERSION:
         raise PlanError(
             f"{folder} has plan format version {version}, newer than this moec reads ({FORMAT_VERSION}); "
             "upgrade moec or compile the plan again with this version"
@@ -160,6 +163,11 @@ def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
                             "corrupt, compile it again")
     if WEIGHTS_FILE not in plan["files"]:
         raise PlanError(f"{plan_file} lists no checksum for {WEIGHTS_FILE}; the plan is corrupt, compile it again")
+    for name, expected in plan["files"].items():  # every entry checked before any file is read
+        file_in_plan(folder, name, plan_file)
+        if not isinstance(expected, str):
+            raise PlanError(f"{plan_file}: the 'files' entry for {name!r} is {json.dumps(expected)}, expected a sha256 "
+                            "checksum string; the plan is corrupt, compile it again")
     for name, expected in plan["files"].items():
         file = folder / name
         if not file.is_file():
@@ -171,6 +179,17 @@ def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
                 f"{actual[:12]}...): the file was changed or corrupted; compile the plan again"
             )
     return folder, plan
+
+
+def file_in_plan(folder: Path, name: str, plan_file: Path) -> Path:
+    """The file ``name`` of a plan's 'files' entry, refused with ``PlanError`` unless it lies inside ``folder``
+    (no absolute path, no '..', no link out of the folder), so a plan never makes moec read another file."""
+    file = folder / name
+    if Path(name).is_absolute() or ".." in Path(name).parts or not file.resolve().is_relative_to(folder.resolve()):
+        raise PlanError(f"{plan_file}: its 'files' entry names {name!r}, which is outside the plan folder; "
+                        "a plan lists only its own files, so this one is corrupt or was tampered with; "
+                        "compile it again")
+    return file
 
 
 def load_plan(path: str | os.PathLike) -> Program:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 
 import moec
+from moec.ir import plan as plan_module
 from moec.ir.plan import PLAN_FILE, WEIGHTS_FILE
 
 
@@ -99,3 +101,31 @@ def test_a_damaged_plan_json_is_one_plan_error(compiled, tmp_path, damage, messa
     (folder / PLAN_FILE).write_text(json.dumps(damage(json.loads((folder / PLAN_FILE).read_text()))))
     with pytest.raises(moec.PlanError, match=message):
         moec.load(folder)
+
+
+@pytest.mark.parametrize("version", ["1", 1.0, True, 0, None])
+def test_a_format_version_that_is_not_a_positive_integer_is_named(compiled, tmp_path, version):
+    folder = compiled[0].save(tmp_path / "plan")
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    (folder / PLAN_FILE).write_text(json.dumps({**plan, "format_version": version}))
+    with pytest.raises(moec.PlanError, match=rf"its 'format_version' entry is {re.escape(json.dumps(version))}, "
+                                             "expected a positive integer"):
+        moec.load(folder)
+
+
+@pytest.mark.parametrize("entry", ["../outside.txt", "{tmp}/outside.txt", "inside_link.txt"])
+def test_a_files_entry_outside_the_plan_folder_is_refused_unread(compiled, tmp_path, monkeypatch, entry):
+    folder = compiled[0].save(tmp_path / "plan")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the plan's")
+    (folder / "inside_link.txt").symlink_to(outside)
+    name = entry.format(tmp=tmp_path)
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    plan["files"][name] = plan_module.sha256_of(outside)  # the right checksum: only the path gives it away
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    read, sha256_of = [], plan_module.sha256_of
+    monkeypatch.setattr(plan_module, "sha256_of", lambda path: read.append(path) or sha256_of(path))
+    with pytest.raises(moec.PlanError, match=rf"its 'files' entry names {re.escape(repr(name))}, which is outside "
+                                             "the plan folder"):
+        moec.load(folder)
+    assert read == []  # not even the plan's own files: the entry is refused first
