@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--backend", default="torch", choices=["torch", "triton"],
                           help="execution backend (default: torch); triton writes its generated kernels into the plan")
     compile_.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="cast the model to this dtype first"
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="cast the model and its floating-point example inputs to this dtype first"
     )
     compile_.add_argument("--print-ir", action="store_true", help="print the compiled IR")
 
@@ -106,15 +106,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resized(example: dict[str, Any]) -> dict[str, Any]:
-    """The example with one more batch row and a shorter last dimension (a shape capture never saw)."""
+def resized(example: dict[str, Any], program: Any) -> dict[str, Any]:
+    """The example at a shape capture never saw: one more batch row, and a shorter last dynamic dimension
+    (sequence), changed only where the compiled graph's input type is dynamic and alike in inputs that share the
+    dimension; rows are repeated or cut, never made up, so float and integer inputs alike keep valid values."""
+    types = dict(zip(program.graph.input_names, program.graph.inputs, strict=True))
+
+    def graph_shape(key: str, value: Any) -> tuple:
+        """The compiled graph's shape of input ``key`` (symbols for dynamic dims), () if it has none."""
+        return tuple(types[key].tensor_type.shape) if key in types and isinstance(value, torch.Tensor) else ()
+
+    sizes: dict[str, int] = {}  # a dynamic dim's new size, by its symbol
+    for key, value in example.items():
+        shape = graph_shape(key, value)
+        dynamic = [axis for axis, dim in enumerate(shape) if isinstance(dim, str)]
+        if len(shape) < 2 or not dynamic:
+            continue
+        if dynamic[0] == 0:
+            sizes.setdefault(shape[0], value.shape[0] + 1)
+        if dynamic[-1] != 0:
+            sizes.setdefault(shape[dynamic[-1]], max(1, value.shape[dynamic[-1]] - 2))
     out = {}
     for key, value in example.items():
-        if isinstance(value, torch.Tensor) and value.dim() >= 2:
-            value = torch.cat([value, value[:1]], dim=0)
-            value = value[..., : max(1, value.shape[-1] - 2)]
+        for axis, dim in enumerate(graph_shape(key, value)):
+            if dim in sizes:
+                rows = torch.arange(sizes[dim], device=value.device) % value.shape[axis]
+                value = value.index_select(axis, rows)
         out[key] = value
     return out
+
+
+def in_dtype(example: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The example with its floating-point tensors in ``dtype`` (ids and masks stay as they are)."""
+    return {key: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            for key, value in example.items()}
 
 
 def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
@@ -144,7 +169,7 @@ def run_compile(args: argparse.Namespace) -> int:
     with step(f"loading model {args.model}"):
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)
-        model = model.to(dtype)
+        model, example = model.to(dtype), in_dtype(example, dtype)
     recipe = load_recipe(args.recipe)  # read once: the passes decide calibration and how outputs are checked
     passes = build_passes(recipe)
     calibration, held_out = calibration_data(args.model, passes, args.calibration)
@@ -161,7 +186,7 @@ def run_compile(args: argparse.Namespace) -> int:
     changing = list(dict.fromkeys(p.name for p in passes if p.approximate))  # change the outputs by design
     tolerance = PARITY_TOLERANCE[dtype]
     ok = True
-    checks = {"example inputs": example, "resized inputs": resized(example)}
+    checks = {"example inputs": example, "resized inputs": resized(example, compiled.program)}
     with step("comparing with the original model" if changing else "checking parity with the original model"):
         compare = deviation if changing else parity
         results = {label: compare(model, compiled, inputs) for label, inputs in checks.items()}
@@ -344,11 +369,13 @@ def run_export_onnx(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moec.frontend.zoo import ModelSpecError
+
     args = build_parser().parse_args(argv)
     handlers = {"compile": run_compile, "inspect": run_inspect, "export-onnx": run_export_onnx}
     try:
         return handlers[args.command](args)
-    except UsageError as err:
+    except (UsageError, ModelSpecError) as err:  # bad usage: a path or --model value that names nothing usable
         errors.print(Text("error: ", style="bold red") + Text(str(err)))
         return 2
     except MoecError as err:

@@ -9,7 +9,7 @@ runs it. Tiny models are seeded, so two builds are identical. Configs keep their
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -19,6 +19,11 @@ from torch import nn
 from moec.errors import CaptureError
 
 Example = dict[str, torch.Tensor]
+
+
+class ModelSpecError(CaptureError):
+    """A ``--model`` value names no model moec can build: an unknown name, or a factory that is missing, fails
+    or returns something other than a model or ``(model, example_kwargs)``."""
 
 _SEED = 0
 _VOCAB = 128
@@ -225,7 +230,7 @@ PRESETS: dict[str, Callable[[], tuple[nn.Module, Example]]] = {
 def build_preset(name: str, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Example]:
     """``(model, example_kwargs)`` for a preset, with the model's floating-point weights in ``dtype``."""
     if name not in PRESETS:
-        raise CaptureError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ModelSpecError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
     model, example = PRESETS[name]()
     return model.to(dtype), example
 
@@ -235,16 +240,25 @@ def _load_factory(text: str) -> tuple[nn.Module, Example]:
     try:
         factory = getattr(importlib.import_module(module_name), factory_name)
     except (ImportError, AttributeError) as err:
-        raise CaptureError(f"cannot load model factory {text!r}: {err}") from err
-    built = factory()
+        raise ModelSpecError(f"cannot load model factory {text!r}: {err}; give an importable module and the name "
+                             f"of a function in it, as package.module:function") from err
+    expected = "return a model, or (model, example_kwargs) with example_kwargs the model's inputs by name"
+    try:
+        built = factory()
+    except Exception as err:  # whatever the user's factory raises
+        raise ModelSpecError(f"model factory {text!r} raised {type(err).__name__}: {err}") from err
     if isinstance(built, tuple):
+        if len(built) != 2 or not isinstance(built[0], nn.Module) or not isinstance(built[1], Mapping):
+            kinds = ", ".join(type(item).__name__ for item in built)
+            raise ModelSpecError(f"model factory {text!r} returned a tuple of ({kinds}); {expected}")
         model, example = built
         return model.eval(), dict(example)
+    if not isinstance(built, nn.Module):
+        raise ModelSpecError(f"model factory {text!r} returned a {type(built).__name__}; {expected}")
     vocab_size = getattr(getattr(built, "config", None), "vocab_size", None)
     if vocab_size is None:
-        raise CaptureError(
-            f"factory {text!r} returned a model without example inputs; return (model, example_kwargs)"
-        )
+        raise ModelSpecError(f"model factory {text!r} returned a model without example inputs (and without a "
+                             f"config.vocab_size to make token ids from); {expected}")
     return built.eval(), _token_example(vocab_size)
 
 
@@ -262,6 +276,6 @@ def load_model_spec(text: str) -> tuple[nn.Module, Example]:
         return _load_hf_folder(Path(text))
     if ":" in text:
         return _load_factory(text)
-    raise CaptureError(
+    raise ModelSpecError(
         f"--model {text!r} is neither a preset ({', '.join(PRESETS)}), a model folder, nor 'package.module:factory'"
     )

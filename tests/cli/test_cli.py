@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -200,7 +201,7 @@ def test_an_encoder_decoder_folder_compiles_with_decoder_inputs(tmp_path, capsys
 
 
 def test_unknown_model_is_one_clear_error(capsys):
-    assert main(["compile", "--model", "no-such-model"]) == 1
+    assert main(["compile", "--model", "no-such-model"]) == 2
     err = capsys.readouterr().err
     assert "no-such-model" in err and "Traceback" not in err
 
@@ -229,3 +230,77 @@ def test_quality_table_of_a_model_without_routers_has_no_routing_rows(capsys):
     out = capsys.readouterr().out
     assert "compiled" in out and "1.0000" in out and "100.0%" in out  # no pass ran: the same embeddings
     assert "router" not in out and "routing" not in out and "active FFN fraction" not in out
+
+
+FACTORIES = """
+import torch
+from torch import nn
+
+
+class FloatMLP(nn.Module):  # takes a float tensor whose last dim (8) the model pins
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+
+    def forward(self, features):
+        return self.mlp(features)
+
+
+def float_mlp():
+    torch.manual_seed(0)
+    return FloatMLP(), {"features": torch.randn(2, 5, 8)}
+
+
+def raises():
+    raise RuntimeError("checkpoint not found")
+
+
+def returns_text():
+    return "a model"
+
+
+def returns_three():
+    return nn.Linear(2, 2), {}, 3
+"""
+
+
+@pytest.fixture
+def factories(tmp_path, monkeypatch):
+    """A module of model factories, importable as ``cli_test_factories`` for the test's length."""
+    (tmp_path / "cli_test_factories.py").write_text(FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "cli_test_factories"
+    sys.modules.pop("cli_test_factories", None)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [("float32", "0.0001"), ("bfloat16", "0.05")])
+def test_a_factory_with_float_inputs_compiles_with_parity_on_resized_inputs(factories, tmp_path, capsys, dtype,
+                                                                            tolerance):
+    plan = tmp_path / "plan"
+    assert main(["compile", "--model", f"{factories}:float_mlp", "--dtype", dtype, "-o", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "parity on example inputs (features (2, 5, 8)): max abs diff" in out
+    assert "parity on resized inputs (features (3, 3, 8)): max abs diff" in out  # batch and sequence, not width
+    assert out.count(f"ok (tolerance {tolerance})") == 2
+    program = moec.load(plan).program
+    assert {w.dtype for w in program.weights.values()} == {getattr(torch, dtype)}
+    assert program.graph.inputs[0].tensor_type.torch_dtype == getattr(torch, dtype)
+
+
+@pytest.mark.parametrize(("factory", "message"), [
+    ("raises", "model factory '{module}:raises' raised RuntimeError: checkpoint not found"),
+    ("returns_text", "model factory '{module}:returns_text' returned a str; return a model, or (model, example_kwargs)"),
+    ("returns_three", "model factory '{module}:returns_three' returned a tuple of (Linear, dict, int)"),
+    ("missing", "cannot load model factory '{module}:missing': module '{module}' has no attribute 'missing'"),
+])
+def test_a_factory_that_fails_is_one_usage_error(factories, capsys, factory, message):
+    assert main(["compile", "--model", f"{factories}:{factory}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message.format(module=factories) in err and "Traceback" not in err
+
+
+def test_a_factory_error_exits_2_from_the_console_script(factories, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "moec.cli", "compile", "--model", "no_such_module:factory"],
+                            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot load model factory 'no_such_module:factory'" in " ".join(result.stderr.split())
