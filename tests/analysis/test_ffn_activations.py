@@ -8,7 +8,7 @@ from moec.analysis.ffn_activations import collect
 from moec.kernels import reference
 from moec.passes.quantize import calibration_rows
 from tests.ir.test_expert_map import MERGED, merged_weights
-from tests.passes.helpers import program_of, token_samples
+from tests.passes.moe_programs import program_of, token_samples
 
 
 def test_a_merged_layer_bins_router_choices_into_the_stored_experts_they_run():

@@ -8,7 +8,7 @@ from moec.frontend.zoo import build_preset
 from moec.ir.ops import RouteOp
 from moec.kernels import reference
 from tests.ir.test_expert_map import MERGED, merged_weights
-from tests.passes.helpers import program_of, token_samples
+from tests.passes.moe_programs import program_of, token_samples
 
 
 @pytest.fixture(scope="module")

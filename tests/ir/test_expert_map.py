@@ -9,7 +9,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.errors import VerifyError
 from moec.ir import parse_graph, print_graph, verify
 from moec.kernels import reference
-from tests.passes.helpers import SMALL_MOE, program_of, small_moe_weights
+from tests.passes.moe_programs import SMALL_MOE, program_of, small_moe_weights
 
 # Router experts 0 and 2 run stored expert 0, 1 and 3 run stored expert 1.
 MERGED = (SMALL_MOE.replace("@w_in: f32[4, 32, 8]", "@w_in: f32[2, 32, 8]")

@@ -17,7 +17,7 @@ from moec.kernels.quant_matmul import (
     int4pack_linear,
     prepare_linear,
 )
-from tests.passes.helpers import SMALL_MOE, program_of, small_moe_weights
+from tests.passes.moe_programs import SMALL_MOE, program_of, small_moe_weights
 
 needs_int4pack = pytest.mark.skipif(not int4pack_available(), reason="torch's packed int4 CPU GEMM is not usable here")
 

@@ -13,7 +13,7 @@ from moec.kernels import reference
 from moec.kernels.skip import skipped_pairs
 from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.dynamic_skip import skip_statistics
-from tests.passes.helpers import SMALL_MOE, program_of, small_moe_weights
+from tests.passes.moe_programs import SMALL_MOE, program_of, small_moe_weights
 
 
 def test_skipped_pairs_never_drop_the_top_expert():

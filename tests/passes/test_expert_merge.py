@@ -20,7 +20,7 @@ from moec.passes.expert_merge import (
     refit_outputs,
 )
 from moec.passes.moe_layers import moe_layers
-from tests.passes.helpers import (
+from tests.passes.moe_programs import (
     FFN,
     SMALL_MOE,
     captured,

@@ -13,7 +13,14 @@ from moec.kernels import reference
 from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.expert_prune import ExpertPrune
 from moec.passes.moe_layers import moe_layers
-from tests.passes.helpers import SMALL_MOE, captured, layer_io, program_of, small_moe_weights, token_samples
+from tests.passes.moe_programs import (
+    SMALL_MOE,
+    captured,
+    layer_io,
+    program_of,
+    small_moe_weights,
+    token_samples,
+)
 
 
 def prune(program, samples, **options):

@@ -16,7 +16,7 @@ from moec.ir.quant import QuantizedType, storage_names
 from moec.kernels.quant import QuantizedWeight
 from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.quantize import calibration_rows
-from tests.passes.helpers import SMALL_MOE, program_of, small_moe_weights, token_samples
+from tests.passes.moe_programs import SMALL_MOE, program_of, small_moe_weights, token_samples
 
 
 def quantized(program, recipe, calibration=None):
