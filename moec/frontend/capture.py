@@ -177,15 +177,11 @@ class EagerFailure(CaptureError):
 
 
 def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram:
-    dynamic = dynamic_shapes_for(model, args, kwargs)
+    """``model`` exported with every dimension of the example dynamic; if that fails where a size of 1 after
+    the batch dimension broadcasts (a mask of shape [batch, seq, 1]), again with those sizes fixed, with a
+    warning naming them (the compiled model then takes only 1 there)."""
     try:
-        # patch() is added to the config module at run time (torch's own calls ignore the same error).
-        with (torch.no_grad(), fx_config.patch(backed_size_oblivious=True),  # type: ignore[attr-defined]
-              warnings.catch_warnings()):
-            # torch's own pytree deprecation notices, raised inside export: nothing a user can act on
-            warnings.simplefilter("ignore", FutureWarning)
-            ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
-            return ep.run_decompositions({})
+        return export_with(model, args, kwargs, dynamic_shapes_for(model, args, kwargs))
     except CaptureError:
         raise
     except Exception as err:  # export raises many types; all mean "cannot capture"
@@ -200,14 +196,44 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
             raise CaptureError(f"{type(model).__name__}.forward returns {opaque.__qualname__}, a class torch.export "
                                f"cannot look inside; register it as a pytree before compiling: "
                                f"{pytree_registration(opaque)}") from None
+        if sizes_of_one(args, kwargs) and not specializes_size_one(err):
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                ep = export_with(model, args, kwargs, dynamic_shapes_for(model, args, kwargs, fix_ones=True))
+                warnings.warn(
+                    f"{type(model).__name__} could not be exported with every size dynamic ({describe(model, err)}); "
+                    f"it was exported with the sizes of 1 after the batch dimension fixed "
+                    f"({', '.join(sizes_of_one(args, kwargs))}), so the compiled model takes only 1 there. If one of "
+                    "them should vary (a sequence), compile with an example of at least 2 there", stacklevel=4)
+                return ep
         raise CaptureError(f"cannot export {type(model).__name__}: {describe(model, err)}\n"
                            f"{export_hint(err, args, kwargs)}") from err
 
 
+def export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic: dict[str, Any]) -> torch.export.ExportedProgram:
+    # patch() is added to the config module at run time (torch's own calls ignore the same error).
+    with (torch.no_grad(), fx_config.patch(backed_size_oblivious=True),  # type: ignore[attr-defined]
+          warnings.catch_warnings()):
+        # torch's own pytree deprecation notices, raised inside export: nothing a user can act on
+        warnings.simplefilter("ignore", FutureWarning)
+        ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+        return ep.run_decompositions({})
+
+
+def specializes_size_one(err: BaseException) -> bool:
+    """Whether export failed on code that branches on a symbolic size (``is_causal = q_len > 1``), which a
+    size of 1 in the example cannot trace; fixing that size would hide a sequence length that should vary."""
+    return "Sym" in str(err)
+
+
+def sizes_of_one(args: tuple, kwargs: dict) -> list[str]:
+    """The example's tensors with a size of 1 after the batch dimension, as ``name [shape]``."""
+    return [f"{name} {list(x.shape)}" for name, x in named_tensors(args, kwargs) if 1 in x.shape[1:]]
+
+
 def export_hint(err: BaseException, args: tuple, kwargs: dict) -> str:
     """What a user can do about an export failure ``err`` on the example ``args``/``kwargs``."""
-    single = [f"{name} {list(x.shape)}" for name, x in named_tensors(args, kwargs) if 1 in x.shape[1:]]
-    if single and "Sym" in str(err):  # a size of 1 is specialized: code that branches on it (is_causal = q_len > 1) cannot trace
+    single = sizes_of_one(args, kwargs)
+    if single and specializes_size_one(err):
         return (f"the example has inputs with a size of 1 after the batch dimension ({', '.join(single)}), "
                 "which export cannot keep dynamic; use an example with at least 2 tokens there")
     if "Couldn't swap" in str(err):  # Module._apply under export: a .to()/.float() of a module inside forward
@@ -283,8 +309,9 @@ def describe(model: nn.Module, err: BaseException) -> str:
     return f"{failing_module(model, err)}: {type(err).__name__}: {reason}"
 
 
-def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """Every dimension of every tensor argument dynamic (``Dim.AUTO``), keyed by parameter name."""
+def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict, fix_ones: bool = False) -> dict[str, Any]:
+    """Every dimension of every tensor argument dynamic (``Dim.AUTO``), keyed by parameter name; with
+    ``fix_ones``, sizes of 1 after the batch dimension are fixed (``Dim.STATIC``)."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
     except TypeError as err:
@@ -293,7 +320,8 @@ def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict) -> dict[str,
     for name, value in bound.arguments.items():
         kind = inspect.signature(model.forward).parameters[name].kind
         spec = torch.utils._pytree.tree_map(
-            lambda leaf: {i: Dim.AUTO for i in range(leaf.dim())} if isinstance(leaf, torch.Tensor) else None, value
+            lambda leaf: {i: Dim.STATIC if fix_ones and i > 0 and size == 1 else Dim.AUTO
+                          for i, size in enumerate(leaf.shape)} if isinstance(leaf, torch.Tensor) else None, value
         )
         if kind is inspect.Parameter.VAR_KEYWORD:
             # torch.export (2.13) fails on every dynamic-shape form of **kwargs entries

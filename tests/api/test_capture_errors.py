@@ -133,6 +133,28 @@ def test_an_example_of_one_token_is_told_to_use_two():
         moec.compile(model, {name: tensor[:, :1] for name, tensor in example.items()})
 
 
+class MaskedLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(features) * mask  # mask [batch, seq, 1] broadcasts over the features
+
+
+def test_a_size_of_one_that_broadcasts_is_fixed_with_a_warning_and_the_rest_stays_dynamic():
+    """Export cannot keep the mask's last size dynamic (it must stay 1 to broadcast): moec exports again with
+    it fixed and says so; batch and sequence still vary, and another size there is refused by name."""
+    torch.manual_seed(0)
+    model = MaskedLinear()
+    with pytest.warns(UserWarning, match=r"sizes of 1 after the batch dimension fixed \(mask \[2, 3, 1\]\)"):
+        compiled = moec.compile(model, {"features": torch.randn(2, 3, 8), "mask": torch.ones(2, 3, 1)})
+    features, mask = torch.randn(4, 5, 8), (torch.rand(4, 5, 1) > 0.5).float()
+    torch.testing.assert_close(compiled(features=features, mask=mask), model(features, mask), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"input 'mask' has shape \[4, 5, 8\]"):
+        compiled(features=features, mask=torch.ones(4, 5, 8))
+
+
 def test_an_example_argument_through_forwards_kwargs_is_one_error_saying_what_to_do():
     from moec.frontend.zoo import build_preset
 
