@@ -173,6 +173,8 @@ def run_compile(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)  # read once: the passes decide calibration and how outputs are checked
     passes = build_passes(recipe)
     calibration, held_out = calibration_data(args.model, passes, args.calibration)
+    if calibration is not None:
+        calibration = [in_dtype(batch, dtype) for batch in calibration]  # float inputs follow --dtype as the model's
     with step("capturing and compiling"):
         compiled = moec.compile(model, example, recipe=recipe, calibration=calibration, backend=args.backend)
     console.print(summary_table(compiled.summary(), f"{type(model).__name__}: FFN and MoE layers"))

@@ -287,6 +287,18 @@ def test_a_factory_with_float_inputs_compiles_with_parity_on_resized_inputs(fact
     assert program.graph.inputs[0].tensor_type.torch_dtype == getattr(torch, dtype)
 
 
+def test_float_calibration_inputs_follow_dtype(factories, tmp_path, capsys):
+    """A float32 calibration file for a model compiled in bfloat16 is cast with the example inputs."""
+    safetensors.torch.save_file({"features": torch.randn(40, 6, 8)}, tmp_path / "features.safetensors")
+    (tmp_path / "convert.yaml").write_text("passes:\n  - dense_to_moe: {experts: 4, top_k: 2}\n")
+    plan = tmp_path / "plan"
+    assert main(["compile", "--model", f"{factories}:float_mlp", "--dtype", "bfloat16", "--recipe",
+                 str(tmp_path / "convert.yaml"), "--calibration", str(tmp_path / "features.safetensors"),
+                 "-o", str(plan)]) == 0
+    assert "dense-to-moe changes the model's outputs by design" in capsys.readouterr().out
+    assert len(moec.load(plan).program.graph.ops_of(ExpertsOp)) == 1
+
+
 @pytest.mark.parametrize(("factory", "message"), [
     ("raises", "model factory '{module}:raises' raised RuntimeError: checkpoint not found"),
     ("returns_text", "model factory '{module}:returns_text' returned a str; return a model, or (model, example_kwargs)"),
