@@ -258,24 +258,30 @@ def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch
     flat: list[list[torch.Tensor]] = []
     arity = len(program.graph.inputs)
     for sample in samples:
-        if isinstance(sample, torch.Tensor):
-            if arity != 1:
-                raise MoecError(f"calibration sample {len(flat)} is one tensor, and the model takes {arity} inputs "
-                                f"({', '.join(program.graph.input_names)}); give each sample as a dict of them "
-                                "by name or a tuple")
-            flat.append(program.with_captured_dtypes([sample]))
-            continue
-        if isinstance(sample, (list, tuple)) and len(sample) == arity and all(isinstance(t, torch.Tensor) for t in sample):
-            flat.append(list(sample))  # flat inputs; for a model taking tensors positionally, the same thing
-            continue
-        args, kwargs = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {})
+        if isinstance(sample, torch.Tensor) and arity != 1:
+            raise MoecError(f"calibration sample {len(flat)} is one tensor, and the model takes {arity} inputs "
+                            f"({', '.join(program.graph.input_names)}); give each sample as a dict of them "
+                            "by name or a tuple")
         try:
-            flat.append(program.flatten_inputs(args, kwargs))
-        except TypeError as err:
+            flat.append(flat_sample(program, sample, arity))
+        except (TypeError, ValueError) as err:  # the program's own messages name the input at fault
             raise MoecError(f"calibration sample {len(flat)} does not fit the model's inputs: {err}") from None
     if not flat:
         raise MoecError("calibration needs at least one sample (a dict of keyword inputs or a tuple of inputs)")
     return without_padding_only_samples(program, flat)
+
+
+def flat_sample(program: Program, sample: Any, arity: int) -> list[torch.Tensor]:
+    """One sample as the program's flat inputs, checked against their fixed sizes and cast like a call's."""
+    if isinstance(sample, torch.Tensor):
+        leaves = [sample]
+    elif isinstance(sample, (list, tuple)) and len(sample) == arity and all(isinstance(t, torch.Tensor) for t in sample):
+        leaves = list(sample)  # flat inputs; for a model taking tensors positionally, the same thing
+    else:
+        args, kwargs = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {})
+        return program.flatten_inputs(args, kwargs)
+    program.check_input_shapes(leaves)
+    return program.with_captured_dtypes(leaves)
 
 
 def without_padding_only_samples(program: Program, flat: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:

@@ -191,6 +191,16 @@ def test_one_batch_given_as_a_dict_or_a_tensor_is_one_sample(captured):
     assert len(from_tensor.flat_samples) == 1 and torch.equal(from_tensor.flat_samples[0][0], batch)
 
 
+@pytest.mark.parametrize("sample", [torch.randn(5, 6), (torch.randn(5, 6),), {"input": torch.randn(5, 6)}])
+def test_a_sample_of_the_wrong_width_is_one_error_naming_the_sample_and_the_input(sample):
+    """Whatever form it comes in, a sample whose fixed size differs from the model's is refused before it
+    runs (the model takes [*, 8]; this one has 6)."""
+    program = one_input_program()
+    with pytest.raises(MoecError, match=r"calibration sample 1 does not fit the model's inputs: input '.*' has shape "
+                                        r"\[5, 6\], but the compiled model takes"):
+        calibrate(program, [torch.randn(3, 8), sample], progress=False)
+
+
 @pytest.mark.parametrize("given", ["plan/", 3])
 def test_a_path_or_a_number_as_calibration_names_the_accepted_forms(given):
     with pytest.raises(MoecError, match=r"not calibration data; give a list of sample inputs .* one batch"):
