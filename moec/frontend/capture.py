@@ -20,6 +20,7 @@ import torch
 import torch.fx.experimental._config as fx_config
 from torch import nn
 from torch.export import Dim
+from torch.export.dynamic_shapes import _tree_map_with_path
 
 from moec.errors import CaptureError, VerifyError
 from moec.frontend.blocks import BlockSpec
@@ -191,6 +192,11 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
                 f"{type(model).__name__} fails on the example inputs themselves, without moec: "
                 f"{describe(model, eager_error)}\npass example inputs that the model runs on", eager_error
             ) from eager_error
+        opaque_input = opaque_leaf_type((args, kwargs))
+        if opaque_input is not None:
+            raise CaptureError(f"{type(model).__name__}.forward takes {opaque_input.__qualname__}, a class torch.export "
+                               f"cannot look inside; register it as a pytree before compiling: "
+                               f"{pytree_registration(opaque_input)}") from None
         opaque = opaque_leaf_type(output)
         if opaque is not None:
             raise CaptureError(f"{type(model).__name__}.forward returns {opaque.__qualname__}, a class torch.export "
@@ -319,9 +325,11 @@ def dynamic_shapes_for(model: nn.Module, args: tuple, kwargs: dict, fix_ones: bo
     specs: dict[str, Any] = {}
     for name, value in bound.arguments.items():
         kind = inspect.signature(model.forward).parameters[name].kind
-        spec = torch.utils._pytree.tree_map(
-            lambda leaf: {i: Dim.STATIC if fix_ones and i > 0 and size == 1 else Dim.AUTO
-                          for i, size in enumerate(leaf.shape)} if isinstance(leaf, torch.Tensor) else None, value
+        # torch's own mapping of inputs to their dynamic shapes: a registered class of the user's (a dataclass
+        # of tensors) takes its shapes as its flattened children, not as an instance of the class
+        spec = _tree_map_with_path(
+            lambda _, leaf: {i: Dim.STATIC if fix_ones and i > 0 and size == 1 else Dim.AUTO
+                             for i, size in enumerate(leaf.shape)} if isinstance(leaf, torch.Tensor) else None, value
         )
         if kind is inspect.Parameter.VAR_KEYWORD:
             # torch.export (2.13) fails on every dynamic-shape form of **kwargs entries

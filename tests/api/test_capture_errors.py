@@ -210,3 +210,30 @@ def test_an_output_class_registered_without_a_serialized_name_is_named_and_the_a
     out = moec.compile(model, (torch.randn(2, 3, 8),))(x)
     assert isinstance(out, Named)
     torch.testing.assert_close(out.hidden, model(x).hidden)
+
+
+def test_an_unregistered_dataclass_input_is_named_and_the_advised_registration_compiles():
+    @dataclasses.dataclass
+    class Batch:  # registered for this test only, as the error advises
+        features: torch.Tensor
+        mask: torch.Tensor
+
+    class TakesABatch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, batch):
+            return self.proj(batch.features) * batch.mask
+
+    model = TakesABatch()
+    example = Batch(torch.randn(2, 3, 8), torch.ones(2, 3, 8))
+    registration = (f'torch.utils._pytree.register_dataclass({Batch.__qualname__}, '
+                    f'serialized_type_name="{__name__}.{Batch.__qualname__}")')
+    with pytest.raises(moec.CaptureError) as info:
+        moec.compile(model, (example,))
+    assert str(info.value) == (f"TakesABatch.forward takes {Batch.__qualname__}, a class torch.export cannot look "
+                               f"inside; register it as a pytree before compiling: {registration}")
+    torch.utils._pytree.register_dataclass(Batch, serialized_type_name=f"{__name__}.{Batch.__qualname__}")
+    other = Batch(torch.randn(4, 5, 8), (torch.rand(4, 5, 8) > 0.5).float())
+    torch.testing.assert_close(moec.compile(model, (example,))(other), model(other), atol=1e-6, rtol=0)
