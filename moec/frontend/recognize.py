@@ -710,7 +710,8 @@ def _longcat_flash_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec,
     """Softmax scores, a score-correction bias for the choice only, not renormalized, scaled (the router's
     ``classifier.bias`` is never applied by the model); zero-compute (identity) experts, ``zero_expert_num``,
     are not modelled."""
-    if _setting(block, "experts.zero_expert_num"):
+    # transformers 5.25 keeps the setting on the block, 5.24 on its experts
+    if getattr(block, "zero_expert_num", None) or getattr(block.experts, "zero_expert_num", None):
         return None
     return _route(weight="router.classifier.weight", top_k="router.top_k", renormalize=False,
                   scaling="router.routed_scaling_factor", bias="router.e_score_correction_bias")(block, num_experts)

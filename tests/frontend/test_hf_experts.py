@@ -356,7 +356,6 @@ UNMODELLED_SETTINGS = {
     "laguna": dict(moe_router_logit_softcapping=3.0),
     "cohere2_moe": dict(num_shared_experts=1, shared_expert_combination_strategy="average"),
     "step3p7": dict(swiglu_limits=[0.5, 0.5]),  # clamped after the activation
-    "longcat_flash": dict(zero_expert_num=2),  # identity experts
     "dbrx": dict(ffn_config=dict(ffn_hidden_size=32, moe_num_experts=4, moe_top_k=2,
                                  moe_normalize_expert_weights=2.0)),  # weights divided by their 2-norm
 }
@@ -367,6 +366,21 @@ def test_unmodelled_routing_settings_leave_the_router_to_the_model(family):
     model, _ = tiny_family(family, {**ROUTED_FAMILIES[family][0], **UNMODELLED_SETTINGS[family]})
     kinds = {spec.kind for spec in recognize(model) if spec.experts is not None}
     assert kinds == ({"experts"} if family in ("laguna", "cohere2_moe", "dbrx") else set())
+
+
+def test_longcat_flash_identity_experts_stay_with_the_model():
+    """LongCat-Flash's zero-compute (identity) experts are not modelled. From transformers 5.25 the block
+    handles them before calling its experts module, so that module alone runs on moec under the model's
+    router; before, the experts module handled them itself and the whole block stays with the model."""
+    model, example = tiny_family("longcat_flash", {**ROUTED_FAMILIES["longcat_flash"][0], "zero_expert_num": 2})
+    block_routes_identities = any(hasattr(m, "zero_expert_num") and hasattr(m, "router") for m in model.modules())
+    kinds = {spec.kind for spec in recognize(model) if spec.experts is not None}
+    assert kinds == ({"experts"} if block_routes_identities else set())
+    compiled = moec.compile(model, example)
+    assert not compiled.program.graph.ops_of(RouteOp)
+    assert len(compiled.program.graph.ops_of(ExpertsOp)) == (len(model.model.layers) if block_routes_identities else 0)
+    ids = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(1))
+    assert parity(model, compiled, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) <= 1e-4
 
 
 def test_dbrx_experts_under_its_2_norm_router_run_on_moec():
