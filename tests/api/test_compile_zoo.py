@@ -246,7 +246,7 @@ MORE_MOE = {
 }
 
 
-@pytest.mark.parametrize("family", one_fast(MORE_MOE, fast={"glm4_moe", "granitemoe"}))
+@pytest.mark.parametrize("family", one_fast(MORE_MOE, fast={"glm4_moe"}))
 def test_more_moe_families_become_moe_ops(family):
     model_class, config_class, options, expected_ops = MORE_MOE[family]
     model, example = tiny_decoder(model_class, config_class, **options)
@@ -256,7 +256,7 @@ def test_more_moe_families_become_moe_ops(family):
     assert_parity_at_example_and_other_shapes(model, compiled, example)
 
 
-@pytest.mark.parametrize("feed_forward", ["relu", "gated-gelu"])
+@pytest.mark.parametrize("feed_forward", ["relu", pytest.param("gated-gelu", marks=pytest.mark.slow)])
 def test_encoder_decoder_models_compile_without_the_decoder_cache(feed_forward):
     """T5's decoder stack keeps its own config copy with use_cache=True; capture turns off every one of them
     (the cache object is not a tensor output) and restores them after. Both T5 FFN kinds become ffn.dense."""

@@ -155,6 +155,7 @@ def test_4bit_qwen2_moe_exports_qmoe_and_matmul_nbits(preset, tmp_path):
     assert not any(tuple(t.shape) in float_shapes for t in graph.weights.values() if isinstance(t, QuantizedType))
 
 
+@pytest.mark.slow  # about 20 s; QMoE is reached by default from Qwen2-MoE
 def test_4bit_deepseek_routing_reaches_qmoe_as_a_choice(preset, tmp_path):
     """Sigmoid, biased, grouped routing: standard ops choose, QMoE runs the packed experts (parity checked)."""
     _, onnx_model, fallbacks = quantize_and_export(*preset("tiny-deepseek-v3"), 4, "ort", tmp_path / "q.onnx")
@@ -162,6 +163,7 @@ def test_4bit_deepseek_routing_reaches_qmoe_as_a_choice(preset, tmp_path):
     assert ops.count("QMoE") == 1 and "Sigmoid" in ops and "NonZero" not in ops and not fallbacks
 
 
+@pytest.mark.slow  # about 20 s
 def test_4bit_gpt_oss_clamped_experts_export_qmoe(tmp_path):
     """GPT-OSS's clamped SwiGLU (clamps binding: experts scaled 30x) in QMoE, routed by the op itself with
     the router's bias on its logits; parity with the torch runner's dequantized experts is checked."""
@@ -187,6 +189,7 @@ def expert_heavy_mixtral():
     return model, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
+@pytest.mark.slow  # about 25 s
 def test_3bit_experts_fall_back_to_dequantized_portable_experts(tmp_path):
     """QMoE cannot take 3-bit experts on the CPU: one warning per block, portable experts on weights
     dequantized in the graph; the file stays several times smaller than the float32 weights alone."""
@@ -205,6 +208,7 @@ def test_3bit_experts_fall_back_to_dequantized_portable_experts(tmp_path):
     assert 3 * path.stat().st_size < float_bytes
 
 
+@pytest.mark.slow  # about 15 s
 def test_4bit_olmoe_without_renormalization_exports_qmoe_from_the_cli(preset, tmp_path, capsys):
     """OLMoE's softmax top-k keeps its weights unrenormalized, which QMoE cannot compute itself: the portable
     router chooses (TopK in the file) and QMoE runs the packed experts; the CLI names the op it wrote."""

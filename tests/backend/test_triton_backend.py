@@ -105,6 +105,7 @@ def test_compressed_plans_run_their_kernels_and_match_the_torch_runner(recipe):
                                rtol=TOLERANCE, atol=TOLERANCE)
 
 
+@pytest.mark.slow  # about 12 s in the interpreter
 def test_gpt_oss_runs_its_kernels_and_matches_the_torch_runner():
     """GPT-OSS: the router's own bias on the logits in the Triton router, clamped SwiGLU experts with biases."""
     from moec.frontend.zoo import build_preset

@@ -191,8 +191,8 @@ def merged_expert(tensors, group, spec):
 @pytest.mark.parametrize(("preset", "keep", "align", "combine", "router"), [
     ("tiny-mixtral", 2, "weight", "select", "groups"),
     ("tiny-qwen2-moe", 3, "activation", "average", "members"),
-    ("tiny-olmoe", 4, "weight", "select", "groups"),
-    ("tiny-olmoe", 4, "activation", "average", "groups"),
+    pytest.param("tiny-olmoe", 4, "weight", "select", "groups", marks=pytest.mark.slow),  # as Mixtral's above
+    pytest.param("tiny-olmoe", 4, "activation", "average", "groups", marks=pytest.mark.slow),
     ("tiny-olmoe", 3, "importance", "select", "groups"),
     ("tiny-deepseek-v3", 4, "none", "select", "groups"),
     ("tiny-deepseek-v3", 3, "weight", "average", "members"),
