@@ -115,6 +115,7 @@ def test_train_mode_model_is_compiled_for_inference_and_left_in_train_mode():
     assert model.training
 
 
+@pytest.mark.slow  # about 8 s; keyword and positional calls are checked by default below
 def test_positional_example_inputs():
     model, example = build_preset("tiny-llama")
     compiled = moec.compile(model, (example["input_ids"],))

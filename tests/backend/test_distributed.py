@@ -109,6 +109,7 @@ def test_pair_bookkeeping_in_one_process(weighted_input):
         torch.testing.assert_close(y, expected)
 
 
+@pytest.mark.slow  # about 8 s
 def test_a_quantized_plan_is_refused_by_name_before_any_rank_starts(tmp_path):
     """The runtime reads float expert weights: a quantized plan is one PlanError, not a KeyError on some rank."""
     from moec.backend.distributed import load_rank_program

@@ -226,12 +226,13 @@ def test_image_sizes_come_from_the_capture_example(tmp_path):
 
 
 # The default run exports one family per routing kind and one per dense FFN kind; the rest run with -m slow.
-DEFAULT_RUN_FAMILIES = {"tiny-mixtral", "tiny-llama"}  # the rest: slow (DeepSeek-V3 routing below)
+# The rest run in the slow run; Mixtral's portable lowering is exported by default from the CLI above.
+DEFAULT_RUN = {("tiny-mixtral", "ort"), ("tiny-llama", "portable"), ("tiny-llama", "ort")}
 
 
-@pytest.mark.parametrize("lowering", ["portable", "ort"])
-@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in DEFAULT_RUN_FAMILIES else pytest.mark.slow)
-                                  for name in MOE_FAMILIES + DENSE_FAMILIES])
+@pytest.mark.parametrize(("name", "lowering"), [
+    pytest.param(name, lowering, marks=() if (name, lowering) in DEFAULT_RUN else pytest.mark.slow)
+    for name in MOE_FAMILIES + DENSE_FAMILIES for lowering in ("portable", "ort")])
 def test_every_family_exports_with_both_lowerings(compiled_preset, name, lowering, tmp_path):
     compiled = compiled_preset(name)
     onnx_model, report, fallbacks = export_and_check(compiled, lowering, tmp_path / f"{name}.onnx")
@@ -292,7 +293,8 @@ def test_minilm_converted_to_moe_exports_with_both_lowerings(minilm_moe, lowerin
     assert ("", "TopK") in op_types(onnx_model)
 
 
-@pytest.mark.parametrize("router", ["moec", pytest.param("model", marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 18 s each; clamped experts run on moec by default in tests/frontend/test_hf_experts.py
+@pytest.mark.parametrize("router", ["moec", "model"])
 def test_gpt_oss_clamped_experts_export_fused(router, monkeypatch, tmp_path):
     """GPT-OSS's clamped SwiGLU experts fuse into com.microsoft.MoE under either router: moec's (a
     ``moe.route`` with the router's own logit bias, which the op then routes by itself: no TopK left), or,
@@ -329,7 +331,8 @@ def merged_skipping_mixtral(preset):
     return moec.compile(model, example, recipe=recipe, calibration=[{"input_ids": ids, "attention_mask": torch.ones_like(ids)}])
 
 
-@pytest.mark.parametrize("lowering", ["portable", pytest.param("ort", marks=pytest.mark.slow)])
+@pytest.mark.slow  # about 14 s each
+@pytest.mark.parametrize("lowering", ["portable", "ort"])
 def test_merged_and_skipping_experts_export_with_both_lowerings(merged_skipping_mixtral, lowering, tmp_path):
     """The export applies expert_map and skip_threshold as the torch runner does (parity), skips on the
     check's inputs, and ``ort`` hands the remapped, skipped routing to com.microsoft.MoE as a choice."""

@@ -101,6 +101,7 @@ def test_calibration_from_a_file_for_a_model_without_tokenizer(calibration_files
     assert len(moec.load(plan).program.graph.ops_of(ExpertsOp)) == 2  # both FFNs became experts
 
 
+@pytest.mark.slow  # about 16 s; a calibration file is read by default in the test above
 def test_gptq_and_bit_allocation_take_a_calibration_file(calibration_files, tmp_path, capsys):
     folder = calibration_files
     for recipe in ("passes: [{quantize: {bits: 4, group: 32, method: gptq}}]",
@@ -188,6 +189,7 @@ def test_model_help_names_every_preset(monkeypatch, capsys):
     assert [name for name in PRESETS if name not in help_text] == []
 
 
+@pytest.mark.slow  # about 11 s
 def test_an_encoder_decoder_folder_compiles_with_decoder_inputs(tmp_path, capsys):
     """A saved T5ForConditionalGeneration: loaded with its LM head, its example feeds the decoder too."""
     import transformers

@@ -383,6 +383,7 @@ def test_longcat_flash_identity_experts_stay_with_the_model():
     assert parity(model, compiled, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) <= 1e-4
 
 
+@pytest.mark.slow  # about 8 s
 def test_dbrx_experts_under_its_2_norm_router_run_on_moec():
     """DBRX's experts (gate and up stored apart, the experts along their rows) are a moe.experts op under the
     router moec leaves to the model; the joined w_in replaces the parts in the program."""

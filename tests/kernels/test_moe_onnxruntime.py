@@ -94,6 +94,7 @@ def test_runner_expert_kernels_agree_and_auto_picks_by_token_count(monkeypatch) 
     assert not calls, "auto runs a single token on torch's decode path"
 
 
+@pytest.mark.slow  # about 8 s
 def test_runner_refuses_onnxruntime_for_bfloat16_and_unknown_kernels() -> None:
     model, example = build_preset("tiny-mixtral")
     program = capture(model.to(torch.bfloat16), (), example)

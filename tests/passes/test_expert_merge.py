@@ -147,6 +147,7 @@ def test_a_target_of_every_expert_changes_nothing_and_says_so(options):
     assert not context.calibrations  # nothing to plan, so nothing calibrated
 
 
+@pytest.mark.slow  # about 10 s
 def test_errors_without_calibration_and_on_a_merged_layer():
     program = program_of(SMALL_MOE, small_moe_weights())
     with pytest.raises(PassError, match="pass 'expert-merge' needs calibration data"):

@@ -51,6 +51,7 @@ def test_placement_errors(qwen):
         run(program, [{"expert-placement": {"world_size": 2, "capacity": 1}}], trace)
 
 
+@pytest.mark.slow  # about 9 s
 def test_placement_counts_quantized_experts_by_their_packed_bytes():
     model, example = build_preset("tiny-qwen2-moe")
     program = moec.compile(model, example).program
@@ -60,6 +61,7 @@ def test_placement_counts_quantized_experts_by_their_packed_bytes():
     assert sorted(program.metadata["expert_parallel"]["placement"]["ranks"][0]) == [0, 0, 1, 1]
 
 
+@pytest.mark.slow  # about 10 s
 def test_schedule_needs_a_placement_and_a_cost_model():
     model, example = build_preset("tiny-qwen2-moe")
     program = moec.compile(model, example).program
