@@ -192,16 +192,12 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
                 f"{type(model).__name__} fails on the example inputs themselves, without moec: "
                 f"{describe(model, eager_error)}\npass example inputs that the model runs on", eager_error
             ) from eager_error
-        opaque_input = opaque_leaf_type((args, kwargs))
-        if opaque_input is not None:
-            raise CaptureError(f"{type(model).__name__}.forward takes {opaque_input.__qualname__}, a class torch.export "
-                               f"cannot look inside; register it as a pytree before compiling: "
-                               f"{pytree_registration(opaque_input)}") from None
-        opaque = opaque_leaf_type(output)
-        if opaque is not None:
-            raise CaptureError(f"{type(model).__name__}.forward returns {opaque.__qualname__}, a class torch.export "
-                               f"cannot look inside; register it as a pytree before compiling: "
-                               f"{pytree_registration(opaque)}") from None
+        for what, structure in (("takes", (args, kwargs)), ("returns", output)):
+            opaque = opaque_leaf_type(structure)
+            if opaque is not None:
+                raise CaptureError(f"{type(model).__name__}.forward {what} {opaque.__qualname__}, a class torch.export "
+                                   f"cannot look inside; register it as a pytree before compiling: "
+                                   f"{pytree_registration(opaque)}") from None
         if sizes_of_one(args, kwargs) and not specializes_size_one(err):
             with contextlib.suppress(Exception):  # the first error is the one to report
                 ep = export_with(model, args, kwargs, dynamic_shapes_for(model, args, kwargs, fix_ones=True))
@@ -271,13 +267,13 @@ def eager_run(model: nn.Module, args: tuple, kwargs: dict) -> tuple[Any, Excepti
         return None, err
 
 
-# Leaves torch.export carries in a model's outputs; any other leaf is a class pytree does not know.
+# Leaves torch.export carries in a model's inputs and outputs; any other leaf is a class pytree does not know.
 PLAIN_LEAVES = (torch.Tensor, int, float, bool, complex, str, type(None))
 
 
-def opaque_leaf_type(output: Any) -> type | None:
-    """The first class in ``output`` that pytree does not know how to flatten, or None."""
-    for leaf in torch.utils._pytree.tree_leaves(output):
+def opaque_leaf_type(structure: Any) -> type | None:
+    """The first class in ``structure`` that pytree does not know how to flatten, or None."""
+    for leaf in torch.utils._pytree.tree_leaves(structure):
         if not isinstance(leaf, PLAIN_LEAVES):
             return type(leaf)
     return None
