@@ -192,8 +192,8 @@ def check_target_options(pass_name: str, keep: int | None, keep_ratio: float | N
 
 def kept_whole_record(program: Program, layer: MoELayer) -> dict:
     """The report row of a layer that keeps every expert (the target is at least its expert count)."""
-    experts = layer.route.spec.num_experts
-    return layer_record(layer.name, (experts, *layer.size(program)), (experts, *layer.size(program)), 1.0)
+    whole = (layer.route.spec.num_experts, *layer.size(program))
+    return layer_record(layer.name, whole, whole, 1.0)
 
 
 def nothing_to_do_note(keep: int | None, keep_ratio: float | None, layers: list[MoELayer], done: str) -> str:
