@@ -3,7 +3,8 @@
 Generic ATen ops, dense FFNs and shared experts keep the torch runner's rules. The kernels come from a
 plan's ``triton_kernels.py`` (see :mod:`moec.backend.triton_codegen`): the one in the plan folder when the
 plan was compiled for this backend, else one generated now into moec's cache. Ops the kernels cannot run
-keep their torch rule, and one warning line says which and why.
+keep their torch rule, and one warning line says which and why. On a GPU, each kernel call whose shapes repeat
+is replayed from a CUDA graph (:mod:`moec.backend.cuda_graphs`), so decode steps do not wait on the host.
 
 On a machine without a CUDA GPU, Triton runs its kernels in its interpreter (``TRITON_INTERPRET=1``, read
 when triton is first imported); ``import moec`` switches it on there, so import moec before anything that
@@ -14,17 +15,20 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
 from moec.backend import triton_codegen
+from moec.backend.cuda_graphs import GraphedCall
 from moec.backend.torch_runner import RULES, Observer, TorchRunner
 from moec.errors import BackendError
 from moec.ir.ops import ExpertsOp, RouteOp
 from moec.ir.program import Program
 from moec.kernels import reference
+from moec.kernels.quant import QuantizedWeight
 from moec.kernels.skip import skipped_pairs
 
 
@@ -54,27 +58,47 @@ def kernel_device(triton: ModuleType) -> torch.device:
     return torch.device("cuda")
 
 
-def run_route(launcher):
+def graphable(weights: tuple) -> bool:
+    """Whether a launch on these weights can be captured in a CUDA graph: not with mixed-width quantized
+    experts, whose per-expert widths are copied to the GPU on every call."""
+    from moec.kernels.triton_ops import weight_format  # imports triton: only once the backend runs
+
+    return not any(isinstance(w, QuantizedWeight) and weight_format(w) == "mixed" for w in weights)
+
+
+def bound_launch(launcher, weights: tuple, graph_pool) -> Callable:
+    """``launcher`` with its weights bound: ``call(*activations)``, through CUDA graphs when ``graph_pool`` is
+    given (on a GPU) and the weights allow it. Made once per op and set of weights (``WeightReader.cached``):
+    a graph reads the memory of the weights it was captured with."""
+    def call(*activations):
+        return launcher(*activations, *weights)
+
+    return GraphedCall(call, pool=graph_pool) if graph_pool is not None and graphable(weights) else call
+
+
+def run_route(launcher, graph_pool):
     def rule(op, weight, args, kwargs):
+        weights = (weight("router"), weight("router_bias"), weight("router_logit_bias"))
+        launch = weight.cached("triton_launch", lambda: bound_launch(launcher, weights, graph_pool), weights)
         x = args[0]
-        flat_indices, flat_weights = launcher(x.reshape(-1, x.shape[-1]), weight("router"), weight("router_bias"),
-                                              weight("router_logit_bias"))
+        flat_indices, flat_weights = launch(x.reshape(-1, x.shape[-1]))
         lead = x.shape[:-1]
         return flat_indices.reshape(*lead, -1), flat_weights.reshape(*lead, -1)
 
     return rule
 
 
-def run_experts(launcher):
+def run_experts(launcher, graph_pool):
     def rule(op, weight, args, kwargs):
+        weights = (weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out"))
+        launch = weight.cached("triton_launch", lambda: bound_launch(launcher, weights, graph_pool), weights)
         x, indices, routing = args
         k, hidden = indices.shape[-1], x.shape[-1]
         indices = reference.remap_experts(indices, op.expert_map).reshape(-1, k)
         routing = routing.reshape(-1, k)
         if op.skip_threshold:  # the kernels never run a pair whose expert index is negative
             indices = indices.masked_fill(skipped_pairs(routing, op.skip_threshold), -1)
-        y = launcher(x.reshape(-1, hidden), indices, routing,
-                     weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out"))
+        y = launch(x.reshape(-1, hidden), indices, routing)
         return y.reshape(x.shape)
 
     return rule
@@ -94,11 +118,13 @@ class TritonRunner(TorchRunner):
         self.kernels_file = kernels_file or triton_codegen.write_cached(self.source)
         self.kernels = triton_codegen.load_kernels(self.kernels_file, program)
         self.fallbacks = self.warn_fallbacks(program)
+        graph_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.kernel_rules = {}  # id(op) -> rule running its launcher
         for index, op in triton_codegen.kernel_ops(program):
             launcher = self.kernels.LAUNCHERS.get(index)
             if launcher is not None:
-                self.kernel_rules[id(op)] = run_route(launcher) if isinstance(op, RouteOp) else run_experts(launcher)
+                run = run_route if isinstance(op, RouteOp) else run_experts
+                self.kernel_rules[id(op)] = run(launcher, graph_pool)
         self.rules = RULES | {RouteOp: self.run_moe_op, ExpertsOp: self.run_moe_op}
         self.device = device
         if device.type != "cpu":

@@ -14,11 +14,14 @@ Implementations, timed side by side in one process with CUDA events (median of r
 * ``torch_compile``  ``torch.compile`` of the HF eager experts (dynamic shapes)
 * ``moec_int4``      moec's kernel on the same experts quantized to 4 bits (group 128, moec's packed format),
                      dequantized tile by tile inside the kernel; its error is against the bfloat16 experts
+* ``moec_graphs``, ``moec_int4_graphs``   the same calls replayed from CUDA graphs
+                     (``moec.backend.cuda_graphs.GraphedCall``, as the Triton backend runs them on a GPU)
 
-Reported per token count: times, moec's speedup over ``hf_best`` and ``torch_compile``, and moec's achieved
-fraction of the GPU's peak: memory bandwidth for decode (<= 64 tokens; bytes = the distinct experts' weights
-the routing needs) and bfloat16 tensor-core FLOPs for prefill (FLOPs = the T*k expert evaluations). Peaks are
-the spec sheet's for the detected GPU (override with --peak-gbs / --peak-tflops).
+Reported per token count: times, the speedups of ``moec`` and ``moec_graphs`` over ``hf_best`` and
+``torch_compile``, and their achieved fraction of the GPU's peak: memory bandwidth for decode (<= 64 tokens;
+bytes = the distinct experts' weights the routing needs) and bfloat16 tensor-core FLOPs for prefill (FLOPs =
+the T*k expert evaluations). Peaks are the spec sheet's for the detected GPU (override with --peak-gbs /
+--peak-tflops).
 
 Without a CUDA GPU (or without triton) it prints why and exits 0, writing ``{"skipped": reason}``.
 
@@ -148,38 +151,42 @@ def bench_layer(name: str, layer: dict, tokens_list: list[int], repeats: int, pe
             expected = experts(x, indices, weights).float()
             for label, fn in impls.items():
                 try:
-                    got = fn()
-                    row.setdefault("max_abs_diff_vs_hf_eager", {})[label] = (got.float() - expected).abs().max().item()
                     row["ms"][label] = cuda_time_ms(fn, repeats)
+                    got = fn()  # after the timing: for the graphed calls, a replay
+                    row.setdefault("max_abs_diff_vs_hf_eager", {})[label] = (got.float() - expected).abs().max().item()
                 except Exception as err:  # an implementation this torch/transformers/GPU lacks: reported, not fatal
                     row["skipped"][label] = f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
                     torch.cuda.empty_cache()
         hf_times = {k: v for k, v in row["ms"].items() if k.startswith("hf_")}
         best = min(hf_times, key=hf_times.get)
         row["hf_best"] = best
-        moec_s = row["ms"]["moec"] / 1e3
-        row["speedup_vs_hf_best"] = hf_times[best] / row["ms"]["moec"]
-        if "torch_compile" in row["ms"]:
-            row["speedup_vs_torch_compile"] = row["ms"]["torch_compile"] / row["ms"]["moec"]
-        if tokens <= DECODE_MAX_TOKENS:
-            hit = indices.unique().numel()
-            row["moec_fraction_of_peak_bandwidth"] = hit * expert_bytes / moec_s / (peak_gbs * 1e9)
-        else:
-            flops = 2 * tokens * layer["top_k"] * 3 * layer["hidden"] * layer["ffn"]
-            row["moec_fraction_of_peak_bf16"] = flops / moec_s / (peak_tflops * 1e12)
+        kind = "bandwidth" if tokens <= DECODE_MAX_TOKENS else "bf16"
+        if kind == "bandwidth":  # bytes of the distinct experts the routing needs
+            work, peak = indices.unique().numel() * expert_bytes, peak_gbs * 1e9
+        else:  # FLOPs of the T*k expert evaluations
+            work, peak = 2 * tokens * layer["top_k"] * 3 * layer["hidden"] * layer["ffn"], peak_tflops * 1e12
+        line = f"{name:>12} T={tokens:<5}"
+        for label in ("moec", "moec_graphs"):
+            if label not in row["ms"]:
+                continue
+            ms = row["ms"][label]
+            row[f"{label}_speedup_vs_hf_best"] = hf_times[best] / ms
+            if "torch_compile" in row["ms"]:
+                row[f"{label}_speedup_vs_torch_compile"] = row["ms"]["torch_compile"] / ms
+            row[f"{label}_fraction_of_peak_{kind}"] = work / (ms / 1e3) / peak
+            line += (f" | {label} {ms:7.3f} ms x{row[f'{label}_speedup_vs_hf_best']:.2f} "
+                     f"{row[f'{label}_fraction_of_peak_{kind}']:.0%} {kind}")
+        line += f" | {best} {hf_times[best]:7.3f} ms | torch.compile {row['ms'].get('torch_compile', float('nan')):7.3f} ms"
         if profile:
             print(kernel_profile(impls["moec"]))
         rows.append(row)
-        fraction = row.get("moec_fraction_of_peak_bandwidth", row.get("moec_fraction_of_peak_bf16"))
-        kind = "bandwidth" if tokens <= DECODE_MAX_TOKENS else "bf16 peak"
-        print(f"{name:>12} T={tokens:<5} moec {row['ms']['moec']:8.3f} ms | {best} {hf_times[best]:8.3f} ms "
-              f"(x{row['speedup_vs_hf_best']:.2f}) | torch.compile {row['ms'].get('torch_compile', float('nan')):8.3f} ms "
-              f"(x{row.get('speedup_vs_torch_compile', float('nan')):.2f}) | {fraction:.1%} of {kind}")
+        print(line)
     return rows
 
 
 def implementations(config, experts, compiled, spec, tiles, x, indices, weights, quantized) -> dict:
     """label -> a call running the experts on (x, indices, weights)."""
+    from moec.backend.cuda_graphs import GraphedCall
     from moec.kernels import triton_ops
 
     w_in, w_out = experts.gate_up_proj.data, experts.down_proj.data
@@ -195,6 +202,12 @@ def implementations(config, experts, compiled, spec, tiles, x, indices, weights,
         impls[f"hf_{impl}"] = hf(impl)
     impls["torch_compile"] = lambda: compiled(x, indices, weights)
     impls["moec_int4"] = lambda: triton_ops.experts(x, indices, weights, *quantized, None, None, spec, tiles)
+    # What the Triton backend runs on a GPU: the same calls replayed from a CUDA graph (captured on the
+    # second call of a shape, i.e. during the warm-up), inputs copied in and the output copied out.
+    graphed = GraphedCall(lambda *a: triton_ops.experts(*a, w_in, w_out, None, None, spec, tiles))
+    impls["moec_graphs"] = lambda: graphed(x, indices, weights)
+    graphed_int4 = GraphedCall(lambda *a: triton_ops.experts(*a, *quantized, None, None, spec, tiles))
+    impls["moec_int4_graphs"] = lambda: graphed_int4(x, indices, weights)
     return impls
 
 
