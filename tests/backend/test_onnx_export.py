@@ -148,6 +148,28 @@ def test_failed_export_removes_the_folders_it_made(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_output_path_under_a_file_is_one_error(tmp_path):
+    compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
+    (tmp_path / "notes").write_text("")
+    with pytest.raises(BackendError, match=r"notes/deeper/model\.onnx: .*notes is a file, not a folder; choose another"):
+        compiled.export_onnx(tmp_path / "notes" / "deeper" / "model.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes"]
+
+
+def test_an_output_folder_that_cannot_be_written_to_is_one_error(monkeypatch, tmp_path):
+    """... and the folders the export made for the file are removed."""
+    from moec.backend.onnx import export
+
+    def refuse(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(export.tempfile, "mkdtemp", refuse)
+    compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
+    with pytest.raises(BackendError, match=r"cannot write .*new/model\.onnx: Permission denied; choose another"):
+        compiled.export_onnx(tmp_path / "new" / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_external_data_lands_beside_the_model(tmp_path):
     """... and an inline export over it removes the data file it no longer reads."""
     compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))

@@ -113,9 +113,7 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
     check_opset(opset)
     check_float32(program)
     check_lowerable(program)
-    target = Path(path).resolve()
-    if target.is_dir():
-        raise BackendError(f"{target} is a folder; give the path of the .onnx file to write")
+    target = check_target(path)
     if external_data is None:
         external_data = sum(t.numel() * t.element_size() for t in program.weights.values()) > EXTERNAL_DATA_BYTES
     module = ProgramModule(program, lowering)
@@ -125,8 +123,13 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
                       stacklevel=2)
     result = OnnxExport(target, lowering, opset, external_data, fallbacks=fallbacks, tolerance=tolerance)
     made = next((folder for folder in reversed(target.parents) if not folder.exists()), None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as err:  # a folder that cannot be written to
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
+        raise BackendError(f"cannot write {target}: {err.strerror or err}; choose another output path") from None
     try:
         staged = staging / target.name
         onnx_program = trace_to_onnx(module, program, opset, optimize)
@@ -293,6 +296,18 @@ def check_opset(opset: int) -> None:
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise BackendError(f"cannot export at ONNX opset {opset}: choose an opset from {MIN_OPSET} to {MAX_OPSET} "
                            f"(default {DEFAULT_OPSET})")
+
+
+def check_target(path: str | os.PathLike) -> Path:
+    """``path`` resolved, if a .onnx file can be written there: a new or existing file under folders (missing
+    ones are created); else one ``BackendError`` saying why."""
+    target = Path(path).resolve()
+    if target.is_dir():
+        raise BackendError(f"{target} is a folder; give the path of the .onnx file to write")
+    blocking = next((folder for folder in target.parents if folder.exists() and not folder.is_dir()), None)
+    if blocking is not None:
+        raise BackendError(f"cannot write {target}: {blocking} is a file, not a folder; choose another output path")
+    return target
 
 
 def check_float32(program: Program) -> None:
