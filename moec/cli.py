@@ -348,10 +348,15 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 def run_export_onnx(args: argparse.Namespace) -> int:
     import moec
-    from moec.backend.onnx.export import DEFAULT_OPSET, check_opset
+    from moec.backend.onnx.export import DEFAULT_OPSET, check_opset, check_target
+    from moec.errors import BackendError
 
     opset = DEFAULT_OPSET if args.opset is None else args.opset
-    check_opset(opset)
+    try:  # before the work, not after it
+        check_opset(opset)
+        check_target(args.output)
+    except BackendError as err:
+        raise UsageError(str(err)) from None
     compiled = moec.load(args.plan)
     with step(f"exporting {args.plan} to {args.output} ({args.lowering} lowering) and checking it"), \
             warnings.catch_warnings():

@@ -192,8 +192,18 @@ def test_the_report_gives_the_written_opset_and_the_cli_checks_it_first(tmp_path
     compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
     result = export_onnx(compiled.program, tmp_path / "model.onnx", opset=21)
     assert result.opset == 21 == onnx.load(str(tmp_path / "model.onnx")).opset_import[0].version
-    assert main(["export-onnx", str(tmp_path / "no-plan"), "-o", str(tmp_path / "x.onnx"), "--opset", "0"]) == 1
+    assert main(["export-onnx", str(tmp_path / "no-plan"), "-o", str(tmp_path / "x.onnx"), "--opset", "0"]) == 2
     assert "error: cannot export at ONNX opset 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output, why", [(".", "is a folder; give the path of the .onnx file"),
+                                         ("notes/model.onnx", "notes is a file, not a folder")])
+def test_the_cli_refuses_an_unusable_output_path_first_as_bad_usage(output, why, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").write_text("")
+    assert main(["export-onnx", str(tmp_path / "no-plan"), "-o", output]) == 2
+    err = capsys.readouterr().err
+    assert why in err and "Traceback" not in err
 
 
 def test_rotary_models_export_at_opset_23(compiled_preset, tmp_path):
