@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "(default: 20)")
     export_.add_argument(
         "--external-data", action=argparse.BooleanOptionalAction, default=None,
-        help="store weights in FILE.data beside the model (default: when weights exceed 1 GiB)",
+        help="store weights in FILE.data beside the model (default: when weights exceed 1 GiB; "
+             "--no-external-data is refused above 1.5 GiB, which torch.onnx writes only as external data)",
     )
     return parser
 

@@ -180,6 +180,22 @@ def test_external_data_lands_beside_the_model(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
 
 
+def test_inline_weights_beyond_what_torch_onnx_writes_inline_are_refused(monkeypatch, tmp_path):
+    """torch.onnx stores weights above its threshold as external data whatever it is asked: an inline export
+    of such weights is refused, rather than written with its data file then removed as stale."""
+    from torch.onnx._internal.exporter import _onnx_program
+
+    from moec.backend.onnx import export
+
+    compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
+    monkeypatch.setattr(_onnx_program, "_LARGE_MODEL_THRESHOLD", 64)
+    monkeypatch.setattr(export, "INLINE_BYTES_MAX", 64, raising=False)
+    with pytest.raises(BackendError, match=r"weights take 0\.00 GiB, more than torch\.onnx writes inside a \.onnx "
+                                           r"file .*; export them as external data"):
+        export_onnx(compiled.program, tmp_path / "model.onnx", external_data=False)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("opset", [0, 13, 17, 99])
 def test_an_opset_out_of_range_is_refused_up_front(opset, tmp_path):
     compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))

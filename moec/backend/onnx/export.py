@@ -49,6 +49,7 @@ from torch.onnx._internal.exporter import _core as _torch_onnx_core
 from torch.onnx._internal.exporter import _decomp, _registration
 from torch.onnx._internal.exporter import _fx_passes as _torch_onnx_fx_passes
 from torch.onnx._internal.exporter import _ir_passes as _torch_onnx_ir_passes
+from torch.onnx._internal.exporter import _onnx_program as _torch_onnx_program
 from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
 
 from moec.backend.onnx import quant
@@ -69,6 +70,7 @@ MAX_OPSET = min(SUPPORTED_MAX_ONNX_OPSET, onnx.defs.onnx_opset_version())
 FUSED_MOE_OPS = ("MoE", "QMoE")  # com.microsoft ops of the ort lowering
 LOW_PRECISION = {"bf16": "bfloat16", "f16": "float16"}  # IR dtypes the export refuses
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a ``<file>.data`` beside the model
+INLINE_BYTES_MAX = _torch_onnx_program._LARGE_MODEL_THRESHOLD  # torch.onnx writes external data above it, asked or not
 TRACE_SHAPE = (2, 4)  # (batch, sequence) of the inputs traced
 CHECK_SHAPES = ((3, 5), (1, 11))  # (batch, sequence) of the parity inputs: shapes tracing never saw
 AXIS_NAMES = ("batch", "sequence")
@@ -106,7 +108,7 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
 
     ``lowering`` is ``portable`` (standard ONNX ops) or ``ort`` (com.microsoft.MoE where it applies);
     ``opset`` from ``MIN_OPSET`` to ``MAX_OPSET``; ``external_data`` None picks external data for weights
-    above 1 GiB.
+    above 1 GiB, False is refused for weights above ``INLINE_BYTES_MAX``.
     """
     if lowering not in LOWERINGS:
         raise BackendError(f"unknown ONNX lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
@@ -114,8 +116,13 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
     check_float32(program)
     check_lowerable(program)
     target = check_target(path)
+    weight_bytes = sum(t.numel() * t.element_size() for t in program.weights.values())
     if external_data is None:
-        external_data = sum(t.numel() * t.element_size() for t in program.weights.values()) > EXTERNAL_DATA_BYTES
+        external_data = weight_bytes > EXTERNAL_DATA_BYTES
+    elif not external_data and weight_bytes > INLINE_BYTES_MAX:
+        raise BackendError(f"the plan's weights take {weight_bytes / (1 << 30):.2f} GiB, more than torch.onnx writes "
+                           f"inside a .onnx file ({INLINE_BYTES_MAX / (1 << 30):.1f} GiB); export them as external "
+                           "data (leave out external_data=False / --no-external-data)")
     module = ProgramModule(program, lowering)
     fallbacks = dict(module.moe_plan.fallbacks)
     for block, reason in fallbacks.items():
