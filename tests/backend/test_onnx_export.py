@@ -83,6 +83,31 @@ def test_cli_exports_a_plan_written_by_compile(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixtral.onnx", "plan"]
 
 
+class PassThrough(nn.Module):
+    """Returns one value under two names, and one of its inputs as is."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, y):
+        hidden = self.proj(x)
+        return {"hidden": hidden, "hidden_again": hidden, "passed_through": y}
+
+
+def test_an_output_that_is_an_input_or_another_output_keeps_every_name(tmp_path):
+    import onnxruntime
+
+    compiled = moec.compile(PassThrough().eval(), (torch.randn(2, 3, 4), torch.randn(2, 3, 4)))
+    compiled.export_onnx(tmp_path / "model.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    assert [i.name for i in session.get_inputs()] == ["x", "y"]
+    assert [o.name for o in session.get_outputs()] == ["hidden", "hidden_again", "passed_through"]
+    x, y = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    hidden, again, passed = session.run(None, {"x": x.numpy(), "y": y.numpy()})
+    assert (hidden == again).all() and (passed == y.numpy()).all()
+
+
 class Searchsorted(nn.Module):
     def __init__(self):
         super().__init__()

@@ -177,6 +177,8 @@ def trace_to_onnx(module: ProgramModule, program: Program, opset: int, optimize:
             exported = prepare(exported, registry)
             onnx_program = _torch_onnx_core._exported_program_to_onnx_program(exported, registry=registry)
             onnxscript.version_converter.convert_version(onnx_program.model, opset)
+            # An output that is an input, or another output, gets its own value (an Identity) to be named
+            onnx_ir.passes.common.OutputFixPass()(onnx_program.model)
             _torch_onnx_ir_passes.rename_inputs(onnx_program.model, list(graph.input_names))
             _torch_onnx_ir_passes.rename_outputs(onnx_program.model, output_names(program))
             if optimize:
