@@ -358,7 +358,7 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         check_target(args.output)
     except BackendError as err:
         raise UsageError(str(err)) from None
-    compiled = moec.load(args.plan)
+    compiled = moec.load(args.plan, backend="torch")  # the export needs no plan backend (triton may be missing)
     with step(f"exporting {args.plan} to {args.output} ({args.lowering} lowering) and checking it"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fallbacks are printed below, from the report

@@ -83,6 +83,20 @@ def test_cli_exports_a_plan_written_by_compile(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixtral.onnx", "plan"]
 
 
+def test_the_cli_exports_a_triton_plan_where_triton_is_missing(monkeypatch, tmp_path):
+    from moec.backend import triton_runner
+
+    compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),), backend="triton")
+    compiled.save(tmp_path / "plan")
+
+    def missing():
+        raise BackendError("backend 'triton' needs Triton, which is not installed")
+
+    monkeypatch.setattr(triton_runner, "import_triton", missing)
+    assert main(["export-onnx", str(tmp_path / "plan"), "-o", str(tmp_path / "model.onnx")]) == 0
+    assert (tmp_path / "model.onnx").is_file()
+
+
 class PassThrough(nn.Module):
     """Returns one value under two names, and one of its inputs as is."""
 
