@@ -20,6 +20,7 @@ if not _torch.cuda.is_available():
 
 from moec.api import CompiledModel, compile, load  # noqa: E402
 from moec.errors import (  # noqa: E402
+    BackendError,
     CaptureError,
     MoecError,
     ParseError,
@@ -31,6 +32,6 @@ from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec  # n
 from moec.frontend.recognize import register_moe_block  # noqa: E402
 
 __all__ = [
-    "BlockSpec", "CaptureError", "CompiledModel", "ExpertsSpec", "FFNSpec", "MoecError", "ParseError",
+    "BackendError", "BlockSpec", "CaptureError", "CompiledModel", "ExpertsSpec", "FFNSpec", "MoecError", "ParseError",
     "PassError", "PlanError", "RouteSpec", "VerifyError", "compile", "load", "register_moe_block",
 ]

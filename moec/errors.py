@@ -33,4 +33,4 @@ class PlanError(MoecError):
 
 
 class BackendError(MoecError):
-    """A backend cannot run the given IR."""
+    """A backend cannot run the given IR, or an ONNX export cannot be written or fails its checks."""

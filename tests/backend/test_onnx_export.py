@@ -243,6 +243,13 @@ def test_an_opset_out_of_range_is_refused_up_front(opset, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_export_errors_are_public_moec_errors(tmp_path):
+    compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
+    with pytest.raises(moec.BackendError):
+        compiled.export_onnx(tmp_path / "model.onnx", opset=99)
+    assert issubclass(moec.BackendError, moec.MoecError) and "BackendError" in moec.__all__
+
+
 def test_the_report_gives_the_written_opset_and_the_cli_checks_it_first(tmp_path, capsys):
     compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
     result = export_onnx(compiled.program, tmp_path / "model.onnx", opset=21)
