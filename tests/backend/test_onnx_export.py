@@ -259,7 +259,9 @@ def test_the_report_gives_the_written_opset_and_the_cli_checks_it_first(tmp_path
 
 
 @pytest.mark.parametrize("output, why", [(".", "is a folder; give the path of the .onnx file"),
-                                         ("notes/model.onnx", "notes is a file, not a folder")])
+                                         ("notes/model.onnx", "notes is a file, not a folder"),
+                                         ("exports/", "exports/ names a folder; give the path of the .onnx file "
+                                                      "to write (such as exports/model.onnx)")])
 def test_the_cli_refuses_an_unusable_output_path_first_as_bad_usage(output, why, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes").write_text("")

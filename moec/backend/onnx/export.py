@@ -313,6 +313,9 @@ def check_target(path: str | os.PathLike) -> Path:
     target = Path(path).resolve()
     if target.is_dir():
         raise BackendError(f"{target} is a folder; give the path of the .onnx file to write")
+    if os.fspath(path).endswith(("/", os.sep)):  # a folder to be, which Path would make the file's name
+        raise BackendError(f"{os.fspath(path)} names a folder; give the path of the .onnx file to write "
+                           f"(such as {os.path.join(path, 'model.onnx')})")
     blocking = next((folder for folder in target.parents if folder.exists() and not folder.is_dir()), None)
     if blocking is not None:
         raise BackendError(f"cannot write {target}: {blocking} is a file, not a folder; choose another output path")
