@@ -17,13 +17,13 @@ from moec.errors import BackendError
 from moec.ir.core import Operation, OpT, Value, WeightRef, iter_leaves
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
-from moec.ir.quant import QuantizedType
+from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.targets import resolve_target
 from moec.kernels import reference
 from moec.kernels.moe_cpu import experts_forward
 from moec.kernels.quant import QuantizedWeight
+from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts, prepare_linear
 from moec.kernels.quant_matmul import KERNELS as QUANT_KERNELS
-from moec.kernels.quant_matmul import QuantizedExperts, prepare_linear
 from moec.kernels.skip import skipped_pairs
 
 
@@ -198,6 +198,21 @@ RULES: dict[type[Operation], Rule] = {
 }
 
 
+def check_int4pack(program: Program) -> None:
+    """A ``BackendError`` naming the first quantized weight ``quant_kernel='int4pack'`` cannot run: it takes
+    matrices of at most ``INT4_MAX_BITS`` bits stored on the CPU."""
+    for name, weight_type in program.graph.weights.items():
+        if not isinstance(weight_type, QuantizedType):
+            continue
+        device = program.weights[storage_names(name)["qweight"]].device
+        widest = max(weight_type.bits)
+        if widest > INT4_MAX_BITS or device.type != "cpu":
+            found = f"{widest}-bit matrices" if widest > INT4_MAX_BITS else f"its storage on {device}"
+            raise BackendError(f"quant_kernel='int4pack' runs CPU matrices of at most {INT4_MAX_BITS} bits, and weight "
+                               f"@{name} has {found}; use quant_kernel='auto' (int4pack where it can run, dequant "
+                               "elsewhere) or 'dequant'")
+
+
 class TorchRunner:
     """Runs a program's graph on torch tensors (any device the weights are on).
 
@@ -217,6 +232,8 @@ class TorchRunner:
             raise BackendError(f"quant_kernel={quant_kernel!r} is not one of {', '.join(QUANT_KERNELS)}")
         if expert_kernel not in EXPERT_KERNELS:
             raise BackendError(f"expert_kernel={expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
+        if quant_kernel == "int4pack":
+            check_int4pack(program)
         self.program = program
         self.quant_kernel = quant_kernel
         self.expert_kernel = expert_kernel

@@ -64,6 +64,24 @@ def test_runner_refuses_an_unknown_quant_kernel_when_built():
         TorchRunner(program_of(SMALL_MOE, small_moe_weights()), quant_kernel="fast")
 
 
+def test_runner_refuses_int4pack_for_eight_bit_matrices_when_built():
+    """Asking for int4pack on a plan with an 8-bit expert is one error naming the weight, before any run."""
+    text = (SMALL_MOE.replace("f32[s0, 8]", "f32[s0, 32]").replace("f32[4, 8]", "f32[4, 32]")
+            .replace("f32[4, 32, 8]", "quant<f32[4, 32, 32], bits=[4, 4, 4, 8], group=32>")
+            .replace("f32[4, 8, 16]", "f32[4, 32, 16]").replace("hidden=8", "hidden=32"))
+    generator = torch.Generator().manual_seed(0)
+    w_in = torch.randn(4, 32, 32, generator=generator)
+    matrices = [quantize_matrix(w_in[e], bits, 32) for e, bits in enumerate((4, 4, 4, 8))]
+    weights = {"gate": torch.randn(4, 32, generator=generator), "w_out": torch.randn(4, 32, 16, generator=generator),
+               **QuantizedWeight.from_matrices("f32", (4, 32, 32), matrices).storage("w_in")}
+    program = program_of(text, weights)
+    with pytest.raises(BackendError, match=r"quant_kernel='int4pack' runs CPU matrices of at most 4 bits, and weight "
+                                           r"@w_in has 8-bit matrices; use quant_kernel='auto' .* or 'dequant'"):
+        TorchRunner(program, quant_kernel="int4pack")
+    x = torch.randn(5, 32, generator=generator)
+    assert TorchRunner(program).run([x])[0].shape == (5, 32)  # auto runs the 8-bit expert on dequant
+
+
 def test_int4pack_refuses_eight_bits_naming_the_kernel_to_use():
     with pytest.raises(ValueError, match="at most 4 bits, got 8 bits; use the dequant kernel"):
         int4pack_linear(quantize_matrix(torch.randn(8, 64), 8, 32))
