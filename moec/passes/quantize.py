@@ -24,7 +24,7 @@ from moec.analysis.ffn_activations import FFNActivations, collect
 from moec.errors import PassError
 from moec.ir.ops import DenseFFNOp, ExpertsOp, SharedExpertOp
 from moec.ir.program import Program
-from moec.ir.quant import SUPPORTED_BITS, QuantizedType, check_group
+from moec.ir.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantizedType, check_group
 from moec.kernels.gptq import gptq_quantize
 from moec.kernels.quant import QuantizedMatrix, QuantizedWeight, quantize_matrix
 from moec.kernels.reference import activation, gated_activation
@@ -190,7 +190,8 @@ def quantize_units(program: Program, units: list[Unit], bits: list[int], group: 
 
 def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
     """One ``PassError`` naming the first weight of ``units`` that is already quantized or whose reduced
-    dimension ``group`` does not divide (checked before any slow measurement or rounding)."""
+    dimension ``group`` does not divide, and the group sizes that would (checked before any slow
+    measurement or rounding)."""
     for unit in units:
         for role in unit.roles:
             name = program.graph.ops[unit.op_index].kwargs[role].name
@@ -198,10 +199,21 @@ def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
             if isinstance(weight_type, QuantizedType):
                 raise PassError(f"weight @{name} is already quantized (by an earlier quantize or bit-allocation); "
                                 "quantize each weight once")
-            try:
-                check_group(group, weight_type.static_shape[-1])
-            except ValueError as err:
-                raise PassError(f"weight @{name} {list(weight_type.shape)}: {err}") from None
+            columns = weight_type.static_shape[-1]
+            if columns % group:
+                raise PassError(f"weight @{name} {list(weight_type.shape)}: group size {group} does not divide the "
+                                f"reduced dimension {columns}; {group_advice(columns, unit.kind)}")
+
+
+def group_advice(columns: int, kind: str) -> str:
+    """What to do about a weight of ``kind`` (a ``UNIT_KINDS`` entry) whose reduced dimension ``columns``
+    the chosen group size does not divide."""
+    fits = [str(group) for group in SUPPORTED_GROUPS if columns % group == 0]
+    if fits:
+        return f"use group {' or '.join(fits)}"
+    advice = (f"no supported group size ({', '.join(map(str, SUPPORTED_GROUPS))}) divides it, so this weight "
+              "cannot be quantized")
+    return advice if kind == "expert" else f"{advice}; dense: false leaves dense FFNs and shared experts float"
 
 
 def activations_for(program: Program, context: PassContext, needed_by: str) -> FFNActivations:

@@ -164,6 +164,34 @@ def test_group_that_does_not_divide_names_the_weight(compiled_program):
         quantized(program, [{"quantize": {"bits": 4, "group": 64}}])
 
 
+def dense_ffn(width: int):
+    """One ``ffn.dense`` of hidden size ``width`` and intermediate size 64."""
+    text = f"""\
+graph @main(%x: f32[s0, {width}]) {{
+  weight @mlp.up.weight: f32[64, {width}]
+  weight @mlp.down.weight: f32[{width}, 64]
+  %0 = ffn.dense(%x, w_up=@mlp.up.weight, w_down=@mlp.down.weight, hidden={width}, intermediate=64, act="gelu", \
+block="mlp") : f32[s0, {width}]
+  return %0
+}}
+"""
+    return program_of(text, {"mlp.up.weight": torch.randn(64, width), "mlp.down.weight": torch.randn(width, 64)})
+
+
+@pytest.mark.parametrize(("program", "group", "advice"), [
+    (lambda: dense_ffn(32), 64, r"group size 64 does not divide the reduced dimension 32; use group 32$"),
+    (lambda: dense_ffn(64), 128, r"group size 128 does not divide the reduced dimension 64; use group 32 or 64$"),
+    (lambda: dense_ffn(8), 32, r"group size 32 does not divide the reduced dimension 8; no supported group size "
+                               r"\(32, 64, 128\) divides it, so this weight cannot be quantized; dense: false leaves "
+                               r"dense FFNs and shared experts float$"),
+    (lambda: program_of(SMALL_MOE, small_moe_weights()), 32,
+     r"reduced dimension 8; no supported group size \(32, 64, 128\) divides it, so this weight cannot be quantized$"),
+], ids=["dense-32", "dense-64", "dense-8", "experts-8"])
+def test_group_that_does_not_divide_says_which_group_would(program, group, advice):
+    with pytest.raises(PassError, match=advice):
+        quantized(program(), [{"quantize": {"bits": 4, "group": group}}])
+
+
 def test_calibration_rows_of_experts_weighing_their_input_are_the_rows_they_compute_on():
     """GPTQ and the bit-allocation errors see each expert's rows scaled by its routing weight when the
     experts take the weight on their input (Llama 4), and the plain token rows otherwise."""
