@@ -22,6 +22,7 @@ from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.plan import load_plan, save_plan
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
 from moec.passes.dead_code import DeadCode
 
@@ -145,7 +146,7 @@ def layer_summary(program: Program) -> list[dict[str, Any]]:
             "weights": op.weight_refs[0].name.rsplit(".", 1)[0] if op.weight_refs else "",
             "experts": getattr(spec, "num_experts", ""),
             "top_k": op.top_k if isinstance(op, ExpertsOp) else getattr(spec, "top_k", ""),
-            "detail": describe_spec(op),
+            "detail": describe_spec(op) + describe_quantization(program, op),
             "params": params,
             "bytes": size,
         }
@@ -171,6 +172,20 @@ def describe_spec(op: Any) -> str:
     if getattr(spec, "weighted_input", False):
         gate += ", routing weight on the input"
     return f"{kind}{spec.act}{clamp}, hidden {spec.hidden}, ffn {spec.intermediate}{gate}"
+
+
+def describe_quantization(program: Program, op: Any) -> str:
+    """``", 4-bit, group 32"`` for an op with quantized weights (``", 2-8 bits (mean 3.50), group 32"`` when
+    its matrices have several widths); ``""`` for a float one."""
+    types = [program.graph.weights[ref.name] for ref in op.weight_refs]
+    quantized = [t for t in types if isinstance(t, QuantizedType)]
+    if not quantized:
+        return ""
+    bits = [width for t in quantized for width in t.bits]
+    widths = f"{bits[0]}-bit" if len(set(bits)) == 1 else \
+        f"{min(bits)}-{max(bits)} bits (mean {sum(bits) / len(bits):.2f})"
+    groups = " or ".join(str(group) for group in sorted({t.group for t in quantized}))
+    return f", {widths}, group {groups}"
 
 
 def parity(model: nn.Module, compiled: CompiledModel, example_inputs: tuple | Mapping[str, Any]) -> float:

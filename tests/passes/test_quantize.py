@@ -15,7 +15,7 @@ from moec.ir.ops import ExpertsOp
 from moec.ir.quant import QuantizedType, storage_names
 from moec.kernels.quant import QuantizedWeight
 from moec.passes import PassContext, build_passes, run_passes
-from moec.passes.quantize import calibration_rows
+from moec.passes.quantize import calibration_rows, quantizable_units, quantize_units
 from tests.passes.moe_programs import SMALL_MOE, program_of, small_moe_weights, token_samples
 
 
@@ -147,6 +147,19 @@ def test_plan_holds_packed_storage_and_reports_its_bytes(compiled_program, tmp_p
     again = load(plan)
     inputs = program.flatten_inputs((), example)
     torch.testing.assert_close(again.runner.run(inputs)[0], TorchRunner(program).run(inputs)[0])
+
+
+def test_layer_table_shows_each_quantized_ops_widths_and_group(compiled_program):
+    """``moec inspect`` and ``moec compile`` print these rows: a quantized layer says so, a float one does not."""
+    _, _, program = compiled_program("tiny-qwen2-moe")
+    rows = CompiledModel(quantized(program, [{"quantize": {"bits": 3, "group": 32}}])).summary()
+    assert {row["op"] for row in rows if row["detail"].endswith(", 3-bit, group 32")} == {"moe.experts", "moe.shared_expert"}
+    assert not any("bit" in row["detail"] for row in rows if row["op"] == "moe.route")
+    _, _, program = compiled_program("tiny-mixtral")
+    units = quantizable_units(program, dense=False)  # 4 experts in each of 2 layers
+    quantize_units(program, units, [2, 3, 4, 8] * 2, 32, "rtn", None)
+    details = [row["detail"] for row in CompiledModel(program).summary() if row["op"] == "moe.experts"]
+    assert details and all(detail.endswith(", 2-8 bits (mean 4.25), group 32") for detail in details)
 
 
 @pytest.mark.parametrize(("options", "message"), [
