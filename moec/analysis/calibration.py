@@ -42,7 +42,7 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -422,15 +422,23 @@ def calibrate_flat(program: Program, flat_samples: list[list[torch.Tensor]], *, 
         if len(inputs) != len(names):
             raise MoecError(f"a calibration sample has {len(inputs)} inputs, the program takes {len(names)}")
         recorder.start_sample(inputs[mask_index] if mask_index is not None else None)
-        try:
-            runner.run(inputs, observe=recorder)
-        except (IndexError, RuntimeError, ValueError) as error:
-            shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(names, inputs, strict=True))
-            raise MoecError(f"calibration sample {index} ({shapes}) does not run through the model: "
-                            f"{type(error).__name__}: {error}; check that the samples are valid inputs for it "
-                            "(token ids below the vocabulary size, shapes the model takes)") from error
+        run_sample(runner, inputs, index, recorder)
         recorder.end_sample()
     return recorder.result(fingerprint(program), flat_samples)
+
+
+def run_sample(runner: TorchRunner, inputs: list[torch.Tensor], index: int,
+               observe: Callable[[Operation, list[Any], Any], None]) -> None:
+    """Run calibration sample ``index`` (flat inputs) through ``runner`` with ``observe``; a sample the model
+    cannot run is a ``MoecError`` naming it and what to check."""
+    try:
+        runner.run(inputs, observe=observe)
+    except (IndexError, RuntimeError, ValueError) as error:
+        names = runner.program.graph.input_names
+        shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(names, inputs, strict=True))
+        raise MoecError(f"calibration sample {index} ({shapes}) does not run through the model: "
+                        f"{type(error).__name__}: {error}; check that the samples are valid inputs for it "
+                        "(token ids below the vocabulary size, shapes the model takes)") from error
 
 
 def _progress(items: list[Any], show: bool) -> Iterable[Any]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moec.analysis.calibration import run_sample
 from moec.backend.torch_runner import TorchRunner
 from moec.ir.core import Operation
 from moec.ir.ops import DenseFFNOp, ExpertsOp, SharedExpertOp
@@ -63,8 +64,8 @@ def collect(program: Program, batches: list[list[torch.Tensor]]) -> FFNActivatio
                 routing.setdefault(key, []).append((stored, args[2].reshape(-1, k).float()))
 
     runner = TorchRunner(program)
-    for batch in batches:
-        runner.run(batch, observe=observe)
+    for index, batch in enumerate(batches):
+        run_sample(runner, batch, index, observe)
     out = FFNActivations()
     for key, parts in rows.items():
         inputs = torch.cat(parts)[:MAX_ROWS]

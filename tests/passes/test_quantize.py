@@ -10,7 +10,7 @@ from moec.analysis.calibration import fingerprint
 from moec.analysis.ffn_activations import collect
 from moec.api import CompiledModel, load
 from moec.backend.torch_runner import TorchRunner
-from moec.errors import PassError
+from moec.errors import MoecError, PassError
 from moec.ir.ops import ExpertsOp
 from moec.ir.quant import QuantizedType, storage_names
 from moec.kernels.quant import QuantizedWeight
@@ -77,6 +77,16 @@ def test_gptq_declares_it_needs_calibration_and_names_itself_without_it(compiled
     with pytest.raises(PassError, match=r"pass 'quantize' needs calibration data: pass calibration=.* to "
                                         r"moec.compile, or --calibration FILE to the moec CLI"):
         quantized(program, [{"quantize": {"group": 32, "method": "gptq"}}])
+
+
+def test_gptq_on_calibration_the_model_cannot_run_names_the_sample(compiled_program):
+    _, example, program = compiled_program("tiny-mixtral")
+    inputs = program.flatten_inputs((), example)
+    out_of_vocabulary = [inputs[0] + 10**6, *inputs[1:]]
+    with pytest.raises(MoecError, match=r"pass 'quantize' failed .*calibration sample 1 \(input_ids \(2, 8\), "
+                                        r"attention_mask \(2, 8\)\) does not run through the model: IndexError: .*"
+                                        r"token ids below the vocabulary size"):
+        quantized(program, [{"quantize": {"group": 32, "method": "gptq"}}], calibration=[inputs, out_of_vocabulary])
 
 
 def test_gptq_after_a_merge_that_keeps_every_router_row(compiled_program):
