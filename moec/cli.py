@@ -227,7 +227,8 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
 
     Calibration is the ``path`` file when given (see ``read_calibration_file``), else built-in text:
     standard-library docstrings (``moec.analysis.corpus``) tokenized by the model's tokenizer. Held-out
-    batches, for the quality table, are built-in text the calibration never saw (None without a tokenizer).
+    batches, for the quality table, are built-in text the calibration never saw (None without a tokenizer, or
+    when no pass that calibrates changes the outputs by design: those recipes are held to parity).
     """
     needs = any(p.needs_calibration() for p in passes)
     if path is not None and not needs:
@@ -247,7 +248,8 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
         text, held_out = calibration_and_held_out(CALIBRATION_SENTENCES, HELD_OUT_SENTENCES)
         calibration = (read_calibration_file(path, tokenizer) if path is not None
                        else tokenized_batches(tokenizer, text, CALIBRATION_BATCH))
-        return calibration, tokenized_batches(tokenizer, held_out)
+        changing = any(p.approximate and p.needs_calibration() for p in passes)
+        return calibration, tokenized_batches(tokenizer, held_out) if changing else None
 
 
 def model_tokenizer(model_spec: str) -> Any:

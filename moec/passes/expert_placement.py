@@ -1,7 +1,8 @@
 """``expert-placement``: record which rank holds each expert of each MoE layer.
 
-Requires: a verified graph with ``moe.experts`` ops, and a ``RoutingTrace`` (``moec.analysis.traces``)
-as ``context.calibration`` whose layers are the program's routed blocks (``method="cp-sat"`` only).
+Requires: a verified graph with ``moe.experts`` ops and, for ``method="cp-sat"``, routing to place from:
+a ``RoutingTrace`` (``moec.analysis.traces``) whose layers are the program's routed blocks, or sample
+inputs (or a ``Calibration`` storing them) as ``context.calibration``, traced here with ``collect_trace``.
 Ensures: ``program.metadata["expert_parallel"]`` holds ``world_size`` and ``placement`` (a
 ``Placement`` as JSON, one row per block) and ``placement_stats`` (moves, load balance, solver gap). The
 graph is unchanged. In place. The decision is made by ``moec.analysis.placement``; this pass applies it.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moec.analysis import placement as placing
-from moec.analysis.traces import RoutingTrace
+from moec.analysis.traces import RoutingTrace, collect_trace
 from moec.errors import PassError
 from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program
@@ -57,6 +58,19 @@ class ExpertPlacement(Pass):
         if not self.time_limit_s > 0:
             raise PassError(f"time_limit_s={self.time_limit_s} must be positive")
 
+    def needs_calibration(self) -> bool:
+        return self.method == "cp-sat"
+
+    def routing_trace(self, program: Program, context: PassContext) -> RoutingTrace:
+        """The given trace, or the trace of the given sample inputs through ``program``."""
+        if isinstance(context.calibration, RoutingTrace):
+            return context.calibration
+        if context.calibration is None:
+            raise PassError("cp-sat placement needs routing to place from: a RoutingTrace "
+                            "(moec.analysis.traces.collect_trace) or sample inputs as calibration= to moec.compile, "
+                            "or --calibration FILE to the moec CLI; method 'round-robin' or 'contiguous' needs none")
+        return collect_trace(program, context.flat_samples(program, needed_by=f"pass {self.name!r}"))
+
     def run(self, program: Program, context: PassContext) -> PassResult:
         experts_ops = program.graph.ops_of(ExpertsOp)
         if not experts_ops:
@@ -69,9 +83,7 @@ class ExpertPlacement(Pass):
         placing.check_world_size(num_experts, self.world_size)
         stats = {}
         if self.method == "cp-sat":
-            trace = context.calibration
-            if not isinstance(trace, RoutingTrace):
-                raise PassError("cp-sat placement needs a RoutingTrace as calibration (moec.analysis.traces.collect_trace)")
+            trace = self.routing_trace(program, context)
             if trace.layers != blocks:
                 raise PassError(f"the trace's layers {list(trace.layers)} are not the program's MoE blocks {list(blocks)}")
             expert_bytes = [stored_expert_bytes(program, op) for op in experts_ops]

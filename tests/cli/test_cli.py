@@ -318,3 +318,14 @@ def test_a_factory_error_exits_2_from_the_console_script(factories, tmp_path):
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "cannot load model factory 'no_such_module:factory'" in " ".join(result.stderr.split())
+
+
+@pytest.mark.slow  # about 12 s
+def test_cp_sat_placement_calibrates_on_a_calibration_file(calibration_files, tmp_path, capsys):
+    """The default placement method traces the --calibration samples; an exact recipe keeps its parity check."""
+    (tmp_path / "place.yaml").write_text("passes:\n  - expert-placement: {world_size: 2, balance_eps: 0.5, time_limit_s: 5}\n")
+    plan = tmp_path / "plan"
+    assert main(["compile", "--model", "tiny-mixtral", "--recipe", str(tmp_path / "place.yaml"),
+                 "--calibration", str(calibration_files / "ids.safetensors"), "-o", str(plan)]) == 0
+    assert "parity on resized inputs" in capsys.readouterr().out
+    assert moec.load(plan).program.metadata["expert_parallel"]["placement"]["method"] == "cp-sat"

@@ -70,3 +70,12 @@ def test_schedule_needs_a_placement_and_a_cost_model():
     run(program, [{"expert-placement": {"world_size": 2, "method": "round-robin"}}])
     with pytest.raises(PassError, match="cost_model"):
         run(program, [{"overlap-schedule": {}}])
+
+
+def test_cp_sat_placement_traces_sample_inputs_itself(qwen):
+    """Sample inputs (what --calibration gives from the CLI) are traced by the pass: no RoutingTrace needed."""
+    program, _ = qwen
+    _, example = build_preset("tiny-qwen2-moe")
+    run(program, [{"expert-placement": {"world_size": 2, "balance_eps": 0.5, "time_limit_s": 5}}], [example])
+    placement = program.metadata["expert_parallel"]["placement"]
+    assert placement["method"] == "cp-sat" and all(sorted(row) == [0, 0, 1, 1] for row in placement["ranks"])
