@@ -159,13 +159,24 @@ class ExpertParallelRunner(TorchRunner):
     def run_sharded(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run this rank's share (its rows of dim 0 of every input) and return the whole batch's outputs,
         gathered from every rank."""
-        batch = inputs[0].shape[0] if inputs else 0
-        if batch < self.world_size:
-            raise BackendError(f"a batch of {batch} cannot be shared by {self.world_size} ranks; give at least "
-                               f"{self.world_size} rows")
+        check_batch(inputs, self.program.graph.input_names, self.world_size)
         share = [x.tensor_split(self.world_size)[self.rank] if x.dim() else x for x in inputs]
         outputs = self.run(share)
         return [gather_rows(out, self.world_size) for out in outputs]
+
+
+def check_batch(inputs: list[torch.Tensor], names: list[str], world_size: int) -> None:
+    """``BackendError`` unless the inputs (``names`` in order) that have dimensions agree on their rows along
+    dim 0, the batch the ranks share, and it has at least one row per rank."""
+    rows = {name: x.shape[0] for name, x in zip(names, inputs, strict=True) if x.dim()}
+    if len(set(rows.values())) > 1:
+        given = ", ".join(f"{name} {count}" for name, count in rows.items())
+        raise BackendError(f"the inputs differ in rows along dim 0 ({given}); every rank takes its share of dim 0 "
+                           "of every input, so give them all the same batch size")
+    batch = next(iter(rows.values()), 0)
+    if batch < world_size:
+        raise BackendError(f"a batch of {batch} cannot be shared by {world_size} ranks; give at least "
+                           f"{world_size} rows")
 
 
 def gather_rows(x: torch.Tensor, world_size: int) -> torch.Tensor:

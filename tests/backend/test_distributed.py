@@ -13,6 +13,7 @@ import moec
 from moec.analysis.traces import collect_trace
 from moec.backend.distributed import (
     add_combined,
+    check_batch,
     local_positions,
     outgoing_rows,
     received_expert_rows,
@@ -67,6 +68,15 @@ def test_wrong_world_size_fails_on_every_rank(qwen_plan):
     assert done.returncode != 0
     for rank in range(3):
         assert f"error (rank {rank}): " in done.stderr and "placed for 2 ranks but was started with 3" in done.stderr
+
+
+def test_inputs_that_differ_in_batch_size_are_one_error_naming_them():
+    ids, mask = torch.zeros(4, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.int64)
+    with pytest.raises(moec.MoecError, match=r"differ in rows along dim 0 \(input_ids 4, attention_mask 2\)"):
+        check_batch([ids, mask], ["input_ids", "attention_mask"], 2)
+    with pytest.raises(moec.MoecError, match="a batch of 1 cannot be shared by 2 ranks"):
+        check_batch([ids[:1], mask[:1]], ["input_ids", "attention_mask"], 2)
+    check_batch([ids, mask[:1].expand(4, 8)], ["input_ids", "attention_mask"], 2)
 
 
 @pytest.mark.parametrize("weighted_input", [False, True])
