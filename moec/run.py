@@ -36,20 +36,36 @@ def main(argv: list[str] | None = None) -> int:
         runner = ExpertParallelRunner(args.plan)
         error = None
         try:
+            if args.output:
+                check_output_path(Path(args.output))
             kwargs = safetensors.torch.load_file(args.inputs)
             inputs = runner.program.flatten_inputs((), kwargs)
+        except MoecError as err:
+            error = err
         except (OSError, TypeError, safetensors.SafetensorError) as err:
             error = MoecError(f"cannot use inputs {args.inputs}: {err}")
         agree(error)
         outputs = runner.run_sharded(inputs)
         if rank == 0 and args.output:
-            write_outputs(outputs, Path(args.output))
+            try:
+                write_outputs(outputs, Path(args.output))
+            except OSError as err:
+                raise MoecError(f"cannot write --output {args.output}: {err}") from None
         return 0
     except MoecError as err:
         print(f"error (rank {rank}): {err}", file=sys.stderr)
         return 1
     finally:
         dist.destroy_process_group()
+
+
+def check_output_path(path: Path) -> None:
+    """``MoecError`` unless ``path`` can be written as a file (checked before the run, not after it)."""
+    if path.is_dir():
+        raise MoecError(f"--output {path} is a folder; give the file to write, such as {path / 'out.safetensors'}")
+    folder = next(parent for parent in path.absolute().parents if parent.exists())
+    if not folder.is_dir():
+        raise MoecError(f"--output {path} cannot be written: {folder} is a file, not a folder")
 
 
 def write_outputs(outputs: list[torch.Tensor], path: Path) -> None:

@@ -1,6 +1,7 @@
 """The expert-parallel runtime on 2 local gloo ranks, against the single-process torch runner."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,13 +23,15 @@ from moec.backend.distributed import (
 from moec.frontend.blocks import ExpertsSpec
 from moec.frontend.zoo import build_preset
 from moec.passes import PassContext, build_passes, run_passes
+from moec.run import main as run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def qwen_plan(tmp_path_factory):
-    """tiny-qwen2-moe (routed + shared experts), placed on 2 ranks and scheduled in 2 chunks."""
+    """tiny-qwen2-moe (routed + shared experts), placed on 2 ranks and scheduled in 2 chunks (``plan``), and
+    the same placed on 1 rank (``plan_1_rank``, for runs in this process)."""
     folder = tmp_path_factory.mktemp("ep")
     model, example = build_preset("tiny-qwen2-moe")
     example = {key: torch.cat([value, value.flip(0)]) for key, value in example.items()}  # batch 4
@@ -39,6 +42,9 @@ def qwen_plan(tmp_path_factory):
                          {"overlap-schedule": {"chunks": 2}}]}
     run_passes(program, build_passes(recipe), PassContext(calibration=trace))
     compiled.save(folder / "plan")
+    run_passes(program, build_passes({"passes": [{"expert-placement": {"world_size": 1, "method": "round-robin"}}]}),
+               PassContext())
+    compiled.save(folder / "plan_1_rank")
     safetensors.torch.save_file(example, str(folder / "inputs.safetensors"))
     expected = compiled(**example).logits
     return folder, expected
@@ -49,6 +55,35 @@ def torchrun(ranks: int, *args: str) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                "--standalone", "-m", "moec.run", *args]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+@pytest.fixture
+def one_rank_job(monkeypatch):
+    """The environment torchrun gives a job of one rank, so ``moec.run.main`` runs in this process (which sets
+    torch's thread count: restored after the test)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+                        "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(qwen_plan, one_rank_job, tmp_path, capsys):
+    folder, expected = qwen_plan
+    plan, inputs = str(folder / "plan_1_rank"), str(folder / "inputs.safetensors")
+    (tmp_path / "file").write_text("")
+    for output, message in ((tmp_path, "is a folder; give the file to write"),
+                            (tmp_path / "file" / "out.safetensors", "file is a file, not a folder")):
+        assert run_main([plan, "--inputs", inputs, "--output", str(output)]) == 1
+        err = capsys.readouterr().err
+        assert f"error (rank 0): --output {output}" in err and message in err and "Traceback" not in err
+    assert run_main([plan, "--inputs", inputs, "--output", str(tmp_path / "out.safetensors")]) == 0
+    got = safetensors.torch.load_file(str(tmp_path / "out.safetensors"))["output_0"]
+    assert (got - expected).abs().max().item() <= 1e-5
 
 
 def test_two_rank_run_matches_single_process(qwen_plan):
