@@ -67,10 +67,11 @@ def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tu
         raise PlanError(f"{folder} has no expert placement; run the expert-placement pass before distributing it")
     placement = Placement.from_json(settings["placement"])
     if placement.world_size != world_size:
-        raise PlanError(
-            f"{folder} was placed for {placement.world_size} ranks but was started with {world_size}; start it "
-            f"with --nproc-per-node {placement.world_size} or place it again for {world_size} ranks"
-        )
+        num_experts = min((len(row) for row in placement.ranks), default=world_size)
+        replace = (f"place it again for {world_size} ranks" if world_size <= num_experts else
+                   f"its layers' {num_experts} experts can be placed on at most {num_experts} ranks")
+        raise PlanError(f"{folder} was placed for {placement.world_size} ranks but was started with {world_size}; "
+                        f"start it with --nproc-per-node {placement.world_size} ({replace})")
     graph = parse_graph(plan["ir"])
     verify(graph)
     expert_slices: dict[str, list[int]] = {}

@@ -114,6 +114,19 @@ def test_inputs_that_differ_in_batch_size_are_one_error_naming_them():
     check_batch([ids, mask[:1].expand(4, 8)], ["input_ids", "attention_mask"], 2)
 
 
+def test_more_ranks_than_experts_is_told_to_use_the_placed_world_size(qwen_plan):
+    """Placing again for more ranks than a layer has experts cannot work: the message does not suggest it."""
+    from moec.backend.distributed import load_rank_program
+
+    folder, _ = qwen_plan
+    with pytest.raises(moec.PlanError, match=r"placed for 2 ranks but was started with 8; start it with "
+                       r"--nproc-per-node 2 \(its layers' 4 experts can be placed on at most 4 ranks\)"):
+        load_rank_program(folder / "plan", 0, 8)
+    with pytest.raises(moec.PlanError, match=r"started with 3; start it with --nproc-per-node 2 \(place it again "
+                       r"for 3 ranks\)"):
+        load_rank_program(folder / "plan", 0, 3)
+
+
 @pytest.mark.parametrize("weighted_input", [False, True])
 def test_pair_bookkeeping_in_one_process(weighted_input):
     """The runtime's dispatch and combine bookkeeping with the all-to-alls simulated by slicing: each owner
