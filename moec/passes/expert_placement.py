@@ -10,7 +10,7 @@ graph is unchanged. In place. The decision is made by ``moec.analysis.placement`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from moec.analysis import placement as placing
 from moec.analysis.traces import RoutingTrace, collect_trace
@@ -21,6 +21,7 @@ from moec.ir.quant import QuantizedType, storage_names
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 
 METHODS = ("cp-sat", "round-robin", "contiguous")
+SOLVER_OPTIONS = ("balance_eps", "capacity", "memory_bytes", "time_limit_s")  # constraints of method cp-sat
 
 
 def stored_expert_bytes(program: Program, op: ExpertsOp) -> int:
@@ -57,6 +58,10 @@ class ExpertPlacement(Pass):
             raise PassError(f"balance_eps={self.balance_eps} must be at least 0 (the allowed load imbalance)")
         if not self.time_limit_s > 0:
             raise PassError(f"time_limit_s={self.time_limit_s} must be positive")
+        given = [f.name for f in fields(self) if f.name in SOLVER_OPTIONS and getattr(self, f.name) != f.default]
+        if self.method != "cp-sat" and given:
+            raise PassError(f"{', '.join(given)} constrain the cp-sat solver, and method={self.method!r} places "
+                            "experts by a fixed rule without them; leave them out, or use method 'cp-sat'")
 
     def needs_calibration(self) -> bool:
         return self.method == "cp-sat"

@@ -79,3 +79,11 @@ def test_cp_sat_placement_traces_sample_inputs_itself(qwen):
     run(program, [{"expert-placement": {"world_size": 2, "balance_eps": 0.5, "time_limit_s": 5}}], [example])
     placement = program.metadata["expert_parallel"]["placement"]
     assert placement["method"] == "cp-sat" and all(sorted(row) == [0, 0, 1, 1] for row in placement["ranks"])
+
+
+def test_solver_options_with_a_fixed_rule_method_are_refused():
+    """capacity, memory_bytes ... bind only the cp-sat solver: a round-robin placement would ignore them."""
+    with pytest.raises(PassError, match=r"capacity, memory_bytes constrain the cp-sat solver, and "
+                       r"method='round-robin' places experts by a fixed rule"):
+        build_passes({"passes": [{"expert-placement": {"method": "round-robin", "capacity": 1, "memory_bytes": 10}}]})
+    build_passes({"passes": [{"expert-placement": {"method": "contiguous", "world_size": 4}}]})
