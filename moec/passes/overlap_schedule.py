@@ -12,13 +12,15 @@ runtime can start it early. In place. Work per layer is estimated for ``tokens_p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from moec.analysis.schedule import CostModel, LayerSchedule, LayerWork, choose_chunks
 from moec.errors import PassError
 from moec.ir.ops import ExpertsOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
+
+CHOOSING_OPTIONS = ("cost_model", "tokens_per_rank", "max_chunks")  # how the cost model picks the chunk count
 
 
 def ffn_flops(tokens: float, hidden: int, intermediate: int, gated: bool) -> float:
@@ -41,6 +43,10 @@ class OverlapSchedule(Pass):
                               ("max_chunks", self.max_chunks)):
             if value is not None and value < 1:
                 raise PassError(f"{option}={value} must be at least 1")
+        choosing = [f.name for f in fields(self) if f.name in CHOOSING_OPTIONS and getattr(self, f.name) != f.default]
+        if self.chunks is not None and choosing:
+            raise PassError(f"chunks={self.chunks} fixes the chunk count, and {', '.join(choosing)} would choose it; "
+                            "give chunks or a cost model, not both")
 
     def run(self, program: Program, context: PassContext) -> PassResult:
         settings = program.metadata.get("expert_parallel", {})

@@ -87,3 +87,10 @@ def test_solver_options_with_a_fixed_rule_method_are_refused():
                        r"method='round-robin' places experts by a fixed rule"):
         build_passes({"passes": [{"expert-placement": {"method": "round-robin", "capacity": 1, "memory_bytes": 10}}]})
     build_passes({"passes": [{"expert-placement": {"method": "contiguous", "world_size": 4}}]})
+
+
+def test_a_fixed_chunk_count_with_a_cost_model_is_refused():
+    """chunks=N would win silently over the cost model's choice."""
+    cost = {"a2a_latency_s": 1e-4, "a2a_s_per_byte": 1e-9, "gemm_latency_s": 1e-5, "gemm_s_per_flop": 1e-10}
+    with pytest.raises(PassError, match=r"chunks=2 fixes the chunk count, and cost_model, max_chunks would choose it"):
+        build_passes({"passes": [{"overlap-schedule": {"chunks": 2, "cost_model": cost, "max_chunks": 4}}]})
