@@ -85,6 +85,11 @@ def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tu
     for op in graph.ops_of(ExpertsOp):
         if op.block not in placement.layers:
             raise PlanError(f"{folder}: the placement has no entry for MoE block {op.block!r}; place the plan again")
+        placed = len(placement.ranks[placement.layers.index(op.block)])
+        if placed != op.spec.num_experts:
+            raise PlanError(f"{folder}: the placement holds {placed} experts for MoE block {op.block!r}, which has "
+                            f"{op.spec.num_experts}; a pass changed the experts after expert-placement: run "
+                            "expert-placement after the passes that prune, merge or convert experts")
         local = placement.local_experts(op.block, rank)
         for role in EXPERT_ROLES:
             ref = op.weight(role)

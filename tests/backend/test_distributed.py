@@ -1,6 +1,8 @@
 """The expert-parallel runtime on 2 local gloo ranks, against the single-process torch runner."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -125,6 +127,21 @@ def test_more_ranks_than_experts_is_told_to_use_the_placed_world_size(qwen_plan)
     with pytest.raises(moec.PlanError, match=r"started with 3; start it with --nproc-per-node 2 \(place it again "
                        r"for 3 ranks\)"):
         load_rank_program(folder / "plan", 0, 3)
+
+
+def test_a_placement_made_before_the_experts_changed_is_refused(qwen_plan, tmp_path):
+    """A placement of 8 experts on a plan whose layers have 4 (pruned after placing) is one PlanError."""
+    from moec.backend.distributed import load_rank_program
+
+    folder, _ = qwen_plan
+    plan = shutil.copytree(folder / "plan", tmp_path / "plan")
+    data = json.loads((plan / "plan.json").read_text())
+    placement = data["metadata"]["expert_parallel"]["placement"]
+    placement["ranks"] = [row + row for row in placement["ranks"]]
+    (plan / "plan.json").write_text(json.dumps(data))
+    with pytest.raises(moec.PlanError, match=r"the placement holds 8 experts for MoE block .*, which has 4; a pass "
+                       r"changed the experts after expert-placement"):
+        load_rank_program(plan, 0, 2)
 
 
 @pytest.mark.parametrize("weighted_input", [False, True])
