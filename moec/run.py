@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from moec.backend.distributed import ExpertParallelRunner, agree
 from moec.errors import MoecError
+from moec.ir.program import Program
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
                 check_output_path(Path(args.output))
             kwargs = safetensors.torch.load_file(args.inputs)
             inputs = runner.program.flatten_inputs((), kwargs)
+            check_input_dtypes(runner.program, inputs)
         except MoecError as err:
             error = err
-        except (OSError, TypeError, safetensors.SafetensorError) as err:
+        except (OSError, TypeError, ValueError, safetensors.SafetensorError) as err:
             error = MoecError(f"cannot use inputs {args.inputs}: {err}")
         agree(error)
         outputs = runner.run_sharded(inputs)
@@ -57,6 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         dist.destroy_process_group()
+
+
+def check_input_dtypes(program: Program, inputs: list[torch.Tensor]) -> None:
+    """``ValueError`` naming the first input that is floating-point where the plan takes integers (token ids,
+    masks), or the other way round: a cast would change its values."""
+    for name, value, tensor in zip(program.graph.input_names, program.graph.inputs, inputs, strict=True):
+        expected = getattr(value.type, "torch_dtype", None)
+        if expected is not None and tensor.dtype.is_floating_point != expected.is_floating_point:
+            raise ValueError(f"input {name!r} is {tensor.dtype}, and the plan takes {expected}; save it as {expected}")
 
 
 def check_output_path(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -86,6 +87,26 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(qwen_pl
     assert run_main([plan, "--inputs", inputs, "--output", str(tmp_path / "out.safetensors")]) == 0
     got = safetensors.torch.load_file(str(tmp_path / "out.safetensors"))["output_0"]
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_inputs_the_plan_cannot_take_are_one_error(qwen_plan, one_rank_job, tmp_path, capsys):
+    """Float token ids, and a size the plan fixed (here: the mask's sequence, fixed to 8 in a copy of the plan),
+    are one message naming the input, not a traceback from the model's ops."""
+    folder, _ = qwen_plan
+    plan = shutil.copytree(folder / "plan_1_rank", tmp_path / "plan")
+    data = json.loads((plan / "plan.json").read_text())
+    mask_type = re.search(r"%attention_mask: i64\[(\w+), (\w+)\]", data["ir"])
+    data["ir"] = data["ir"].replace(mask_type.group(0), f"%attention_mask: i64[{mask_type.group(1)}, 8]", 1)
+    (plan / "plan.json").write_text(json.dumps(data))
+    example = safetensors.torch.load_file(str(folder / "inputs.safetensors"))
+    cases = (({**example, "input_ids": example["input_ids"].float()}, "input 'input_ids' is torch.float32, and the "
+              "plan takes torch.int64"),
+             ({key: value[:, :6].contiguous() for key, value in example.items()}, "input 'attention_mask' has shape [4, 6]"))
+    for inputs, message in cases:
+        safetensors.torch.save_file(inputs, str(tmp_path / "inputs.safetensors"))
+        assert run_main([str(plan), "--inputs", str(tmp_path / "inputs.safetensors")]) == 1
+        err = capsys.readouterr().err
+        assert "error (rank 0): cannot use inputs" in err and message in err and "Traceback" not in err
 
 
 def test_two_rank_run_matches_single_process(qwen_plan):
