@@ -301,6 +301,21 @@ def without_padding_only_samples(program: Program, flat: list[list[torch.Tensor]
     return [sample for i, sample in enumerate(flat) if i not in padding_only]
 
 
+def token_mask_of(program: Program, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+    """The sample's real-token mask (its ``attention_mask`` input, flattened to bool), or None without one."""
+    names = program.graph.input_names
+    return inputs[names.index("attention_mask")].reshape(-1).bool() if "attention_mask" in names else None
+
+
+def real_token_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as rows ``[N, H]``, without the padding positions when ``token_mask`` has one entry a row (a
+    block that sees other token counts than the sample's keeps all its rows)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if token_mask is not None and token_mask.numel() == rows.shape[0]:
+        rows = rows[token_mask]
+    return rows
+
+
 class _Recorder:
     """The runner observer: accumulates per-block statistics of the sample being run."""
 
@@ -315,14 +330,12 @@ class _Recorder:
         self.generator = torch.Generator().manual_seed(SEED)
 
     def start_sample(self, token_mask: torch.Tensor | None) -> None:
-        self.token_mask = token_mask.reshape(-1).bool() if token_mask is not None else None
+        self.token_mask = token_mask
         self.sample_tokens: int | None = None
         self.sample_keys: dict[int, torch.Tensor] = {}  # token count -> the sample's row keys for it
 
     def real_rows(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1])
-        if self.token_mask is not None and self.token_mask.numel() == rows.shape[0]:
-            rows = rows[self.token_mask]
+        rows = real_token_rows(x, self.token_mask)
         if self.sample_tokens is None:
             self.sample_tokens = rows.shape[0]
         if rows.shape[0] not in self.sample_keys:
@@ -376,10 +389,8 @@ class _Recorder:
         """The choice a ``moe.experts`` op is given (by a ``moe.route``, or the model's own router code)."""
         rows = self.real_rows(x).float()
         indices, weights = result
-        k = indices.shape[-1]
-        flat_indices, flat_weights = indices.reshape(-1, k), weights.reshape(-1, k).float()
-        if self.token_mask is not None and self.token_mask.numel() == flat_indices.shape[0]:
-            flat_indices, flat_weights = flat_indices[self.token_mask], flat_weights[self.token_mask]
+        flat_indices = real_token_rows(indices, self.token_mask)
+        flat_weights = real_token_rows(weights, self.token_mask).float()
         state = self.moe.setdefault(op.block, {"indices": [], "weights": [], "num_experts": op.routed_experts})
         state["indices"].append(flat_indices.clone())
         state["weights"].append(flat_weights.clone())
@@ -415,13 +426,12 @@ def calibrate_flat(program: Program, flat_samples: list[list[torch.Tensor]], *, 
     if max_rows < 1:
         raise MoecError(f"max_rows={max_rows} must be at least 1")
     names = program.graph.input_names
-    mask_index = names.index("attention_mask") if "attention_mask" in names else None
     runner = TorchRunner(program)
     recorder = _Recorder(program, max_rows)
     for index, inputs in enumerate(_progress(flat_samples, progress)):
         if len(inputs) != len(names):
             raise MoecError(f"a calibration sample has {len(inputs)} inputs, the program takes {len(names)}")
-        recorder.start_sample(inputs[mask_index] if mask_index is not None else None)
+        recorder.start_sample(token_mask_of(program, inputs))
         run_sample(runner, inputs, index, recorder)
         recorder.end_sample()
     return recorder.result(fingerprint(program), flat_samples)
