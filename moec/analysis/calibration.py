@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +51,7 @@ import torch
 
 from moec.analysis.traces import RoutingTrace
 from moec.backend.torch_runner import TorchRunner
-from moec.errors import MoecError
+from moec.errors import MoecError, warn
 from moec.ir.core import Operation
 from moec.ir.ops import DenseFFNOp, ExpertsOp
 from moec.ir.plan import stored_weight_names, unshared
@@ -296,8 +295,8 @@ def without_padding_only_samples(program: Program, flat: list[list[torch.Tensor]
         raise MoecError("calibration: the attention_mask of every sample is all zeros, so there is no real token "
                         "to calibrate on; give samples with real tokens (attention_mask 1 at each of them)")
     if padding_only:
-        warnings.warn(f"calibration: samples {sorted(padding_only)} are left out, their attention_mask is all "
-                      "zeros (padding only)", stacklevel=2)
+        warn(f"calibration: samples {sorted(padding_only)} are left out, their attention_mask is all "
+             "zeros (padding only)")
     return [sample for i, sample in enumerate(flat) if i not in padding_only]
 
 

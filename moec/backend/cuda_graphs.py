@@ -19,13 +19,14 @@ is safe because replays run one after another on one stream and each output is c
 
 from __future__ import annotations
 
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from moec.errors import warn
 
 if TYPE_CHECKING:
     from torch.cuda import _POOL_HANDLE
@@ -68,8 +69,8 @@ class GraphedCall:
                 captured = self.graphs[key] = self.capture(inputs)
             except RuntimeError as error:  # fn broke the contract (it waited for the host): run it directly
                 self.max_graphs = 0
-                warnings.warn(f"moec: a kernel call could not be captured in a CUDA graph, so it runs directly "
-                              f"from now on ({str(error).splitlines()[0]})", stacklevel=2)
+                warn(f"moec: a kernel call could not be captured in a CUDA graph, so it runs directly "
+                     f"from now on ({str(error).splitlines()[0]})")
                 return self.fn(*inputs)
         for static, given in zip(captured.inputs, inputs, strict=True):
             static.copy_(given)

@@ -14,7 +14,6 @@ imports triton (transformers models do), or set the variable yourself.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -24,7 +23,7 @@ import torch
 from moec.backend import triton_codegen
 from moec.backend.cuda_graphs import GraphedCall
 from moec.backend.torch_runner import RULES, Observer, TorchRunner
-from moec.errors import BackendError
+from moec.errors import BackendError, warn
 from moec.ir.ops import ExpertsOp, RouteOp
 from moec.ir.program import Program
 from moec.kernels import reference
@@ -147,7 +146,7 @@ class TritonRunner(TorchRunner):
                    if (reason := triton_codegen.unsupported_reason(op)) is not None]
         if reasons:
             scope = "the whole plan runs" if len(reasons) == len(candidates) else f"{len(reasons)} of {len(candidates)} MoE ops run"
-            warnings.warn(f"moec triton backend: {scope} on the torch runner: {'; '.join(reasons)}", stacklevel=3)
+            warn(f"moec triton backend: {scope} on the torch runner: {'; '.join(reasons)}")
         return reasons
 
     def plan_files(self) -> dict[str, str]:

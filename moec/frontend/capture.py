@@ -22,7 +22,7 @@ from torch import nn
 from torch.export import Dim
 from torch.export.dynamic_shapes import _tree_map_with_path
 
-from moec.errors import CaptureError, VerifyError
+from moec.errors import CaptureError, VerifyError, warn
 from moec.frontend.blocks import BlockSpec
 from moec.frontend.ffn_patterns import fold_dense_ffns
 from moec.frontend.lower import lower
@@ -157,11 +157,11 @@ def exportable_experts(model: nn.Module, specs: list[BlockSpec]) -> Iterator[Non
         configs.setdefault(id(config), (config, config._experts_implementation))
         config._experts_implementation = "batched_mm"
     if generic:
-        warnings.warn(
+        warn(
             f"moec does not model the experts of {len(generic)} module(s): {', '.join(generic[:3])}"
             f"{', ...' if len(generic) > 3 else ''}. They are captured as Hugging Face's batched_mm code, which "
             "copies one expert's weights per (token, expert) pair, so memory grows with the number of tokens; "
-            "register the block with moec.register_moe_block to run them on moec's expert kernels", stacklevel=4)
+            "register the block with moec.register_moe_block to run them on moec's expert kernels")
     try:
         yield
     finally:
@@ -201,11 +201,11 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
         if sizes_of_one(args, kwargs) and not specializes_size_one(err):
             with contextlib.suppress(Exception):  # the first error is the one to report
                 ep = export_with(model, args, kwargs, dynamic_shapes_for(model, args, kwargs, fix_ones=True))
-                warnings.warn(
+                warn(
                     f"{type(model).__name__} could not be exported with every size dynamic ({describe(model, err)}); "
                     f"it was exported with the sizes of 1 after the batch dimension fixed "
                     f"({', '.join(sizes_of_one(args, kwargs))}), so the compiled model takes only 1 there. If one of "
-                    "them should vary (a sequence), compile with an example of at least 2 there", stacklevel=4)
+                    "them should vary (a sequence), compile with an example of at least 2 there")
                 return ep
         raise CaptureError(f"cannot export {type(model).__name__}: {describe(model, err)}\n"
                            f"{export_hint(err, args, kwargs)}") from err

@@ -11,14 +11,13 @@ import os
 import time
 import types
 import typing
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from moec.errors import MoecError, PassError
+from moec.errors import MoecError, PassError, warn
 from moec.ir.program import Program
 from moec.ir.verifier import verify
 from moec.passes.base import Pass, PassContext, find_pass, pass_names
@@ -175,7 +174,7 @@ def run_passes(program: Program, passes: list[Pass], context: PassContext,
             raise PassError(f"pass {pass_.name!r} failed (passes run before it: {ran}): {err}") from err
         summary = {**result.summary, "note": result.note} if result.note else result.summary
         if result.note:
-            warnings.warn(f"pass {pass_.name!r} changed nothing: {result.note}", stacklevel=2)
+            warn(f"pass {pass_.name!r} changed nothing: {result.note}")
         record = {
             "pass": pass_.name,
             "options": dataclasses.asdict(pass_),

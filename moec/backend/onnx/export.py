@@ -58,7 +58,7 @@ from moec.backend.onnx.module import ProgramModule
 from moec.backend.onnx.moe import LOWERINGS
 from moec.backend.onnx.moe import TRANSLATIONS as MOE_TRANSLATIONS
 from moec.backend.torch_runner import TorchRunner
-from moec.errors import BackendError
+from moec.errors import BackendError, warn
 from moec.ir.core import Operation, WeightRef
 from moec.ir.ops import AtenOp, SpecOp
 from moec.ir.printer import print_graph_lines
@@ -126,8 +126,7 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
     module = ProgramModule(program, lowering)
     fallbacks = dict(module.moe_plan.fallbacks)
     for block, reason in fallbacks.items():
-        warnings.warn(f"{block} uses the portable MoE lowering: com.microsoft.MoE cannot express {reason}",
-                      stacklevel=2)
+        warn(f"{block} uses the portable MoE lowering: com.microsoft.MoE cannot express {reason}")
     result = OnnxExport(target, lowering, opset, external_data, fallbacks=fallbacks, tolerance=tolerance)
     made = next((folder for folder in reversed(target.parents) if not folder.exists()), None)
     try:
