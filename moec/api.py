@@ -25,6 +25,7 @@ from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
 from moec.passes.dead_code import DeadCode
+from moec.paths import user_path
 
 BACKENDS = ("torch", "triton")
 
@@ -126,10 +127,11 @@ def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
 
     ``backend`` defaults to the one the plan was compiled for; a triton plan runs the kernels saved in it.
     """
-    program = load_plan(path)
+    folder = user_path(path)
+    program = load_plan(folder)
     backend = backend or program.metadata.get("backend", "torch")
-    calibration = Calibration.load(path) if (Path(path) / CALIBRATION_META).is_file() else None
-    kernels_file = Path(path) / KERNELS_FILE
+    calibration = Calibration.load(folder) if (folder / CALIBRATION_META).is_file() else None
+    kernels_file = folder / KERNELS_FILE
     return CompiledModel(program, backend, calibration=calibration,
                          kernels_file=kernels_file if kernels_file.is_file() else None)
 

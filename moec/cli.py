@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from moec.errors import MoecError
+from moec.paths import user_path
 
 WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns when piped
 console = Console(highlight=False, width=WIDTH)
@@ -256,7 +257,7 @@ def model_tokenizer(model_spec: str) -> Any:
     """The tokenizer of the default model or of a local Hugging Face folder, or None."""
     from moec.frontend.zoo import minilm_path
 
-    folder = minilm_path() if model_spec == "minilm" else Path(model_spec)
+    folder = minilm_path() if model_spec == "minilm" else user_path(model_spec)
     if not (folder / "tokenizer_config.json").is_file():
         return None
     from transformers import AutoTokenizer
@@ -266,7 +267,7 @@ def model_tokenizer(model_spec: str) -> Any:
 
 def check_calibration_path(path: str) -> Path:
     """``path`` if it names a calibration file of an accepted form, else one ``UsageError`` listing them."""
-    file = Path(path)
+    file = user_path(path)
     if file.is_dir():
         raise UsageError(f"--calibration {path} is a folder, not a calibration file; give {CALIBRATION_FORMS}")
     if not file.is_file():

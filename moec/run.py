@@ -22,6 +22,7 @@ import torch.distributed as dist
 from moec.backend.distributed import ExpertParallelRunner, agree
 from moec.errors import MoecError
 from moec.ir.program import Program
+from moec.paths import user_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         error = None
         try:
             if args.output:
-                check_output_path(Path(args.output))
-            kwargs = safetensors.torch.load_file(args.inputs)
+                check_output_path(user_path(args.output))
+            kwargs = safetensors.torch.load_file(user_path(args.inputs))
             inputs = runner.program.flatten_inputs((), kwargs)
             check_input_dtypes(runner.program, inputs)
         except MoecError as err:
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs = runner.run_sharded(inputs)
         if rank == 0 and args.output:
             try:
-                write_outputs(outputs, Path(args.output))
+                write_outputs(outputs, user_path(args.output))
             except OSError as err:
                 raise MoecError(f"cannot write --output {args.output}: {err}") from None
         return 0

@@ -58,6 +58,7 @@ from moec.ir.plan import stored_weight_names, unshared
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.kernels.reference import activation, gated_activation
+from moec.paths import user_path
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "calibration.safetensors"
@@ -185,7 +186,7 @@ class Calibration:
 
     def save(self, folder: str | os.PathLike) -> Path:
         """Write ``calibration.safetensors`` and ``calibration.json`` into ``folder`` (created if needed)."""
-        folder = Path(folder)
+        folder = user_path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for name, content in self.to_files().items():
             staging = folder / f".{name}.tmp"
@@ -196,7 +197,7 @@ class Calibration:
     @staticmethod
     def load(folder: str | os.PathLike) -> Calibration:
         """Read a calibration written by ``save`` (or stored in a plan folder)."""
-        folder = Path(folder)
+        folder = user_path(folder)
         if not (folder / META_FILE).is_file() or not (folder / TENSORS_FILE).is_file():
             raise MoecError(f"{folder} holds no calibration ({META_FILE} and {TENSORS_FILE}); "
                             "compile with calibration samples to write one")

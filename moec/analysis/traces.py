@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -27,6 +26,7 @@ from moec.errors import MoecError
 from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program
 from moec.kernels import reference
+from moec.paths import user_path
 
 
 @dataclass(frozen=True)
@@ -81,12 +81,12 @@ class RoutingTrace:
     def save(self, path: str | os.PathLike) -> None:
         """Write the trace as JSON (plain lists; small traces only, large ones are regenerated)."""
         data = {"layers": list(self.layers), "num_experts": self.num_experts, "experts": self.experts.tolist()}
-        Path(path).write_text(json.dumps(data))
+        user_path(path).write_text(json.dumps(data))
 
     @staticmethod
     def load(path: str | os.PathLike) -> RoutingTrace:
         try:
-            data = json.loads(Path(path).read_text())
+            data = json.loads(user_path(path).read_text())
             experts = torch.tensor(data["experts"], dtype=torch.int64)
             return RoutingTrace(experts, tuple(data["layers"]), int(data["num_experts"]))
         except (OSError, ValueError, KeyError, IndexError, TypeError) as err:

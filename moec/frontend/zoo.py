@@ -17,6 +17,7 @@ import transformers
 from torch import nn
 
 from moec.errors import CaptureError
+from moec.paths import user_path
 
 Example = dict[str, torch.Tensor]
 
@@ -272,8 +273,8 @@ def load_model_spec(text: str) -> tuple[nn.Module, Example]:
     """
     if text in PRESETS:
         return build_preset(text)
-    if Path(text).is_dir():
-        return _load_hf_folder(Path(text))
+    if user_path(text).is_dir():
+        return _load_hf_folder(user_path(text))
     if ":" in text:
         return _load_factory(text)
     raise ModelSpecError(

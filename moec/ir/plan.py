@@ -24,6 +24,7 @@ from moec.ir.program import Program, load_treespec
 from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.verifier import verify
 from moec.kernels.quant import check_storage
+from moec.paths import user_path
 
 FORMAT = "moec-plan"
 FORMAT_VERSION = 1
@@ -43,7 +44,7 @@ def sha256_of(path: Path) -> str:
 def check_plan_target(path: str | os.PathLike) -> Path:
     """``path`` resolved, if a plan folder can be written there: a new path under folders (missing ones are
     created), an empty folder or an existing plan (replaced); else one ``PlanError`` saying why."""
-    target = Path(path).resolve()
+    target = user_path(path).resolve()
     if target.is_dir():
         if not (target / PLAN_FILE).exists() and any(target.iterdir()):
             raise PlanError(f"{target} exists and is not a moec plan folder; choose another output path")
@@ -134,7 +135,7 @@ def replace_dir(staging: Path, target: Path) -> None:
 
 def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The plan folder and its checked ``plan.json``: format, version, and checksums of its files."""
-    folder = Path(path)
+    folder = user_path(path)
     plan_file = folder / PLAN_FILE
     if not plan_file.is_file():
         raise PlanError(f"{folder} is not a moec plan: {PLAN_FILE} is missing (write one with `moec compile -o`)")

@@ -12,7 +12,6 @@ import time
 import types
 import typing
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -21,6 +20,7 @@ from moec.errors import MoecError, PassError, warn
 from moec.ir.program import Program
 from moec.ir.verifier import verify
 from moec.passes.base import Pass, PassContext, find_pass, pass_names
+from moec.paths import user_path
 
 Hook = Callable[[Pass, Program, dict[str, Any]], None]
 
@@ -39,7 +39,7 @@ def load_recipe(source: str | os.PathLike | dict | None) -> dict[str, Any]:
     if isinstance(source, dict):
         recipe = source
     else:
-        path = Path(source)
+        path = user_path(source)
         where = f"recipe file {path}"
         if not path.is_file():
             raise PassError(f"recipe file {path} does not exist")

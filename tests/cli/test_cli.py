@@ -301,6 +301,22 @@ def test_float_calibration_inputs_follow_dtype(factories, tmp_path, capsys):
     assert len(moec.load(plan).program.graph.ops_of(ExpertsOp)) == 1
 
 
+def test_path_options_expand_the_home_folder(factories, tmp_path, monkeypatch):
+    """A ``~`` that no shell expanded (a quoted path, one from a config) is the user's home, in every path option."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)  # where a folder literally named ~ would appear
+    safetensors.torch.save_file({"features": torch.randn(8, 6, 8)}, home / "features.safetensors")
+    (home / "convert.yaml").write_text("passes:\n  - dense_to_moe: {experts: 4, top_k: 2}\n")
+    assert main(["compile", "--model", f"{factories}:float_mlp", "--recipe", "~/convert.yaml",
+                 "--calibration", "~/features.safetensors", "-o", "~/plan"]) == 0
+    assert main(["inspect", "~/plan", "--no-ir"]) == 0
+    assert main(["export-onnx", "~/plan", "-o", "~/model.onnx"]) == 0
+    assert (home / "plan" / WEIGHTS_FILE).is_file() and (home / "model.onnx").is_file()
+    assert not (tmp_path / "~").exists()
+
+
 @pytest.mark.parametrize(("factory", "message"), [
     ("raises", "model factory '{module}:raises' raised RuntimeError: checkpoint not found"),
     ("returns_text", "model factory '{module}:returns_text' returned a str; return a model, or (model, example_kwargs)"),

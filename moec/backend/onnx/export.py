@@ -63,6 +63,7 @@ from moec.ir.core import Operation, WeightRef
 from moec.ir.ops import AtenOp, SpecOp
 from moec.ir.printer import print_graph_lines
 from moec.ir.program import Program, load_treespec
+from moec.paths import user_path
 
 DEFAULT_OPSET = 20
 MIN_OPSET = TORCHLIB_OPSET  # torch.onnx translates at this opset; the version converter only goes up
@@ -309,7 +310,7 @@ def check_opset(opset: int) -> None:
 def check_target(path: str | os.PathLike) -> Path:
     """``path`` resolved, if a .onnx file can be written there: a new or existing file under folders (missing
     ones are created); else one ``BackendError`` saying why."""
-    target = Path(path).resolve()
+    target = user_path(path).resolve()
     if target.is_dir():
         raise BackendError(f"{target} is a folder; give the path of the .onnx file to write")
     if os.fspath(path).endswith(("/", os.sep)):  # a folder to be, which Path would make the file's name
