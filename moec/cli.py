@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from moec.errors import MoecError
+from moec.errors import MoecError, PlanError
 from moec.paths import user_path
 
 WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns when piped
@@ -165,7 +165,10 @@ def run_compile(args: argparse.Namespace) -> int:
     from moec.passes import build_passes, load_recipe
 
     if args.output:
-        check_plan_target(args.output)  # before the work, not after it
+        try:  # before the work, not after it
+            check_plan_target(args.output)
+        except PlanError as err:
+            raise UsageError(str(err)) from None
     if args.calibration:
         check_calibration_path(args.calibration)
     with step(f"loading model {args.model}"):
@@ -277,6 +280,16 @@ def check_calibration_path(path: str) -> Path:
     return file
 
 
+def check_plan_path(path: str) -> Path:
+    """The folder ``path`` names (the plan's files are checked when it is read), else one ``UsageError`` saying
+    what to pass."""
+    folder = user_path(path)
+    if not folder.is_dir():
+        problem = "is a file, not a plan folder" if folder.exists() else "does not exist"
+        raise UsageError(f"PLAN {path} {problem}; pass a plan folder written by `moec compile -o`")
+    return folder
+
+
 def read_calibration_file(path: str, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
     """Calibration batches from ``path``: a ``.txt`` file (one text sample per non-empty line, encoded by the
     model's tokenizer) or a ``.safetensors`` file (the model's inputs by name, samples along dim 0)."""
@@ -338,7 +351,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     import moec
     from moec.ir.plan import read_plan_json
 
-    folder, plan = read_plan_json(args.plan)
+    folder, plan = read_plan_json(check_plan_path(args.plan))
     compiled = moec.load(folder)
     console.print(f"plan {folder}: format {plan['format_version']}, moec {plan['moec_version']}, "
                   f"torch {plan['torch_version']}, model {plan['metadata'].get('model_class', '?')}")
@@ -361,7 +374,8 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         check_target(args.output)
     except BackendError as err:
         raise UsageError(str(err)) from None
-    compiled = moec.load(args.plan, backend="torch")  # the export needs no plan backend (triton may be missing)
+    plan = check_plan_path(args.plan)
+    compiled = moec.load(plan, backend="torch")  # the export needs no plan backend (triton may be missing)
     with step(f"exporting {args.plan} to {args.output} ({args.lowering} lowering) and checking it"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fallbacks are printed below, from the report

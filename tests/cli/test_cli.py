@@ -170,6 +170,32 @@ def test_inspect_a_corrupted_plan_names_the_checksum(qwen_plan, tmp_path, capsys
     assert "checksum mismatch" in captured.err and "Traceback" not in captured.err + captured.out
 
 
+@pytest.mark.parametrize("kind", ["missing", "file"])
+@pytest.mark.parametrize("command", ["inspect", "export-onnx"])
+def test_a_plan_path_that_is_not_a_folder_is_bad_usage(tmp_path, capsys, command, kind):
+    plan = tmp_path / "plan"
+    if kind == "file":
+        plan.write_text("not a plan")
+    output = ["-o", str(tmp_path / "model.onnx")] if command == "export-onnx" else []
+    assert main([command, str(plan), *output]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    problem = "is a file, not a plan folder" if kind == "file" else "does not exist"
+    assert f"PLAN {plan} {problem}; pass a plan folder written by `moec compile -o`" in err
+    assert "Traceback" not in err and not (tmp_path / "model.onnx").exists()
+
+
+@pytest.mark.parametrize(("output", "message"), [
+    ("notes", "notes is a file, not a folder"),
+    ("notes/plan", "notes is a file; choose another output path"),
+    (".", "exists and is not a moec plan folder"),
+])
+def test_a_compile_output_that_cannot_hold_a_plan_is_bad_usage(tmp_path, capsys, output, message):
+    (tmp_path / "notes").write_text("not a plan")
+    assert main(["compile", "--model", "tiny-mixtral", "-o", str(tmp_path / output)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert message in err and "Traceback" not in err
+
+
 def test_bad_usage_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["compile", "--dtype", "float7"])
