@@ -16,7 +16,7 @@ from moec.analysis.calibration import META_FILE as CALIBRATION_META
 from moec.analysis.calibration import Calibration
 from moec.backend.torch_runner import TorchRunner
 from moec.backend.triton_codegen import KERNELS_FILE
-from moec.errors import MoecError
+from moec.errors import MoecError, warn
 from moec.frontend.capture import capture, inference_setup
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.plan import load_plan, save_plan
@@ -24,6 +24,7 @@ from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
+from moec.passes.base import unused_calibration
 from moec.passes.dead_code import DeadCode
 from moec.paths import user_path
 
@@ -104,7 +105,8 @@ def compile(
     passes to run (a dict, or a YAML/JSON file); ``calibration`` is data for passes that need it: a list
     of sample inputs (each a tuple or kwargs dict like ``example_inputs``, or a tensor for a model with one
     input), one batch (a dict, or a tensor), or a ``Calibration`` (for example
-    ``Calibration.load(plan_folder)``), see ``moec.analysis.calibration``.
+    ``Calibration.load(plan_folder)``, stored with the plan), see ``moec.analysis.calibration``; samples
+    that no pass of the recipe needs are left unused, with a warning.
     """
     if backend not in BACKENDS:
         raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
@@ -112,6 +114,9 @@ def compile(
     recipe_dict = load_recipe(recipe if not isinstance(recipe, Mapping) else dict(recipe))
     passes = build_passes(recipe_dict)
     context = PassContext(calibration=calibration)
+    stored = isinstance(context.calibration, Calibration)  # kept with the plan, for reuse, even when unused
+    if calibration is not None and not stored and not any(p.needs_calibration() for p in passes):
+        warn(f"calibration is not used: {unused_calibration(passes)}; leave it out")
     program = capture(model, args, kwargs)
     records = run_passes(program, [DeadCode(), *passes], context)
     program.metadata["recipe"] = recipe_dict

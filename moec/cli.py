@@ -234,9 +234,11 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
     batches, for the quality table, are built-in text the calibration never saw (None without a tokenizer, or
     when no pass that calibrates changes the outputs by design: those recipes are held to parity).
     """
+    from moec.passes.base import unused_calibration
+
     needs = any(p.needs_calibration() for p in passes)
     if path is not None and not needs:
-        raise MoecError(f"--calibration {path}: no pass of the recipe needs calibration data; leave it out")
+        raise MoecError(f"--calibration {path}: {unused_calibration(passes)}; leave it out")
     if not needs:
         return None, None
     from moec.analysis.corpus import calibration_and_held_out, tokenized_batches

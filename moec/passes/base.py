@@ -85,6 +85,16 @@ def missing_calibration(needed_by: str) -> PassError:
                      "moec.compile, or --calibration FILE to the moec CLI")
 
 
+def unused_calibration(passes: list[Pass]) -> str:
+    """Why calibration data given for ``passes`` goes unused, when none of them needs it with its options
+    (``needs_calibration``): names the recipe's passes and the passes that can use calibration."""
+    recipe = f"its passes: {', '.join(p.name for p in passes)}" if passes else "it has no passes"
+    users = [name for name in pass_names()
+             if (cls := find_pass(name)) is not None and cls.needs_calibration is not Pass.needs_calibration]
+    return (f"no pass of the recipe needs calibration data ({recipe}); only {', '.join(users)} use it, some only "
+            "with certain options")
+
+
 def check_float_weights(program: Program, pass_name: str, layer: str, weight_names: list[str]) -> None:
     """One ``PassError`` naming ``layer`` when one of its weights is already quantized: passes that rewrite
     weights (pruning, merging, splitting FFNs) work on float weights and run before quantization."""

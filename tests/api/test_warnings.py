@@ -15,3 +15,15 @@ def test_a_warning_from_compile_names_the_callers_file():
         moec.compile(model, (torch.randn(2, 3, 4),), recipe={"passes": [{"dynamic-skip": {}}]})
     (warning,) = [w for w in record if "changed nothing" in str(w.message)]
     assert warning.filename == __file__
+
+
+def test_calibration_no_pass_needs_is_left_unused_with_a_warning_naming_the_passes():
+    model, x = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 32)), torch.randn(2, 3, 32)
+    with pytest.warns(UserWarning, match="calibration is not used") as record:
+        compiled = moec.compile(model, (x,), recipe={"passes": [{"quantize": {"group": 32}}]}, calibration=[(x,)])
+    (warning,) = [w for w in record if "calibration is not used" in str(w.message)]
+    assert str(warning.message) == (
+        "calibration is not used: no pass of the recipe needs calibration data (its passes: quantize); only "
+        "bit-allocation, dense-to-moe, expert-merge, expert-placement, expert-prune, quantize use it, some only "
+        "with certain options; leave it out")
+    assert warning.filename == __file__ and compiled.calibration is None
