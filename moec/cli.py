@@ -171,12 +171,14 @@ def run_compile(args: argparse.Namespace) -> int:
             raise UsageError(str(err)) from None
     if args.calibration:
         check_calibration_path(args.calibration)
+    if args.recipe:
+        check_recipe_path(args.recipe)
+    recipe = load_recipe(args.recipe)  # read once: the passes decide calibration and how outputs are checked
+    passes = build_passes(recipe)
     with step(f"loading model {args.model}"):
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)
         model, example = model.to(dtype), in_dtype(example, dtype)
-    recipe = load_recipe(args.recipe)  # read once: the passes decide calibration and how outputs are checked
-    passes = build_passes(recipe)
     calibration, held_out = calibration_data(args.model, passes, args.calibration)
     if calibration is not None:
         calibration = [in_dtype(batch, dtype) for batch in calibration]  # float inputs follow --dtype as the model's
@@ -280,6 +282,16 @@ def check_calibration_path(path: str) -> Path:
     if file.suffix not in (".txt", ".safetensors"):
         raise UsageError(f"--calibration {path}: give {CALIBRATION_FORMS}")
     return file
+
+
+def check_recipe_path(path: str) -> None:
+    """One ``UsageError`` when ``--recipe`` names no file (its contents are checked when it is read)."""
+    file = user_path(path)
+    if file.is_dir():
+        raise UsageError(f"--recipe {path} is a folder; give a YAML or JSON recipe file, e.g. one holding "
+                         "'passes: [{quantize: {bits: 4}}]'")
+    if not file.is_file():
+        raise UsageError(f"--recipe {path}: no such file")
 
 
 def check_plan_path(path: str) -> Path:

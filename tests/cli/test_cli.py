@@ -196,6 +196,15 @@ def test_a_compile_output_that_cannot_hold_a_plan_is_bad_usage(tmp_path, capsys,
     assert message in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(("recipe", "message"), [("missing.yaml", "no such file"), (".", "is a folder")])
+def test_a_recipe_path_that_names_no_file_is_bad_usage_before_the_model_loads(tmp_path, capsys, monkeypatch,
+                                                                                recipe, message):
+    monkeypatch.setattr("moec.frontend.zoo.load_model_spec", lambda spec: pytest.fail("the model was loaded"))
+    assert main(["compile", "--model", "tiny-mixtral", "--recipe", str(tmp_path / recipe)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--recipe {tmp_path / recipe}" in err and message in err and "Traceback" not in err
+
+
 def test_bad_usage_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["compile", "--dtype", "float7"])
