@@ -19,7 +19,7 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from moec.backend.distributed import ExpertParallelRunner, agree
+from moec.backend.distributed import ExpertParallelRunner, agree, check_batch
 from moec.errors import MoecError
 from moec.ir.program import Program
 from moec.paths import user_path
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             kwargs = safetensors.torch.load_file(user_path(args.inputs))
             inputs = runner.program.flatten_inputs((), kwargs)
             check_input_dtypes(runner.program, inputs)
+            check_batch(inputs, runner.program.graph, runner.world_size)
         except MoecError as err:
             error = err
         except (OSError, TypeError, ValueError, safetensors.SafetensorError) as err:

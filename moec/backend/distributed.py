@@ -35,11 +35,13 @@ from moec.analysis.schedule import LayerSchedule
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError, MoecError, PlanError
 from moec.frontend.blocks import ExpertsSpec
+from moec.ir.core import Graph
 from moec.ir.ops import ExpertsOp, SharedExpertOp
 from moec.ir.parser import parse_graph
 from moec.ir.plan import WEIGHTS_FILE, read_plan_json
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
+from moec.ir.types import TensorType
 from moec.ir.verifier import verify
 from moec.kernels import reference
 from moec.kernels.moe_cpu import experts_forward
@@ -165,16 +167,22 @@ class ExpertParallelRunner(TorchRunner):
     def run_sharded(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run this rank's share (its rows of dim 0 of every input) and return the whole batch's outputs,
         gathered from every rank."""
-        check_batch(inputs, self.program.graph.input_names, self.world_size)
+        check_batch(inputs, self.program.graph, self.world_size)
         share = [x.tensor_split(self.world_size)[self.rank] if x.dim() else x for x in inputs]
         outputs = self.run(share)
         return [gather_rows(out, self.world_size) for out in outputs]
 
 
-def check_batch(inputs: list[torch.Tensor], names: list[str], world_size: int) -> None:
-    """``BackendError`` unless the inputs (``names`` in order) that have dimensions agree on their rows along
-    dim 0, the batch the ranks share, and it has at least one row per rank."""
-    rows = {name: x.shape[0] for name, x in zip(names, inputs, strict=True) if x.dim()}
+def check_batch(inputs: list[torch.Tensor], graph: Graph, world_size: int) -> None:
+    """``BackendError`` unless ``graph``'s inputs can be shared along dim 0, the batch, by ``world_size`` ranks:
+    an input the graph takes with dimensions is not 0-d, those with dimensions agree on their rows along
+    dim 0, and the batch has at least one row per rank."""
+    for name, value, x in zip(graph.input_names, graph.inputs, inputs, strict=True):
+        if x.dim() == 0 and isinstance(value.type, TensorType) and value.type.rank:
+            raise BackendError(f"input {name!r} is a 0-d tensor (a single value), and the plan takes {value.type} "
+                               f"({value.type.rank} dims, the batch first); every rank takes its share of dim 0, "
+                               f"so give {name} with its batch dimension")
+    rows = {name: x.shape[0] for name, x in zip(graph.input_names, inputs, strict=True) if x.dim()}
     if len(set(rows.values())) > 1:
         given = ", ".join(f"{name} {count}" for name, count in rows.items())
         raise BackendError(f"the inputs differ in rows along dim 0 ({given}); every rank takes its share of dim 0 "

@@ -25,6 +25,7 @@ from moec.backend.distributed import (
 )
 from moec.frontend.blocks import ExpertsSpec
 from moec.frontend.zoo import build_preset
+from moec.ir.parser import parse_graph
 from moec.passes import PassContext, build_passes, run_passes
 from moec.run import main as run_main
 
@@ -109,6 +110,16 @@ def test_inputs_the_plan_cannot_take_are_one_error(qwen_plan, one_rank_job, tmp_
         assert "error (rank 0): cannot use inputs" in err and message in err and "Traceback" not in err
 
 
+def test_a_0d_input_is_one_error_naming_the_shape_the_plan_takes(qwen_plan, one_rank_job, tmp_path, capsys):
+    folder, _ = qwen_plan
+    example = safetensors.torch.load_file(str(folder / "inputs.safetensors"))
+    safetensors.torch.save_file({**example, "input_ids": torch.tensor(3)}, str(tmp_path / "inputs.safetensors"))
+    assert run_main([str(folder / "plan_1_rank"), "--inputs", str(tmp_path / "inputs.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "input 'input_ids' is a 0-d tensor (a single value), and the plan takes i64[" in err
+    assert "give input_ids with its batch dimension" in err and "Traceback" not in err
+
+
 def test_two_rank_run_matches_single_process(qwen_plan):
     folder, expected = qwen_plan
     done = torchrun(2, str(folder / "plan"), "--inputs", str(folder / "inputs.safetensors"),
@@ -128,13 +139,17 @@ def test_wrong_world_size_fails_on_every_rank(qwen_plan):
         assert f"error (rank {rank}): " in done.stderr and "placed for 2 ranks but was started with 3" in done.stderr
 
 
-def test_inputs_that_differ_in_batch_size_are_one_error_naming_them():
+def test_inputs_the_ranks_cannot_share_are_one_error_naming_them():
+    graph = parse_graph("graph @main(%input_ids: i64[b, s], %attention_mask: i64[b, s]) {\n  return %input_ids\n}")
     ids, mask = torch.zeros(4, 8, dtype=torch.int64), torch.ones(2, 8, dtype=torch.int64)
     with pytest.raises(moec.MoecError, match=r"differ in rows along dim 0 \(input_ids 4, attention_mask 2\)"):
-        check_batch([ids, mask], ["input_ids", "attention_mask"], 2)
+        check_batch([ids, mask], graph, 2)
     with pytest.raises(moec.MoecError, match="a batch of 1 cannot be shared by 2 ranks"):
-        check_batch([ids[:1], mask[:1]], ["input_ids", "attention_mask"], 2)
-    check_batch([ids, mask[:1].expand(4, 8)], ["input_ids", "attention_mask"], 2)
+        check_batch([ids[:1], mask[:1]], graph, 2)
+    with pytest.raises(moec.MoecError, match=r"input 'input_ids' is a 0-d tensor \(a single value\), and the plan "
+                       r"takes i64\[b, s\] \(2 dims, the batch first\)"):
+        check_batch([torch.tensor(3), mask], graph, 2)
+    check_batch([ids, mask[:1].expand(4, 8)], graph, 2)
 
 
 def test_more_ranks_than_experts_is_told_to_use_the_placed_world_size(qwen_plan):
