@@ -4,7 +4,8 @@
 
 ``INPUTS`` holds the model's keyword inputs by name (``input_ids``, ``attention_mask`` ...); each rank runs
 its share of the batch; rank 0 writes the whole batch's flat outputs as ``output_0``, ``output_1`` ...
-Errors print one message on every rank and every rank exits with code 1.
+Errors print one message on every rank and every rank exits with code 1. Every plan runs on the torch
+runner's rules: a plan compiled for the triton backend runs without its Triton kernels (rank 0 says so).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     rank = dist.get_rank()
     try:
         runner = ExpertParallelRunner(args.plan)
+        if rank == 0 and runner.program.metadata.get("backend") == "triton":
+            print(f"note: {args.plan} was compiled for the triton backend; expert-parallel runs do not use its Triton "
+                  "kernels, so it runs on the torch runner", file=sys.stderr)
         error = None
         try:
             if args.output:

@@ -120,6 +120,18 @@ def test_a_0d_input_is_one_error_naming_the_shape_the_plan_takes(qwen_plan, one_
     assert "give input_ids with its batch dimension" in err and "Traceback" not in err
 
 
+def test_a_triton_plan_is_said_to_run_on_the_torch_runner(qwen_plan, one_rank_job, tmp_path, capsys):
+    folder, _ = qwen_plan
+    plan = shutil.copytree(folder / "plan_1_rank", tmp_path / "plan")
+    data = json.loads((plan / "plan.json").read_text())
+    data["metadata"]["backend"] = "triton"
+    (plan / "plan.json").write_text(json.dumps(data))
+    assert run_main([str(plan), "--inputs", str(folder / "inputs.safetensors")]) == 0
+    err = capsys.readouterr().err
+    assert err.count("was compiled for the triton backend; expert-parallel runs do not use its Triton kernels, so "
+                     "it runs on the torch runner") == 1
+
+
 def test_two_rank_run_matches_single_process(qwen_plan):
     folder, expected = qwen_plan
     done = torchrun(2, str(folder / "plan"), "--inputs", str(folder / "inputs.safetensors"),
