@@ -4,8 +4,10 @@
 
 ``INPUTS`` holds the model's keyword inputs by name (``input_ids``, ``attention_mask`` ...); each rank runs
 its share of the batch; rank 0 writes the whole batch's flat outputs as ``output_0``, ``output_1`` ...
-Errors print one message on every rank and every rank exits with code 1. Every plan runs on the torch
-runner's rules: a plan compiled for the triton backend runs without its Triton kernels (rank 0 says so).
+An error every rank hits is printed once, by rank 0 (ranks that fail differently are each named), and
+every rank exits with code 1; an error a rank hits while running is printed by that rank. Every plan runs
+on the torch runner's rules: a plan compiled for the triton backend runs without its Triton kernels (rank 0
+says so).
 """
 
 from __future__ import annotations
@@ -53,15 +55,20 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, TypeError, ValueError, safetensors.SafetensorError) as err:
             error = MoecError(f"cannot use inputs {args.inputs}: {err}")
         agree(error)
-        outputs = runner.run_sharded(inputs)
+        try:
+            outputs = runner.run_sharded(inputs)
+        except MoecError as err:  # hit while running: maybe by this rank alone, the others waiting on it
+            print(f"error (rank {rank}): {err}", file=sys.stderr)
+            return 1
         if rank == 0 and args.output:
             try:
                 write_outputs(outputs, user_path(args.output))
             except OSError as err:
                 raise MoecError(f"cannot write --output {args.output}: {err}") from None
         return 0
-    except MoecError as err:
-        print(f"error (rank {rank}): {err}", file=sys.stderr)
+    except MoecError as err:  # raised on every rank with one message (``agree``), so rank 0 says it for all
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
         return 1
     finally:
         dist.destroy_process_group()

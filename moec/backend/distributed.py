@@ -15,8 +15,9 @@ the batch (dim 0 of every input) and runs the graph like the torch runner, excep
 4. the sender scales each returned row by its routing weight and sums it into its token.
 
 gloo supports ``all_to_all_single`` (also uneven and asynchronous) on CPU tensors in torch 2.13, so the
-exchange uses it directly. Errors found while loading are agreed on by every rank (one all-reduce)
-before any other collective, so a bad plan makes every rank raise instead of some waiting forever.
+exchange uses it directly. Errors found while loading are agreed on by every rank (one all-gather of
+their messages) before any other collective, so a bad plan makes every rank raise, with one message, instead
+of some waiting forever.
 """
 
 from __future__ import annotations
@@ -51,13 +52,18 @@ EXPERT_ROLES = ("w_in", "w_out", "b_in", "b_out")
 
 
 def agree(error: MoecError | None, group: Any = None) -> None:
-    """Raise on every rank if any rank hit an error: the rank's own error, or one naming the first failed rank."""
-    failed = torch.tensor([dist.get_rank() if error is not None else dist.get_world_size()])
-    dist.all_reduce(failed, op=dist.ReduceOp.MIN, group=group)
-    if error is not None:
+    """Raise on every rank if any rank hit an error, with the same message on every rank: each rank's own error
+    when every rank hit one with the same message, else a ``BackendError`` giving each failed rank's message
+    after its rank."""
+    messages: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, None if error is None else str(error), group=group)
+    failed = {rank: message for rank, message in enumerate(messages) if message is not None}
+    if not failed:
+        return
+    if error is not None and len(failed) == len(messages) and len(set(failed.values())) == 1:
         raise error
-    if int(failed) < dist.get_world_size():
-        raise BackendError(f"rank {int(failed)} failed to start the expert-parallel plan (see its message); stopping")
+    lines = "".join(f"\n  rank {rank}: {message}" for rank, message in failed.items())
+    raise BackendError(f"{len(failed)} of {len(messages)} ranks failed:{lines}") from error
 
 
 def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tuple[Program, dict[str, Any]]:

@@ -61,14 +61,30 @@ def torchrun(ranks: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_ranks(ranks: int, *args: str) -> list[subprocess.CompletedProcess]:
+    """``python -m moec.run ARGS`` started as each rank of a local job, with the environment torchrun gives
+    (quicker than torchrun, and each rank's exit code and stderr are its own)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(ranks)}
+    command = [sys.executable, "-m", "moec.run", *args]
+    processes = [subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(ranks)]
+    outputs = [process.communicate(timeout=240) for process in processes]
+    return [subprocess.CompletedProcess(command, process.returncode, out, err)
+            for process, (out, err) in zip(processes, outputs, strict=True)]
+
+
 @pytest.fixture
 def one_rank_job(monkeypatch):
     """The environment torchrun gives a job of one rank, so ``moec.run.main`` runs in this process (which sets
     torch's thread count: restored after the test)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
                         "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)
     threads = torch.get_num_threads()
@@ -84,7 +100,7 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(qwen_pl
                             (tmp_path / "file" / "out.safetensors", "file is a file, not a folder")):
         assert run_main([plan, "--inputs", inputs, "--output", str(output)]) == 1
         err = capsys.readouterr().err
-        assert f"error (rank 0): --output {output}" in err and message in err and "Traceback" not in err
+        assert f"error: --output {output}" in err and message in err and "Traceback" not in err
     assert run_main([plan, "--inputs", inputs, "--output", str(tmp_path / "out.safetensors")]) == 0
     got = safetensors.torch.load_file(str(tmp_path / "out.safetensors"))["output_0"]
     assert (got - expected).abs().max().item() <= 1e-5
@@ -107,7 +123,7 @@ def test_inputs_the_plan_cannot_take_are_one_error(qwen_plan, one_rank_job, tmp_
         safetensors.torch.save_file(inputs, str(tmp_path / "inputs.safetensors"))
         assert run_main([str(plan), "--inputs", str(tmp_path / "inputs.safetensors")]) == 1
         err = capsys.readouterr().err
-        assert "error (rank 0): cannot use inputs" in err and message in err and "Traceback" not in err
+        assert "error: cannot use inputs" in err and message in err and "Traceback" not in err
 
 
 def test_a_0d_input_is_one_error_naming_the_shape_the_plan_takes(qwen_plan, one_rank_job, tmp_path, capsys):
@@ -142,13 +158,39 @@ def test_two_rank_run_matches_single_process(qwen_plan):
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+def test_an_error_every_rank_hits_is_printed_once(qwen_plan, tmp_path):
+    folder, _ = qwen_plan
+    missing = tmp_path / "inputs.safetensors"
+    done = run_ranks(2, str(folder / "plan"), "--inputs", str(missing))
+    assert [rank.returncode for rank in done] == [1, 1]
+    err = "".join(rank.stderr for rank in done)
+    assert err.count(f"error: cannot use inputs {missing}: ") == 1 and err.count("error: ") == 1 and "(rank" not in err
+
+
+def test_ranks_that_fail_differently_are_each_named(monkeypatch):
+    """``agree`` on rank 1 of 2 (the all-gather simulated): each failed rank's message follows its rank."""
+    from moec.backend import distributed
+
+    def gather(messages, message, group=None):
+        messages[:] = ["cannot use inputs a.safetensors", message]
+
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(distributed.dist, "all_gather_object", gather)
+    with pytest.raises(moec.BackendError, match=r"^2 of 2 ranks failed:\n  rank 0: cannot use inputs a.safetensors\n"
+                       r"  rank 1: out of memory$"):
+        distributed.agree(moec.MoecError("out of memory"))
+    with pytest.raises(moec.BackendError, match=r"^1 of 2 ranks failed:\n  rank 0: cannot use inputs a.safetensors$"):
+        distributed.agree(None)
+    with pytest.raises(moec.PlanError, match="^cannot use inputs a.safetensors$"):
+        distributed.agree(moec.PlanError("cannot use inputs a.safetensors"))
+
+
 @pytest.mark.slow  # a second torchrun start (~50 s here)
 def test_wrong_world_size_fails_on_every_rank(qwen_plan):
     folder, _ = qwen_plan
     done = torchrun(3, str(folder / "plan"), "--inputs", str(folder / "inputs.safetensors"))
     assert done.returncode != 0
-    for rank in range(3):
-        assert f"error (rank {rank}): " in done.stderr and "placed for 2 ranks but was started with 3" in done.stderr
+    assert done.stderr.count("error: ") == 1 and "placed for 2 ranks but was started with 3" in done.stderr
 
 
 def test_inputs_the_ranks_cannot_share_are_one_error_naming_them():
