@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -60,11 +61,16 @@ def main(argv: list[str] | None = None) -> int:
         except MoecError as err:  # hit while running: maybe by this rank alone, the others waiting on it
             print(f"error (rank {rank}): {err}", file=sys.stderr)
             return 1
-        if rank == 0 and args.output:
-            try:
-                write_outputs(outputs, user_path(args.output))
-            except OSError as err:
-                raise MoecError(f"cannot write --output {args.output}: {err}") from None
+        if args.output:  # rank 0 writes, and tells every rank whether it could
+            failure: list[str | None] = [None]
+            if rank == 0:
+                try:
+                    write_outputs(outputs, user_path(args.output))
+                except (OSError, safetensors.SafetensorError) as err:
+                    failure = [f"cannot write --output {args.output}: {err}"]
+            dist.broadcast_object_list(failure, src=0)
+            if failure[0] is not None:
+                raise MoecError(failure[0])
         return 0
     except MoecError as err:  # raised on every rank with one message (``agree``), so rank 0 says it for all
         if rank == 0:
@@ -93,15 +99,21 @@ def check_output_path(path: Path) -> None:
 
 
 def write_outputs(outputs: list[torch.Tensor], path: Path) -> None:
-    """Write to a temporary file beside ``path`` and rename, so a failure leaves nothing behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
+    """Write to a temporary file beside ``path`` and rename, so a failure leaves nothing behind (nor the
+    folders made for it)."""
+    made = next((folder for folder in reversed(path.absolute().parents) if not folder.exists()), None)
+    staging = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(handle)
         safetensors.torch.save_file({f"output_{i}": t.contiguous() for i, t in enumerate(outputs)}, staging)
         os.replace(staging, path)
     except BaseException:
-        Path(staging).unlink(missing_ok=True)
+        if staging is not None:
+            Path(staging).unlink(missing_ok=True)
+        if made is not None:
+            shutil.rmtree(made, ignore_errors=True)
         raise
 
 

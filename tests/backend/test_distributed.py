@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import resource
 import shutil
 import socket
 import subprocess
@@ -67,14 +68,21 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_ranks(ranks: int, *args: str) -> list[subprocess.CompletedProcess]:
+def run_ranks(ranks: int, *args: str, rank_0_file_size: int | None = None) -> list[subprocess.CompletedProcess]:
     """``python -m moec.run ARGS`` started as each rank of a local job, with the environment torchrun gives
-    (quicker than torchrun, and each rank's exit code and stderr are its own)."""
+    (quicker than torchrun, and each rank's exit code and stderr are its own). ``rank_0_file_size`` caps the
+    bytes rank 0 may write to one file (a full disk, for its --output)."""
+
+    def limit_files() -> None:
+        if rank_0_file_size is not None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (rank_0_file_size, rank_0_file_size))
+
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(ranks)}
     command = [sys.executable, "-m", "moec.run", *args]
     processes = [subprocess.Popen(command, env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(ranks)]
+                                  preexec_fn=limit_files if rank == 0 else None, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for rank in range(ranks)]
     outputs = [process.communicate(timeout=240) for process in processes]
     return [subprocess.CompletedProcess(command, process.returncode, out, err)
             for process, (out, err) in zip(processes, outputs, strict=True)]
@@ -165,6 +173,18 @@ def test_an_error_every_rank_hits_is_printed_once(qwen_plan, tmp_path):
     assert [rank.returncode for rank in done] == [1, 1]
     err = "".join(rank.stderr for rank in done)
     assert err.count(f"error: cannot use inputs {missing}: ") == 1 and err.count("error: ") == 1 and "(rank" not in err
+
+
+def test_a_failed_output_write_fails_every_rank_and_leaves_nothing(qwen_plan, tmp_path):
+    """Rank 0 may write at most 4 KiB to a file, and the outputs take more: the write fails after the run."""
+    folder, _ = qwen_plan
+    output = tmp_path / "new" / "out.safetensors"
+    done = run_ranks(2, str(folder / "plan"), "--inputs", str(folder / "inputs.safetensors"), "--output", str(output),
+                     rank_0_file_size=4096)
+    assert [rank.returncode for rank in done] == [1, 1]
+    err = "".join(rank.stderr for rank in done)
+    assert err.count(f"error: cannot write --output {output}: ") == 1 and "File too large" in err
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
 
 def test_ranks_that_fail_differently_are_each_named(monkeypatch):
