@@ -91,7 +91,11 @@ def check_input_dtypes(program: Program, inputs: list[torch.Tensor]) -> None:
 
 def check_output_path(path: Path) -> None:
     """``MoecError`` unless ``path`` can be written as a file (checked before the run, not after it)."""
-    if path.is_dir():
+    try:
+        is_folder = path.is_dir()
+    except OSError as err:  # a name the file system refuses (too long, say)
+        raise MoecError(f"--output {path} cannot be written: {err.strerror}") from None
+    if is_folder:
         raise MoecError(f"--output {path} is a folder; give the file to write, such as {path / 'out.safetensors'}")
     folder = next(parent for parent in path.absolute().parents if parent.exists())
     if not folder.is_dir():
@@ -105,7 +109,7 @@ def write_outputs(outputs: list[torch.Tensor], path: Path) -> None:
     staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        handle, staging = tempfile.mkstemp(prefix=".moec-output.", dir=path.parent)  # fits any legal name
         os.close(handle)
         safetensors.torch.save_file({f"output_{i}": t.contiguous() for i, t in enumerate(outputs)}, staging)
         os.replace(staging, path)

@@ -105,7 +105,8 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_the_run(qwen_pl
     plan, inputs = str(folder / "plan_1_rank"), str(folder / "inputs.safetensors")
     (tmp_path / "file").write_text("")
     for output, message in ((tmp_path, "is a folder; give the file to write"),
-                            (tmp_path / "file" / "out.safetensors", "file is a file, not a folder")):
+                            (tmp_path / "file" / "out.safetensors", "file is a file, not a folder"),
+                            (tmp_path / ("x" * 300), "cannot be written: File name too long")):
         assert run_main([plan, "--inputs", inputs, "--output", str(output)]) == 1
         err = capsys.readouterr().err
         assert f"error: --output {output}" in err and message in err and "Traceback" not in err
@@ -158,10 +159,10 @@ def test_a_triton_plan_is_said_to_run_on_the_torch_runner(qwen_plan, one_rank_jo
 
 def test_two_rank_run_matches_single_process(qwen_plan):
     folder, expected = qwen_plan
-    done = torchrun(2, str(folder / "plan"), "--inputs", str(folder / "inputs.safetensors"),
-                    "--output", str(folder / "out.safetensors"))
+    output = folder / ("o" * 240 + ".safetensors")  # a legal name as long as the file system allows, nearly
+    done = torchrun(2, str(folder / "plan"), "--inputs", str(folder / "inputs.safetensors"), "--output", str(output))
     assert done.returncode == 0, done.stderr[-3000:]
-    got = safetensors.torch.load_file(str(folder / "out.safetensors"))["output_0"]
+    got = safetensors.torch.load_file(str(output))["output_0"]
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-5
 
