@@ -122,6 +122,25 @@ def test_an_output_that_is_an_input_or_another_output_keeps_every_name(tmp_path)
     assert (hidden == again).all() and (passed == y.numpy()).all()
 
 
+class Pair(nn.Module):
+    def __init__(self, nested: bool):
+        super().__init__()
+        self.proj, self.nested = nn.Linear(4, 4), nested
+
+    def forward(self, x):
+        hidden = self.proj(x)
+        return ((hidden, hidden * 2), x) if self.nested else (hidden, hidden * 2)
+
+
+@pytest.mark.parametrize(("model", "names"), [(Pair(nested=False), ["output_0", "output_1"]),
+                                              (Pair(nested=True), ["output_0_0", "output_0_1", "output_1"]),
+                                              (nn.Linear(4, 4), ["output"])])
+def test_outputs_without_keys_are_named_after_their_place(model, names):
+    from moec.backend.onnx.export import output_names
+
+    assert output_names(moec.compile(model.eval(), (torch.randn(2, 4),)).program) == names
+
+
 class Searchsorted(nn.Module):
     def __init__(self):
         super().__init__()

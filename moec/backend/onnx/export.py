@@ -251,13 +251,16 @@ def optimize_onnx(model: onnx_ir.Model) -> None:
 
 
 def output_names(program: Program) -> list[str]:
-    """Output names from the model's output structure (``logits``, ``last_hidden_state`` ...)."""
+    """Output names from the model's output structure: its keys (``logits``, ``last_hidden_state`` ...), or
+    ``output`` for a lone tensor and ``output_0``, ``output_1`` ... for the items of a returned tuple."""
     spec = load_treespec(program.out_spec)
     tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
     names = []
     for path, _ in pytree.tree_flatten_with_path(tree)[0]:
         parts = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
-        names.append("_".join(parts) or "output")
+        if not path or isinstance(path[0], pytree.SequenceKey):  # no key of the model's own to start with
+            parts.insert(0, "output")
+        names.append("_".join(parts))
     if len(set(names)) != len(names):
         return [f"output_{i}" for i in range(len(names))]
     return names
