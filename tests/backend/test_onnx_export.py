@@ -141,6 +141,14 @@ def test_outputs_without_keys_are_named_after_their_place(model, names):
     assert output_names(moec.compile(model.eval(), (torch.randn(2, 4),)).program) == names
 
 
+def test_any_file_name_can_be_written(tmp_path):
+    """The shape-inference check writes a file beside the model: never over the model itself."""
+    compiled = moec.compile(Pair(nested=False).eval(), (torch.randn(2, 4),))
+    compiled.export_onnx(tmp_path / "model.inferred")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.inferred"]
+    onnx.checker.check_model(str(tmp_path / "model.inferred"))
+
+
 class Searchsorted(nn.Module):
     def __init__(self):
         super().__init__()

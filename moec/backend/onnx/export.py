@@ -403,13 +403,14 @@ def model_location(program: Program, op: Operation) -> str:
 
 def check_model(path: Path) -> None:
     """onnx.checker and strict shape inference on the file; a failure is a ``BackendError``."""
+    inferred = path.with_name(path.name + ".inferred")  # beside it for external data; never the file itself
     try:
         onnx.checker.check_model(str(path))
-        onnx.shape_inference.infer_shapes_path(str(path), str(path.with_suffix(".inferred")), strict_mode=True)
+        onnx.shape_inference.infer_shapes_path(str(path), str(inferred), strict_mode=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
         raise BackendError(f"the exported ONNX model is invalid: {err}") from err
     finally:
-        path.with_suffix(".inferred").unlink(missing_ok=True)
+        inferred.unlink(missing_ok=True)
 
 
 def example_inputs(program: Program, batch: int, sequence: int) -> list[torch.Tensor]:
