@@ -187,6 +187,8 @@ def run_compile(args: argparse.Namespace) -> int:
     console.print(summary_table(compiled.summary(), f"{type(model).__name__}: FFN and MoE layers"))
     for record in compiled.program.metadata.get("passes", []):
         console.print(f"pass {record['pass']}: {record['seconds']:.2f} s, {record['before']} -> {record['after']}")
+        for line in pass_details(record.get("summary", {})):
+            console.print(f"  {line}", markup=False)
     if args.print_ir:
         console.print(compiled.ir, markup=False)
     if held_out is not None:
@@ -215,6 +217,25 @@ def run_compile(args: argparse.Namespace) -> int:
         verb = "changes" if len(changing) == 1 else "change"
         console.print(f"(not a parity check: {', '.join(changing)} {verb} the model's outputs by design)")
     return write_plan(compiled, args.output) if ok else 1
+
+
+def pass_details(summary: dict[str, Any]) -> list[str]:
+    """What a pass changed, one line per layer of an expert-compression pass (the experts it removed or merged)
+    or one line for dynamic skipping; nothing for other passes."""
+    lines = []
+    for row in summary.get("layers", []):
+        if "experts_before" not in row or row["experts_before"] == row["experts_after"]:
+            continue
+        if "removed" in row:
+            what = f"removed {', '.join(map(str, row['removed']))}"
+        else:
+            what = "merged " + ", ".join("+".join(map(str, group)) for group in row["groups"] if len(group) > 1)
+        lines.append(f"{row['layer']}: {row['experts_before']} -> {row['experts_after']} experts ({what}), "
+                     f"output cosine {row['output_cosine']:.4f}")
+    if "top_1_ops" in summary and summary["expert_ops"]:
+        lines.append(f"skip threshold {summary['threshold']} on {summary['expert_ops']} moe.experts ops"
+                     + (f" ({summary['top_1_ops']} with top-1 routing left alone)" if summary["top_1_ops"] else ""))
+    return lines
 
 
 def write_plan(compiled: Any, output: str | None) -> int:

@@ -19,8 +19,8 @@ A layer with no more experts than the target is left as it is, and when that is 
 calibrates nothing and says so in its note (the summary's ``note``, and a warning).
 With grouped routing (``n_group > 1``, DeepSeek-V3) every group keeps ``keep / n_group`` experts so groups stay
 equal. Shared experts and all other ops are untouched. The summary reports per layer experts, parameters and
-bytes before/after and ``output_cosine``: the mean per-token cosine of the layer's routed output before and
-after, on the calibration rows.
+bytes before/after, the original ids of the experts ``kept`` and ``removed``, and ``output_cosine``: the mean
+per-token cosine of the layer's routed output before and after, on the calibration rows.
 In place (weights keep their names and get new shapes).
 """
 
@@ -112,14 +112,14 @@ class ExpertPrune(Pass):
             return PassResult(False, {"layers": []}, note="the program has no routed MoE layers to prune")
         counts = [target_count(self.name, layer, self.keep, self.keep_ratio, layer.route.spec.top_k) for layer in layers]
         if all(count == layer.route.spec.num_experts for layer, count in zip(layers, counts, strict=True)):
-            return PassResult(False, {"layers": [kept_whole_record(program, layer) for layer in layers]},
+            return PassResult(False, {"layers": [self.kept_whole(program, layer) for layer in layers]},
                               note=nothing_to_do_note(self.keep, self.keep_ratio, layers, "pruned"))
         statistics = context.statistics(program, needed_by=f"pass {self.name!r}")
         records = []
         for layer, count in zip(layers, counts, strict=True):
             route = layer.route.spec
             if count == route.num_experts:
-                records.append(kept_whole_record(program, layer))
+                records.append(self.kept_whole(program, layer))
                 continue
             kept = self.choose(layer, program, statistics.moe[layer.block], count)
             before_size, tensors = layer.size(program), layer.tensors(program)
@@ -129,9 +129,16 @@ class ExpertPrune(Pass):
             pruned = {role: t.index_select(0, index) for role, t in tensors.items()}
             after_out = layer.routed_output(pruned, rows)
             layer.rewrite(program, pruned, len(kept), len(kept), None)
-            records.append(layer_record(layer.name, (route.num_experts, *before_size),
-                                        (len(kept), *layer.size(program)), mean_cosine(before_out, after_out)))
+            record = layer_record(layer.name, (route.num_experts, *before_size), (len(kept), *layer.size(program)),
+                                  mean_cosine(before_out, after_out))
+            removed = [expert for expert in range(route.num_experts) if expert not in kept]
+            records.append(record | {"kept": kept, "removed": removed})
         return PassResult(True, {"layers": records})
+
+    @staticmethod
+    def kept_whole(program: Program, layer: MoELayer) -> dict:
+        """The report row of a layer that keeps every expert."""
+        return kept_whole_record(program, layer) | {"kept": list(range(layer.route.spec.num_experts)), "removed": []}
 
     def choose(self, layer: MoELayer, program: Program, stats, count: int) -> list[int]:
         """The experts a layer keeps, in expert order."""

@@ -58,6 +58,7 @@ def test_frequency_keeps_the_most_chosen_experts_and_shrinks_router_and_weights(
     assert "num_experts=2, top_k=2" in text and "num_experts=2, hidden=8" in text
     (layer,) = record["summary"]["layers"]
     assert (layer["experts_before"], layer["experts_after"]) == (4, 2)
+    assert (layer["kept"], layer["removed"]) == (kept, [e for e in range(4) if e not in kept])
     assert layer["params_before"] == sum(t.numel() for t in weights.values())
     assert layer["params_after"] == sum(program.weights[n].numel() for n in ("gate", "w_in", "w_out"))
     assert layer["bytes_after"] == 4 * layer["params_after"]
@@ -101,6 +102,7 @@ def test_a_target_of_every_expert_changes_nothing_and_says_so(options):
     assert print_graph(program.graph) == before and not record["modified"]
     assert "keeps every expert (a layer has at most 4)" in record["summary"]["note"]
     assert [(row["experts_before"], row["experts_after"]) for row in record["summary"]["layers"]] == [(4, 4)]
+    assert [(row["kept"], row["removed"]) for row in record["summary"]["layers"]] == [([0, 1, 2, 3], [])]
     assert not context.calibrations  # nothing to choose, so nothing calibrated
 
 
