@@ -314,7 +314,8 @@ class ExpertMerge(Pass):
                                 "to shrink this layer")
         if not layers:
             return PassResult(False, {"layers": []}, note="the program has no routed MoE layers to merge")
-        counts = [target_count(self.name, layer, self.keep, self.keep_ratio, layer.route.spec.top_k) for layer in layers]
+        grouped = self.router == "groups"
+        counts = [target_count(self.name, layer, self.keep, self.keep_ratio, grouped) for layer in layers]
         if all(count == layer.route.spec.num_experts for layer, count in zip(layers, counts, strict=True)):
             return PassResult(False, {"layers": [self.kept_whole(program, layer) for layer in layers]},
                               note=nothing_to_do_note(self.keep, self.keep_ratio, layers, "merged"))
@@ -326,7 +327,7 @@ class ExpertMerge(Pass):
                 records.append(self.kept_whole(program, layer))
                 continue
             if self.router == "groups":
-                routing_group, per_group = routing_groups(self.name, layer, count)
+                routing_group, per_group = routing_groups(layer, count)
             else:
                 routing_group, per_group = torch.zeros(route.num_experts, dtype=torch.long), count
             stats = statistics.moe[layer.block]

@@ -110,7 +110,7 @@ class ExpertPrune(Pass):
         layers = unmerged_moe_layers(program, self.name, "prune before merging")
         if not layers:
             return PassResult(False, {"layers": []}, note="the program has no routed MoE layers to prune")
-        counts = [target_count(self.name, layer, self.keep, self.keep_ratio, layer.route.spec.top_k) for layer in layers]
+        counts = [target_count(self.name, layer, self.keep, self.keep_ratio, grouped=True) for layer in layers]
         if all(count == layer.route.spec.num_experts for layer, count in zip(layers, counts, strict=True)):
             return PassResult(False, {"layers": [self.kept_whole(program, layer) for layer in layers]},
                               note=nothing_to_do_note(self.keep, self.keep_ratio, layers, "pruned"))
@@ -142,7 +142,7 @@ class ExpertPrune(Pass):
 
     def choose(self, layer: MoELayer, program: Program, stats, count: int) -> list[int]:
         """The experts a layer keeps, in expert order."""
-        groups, per_group = routing_groups(self.name, layer, count)
+        groups, per_group = routing_groups(layer, count)
         mass = stats.weight_mass.double()
         if self.criterion == "frequency":
             return keep_by_score(stats.counts.double() + mass / (mass.max() + 1), groups, per_group)

@@ -146,16 +146,29 @@ def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12).mean().item()
 
 
-def target_count(pass_name: str, layer: MoELayer, keep: int | None, keep_ratio: float | None, top_k: int) -> int:
-    """The number of experts a layer keeps, checked against its top-k (at most the layer's experts)."""
-    total = layer.route.spec.num_experts
+def target_count(pass_name: str, layer: MoELayer, keep: int | None, keep_ratio: float | None, grouped: bool) -> int:
+    """The number of experts a layer keeps (at most the layer's experts), checked before any calibration: at
+    least its top-k and, when ``grouped`` and the layer routes in groups, a count its groups can share (see
+    ``routing_groups``). Errors name the option given and the counts the layer takes."""
+    route = layer.route.spec
+    total = route.num_experts
     count = keep if keep is not None else round(total * keep_ratio)
-    if count < 1:
-        raise PassError(f"{pass_name}: layer {layer.name} would keep no experts; keep at least top_k={top_k}")
-    if count < top_k:
-        raise PassError(f"{pass_name}: layer {layer.name} would keep {count} experts, fewer than its top_k={top_k}; "
-                        f"keep at least {top_k}")
-    return min(count, total)
+    given = f"keep={keep}" if keep is not None else f"keep_ratio={keep_ratio} ({count} of its {total} experts)"
+    if count < route.top_k:
+        raise PassError(f"{pass_name}: {given} is fewer experts than layer {layer.name} routes each token to "
+                        f"(top_k={route.top_k}); keep at least {route.top_k}")
+    if count >= total:
+        return total
+    if grouped and route.n_group > 1:
+        per_group = count // route.n_group
+        if count % route.n_group or per_group < 2 or route.top_k > route.topk_group * per_group:
+            valid = [c for c in range(route.n_group, total + 1, route.n_group)
+                     if c // route.n_group >= 2 and route.top_k <= route.topk_group * (c // route.n_group)]
+            raise PassError(f"{pass_name}: {given} does not fit layer {layer.name}, which routes in {route.n_group} "
+                            f"equal groups (top_k={route.top_k} from the best {route.topk_group}): each group must "
+                            f"keep the same number of experts, at least 2 and enough for top_k; keep one of "
+                            f"{', '.join(map(str, valid))}")
+    return count
 
 
 def keep_by_score(score: torch.Tensor, groups: torch.Tensor, per_group: int) -> list[int]:
@@ -168,17 +181,13 @@ def keep_by_score(score: torch.Tensor, groups: torch.Tensor, per_group: int) -> 
     return sorted(kept)
 
 
-def routing_groups(pass_name: str, layer: MoELayer, count: int) -> tuple[torch.Tensor, int]:
+def routing_groups(layer: MoELayer, count: int) -> tuple[torch.Tensor, int]:
     """The routing group of every router expert [E] and how many experts each group keeps, so that a layer
-    that routes in groups (``n_group > 1``, DeepSeek-V3) keeps equal groups that can still serve top-k."""
+    that routes in groups (``n_group > 1``, DeepSeek-V3) keeps equal groups that can still serve top-k
+    (``count`` as checked by ``target_count``)."""
     route = layer.route.spec
     groups = torch.arange(route.num_experts) // (route.num_experts // route.n_group)
-    per_group = count // route.n_group
-    if route.n_group > 1 and (count % route.n_group or per_group < 2 or route.top_k > route.topk_group * per_group):
-        raise PassError(f"{pass_name}: layer {layer.name} routes in {route.n_group} groups (best "
-                        f"{route.topk_group} of them, top_k={route.top_k}); keep a multiple of {route.n_group} "
-                        f"with at least 2 experts per group and top_k within the chosen groups, not {count}")
-    return groups, per_group
+    return groups, count // route.n_group
 
 
 def check_target_options(pass_name: str, keep: int | None, keep_ratio: float | None) -> None:

@@ -81,8 +81,8 @@ def test_similarity_removes_one_of_two_identical_experts():
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"keep": 0}, "keep=0 must be a positive number of experts"),
-    ({"keep": 1}, "would keep 1 experts, fewer than its top_k=2"),
-    ({"keep_ratio": 0.1}, "would keep no experts"),
+    ({"keep": 1}, r"keep=1 is fewer experts than layer moe routes each token to \(top_k=2\); keep at least 2"),
+    ({"keep_ratio": 0.1}, r"keep_ratio=0.1 \(0 of its 4 experts\) is fewer experts than layer moe routes"),
     ({"keep": 2, "keep_ratio": 0.5}, "give exactly one of keep"),
     ({"keep": 2, "criterion": "random"}, "criterion='random' is not one of"),
 ])
@@ -90,6 +90,14 @@ def test_bad_targets_are_one_clear_error(options, message):
     program = program_of(SMALL_MOE, small_moe_weights())
     with pytest.raises(PassError, match=message):
         prune(program, token_samples(), **options)
+
+
+@pytest.mark.parametrize(("options", "given"), [({"keep": 2}, "keep=2"), ({"keep_ratio": 0.5}, r"keep_ratio=0.5 \(2 of")])
+def test_a_count_that_routing_groups_cannot_share_is_refused_before_calibrating(options, given):
+    grouped = SMALL_MOE.replace("n_group=1, topk_group=1", "n_group=2, topk_group=1")
+    program = program_of(grouped, small_moe_weights())
+    with pytest.raises(PassError, match=given + r".* routes in 2 equal groups .*; keep one of 4$"):
+        run_passes(program, [ExpertPrune(**options)], PassContext(progress=False))  # no calibration: not reached
 
 
 @pytest.mark.parametrize("options", [{"keep": 4}, {"keep": 10}, {"keep_ratio": 1.0}])
