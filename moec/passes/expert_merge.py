@@ -31,7 +31,8 @@ Per layer, with ``keep`` (or ``keep_ratio``) merged experts:
 6. **Refit** (``refit``): the merged experts' ``w_out`` (and ``b_out`` where the experts have one) are fitted
    jointly by least squares so that the layer's routed output under the new routing reproduces the unmerged
    layer's on the calibration rows. The ridge term pulls toward the combined weights (strength
-   ``refit_ridge`` times the mean diagonal of the normal equations), which keeps the fit from chasing the few
+   ``refit_ridge``, a positive finite number given only with ``refit``, times the mean diagonal of the normal
+   equations), which keeps the fit from chasing the few
    calibration rows (a layer has ``keep * (F + 1)`` unknowns per output feature; the solve is dense, so very
    wide experts may want ``refit=False``).
 
@@ -54,6 +55,7 @@ In place (weights keep their names and get new shapes).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import scipy.optimize
@@ -83,6 +85,7 @@ from moec.passes.moe_layers import (
 ALIGNMENTS = ("importance", "weight", "activation", "none")
 COMBINES = ("select", "average")
 ROUTERS = ("groups", "members")
+REFIT_RIDGE = 0.1
 
 
 @dataclass
@@ -281,7 +284,7 @@ class ExpertMerge(Pass):
     combine: str = "select"
     router: str = "groups"
     refit: bool = True
-    refit_ridge: float = 0.1
+    refit_ridge: float = REFIT_RIDGE
 
     def __post_init__(self) -> None:
         check_target_options(self.name, self.keep, self.keep_ratio)
@@ -292,8 +295,12 @@ class ExpertMerge(Pass):
         if self.alignment == "importance" and self.combine != "select":
             raise PassError(f"{self.name}: align='importance' pairs neurons for combine='select'; "
                             f"with combine={self.combine!r} use align='weight', 'activation' or 'none'")
-        if not self.refit_ridge > 0:
-            raise PassError(f"{self.name}: refit_ridge={self.refit_ridge!r} must be positive")
+        if not 0 < self.refit_ridge < math.inf:
+            raise PassError(f"{self.name}: refit_ridge={self.refit_ridge!r} must be a positive finite number "
+                            f"(default {REFIT_RIDGE})")
+        if self.refit_ridge != REFIT_RIDGE and not self.refit:
+            raise PassError(f"{self.name}: refit_ridge={self.refit_ridge!r} weighs the refit, and refit=false "
+                            "skips it; leave refit_ridge out, or set refit: true")
 
     @property
     def alignment(self) -> str:

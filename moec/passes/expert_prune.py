@@ -8,7 +8,7 @@ Options: ``keep`` (experts per layer) or ``keep_ratio`` (a fraction of each laye
 3. ``similarity`` (STUN-style behaviour similarity): repeatedly take the two most similar remaining experts
    and remove the one with less routing weight, until ``keep`` remain. ``similarity_of`` says what is
    compared: ``output`` (cosine of the experts' outputs on the same calibration rows) or ``router`` (cosine
-   of their router rows, needing no expert evaluation).
+   of their router rows, needing no expert evaluation); with another criterion it is refused.
 
 Requires: a verified graph; calibration data (``PassContext.statistics``) for every criterion. Layers already
 merged (``moe.experts`` with an ``expert_map``) are refused: prune before merging; so are quantized layers:
@@ -102,6 +102,10 @@ class ExpertPrune(Pass):
             raise PassError(f"{self.name}: criterion={self.criterion!r} is not one of {', '.join(CRITERIA)}")
         if self.similarity_of not in SIMILARITIES:
             raise PassError(f"{self.name}: similarity_of={self.similarity_of!r} is not one of {', '.join(SIMILARITIES)}")
+        if self.similarity_of != SIMILARITIES[0] and self.criterion != "similarity":
+            raise PassError(f"{self.name}: similarity_of={self.similarity_of!r} says what criterion 'similarity' "
+                            f"compares, and criterion={self.criterion!r} compares nothing; leave it out, or use "
+                            "criterion 'similarity'")
 
     def needs_calibration(self) -> bool:
         return True

@@ -11,7 +11,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
 from moec.ir import print_graph
 from moec.kernels import reference
-from moec.passes import PassContext, run_passes
+from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.expert_merge import (
     ExpertMerge,
     importance_alignment,
@@ -168,12 +168,21 @@ def test_errors_without_calibration_and_on_a_merged_layer():
     assert ExpertMerge(keep=2).alignment == "importance"
     with pytest.raises(PassError, match="router='experts' is not one of groups, members"):
         ExpertMerge(keep=2, router="experts")
-    with pytest.raises(PassError, match="refit_ridge=0 must be positive"):
+    with pytest.raises(PassError, match="refit_ridge=0 must be a positive finite number"):
         ExpertMerge(keep=2, refit_ridge=0)
     with pytest.raises(PassError, match="keep=3 does not fit layer model.layers.1.mlp, .*; keep one of 4, 6, 8"):
         program, _ = captured("tiny-deepseek-v3")
         merge(program, [{"input_ids": torch.ones(1, 4, dtype=torch.long),
                           "attention_mask": torch.ones(1, 4, dtype=torch.long)}], keep=3)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"refit_ridge": float("inf")}, "refit_ridge=inf must be a positive finite number"),
+    ({"refit": False, "refit_ridge": 5.0}, "refit_ridge=5.0 weighs the refit, and refit=false skips it"),
+])
+def test_refit_ridge_that_would_break_or_do_nothing_is_refused(options, message):
+    with pytest.raises(PassError, match=message):
+        build_passes({"passes": [{"expert-merge": {"keep": 2, **options}}]})
 
 
 def merged_expert(tensors, group, spec):

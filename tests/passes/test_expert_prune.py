@@ -85,6 +85,8 @@ def test_similarity_removes_one_of_two_identical_experts():
     ({"keep_ratio": 0.1}, r"keep_ratio=0.1 \(0 of its 4 experts\) is fewer experts than layer moe routes"),
     ({"keep": 2, "keep_ratio": 0.5}, "give exactly one of keep"),
     ({"keep": 2, "criterion": "random"}, "criterion='random' is not one of"),
+    ({"keep": 2, "similarity_of": "router"}, "similarity_of='router' says what criterion 'similarity' compares, "
+     "and criterion='frequency' compares nothing"),
 ])
 def test_bad_targets_are_one_clear_error(options, message):
     program = program_of(SMALL_MOE, small_moe_weights())
