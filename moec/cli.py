@@ -161,8 +161,10 @@ def run_compile(args: argparse.Namespace) -> int:
     import moec
     from moec.api import Deviation, deviation, parity
     from moec.frontend.zoo import load_model_spec
+    from moec.ir.ops import ExpertsOp
     from moec.ir.plan import check_plan_target
     from moec.passes import build_passes, load_recipe
+    from moec.passes.dynamic_skip import skip_statistics
 
     if args.output:
         try:  # before the work, not after it
@@ -189,6 +191,11 @@ def run_compile(args: argparse.Namespace) -> int:
         console.print(f"pass {record['pass']}: {record['seconds']:.2f} s, {record['before']} -> {record['after']}")
         for line in pass_details(record.get("summary", {})):
             console.print(f"  {line}", markup=False)
+    skipping = [op for op in compiled.program.graph.ops_of(ExpertsOp) if op.skip_threshold]
+    if skipping:  # how much dynamic-skip saves depends on the inputs: measure it on the example
+        skipped = skip_statistics(compiled.program, [compiled.program.flatten_inputs((), example)])
+        console.print(f"dynamic skipping: {skipped['skipped']:,} of {skipped['evaluations']:,} expert evaluations "
+                      f"({skipped['skipped_fraction']:.1%}) skipped on the example inputs")
     if args.print_ir:
         console.print(compiled.ir, markup=False)
     if held_out is not None:

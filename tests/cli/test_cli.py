@@ -82,6 +82,16 @@ def test_compile_names_the_experts_each_compression_pass_removed_or_merged():
     assert pass_details({"ops_removed": 0}) == []
 
 
+def test_compile_measures_how_many_expert_evaluations_dynamic_skip_drops(tmp_path, capsys):
+    recipe = tmp_path / "skip.yaml"
+    recipe.write_text("passes:\n  - dynamic-skip: {threshold: 0.97}\n")  # tiny routers score experts almost alike
+    assert main(["compile", "--model", "tiny-mixtral", "--recipe", str(recipe)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "skip threshold 0.97 on 2 moe.experts ops" in out
+    skipped = re.search(r"dynamic skipping: (\d+) of 64 expert evaluations \(([0-9.]+)%\) skipped on the example", out)
+    assert skipped and 0 < int(skipped.group(1)) < 64  # 2 layers x 16 tokens x top-2
+
+
 @pytest.fixture(scope="module")
 def calibration_files(tmp_path_factory):
     """A dense_to_moe recipe that calibrates, token ids for tiny-llama, and broken calibration files."""
