@@ -178,6 +178,10 @@ def describe_spec(op: Any) -> str:
         clamp = f", clamped at {spec.limit:g}{offset}"
     if getattr(spec, "weighted_input", False):
         gate += ", routing weight on the input"
+    if isinstance(op, ExpertsOp) and op.expert_map is not None:
+        gate += f", merged from {len(op.expert_map)} router experts"
+    if isinstance(op, ExpertsOp) and op.skip_threshold:
+        gate += f", skips weights < {op.skip_threshold:g} x top"
     return f"{kind}{spec.act}{clamp}, hidden {spec.hidden}, ffn {spec.intermediate}{gate}"
 
 

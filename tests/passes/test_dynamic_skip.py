@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moec.api import layer_summary
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
 from moec.ir import parse_graph, print_graph, verify
@@ -58,3 +59,10 @@ def test_top_1_routing_is_left_alone():
     assert "skip_threshold" not in print_graph(program.graph)
     assert not record["modified"]
     assert {k: record["summary"][k] for k in ("expert_ops", "top_1_ops")} == {"expert_ops": 0, "top_1_ops": 1}
+
+
+def test_the_layer_table_shows_the_skip_threshold():
+    program = program_of(SMALL_MOE, small_moe_weights())
+    run_passes(program, build_passes({"passes": [{"dynamic-skip": {"threshold": 0.25}}]}), PassContext())
+    (experts_row,) = [row for row in layer_summary(program) if row["op"] == "moe.experts"]
+    assert experts_row["detail"].endswith(", skips weights < 0.25 x top")

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moec.api import layer_summary
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
 from moec.ir import print_graph
@@ -94,6 +95,7 @@ def test_member_routing_keeps_the_router_and_maps_router_experts():
     for group_index, group in enumerate(layer["groups"]):
         assert all(expert_map[member] == group_index for member in group)
     assert layer["params_after"] == sum(t.numel() for t in program.weights.values()) < layer["params_before"]
+    assert layer_summary(program)[1]["detail"].endswith(", merged from 4 router experts")
 
 
 def test_group_routing_keeps_the_dominant_router_rows_and_no_map():
