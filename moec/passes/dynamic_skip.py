@@ -34,7 +34,8 @@ class DynamicSkip(Pass):
 
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
-            raise PassError(f"threshold={self.threshold} must be in (0, 1): a fraction of each token's top routing weight")
+            raise PassError(f"{self.name}: threshold={self.threshold} must be in (0, 1): a fraction of each token's "
+                            "top routing weight")
 
     def run(self, program: Program, context: PassContext) -> PassResult:
         ops = program.graph.ops_of(ExpertsOp)

@@ -13,7 +13,7 @@ from moec.ir.ops import ExpertsOp
 from moec.kernels import reference
 from moec.kernels.skip import skipped_pairs
 from moec.passes import PassContext, build_passes, run_passes
-from moec.passes.dynamic_skip import skip_statistics
+from moec.passes.dynamic_skip import DynamicSkip, skip_statistics
 from tests.passes.moe_programs import SMALL_MOE, program_of, small_moe_weights
 
 
@@ -47,8 +47,10 @@ def test_runner_output_equals_the_reference_without_the_dropped_pairs(compiled_p
 
 
 def test_threshold_must_be_a_fraction():
-    with pytest.raises(PassError, match="threshold=1.0 must be in"):
+    with pytest.raises(PassError, match="^dynamic-skip: threshold=1.0 must be in"):
         build_passes({"passes": [{"dynamic-skip": {"threshold": 1.0}}]})
+    with pytest.raises(PassError, match="^dynamic-skip: threshold=0 must be in"):
+        DynamicSkip(threshold=0)  # from Python too, the error names the pass
 
 
 def test_top_1_routing_is_left_alone():
