@@ -72,9 +72,13 @@ def affine_params(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor,
     low = grouped.amin(dim=-1).clamp(max=0.0)
     high = grouped.amax(dim=-1).clamp(min=0.0)
     max_code = (1 << bits) - 1
-    # float16 keeps the scale's relative precision at 1e-3, far below any quantization step; the floor keeps
-    # it a normal float16 number so all-zero groups dequantize to exactly zero.
-    scale = ((high - low) / max_code).clamp(min=2.0**-14).to(torch.float16)
+    # Stored in float16, rounded up so the group's range always fits the codes. Below 2**-14 (8-bit groups of
+    # weights with a standard deviation under about 0.004) float16 is subnormal: coarser, but far finer than
+    # a floor there would be. The smallest positive float16 keeps all-zero groups exactly zero.
+    exact = (high - low) / max_code
+    scale = exact.to(torch.float16)
+    scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, torch.inf)), scale)
+    scale = scale.clamp(min=torch.finfo(torch.float16).smallest_normal * 2.0**-10)
     zero = torch.round(-low / scale.float()).clamp(0, max_code).to(torch.uint8)
     return scale, zero
 
