@@ -230,7 +230,8 @@ def pass_details(summary: dict[str, Any]) -> list[str]:
     """What a pass changed, one line per layer of an expert-compression pass (the experts it removed or merged)
     or one line for dynamic skipping; nothing for other passes."""
     lines = []
-    for row in summary.get("layers", []):
+    layers = summary.get("layers")  # per-layer rows for prune and merge; other passes may give a count here
+    for row in layers if isinstance(layers, list) else []:
         if "experts_before" not in row or row["experts_before"] == row["experts_after"]:
             continue
         if "removed" in row:

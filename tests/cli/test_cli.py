@@ -79,7 +79,7 @@ def test_compile_names_the_experts_each_compression_pass_removed_or_merged():
         "model.layers.0.mlp: 4 -> 2 experts (merged 0+1), output cosine 0.9877"]
     assert pass_details({"threshold": 0.5, "expert_ops": 2, "top_1_ops": 1}) == [
         "skip threshold 0.5 on 2 moe.experts ops (1 with top-1 routing left alone)"]
-    assert pass_details({"ops_removed": 0}) == []
+    assert pass_details({"ops_removed": 0}) == [] == pass_details({"layers": 2, "experts": 4})  # dense-to-moe
 
 
 def test_compile_measures_how_many_expert_evaluations_dynamic_skip_drops(tmp_path, capsys):
