@@ -24,7 +24,7 @@ with every step in series.
 from __future__ import annotations
 
 import io
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 
 import networkx as nx
 import numpy as np
@@ -75,6 +75,23 @@ class CostModel:
 
     @staticmethod
     def from_json(data: dict) -> CostModel:
+        """The cost model ``to_json`` wrote: ``MoecError`` naming the key at fault for a missing or unknown key,
+        a value that is not a non-negative number, or ``streams`` outside [1, 2]."""
+        keys = [f.name for f in fields(CostModel)]
+        required = [f.name for f in fields(CostModel) if f.default is MISSING]
+        missing, unknown = [k for k in required if k not in data], [k for k in data if k not in keys]
+        if missing or unknown:
+            wrong = [f"lacks {', '.join(missing)}"] if missing else []
+            wrong += [f"has unknown key(s) {', '.join(map(str, unknown))}"] if unknown else []
+            raise MoecError(f"the cost model {' and '.join(wrong)}; it takes {', '.join(required)} and optionally "
+                            f"{', '.join(k for k in keys if k not in required)} (CostModel.fit(...).to_json() gives them)")
+        for key, value in data.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise MoecError(f"the cost model's {key}={value!r} must be a non-negative number (seconds, or "
+                                "seconds per byte or FLOP)")
+        if "streams" in data and not 1 <= data["streams"] <= 2:
+            raise MoecError(f"the cost model's streams={data['streams']!r} must be between 1 (ranks share cores) and "
+                            "2 (communication beside computation); concurrent_streams(cores, ranks) gives it")
         return CostModel(**{key: float(value) for key, value in data.items()})
 
 

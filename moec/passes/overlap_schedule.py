@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 from moec.analysis.schedule import CostModel, LayerSchedule, LayerWork, choose_chunks
-from moec.errors import PassError
+from moec.errors import MoecError, PassError
 from moec.ir.ops import ExpertsOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
@@ -47,6 +47,11 @@ class OverlapSchedule(Pass):
         if self.chunks is not None and choosing:
             raise PassError(f"chunks={self.chunks} fixes the chunk count, and {', '.join(choosing)} would choose it; "
                             "give chunks or a cost model, not both")
+        if self.cost_model is not None:
+            try:
+                CostModel.from_json(self.cost_model)
+            except MoecError as err:
+                raise PassError(f"option cost_model: {err}") from None
 
     def run(self, program: Program, context: PassContext) -> PassResult:
         settings = program.metadata.get("expert_parallel", {})

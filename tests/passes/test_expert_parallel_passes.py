@@ -7,6 +7,8 @@ from moec.frontend.zoo import build_preset
 from moec.ir.ops import ExpertsOp, SharedExpertOp
 from moec.passes import PassContext, build_passes, run_passes
 
+COST = {"a2a_latency_s": 1e-4, "a2a_s_per_byte": 1e-9, "gemm_latency_s": 1e-5, "gemm_s_per_flop": 1e-10}
+
 
 @pytest.fixture(scope="module")
 def qwen():
@@ -94,3 +96,16 @@ def test_a_fixed_chunk_count_with_a_cost_model_is_refused():
     cost = {"a2a_latency_s": 1e-4, "a2a_s_per_byte": 1e-9, "gemm_latency_s": 1e-5, "gemm_s_per_flop": 1e-10}
     with pytest.raises(PassError, match=r"chunks=2 fixes the chunk count, and cost_model, max_chunks would choose it"):
         build_passes({"passes": [{"overlap-schedule": {"chunks": 2, "cost_model": cost, "max_chunks": 4}}]})
+
+
+@pytest.mark.parametrize(("cost_model", "message"), [
+    ({"a2a_latency_s": 1e-4}, r"pass 'overlap-schedule': option cost_model: the cost model lacks a2a_s_per_byte, gemm_latency_s, gemm_s_per_flop"),
+    ({**COST, "gemm_s_per_flops": 1e-10}, r"has unknown key\(s\) gemm_s_per_flops; it takes a2a_latency_s"),
+    ({**COST, "a2a_latency_s": "fast"}, r"a2a_latency_s='fast' must be a non-negative number"),
+    ({**COST, "gemm_latency_s": -1e-5}, r"gemm_latency_s=-1e-05 must be a non-negative number"),
+    ({**COST, "streams": 0}, r"streams=0 must be between 1 \(ranks share cores\) and 2"),
+])
+def test_a_cost_model_that_is_not_one_is_refused_by_key(cost_model, message):
+    """Checked when the recipe is read, not a TypeError or ZeroDivisionError once the model is compiled."""
+    with pytest.raises(PassError, match=message):
+        build_passes({"passes": [{"overlap-schedule": {"cost_model": cost_model}}]})
