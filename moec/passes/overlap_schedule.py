@@ -7,7 +7,8 @@ Requires: a verified graph whose ``metadata["expert_parallel"]`` has a placement
 row-copy times, with ``streams`` from ``concurrent_streams`` for the cores each rank will have: on ranks that share
 cores overlap gains nothing and one chunk is chosen). Ensures: ``metadata["expert_parallel"]["schedule"]`` maps every MoE block to a
 ``LayerSchedule`` (JSON) and each block's shared expert comes right after its ``moe.experts`` op, so the
-runtime can start it early. In place. Work per layer is estimated for ``tokens_per_rank`` tokens.
+runtime can start it early. In place. Work per layer is estimated for ``tokens_per_rank`` tokens, and the cost
+model chooses at most ``min(max_chunks, tokens_per_rank)`` chunks.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class OverlapSchedule(Pass):
                 schedule = LayerSchedule(self.chunks, self.overlap_shared, 0.0, 0.0)
             else:
                 assert cost is not None, "checked above: without chunks=N a cost model is given"
-                schedule = choose_chunks(work, cost, self.max_chunks)
+                # a chunk holds one token at least: more chunks than tokens would only add empty all-to-alls
+                schedule = choose_chunks(work, cost, min(self.max_chunks, self.tokens_per_rank))
                 schedule = LayerSchedule(schedule.chunks, self.overlap_shared, schedule.predicted_s,
                                          schedule.baseline_s)
             schedules[op.block] = schedule.to_json()

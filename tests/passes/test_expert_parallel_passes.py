@@ -109,3 +109,12 @@ def test_a_cost_model_that_is_not_one_is_refused_by_key(cost_model, message):
     """Checked when the recipe is read, not a TypeError or ZeroDivisionError once the model is compiled."""
     with pytest.raises(PassError, match=message):
         build_passes({"passes": [{"overlap-schedule": {"cost_model": cost_model}}]})
+
+
+def test_the_cost_model_chooses_no_more_chunks_than_tokens(qwen):
+    """Without per-message latency more chunks always look faster; past one token a chunk they would be empty."""
+    program, _ = qwen
+    free_latency = {**COST, "a2a_latency_s": 0.0, "gemm_latency_s": 0.0}
+    run(program, [{"expert-placement": {"world_size": 2, "method": "round-robin"}},
+                  {"overlap-schedule": {"cost_model": free_latency, "tokens_per_rank": 3}}])
+    assert {s["chunks"] for s in program.metadata["expert_parallel"]["schedule"].values()} == {3}
