@@ -228,10 +228,13 @@ def run_compile(args: argparse.Namespace) -> int:
 
 def pass_details(summary: dict[str, Any]) -> list[str]:
     """What a pass changed, one line per layer of an expert-compression pass (the experts it removed or merged)
-    or one line for dynamic skipping; nothing for other passes."""
+    or of overlap-schedule (its chunk count and why), or one line for dynamic skipping; nothing for other passes."""
     lines = []
     layers = summary.get("layers")  # per-layer rows for prune and merge; other passes may give a count here
     for row in layers if isinstance(layers, list) else []:
+        if "chunks" in row:
+            lines.append(schedule_line(row))
+            continue
         if "experts_before" not in row or row["experts_before"] == row["experts_after"]:
             continue
         if "removed" in row:
@@ -244,6 +247,22 @@ def pass_details(summary: dict[str, Any]) -> list[str]:
         lines.append(f"skip threshold {summary['threshold']} on {summary['expert_ops']} moe.experts ops"
                      + (f" ({summary['top_1_ops']} with top-1 routing left alone)" if summary["top_1_ops"] else ""))
     return lines
+
+
+def schedule_line(row: dict[str, Any]) -> str:
+    """One layer's overlap schedule: its chunk count, what chose it and, for the cost model, the predicted time
+    against the serial one."""
+    chunks = f"{row['chunks']} chunk{'s' if row['chunks'] != 1 else ''}"
+    if row["chosen_by"] == "chunks":
+        why = "set by the chunks option"
+    else:
+        predicted, serial = row["predicted_s"], row["baseline_s"]
+        why = (f"chosen by the cost model: {predicted * 1e3:.3g} ms predicted vs {serial * 1e3:.3g} ms serial"
+               + (f" ({predicted / serial:.2f}x)" if serial else ""))
+        if row["streams"] <= 1:
+            why += ", ranks sharing cores gain nothing from overlap"
+    shared = {None: "", True: "; shared expert overlaps dispatch", False: "; shared expert runs after the layer"}
+    return f"{row['layer']}: {chunks}, {why}{shared[row['shared_overlap']]}"
 
 
 def write_plan(compiled: Any, output: str | None) -> int:

@@ -7,7 +7,8 @@ Requires: a verified graph whose ``metadata["expert_parallel"]`` has a placement
 row-copy times, with ``streams`` from ``concurrent_streams`` for the cores each rank will have: on ranks that share
 cores overlap gains nothing and one chunk is chosen). Ensures: ``metadata["expert_parallel"]["schedule"]`` maps every MoE block to a
 ``LayerSchedule`` (JSON) and each block's shared expert comes right after its ``moe.experts`` op, so the
-runtime can start it early. In place. Work per layer is estimated for ``tokens_per_rank`` tokens, and the cost
+runtime can start it early. The summary has one row per layer: its chunk count, what chose it
+(``chunks`` or ``cost_model``, with the predicted and serial seconds), whether a shared expert overlaps. In place. Work per layer is estimated for ``tokens_per_rank`` tokens, and the cost
 model chooses at most ``min(max_chunks, tokens_per_rank)`` chunks.
 """
 
@@ -62,7 +63,7 @@ class OverlapSchedule(Pass):
             raise PassError("give overlap-schedule either chunks=N or a fitted cost_model (see tools/bench/expert_parallel.py)")
         cost = CostModel.from_json(self.cost_model) if self.cost_model is not None else None
         graph = program.graph
-        schedules, moved = {}, 0
+        schedules, rows, moved = {}, [], 0
         for op in graph.ops_of(ExpertsOp):
             shared = next((s for s in graph.ops_of(SharedExpertOp) if s.block == op.block and s.args[0] is op.args[0]), None)
             if shared is not None and graph.ops.index(shared) != graph.ops.index(op) + 1:
@@ -85,6 +86,11 @@ class OverlapSchedule(Pass):
                 schedule = LayerSchedule(schedule.chunks, self.overlap_shared, schedule.predicted_s,
                                          schedule.baseline_s)
             schedules[op.block] = schedule.to_json()
+            row = {"layer": op.block, "chunks": schedule.chunks, "chosen_by": "chunks" if cost is None else "cost_model",
+                   "shared_overlap": None if shared is None else self.overlap_shared}
+            if cost is not None:
+                row.update(predicted_s=schedule.predicted_s, baseline_s=schedule.baseline_s, streams=cost.streams)
+            rows.append(row)
         settings["schedule"] = schedules
         context.report["overlap_schedule"] = schedules
-        return PassResult(True, {"layers": len(schedules), "shared_moved": moved})
+        return PassResult(True, {"layers": rows, "shared_moved": moved})
