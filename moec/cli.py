@@ -422,7 +422,28 @@ def run_inspect(args: argparse.Namespace) -> int:
     console.print(summary_table(compiled.summary(), "FFN and MoE layers"))
     params, size = compiled.program.weight_sizes()
     console.print(f"all weights: {params:,} parameters, {size:,} bytes")
+    for line in expert_parallel_lines(compiled.program):
+        console.print(line, markup=False)
     return 0
+
+
+def expert_parallel_lines(program: Any) -> list[str]:
+    """A plan's placement (ranks, method) and each layer's overlap schedule; nothing for a plan without them."""
+    from moec.ir.ops import SharedExpertOp
+
+    settings = program.metadata.get("expert_parallel", {})
+    with_shared = {op.block for op in program.graph.ops_of(SharedExpertOp)}
+    if "placement" not in settings:
+        return []
+    lines = [f"expert parallel: {settings['world_size']} ranks, {settings['placement']['method']} placement"
+             + ("" if settings.get("schedule") else ", no overlap schedule (one chunk per layer)")]
+    for layer, schedule in settings.get("schedule", {}).items():
+        shared = "" if layer not in with_shared else ("; shared expert overlaps dispatch" if schedule["overlap"]
+                                                      else "; shared expert runs after the layer")
+        predicted = (f", {schedule['predicted_s'] * 1e3:.3g} ms predicted vs {schedule['baseline_s'] * 1e3:.3g} ms "
+                     "serial" if schedule["baseline_s"] else "")
+        lines.append(f"  {layer}: {schedule['chunks']} chunk{'s' if schedule['chunks'] != 1 else ''}{predicted}{shared}")
+    return lines
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:

@@ -109,6 +109,15 @@ def test_compile_says_each_layers_chunk_count_and_its_predicted_time(scheduled_p
         "nothing from overlap", "c: 4 chunks, set by the chunks option; shared expert runs after the layer"]
 
 
+def test_inspect_shows_the_placement_and_each_layers_schedule(scheduled_plan, capsys):
+    plan, _ = scheduled_plan
+    assert main(["inspect", "--no-ir", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "expert parallel: 2 ranks, round-robin placement" in out
+    for layer in ("model.layers.0.mlp", "model.layers.1.mlp"):
+        assert f"  {layer}: 2 chunks, 1.55 ms predicted vs 1.84 ms serial; shared expert overlaps dispatch" in out
+
+
 def test_compile_measures_how_many_expert_evaluations_dynamic_skip_drops(tmp_path, capsys):
     recipe = tmp_path / "skip.yaml"
     recipe.write_text("passes:\n  - dynamic-skip: {threshold: 0.97}\n")  # tiny routers score experts almost alike
