@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,12 +65,14 @@ class CompiledModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a plan folder (``plan.json`` + ``weights.safetensors``, the calibration if any, the
         backend's generated kernels, ``triton_kernels.py`` for the triton backend, and the report's plots,
-        ``bit_allocation.svg`` after bit allocation) to ``path``."""
+        ``bit_allocation.svg`` after bit allocation) to ``path``. The plan records this model's backend, which
+        ``moec.load`` runs it on by default."""
         extra_files = self.calibration.to_files() if self.calibration is not None else {}
         extra_files |= self.runner.plan_files()
         if "bit_allocation" in self.report:
             extra_files["bit_allocation.svg"] = allocation_svg(self.report["bit_allocation"])
-        return save_plan(self.program, path, extra_files or None)
+        program = dataclasses.replace(self.program, metadata={**self.program.metadata, "backend": self.backend})
+        return save_plan(program, path, extra_files or None)
 
     def export_onnx(self, path: str | os.PathLike, *, lowering: str = "portable", opset: int | None = None,
                     external_data: bool | None = None) -> Path:
@@ -130,7 +133,7 @@ def compile(
 def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
     """Load a plan folder written by ``CompiledModel.save`` or ``moec compile -o``.
 
-    ``backend`` defaults to the one the plan was compiled for; a triton plan runs the kernels saved in it.
+    ``backend`` defaults to the one the plan was saved with; a triton plan runs the kernels saved in it.
     """
     folder = user_path(path)
     program = load_plan(folder)

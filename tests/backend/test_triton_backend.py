@@ -166,3 +166,13 @@ def test_cli_compile_with_triton_writes_kernels_into_the_plan(tmp_path):
     assert main(["compile", "--model", "tiny-mixtral", "--backend", "triton", "-o", str(plan)]) == 0
     assert (plan / KERNELS_FILE).is_file()
     assert moec.load(plan).runner.kernels_file == plan / KERNELS_FILE
+
+
+def test_a_plan_saved_again_runs_on_the_backend_it_was_loaded_with(mixtral, tmp_path):
+    compiled, _ = mixtral
+    triton_plan = compiled.save(tmp_path / "triton")
+    as_torch = moec.load(moec.load(triton_plan, backend="torch").save(tmp_path / "torch"))
+    assert as_torch.backend == "torch"
+    as_triton = moec.load(moec.load(tmp_path / "torch", backend="triton").save(tmp_path / "triton-again"))
+    assert as_triton.backend == "triton"
+    assert as_triton.runner.kernels_file == tmp_path / "triton-again" / KERNELS_FILE
