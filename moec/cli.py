@@ -414,9 +414,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     from moec.ir.plan import read_plan_json
 
     folder, plan = read_plan_json(check_plan_path(args.plan))
-    compiled = moec.load(folder)
+    compiled = moec.load(folder, backend="torch")  # inspecting runs nothing: a triton plan needs no Triton here
     console.print(f"plan {folder}: format {plan['format_version']}, moec {plan['moec_version']}, "
-                  f"torch {plan['torch_version']}, model {plan['metadata'].get('model_class', '?')}")
+                  f"torch {plan['torch_version']}, model {plan['metadata'].get('model_class', '?')}, "
+                  f"backend {plan['metadata'].get('backend', 'torch')}")
     if not args.no_ir:
         console.print(compiled.ir, markup=False)
     console.print(summary_table(compiled.summary(), "FFN and MoE layers"))

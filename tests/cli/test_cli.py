@@ -215,6 +215,17 @@ def test_inspect_shows_shared_expert_and_gate(qwen_plan, capsys):
     assert "sigmoid gate" in out  # the table's description of the shared expert
 
 
+def test_inspect_a_triton_plan_needs_no_triton(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("triton", reason="compiling the triton plan needs triton")
+    from moec.frontend.zoo import build_preset
+
+    model, example = build_preset("tiny-mixtral")
+    plan = moec.compile(model, example, backend="triton").save(tmp_path / "plan")
+    monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is not installed
+    assert main(["inspect", "--no-ir", str(plan)]) == 0
+    assert "backend triton" in capsys.readouterr().out
+
+
 def test_inspect_a_corrupted_plan_names_the_checksum(qwen_plan, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
