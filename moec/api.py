@@ -113,6 +113,10 @@ def compile(
     """
     if backend not in BACKENDS:
         raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+    if backend == "triton":  # before capture and passes, which can take minutes
+        from moec.backend.triton_runner import check_available
+
+        check_available()
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
     recipe_dict = load_recipe(recipe if not isinstance(recipe, Mapping) else dict(recipe))
     passes = build_passes(recipe_dict)

@@ -175,6 +175,10 @@ def run_compile(args: argparse.Namespace) -> int:
         check_calibration_path(args.calibration)
     if args.recipe:
         check_recipe_path(args.recipe)
+    if args.backend == "triton":
+        from moec.backend.triton_runner import check_available
+
+        check_available()
     recipe = load_recipe(args.recipe)  # read once: the passes decide calibration and how outputs are checked
     passes = build_passes(recipe)
     with step(f"loading model {args.model}"):

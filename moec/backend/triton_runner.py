@@ -57,6 +57,11 @@ def kernel_device(triton: ModuleType) -> torch.device:
     return torch.device("cuda")
 
 
+def check_available() -> torch.device:
+    """Where the kernels will run (see ``kernel_device``), or the BackendError saying what is missing."""
+    return kernel_device(import_triton())
+
+
 def graphable(weights: tuple) -> bool:
     """Whether a launch on these weights can be captured in a CUDA graph: not with mixed-width quantized
     experts, whose per-expert widths are copied to the GPU on every call."""
@@ -111,8 +116,7 @@ class TritonRunner(TorchRunner):
     """
 
     def __init__(self, program: Program, kernels_file: Path | None = None) -> None:
-        triton = import_triton()
-        device = kernel_device(triton)
+        device = check_available()
         self.source = triton_codegen.generate(program) if kernels_file is None else kernels_file.read_text()
         self.kernels_file = kernels_file or triton_codegen.write_cached(self.source)
         self.kernels = triton_codegen.load_kernels(self.kernels_file, program)

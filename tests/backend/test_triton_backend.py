@@ -158,6 +158,18 @@ def test_triton_backend_without_triton_is_one_clear_error(mixtral, monkeypatch):
         CompiledModel(compiled.program, "triton")
 
 
+def test_compile_for_triton_without_triton_fails_before_capturing(monkeypatch):
+    import moec.api
+
+    def capture(*args):
+        raise AssertionError("captured the model before finding that the backend cannot run")
+
+    monkeypatch.setattr(moec.api, "capture", capture)
+    monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is not installed
+    with pytest.raises(BackendError, match=r"pip install 'moec\[triton\]'"):
+        moec.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), backend="triton")
+
+
 @pytest.mark.slow
 def test_cli_compile_with_triton_writes_kernels_into_the_plan(tmp_path):
     from moec.cli import main

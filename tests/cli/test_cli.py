@@ -226,6 +226,18 @@ def test_inspect_a_triton_plan_needs_no_triton(tmp_path, capsys, monkeypatch):
     assert "backend triton" in capsys.readouterr().out
 
 
+def test_compile_for_triton_without_triton_fails_before_loading_the_model(capsys, monkeypatch):
+    from moec.frontend import zoo
+
+    def load_model_spec(spec):
+        raise AssertionError("loaded the model before finding that the backend cannot run")
+
+    monkeypatch.setattr(zoo, "load_model_spec", load_model_spec)
+    monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is not installed
+    assert main(["compile", "--model", "tiny-mixtral", "--backend", "triton"]) == 1
+    assert "pip install 'moec[triton]'" in capsys.readouterr().err
+
+
 def test_inspect_a_corrupted_plan_names_the_checksum(qwen_plan, tmp_path, capsys):
     broken = tmp_path / "broken"
     broken.mkdir()
