@@ -3,8 +3,9 @@
 Generic ATen ops, dense FFNs and shared experts keep the torch runner's rules. The kernels come from a
 plan's ``triton_kernels.py`` (see :mod:`moec.backend.triton_codegen`): the one in the plan folder when the
 plan was compiled for this backend, else one generated now into moec's cache. Ops the kernels cannot run
-keep their torch rule, and one warning line says which and why. On a GPU, each kernel call whose shapes repeat
-is replayed from a CUDA graph (:mod:`moec.backend.cuda_graphs`), so decode steps do not wait on the host.
+keep their torch rule, and one warning line says which and why (or, for a plan without MoE ops, that it all
+runs on the torch runner). On a GPU, each kernel call whose shapes repeat is replayed from a CUDA graph
+(:mod:`moec.backend.cuda_graphs`), so decode steps do not wait on the host.
 
 On a machine without a CUDA GPU, Triton runs its kernels in its interpreter (``TRITON_INTERPRET=1``, read
 when triton is first imported); ``import moec`` switches it on there, so import moec before anything that
@@ -144,8 +145,12 @@ class TritonRunner(TorchRunner):
 
     @staticmethod
     def warn_fallbacks(program: Program) -> list[str]:
-        """Warn once (one line) about the MoE ops that keep their torch rule, and return why for each."""
+        """Warn once (one line) about the MoE ops that keep their torch rule, and return why for each; a plan
+        without MoE ops gets one line saying that it runs on the torch runner and returns no reasons."""
         candidates = triton_codegen.kernel_ops(program)
+        if not candidates:
+            warn("moec triton backend: the plan has no moe.route or moe.experts op for the Triton kernels, so it "
+                 "runs on the torch runner (use backend 'torch')")
         reasons = [f"op {i} {op.op_name} ({reason})" for i, op in candidates
                    if (reason := triton_codegen.unsupported_reason(op)) is not None]
         if reasons:

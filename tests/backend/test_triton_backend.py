@@ -151,6 +151,12 @@ def test_unsupported_ops_fall_back_to_torch_with_one_warning(mixtral):
     torch.testing.assert_close(fallback(**example).logits, expected, rtol=TOLERANCE, atol=TOLERANCE)
 
 
+def test_a_plan_without_moe_ops_says_it_runs_on_the_torch_runner():
+    dense = moec.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),))
+    with pytest.warns(UserWarning, match="no moe.route or moe.experts op .* runs on the torch runner"):
+        CompiledModel(dense.program, "triton")
+
+
 def test_triton_backend_without_triton_is_one_clear_error(mixtral, monkeypatch):
     compiled, _ = mixtral
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is not installed
