@@ -5,7 +5,9 @@ sit on the same rank (ExFlow's inter-layer affinity; MoETuner's ILP). ``solve_pl
 those expected crossings with OR-Tools CP-SAT subject to
 
 * every expert on exactly one rank,
-* per layer, each rank's routed load within ``(1 + balance_eps)`` of the mean,
+* per layer, each rank's routed load within ``(1 + balance_eps)`` of the mean (by default within 10%,
+  relaxed per layer to the tightest balance that layer's load allows under the capacity: with few routed
+  tokens or a few heavy experts 10% can be out of reach by granularity alone),
 * per layer, at most ``capacity`` experts per rank, and optionally at most ``memory_bytes`` of expert
   weights per rank over all layers,
 
@@ -36,7 +38,9 @@ from ortools.sat.python import cp_model
 
 from moec.analysis import placement_search
 from moec.analysis.traces import RoutingTrace
-from moec.errors import MoecError
+from moec.errors import MoecError, warn
+
+DEFAULT_BALANCE_EPS = 0.1  # the default load bound, relaxed per layer where the load cannot meet it
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,9 @@ class SolveStats:
     ``gap_moves`` = (bound - objective) / solver_moves, the same gap relative to moved tokens.
     ``moves``: the returned placement's cross-rank moves on the full trace (after swap polishing).
     ``seconds``: the whole call (local search and model building included); ``solver_seconds``: CP-SAT's part.
+    ``balance_limits``: per layer, the busiest rank's allowed load divided by the mean rank load (the bound
+    the placement was held to); ``relaxed_layers``: the layers whose default 10% bound was out of reach and
+    was relaxed to the tightest balance found for them.
     """
 
     status: str
@@ -84,6 +91,8 @@ class SolveStats:
     moves: float
     seconds: float
     solver_seconds: float
+    balance_limits: dict[str, float]
+    relaxed_layers: list[str]
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -138,7 +147,7 @@ def solve_placement(
     trace: RoutingTrace,
     world_size: int,
     *,
-    balance_eps: float = 0.1,
+    balance_eps: float | None = None,
     capacity: int | None = None,
     memory_bytes: int | None = None,
     expert_bytes: list[int] | None = None,
@@ -152,8 +161,13 @@ def solve_placement(
 
     ``capacity`` is the most experts one rank may hold per layer (default ``ceil(E / R)``);
     ``memory_bytes`` caps the expert bytes a rank holds over all layers, with ``expert_bytes[l]`` the
-    size of one expert of layer l. ``time_limit_s`` bounds model building and solving; the local search
-    on the solver's answer comes on top (well under a second at 16 x 64 x 8). Raises ``MoecError`` when no placement can satisfy the constraints.
+    size of one expert of layer l. ``balance_eps`` bounds each rank's routed load per layer to
+    ``(1 + balance_eps)`` times the mean; None (the default) means 0.1, relaxed in each layer where no
+    placement within the capacity reaches it to the tightest balance found for that layer (see
+    ``tightest_rank_loads``), with one warning naming those layers. ``time_limit_s`` bounds model building
+    and solving; the local search on the solver's answer comes on top (well under a second at 16 x 64 x 8).
+    Raises ``MoecError`` when no placement can satisfy the constraints (with an explicit ``balance_eps``,
+    also when it is out of reach).
     """
     E, L, R = trace.num_experts, trace.num_layers, world_size
     check_world_size(E, R)
@@ -172,17 +186,33 @@ def solve_placement(
                 f"({least:,} bytes); raise the memory per rank or use more ranks"
             )
     load = trace.expert_load().round().long()  # integer (token, slot) counts [L, E]
-    limit = [math.floor((1 + balance_eps) * int(load[layer].sum()) / R) for layer in range(L)]
-    for layer in range(L):
-        if int(load[layer].max()) > limit[layer]:
-            raise MoecError(
-                f"layer {trace.layers[layer]}: expert {int(load[layer].argmax())} alone carries "
-                f"{int(load[layer].max())} of {int(load[layer].sum())} routed tokens, more than one rank may hold "
-                f"with balance_eps={balance_eps}; raise balance_eps or use fewer ranks"
-            )
+    eps = DEFAULT_BALANCE_EPS if balance_eps is None else balance_eps
+    limit = [math.floor((1 + eps) * int(load[layer].sum()) / R) for layer in range(L)]
+    start = time.perf_counter()
+    relaxed: list[int] = []
+    if balance_eps is None:
+        tightest = tightest_rank_loads(load, R, capacity, limit, time_limit_s=min(1.0, time_limit_s / (4 * L)),
+                                       workers=workers, seed=seed)
+        relaxed = [layer for layer in range(L) if tightest[layer] > limit[layer]]
+        limit = [max(bound, best) for bound, best in zip(limit, tightest, strict=True)]
+        if relaxed:
+            reached = ", ".join(f"{trace.layers[layer]} {balance_ratio(limit[layer], load[layer], R):.4g}x"
+                                for layer in relaxed)
+            warn(f"expert placement: the default balance (each rank's routed load within 10% of the mean) is out "
+                 f"of reach for {E} experts on {R} ranks (at most {capacity} per rank) in "
+                 f"{len(relaxed)} of {L} layers, held to the tightest balance found instead (the busiest rank's load "
+                 f"over the mean): {reached}; give balance_eps to require a bound")
+    else:
+        for layer in range(L):
+            if int(load[layer].max()) > limit[layer]:
+                raise MoecError(
+                    f"layer {trace.layers[layer]}: expert {int(load[layer].argmax())} alone carries "
+                    f"{int(load[layer].max())} of {int(load[layer].sum())} routed tokens, more than one rank may "
+                    f"hold with balance_eps={balance_eps}; raise balance_eps, leave it out (the tightest balance "
+                    "each layer allows) or use fewer ranks"
+                )
     # Integer transition masses: T * k is an integer count of slot pairs.
     transitions = (trace.transitions() * trace.top_k).round().long()
-    start = time.perf_counter()
     edges = affinity_edges(transitions, predecessors_per_expert, min_predecessor_share)
     groups = placement_search.affinity_groups(edges, L, E)
     limits = torch.tensor(limit)
@@ -245,8 +275,10 @@ def solve_placement(
     solver.parameters.symmetry_level = 0  # symmetry breaking in presolve would discard the hint
     status = solver.solve(model)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        balance = (f"balance_eps={balance_eps}" if balance_eps is not None
+                   else "the tightest balance each layer allows")
         raise MoecError(
-            f"no placement of {E} experts x {L} layers on {R} ranks satisfies balance_eps={balance_eps}, capacity="
+            f"no placement of {E} experts x {L} layers on {R} ranks satisfies {balance}, capacity="
             f"{capacity}{f', memory {memory_bytes:,} bytes' if memory_bytes is not None else ''} "
             f"(solver: {solver.status_name(status)}); relax one of them"
         )
@@ -261,8 +293,61 @@ def solve_placement(
         gap_moves=(bound - found) / (total - found) if total > found else 0.0,
         solver_moves=(total - found) / k, moves=cross_rank_moves(trace, placement),
         seconds=time.perf_counter() - start, solver_seconds=solver.wall_time,
+        balance_limits={name: round(balance_ratio(limit[layer], load[layer], R), 4)
+                        for layer, name in enumerate(trace.layers)},
+        relaxed_layers=[trace.layers[layer] for layer in relaxed],
     )
     return placement, stats
+
+
+def balance_ratio(rank_load: int, load: torch.Tensor, world_size: int) -> float:
+    """``rank_load`` over the mean rank load of a layer whose experts carry ``load`` (1.0 when empty)."""
+    total = int(load.sum())
+    return rank_load * world_size / total if total > 0 else 1.0
+
+
+def tightest_rank_loads(load: torch.Tensor, world_size: int, capacity: int, targets: list[int], *,
+                        time_limit_s: float = 1.0, workers: int = 2, seed: int = 0) -> list[int]:
+    """Per layer, the smallest busiest-rank load found for placing that layer's experts (integer loads
+    ``load[layer]``) on ``world_size`` ranks with at most ``capacity`` experts each; a layer is only
+    searched until it reaches ``targets[layer]`` (a bound it is allowed anyway).
+
+    Longest-load-first onto the least loaded rank with room gives a first answer; where it is above both
+    the target and the lower bound (the heaviest expert, the mean rank load rounded up), a small CP-SAT
+    min-max model improves it within ``time_limit_s``, and its best solution found is taken (optimal or not,
+    it is a load some placement reaches)."""
+    R = world_size
+    tightest = []
+    for layer, weights in enumerate(load.tolist()):
+        lower = max(max(weights), math.ceil(sum(weights) / R))
+        rank_load, rank_count = [0] * R, [0] * R
+        for weight in sorted(weights, reverse=True):
+            best = min((r for r in range(R) if rank_count[r] < capacity), key=lambda r: rank_load[r])
+            rank_load[best] += weight
+            rank_count[best] += 1
+        upper = max(rank_load)
+        if upper > max(lower, targets[layer]):
+            model = cp_model.CpModel()
+            x = [[model.new_bool_var(f"x{e}_{r}") for r in range(R)] for e in range(len(weights))]
+            busiest = model.new_int_var(lower, upper, "busiest")
+            for row in x:
+                model.add_exactly_one(row)
+            for r in range(R):
+                column = [row[r] for row in x]
+                model.add(cp_model.LinearExpr.sum(column) <= capacity)
+                model.add(cp_model.LinearExpr.weighted_sum(column, weights) <= busiest)
+            for e in range(min(len(weights), R)):  # interchangeable ranks: expert e uses one of ranks 0..e
+                for r in range(e + 1, R):
+                    model.add(x[e][r] == 0)
+            model.minimize(busiest)
+            solver = cp_model.CpSolver()
+            solver.parameters.max_time_in_seconds = time_limit_s
+            solver.parameters.num_workers = workers
+            solver.parameters.random_seed = seed
+            if solver.solve(model) in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+                upper = min(upper, int(solver.objective_value))
+        tightest.append(upper)
+    return tightest
 
 
 def affinity_edges(transitions: torch.Tensor, per_expert: int, min_share: float) -> list[list[list[tuple[int, int]]]]:

@@ -4,8 +4,11 @@ Requires: a verified graph with ``moe.experts`` ops and, for ``method="cp-sat"``
 a ``RoutingTrace`` (``moec.analysis.traces``) whose layers are the program's routed blocks, or sample
 inputs (or a ``Calibration`` storing them) as ``context.calibration``, traced here with ``collect_trace``.
 Ensures: ``program.metadata["expert_parallel"]`` holds ``world_size`` and ``placement`` (a
-``Placement`` as JSON, one row per block) and ``placement_stats`` (moves, load balance, solver gap). The
-graph is unchanged. In place. The decision is made by ``moec.analysis.placement``; this pass applies it.
+``Placement`` as JSON, one row per block) and ``placement_stats`` (moves, load balance, each layer's
+``balance_limits`` held to, solver gap). ``balance_eps`` left out (None) holds each layer's busiest rank
+within 10% of the mean load, or, where that layer's routed load cannot be split so evenly, to the tightest
+balance found for it, with one warning naming those layers; a given ``balance_eps`` is a hard bound (an
+error where it is out of reach). The graph is unchanged. In place. The decision is made by ``moec.analysis.placement``; this pass applies it.
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ class ExpertPlacement(Pass):
 
     world_size: int = 2
     method: str = "cp-sat"
-    balance_eps: float = 0.1
+    balance_eps: float | None = None  # None: within 10% of the mean, relaxed per layer where out of reach
     capacity: int | None = None
     memory_bytes: int | None = None
     time_limit_s: float = 20.0
@@ -54,7 +57,7 @@ class ExpertPlacement(Pass):
                               ("memory_bytes", self.memory_bytes)):
             if value is not None and value < 1:
                 raise PassError(f"{option}={value} must be at least 1")
-        if self.balance_eps < 0:
+        if self.balance_eps is not None and self.balance_eps < 0:
             raise PassError(f"balance_eps={self.balance_eps} must be at least 0 (the allowed load imbalance)")
         if not self.time_limit_s > 0:
             raise PassError(f"time_limit_s={self.time_limit_s} must be positive")
@@ -95,8 +98,10 @@ class ExpertPlacement(Pass):
             placement, solve = placing.solve_placement(
                 trace, self.world_size, balance_eps=self.balance_eps, capacity=self.capacity,
                 memory_bytes=self.memory_bytes, expert_bytes=expert_bytes, time_limit_s=self.time_limit_s)
-            stats = {"solver": solve.to_json(), "moves": placing.cross_rank_moves(trace, placement),
-                     "load_imbalance": placing.load_imbalance(trace, placement)}
+            solver = solve.to_json()
+            stats = {"solver": solver, "moves": placing.cross_rank_moves(trace, placement),
+                     "load_imbalance": placing.load_imbalance(trace, placement),
+                     "balance_limits": solver.pop("balance_limits"), "relaxed_layers": solver.pop("relaxed_layers")}
         elif self.method == "round-robin":
             placement = placing.round_robin_placement(blocks, num_experts, self.world_size)
         else:

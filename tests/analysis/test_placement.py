@@ -1,4 +1,5 @@
 import itertools
+import warnings
 
 import pytest
 import torch
@@ -99,8 +100,51 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(MoecError, match="memory"):
         placing.solve_placement(trace, 2, memory_bytes=10, expert_bytes=[100, 100, 100])
     skewed = RoutingTrace(torch.zeros(10, 1, 1, dtype=torch.int64), ("a",), 4)
-    with pytest.raises(MoecError, match="balance_eps"):
-        placing.solve_placement(skewed, 2)
+    with pytest.raises(MoecError, match="balance_eps=0.1; raise balance_eps, leave it out"):
+        placing.solve_placement(skewed, 2, balance_eps=0.1)
+    with pytest.warns(UserWarning, match=r"in 1 of 1 layers.*: a 2x; give balance_eps"):
+        _, stats = placing.solve_placement(skewed, 2)  # by default one expert too heavy for 10% is no error
+    assert stats.balance_limits == {"a": 2.0} and stats.relaxed_layers == ["a"]
+
+
+def few_tokens_trace() -> RoutingTrace:
+    """32 top-1 tokens per layer with expert loads 10, 4, 8, 10 and 5, 9, 9, 9 (tiny-mixtral's on its
+    example input): two experts a rank, so the best split is 18 / 14, 12.5% over the mean, not 10%."""
+    layer0 = [0] * 10 + [1] * 4 + [2] * 8 + [3] * 10
+    layer1 = [0] * 5 + [1] * 9 + [2] * 9 + [3] * 9
+    return RoutingTrace(torch.tensor([layer0, layer1]).T.unsqueeze(2), ("l0", "l1"), 4)
+
+
+def test_default_balance_relaxes_only_the_layers_that_cannot_reach_ten_percent():
+    trace = few_tokens_trace()
+    with pytest.raises(MoecError, match=r"satisfies balance_eps=0.1, capacity=2 \(solver: INFEASIBLE\)"):
+        placing.solve_placement(trace, 2, balance_eps=0.1, time_limit_s=5)
+    with pytest.warns(UserWarning, match=r"out of reach for 4 experts on 2 ranks \(at most 2 per rank\) in 2 of 2 "
+                      r"layers.*: l0 1.125x, l1 1.125x; give balance_eps"):
+        placement, stats = placing.solve_placement(trace, 2, time_limit_s=5)
+    assert stats.balance_limits == {"l0": 1.125, "l1": 1.125} and stats.relaxed_layers == ["l0", "l1"]
+    assert placing.load_imbalance(trace, placement) == 1.125
+    with pytest.warns(UserWarning, match="at most 4 per rank"):  # three experts on a rank do no better
+        _, stats = placing.solve_placement(trace, 2, capacity=4, time_limit_s=5)
+    assert stats.balance_limits == {"l0": 1.125, "l1": 1.125}
+    balanced = synthetic_trace(2000, 3, 8, top_k=2, skew=0.0, seed=1)  # 10% within reach: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        placement, stats = placing.solve_placement(balanced, 2, time_limit_s=5)
+    assert stats.relaxed_layers == [] and max(stats.balance_limits.values()) <= 1.1
+    assert placing.load_imbalance(balanced, placement) <= 1.1
+
+
+def test_tightest_rank_loads_match_brute_force():
+    generator = torch.Generator().manual_seed(0)
+    load = torch.randint(0, 50, (6, 6), generator=generator)
+    for world_size, capacity in ((2, 3), (3, 2), (2, 5), (4, 2)):
+        found = placing.tightest_rank_loads(load, world_size, capacity, [0] * 6, time_limit_s=5)
+        for layer, weights in enumerate(load.tolist()):
+            best = min(max(sum(w for w, r in zip(weights, row, strict=True) if r == rank) for rank in range(world_size))
+                       for row in itertools.product(range(world_size), repeat=6)
+                       if max(row.count(rank) for rank in range(world_size)) <= capacity)
+            assert found[layer] == best, (world_size, capacity, layer)
 
 
 def chains_with_cross_talk(cross: int) -> torch.Tensor:

@@ -41,6 +41,22 @@ def test_placement_and_schedule_are_recorded_in_the_plan_metadata(qwen):
         assert isinstance(ops[ops.index(shared) - 1], ExpertsOp)
 
 
+def test_the_readme_recipe_places_tiny_experts_at_the_tightest_balance_their_load_allows(qwen):
+    """16 tokens top-2 on 4 experts: 10% over the mean is out of reach by granularity in layer 1, so the
+    default bound is relaxed there (with a warning) and the limits used are in the report; a given
+    balance_eps stays a hard bound."""
+    program, trace = qwen
+    recipe = [{"expert-placement": {"world_size": 2}}, {"overlap-schedule": {"chunks": 2}}]
+    with pytest.warns(UserWarning, match=r"in 1 of 2 layers.*: model.layers.1.mlp 1.125x; give balance_eps"):
+        context = run(program, recipe, trace)
+    report = context.report["expert_placement"]
+    assert report["balance_limits"] == {"model.layers.0.mlp": 1.0625, "model.layers.1.mlp": 1.125}
+    assert report["relaxed_layers"] == ["model.layers.1.mlp"] and report["load_imbalance"] <= 1.125
+    assert program.metadata["expert_parallel"]["placement_stats"]["balance_limits"] == report["balance_limits"]
+    with pytest.raises(PassError, match=r"satisfies balance_eps=0.1, capacity=2 \(solver: INFEASIBLE\)"):
+        run(program, [{"expert-placement": {"world_size": 2, "balance_eps": 0.1}}], trace)
+
+
 def test_placement_errors(qwen):
     program, trace = qwen
     with pytest.raises(PassError, match="at most 4 ranks"):
@@ -88,6 +104,10 @@ def test_solver_options_with_a_fixed_rule_method_are_refused():
     with pytest.raises(PassError, match=r"capacity, memory_bytes constrain the cp-sat solver, and "
                        r"method='round-robin' places experts by a fixed rule"):
         build_passes({"passes": [{"expert-placement": {"method": "round-robin", "capacity": 1, "memory_bytes": 10}}]})
+    with pytest.raises(PassError, match=r"balance_eps constrain the cp-sat solver"):  # 0.1 given is not left out
+        build_passes({"passes": [{"expert-placement": {"method": "round-robin", "balance_eps": 0.1}}]})
+    with pytest.raises(PassError, match=r"balance_eps=-0.1 must be at least 0"):
+        build_passes({"passes": [{"expert-placement": {"balance_eps": -0.1}}]})
     build_passes({"passes": [{"expert-placement": {"method": "contiguous", "world_size": 4}}]})
 
 
