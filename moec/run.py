@@ -5,7 +5,8 @@
 ``INPUTS`` holds the model's keyword inputs by name (``input_ids``, ``attention_mask`` ...); each rank runs
 its share of the batch; rank 0 writes the whole batch's flat outputs as ``output_0``, ``output_1`` ...
 An error every rank hits is printed once, by rank 0 (ranks that fail differently are each named), and
-every rank exits with code 1; an error a rank hits while running is printed by that rank. Every plan runs
+every rank exits with code 1, or 2 for a PLAN that is not a folder (bad usage, as in the ``moec`` command);
+an error a rank hits while running is printed by that rank. Every plan runs
 on the torch runner's rules: a plan compiled for the triton backend runs without its Triton kernels (rank 0
 says so).
 """
@@ -24,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from moec.backend.distributed import ExpertParallelRunner, agree, check_batch
+from moec.cli import UsageError, check_plan_path
 from moec.errors import MoecError
 from moec.ir.program import Program
 from moec.paths import user_path
@@ -39,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     try:
+        usage = None
+        try:
+            check_plan_path(args.plan)
+        except UsageError as err:
+            usage = err
+        agree(usage)
         runner = ExpertParallelRunner(args.plan)
         if rank == 0 and runner.program.metadata.get("backend") == "triton":
             print(f"note: {args.plan} was compiled for the triton backend; expert-parallel runs do not use its Triton "
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     except MoecError as err:  # raised on every rank with one message (``agree``), so rank 0 says it for all
         if rank == 0:
             print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(err, UsageError) else 1
     finally:
         dist.destroy_process_group()
 

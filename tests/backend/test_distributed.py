@@ -176,6 +176,16 @@ def test_an_error_every_rank_hits_is_printed_once(qwen_plan, tmp_path):
     assert err.count(f"error: cannot use inputs {missing}: ") == 1 and err.count("error: ") == 1 and "(rank" not in err
 
 
+def test_a_plan_that_is_not_a_folder_is_bad_usage(qwen_plan, one_rank_job, tmp_path, capsys):
+    """Exit code 2 and the moec command's message, as for ``moec inspect MISSING``."""
+    folder, _ = qwen_plan
+    (tmp_path / "file").write_text("")
+    for plan, problem in ((tmp_path / "missing", "does not exist"), (tmp_path / "file", "is a file, not a plan folder")):
+        assert run_main([str(plan), "--inputs", str(folder / "inputs.safetensors")]) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: PLAN {plan} {problem}; pass a plan folder written by `moec compile -o`\n"
+
+
 def test_a_failed_output_write_fails_every_rank_and_leaves_nothing(qwen_plan, tmp_path):
     """Rank 0 may write at most 4 KiB to a file, and the outputs take more: the write fails after the run."""
     folder, _ = qwen_plan
