@@ -271,7 +271,8 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
 
     ``tokens`` [T, H], ``indices``/``routing`` [T, k] are this rank's; ``owners[e]`` is expert e's rank,
     ``local_index[e]`` its row in its owner's ``weight`` tensors (which hold that rank's experts only).
-    ``run_shared`` (or None) is called once the first dispatches are in flight. Returns y [T, H].
+    ``run_shared`` (or None) is called once the first dispatches are in flight. Returns y [T, H]. The layer
+    runs in ``chunks`` chunks, or in as many as the most tokens any rank holds where that is fewer.
 
     Only token rows travel: the per-expert pair counts exchanged first tell each owner which of its
     experts every received row is for, since rows arrive sorted by expert.
@@ -282,9 +283,18 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
     world_size = dist.get_world_size()
     hidden = tokens.shape[-1]
     routes = route_chunks(indices, routing, owners, local_index, world_size, chunks)
-    send_counts = torch.stack([route.counts for route in routes], dim=1).contiguous()  # [R, C, L]
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts)
+    send_counts = torch.stack([route.counts for route in routes], dim=1)  # [R, C, L]
+    # Each rank's token count travels with its pair counts, so that every rank learns the most tokens any
+    # rank holds and all agree, without another exchange, to leave out the chunks past it: with fewer
+    # tokens than chunks (a small batch under a fixed ``chunks: N``) those are empty on every rank, and each
+    # would still cost two all-to-alls. A rank with T < C tokens has one in each of its first T chunks, so
+    # cutting the chunk list at the largest T leaves no token out.
+    header = torch.cat([send_counts.reshape(world_size, -1), torch.full((world_size, 1), tokens.shape[0])], dim=1)
+    received_header = torch.empty_like(header)
+    dist.all_to_all_single(received_header, header)
+    recv_counts = received_header[:, :-1].reshape(send_counts.shape)
+    chunks = max(1, min(chunks, int(received_header[:, -1].max())))
+    routes, send_counts, recv_counts = routes[:chunks], send_counts[:, :chunks], recv_counts[:, :chunks]
     sent = send_counts.sum(-1).T.tolist()  # [C][R] rows to each rank
     received = recv_counts.sum(-1).T.tolist()  # [C][R] rows from each rank
 

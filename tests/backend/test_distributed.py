@@ -305,6 +305,34 @@ def test_pair_bookkeeping_in_one_process(weighted_input):
         torch.testing.assert_close(y, expected)
 
 
+def test_chunks_beyond_the_tokens_are_left_out(one_rank_job, monkeypatch):
+    """A fixed chunk count above the tokens (a small batch): no all-to-alls for chunks empty on every rank,
+    and the same result as one chunk."""
+    from moec.backend import distributed
+
+    spec = ExpertsSpec(num_experts=4, hidden=8, intermediate=16, act="silu", gated=True)
+    gen = torch.Generator().manual_seed(0)
+    weight = {"w_in": torch.randn(4, 32, 8, generator=gen), "w_out": torch.randn(4, 8, 16, generator=gen),
+              "b_in": None, "b_out": None}
+    tokens, owners = torch.randn(3, 8, generator=gen), torch.zeros(4, dtype=torch.int64)
+    indices, routing = torch.tensor([[0, 1], [2, 3], [1, 2]]), torch.rand(3, 2, generator=gen)
+    exchanges = []
+    all_to_all = torch.distributed.all_to_all_single
+    monkeypatch.setattr(distributed.dist, "all_to_all_single",
+                        lambda *args, **kwargs: exchanges.append(1) or all_to_all(*args, **kwargs))
+    torch.distributed.init_process_group("gloo")
+    try:
+        results = {}
+        for chunks in (1, 8):
+            exchanges.clear()
+            results[chunks] = distributed.expert_parallel_layer(tokens, indices, routing, owners, local_positions(owners, 1),
+                                                                weight, spec, chunks)
+            assert len(exchanges) == 1 + 2 * min(chunks, 3)  # the counts, then a dispatch and a combine per chunk
+    finally:
+        torch.distributed.destroy_process_group()
+    torch.testing.assert_close(results[8], results[1])
+
+
 @pytest.mark.slow  # about 8 s
 def test_a_quantized_plan_is_refused_by_name_before_any_rank_starts(tmp_path):
     """The runtime reads float expert weights: a quantized plan is one PlanError, not a KeyError on some rank."""
