@@ -39,6 +39,8 @@ from ortools.sat.python import cp_model
 from moec.analysis import placement_search
 from moec.analysis.traces import RoutingTrace
 from moec.errors import MoecError, warn
+from moec.ir.core import Graph
+from moec.ir.ops import ExpertsOp
 
 DEFAULT_BALANCE_EPS = 0.1  # the default load bound, relaxed per layer where the load cannot meet it
 
@@ -96,6 +98,18 @@ class SolveStats:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+
+def placement_mismatch(placement: Placement, graph: Graph) -> str | None:
+    """Why ``placement`` no longer fits ``graph``'s ``moe.experts`` ops (a pass pruned, merged or converted
+    experts after it was made), or None when every MoE block has a row with one rank per expert."""
+    for op in graph.ops_of(ExpertsOp):
+        if op.block not in placement.layers:
+            return f"the placement has no entry for MoE block {op.block!r}"
+        placed = len(placement.ranks[placement.layers.index(op.block)])
+        if placed != op.spec.num_experts:
+            return f"the placement holds {placed} experts for MoE block {op.block!r}, which has {op.spec.num_experts}"
+    return None
 
 
 def check_world_size(num_experts: int, world_size: int) -> None:

@@ -31,7 +31,7 @@ import safetensors
 import torch
 import torch.distributed as dist
 
-from moec.analysis.placement import Placement
+from moec.analysis.placement import Placement, placement_mismatch
 from moec.analysis.schedule import LayerSchedule
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError, MoecError, PlanError
@@ -90,14 +90,11 @@ def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tu
     if unsupported:
         raise PlanError(f"{folder} has {unsupported[0]}, which the expert-parallel runtime does not run; distribute "
                         "a plan without them, or run this one in one process (moec.load)")
+    mismatch = placement_mismatch(placement, graph)
+    if mismatch is not None:
+        raise PlanError(f"{folder}: {mismatch}; a pass changed the experts after expert-placement: run "
+                        "expert-placement after the passes that prune, merge or convert experts")
     for op in graph.ops_of(ExpertsOp):
-        if op.block not in placement.layers:
-            raise PlanError(f"{folder}: the placement has no entry for MoE block {op.block!r}; place the plan again")
-        placed = len(placement.ranks[placement.layers.index(op.block)])
-        if placed != op.spec.num_experts:
-            raise PlanError(f"{folder}: the placement holds {placed} experts for MoE block {op.block!r}, which has "
-                            f"{op.spec.num_experts}; a pass changed the experts after expert-placement: run "
-                            "expert-placement after the passes that prune, merge or convert experts")
         local = placement.local_experts(op.block, rank)
         for role in EXPERT_ROLES:
             ref = op.weight(role)

@@ -161,8 +161,14 @@ def program_stats(program: Program) -> dict[str, int]:
 
 def run_passes(program: Program, passes: list[Pass], context: PassContext,
                hooks: Sequence[Hook] = ()) -> list[dict[str, Any]]:
-    """Run ``passes`` in order; verify after each; return one record per pass (time, changes)."""
+    """Run ``passes`` in order; verify after each; return one record per pass (time, changes). A recipe
+    that leaves an expert placement out of date (a pass after expert-placement pruned, merged or converted
+    experts, and no later expert-placement placed them again) is a ``PassError`` naming that pass: the plan
+    could not run expert-parallel."""
     records: list[dict[str, Any]] = []
+    # The pass after which the program's expert placement no longer fits its experts (None: before any).
+    mismatch = placement_mismatch(program)
+    outdated_by: tuple[str | None, str] | None = None if mismatch is None else (None, mismatch)
     for pass_ in passes:
         before = program_stats(program)
         start = time.perf_counter()
@@ -187,4 +193,21 @@ def run_passes(program: Program, passes: list[Pass], context: PassContext,
         records.append(record)
         for hook in hooks:
             hook(pass_, program, record)
+        mismatch = placement_mismatch(program)
+        outdated_by = None if mismatch is None else (outdated_by or (pass_.name, mismatch))
+    if outdated_by is not None:
+        name, mismatch = outdated_by
+        changed = "the experts were changed" if name is None else f"pass {name!r} changed the experts"
+        raise PassError(f"{changed} after expert-placement placed them ({mismatch}), so the plan could not run "
+                        "expert-parallel; put expert-placement after the passes that prune, merge or convert experts")
     return records
+
+
+def placement_mismatch(program: Program) -> str | None:
+    """Why the program's expert placement no longer fits its experts; None when it fits or there is none."""
+    settings = program.metadata.get("expert_parallel", {})
+    if "placement" not in settings:
+        return None
+    from moec.analysis import placement as placing  # OR-Tools loads only for placed programs
+
+    return placing.placement_mismatch(placing.Placement.from_json(settings["placement"]), program.graph)

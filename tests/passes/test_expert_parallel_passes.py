@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 
 import moec
@@ -5,6 +7,9 @@ from moec.analysis.traces import collect_trace, synthetic_trace
 from moec.errors import PassError
 from moec.frontend.zoo import build_preset
 from moec.ir.ops import ExpertsOp, SharedExpertOp
+from moec.ir.parser import parse_graph
+from moec.ir.printer import print_graph
+from moec.ir.program import Program
 from moec.passes import PassContext, build_passes, run_passes
 
 COST = {"a2a_latency_s": 1e-4, "a2a_s_per_byte": 1e-9, "gemm_latency_s": 1e-5, "gemm_s_per_flop": 1e-10}
@@ -15,6 +20,12 @@ def qwen():
     model, example = build_preset("tiny-qwen2-moe")
     program = moec.compile(model, example).program
     return program, collect_trace(program, [program.flatten_inputs((), example)])
+
+
+def copy_program(program):
+    """A program to change without changing ``program`` (the weights are replaced, not edited, by passes)."""
+    return Program(parse_graph(print_graph(program.graph)), dict(program.weights), program.in_spec, program.out_spec,
+                   copy.deepcopy(program.metadata))
 
 
 def run(program, recipe, trace=None):
@@ -88,6 +99,22 @@ def test_schedule_needs_a_placement_and_a_cost_model():
     run(program, [{"expert-placement": {"world_size": 2, "method": "round-robin"}}])
     with pytest.raises(PassError, match="cost_model"):
         run(program, [{"overlap-schedule": {}}])
+
+
+def test_a_recipe_that_changes_the_experts_after_placing_them_is_refused_unless_placed_again(qwen):
+    """Pruning after placement would leave a plan that every rank refuses at run time: refused at compile time,
+    naming the pass; placing again afterwards is fine."""
+    program, trace = qwen
+    _, example = build_preset("tiny-qwen2-moe")
+    place = {"expert-placement": {"world_size": 2, "method": "round-robin"}}
+    prune = {"expert-prune": {"keep": 3}}
+    with pytest.raises(PassError, match=r"pass 'expert-prune' changed the experts after expert-placement placed them "
+                       r"\(the placement holds 4 experts for MoE block 'model.layers.0.mlp', which has 3\), so the plan "
+                       r"could not run expert-parallel; put expert-placement after the passes"):
+        run(copy_program(program), [place, prune], [example])
+    placed_again = copy_program(program)
+    run(placed_again, [place, prune, place], [example])
+    assert [len(row) for row in placed_again.metadata["expert_parallel"]["placement"]["ranks"]] == [3, 3]
 
 
 def test_cp_sat_placement_traces_sample_inputs_itself(qwen):
