@@ -122,7 +122,7 @@ def compile(
     passes = build_passes(recipe_dict)
     context = PassContext(calibration=calibration)
     stored = isinstance(context.calibration, Calibration)  # kept with the plan, for reuse, even when unused
-    if calibration is not None and not stored and not any(p.needs_calibration() for p in passes):
+    if calibration is not None and not stored and not any(p.uses_calibration() for p in passes):
         warn(f"calibration is not used: {unused_calibration(passes)}; leave it out")
     program = capture(model, args, kwargs)
     records = run_passes(program, [DeadCode(), *passes], context)

@@ -250,6 +250,23 @@ def pass_details(summary: dict[str, Any]) -> list[str]:
     if "top_1_ops" in summary and summary["expert_ops"]:
         lines.append(f"skip threshold {summary['threshold']} on {summary['expert_ops']} moe.experts ops"
                      + (f" ({summary['top_1_ops']} with top-1 routing left alone)" if summary["top_1_ops"] else ""))
+        lines.extend(skip_rate_lines(summary))
+    return lines
+
+
+def skip_rate_lines(summary: dict[str, Any]) -> list[str]:
+    """dynamic-skip's measured skip rate: overall, then one line per skipping layer; or why it was not measured."""
+    if not summary.get("measured"):
+        reason = summary.get("not_measured_because", "no calibration samples were given")
+        return [f"skip rate not measured: {reason} (give calibration data to measure it)"]
+
+    def rate(row: dict[str, Any]) -> str:
+        return (f"{row['skipped']:,} of {row['evaluations']:,} expert evaluations skipped "
+                f"({row['skipped_fraction']:.1%}), dropping {row['dropped_weight']:.1%} of the routing weight")
+
+    samples = f"{summary['samples']} calibration sample{'s' if summary['samples'] != 1 else ''}"
+    lines = [f"on {samples} (real tokens only): {rate(summary)}"]
+    lines += [f"{row['layer']}: {rate(row)}" for row in summary["layers"] if row["threshold"]]
     return lines
 
 
@@ -283,7 +300,8 @@ CALIBRATION_BATCH = 32
 def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tuple[list | None, list | None]:
     """(calibration batches, held-out batches) when one of ``passes`` needs calibration, else Nones.
 
-    Calibration is the ``path`` file when given (see ``read_calibration_file``), else built-in text:
+    Calibration is the ``path`` file when given (see ``read_calibration_file``; also when the passes only use
+    it optionally, as dynamic-skip does to measure its skip rate), else built-in text:
     standard-library docstrings (``moec.analysis.corpus``) tokenized by the model's tokenizer. Held-out
     batches, for the quality table, are built-in text the calibration never saw (None without a tokenizer, or
     when no pass that calibrates changes the outputs by design: those recipes are held to parity).
@@ -291,9 +309,9 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
     from moec.passes.base import unused_calibration
 
     needs = any(p.needs_calibration() for p in passes)
-    if path is not None and not needs:
+    if path is not None and not any(p.uses_calibration() for p in passes):
         raise MoecError(f"--calibration {path}: {unused_calibration(passes)}; leave it out")
-    if not needs:
+    if not needs and path is None:  # passes that only measure on calibration data get it when it is given
         return None, None
     from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
 

@@ -3,7 +3,8 @@
 A pass transforms a ``Program`` in place and returns a ``PassResult`` saying whether it changed
 anything and what (counts a report can show). Passes that need data call
 ``context.statistics`` or ``context.flat_samples`` (see ``moec.analysis.calibration``) and say so in
-``needs_calibration``, which the CLI reads to decide whether to load calibration data.
+``needs_calibration``, which the CLI reads to decide whether to load calibration data; a pass that only
+uses calibration when given (an optional measurement) says so in ``uses_calibration``.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ def unused_calibration(passes: list[Pass]) -> str:
     (``needs_calibration``): names the recipe's passes and the passes that can use calibration."""
     recipe = f"its passes: {', '.join(p.name for p in passes)}" if passes else "it has no passes"
     users = [name for name in pass_names()
-             if (cls := find_pass(name)) is not None and cls.needs_calibration is not Pass.needs_calibration]
+             if (cls := find_pass(name)) is not None and (cls.needs_calibration is not Pass.needs_calibration
+                                                          or cls.uses_calibration is not Pass.uses_calibration)]
     return (f"no pass of the recipe needs calibration data ({recipe}); only {', '.join(users)} use it, some only "
             "with certain options")
 
@@ -158,6 +160,11 @@ class Pass:
     def needs_calibration(self) -> bool:
         """Whether ``run`` (with these options) calls ``context.statistics``."""
         return False
+
+    def uses_calibration(self) -> bool:
+        """Whether ``run`` (with these options) reads calibration data when it is given: when it needs it, or
+        for an optional measurement (``dynamic-skip`` measures its skip rate on the samples)."""
+        return self.needs_calibration()
 
     def run(self, program: Program, context: PassContext) -> PassResult:
         raise NotImplementedError

@@ -7,15 +7,23 @@ weights are not renormalized), and the runner does no work for dropped pairs. Op
 left as they are (their one expert is the top one: nothing to skip), counted as ``top_1_ops`` in the
 summary. Nothing else changes. In place.
 
-The fraction of expert evaluations skipped depends on the inputs; ``skip_statistics`` measures it.
+Calibration is optional. The fraction of expert evaluations skipped depends on the inputs: when the context
+holds calibration samples, the pass runs them once through the skipping program (``skip_statistics``) and
+the summary gives, per layer and overall, the (real token, routed expert) evaluations and how many are
+skipped, and the share of the routing weight the skipped pairs carried (what dropping them costs: the
+kept weights are not renormalized). Padding positions (``attention_mask`` 0) are not counted. Without
+samples the summary says the rate was not measured (``measured: false`` and why).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from moec.analysis.calibration import Calibration, real_token_rows, token_mask_of
+from moec.analysis.traces import RoutingTrace
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
 from moec.ir.ops import ExpertsOp
@@ -37,6 +45,9 @@ class DynamicSkip(Pass):
             raise PassError(f"{self.name}: threshold={self.threshold} must be in (0, 1): a fraction of each token's "
                             "top routing weight")
 
+    def uses_calibration(self) -> bool:
+        return True  # optional: given samples, the pass measures its skip rate on them
+
     def run(self, program: Program, context: PassContext) -> PassResult:
         ops = program.graph.ops_of(ExpertsOp)
         skipping = [op for op in ops if op.top_k != 1]
@@ -44,6 +55,7 @@ class DynamicSkip(Pass):
             op.set_args(op.args, {**op.kwargs, "skip_threshold": float(self.threshold)})
         summary = {"threshold": self.threshold, "expert_ops": len(skipping), "top_1_ops": len(ops) - len(skipping)}
         if skipping:
+            summary |= self.measure(program, context)
             context.report["dynamic_skip"] = summary
         note = None
         if not ops:
@@ -52,19 +64,55 @@ class DynamicSkip(Pass):
             note = "every moe.experts op routes each token to one expert (top-1), which always runs: nothing to skip"
         return PassResult(bool(skipping), summary, note=note)
 
+    def measure(self, program: Program, context: PassContext) -> dict[str, Any]:
+        """The skip rate on the context's calibration samples (``skip_statistics``), or why it was not measured."""
+        if context.calibration is None:
+            return {"measured": False, "not_measured_because": "no calibration samples were given"}
+        if isinstance(context.calibration, RoutingTrace):
+            return {"measured": False, "not_measured_because": "a routing trace holds no routing weights"}
+        if isinstance(context.calibration, Calibration) and not context.calibration.flat_samples:
+            return {"measured": False, "not_measured_because": "the given calibration stores no sample inputs"}
+        samples = context.flat_samples(program, f"pass {self.name!r}")  # samples that do not fit: an error
+        stats = skip_statistics(program, samples)
+        return {"measured": True, "samples": len(samples), **stats}
 
-def skip_statistics(program: Program, batches: list[list[torch.Tensor]]) -> dict[str, float]:
-    """Run ``batches`` and count expert evaluations (token, chosen expert) and how many were skipped."""
-    totals = {"evaluations": 0, "skipped": 0}
+
+def skip_statistics(program: Program, batches: list[list[torch.Tensor]]) -> dict[str, Any]:
+    """Run ``batches`` (flat inputs) and count expert evaluations, (real token, routed expert) pairs, and how
+    many the ops' skip thresholds drop; padding positions (``attention_mask`` 0) are left out.
+
+    Returns ``evaluations``, ``skipped``, ``skipped_fraction`` and ``dropped_weight`` (the skipped pairs' share
+    of the routing weight, |w| summed) over all layers, and the same per layer in ``layers`` (one row per
+    ``moe.experts`` op, ``layer`` naming its block; the op's ``threshold``, None where it does not skip).
+    """
+    rows: dict[int, dict[str, Any]] = {}
+    mask: list[torch.Tensor | None] = [None]
 
     def observe(op, args, result) -> None:
-        if isinstance(op, ExpertsOp):
-            totals["evaluations"] += args[2].numel()
-            if op.skip_threshold:
-                totals["skipped"] += int(skipped_pairs(args[2], op.skip_threshold).sum())
+        if not isinstance(op, ExpertsOp):
+            return
+        routing = real_token_rows(args[2], mask[0]).float().abs()  # [tokens, k]
+        row = rows.setdefault(id(op), {"layer": op.block or f"moe.experts {len(rows)}", "threshold": op.skip_threshold,
+                                       "evaluations": 0, "skipped": 0, "weight": 0.0, "dropped": 0.0})
+        row["evaluations"] += routing.numel()
+        row["weight"] += float(routing.sum())
+        if op.skip_threshold:
+            dropped = skipped_pairs(routing, op.skip_threshold)
+            row["skipped"] += int(dropped.sum())
+            row["dropped"] += float(routing[dropped].sum())
 
     runner = TorchRunner(program)
     for batch in batches:
+        mask[0] = token_mask_of(program, batch)
         runner.run(batch, observe=observe)
-    fraction = totals["skipped"] / totals["evaluations"] if totals["evaluations"] else 0.0
-    return {**totals, "skipped_fraction": fraction}
+    layers = [rate_row(row) for row in rows.values()]
+    totals = {key: sum(row[key] for row in rows.values()) for key in ("evaluations", "skipped", "weight", "dropped")}
+    return {**rate_row(totals), "layers": layers}
+
+
+def rate_row(counts: dict[str, Any]) -> dict[str, Any]:
+    """Counts with their ``skipped_fraction`` and ``dropped_weight`` (the raw weight sums left out)."""
+    row = {key: value for key, value in counts.items() if key not in ("weight", "dropped")}
+    row["skipped_fraction"] = counts["skipped"] / counts["evaluations"] if counts["evaluations"] else 0.0
+    row["dropped_weight"] = counts["dropped"] / counts["weight"] if counts["weight"] else 0.0
+    return row

@@ -24,6 +24,6 @@ def test_calibration_no_pass_needs_is_left_unused_with_a_warning_naming_the_pass
     (warning,) = [w for w in record if "calibration is not used" in str(w.message)]
     assert str(warning.message) == (
         "calibration is not used: no pass of the recipe needs calibration data (its passes: quantize); only "
-        "bit-allocation, dense-to-moe, expert-merge, expert-placement, expert-prune, quantize use it, some only "
+        "bit-allocation, dense-to-moe, dynamic-skip, expert-merge, expert-placement, expert-prune, quantize use it, some only "
         "with certain options; leave it out")
     assert warning.filename == __file__ and compiled.calibration is None

@@ -79,8 +79,10 @@ def test_compile_names_the_experts_each_compression_pass_removed_or_merged():
         "model.layers.0.mlp: 4 -> 2 experts (removed 1, 2), output cosine 0.9877"]
     assert pass_details({"layers": [row | {"groups": [[0, 1], [3], [2]]}]}) == [
         "model.layers.0.mlp: 4 -> 2 experts (merged 0+1), output cosine 0.9877"]
-    assert pass_details({"threshold": 0.5, "expert_ops": 2, "top_1_ops": 1}) == [
-        "skip threshold 0.5 on 2 moe.experts ops (1 with top-1 routing left alone)"]
+    assert pass_details({"threshold": 0.5, "expert_ops": 2, "top_1_ops": 1, "measured": False,
+                         "not_measured_because": "no calibration samples were given"}) == [
+        "skip threshold 0.5 on 2 moe.experts ops (1 with top-1 routing left alone)",
+        "skip rate not measured: no calibration samples were given (give calibration data to measure it)"]
     assert pass_details({"ops_removed": 0}) == [] == pass_details({"layers": 2, "experts": 4})  # dense-to-moe
 
 
@@ -126,6 +128,26 @@ def test_compile_measures_how_many_expert_evaluations_dynamic_skip_drops(tmp_pat
     assert "skip threshold 0.97 on 2 moe.experts ops" in out
     skipped = re.search(r"dynamic skipping: (\d+) of 64 expert evaluations \(([0-9.]+)%\) skipped on the example", out)
     assert skipped and 0 < int(skipped.group(1)) < 64  # 2 layers x 16 tokens x top-2
+    assert "skip rate not measured: no calibration samples were given" in out
+
+
+def test_dynamic_skip_measures_its_skip_rate_on_a_calibration_file(calibration_files, capsys):
+    row = {"evaluations": 200, "skipped": 50, "skipped_fraction": 0.25, "dropped_weight": 0.0625}
+    summary = {"threshold": 0.5, "expert_ops": 1, "top_1_ops": 0, "measured": True, "samples": 3, **row,
+               "layers": [{"layer": "model.layers.0.mlp", "threshold": 0.5, **row}]}
+    assert pass_details(summary) == [
+        "skip threshold 0.5 on 1 moe.experts ops",
+        "on 3 calibration samples (real tokens only): 50 of 200 expert evaluations skipped (25.0%), dropping 6.2% "
+        "of the routing weight",
+        "model.layers.0.mlp: 50 of 200 expert evaluations skipped (25.0%), dropping 6.2% of the routing weight"]
+    recipe = calibration_files / "skip.yaml"
+    recipe.write_text("passes:\n  - dynamic-skip: {threshold: 0.97}\n")
+    assert main(["compile", "--model", "tiny-mixtral", "--recipe", str(recipe),
+                 "--calibration", str(calibration_files / "ids.safetensors")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    measured = re.search(r"on 2 calibration samples \(real tokens only\): (\d+) of 1,920 expert evaluations", out)
+    assert measured and 0 < int(measured.group(1)) < 1920, out  # 40 x 12 tokens x top-2 x 2 layers
+    assert "model.layers.1.mlp: " in out
 
 
 @pytest.fixture(scope="module")
