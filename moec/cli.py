@@ -264,8 +264,8 @@ def skip_rate_lines(summary: dict[str, Any]) -> list[str]:
         return (f"{row['skipped']:,} of {row['evaluations']:,} expert evaluations skipped "
                 f"({row['skipped_fraction']:.1%}), dropping {row['dropped_weight']:.1%} of the routing weight")
 
-    samples = f"{summary['samples']} calibration sample{'s' if summary['samples'] != 1 else ''}"
-    lines = [f"on {samples} (real tokens only): {rate(summary)}"]
+    batches = f"{summary['samples']} batch{'es' if summary['samples'] != 1 else ''}"
+    lines = [f"on the calibration data ({batches}, real tokens only): {rate(summary)}"]
     lines += [f"{row['layer']}: {rate(row)}" for row in summary["layers"] if row["threshold"]]
     return lines
 

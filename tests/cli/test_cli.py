@@ -137,7 +137,7 @@ def test_dynamic_skip_measures_its_skip_rate_on_a_calibration_file(calibration_f
                "layers": [{"layer": "model.layers.0.mlp", "threshold": 0.5, **row}]}
     assert pass_details(summary) == [
         "skip threshold 0.5 on 1 moe.experts ops",
-        "on 3 calibration samples (real tokens only): 50 of 200 expert evaluations skipped (25.0%), dropping 6.2% "
+        "on the calibration data (3 batches, real tokens only): 50 of 200 expert evaluations skipped (25.0%), dropping 6.2% "
         "of the routing weight",
         "model.layers.0.mlp: 50 of 200 expert evaluations skipped (25.0%), dropping 6.2% of the routing weight"]
     recipe = calibration_files / "skip.yaml"
@@ -145,7 +145,7 @@ def test_dynamic_skip_measures_its_skip_rate_on_a_calibration_file(calibration_f
     assert main(["compile", "--model", "tiny-mixtral", "--recipe", str(recipe),
                  "--calibration", str(calibration_files / "ids.safetensors")]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    measured = re.search(r"on 2 calibration samples \(real tokens only\): (\d+) of 1,920 expert evaluations", out)
+    measured = re.search(r"on the calibration data \(2 batches, real tokens only\): (\d+) of 1,920 expert evaluations", out)
     assert measured and 0 < int(measured.group(1)) < 1920, out  # 40 x 12 tokens x top-2 x 2 layers
     assert "model.layers.1.mlp: " in out
 
