@@ -45,7 +45,9 @@ class CompiledModel:
         if backend == "triton":
             from moec.backend.triton_runner import TritonRunner
 
-            self.runner: TorchRunner = TritonRunner(program, kernels_file)
+            triton_runner = TritonRunner(program, kernels_file)
+            self.report["triton"] = triton_runner.report()  # its fallbacks to the torch rules, saved with the plan
+            self.runner: TorchRunner = triton_runner
         else:
             self.runner = TorchRunner(program)
 
@@ -71,7 +73,10 @@ class CompiledModel:
         extra_files |= self.runner.plan_files()
         if "bit_allocation" in self.report:
             extra_files["bit_allocation.svg"] = allocation_svg(self.report["bit_allocation"])
-        program = dataclasses.replace(self.program, metadata={**self.program.metadata, "backend": self.backend})
+        metadata = {**self.program.metadata, "backend": self.backend}
+        if self.backend != "triton" and "triton" in self.report:  # the record of a triton run does not apply
+            metadata["report"] = {key: value for key, value in self.report.items() if key != "triton"}
+        program = dataclasses.replace(self.program, metadata=metadata)
         return save_plan(program, path, extra_files or None)
 
     def export_onnx(self, path: str | os.PathLike, *, lowering: str = "portable", opset: int | None = None,

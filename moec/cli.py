@@ -440,6 +440,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     console.print(f"plan {folder}: format {plan['format_version']}, moec {plan['moec_version']}, "
                   f"torch {plan['torch_version']}, model {plan['metadata'].get('model_class', '?')}, "
                   f"backend {plan['metadata'].get('backend', 'torch')}")
+    for line in triton_lines(plan["metadata"]):
+        console.print(line, markup=False)
     if not args.no_ir:
         console.print(compiled.ir, markup=False)
     console.print(summary_table(compiled.summary(), "FFN and MoE layers"))
@@ -448,6 +450,21 @@ def run_inspect(args: argparse.Namespace) -> int:
     for line in expert_parallel_lines(compiled.program):
         console.print(line, markup=False)
     return 0
+
+
+def triton_lines(metadata: dict[str, Any]) -> list[str]:
+    """A triton plan's record of its MoE ops: how many run Triton kernels, and each one kept on the torch runner
+    and why; nothing for other backends or plans saved before the record existed."""
+    record = metadata.get("report", {}).get("triton")
+    if metadata.get("backend") != "triton" or record is None:
+        return []
+    fallbacks = record["fallbacks"]
+    lines = [f"triton kernels: {record['kernel_ops']} of {record['kernel_ops'] + len(fallbacks)} MoE ops"
+             + (f"; {len(fallbacks)} run on the torch runner:" if fallbacks else "")]
+    for row in fallbacks:
+        where = f" of {row['block']}" if row["block"] else ""
+        lines.append(f"  op {row['op']} {row['op_name']}{where}: {row['reason']}")
+    return lines
 
 
 def expert_parallel_lines(program: Any) -> list[str]:

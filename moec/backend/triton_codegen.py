@@ -36,11 +36,14 @@ def ir_digest(program: Program) -> str:
 
 def unsupported_reason(op: RouteOp | ExpertsOp) -> str | None:
     """Why the Triton kernels cannot run ``op`` (a route or experts op), or None if they can."""
+    x_dtype = op.args[0].tensor_type.dtype
     if isinstance(op, RouteOp):
         if op.spec.n_group > 1:
             return "group-limited routing (n_group > 1) is not implemented by the Triton router"
+        if x_dtype not in EXPERT_DTYPES:  # f64: the torch rule routes in float64, the kernel would round to float32
+            return (f"activations of dtype {x_dtype} (the Triton router computes in float32 and takes "
+                    f"{', '.join(EXPERT_DTYPES)}; the torch rule keeps {x_dtype})")
         return None
-    x_dtype = op.args[0].tensor_type.dtype
     if x_dtype not in EXPERT_DTYPES:
         return f"activations of dtype {x_dtype} (the kernels take {', '.join(EXPERT_DTYPES)})"
     for role in ("w_in", "w_out", "b_in", "b_out"):

@@ -3,8 +3,9 @@
 Generic ATen ops, dense FFNs and shared experts keep the torch runner's rules. The kernels come from a
 plan's ``triton_kernels.py`` (see :mod:`moec.backend.triton_codegen`): the one in the plan folder when the
 plan was compiled for this backend, else one generated now into moec's cache. Ops the kernels cannot run
-keep their torch rule, and one warning line says which and why (or, for a plan without MoE ops, that it all
-runs on the torch runner). On a GPU, each kernel call whose shapes repeat is replayed from a CUDA graph
+keep their torch rule (float64 ones included: the kernels compute in float32, the torch rules in float64), and
+one warning line says which and why (or, for a plan without MoE ops, that it all runs on the torch runner);
+``CompiledModel.report["triton"]`` records them, and a saved plan keeps that record. On a GPU, each kernel call whose shapes repeat is replayed from a CUDA graph
 (:mod:`moec.backend.cuda_graphs`), so decode steps do not wait on the host.
 
 On a machine without a CUDA GPU, Triton runs its kernels in its interpreter (``TRITON_INTERPRET=1``, read
@@ -121,14 +122,20 @@ class TritonRunner(TorchRunner):
         self.source = triton_codegen.generate(program) if kernels_file is None else kernels_file.read_text()
         self.kernels_file = kernels_file or triton_codegen.write_cached(self.source)
         self.kernels = triton_codegen.load_kernels(self.kernels_file, program)
-        self.fallbacks = self.warn_fallbacks(program)
         graph_pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.kernel_rules = {}  # id(op) -> rule running its launcher
+        self.fallback_ops: list[dict[str, object]] = []  # the MoE ops that keep their torch rule, and why
         for index, op in triton_codegen.kernel_ops(program):
             launcher = self.kernels.LAUNCHERS.get(index)
-            if launcher is not None:
-                run = run_route if isinstance(op, RouteOp) else run_experts
-                self.kernel_rules[id(op)] = run(launcher, graph_pool)
+            reason = triton_codegen.unsupported_reason(op)
+            if reason is None and launcher is None:  # a kernel file written by another moec version
+                reason = f"the plan's {triton_codegen.KERNELS_FILE} has no launcher for it"
+            if reason is not None:
+                self.fallback_ops.append({"op": index, "op_name": op.op_name, "block": op.block, "reason": reason})
+                continue
+            run = run_route if isinstance(op, RouteOp) else run_experts
+            self.kernel_rules[id(op)] = run(launcher, graph_pool)
+        self.fallbacks = self.warn_fallbacks(program, self.fallback_ops)
         self.rules = RULES | {RouteOp: self.run_moe_op, ExpertsOp: self.run_moe_op}
         self.device = device
         if device.type != "cpu":
@@ -144,19 +151,24 @@ class TritonRunner(TorchRunner):
         return rule(op, weight, args, kwargs)
 
     @staticmethod
-    def warn_fallbacks(program: Program) -> list[str]:
-        """Warn once (one line) about the MoE ops that keep their torch rule, and return why for each; a plan
-        without MoE ops gets one line saying that it runs on the torch runner and returns no reasons."""
+    def warn_fallbacks(program: Program, fallback_ops: list[dict[str, object]]) -> list[str]:
+        """Warn once (one line) about the MoE ops that keep their torch rule, naming each op and why, and return
+        those reasons; a plan without MoE ops gets one line saying that it runs on the torch runner."""
         candidates = triton_codegen.kernel_ops(program)
         if not candidates:
             warn("moec triton backend: the plan has no moe.route or moe.experts op for the Triton kernels, so it "
                  "runs on the torch runner (use backend 'torch')")
-        reasons = [f"op {i} {op.op_name} ({reason})" for i, op in candidates
-                   if (reason := triton_codegen.unsupported_reason(op)) is not None]
+        reasons = [f"op {row['op']} {row['op_name']}{f' of {block}' if (block := row['block']) else ''} "
+                   f"({row['reason']})" for row in fallback_ops]
         if reasons:
             scope = "the whole plan runs" if len(reasons) == len(candidates) else f"{len(reasons)} of {len(candidates)} MoE ops run"
             warn(f"moec triton backend: {scope} on the torch runner: {'; '.join(reasons)}")
         return reasons
+
+    def report(self) -> dict[str, object]:
+        """What ``CompiledModel.report["triton"]`` records: how many MoE ops run a Triton kernel, and each op that
+        keeps its torch rule (``op`` index in the graph, ``op_name``, ``block``, ``reason``)."""
+        return {"kernel_ops": len(self.kernel_rules), "fallbacks": list(self.fallback_ops)}
 
     def plan_files(self) -> dict[str, str]:
         """The files this backend adds to a saved plan folder."""

@@ -83,12 +83,14 @@ def route(
     Args: ``x`` [..., H]; ``router`` (E, H); ``router_bias`` (E,) or None, added to the values experts
     are chosen by, never to the weights; ``router_logit_bias`` (E,) or None, the router's own bias,
     added to the logits (so to both the choice and the weights).
-    Returns: ``indices`` int64 [..., k] and ``weights`` float32 [..., k]. Logits are computed in float32.
-    The choice is made on the scores (``score_then_topk``) or on the raw logits (``topk_then_score``,
-    where only the chosen logits are then scored).
+    Returns: ``indices`` int64 [..., k] and ``weights`` float32 [..., k]. Logits and scores are computed in
+    float32, or in float64 for float64 activations (a float64 model's routing is not rounded to float32
+    before its choice). The choice is made on the scores (``score_then_topk``) or on the raw logits
+    (``topk_then_score``, where only the chosen logits are then scored).
     """
-    logit_bias = None if router_logit_bias is None else router_logit_bias.float()
-    logits = F.linear(x.float(), router.float(), logit_bias)  # [..., E]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logit_bias = None if router_logit_bias is None else router_logit_bias.to(compute)
+    logits = F.linear(x.to(compute), router.to(compute), logit_bias)  # [..., E]
     if spec.order == "score_then_topk":
         scores = _score(logits, spec.scoring)
         choice = scores
@@ -97,7 +99,7 @@ def route(
     else:
         raise ValueError(f"unknown routing order {spec.order!r}")
     if router_bias is not None:
-        choice = choice + router_bias.float()
+        choice = choice + router_bias.to(compute)
     if spec.n_group > 1:
         choice = _mask_groups(choice, spec)
     indices = choice.topk(spec.top_k, dim=-1).indices
@@ -109,7 +111,7 @@ def route(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + spec.renorm_eps)
     if spec.scaling != 1.0:
         weights = weights * spec.scaling
-    return indices, weights
+    return indices, weights.float()
 
 
 def remap_experts(indices: torch.Tensor, expert_map: list[int] | None) -> torch.Tensor:

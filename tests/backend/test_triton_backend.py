@@ -194,3 +194,47 @@ def test_a_plan_saved_again_runs_on_the_backend_it_was_loaded_with(mixtral, tmp_
     as_triton = moec.load(moec.load(tmp_path / "torch", backend="triton").save(tmp_path / "triton-again"))
     assert as_triton.backend == "triton"
     assert as_triton.runner.kernels_file == tmp_path / "triton-again" / KERNELS_FILE
+
+
+def test_a_float64_plan_runs_on_the_torch_runner_and_says_so_once():
+    """The kernels compute in float32: float64 routers and experts keep their torch rules (float64), each named
+    in one warning and recorded in the report, and the output is the torch runner's, not a float32 one."""
+    from moec.frontend.zoo import build_preset
+
+    model, example = build_preset("tiny-mixtral")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = moec.compile(model.double(), example, backend="triton")
+    messages = [str(w.message) for w in caught if "moec triton backend" in str(w.message)]
+    assert len(messages) == 1 and messages[0].startswith("moec triton backend: the whole plan runs on the torch runner")
+    assert messages[0].count("activations of dtype f64") == 4
+    assert "op 100 moe.route of model.layers.0.mlp (activations of dtype f64 (the Triton router computes in float32" \
+        in messages[0]
+    record = compiled.report["triton"]
+    assert record["kernel_ops"] == 0
+    assert [(row["op_name"], row["block"]) for row in record["fallbacks"]] == [
+        ("moe.route", "model.layers.0.mlp"), ("moe.experts", "model.layers.0.mlp"),
+        ("moe.route", "model.layers.1.mlp"), ("moe.experts", "model.layers.1.mlp")]
+    expected = CompiledModel(compiled.program, "torch")(**example).logits
+    assert expected.dtype == torch.float64
+    torch.testing.assert_close(compiled(**example).logits, expected, rtol=0, atol=0)
+
+
+def test_fallbacks_are_recorded_in_the_saved_plan_and_a_kernel_file_without_a_launcher_is_one(mixtral, tmp_path):
+    compiled, example = mixtral
+    assert CompiledModel(compiled.program, "triton").report["triton"] == {"kernel_ops": 4, "fallbacks": []}
+    source = compiled.runner.source
+    first = source.index("LAUNCHERS = {") + len("LAUNCHERS = {")
+    missing = source[:first] + source[source.index(", ", first) + 2:]  # the first op's launcher left out
+    kernels = tmp_path / KERNELS_FILE
+    kernels.write_text(missing)
+    with pytest.warns(UserWarning, match=r"1 of 4 MoE ops run on the torch runner: op \d+ moe.route of "
+                                         r"model.layers.0.mlp \(the plan's triton_kernels.py has no launcher for it\)"):
+        partial = CompiledModel(compiled.program, "triton", kernels_file=kernels)
+    (row,) = partial.report["triton"]["fallbacks"]
+    assert row["op_name"] == "moe.route" and partial.report["triton"]["kernel_ops"] == 3
+    torch.testing.assert_close(partial(**example).logits, compiled(**example).logits, rtol=TOLERANCE, atol=TOLERANCE)
+    saved = moec.load(partial.save(tmp_path / "plan"), backend="torch")
+    assert saved.report["triton"]["fallbacks"] == [row]
+    assert "triton" not in moec.load(saved.save(tmp_path / "as-torch"), backend="torch").report
+    compiled.report["triton"] = compiled.runner.report()  # the shared program's record, as the fixture made it

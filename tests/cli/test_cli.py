@@ -15,7 +15,7 @@ import torch
 
 import moec
 from moec.analysis.calibration import Calibration
-from moec.cli import main, pass_details
+from moec.cli import main, pass_details, triton_lines
 from moec.ir.ops import ExpertsOp
 from moec.ir.plan import WEIGHTS_FILE
 
@@ -245,7 +245,14 @@ def test_inspect_a_triton_plan_needs_no_triton(tmp_path, capsys, monkeypatch):
     plan = moec.compile(model, example, backend="triton").save(tmp_path / "plan")
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is not installed
     assert main(["inspect", "--no-ir", str(plan)]) == 0
-    assert "backend triton" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "backend triton" in out and "triton kernels: 4 of 4 MoE ops\n" in out
+    record = {"kernel_ops": 2, "fallbacks": [{"op": 7, "op_name": "moe.route", "block": "model.layers.0.mlp",
+                                              "reason": "activations of dtype f64"}]}
+    assert triton_lines({"backend": "triton", "report": {"triton": record}}) == [
+        "triton kernels: 2 of 3 MoE ops; 1 run on the torch runner:",
+        "  op 7 moe.route of model.layers.0.mlp: activations of dtype f64"]
+    assert triton_lines({"backend": "torch", "report": {"triton": record}}) == []
 
 
 def test_compile_for_triton_without_triton_fails_before_loading_the_model(capsys, monkeypatch):

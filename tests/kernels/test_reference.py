@@ -273,3 +273,13 @@ def test_moe_block_transposed_roles_and_shared_expert():
     )
     shared = torch.relu(x @ weights["shared_w_up"].T) @ weights["shared_w_down"].T
     torch.testing.assert_close(y, routed + shared)
+
+
+def test_float64_activations_are_routed_in_float64():
+    # Logits 1 and 1 + 1e-12: equal in float32 (where the first expert wins the tie), not in float64.
+    router = torch.tensor([[1.0, 0.0], [1.0, 1e-12]], dtype=torch.float64)
+    x = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    spec = RouteSpec(num_experts=2, top_k=1, renormalize=False)
+    indices, weights = reference.route(x, router, None, spec)
+    assert indices.tolist() == [[1]] and weights.dtype == torch.float32
+    assert reference.route(x.float(), router.float(), None, spec)[0].tolist() == [[0]]
