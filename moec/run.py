@@ -5,7 +5,8 @@
 ``INPUTS`` holds the model's keyword inputs by name (``input_ids``, ``attention_mask`` ...); each rank runs
 its share of the batch; rank 0 writes the whole batch's flat outputs as ``output_0``, ``output_1`` ...
 An error every rank hits is printed once, by rank 0 (ranks that fail differently are each named), and
-every rank exits with code 1, or 2 for a PLAN that is not a folder (bad usage, as in the ``moec`` command);
+every rank exits with code 1, or 2 for a PLAN that is not a folder or ``--inputs`` that names no file (bad
+usage, as in the ``moec`` command);
 an error a rank hits while running is printed by that rank. Every plan runs
 on the torch runner's rules: a plan compiled for the triton backend runs without its Triton kernels (rank 0
 says so).
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         usage = None
         try:
             check_plan_path(args.plan)
+            check_inputs_path(args.inputs)
         except UsageError as err:
             usage = err
         agree(usage)
@@ -86,6 +88,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if isinstance(err, UsageError) else 1
     finally:
         dist.destroy_process_group()
+
+
+def check_inputs_path(path: str) -> None:
+    """One ``UsageError`` where ``--inputs`` names no file: a missing path or a folder."""
+    give = "give the safetensors file of the model's keyword inputs"
+    try:
+        file = Path(user_path(path))
+        if file.is_dir():
+            raise UsageError(f"--inputs {path} is a folder; {give}")
+        if not file.exists():
+            raise UsageError(f"--inputs {path}: no such file; {give}")
+    except OSError as err:  # a name the file system refuses (too long, say)
+        raise UsageError(f"--inputs {path}: {err.strerror}; {give}") from None
 
 
 def check_input_dtypes(program: Program, inputs: list[torch.Tensor]) -> None:

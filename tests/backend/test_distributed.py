@@ -169,21 +169,28 @@ def test_two_rank_run_matches_single_process(qwen_plan):
 
 def test_an_error_every_rank_hits_is_printed_once(qwen_plan, tmp_path):
     folder, _ = qwen_plan
-    missing = tmp_path / "inputs.safetensors"
-    done = run_ranks(2, str(folder / "plan"), "--inputs", str(missing))
+    broken = tmp_path / "inputs.safetensors"
+    broken.write_bytes(b"not a safetensors file")
+    done = run_ranks(2, str(folder / "plan"), "--inputs", str(broken))
     assert [rank.returncode for rank in done] == [1, 1]
     err = "".join(rank.stderr for rank in done)
-    assert err.count(f"error: cannot use inputs {missing}: ") == 1 and err.count("error: ") == 1 and "(rank" not in err
+    assert err.count(f"error: cannot use inputs {broken}: ") == 1 and err.count("error: ") == 1 and "(rank" not in err
 
 
-def test_a_plan_that_is_not_a_folder_is_bad_usage(qwen_plan, one_rank_job, tmp_path, capsys):
-    """Exit code 2 and the moec command's message, as for ``moec inspect MISSING``."""
+def test_a_plan_or_inputs_path_that_names_no_usable_file_is_bad_usage(qwen_plan, one_rank_job, tmp_path, capsys):
+    """Exit code 2 and the moec command's message, as for ``moec inspect MISSING``; likewise for ``--inputs``
+    naming no file."""
     folder, _ = qwen_plan
     (tmp_path / "file").write_text("")
     for plan, problem in ((tmp_path / "missing", "does not exist"), (tmp_path / "file", "is a file, not a plan folder")):
         assert run_main([str(plan), "--inputs", str(folder / "inputs.safetensors")]) == 2
         err = capsys.readouterr().err
         assert err == f"error: PLAN {plan} {problem}; pass a plan folder written by `moec compile -o`\n"
+    give = "give the safetensors file of the model's keyword inputs"
+    for inputs, problem in ((tmp_path / "missing.safetensors", ": no such file"), (tmp_path, " is a folder"),
+                            (tmp_path / ("i" * 300), ": File name too long")):
+        assert run_main([str(folder / "plan_1_rank"), "--inputs", str(inputs)]) == 2
+        assert capsys.readouterr().err == f"error: --inputs {inputs}{problem}; {give}\n"
 
 
 def test_a_failed_output_write_fails_every_rank_and_leaves_nothing(qwen_plan, tmp_path):
