@@ -181,6 +181,10 @@ def run_compile(args: argparse.Namespace) -> int:
         check_available()
     recipe = load_recipe(args.recipe)  # read once: the passes decide calibration and how outputs are checked
     passes = build_passes(recipe)
+    if args.calibration and not any(p.uses_calibration() for p in passes):  # before the model loads, not after
+        from moec.passes.base import unused_calibration
+
+        raise UsageError(f"--calibration {args.calibration}: {unused_calibration(passes)}; leave it out")
     with step(f"loading model {args.model}"):
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)
@@ -231,13 +235,20 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def pass_details(summary: dict[str, Any]) -> list[str]:
-    """What a pass changed, one line per layer of an expert-compression pass (the experts it removed or merged)
-    or of overlap-schedule (its chunk count and why), or one line for dynamic skipping; nothing for other passes."""
+    """What a pass changed, one line per layer of an expert-compression pass (the experts it removed or merged),
+    of expert-placement (each rank's experts and the load balance) or of overlap-schedule (its chunk count and
+    why), or one line for dynamic skipping; nothing for other passes."""
     lines = []
-    layers = summary.get("layers")  # per-layer rows for prune and merge; other passes may give a count here
+    if summary.get("moves") is not None:
+        lines.append(f"{summary['moves']:,.0f} expected token moves between ranks at layer boundaries "
+                     "on the calibration data")
+    layers = summary.get("layers")  # per-layer rows; other passes may give a count here
     for row in layers if isinstance(layers, list) else []:
         if "chunks" in row:
             lines.append(schedule_line(row))
+            continue
+        if "experts_by_rank" in row:
+            lines.append(placement_line(row))
             continue
         if "experts_before" not in row or row["experts_before"] == row["experts_after"]:
             continue
@@ -252,6 +263,18 @@ def pass_details(summary: dict[str, Any]) -> list[str]:
                      + (f" ({summary['top_1_ops']} with top-1 routing left alone)" if summary["top_1_ops"] else ""))
         lines.extend(skip_rate_lines(summary))
     return lines
+
+
+def placement_line(row: dict[str, Any]) -> str:
+    """One layer of an expert placement: the experts each rank holds and, where a trace was placed, the busiest
+    rank's routed load over the mean and the bound it was held to."""
+    ranks = "; ".join(f"rank {rank}: {', '.join(map(str, experts)) or 'none'}"
+                      for rank, experts in enumerate(row["experts_by_rank"]))
+    if "load" not in row:
+        return f"{row['layer']} experts by rank: {ranks}"
+    relaxed = ", relaxed: 10% was out of reach" if row["relaxed"] else ""
+    return (f"{row['layer']} experts by rank: {ranks}; busiest rank {row['load']:.3f}x the mean load "
+            f"(bound {row['bound']:.3f}x{relaxed})")
 
 
 def skip_rate_lines(summary: dict[str, Any]) -> list[str]:
@@ -306,11 +329,7 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
     batches, for the quality table, are built-in text the calibration never saw (None without a tokenizer, or
     when no pass that calibrates changes the outputs by design: those recipes are held to parity).
     """
-    from moec.passes.base import unused_calibration
-
     needs = any(p.needs_calibration() for p in passes)
-    if path is not None and not any(p.uses_calibration() for p in passes):
-        raise MoecError(f"--calibration {path}: {unused_calibration(passes)}; leave it out")
     if not needs and path is None:  # passes that only measure on calibration data get it when it is given
         return None, None
     from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
@@ -468,7 +487,8 @@ def triton_lines(metadata: dict[str, Any]) -> list[str]:
 
 
 def expert_parallel_lines(program: Any) -> list[str]:
-    """A plan's placement (ranks, method) and each layer's overlap schedule; nothing for a plan without them."""
+    """A plan's placement (ranks, method, each layer's experts by rank and load balance) and each layer's overlap
+    schedule; nothing for a plan without them."""
     from moec.ir.ops import SharedExpertOp
 
     settings = program.metadata.get("expert_parallel", {})
@@ -477,6 +497,7 @@ def expert_parallel_lines(program: Any) -> list[str]:
         return []
     lines = [f"expert parallel: {settings['world_size']} ranks, {settings['placement']['method']} placement"
              + ("" if settings.get("schedule") else ", no overlap schedule (one chunk per layer)")]
+    lines += [f"  {placement_line(row)}" for row in settings.get("placement_stats", {}).get("layers", [])]
     for layer, schedule in settings.get("schedule", {}).items():
         shared = "" if layer not in with_shared else ("; shared expert overlaps dispatch" if schedule["overlap"]
                                                       else "; shared expert runs after the layer")
@@ -516,13 +537,21 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: Any = None, line: str | None = None) -> None:
+    """A warning as one ``warning: ...`` line: the file and line it was raised from mean nothing at a prompt."""
+    errors.print(Text("warning: ", style="bold yellow") + Text(str(message)))
+
+
 def main(argv: list[str] | None = None) -> int:
     from moec.frontend.zoo import ModelSpecError
 
     args = build_parser().parse_args(argv)
     handlers = {"compile": run_compile, "inspect": run_inspect, "export-onnx": run_export_onnx}
     try:
-        return handlers[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = show_warning
+            return handlers[args.command](args)
     except (UsageError, ModelSpecError) as err:  # bad usage: a path or --model value that names nothing usable
         errors.print(Text("error: ", style="bold red") + Text(str(err)))
         return 2

@@ -146,15 +146,20 @@ def cross_rank_moves(trace: RoutingTrace, placement: Placement) -> float:
     return moves
 
 
-def load_imbalance(trace: RoutingTrace, placement: Placement) -> float:
-    """The worst layer's busiest rank load divided by that layer's mean rank load (1.0 = perfect)."""
-    worst = 1.0
+def layer_balance(trace: RoutingTrace, placement: Placement) -> list[float]:
+    """Each layer's busiest rank load divided by its mean rank load (1.0 = perfect, and for a layer no token
+    reaches)."""
+    balance = []
     for layer, load in enumerate(trace.expert_load()):
         per_rank = torch.zeros(placement.world_size, dtype=torch.float64)
         per_rank.index_add_(0, torch.tensor(placement.ranks[layer]), load)
-        if per_rank.sum() > 0:
-            worst = max(worst, float(per_rank.max() / per_rank.mean()))
-    return worst
+        balance.append(float(per_rank.max() / per_rank.mean()) if per_rank.sum() > 0 else 1.0)
+    return balance
+
+
+def load_imbalance(trace: RoutingTrace, placement: Placement) -> float:
+    """The worst layer's ``layer_balance`` (1.0 = perfect)."""
+    return max(layer_balance(trace, placement), default=1.0)
 
 
 def solve_placement(

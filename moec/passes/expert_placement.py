@@ -5,7 +5,8 @@ a ``RoutingTrace`` (``moec.analysis.traces``) whose layers are the program's rou
 inputs (or a ``Calibration`` storing them) as ``context.calibration``, traced here with ``collect_trace``.
 Ensures: ``program.metadata["expert_parallel"]`` holds ``world_size`` and ``placement`` (a
 ``Placement`` as JSON, one row per block) and ``placement_stats`` (moves, load balance, each layer's
-``balance_limits`` held to, solver gap). ``balance_eps`` left out (None) holds each layer's busiest rank
+``balance_limits`` held to, solver gap, and ``layers``: per block, the experts each rank holds and, for
+cp-sat, the busiest rank's load over the mean, the bound held to and whether it was relaxed). ``balance_eps`` left out (None) holds each layer's busiest rank
 within 10% of the mean load, or, where that layer's routed load cannot be split so evenly, to the tightest
 balance found for it, with one warning naming those layers; a given ``balance_eps`` is a hard bound (an
 error where it is out of reach). The graph is unchanged. In place. The decision is made by ``moec.analysis.placement``; this pass applies it.
@@ -89,7 +90,7 @@ class ExpertPlacement(Pass):
             raise PassError(f"MoE layers differ in expert count {sorted(counts)}; placement needs one count")
         (num_experts,) = counts
         placing.check_world_size(num_experts, self.world_size)
-        stats = {}
+        stats: dict = {}
         if self.method == "cp-sat":
             trace = self.routing_trace(program, context)
             if trace.layers != blocks:
@@ -106,7 +107,15 @@ class ExpertPlacement(Pass):
             placement = placing.round_robin_placement(blocks, num_experts, self.world_size)
         else:
             placement = placing.contiguous_placement(blocks, num_experts, self.world_size)
+        rows: list[dict[str, object]] = [{"layer": block, "experts_by_rank": [placement.local_experts(block, rank)
+                                                     for rank in range(self.world_size)]} for block in blocks]
+        if self.method == "cp-sat":
+            for row, balance in zip(rows, placing.layer_balance(trace, placement), strict=True):
+                row.update({"load": round(balance, 4), "bound": stats["balance_limits"][row["layer"]],
+                            "relaxed": row["layer"] in stats["relaxed_layers"]})
+        stats["layers"] = rows
         settings = program.metadata.setdefault("expert_parallel", {})
         settings.update({"world_size": self.world_size, "placement": placement.to_json(), "placement_stats": stats})
         context.report["expert_placement"] = {"method": placement.method, **stats}
-        return PassResult(True, {"layers": len(blocks), "world_size": self.world_size, "method": placement.method})
+        return PassResult(True, {"layers": rows, "world_size": self.world_size, "method": placement.method,
+                                 "moves": stats.get("moves")})

@@ -116,8 +116,34 @@ def test_inspect_shows_the_placement_and_each_layers_schedule(scheduled_plan, ca
     assert main(["inspect", "--no-ir", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "expert parallel: 2 ranks, round-robin placement" in out
+    for layer in ("model.layers.0.mlp", "model.layers.1.mlp"):  # round-robin: no trace, so no load figures
+        assert f"  {layer} experts by rank: rank 0: 0, 2; rank 1: 1, 3\n" in out
     for layer in ("model.layers.0.mlp", "model.layers.1.mlp"):
         assert f"  {layer}: 2 chunks, 1.55 ms predicted vs 1.84 ms serial; shared expert overlaps dispatch" in out
+
+
+def test_compile_prints_each_layers_placement_and_warnings_as_one_line(tmp_path, capsys):
+    """cp-sat on 16 calibration tokens: each layer's experts by rank and load balance, the relaxed layer named
+    in one clean ``warning:`` line (not Python's file:line: UserWarning form), and the same rows in inspect."""
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    safetensors.torch.save_file({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                                str(tmp_path / "ids.safetensors"))
+    (tmp_path / "place.yaml").write_text("passes:\n  - expert-placement: {world_size: 2}\n")
+    assert main(["compile", "--model", "tiny-mixtral", "--recipe", str(tmp_path / "place.yaml"),
+                 "--calibration", str(tmp_path / "ids.safetensors"), "-o", str(tmp_path / "plan")]) == 0
+    captured = capsys.readouterr()
+    err, out = " ".join(captured.err.split()), " ".join(captured.out.split())
+    assert err.startswith("warning: expert placement: the default balance") and "UserWarning" not in err
+    relaxed = re.findall(r"(model\.layers\.\d\.mlp) 1\.\d+x", err.split("instead")[1])
+    assert relaxed, err
+    assert re.search(r"\d+ expected token moves between ranks at layer boundaries on the calibration data", out)
+    placed = re.findall(r"(model\.layers\.\d\.mlp) experts by rank: rank 0: \d, \d; rank 1: \d, \d; "
+                        r"busiest rank ([0-9.]+)x the mean load \(bound ([0-9.]+)x(, relaxed)?", out)
+    assert [layer for layer, *_ in placed] == ["model.layers.0.mlp", "model.layers.1.mlp"], out
+    for layer, load, bound, relaxation in placed:
+        assert float(load) <= float(bound) and bool(relaxation) == (layer in relaxed)
+    assert main(["inspect", "--no-ir", str(tmp_path / "plan")]) == 0
+    assert len(re.findall(r"experts by rank: .* the mean load", capsys.readouterr().out)) == 2
 
 
 def test_compile_measures_how_many_expert_evaluations_dynamic_skip_drops(tmp_path, capsys):
@@ -194,7 +220,7 @@ def test_gptq_and_bit_allocation_take_a_calibration_file(calibration_files, tmp_
 
 @pytest.mark.parametrize(("recipe", "calibration", "message", "code"), [
     ("convert.yaml", None, "give --calibration FILE", 1),
-    ("quantize.yaml", "ids.safetensors", "no pass of the recipe needs calibration data", 1),
+    ("quantize.yaml", "ids.safetensors", "no pass of the recipe needs calibration data", 2),
     ("convert.yaml", "missing.safetensors", "no such file", 2),
     ("convert.yaml", "convert.yaml", "give a .txt file", 2),
     ("convert.yaml", "plan", "is a folder, not a calibration file; give a .txt file", 2),
@@ -205,12 +231,16 @@ def test_gptq_and_bit_allocation_take_a_calibration_file(calibration_files, tmp_
     ("convert.yaml", "big.safetensors", "token ids below the vocabulary size", 1),
 ])
 def test_calibration_file_errors(calibration_files, tmp_path, capsys, recipe, calibration, message, code):
-    """A path that is not a calibration file is bad usage (2); a file the model cannot use, a moec error (1)."""
+    """A path that is not a calibration file, or one the recipe has no use for, is bad usage (2); a file the
+    model cannot use is a moec error (1)."""
     folder = calibration_files
     args = ["compile", "--model", "tiny-llama", "--recipe", str(folder / recipe), "-o", str(tmp_path / "plan")]
     assert main(args + (["--calibration", str(folder / calibration)] if calibration else [])) == code
-    err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
+    captured = capsys.readouterr()
+    err = " ".join(captured.err.split())  # rich wraps long lines
     assert message in err and "Traceback" not in err
+    if recipe == "quantize.yaml":  # the recipe alone shows the file has no use: the model is not loaded
+        assert "loading model" not in captured.out
     assert not (tmp_path / "plan").exists()
 
 

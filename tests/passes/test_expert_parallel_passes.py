@@ -64,6 +64,11 @@ def test_the_readme_recipe_places_tiny_experts_at_the_tightest_balance_their_loa
     assert report["balance_limits"] == {"model.layers.0.mlp": 1.0625, "model.layers.1.mlp": 1.125}
     assert report["relaxed_layers"] == ["model.layers.1.mlp"] and report["load_imbalance"] <= 1.125
     assert program.metadata["expert_parallel"]["placement_stats"]["balance_limits"] == report["balance_limits"]
+    for row in report["layers"]:  # what moec compile and moec inspect print for each layer
+        assert sorted(sum(row["experts_by_rank"], [])) == [0, 1, 2, 3]
+        assert row["bound"] == report["balance_limits"][row["layer"]] and row["load"] <= row["bound"] + 1e-4
+        assert row["relaxed"] == (row["layer"] in report["relaxed_layers"])
+    assert max(row["load"] for row in report["layers"]) == pytest.approx(report["load_imbalance"], abs=1e-4)
     with pytest.raises(PassError, match=r"satisfies balance_eps=0.1, capacity=2 \(solver: INFEASIBLE\)"):
         run(program, [{"expert-placement": {"world_size": 2, "balance_eps": 0.1}}], trace)
 
