@@ -237,7 +237,8 @@ def run_compile(args: argparse.Namespace) -> int:
 def pass_details(summary: dict[str, Any]) -> list[str]:
     """What a pass changed, one line per layer of an expert-compression pass (the experts it removed or merged),
     of expert-placement (each rank's experts and the load balance) or of overlap-schedule (its chunk count and
-    why), or one line for dynamic skipping; nothing for other passes."""
+    why), or a few lines for bit-allocation (the widths chosen and the check against uniform bits) and dynamic
+    skipping; nothing for other passes."""
     lines = []
     if summary.get("moves") is not None:
         lines.append(f"{summary['moves']:,.0f} expected token moves between ranks at layer boundaries "
@@ -258,10 +259,27 @@ def pass_details(summary: dict[str, Any]) -> list[str]:
             what = "merged " + ", ".join("+".join(map(str, group)) for group in row["groups"] if len(group) > 1)
         lines.append(f"{row['layer']}: {row['experts_before']} -> {row['experts_after']} experts ({what}), "
                      f"output cosine {row['output_cosine']:.4f}")
+    if "units_by_bits" in summary:
+        lines.extend(bit_allocation_lines(summary))
     if "top_1_ops" in summary and summary["expert_ops"]:
         lines.append(f"skip threshold {summary['threshold']} on {summary['expert_ops']} moe.experts ops"
                      + (f" ({summary['top_1_ops']} with top-1 routing left alone)" if summary["top_1_ops"] else ""))
         lines.extend(skip_rate_lines(summary))
+    return lines
+
+
+def bit_allocation_lines(summary: dict[str, Any]) -> list[str]:
+    """bit-allocation's choice: the average width and how many units got each width, then how it compared with
+    uniform bits at the model output."""
+    widths = ", ".join(f"{count} at {bits} bits" for bits, count in summary["units_by_bits"].items())
+    lines = [f"average {summary['average_bits']:.3f} bits (budget {summary['budget']:g}) over {summary['units']} "
+             f"units: {widths}; objective {summary['objective']:.4g}"]
+    if "same_as" in summary:
+        lines.append(f"the allocation is {summary['same_as']}: nothing to compare at the model output")
+    elif "measured" in summary:
+        compared = " vs ".join(f"{label} {error:.4g}" for label, error in summary["measured"].items())
+        lines.append(f"mean cosine distance of the output on the calibration data: {compared}; "
+                     f"kept {'the allocation' if summary['kept'] == 'allocation' else summary['kept']}")
     return lines
 
 

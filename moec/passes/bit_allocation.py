@@ -241,7 +241,7 @@ class BitAllocation(Pass):
         summary = {"budget": self.budget, "average_bits": bit_allocation.average_bits(chosen, params),
                    "objective": bit_allocation.objective_of(chosen, self.widths, importance, errors),
                    "lower_bound": allocation.lower_bound, "solve_seconds": allocation.solve_seconds, "units": len(units),
-                   **check}
+                   "units_by_bits": {str(w): chosen.count(w) for w in sorted(set(chosen))}, **check}
         context.report["bit_allocation"] = {**summary, "uniform": uniform, "table": table}
         return PassResult(True, summary)
 
@@ -250,12 +250,15 @@ class BitAllocation(Pass):
         """The solved ``bits``, or the widest uniform width within the budget if that measures a smaller error
         at the model output (``measured``): the objective adds up the units' errors measured one at a time,
         and rounding many units at once need not add up the same way. Returns the widths to apply and a
-        report entry: which was kept, and the two measured errors when they were compared."""
+        report entry: which was kept, and the two measured errors when they were compared (or ``same_as``:
+        the uniform width the allocation equals)."""
         fitting = [w for w, b in uniform_bits.items() if bit_allocation.average_bits(b, params) <= self.budget + 1e-9]
-        if not fitting or uniform_bits[max(fitting)] == bits:
+        if not fitting:
             return bits, {"kept": "allocation"}
         width = max(fitting)
         label = f"uniform {width}-bit"
+        if uniform_bits[width] == bits:
+            return bits, {"kept": "allocation", "same_as": label}
         errors = {"allocation": measured(bits), label: measured(uniform_bits[width])}
         if errors[label] < errors["allocation"]:
             return uniform_bits[width], {"kept": label, "measured": errors}

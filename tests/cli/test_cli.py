@@ -111,6 +111,21 @@ def test_compile_says_each_layers_chunk_count_and_its_predicted_time(scheduled_p
         "nothing from overlap", "c: 4 chunks, set by the chunks option; shared expert runs after the layer"]
 
 
+def test_compile_says_which_widths_bit_allocation_chose_and_how_it_compared_with_uniform_bits():
+    summary = {"budget": 2.5, "average_bits": 2.5, "units": 10, "units_by_bits": {"2": 6, "3": 4},
+               "objective": 2.865e-4, "kept": "allocation",
+               "measured": {"allocation": 2.699e-4, "uniform 2-bit": 7.203e-4}}
+    assert pass_details(summary) == [
+        "average 2.500 bits (budget 2.5) over 10 units: 6 at 2 bits, 4 at 3 bits; objective 0.0002865",
+        "mean cosine distance of the output on the calibration data: allocation 0.0002699 vs uniform 2-bit "
+        "0.0007203; kept the allocation"]
+    same = {**summary, "units_by_bits": {"3": 10}, "average_bits": 3.0, "budget": 3.0, "same_as": "uniform 3-bit"}
+    del same["measured"]
+    assert pass_details(same)[1] == "the allocation is uniform 3-bit: nothing to compare at the model output"
+    kept_uniform = {**summary, "kept": "uniform 2-bit"}
+    assert pass_details(kept_uniform)[1].endswith("; kept uniform 2-bit")
+
+
 def test_inspect_shows_the_placement_and_each_layers_schedule(scheduled_plan, capsys):
     plan, _ = scheduled_plan
     assert main(["inspect", "--no-ir", str(plan)]) == 0

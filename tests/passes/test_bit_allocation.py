@@ -71,9 +71,22 @@ def test_keeps_the_uniform_width_when_the_allocation_measures_worse(compiled_pro
     report = allocate(program, [inputs], budget=3.0, widths=[2, 3, 4], group=32, dense=False, importance="routing")
     measured = report["measured"]
     assert measured["uniform 3-bit"] < measured["allocation"] and report["kept"] == "uniform 3-bit"
+    assert "same_as" not in report and report["units_by_bits"] == {"3": 16}
     assert [row["bits"] for row in report["table"]] == [3] * 16 and report["average_bits"] == 3.0
     expert_types = [t for t in program.graph.weights.values() if isinstance(t, QuantizedType)]
     assert all(t.bits == (3,) * 8 for t in expert_types)
+
+
+def test_an_allocation_equal_to_uniform_bits_says_so_instead_of_measuring(compiled_program, monkeypatch):
+    """Errors far larger at 2 bits than the gain at 4, alike for every expert: at a 3.0 budget the LP gives
+    each 3 bits, which is uniform 3-bit itself, so there is nothing to measure and the report names it."""
+    _, example, program = compiled_program("tiny-olmoe")
+    monkeypatch.setattr("moec.passes.bit_allocation.unit_errors",
+                        lambda program, unit, widths, group, activations: [100.0, 1.0, 0.0])
+    report = allocate(program, [program.flatten_inputs((), example)], budget=3.0, widths=[2, 3, 4], group=32,
+                      dense=False, importance="routing")
+    assert report["kept"] == "allocation" and report["same_as"] == "uniform 3-bit" and "measured" not in report
+    assert report["units_by_bits"] == {"3": 16} and report["units"] == 16
 
 
 @pytest.mark.parametrize("importance", ["routing", "output"])
