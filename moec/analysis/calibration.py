@@ -452,12 +452,14 @@ def run_sample(runner: TorchRunner, inputs: list[torch.Tensor], index: int,
 
 
 def _progress(items: list[Any], show: bool) -> Iterable[Any]:
+    """``items``, with a transient progress bar on a terminal (elsewhere a bar is noise: a blank line)."""
     if not show:
         yield from items
         return
+    from rich.console import Console
     from rich.progress import Progress
 
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, disable=not Console().is_terminal) as bar:
         task = bar.add_task("calibrating", total=len(items))
         for item in items:
             yield item

@@ -218,6 +218,7 @@ def test_calibration_from_a_file_for_a_model_without_tokenizer(calibration_files
                  "--calibration", str(folder / "ids.safetensors"), "-o", str(plan)]) == 0
     out = capsys.readouterr().out
     assert "moe.experts" in out and "dense-to-moe changes the model's outputs by design" in out
+    assert "\n\n" not in out  # no calibration progress bar (nor the blank line it leaves) off a terminal
     assert Calibration.load(plan).tokens == 40 * 12  # every calibration token, stored with the plan
     assert len(moec.load(plan).program.graph.ops_of(ExpertsOp)) == 2  # both FFNs became experts
 
