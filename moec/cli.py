@@ -186,6 +186,9 @@ def run_compile(args: argparse.Namespace) -> int:
 
         raise UsageError(f"--calibration {args.calibration}: {unused_calibration(passes)}; leave it out")
     with step(f"loading model {args.model}"):
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # this step's spinner is the progress: two would garble
         model, example = load_model_spec(args.model)
         dtype = getattr(torch, args.dtype)
         model, example = model.to(dtype), in_dtype(example, dtype)

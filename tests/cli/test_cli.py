@@ -405,6 +405,7 @@ def test_default_compile_is_real_minilm_with_parity():
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("ffn.dense") == 6
     assert result.stdout.count("ok (tolerance 0.0001)") == 2
+    assert result.stderr == ""  # no second progress bar (transformers' weight loading) beside moec's own
 
 
 def test_quality_table_of_a_model_without_routers_has_no_routing_rows(capsys):
