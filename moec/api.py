@@ -28,6 +28,7 @@ from moec.passes import PassContext, build_passes, load_recipe, run_passes
 from moec.passes.base import unused_calibration
 from moec.passes.dead_code import DeadCode
 from moec.paths import user_path
+from moec.report import ALLOCATION_CHART, REPORT_FILE, plan_report
 
 BACKENDS = ("torch", "triton")
 
@@ -67,17 +68,19 @@ class CompiledModel:
     def save(self, path: str | os.PathLike) -> Path:
         """Write a plan folder (``plan.json`` + ``weights.safetensors``, the calibration if any, the
         backend's generated kernels, ``triton_kernels.py`` for the triton backend, and the report's plots,
-        ``bit_allocation.svg`` after bit allocation) to ``path``. The plan records this model's backend, which
+        ``bit_allocation.svg`` after bit allocation) to ``path``, with ``report.md``: what was compiled, how
+        it was checked and what each pass changed (``moec.report``). The plan records this model's backend, which
         ``moec.load`` runs it on by default."""
         extra_files = self.calibration.to_files() if self.calibration is not None else {}
         extra_files |= self.runner.plan_files()
         if "bit_allocation" in self.report:
-            extra_files["bit_allocation.svg"] = allocation_svg(self.report["bit_allocation"])
+            extra_files[ALLOCATION_CHART] = allocation_svg(self.report["bit_allocation"])
         metadata = {**self.program.metadata, "backend": self.backend}
         if self.backend != "triton" and "triton" in self.report:  # the record of a triton run does not apply
             metadata["report"] = {key: value for key, value in self.report.items() if key != "triton"}
         program = dataclasses.replace(self.program, metadata=metadata)
-        return save_plan(program, path, extra_files or None)
+        report = plan_report(program, self.summary(), list(extra_files))
+        return save_plan(program, path, extra_files or None, documents={REPORT_FILE: report})
 
     def export_onnx(self, path: str | os.PathLike, *, lowering: str = "portable", opset: int | None = None,
                     external_data: bool | None = None) -> Path:

@@ -22,6 +22,15 @@ from rich.text import Text
 
 from moec.errors import MoecError, PlanError
 from moec.paths import user_path
+from moec.report import (
+    REPORT_FILE,
+    check_lines,
+    expert_parallel_lines,
+    onnx_fallback_lines,
+    pass_details,
+    quality_lines,
+    triton_lines,
+)
 
 WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns when piped
 console = Console(highlight=False, width=WIDTH)
@@ -159,7 +168,7 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def run_compile(args: argparse.Namespace) -> int:
     import moec
-    from moec.api import Deviation, deviation, parity
+    from moec.api import deviation, parity
     from moec.frontend.zoo import load_model_spec
     from moec.ir.ops import ExpertsOp
     from moec.ir.plan import check_plan_target
@@ -219,115 +228,36 @@ def run_compile(args: argparse.Namespace) -> int:
     with step("comparing with the original model" if changing else "checking parity with the original model"):
         compare = deviation if changing else parity
         results = {label: compare(model, compiled, inputs) for label, inputs in checks.items()}
-    for label, result in results.items():
-        shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in checks[label].items() if isinstance(v, torch.Tensor))
-        if isinstance(result, Deviation):  # no tolerance to hold: the recipe asked for a different model
-            relative = f" ({result.max_abs_diff / result.scale:.2%} of the largest output)" if result.scale else ""
-            padding = "; padding positions left out" if "attention_mask" in checks[label] else ""
-            console.print(f"deviation on {label} ({shapes}): output cosine {result.cosine:.4f}, "
-                          f"max abs diff {result.max_abs_diff:.3g}{relative}{padding}")
-            continue
-        passed = result <= tolerance
-        ok &= passed
-        console.print(f"parity on {label} ({shapes}): max abs diff {result:.3g} "
-                      f"{'[green]ok[/]' if passed else '[red]FAILED[/]'} (tolerance {tolerance:g})")
+    checks_done = compiled.report["checks"] = [check_record(label, checks[label], result, tolerance)
+                                               for label, result in results.items()]
+    for check, line in zip(checks_done, check_lines(checks_done), strict=True):
+        text = Text(line)
+        text.highlight_regex(r"(?<= )ok(?= \(tolerance)", "green")
+        text.highlight_regex(r"(?<= )FAILED(?= \(tolerance)", "red")
+        console.print(text)
+        ok &= check["kind"] == "deviation" or check["max_abs_diff"] <= tolerance
     if changing:
         verb = "changes" if len(changing) == 1 else "change"
         console.print(f"(not a parity check: {', '.join(changing)} {verb} the model's outputs by design)")
     return write_plan(compiled, args.output) if ok else 1
 
 
-def pass_details(summary: dict[str, Any]) -> list[str]:
-    """What a pass changed, one line per layer of an expert-compression pass (the experts it removed or merged),
-    of expert-placement (each rank's experts and the load balance) or of overlap-schedule (its chunk count and
-    why), or a few lines for bit-allocation (the widths chosen and the check against uniform bits) and dynamic
-    skipping; nothing for other passes."""
-    lines = []
-    if summary.get("moves") is not None:
-        lines.append(f"{summary['moves']:,.0f} expected token moves between ranks at layer boundaries "
-                     "on the calibration data")
-    layers = summary.get("layers")  # per-layer rows; other passes may give a count here
-    for row in layers if isinstance(layers, list) else []:
-        if "chunks" in row:
-            lines.append(schedule_line(row))
-            continue
-        if "experts_by_rank" in row:
-            lines.append(placement_line(row))
-            continue
-        if "experts_before" not in row or row["experts_before"] == row["experts_after"]:
-            continue
-        if "removed" in row:
-            what = f"removed {', '.join(map(str, row['removed']))}"
-        else:
-            what = "merged " + ", ".join("+".join(map(str, group)) for group in row["groups"] if len(group) > 1)
-        lines.append(f"{row['layer']}: {row['experts_before']} -> {row['experts_after']} experts ({what}), "
-                     f"output cosine {row['output_cosine']:.4f}")
-    if "units_by_bits" in summary:
-        lines.extend(bit_allocation_lines(summary))
-    if "top_1_ops" in summary and summary["expert_ops"]:
-        lines.append(f"skip threshold {summary['threshold']} on {summary['expert_ops']} moe.experts ops"
-                     + (f" ({summary['top_1_ops']} with top-1 routing left alone)" if summary["top_1_ops"] else ""))
-        lines.extend(skip_rate_lines(summary))
-    return lines
 
 
-def bit_allocation_lines(summary: dict[str, Any]) -> list[str]:
-    """bit-allocation's choice: the average width and how many units got each width, then how it compared with
-    uniform bits at the model output."""
-    widths = ", ".join(f"{count} at {bits} bits" for bits, count in summary["units_by_bits"].items())
-    lines = [f"average {summary['average_bits']:.3f} bits (budget {summary['budget']:g}) over {summary['units']} "
-             f"units: {widths}; objective {summary['objective']:.4g}"]
-    if "same_as" in summary:
-        lines.append(f"the allocation is {summary['same_as']}: nothing to compare at the model output")
-    elif "measured" in summary:
-        compared = " vs ".join(f"{label} {error:.4g}" for label, error in summary["measured"].items())
-        lines.append(f"mean cosine distance of the output on the calibration data: {compared}; "
-                     f"kept {'the allocation' if summary['kept'] == 'allocation' else summary['kept']}")
-    return lines
 
 
-def placement_line(row: dict[str, Any]) -> str:
-    """One layer of an expert placement: the experts each rank holds and, where a trace was placed, the busiest
-    rank's routed load over the mean and the bound it was held to."""
-    ranks = "; ".join(f"rank {rank}: {', '.join(map(str, experts)) or 'none'}"
-                      for rank, experts in enumerate(row["experts_by_rank"]))
-    if "load" not in row:
-        return f"{row['layer']} experts by rank: {ranks}"
-    relaxed = ", relaxed: 10% was out of reach" if row["relaxed"] else ""
-    return (f"{row['layer']} experts by rank: {ranks}; busiest rank {row['load']:.3f}x the mean load "
-            f"(bound {row['bound']:.3f}x{relaxed})")
 
+def check_record(label: str, inputs: dict[str, Any], result: Any, tolerance: float) -> dict[str, Any]:
+    """One comparison with the original model as the plan's report keeps it (see ``moec.report.check_lines``):
+    a parity result (a max abs difference) or a ``Deviation``."""
+    from moec.api import Deviation
 
-def skip_rate_lines(summary: dict[str, Any]) -> list[str]:
-    """dynamic-skip's measured skip rate: overall, then one line per skipping layer; or why it was not measured."""
-    if not summary.get("measured"):
-        reason = summary.get("not_measured_because", "no calibration samples were given")
-        return [f"skip rate not measured: {reason} (give calibration data to measure it)"]
-
-    def rate(row: dict[str, Any]) -> str:
-        return (f"{row['skipped']:,} of {row['evaluations']:,} expert evaluations skipped "
-                f"({row['skipped_fraction']:.1%}), dropping {row['dropped_weight']:.1%} of the routing weight")
-
-    batches = f"{summary['samples']} batch{'es' if summary['samples'] != 1 else ''}"
-    lines = [f"on the calibration data ({batches}, real tokens only): {rate(summary)}"]
-    lines += [f"{row['layer']}: {rate(row)}" for row in summary["layers"] if row["threshold"]]
-    return lines
-
-
-def schedule_line(row: dict[str, Any]) -> str:
-    """One layer's overlap schedule: its chunk count, what chose it and, for the cost model, the predicted time
-    against the serial one."""
-    chunks = f"{row['chunks']} chunk{'s' if row['chunks'] != 1 else ''}"
-    if row["chosen_by"] == "chunks":
-        why = "set by the chunks option"
-    else:
-        predicted, serial = row["predicted_s"], row["baseline_s"]
-        why = (f"chosen by the cost model: {predicted * 1e3:.3g} ms predicted vs {serial * 1e3:.3g} ms serial"
-               + (f" ({predicted / serial:.2f}x)" if serial else ""))
-        if row["streams"] <= 1:
-            why += ", ranks sharing cores gain nothing from overlap"
-    shared = {None: "", True: "; shared expert overlaps dispatch", False: "; shared expert runs after the layer"}
-    return f"{row['layer']}: {chunks}, {why}{shared[row['shared_overlap']]}"
+    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
+    record = {"inputs": label, "shapes": shapes}
+    if isinstance(result, Deviation):  # no tolerance to hold: the recipe asked for a different model
+        return record | {"kind": "deviation", "cosine": result.cosine, "max_abs_diff": result.max_abs_diff,
+                         "scale": result.scale, "masked": "attention_mask" in inputs}
+    return record | {"kind": "parity", "max_abs_diff": result, "tolerance": tolerance}
 
 
 def write_plan(compiled: Any, output: str | None) -> int:
@@ -455,8 +385,10 @@ def show_quality(model: Any, compiled: Any, held_out: list) -> None:
     from moec.analysis.quality import conversion_quality
     from moec.ir.ops import RouteOp
 
-    with step(f"measuring quality on {sum(len(b['input_ids']) for b in held_out)} held-out sentences"):
+    sentences = sum(len(b["input_ids"]) for b in held_out)
+    with step(f"measuring quality on {sentences} held-out sentences"):
         quality = conversion_quality(lambda batch: model(**batch)[0], compiled.program, held_out)
+    compiled.report["quality"] = quality | {"sentences": sentences}
     routed = bool(compiled.program.graph.ops_of(RouteOp))
     title = "quality vs the original model"
     table = Table(title=f"{title} (active FFN fraction {quality['active_ffn_fraction']:.3f})" if routed else title)
@@ -489,43 +421,17 @@ def run_inspect(args: argparse.Namespace) -> int:
     console.print(f"all weights: {params:,} parameters, {size:,} bytes")
     for line in expert_parallel_lines(compiled.program):
         console.print(line, markup=False)
+    report = plan["metadata"].get("report", {})
+    checked = check_lines(report.get("checks", [])) + quality_lines(report.get("quality"))
+    if checked:
+        console.print("checked against the original model when compiled:")
+        for line in checked:
+            console.print(f"  {line}", markup=False)
+    if (folder / REPORT_FILE).is_file():
+        console.print(f"report: {folder / REPORT_FILE}")
     return 0
 
 
-def triton_lines(metadata: dict[str, Any]) -> list[str]:
-    """A triton plan's record of its MoE ops: how many run Triton kernels, and each one kept on the torch runner
-    and why; nothing for other backends or plans saved before the record existed."""
-    record = metadata.get("report", {}).get("triton")
-    if metadata.get("backend") != "triton" or record is None:
-        return []
-    fallbacks = record["fallbacks"]
-    lines = [f"triton kernels: {record['kernel_ops']} of {record['kernel_ops'] + len(fallbacks)} MoE ops"
-             + (f"; {len(fallbacks)} run on the torch runner:" if fallbacks else "")]
-    for row in fallbacks:
-        where = f" of {row['block']}" if row["block"] else ""
-        lines.append(f"  op {row['op']} {row['op_name']}{where}: {row['reason']}")
-    return lines
-
-
-def expert_parallel_lines(program: Any) -> list[str]:
-    """A plan's placement (ranks, method, each layer's experts by rank and load balance) and each layer's overlap
-    schedule; nothing for a plan without them."""
-    from moec.ir.ops import SharedExpertOp
-
-    settings = program.metadata.get("expert_parallel", {})
-    with_shared = {op.block for op in program.graph.ops_of(SharedExpertOp)}
-    if "placement" not in settings:
-        return []
-    lines = [f"expert parallel: {settings['world_size']} ranks, {settings['placement']['method']} placement"
-             + ("" if settings.get("schedule") else ", no overlap schedule (one chunk per layer)")]
-    lines += [f"  {placement_line(row)}" for row in settings.get("placement_stats", {}).get("layers", [])]
-    for layer, schedule in settings.get("schedule", {}).items():
-        shared = "" if layer not in with_shared else ("; shared expert overlaps dispatch" if schedule["overlap"]
-                                                      else "; shared expert runs after the layer")
-        predicted = (f", {schedule['predicted_s'] * 1e3:.3g} ms predicted vs {schedule['baseline_s'] * 1e3:.3g} ms "
-                     "serial" if schedule["baseline_s"] else "")
-        lines.append(f"  {layer}: {schedule['chunks']} chunk{'s' if schedule['chunks'] != 1 else ''}{predicted}{shared}")
-    return lines
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:
@@ -546,8 +452,8 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")  # fallbacks are printed below, from the report
         compiled.export_onnx(args.output, lowering=args.lowering, opset=opset, external_data=args.external_data)
     report = compiled.report["onnx"]
-    for block, reason in report["portable_fallbacks"].items():
-        console.print(f"[yellow]{block}[/]: portable MoE lowering (com.microsoft.MoE cannot express {reason})")
+    for line in onnx_fallback_lines(report):
+        console.print(line, markup=False)
     fused = " and ".join(f"{count} {op} op{'s' if count > 1 else ''}"
                          for op, count in report["fused_moe_ops_by_op"].items()) or "no fused MoE ops"
     console.print(f"wrote {report['path']}: opset {report['opset']}, {fused}, "

@@ -57,8 +57,11 @@ def check_plan_target(path: str | os.PathLike) -> Path:
     return target
 
 
-def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, str | bytes] | None = None) -> Path:
-    """Write ``program`` as a plan folder at ``path`` (replacing an existing plan there)."""
+def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, str | bytes] | None = None,
+              documents: dict[str, str] | None = None) -> Path:
+    """Write ``program`` as a plan folder at ``path`` (replacing an existing plan there). ``extra_files`` are
+    listed with their checksums, which loading checks; ``documents`` (a report for people) are written beside
+    them unlisted: loading never reads them, so editing one breaks nothing."""
     from moec import __version__
 
     target = check_plan_target(path)
@@ -68,7 +71,7 @@ def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, 
         used = stored_weight_names(program.graph)
         tensors = unshared({name: t for name, t in program.weights.items() if name in used})
         safetensors.torch.save_file(tensors, str(staging / WEIGHTS_FILE))
-        for name, content in (extra_files or {}).items():
+        for name, content in {**(extra_files or {}), **(documents or {})}.items():
             mode = "wb" if isinstance(content, bytes) else "w"
             with open(staging / name, mode) as file:
                 file.write(content)

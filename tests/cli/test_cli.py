@@ -15,9 +15,10 @@ import torch
 
 import moec
 from moec.analysis.calibration import Calibration
-from moec.cli import main, pass_details, triton_lines
+from moec.cli import main
 from moec.ir.ops import ExpertsOp
 from moec.ir.plan import WEIGHTS_FILE
+from moec.report import pass_details, triton_lines
 
 
 @pytest.fixture(scope="module")
@@ -283,6 +284,19 @@ def test_inspect_shows_shared_expert_and_gate(qwen_plan, capsys):
     assert "sigmoid gate" in out  # the table's description of the shared expert
 
 
+def test_the_plan_report_and_inspect_repeat_the_parity_compile_measured(qwen_plan, capsys):
+    report = (qwen_plan / "report.md").read_text()
+    assert "# moec plan: Qwen2MoeForCausalLM" in report
+    parity = [line for line in report.splitlines() if line.startswith("- parity on ")]
+    assert len(parity) == 2 and all(line.endswith(" ok (tolerance 0.0001)") for line in parity)
+    assert "| moe.shared_expert |" in report
+    assert main(["inspect", "--no-ir", str(qwen_plan)]) == 0
+    out = capsys.readouterr().out
+    assert "checked against the original model when compiled:\n" in out
+    assert all(f"  {line[2:]}\n" in out for line in parity)  # the same figures as the report
+    assert f"report: {qwen_plan / 'report.md'}\n" in out
+
+
 def test_inspect_a_triton_plan_needs_no_triton(tmp_path, capsys, monkeypatch):
     pytest.importorskip("triton", reason="compiling the triton plan needs triton")
     from moec.frontend.zoo import build_preset
@@ -424,6 +438,7 @@ def test_quality_table_of_a_model_without_routers_has_no_routing_rows(capsys):
     out = capsys.readouterr().out
     assert "compiled" in out and "1.0000" in out and "100.0%" in out  # no pass ran: the same embeddings
     assert "router" not in out and "routing" not in out and "active FFN fraction" not in out
+    assert compiled.report["quality"]["sentences"] == 8  # kept for the plan's report
 
 
 FACTORIES = """

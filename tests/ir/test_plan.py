@@ -11,6 +11,7 @@ import torch
 import moec
 from moec.ir import plan as plan_module
 from moec.ir.plan import PLAN_FILE, WEIGHTS_FILE
+from moec.report import REPORT_FILE
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,7 @@ def compiled(preset):
 def test_save_load_round_trip(compiled, tmp_path):
     model, example = compiled
     folder = model.save(tmp_path / "plan")
-    assert sorted(p.name for p in folder.iterdir()) == [PLAN_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in folder.iterdir()) == [PLAN_FILE, REPORT_FILE, WEIGHTS_FILE]
     again = moec.load(folder)
     assert again.ir == model.ir
     assert torch.equal(again(**example).logits, model(**example).logits)

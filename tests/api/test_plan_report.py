@@ -1,0 +1,86 @@
+"""report.md: every plan folder carries a report for people, written from the plan and never read back."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import moec
+from moec.ir.plan import PLAN_FILE
+from moec.report import REPORT_FILE, check_lines, onnx_lines, quality_lines
+
+
+def test_a_saved_plan_reports_its_model_recipe_passes_and_layers(preset, tmp_path):
+    model, example = preset("tiny-mixtral")
+    calibration = [example]
+    recipe = {"passes": [{"bit-allocation": {"budget": 3.0, "widths": [2, 4], "group": 32}},
+                         {"dynamic-skip": {"threshold": 0.5}}]}
+    compiled = moec.compile(model, example, recipe=recipe, calibration=calibration)
+    folder = compiled.save(tmp_path / "plan")
+    report = (folder / REPORT_FILE).read_text()
+    assert report.startswith("# moec plan: MixtralForCausalLM\n")
+    assert f"torch {torch.__version__}" in report and "- inputs: `input_ids`, `attention_mask`" in report
+    assert "- bit-allocation:\n    budget: 3.0\n    widths: [2, 4]\n    group: 32\n" in report  # the recipe, as YAML
+    assert "- dynamic-skip: {threshold: 0.5}\n" in report
+    records = compiled.program.metadata["passes"]
+    for record in records:  # one row per pass, with its own before -> after bytes
+        before, after = f"{record['before']['bytes']:,}", f"{record['after']['bytes']:,}"
+        assert f"| {record['pass']} | {record['seconds']:.2f} |" in report
+        assert (f"{before} -> {after} |" if before != after else f"| {after} |") in report
+    summary = records[1]["summary"]
+    assert f"average {summary['average_bits']:.3f} bits (budget 3)" in report
+    assert "![bits chosen per unit](bit_allocation.svg)" in report and (folder / "bit_allocation.svg").is_file()
+    assert "- skip threshold 0.5 on 2 moe.experts ops" in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "`model.layers." in line]
+    assert len(rows) == len(compiled.summary()) == 4  # route and experts of both layers
+    assert "## Checks" not in report  # moec.compile compares nothing with the original: nothing to claim
+
+
+def test_the_report_is_not_a_checked_file_of_the_plan(preset, tmp_path):
+    """Loading never reads report.md: it is not in plan.json's checksummed files, so editing it breaks nothing."""
+    model, example = preset("tiny-qwen2-moe")
+    folder = moec.compile(model, example).save(tmp_path / "plan")
+    assert REPORT_FILE not in json.loads((folder / PLAN_FILE).read_text())["files"]
+    (folder / REPORT_FILE).write_text("my own notes\n")
+    again = moec.load(folder)
+    torch.testing.assert_close(again(**example).logits, moec.compile(model, example)(**example).logits)
+    again.save(tmp_path / "again")  # written anew from the plan
+    assert (tmp_path / "again" / REPORT_FILE).read_text().startswith("# moec plan: Qwen2MoeForCausalLM\n")
+
+
+def test_check_lines_say_ok_or_failed_against_the_tolerance():
+    parity = {"kind": "parity", "inputs": "example inputs", "shapes": "input_ids (2, 8)", "tolerance": 1e-4}
+    deviation = {"kind": "deviation", "inputs": "resized inputs", "shapes": "x (3, 6)", "cosine": 0.99871,
+                 "max_abs_diff": 0.02, "scale": 4.0, "masked": True}
+    assert check_lines([parity | {"max_abs_diff": 6e-8}, parity | {"max_abs_diff": 2e-4}, deviation]) == [
+        "parity on example inputs (input_ids (2, 8)): max abs diff 6e-08 ok (tolerance 0.0001)",
+        "parity on example inputs (input_ids (2, 8)): max abs diff 0.0002 FAILED (tolerance 0.0001)",
+        "deviation on resized inputs (x (3, 6)): output cosine 0.9987, max abs diff 0.02 (0.50% of the largest "
+        "output); padding positions left out"]
+
+
+def test_quality_lines_name_the_routers_only_for_a_routed_plan():
+    routed = {"active_ffn_fraction": 0.5, "sentences": 128, "router": {"cosine": 0.89, "nn_agreement": 0.6},
+              "random": {"cosine": 0.2, "nn_agreement": 0.1}, "oracle": {"cosine": 0.91, "nn_agreement": 0.7},
+              "gap_closed": 0.97}
+    lines = quality_lines(routed)
+    assert lines[0] == "quality vs the original model on 128 held-out sentences (active FFN fraction 0.500):"
+    assert lines[1] == "  the plan's routers: embedding cosine 0.8900, nearest-neighbour agreement 60.0%"
+    assert lines[-1] == "  the router closes 97% of the random-to-oracle cosine gap"
+    dense = {"active_ffn_fraction": 1.0, "sentences": 16, "router": {"cosine": 0.996, "nn_agreement": 0.93}}
+    assert quality_lines(dense) == ["quality vs the original model on 16 held-out sentences:",
+                                    "  the compiled model: embedding cosine 0.9960, nearest-neighbour agreement 93.0%"]
+    assert quality_lines(None) == []
+
+
+def test_onnx_lines_give_the_file_its_parity_and_each_portable_fallback():
+    export = {"path": "/tmp/m.onnx", "lowering": "ort", "opset": 20, "fused_moe_ops_by_op": {"com.microsoft.MoE": 1},
+              "parity_max_abs_diff": {"3x5": 1.04e-07, "1x11": 6e-08}, "tolerance": 1e-4,
+              "portable_fallbacks": {"model.layers.1.mlp": "gelu experts"}}
+    assert onnx_lines(export) == [
+        "`/tmp/m.onnx`: ort lowering, opset 20, 1 com.microsoft.MoE",
+        "onnxruntime parity vs the torch runner (batch x sequence: max abs diff) 3x5: 1.04e-07, 1x11: 6e-08 "
+        "(tolerance 0.0001), after onnx.checker and shape inference",
+        "model.layers.1.mlp: portable MoE lowering (com.microsoft.MoE cannot express gelu experts)"]
+    assert onnx_lines(None) == []
