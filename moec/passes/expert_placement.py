@@ -14,7 +14,7 @@ error where it is out of reach). The graph is unchanged. In place. The decision 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from moec.analysis import placement as placing
 from moec.analysis.traces import RoutingTrace, collect_trace
@@ -26,6 +26,7 @@ from moec.passes.base import Pass, PassContext, PassResult, register_pass
 
 METHODS = ("cp-sat", "round-robin", "contiguous")
 SOLVER_OPTIONS = ("balance_eps", "capacity", "memory_bytes", "time_limit_s")  # constraints of method cp-sat
+DEFAULT_TIME_LIMIT_S = 20.0
 
 
 def stored_expert_bytes(program: Program, op: ExpertsOp) -> int:
@@ -49,7 +50,7 @@ class ExpertPlacement(Pass):
     balance_eps: float | None = None  # None: within 10% of the mean, relaxed per layer where out of reach
     capacity: int | None = None
     memory_bytes: int | None = None
-    time_limit_s: float = 20.0
+    time_limit_s: float | None = None  # None: DEFAULT_TIME_LIMIT_S (None tells "not given" from the default)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -60,9 +61,9 @@ class ExpertPlacement(Pass):
                 raise PassError(f"{option}={value} must be at least 1")
         if self.balance_eps is not None and self.balance_eps < 0:
             raise PassError(f"balance_eps={self.balance_eps} must be at least 0 (the allowed load imbalance)")
-        if not self.time_limit_s > 0:
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
             raise PassError(f"time_limit_s={self.time_limit_s} must be positive")
-        given = [f.name for f in fields(self) if f.name in SOLVER_OPTIONS and getattr(self, f.name) != f.default]
+        given = [name for name in SOLVER_OPTIONS if getattr(self, name) is not None]
         if self.method != "cp-sat" and given:
             raise PassError(f"{', '.join(given)} constrain the cp-sat solver, and method={self.method!r} places "
                             "experts by a fixed rule without them; leave them out, or use method 'cp-sat'")
@@ -98,7 +99,7 @@ class ExpertPlacement(Pass):
             expert_bytes = [stored_expert_bytes(program, op) for op in experts_ops]
             placement, solve = placing.solve_placement(
                 trace, self.world_size, balance_eps=self.balance_eps, capacity=self.capacity,
-                memory_bytes=self.memory_bytes, expert_bytes=expert_bytes, time_limit_s=self.time_limit_s)
+                memory_bytes=self.memory_bytes, expert_bytes=expert_bytes, time_limit_s=self.time_limit_s or DEFAULT_TIME_LIMIT_S)
             solver = solve.to_json()
             stats = {"solver": solver, "moves": placing.cross_rank_moves(trace, placement),
                      "load_imbalance": placing.load_imbalance(trace, placement),

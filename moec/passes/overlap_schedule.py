@@ -14,7 +14,7 @@ model chooses at most ``min(max_chunks, tokens_per_rank)`` chunks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from moec.analysis.schedule import CostModel, LayerSchedule, LayerWork, choose_chunks
 from moec.errors import MoecError, PassError
@@ -23,6 +23,7 @@ from moec.ir.program import Program
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 
 CHOOSING_OPTIONS = ("cost_model", "tokens_per_rank", "max_chunks")  # how the cost model picks the chunk count
+DEFAULT_TOKENS_PER_RANK, DEFAULT_MAX_CHUNKS = 512, 8  # where the cost model is given without them
 
 
 def ffn_flops(tokens: float, hidden: int, intermediate: int, gated: bool) -> float:
@@ -36,8 +37,8 @@ class OverlapSchedule(Pass):
 
     chunks: int | None = None
     cost_model: dict | None = field(default=None)
-    tokens_per_rank: int = 512
-    max_chunks: int = 8
+    tokens_per_rank: int | None = None  # None: DEFAULT_TOKENS_PER_RANK (None tells "not given" from the default)
+    max_chunks: int | None = None  # None: DEFAULT_MAX_CHUNKS
     overlap_shared: bool = True
 
     def __post_init__(self) -> None:
@@ -45,7 +46,7 @@ class OverlapSchedule(Pass):
                               ("max_chunks", self.max_chunks)):
             if value is not None and value < 1:
                 raise PassError(f"{option}={value} must be at least 1")
-        choosing = [f.name for f in fields(self) if f.name in CHOOSING_OPTIONS and getattr(self, f.name) != f.default]
+        choosing = [name for name in CHOOSING_OPTIONS if getattr(self, name) is not None]
         if self.chunks is not None and choosing:
             raise PassError(f"chunks={self.chunks} fixes the chunk count, and {', '.join(choosing)} would choose it; "
                             "give chunks or a cost model, not both")
@@ -62,6 +63,8 @@ class OverlapSchedule(Pass):
         if self.chunks is None and self.cost_model is None:
             raise PassError("give overlap-schedule either chunks=N or a fitted cost_model (see tools/bench/expert_parallel.py)")
         cost = CostModel.from_json(self.cost_model) if self.cost_model is not None else None
+        tokens = self.tokens_per_rank or DEFAULT_TOKENS_PER_RANK
+        max_chunks = self.max_chunks or DEFAULT_MAX_CHUNKS
         graph = program.graph
         schedules, rows, moved = {}, [], 0
         for op in graph.ops_of(ExpertsOp):
@@ -72,9 +75,9 @@ class OverlapSchedule(Pass):
                 moved += 1
             spec, k = op.spec, op.top_k
             work = LayerWork(
-                dispatch_bytes=self.tokens_per_rank * k * spec.hidden * 4,
-                expert_flops=ffn_flops(self.tokens_per_rank * k, spec.hidden, spec.intermediate, spec.gated),
-                shared_flops=ffn_flops(self.tokens_per_rank, shared.spec.hidden, shared.spec.intermediate,
+                dispatch_bytes=tokens * k * spec.hidden * 4,
+                expert_flops=ffn_flops(tokens * k, spec.hidden, spec.intermediate, spec.gated),
+                shared_flops=ffn_flops(tokens, shared.spec.hidden, shared.spec.intermediate,
                                        shared.spec.gated) if shared is not None and self.overlap_shared else 0.0,
             )
             if self.chunks is not None:
@@ -82,7 +85,7 @@ class OverlapSchedule(Pass):
             else:
                 assert cost is not None, "checked above: without chunks=N a cost model is given"
                 # a chunk holds one token at least: more chunks than tokens would only add empty all-to-alls
-                schedule = choose_chunks(work, cost, min(self.max_chunks, self.tokens_per_rank))
+                schedule = choose_chunks(work, cost, min(max_chunks, tokens))
                 schedule = LayerSchedule(schedule.chunks, self.overlap_shared, schedule.predicted_s,
                                          schedule.baseline_s)
             schedules[op.block] = schedule.to_json()

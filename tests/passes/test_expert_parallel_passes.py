@@ -140,6 +140,8 @@ def test_solver_options_with_a_fixed_rule_method_are_refused():
         build_passes({"passes": [{"expert-placement": {"method": "round-robin", "balance_eps": 0.1}}]})
     with pytest.raises(PassError, match=r"balance_eps=-0.1 must be at least 0"):
         build_passes({"passes": [{"expert-placement": {"balance_eps": -0.1}}]})
+    with pytest.raises(PassError, match=r"time_limit_s constrain the cp-sat solver"):  # its default, given, still binds nothing
+        build_passes({"passes": [{"expert-placement": {"method": "contiguous", "time_limit_s": 20}}]})
     build_passes({"passes": [{"expert-placement": {"method": "contiguous", "world_size": 4}}]})
 
 
@@ -148,6 +150,10 @@ def test_a_fixed_chunk_count_with_a_cost_model_is_refused():
     cost = {"a2a_latency_s": 1e-4, "a2a_s_per_byte": 1e-9, "gemm_latency_s": 1e-5, "gemm_s_per_flop": 1e-10}
     with pytest.raises(PassError, match=r"chunks=2 fixes the chunk count, and cost_model, max_chunks would choose it"):
         build_passes({"passes": [{"overlap-schedule": {"chunks": 2, "cost_model": cost, "max_chunks": 4}}]})
+    for option in ("tokens_per_rank: 512", "max_chunks: 8"):  # their defaults, given: still ignored with chunks
+        name, value = option.split(": ")
+        with pytest.raises(PassError, match=rf"chunks=2 fixes the chunk count, and {name} would choose it"):
+            build_passes({"passes": [{"overlap-schedule": {"chunks": 2, name: int(value)}}]})
 
 
 @pytest.mark.parametrize(("cost_model", "message"), [
