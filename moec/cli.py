@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import rich
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -33,7 +34,10 @@ from moec.report import (
 )
 
 WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns when piped
-console = Console(highlight=False, width=WIDTH)
+# rich's global console: the progress moec shows while a step runs (calibration, each pass) draws on it too,
+# below this command's spinner rather than over it.
+rich.reconfigure(highlight=False, width=WIDTH)
+console = rich.get_console()
 errors = Console(stderr=True, highlight=False, width=WIDTH)
 
 PARITY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
@@ -263,7 +267,8 @@ def check_record(label: str, inputs: dict[str, Any], result: Any, tolerance: flo
 def write_plan(compiled: Any, output: str | None) -> int:
     if output:
         with step(f"writing plan to {output}"):
-            compiled.save(output)
+            folder = compiled.save(output)
+        console.print(f"report: {folder / REPORT_FILE}", markup=False)
     return 0
 
 

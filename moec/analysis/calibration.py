@@ -452,14 +452,17 @@ def run_sample(runner: TorchRunner, inputs: list[torch.Tensor], index: int,
 
 
 def _progress(items: list[Any], show: bool) -> Iterable[Any]:
-    """``items``, with a transient progress bar on a terminal (elsewhere a bar is noise: a blank line)."""
+    """``items``, with a transient progress bar on a terminal (elsewhere a bar is noise: a blank line). The bar
+    is drawn on rich's global console, so it shows below a spinner the ``moec`` CLI has running there instead
+    of taking turns with it on one line."""
     if not show:
         yield from items
         return
-    from rich.console import Console
+    import rich
     from rich.progress import Progress
 
-    with Progress(transient=True, disable=not Console().is_terminal) as bar:
+    console = rich.get_console()
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
         task = bar.add_task("calibrating", total=len(items))
         for item in items:
             yield item

@@ -6,12 +6,13 @@ A recipe is a dict (or YAML/JSON file) ``{"passes": [entry, ...]}``; an entry is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import yaml
@@ -169,11 +170,12 @@ def run_passes(program: Program, passes: list[Pass], context: PassContext,
     # The pass after which the program's expert placement no longer fits its experts (None: before any).
     mismatch = placement_mismatch(program)
     outdated_by: tuple[str | None, str] | None = None if mismatch is None else (None, mismatch)
-    for pass_ in passes:
+    for index, pass_ in enumerate(passes, 1):
         before = program_stats(program)
         start = time.perf_counter()
         try:
-            result = pass_.run(program, context)
+            with pass_status(f"pass {pass_.name} ({index} of {len(passes)})"):
+                result = pass_.run(program, context)
             verify(program.graph)
         except MoecError as err:
             ran = ", ".join(r["pass"] for r in records) or "none"
@@ -201,6 +203,20 @@ def run_passes(program: Program, passes: list[Pass], context: PassContext,
         raise PassError(f"{changed} after expert-placement placed them ({mismatch}), so the plan could not run "
                         "expert-parallel; put expert-placement after the passes that prune, merge or convert experts")
     return records
+
+
+@contextlib.contextmanager
+def pass_status(title: str) -> Iterator[None]:
+    """A transient spinner saying which pass runs, on a terminal only (in a log it is noise), drawn on rich's
+    global console so that it shows below the ``moec`` CLI's own spinner."""
+    import rich
+
+    console = rich.get_console()
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(f"{title}..."):
+        yield
 
 
 def placement_mismatch(program: Program) -> str | None:

@@ -104,3 +104,24 @@ def test_a_pass_that_finds_nothing_to_work_on_notes_it_and_warns(compiled_progra
     with pytest.warns(UserWarning, match=rf"pass '{name}' changed nothing: {re.escape(note)}"):
         (record,) = run_passes(program, build_passes({"passes": [{name: options}]}), PassContext())
     assert record["summary"]["note"].startswith(note) and not record["modified"]
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_spinner_names_each_running_pass_on_a_terminal_only(compiled_program, monkeypatch, terminal):
+    """On a terminal, a transient spinner says which pass of how many runs (a long pass is not a silent wait);
+    in a log or a pipe nothing is drawn."""
+    import io
+
+    import rich
+    from rich.console import Console
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=terminal, width=80)
+    monkeypatch.setattr(rich, "get_console", lambda: console)
+    _, _, program = compiled_program("tiny-mixtral")
+    run_passes(program, build_passes({"passes": ["dead-code", {"dynamic-skip": {"threshold": 0.5}}]}), PassContext())
+    drawn = screen.getvalue()
+    if terminal:
+        assert "pass dead-code (1 of 2)..." in drawn and "pass dynamic-skip (2 of 2)..." in drawn
+    else:
+        assert drawn == ""
