@@ -30,7 +30,7 @@ def plan_report(program: Program, layers: list[dict[str, Any]], files: list[str]
     backend = metadata.get("backend", "torch")
     lines = [f"# moec plan: {model.rsplit('.', 1)[-1]}", "",
              f"- model: `{model}`",
-             f"- compiled by moec {__version__} with torch {torch.__version__}; runs on the {backend} backend "
+             f"- saved by moec {__version__} with torch {torch.__version__}; runs on the {backend} backend "
              "(`moec.load(folder)`, or `moec inspect folder` for the IR)",
              f"- inputs: {', '.join(f'`{name}`' for name in program.graph.input_names)}"]
     lines += section("Checks", check_lines(report.get("checks", [])) + quality_lines(report.get("quality")))
