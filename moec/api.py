@@ -96,6 +96,31 @@ class CompiledModel:
         self.report["onnx"] = result.as_report()
         return result.path
 
+    def check(self, model: nn.Module, inputs: tuple | Mapping[str, Any], label: str = "inputs") -> dict[str, Any]:
+        """Compare this compiled model with the original ``model`` on ``inputs`` (positional tuple or keyword
+        dict), record the result in ``report["checks"]`` (``report.md`` and ``moec inspect`` show it) and
+        return it. A plan whose passes keep the outputs gets a parity check: ``max_abs_diff`` against
+        ``tolerance`` (by the model's float dtype: 1e-4 for float32, 1e-2 for float16, 5e-2 for bfloat16) and
+        ``passed``. One whose passes change the outputs by design (``quantize``, ``dense-to-moe`` ...) gets its
+        deviation instead (``cosine``, ``max_abs_diff``, ``scale``; see ``Deviation``): there is no tolerance
+        to hold it to."""
+        shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in
+                           (inputs.items() if isinstance(inputs, Mapping) else enumerate(inputs))
+                           if isinstance(value, torch.Tensor))
+        record: dict[str, Any] = {"inputs": label, "shapes": shapes}
+        if changes_outputs(self.program):
+            result = deviation(model, self, inputs)
+            record |= {"kind": "deviation", "cosine": result.cosine, "max_abs_diff": result.max_abs_diff,
+                       "scale": result.scale,
+                       "masked": isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), torch.Tensor)}
+        else:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+            difference, tolerance = parity(model, self, inputs), PARITY_TOLERANCE.get(dtype, 1e-4)
+            record |= {"kind": "parity", "max_abs_diff": difference, "tolerance": tolerance,
+                       "passed": difference <= tolerance}
+        self.report.setdefault("checks", []).append(record)
+        return record
+
     def summary(self) -> list[dict[str, Any]]:
         """One row per FFN/MoE layer: kind, experts, top-k, parameters and bytes of its weights."""
         return layer_summary(self.program)
@@ -212,6 +237,17 @@ def describe_quantization(program: Program, op: Any) -> str:
         f"{min(bits)}-{max(bits)} bits (mean {sum(bits) / len(bits):.2f})"
     groups = " or ".join(str(group) for group in sorted({t.group for t in quantized}))
     return f", {widths}, group {groups}"
+
+
+PARITY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # max abs difference
+
+
+def changes_outputs(program: Program) -> list[str]:
+    """The passes run on ``program`` that change its outputs by design (``quantize``, ``dense-to-moe`` ...)."""
+    from moec.passes.base import find_pass
+
+    names = dict.fromkeys(record["pass"] for record in program.metadata.get("passes", []))
+    return [name for name in names if (cls := find_pass(name)) is not None and cls.approximate]
 
 
 def parity(model: nn.Module, compiled: CompiledModel, example_inputs: tuple | Mapping[str, Any]) -> float:

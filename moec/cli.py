@@ -40,7 +40,6 @@ rich.reconfigure(highlight=False, width=WIDTH)
 console = rich.get_console()
 errors = Console(stderr=True, highlight=False, width=WIDTH)
 
-PARITY_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 CALIBRATION_FORMS = ("a .txt file (one text sample per line) or a .safetensors file (the model's inputs by name, "
                      "samples along dim 0)")
 
@@ -172,7 +171,7 @@ def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
 
 def run_compile(args: argparse.Namespace) -> int:
     import moec
-    from moec.api import deviation, parity
+    from moec.api import changes_outputs
     from moec.frontend.zoo import load_model_spec
     from moec.ir.ops import ExpertsOp
     from moec.ir.plan import check_plan_target
@@ -225,21 +224,16 @@ def run_compile(args: argparse.Namespace) -> int:
     if held_out is not None:
         show_quality(model, compiled, held_out)
         return write_plan(compiled, args.output)
-    changing = list(dict.fromkeys(p.name for p in passes if p.approximate))  # change the outputs by design
-    tolerance = PARITY_TOLERANCE[dtype]
-    ok = True
+    changing = changes_outputs(compiled.program)  # passes that change the outputs by design: no parity to hold
     checks = {"example inputs": example, "resized inputs": resized(example, compiled.program)}
     with step("comparing with the original model" if changing else "checking parity with the original model"):
-        compare = deviation if changing else parity
-        results = {label: compare(model, compiled, inputs) for label, inputs in checks.items()}
-    checks_done = compiled.report["checks"] = [check_record(label, checks[label], result, tolerance)
-                                               for label, result in results.items()]
-    for check, line in zip(checks_done, check_lines(checks_done), strict=True):
+        records = [compiled.check(model, inputs, label) for label, inputs in checks.items()]
+    for line in check_lines(records):
         text = Text(line)
         text.highlight_regex(r"(?<= )ok(?= \(tolerance)", "green")
         text.highlight_regex(r"(?<= )FAILED(?= \(tolerance)", "red")
         console.print(text)
-        ok &= check["kind"] == "deviation" or check["max_abs_diff"] <= tolerance
+    ok = all(record.get("passed", True) for record in records)
     if changing:
         verb = "changes" if len(changing) == 1 else "change"
         console.print(f"(not a parity check: {', '.join(changing)} {verb} the model's outputs by design)")
@@ -249,19 +243,6 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 
-
-
-def check_record(label: str, inputs: dict[str, Any], result: Any, tolerance: float) -> dict[str, Any]:
-    """One comparison with the original model as the plan's report keeps it (see ``moec.report.check_lines``):
-    a parity result (a max abs difference) or a ``Deviation``."""
-    from moec.api import Deviation
-
-    shapes = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items() if isinstance(v, torch.Tensor))
-    record = {"inputs": label, "shapes": shapes}
-    if isinstance(result, Deviation):  # no tolerance to hold: the recipe asked for a different model
-        return record | {"kind": "deviation", "cosine": result.cosine, "max_abs_diff": result.max_abs_diff,
-                         "scale": result.scale, "masked": "attention_mask" in inputs}
-    return record | {"kind": "parity", "max_abs_diff": result, "tolerance": tolerance}
 
 
 def write_plan(compiled: Any, output: str | None) -> int:

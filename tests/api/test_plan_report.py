@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 import moec
@@ -84,3 +85,19 @@ def test_onnx_lines_give_the_file_its_parity_and_each_portable_fallback():
         "(tolerance 0.0001), after onnx.checker and shape inference",
         "model.layers.1.mlp: portable MoE lowering (com.microsoft.MoE cannot express gelu experts)"]
     assert onnx_lines(None) == []
+
+
+def test_check_records_parity_or_the_deviation_of_a_recipe_that_changes_the_outputs(preset, tmp_path):
+    model, example = preset("tiny-qwen2-moe")
+    compiled = moec.compile(model, example)
+    record = compiled.check(model, example, "example inputs")
+    assert record["kind"] == "parity" and record["passed"] and record["tolerance"] == 1e-4
+    assert record["max_abs_diff"] == pytest.approx(moec.api.parity(model, compiled, example))
+    assert record["shapes"] == "input_ids (2, 8), attention_mask (2, 8)"
+    quantized = moec.compile(model, example, recipe={"passes": [{"quantize": {"bits": 2, "group": 32}}]})
+    changed = quantized.check(model, example)
+    assert changed["kind"] == "deviation" and changed["masked"] and "passed" not in changed
+    assert 0.5 < changed["cosine"] < 1.0 and changed["max_abs_diff"] > 1e-4  # 2-bit weights do move the outputs
+    report = (quantized.save(tmp_path / "plan") / REPORT_FILE).read_text()
+    assert "## Checks\n\n- deviation on inputs (input_ids (2, 8), attention_mask (2, 8)): output cosine" in report
+    assert compiled.report["checks"] == [record]  # each model keeps its own checks
