@@ -104,9 +104,10 @@ class CompiledModel:
         ``passed``. One whose passes change the outputs by design (``quantize``, ``dense-to-moe`` ...) gets its
         deviation instead (``cosine``, ``max_abs_diff``, ``scale``; see ``Deviation``): there is no tolerance
         to hold it to."""
-        shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in
-                           (inputs.items() if isinstance(inputs, Mapping) else enumerate(inputs))
-                           if isinstance(value, torch.Tensor))
+        parameters = self.program.metadata.get("forward_parameters", [])
+        named = inputs.items() if isinstance(inputs, Mapping) else \
+            ((parameters[i] if i < len(parameters) else f"argument {i}", value) for i, value in enumerate(inputs))
+        shapes = ", ".join(f"{name} {tuple(value.shape)}" for name, value in named if isinstance(value, torch.Tensor))
         record: dict[str, Any] = {"inputs": label, "shapes": shapes}
         if changes_outputs(self.program):
             result = deviation(model, self, inputs)

@@ -101,3 +101,12 @@ def test_check_records_parity_or_the_deviation_of_a_recipe_that_changes_the_outp
     report = (quantized.save(tmp_path / "plan") / REPORT_FILE).read_text()
     assert "## Checks\n\n- deviation on inputs (input_ids (2, 8), attention_mask (2, 8)): output cosine" in report
     assert compiled.report["checks"] == [record]  # each model keeps its own checks
+
+
+def test_check_names_positional_inputs_by_the_forward_parameter():
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)).eval()
+    compiled = moec.compile(model, (torch.randn(2, 3, 8),))
+    record = compiled.check(model, (torch.randn(4, 5, 8),))
+    assert record["shapes"] == "input (4, 5, 8)" and record["passed"]
