@@ -88,13 +88,19 @@ def missing_calibration(needed_by: str) -> PassError:
 
 def unused_calibration(passes: list[Pass]) -> str:
     """Why calibration data given for ``passes`` goes unused, when none of them needs it with its options
-    (``needs_calibration``): names the recipe's passes and the passes that can use calibration."""
+    (``needs_calibration``): names the recipe's passes, the options under which those would use it
+    (``calibration_when``), else the passes that can use it."""
     recipe = f"its passes: {', '.join(p.name for p in passes)}" if passes else "it has no passes"
-    users = [name for name in pass_names()
-             if (cls := find_pass(name)) is not None and (cls.needs_calibration is not Pass.needs_calibration
-                                                          or cls.uses_calibration is not Pass.uses_calibration)]
-    return (f"no pass of the recipe needs calibration data ({recipe}); only {', '.join(users)} use it, some only "
-            "with certain options")
+    conditional = [f"{p.name} uses it only {p.calibration_when}" for p in passes if p.calibration_when]
+    if conditional:
+        return f"no pass of the recipe needs calibration data with its options ({recipe}); {'; '.join(conditional)}"
+    users = []
+    for name in pass_names():
+        cls = find_pass(name)
+        if cls is not None and (cls.needs_calibration is not Pass.needs_calibration
+                                or cls.uses_calibration is not Pass.uses_calibration):
+            users.append(f"{name} ({cls.calibration_when})" if cls.calibration_when else name)
+    return f"no pass of the recipe needs calibration data ({recipe}); only {', '.join(users)} use it"
 
 
 def check_float_weights(program: Program, pass_name: str, layer: str, weight_names: list[str]) -> None:
@@ -156,6 +162,9 @@ class Pass:
     # True for passes that change the model's outputs by design (quantization, pruning, conversion to
     # experts): the CLI then reports how far the outputs moved instead of failing its parity check.
     approximate: ClassVar[bool] = False
+    # For a pass whose use of calibration data depends on its options: when it uses it ("with method gptq"),
+    # for the message that says why given calibration goes unused.
+    calibration_when: ClassVar[str] = ""
 
     def needs_calibration(self) -> bool:
         """Whether ``run`` (with these options) calls ``context.statistics``."""

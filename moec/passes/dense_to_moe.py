@@ -76,6 +76,7 @@ class ExpertLayout:
 class DenseToMoE(Pass):
     name = "dense-to-moe"
     approximate = True
+    calibration_when = "with router fitted, method coactivation or shared above 0"
 
     experts: int = 8
     top_k: int = 2

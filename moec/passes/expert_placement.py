@@ -44,6 +44,7 @@ def stored_expert_bytes(program: Program, op: ExpertsOp) -> int:
 @dataclass(frozen=True)
 class ExpertPlacement(Pass):
     name = "expert-placement"
+    calibration_when = "with method cp-sat"
 
     world_size: int = 2
     method: str = "cp-sat"

@@ -226,6 +226,7 @@ def activations_for(program: Program, context: PassContext, needed_by: str) -> F
 class Quantize(Pass):
     name = "quantize"
     approximate = True
+    calibration_when = "with method gptq"
 
     bits: int = 4
     group: int = 64

@@ -23,7 +23,16 @@ def test_calibration_no_pass_needs_is_left_unused_with_a_warning_naming_the_pass
         compiled = moec.compile(model, (x,), recipe={"passes": [{"quantize": {"group": 32}}]}, calibration=[(x,)])
     (warning,) = [w for w in record if "calibration is not used" in str(w.message)]
     assert str(warning.message) == (
-        "calibration is not used: no pass of the recipe needs calibration data (its passes: quantize); only "
-        "bit-allocation, dense-to-moe, dynamic-skip, expert-merge, expert-placement, expert-prune, quantize use it, some only "
-        "with certain options; leave it out")
+        "calibration is not used: no pass of the recipe needs calibration data with its options (its passes: "
+        "quantize); quantize uses it only with method gptq; leave it out")
     assert warning.filename == __file__ and compiled.calibration is None
+
+
+def test_calibration_for_passes_that_never_use_it_names_the_passes_that_would():
+    from moec.passes import build_passes
+    from moec.passes.base import unused_calibration
+
+    assert unused_calibration(build_passes({"passes": ["dead-code"]})) == (
+        "no pass of the recipe needs calibration data (its passes: dead-code); only bit-allocation, dense-to-moe "
+        "(with router fitted, method coactivation or shared above 0), dynamic-skip, expert-merge, expert-placement "
+        "(with method cp-sat), expert-prune, quantize (with method gptq) use it")
