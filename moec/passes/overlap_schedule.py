@@ -74,8 +74,9 @@ class OverlapSchedule(Pass):
                 graph.ops.insert(graph.ops.index(op) + 1, shared)
                 moved += 1
             spec, k = op.spec, op.top_k
+            row_bytes = spec.hidden * op.args[0].type.torch_dtype.itemsize  # one token's activations, as dispatched
             work = LayerWork(
-                dispatch_bytes=tokens * k * spec.hidden * 4,
+                dispatch_bytes=tokens * k * row_bytes,
                 expert_flops=ffn_flops(tokens * k, spec.hidden, spec.intermediate, spec.gated),
                 shared_flops=ffn_flops(tokens, shared.spec.hidden, shared.spec.intermediate,
                                        shared.spec.gated) if shared is not None and self.overlap_shared else 0.0,

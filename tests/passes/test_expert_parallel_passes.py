@@ -176,3 +176,21 @@ def test_the_cost_model_chooses_no_more_chunks_than_tokens(qwen):
     run(program, [{"expert-placement": {"world_size": 2, "method": "round-robin"}},
                   {"overlap-schedule": {"cost_model": free_latency, "tokens_per_rank": 3}}])
     assert {s["chunks"] for s in program.metadata["expert_parallel"]["schedule"].values()} == {3}
+
+
+def test_the_cost_model_prices_dispatch_by_the_activations_dtype():
+    """bfloat16 activations are half the bytes of float32 ones on the wire: with a cost model in which only
+    all-to-all bytes cost time, the bfloat16 plan's predicted layer time is half the float32 one's."""
+    import torch
+
+    wire_only = {"a2a_latency_s": 0.0, "a2a_s_per_byte": 1e-9, "gemm_latency_s": 0.0, "gemm_s_per_flop": 0.0}
+    predicted = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model, example = build_preset("tiny-mixtral", dtype)
+        program = moec.compile(model, example).program
+        run(program, [{"expert-placement": {"world_size": 2, "method": "round-robin"}},
+                      {"overlap-schedule": {"cost_model": wire_only, "max_chunks": 1}}])
+        predicted[dtype] = [s["baseline_s"] for s in program.metadata["expert_parallel"]["schedule"].values()]
+    hidden, top_k = 32, 2  # tiny-mixtral; 512 tokens per rank, dispatched and combined
+    assert predicted[torch.float32] == pytest.approx([2 * 512 * top_k * hidden * 4 * 1e-9] * 2)
+    assert predicted[torch.bfloat16] == pytest.approx([p / 2 for p in predicted[torch.float32]])
