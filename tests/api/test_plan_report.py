@@ -41,11 +41,12 @@ def test_a_saved_plan_reports_its_model_recipe_passes_and_layers(preset, tmp_pat
 def test_the_report_is_not_a_checked_file_of_the_plan(preset, tmp_path):
     """Loading never reads report.md: it is not in plan.json's checksummed files, so editing it breaks nothing."""
     model, example = preset("tiny-qwen2-moe")
-    folder = moec.compile(model, example).save(tmp_path / "plan")
+    compiled = moec.compile(model, example)
+    folder = compiled.save(tmp_path / "plan")
     assert REPORT_FILE not in json.loads((folder / PLAN_FILE).read_text())["files"]
     (folder / REPORT_FILE).write_text("my own notes\n")
     again = moec.load(folder)
-    torch.testing.assert_close(again(**example).logits, moec.compile(model, example)(**example).logits)
+    torch.testing.assert_close(again(**example).logits, compiled(**example).logits)
     again.save(tmp_path / "again")  # written anew from the plan
     assert (tmp_path / "again" / REPORT_FILE).read_text().startswith("# moec plan: Qwen2MoeForCausalLM\n")
 
