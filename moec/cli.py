@@ -240,11 +240,6 @@ def run_compile(args: argparse.Namespace) -> int:
     return write_plan(compiled, args.output) if ok else 1
 
 
-
-
-
-
-
 def write_plan(compiled: Any, output: str | None) -> int:
     if output:
         with step(f"writing plan to {output}"):
@@ -416,8 +411,6 @@ def run_inspect(args: argparse.Namespace) -> int:
     if (folder / REPORT_FILE).is_file():
         console.print(f"report: {folder / REPORT_FILE}")
     return 0
-
-
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:

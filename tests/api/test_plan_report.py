@@ -51,11 +51,12 @@ def test_the_report_is_not_a_checked_file_of_the_plan(preset, tmp_path):
     assert (tmp_path / "again" / REPORT_FILE).read_text().startswith("# moec plan: Qwen2MoeForCausalLM\n")
 
 
-def test_check_lines_say_ok_or_failed_against_the_tolerance():
+def test_check_lines_say_ok_or_failed_as_the_check_passed():
     parity = {"kind": "parity", "inputs": "example inputs", "shapes": "input_ids (2, 8)", "tolerance": 1e-4}
     deviation = {"kind": "deviation", "inputs": "resized inputs", "shapes": "x (3, 6)", "cosine": 0.99871,
                  "max_abs_diff": 0.02, "scale": 4.0, "masked": True}
-    assert check_lines([parity | {"max_abs_diff": 6e-8}, parity | {"max_abs_diff": 2e-4}, deviation]) == [
+    assert check_lines([parity | {"max_abs_diff": 6e-8, "passed": True},
+                        parity | {"max_abs_diff": 2e-4, "passed": False}, deviation]) == [
         "parity on example inputs (input_ids (2, 8)): max abs diff 6e-08 ok (tolerance 0.0001)",
         "parity on example inputs (input_ids (2, 8)): max abs diff 0.0002 FAILED (tolerance 0.0001)",
         "deviation on resized inputs (x (3, 6)): output cosine 0.9987, max abs diff 0.02 (0.50% of the largest "
