@@ -14,13 +14,15 @@ from typing import Any
 import torch
 
 from moec.errors import BackendError
+from moec.frontend.blocks import ExpertsSpec
 from moec.ir.core import Operation, OpT, Value, WeightRef, iter_leaves
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.targets import resolve_target
 from moec.kernels import reference
-from moec.kernels.moe_cpu import experts_forward
+from moec.kernels.kernel_choice import KernelChoice
+from moec.kernels.moe_cpu import experts_forward, onednn_available
 from moec.kernels.quant import QuantizedWeight
 from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts, prepare_linear
 from moec.kernels.quant_matmul import KERNELS as QUANT_KERNELS
@@ -40,26 +42,23 @@ def run_experts(op: ExpertsOp, weight, args, kwargs):
     threshold = op.skip_threshold
     if threshold:
         routing = routing.masked_fill(skipped_pairs(routing, threshold), 0.0)
-    w_in, w_out = weight("w_in"), weight("w_out")
+    w_in, w_out, b_in, b_out = weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out")
+    sources = (w_in, w_out, b_in, b_out)
     if threshold or isinstance(w_in, QuantizedWeight) or isinstance(w_out, QuantizedWeight):
-        b_in, b_out = weight("b_in"), weight("b_out")
-        experts = weight.cached("experts", lambda: QuantizedExperts(w_in, w_out, b_in, b_out, op.spec, weight.quant_kernel),
-                                (w_in, w_out, b_in, b_out))
-        y = experts(tokens, indices, routing)
-    elif uses_onnxruntime(weight.expert_kernel, tokens, w_in, w_out):
-        # Imported on first use: onnx and onnxruntime take about a second to import.
-        from moec.kernels.moe_onnxruntime import OnnxruntimeExperts
-
-        b_in, b_out = weight("b_in"), weight("b_out")
-        experts = weight.cached("onnxruntime_experts", lambda: OnnxruntimeExperts(w_in, w_out, b_in, b_out, op.spec),
-                                (w_in, w_out, b_in, b_out))
+        experts = weight.cached("experts", lambda: QuantizedExperts(*sources, op.spec, weight.quant_kernel), sources)
         y = experts(tokens, indices, routing)
     else:
-        y = experts_forward(tokens, indices, routing, w_in, w_out, weight("b_in"), weight("b_out"), op.spec)
+        def onnxruntime_kernel():
+            return weight.cached("onnxruntime_experts", lambda: onnxruntime_experts(*sources, op.spec), sources)
+
+        y = float_experts(weight.expert_kernel, tokens, indices, routing, *sources, op.spec, onnxruntime_kernel)
     return y.reshape(x.shape)
 
 
-EXPERT_KERNELS = ("auto", "onnxruntime", "torch")
+EXPERT_KERNELS = ("auto", "onnxruntime", "torch", "torch-blas")
+
+# The float32 CPU experts kernel that ``expert_kernel="auto"`` measured fastest, per layer shape and size.
+EXPERT_KERNEL_CHOICE = KernelChoice()
 
 
 @functools.cache
@@ -67,20 +66,48 @@ def onnxruntime_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def uses_onnxruntime(kernel: str, x: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
-    """Whether float experts run on ``moec.kernels.moe_onnxruntime`` (else ``moe_cpu.experts_forward``)."""
-    if kernel == "torch":
-        return False
-    supported = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (x, w_in, w_out))
-    available = onnxruntime_installed()
-    if kernel == "onnxruntime" and not (supported and available):
-        why = "onnxruntime is not installed (pip install onnxruntime)" if not available else \
-            "it runs float32 experts on the CPU only"
+def onnxruntime_experts(w_in, w_out, b_in, b_out, spec):
+    # Imported on first use: onnx and onnxruntime take about a second to import.
+    from moec.kernels.moe_onnxruntime import OnnxruntimeExperts
+
+    return OnnxruntimeExperts(w_in, w_out, b_in, b_out, spec)
+
+
+def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor,
+                  w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None, b_out: torch.Tensor | None,
+                  spec: ExpertsSpec, onnxruntime_kernel: Callable[[], Any]) -> torch.Tensor:
+    """Float routed experts on ``kernel`` (``EXPERT_KERNELS``); ``onnxruntime_kernel()`` gives the op's
+    ``OnnxruntimeExperts``, built once.
+
+    ``auto``, for float32 experts on the CPU: the fastest of ``onnxruntime``, ``torch`` (oneDNN's matmuls)
+    and ``torch-blas`` (``F.linear``) for this layer shape, thread count and token count (to the next power
+    of two), timed on the first such call and remembered for the process (``EXPERT_KERNEL_CHOICE``); which
+    one wins depends on the host (``moec.kernels.kernel_choice``). Other dtypes and devices: ``torch``.
+    """
+    float32_cpu = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (tokens, w_in, w_out))
+    candidates = {
+        "torch": lambda: experts_forward(tokens, indices, routing, w_in, w_out, b_in, b_out, spec),
+        "torch-blas": lambda: experts_forward(tokens, indices, routing, w_in, w_out, b_in, b_out, spec, onednn=False),
+    }
+    if kernel == "onnxruntime" and not (float32_cpu and onnxruntime_installed()):
+        why = "it runs float32 experts on the CPU only" if onnxruntime_installed() else \
+            "onnxruntime is not installed (pip install onnxruntime)"
         raise BackendError(f"expert_kernel='onnxruntime' cannot run this plan: {why}; use expert_kernel='torch'")
-    # auto runs one token on torch's decode path: oneDNN's matvec streams an expert matrix faster than
-    # onnxruntime's one-row GEMM (5.2 vs 5.7 ms for Mixtral-sized experts, 2 threads; from 4 tokens on
-    # onnxruntime is ahead).
-    return supported and available and (kernel == "onnxruntime" or x.shape[0] > 1)
+    if float32_cpu and onnxruntime_installed():
+        candidates["onnxruntime"] = lambda: onnxruntime_kernel()(tokens, indices, routing)
+    if kernel != "auto":
+        return candidates[kernel]()
+    if not float32_cpu:
+        return candidates["torch"]()
+    if not onednn_available():  # then "torch" runs F.linear too
+        del candidates["torch-blas"]
+    return EXPERT_KERNEL_CHOICE.run(expert_kernel_key(spec, indices.shape[1], tokens.shape[0]), candidates)
+
+
+def expert_kernel_key(spec: ExpertsSpec, top_k: int, num_tokens: int) -> tuple:
+    """What ``auto``'s choice of kernel is remembered by: the layer's shape, its top-k, the token count to
+    the next power of two, and torch's intra-op thread count (onnxruntime's sessions take the same)."""
+    return spec, top_k, num_tokens.bit_length(), torch.get_num_threads()
 
 
 def run_ffn(op: DenseFFNOp | SharedExpertOp, weight, args, kwargs):
@@ -225,9 +252,9 @@ class TorchRunner:
     def __init__(self, program: Program, quant_kernel: str = "auto", expert_kernel: str = "auto") -> None:
         """``quant_kernel`` picks the kernel for quantized linears (``moec.kernels.quant_matmul.KERNELS``);
         ``expert_kernel`` the one for float routed experts (``EXPERT_KERNELS``: ``onnxruntime`` is
-        ``moec.kernels.moe_onnxruntime``, ``torch`` is ``moec.kernels.moe_cpu``, ``auto`` the first for
-        float32 experts on the CPU and more than one token when onnxruntime is installed, else the second;
-        see ``uses_onnxruntime``)."""
+        ``moec.kernels.moe_onnxruntime``, ``torch`` is ``moec.kernels.moe_cpu`` on oneDNN's matmuls,
+        ``torch-blas`` the same on ``F.linear``, ``auto`` the fastest of them measured on this host for float32
+        experts on the CPU, else ``torch``; see ``float_experts``)."""
         if quant_kernel not in QUANT_KERNELS:
             raise BackendError(f"quant_kernel={quant_kernel!r} is not one of {', '.join(QUANT_KERNELS)}")
         if expert_kernel not in EXPERT_KERNELS:

@@ -1,6 +1,6 @@
 """Routed experts grouped by expert, on torch's matmuls: the torch runner's ``moe.experts`` kernel for every
-dtype and device (float32 inputs of more than one token on the CPU run ``moec.kernels.moe_onnxruntime``
-instead when onnxruntime is installed, unless ``expert_kernel="torch"``).
+dtype and device (for float32 on the CPU, the runner times it, with oneDNN's matmuls and with ``F.linear``,
+against ``moec.kernels.moe_onnxruntime`` and runs the fastest: ``torch_runner.float_experts``).
 
 Contract (the same as the plain reference in ``moec.kernels.reference``)::
 
@@ -24,11 +24,13 @@ How it runs (why each choice, measured on a 2-core AMD EPYC, Mixtral-sized exper
   ``moec.kernels.workspace``), and each expert that got tokens runs two GEMMs on
   its slice. Every used expert's weights are read exactly once per call; experts with no tokens are
   never touched. The Python loop is over experts, never over tokens.
-* **oneDNN matmul where available.** For the skinny GEMMs of MoE (a few to a few hundred rows against a
-  7168 x 1024 weight), MKL's ``sgemm`` behind ``torch.mm``/``F.linear`` on this kind of machine reaches
-  only a fraction of memory bandwidth; oneDNN's matmul (``torch.ops.mkldnn._linear_pointwise``, the op
-  inductor's CPU fusion uses, fed the plain weight, no prepacking) is about 2x faster at 1-128 rows and
-  still faster at 512. It is probed once per dtype for presence *and* agreement with ``F.linear``;
+* **oneDNN matmul where available** (``onednn=True``, the default). For the skinny GEMMs of MoE (a few to
+  a few hundred rows against a 7168 x 1024 weight), MKL's ``sgemm`` behind ``torch.mm``/``F.linear`` on the
+  AMD machine reaches only a fraction of memory bandwidth; oneDNN's matmul
+  (``torch.ops.mkldnn._linear_pointwise``, the op inductor's CPU fusion uses, fed the plain weight, no
+  prepacking) is about 2x faster there at 1-128 rows and still faster at 512. On an Intel Xeon (Emerald
+  Rapids) MKL is the faster of the two at 1-4 rows and at 512 (``tools/bench/expert_gemm.py``), hence
+  ``onednn=False``. oneDNN is probed once per dtype for presence *and* agreement with ``F.linear``;
   without it the same code runs on ``F.linear``.
 * **Fused activation.** For silu/gelu/relu gates oneDNN applies the activation as a post-op of the gate
   GEMM and multiplies by the up projection as a binary post-op of the up GEMM, so ``act(g) * u`` never
@@ -168,8 +170,10 @@ def experts_forward(
     b_in: torch.Tensor | None,
     b_out: torch.Tensor | None,
     spec: ExpertsSpec,
+    onednn: bool = True,
 ) -> torch.Tensor:
-    """Routed experts, grouped by expert. Shapes and semantics: see the module docstring."""
+    """Routed experts, grouped by expert. Shapes and semantics: see the module docstring. ``onednn=False``
+    runs every matmul on ``F.linear`` (the BLAS torch was built with, MKL on x86) even where oneDNN runs."""
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(
             f"experts_forward: expected x [T, H] and indices/weights [T, k]; got x {tuple(x.shape)}, "
@@ -189,9 +193,10 @@ def experts_forward(
     b_in = None if b_in is None else b_in.to(dtype).contiguous()
     b_out = None if b_out is None else b_out.to(dtype).contiguous()
 
-    fast = onednn_available(dtype)
+    fast = onednn and onednn_available(dtype)
     fused = (
-        spec.gated
+        fast
+        and spec.gated
         and spec.plain_gating
         and spec.act in _ONEDNN_ACT
         and onednn_available(dtype, spec.act)

@@ -1,5 +1,5 @@
-"""Routed experts on the CPU through onnxruntime's prepacked GEMMs: the torch runner's float32 kernel for
-inputs of more than one token (``moec.backend.torch_runner.uses_onnxruntime``).
+"""Routed experts on the CPU through onnxruntime's prepacked GEMMs: one of the torch runner's float32
+kernels (``moec.backend.torch_runner.float_experts`` times it against torch's matmuls on each host).
 
 Why: an MoE layer's expert GEMMs are skinny (a few to a few dozen rows against a 7168 x 1024 weight), so
 they are bound by how fast the weights stream from memory. MKL's ``sgemm`` (behind ``F.linear``) and
@@ -8,7 +8,9 @@ oneDNN's matmul pack the weight operand on every call, which reads and writes it
 onnxruntime packs each constant GEMM operand once, when the session is built (MLAS prepacking), and then
 runs these GEMMs at close to matrix-vector speed (``tools/bench/moe_block.py``, docs/BENCHMARKS.md).
 Prepacked MKL (``cblas_sgemm_pack``) and oneDNN weights and inductor's C++ GEMM template were measured
-against it at 1-64 rows and none was faster from 2 rows on (``tools/bench/expert_gemm.py``).
+against it at 1-64 rows there and none was faster from 2 rows on (``tools/bench/expert_gemm.py``); on an
+Intel Xeon plain MKL beats it at 1-2 rows and prepacked oneDNN or MKL at 4-64, which is why the runner
+times its kernels instead of assuming this one.
 
 How: one session per ``moe.experts`` op, built on first use. For every expert ``e`` the graph has an input
 ``x_e`` [rows, H] and an output ``y_e`` [rows, H]: ``Gemm(x_e, w_in[e], transB) -> activation (-> gate * up)

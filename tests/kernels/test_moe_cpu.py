@@ -167,6 +167,26 @@ def test_fallback_without_onednn_matches(monkeypatch):
     assert not any(moe_cpu._PROBED.values())
 
 
+def test_onednn_off_runs_every_matmul_on_f_linear(monkeypatch):
+    """``onednn=False`` (the runner's ``torch-blas`` kernel) computes the same on ``F.linear`` alone."""
+    gen = torch.Generator().manual_seed(12)
+    spec = ExpertsSpec(5, 24, 16, act="silu", gated=True, has_bias=True)
+    w_in, w_out = torch.randn(5, 32, 24, generator=gen), torch.randn(5, 24, 16, generator=gen)
+    b_in, b_out = torch.randn(5, 32, generator=gen), torch.randn(5, 24, generator=gen)
+    x = torch.randn(10, 24, generator=gen)
+    indices, weights = _routing(10, 5, 2, gen)
+    want = loop_reference(x, indices, weights, w_in, w_out, b_in, b_out, spec)
+    linear_calls = []
+    linear = F.linear
+    monkeypatch.setattr(moe_cpu.F, "linear", lambda *args: linear_calls.append(1) or linear(*args))
+    for rows in (slice(0, 1), slice(0, 10)):
+        linear_calls.clear()
+        got = experts_forward(x[rows], indices[rows], weights[rows], w_in, w_out, b_in, b_out, spec, onednn=False)
+        assert _rel_err(got, want[rows]) < RTOL
+        used = len(set(indices[rows].flatten().tolist()))
+        assert len(linear_calls) == 2 * used, "one F.linear for gate and up, one for down, per expert used"
+
+
 def test_bfloat16_close_to_float32():
     gen = torch.Generator().manual_seed(5)
     spec = ExpertsSpec(4, 32, 16, act="silu", gated=True)

@@ -1,4 +1,4 @@
-"""moec's onnxruntime experts kernel against the plain reference, and how the torch runner picks it.
+"""moec's onnxruntime experts kernel against the plain reference, and how the torch runner picks among its kernels.
 
 Tolerance: 1e-5 relative to the output's largest magnitude, float32 (onnxruntime's GEMMs block and sum in
 another order than torch's).
@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+from moec.backend import torch_runner
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError
 from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
@@ -19,6 +20,8 @@ from moec.frontend.zoo import build_preset
 from moec.ir.ops import ExpertsOp
 from moec.ir.quant import storage_names
 from moec.kernels import reference
+from moec.kernels.kernel_choice import KernelChoice
+from moec.kernels.moe_cpu import onednn_available
 
 pytest.importorskip("onnxruntime")
 from moec.kernels.moe_onnxruntime import OnnxruntimeExperts  # noqa: E402
@@ -76,7 +79,9 @@ def test_weights_are_shared_not_copied() -> None:
     assert kernel.shared["w_out2"].data_ptr() == w_out[2].data_ptr()
 
 
-def test_runner_expert_kernels_agree_and_auto_picks_by_token_count(monkeypatch) -> None:
+def test_runner_expert_kernels_agree_and_auto_runs_the_one_it_measured_fastest(monkeypatch) -> None:
+    choice = KernelChoice()
+    monkeypatch.setattr(torch_runner, "EXPERT_KERNEL_CHOICE", choice)
     calls = []
     run = OnnxruntimeExperts.__call__
     monkeypatch.setattr(OnnxruntimeExperts, "__call__", lambda self, *args: calls.append(1) or run(self, *args))
@@ -84,14 +89,21 @@ def test_runner_expert_kernels_agree_and_auto_picks_by_token_count(monkeypatch) 
     program = capture(model, (), example)
     inputs = program.flatten_inputs((), example)
     want = TorchRunner(program, expert_kernel="torch").run(inputs)[0]
-    assert not calls
-    got = TorchRunner(program).run(inputs)[0]
-    assert len(calls) == len(program.graph.ops_of(ExpertsOp)) > 0, "auto runs float32 CPU experts on onnxruntime"
-    assert float((got - want).abs().max() / want.abs().max()) < RTOL
-    calls.clear()
+    for kernel in ("torch-blas", "onnxruntime", "auto"):
+        got = TorchRunner(program, expert_kernel=kernel).run(inputs)[0]
+        assert float((got - want).abs().max() / want.abs().max()) < RTOL, kernel
+    # Both experts ops have one shape: one race of every kernel for this size, remembered.
+    ((key, timings),) = choice.timings.items()
+    assert set(timings) == {"torch", "onnxruntime"} | ({"torch-blas"} if onednn_available() else set())
+    experts_ops = len(program.graph.ops_of(ExpertsOp))
+    for winner, onnxruntime_calls in (("onnxruntime", experts_ops), ("torch", 0)):
+        choice.chosen[key] = winner
+        calls.clear()
+        TorchRunner(program).run(inputs)
+        assert len(calls) == onnxruntime_calls, f"auto runs the remembered winner, {winner}"
     one_token = {name: tensor[:1, :1] for name, tensor in example.items()}
     TorchRunner(program).run(program.flatten_inputs((), one_token))
-    assert not calls, "auto runs a single token on torch's decode path"
+    assert len(choice.timings) == 2, "another token count is measured on its own"
 
 
 @pytest.mark.slow  # about 8 s

@@ -9,11 +9,12 @@ Compared, in the same process and interleaved repeat by repeat (so background lo
   to HF's other experts implementations (``transformers.integrations.moe``), where they run on the CPU.
   ``batched_mm`` gathers one weight copy per (token, slot), so it is skipped when that copy would not fit
   in ``--batched-mm-cap-gb``.
-* ``moec``           the *same* HF router (``block.gate``) followed by the experts kernel the torch runner picks
-  by default for float32 on the CPU (``moec.kernels.moe_onnxruntime``: onnxruntime GEMMs on weights packed
-  once; for one token ``moe_cpu``'s decode path); only the expert computation differs.
-* ``moec_torch_ops``  the same with the runner's other kernel, ``moec.kernels.moe_cpu.experts_forward``
-  (oneDNN/MKL through torch; ``TorchRunner(expert_kernel="torch")``).
+* ``moec``           the *same* HF router (``block.gate``) followed by the experts kernel the torch runner runs
+  by default for float32 on the CPU (``expert_kernel="auto"``: the fastest of the three below, timed on the
+  first call of each size; ``torch_runner.float_experts``); only the expert computation differs.
+* ``moec_onnxruntime``, ``moec_torch``, ``moec_torch_blas``: the same with each of the runner's kernels
+  forced: onnxruntime GEMMs on weights packed once (``moec.kernels.moe_onnxruntime``), and
+  ``moec.kernels.moe_cpu.experts_forward`` on oneDNN's matmuls or on ``F.linear`` (MKL).
 
 The machine's own limits are probed in the same run: memory bandwidth from a big fp32 matrix-vector product
 (256 MB matrix; the best of ``torch.mv``, oneDNN and onnxruntime), and fp32 FLOP rate from a big matmul
@@ -40,12 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from moec.backend.torch_runner import uses_onnxruntime  # noqa: E402
+from moec.backend.torch_runner import EXPERT_KERNEL_CHOICE, expert_kernel_key, float_experts  # noqa: E402
 from moec.frontend.blocks import ExpertsSpec  # noqa: E402
-from moec.kernels.moe_cpu import experts_forward, onednn_available  # noqa: E402
+from moec.kernels.moe_cpu import onednn_available  # noqa: E402
 from moec.kernels.moe_onnxruntime import OnnxruntimeExperts  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, TOP_K = 1024, 3584, 8, 2
+MOEC_KERNELS = ("onnxruntime", "torch", "torch-blas")  # what expert_kernel="auto" chooses from
 
 
 def _time(fn, repeats: int, warmup: int) -> float:
@@ -176,18 +178,17 @@ def _run(args) -> int:
 
     onnxruntime_experts = OnnxruntimeExperts(experts.gate_up_proj.detach(), experts.down_proj.detach(), None, None, spec)
 
-    def moec_run(x):
-        _, top_w, top_i = block.gate(x)  # the HF router, unchanged
-        if uses_onnxruntime("auto", x, experts.gate_up_proj, experts.down_proj):  # the runner's own choice
-            return onnxruntime_experts(x, top_i, top_w)
-        return experts_forward(x, top_i, top_w, experts.gate_up_proj, experts.down_proj, None, None, spec)
+    def moec_kernel(kernel):
+        def run(x):
+            _, top_w, top_i = block.gate(x)  # the HF router, unchanged
+            return float_experts(kernel, x, top_i, top_w, experts.gate_up_proj, experts.down_proj, None, None, spec,
+                                 lambda: onnxruntime_experts)
 
-    def moec_torch_ops(x):
-        _, top_w, top_i = block.gate(x)
-        return experts_forward(x, top_i, top_w, experts.gate_up_proj, experts.down_proj, None, None, spec)
+        return run
 
+    moec_run = moec_kernel("auto")  # the runner's own choice: the kernel below it measured fastest for this size
     impls = {"hf_eager": hf("eager"), "hf_batched_mm": hf("batched_mm"), "hf_grouped_mm": hf("grouped_mm"),
-             "moec_torch_ops": moec_torch_ops}
+             **{f"moec_{kernel.replace('-', '_')}": moec_kernel(kernel) for kernel in MOEC_KERNELS}}
     unavailable = {}
     with torch.inference_mode():
         probe_x = torch.randn(4, HIDDEN)
@@ -224,7 +225,8 @@ def _run(args) -> int:
             need_bytes = int(torch.unique(top_i).numel()) * per_expert_bytes
             flops = 2 * pairs * (2 * FFN * HIDDEN + HIDDEN * FFN)
             ref = impls["hf_eager"](x)
-            err = float((moec_run(x) - ref).abs().max() / ref.abs().max())
+            err = float((moec_run(x) - ref).abs().max() / ref.abs().max())  # measures the kernels for this size
+            choice_key = expert_kernel_key(spec, TOP_K, tokens)
             active = dict(impls)
             skipped = {}
             if "hf_batched_mm" in active and pairs * per_expert_bytes > args.batched_mm_cap_gb * 1e9:
@@ -263,9 +265,13 @@ def _run(args) -> int:
                 "frac_flop_rate": gflops / limits["flop_rate_gflops"],
                 "roofline_frac": bound / t,
                 "repeats": repeats,
+                "auto_kernel": EXPERT_KERNEL_CHOICE.chosen[choice_key],
+                "auto_kernel_race_s": EXPERT_KERNEL_CHOICE.timings[choice_key],
             }
             rows.append(row)
-            print(f"  measured T={tokens} ({repeats} repeats)", flush=True)
+            race = ", ".join(f"{name} {seconds * 1e3:.2f}" for name, seconds in row["auto_kernel_race_s"].items())
+            print(f"  measured T={tokens} ({repeats} repeats); auto chose {row['auto_kernel']} (race, best ms: {race})",
+                  flush=True)
 
     names = [n for n in impls if n != "moec"]
     header = f"{'tokens':>6} | " + " | ".join(f"{n + ' ms':>17}" for n in [*names, "moec"])

@@ -9,8 +9,9 @@ Everything is measured side by side in one run and written to bench-results/quan
    a few uniform 2/3-bit mixes: alternate units, first or second half at 3 bits).
 3. ``bytes``: expert bytes in the saved plan at 3.0 average bits vs float32.
 4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
-5. ``kernels``: decode-sized (1-16 token) expert blocks: float32 plan vs 2-, 3-, 4- and 8-bit experts (4 only
-   with ``--quick``) on each CPU path that takes the width.
+5. ``kernels``: decode-sized (1-16 token) expert blocks: the float32 plan (on the float kernel the runner
+   measures fastest for the size) vs 2-, 3-, 4- and 8-bit experts (4 only with ``--quick``) on each CPU path
+   that takes the width.
 6. ``converted``: the real-weights MoE, all-MiniLM-L6-v2 made an MoE by dense-to-moe (16 experts, top-8,
    calibrated on standard-library docstring sentences; per-linear units, routing-mass importance):
    ``quality`` and ``skip`` as above, 1 - embedding cosine on held-out sentences against the float converted model.
@@ -37,13 +38,18 @@ from moec.analysis import bit_allocation
 from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
 from moec.analysis.quality import embedding_cosine
 from moec.api import CompiledModel
+from moec.backend.torch_runner import (
+    EXPERT_KERNEL_CHOICE,
+    expert_kernel_key,
+    float_experts,
+    onnxruntime_experts,
+)
 from moec.frontend.blocks import ExpertsSpec
 from moec.frontend.capture import capture
 from moec.frontend.zoo import build_preset, minilm_path
 from moec.ir import parse_graph, print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
-from moec.kernels.moe_cpu import experts_forward
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
 from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts
 from moec.passes import PassContext, build_passes, run_passes
@@ -267,6 +273,7 @@ def bench_kernels(quick: bool) -> list[dict]:
     spec = ExpertsSpec(num_experts=experts, hidden=hidden, intermediate=ffn, act="silu", gated=True)
     w_in = torch.randn(experts, 2 * ffn, hidden, generator=generator) * 0.02
     w_out = torch.randn(experts, hidden, ffn, generator=generator) * 0.02
+    float32 = float32_plan(spec, w_in, w_out)
     rows = []
     for bits in (4,) if quick else (2, 3, 4, 8):
         q_in = QuantizedWeight.from_matrices("f32", tuple(w_in.shape), [quantize_matrix(w_in[e], bits, 64) for e in range(experts)])
@@ -275,18 +282,27 @@ def bench_kernels(quick: bool) -> list[dict]:
         paths = {kernel: QuantizedExperts(q_in, q_out, None, None, spec, kernel) for kernel in kernels}
         reference = QuantizedExperts(q_in.dequantize(), q_out.dequantize(), None, None, spec)  # float path, dequantized weights
         for tokens in (1, 16) if quick else (1, 4, 16):
-            rows.append(measure_tokens(bits, tokens, hidden, experts, spec, w_in, w_out, paths, reference, q_in.matrix(0), generator))
+            rows.append(measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, reference, q_in.matrix(0), generator))
     return rows
 
 
-def measure_tokens(bits, tokens, hidden, experts, spec, w_in, w_out, paths, reference, matrix, generator) -> dict:
+def float32_plan(spec: ExpertsSpec, w_in: torch.Tensor, w_out: torch.Tensor):
+    """The float32 plan's experts as the torch runner runs them: the kernel it measures fastest for each size."""
+    onnxruntime_kernel = onnxruntime_experts(w_in, w_out, None, None, spec)
+    return lambda x, indices, weights: float_experts("auto", x, indices, weights, w_in, w_out, None, None, spec,
+                                                     lambda: onnxruntime_kernel)
+
+
+def measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, reference, matrix, generator) -> dict:
     x = torch.randn(tokens, hidden, generator=generator)
     logits = torch.randn(tokens, experts, generator=generator)
     weights, indices = torch.softmax(logits, -1).topk(2, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     want = reference(x, indices, weights)
+    float32(x, indices, weights)  # times the float32 kernels for this size, then runs the fastest
     row = {"bits": bits, "tokens": tokens,
-           "float32_ms": time_call(lambda: experts_forward(x, indices, weights, w_in, w_out, None, None, spec), 5)}
+           "float32_kernel": EXPERT_KERNEL_CHOICE.chosen[expert_kernel_key(spec, 2, tokens)],
+           "float32_ms": time_call(lambda: float32(x, indices, weights), 5)}
     for kernel, fn in paths.items():
         got = fn(x, indices, weights)
         row[f"{kernel}_ms"] = time_call(lambda fn=fn: fn(x, indices, weights), 5)
