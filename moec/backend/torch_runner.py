@@ -79,10 +79,11 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
     """Float routed experts on ``kernel`` (``EXPERT_KERNELS``); ``onnxruntime_kernel()`` gives the op's
     ``OnnxruntimeExperts``, built once.
 
-    ``auto``, for float32 experts on the CPU: the fastest of ``onnxruntime``, ``torch`` (oneDNN's matmuls)
-    and ``torch-blas`` (``F.linear``) for this layer shape, thread count and token count (to the next power
-    of two), timed on the first such call and remembered for the process (``EXPERT_KERNEL_CHOICE``); which
-    one wins depends on the host (``moec.kernels.kernel_choice``). Other dtypes and devices: ``torch``.
+    ``auto``, for float32 experts on the CPU: the fastest of ``onnxruntime`` (from two tokens on), ``torch``
+    (oneDNN's matmuls) and ``torch-blas`` (``F.linear``) for this layer shape, thread count and token count
+    (to the next power of two), timed on the first such call and remembered for the process
+    (``EXPERT_KERNEL_CHOICE``); which one wins depends on the host (``moec.kernels.kernel_choice``). Other
+    dtypes and devices: ``torch``.
     """
     float32_cpu = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (tokens, w_in, w_out))
     candidates = {
@@ -93,7 +94,9 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
         why = "it runs float32 experts on the CPU only" if onnxruntime_installed() else \
             "onnxruntime is not installed (pip install onnxruntime)"
         raise BackendError(f"expert_kernel='onnxruntime' cannot run this plan: {why}; use expert_kernel='torch'")
-    if float32_cpu and onnxruntime_installed():
+    # At one token onnxruntime lost the race on every host measured, and building its session costs a packed
+    # copy of the experts, so ``auto`` leaves it out there: decoding alone never builds it.
+    if float32_cpu and onnxruntime_installed() and (kernel == "onnxruntime" or tokens.shape[0] > 1):
         candidates["onnxruntime"] = lambda: onnxruntime_kernel()(tokens, indices, routing)
     if kernel != "auto":
         return candidates[kernel]()

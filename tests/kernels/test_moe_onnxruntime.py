@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moec.backend import torch_runner
-from moec.backend.torch_runner import TorchRunner
+from moec.backend.torch_runner import TorchRunner, expert_kernel_key
 from moec.errors import BackendError
 from moec.frontend.blocks import ACTIVATIONS, ExpertsSpec
 from moec.frontend.capture import capture
@@ -102,8 +102,11 @@ def test_runner_expert_kernels_agree_and_auto_runs_the_one_it_measured_fastest(m
         TorchRunner(program).run(inputs)
         assert len(calls) == onnxruntime_calls, f"auto runs the remembered winner, {winner}"
     one_token = {name: tensor[:1, :1] for name, tensor in example.items()}
+    calls.clear()
     TorchRunner(program).run(program.flatten_inputs((), one_token))
     assert len(choice.timings) == 2, "another token count is measured on its own"
+    assert not calls and "onnxruntime" not in choice.timings[expert_kernel_key(key[0], key[1], 1)], \
+        "one token races the torch kernels only"
 
 
 @pytest.mark.slow  # about 8 s
