@@ -58,7 +58,8 @@ def run_experts(op: ExpertsOp, weight, args, kwargs):
 EXPERT_KERNELS = ("auto", "onnxruntime", "torch", "torch-blas")
 
 # The float32 CPU experts kernel that ``expert_kernel="auto"`` measured fastest, per layer shape and size.
-EXPERT_KERNEL_CHOICE = KernelChoice()
+ExpertKernelKey = tuple[ExpertsSpec, int, int, int]  # see expert_kernel_key
+EXPERT_KERNEL_CHOICE: KernelChoice[ExpertKernelKey] = KernelChoice()
 
 
 @functools.cache
@@ -107,7 +108,20 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
     return EXPERT_KERNEL_CHOICE.run(expert_kernel_key(spec, indices.shape[1], tokens.shape[0]), candidates)
 
 
-def expert_kernel_key(spec: ExpertsSpec, top_k: int, num_tokens: int) -> tuple:
+def expert_kernel_lines() -> list[str]:
+    """One line per choice ``auto`` made in this process: the layer and size, the winner, every time raced."""
+    lines = []
+    for key, winner in EXPERT_KERNEL_CHOICE.chosen.items():
+        spec, top_k, size_bits, threads = key
+        low, high = 1 << max(size_bits - 1, 0), (1 << size_bits) - 1
+        tokens = f"{low} token{'s' if high > 1 else ''}" if low >= high else f"{low}-{high} tokens"
+        times = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in EXPERT_KERNEL_CHOICE.timings[key].items())
+        lines.append(f"{spec.num_experts} experts {spec.hidden} -> {spec.intermediate}, top-{top_k}, {tokens}, "
+                     f"{threads} thread{'s' if threads > 1 else ''}: {winner} ({times})")
+    return lines
+
+
+def expert_kernel_key(spec: ExpertsSpec, top_k: int, num_tokens: int) -> ExpertKernelKey:
     """What ``auto``'s choice of kernel is remembered by: the layer's shape, its top-k, the token count to
     the next power of two, and torch's intra-op thread count (onnxruntime's sessions take the same)."""
     return spec, top_k, num_tokens.bit_length(), torch.get_num_threads()

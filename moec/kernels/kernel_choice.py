@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Hashable, Mapping
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 __all__ = ["KernelChoice"]
 
+KeyT = TypeVar("KeyT", bound=Hashable)
 ResultT = TypeVar("ResultT")
 
 
-class KernelChoice:
+class KernelChoice(Generic[KeyT]):
     """The fastest of interchangeable kernels per key, timed on the key's first call."""
 
     def __init__(self, rounds: int = 3, drop_above: float = 1.5,
@@ -34,10 +35,10 @@ class KernelChoice:
         if rounds < 1:
             raise ValueError(f"KernelChoice needs at least one timed round, got rounds={rounds}")
         self.rounds, self.drop_above, self.clock = rounds, drop_above, clock
-        self.chosen: dict[Hashable, str] = {}
-        self.timings: dict[Hashable, dict[str, float]] = {}  # key -> candidate -> best seconds measured
+        self.chosen: dict[KeyT, str] = {}
+        self.timings: dict[KeyT, dict[str, float]] = {}  # key -> candidate -> best seconds measured
 
-    def run(self, key: Hashable, candidates: Mapping[str, Callable[[], ResultT]]) -> ResultT:
+    def run(self, key: KeyT, candidates: Mapping[str, Callable[[], ResultT]]) -> ResultT:
         """``candidates[name]()`` for the fastest ``name`` for ``key`` (measured now if ``key`` is new)."""
         known = self.chosen.get(key)
         if known is not None and known in candidates:

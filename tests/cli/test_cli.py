@@ -15,9 +15,11 @@ import torch
 
 import moec
 from moec.analysis.calibration import Calibration
+from moec.backend import torch_runner
 from moec.cli import main
 from moec.ir.ops import ExpertsOp
 from moec.ir.plan import WEIGHTS_FILE
+from moec.kernels.kernel_choice import KernelChoice
 from moec.report import pass_details, triton_lines
 
 
@@ -28,11 +30,17 @@ def qwen_plan(tmp_path_factory):
     return folder
 
 
-def test_compile_prints_layers_and_parity(qwen_plan, capsys):
+def test_compile_prints_layers_parity_and_the_experts_kernels_it_timed(qwen_plan, capsys, monkeypatch):
+    monkeypatch.setattr(torch_runner, "EXPERT_KERNEL_CHOICE", KernelChoice())  # none timed yet in this process
     assert main(["compile", "--model", "tiny-mixtral"]) == 0
     out = capsys.readouterr().out
     assert "moe.experts" in out and "moe.route" in out
     assert out.count("ok (tolerance 0.0001)") == 2
+    # the example (2 x 8 tokens) and the resized inputs (3 x 6) fall in one size: one race, one line
+    races = re.findall(r"4 experts 32 -> 64, top-2, 16-31 tokens, \d+ threads?: (\S+) \((.*)\)", out)
+    assert len(races) == 1 and "experts kernels timed on this host" in out
+    winner, times = races[0]
+    assert winner in {"onnxruntime", "torch", "torch-blas"} and f"{winner} " in times
 
 
 def test_a_recipe_that_changes_the_model_reports_its_deviation_and_writes_the_plan(tmp_path, capsys):
