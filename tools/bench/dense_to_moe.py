@@ -41,7 +41,7 @@ from moec.analysis.quality import (  # noqa: E402,E501
     embedding_quality,
     sentence_embeddings,
 )
-from moec.backend.torch_runner import TorchRunner  # noqa: E402
+from moec.backend.torch_runner import TorchRunner, expert_kernel_lines  # noqa: E402
 from moec.frontend.capture import capture  # noqa: E402
 from moec.frontend.zoo import build_preset, minilm_path  # noqa: E402
 from moec.ir.parser import parse_graph  # noqa: E402
@@ -141,6 +141,10 @@ def main() -> None:
     print(f"speed, batch 32 x 128 tokens, median of {repeats}:")
     for name, s in seconds.items():
         print(f"  {name:9s} {s * 1000:8.1f} ms   x{seconds['original'] / s:.2f} vs original")
+    kernels = expert_kernel_lines()
+    print("experts kernels the runner timed and chose in this run (each one's best time):")
+    for line in kernels:
+        print(f"  {line}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -151,6 +155,7 @@ def main() -> None:
         "calibration_s": calibration_s, "quality": rows,
         "speed_ms": {k: v * 1000 for k, v in seconds.items()},
         "speedup_vs_original": {k: seconds["original"] / v for k, v in seconds.items()},
+        "expert_kernels": kernels,
     }
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
