@@ -101,7 +101,7 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
         candidates["onnxruntime"] = lambda: onnxruntime_kernel()(tokens, indices, routing)
     if kernel != "auto":
         return candidates[kernel]()
-    if not float32_cpu:
+    if not float32_cpu or tokens.shape[0] == 0:
         return candidates["torch"]()
     if not onednn_available():  # then "torch" runs F.linear too
         del candidates["torch-blas"]
@@ -113,8 +113,8 @@ def expert_kernel_lines() -> list[str]:
     lines = []
     for key, winner in EXPERT_KERNEL_CHOICE.chosen.items():
         spec, top_k, size_bits, threads = key
-        low, high = 1 << max(size_bits - 1, 0), (1 << size_bits) - 1
-        tokens = f"{low} token{'s' if high > 1 else ''}" if low >= high else f"{low}-{high} tokens"
+        low, high = 1 << (size_bits - 1), (1 << size_bits) - 1  # size_bits >= 1: empty calls are not raced
+        tokens = "1 token" if high == 1 else f"{low}-{high} tokens"
         times = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in EXPERT_KERNEL_CHOICE.timings[key].items())
         lines.append(f"{spec.num_experts} experts {spec.hidden} -> {spec.intermediate}, top-{top_k}, {tokens}, "
                      f"{threads} thread{'s' if threads > 1 else ''}: {winner} ({times})")

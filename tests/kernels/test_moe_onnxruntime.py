@@ -144,3 +144,13 @@ def test_runner_rebuilds_a_prepared_kernel_when_its_weights_are_replaced(quantiz
     torch.testing.assert_close(changed, TorchRunner(program).run(inputs)[0])
     program.weights.update(original)
     torch.testing.assert_close(runner.run(inputs)[0], before)
+
+
+def test_auto_does_not_race_an_empty_call(monkeypatch) -> None:
+    choice = KernelChoice()
+    monkeypatch.setattr(torch_runner, "EXPERT_KERNEL_CHOICE", choice)
+    spec, w_in, w_out, _, _ = random_experts("silu", True, False, torch.Generator().manual_seed(2))
+    empty = torch.zeros(0, 2, dtype=torch.long)
+    y = torch_runner.float_experts("auto", torch.zeros(0, spec.hidden), empty, empty.float(), w_in, w_out, None, None,
+                                   spec, lambda: pytest.fail("an empty call builds no onnxruntime session"))
+    assert y.shape == (0, spec.hidden) and not choice.chosen
