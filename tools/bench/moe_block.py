@@ -16,12 +16,14 @@ Compared, in the same process and interleaved repeat by repeat (so background lo
   forced: onnxruntime GEMMs on weights packed once (``moec.kernels.moe_onnxruntime``), and
   ``moec.kernels.moe_cpu.experts_forward`` on oneDNN's matmuls or on ``F.linear`` (MKL).
 
-The machine's own limits are probed in the same run: memory bandwidth from a big fp32 matrix-vector product
-(256 MB matrix; the best of ``torch.mv``, oneDNN and onnxruntime), and fp32 FLOP rate from a big matmul
-(2048^3; the best of ``torch.mm``, oneDNN and onnxruntime). For each size moec's achieved rates use the bytes of
-expert weights the routing
-actually needs (distinct experts hit) and the FLOPs of the T*k expert evaluations; ``roofline`` is the fraction
-of the machine's limit, max(bytes / bandwidth, flops / flop_rate) / measured time.
+Before every timed call a 512 MB read evicts the CPU caches (``CacheEviction``), so each call streams its
+weights from memory as a layer inside a model would. The machine's own limits are probed in the same run:
+memory bandwidth from a big fp32 matrix-vector product (256 MB matrix, caches evicted before each; the best
+of ``torch.mv``, oneDNN and onnxruntime), and fp32 FLOP rate from a big matmul (2048^3; the best of
+``torch.mm``, oneDNN and onnxruntime). For each size moec's achieved rates use the bytes of expert weights
+the routing actually needs (distinct experts hit) and the FLOPs of the T*k expert evaluations;
+``roofline`` is the fraction of the machine's limit, max(bytes / bandwidth, flops / flop_rate) / measured
+time.
 
 Run:  python tools/bench/moe_block.py [--quick] [--out bench-results/moe_block.json]
 """
@@ -50,11 +52,25 @@ HIDDEN, FFN, EXPERTS, TOP_K = 1024, 3584, 8, 2
 MOEC_KERNELS = ("onnxruntime", "torch", "torch-blas")  # what expert_kernel="auto" chooses from
 
 
-def _time(fn, repeats: int, warmup: int) -> float:
+class CacheEviction:
+    """Reads a buffer bigger than any CPU cache (512 MB, filled, so its pages are real), so that the next
+    call finds its weights in memory, not in cache, as a layer of a model does after the other layers ran.
+    Hosts with a last-level cache of hundreds of MB would otherwise serve a repeated call from cache."""
+
+    def __init__(self, nbytes: int = 1 << 29) -> None:
+        self.buffer = torch.ones(nbytes // 4)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
+def _time(fn, repeats: int, warmup: int, evict: CacheEviction | None = None) -> float:
     for _ in range(warmup):
         fn()
     samples = []
     for _ in range(repeats):
+        if evict is not None:
+            evict()
         t0 = time.perf_counter()
         fn()
         samples.append(time.perf_counter() - t0)
@@ -79,23 +95,24 @@ def onnxruntime_matmul(b: torch.Tensor):
     return lambda a: session.run(None, {"a": a})
 
 
-def probe_limits(quick: bool) -> dict:
-    """Bandwidth (GB/s) from a big matvec and FLOP rate (GFLOP/s) from a big matmul, best of three libraries."""
+def probe_limits(quick: bool, evict: CacheEviction) -> dict:
+    """Bandwidth (GB/s) from a big matvec and FLOP rate (GFLOP/s) from a big matmul, best of three libraries;
+    the caches are evicted before every timed matvec."""
     reps = 5 if quick else 9
     gen = torch.Generator().manual_seed(0)
     mat = torch.randn(8192, 8192, generator=gen)  # 256 MB
     vec = torch.randn(8192, generator=gen)
     row = vec.unsqueeze(0)
     nbytes = mat.numel() * mat.element_size()
-    out = {"bw_torch_mv_gbs": nbytes / _time(lambda: torch.mv(mat, vec), reps, 2) / 1e9}
+    out = {"bw_torch_mv_gbs": nbytes / _time(lambda: torch.mv(mat, vec), reps, 2, evict) / 1e9}
     if onednn_available():
         op = torch.ops.mkldnn._linear_pointwise
         out["bw_onednn_matvec_gbs"] = (
-            nbytes / _time(lambda: op(row, mat, None, "none", [], ""), reps, 2) / 1e9
+            nbytes / _time(lambda: op(row, mat, None, "none", [], ""), reps, 2, evict) / 1e9
         )
     matvec = onnxruntime_matmul(mat.T.contiguous())
     row_np = row.numpy()
-    out["bw_onnxruntime_matvec_gbs"] = nbytes / _time(lambda: matvec(row_np), reps, 2) / 1e9
+    out["bw_onnxruntime_matvec_gbs"] = nbytes / _time(lambda: matvec(row_np), reps, 2, evict) / 1e9
     mat = matvec = None  # free the 256 MB (and its packed copy) before the matmul probe
     n = 2048
     a = torch.randn(n, n, generator=gen)
@@ -208,7 +225,8 @@ def _run(args) -> int:
             f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
             f", oneDNN fast path: {onednn_available()}"
         )
-        limits = probe_limits(args.quick)
+        evict = CacheEviction()
+        limits = probe_limits(args.quick, evict)
         print(
             f"machine limits: bandwidth {limits['bandwidth_gbs']:.1f} GB/s (matvec), "
             f"FLOP rate {limits['flop_rate_gflops']:.1f} GFLOP/s (matmul)  {json.dumps({k: round(v, 1) for k, v in limits.items()})}"
@@ -241,6 +259,7 @@ def _run(args) -> int:
                 fn(x)
             for _ in range(repeats):  # interleaved, so background load hits every implementation alike
                 for name, fn in active.items():
+                    evict()
                     t0 = time.perf_counter()
                     fn(x)
                     samples[name].append(time.perf_counter() - t0)
