@@ -45,6 +45,9 @@ class KernelChoice(Generic[KeyT]):
             return candidates[known]()
         if not candidates:
             raise ValueError("KernelChoice.run needs at least one candidate")
+        if len(candidates) == 1:  # nothing to choose: no race, nothing remembered
+            (only,) = candidates.values()
+            return only()
         results = {name: run() for name, run in candidates.items()}  # warm-up round, untimed
         best: dict[str, float] = {}
         racing = list(candidates)

@@ -73,6 +73,13 @@ def test_a_remembered_winner_that_is_not_offered_is_measured_again() -> None:
     assert choice.chosen["k"] == "blas"
 
 
+def test_a_single_candidate_just_runs() -> None:
+    clock = FakeTime()
+    choice = KernelChoice(clock=clock)
+    assert choice.run("k", {"only": clock.candidate("only", 1.0)}) == "result of only"
+    assert clock.calls == ["only"] and not choice.chosen
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="at least one timed round"):
         KernelChoice(rounds=0)
