@@ -64,7 +64,9 @@ class CacheEviction:
         self.buffer.sum()
 
 
-def _time(fn, repeats: int, warmup: int, evict: CacheEviction | None = None) -> float:
+def median_seconds(fn, repeats: int, warmup: int, evict: CacheEviction | None = None) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` timed calls after ``warmup`` untimed ones; ``evict()``, if
+    given, runs before every timed call."""
     for _ in range(warmup):
         fn()
     samples = []
@@ -104,27 +106,27 @@ def probe_limits(quick: bool, evict: CacheEviction) -> dict:
     vec = torch.randn(8192, generator=gen)
     row = vec.unsqueeze(0)
     nbytes = mat.numel() * mat.element_size()
-    out = {"bw_torch_mv_gbs": nbytes / _time(lambda: torch.mv(mat, vec), reps, 2, evict) / 1e9}
+    out = {"bw_torch_mv_gbs": nbytes / median_seconds(lambda: torch.mv(mat, vec), reps, 2, evict) / 1e9}
     if onednn_available():
         op = torch.ops.mkldnn._linear_pointwise
         out["bw_onednn_matvec_gbs"] = (
-            nbytes / _time(lambda: op(row, mat, None, "none", [], ""), reps, 2, evict) / 1e9
+            nbytes / median_seconds(lambda: op(row, mat, None, "none", [], ""), reps, 2, evict) / 1e9
         )
     matvec = onnxruntime_matmul(mat.T.contiguous())
     row_np = row.numpy()
-    out["bw_onnxruntime_matvec_gbs"] = nbytes / _time(lambda: matvec(row_np), reps, 2, evict) / 1e9
+    out["bw_onnxruntime_matvec_gbs"] = nbytes / median_seconds(lambda: matvec(row_np), reps, 2, evict) / 1e9
     mat = matvec = None  # free the 256 MB (and its packed copy) before the matmul probe
     n = 2048
     a = torch.randn(n, n, generator=gen)
     b = torch.randn(n, n, generator=gen)
     flops = 2 * n**3
-    out["flops_torch_mm_gflops"] = flops / _time(lambda: torch.mm(a, b), reps, 2) / 1e9
+    out["flops_torch_mm_gflops"] = flops / median_seconds(lambda: torch.mm(a, b), reps, 2) / 1e9
     if onednn_available():
         op = torch.ops.mkldnn._linear_pointwise
         bt = b.t().contiguous()
-        out["flops_onednn_gflops"] = flops / _time(lambda: op(a, bt, None, "none", [], ""), reps, 2) / 1e9
+        out["flops_onednn_gflops"] = flops / median_seconds(lambda: op(a, bt, None, "none", [], ""), reps, 2) / 1e9
     matmul, a_np = onnxruntime_matmul(b), a.numpy()
-    out["flops_onnxruntime_gflops"] = flops / _time(lambda: matmul(a_np), reps, 2) / 1e9
+    out["flops_onnxruntime_gflops"] = flops / median_seconds(lambda: matmul(a_np), reps, 2) / 1e9
     out["bandwidth_gbs"] = max(v for k, v in out.items() if k.startswith("bw_"))
     out["flop_rate_gflops"] = max(v for k, v in out.items() if k.startswith("flops_"))
     return out

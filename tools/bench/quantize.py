@@ -26,14 +26,13 @@ import json
 import random
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import safetensors.torch
 import torch
 import transformers
-from moe_block import CacheEviction  # this folder, first on sys.path when run as a script
+from moe_block import CacheEviction, median_seconds  # this folder, first on sys.path when run as a script
 
 import moec
 from moec.analysis import bit_allocation
@@ -229,17 +228,9 @@ def converted_minilm(quick: bool) -> dict:
     return {"quality": quality, "skip": skip_costs(program, held_out, loss)}
 
 
-def time_call(fn, repeats: int, evict: Callable[[], None] | None = None) -> float:
+def time_call(fn, repeats: int, evict: CacheEviction | None = None) -> float:
     """Median milliseconds of ``fn()`` after one warm-up call; ``evict()`` runs before every timed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if evict is not None:
-            evict()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1e3
+    return median_seconds(fn, repeats, 1, evict) * 1e3
 
 
 def ort_matmul_nbits(matrix, tokens: int):
@@ -307,10 +298,10 @@ def measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, re
     weights, indices = torch.softmax(logits, -1).topk(2, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     want = reference(x, indices, weights)
-    float32(x, indices, weights)  # times the float32 kernels for this size, then runs the fastest
+    float32_ms = time_call(lambda: float32(x, indices, weights), 5, evict)  # its warm-up call races the kernels
     row = {"bits": bits, "tokens": tokens,
            "float32_kernel": EXPERT_KERNEL_CHOICE.chosen[expert_kernel_key(spec, 2, tokens)],
-           "float32_ms": time_call(lambda: float32(x, indices, weights), 5, evict)}
+           "float32_ms": float32_ms}
     for kernel, fn in paths.items():
         got = fn(x, indices, weights)
         row[f"{kernel}_ms"] = time_call(lambda fn=fn: fn(x, indices, weights), 5, evict)
