@@ -103,14 +103,14 @@ class RoutedRunner(TorchRunner):
         self.experts_of = {id(op.args[1]): op for op in program.graph.ops_of(ExpertsOp)}
         super().__init__(program)
 
-    def prepare(self, op: Operation) -> Callable[[list[Any], dict[str, Any]], Any]:
+    def prepare(self, op: Operation) -> Callable[[list[Any]], Any]:
         if not isinstance(op, RouteOp):
             return super().prepare(op)
         top_k = op.spec.top_k
         experts = self.experts_of[id(op.results[0])]
         router_id = router_ids(experts)
 
-        def choose(args: list[Any], kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        def choose(args: list[Any]) -> tuple[torch.Tensor, torch.Tensor]:
             x = args[0]
             rows = x.reshape(-1, x.shape[-1]).float()
             if self.baseline == "random":
@@ -141,7 +141,7 @@ class NeuronOracleRunner(TorchRunner):
         self.fraction, self.means = fraction, means
         super().__init__(program)
 
-    def prepare(self, op: Operation) -> Callable[[list[Any], dict[str, Any]], Any]:
+    def prepare(self, op: Operation) -> Callable[[list[Any]], Any]:
         if not isinstance(op, DenseFFNOp):
             return super().prepare(op)
         spec, mean, weights = op.spec, self.means[op.block], self.program.weights
@@ -152,7 +152,7 @@ class NeuronOracleRunner(TorchRunner):
         act, column_norms = activation(spec.act), w_down.norm(dim=0)
         keep = max(1, round(self.fraction * spec.intermediate))
 
-        def run(args: list[Any], kwargs: dict[str, Any]) -> torch.Tensor:
+        def run(args: list[Any]) -> torch.Tensor:
             x = args[0].float()
             up = torch.nn.functional.linear(x, w_up, b_up)
             h = gated_activation(torch.nn.functional.linear(x, w_gate, b_gate), up, spec) if w_gate is not None \

@@ -137,7 +137,7 @@ class ExpertParallelRunner(TorchRunner):
     def prepare(self, op):
         step = super().prepare(op) if not isinstance(op, ExpertsOp) else None
         if isinstance(op, SharedExpertOp):
-            return lambda args, kwargs: self.early_results.pop(id(op)) if id(op) in self.early_results else step(args, kwargs)
+            return lambda args: self.early_results.pop(id(op)) if id(op) in self.early_results else step(args)
         if isinstance(op, ExpertsOp):
             return self.expert_parallel_step(op)
         return step
@@ -154,12 +154,12 @@ class ExpertParallelRunner(TorchRunner):
         shared_step = super().prepare(shared) if shared is not None else None
         spec = op.spec
 
-        def step(args, kwargs):
+        def step(args):
             x, indices, routing = args
             if op.skip_threshold:  # a skipped pair travels with weight 0, as the torch runner computes it
                 routing = routing.float()
                 routing = routing.masked_fill(skipped_pairs(routing, op.skip_threshold), 0.0)
-            run_shared = (lambda: self.early_results.__setitem__(id(shared), shared_step([x], {}))) if shared else None
+            run_shared = (lambda: self.early_results.__setitem__(id(shared), shared_step([x]))) if shared else None
             hidden, k = x.shape[-1], indices.shape[-1]
             y = expert_parallel_layer(x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k), owners,
                                       local_index, weight, spec, schedule.chunks, run_shared)

@@ -1,7 +1,8 @@
 """The torch runner: moec's reference interpreter, a table from op to rule.
 
 Every other backend is tested against this one. Generic ops call the ATen op (or Python operator)
-they name; MoE and FFN ops call ``moec.kernels``. A value is freed right after its last use.
+they name; MoE and FFN ops call ``moec.kernels``. The graph runs as one generated Python function
+(``moec.backend.graph_function``), which frees each value right after its last use.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from typing import Any
 
 import torch
 
+from moec.backend.graph_function import Callee, GraphFunction, Observer
 from moec.errors import BackendError
 from moec.frontend.blocks import ExpertsSpec
-from moec.ir.core import Operation, OpT, Value, WeightRef, iter_leaves
+from moec.ir.core import Operation, OpT
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType, storage_names
@@ -29,11 +31,11 @@ from moec.kernels.quant_matmul import KERNELS as QUANT_KERNELS
 from moec.kernels.skip import skipped_pairs
 
 
-def run_route(op: RouteOp, weight, args, kwargs):
+def run_route(op: RouteOp, weight, args):
     return reference.route(args[0], weight("router"), weight("router_bias"), op.spec, weight("router_logit_bias"))
 
 
-def run_experts(op: ExpertsOp, weight, args, kwargs):
+def run_experts(op: ExpertsOp, weight, args):
     x, indices, routing = args
     indices = reference.remap_experts(indices, op.expert_map)
     k, hidden = indices.shape[-1], x.shape[-1]
@@ -127,7 +129,7 @@ def expert_kernel_key(spec: ExpertsSpec, top_k: int, num_tokens: int) -> ExpertK
     return spec, top_k, num_tokens.bit_length(), torch.get_num_threads()
 
 
-def run_ffn(op: DenseFFNOp | SharedExpertOp, weight, args, kwargs):
+def run_ffn(op: DenseFFNOp | SharedExpertOp, weight, args):
     roles = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down", "gate")
     tensors = {role: weight(role) for role in roles}  # by role, which names the parameters of both ffns
     if not any(isinstance(t, QuantizedWeight) for t in tensors.values()):
@@ -200,36 +202,16 @@ def _storage_tensors(weight: torch.Tensor | QuantizedWeight | None) -> tuple[tor
     return (weight,)
 
 
-Rule = Callable[[Operation, WeightReader, list[Any], dict[str, Any]], Any]
-Observer = Callable[[Operation, list[Any], Any], None]
-ArgumentReader = Callable[[dict[int, Any], dict[str, Any]], Any]
+Rule = Callable[[Operation, WeightReader, list[Any]], Any]  # (op, its weights, its argument values) -> results
 
 
-def argument_reader(tree: Any) -> ArgumentReader:
-    """``(env, weights) -> tree`` with every ``Value`` leaf read from ``env`` (by id) and every ``WeightRef``
-    from ``weights`` (a quantized weight, absent there, stays a ``WeightRef`` for its op's rule to read).
-    Built once per op, so a run neither walks constant subtrees nor checks leaf types again."""
-    if isinstance(tree, Value):
-        key = id(tree)
-        return lambda env, weights: env[key]
-    if isinstance(tree, WeightRef):
-        return lambda env, weights: weights.get(tree.name, tree)
-    if not any(isinstance(leaf, (Value, WeightRef)) for leaf in iter_leaves(tree)):
-        return lambda env, weights: tree
-    if isinstance(tree, dict):
-        entries = {key: argument_reader(item) for key, item in tree.items()}
-        return lambda env, weights: {key: read(env, weights) for key, read in entries.items()}
-    items, kind = [argument_reader(item) for item in tree], type(tree)
-    return lambda env, weights: kind([read(env, weights) for read in items])
-
-
-def rule_for(op_class: type[OpT], run: Callable[[OpT, WeightReader, list[Any], dict[str, Any]], Any]) -> Rule:
+def rule_for(op_class: type[OpT], run: Callable[[OpT, WeightReader, list[Any]], Any]) -> Rule:
     """``run`` as a rule of the table, which looks it up by ``op_class`` (so it gets ops of that class)."""
 
-    def rule(op: Operation, weight: WeightReader, args: list[Any], kwargs: dict[str, Any]) -> Any:
+    def rule(op: Operation, weight: WeightReader, args: list[Any]) -> Any:
         if not isinstance(op, op_class):
             raise BackendError(f"the torch rule for {op_class.name} cannot run {op.op_name}")
-        return run(op, weight, args, kwargs)
+        return run(op, weight, args)
 
     return rule
 
@@ -281,36 +263,39 @@ class TorchRunner:
         self.program = program
         self.quant_kernel = quant_kernel
         self.expert_kernel = expert_kernel
-        self.steps = [self.prepare(op) for op in program.graph.ops]
-        self.readers = [(argument_reader(op.args), argument_reader(op.kwargs)) for op in program.graph.ops]
-        self.last_use = self.compute_last_uses()
+        self.callees = [self.callee(op) for op in program.graph.ops]
+        self.function = GraphFunction(program.graph, self.callees)
+        self._observing_function: GraphFunction | None = None
 
-    def prepare(self, op: Operation) -> Callable[[list[Any], dict[str, Any]], Any]:
-        if isinstance(op, AtenOp):
-            fn = resolve_target(op.target)
-            return lambda args, kwargs: fn(*args, **kwargs)
+    def callee(self, op: Operation) -> Callee:
+        """What runs ``op``: the ATen op (or Python operator) a generic op names, called with its arguments
+        spread; any other op's rule, through ``prepare``."""
+        if not isinstance(op, AtenOp):
+            return Callee(self.prepare(op), spread=False)
+        fn = resolve_target(op.target)
+        schema = getattr(fn, "_schema", None)
+        returns_list = schema is not None and len(op.results) == 1 and len(schema.returns) == 1 \
+            and isinstance(schema.returns[0].type, torch.ListType)
+        # An OpOverload's own __call__ only forwards to ``_op``, the dispatcher entry: skip that Python frame.
+        return Callee(getattr(fn, "_op", fn), spread=True, returns_list=returns_list)
+
+    def prepare(self, op: Operation) -> Callable[[list[Any]], Any]:
+        """``step(args)`` running ``op`` (not a generic op) by its rule in ``rules``; subclasses
+        replace it for the ops they run otherwise."""
         rule = self.rules.get(type(op))
         if rule is None:
             raise BackendError(f"the torch runner has no rule for {op.op_name}")
         weight = WeightReader(op, self.program, self.quant_kernel, self.expert_kernel)
-        return lambda args, kwargs: rule(op, weight, args, kwargs)
+        return lambda args: rule(op, weight, args)
+
+    @property
+    def python_source(self) -> str:
+        """The Python source the graph runs as (``moec.backend.graph_function``)."""
+        return self.function.source
 
     def plan_files(self) -> dict[str, str]:
         """Files this backend adds to a saved plan folder (none: the IR and weights say everything)."""
         return {}
-
-    def compute_last_uses(self) -> list[list[int]]:
-        """For each step, the ids of values whose last reader it is (so they can be freed)."""
-        last: dict[int, int] = {}
-        for step, op in enumerate(self.program.graph.ops):
-            for value in op.operands:
-                last[id(value)] = step
-        keep = {id(v) for v in self.program.graph.outputs}
-        frees: list[list[int]] = [[] for _ in self.program.graph.ops]
-        for value_id, step in last.items():
-            if value_id not in keep:
-                frees[step].append(value_id)
-        return frees
 
     def run(self, inputs: list[torch.Tensor], observe: Observer | None = None) -> list[torch.Tensor]:
         """Run the graph on flat inputs; ``observe(op, args, result)`` sees every op as it runs
@@ -318,21 +303,10 @@ class TorchRunner:
         graph = self.program.graph
         if len(inputs) != len(graph.inputs):
             raise BackendError(f"the graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
-        env: dict[int, Any] = {id(v): x for v, x in zip(graph.inputs, inputs, strict=True)}
-        weights = self.program.weights
-
+        function = self.function
+        if observe is not None:
+            if self._observing_function is None:  # written on first use: only calibration and tracing observe
+                self._observing_function = GraphFunction(graph, self.callees, observing=True)
+            function = self._observing_function
         with torch.inference_mode():
-            for op, step, (read_args, read_kwargs), frees in zip(graph.ops, self.steps, self.readers, self.last_use,
-                                                                 strict=True):
-                args = read_args(env, weights)
-                out = step(args, read_kwargs(env, weights))
-                if observe is not None:
-                    observe(op, args, out)
-                if len(op.results) == 1 and not isinstance(out, (list, tuple)):
-                    env[id(op.results[0])] = out
-                else:  # several results, or a list of one (unbind of a dim of size 1)
-                    for value, item in zip(op.results, out or (), strict=False):
-                        env[id(value)] = item
-                for value_id in frees:
-                    env.pop(value_id, None)
-            return [env[id(v)] for v in graph.outputs]
+            return function(self.program.weights, observe, inputs)

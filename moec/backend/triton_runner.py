@@ -83,7 +83,7 @@ def bound_launch(launcher, weights: tuple, graph_pool) -> Callable:
 
 
 def run_route(launcher, graph_pool):
-    def rule(op, weight, args, kwargs):
+    def rule(op, weight, args):
         weights = (weight("router"), weight("router_bias"), weight("router_logit_bias"))
         launch = weight.cached("triton_launch", lambda: bound_launch(launcher, weights, graph_pool), weights)
         x = args[0]
@@ -95,7 +95,7 @@ def run_route(launcher, graph_pool):
 
 
 def run_experts(launcher, graph_pool):
-    def rule(op, weight, args, kwargs):
+    def rule(op, weight, args):
         weights = (weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out"))
         launch = weight.cached("triton_launch", lambda: bound_launch(launcher, weights, graph_pool), weights)
         x, indices, routing = args
@@ -145,10 +145,10 @@ class TritonRunner(TorchRunner):
     def run(self, inputs: list[torch.Tensor], observe: Observer | None = None) -> list[torch.Tensor]:
         return super().run([x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs], observe)
 
-    def run_moe_op(self, op, weight, args, kwargs):
+    def run_moe_op(self, op, weight, args):
         """The op's kernel launcher, or its torch rule where the kernels cannot run it."""
         rule = self.kernel_rules.get(id(op), RULES[type(op)])
-        return rule(op, weight, args, kwargs)
+        return rule(op, weight, args)
 
     @staticmethod
     def warn_fallbacks(program: Program, fallback_ops: list[dict[str, object]]) -> list[str]:

@@ -1,0 +1,143 @@
+"""Benchmark: whole models at small sizes, where the runtime's cost per op weighs: moec vs HF eager and torch.compile.
+
+Models:
+
+* ``minilm``: all-MiniLM-L6-v2 (real weights, dense: moec gains nothing from MoE kernels here), batch x
+  sequence 1x8, 4x16 and 8x64, returning the last hidden state;
+* ``mixtral``: a Mixtral-style causal LM, 2 layers, hidden 512, FFN 1536, 8 experts, top-2, vocab 1024,
+  float32 (seeded random weights; the model of ``onnx_runtime.py``), one sequence of 1, 16 and 256
+  tokens without a cache, returning the logits.
+
+Compared in the same process and interleaved repeat by repeat (median of ``--repeats``):
+
+* ``hf_eager``       the transformers model as shipped, under ``torch.inference_mode``
+* ``torch_compile``  ``torch.compile(model)`` (inductor, default mode; its compile time per size is printed)
+* ``moec``           ``moec.compile(model, example)`` run by the torch runner
+
+Ratios are other time / moec time (> 1: moec faster).
+
+Run:  python tools/bench/whole_model.py [--models minilm,mixtral] [--threads 2] [--no-torch-compile]
+                                        [--out bench-results/whole_model.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import moec  # noqa: E402
+from moec.frontend.zoo import build_preset  # noqa: E402
+
+MODELS = ("minilm", "mixtral")
+
+
+def minilm_case():
+    model, example = build_preset("minilm")
+
+    def inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        return {"input_ids": ids, "token_type_ids": torch.zeros_like(ids), "attention_mask": torch.ones_like(ids)}
+
+    sizes = [((1, 8), inputs(1, 8)), ((4, 16), inputs(4, 16)), ((8, 64), inputs(8, 64))]
+    return model, example, sizes, lambda out: out.last_hidden_state
+
+
+def mixtral_case():
+    config = transformers.MixtralConfig(
+        vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+        num_local_experts=8, num_experts_per_tok=2, use_cache=False,
+    )
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    example = {"input_ids": torch.randint(0, 1024, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+    def inputs(tokens: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    return model, example, [((1, n), inputs(n)) for n in (1, 16, 256)], lambda out: out.logits
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_model(name: str, repeats: int, with_torch_compile: bool) -> list[dict]:
+    model, example, sizes, output_of = minilm_case() if name == "minilm" else mixtral_case()
+    start = time.perf_counter()
+    compiled = moec.compile(model, example)
+    print(f"{name}: moec.compile {time.perf_counter() - start:.1f} s, {len(compiled.program.graph.ops)} ops", flush=True)
+    inductor = torch.compile(model) if with_torch_compile else None
+    rows = []
+    for (batch, seq), inputs in sizes:
+        runners = {
+            "hf_eager": lambda inputs=inputs: output_of(model(**inputs)),
+            "moec": lambda inputs=inputs: output_of(compiled(**inputs)),
+        }
+        if inductor is not None:
+            runners["torch_compile"] = lambda inputs=inputs: output_of(inductor(**inputs))
+        with torch.inference_mode():
+            reference = runners["hf_eager"]()
+            first_call = {runner: timed(fn) for runner, fn in runners.items()}  # torch.compile compiles here
+            agreement = {runner: float((fn() - reference).abs().max()) for runner, fn in runners.items()}
+            times: dict[str, list[float]] = {runner: [] for runner in runners}
+            for _ in range(repeats):
+                for runner, fn in runners.items():
+                    times[runner].append(timed(fn))
+        ms = {runner: statistics.median(samples) * 1e3 for runner, samples in times.items()}
+        row = {"model": name, "batch": batch, "seq": seq, "ms": ms, "max_abs_diff_vs_hf": agreement,
+               "first_call_seconds": first_call,
+               "vs_moec": {runner: ms[runner] / ms["moec"] for runner in ms if runner != "moec"}}
+        rows.append(row)
+        ratios = ", ".join(f"{runner} {ratio:.2f}x" for runner, ratio in row["vs_moec"].items())
+        print(f"  {batch}x{seq}: " + ", ".join(f"{runner} {value:.3f} ms" for runner, value in ms.items())
+              + f"; other / moec: {ratios}"
+              + (f"; torch.compile first call {first_call['torch_compile']:.1f} s" if inductor is not None else ""),
+              flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--no-torch-compile", action="store_true", help="leave torch.compile out (it compiles each size)")
+    parser.add_argument("--out", default="bench-results/whole_model.json")
+    args = parser.parse_args(argv)
+    models = args.models.split(",")
+    if unknown := set(models) - set(MODELS):
+        parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
+          f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
+    rows = [row for name in models for row in bench_model(name, args.repeats, not args.no_torch_compile)]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "threads": args.threads, "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
+        "load_average_end": os.getloadavg()[0], "torch": torch.__version__, "transformers": transformers.__version__,
+        "rows": rows,
+    }, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
