@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -168,8 +169,10 @@ def dump_treespec(spec: pytree.TreeSpec) -> str:
     return pytree.treespec_dumps(spec)
 
 
+@functools.lru_cache(maxsize=64)
 def load_treespec(text: str) -> pytree.TreeSpec:
-    """Load a serialized pytree spec, importing the modules that define its node types first."""
+    """Load a serialized pytree spec, importing the modules that define its node types first (cached: a
+    compiled model loads its input and output specs on every call)."""
     for type_name in _node_type_names(json.loads(text)):
         module_name = type_name.rpartition(".")[0]
         if module_name:
