@@ -27,6 +27,7 @@ from moec.ir.quant import QuantizedType
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
 from moec.passes.base import unused_calibration
 from moec.passes.dead_code import DeadCode
+from moec.passes.simplify import Simplify
 from moec.paths import user_path
 from moec.report import ALLOCATION_CHART, REPORT_FILE, plan_report
 
@@ -159,7 +160,7 @@ def compile(
     if calibration is not None and not stored and not any(p.uses_calibration() for p in passes):
         warn(f"calibration is not used: {unused_calibration(passes)}; leave it out")
     program = capture(model, args, kwargs)
-    records = run_passes(program, [DeadCode(), *passes], context)
+    records = run_passes(program, [Simplify(), DeadCode(), *passes], context)
     program.metadata["recipe"] = recipe_dict
     program.metadata["backend"] = backend
     program.metadata["passes"] = records

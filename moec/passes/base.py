@@ -136,6 +136,7 @@ BUILTIN_PASSES = {
     "expert-prune": "expert_prune",
     "overlap-schedule": "overlap_schedule",
     "quantize": "quantize",
+    "simplify": "simplify",
 }
 
 
