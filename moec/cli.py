@@ -30,6 +30,7 @@ from moec.report import (
     onnx_fallback_lines,
     pass_details,
     quality_lines,
+    size_change,
     triton_lines,
 )
 
@@ -211,7 +212,9 @@ def run_compile(args: argparse.Namespace) -> int:
         compiled = moec.compile(model, example, recipe=recipe, calibration=calibration, backend=args.backend)
     console.print(summary_table(compiled.summary(), f"{type(model).__name__}: FFN and MoE layers"))
     for record in compiled.program.metadata.get("passes", []):
-        console.print(f"pass {record['pass']}: {record['seconds']:.2f} s, {record['before']} -> {record['after']}")
+        change = size_change(record)
+        console.print(f"pass {record['pass']}: {record['seconds']:.2f} s; experts {change['experts']}, parameters "
+                      f"{change['params']}, bytes {change['bytes']}")
         for line in pass_details(record.get("summary", {})):
             console.print(f"  {line}", markup=False)
     skipping = [op for op in compiled.program.graph.ops_of(ExpertsOp) if op.skip_threshold]

@@ -63,9 +63,7 @@ def pass_table(records: list[dict[str, Any]], files: list[str]) -> list[str]:
     lines = ["| pass | seconds | experts | parameters | bytes |", "|---|---:|---:|---:|---:|"]
     details = []
     for record in records:
-        before, after = record["before"], record["after"]
-        change = {key: f"{before[key]:,}" + (f" -> {after[key]:,}" if after[key] != before[key] else "")
-                  for key in ("experts", "params", "bytes")}
+        change = size_change(record)
         lines.append(f"| {record['pass']} | {record['seconds']:.2f} | {change['experts']} | {change['params']} | "
                      f"{change['bytes']} |")
         changed = pass_details(record.get("summary", {}))
@@ -74,6 +72,13 @@ def pass_table(records: list[dict[str, Any]], files: list[str]) -> list[str]:
         if changed:
             details += ["", f"{record['pass']}:", ""] + [f"- {line}" for line in changed]
     return lines + details
+
+
+def size_change(record: dict[str, Any]) -> dict[str, str]:
+    """A pass record's experts, parameters and bytes: ``before -> after`` where the pass changed them."""
+    before, after = record["before"], record["after"]
+    return {key: f"{before[key]:,}" + (f" -> {after[key]:,}" if after[key] != before[key] else "")
+            for key in ("experts", "params", "bytes")}
 
 
 def layer_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -154,11 +159,16 @@ def onnx_fallback_lines(onnx: dict[str, Any]) -> list[str]:
 
 
 def pass_details(summary: dict[str, Any]) -> list[str]:
-    """What a pass changed, one line per layer of an expert-compression pass (the experts it removed or merged),
+    """What a pass changed: the ops simplify or dead-code removed, one line per layer of an expert-compression
+    pass (the experts it removed or merged),
     of expert-placement (each rank's experts and the load balance) or of overlap-schedule (its chunk count and
     why), or a few lines for bit-allocation (the widths chosen and the check against uniform bits) and dynamic
     skipping; nothing for other passes."""
     lines = []
+    if summary.get("ops_removed"):
+        lines.append(removed_ops_line(summary))
+    elif summary.get("weights_removed"):
+        lines.append(f"removed {plural(summary['weights_removed'], 'weight')} nothing reads")
     if summary.get("moves") is not None:
         lines.append(f"{summary['moves']:,.0f} expected token moves between ranks at layer boundaries "
                      "on the calibration data")
@@ -185,6 +195,20 @@ def pass_details(summary: dict[str, Any]) -> list[str]:
                      + (f" ({summary['top_1_ops']} with top-1 routing left alone)" if summary["top_1_ops"] else ""))
         lines.extend(skip_rate_lines(summary))
     return lines
+
+
+def removed_ops_line(summary: dict[str, Any]) -> str:
+    """simplify's removals by rule, or dead-code's ops and weights nothing reads."""
+    rules = {key.removeprefix("removed_"): count for key, count in summary.items() if key.startswith("removed_")}
+    if rules:
+        by_rule = ", ".join(f"{count} {rule}" for rule, count in rules.items())
+        return f"removed {plural(summary['ops_removed'], 'op')} that return their input unchanged ({by_rule})"
+    weights = f" and {plural(summary['weights_removed'], 'weight')}" if summary.get("weights_removed") else ""
+    return f"removed {plural(summary['ops_removed'], 'op')}{weights} nothing reads"
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def bit_allocation_lines(summary: dict[str, Any]) -> list[str]:

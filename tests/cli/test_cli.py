@@ -95,6 +95,15 @@ def test_compile_names_the_experts_each_compression_pass_removed_or_merged():
     assert pass_details({"ops_removed": 0}) == [] == pass_details({"layers": 2, "experts": 4})  # dense-to-moe
 
 
+def test_compile_says_which_ops_simplify_and_dead_code_removed():
+    assert pass_details({"ops_removed": 19, "removed_clone": 13, "removed_add-zero": 2, "removed_whole-slice": 4}) == [
+        "removed 19 ops that return their input unchanged (13 clone, 2 add-zero, 4 whole-slice)"]
+    assert pass_details({"ops_removed": 3, "weights_removed": 2}) == ["removed 3 ops and 2 weights nothing reads"]
+    assert pass_details({"ops_removed": 0, "weights_removed": 1}) == ["removed 1 weight nothing reads"]
+    assert pass_details({"ops_removed": 1}) == ["removed 1 op nothing reads"]
+    assert pass_details({"ops_removed": 0, "weights_removed": 0}) == []
+
+
 @pytest.fixture(scope="module")
 def scheduled_plan(tmp_path_factory):
     """tiny-qwen2-moe placed on 2 ranks, its overlap schedule chosen by a cost model, and what compile printed."""
