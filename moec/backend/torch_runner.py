@@ -26,7 +26,7 @@ from moec.kernels import reference
 from moec.kernels.kernel_choice import KernelChoice
 from moec.kernels.moe_cpu import experts_forward, onednn_available
 from moec.kernels.quant import QuantizedWeight
-from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts, prepare_linear
+from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts, auto_kernel, prepare_linear
 from moec.kernels.quant_matmul import KERNELS as QUANT_KERNELS
 from moec.kernels.skip import skipped_pairs
 
@@ -47,8 +47,7 @@ def run_experts(op: ExpertsOp, weight, args):
     w_in, w_out, b_in, b_out = weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out")
     sources = (w_in, w_out, b_in, b_out)
     if threshold or isinstance(w_in, QuantizedWeight) or isinstance(w_out, QuantizedWeight):
-        experts = weight.cached("experts", lambda: QuantizedExperts(*sources, op.spec, weight.quant_kernel), sources)
-        y = experts(tokens, indices, routing)
+        y = quantized_experts(weight, tokens, indices, routing, sources, op.spec)
     else:
         def onnxruntime_kernel():
             return weight.cached("onnxruntime_experts", lambda: onnxruntime_experts(*sources, op.spec), sources)
@@ -60,7 +59,7 @@ def run_experts(op: ExpertsOp, weight, args):
 EXPERT_KERNELS = ("auto", "onnxruntime", "torch", "torch-blas")
 
 # The float32 CPU experts kernel that ``expert_kernel="auto"`` measured fastest, per layer shape and size.
-ExpertKernelKey = tuple[ExpertsSpec, int, int, int]  # see expert_kernel_key
+ExpertKernelKey = tuple[ExpertsSpec, int, int, int, str]  # see expert_kernel_key
 EXPERT_KERNEL_CHOICE: KernelChoice[ExpertKernelKey] = KernelChoice()
 
 
@@ -69,11 +68,74 @@ def onnxruntime_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def onnxruntime_experts(w_in, w_out, b_in, b_out, spec):
+def onnxruntime_experts(w_in, w_out, b_in, b_out, spec, drop_zero_weight: bool = False):
     # Imported on first use: onnx and onnxruntime take about a second to import.
     from moec.kernels.moe_onnxruntime import OnnxruntimeExperts
 
-    return OnnxruntimeExperts(w_in, w_out, b_in, b_out, spec)
+    return OnnxruntimeExperts(w_in, w_out, b_in, b_out, spec, drop_zero_weight)
+
+
+@functools.cache
+def onnxruntime_int8_available() -> bool:
+    """Whether onnxruntime is installed and its MatMulNBits runs on int8 activations here
+    (``moec.kernels.matmul_nbits``)."""
+    if not onnxruntime_installed():
+        return False
+    from moec.kernels.matmul_nbits import int8_activations_available
+
+    return int8_activations_available()
+
+
+def onnxruntime_takes(weights: tuple[torch.Tensor | QuantizedWeight | None, ...]) -> bool:
+    """Whether ``OnnxruntimeExperts`` runs quantized experts of these weights: every quantized one of at most
+    ``INT4_MAX_BITS`` bits on the CPU, the others float32 on the CPU."""
+    def takes(w) -> bool:
+        if isinstance(w, QuantizedWeight):
+            return max(w.type.bits) <= INT4_MAX_BITS and w.qweight.device.type == "cpu"
+        return w is None or (w.dtype == torch.float32 and w.device.type == "cpu")
+
+    return all(takes(w) for w in weights) and onnxruntime_int8_available()
+
+
+# Below 16 tokens ``OnnxruntimeExperts`` on MatMulNBits can win a race run with the experts in cache and lose
+# inside a model, where each call streams them from memory (with caches evicted, int4pack was faster at 1-8
+# tokens in 58 of 62 timings, by up to 1.9x; docs/BENCHMARKS.md), so ``auto`` leaves it out there.
+QUANTIZED_ONNXRUNTIME_MIN_TOKENS = 16
+
+
+def quantized_experts(weight: WeightReader, tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor,
+                      sources: tuple[Any, Any, Any, Any], spec: ExpertsSpec) -> torch.Tensor:
+    """Routed experts with quantized weights (or with dynamic skipping) on ``weight.quant_kernel``.
+
+    ``dequant``/``int4pack``: ``QuantizedExperts``. ``onnxruntime``: ``OnnxruntimeExperts`` (MatMulNBits on
+    int8 activations). ``auto``: for float32 activations on the CPU, weights ``onnxruntime_takes`` and at least
+    ``QUANTIZED_ONNXRUNTIME_MIN_TOKENS`` tokens, the faster of ``onnxruntime`` and ``QuantizedExperts``' own
+    choice (``int4pack``) for this layer shape and size, timed on the first such call
+    (``EXPERT_KERNEL_CHOICE``, keyed ``quantized``); else ``QuantizedExperts``.
+    """
+    kernel = weight.quant_kernel
+    torch_kernel = "auto" if kernel == "onnxruntime" else kernel  # onnxruntime takes quantized experts only
+    candidates = {
+        "torch": lambda: weight.cached("experts", lambda: QuantizedExperts(*sources, spec, torch_kernel), sources)(
+            tokens, indices, routing),
+    }
+    quantized = any(isinstance(w, QuantizedWeight) for w in sources)
+    wanted = kernel == "onnxruntime" or (kernel == "auto" and tokens.shape[0] >= QUANTIZED_ONNXRUNTIME_MIN_TOKENS)
+    if quantized and wanted and tokens.dtype == torch.float32 and tokens.device.type == "cpu" \
+            and onnxruntime_takes(sources):
+        candidates["onnxruntime"] = lambda: weight.cached(
+            "onnxruntime_experts", lambda: onnxruntime_experts(*sources, spec, drop_zero_weight=True), sources)(
+            tokens, indices, routing)
+    if kernel == "onnxruntime" and quantized:
+        if "onnxruntime" not in candidates:
+            raise BackendError("quant_kernel='onnxruntime' runs float32 activations on the CPU only; use "
+                               "quant_kernel='auto'")
+        return candidates["onnxruntime"]()
+    if len(candidates) == 1:
+        return candidates["torch"]()
+    key = expert_kernel_key(spec, indices.shape[1], tokens.shape[0], weights="quantized")
+    return EXPERT_KERNEL_CHOICE.run(key, {auto_kernel(INT4_MAX_BITS, tokens.device): candidates["torch"],
+                                          "onnxruntime": candidates["onnxruntime"]})
 
 
 def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor,
@@ -114,19 +176,21 @@ def expert_kernel_lines() -> list[str]:
     """One line per choice ``auto`` made in this process: the layer and size, the winner, every time raced."""
     lines = []
     for key, winner in EXPERT_KERNEL_CHOICE.chosen.items():
-        spec, top_k, size_bits, threads = key
+        spec, top_k, size_bits, threads, weights = key
         low, high = 1 << (size_bits - 1), (1 << size_bits) - 1  # size_bits >= 1: empty calls are not raced
         tokens = "1 token" if high == 1 else f"{low}-{high} tokens"
         times = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in EXPERT_KERNEL_CHOICE.timings[key].items())
-        lines.append(f"{spec.num_experts} experts {spec.hidden} -> {spec.intermediate}, top-{top_k}, {tokens}, "
+        lines.append(f"{spec.num_experts} {'quantized ' if weights == 'quantized' else ''}experts "
+                     f"{spec.hidden} -> {spec.intermediate}, top-{top_k}, {tokens}, "
                      f"{threads} thread{'s' if threads > 1 else ''}: {winner} ({times})")
     return lines
 
 
-def expert_kernel_key(spec: ExpertsSpec, top_k: int, num_tokens: int) -> ExpertKernelKey:
+def expert_kernel_key(spec: ExpertsSpec, top_k: int, num_tokens: int, weights: str = "float32") -> ExpertKernelKey:
     """What ``auto``'s choice of kernel is remembered by: the layer's shape, its top-k, the token count to
-    the next power of two, and torch's intra-op thread count (onnxruntime's sessions take the same)."""
-    return spec, top_k, num_tokens.bit_length(), torch.get_num_threads()
+    the next power of two, torch's intra-op thread count (onnxruntime's sessions take the same), and whether
+    the experts' ``weights`` are ``float32`` or ``quantized``."""
+    return spec, top_k, num_tokens.bit_length(), torch.get_num_threads(), weights
 
 
 def run_ffn(op: DenseFFNOp | SharedExpertOp, weight, args):
@@ -224,9 +288,16 @@ RULES: dict[type[Operation], Rule] = {
 }
 
 
-def check_int4pack(program: Program) -> None:
-    """A ``BackendError`` naming the first quantized weight ``quant_kernel='int4pack'`` cannot run: it takes
-    matrices of at most ``INT4_MAX_BITS`` bits stored on the CPU."""
+def check_quant_kernel(program: Program, kernel: str) -> None:
+    """A ``BackendError`` naming the first quantized weight ``quant_kernel=kernel`` cannot run: ``int4pack``
+    and ``onnxruntime`` take matrices of at most ``INT4_MAX_BITS`` bits stored on the CPU, and
+    ``onnxruntime`` needs onnxruntime's int8 MatMulNBits kernel here."""
+    if kernel not in ("int4pack", "onnxruntime"):
+        return
+    if kernel == "onnxruntime" and not onnxruntime_int8_available():
+        why = "onnxruntime is not installed (pip install onnxruntime)" if not onnxruntime_installed() else \
+            "onnxruntime's MatMulNBits does not compute on int8 activations on this CPU"
+        raise BackendError(f"quant_kernel='onnxruntime' cannot run here: {why}; use quant_kernel='auto'")
     for name, weight_type in program.graph.weights.items():
         if not isinstance(weight_type, QuantizedType):
             continue
@@ -234,9 +305,9 @@ def check_int4pack(program: Program) -> None:
         widest = max(weight_type.bits)
         if widest > INT4_MAX_BITS or device.type != "cpu":
             found = f"{widest}-bit matrices" if widest > INT4_MAX_BITS else f"its storage on {device}"
-            raise BackendError(f"quant_kernel='int4pack' runs CPU matrices of at most {INT4_MAX_BITS} bits, and weight "
-                               f"@{name} has {found}; use quant_kernel='auto' (int4pack where it can run, dequant "
-                               "elsewhere) or 'dequant'")
+            raise BackendError(f"quant_kernel={kernel!r} runs CPU matrices of at most {INT4_MAX_BITS} bits, and "
+                               f"weight @{name} has {found}; use quant_kernel='auto' (a kernel that runs each "
+                               "matrix) or 'dequant'")
 
 
 class TorchRunner:
@@ -258,8 +329,7 @@ class TorchRunner:
             raise BackendError(f"quant_kernel={quant_kernel!r} is not one of {', '.join(QUANT_KERNELS)}")
         if expert_kernel not in EXPERT_KERNELS:
             raise BackendError(f"expert_kernel={expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
-        if quant_kernel == "int4pack":
-            check_int4pack(program)
+        check_quant_kernel(program, quant_kernel)
         self.program = program
         self.quant_kernel = quant_kernel
         self.expert_kernel = expert_kernel

@@ -21,8 +21,14 @@ pairs by expert, gathers their rows into one buffer (``moec.kernels.workspace``:
 each expert its rows (an empty [0, H] array for an expert with none), runs the session once, collects the
 outputs into a second kept buffer, scales them by their routing weights and adds them into ``y``.
 
+Quantized experts (every matrix of at most 4 bits) run the same graph with ``com.microsoft.MatMulNBits`` at
+accuracy level 4 in place of each ``Gemm`` (``moec.kernels.matmul_nbits``): int8 activations, packed 4-bit
+weights that onnxruntime repacks once at session build. One of the two kernels ``quant_kernel="auto"``
+times for quantized experts (``moec.backend.torch_runner.quantized_experts``).
+
 Same contract as ``moec.kernels.moe_cpu.experts_forward`` for float32 (shapes in its docstring); results
-agree with it to float32 rounding (summation order differs).
+agree with it to float32 rounding (summation order differs), and quantized ones with the dequantized
+weights applied to ``int8_block_rounded`` activations.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ import torch
 from onnx import TensorProto, helper
 
 from moec.frontend.blocks import ExpertsSpec
+from moec.kernels.matmul_nbits import INT8_ACCURACY_LEVEL, NBITS, matmul_nbits_node, matmul_nbits_operands
+from moec.kernels.quant import QuantizedWeight
 from moec.kernels.reference import group_by_expert, weighted_outputs, weighted_rows
 from moec.kernels.workspace import gathered_rows, scratch
 
@@ -59,36 +67,62 @@ def _activation_nodes(name: str, pre: str, out: str) -> list[onnx.NodeProto]:
     raise ValueError(f"no ONNX lowering for activation {name!r}")
 
 
+ONNX_TYPES = {torch.float32: TensorProto.FLOAT, torch.uint8: TensorProto.UINT8}
+
+
 def _external(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
     """A graph initializer that only names ``tensor``: its data is handed over at session build."""
-    proto = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(tensor.shape))
+    proto = TensorProto(name=name, data_type=ONNX_TYPES[tensor.dtype], dims=list(tensor.shape))
     proto.data_location = TensorProto.EXTERNAL
-    for key, value in (("location", f"moec-shared/{name}"), ("offset", "0"), ("length", str(tensor.numel() * 4))):
+    length = tensor.numel() * tensor.element_size()
+    for key, value in (("location", f"moec-shared/{name}"), ("offset", "0"), ("length", str(length))):
         entry = proto.external_data.add()
         entry.key, entry.value = key, value
     return proto
 
 
 class OnnxruntimeExperts:
-    """Runs one ``moe.experts`` op's float32 experts with onnxruntime; call as ``experts_forward``'s
-    ``(x, indices, weights)`` part. Keeps references to the weight tensors it shares with onnxruntime."""
+    """Runs one ``moe.experts`` op's float32 or quantized (at most 4 bits) experts with onnxruntime; call as
+    ``experts_forward``'s ``(x, indices, weights)`` part. Keeps references to the tensors it shares with
+    onnxruntime. ``drop_zero_weight``: pairs of routing weight exactly 0 are not computed (dynamic skipping)."""
 
-    def __init__(self, w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None,
-                 b_out: torch.Tensor | None, spec: ExpertsSpec) -> None:
-        if w_in.dtype != torch.float32 or w_out.dtype != torch.float32 or w_in.device.type != "cpu":
-            raise ValueError("OnnxruntimeExperts runs float32 CPU weights only")
-        self.spec = spec
-        self.shared = {}  # name -> contiguous float32 tensor whose memory onnxruntime reads
+    def __init__(self, w_in: torch.Tensor | QuantizedWeight, w_out: torch.Tensor | QuantizedWeight,
+                 b_in: torch.Tensor | None, b_out: torch.Tensor | None, spec: ExpertsSpec,
+                 drop_zero_weight: bool = False) -> None:
+        for w in (w_in, w_out):
+            if isinstance(w, QuantizedWeight):
+                if max(w.type.bits) > NBITS or w.qweight.device.type != "cpu":
+                    raise ValueError(f"OnnxruntimeExperts runs quantized CPU weights of at most {NBITS} bits, "
+                                     f"got widths {sorted(set(w.type.bits))}")
+            elif w.dtype != torch.float32 or w.device.type != "cpu":
+                raise ValueError("OnnxruntimeExperts runs float32 CPU weights only")
+        self.spec, self.drop_zero_weight = spec, drop_zero_weight
+        self.shared: dict[str, torch.Tensor] = {}  # name -> contiguous tensor whose memory onnxruntime reads
         nodes: list[onnx.NodeProto] = []
         inputs, outputs, initializers = [], [], []
         f = spec.intermediate
+
+        def linear(x: str, role: str, e: int, weight, bias, y: str) -> None:
+            """``y = x @ weight[e].T (+ bias[e])``: a Gemm, or MatMulNBits (+ Add) for a quantized weight."""
+            name = f"{role}{e}"
+            if bias is not None:
+                initializers.append(onnx.numpy_helper.from_array(bias[e].detach().float().numpy(), f"b_{name}"))
+            if not isinstance(weight, QuantizedWeight):
+                self.shared[f"w_{name}"] = weight[e].detach().contiguous()
+                nodes.append(helper.make_node("Gemm", [x, f"w_{name}"] + ([f"b_{name}"] if bias is not None else []),
+                                              [y], transB=1))
+                return
+            matrix = weight.matrix(e)
+            for part, tensor in matmul_nbits_operands(matrix).items():
+                self.shared[f"w_{name}_{part}"] = tensor
+            product = f"{y}_product" if bias is not None else y
+            nodes.append(matmul_nbits_node(x, f"w_{name}", matrix, product, INT8_ACCURACY_LEVEL))
+            if bias is not None:
+                nodes.append(helper.make_node("Add", [product, f"b_{name}"], [y]))
+
         for e in range(spec.num_experts):
             x, pre, hidden, y = f"x{e}", f"pre{e}", f"hidden{e}", f"y{e}"
-            self.shared[f"w_in{e}"] = w_in[e].detach().contiguous()
-            self.shared[f"w_out{e}"] = w_out[e].detach().contiguous()
-            gemm_in = [x, f"w_in{e}"] + ([f"b_in{e}"] if b_in is not None else [])
-            gemm_out = [hidden, f"w_out{e}"] + ([f"b_out{e}"] if b_out is not None else [])
-            nodes.append(helper.make_node("Gemm", gemm_in, [pre], transB=1))
+            linear(x, "in", e, w_in, b_in, pre)
             if spec.gated:
                 nodes.append(helper.make_node("Split", [pre, "gate_up_sizes"], [f"gate{e}", f"up{e}"], axis=1))
                 gate, up = f"gate{e}", f"up{e}"
@@ -103,12 +137,9 @@ class OnnxruntimeExperts:
                 nodes.append(helper.make_node("Mul", [f"act{e}", up], [hidden]))
             else:
                 nodes += _activation_nodes(spec.act, pre, hidden)
-            nodes.append(helper.make_node("Gemm", gemm_out, [y], transB=1))
+            linear(hidden, "out", e, w_out, b_out, y)
             inputs.append(helper.make_tensor_value_info(x, TensorProto.FLOAT, [f"rows{e}", spec.hidden]))
             outputs.append(helper.make_tensor_value_info(y, TensorProto.FLOAT, [f"rows{e}", spec.hidden]))
-            for role, bias in (("b_in", b_in), ("b_out", b_out)):
-                if bias is not None:
-                    initializers.append(onnx.numpy_helper.from_array(bias[e].detach().float().numpy(), f"{role}{e}"))
         initializers += [_external(name, tensor) for name, tensor in self.shared.items()]
         if spec.gated:
             initializers.append(helper.make_tensor("gate_up_sizes", TensorProto.INT64, [2], [f, f]))
@@ -120,7 +151,8 @@ class OnnxruntimeExperts:
         if spec.act == "quick_gelu":
             initializers.append(helper.make_tensor("quick_gelu_scale", TensorProto.FLOAT, [], [1.702]))
         graph = helper.make_graph(nodes, "moec_experts", inputs, outputs, initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
+                                                        helper.make_opsetid("com.microsoft", 1)])
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
@@ -137,7 +169,7 @@ class OnnxruntimeExperts:
     def __call__(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """``y[t] = sum_j weights[t, j] * expert_{indices[t, j]}(x[t])`` for x [T, H] float32 on the CPU (the
         weight scaling the expert's input instead for ``spec.weighted_input``)."""
-        groups = group_by_expert(indices, weights, self.spec.num_experts)
+        groups = group_by_expert(indices, weights, self.spec.num_experts, self.drop_zero_weight)
         rows = weighted_rows(gathered_rows(x, groups.token_of), groups.weight, self.spec)  # [S, H] sorted by expert
         rows_np = rows.numpy()
         feeds, start = {}, 0

@@ -1,6 +1,6 @@
 """Linears and routed experts on quantized weights, for the torch runner (CPU).
 
-Two kernels compute ``y = x @ dequantize(W).T (+ b)`` for one quantized matrix ``W`` [N, K]:
+Three kernels compute ``y = x @ dequantize(W).T (+ b)`` for one quantized matrix ``W`` [N, K]:
 
 * ``dequant``: unpack and dequantize this one matrix to float32, then an fp32 ``F.linear``. The reference:
   exact up to float32 matmul rounding, any width, any dtype; dequantized weights live for one call only.
@@ -10,11 +10,15 @@ Two kernels compute ``y = x @ dequantize(W).T (+ b)`` for one quantized matrix `
   4 bits per weight in memory while the plan keeps their narrow packing) and the zero point folded into a
   float offset: ``(q - z) * s == (q - 8) * s + (8 - z) * s`` for 4 bits. Exact to its reference, ``dequant`` on
   bfloat16-rounded inputs with a bfloat16 result.
+* ``onnxruntime``: onnxruntime's MatMulNBits on int8 activations, for 2-, 3- and 4-bit CPU matrices
+  (``moec.kernels.matmul_nbits``). Exact to its reference, ``dequant`` on ``int8_block_rounded`` inputs.
 
-Measured side by side (with float32 and onnxruntime's MatMulNBits) by ``tools/bench/quantize.py``; the
-bfloat16 ``int4pack`` kernel was the fastest for 1-16 tokens at every width it takes, so ``auto`` picks it
-for CPU matrices of at most 4 bits when a probe on a small problem agrees with ``dequant``, and ``dequant``
-otherwise (8 bits, weights on another device such as a GPU, or where the probe fails; ``auto_kernel``).
+For a single linear, ``auto`` picks ``int4pack`` for CPU matrices of at most 4 bits when a probe on a small
+problem agrees with ``dequant``, and ``dequant`` otherwise (8 bits, weights on another device such as a GPU,
+or where the probe fails; ``auto_kernel``). Routed experts of 16 tokens or more are timed instead: the torch
+runner races ``QuantizedExperts`` (on ``int4pack``) against ``OnnxruntimeExperts`` (on MatMulNBits) per layer
+shape and size, since which is faster depends on the host (``moec.backend.torch_runner.quantized_experts``).
+Measured side by side by ``tools/bench/quantize.py``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from moec.kernels.reference import (
     weighted_rows,
 )
 
-KERNELS = ("auto", "dequant", "int4pack")
+KERNELS = ("auto", "dequant", "int4pack", "onnxruntime")
 INT4_TILES = 1  # inner-k tiles of torch's CPU int4 layout (the CPU kernel ignores other values)
 INT4_MAX_BITS = 4  # narrower codes fit the 4-bit tiles unchanged
 
@@ -74,6 +78,23 @@ def int4pack_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None) -
     return run
 
 
+def onnxruntime_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None) -> Linear:
+    """onnxruntime's MatMulNBits on int8 activations for a ``matrix`` [N, K] of at most 4 bits
+    (``moec.kernels.matmul_nbits``); ``x`` [M, K] of any float dtype, computed in float32."""
+    # Imported on first use: onnx and onnxruntime take about a second to import.
+    from moec.kernels.matmul_nbits import INT8_ACCURACY_LEVEL, single_matmul_session
+
+    session = single_matmul_session(matrix, INT8_ACCURACY_LEVEL, threads=torch.get_num_threads())
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = torch.from_numpy(session.run(None, {"x": x.float().contiguous().numpy()})[0])
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype)
+
+    return run
+
+
 @functools.cache
 def int4pack_available() -> bool:
     """Whether the packed-int4 CPU GEMM runs here and agrees with ``dequant`` on bfloat16-rounded inputs."""
@@ -101,7 +122,8 @@ def prepare_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None, ke
         raise ValueError(f"unknown quantized kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if kernel == "auto":
         kernel = auto_kernel(matrix.bits, matrix.packed.device)
-    return int4pack_linear(matrix, bias) if kernel == "int4pack" else dequant_linear(matrix, bias)
+    builders = {"int4pack": int4pack_linear, "onnxruntime": onnxruntime_linear, "dequant": dequant_linear}
+    return builders[kernel](matrix, bias)
 
 
 class QuantizedExperts:

@@ -9,9 +9,13 @@ Everything is measured side by side in one run and written to bench-results/quan
    a few uniform 2/3-bit mixes: alternate units, first or second half at 3 bits).
 3. ``bytes``: expert bytes in the saved plan at 3.0 average bits vs float32.
 4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
-5. ``kernels``: decode-sized (1-16 token) expert blocks: the float32 plan (on the float kernel the runner
-   measures fastest for the size) vs 2-, 3-, 4- and 8-bit experts (4 only with ``--quick``) on each CPU path
-   that takes the width.
+5. ``kernels``: expert blocks of 1, 4, 8, 16 (decode) and 64, 256 tokens (prefill): the float32 plan (on the
+   float kernel the runner measures fastest for the size) vs 2-, 3-, 4- and 8-bit experts (4 only with
+   ``--quick``) on each CPU path that takes the width (``dequant``, ``int4pack``, ``onnxruntime``:
+   MatMulNBits on int8 activations), and ``auto``: what the runner runs (``quantized_experts``; its first
+   call races the kernels from 16 tokens on, ``auto_chose`` names the winner). Errors are relative to the
+   output's largest magnitude: each path's against the float path on the dequantized weights, and
+   ``weights_max_rel_error`` (the rounding of the weights themselves) against the float32 plan.
 6. ``converted``: the real-weights MoE, all-MiniLM-L6-v2 made an MoE by dense-to-moe (16 experts, top-8,
    calibrated on standard-library docstring sentences; per-linear units, routing-mass importance):
    ``quality`` and ``skip`` as above, 1 - embedding cosine on held-out sentences against the float converted model.
@@ -41,9 +45,11 @@ from moec.analysis.quality import embedding_cosine
 from moec.api import CompiledModel
 from moec.backend.torch_runner import (
     EXPERT_KERNEL_CHOICE,
+    WeightReader,
     expert_kernel_key,
     float_experts,
     onnxruntime_experts,
+    quantized_experts,
 )
 from moec.frontend.blocks import ExpertsSpec
 from moec.frontend.capture import capture
@@ -51,8 +57,9 @@ from moec.frontend.zoo import build_preset, minilm_path
 from moec.ir import parse_graph, print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
+from moec.kernels.matmul_nbits import INT8_ACCURACY_LEVEL, single_matmul_session
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
-from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts
+from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts, auto_kernel
 from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.dynamic_skip import skip_statistics
 from moec.passes.quantize import quantizable_units, quantize_units
@@ -233,36 +240,14 @@ def time_call(fn, repeats: int, evict: CacheEviction | None = None) -> float:
     return median_seconds(fn, repeats, 1, evict) * 1e3
 
 
-def ort_matmul_nbits(matrix, tokens: int):
-    """onnxruntime's MatMulNBits on one 4-bit matrix [N, K] (our packing order is its order); None if unavailable."""
-    try:
-        import onnx
-        import onnxruntime as ort
-        from onnx import TensorProto, helper
-    except ImportError:
-        return None
-    n, k = matrix.packed.shape[0], matrix.packed.shape[1] * 2
-    group = matrix.group
-    blob = matrix.packed.reshape(n, k // group, group // 2).numpy()
-    zeros = matrix.zeros.numpy()
-    packed_zeros = (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).astype(np.uint8) if zeros.shape[1] % 2 == 0 else None
-    if packed_zeros is None:
-        return None
-    node = helper.make_node("MatMulNBits", ["x", "w", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=group)
-    graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [tokens, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [tokens, n])],
-        [onnx.numpy_helper.from_array(blob, "w"), onnx.numpy_helper.from_array(matrix.scales.float().numpy().reshape(-1), "s"),
-         onnx.numpy_helper.from_array(packed_zeros.reshape(-1), "z")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+def ort_matmul_nbits(matrix, accuracy_level: int):
+    """onnxruntime's MatMulNBits on one 4-bit matrix [N, K], on float32 (level 0) or int8 (level 4) activations."""
+    session = single_matmul_session(matrix, accuracy_level, threads=torch.get_num_threads())
     return lambda x: session.run(None, {"x": x})[0]
 
 
 def bench_kernels(quick: bool) -> list[dict]:
-    """An MoE block (8 experts, top-2, hidden 1024, FFN 3584, gated) at 1-16 tokens, float32 vs quantized
+    """An MoE block (8 experts, top-2, hidden 1024, FFN 3584, gated) at 1-256 tokens, float32 vs quantized
     experts of each width (group 64) on each CPU path that takes that width."""
     generator = torch.Generator().manual_seed(0)
     experts, hidden, ffn = 8, 1024, 3584
@@ -277,8 +262,15 @@ def bench_kernels(quick: bool) -> list[dict]:
         q_out = QuantizedWeight.from_matrices("f32", tuple(w_out.shape), [quantize_matrix(w_out[e], bits, 64) for e in range(experts)])
         kernels = ("dequant", "int4pack") if bits <= INT4_MAX_BITS else ("dequant",)
         paths = {kernel: QuantizedExperts(q_in, q_out, None, None, spec, kernel) for kernel in kernels}
+        if bits <= INT4_MAX_BITS:  # MatMulNBits on int8 activations, the runner's other candidate
+            paths["onnxruntime"] = onnxruntime_experts(q_in, q_out, None, None, spec, drop_zero_weight=True)
+            for key in [key for key in EXPERT_KERNEL_CHOICE.chosen if key[-1] == "quantized"]:
+                del EXPERT_KERNEL_CHOICE.chosen[key]  # each width races anew (the runner keys shapes, not widths)
+            reader = WeightReader(None, None, "auto", "auto")  # type: ignore[arg-type]  # only its kernel cache is used
+            paths["auto"] = lambda x, indices, weights, reader=reader, q_in=q_in, q_out=q_out: quantized_experts(
+                reader, x, indices, weights, (q_in, q_out, None, None), spec)
         reference = QuantizedExperts(q_in.dequantize(), q_out.dequantize(), None, None, spec)  # float path, dequantized weights
-        for tokens in (1, 16) if quick else (1, 4, 16):
+        for tokens in (1, 16) if quick else (1, 4, 8, 16, 64, 256):
             rows.append(measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, reference,
                                        q_in.matrix(0), generator, evict))
     return rows
@@ -302,22 +294,28 @@ def measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, re
     row = {"bits": bits, "tokens": tokens,
            "float32_kernel": EXPERT_KERNEL_CHOICE.chosen[expert_kernel_key(spec, 2, tokens)],
            "float32_ms": float32_ms}
+    exact = float32(x, indices, weights)  # what rounding the weights to ``bits`` costs, for scale
+    row["weights_max_rel_error"] = float((want - exact).abs().max() / exact.abs().max())
     for kernel, fn in paths.items():
         got = fn(x, indices, weights)
         row[f"{kernel}_ms"] = time_call(lambda fn=fn: fn(x, indices, weights), 5, evict)
         row[f"{kernel}_max_rel_error"] = float((got - want).abs().max() / want.abs().max())
         row[f"speedup_{kernel}_vs_float32"] = row["float32_ms"] / row[f"{kernel}_ms"]
-    ort_fn = ort_matmul_nbits(matrix, tokens) if bits == 4 else None
-    if ort_fn is not None:
+    if "auto" in paths:
+        row["auto_chose"] = EXPERT_KERNEL_CHOICE.chosen.get(expert_kernel_key(spec, 2, tokens, "quantized"),
+                                                            auto_kernel(bits, torch.device("cpu")))
+    if bits == 4:  # one 7168 x 1024 matrix, all tokens
         xs = x.numpy()
-        ort_y = torch.from_numpy(ort_fn(xs))
         single = torch.nn.functional.linear(x, matrix.dequantize())
+        ort_float, ort_int8 = ort_matmul_nbits(matrix, 0), ort_matmul_nbits(matrix, INT8_ACCURACY_LEVEL)
         row["one_matrix_ms"] = {
             "float32": time_call(lambda: torch.nn.functional.linear(x, w_in[0]), 5),
             "int4pack": time_call(lambda: paths["int4pack"].input_linears[0](x), 5),
-            "ort_matmulnbits": time_call(lambda: ort_fn(xs), 5),
+            "ort_matmulnbits": time_call(lambda: ort_float(xs), 5),
+            "ort_matmulnbits_int8": time_call(lambda: ort_int8(xs), 5),
         }
-        row["ort_max_rel_error"] = float((ort_y - single).abs().max() / single.abs().max())
+        row["ort_max_rel_error"] = float((torch.from_numpy(ort_float(xs)) - single).abs().max() / single.abs().max())
+        row["ort_int8_max_rel_error"] = float((torch.from_numpy(ort_int8(xs)) - single).abs().max() / single.abs().max())
     print(json.dumps(row), flush=True)
     return row
 

@@ -3,12 +3,10 @@
 A quantized weight (``moec.ir.quant``: group-wise affine codes, LSB-first packing) reaches ONNX in one of
 two ways, both as custom torch ops that torch.export keeps opaque and ``TRANSLATIONS`` turns into ONNX:
 
-* ``matmul_nbits``: a 4-bit linear becomes one ``com.microsoft.MatMulNBits``. Checked against
-  onnxruntime 1.32's schema: B is uint8 ``[N, K / block, block * bits / 8]`` with the codes of a block
-  packed LSB-first, low nibble first (moec's own byte order, so the packed codes are only reshaped);
-  scales ``[N, K / block]`` in the input's type (float32, widened exactly from the stored float16);
-  zero points packed the same way, ``[N, ceil(K / block * bits / 8)]``. Dequantization is
-  ``(q - zero) * scale`` as in moec; ``accuracy_level`` is left unset, so activations stay float32.
+* ``matmul_nbits``: a 4-bit linear becomes one ``com.microsoft.MatMulNBits``, its operands laid out by
+  ``moec.kernels.matmul_nbits`` (moec's byte order is onnxruntime's, so the packed codes are only
+  reshaped). Dequantization is ``(q - zero) * scale`` as in moec; ``accuracy_level`` is left unset, so
+  activations stay float32 and the export matches the dequantized model to float32 rounding.
 * ``dequantize``: any width (2, 3, 4, 8 bits; experts may mix widths) is unpacked and dequantized with
   standard ops (Cast, Reshape, Mul, ReduceSum, Div, Mod, Sub), the same float32 arithmetic as
   ``moec.kernels.quant.dequantize_codes``, then used as a float weight (MatMul, or portable experts).
@@ -29,6 +27,7 @@ from onnxscript import opset18 as op
 
 from moec.backend.onnx.moe import Translations, contrib_op
 from moec.ir.quant import STORAGE_SUFFIXES, QuantizedType
+from moec.kernels.matmul_nbits import matmul_nbits_operands as nbits_layout
 from moec.kernels.quant import CODES_PER_CHUNK, QuantizedWeight, dequantize_codes, unpack_codes
 
 MATMUL_NBITS_WIDTHS = (4,)  # widths exported as com.microsoft.MatMulNBits; the others are dequantized
@@ -47,15 +46,8 @@ MATMUL_NBITS = contrib_op(
 
 
 def matmul_nbits_operands(weight: QuantizedWeight) -> dict[str, torch.Tensor]:
-    """A 2-D 4-bit weight [N, K] in MatMulNBits' layout, keyed by storage suffix (zero points a nibble each)."""
-    matrix, t = weight.matrix(0), weight.type
-    blocks = t.columns // t.group
-    packed = matrix.packed.reshape(t.rows, blocks, t.group * matrix.bits // 8)
-    zeros = matrix.zeros
-    if blocks % 2:  # one zero point a nibble: pad the row to whole bytes (the pad is never read)
-        zeros = torch.cat([zeros, torch.zeros_like(zeros[:, :1])], dim=1)
-    packed_zeros = zeros[:, 0::2] | (zeros[:, 1::2] << 4)
-    return {"qweight": packed.contiguous(), "scales": matrix.scales.float(), "zeros": packed_zeros.contiguous()}
+    """A 2-D 4-bit weight [N, K] in MatMulNBits' layout, keyed by storage suffix (``moec.kernels.matmul_nbits``)."""
+    return nbits_layout(weight.matrix(0))
 
 
 def uses_matmul_nbits(weight_type: QuantizedType) -> bool:
