@@ -48,10 +48,9 @@ def matmul_nbits_operands(matrix: QuantizedMatrix) -> dict[str, torch.Tensor]:
 
 def matmul_nbits_node(x: str, prefix: str, matrix: QuantizedMatrix, y: str, accuracy_level: int) -> onnx.NodeProto:
     """``y = x @ W.T`` for ``matrix`` W [N, K], reading initializers ``{prefix}_qweight``/``_scales``/``_zeros``."""
-    rows, columns = matrix.scales.shape[0], matrix.packed.shape[1] * 8 // matrix.bits
     return helper.make_node("MatMulNBits", [x, f"{prefix}_qweight", f"{prefix}_scales", f"{prefix}_zeros"], [y],
-                            domain="com.microsoft", K=columns, N=rows, bits=NBITS, block_size=matrix.group,
-                            accuracy_level=accuracy_level)
+                            domain="com.microsoft", K=matrix.columns, N=matrix.scales.shape[0], bits=NBITS,
+                            block_size=matrix.group, accuracy_level=accuracy_level)
 
 
 def int8_block_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -65,12 +64,11 @@ def int8_block_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
 
 def single_matmul_session(matrix: QuantizedMatrix, accuracy_level: int, threads: int = 1) -> onnxruntime.InferenceSession:
     """A session computing ``x @ W.T`` for ``matrix`` with one MatMulNBits node (input ``x``, output ``y``)."""
-    columns = matrix.packed.shape[1] * 8 // matrix.bits
     initializers = [onnx.numpy_helper.from_array(t.numpy(), f"w_{role}")
                     for role, t in matmul_nbits_operands(matrix).items()]
     graph = helper.make_graph(
         [matmul_nbits_node("x", "w", matrix, "y", accuracy_level)], "moec_matmul_nbits",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", columns])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", matrix.columns])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", matrix.scales.shape[0]])], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     options = onnxruntime.SessionOptions()

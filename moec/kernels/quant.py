@@ -109,8 +109,12 @@ class QuantizedMatrix:
     bits: int
 
     @property
+    def columns(self) -> int:
+        return self.packed.shape[-1] * 8 // self.bits
+
+    @property
     def group(self) -> int:
-        return self.packed.shape[-1] * 8 // self.bits // self.scales.shape[-1]
+        return self.columns // self.scales.shape[-1]
 
     def codes(self) -> torch.Tensor:
         return unpack_codes(self.packed, self.bits)
