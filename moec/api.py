@@ -25,7 +25,7 @@ from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
-from moec.passes.base import unused_calibration
+from moec.passes.base import missing_calibration, unused_calibration
 from moec.passes.dead_code import DeadCode
 from moec.passes.simplify import Simplify
 from moec.paths import user_path
@@ -55,7 +55,15 @@ class CompiledModel:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self.program.flatten_inputs(args, kwargs)
-        return self.program.unflatten_outputs(self.runner.run(inputs))
+        try:
+            outputs = self.runner.run(inputs)
+        except (IndexError, RuntimeError) as err:
+            mismatch = self.program.rank_mismatch(inputs)
+            if mismatch is None:
+                raise
+            raise ValueError(f"{mismatch}, and the compiled model fails on it ({type(err).__name__}: {err}); "
+                             "call it with inputs of the example's rank") from err
+        return self.program.unflatten_outputs(outputs)
 
     @property
     def ir(self) -> str:
@@ -152,6 +160,7 @@ def compile(
         from moec.backend.triton_runner import check_available
 
         check_available()
+    check_compile_arguments(example_inputs, recipe)
     args, kwargs = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
     recipe_dict = load_recipe(recipe if not isinstance(recipe, Mapping) else dict(recipe))
     passes = build_passes(recipe_dict)
@@ -159,6 +168,9 @@ def compile(
     stored = isinstance(context.calibration, Calibration)  # kept with the plan, for reuse, even when unused
     if calibration is not None and not stored and not any(p.uses_calibration() for p in passes):
         warn(f"calibration is not used: {unused_calibration(passes)}; leave it out")
+    needing = [p.name for p in passes if p.needs_calibration()]
+    if calibration is None and needing:  # before capture, which can take minutes
+        raise missing_calibration(f"pass {needing[0]!r}")
     program = capture(model, args, kwargs)
     records = run_passes(program, [Simplify(), DeadCode(), *passes], context)
     program.metadata["recipe"] = recipe_dict
@@ -167,6 +179,20 @@ def compile(
     if context.report:
         program.metadata["report"] = context.report
     return CompiledModel(program, backend, calibration=context.calibrations[0] if context.calibrations else None)
+
+
+def check_compile_arguments(example_inputs: Any, recipe: Any) -> None:
+    """A ``TypeError`` saying how to pass ``example_inputs`` or ``recipe`` when its kind cannot be one."""
+    if isinstance(example_inputs, torch.Tensor):
+        raise TypeError("example_inputs is a single tensor; pass a tuple of the model's positional arguments, "
+                        "such as (input_ids,), or a dict of its keyword arguments")
+    if not isinstance(example_inputs, (tuple, list, Mapping)):
+        raise TypeError(f"example_inputs is a {type(example_inputs).__name__}; pass a tuple of the model's "
+                        "positional arguments, such as (input_ids,), or a dict of its keyword arguments")
+    if recipe is not None and not isinstance(recipe, (str, os.PathLike, Mapping)):
+        hint = f" ({{'passes': [...]}} around this {type(recipe).__name__})" if isinstance(recipe, list) else ""
+        raise TypeError(f"recipe is a {type(recipe).__name__}; pass a dict with a 'passes' list{hint}, such as "
+                        "{'passes': [{'quantize': {'bits': 4}}]}, or the path of a YAML/JSON recipe file")
 
 
 def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:

@@ -332,12 +332,17 @@ def check_recipe_path(path: str) -> None:
 
 
 def check_plan_path(path: str) -> Path:
-    """The folder ``path`` names (the plan's files are checked when it is read), else one ``UsageError`` saying
-    what to pass."""
+    """The folder ``path`` names if it holds a ``plan.json`` (whose contents are checked when it is read), else
+    one ``UsageError`` saying what to pass."""
+    from moec.ir.plan import PLAN_FILE
+
     folder = user_path(path)
     if not folder.is_dir():
         problem = "is a file, not a plan folder" if folder.exists() else "does not exist"
         raise UsageError(f"PLAN {path} {problem}; pass a plan folder written by `moec compile -o`")
+    if not (folder / PLAN_FILE).is_file():
+        raise UsageError(f"PLAN {path} is not a moec plan: it has no {PLAN_FILE}; pass a plan folder written by "
+                         "`moec compile -o`")
     return folder
 
 
@@ -448,7 +453,7 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         compiled.export_onnx(args.output, lowering=args.lowering, opset=opset, external_data=args.external_data)
     report = compiled.report["onnx"]
     for line in onnx_fallback_lines(report):
-        console.print(line, markup=False)
+        print_warning(line)
     fused = " and ".join(f"{count} {op} op{'s' if count > 1 else ''}"
                          for op, count in report["fused_moe_ops_by_op"].items()) or "no fused MoE ops"
     console.print(f"wrote {report['path']}: opset {report['opset']}, {fused}, "
@@ -462,7 +467,12 @@ def run_export_onnx(args: argparse.Namespace) -> int:
 def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
                  file: Any = None, line: str | None = None) -> None:
     """A warning as one ``warning: ...`` line: the file and line it was raised from mean nothing at a prompt."""
-    errors.print(Text("warning: ", style="bold yellow") + Text(str(message)))
+    print_warning(str(message))
+
+
+def print_warning(message: str) -> None:
+    """``warning: message`` on stderr, as one line however long."""
+    errors.print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,8 +5,8 @@
 ``INPUTS`` holds the model's keyword inputs by name (``input_ids``, ``attention_mask`` ...); each rank runs
 its share of the batch; rank 0 writes the whole batch's flat outputs as ``output_0``, ``output_1`` ...
 An error every rank hits is printed once, by rank 0 (ranks that fail differently are each named), and
-every rank exits with code 1, or 2 for a PLAN that is not a folder or ``--inputs`` that names no file (bad
-usage, as in the ``moec`` command);
+every rank exits with code 1, or 2 for a PLAN that is not a plan folder or ``--inputs`` that names no file (bad
+usage, as in the ``moec`` command; also when started without torchrun);
 an error a rank hits while running is printed by that rank. Every plan runs
 on the torch runner's rules: a plan compiled for the triton backend runs without its Triton kernels (rank 0
 says so).
@@ -31,6 +31,8 @@ from moec.errors import MoecError
 from moec.ir.program import Program
 from moec.paths import user_path
 
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets for each rank
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moec.run", description="Run an expert-parallel moec plan (under torchrun).")
@@ -38,6 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inputs", required=True, metavar="FILE", help="safetensors file of the model's keyword inputs")
     parser.add_argument("--output", metavar="FILE", help="rank 0 writes the outputs here (safetensors)")
     args = parser.parse_args(argv)
+    unset = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
+    if unset:  # started by hand: init_process_group would fail with pytorch's own message
+        print(f"error: python -m moec.run runs on every rank of a torchrun job, and {', '.join(unset)} "
+              f"{'is' if len(unset) == 1 else 'are'} not set; start it as torchrun --nproc-per-node R -m moec.run "
+              f"{args.plan} --inputs {args.inputs}", file=sys.stderr)
+        return 2
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -274,7 +274,14 @@ def load_model_spec(text: str) -> tuple[nn.Module, Example]:
     if text in PRESETS:
         return build_preset(text)
     if user_path(text).is_dir():
-        return _load_hf_folder(user_path(text))
+        try:
+            return _load_hf_folder(user_path(text))
+        except Exception as err:  # transformers and safetensors raise many kinds for a folder they cannot load
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelSpecError(
+                f"--model {text}: not a Hugging Face model folder that loads offline ({type(err).__name__}: "
+                f"{reason}); give a folder written by save_pretrained (config.json with its model_type, and the "
+                "weights), a preset, or package.module:factory") from err
     if ":" in text:
         return _load_factory(text)
     raise ModelSpecError(

@@ -16,7 +16,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
-from moec.errors import PlanError
+from moec.errors import ParseError, PlanError, VerifyError
 from moec.ir.core import Graph
 from moec.ir.parser import parse_graph
 from moec.ir.printer import print_graph
@@ -43,7 +43,8 @@ def sha256_of(path: Path) -> str:
 
 def check_plan_target(path: str | os.PathLike) -> Path:
     """``path`` resolved, if a plan folder can be written there: a new path under folders (missing ones are
-    created), an empty folder or an existing plan (replaced); else one ``PlanError`` saying why."""
+    created), an empty folder or an existing plan (replaced); else one ``PlanError`` saying why. Whether the
+    nearest existing folder takes new entries is tried (a temporary folder made and removed)."""
     target = user_path(path).resolve()
     if target.is_dir():
         if not (target / PLAN_FILE).exists() and any(target.iterdir()):
@@ -54,6 +55,12 @@ def check_plan_target(path: str | os.PathLike) -> Path:
         blocking = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             raise PlanError(f"cannot write a plan at {target}: {blocking} is a file; choose another output path")
+    parent = next(p for p in target.parents if p.is_dir())  # where the staging folder, or missing ones, go
+    try:
+        tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=parent).cleanup()
+    except OSError as err:
+        raise PlanError(f"cannot write a plan at {target}: {parent}: {err.strerror or err}; choose another "
+                        "output path") from None
     return target
 
 
@@ -199,8 +206,13 @@ def file_in_plan(folder: Path, name: str, plan_file: Path) -> Path:
 def load_plan(path: str | os.PathLike) -> Program:
     """Load and verify a plan folder written by ``save_plan``."""
     folder, plan = read_plan_json(path)
-    graph = parse_graph(plan["ir"])
-    verify(graph)
+    try:
+        graph = parse_graph(plan["ir"])
+        verify(graph)
+    except (ParseError, VerifyError) as err:
+        first_line = str(err).splitlines()[0]  # a parse error goes on to quote the line it points into
+        raise PlanError(f"{folder / PLAN_FILE}: its IR does not load ({first_line}); the plan is corrupt, compile "
+                        "it again") from None
     weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
     missing = stored_weight_names(graph) - set(weights)
     if missing:

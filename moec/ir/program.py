@@ -143,6 +143,16 @@ class Program:
                     "pins them to the example's sizes); compile with an example of the size you will run"
                 )
 
+    def rank_mismatch(self, leaves: list[Any]) -> str | None:
+        """The first input tensor whose number of dimensions differs from its graph input's, described (a
+        rank-agnostic graph may run on it: ``check_input_shapes``), or None."""
+        for leaf, value, name in zip(leaves, self.graph.inputs, self.graph.input_names, strict=False):
+            shape = getattr(value.type, "shape", None)
+            if isinstance(leaf, torch.Tensor) and shape is not None and leaf.dim() != len(shape):
+                return (f"input {name!r} has {leaf.dim()} dimension{'s' if leaf.dim() != 1 else ''} "
+                        f"{list(leaf.shape)}, where the compiled model takes {value.type}")
+        return None
+
     def unflatten_outputs(self, leaves: list[Any]) -> Any:
         return pytree.tree_unflatten(leaves, load_treespec(self.out_spec))
 

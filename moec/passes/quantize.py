@@ -210,7 +210,7 @@ def group_advice(columns: int, kind: str) -> str:
     the chosen group size does not divide."""
     fits = [str(group) for group in SUPPORTED_GROUPS if columns % group == 0]
     if fits:
-        return f"use group {' or '.join(fits)}"
+        return f"set the pass's group option to {' or '.join(fits)}"
     advice = (f"no supported group size ({', '.join(map(str, SUPPORTED_GROUPS))}) divides it, so this weight "
               "cannot be quantized")
     return advice if kind == "expert" else f"{advice}; dense: false leaves dense FFNs and shared experts float"

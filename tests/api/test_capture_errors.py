@@ -107,6 +107,46 @@ def test_an_input_whose_fixed_size_differs_is_named():
         compiled(torch.randn(5, 6))
 
 
+class SumsOverTokens(nn.Module):
+    def forward(self, x):
+        return x.sum(dim=1)
+
+
+def test_an_input_of_another_rank_that_the_model_fails_on_is_named():
+    compiled = moec.compile(SumsOverTokens(), (torch.randn(2, 3, 4),))
+    with pytest.raises(ValueError, match=r"^input 'x' has 1 dimension \[4\], where the compiled model takes "
+                                         r"f32\[\w+, \w+, \w+\], and the compiled model fails on it \(IndexError: .*\); "
+                                         r"call it with inputs of the example's rank$"):
+        compiled(torch.randn(4))
+
+
+def test_an_input_of_another_rank_runs_where_the_graph_allows_it():
+    """An MLP's ops do not care how many leading dimensions there are: nothing to refuse."""
+    model = TanhMLP()
+    compiled = moec.compile(model, (torch.randn(3, 8),))
+    x = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize(("example", "recipe", "message"), [
+    (torch.randn(3, 8), None, r"^example_inputs is a single tensor; pass a tuple of the model's positional "
+                              r"arguments, such as \(input_ids,\), or a dict of its keyword arguments$"),
+    (None, None, r"^example_inputs is a NoneType; pass a tuple"),
+    ((torch.randn(3, 8),), [{"quantize": {"bits": 4}}], r"^recipe is a list; pass a dict with a 'passes' list "
+                                                         r"\(\{'passes': \[\.\.\.\]\} around this list\), such as"),
+])
+def test_compile_arguments_of_the_wrong_kind_say_how_to_pass_them(example, recipe, message):
+    with pytest.raises(TypeError, match=message):
+        moec.compile(TanhMLP(), example, recipe=recipe)
+
+
+def test_a_recipe_that_needs_calibration_without_it_fails_before_capture(monkeypatch):
+    monkeypatch.setattr("moec.api.capture", lambda *args: pytest.fail("the model was captured"))
+    with pytest.raises(moec.PassError, match=r"^pass 'expert-prune' needs calibration data: pass calibration="):
+        moec.compile(TanhMLP(), (torch.randn(3, 8),), recipe={"passes": [{"expert-prune": {"keep": 2}}]})
+
+
 def test_an_op_returning_a_list_of_one_tensor_runs():
     compiled = moec.compile(UnbindsOne(), (torch.randn(3, 8),))
     x = torch.randn(4, 8)

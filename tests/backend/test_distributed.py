@@ -182,7 +182,9 @@ def test_a_plan_or_inputs_path_that_names_no_usable_file_is_bad_usage(qwen_plan,
     naming no file."""
     folder, _ = qwen_plan
     (tmp_path / "file").write_text("")
-    for plan, problem in ((tmp_path / "missing", "does not exist"), (tmp_path / "file", "is a file, not a plan folder")):
+    (tmp_path / "empty").mkdir()
+    for plan, problem in ((tmp_path / "missing", "does not exist"), (tmp_path / "file", "is a file, not a plan folder"),
+                          (tmp_path / "empty", "is not a moec plan: it has no plan.json")):
         assert run_main([str(plan), "--inputs", str(folder / "inputs.safetensors")]) == 2
         err = capsys.readouterr().err
         assert err == f"error: PLAN {plan} {problem}; pass a plan folder written by `moec compile -o`\n"
@@ -191,6 +193,15 @@ def test_a_plan_or_inputs_path_that_names_no_usable_file_is_bad_usage(qwen_plan,
                             (tmp_path / ("i" * 300), ": File name too long")):
         assert run_main([str(folder / "plan_1_rank"), "--inputs", str(inputs)]) == 2
         assert capsys.readouterr().err == f"error: --inputs {inputs}{problem}; {give}\n"
+
+
+def test_started_without_torchrun_is_bad_usage_naming_the_command(monkeypatch, capsys):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert run_main(["plan", "--inputs", "inputs.safetensors"]) == 2
+    assert capsys.readouterr().err == (
+        "error: python -m moec.run runs on every rank of a torchrun job, and RANK, WORLD_SIZE, MASTER_ADDR, "
+        "MASTER_PORT are not set; start it as torchrun --nproc-per-node R -m moec.run plan --inputs inputs.safetensors\n")
 
 
 def test_a_failed_output_write_fails_every_rank_and_leaves_nothing(qwen_plan, tmp_path):

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -357,16 +359,42 @@ def test_inspect_a_corrupted_plan_names_the_checksum(qwen_plan, tmp_path, capsys
     assert "checksum mismatch" in captured.err and "Traceback" not in captured.err + captured.out
 
 
-@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_inspect_a_plan_whose_ir_does_not_parse_names_the_file(qwen_plan, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for file in qwen_plan.iterdir():
+        (broken / file.name).write_bytes(file.read_bytes())
+    plan = json.loads((broken / "plan.json").read_text())
+    plan["ir"] = plan["ir"].replace("moe.route", "moe.rout", 1)
+    (broken / "plan.json").write_text(json.dumps(plan))
+    assert main(["inspect", str(broken)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert re.fullmatch(rf"error: {re.escape(str(broken / 'plan.json'))}: its IR does not load \(line \d+, column "
+                        r"\d+: unknown op 'moe.rout'; known: [^()]*\); the plan is corrupt, compile it again", err), err
+
+
+def test_a_long_warning_prints_as_one_line_on_stderr(capsys):
+    from moec.cli import print_warning
+
+    print_warning("model.layers.0.mlp: portable MoE lowering " + "x" * 300)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"warning: model.layers.0.mlp: portable MoE lowering {'x' * 300}\n"
+
+
+@pytest.mark.parametrize("kind", ["missing", "file", "folder"])
 @pytest.mark.parametrize("command", ["inspect", "export-onnx"])
-def test_a_plan_path_that_is_not_a_folder_is_bad_usage(tmp_path, capsys, command, kind):
+def test_a_plan_path_that_is_not_a_plan_folder_is_bad_usage(tmp_path, capsys, command, kind):
     plan = tmp_path / "plan"
     if kind == "file":
         plan.write_text("not a plan")
+    if kind == "folder":
+        plan.mkdir()
+        (plan / "notes.txt").write_text("not a plan")
     output = ["-o", str(tmp_path / "model.onnx")] if command == "export-onnx" else []
     assert main([command, str(plan), *output]) == 2
     err = " ".join(capsys.readouterr().err.split())
-    problem = "is a file, not a plan folder" if kind == "file" else "does not exist"
+    problem = {"file": "is a file, not a plan folder", "missing": "does not exist",
+               "folder": "is not a moec plan: it has no plan.json"}[kind]
     assert f"PLAN {plan} {problem}; pass a plan folder written by `moec compile -o`" in err
     assert "Traceback" not in err and not (tmp_path / "model.onnx").exists()
 
@@ -381,6 +409,31 @@ def test_a_compile_output_that_cannot_hold_a_plan_is_bad_usage(tmp_path, capsys,
     assert main(["compile", "--model", "tiny-mixtral", "-o", str(tmp_path / output)]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no folder can be made")
+def test_a_compile_output_where_no_folder_can_be_made_is_bad_usage_before_the_model_loads(capsys, monkeypatch):
+    monkeypatch.setattr("moec.frontend.zoo.load_model_spec", lambda spec: pytest.fail("the model was loaded"))
+    assert main(["compile", "--model", "tiny-mixtral", "-o", "/proc/moec-plan"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith("error: cannot write a plan at /proc/moec-plan: /proc: ") and \
+        err.endswith("; choose another output path")
+
+
+@pytest.mark.parametrize(("files", "reason"), [
+    ({}, "config.json"),
+    ({"config.json": '{"model_type": "llama"'}, "JSON"),
+])
+def test_a_model_folder_that_does_not_load_is_bad_usage(tmp_path, capsys, files, reason):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "README").write_text("not a model")
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    assert main(["compile", "--model", str(folder)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith(f"error: --model {folder}: not a Hugging Face model folder that loads offline (")
+    assert reason in err and "save_pretrained" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(("recipe", "message"), [("missing.yaml", "no such file"), (".", "is a folder")])

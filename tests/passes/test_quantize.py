@@ -202,8 +202,8 @@ block="mlp") : f32[s0, {width}]
 
 
 @pytest.mark.parametrize(("program", "group", "advice"), [
-    (lambda: dense_ffn(32), 64, r"group size 64 does not divide the reduced dimension 32; use group 32$"),
-    (lambda: dense_ffn(64), 128, r"group size 128 does not divide the reduced dimension 64; use group 32 or 64$"),
+    (lambda: dense_ffn(32), 64, r"group size 64 does not divide the reduced dimension 32; set the pass's group option to 32$"),
+    (lambda: dense_ffn(64), 128, r"group size 128 does not divide the reduced dimension 64; set the pass's group option to 32 or 64$"),
     (lambda: dense_ffn(8), 32, r"group size 32 does not divide the reduced dimension 8; no supported group size "
                                r"\(32, 64, 128\) divides it, so this weight cannot be quantized; dense: false leaves "
                                r"dense FFNs and shared experts float$"),
