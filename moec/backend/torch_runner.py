@@ -68,11 +68,12 @@ def onnxruntime_installed() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None
 
 
-def onnxruntime_experts(w_in, w_out, b_in, b_out, spec, drop_zero_weight: bool = False):
+def onnxruntime_experts(w_in, w_out, b_in, b_out, spec, drop_zero_weight: bool = False,
+                        int8_activations: bool = True):
     # Imported on first use: onnx and onnxruntime take about a second to import.
     from moec.kernels.moe_onnxruntime import OnnxruntimeExperts
 
-    return OnnxruntimeExperts(w_in, w_out, b_in, b_out, spec, drop_zero_weight)
+    return OnnxruntimeExperts(w_in, w_out, b_in, b_out, spec, drop_zero_weight, int8_activations)
 
 
 @functools.cache
@@ -101,6 +102,10 @@ def onnxruntime_takes(weights: tuple[torch.Tensor | QuantizedWeight | None, ...]
 # inside a model, where each call streams them from memory (with caches evicted, int4pack was faster at 1-8
 # tokens in 58 of 62 timings, by up to 1.9x; docs/BENCHMARKS.md), so ``auto`` leaves it out there.
 QUANTIZED_ONNXRUNTIME_MIN_TOKENS = 16
+# From 512 tokens on MatMulNBits keeps the activations float32: rounding them to int8 no longer saved time
+# there (timed interleaved on an MoE block), and float32 activations are exact to the dequantized weights
+# (docs/BENCHMARKS.md).
+QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS = 512
 
 
 def quantized_experts(weight: WeightReader, tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor,
@@ -108,7 +113,8 @@ def quantized_experts(weight: WeightReader, tokens: torch.Tensor, indices: torch
     """Routed experts with quantized weights (or with dynamic skipping) on ``weight.quant_kernel``.
 
     ``dequant``/``int4pack``: ``QuantizedExperts``. ``onnxruntime``: ``OnnxruntimeExperts`` (MatMulNBits on
-    int8 activations). ``auto``: for float32 activations on the CPU, weights ``onnxruntime_takes`` and at least
+    int8 activations, on float32 ones from ``QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS`` tokens on). ``auto``: for
+    float32 activations on the CPU, weights ``onnxruntime_takes`` and at least
     ``QUANTIZED_ONNXRUNTIME_MIN_TOKENS`` tokens, the faster of ``onnxruntime`` and ``QuantizedExperts``' own
     choice (``int4pack``) for this layer shape and size, timed on the first such call
     (``EXPERT_KERNEL_CHOICE``, keyed ``quantized``); else ``QuantizedExperts``.
@@ -123,8 +129,10 @@ def quantized_experts(weight: WeightReader, tokens: torch.Tensor, indices: torch
     wanted = kernel == "onnxruntime" or (kernel == "auto" and tokens.shape[0] >= QUANTIZED_ONNXRUNTIME_MIN_TOKENS)
     if quantized and wanted and tokens.dtype == torch.float32 and tokens.device.type == "cpu" \
             and onnxruntime_takes(sources):
+        int8 = tokens.shape[0] < QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS
         candidates["onnxruntime"] = lambda: weight.cached(
-            "onnxruntime_experts", lambda: onnxruntime_experts(*sources, spec, drop_zero_weight=True), sources)(
+            "onnxruntime_experts" if int8 else "onnxruntime_experts_float32_activations",
+            lambda: onnxruntime_experts(*sources, spec, drop_zero_weight=True, int8_activations=int8), sources)(
             tokens, indices, routing)
     if kernel == "onnxruntime" and quantized:
         if "onnxruntime" not in candidates:

@@ -21,14 +21,14 @@ pairs by expert, gathers their rows into one buffer (``moec.kernels.workspace``:
 each expert its rows (an empty [0, H] array for an expert with none), runs the session once, collects the
 outputs into a second kept buffer, scales them by their routing weights and adds them into ``y``.
 
-Quantized experts (every matrix of at most 4 bits) run the same graph with ``com.microsoft.MatMulNBits`` at
-accuracy level 4 in place of each ``Gemm`` (``moec.kernels.matmul_nbits``): int8 activations, packed 4-bit
-weights that onnxruntime repacks once at session build. One of the two kernels ``quant_kernel="auto"``
-times for quantized experts (``moec.backend.torch_runner.quantized_experts``).
+Quantized experts (every matrix of at most 4 bits) run the same graph with ``com.microsoft.MatMulNBits`` in
+place of each ``Gemm`` (``moec.kernels.matmul_nbits``): packed 4-bit weights that onnxruntime repacks once
+at session build, on int8 activations (accuracy level 4) or float32 ones (level 1). One of the two kernels
+``quant_kernel="auto"`` times for quantized experts (``moec.backend.torch_runner.quantized_experts``).
 
 Same contract as ``moec.kernels.moe_cpu.experts_forward`` for float32 (shapes in its docstring); results
 agree with it to float32 rounding (summation order differs), and quantized ones with the dequantized
-weights applied to ``int8_block_rounded`` activations.
+weights, applied to ``int8_block_rounded`` activations unless ``int8_activations=False``.
 """
 
 from __future__ import annotations
@@ -40,7 +40,13 @@ import torch
 from onnx import TensorProto, helper
 
 from moec.frontend.blocks import ExpertsSpec
-from moec.kernels.matmul_nbits import INT8_ACCURACY_LEVEL, NBITS, matmul_nbits_node, matmul_nbits_operands
+from moec.kernels.matmul_nbits import (
+    FLOAT_ACCURACY_LEVEL,
+    INT8_ACCURACY_LEVEL,
+    NBITS,
+    matmul_nbits_node,
+    matmul_nbits_operands,
+)
 from moec.kernels.quant import QuantizedWeight
 from moec.kernels.reference import group_by_expert, weighted_outputs, weighted_rows
 from moec.kernels.workspace import gathered_rows, scratch
@@ -84,11 +90,12 @@ def _external(name: str, tensor: torch.Tensor) -> onnx.TensorProto:
 class OnnxruntimeExperts:
     """Runs one ``moe.experts`` op's float32 or quantized (at most 4 bits) experts with onnxruntime; call as
     ``experts_forward``'s ``(x, indices, weights)`` part. Keeps references to the tensors it shares with
-    onnxruntime. ``drop_zero_weight``: pairs of routing weight exactly 0 are not computed (dynamic skipping)."""
+    onnxruntime. ``drop_zero_weight``: pairs of routing weight exactly 0 are not computed (dynamic skipping).
+    ``int8_activations``: quantized matrices round their activations to int8 (else they stay float32)."""
 
     def __init__(self, w_in: torch.Tensor | QuantizedWeight, w_out: torch.Tensor | QuantizedWeight,
                  b_in: torch.Tensor | None, b_out: torch.Tensor | None, spec: ExpertsSpec,
-                 drop_zero_weight: bool = False) -> None:
+                 drop_zero_weight: bool = False, int8_activations: bool = True) -> None:
         for w in (w_in, w_out):
             if isinstance(w, QuantizedWeight):
                 if max(w.type.bits) > NBITS or w.qweight.device.type != "cpu":
@@ -98,6 +105,7 @@ class OnnxruntimeExperts:
                 raise ValueError("OnnxruntimeExperts runs float32 CPU weights only")
         self.spec, self.drop_zero_weight = spec, drop_zero_weight
         self.shared: dict[str, torch.Tensor] = {}  # name -> contiguous tensor whose memory onnxruntime reads
+        accuracy_level = INT8_ACCURACY_LEVEL if int8_activations else FLOAT_ACCURACY_LEVEL
         nodes: list[onnx.NodeProto] = []
         inputs, outputs, initializers = [], [], []
         f = spec.intermediate
@@ -116,7 +124,7 @@ class OnnxruntimeExperts:
             for part, tensor in matmul_nbits_operands(matrix).items():
                 self.shared[f"w_{name}_{part}"] = tensor
             product = f"{y}_product" if bias is not None else y
-            nodes.append(matmul_nbits_node(x, f"w_{name}", matrix, product, INT8_ACCURACY_LEVEL))
+            nodes.append(matmul_nbits_node(x, f"w_{name}", matrix, product, accuracy_level))
             if bias is not None:
                 nodes.append(helper.make_node("Add", [product, f"b_{name}"], [y]))
 

@@ -1,5 +1,5 @@
-"""onnxruntime's MatMulNBits on int8 activations (``moec.kernels.matmul_nbits``), as a quantized linear and as
-quantized routed experts, and how the torch runner races it against ``int4pack``.
+"""onnxruntime's MatMulNBits on int8 (and float32) activations (``moec.kernels.matmul_nbits``), as a quantized
+linear and as quantized routed experts, and how the torch runner races it against ``int4pack``.
 
 Tolerance: 1e-5 relative to the output's largest magnitude against the reference that rounds activations as
 the kernel does (``int8_block_rounded``) and multiplies by the dequantized weights in float64; the kernel's
@@ -80,15 +80,21 @@ def quantized_experts(generator: torch.Generator, widths: tuple[int, ...], group
     return spec, q_in, q_out, b_in, b_out
 
 
-def rounded_experts(x, indices, weights, q_in, q_out, b_in, b_out, spec, group) -> torch.Tensor:
-    """The experts block pair by pair, each linear on int8-rounded activations; zero-weight pairs skipped."""
+def rounded_experts(x, indices, weights, q_in, q_out, b_in, b_out, spec, group: int | None) -> torch.Tensor:
+    """The experts block pair by pair in float64 on the dequantized weights, each linear on activations rounded
+    to int8 in blocks of ``group`` (kept as they are for ``group=None``); zero-weight pairs skipped."""
     w_in, w_out = q_in.dequantize(), q_out.dequantize()
+
+    def linear(h, w, b):
+        y = (h.double() if group is None else int8_block_rounded(h, group).double()) @ w.double().T
+        return y if b is None else y + b.double()
+
     y = torch.zeros(x.shape, dtype=torch.float64)
     for t, j in zip(*torch.nonzero(weights).T.tolist(), strict=True):
         e = int(indices[t, j])
-        pre = rounded_linear(x[t:t + 1], w_in[e], None if b_in is None else b_in[e], group).float()
+        pre = linear(x[t:t + 1], w_in[e], None if b_in is None else b_in[e]).float()
         hidden = reference.gated_activation(*pre.chunk(2, dim=-1), spec)
-        y[t] += float(weights[t, j]) * rounded_linear(hidden, w_out[e], None if b_out is None else b_out[e], group)[0]
+        y[t] += float(weights[t, j]) * linear(hidden, w_out[e], None if b_out is None else b_out[e])[0]
     return y
 
 
@@ -102,6 +108,18 @@ def test_experts_of_mixed_widths_are_exact_on_int8_rounded_activations(bias: boo
     kernel = OnnxruntimeExperts(q_in, q_out, b_in, b_out, spec, drop_zero_weight=True)
     got = kernel(x, indices, weights)
     assert relative_error(got, rounded_experts(x, indices, weights, q_in, q_out, b_in, b_out, spec, 32)) < RTOL
+
+
+def test_experts_on_float_activations_are_exact_to_the_dequantized_weights() -> None:
+    generator = torch.Generator().manual_seed(3)
+    spec, q_in, q_out, b_in, b_out = quantized_experts(generator, (2, 3, 4, 4, 2))
+    x = torch.randn(9, spec.hidden, generator=generator)
+    weights, indices = torch.softmax(torch.randn(9, spec.num_experts, generator=generator), -1).topk(2, dim=-1)
+    kernel = OnnxruntimeExperts(q_in, q_out, b_in, b_out, spec, drop_zero_weight=True, int8_activations=False)
+    got = kernel(x, indices, weights)
+    assert relative_error(got, rounded_experts(x, indices, weights, q_in, q_out, b_in, b_out, spec, None)) < RTOL
+    rounded = rounded_experts(x, indices, weights, q_in, q_out, b_in, b_out, spec, 32)
+    assert relative_error(got, rounded) > 10 * RTOL, "the activations really are kept float32"
 
 
 def test_experts_refuse_matrices_wider_than_four_bits() -> None:
@@ -163,6 +181,21 @@ def test_runner_keeps_onnxruntime_out_of_small_quantized_calls(monkeypatch) -> N
     want = TorchRunner(program, quant_kernel=auto_kernel(4, torch.device("cpu"))).run(inputs)[0]
     torch.testing.assert_close(TorchRunner(program).run(inputs)[0], want, rtol=0, atol=0)
     assert not built and not choice.chosen
+
+
+def test_runner_keeps_activations_float32_on_onnxruntime_for_large_calls(monkeypatch, quantized_mixtral) -> None:
+    """From ``QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS`` tokens on MatMulNBits computes on float32 activations:
+    the plan then matches the dequantized weights to float32 rounding, where smaller calls round to int8."""
+    program, _ = quantized_mixtral
+    model, example = build_preset("tiny-mixtral")
+    for tokens, agrees in ((torch_runner.QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS, True),
+                           (torch_runner.QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS - 1, False)):
+        generator = torch.Generator().manual_seed(tokens)
+        ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=generator)
+        inputs = program.flatten_inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        want = TorchRunner(program, quant_kernel="dequant").run(inputs)[0]
+        got = TorchRunner(program, quant_kernel="onnxruntime").run(inputs)[0]
+        assert (relative_error(got, want) < RTOL) == agrees, tokens
 
 
 def test_runner_refuses_onnxruntime_for_eight_bit_matrices_when_built() -> None:

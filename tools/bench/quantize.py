@@ -9,11 +9,13 @@ Everything is measured side by side in one run and written to bench-results/quan
    a few uniform 2/3-bit mixes: alternate units, first or second half at 3 bits).
 3. ``bytes``: expert bytes in the saved plan at 3.0 average bits vs float32.
 4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
-5. ``kernels``: expert blocks of 1, 4, 8, 16 (decode) and 64, 256 tokens (prefill): the float32 plan (on the
-   float kernel the runner measures fastest for the size) vs 2-, 3-, 4- and 8-bit experts (4 only with
+5. ``kernels``: expert blocks of 1, 4, 8, 16 (decode) and 64, 256, 1024 tokens (prefill): the float32 plan (on
+   the float kernel the runner measures fastest for the size) vs 2-, 3-, 4- and 8-bit experts (4 only with
    ``--quick``) on each CPU path that takes the width (``dequant``, ``int4pack``, ``onnxruntime``:
-   MatMulNBits on int8 activations), and ``auto``: what the runner runs (``quantized_experts``; its first
-   call races the kernels from 16 tokens on, ``auto_chose`` names the winner). Errors are relative to the
+   MatMulNBits on int8 activations, ``onnxruntime_float``: on float32 ones), and ``auto``: what the runner
+   runs (``quantized_experts``; its first call races the kernels from 16 tokens on, ``auto_chose`` names the
+   winner). Then, for 4 bits, rows with ``activations``: the two MatMulNBits paths timed interleaved at
+   256-2048 tokens (medians, and the rounds float32 activations won). Errors are relative to the
    output's largest magnitude: each path's against the float path on the dequantized weights, and
    ``weights_max_rel_error`` (the rounding of the weights themselves) against the float32 plan.
 6. ``converted``: the real-weights MoE, all-MiniLM-L6-v2 made an MoE by dense-to-moe (16 experts, top-8,
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -262,18 +265,45 @@ def bench_kernels(quick: bool) -> list[dict]:
         q_out = QuantizedWeight.from_matrices("f32", tuple(w_out.shape), [quantize_matrix(w_out[e], bits, 64) for e in range(experts)])
         kernels = ("dequant", "int4pack") if bits <= INT4_MAX_BITS else ("dequant",)
         paths = {kernel: QuantizedExperts(q_in, q_out, None, None, spec, kernel) for kernel in kernels}
-        if bits <= INT4_MAX_BITS:  # MatMulNBits on int8 activations, the runner's other candidate
+        if bits <= INT4_MAX_BITS:  # MatMulNBits on int8 or float32 activations, the runner's other candidate
             paths["onnxruntime"] = onnxruntime_experts(q_in, q_out, None, None, spec, drop_zero_weight=True)
+            paths["onnxruntime_float"] = onnxruntime_experts(q_in, q_out, None, None, spec, drop_zero_weight=True,
+                                                             int8_activations=False)
             for key in [key for key in EXPERT_KERNEL_CHOICE.chosen if key[-1] == "quantized"]:
                 del EXPERT_KERNEL_CHOICE.chosen[key]  # each width races anew (the runner keys shapes, not widths)
             reader = WeightReader(None, None, "auto", "auto")  # type: ignore[arg-type]  # only its kernel cache is used
             paths["auto"] = lambda x, indices, weights, reader=reader, q_in=q_in, q_out=q_out: quantized_experts(
                 reader, x, indices, weights, (q_in, q_out, None, None), spec)
         reference = QuantizedExperts(q_in.dequantize(), q_out.dequantize(), None, None, spec)  # float path, dequantized weights
-        for tokens in (1, 16) if quick else (1, 4, 8, 16, 64, 256):
+        for tokens in (1, 16) if quick else (1, 4, 8, 16, 64, 256, 1024):
             rows.append(measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, reference,
                                        q_in.matrix(0), generator, evict))
+        if bits == 4 and not quick:
+            rows += [activation_rounds(paths, tokens, hidden, experts, generator, evict) for tokens in (256, 512, 1024, 2048)]
     return rows
+
+
+def activation_rounds(paths, tokens, hidden, experts, generator, evict, rounds: int = 15) -> dict:
+    """MatMulNBits on int8 against float32 activations for one block call of ``tokens``, timed interleaved round
+    by round (caches evicted before each call): the evidence for ``QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS``."""
+    x = torch.randn(tokens, hidden, generator=generator)
+    weights, indices = torch.softmax(torch.randn(tokens, experts, generator=generator), -1).topk(2, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    kernels = {"int8": paths["onnxruntime"], "float32": paths["onnxruntime_float"]}
+    samples: dict[str, list[float]] = {name: [] for name in kernels}
+    for fn in kernels.values():
+        fn(x, indices, weights)  # warm-up
+    for _ in range(rounds):
+        for name, fn in kernels.items():
+            evict()
+            start = time.perf_counter()
+            fn(x, indices, weights)
+            samples[name].append(time.perf_counter() - start)
+    row = {"activations": True, "tokens": tokens, "rounds": rounds,
+           **{f"{name}_ms": statistics.median(times) * 1e3 for name, times in samples.items()},
+           "float32_faster_rounds": sum(f < i for f, i in zip(samples["float32"], samples["int8"], strict=True))}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def float32_plan(spec: ExpertsSpec, w_in: torch.Tensor, w_out: torch.Tensor):
