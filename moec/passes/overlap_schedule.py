@@ -46,6 +46,8 @@ class OverlapSchedule(Pass):
                               ("max_chunks", self.max_chunks)):
             if value is not None and value < 1:
                 raise PassError(f"{option}={value} must be at least 1")
+        if self.chunks is None and self.cost_model is None:  # checked with the recipe, before any model loads
+            raise PassError("give overlap-schedule either chunks=N or a fitted cost_model (see tools/bench/expert_parallel.py)")
         choosing = [name for name in CHOOSING_OPTIONS if getattr(self, name) is not None]
         if self.chunks is not None and choosing:
             raise PassError(f"chunks={self.chunks} fixes the chunk count, and {', '.join(choosing)} would choose it; "
@@ -60,8 +62,6 @@ class OverlapSchedule(Pass):
         settings = program.metadata.get("expert_parallel", {})
         if "placement" not in settings:
             raise PassError("overlap-schedule needs a placement: run expert-placement first")
-        if self.chunks is None and self.cost_model is None:
-            raise PassError("give overlap-schedule either chunks=N or a fitted cost_model (see tools/bench/expert_parallel.py)")
         cost = CostModel.from_json(self.cost_model) if self.cost_model is not None else None
         tokens = self.tokens_per_rank or DEFAULT_TOKENS_PER_RANK
         max_chunks = self.max_chunks or DEFAULT_MAX_CHUNKS

@@ -106,6 +106,12 @@ def test_schedule_needs_a_placement_and_a_cost_model():
         run(program, [{"overlap-schedule": {}}])
 
 
+def test_a_schedule_without_chunks_or_a_cost_model_is_refused_with_the_recipe():
+    """Refused when the recipe is read, before any model loads."""
+    with pytest.raises(PassError, match=r"either chunks=N or a fitted cost_model"):
+        build_passes({"passes": [{"overlap-schedule": {"overlap_shared": False}}]})
+
+
 def test_a_recipe_that_changes_the_experts_after_placing_them_is_refused_unless_placed_again(qwen):
     """Pruning after placement would leave a plan that every rank refuses at run time: refused at compile time,
     naming the pass; placing again afterwards is fine."""
