@@ -226,7 +226,7 @@ def run_compile(args: argparse.Namespace) -> int:
         console.print(compiled.ir, markup=False)
     if held_out is not None:
         show_quality(model, compiled, held_out)
-        show_expert_kernels()
+        show_timed_kernels()
         return write_plan(compiled, args.output)
     changing = changes_outputs(compiled.program)  # passes that change the outputs by design: no parity to hold
     checks = {"example inputs": example, "resized inputs": resized(example, compiled.program)}
@@ -241,17 +241,19 @@ def run_compile(args: argparse.Namespace) -> int:
     if changing:
         verb = "changes" if len(changing) == 1 else "change"
         console.print(f"(not a parity check: {', '.join(changing)} {verb} the model's outputs by design)")
-    show_expert_kernels()
+    show_timed_kernels()
     return write_plan(compiled, args.output) if ok else 1
 
 
-def show_expert_kernels() -> None:
-    """The float32 experts kernels the torch runner timed and chose while this command ran, if any."""
+def show_timed_kernels() -> None:
+    """The kernels the torch runner timed and chose while this command ran (routed experts, quantized linears),
+    if any."""
     from moec.backend.torch_runner import expert_kernel_lines
 
     lines = expert_kernel_lines()
     if lines:
-        console.print("experts kernels timed on this host (each one's best time in the race):")
+        console.print("kernels timed on this host for routed experts and quantized linears (each one's best time in "
+                      "the race):")
         for line in lines:
             console.print(f"  {line}", markup=False)
 

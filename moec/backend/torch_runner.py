@@ -26,7 +26,13 @@ from moec.kernels import reference
 from moec.kernels.kernel_choice import KernelChoice
 from moec.kernels.moe_cpu import experts_forward, onednn_available
 from moec.kernels.quant import QuantizedWeight
-from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts, auto_kernel, prepare_linear
+from moec.kernels.quant_matmul import (
+    INT4_MAX_BITS,
+    QuantizedExperts,
+    auto_kernel,
+    onnxruntime_linear,
+    prepare_linear,
+)
 from moec.kernels.quant_matmul import KERNELS as QUANT_KERNELS
 from moec.kernels.skip import skipped_pairs
 
@@ -181,7 +187,8 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
 
 
 def expert_kernel_lines() -> list[str]:
-    """One line per choice ``auto`` made in this process: the layer and size, the winner, every time raced."""
+    """One line per choice ``auto`` made in this process for routed experts or a quantized linear: the layer
+    and size, the winner, every time raced."""
     lines = []
     for key, winner in EXPERT_KERNEL_CHOICE.chosen.items():
         spec, top_k, size_bits, threads, weights = key
@@ -191,6 +198,11 @@ def expert_kernel_lines() -> list[str]:
         lines.append(f"{spec.num_experts} {'quantized ' if weights == 'quantized' else ''}experts "
                      f"{spec.hidden} -> {spec.intermediate}, top-{top_k}, {tokens}, "
                      f"{threads} thread{'s' if threads > 1 else ''}: {winner} ({times})")
+    for (rows, columns, bits, size_bits, threads), winner in LINEAR_KERNEL_CHOICE.chosen.items():
+        timings = LINEAR_KERNEL_CHOICE.timings[(rows, columns, bits, size_bits, threads)]
+        times = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items())
+        lines.append(f"quantized linear {columns} -> {rows}, {bits} bits, {1 << (size_bits - 1)}-{(1 << size_bits) - 1} "
+                     f"rows, {threads} thread{'s' if threads > 1 else ''}: {winner} ({times})")
     return lines
 
 
@@ -215,7 +227,7 @@ def quantized_ffn(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gate, spec, wei
     def linear(role: str, w, b):
         if not isinstance(w, QuantizedWeight):
             return lambda v: torch.nn.functional.linear(v, w, b)
-        return weight.cached(role, lambda: prepare_linear(w.matrix(0), b, weight.quant_kernel), (w, b))
+        return lambda v: quantized_linear(weight, role, w, b, v)
 
     rows = x.reshape(-1, x.shape[-1])
     up = linear("w_up", w_up, b_up)(rows)
@@ -227,6 +239,59 @@ def quantized_ffn(x, w_gate, w_up, w_down, b_gate, b_up, b_down, gate, spec, wei
     if gate is not None:
         y = torch.sigmoid(torch.nn.functional.linear(rows, gate)) * y
     return y.reshape(x.shape)
+
+
+# The kernel ``quant_kernel="auto"`` measured fastest for a quantized dense linear, per matrix and size.
+LinearKernelKey = tuple[int, int, int, int, int]  # see linear_kernel_key
+LINEAR_KERNEL_CHOICE: KernelChoice[LinearKernelKey] = KernelChoice()
+
+
+def linear_kernel_key(weight_type: QuantizedType, rows: int) -> LinearKernelKey:
+    """What ``auto``'s choice for a quantized linear is remembered by: the matrix's [N, K] and width, the row
+    count to the next power of two, and torch's intra-op thread count."""
+    out_features, in_features = weight_type.static_shape[-2:]
+    return out_features, in_features, max(weight_type.bits), rows.bit_length(), torch.get_num_threads()
+
+
+def quantized_linear(weight: WeightReader, role: str, w: QuantizedWeight, b: torch.Tensor | None,
+                     rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ dequantize(w).T (+ b)`` for the dense linear ``role`` on ``weight.quant_kernel``, each kernel
+    prepared once.
+
+    ``onnxruntime`` rounds the activations to int8 below ``QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS`` rows and
+    keeps them float32 from there, as for routed experts. ``auto``: for float32 rows on the CPU, a matrix of at
+    most ``INT4_MAX_BITS`` bits and at least ``QUANTIZED_ONNXRUNTIME_MIN_TOKENS`` rows, the fastest of
+    ``int4pack``, ``dequant`` and MatMulNBits on float32 activations (``onnxruntime-float32``) or, below
+    ``QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS`` rows, on int8 ones (``onnxruntime-int8``) for this matrix and
+    size, timed on the first such call (``LINEAR_KERNEL_CHOICE``); else ``prepare_linear``'s own choice
+    (``int4pack`` where it runs). On small matrices float32 activations can beat int8 ones at any size.
+    """
+    def prepared(kernel: str, int8: bool = False) -> Callable[[], torch.Tensor]:
+        def build() -> Callable[[torch.Tensor], torch.Tensor]:
+            if kernel == "onnxruntime":
+                return onnxruntime_linear(w.matrix(0), b, int8_activations=int8)
+            return prepare_linear(w.matrix(0), b, kernel)
+
+        name = f"{role}:{kernel}:{'int8' if int8 else 'float32'}" if kernel == "onnxruntime" else f"{role}:{kernel}"
+        return lambda: weight.cached(name, build, (w, b))(rows)
+
+    int8 = rows.shape[0] < QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS
+    kernel = weight.quant_kernel
+    if kernel != "auto":
+        return prepared(kernel, int8)()
+    bits = max(w.type.bits)
+    racing = (rows.dtype == torch.float32 and rows.device.type == "cpu" and bits <= INT4_MAX_BITS
+              and rows.shape[0] >= QUANTIZED_ONNXRUNTIME_MIN_TOKENS)
+    if not racing:
+        return prepared("auto")()
+    candidates = {"dequant": prepared("dequant")}
+    if auto_kernel(bits, rows.device) == "int4pack":
+        candidates["int4pack"] = prepared("int4pack")
+    if onnxruntime_int8_available():
+        candidates["onnxruntime-float32"] = prepared("onnxruntime", int8=False)
+        if int8:
+            candidates["onnxruntime-int8"] = prepared("onnxruntime", int8=True)
+    return LINEAR_KERNEL_CHOICE.run(linear_kernel_key(w.type, rows.shape[0]), candidates)
 
 
 class WeightReader:

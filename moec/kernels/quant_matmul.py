@@ -15,10 +15,12 @@ Three kernels compute ``y = x @ dequantize(W).T (+ b)`` for one quantized matrix
 
 For a single linear, ``auto`` picks ``int4pack`` for CPU matrices of at most 4 bits when a probe on a small
 problem agrees with ``dequant``, and ``dequant`` otherwise (8 bits, weights on another device such as a GPU,
-or where the probe fails; ``auto_kernel``). Routed experts of 16 tokens or more are timed instead: the torch
-runner races ``QuantizedExperts`` (on ``int4pack``) against ``OnnxruntimeExperts`` (on MatMulNBits) per layer
-shape and size, since which is faster depends on the host (``moec.backend.torch_runner.quantized_experts``).
-Measured side by side by ``tools/bench/quantize.py``.
+or where the probe fails; ``auto_kernel``). Calls of 16 rows or more are timed instead, since which kernel
+is faster depends on the host and the size: the torch runner races ``int4pack``, MatMulNBits and ``dequant``
+for each dense linear (``moec.backend.torch_runner.quantized_linear``; on many rows the float32 GEMM after
+dequantizing wins), and ``QuantizedExperts`` (on ``int4pack``) against ``OnnxruntimeExperts`` (on
+MatMulNBits) for routed experts (``moec.backend.torch_runner.quantized_experts``). Measured side by side by
+``tools/bench/quantize.py``.
 """
 
 from __future__ import annotations
@@ -78,13 +80,15 @@ def int4pack_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None) -
     return run
 
 
-def onnxruntime_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None) -> Linear:
-    """onnxruntime's MatMulNBits on int8 activations for a ``matrix`` [N, K] of at most 4 bits
+def onnxruntime_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None,
+                       int8_activations: bool = True) -> Linear:
+    """onnxruntime's MatMulNBits on int8 (or float32) activations for a ``matrix`` [N, K] of at most 4 bits
     (``moec.kernels.matmul_nbits``); ``x`` [M, K] of any float dtype, computed in float32."""
     # Imported on first use: onnx and onnxruntime take about a second to import.
-    from moec.kernels.matmul_nbits import INT8_ACCURACY_LEVEL, single_matmul_session
+    from moec.kernels.matmul_nbits import FLOAT_ACCURACY_LEVEL, INT8_ACCURACY_LEVEL, single_matmul_session
 
-    session = single_matmul_session(matrix, INT8_ACCURACY_LEVEL, threads=torch.get_num_threads())
+    level = INT8_ACCURACY_LEVEL if int8_activations else FLOAT_ACCURACY_LEVEL
+    session = single_matmul_session(matrix, level, threads=torch.get_num_threads())
 
     def run(x: torch.Tensor) -> torch.Tensor:
         y = torch.from_numpy(session.run(None, {"x": x.float().contiguous().numpy()})[0])

@@ -198,6 +198,56 @@ def test_runner_keeps_activations_float32_on_onnxruntime_for_large_calls(monkeyp
         assert (relative_error(got, want) < RTOL) == agrees, tokens
 
 
+@pytest.fixture(scope="module")
+def quantized_llama():
+    from moec.passes import PassContext, build_passes, run_passes
+
+    model, example = build_preset("tiny-llama")
+    program = capture(model, (), example)
+    run_passes(program, build_passes({"passes": [{"quantize": {"bits": 4, "group": 32}}]}), PassContext())
+    return model, program
+
+
+def llama_inputs(model, program, tokens: int) -> list:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(tokens))
+    return program.flatten_inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+
+
+def test_runner_races_the_kernels_of_quantized_dense_linears(monkeypatch, quantized_llama) -> None:
+    """From ``QUANTIZED_ONNXRUNTIME_MIN_TOKENS`` rows each quantized dense linear runs the fastest of int4pack,
+    MatMulNBits (on int8 or float32 activations) and dequant for its matrix and size; below, int4pack without a
+    race."""
+    choice = KernelChoice()
+    monkeypatch.setattr(torch_runner, "LINEAR_KERNEL_CHOICE", choice)
+    model, program = quantized_llama
+    inputs = llama_inputs(model, program, torch_runner.QUANTIZED_ONNXRUNTIME_MIN_TOKENS)
+    want = TorchRunner(program, quant_kernel="dequant").run(inputs)[0]
+    assert relative_error(TorchRunner(program).run(inputs)[0], want) < 3e-2  # int8 or bfloat16 activations
+    hidden, ffn = model.config.hidden_size, model.config.intermediate_size
+    assert {key[:2] for key in choice.chosen} == {(ffn, hidden), (hidden, ffn)}  # up and gate share a key
+    everything = {"dequant", "int4pack", "onnxruntime-float32", "onnxruntime-int8"}  # int8 only below 512 rows
+    assert all(set(timings) == everything for timings in choice.timings.values())
+    assert sum(line.startswith("quantized linear ") for line in expert_kernel_lines()) == 2
+    for key in choice.chosen:
+        choice.chosen[key] = "dequant"
+    torch.testing.assert_close(TorchRunner(program).run(inputs)[0], want, rtol=0, atol=0)  # the remembered winner
+    choice.chosen.clear()
+    short = llama_inputs(model, program, 8)
+    want = TorchRunner(program, quant_kernel=auto_kernel(4, torch.device("cpu"))).run(short)[0]
+    torch.testing.assert_close(TorchRunner(program).run(short)[0], want, rtol=0, atol=0)
+    assert not choice.chosen
+
+
+def test_onnxruntime_linears_keep_activations_float32_for_large_calls(quantized_llama) -> None:
+    model, program = quantized_llama
+    for tokens, agrees in ((torch_runner.QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS, True),
+                           (torch_runner.QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS - 1, False)):
+        inputs = llama_inputs(model, program, tokens)
+        want = TorchRunner(program, quant_kernel="dequant").run(inputs)[0]
+        got = TorchRunner(program, quant_kernel="onnxruntime").run(inputs)[0]
+        assert (relative_error(got, want) < RTOL) == agrees, tokens
+
+
 def test_runner_refuses_onnxruntime_for_eight_bit_matrices_when_built() -> None:
     from moec.passes import PassContext, build_passes, run_passes
 

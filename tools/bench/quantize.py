@@ -18,16 +18,19 @@ Everything is measured side by side in one run and written to bench-results/quan
    256-2048 tokens (medians, and the rounds float32 activations won). Errors are relative to the
    output's largest magnitude: each path's against the float path on the dequantized weights, and
    ``weights_max_rel_error`` (the rounding of the weights themselves) against the float32 plan.
-6. ``converted``: the real-weights MoE, all-MiniLM-L6-v2 made an MoE by dense-to-moe (16 experts, top-8,
+6. ``linears``: MiniLM's FFN linears at 4 bits, 16-4096 rows: float32, each quantized kernel, and ``auto``
+   (the runner races ``int4pack``, MatMulNBits and ``dequant`` for a quantized dense linear).
+7. ``converted``: the real-weights MoE, all-MiniLM-L6-v2 made an MoE by dense-to-moe (16 experts, top-8,
    calibrated on standard-library docstring sentences; per-linear units, routing-mass importance):
    ``quality`` and ``skip`` as above, 1 - embedding cosine on held-out sentences against the float converted model.
 
-    python tools/bench/quantize.py [--quick] [--parts lp,kernels,moe,minilm,converted]
+    python tools/bench/quantize.py [--quick] [--parts lp,kernels,linears,moe,minilm,converted]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
 import statistics
@@ -48,11 +51,14 @@ from moec.analysis.quality import embedding_cosine
 from moec.api import CompiledModel
 from moec.backend.torch_runner import (
     EXPERT_KERNEL_CHOICE,
+    LINEAR_KERNEL_CHOICE,
     WeightReader,
     expert_kernel_key,
     float_experts,
+    linear_kernel_key,
     onnxruntime_experts,
     quantized_experts,
+    quantized_linear,
 )
 from moec.frontend.blocks import ExpertsSpec
 from moec.frontend.capture import capture
@@ -62,7 +68,13 @@ from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
 from moec.kernels.matmul_nbits import INT8_ACCURACY_LEVEL, single_matmul_session
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
-from moec.kernels.quant_matmul import INT4_MAX_BITS, QuantizedExperts, auto_kernel
+from moec.kernels.quant_matmul import (
+    INT4_MAX_BITS,
+    QuantizedExperts,
+    auto_kernel,
+    onnxruntime_linear,
+    prepare_linear,
+)
 from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.dynamic_skip import skip_statistics
 from moec.passes.quantize import quantizable_units, quantize_units
@@ -283,6 +295,54 @@ def bench_kernels(quick: bool) -> list[dict]:
     return rows
 
 
+def bench_dense_linears(quick: bool) -> list[dict]:
+    """MiniLM's FFN linears (384 -> 1536 and 1536 -> 384), 4-bit, group 64, at 16 to 4096 rows: the float32
+    linear against each quantized kernel and ``auto`` (what the runner runs for a quantized dense linear; its
+    first call of a size races the kernels, ``auto_chose`` names the winner). Weights warm in cache, as a dense
+    model's small FFN matrices often are; median of 9 interleaved rounds."""
+    generator = torch.Generator().manual_seed(0)
+    rows_out = []
+    for out_features, in_features in ((1536, 384), (384, 1536)):
+        weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+        matrix = quantize_matrix(weight, 4, 64)
+        reader = WeightReader(None, None, "auto", "auto")  # type: ignore[arg-type]  # only its kernel cache is used
+        q_weight = QuantizedWeight.from_matrices("f32", (1, out_features, in_features), [matrix])
+        kernels = {
+            "float32": functools.partial(torch.nn.functional.linear, weight=weight),
+            "dequant": prepare_linear(matrix, None, "dequant"),
+            "int4pack": prepare_linear(matrix, None, "int4pack"),
+            "onnxruntime_int8": onnxruntime_linear(matrix, None, int8_activations=True),
+            "onnxruntime_float": onnxruntime_linear(matrix, None, int8_activations=False),
+            "auto": functools.partial(quantized_linear, reader, "w_up", q_weight, None),
+        }
+        for rows in (16, 128) if quick else (16, 128, 1024, 4096):
+            x = torch.randn(rows, in_features, generator=generator)
+            row = {"linear": f"{in_features} -> {out_features}", "rows": rows,
+                   **time_linears(kernels, x, torch.nn.functional.linear(x, matrix.dequantize()))}
+            row["auto_chose"] = LINEAR_KERNEL_CHOICE.chosen.get(linear_kernel_key(q_weight.type, rows), "int4pack")
+            row["speedup_auto_vs_int4pack"] = row["int4pack_ms"] / row["auto_ms"]
+            row["speedup_auto_vs_float32"] = row["float32_ms"] / row["auto_ms"]
+            print(json.dumps(row), flush=True)
+            rows_out.append(row)
+    return rows_out
+
+
+def time_linears(kernels: dict, x: torch.Tensor, want: torch.Tensor, rounds: int = 9) -> dict:
+    """Each kernel's error against ``want`` (quantized ones) and median ms over interleaved rounds on ``x``."""
+    row: dict = {}
+    samples: dict[str, list[float]] = {name: [] for name in kernels}
+    for name, fn in kernels.items():
+        got = fn(x)  # warm-up; ``auto`` races here
+        if name != "float32":
+            row[f"{name}_max_rel_error"] = float((got - want).abs().max() / want.abs().max())
+    for _ in range(rounds):
+        for name, fn in kernels.items():
+            start = time.perf_counter()
+            fn(x)
+            samples[name].append(time.perf_counter() - start)
+    return row | {f"{name}_ms": statistics.median(times) * 1e3 for name, times in samples.items()}
+
+
 def activation_rounds(paths, tokens, hidden, experts, generator, evict, rounds: int = 15) -> dict:
     """MatMulNBits on int8 against float32 activations for one block call of ``tokens``, timed interleaved round
     by round (caches evicted before each call): the evidence for ``QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS``."""
@@ -350,7 +410,7 @@ def measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, re
     return row
 
 
-PARTS = ("lp", "kernels", "moe", "minilm", "converted")
+PARTS = ("lp", "kernels", "linears", "moe", "minilm", "converted")
 
 
 def main() -> None:
@@ -370,6 +430,8 @@ def main() -> None:
         print("lp", json.dumps(results["lp"]), flush=True)
     if "kernels" in parts:
         results["kernels"] = bench_kernels(args.quick)
+    if "linears" in parts:
+        results["dense_linears"] = bench_dense_linears(args.quick)
     if "moe" in parts:
         moe, moe_program, moe_held_out = moe_quality("tiny-olmoe")
         results["quality_moe"] = moe
