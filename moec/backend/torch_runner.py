@@ -282,10 +282,11 @@ def quantized_linear(weight: WeightReader, role: str, w: QuantizedWeight, b: tor
     bits = max(w.type.bits)
     racing = (rows.dtype == torch.float32 and rows.device.type == "cpu" and bits <= INT4_MAX_BITS
               and rows.shape[0] >= QUANTIZED_ONNXRUNTIME_MIN_TOKENS)
+    single = auto_kernel(bits, w.qweight.device)  # what ``prepare_linear`` runs for ``auto``
     if not racing:
-        return prepared("auto")()
+        return prepared(single)()  # cached under its own name: one prepared copy, raced or not
     candidates = {"dequant": prepared("dequant")}
-    if auto_kernel(bits, rows.device) == "int4pack":
+    if single == "int4pack":
         candidates["int4pack"] = prepared("int4pack")
     if onnxruntime_int8_available():
         candidates["onnxruntime-float32"] = prepared("onnxruntime", int8=False)
