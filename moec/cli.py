@@ -216,7 +216,7 @@ def run_compile(args: argparse.Namespace) -> int:
         console.print(f"pass {record['pass']}: {record['seconds']:.2f} s; experts {change['experts']}, parameters "
                       f"{change['params']}, bytes {change['bytes']}")
         for line in pass_details(record.get("summary", {})):
-            console.print(f"  {line}", markup=False)
+            console.print(f"  {line}", markup=False, soft_wrap=True)  # one line each, for grep
     skipping = [op for op in compiled.program.graph.ops_of(ExpertsOp) if op.skip_threshold]
     if skipping:  # how much dynamic-skip saves depends on the inputs: measure it on the example
         skipped = skip_statistics(compiled.program, [compiled.program.flatten_inputs((), example)])
@@ -248,9 +248,9 @@ def run_compile(args: argparse.Namespace) -> int:
 def show_timed_kernels() -> None:
     """The kernels the torch runner timed and chose while this command ran (routed experts, quantized linears),
     if any."""
-    from moec.backend.torch_runner import expert_kernel_lines
+    from moec.backend.torch_runner import kernel_choice_lines
 
-    lines = expert_kernel_lines()
+    lines = kernel_choice_lines()
     if lines:
         console.print("kernels timed on this host for routed experts and quantized linears (each one's best time in "
                       "the race):")

@@ -114,6 +114,16 @@ QUANTIZED_ONNXRUNTIME_MIN_TOKENS = 16
 QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS = 512
 
 
+def int8_activations(rows: int) -> bool:
+    """Whether MatMulNBits runs a call of ``rows`` rows on int8 activations (``onnxruntime`` and ``auto``)."""
+    return rows < QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS
+
+
+def activations_name(int8: bool) -> str:
+    """The part of a cached MatMulNBits kernel's name that tells its activations apart."""
+    return "int8" if int8 else "float32"
+
+
 def quantized_experts(weight: WeightReader, tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor,
                       sources: tuple[Any, Any, Any, Any], spec: ExpertsSpec) -> torch.Tensor:
     """Routed experts with quantized weights (or with dynamic skipping) on ``weight.quant_kernel``.
@@ -135,9 +145,9 @@ def quantized_experts(weight: WeightReader, tokens: torch.Tensor, indices: torch
     wanted = kernel == "onnxruntime" or (kernel == "auto" and tokens.shape[0] >= QUANTIZED_ONNXRUNTIME_MIN_TOKENS)
     if quantized and wanted and tokens.dtype == torch.float32 and tokens.device.type == "cpu" \
             and onnxruntime_takes(sources):
-        int8 = tokens.shape[0] < QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS
+        int8 = int8_activations(tokens.shape[0])
         candidates["onnxruntime"] = lambda: weight.cached(
-            "onnxruntime_experts" if int8 else "onnxruntime_experts_float32_activations",
+            f"onnxruntime_experts:{activations_name(int8)}",
             lambda: onnxruntime_experts(*sources, spec, drop_zero_weight=True, int8_activations=int8), sources)(
             tokens, indices, routing)
     if kernel == "onnxruntime" and quantized:
@@ -186,24 +196,26 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
     return EXPERT_KERNEL_CHOICE.run(expert_kernel_key(spec, indices.shape[1], tokens.shape[0]), candidates)
 
 
-def expert_kernel_lines() -> list[str]:
+def kernel_choice_lines() -> list[str]:
     """One line per choice ``auto`` made in this process for routed experts or a quantized linear: the layer
     and size, the winner, every time raced."""
     lines = []
-    for key, winner in EXPERT_KERNEL_CHOICE.chosen.items():
-        spec, top_k, size_bits, threads, weights = key
-        low, high = 1 << (size_bits - 1), (1 << size_bits) - 1  # size_bits >= 1: empty calls are not raced
-        tokens = "1 token" if high == 1 else f"{low}-{high} tokens"
-        times = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in EXPERT_KERNEL_CHOICE.timings[key].items())
-        lines.append(f"{spec.num_experts} {'quantized ' if weights == 'quantized' else ''}experts "
-                     f"{spec.hidden} -> {spec.intermediate}, top-{top_k}, {tokens}, "
-                     f"{threads} thread{'s' if threads > 1 else ''}: {winner} ({times})")
+    for (spec, top_k, size_bits, threads, weights), winner in EXPERT_KERNEL_CHOICE.chosen.items():
+        layer = (f"{spec.num_experts} {'quantized ' if weights == 'quantized' else ''}experts "
+                 f"{spec.hidden} -> {spec.intermediate}, top-{top_k}")
+        lines.append(_choice_line(layer, size_bits, "token", threads, winner,
+                                  EXPERT_KERNEL_CHOICE.timings[spec, top_k, size_bits, threads, weights]))
     for (rows, columns, bits, size_bits, threads), winner in LINEAR_KERNEL_CHOICE.chosen.items():
-        timings = LINEAR_KERNEL_CHOICE.timings[(rows, columns, bits, size_bits, threads)]
-        times = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items())
-        lines.append(f"quantized linear {columns} -> {rows}, {bits} bits, {1 << (size_bits - 1)}-{(1 << size_bits) - 1} "
-                     f"rows, {threads} thread{'s' if threads > 1 else ''}: {winner} ({times})")
+        lines.append(_choice_line(f"quantized linear {columns} -> {rows}, {bits} bits", size_bits, "row", threads,
+                                  winner, LINEAR_KERNEL_CHOICE.timings[rows, columns, bits, size_bits, threads]))
     return lines
+
+
+def _choice_line(what: str, size_bits: int, unit: str, threads: int, winner: str, timings: dict[str, float]) -> str:
+    low, high = 1 << (size_bits - 1), (1 << size_bits) - 1  # size_bits >= 1: empty calls are not raced
+    size = f"1 {unit}" if high == 1 else f"{low}-{high} {unit}s"
+    times = ", ".join(f"{name} {seconds * 1e3:.2f} ms" for name, seconds in timings.items())
+    return f"{what}, {size}, {threads} thread{'s' if threads > 1 else ''}: {winner} ({times})"
 
 
 def expert_kernel_key(spec: ExpertsSpec, top_k: int, num_tokens: int, weights: str = "float32") -> ExpertKernelKey:
@@ -272,10 +284,10 @@ def quantized_linear(weight: WeightReader, role: str, w: QuantizedWeight, b: tor
                 return onnxruntime_linear(w.matrix(0), b, int8_activations=int8)
             return prepare_linear(w.matrix(0), b, kernel)
 
-        name = f"{role}:{kernel}:{'int8' if int8 else 'float32'}" if kernel == "onnxruntime" else f"{role}:{kernel}"
+        name = f"{role}:{kernel}:{activations_name(int8)}" if kernel == "onnxruntime" else f"{role}:{kernel}"
         return lambda: weight.cached(name, build, (w, b))(rows)
 
-    int8 = rows.shape[0] < QUANTIZED_FLOAT_ACTIVATIONS_MIN_TOKENS
+    int8 = int8_activations(rows.shape[0])
     kernel = weight.quant_kernel
     if kernel != "auto":
         return prepared(kernel, int8)()

@@ -50,11 +50,13 @@ def matmul_nbits_operands(matrix: QuantizedMatrix) -> dict[str, torch.Tensor]:
             "zeros": (zeros[:, 0::2] | (zeros[:, 1::2] << 4)).contiguous()}
 
 
-def matmul_nbits_node(x: str, prefix: str, matrix: QuantizedMatrix, y: str, accuracy_level: int) -> onnx.NodeProto:
-    """``y = x @ W.T`` for ``matrix`` W [N, K], reading initializers ``{prefix}_qweight``/``_scales``/``_zeros``."""
+def matmul_nbits_node(x: str, prefix: str, matrix: QuantizedMatrix, y: str, int8_activations: bool) -> onnx.NodeProto:
+    """``y = x @ W.T`` for ``matrix`` W [N, K], reading initializers ``{prefix}_qweight``/``_scales``/``_zeros``,
+    on int8 activations or float32 ones."""
+    level = INT8_ACCURACY_LEVEL if int8_activations else FLOAT_ACCURACY_LEVEL
     return helper.make_node("MatMulNBits", [x, f"{prefix}_qweight", f"{prefix}_scales", f"{prefix}_zeros"], [y],
                             domain="com.microsoft", K=matrix.columns, N=matrix.scales.shape[0], bits=NBITS,
-                            block_size=matrix.group, accuracy_level=accuracy_level)
+                            block_size=matrix.group, accuracy_level=level)
 
 
 def int8_block_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -66,12 +68,13 @@ def int8_block_rounded(x: torch.Tensor, block: int) -> torch.Tensor:
     return (torch.round(blocks * inverse).clamp(-INT8_MAX, INT8_MAX) * scale).reshape(x.shape)
 
 
-def single_matmul_session(matrix: QuantizedMatrix, accuracy_level: int, threads: int = 1) -> onnxruntime.InferenceSession:
+def single_matmul_session(matrix: QuantizedMatrix, int8_activations: bool,
+                          threads: int = 1) -> onnxruntime.InferenceSession:
     """A session computing ``x @ W.T`` for ``matrix`` with one MatMulNBits node (input ``x``, output ``y``)."""
     initializers = [onnx.numpy_helper.from_array(t.numpy(), f"w_{role}")
                     for role, t in matmul_nbits_operands(matrix).items()]
     graph = helper.make_graph(
-        [matmul_nbits_node("x", "w", matrix, "y", accuracy_level)], "moec_matmul_nbits",
+        [matmul_nbits_node("x", "w", matrix, "y", int8_activations)], "moec_matmul_nbits",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", matrix.columns])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", matrix.scales.shape[0]])], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
@@ -90,7 +93,7 @@ def int8_activations_available() -> bool:
         for group in (32, 64, 128):
             matrix = quantize_matrix(torch.randn(48, 256, generator=generator), 4, group)
             x = torch.randn(3, 256, generator=generator)
-            got = single_matmul_session(matrix, INT8_ACCURACY_LEVEL).run(None, {"x": x.numpy()})[0]
+            got = single_matmul_session(matrix, int8_activations=True).run(None, {"x": x.numpy()})[0]
             want = (int8_block_rounded(x, group).double() @ matrix.dequantize().double().T).numpy()
             if np.abs(got - want).max() > 1e-5 * np.abs(want).max():
                 return False

@@ -40,13 +40,7 @@ import torch
 from onnx import TensorProto, helper
 
 from moec.frontend.blocks import ExpertsSpec
-from moec.kernels.matmul_nbits import (
-    FLOAT_ACCURACY_LEVEL,
-    INT8_ACCURACY_LEVEL,
-    NBITS,
-    matmul_nbits_node,
-    matmul_nbits_operands,
-)
+from moec.kernels.matmul_nbits import NBITS, matmul_nbits_node, matmul_nbits_operands
 from moec.kernels.quant import QuantizedWeight
 from moec.kernels.reference import group_by_expert, weighted_outputs, weighted_rows
 from moec.kernels.workspace import gathered_rows, scratch
@@ -105,7 +99,6 @@ class OnnxruntimeExperts:
                 raise ValueError("OnnxruntimeExperts runs float32 CPU weights only")
         self.spec, self.drop_zero_weight = spec, drop_zero_weight
         self.shared: dict[str, torch.Tensor] = {}  # name -> contiguous tensor whose memory onnxruntime reads
-        accuracy_level = INT8_ACCURACY_LEVEL if int8_activations else FLOAT_ACCURACY_LEVEL
         nodes: list[onnx.NodeProto] = []
         inputs, outputs, initializers = [], [], []
         f = spec.intermediate
@@ -124,7 +117,7 @@ class OnnxruntimeExperts:
             for part, tensor in matmul_nbits_operands(matrix).items():
                 self.shared[f"w_{name}_{part}"] = tensor
             product = f"{y}_product" if bias is not None else y
-            nodes.append(matmul_nbits_node(x, f"w_{name}", matrix, product, accuracy_level))
+            nodes.append(matmul_nbits_node(x, f"w_{name}", matrix, product, int8_activations))
             if bias is not None:
                 nodes.append(helper.make_node("Add", [product, f"b_{name}"], [y]))
 

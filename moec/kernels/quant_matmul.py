@@ -85,10 +85,9 @@ def onnxruntime_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None
     """onnxruntime's MatMulNBits on int8 (or float32) activations for a ``matrix`` [N, K] of at most 4 bits
     (``moec.kernels.matmul_nbits``); ``x`` [M, K] of any float dtype, computed in float32."""
     # Imported on first use: onnx and onnxruntime take about a second to import.
-    from moec.kernels.matmul_nbits import FLOAT_ACCURACY_LEVEL, INT8_ACCURACY_LEVEL, single_matmul_session
+    from moec.kernels.matmul_nbits import single_matmul_session
 
-    level = INT8_ACCURACY_LEVEL if int8_activations else FLOAT_ACCURACY_LEVEL
-    session = single_matmul_session(matrix, level, threads=torch.get_num_threads())
+    session = single_matmul_session(matrix, int8_activations, threads=torch.get_num_threads())
 
     def run(x: torch.Tensor) -> torch.Tensor:
         y = torch.from_numpy(session.run(None, {"x": x.float().contiguous().numpy()})[0])

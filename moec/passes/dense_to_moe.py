@@ -36,9 +36,10 @@ where ``B`` is the op's block. The FFN's output bias belongs to no routed expert
 Requires: a verified graph whose chosen FFNs have float weights (run before quantize); calibration (``context.statistics``) when ``shared > 0``, ``router="fitted"``
 or ``method="coactivation"``. Ensures: every chosen ``ffn.dense`` op is replaced as above; with
 ``top_k == experts`` and no shared expert the block computes the same function as before (to float32
-rounding); the replaced op's weights are removed. Every option problem (more experts than neurons,
-``top_k`` > ``experts``, neurons that do not divide, a ``shared`` too small for one neuron, an empty or
-repeated ``layers``) is reported for the first offending block before anything is changed. In place.
+rounding); the replaced op's weights are removed. Options wrong for any model (``top_k`` > ``experts``,
+an empty ``layers``) are refused when the pass is built, before a model loads; those wrong for a layer (more
+experts than neurons, neurons that do not divide, a ``shared`` too small for one neuron, a repeated
+``layers`` entry) are reported for the first offending block before anything is changed. In place.
 """
 
 from __future__ import annotations
@@ -92,6 +93,11 @@ class DenseToMoE(Pass):
             raise ValueError(f"router={self.router!r} is not one of {', '.join(ROUTERS)}")
         if not 0.0 <= self.shared < 1.0:
             raise ValueError(f"shared={self.shared} must be a fraction in [0, 1)")
+        if self.experts < 1:
+            raise ValueError(f"experts={self.experts} must be at least 1")
+        if not 1 <= self.top_k <= self.experts:
+            raise ValueError(f"top_k={self.top_k} must be in 1..experts={self.experts} (every layer gets "
+                             f"{self.experts} experts)")
         if self.layers is not None:
             if not self.layers:
                 raise ValueError("layers=[] chooses no FFN; list blocks or indices, or leave layers out to convert "
@@ -156,10 +162,8 @@ class DenseToMoE(Pass):
                             f"{width}) = 0 of the FFN's {width}); use shared >= {1 / width:.4g} (one neuron), or "
                             "shared=0 for no shared expert")
         routed = width - self.shared_count(op)
-        if self.experts < 1 or self.experts > routed:
+        if self.experts > routed:
             raise PassError(f"{where}: experts={self.experts} must be in 1..{routed} (the FFN's routed neurons)")
-        if not 1 <= self.top_k <= self.experts:
-            raise PassError(f"{where}: top_k={self.top_k} must be in 1..experts={self.experts}")
         if routed % self.experts:
             raise PassError(f"{where}: the {routed} routed neurons (FFN width {op.spec.intermediate}, shared="
                             f"{self.shared}) do not split into experts={self.experts} equal experts; "

@@ -445,6 +445,15 @@ def test_a_recipe_path_that_names_no_file_is_bad_usage_before_the_model_loads(tm
     assert f"--recipe {tmp_path / recipe}" in err and message in err and "Traceback" not in err
 
 
+def test_a_recipe_option_wrong_for_every_layer_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("moec.frontend.zoo.load_model_spec", lambda spec: pytest.fail("the model was loaded"))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("passes:\n  - dense_to_moe: {experts: 4, top_k: 5}\n")
+    assert main(["compile", "--model", "minilm", "--recipe", str(recipe)]) == 1
+    err = " ".join(capsys.readouterr().err.split())
+    assert "top_k=5 must be in 1..experts=4" in err and "Traceback" not in err
+
+
 def test_bad_usage_exits_2(capsys):
     with pytest.raises(SystemExit) as info:
         main(["compile", "--dtype", "float7"])

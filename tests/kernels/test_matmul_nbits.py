@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moec.backend import torch_runner
-from moec.backend.torch_runner import TorchRunner, expert_kernel_key, expert_kernel_lines
+from moec.backend.torch_runner import TorchRunner, expert_kernel_key, kernel_choice_lines
 from moec.errors import BackendError
 from moec.frontend.blocks import ExpertsSpec
 from moec.frontend.capture import capture
@@ -153,7 +153,7 @@ def test_runner_races_int4pack_against_onnxruntime_for_quantized_experts(monkeyp
         assert relative_error(got, want) < 3e-2, kernel
     ((key, timings),) = choice.timings.items()
     assert key[-1] == "quantized" and set(timings) == {auto_kernel(4, torch.device("cpu")), "onnxruntime"}
-    assert any(line.startswith(f"{key[0].num_experts} quantized experts") for line in expert_kernel_lines())
+    assert any(line.startswith(f"{key[0].num_experts} quantized experts") for line in kernel_choice_lines())
     experts_ops = len(program.graph.ops_of(ExpertsOp))
     for winner, onnxruntime_calls in (("onnxruntime", experts_ops), (auto_kernel(4, torch.device("cpu")), 0)):
         choice.chosen[key] = winner
@@ -227,7 +227,7 @@ def test_runner_races_the_kernels_of_quantized_dense_linears(monkeypatch, quanti
     assert {key[:2] for key in choice.chosen} == {(ffn, hidden), (hidden, ffn)}  # up and gate share a key
     everything = {"dequant", "int4pack", "onnxruntime-float32", "onnxruntime-int8"}  # int8 only below 512 rows
     assert all(set(timings) == everything for timings in choice.timings.values())
-    assert sum(line.startswith("quantized linear ") for line in expert_kernel_lines()) == 2
+    assert sum(line.startswith("quantized linear ") for line in kernel_choice_lines()) == 2
     for key in choice.chosen:
         choice.chosen[key] = "dequant"
     torch.testing.assert_close(TorchRunner(program).run(inputs)[0], want, rtol=0, atol=0)  # the remembered winner

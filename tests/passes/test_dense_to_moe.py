@@ -130,7 +130,7 @@ def test_fitted_router_beats_random_routing():
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"experts": 32, "top_k": 2}, r"block 'mlp': experts=32 must be in 1\.\.16"),
-    ({"experts": 4, "top_k": 5}, r"block 'mlp': top_k=5 must be in 1\.\.experts=4"),
+    ({"experts": 4, "top_k": 5}, r"top_k=5 must be in 1\.\.experts=4 \(every layer gets 4 experts\)"),
     ({"experts": 5, "top_k": 2}, r"block 'mlp': the 16 routed neurons .* do not split into experts=5"),
     ({"experts": 4, "top_k": 2, "shared": 0.3}, r"block 'mlp': the 11 routed neurons"),
     ({"experts": 4, "top_k": 2, "shared": 0.01}, r"block 'mlp': shared=0.01 gives the shared expert no neuron .* "

@@ -41,7 +41,7 @@ from moec.analysis.quality import (  # noqa: E402,E501
     embedding_quality,
     sentence_embeddings,
 )
-from moec.backend.torch_runner import TorchRunner, expert_kernel_lines  # noqa: E402
+from moec.backend.torch_runner import TorchRunner, kernel_choice_lines  # noqa: E402
 from moec.frontend.capture import capture  # noqa: E402
 from moec.frontend.zoo import build_preset, minilm_path  # noqa: E402
 from moec.ir.parser import parse_graph  # noqa: E402
@@ -141,7 +141,7 @@ def main() -> None:
     print(f"speed, batch 32 x 128 tokens, median of {repeats}:")
     for name, s in seconds.items():
         print(f"  {name:9s} {s * 1000:8.1f} ms   x{seconds['original'] / s:.2f} vs original")
-    kernels = expert_kernel_lines()
+    kernels = kernel_choice_lines()
     print("experts kernels the runner timed and chose in this run (each one's best time):")
     for line in kernels:
         print(f"  {line}")
