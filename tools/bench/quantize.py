@@ -6,7 +6,7 @@ Everything is measured side by side in one run and written to bench-results/quan
 2. ``quality``: 1 - embedding cosine on real all-MiniLM-L6-v2 (128 held-out standard-library docstring
    sentences, 128 others calibrate; 32 and 32 with ``--quick``) and 1 - output-row cosine on a tiny MoE,
    for uniform widths and the LP allocation at 3.0 and 2.5 average bits (2.5 is compared with the best of
-   a few uniform 2/3-bit mixes: alternate units, first or second half at 3 bits).
+   a few uniform 2/3-bit mixes: alternate units, first or second half at 3 bits), on exact dequantization.
 3. ``bytes``: expert bytes in the saved plan at 3.0 average bits vs float32.
 4. ``skip``: fraction of expert evaluations dynamic-skip removes, and its quality cost.
 5. ``kernels``: expert blocks of 1, 4, 8, 16 (decode) and 64, 256, 1024 tokens (prefill): the float32 plan (on
@@ -52,6 +52,7 @@ from moec.api import CompiledModel
 from moec.backend.torch_runner import (
     EXPERT_KERNEL_CHOICE,
     LINEAR_KERNEL_CHOICE,
+    TorchRunner,
     WeightReader,
     expert_kernel_key,
     float_experts,
@@ -66,7 +67,7 @@ from moec.frontend.zoo import build_preset, minilm_path
 from moec.ir import parse_graph, print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
-from moec.kernels.matmul_nbits import INT8_ACCURACY_LEVEL, single_matmul_session
+from moec.kernels.matmul_nbits import single_matmul_session
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
 from moec.kernels.quant_matmul import (
     INT4_MAX_BITS,
@@ -108,11 +109,15 @@ def bench_lp() -> dict:
 
 def quality_runs(name: str, program: Program, calibration: list, held_out: list, loss, group: int,
                  dense: bool, per_linear: bool, importance: str = "output") -> dict:
-    """Loss of uniform widths, uniform mixes and LP allocations at 3.0 and 2.5 bits, all on one program."""
-    reference = [CompiledModel(program).runner.run(batch)[0] for batch in held_out]
+    """Loss of uniform widths, uniform mixes and LP allocations at 3.0 and 2.5 bits, all on one program.
+
+    Quantized programs run on exact dequantization (``quant_kernel="dequant"``): the loss is the weights'
+    rounding alone, the same in every run, whichever kernel ``auto`` would time fastest on this host (int4pack
+    rounds activations to bfloat16, MatMulNBits below 512 rows to int8)."""
+    reference = [TorchRunner(program).run(batch)[0] for batch in held_out]
 
     def measure(prog: Program) -> float:
-        runner = CompiledModel(prog).runner
+        runner = TorchRunner(prog, quant_kernel="dequant")
         return float(np.mean([loss(ref, runner.run(batch)[0], batch) for ref, batch in zip(reference, held_out, strict=True)]))
 
     def with_bits(bits: list[int]) -> float:
@@ -255,9 +260,9 @@ def time_call(fn, repeats: int, evict: CacheEviction | None = None) -> float:
     return median_seconds(fn, repeats, 1, evict) * 1e3
 
 
-def ort_matmul_nbits(matrix, accuracy_level: int):
-    """onnxruntime's MatMulNBits on one 4-bit matrix [N, K], on float32 (level 0) or int8 (level 4) activations."""
-    session = single_matmul_session(matrix, accuracy_level, threads=torch.get_num_threads())
+def ort_matmul_nbits(matrix, int8_activations: bool):
+    """onnxruntime's MatMulNBits on one 4-bit matrix [N, K], on float32 or int8 activations."""
+    session = single_matmul_session(matrix, int8_activations, threads=torch.get_num_threads())
     return lambda x: session.run(None, {"x": x})[0]
 
 
@@ -397,7 +402,7 @@ def measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, re
     if bits == 4:  # one 7168 x 1024 matrix, all tokens
         xs = x.numpy()
         single = torch.nn.functional.linear(x, matrix.dequantize())
-        ort_float, ort_int8 = ort_matmul_nbits(matrix, 0), ort_matmul_nbits(matrix, INT8_ACCURACY_LEVEL)
+        ort_float, ort_int8 = ort_matmul_nbits(matrix, False), ort_matmul_nbits(matrix, True)
         row["one_matrix_ms"] = {
             "float32": time_call(lambda: torch.nn.functional.linear(x, w_in[0]), 5),
             "int4pack": time_call(lambda: paths["int4pack"].input_linears[0](x), 5),
