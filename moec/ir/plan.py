@@ -43,12 +43,17 @@ def sha256_of(path: Path) -> str:
 
 def check_plan_target(path: str | os.PathLike) -> Path:
     """``path`` resolved, if a plan folder can be written there: a new path under folders (missing ones are
-    created), an empty folder or an existing plan (replaced); else one ``PlanError`` saying why. Whether the
-    nearest existing folder takes new entries is tried (a temporary folder made and removed)."""
+    created), an empty folder or an existing plan holding nothing but its own entries (replaced); else one
+    ``PlanError`` saying why. Whether the nearest existing folder takes new entries is tried (a temporary
+    folder made and removed)."""
     target = user_path(path).resolve()
     if target.is_dir():
-        if not (target / PLAN_FILE).exists() and any(target.iterdir()):
-            raise PlanError(f"{target} exists and is not a moec plan folder; choose another output path")
+        if not (target / PLAN_FILE).exists():
+            if any(target.iterdir()):
+                raise PlanError(f"{target} exists and is not a moec plan folder; choose another output path")
+        elif foreign := sorted({entry.name for entry in target.iterdir()} - plan_entries(target)):
+            raise PlanError(f"{target} is a plan folder that also holds {', '.join(foreign)}, which writing the "
+                            "plan again would delete; move them out, or choose another output path")
     elif target.exists():
         raise PlanError(f"{target} is a file, not a folder; choose another output path for the plan")
     else:
@@ -62,6 +67,21 @@ def check_plan_target(path: str | os.PathLike) -> Path:
         raise PlanError(f"cannot write a plan at {target}: {parent}: {err.strerror or err}; choose another "
                         "output path") from None
     return target
+
+
+# plan.json lists the plan's documents since 2026-12-06; before that, the only one moec wrote was this
+DOCUMENTS_BEFORE_LISTING = ("report.md",)
+
+
+def plan_entries(folder: Path) -> set[str]:
+    """The names a plan folder's own ``plan.json`` accounts for: itself, its files and its documents (all of
+    them for one whose ``plan.json`` does not read as a plan: nothing to keep apart)."""
+    try:
+        plan = json.loads((folder / PLAN_FILE).read_text())
+        files, documents = list(plan["files"]), list(plan.get("documents", DOCUMENTS_BEFORE_LISTING))
+    except (OSError, ValueError, KeyError, TypeError):
+        return {entry.name for entry in folder.iterdir()}
+    return {PLAN_FILE, *files, *documents}
 
 
 def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, str | bytes] | None = None,
@@ -92,6 +112,7 @@ def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, 
             "out_spec": program.out_spec,
             "metadata": program.metadata,
             "files": {name: sha256_of(staging / name) for name in [WEIGHTS_FILE, *(extra_files or {})]},
+            "documents": sorted(documents or {}),
         }
         (staging / PLAN_FILE).write_text(json.dumps(plan, indent=1))
         make_readable(staging)

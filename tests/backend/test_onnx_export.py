@@ -151,6 +151,25 @@ def test_any_file_name_can_be_written(tmp_path):
     onnx.checker.check_model(str(tmp_path / "model.inferred"))
 
 
+class NamedLikeTheExporter(nn.Module):
+    """Submodules named like what the exporter's own module holds (``program``, ``linear``, ``ffn``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.program, self.ffn = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.ffn(self.program(self.linear(x)))
+
+
+@pytest.mark.parametrize("model", [NamedLikeTheExporter(), nn.Linear(4, 2)], ids=["submodules", "bare-linear"])
+def test_initializers_keep_any_parameter_name(model, tmp_path):
+    compiled = moec.compile(model.eval(), (torch.randn(2, 4),))
+    compiled.export_onnx(tmp_path / "model.onnx")
+    names = {init.name for init in onnx.load(str(tmp_path / "model.onnx")).graph.initializer}
+    assert names == {name for name, _ in model.named_parameters()}
+
+
 class Searchsorted(nn.Module):
     def __init__(self):
         super().__init__()

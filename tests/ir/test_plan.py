@@ -55,6 +55,24 @@ def test_refuses_to_overwrite_a_folder_that_is_not_a_plan(compiled, tmp_path):
         compiled[0].save(tmp_path)
 
 
+def test_refuses_to_overwrite_a_plan_beside_entries_it_does_not_list(compiled, tmp_path):
+    folder = compiled[0].save(tmp_path / "plan")
+    (folder / "model.onnx").write_bytes(b"exported")
+    (folder / "mine").mkdir()
+    with pytest.raises(moec.PlanError, match=r"also holds mine, model\.onnx, which writing the plan again would delete"):
+        compiled[0].save(folder)
+    assert (folder / "model.onnx").read_bytes() == b"exported" and moec.load(folder).ir == compiled[0].ir
+
+
+def test_a_plan_written_before_plan_json_listed_its_report_is_replaced(compiled, tmp_path):
+    folder = compiled[0].save(tmp_path / "plan")
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    del plan["documents"]
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    compiled[0].save(folder)
+    assert json.loads((folder / PLAN_FILE).read_text())["documents"] == [REPORT_FILE]
+
+
 def test_flipped_byte_names_the_checksum(compiled, tmp_path):
     folder = compiled[0].save(tmp_path / "plan")
     data = bytearray((folder / WEIGHTS_FILE).read_bytes())

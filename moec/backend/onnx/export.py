@@ -54,7 +54,7 @@ from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
 
 from moec.backend.onnx import quant
 from moec.backend.onnx.complex_pairs import pairs_unsupported, touches_complex
-from moec.backend.onnx.module import ProgramModule
+from moec.backend.onnx.module import ProgramModule, ProgramRules
 from moec.backend.onnx.moe import LOWERINGS
 from moec.backend.onnx.moe import TRANSLATIONS as MOE_TRANSLATIONS
 from moec.backend.torch_runner import TorchRunner
@@ -124,8 +124,8 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
         raise BackendError(f"the plan's weights take {weight_bytes / (1 << 30):.2f} GiB, more than torch.onnx writes "
                            f"inside a .onnx file ({INLINE_BYTES_MAX / (1 << 30):.1f} GiB); export them as external "
                            "data (leave out external_data=False / --no-external-data)")
-    module = ProgramModule(program, lowering)
-    fallbacks = dict(module.moe_plan.fallbacks)
+    rules = ProgramRules(program, lowering)
+    fallbacks = dict(rules.moe_plan.fallbacks)
     for block, reason in fallbacks.items():
         warn(f"{block} uses the portable MoE lowering: com.microsoft.MoE cannot express {reason}")
     result = OnnxExport(target, lowering, opset, external_data, fallbacks=fallbacks, tolerance=tolerance)
@@ -139,7 +139,7 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
         raise BackendError(f"cannot write {target}: {err.strerror or err}; choose another output path") from None
     try:
         staged = staging / target.name
-        onnx_program = trace_to_onnx(module, program, opset, optimize)
+        onnx_program = trace_to_onnx(rules.module, program, opset, optimize)
         onnx_program.save(str(staged), external_data=external_data)
         result.opset, result.fused_ops = tidy(staged)
         check_model(staged)

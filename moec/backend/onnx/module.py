@@ -119,12 +119,26 @@ def quantized_type(program: Program, ref: WeightRef | None) -> QuantizedType | N
 
 
 class ProgramModule(nn.Module):
-    """``forward(*inputs)`` runs the program's graph on the graph's inputs and returns its outputs."""
+    """The module torch.export traces: ``forward(*inputs)`` runs the program's graph (``ProgramRules``) and
+    returns its outputs. Its buffers are the program's weights at their program names; beside them it holds
+    nothing but ``_rules``, so no weight name (``weight``, ``linear``, ``program``...) meets an attribute."""
+
+    def __init__(self, rules: ProgramRules) -> None:
+        super().__init__()
+        self._rules = rules
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self._rules.forward(*inputs)
+
+
+class ProgramRules:
+    """The export-friendly rule of each op, reading weights from ``module``'s buffers (which torch.export
+    replaces by its own while tracing)."""
 
     def __init__(self, program: Program, lowering: str) -> None:
-        super().__init__()
         self.program = program
         self.moe_plan = plan_moe(program, lowering)
+        self.module = ProgramModule(self)
         self.weight_names: set[str] = set()
         for op in program.graph.ops:
             for ref in op.weight_refs:
@@ -162,27 +176,31 @@ class ProgramModule(nn.Module):
         """Register ``tensor`` as a buffer at the dotted path ``name`` (submodules made as needed)."""
         if name in self.weight_names:
             return
-        owner: nn.Module = self
+        owner: nn.Module = self.module
         *path, leaf = name.split(".")
-        for part in path:
-            child = owner._modules.get(part)
-            if child is None:
-                child = nn.Module()
-                owner.add_module(part, child)
-            owner = child
-        owner.register_buffer(leaf, tensor.detach(), persistent=True)
+        try:
+            for part in path:
+                child = owner._modules.get(part)
+                if child is None:
+                    child = nn.Module()
+                    owner.add_module(part, child)
+                owner = child
+            owner.register_buffer(leaf, tensor.detach(), persistent=True)
+        except KeyError as err:  # a part named like an attribute of torch's nn.Module
+            raise BackendError(f"weight @{name} cannot be an ONNX initializer of that name: {err.args[0]} on a torch "
+                               "module; rename that part of the model") from None
         self.weight_names.add(name)
 
     def weight(self, name: str) -> torch.Tensor:
         """The float weight ``name``; a quantized one dequantized in the graph."""
         weight_type = self.program.graph.weights.get(name)
         if not isinstance(weight_type, QuantizedType):
-            return self.get_buffer(name)
+            return self.module.get_buffer(name)
         if uses_matmul_nbits(weight_type):
             raise BackendError(f"@{name} is read as a MatMulNBits operand only; use ``linear``")
         parts = storage_names(name)
-        return dequantize(self.get_buffer(parts["qweight"]), self.get_buffer(parts["scales"]),
-                          self.get_buffer(parts["zeros"]), list(weight_type.bits), weight_type.group,
+        return dequantize(self.module.get_buffer(parts["qweight"]), self.module.get_buffer(parts["scales"]),
+                          self.module.get_buffer(parts["zeros"]), list(weight_type.bits), weight_type.group,
                           list(weight_type.shape))
 
     def fused_experts_weight(self, ref: WeightRef, suffix: str) -> torch.Tensor | PackedExperts:
@@ -190,7 +208,7 @@ class ProgramModule(nn.Module):
         weight_type = quantized_type(self.program, ref)
         if weight_type is None:
             return self.weight(ref.name + suffix)
-        parts = {part: self.get_buffer(name) for part, name in storage_names(ref.name).items()}
+        parts = {part: self.module.get_buffer(name) for part, name in storage_names(ref.name).items()}
         return PackedExperts(**parts, bits=weight_type.bits[0], group=weight_type.group)
 
     def linear(self, x: torch.Tensor, name: str, bias: torch.Tensor | None) -> torch.Tensor:
@@ -199,8 +217,8 @@ class ProgramModule(nn.Module):
         if not (isinstance(weight_type, QuantizedType) and uses_matmul_nbits(weight_type)):
             return F.linear(x, self.weight(name), bias)
         parts = storage_names(name)
-        y = matmul_nbits(x, self.get_buffer(parts["qweight"]), self.get_buffer(parts["scales"]),
-                         self.get_buffer(parts["zeros"]), weight_type.bits[0], weight_type.group)
+        y = matmul_nbits(x, self.module.get_buffer(parts["qweight"]), self.module.get_buffer(parts["scales"]),
+                         self.module.get_buffer(parts["zeros"]), weight_type.bits[0], weight_type.group)
         return y if bias is None else y + bias
 
     def ffn(self, op: DenseFFNOp | SharedExpertOp, x: torch.Tensor) -> torch.Tensor:
@@ -221,6 +239,7 @@ class ProgramModule(nn.Module):
         return y
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The graph's outputs on ``inputs``."""
         graph = self.program.graph
         env: dict[int, Any] = {id(v): x for v, x in zip(graph.inputs, inputs, strict=True)}
 
