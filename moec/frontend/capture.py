@@ -44,7 +44,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     with inference_setup(model):
         try:
             with exportable_experts(model, specs), swap_blocks(model, specs):
-                ep = export(model, args, kwargs)
+                ep = export_batch_of_two(model, args, kwargs) or export(model, args, kwargs)
         except EagerFailure as failure:
             if eager_failure(model, args, kwargs) is None:  # the model itself runs: moec's swap broke it
                 raise CaptureError(
@@ -209,6 +209,24 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
                 return ep
         raise CaptureError(f"cannot export {type(model).__name__}: {describe(model, err)}\n"
                            f"{export_hint(err, args, kwargs)}") from err
+
+
+def export_batch_of_two(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram | None:
+    """For an example whose every tensor has a first (batch) size of 1: ``model`` exported on the example
+    repeated to a batch of 2, where the model runs on that and exports; else None. Traced on a batch of 1,
+    code that builds a [1, ...] tensor beside the inputs (Hugging Face's position ids) can keep that 1
+    where the batch belongs, and the compiled model then fails on any other batch size."""
+    tensors = [leaf for _, leaf in named_tensors(args, kwargs)]
+    if not tensors or any(t.dim() == 0 or t.shape[0] != 1 for t in tensors):
+        return None
+    args2, kwargs2 = torch.utils._pytree.tree_map(
+        lambda leaf: leaf.expand(2, *leaf.shape[1:]).clone() if isinstance(leaf, torch.Tensor) else leaf, (args, kwargs))
+    if eager_failure(model, args2, kwargs2) is not None:
+        return None
+    try:
+        return export_with(model, args2, kwargs2, dynamic_shapes_for(model, args2, kwargs2))
+    except Exception:  # export raises many types; the batch-of-1 export then reports its own error
+        return None
 
 
 def export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic: dict[str, Any]) -> torch.export.ExportedProgram:

@@ -173,6 +173,17 @@ def test_an_example_of_one_token_is_told_to_use_two():
         moec.compile(model, {name: tensor[:, :1] for name, tensor in example.items()})
 
 
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-llama"])
+def test_an_example_of_batch_one_compiles_for_every_batch(name, preset):
+    """Traced on one sequence, Hugging Face's position ids keep a batch of 1 beside the inputs' dynamic one;
+    moec traces such an example repeated to a batch of 2, so other batches run."""
+    model, example = preset(name)
+    compiled = moec.compile(model, (example["input_ids"][:1],))
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=1e-5, rtol=0)
+
+
 class MaskedLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
