@@ -113,6 +113,7 @@ class CompiledModel:
         ``passed``. One whose passes change the outputs by design (``quantize``, ``dense-to-moe`` ...) gets its
         deviation instead (``cosine``, ``max_abs_diff``, ``scale``; see ``Deviation``): there is no tolerance
         to hold it to."""
+        check_inputs_kind(inputs, "inputs")
         parameters = self.program.metadata.get("forward_parameters", [])
         named = inputs.items() if isinstance(inputs, Mapping) else \
             ((parameters[i] if i < len(parameters) else f"argument {i}", value) for i, value in enumerate(inputs))
@@ -168,9 +169,11 @@ def compile(
     stored = isinstance(context.calibration, Calibration)  # kept with the plan, for reuse, even when unused
     if calibration is not None and not stored and not any(p.uses_calibration() for p in passes):
         warn(f"calibration is not used: {unused_calibration(passes)}; leave it out")
-    needing = [p.name for p in passes if p.needs_calibration()]
+    needing = [p for p in passes if p.needs_calibration()]
     if calibration is None and needing:  # before capture, which can take minutes
-        raise missing_calibration(f"pass {needing[0]!r}")
+        first = needing[0]
+        when = f", with these options (it calibrates {first.calibration_when})," if first.calibration_when else ""
+        raise missing_calibration(f"pass {first.name!r}{when}")
     program = capture(model, args, kwargs)
     records = run_passes(program, [Simplify(), DeadCode(), *passes], context)
     program.metadata["recipe"] = recipe_dict
@@ -181,14 +184,19 @@ def compile(
     return CompiledModel(program, backend, calibration=context.calibrations[0] if context.calibrations else None)
 
 
+def check_inputs_kind(inputs: Any, name: str) -> None:
+    """A ``TypeError`` saying how to pass model inputs when ``inputs`` (the argument ``name``) cannot be them."""
+    if isinstance(inputs, torch.Tensor):
+        raise TypeError(f"{name} is a single tensor; pass a tuple of the model's positional arguments, "
+                        "such as (input_ids,), or a dict of its keyword arguments")
+    if not isinstance(inputs, (tuple, list, Mapping)):
+        raise TypeError(f"{name} is a {type(inputs).__name__}; pass a tuple of the model's "
+                        "positional arguments, such as (input_ids,), or a dict of its keyword arguments")
+
+
 def check_compile_arguments(example_inputs: Any, recipe: Any) -> None:
     """A ``TypeError`` saying how to pass ``example_inputs`` or ``recipe`` when its kind cannot be one."""
-    if isinstance(example_inputs, torch.Tensor):
-        raise TypeError("example_inputs is a single tensor; pass a tuple of the model's positional arguments, "
-                        "such as (input_ids,), or a dict of its keyword arguments")
-    if not isinstance(example_inputs, (tuple, list, Mapping)):
-        raise TypeError(f"example_inputs is a {type(example_inputs).__name__}; pass a tuple of the model's "
-                        "positional arguments, such as (input_ids,), or a dict of its keyword arguments")
+    check_inputs_kind(example_inputs, "example_inputs")
     if recipe is not None and not isinstance(recipe, (str, os.PathLike, Mapping)):
         hint = f" ({{'passes': [...]}} around this {type(recipe).__name__})" if isinstance(recipe, list) else ""
         raise TypeError(f"recipe is a {type(recipe).__name__}; pass a dict with a 'passes' list{hint}, such as "

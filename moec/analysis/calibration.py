@@ -247,9 +247,19 @@ def given_calibration(data: Any) -> Any:
         return [data]
     if isinstance(data, (str, bytes, os.PathLike)):
         raise MoecError(f"calibration={os.fsdecode(data)!r} is a path, not calibration data; give {ACCEPTED_FORMS}")
-    if not isinstance(data, Iterable):
+    if not isinstance(data, Iterable) or is_numpy(data):
         raise MoecError(f"calibration of type {type(data).__name__} is not calibration data; give {ACCEPTED_FORMS}")
-    return list(data)
+    samples = list(data)
+    for index, sample in enumerate(samples):
+        if isinstance(sample, (str, bytes)) or is_numpy(sample):
+            raise MoecError(f"calibration sample {index} is of type {type(sample).__name__}; give each sample as torch "
+                            "tensors (tokenize text first): a dict of the model's inputs by name or a tuple")
+    return samples
+
+
+def is_numpy(value: Any) -> bool:
+    """Whether ``value`` is a numpy array or scalar (checked without importing numpy)."""
+    return type(value).__module__ == "numpy"
 
 
 def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch.Tensor]]:

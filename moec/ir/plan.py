@@ -168,6 +168,8 @@ def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """The plan folder and its checked ``plan.json``: format, version, and checksums of its files."""
     folder = user_path(path)
     plan_file = folder / PLAN_FILE
+    if folder.is_file():
+        raise PlanError(f"{folder} is a file; give the plan folder (the one holding {PLAN_FILE})")
     if not plan_file.is_file():
         raise PlanError(f"{folder} is not a moec plan: {PLAN_FILE} is missing (write one with `moec compile -o`)")
     try:

@@ -129,12 +129,16 @@ class Program:
         return tuple(bound.pop(name) for name in names[:positional]), bound
 
     def check_input_shapes(self, leaves: list[Any]) -> None:
-        """``ValueError`` naming the first input tensor whose fixed sizes differ from the graph's. (Another rank
-        is let through: a graph of rank-agnostic ops, an MLP's, runs on [T, H] and [B, S, H] alike.)"""
+        """``ValueError`` naming the first input tensor whose fixed sizes differ from the graph's, ``TypeError``
+        naming one given as something else (``None``, a list). (Another rank is let through: a graph of
+        rank-agnostic ops, an MLP's, runs on [T, H] and [B, S, H] alike.)"""
         for leaf, value, name in zip(leaves, self.graph.inputs, self.graph.input_names, strict=False):
             expected = value.type
-            if not isinstance(leaf, torch.Tensor) or not hasattr(expected, "shape"):
+            if not hasattr(expected, "shape"):
                 continue
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"input {name!r} is {leaf!r:.40}, but the compiled model takes a tensor {expected} "
+                                "there, as the example gave; pass a tensor")
             fixed = [(axis, size) for axis, size in enumerate(expected.shape) if isinstance(size, int)]
             if leaf.dim() == len(expected.shape) and any(leaf.shape[axis] != size for axis, size in fixed):
                 raise ValueError(

@@ -66,7 +66,8 @@ class ExpertPlacement(Pass):
             raise PassError(f"time_limit_s={self.time_limit_s} must be positive")
         given = [name for name in SOLVER_OPTIONS if getattr(self, name) is not None]
         if self.method != "cp-sat" and given:
-            raise PassError(f"{', '.join(given)} constrain the cp-sat solver, and method={self.method!r} places "
+            verb = "constrains" if len(given) == 1 else "constrain"
+            raise PassError(f"{', '.join(given)} {verb} the cp-sat solver, and method={self.method!r} places "
                             "experts by a fixed rule without them; leave them out, or use method 'cp-sat'")
 
     def needs_calibration(self) -> bool:

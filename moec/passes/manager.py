@@ -37,17 +37,19 @@ def load_recipe(source: str | os.PathLike | dict | None) -> dict[str, Any]:
     if source is None:
         return {"passes": []}
     where = "the recipe"
-    if isinstance(source, dict):
-        recipe = source
-    else:
+    if isinstance(source, (str, os.PathLike)):
         path = user_path(source)
         where = f"recipe file {path}"
+        if path.is_dir():
+            raise PassError(f"recipe file {path} is a folder; give the path of a YAML/JSON recipe file")
         if not path.is_file():
             raise PassError(f"recipe file {path} does not exist")
         try:
             recipe = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise PassError(f"recipe file {path} is not valid YAML/JSON: {err}") from None
+    else:
+        recipe = source
     example = "e.g. {'passes': [{'quantize': {'bits': 4}}]}"
     if not isinstance(recipe, dict):
         raise PassError(f"{where} must be a mapping with a 'passes' list, {example}")
@@ -61,11 +63,11 @@ def load_recipe(source: str | os.PathLike | dict | None) -> dict[str, Any]:
     return {"passes": list(recipe["passes"])}
 
 
-def build_passes(recipe: dict[str, Any]) -> list[Pass]:
-    """The passes of ``recipe`` (see ``load_recipe``), each built from its entry with every option checked
-    against the type the pass declares for it (``check_option``)."""
+def build_passes(recipe: str | os.PathLike | dict | None) -> list[Pass]:
+    """The passes of ``recipe`` (anything ``load_recipe`` reads), each built from its entry with every option
+    checked against the type the pass declares for it (``check_option``)."""
     passes = []
-    for entry in recipe["passes"]:
+    for entry in load_recipe(recipe)["passes"]:
         if not (isinstance(entry, str) or (isinstance(entry, dict) and len(entry) == 1)):
             raise PassError(f"recipe entry {entry!r} must be a pass name or {{name: {{options}}}}")
         name, options = (entry, None) if isinstance(entry, str) else next(iter(entry.items()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,9 +202,16 @@ def test_a_sample_of_the_wrong_width_is_one_error_naming_the_sample_and_the_inpu
         calibrate(program, [torch.randn(3, 8), sample], progress=False)
 
 
-@pytest.mark.parametrize("given", ["plan/", 3])
+@pytest.mark.parametrize("given", ["plan/", 3, np.zeros((2, 8))], ids=["path", "number", "ndarray"])
 def test_a_path_or_a_number_as_calibration_names_the_accepted_forms(given):
     with pytest.raises(MoecError, match=r"not calibration data; give a list of sample inputs .* one batch"):
+        PassContext(calibration=given)
+
+
+@pytest.mark.parametrize(("given", "kind"), [(["some text"], "str"), ([np.zeros((2, 8))], "ndarray")])
+def test_text_or_numpy_samples_are_told_to_be_torch_tensors(given, kind):
+    with pytest.raises(MoecError, match=rf"calibration sample 0 is of type {kind}; give each sample as torch "
+                                        r"tensors \(tokenize text first\)"):
         PassContext(calibration=given)
 
 

@@ -52,3 +52,9 @@ def test_calls_that_fit_run_by_position_or_keyword(compiled):
         expected = model(x, mask)
     for out in [compiled_model(x, mask), compiled_model(x, mask=mask), compiled_model(mask=mask, x=x)]:
         torch.testing.assert_close(out, expected)
+
+
+def test_none_where_the_example_gave_a_tensor_names_the_input(compiled):
+    with pytest.raises(TypeError, match=r"^input 'mask' is None, but the compiled model takes a tensor f32\[.*\] "
+                                        r"there, as the example gave; pass a tensor$"):
+        compiled[1](X, mask=None)

@@ -141,10 +141,25 @@ def test_compile_arguments_of_the_wrong_kind_say_how_to_pass_them(example, recip
         moec.compile(TanhMLP(), example, recipe=recipe)
 
 
+def test_check_inputs_of_the_wrong_kind_say_how_to_pass_them():
+    model = TanhMLP()
+    compiled = moec.compile(model, (torch.randn(3, 8),))
+    with pytest.raises(TypeError, match=r"^inputs is a single tensor; pass a tuple of the model's positional"):
+        compiled.check(model, torch.randn(3, 8))
+
+
 def test_a_recipe_that_needs_calibration_without_it_fails_before_capture(monkeypatch):
     monkeypatch.setattr("moec.api.capture", lambda *args: pytest.fail("the model was captured"))
     with pytest.raises(moec.PassError, match=r"^pass 'expert-prune' needs calibration data: pass calibration="):
         moec.compile(TanhMLP(), (torch.randn(3, 8),), recipe={"passes": [{"expert-prune": {"keep": 2}}]})
+
+
+def test_a_pass_that_calibrates_only_with_some_options_says_so_when_calibration_is_missing(monkeypatch):
+    monkeypatch.setattr("moec.api.capture", lambda *args: pytest.fail("the model was captured"))
+    recipe = {"passes": [{"dense-to-moe": {"experts": 2, "shared": 0.5, "method": "weights", "router": "centroid"}}]}
+    with pytest.raises(moec.PassError, match=r"^pass 'dense-to-moe', with these options \(it calibrates with router "
+                                             r"fitted, method coactivation or shared above 0\), needs calibration data"):
+        moec.compile(TanhMLP(), (torch.randn(3, 8),), recipe=recipe)
 
 
 def test_an_op_returning_a_list_of_one_tensor_runs():

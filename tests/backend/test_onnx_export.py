@@ -283,6 +283,18 @@ def test_inline_weights_beyond_what_torch_onnx_writes_inline_are_refused(monkeyp
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(("options", "message"), [
+    ({"opset": "20"}, r"^opset is a str \('20'\); give an int from 18 to 25$"),
+    ({"opset": 20.0}, r"^opset is a float \(20\.0\)"),
+    ({"external_data": "yes"}, r"^external_data is a str \('yes'\); give True, False or None"),
+])
+def test_export_options_of_the_wrong_type_are_refused_up_front(options, message, tmp_path):
+    compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))
+    with pytest.raises(TypeError, match=message):
+        compiled.export_onnx(tmp_path / "model.onnx", **options)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("opset", [0, 13, 17, 99])
 def test_an_opset_out_of_range_is_refused_up_front(opset, tmp_path):
     compiled = moec.compile(nn.Sequential(nn.Linear(4, 8), nn.ReLU()).eval(), (torch.randn(2, 3, 4),))

@@ -73,6 +73,12 @@ def test_a_plan_written_before_plan_json_listed_its_report_is_replaced(compiled,
     assert json.loads((folder / PLAN_FILE).read_text())["documents"] == [REPORT_FILE]
 
 
+def test_loading_a_file_asks_for_the_plan_folder(compiled, tmp_path):
+    folder = compiled[0].save(tmp_path / "plan")
+    with pytest.raises(moec.PlanError, match=r"plan\.json is a file; give the plan folder \(the one holding plan\.json\)"):
+        moec.load(folder / PLAN_FILE)
+
+
 def test_flipped_byte_names_the_checksum(compiled, tmp_path):
     folder = compiled[0].save(tmp_path / "plan")
     data = bytearray((folder / WEIGHTS_FILE).read_bytes())

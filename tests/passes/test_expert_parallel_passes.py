@@ -142,11 +142,11 @@ def test_solver_options_with_a_fixed_rule_method_are_refused():
     with pytest.raises(PassError, match=r"capacity, memory_bytes constrain the cp-sat solver, and "
                        r"method='round-robin' places experts by a fixed rule"):
         build_passes({"passes": [{"expert-placement": {"method": "round-robin", "capacity": 1, "memory_bytes": 10}}]})
-    with pytest.raises(PassError, match=r"balance_eps constrain the cp-sat solver"):  # 0.1 given is not left out
+    with pytest.raises(PassError, match=r"balance_eps constrains the cp-sat solver"):  # 0.1 given is not left out
         build_passes({"passes": [{"expert-placement": {"method": "round-robin", "balance_eps": 0.1}}]})
     with pytest.raises(PassError, match=r"balance_eps=-0.1 must be at least 0"):
         build_passes({"passes": [{"expert-placement": {"balance_eps": -0.1}}]})
-    with pytest.raises(PassError, match=r"time_limit_s constrain the cp-sat solver"):  # its default, given, still binds nothing
+    with pytest.raises(PassError, match=r"time_limit_s constrains the cp-sat solver"):  # its default, given, still binds nothing
         build_passes({"passes": [{"expert-placement": {"method": "contiguous", "time_limit_s": 20}}]})
     build_passes({"passes": [{"expert-placement": {"method": "contiguous", "world_size": 4}}]})
 

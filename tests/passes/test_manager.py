@@ -55,6 +55,20 @@ def test_recipe_mistakes_are_named_not_ignored(tmp_path, text, message):
         load_recipe(path)
 
 
+@pytest.mark.parametrize(("recipe", "message"), [
+    ([{"quantize": {}}], r"^the recipe must be a mapping with a 'passes' list"),
+    ({"quantize": {}}, r"^the recipe has an unknown key 'quantize'; valid keys: passes \(a pass goes in"),
+])
+def test_build_passes_checks_the_recipe_as_load_recipe_does(recipe, message):
+    with pytest.raises(PassError, match=message):
+        build_passes(recipe)
+
+
+def test_a_recipe_path_that_is_a_folder_is_named_as_one(tmp_path):
+    with pytest.raises(PassError, match=rf"recipe file {tmp_path} is a folder; give the path of a YAML/JSON"):
+        load_recipe(tmp_path)
+
+
 @pytest.mark.parametrize(("entry", "message"), [
     (5, r"recipe entry 5 must be a pass name or \{name: \{options\}\}"),
     (None, r"recipe entry None must be a pass name"),

@@ -114,6 +114,9 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
     if lowering not in LOWERINGS:
         raise BackendError(f"unknown ONNX lowering {lowering!r}; choose one of {', '.join(LOWERINGS)}")
     check_opset(opset)
+    if external_data is not None and not isinstance(external_data, bool):
+        raise TypeError(f"external_data is a {type(external_data).__name__} ({external_data!r}); give True, False "
+                        "or None (external data for weights above 1 GiB)")
     check_float32(program)
     check_lowerable(program)
     target = check_target(path)
@@ -305,6 +308,8 @@ def tidy(path: Path) -> tuple[int, dict[str, int]]:
 
 def check_opset(opset: int) -> None:
     """Refuse an opset the exporter cannot write (torch.onnx translates at 18; onnxscript converts up to 25)."""
+    if not isinstance(opset, int) or isinstance(opset, bool):
+        raise TypeError(f"opset is a {type(opset).__name__} ({opset!r}); give an int from {MIN_OPSET} to {MAX_OPSET}")
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise BackendError(f"cannot export at ONNX opset {opset}: choose an opset from {MIN_OPSET} to {MAX_OPSET} "
                            f"(default {DEFAULT_OPSET})")
