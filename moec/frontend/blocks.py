@@ -34,6 +34,8 @@ ORDERS = ("score_then_topk", "topk_then_score")
 GROUP_SCORES = ("top2_sum", "max")
 ROUTER_BIAS_ROLES = ("router_bias", "router_logit_bias")
 GATE_UP_PARTS = ("w_in.gate", "w_in.up")  # a gated w_in stored as two tensors (DBRX), in the order they join
+# Each kind of block: the parts (``BlockSpec`` fields) it needs, and the ones it may have besides.
+KIND_PARTS = {"ffn": (("ffn",), ()), "moe": (("route", "experts"), ("shared",)), "experts": (("experts",), ())}
 
 
 @dataclass(frozen=True)

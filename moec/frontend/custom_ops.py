@@ -4,7 +4,8 @@
 ``moec::ffn(Tensor x, Tensor[] weights, str config) -> Tensor`` and
 ``moec::experts(Tensor x, Tensor indices, Tensor routing, Tensor[] weights, str config) -> Tensor`` (routed
 experts given the router's choice): ``config`` is ``BlockSpec.to_json()``, ``weights`` are the block's
-tensors in ``spec.roles`` order, and the result has ``x``'s shape and dtype.
+tensors in ``spec.roles`` order, and the result has ``x``'s shape and dtype; ``x``'s last dimension is
+the block's hidden size (``block_hidden``).
 To torch.export they are opaque ops with a static output shape (the fake implementations), so a
 data-dependent loop over experts never reaches the exported graph. Eagerly they run
 :mod:`moec.kernels.reference`.
@@ -13,6 +14,7 @@ data-dependent loop over experts never reaches the exported graph. Eagerly they 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import torch
 
@@ -56,17 +58,42 @@ def experts(x: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor, weigh
     return reference.experts_block(x, indices, routing, _by_role(weights, spec), spec)
 
 
+# The role whose rows are the block's hidden size H in moec's layout: w_out (E, H, F), w_down (H, F).
+OUTPUT_PROJECTION = {"moe": "w_out", "experts": "w_out", "ffn": "w_down"}
+
+
+def block_hidden(weights: Mapping[str, torch.Tensor], spec: BlockSpec) -> int:
+    """The hidden size H of a block's rows, read from its output projection (``weights`` by role, as the
+    framework stores them)."""
+    role = OUTPUT_PROJECTION[spec.kind]
+    return reference.oriented_weight(weights[role], role, spec).shape[-2]
+
+
+def _block_output(x: torch.Tensor, weights: list[torch.Tensor], config: str) -> torch.Tensor:
+    """The fake result of a block op: like ``x`` [..., H], with H pinned to ``block_hidden``.
+
+    Capture makes every dimension of a model input dynamic; a block fed such an input directly would leave
+    its H symbolic, and the IR could not check H against the block's weights. The pin makes it static.
+    """
+    spec = parse_config(config)
+    hidden = block_hidden(_by_role(weights, spec), spec)
+    torch._check(x.shape[-1] == hidden, lambda: (
+        f"block {spec.module!r} takes rows of {hidden} (the size of its weights), got an input of shape "
+        f"{list(x.shape)}"))
+    return torch.empty_like(x)
+
+
 @moe_block.register_fake
 def _moe_block_fake(x: torch.Tensor, weights: list[torch.Tensor], config: str) -> torch.Tensor:
-    return torch.empty_like(x)
+    return _block_output(x, weights, config)
 
 
 @experts.register_fake
 def _experts_fake(x: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor, weights: list[torch.Tensor],
                   config: str) -> torch.Tensor:
-    return torch.empty_like(x)
+    return _block_output(x, weights, config)
 
 
 @ffn.register_fake
 def _ffn_fake(x: torch.Tensor, weights: list[torch.Tensor], config: str) -> torch.Tensor:
-    return torch.empty_like(x)
+    return _block_output(x, weights, config)

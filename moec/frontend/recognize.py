@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from collections.abc import Callable
 from typing import TypeGuard, TypeVar
 
@@ -27,7 +29,21 @@ from torch import nn
 from torch.nn import functional as F
 
 from moec.errors import CaptureError
-from moec.frontend.blocks import BlockSpec, ExpertsSpec, FFNSpec, RouteSpec, required_part
+from moec.frontend.blocks import (
+    ACTIVATIONS,
+    GATE_UP_PARTS,
+    GROUP_SCORES,
+    KIND_PARTS,
+    ORDERS,
+    SCORINGS,
+    BlockSpec,
+    ExpertsSpec,
+    FFNSpec,
+    RouteSpec,
+    required_part,
+)
+from moec.frontend.custom_ops import OUTPUT_PROJECTION, block_hidden
+from moec.kernels import reference
 
 ToSpec = Callable[[nn.Module], BlockSpec | None]
 
@@ -42,9 +58,11 @@ def register_moe_block(module_class: type[nn.Module], to_spec: ToSpec) -> None:
     Weight names in the returned spec are relative to the module (``"router.weight"``); moec prefixes
     the module's path in the model, and fills ``module``. Return None to leave an instance unrecognized.
     Registrations made later win over earlier ones and over the built-ins; subclasses match too.
-    The module's ``forward(hidden_states)`` must return one tensor of the input's shape. Capture checks
-    each spec against its module (weight names, then the IR's sizes) and names the block and ``to_spec``
-    when they disagree.
+    The module's ``forward(hidden_states)`` (for ``kind='experts'``, routed experts given the router's choice:
+    ``forward(hidden_states, top_k_index, top_k_weights)``) must return one tensor of the input's shape.
+    Capture checks each spec against its module, and names the block and ``to_spec`` when they disagree: its
+    form (``_spec_problem``), its weight names, what it computes (``_registered_probe_problem``: the
+    module's forward on a few random rows against moec's reference kernels), then the IR's sizes.
 
     Example, for a module with a router ``nn.Linear(H, E)`` and stacked expert weights
     ``w1`` (E, 2F, H) (gate rows first) and ``w2`` (E, H, F)::
@@ -88,7 +106,7 @@ def recognize(model: nn.Module) -> list[BlockSpec]:
     for path, module in model.named_modules():
         if any(path.startswith(prefix + ".") for prefix in claimed):
             continue
-        spec = _spec_for(module)
+        spec = _spec_for(module, path)
         if spec is None:
             continue
         specs.append(_anchored(spec, path))
@@ -106,28 +124,148 @@ def _registration_for(module: nn.Module) -> tuple[type[nn.Module] | str, ToSpec]
     return None
 
 
-def _spec_for(module: nn.Module) -> BlockSpec | None:
+def _spec_for(module: nn.Module, path: str) -> BlockSpec | None:
     found = _registration_for(module)
     if found is None:
         return _probed_gated_mlp(module) or _probed_hf_experts(module)
     spec = found[1](module)
     if not isinstance(found[0], str):
-        _check_registered_spec(module, found[1], spec)
+        _check_registered_spec(module, path, found[1], spec)
     return spec
 
 
-def _check_registered_spec(module: nn.Module, to_spec: ToSpec, spec: object) -> None:
-    """A user's ``to_spec`` returned a BlockSpec (or None) whose weights are tensors of ``module``."""
+def _check_registered_spec(module: nn.Module, path: str, to_spec: ToSpec, spec: object) -> None:
+    """A user's ``to_spec`` returned None, or a BlockSpec for ``module`` (the block at ``path``) that is well
+    formed (``_spec_problem``), names tensors of the module, and computes what the module's forward computes
+    (``_registered_probe_problem``). Otherwise raises a CaptureError naming the block, its class and ``to_spec``."""
+    if spec is None:
+        return
     name = getattr(to_spec, "__qualname__", repr(to_spec))
-    if spec is not None and not isinstance(spec, BlockSpec):
-        raise CaptureError(f"{name}, registered for {type(module).__name__} with moec.register_moe_block, returned "
-                           f"a {type(spec).__name__}; it must return a moec.BlockSpec, or None to leave the module alone")
-    tensors = {n for n, _ in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]}
-    for role, weight in (spec.weights.items() if spec is not None else ()):
+    registered = f"block {path!r}: {name}, registered for {type(module).__name__} with moec.register_moe_block,"
+    if not isinstance(spec, BlockSpec):
+        raise CaptureError(f"{registered} returned a {type(spec).__name__}; it must return a moec.BlockSpec, or None "
+                           "to leave the module alone")
+    problem = _spec_problem(spec)
+    if problem is not None:
+        raise CaptureError(f"{registered} {problem}")
+    tensors = dict([*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)])
+    for role, weight in spec.weights.items():
         if weight not in tensors:
-            raise CaptureError(f"{name}, registered for {type(module).__name__} with moec.register_moe_block, gives "
-                               f"weight {role!r} as {weight!r}, which is not a parameter or buffer of that module "
-                               f"(names are relative to the module, such as 'router.weight')")
+            raise CaptureError(f"{registered} gives weight {role!r} as {weight!r}, which is not a parameter or buffer "
+                               f"of that module (names are relative to the module, such as 'router.weight')")
+    problem = _registered_probe_problem(module, spec, {role: tensors[weight] for role, weight in spec.weights.items()})
+    if problem is not None:
+        raise CaptureError(f"{registered} {problem}")
+
+
+# The spec classes of a BlockSpec's parts, and the settings whose values are names from a fixed list.
+_PART_CLASSES = {"ffn": FFNSpec, "route": RouteSpec, "experts": ExpertsSpec, "shared": FFNSpec}
+_CHOICES = {"act": ACTIVATIONS, "scoring": SCORINGS, "order": ORDERS, "group_score": GROUP_SCORES}
+
+
+def _spec_problem(spec: BlockSpec) -> str | None:
+    """Why ``spec`` is malformed (its kind, a part its kind needs or does not use, a field's type or value, a
+    weight role), or None. Sizes are left to the IR verifier, which checks them against the weights."""
+    if spec.kind not in KIND_PARTS:
+        return (f"returned kind={spec.kind!r}; it must be 'moe' (a whole MoE block, router included), 'ffn' (a dense "
+                f"FFN) or 'experts' (routed experts given the router's choice)")
+    needed, optional = KIND_PARTS[spec.kind]
+    for part_name, part_class in _PART_CLASSES.items():
+        part = getattr(spec, part_name)
+        if part is None and part_name in needed:
+            return (f"returned a kind={spec.kind!r} spec without {part_name!r}, which that kind needs; give "
+                    f"{part_name}=moec.{part_class.__name__}(...)")
+        if part is not None and part_name not in needed + optional:
+            return f"returned a kind={spec.kind!r} spec with {part_name!r}, which that kind does not use; leave it out"
+        if part is not None and not isinstance(part, part_class):
+            return f"gives {part_name} as a {type(part).__name__}; it must be a moec.{part_class.__name__}"
+    for field_path, value, hint in _fields(spec):
+        if not _fits(value, hint):
+            return f"gives {field_path}={value!r} ({type(value).__name__}); it must be {_type_name(hint)}"
+        choices = _CHOICES.get(field_path.rpartition(".")[2])
+        if choices is not None and value not in choices:
+            return f"gives {field_path}={value!r}; it must be one of {', '.join(map(repr, choices))}"
+    if spec.ffn is not None and spec.ffn.has_output_gate:
+        return "gives ffn.has_output_gate=True, which only a moe block's shared expert ('shared') has"
+    return _role_problem(spec)
+
+
+def _fields(spec: BlockSpec) -> list[tuple[str, object, object]]:
+    """(dotted name, value, type) of every field of ``spec`` and of its parts, such as ``route.top_k``."""
+    found = []
+    for obj, prefix in [(spec, ""), *((getattr(spec, name), f"{name}.") for name in _PART_CLASSES)]:
+        if obj is None:
+            continue
+        hints = typing.get_type_hints(type(obj))
+        found += [(prefix + f.name, getattr(obj, f.name), hints[f.name]) for f in dataclasses.fields(obj)]
+    return found
+
+
+def _fits(value: object, hint: object) -> bool:
+    """Whether ``value`` is of the annotated type ``hint`` (a bool is not a number; a list passes for a tuple)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if hint in (int, float):
+        return isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+    if origin is tuple:
+        return isinstance(value, (tuple, list)) and all(_fits(item, args[0]) for item in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_fits(k, args[0]) and _fits(v, args[1]) for k, v in value.items())
+    return isinstance(value, typing.cast(type, hint))
+
+
+def _type_name(hint: object) -> str:
+    """``int``, ``float | None``, ``moec.RouteSpec | None``, ``tuple[str, ...]`` ..."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " | ".join(map(_type_name, typing.get_args(hint)))
+    if hint is type(None):
+        return "None"
+    if isinstance(hint, type) and not typing.get_args(hint):
+        return f"moec.{hint.__name__}" if dataclasses.is_dataclass(hint) else hint.__name__
+    return str(hint)
+
+
+def _weight_roles(spec: BlockSpec) -> tuple[set[str], set[str]]:
+    """(the weight roles ``spec`` needs, those it may give besides), as its parts' settings say (the layouts of
+    ``moec.frontend.blocks``); a gated ``w_in`` may be given as its ``GATE_UP_PARTS`` instead."""
+    needed: set[str] = set()
+    optional: set[str] = set()
+    if spec.route is not None:
+        needed |= {"router"} | {role for role, has in (("router_bias", spec.route.has_bias),
+                                                       ("router_logit_bias", spec.route.has_logit_bias)) if has}
+    if spec.experts is not None:
+        needed |= {"w_in", "w_out"}
+        optional |= set(GATE_UP_PARTS) | ({"b_in", "b_out"} if spec.experts.has_bias else set())
+    for ffn, prefix in ((spec.ffn, ""), (spec.shared, "shared_")):
+        if ffn is None:
+            continue
+        gate = ("gate",) if ffn.gated else ()
+        needed |= {f"{prefix}w_{part}" for part in ("up", "down", *gate)}
+        if ffn.has_bias:
+            optional |= {f"{prefix}b_{part}" for part in ("up", "down", *gate)}
+        if ffn.has_output_gate:
+            needed.add(f"{prefix}gate")
+    return needed, optional
+
+
+def _role_problem(spec: BlockSpec) -> str | None:
+    """Why ``spec``'s weight roles do not fit its parts (``_weight_roles``) or its layout lists, or None."""
+    needed, optional = _weight_roles(spec)
+    given = set(spec.weights) | ({"w_in"} if set(GATE_UP_PARTS) <= set(spec.weights) else set())
+    missing, unknown = sorted(needed - given), sorted(set(spec.weights) - needed - optional)
+    if missing:
+        return (f"gives no weight for the role(s) {missing}, which its settings need; add them to weights "
+                f"(see moec/frontend/blocks.py for each role's layout)")
+    if unknown:
+        return (f"gives weight role(s) {unknown}, which a kind={spec.kind!r} block with these settings does not take "
+                f"(it takes {sorted(needed | optional)}; biases need has_bias=True, 'w_gate' gated=True, "
+                f"'router_bias' route.has_bias=True, 'router_logit_bias' route.has_logit_bias=True)")
+    for layout in ("transposed", "interleaved", "flattened"):
+        strays = sorted(set(getattr(spec, layout)) - set(spec.weights))
+        if strays:
+            return f"lists {strays} in {layout}, which are not roles of its weights {list(spec.weights)}"
+    return None
 
 
 def _probed_gated_mlp(mlp: nn.Module) -> BlockSpec | None:
@@ -242,19 +380,14 @@ def _hf_default_apply_gate() -> Callable | None:
 
 def _experts_probe_agrees(experts: nn.Module, block: BlockSpec) -> bool:
     """Whether ``experts(x, indices, weights)`` matches moec's experts op on 8 random rows (scaled to
-    ``PROBE_PEAKS``), each routed to two random experts, to the rounding of the module's dtype (relative to
-    each row's largest output)."""
-    from moec.kernels import reference
-
+    ``PROBE_PEAKS``), each routed to two random experts, to ``_probe_tolerance``."""
     spec = required_part(block.experts, "experts", block)
     tensors = {role: reference.oriented_weight(getattr(experts, name), role, block)
                for role, name in block.weights.items()}
     w_in = tensors["w_in"]
     generator = torch.Generator().manual_seed(0)
-    top_k = min(2, spec.num_experts)
     x = torch.randn(8, spec.hidden, generator=generator).to(w_in.device, w_in.dtype)
-    indices = torch.rand(8, spec.num_experts, generator=generator).argsort(dim=-1)[:, :top_k].to(w_in.device)
-    routing = torch.rand(8, top_k, generator=generator).to(w_in.device)
+    indices, routing = _random_choice(8, spec.num_experts, generator, w_in.device)
     try:
         with torch.no_grad():
             x = _rows_reaching_probe_peaks(x, lambda rows: rows @ w_in.reshape(-1, spec.hidden).T)
@@ -265,9 +398,135 @@ def _experts_probe_agrees(experts: nn.Module, block: BlockSpec) -> bool:
         return False
     if not isinstance(actual, torch.Tensor) or actual.shape != expected.shape:
         return False
-    tolerance = 1e-4 if w_in.dtype == torch.float32 else 2e-2
-    scale = expected.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)  # per row: their peaks differ
-    return bool(((actual.float() - expected.float()).abs() <= tolerance * scale).all().item())
+    return bool((_row_errors(actual, expected) <= _probe_tolerance(w_in.dtype)).all())
+
+
+def _random_choice(rows: int, num_experts: int, generator: torch.Generator,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's choice for a probe: ``rows`` x min(2, E) distinct random experts (int64) and their random
+    float32 routing weights."""
+    top_k = min(2, num_experts)
+    indices = torch.rand(rows, num_experts, generator=generator).argsort(dim=-1)[:, :top_k]
+    return indices.to(device), torch.rand(rows, top_k, generator=generator).to(device)
+
+
+def _probe_tolerance(dtype: torch.dtype) -> float:
+    """How far a probed module's output may be from moec's reference, relative to its row's largest output:
+    the rounding of float32 (and float64), 1e-4, else that of 16-bit floats, 2e-2."""
+    return 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
+
+
+def _row_errors(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
+    """Per row (the last dimension), the largest ``|actual - expected|`` relative to the row's largest output,
+    of either (relative per row: their peaks differ). Float32, [rows], each at most 2."""
+    actual, expected = (t.float().reshape(-1, t.shape[-1]) for t in (actual, expected))
+    peak = torch.maximum(actual.abs().amax(dim=-1), expected.abs().amax(dim=-1)).clamp_min(1e-30)
+    return (actual - expected).abs().amax(dim=-1) / peak
+
+
+# The settings that decide what each part of a spec computes, for a probe's message.
+_PART_SETTINGS = {
+    "route": "routing (route: scoring, order, top_k, renormalize, scaling, biases)",
+    "experts": "experts (experts: act, gated, limit, up_offset, weighted_input)",
+    "ffn": "FFN (ffn: act, gated, limit, up_offset)",
+    "shared": "shared expert (shared: act, gated, has_output_gate)",
+}
+
+
+def _registered_probe_problem(module: nn.Module, spec: BlockSpec, weights: dict[str, torch.Tensor]) -> str | None:
+    """Why a registered block's forward does not compute what moec's reference kernels compute from ``spec`` and
+    ``weights`` (by role) on 8 random rows (``_probe_rows``; for an experts module, with a random choice of
+    experts), or None when they agree: each row within ``_probe_tolerance`` of the weights' dtype plus, for a
+    block with a router, that dtype's rounding of the row's largest router logit (``eps * max |logit|``: a
+    module may compute its logits in its dtype, as Hugging Face's do, where the reference uses float32).
+
+    The block runs in eval mode, without gradients; its forward must return one tensor of its input's shape.
+    """
+    try:
+        hidden = block_hidden(weights, spec)
+        x = _probe_rows(spec, weights, hidden)
+    except (IndexError, RuntimeError) as err:  # a weight of another rank or size than its role's
+        return (f"gives weights whose shapes do not fit the layouts of their roles (moec/frontend/blocks.py): "
+                f"{type(err).__name__}: {err}")
+    forward = f"{type(module).__name__}.forward"
+    if spec.kind == "experts":
+        indices, routing = _random_choice(len(x), required_part(spec.experts, "experts", spec).num_experts,
+                                          torch.Generator().manual_seed(1), x.device)
+        inputs: tuple[torch.Tensor, ...] = (x, indices, routing)
+        called = f"{forward}(hidden_states {list(x.shape)}, top_k_index, top_k_weights) (kind='experts')"
+    else:
+        inputs = (x.reshape(2, -1, hidden),)
+        called = f"{forward}(hidden_states {list(inputs[0].shape)})"
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            actual = module(*inputs)
+    except Exception as err:  # whatever the user's forward raises
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return (f"describes a block whose forward fails on random hidden states: {called} raised "
+                f"{type(err).__name__}: {reason}. moec checks a registered block's spec on such rows: the forward "
+                "of a kind='moe' or 'ffn' block takes the hidden states [..., H] alone, that of a kind='experts' "
+                "module (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])")
+    finally:
+        module.train(was_training)
+    if not isinstance(actual, torch.Tensor) or actual.shape != inputs[0].shape:
+        got = f"a tensor of shape {list(actual.shape)}" if isinstance(actual, torch.Tensor) else (
+            f"a {type(actual).__name__}")
+        return (f"describes a block whose forward returns {got}, not one tensor of its input's shape ({called} on "
+                f"random hidden states). A registered block's forward must return one tensor of its input's shape: "
+                f"return the hidden states alone (without router logits), or register the module inside it that does")
+    with torch.no_grad():
+        try:
+            if spec.kind == "experts":
+                expected = reference.experts_block(x, indices, routing, weights, spec)
+            else:
+                run = reference.moe_block if spec.kind == "moe" else reference.ffn_block
+                expected = run(inputs[0], weights, spec)
+        except Exception as err:  # sizes or settings the reference kernels cannot run
+            return (f"returned a spec that moec's reference kernels cannot run on the module's weights: "
+                    f"{type(err).__name__}: {err}; check its sizes and settings")
+    limits = torch.full((len(x),), _probe_tolerance(x.dtype))
+    if spec.route is not None:
+        limits += torch.finfo(x.dtype).eps * _router_logits(x, weights, spec).abs().amax(dim=-1).cpu()
+    errors = _row_errors(actual, expected).cpu()
+    worst = int((errors - limits).argmax())
+    if errors[worst] <= limits[worst]:
+        return None
+    difference = (actual.float() - expected.float()).abs().max().item()
+    settings = " and ".join(_PART_SETTINGS[name] for name in _PART_CLASSES if getattr(spec, name) is not None)
+    return (f"returned a spec that computes other outputs than {forward}: on random hidden states the largest "
+            f"difference is {difference:.3g}, and a row differs by {errors[worst]:.3g} of its largest output where "
+            f"the rounding of {str(x.dtype).removeprefix('torch.')} allows {limits[worst]:.2g}. Check that the "
+            f"spec's {settings} and the weights' layouts (moec/frontend/blocks.py) say what forward computes")
+
+
+# Candidate rows an MoE block's probe picks its 8 rows from.
+PROBE_CANDIDATES = 64
+
+
+def _router_logits(x: torch.Tensor, weights: dict[str, torch.Tensor], spec: BlockSpec) -> torch.Tensor:
+    """``x @ router.T`` in float32, [rows, E] (without the router's biases)."""
+    return F.linear(x.float(), reference.oriented_weight(weights["router"], "router", spec).float())
+
+
+def _probe_rows(spec: BlockSpec, weights: dict[str, torch.Tensor], hidden: int) -> torch.Tensor:
+    """8 random rows [8, H] in the dtype and device of the block's output projection, scaled to ``PROBE_PEAKS`` on the block's input
+    projections. For a block with a router they are the ``PROBE_CANDIDATES`` rows whose k-th and (k+1)-th
+    router logits stand furthest apart (relative to their largest), so that rounding (of bfloat16 logits, say)
+    cannot change a choice of experts between the module and the reference."""
+    weight = weights[OUTPUT_PROJECTION[spec.kind]]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_CANDIDATES if spec.route is not None else 8, hidden, generator=generator)
+    x = x.to(weight.device)
+    if spec.route is not None and 1 <= spec.route.top_k < spec.route.num_experts:
+        top = _router_logits(x, weights, spec).topk(spec.route.top_k + 1, dim=-1).values
+        margin = (top[:, -2] - top[:, -1]) / top.abs().amax(dim=-1).clamp_min(1e-30)
+        x = x[margin.argsort(descending=True)]
+    x = x[:8].to(weight.dtype)
+    projections = [reference.oriented_weight(w, role, spec).reshape(-1, hidden) for role, w in weights.items()
+                   if role in ("w_in", *GATE_UP_PARTS, "w_gate", "w_up")]
+    return _rows_reaching_probe_peaks(x, lambda rows: torch.cat([rows @ p.T for p in projections], dim=-1))
 
 
 # The probes' rows are scaled so that their largest |pre-activation| takes each of these values in turn:

@@ -38,14 +38,6 @@ EXPECTED_BLOCKS = {
 }
 
 
-@pytest.fixture
-def isolated_registry(monkeypatch):
-    """Registrations made by a test vanish after it; gives the registry as it was before the test."""
-    registry = list(recognize_module._REGISTRY)
-    monkeypatch.setattr(recognize_module, "_REGISTRY", list(registry))
-    return registry
-
-
 @pytest.mark.parametrize("name", list(EXPECTED_BLOCKS))
 def test_block_count_per_family(preset, name):
     model, _ = preset(name)
@@ -151,7 +143,7 @@ def test_register_moe_block_user_module(isolated_registry):
 
 
 class TupleMoE(TinyMoE):
-    """Returns (output, aux) where the registered spec says a tensor: moec's swapped block breaks its caller."""
+    """Returns (output, aux) where its spec says a tensor: moec's swapped block breaks its caller."""
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return super().forward(x), None
@@ -169,8 +161,8 @@ class UnpacksTuple(nn.Module):
 
 def test_a_block_moec_cannot_stand_in_for_is_named_as_moecs_error(isolated_registry):
     """The model runs as is; only with the swapped block does it fail, and the error says so (not that the
-    model fails on its inputs)."""
-    register_moe_block(TupleMoE, tiny_moe_spec)
+    model fails on its inputs). A built-in recognizer (registered by import path, so not probed) is wrong."""
+    recognize_module._REGISTRY.append((f"{TupleMoE.__module__}.{TupleMoE.__qualname__}", tiny_moe_spec))
     with pytest.raises(moec.CaptureError, match=r"(?s)runs on the example inputs, but not with moec's ops in place of "
                                                 r"its recognized blocks \(tiny-moe\).*moec recognizer error"):
         moec.compile(UnpacksTuple(), (torch.randn(3, 5, 8),))

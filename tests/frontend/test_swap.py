@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.export import Dim, export
 
+import moec
 from moec.frontend import zoo
 from moec.frontend.recognize import recognize
 from moec.frontend.swap import swap_blocks
@@ -120,3 +121,16 @@ def test_exported_graph_has_one_op_per_block_with_lifted_weights():
         torch.testing.assert_close(
             _main_output(program.module()(**smaller)), _main_output(model(**smaller)), rtol=1e-5, atol=1e-5
         )
+
+
+@pytest.mark.parametrize("name", ["tiny-mixtral", "tiny-llama"])
+def test_a_block_compiled_alone_keeps_its_hidden_size(preset, name):
+    """The block's input is the model's input, whose dims capture makes dynamic: the custom op pins H, so the
+    IR's sizes check, and batch and sequence stay dynamic."""
+    model, _ = preset(name)
+    mlp = model.get_submodule("model.layers.0.mlp")
+    hidden = model.config.hidden_size
+    compiled = moec.compile(mlp, (torch.randn(2, 5, hidden),))
+    x = torch.randn(3, 4, hidden)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), mlp(x), rtol=1e-5, atol=1e-5)
