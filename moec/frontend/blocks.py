@@ -65,6 +65,15 @@ class RouteSpec:
     has_bias: bool = False
     has_logit_bias: bool = False
 
+    def counts_problem(self) -> str | None:
+        """Why ``top_k``, ``n_group`` or ``topk_group`` do not fit ``num_experts``, or None."""
+        if not 1 <= self.top_k <= self.num_experts:
+            return f"'top_k' is {self.top_k}; it must be in 1..{self.num_experts} ('num_experts')"
+        if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:
+            return (f"'n_group' is {self.n_group}; it must divide 'num_experts' ({self.num_experts}), and "
+                    f"'topk_group' ({self.topk_group}) must be in 1..{self.n_group}")
+        return None
+
 
 @dataclass(frozen=True)
 class FFNSpec:

@@ -187,6 +187,9 @@ def _spec_problem(spec: BlockSpec) -> str | None:
             return f"gives {field_path}={value!r}; it must be one of {', '.join(map(repr, choices))}"
     if spec.ffn is not None and spec.ffn.has_output_gate:
         return "gives ffn.has_output_gate=True, which only a moe block's shared expert ('shared') has"
+    route_problem = spec.route.counts_problem() if spec.route is not None else None
+    if route_problem is not None:
+        return f"gives a route whose {route_problem}"
     return _role_problem(spec)
 
 

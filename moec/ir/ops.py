@@ -162,11 +162,9 @@ class RouteOp(SpecOp):
         check_choice("scoring", spec.scoring, SCORINGS)
         check_choice("order", spec.order, ORDERS)
         check_choice("group_score", spec.group_score, GROUP_SCORES)
-        if not 1 <= spec.top_k <= spec.num_experts:
-            raise ValueError(f"'top_k' is {spec.top_k}; it must be in 1..{spec.num_experts} ('num_experts')")
-        if spec.num_experts % spec.n_group or not 1 <= spec.topk_group <= spec.n_group:
-            raise ValueError(f"'n_group' is {spec.n_group}; it must divide 'num_experts' ({spec.num_experts}), "
-                             f"and 'topk_group' ({spec.topk_group}) must be in 1..{spec.n_group}")
+        problem = spec.counts_problem()
+        if problem is not None:
+            raise ValueError(problem)
         router = self.weight_type("router")
         if router is not None:
             if router.rank != 2 or router.shape[0] != spec.num_experts:
