@@ -176,6 +176,13 @@ def compile(
         raise missing_calibration(f"pass {first.name!r}{when}")
     program = capture(model, args, kwargs)
     records = run_passes(program, [Simplify(), DeadCode(), *passes], context)
+    if "placement" in program.metadata.get("expert_parallel", {}):
+        from moec.backend.distributed import runtime_refusal
+
+        refusal = runtime_refusal(program.graph)
+        if refusal is not None:
+            warn(f"the plan is placed for expert parallelism, but it has {refusal}, which the expert-parallel runtime "
+                 "does not run: it runs in one process only; leave them out of the recipe to distribute it")
     program.metadata["recipe"] = recipe_dict
     program.metadata["backend"] = backend
     program.metadata["passes"] = records
@@ -279,10 +286,11 @@ PARITY_TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e
 
 
 def changes_outputs(program: Program) -> list[str]:
-    """The passes run on ``program`` that change its outputs by design (``quantize``, ``dense-to-moe`` ...)."""
+    """The passes run on ``program`` that change its outputs by design (``quantize``, ``dense-to-moe`` ...), left
+    out where they changed nothing."""
     from moec.passes.base import find_pass
 
-    names = dict.fromkeys(record["pass"] for record in program.metadata.get("passes", []))
+    names = dict.fromkeys(record["pass"] for record in program.metadata.get("passes", []) if record.get("modified", True))
     return [name for name in names if (cls := find_pass(name)) is not None and cls.approximate]
 
 

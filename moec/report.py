@@ -40,7 +40,7 @@ def plan_report(program: Program, layers: list[dict[str, Any]], files: list[str]
     lines += ["", "## Layers", ""] + layer_table(layers)
     params, size = program.weight_sizes()
     lines += ["", f"All weights: {params:,} parameters, {size:,} bytes."]
-    lines += section("Expert parallelism", expert_parallel_run(metadata))
+    lines += section("Expert parallelism", expert_parallel_run(metadata, program))
     lines += section("Triton", triton_lines(metadata))
     lines += section("ONNX export", onnx_lines(report.get("onnx")))
     return "\n".join(lines) + "\n"
@@ -91,15 +91,22 @@ def layer_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def expert_parallel_run(metadata: dict[str, Any]) -> list[str]:
-    """For a plan placed for expert parallelism, how to run it (each layer's placement and schedule are in the
-    passes' lines)."""
+def expert_parallel_run(metadata: dict[str, Any], program: Program) -> list[str]:
+    """For a plan placed for expert parallelism, how to run it, or why the expert-parallel runtime cannot (each
+    layer's placement and schedule are in the passes' lines)."""
     settings = metadata.get("expert_parallel", {})
     if "placement" not in settings:
         return []
+    from moec.backend.distributed import runtime_refusal
+
     world_size = settings["world_size"]
-    return [f"placed on {world_size} ranks ({settings['placement']['method']}); run it with `torchrun "
-            f"--nproc-per-node {world_size} -m moec.run PLAN --inputs inputs.safetensors --output out.safetensors`"]
+    placed = f"placed on {world_size} ranks ({settings['placement']['method']})"
+    refusal = runtime_refusal(program.graph)
+    if refusal is not None:
+        return [f"{placed}, but it has {refusal}, which the expert-parallel runtime does not run: run it in one "
+                "process (`moec.load`), or compile it without them to distribute it"]
+    return [f"{placed}; run it with `torchrun --nproc-per-node {world_size} -m moec.run PLAN --inputs "
+            "inputs.safetensors --output out.safetensors`"]
 
 
 def check_lines(checks: list[dict[str, Any]]) -> list[str]:

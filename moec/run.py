@@ -7,7 +7,8 @@ its share of the batch; rank 0 writes the whole batch's flat outputs as ``output
 An error every rank hits is printed once, by rank 0 (ranks that fail differently are each named), and
 every rank exits with code 1, or 2 for a PLAN that is not a plan folder or ``--inputs`` that names no file (bad
 usage, as in the ``moec`` command; also when started without torchrun);
-an error a rank hits while running is printed by that rank. Every plan runs
+an error a rank hits while running is printed by that rank, and without ``--output`` rank 0 notes that nothing
+was written. Every plan runs
 on the torch runner's rules: a plan compiled for the triton backend runs without its Triton kernels (rank 0
 says so).
 """
@@ -79,6 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         except MoecError as err:  # hit while running: maybe by this rank alone, the others waiting on it
             print(f"error (rank {rank}): {err}", file=sys.stderr)
             return 1
+        except Exception as err:  # whatever the model's ops raise on these inputs (torchrun then stops the others)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            print(f"error (rank {rank}): the plan fails on its share of {args.inputs}: {type(err).__name__}: "
+                  f"{reason}; check that the inputs are valid for the model (token ids below its vocabulary size, "
+                  "masks of 0 and 1)", file=sys.stderr)
+            return 1
         if args.output:  # rank 0 writes, and tells every rank whether it could
             failure: list[str | None] = [None]
             if rank == 0:
@@ -89,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             dist.broadcast_object_list(failure, src=0)
             if failure[0] is not None:
                 raise MoecError(failure[0])
+        elif rank == 0:
+            print("note: no --output given, so the outputs were not written", file=sys.stderr)
         return 0
     except MoecError as err:  # raised on every rank with one message (``agree``), so rank 0 says it for all
         if rank == 0:

@@ -66,6 +66,19 @@ def agree(error: MoecError | None, group: Any = None) -> None:
     raise BackendError(f"{len(failed)} of {len(messages)} ranks failed:{lines}") from error
 
 
+def runtime_refusal(graph: Graph) -> str | None:
+    """What in ``graph`` this runtime does not run, described (quantized weights; experts merged with router
+    ``members``, which several router experts share), or None."""
+    quantized = [name for name, weight_type in graph.weights.items() if isinstance(weight_type, QuantizedType)]
+    if quantized:
+        return f"quantized weights ({quantized[0]})"
+    shared = [op.block for op in graph.ops_of(ExpertsOp) if op.expert_map is not None]
+    if shared:
+        return (f"experts of MoE block {shared[0]!r} that several router experts share (expert-merge with router "
+                "'members')")
+    return None
+
+
 def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tuple[Program, dict[str, Any]]:
     """The plan's program with only ``rank``'s experts loaded (sliced from the safetensors file, so the
     other ranks' experts are never read), and its expert-parallel metadata."""
@@ -83,12 +96,9 @@ def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tu
     graph = parse_graph(plan["ir"])
     verify(graph)
     expert_slices: dict[str, list[int]] = {}
-    unsupported = [f"quantized weights ({name})" for name, weight_type in graph.weights.items()
-                   if isinstance(weight_type, QuantizedType)][:1]
-    unsupported += [f"MoE block {op.block!r}'s experts shared by several router experts (expert-merge with router "
-                    "'members')" for op in graph.ops_of(ExpertsOp) if op.expert_map is not None][:1]
-    if unsupported:
-        raise PlanError(f"{folder} has {unsupported[0]}, which the expert-parallel runtime does not run; distribute "
+    unsupported = runtime_refusal(graph)
+    if unsupported is not None:
+        raise PlanError(f"{folder} has {unsupported}, which the expert-parallel runtime does not run; distribute "
                         "a plan without them, or run this one in one process (moec.load)")
     mismatch = placement_mismatch(placement, graph)
     if mismatch is not None:

@@ -274,6 +274,11 @@ def load_model_spec(text: str) -> tuple[nn.Module, Example]:
     if text in PRESETS:
         return build_preset(text)
     if user_path(text).is_dir():
+        if (user_path(text) / "plan.json").is_file():
+            raise ModelSpecError(
+                f"--model {text}: that is a moec plan folder, not a model; moec compiles a model from its original "
+                "weights, so put every pass in one recipe (dense_to_moe, then expert-prune or expert-merge ...) "
+                "and compile the model again")
         try:
             return _load_hf_folder(user_path(text))
         except Exception as err:  # transformers and safetensors raise many kinds for a folder they cannot load

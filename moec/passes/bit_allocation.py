@@ -226,7 +226,9 @@ class BitAllocation(Pass):
             errors = [unit_errors(program, u, self.widths, self.group, activations) for u in units]
             importance = [routing_importance(u, activations) for u in units]
         allocation = bit_allocation.solve(params, importance, errors, self.widths, self.budget, floors)
-        uniform_bits = {width: [max(width, f or width) for f in floors] for width in self.widths}
+        # every unit at one width, or at the smallest width its floor allows where that is wider
+        uniform_bits = {width: [min(w for w in self.widths if w >= max(width, f or width)) for f in floors]
+                        for width in self.widths}
         uniform = {str(width): {"average_bits": bit_allocation.average_bits(bits, params),
                                 "objective": bit_allocation.objective_of(bits, self.widths, importance, errors)}
                    for width, bits in uniform_bits.items()}
@@ -256,7 +258,7 @@ class BitAllocation(Pass):
         if not fitting:
             return bits, {"kept": "allocation"}
         width = max(fitting)
-        label = f"uniform {width}-bit"
+        label = f"uniform {width}-bit" + (" (floors applied)" if set(uniform_bits[width]) != {width} else "")
         if uniform_bits[width] == bits:
             return bits, {"kept": "allocation", "same_as": label}
         errors = {"allocation": measured(bits), label: measured(uniform_bits[width])}

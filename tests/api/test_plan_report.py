@@ -105,6 +105,14 @@ def test_check_records_parity_or_the_deviation_of_a_recipe_that_changes_the_outp
     assert compiled.report["checks"] == [record]  # each model keeps its own checks
 
 
+def test_a_pass_that_changed_nothing_keeps_the_parity_check(preset):
+    model, example = preset("tiny-llama")
+    with pytest.warns(UserWarning, match="pass 'dynamic-skip' changed nothing"):  # a dense model: no experts
+        compiled = moec.compile(model, example, recipe={"passes": [{"dynamic-skip": {"threshold": 0.5}}]})
+    assert not compiled.program.metadata["passes"][-1]["modified"]
+    assert compiled.check(model, example)["kind"] == "parity"
+
+
 def test_check_names_positional_inputs_by_the_forward_parameter():
     from torch import nn
 

@@ -28,6 +28,7 @@ from moec.frontend.blocks import ExpertsSpec
 from moec.frontend.zoo import build_preset
 from moec.ir.parser import parse_graph
 from moec.passes import PassContext, build_passes, run_passes
+from moec.report import REPORT_FILE
 from moec.run import main as run_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -195,6 +196,20 @@ def test_a_plan_or_inputs_path_that_names_no_usable_file_is_bad_usage(qwen_plan,
         assert capsys.readouterr().err == f"error: --inputs {inputs}{problem}; {give}\n"
 
 
+def test_inputs_the_model_fails_on_are_one_line_per_rank_and_no_output_is_noted(qwen_plan, one_rank_job, tmp_path,
+                                                                                 capsys):
+    folder, _ = qwen_plan
+    example = safetensors.torch.load_file(str(folder / "inputs.safetensors"))
+    safetensors.torch.save_file({**example, "input_ids": example["input_ids"] + 10_000}, str(tmp_path / "oov.safetensors"))
+    plan = str(folder / "plan_1_rank")
+    assert run_main([plan, "--inputs", str(tmp_path / "oov.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error (rank 0): the plan fails on its share of {tmp_path / 'oov.safetensors'}: IndexError: ")
+    assert "token ids below its vocabulary size" in err and "Traceback" not in err
+    assert run_main([plan, "--inputs", str(folder / "inputs.safetensors")]) == 0
+    assert capsys.readouterr().err == "note: no --output given, so the outputs were not written\n"
+
+
 def test_started_without_torchrun_is_bad_usage_naming_the_command(monkeypatch, capsys):
     for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -349,6 +364,17 @@ def test_chunks_beyond_the_tokens_are_left_out(one_rank_job, monkeypatch):
     finally:
         torch.distributed.destroy_process_group()
     torch.testing.assert_close(results[8], results[1])
+
+
+def test_a_placed_plan_the_runtime_cannot_run_is_told_at_compile_time(tmp_path):
+    model, example = build_preset("tiny-qwen2-moe")
+    recipe = {"passes": [{"quantize": {"bits": 4, "group": 32, "dense": False}},
+                         {"expert-placement": {"world_size": 2, "method": "round-robin"}}]}
+    with pytest.warns(UserWarning, match=r"placed for expert parallelism, but it has quantized weights \(.*experts.*\), "
+                                         r"which the expert-parallel runtime does not run"):
+        compiled = moec.compile(model, example, recipe=recipe)
+    report = (compiled.save(tmp_path / "plan") / REPORT_FILE).read_text()
+    assert "placed on 2 ranks (round-robin), but it has quantized weights" in report and "torchrun" not in report
 
 
 @pytest.mark.slow  # about 8 s

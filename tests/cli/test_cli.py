@@ -420,6 +420,14 @@ def test_a_compile_output_where_no_folder_can_be_made_is_bad_usage_before_the_mo
         err.endswith("; choose another output path")
 
 
+def test_a_plan_folder_given_as_the_model_says_to_compile_in_one_recipe(tmp_path, capsys):
+    (tmp_path / "plan.json").write_text("{}")
+    assert main(["compile", "--model", str(tmp_path)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err.startswith(f"error: --model {tmp_path}: that is a moec plan folder, not a model;")
+    assert "put every pass in one recipe" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize(("files", "reason"), [
     ({}, "config.json"),
     ({"config.json": '{"model_type": "llama"'}, "JSON"),

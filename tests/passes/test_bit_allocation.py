@@ -104,6 +104,21 @@ def test_infeasible_budget_is_one_error_naming_the_smallest(compiled_program):
         allocate(program, [program.flatten_inputs((), example)], budget=2.0, group=32, floors={"shared": 8})
 
 
+@pytest.mark.parametrize(("options", "same_as"), [
+    ({"budget": 8.0, "floors": {"shared": 5}}, "uniform 8-bit"),
+    ({"budget": 2.7, "widths": [2, 4], "floors": {"shared": 3}}, "uniform 2-bit (floors applied)"),
+])
+def test_a_floor_between_widths_takes_the_next_wider_one(compiled_program, options, same_as):
+    """A floor is a least width: 5 with widths up to 8 gives the shared experts 8 bits, 3 with widths [2, 4] gives
+    them 4; the uniform comparison keeps the floors and says so."""
+    _, example, program = compiled_program("tiny-qwen2-moe")
+    program = clone(program)
+    report = allocate(program, [program.flatten_inputs((), example)], group=32, **options)
+    shared = [row["bits"] for row in report["table"] if row["kind"] == "shared"]
+    assert shared and set(shared) == {8 if options["budget"] == 8.0 else 4}
+    assert report["same_as"] == same_as
+
+
 @pytest.mark.parametrize("key", ["experts", "model.layers.9.mlp"])
 def test_floor_keys_are_unit_kinds_or_blocks(compiled_program, key):
     _, _, program = compiled_program("tiny-qwen2-moe")
