@@ -175,7 +175,7 @@ def compile(
         when = f", with these options (it calibrates {first.calibration_when})," if first.calibration_when else ""
         raise missing_calibration(f"pass {first.name!r}{when}")
     program = capture(model, args, kwargs)
-    records = run_passes(program, [Simplify(), DeadCode(), *passes], context)
+    run_passes(program, [Simplify(), DeadCode(), *passes], context)
     if "placement" in program.metadata.get("expert_parallel", {}):
         from moec.backend.distributed import runtime_refusal
 
@@ -185,7 +185,6 @@ def compile(
                  "does not run: it runs in one process only; leave them out of the recipe to distribute it")
     program.metadata["recipe"] = recipe_dict
     program.metadata["backend"] = backend
-    program.metadata["passes"] = records
     if context.report:
         program.metadata["report"] = context.report
     return CompiledModel(program, backend, calibration=context.calibrations[0] if context.calibrations else None)

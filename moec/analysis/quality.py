@@ -165,18 +165,30 @@ class NeuronOracleRunner(TorchRunner):
 
 
 def active_ffn_fraction(program: Program) -> float:
-    """The fraction of the FFN neurons that run per token, averaged over the MoE blocks of ``program``
-    (routed: top_k of the E stored experts; shared experts always). Under an ``expert_map`` it is an upper
-    bound: two chosen members of one merged expert run it once."""
+    """The fraction of the original model's FFN neurons that run per token, averaged over the MoE blocks of
+    ``program``: top_k of the experts a block held before expert pruning or merging (from the program's pass
+    records), plus its shared experts, which always run. Under an ``expert_map`` it is an upper bound: two
+    chosen members of one merged expert run it once."""
     from moec.ir.ops import SharedExpertOp
 
     shared = {op.block: op.spec.intermediate for op in program.graph.ops_of(SharedExpertOp)}
+    held = experts_before_compression(program)
     fractions = []
     for op in program.graph.ops_of(ExpertsOp):
         spec = op.spec
-        always = shared.get(op.block, 0)
-        fractions.append((op.top_k * spec.intermediate + always) / (spec.num_experts * spec.intermediate + always))
+        always, experts = shared.get(op.block, 0), held.get(op.block, spec.num_experts)
+        fractions.append((op.top_k * spec.intermediate + always) / (experts * spec.intermediate + always))
     return sum(fractions) / len(fractions) if fractions else 1.0
+
+
+def experts_before_compression(program: Program) -> dict[str, int]:
+    """Per MoE block, the routed experts it held before the first pass that pruned or merged them."""
+    held: dict[str, int] = {}
+    for record in program.metadata.get("passes", []):
+        for layer in record.get("summary", {}).get("layers", []) if record.get("modified", True) else []:
+            if isinstance(layer, dict) and "experts_before" in layer:
+                held.setdefault(layer["layer"], layer["experts_before"])
+    return held
 
 
 def conversion_quality(reference: Callable[[dict[str, torch.Tensor]], torch.Tensor], program: Program,

@@ -39,6 +39,12 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     """Export ``model(*args, **kwargs)`` and lower it to IR with its recognized blocks as moec ops."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"moec compiles torch.nn.Module models, got {type(model).__name__}")
+    unloaded = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta),
+                    None)
+    if unloaded is not None:
+        raise CaptureError(f"{type(model).__name__} has weights on the meta device ({unloaded!r} first): they hold no "
+                           "values to compile; load the weights first (from_pretrained without a meta device_map, "
+                           "or to_empty() then load_state_dict())")
     args, kwargs = distinct_inputs(tuple(args), dict(kwargs or {}))
     specs = recognize(model)
     with inference_setup(model):

@@ -455,24 +455,24 @@ def _registered_probe_problem(module: nn.Module, spec: BlockSpec, weights: dict[
     if spec.kind == "experts":
         indices, routing = _random_choice(len(x), required_part(spec.experts, "experts", spec).num_experts,
                                           torch.Generator().manual_seed(1), x.device)
-        inputs: tuple[torch.Tensor, ...] = (x, indices, routing)
-        called = f"{forward}(hidden_states {list(x.shape)}, top_k_index, top_k_weights) (kind='experts')"
+        calls: list[tuple[torch.Tensor, ...]] = [(x, indices, routing)]
+    else:  # batched hidden states first; a block the model feeds flattened rows may take only [T, H]
+        calls = [(x.reshape(2, -1, hidden),), (x,)]
+    first_error: Exception | None = None
+    for inputs in calls:
+        try:
+            actual = _probe_call(module, inputs)
+            break
+        except Exception as err:  # whatever the user's forward raises
+            first_error = first_error or err
     else:
-        inputs = (x.reshape(2, -1, hidden),)
-        called = f"{forward}(hidden_states {list(inputs[0].shape)})"
-    was_training = module.training
-    module.eval()
-    try:
-        with torch.no_grad():
-            actual = module(*inputs)
-    except Exception as err:  # whatever the user's forward raises
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        return (f"describes a block whose forward fails on random hidden states: {called} raised "
-                f"{type(err).__name__}: {reason}. moec checks a registered block's spec on such rows: the forward "
-                "of a kind='moe' or 'ffn' block takes the hidden states [..., H] alone, that of a kind='experts' "
-                "module (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])")
-    finally:
-        module.train(was_training)
+        assert first_error is not None
+        reason = str(first_error).strip().splitlines()[0] if str(first_error).strip() else ""
+        return (f"describes a block whose forward fails on random hidden states: {_probe_called(forward, spec, calls[0])} "
+                f"raised {type(first_error).__name__}: {reason}. moec checks a registered block's spec on such rows: "
+                "the forward of a kind='moe' or 'ffn' block takes the hidden states [..., H] alone, that of a "
+                "kind='experts' module (hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])")
+    called = _probe_called(forward, spec, inputs)
     if not isinstance(actual, torch.Tensor) or actual.shape != inputs[0].shape:
         got = f"a tensor of shape {list(actual.shape)}" if isinstance(actual, torch.Tensor) else (
             f"a {type(actual).__name__}")
@@ -502,6 +502,24 @@ def _registered_probe_problem(module: nn.Module, spec: BlockSpec, weights: dict[
             f"difference is {difference:.3g}, and a row differs by {errors[worst]:.3g} of its largest output where "
             f"the rounding of {str(x.dtype).removeprefix('torch.')} allows {limits[worst]:.2g}. Check that the "
             f"spec's {settings} and the weights' layouts (moec/frontend/blocks.py) say what forward computes")
+
+
+def _probe_call(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> typing.Any:
+    """``module(*inputs)`` in eval mode, without gradients; the module's mode is restored after."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return module(*inputs)
+    finally:
+        module.train(was_training)
+
+
+def _probe_called(forward: str, spec: BlockSpec, inputs: tuple[torch.Tensor, ...]) -> str:
+    """How a probe called the block's forward, for messages."""
+    if spec.kind == "experts":
+        return f"{forward}(hidden_states {list(inputs[0].shape)}, top_k_index, top_k_weights) (kind='experts')"
+    return f"{forward}(hidden_states {list(inputs[0].shape)})"
 
 
 # Candidate rows an MoE block's probe picks its 8 rows from.

@@ -164,7 +164,8 @@ def program_stats(program: Program) -> dict[str, int]:
 
 def run_passes(program: Program, passes: list[Pass], context: PassContext,
                hooks: Sequence[Hook] = ()) -> list[dict[str, Any]]:
-    """Run ``passes`` in order; verify after each; return one record per pass (time, changes). A recipe
+    """Run ``passes`` in order; verify after each; return one record per pass (time, changes), which is also
+    appended to ``program.metadata["passes"]``, the program's history that reports read. A recipe
     that leaves an expert placement out of date (a pass after expert-placement pruned, merged or converted
     experts, and no later expert-placement placed them again) is a ``PassError`` naming that pass: the plan
     could not run expert-parallel."""
@@ -204,6 +205,7 @@ def run_passes(program: Program, passes: list[Pass], context: PassContext,
         changed = "the experts were changed" if name is None else f"pass {name!r} changed the experts"
         raise PassError(f"{changed} after expert-placement placed them ({mismatch}), so the plan could not run "
                         "expert-parallel; put expert-placement after the passes that prune, merge or convert experts")
+    program.metadata.setdefault("passes", []).extend(records)
     return records
 
 

@@ -10,7 +10,12 @@ import torch.utils._pytree as pytree
 from moec.analysis.quality import RoutedRunner, active_ffn_fraction, conversion_quality
 from moec.backend.torch_runner import TorchRunner
 from moec.ir import parse_graph, verify
+from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program, dump_treespec
+from moec.passes import PassContext, run_passes
+from moec.passes.expert_merge import ExpertMerge
+from moec.passes.expert_prune import ExpertPrune
+from tests.passes.moe_programs import SMALL_MOE, program_of, small_moe_weights, token_samples
 
 STORED = 4
 
@@ -61,6 +66,20 @@ def test_baselines_after_a_merge_choose_among_the_stored_experts():
         torch.testing.assert_close(RoutedRunner(merged, baseline).run([x, mask])[0],
                                    RoutedRunner(alone, baseline).run([x, mask])[0])
     assert active_ffn_fraction(merged) == active_ffn_fraction(alone) == 2 / STORED
+
+
+def test_the_active_fraction_counts_the_experts_held_before_pruning_and_merging():
+    """Pruning 4 experts to 3, then merging those into 2, leaves top-2 of the original 4 running per token:
+    the fraction stays 1/2 of the original FFN, not 2/3 or 2/2 of what is stored."""
+    program = program_of(SMALL_MOE, small_moe_weights())
+    assert active_ffn_fraction(program) == 2 / 4
+    context = PassContext(calibration=token_samples(), progress=False)
+    run_passes(program, [ExpertPrune(keep=3)], context)
+    assert active_ffn_fraction(program) == 2 / 4
+    run_passes(program, [ExpertMerge(keep=2)], context)
+    (experts,) = program.graph.ops_of(ExpertsOp)
+    assert experts.spec.num_experts == 2
+    assert active_ffn_fraction(program) == 2 / 4
 
 
 def test_the_gap_share_is_reported_only_where_random_and_oracle_differ():

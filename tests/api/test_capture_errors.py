@@ -95,6 +95,13 @@ def test_unexportable_model_names_the_module():
         moec.compile(DataDependent(), (torch.randn(3, 4),))
 
 
+def test_a_model_with_weights_on_the_meta_device_is_told_to_load_them():
+    """A meta-device model exports (shapes only), but its plan could neither run nor be saved."""
+    with pytest.raises(moec.CaptureError, match=r"TanhMLP has weights on the meta device \('.+' first\).*load the "
+                                                r"weights first"):
+        moec.compile(TanhMLP().to("meta"), (torch.randn(4, 8),))
+
+
 def test_wrong_example_inputs_are_named():
     with pytest.raises(moec.CaptureError, match="do not fit TanhMLP.forward"):
         moec.compile(TanhMLP(), (torch.randn(2, 8), torch.randn(2, 8)))

@@ -132,6 +132,46 @@ def test_a_registered_block_that_returns_a_tuple_is_refused(isolated_registry):
         moec.compile(UsesRouterLogits().eval(), (torch.randn(2, 5, 8),))
 
 
+class RowsMoE(RoutedMoE):
+    """A block whose forward takes only flattened rows [T, H], as models that flatten before their MoE call it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            raise ValueError(f"expected rows [T, H], got {x.dim()} dims")
+        return super().forward(x)
+
+
+class FlattensForItsMoE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = RowsMoE()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.moe(h.reshape(-1, h.shape[-1])).reshape(h.shape)
+
+
+def test_a_registered_block_that_takes_only_rows_compiles(isolated_registry):
+    """The probe tries batched hidden states [2, 4, H], then rows [8, H]."""
+    register_moe_block(RowsMoE, routed_moe_spec)
+    torch.manual_seed(0)
+    model = FlattensForItsMoE().eval()
+    compiled = moec.compile(model, (torch.randn(2, 5, 8),))
+    assert [block["family"] for block in compiled.program.metadata["blocks"]] == ["routed-moe"]
+    x = torch.randn(3, 4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_that_fails_on_every_probe_names_the_first_call(isolated_registry):
+    class Broken(RoutedMoE):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise ValueError("not today")
+
+    register_moe_block(Broken, routed_moe_spec)
+    with pytest.raises(CaptureError, match=r"Broken.forward\(hidden_states \[2, 4, 8\]\) raised ValueError: not today"):
+        recognize(Residual(Broken()))
+
+
 def _route(spec: BlockSpec, **changes) -> BlockSpec:
     return dataclasses.replace(spec, route=dataclasses.replace(spec.route, **changes))
 
