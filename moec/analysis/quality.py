@@ -185,7 +185,8 @@ def experts_before_compression(program: Program) -> dict[str, int]:
     """Per MoE block, the routed experts it held before the first pass that pruned or merged them."""
     held: dict[str, int] = {}
     for record in program.metadata.get("passes", []):
-        for layer in record.get("summary", {}).get("layers", []) if record.get("modified", True) else []:
+        layers = record.get("summary", {}).get("layers") if record.get("modified", True) else None
+        for layer in layers if isinstance(layers, list) else []:  # dense-to-moe's is a count
             if isinstance(layer, dict) and "experts_before" in layer:
                 held.setdefault(layer["layer"], layer["experts_before"])
     return held

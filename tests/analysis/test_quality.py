@@ -12,10 +12,11 @@ from moec.backend.torch_runner import TorchRunner
 from moec.ir import parse_graph, verify
 from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program, dump_treespec
-from moec.passes import PassContext, run_passes
+from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.expert_merge import ExpertMerge
 from moec.passes.expert_prune import ExpertPrune
-from tests.passes.moe_programs import SMALL_MOE, program_of, small_moe_weights, token_samples
+from tests.passes.test_dense_to_moe import GELU_FFN, program_from
+from tests.passes.test_dense_to_moe import token_samples as dense_samples
 
 STORED = 4
 
@@ -69,11 +70,12 @@ def test_baselines_after_a_merge_choose_among_the_stored_experts():
 
 
 def test_the_active_fraction_counts_the_experts_held_before_pruning_and_merging():
-    """Pruning 4 experts to 3, then merging those into 2, leaves top-2 of the original 4 running per token:
-    the fraction stays 1/2 of the original FFN, not 2/3 or 2/2 of what is stored."""
-    program = program_of(SMALL_MOE, small_moe_weights())
+    """A dense FFN made 4 experts (top-2), pruned to 3, then merged into 2: top-2 of the original 4 run per
+    token, so the fraction stays 1/2 of the original FFN, not 2/3 or 2/2 of what is stored."""
+    program = program_from(GELU_FFN)
+    context = PassContext(calibration=dense_samples(), progress=False)
+    run_passes(program, build_passes({"passes": [{"dense_to_moe": {"experts": 4, "top_k": 2}}]}), context)
     assert active_ffn_fraction(program) == 2 / 4
-    context = PassContext(calibration=token_samples(), progress=False)
     run_passes(program, [ExpertPrune(keep=3)], context)
     assert active_ffn_fraction(program) == 2 / 4
     run_passes(program, [ExpertMerge(keep=2)], context)
