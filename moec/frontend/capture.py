@@ -25,8 +25,9 @@ from torch.export.dynamic_shapes import _tree_map_with_path
 from moec.errors import CaptureError, VerifyError, warn
 from moec.frontend.blocks import BlockSpec
 from moec.frontend.ffn_patterns import fold_dense_ffns
+from moec.frontend.hf_blocks import is_hf_experts
 from moec.frontend.lower import lower
-from moec.frontend.recognize import is_hf_experts, recognize, user_registration
+from moec.frontend.recognize import recognize, user_registration
 from moec.frontend.swap import swap_blocks
 from moec.ir.program import Program
 from moec.ir.verifier import verify

@@ -18,7 +18,7 @@ from torch import nn
 from moec.errors import CaptureError
 from moec.frontend import custom_ops  # noqa: F401  (registers torch.ops.moec.*)
 from moec.frontend.blocks import BlockSpec, required_part
-from moec.frontend.recognize import (
+from moec.frontend.hf_blocks import (
     BERT_STYLE_FAMILIES,
     FLAT_OUTPUT_FAMILIES,
     OUTPUT_NORMS,
