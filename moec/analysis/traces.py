@@ -99,6 +99,9 @@ def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> Routin
     (through the op's ``expert_map`` after a merge), which are what placement distributes.
 
     Every routed layer must share one expert count and top-k (true of every supported family)."""
+    if not isinstance(batches, (list, tuple)) or not all(isinstance(batch, (list, tuple)) for batch in batches):
+        raise TypeError("collect_trace takes a list of batches, each the program's flat inputs: "
+                        "[program.flatten_inputs((), batch) for batch in batches]")
     routes = program.graph.ops_of(ExpertsOp)
     if not routes:
         raise MoecError("the program has no moe.experts ops, so there is no routing to trace")

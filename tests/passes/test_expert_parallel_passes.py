@@ -1,6 +1,7 @@
 import copy
 
 import pytest
+import torch
 
 import moec
 from moec.analysis.traces import collect_trace, synthetic_trace
@@ -200,3 +201,11 @@ def test_the_cost_model_prices_dispatch_by_the_activations_dtype():
     hidden, top_k = 32, 2  # tiny-mixtral; 512 tokens per rank, dispatched and combined
     assert predicted[torch.float32] == pytest.approx([2 * 512 * top_k * hidden * 4 * 1e-9] * 2)
     assert predicted[torch.bfloat16] == pytest.approx([p / 2 for p in predicted[torch.float32]])
+
+
+def test_collect_trace_given_one_batch_of_tensors_says_how_to_pass_batches(qwen):
+    program, _ = qwen
+    flat = program.flatten_inputs((), {"input_ids": torch.zeros(2, 4, dtype=torch.int64),
+                                       "attention_mask": torch.ones(2, 4, dtype=torch.int64)})
+    with pytest.raises(TypeError, match=r"a list of batches, each the program's flat inputs"):
+        collect_trace(program, flat)
