@@ -34,13 +34,19 @@ from moec.report import ALLOCATION_CHART, REPORT_FILE, plan_report
 BACKENDS = ("torch", "triton")
 
 
+def unknown_backend(backend: object) -> MoecError:
+    """The error for a backend name moec does not run, pointing to where ONNX and expert parallelism live."""
+    return MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)} (ONNX files come from "
+                     "compiled.export_onnx, expert-parallel runs from torchrun -m moec.run on a placed plan)")
+
+
 class CompiledModel:
     """A compiled model: call it like the original model; inspect ``.ir``; ``.save()`` a plan folder."""
 
     def __init__(self, program: Program, backend: str = "torch", *, calibration: Calibration | None = None,
                  kernels_file: Path | None = None) -> None:
         if backend not in BACKENDS:
-            raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+            raise unknown_backend(backend)
         self.program = program
         self.backend = backend
         self.calibration = calibration  # the statistics passes used, saved with the plan for reuse
@@ -58,11 +64,12 @@ class CompiledModel:
         try:
             outputs = self.runner.run(inputs)
         except (IndexError, RuntimeError) as err:
-            mismatch = self.program.rank_mismatch(inputs)
-            if mismatch is None:
-                raise
-            raise ValueError(f"{mismatch}, and the compiled model fails on it ({type(err).__name__}: {err}); "
-                             "call it with inputs of the example's rank") from err
+            for mismatch, advice in ((self.program.rank_mismatch(inputs), "inputs of the example's rank"),
+                                     (self.program.dtype_mismatch(inputs), "inputs of the example's dtypes")):
+                if mismatch is not None:
+                    raise ValueError(f"{mismatch}, and the compiled model fails on it ({type(err).__name__}: "
+                                     f"{err}); call it with {advice}") from err
+            raise
         return self.program.unflatten_outputs(outputs)
 
     @property
@@ -156,7 +163,7 @@ def compile(
     that no pass of the recipe needs are left unused, with a warning.
     """
     if backend not in BACKENDS:
-        raise MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)}")
+        raise unknown_backend(backend)
     if backend == "triton":  # before capture and passes, which can take minutes
         from moec.backend.triton_runner import check_available
 
@@ -217,6 +224,8 @@ def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
     folder = user_path(path)
     program = load_plan(folder)
     backend = backend or program.metadata.get("backend", "torch")
+    if backend != "triton":  # the record of the triton run the plan was saved from does not apply
+        program.metadata.get("report", {}).pop("triton", None)
     calibration = Calibration.load(folder) if (folder / CALIBRATION_META).is_file() else None
     kernels_file = folder / KERNELS_FILE
     return CompiledModel(program, backend, calibration=calibration,

@@ -37,9 +37,9 @@ from moec.report import (
 WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns when piped
 # rich's global console: the progress moec shows while a step runs (calibration, each pass) draws on it too,
 # below this command's spinner rather than over it.
-rich.reconfigure(highlight=False, width=WIDTH)
+rich.reconfigure(highlight=False, width=WIDTH, soft_wrap=True)  # a message is one line, for grep
 console = rich.get_console()
-errors = Console(stderr=True, highlight=False, width=WIDTH)
+errors = Console(stderr=True, highlight=False, width=WIDTH, soft_wrap=True)
 
 CALIBRATION_FORMS = ("a .txt file (one text sample per line) or a .safetensors file (the model's inputs by name, "
                      "samples along dim 0)")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--backend", default="torch", choices=["torch", "triton"],
                           help="execution backend (default: torch); triton writes its generated kernels into the plan")
     compile_.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16"], help="cast the model and its floating-point example inputs to this dtype first"
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="cast the model and its floating-point example inputs to this dtype first"
     )
     compile_.add_argument("--print-ir", action="store_true", help="print the compiled IR")
 
@@ -210,13 +210,15 @@ def run_compile(args: argparse.Namespace) -> int:
         calibration = [in_dtype(batch, dtype) for batch in calibration]  # float inputs follow --dtype as the model's
     with step("capturing and compiling"):
         compiled = moec.compile(model, example, recipe=recipe, calibration=calibration, backend=args.backend)
-    console.print(summary_table(compiled.summary(), f"{type(model).__name__}: FFN and MoE layers"))
+    console.print(summary_table(compiled.summary(), f"{type(model).__name__}: FFN and MoE layers"), soft_wrap=False)
+    for line in triton_lines(compiled.program.metadata):
+        console.print(line, markup=False)
     for record in compiled.program.metadata.get("passes", []):
         change = size_change(record)
         console.print(f"pass {record['pass']}: {record['seconds']:.2f} s; experts {change['experts']}, parameters "
                       f"{change['params']}, bytes {change['bytes']}")
         for line in pass_details(record.get("summary", {})):
-            console.print(f"  {line}", markup=False, soft_wrap=True)  # one line each, for grep
+            console.print(f"  {line}", markup=False)
     skipping = [op for op in compiled.program.graph.ops_of(ExpertsOp) if op.skip_threshold]
     if skipping:  # how much dynamic-skip saves depends on the inputs: measure it on the example
         skipped = skip_statistics(compiled.program, [compiled.program.flatten_inputs((), example)])
@@ -226,7 +228,7 @@ def run_compile(args: argparse.Namespace) -> int:
         console.print(compiled.ir, markup=False)
     if held_out is not None:
         show_quality(model, compiled, held_out)
-        show_timed_kernels()
+        show_timed_kernels(compiled.backend)
         return write_plan(compiled, args.output)
     changing = changes_outputs(compiled.program)  # passes that change the outputs by design: no parity to hold
     checks = {"example inputs": example, "resized inputs": resized(example, compiled.program)}
@@ -241,16 +243,16 @@ def run_compile(args: argparse.Namespace) -> int:
     if changing:
         verb = "changes" if len(changing) == 1 else "change"
         console.print(f"(not a parity check: {', '.join(changing)} {verb} the model's outputs by design)")
-    show_timed_kernels()
+    show_timed_kernels(compiled.backend)
     return write_plan(compiled, args.output) if ok else 1
 
 
-def show_timed_kernels() -> None:
+def show_timed_kernels(backend: str) -> None:
     """The kernels the torch runner timed and chose while this command ran (routed experts, quantized linears),
-    if any."""
+    if any, for a plan that runs on the torch runner (the triton backend runs its own)."""
     from moec.backend.torch_runner import kernel_choice_lines
 
-    lines = kernel_choice_lines()
+    lines = kernel_choice_lines() if backend == "torch" else []
     if lines:
         console.print("kernels timed on this host for routed experts and quantized linears (each one's best time in "
                       "the race):")
@@ -402,7 +404,7 @@ def show_quality(model: Any, compiled: Any, held_out: list) -> None:
         if label in quality:
             name = label if routed else "compiled"
             table.add_row(name, f"{quality[label]['cosine']:.4f}", f"{quality[label]['nn_agreement']:.1%}")
-    console.print(table)
+    console.print(table, soft_wrap=False)  # a table lays itself out
     if "gap_closed" in quality:
         console.print(f"the router closes {quality['gap_closed']:.0%} of the random-to-oracle cosine gap")
 
@@ -420,7 +422,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         console.print(line, markup=False)
     if not args.no_ir:
         console.print(compiled.ir, markup=False)
-    console.print(summary_table(compiled.summary(), "FFN and MoE layers"))
+    console.print(summary_table(compiled.summary(), "FFN and MoE layers"), soft_wrap=False)
     params, size = compiled.program.weight_sizes()
     console.print(f"all weights: {params:,} parameters, {size:,} bytes")
     for line in expert_parallel_lines(compiled.program):
@@ -474,7 +476,7 @@ def show_warning(message: Warning | str, category: type[Warning], filename: str,
 
 def print_warning(message: str) -> None:
     """``warning: message`` on stderr, as one line however long."""
-    errors.print(Text("warning: ", style="bold yellow") + Text(message), soft_wrap=True)
+    errors.print(Text("warning: ", style="bold yellow") + Text(message))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ imports triton (transformers models do), or set the variable yourself.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -52,10 +53,13 @@ def kernel_device(triton: ModuleType) -> torch.device:
     if isinstance(triton.language.standard.sum, InterpretedFunction):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise BackendError(
-            "backend 'triton' needs a CUDA GPU, or Triton's interpreter on the CPU, which must be on when triton "
-            "is first imported: import moec before transformers/triton, or set TRITON_INTERPRET=1"
-        )
+        setting = os.environ.get("TRITON_INTERPRET")
+        if setting is not None and setting.lower() not in ("1", "true", "on", "yes"):
+            cause = f"TRITON_INTERPRET is {setting!r}: leave it unset or set it to 1"
+        else:
+            cause = "import moec before transformers/triton, or set TRITON_INTERPRET=1"
+        raise BackendError(f"backend 'triton' needs a CUDA GPU, or Triton's interpreter on the CPU, which must be on "
+                           f"when triton is first imported: {cause}")
     return torch.device("cuda")
 
 

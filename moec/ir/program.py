@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 
 from moec.ir.core import Graph
 from moec.ir.quant import QuantizedType, storage_names
+from moec.ir.types import DTYPE_NAMES
 
 
 @dataclass
@@ -155,6 +156,15 @@ class Program:
             if isinstance(leaf, torch.Tensor) and shape is not None and leaf.dim() != len(shape):
                 return (f"input {name!r} has {leaf.dim()} dimension{'s' if leaf.dim() != 1 else ''} "
                         f"{list(leaf.shape)}, where the compiled model takes {value.type}")
+        return None
+
+    def dtype_mismatch(self, leaves: list[Any]) -> str | None:
+        """The first input tensor whose dtype differs from its graph input's, described, or None: a model
+        that casts its inputs itself may run on it, so this only explains a failed run."""
+        for leaf, value, name in zip(leaves, self.graph.inputs, self.graph.input_names, strict=False):
+            dtype = getattr(value.type, "dtype", None)
+            if isinstance(leaf, torch.Tensor) and dtype is not None and DTYPE_NAMES.get(leaf.dtype) != dtype:
+                return f"input {name!r} is {leaf.dtype}, where the compiled model takes {value.type}"
         return None
 
     def unflatten_outputs(self, leaves: list[Any]) -> Any:

@@ -102,6 +102,13 @@ def test_a_model_with_weights_on_the_meta_device_is_told_to_load_them():
         moec.compile(TanhMLP().to("meta"), (torch.randn(4, 8),))
 
 
+@pytest.mark.parametrize("backend", ["onnx", "Triton", ""])
+def test_an_unknown_backend_names_those_there_are_and_where_onnx_lives(backend):
+    with pytest.raises(moec.MoecError, match=rf"^unknown backend '{backend}'; available: torch, triton \(ONNX files "
+                                             r"come from compiled.export_onnx, expert-parallel runs from torchrun"):
+        moec.compile(TanhMLP(), (torch.randn(4, 8),), backend=backend)
+
+
 def test_wrong_example_inputs_are_named():
     with pytest.raises(moec.CaptureError, match="do not fit TanhMLP.forward"):
         moec.compile(TanhMLP(), (torch.randn(2, 8), torch.randn(2, 8)))
@@ -125,6 +132,14 @@ def test_an_input_of_another_rank_that_the_model_fails_on_is_named():
                                          r"f32\[\w+, \w+, \w+\], and the compiled model fails on it \(IndexError: .*\); "
                                          r"call it with inputs of the example's rank$"):
         compiled(torch.randn(4))
+
+
+def test_an_input_of_another_dtype_that_the_model_fails_on_is_named():
+    compiled = moec.compile(TanhMLP(), (torch.randn(3, 8),))
+    with pytest.raises(ValueError, match=r"^input 'x' is torch.float64, where the compiled model takes f32\[\w+, 8\], "
+                                         r"and the compiled model fails on it \(RuntimeError: .*\); call it with "
+                                         r"inputs of the example's dtypes$"):
+        compiled(torch.randn(3, 8, dtype=torch.float64))
 
 
 def test_an_input_of_another_rank_runs_where_the_graph_allows_it():

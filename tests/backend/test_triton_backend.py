@@ -4,6 +4,9 @@ input (unsupported ops, no triton) behaves as documented."""
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 import sys
 import warnings
 
@@ -19,6 +22,7 @@ from moec.backend.triton_codegen import KERNELS_FILE  # noqa: E402
 from moec.errors import BackendError  # noqa: E402
 from moec.ir.ops import RouteOp  # noqa: E402
 from moec.ir.parser import parse_graph  # noqa: E402
+from moec.ir.plan import read_plan_json  # noqa: E402
 from moec.ir.program import Program  # noqa: E402
 
 TOLERANCE = 1e-5  # float32 end to end; the kernels multiply in full float32
@@ -176,12 +180,34 @@ def test_compile_for_triton_without_triton_fails_before_capturing(monkeypatch):
         moec.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), backend="triton")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels run without the interpreter")
+@pytest.mark.parametrize(("setting", "advice"), [
+    ("0", r"TRITON_INTERPRET is '0': leave it unset or set it to 1$"),
+    (None, r"import moec before transformers/triton, or set TRITON_INTERPRET=1$"),
+])
+def test_triton_without_its_interpreter_on_a_cpu_says_why(setting, advice):
+    """``import moec`` turns the interpreter on unless the variable is set, or triton was imported first."""
+    environment = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    first = "import triton, moec" if setting is None else "import moec"
+    if setting is not None:
+        environment["TRITON_INTERPRET"] = setting
+    code = f"{first}\nfrom moec.backend.triton_runner import check_available\ncheck_available()"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert re.search(r"^moec.errors.BackendError: backend 'triton' needs a CUDA GPU, or Triton's interpreter on the "
+                     r"CPU, which must be on when triton is first imported: " + advice, error), error
+
+
 @pytest.mark.slow
-def test_cli_compile_with_triton_writes_kernels_into_the_plan(tmp_path):
+def test_cli_compile_with_triton_writes_kernels_into_the_plan(tmp_path, capsys):
     from moec.cli import main
 
     plan = tmp_path / "plan"
     assert main(["compile", "--model", "tiny-mixtral", "--backend", "triton", "-o", str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "triton kernels: 4 of 4 MoE ops" in out
+    assert "kernels timed on this host" not in out  # the torch runner's race does not run for this plan
     assert (plan / KERNELS_FILE).is_file()
     assert moec.load(plan).runner.kernels_file == plan / KERNELS_FILE
 
@@ -235,7 +261,10 @@ def test_fallbacks_are_recorded_in_the_saved_plan_and_a_kernel_file_without_a_la
     (row,) = partial.report["triton"]["fallbacks"]
     assert row["op_name"] == "moe.route" and partial.report["triton"]["kernel_ops"] == 3
     torch.testing.assert_close(partial(**example).logits, compiled(**example).logits, rtol=TOLERANCE, atol=TOLERANCE)
-    saved = moec.load(partial.save(tmp_path / "plan"), backend="torch")
-    assert saved.report["triton"]["fallbacks"] == [row]
-    assert "triton" not in moec.load(saved.save(tmp_path / "as-torch"), backend="torch").report
+    folder = partial.save(tmp_path / "plan")
+    assert read_plan_json(folder)[1]["metadata"]["report"]["triton"]["fallbacks"] == [row]
+    assert moec.load(folder).report["triton"]["fallbacks"] == [row]
+    saved = moec.load(folder, backend="torch")  # runs no Triton kernel, so it reports none
+    assert "triton" not in saved.report
+    assert "triton" not in read_plan_json(saved.save(tmp_path / "as-torch"))[1]["metadata"]["report"]
     compiled.report["triton"] = compiled.runner.report()  # the shared program's record, as the fixture made it

@@ -44,6 +44,8 @@ def test_importing_moec_imports_no_pass_module_nor_model_family():
     ("pases: [{quantize: {bits: 4}}]", r"has an unknown key 'pases'; valid keys: passes$"),
     ("quantize: {bits: 4}", r"has an unknown key 'quantize'; valid keys: passes \(a pass goes in the 'passes' list"),
     ("passes: []\ndense_to_moe: {}", r"has an unknown key 'dense_to_moe'; valid keys: passes \(a pass goes in"),
+    ("passes: []\nbackend: triton", r"has an unknown key 'backend'; valid keys: passes \(the backend is chosen by "
+                                    r"moec.compile's backend= or the CLI's --backend\)$"),
     ("passes:", r"needs a 'passes' list"),
     ("passes: {quantize: {}}", r"needs a 'passes' list"),
     ("- quantize: {}", r"must be a mapping with a 'passes' list"),
