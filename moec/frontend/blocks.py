@@ -43,7 +43,9 @@ class RouteSpec:
     """How a router turns hidden states into (expert indices, routing weights) per token.
 
     logits = x @ router.T (computed in float32), plus ``router_logit_bias`` when the router has one
-    (``has_logit_bias``, GPT-OSS); scores = scoring(logits) over all experts
+    (``has_logit_bias``, GPT-OSS), rounded to the activations' dtype when ``round_logits`` (a router whose
+    linear runs in a 16-bit model's dtype, as most Hugging Face routers do: rounding decides ties and near
+    ties, so the same experts are chosen; DeepSeek-V3's router computes in float32); scores = scoring(logits) over all experts
     (``score_then_topk``) or over the top-k logits only (``topk_then_score``). With ``router_bias``
     the bias is added to the scores for choosing experts only (DeepSeek-V3). With ``n_group`` the
     experts are split in groups, a group's score is the sum of its top-2 choice values (``group_score``
@@ -64,6 +66,7 @@ class RouteSpec:
     group_score: str = "top2_sum"
     has_bias: bool = False
     has_logit_bias: bool = False
+    round_logits: bool = False
 
     def counts_problem(self) -> str | None:
         """Why ``top_k``, ``n_group`` or ``topk_group`` do not fit ``num_experts``, or None."""

@@ -428,6 +428,8 @@ def _moe_block(family: str, route_of: RouteOf, shared: str = "", shared_gate: st
         if routing is None:
             return None
         route, weights = routing
+        if _router_rounds_its_logits(block, weights["router"]):
+            route = dataclasses.replace(route, round_logits=True)
         weights = {**weights, **{role: f"experts.{name}" for role, name in experts.weights.items()}}
         shared_spec = None
         shared_mlp = getattr(block, shared, None) if shared else None
@@ -443,6 +445,25 @@ def _moe_block(family: str, route_of: RouteOf, shared: str = "", shared_gate: st
         return dataclasses.replace(experts, kind="moe", family=family, weights=weights, route=route, shared=shared_spec)
 
     return to_spec
+
+
+def _router_rounds_its_logits(block: nn.Module, weight: str) -> bool:
+    """Whether the module holding the router weight at ``weight`` (a path in ``block``) returns its logits in
+    the weight's 16-bit dtype (an ``nn.Linear``, or a Hugging Face router whose ``F.linear`` runs in the
+    model's dtype), asked on a few random rows; False for float32 weights and for a router that computes
+    in float32 (DeepSeek-V3's) or cannot be called on rows alone."""
+    owner_path, _, name = weight.rpartition(".")
+    router = getattr(block.get_submodule(owner_path), name, None) if owner_path else None
+    if not isinstance(router, torch.Tensor) or router.dtype not in (torch.bfloat16, torch.float16) or router.dim() != 2:
+        return False
+    rows = torch.randn(4, router.shape[1], generator=torch.Generator().manual_seed(0)).to(router.device, router.dtype)
+    try:
+        with torch.no_grad():
+            output = block.get_submodule(owner_path)(rows)
+    except Exception:  # a router that takes more than the hidden states
+        return False
+    logits = output[0] if isinstance(output, (tuple, list)) and output else output
+    return isinstance(logits, torch.Tensor) and logits.dtype == router.dtype and logits.shape[-1] == router.shape[0]
 
 
 def _shared_expert(mlp: nn.Module, prefix: str) -> tuple[FFNSpec, dict[str, str]] | None:

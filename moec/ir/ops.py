@@ -153,7 +153,7 @@ class RouteOp(SpecOp):
     required_weights = ("router",)
     optional_weights = ("router_bias", "router_logit_bias")
     derived_fields = ("has_bias", "has_logit_bias")
-    omitted_at_default = ("group_score",)
+    omitted_at_default = ("group_score", "round_logits")
 
     def derived_spec_values(self) -> dict[str, Any]:
         return {"has_bias": "router_bias" in self.kwargs, "has_logit_bias": "router_logit_bias" in self.kwargs}

@@ -85,12 +85,14 @@ def route(
     added to the logits (so to both the choice and the weights).
     Returns: ``indices`` int64 [..., k] and ``weights`` float32 [..., k]. Logits and scores are computed in
     float32, or in float64 for float64 activations (a float64 model's routing is not rounded to float32
-    before its choice). The choice is made on the scores (``score_then_topk``) or on the raw logits
+    before its choice); with ``spec.round_logits`` the logits are rounded to ``x``'s dtype first. The choice is made on the scores (``score_then_topk``) or on the raw logits
     (``topk_then_score``, where only the chosen logits are then scored).
     """
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     logit_bias = None if router_logit_bias is None else router_logit_bias.to(compute)
     logits = F.linear(x.to(compute), router.to(compute), logit_bias)  # [..., E]
+    if spec.round_logits:
+        logits = logits.to(x.dtype).to(compute)
     if spec.order == "score_then_topk":
         scores = _score(logits, spec.scoring)
         choice = scores

@@ -46,6 +46,17 @@ def apply_activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """float32 ``x`` rounded to the 16-bit ``dtype`` (to nearest, ties to even), as float32. bfloat16 by its
+    bits: Triton's interpreter truncates a cast to bfloat16 (finite values only)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def router_topk_kernel(
     # Pointers
     x_ptr,  # [T, HIDDEN]        any float dtype, rows contiguous
@@ -67,6 +78,7 @@ def router_topk_kernel(
     SCALING: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_LOGIT_BIAS: tl.constexpr,
+    ROUND_LOGITS: tl.constexpr,  # round the logits to x's dtype (RouteSpec.round_logits)
     # Tiles
     BLOCK_T: tl.constexpr,  # tokens per program
     BLOCK_E: tl.constexpr,  # next power of two >= NUM_EXPERTS (>= 16 for tl.dot)
@@ -89,6 +101,8 @@ def router_topk_kernel(
         logits = tl.dot(x.to(tl.float32), w.to(tl.float32), logits, input_precision="ieee")
     if HAS_LOGIT_BIAS:
         logits = logits + tl.load(logit_bias_ptr + experts, mask=expert_ok, other=0.0).to(tl.float32)[None, :]
+    if ROUND_LOGITS:
+        logits = round_to(logits, x_ptr.dtype.element_ty)
     logits = tl.where(expert_ok[None, :], logits, float("-inf"))
 
     if SCORE_FIRST:

@@ -122,7 +122,7 @@ def route(
         HIDDEN=hidden, NUM_EXPERTS=spec.num_experts, TOP_K=spec.top_k,
         SCORING=spec.scoring, SCORE_FIRST=spec.order == "score_then_topk",
         RENORMALIZE=spec.renormalize, RENORM_EPS=float(spec.renorm_eps), SCALING=float(spec.scaling),
-        HAS_BIAS=bias is not None, HAS_LOGIT_BIAS=logit_bias is not None,
+        HAS_BIAS=bias is not None, HAS_LOGIT_BIAS=logit_bias is not None, ROUND_LOGITS=spec.round_logits,
         BLOCK_T=block_t, BLOCK_E=next_power_of_two(spec.num_experts, 16),
         BLOCK_H=min(64, next_power_of_two(hidden, 16)), BLOCK_KS=next_power_of_two(spec.top_k),
     )

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from moec.frontend.blocks import ExpertsSpec, RouteSpec
 from moec.kernels import reference, triton_reference
@@ -82,6 +83,29 @@ def test_router_with_logit_bias_matches_reference(device):
     assert torch.equal(indices.cpu(), ref_indices)
     torch.testing.assert_close(weights.cpu(), ref_weights, rtol=1e-5, atol=1e-6)
     assert not torch.equal(ref_indices, reference.route(x, router, None, spec)[0])  # the bias changes choices
+
+
+@pytest.mark.parametrize("order", ["score_then_topk", "topk_then_score"])
+def test_router_rounding_its_logits_to_bfloat16_matches_reference(order, device):
+    """Hugging Face routers that run their linear in bf16: the kernel rounds the logits as the reference does
+    (logits of about 8, where bf16 steps by 1/16). Rounding keeps the logits' order but makes ties, which
+    decide choices: rows whose best k + 1 rounded logits are not all distinct are left out, as torch's top-k
+    breaks exact ties by no fixed rule and the kernel by index."""
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 40, generator=generator).bfloat16()
+    router = (torch.randn(8, 40, generator=generator) * 1.5).bfloat16()
+    logit_bias = torch.randn(8, generator=generator).bfloat16()
+    spec = RouteSpec(8, 2, order=order, renormalize=False, has_logit_bias=True, round_logits=True)
+    indices, weights = ops.route(*to(device, x, router), None, spec, logit_bias=logit_bias.to(device))
+    ref_indices, ref_weights = reference.route(x, router, None, spec, logit_bias)
+    logits = F.linear(x.float(), router.float(), logit_bias.float()).bfloat16().float()
+    best = logits.topk(spec.top_k + 1, dim=-1).values
+    distinct = (best[:, :-1] != best[:, 1:]).all(dim=-1)
+    assert distinct.float().mean() > 0.9
+    assert torch.equal(indices.cpu()[distinct], ref_indices[distinct])
+    torch.testing.assert_close(weights.cpu()[distinct], ref_weights[distinct], rtol=1e-5, atol=1e-6)
+    unrounded = reference.route(x, router, None, dataclasses.replace(spec, round_logits=False), logit_bias)[1]
+    assert (weights.cpu() - unrounded)[distinct].abs().max() > 1e-3  # rounding moves the weights
 
 
 def expert_weights(spec: ExpertsSpec, dtype: torch.dtype, seed: int = 2):
