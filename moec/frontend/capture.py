@@ -62,6 +62,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
             raise
     check_serializable_structure(model, ep)
     program = lower(ep)
+    program.metadata["input_guards"] = list(getattr(ep, "_guards_code", None) or [])  # checked on every call
     folded = fold_dense_ffns(program)
     verify_registered_blocks(model, program)
     program.metadata["blocks"] = [block_summary(spec) for spec in specs] + [

@@ -14,6 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from moec.ir.core import Graph
+from moec.ir.guards import InputGuards
 from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.types import DTYPE_NAMES
 
@@ -31,6 +32,8 @@ class Program:
     in_spec: str
     out_spec: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    # Input shapes (one tuple per flat input) whose sizes satisfied the capture's guards.
+    _guarded_shapes: set[tuple] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def weight_sizes(self, names: Iterable[str] | None = None) -> tuple[int, int]:
         """(parameters, stored bytes) of the named graph weights, all of them by default: a quantized weight
@@ -60,7 +63,34 @@ class Program:
         if call_spec != spec:
             raise TypeError(self.structure_mismatch(spec, captured))
         self.check_input_shapes(leaves)
+        self.check_guards(captured, leaves)
         return self.with_captured_dtypes(leaves)
+
+    @functools.cached_property
+    def input_guards(self) -> InputGuards:
+        """The capture's conditions on input sizes (``metadata["input_guards"]``, export's guards), compiled."""
+        return InputGuards(self.metadata.get("input_guards", []))
+
+    def check_guards(self, captured: tuple[tuple, dict], leaves: list[Any]) -> None:
+        """A ``ValueError`` naming the first guard of the capture that a call's input sizes break; each set of
+        input shapes is checked once, inputs of another rank than the example's not at all."""
+        shapes = tuple(tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else None for leaf in leaves)
+        if shapes in self._guarded_shapes or not self.metadata.get("input_guards"):
+            return
+        if self.rank_mismatch(leaves) is not None:  # guards name dims by position: they speak of the example's rank
+            return
+        args, kwargs = captured
+        names = self.metadata.get("forward_parameters", [])
+        broken = self.input_guards.broken({**dict(zip(names, args, strict=False)), **kwargs})
+        if broken is not None:
+            given = ", ".join(f"{name} {list(leaf.shape)}" for name, leaf in zip(self.graph.input_names, leaves,
+                                                                               strict=False)
+                              if isinstance(leaf, torch.Tensor))
+            condition = broken if len(broken) <= 300 else broken[:300] + " ..."
+            raise ValueError(f"inputs of these sizes ({given}) break a condition the model's code held when it was "
+                             f"captured, {condition}, so the compiled graph does not hold for them: compile with "
+                             "an example of this size")
+        self._guarded_shapes.add(shapes)
 
     def input_names(self, spec: pytree.TreeSpec) -> list[str]:
         """The names of the inputs the compiled model takes, as the captured example gave them: positional ones

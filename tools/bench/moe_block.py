@@ -9,6 +9,8 @@ Compared, in the same process and interleaved repeat by repeat (so background lo
   to HF's other experts implementations (``transformers.integrations.moe``), where they run on the CPU.
   ``batched_mm`` gathers one weight copy per (token, slot), so it is skipped when that copy would not fit
   in ``--batched-mm-cap-gb``.
+* ``hf_compiled``    the block as shipped under ``torch.compile`` (inductor, default mode; ``--no-torch-compile``
+  leaves it out), compiled on its first call (about 20 s here), then for dynamic token counts.
 * ``moec``           the *same* HF router (``block.gate``) followed by the experts kernel the torch runner runs
   by default for float32 on the CPU (``expert_kernel="auto"``: the fastest of the three below, timed on the
   first call of each size; ``torch_runner.float_experts``); only the expert computation differs.
@@ -158,6 +160,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench-results/moe_block.json")
     parser.add_argument("--sizes", default=None, help="comma-separated token counts")
     parser.add_argument("--batched-mm-cap-gb", type=float, default=3.0)
+    parser.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
     parser.add_argument(
         "--threads",
         type=int,
@@ -205,14 +208,21 @@ def _run(args) -> int:
 
         return run
 
+    compiled_block = torch.compile(block)  # inductor's default mode, on HF's eager experts loop
+
+    def hf_compiled(x):
+        config._experts_implementation = "eager"
+        return compiled_block(x.unsqueeze(0))[0]
+
     moec_run = moec_kernel("auto")  # the runner's own choice: the kernel below it measured fastest for this size
     impls = {"hf_eager": hf("eager"), "hf_batched_mm": hf("batched_mm"), "hf_grouped_mm": hf("grouped_mm"),
+             **({} if args.no_torch_compile else {"hf_compiled": hf_compiled}),
              **{f"moec_{kernel.replace('-', '_')}": moec_kernel(kernel) for kernel in MOEC_KERNELS}}
     unavailable = {}
     with torch.inference_mode():
         probe_x = torch.randn(4, HIDDEN)
         ref = impls["hf_eager"](probe_x)
-        for name in ("hf_batched_mm", "hf_grouped_mm"):
+        for name in [n for n in ("hf_batched_mm", "hf_grouped_mm", "hf_compiled") if n in impls]:
             try:
                 err = float((impls[name](probe_x) - ref).abs().max())
                 if err > 1e-3:

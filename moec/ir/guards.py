@@ -1,0 +1,116 @@
+"""The conditions on input sizes under which a captured graph is valid: ``torch.export``'s guards.
+
+Export makes a dimension dynamic, then records the conditions the model's code held for the example's sizes
+(``seq <= 512`` for BERT's position table, ``min(h // 4, w // 4) > 4`` for a Swin window): outside them the
+graph may fail, or compute something else. They are Python expressions over ``L['name'].size()[i]`` (``L``: the
+forward's arguments by name). moec keeps them as text in the plan and evaluates them with its own small
+interpreter (integer arithmetic, comparisons, ``min``/``max``), never with ``eval``: a plan runs no code it
+carries. An expression of any other form is left unchecked.
+
+Export treats sizes 0 and 1 apart (``seq != 1``, ``8 * seq != 8``), while moec runs batch-1 and one-token
+inputs, which its tests check: a guard that fails for an input with sizes of 1 but holds with them read as any
+of ``GENERIC_SIZES`` is one of those and is let pass; one that does not (``seq % 2 == 0``) is enforced.
+"""
+
+from __future__ import annotations
+
+import ast
+import operator
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+_BINARY: dict[type, Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod, ast.Pow: operator.pow,
+}
+_COMPARE: dict[type, Callable[[Any, Any], bool]] = {
+    ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+    ast.Gt: operator.gt, ast.GtE: operator.ge,
+}
+_CALLS: dict[str, Callable[..., Any]] = {"min": min, "max": max, "abs": abs}
+GENERIC_SIZES = (2, 3, 4)
+
+Evaluator = Callable[[dict[str, Any], int], Any]  # (the arguments by name, what a size of 1 reads as)
+
+
+class Unsupported(ValueError):
+    """An expression outside the forms the interpreter evaluates."""
+
+
+def _compile(node: ast.AST) -> Evaluator:
+    """A function of ``L`` evaluating ``node``, or ``Unsupported``."""
+    if isinstance(node, ast.Expression):
+        return _compile(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, (int, str)):
+        value = node.value
+        return lambda L, one: value
+    if isinstance(node, ast.Name) and node.id == "L":
+        return lambda L, one: L
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        op, left, right = _BINARY[type(node.op)], _compile(node.left), _compile(node.right)
+        return lambda L, one: op(left(L, one), right(L, one))
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
+        operand = _compile(node.operand)
+        return (lambda L, one: -operand(L, one)) if isinstance(node.op, ast.USub) else (lambda L, one: not operand(L, one))
+    if isinstance(node, ast.BoolOp):
+        values = [_compile(value) for value in node.values]
+        if isinstance(node.op, ast.And):
+            return lambda L, one: all(value(L, one) for value in values)
+        return lambda L, one: any(value(L, one) for value in values)
+    if isinstance(node, ast.Compare) and all(type(op) in _COMPARE for op in node.ops):
+        first = _compile(node.left)
+        steps = [(_COMPARE[type(op)], _compile(right)) for op, right in zip(node.ops, node.comparators, strict=True)]
+
+        def compare(L: dict[str, Any], one: int) -> bool:
+            left = first(L, one)
+            for op, right in steps:
+                value = right(L, one)
+                if not op(left, value):
+                    return False
+                left = value
+            return True
+
+        return compare
+    if isinstance(node, ast.Subscript):
+        container, key = _compile(node.value), _compile(node.slice)
+        return lambda L, one: container(L, one)[key(L, one)]
+    if isinstance(node, ast.Call) and not node.keywords:
+        args = [_compile(arg) for arg in node.args]
+        if isinstance(node.func, ast.Name) and node.func.id in _CALLS:
+            function = _CALLS[node.func.id]
+            return lambda L, one: function(*(arg(L, one) for arg in args))
+        if isinstance(node.func, ast.Attribute) and node.func.attr == "size" and not args:
+            tensor = _compile(node.func.value)
+            return lambda L, one: tuple(one if size == 1 else size for size in tensor(L, one).shape)
+    raise Unsupported(ast.dump(node)[:80])
+
+
+def readable(guard: str) -> str:
+    """``L['x'].size()[2]`` written as ``x.shape[2]``."""
+    return re.sub(r"L\['([^']+)'\]\.size\(\)", r"\1.shape", guard)
+
+
+class InputGuards:
+    """The guards of a capture, compiled once; ``broken(L)`` names the first one that inputs ``L`` break."""
+
+    def __init__(self, guards: Sequence[str]) -> None:
+        self.checks: list[tuple[str, Evaluator]] = []
+        for guard in guards:
+            try:
+                self.checks.append((guard, _compile(ast.parse(guard, mode="eval"))))
+            except (SyntaxError, Unsupported, RecursionError):
+                continue  # a form the interpreter does not take: left unchecked, as before guards were kept
+
+    def broken(self, inputs: dict[str, Any]) -> str | None:
+        """The first guard ``inputs`` (the forward's arguments by name) do not satisfy, readable, or None.
+        A guard naming an argument the call does not give is skipped, and so is one that fails only for sizes
+        of 1 (it holds with them read as 2, 3 and 4: export's 0/1 specialization)."""
+        for guard, check in self.checks:
+            try:
+                if check(inputs, 1) or all(check(inputs, one) for one in GENERIC_SIZES):
+                    continue
+            except (KeyError, IndexError, TypeError, AttributeError, ZeroDivisionError, RecursionError):
+                continue
+            return readable(guard)
+        return None

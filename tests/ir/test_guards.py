@@ -1,0 +1,94 @@
+"""Export's guards on input sizes: moec's interpreter of them, and a compiled model that refuses sizes its graph
+does not hold for (the graph would compute another branch of the model's code) while running batch-1 and
+one-token inputs, which export sets apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import moec
+from moec.frontend.zoo import build_preset
+from moec.ir.guards import InputGuards, readable
+
+
+def sizes(*shape: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.empty(shape)}
+
+
+def test_the_interpreter_evaluates_exports_forms():
+    guards = InputGuards(["min(64, L['x'].size()[1]) == L['x'].size()[1]",
+                          "((L['x'].size()[0]*L['x'].size()[1]) % 4) == 0 or L['x'].size()[2] > 5",
+                          "not (-L['x'].size()[2] >= 0)", "1 < L['x'].size()[2] <= 16"])
+    assert len(guards.checks) == 4
+    assert guards.broken(sizes(2, 8, 3)) is None
+    assert guards.broken(sizes(2, 65, 3)) == "min(64, x.shape[1]) == x.shape[1]"
+    assert guards.broken(sizes(3, 3, 3)) == "((x.shape[0]*x.shape[1]) % 4) == 0 or x.shape[2] > 5"
+    assert guards.broken(sizes(3, 3, 6)) is None
+    assert guards.broken(sizes(2, 8, 17)) == "1 < x.shape[2] <= 16"
+
+
+def test_code_in_a_guard_is_never_run(tmp_path):
+    """A plan's guards are data: calls, attributes and names other than min/max/abs, size() and L are not
+    evaluated, so the guard is left unchecked."""
+    marker = tmp_path / "ran"
+    guards = InputGuards([f"__import__('pathlib').Path({str(marker)!r}).touch() is None",
+                          "L['x'].size()[0].__class__ == int", "open('/etc/passwd') != 0"])
+    assert guards.checks == []
+    assert guards.broken(sizes(2, 3)) is None
+    assert not marker.exists()
+
+
+def test_a_guard_that_only_sets_size_one_apart_lets_it_pass():
+    guards = InputGuards(["L['x'].size()[1] != 1", "(8*L['x'].size()[1]) != 8", "L['x'].size()[0] > 1",
+                          "(L['x'].size()[1] % 2) == 0"])
+    assert guards.broken(sizes(1, 2)) is None
+    assert guards.broken(sizes(1, 1)) == "(x.shape[1] % 2) == 0"  # holds at 2 and 4, not at 3: a real condition
+    assert guards.broken(sizes(2, 3)) == "(x.shape[1] % 2) == 0"
+
+
+def test_a_guard_naming_an_argument_the_call_does_not_give_is_skipped():
+    assert InputGuards(["L['mask'].size()[1] == L['x'].size()[1]"]).broken(sizes(2, 3)) is None
+    assert readable("L['input_ids'].size()[1] > L['x'].size()[0]") == "input_ids.shape[1] > x.shape[0]"
+
+
+class ByParity(nn.Module):
+    """Two branches on the sequence length: export keeps the example's, under the guard ``seq % 2 == 0``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[1] % 2 == 0 else x * 3
+
+
+def test_a_compiled_model_refuses_sizes_its_graph_does_not_hold_for(tmp_path):
+    model = ByParity()
+    compiled = moec.compile(model, (torch.randn(2, 8, 4),))
+    x = torch.randn(3, 6, 4)
+    torch.testing.assert_close(compiled(x), model(x))
+    message = (r"^inputs of these sizes \(x \[3, 5, 4\]\) break a condition the model's code held when it was "
+               r"captured, \(x.shape\[1\] % 2\) == 0, so the compiled graph does not hold for them: compile with an "
+               r"example of this size$")
+    with pytest.raises(ValueError, match=message):
+        compiled(torch.randn(3, 5, 4))  # the graph would multiply by 2, the model by 3
+    with pytest.raises(ValueError, match=r"x \[3, 1, 4\]"):
+        compiled(torch.randn(3, 1, 4))
+    with pytest.raises(ValueError, match=r"x \[3, 5, 4\]"):
+        moec.load(compiled.save(tmp_path / "plan"))(torch.randn(3, 5, 4))
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt-oss", "tiny-bert"])
+def test_batch_one_and_one_token_inputs_pass_the_guards(name):
+    """GPT-OSS's export holds ``8 * seq != 8``, BERT's ``seq <= 64`` (its position table) among others."""
+    model, example = build_preset(name)
+    compiled = moec.compile(model, example)
+    assert compiled.program.metadata["input_guards"]
+    ids = torch.randint(0, 100, (1, 1))
+    inputs = {key: ids if key == "input_ids" else torch.ones_like(ids) if key == "attention_mask"
+              else torch.zeros_like(ids) for key in example}
+    with torch.no_grad():
+        expected = model(**inputs)[0]
+    torch.testing.assert_close(compiled(**inputs)[0], expected, rtol=1e-4, atol=1e-4)
+    if name == "tiny-bert":
+        long = {key: value.expand(1, 65) for key, value in inputs.items()}
+        with pytest.raises(ValueError, match=r"input_ids.shape\[1\] == min\(64, input_ids.shape\[1\]\)"):
+            compiled(**long)
