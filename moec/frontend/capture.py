@@ -30,6 +30,7 @@ from moec.frontend.lower import lower
 from moec.frontend.recognize import recognize, user_registration
 from moec.frontend.swap import swap_blocks
 from moec.ir.program import Program
+from moec.ir.types import TensorType
 from moec.ir.verifier import verify
 
 if TYPE_CHECKING:  # annotations only: importing moec does not import transformers
@@ -63,6 +64,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     check_serializable_structure(model, ep)
     program = lower(ep)
     program.metadata["input_guards"] = list(getattr(ep, "_guards_code", None) or [])  # checked on every call
+    warn_pinned_token_dims(model, program)
     folded = fold_dense_ffns(program)
     verify_registered_blocks(model, program)
     program.metadata["blocks"] = [block_summary(spec) for spec in specs] + [
@@ -76,6 +78,18 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     program.metadata["example_shapes"] = [list(x.shape) if isinstance(x, torch.Tensor) else None
                                           for x in program.flatten_inputs(tuple(args), kwargs)]
     return program
+
+
+def warn_pinned_token_dims(model: nn.Module, program: Program) -> None:
+    """One warning naming the sizes of integer inputs (token ids, masks: batch and sequence) that export fixed
+    at the example's, because the model's code depends on them (a Python loop over the sequence)."""
+    pinned = [f"{name} dim {dim} at {size}" for name, value in zip(program.graph.input_names, program.graph.inputs,
+                                                                    strict=False)
+              if isinstance(t := value.type, TensorType) and t.dtype in ("i64", "i32", "bool")
+              for dim, size in enumerate(t.shape) if isinstance(size, int) and size > 1]
+    if pinned:
+        warn(f"{type(model).__name__}'s code fixes sizes of its inputs at the example's ({', '.join(pinned)}): the "
+             "compiled model takes only those there; compile with an example of the size you will run")
 
 
 def verify_registered_blocks(model: nn.Module, program: Program) -> None:

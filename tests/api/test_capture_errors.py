@@ -109,6 +109,30 @@ def test_an_unknown_backend_names_those_there_are_and_where_onnx_lives(backend):
         moec.compile(TanhMLP(), (torch.randn(4, 8),), backend=backend)
 
 
+class LoopsOverTokens(nn.Module):
+    """A Python loop over the sequence (as a plain-PyTorch state-space scan has): export fixes its length."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids)
+        total = h[:, 0]
+        for t in range(1, input_ids.shape[1]):
+            total = total + h[:, t]
+        return total
+
+
+def test_token_sizes_the_models_code_fixes_are_warned_about_at_compile_time():
+    with pytest.warns(UserWarning, match=r"LoopsOverTokens's code fixes sizes of its inputs at the example's "
+                                         r"\(input_ids dim 1 at 5\): the compiled model takes only those there"):
+        compiled = moec.compile(model := LoopsOverTokens(), (torch.randint(0, 10, (2, 5)),))
+    ids = torch.randint(0, 10, (3, 5))  # the batch stays dynamic
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(ids), model(ids))
+
+
 def test_wrong_example_inputs_are_named():
     with pytest.raises(moec.CaptureError, match="do not fit TanhMLP.forward"):
         moec.compile(TanhMLP(), (torch.randn(2, 8), torch.randn(2, 8)))
