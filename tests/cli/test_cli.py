@@ -550,6 +550,25 @@ def float_mlp():
     return FloatMLP(), {"features": torch.randn(2, 5, 8)}
 
 
+class ByLength(nn.Module):  # its code branches on the sequence length: export keeps the example's branch
+    def __init__(self, divisor=1, at_least=0):
+        super().__init__()
+        self.divisor, self.at_least, self.proj = divisor, at_least, nn.Linear(8, 8)
+
+    def forward(self, features):
+        features = self.proj(features)
+        length = features.shape[1]
+        return features * 2 if length % self.divisor == 0 and length >= self.at_least else features * 3
+
+
+def by_four():  # 8 tokens: 6 takes the other branch, 4 the same
+    return ByLength(divisor=4), {"features": torch.randn(2, 8, 8)}
+
+
+def from_eight():  # 8 tokens: every shorter size takes the other branch
+    return ByLength(at_least=8), {"features": torch.randn(2, 8, 8)}
+
+
 def raises():
     raise RuntimeError("checkpoint not found")
 
@@ -570,6 +589,16 @@ def factories(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     yield "cli_test_factories"
     sys.modules.pop("cli_test_factories", None)
+
+
+def test_the_resized_parity_check_keeps_to_the_sizes_the_models_code_holds_for(factories, capsys):
+    assert main(["compile", "--model", f"{factories}:by_four"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"parity on resized inputs \(features \(3, 4, 8\)\): max abs diff \S+ ok", out)
+    assert main(["compile", "--model", f"{factories}:from_eight"]) == 0
+    out = capsys.readouterr().out
+    assert "parity on example inputs" in out and "resized inputs" not in out
+    assert "(no parity check at another size: none tried meets the conditions the model's code holds" in out
 
 
 @pytest.mark.parametrize(("dtype", "tolerance"), [("float32", "0.0001"), ("bfloat16", "0.05"), ("float16", "0.01")])
