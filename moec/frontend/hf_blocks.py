@@ -453,13 +453,16 @@ def _router_rounds_its_logits(block: nn.Module, weight: str) -> bool:
     model's dtype), asked on a few random rows; False for float32 weights and for a router that computes
     in float32 (DeepSeek-V3's) or cannot be called on rows alone."""
     owner_path, _, name = weight.rpartition(".")
-    router = getattr(block.get_submodule(owner_path), name, None) if owner_path else None
+    if not owner_path:  # a weight of the block itself: calling the block would not give logits
+        return False
+    owner = block.get_submodule(owner_path)
+    router = getattr(owner, name, None)
     if not isinstance(router, torch.Tensor) or router.dtype not in (torch.bfloat16, torch.float16) or router.dim() != 2:
         return False
     rows = torch.randn(4, router.shape[1], generator=torch.Generator().manual_seed(0)).to(router.device, router.dtype)
     try:
         with torch.no_grad():
-            output = block.get_submodule(owner_path)(rows)
+            output = owner(rows)
     except Exception:  # a router that takes more than the hidden states
         return False
     logits = output[0] if isinstance(output, (tuple, list)) and output else output

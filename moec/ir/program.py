@@ -74,8 +74,10 @@ class Program:
     def check_guards(self, captured: tuple[tuple, dict], leaves: list[Any]) -> None:
         """A ``ValueError`` naming the first guard of the capture that a call's input sizes break; each set of
         input shapes is checked once, inputs of another rank than the example's not at all."""
+        if not self.metadata.get("input_guards"):
+            return
         shapes = tuple(tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else None for leaf in leaves)
-        if shapes in self._guarded_shapes or not self.metadata.get("input_guards"):
+        if shapes in self._guarded_shapes:
             return
         if self.rank_mismatch(leaves) is not None:  # guards name dims by position: they speak of the example's rank
             return

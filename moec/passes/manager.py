@@ -55,10 +55,12 @@ def load_recipe(source: str | os.PathLike | dict | None) -> dict[str, Any]:
         raise PassError(f"{where} must be a mapping with a 'passes' list, {example}")
     unknown = [key for key in recipe if key not in RECIPE_KEYS]
     if unknown:
-        is_pass = find_pass(str(unknown[0]).replace("_", "-")) is not None
-        advice = f" (a pass goes in the 'passes' list, {example})" if is_pass else (
-            " (the backend is chosen by moec.compile's backend= or the CLI's --backend)" if unknown[0] == "backend"
-            else "")
+        if find_pass(str(unknown[0]).replace("_", "-")) is not None:
+            advice = f" (a pass goes in the 'passes' list, {example})"
+        elif unknown[0] == "backend":
+            advice = " (the backend is chosen by moec.compile's backend= or the CLI's --backend)"
+        else:
+            advice = ""
         raise PassError(f"{where} has an unknown key {unknown[0]!r}; valid keys: {', '.join(RECIPE_KEYS)}{advice}")
     if not isinstance(recipe.get("passes"), list):
         raise PassError(f"{where} needs a 'passes' list, {example}")
