@@ -47,6 +47,8 @@ class CompiledModel:
                  kernels_file: Path | None = None) -> None:
         if backend not in BACKENDS:
             raise unknown_backend(backend)
+        if backend != "triton" and "triton" in program.metadata.get("report", {}):
+            program = without_triton_record(program)
         self.program = program
         self.backend = backend
         self.calibration = calibration  # the statistics passes used, saved with the plan for reuse
@@ -91,10 +93,7 @@ class CompiledModel:
         extra_files |= self.runner.plan_files()
         if "bit_allocation" in self.report:
             extra_files[ALLOCATION_CHART] = allocation_svg(self.report["bit_allocation"])
-        metadata = {**self.program.metadata, "backend": self.backend}
-        if self.backend != "triton" and "triton" in self.report:  # the record of a triton run does not apply
-            metadata["report"] = {key: value for key, value in self.report.items() if key != "triton"}
-        program = dataclasses.replace(self.program, metadata=metadata)
+        program = dataclasses.replace(self.program, metadata={**self.program.metadata, "backend": self.backend})
         report = plan_report(program, self.summary(), list(extra_files))
         return save_plan(program, path, extra_files or None, documents={REPORT_FILE: report})
 
@@ -197,6 +196,13 @@ def compile(
     return CompiledModel(program, backend, calibration=context.calibrations[0] if context.calibrations else None)
 
 
+def without_triton_record(program: Program) -> Program:
+    """A copy of ``program`` whose report drops the record of a triton run, which does not apply to another
+    backend; the copy is shallow, so ``program`` itself, perhaps shared with a triton model, keeps it."""
+    report = {key: value for key, value in program.metadata["report"].items() if key != "triton"}
+    return dataclasses.replace(program, metadata={**program.metadata, "report": report})
+
+
 def check_inputs_kind(inputs: Any, name: str) -> None:
     """A ``TypeError`` saying how to pass model inputs when ``inputs`` (the argument ``name``) cannot be them."""
     if isinstance(inputs, torch.Tensor):
@@ -224,8 +230,6 @@ def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
     folder = user_path(path)
     program = load_plan(folder)
     backend = backend or program.metadata.get("backend", "torch")
-    if backend != "triton":  # the record of the triton run the plan was saved from does not apply
-        program.metadata.get("report", {}).pop("triton", None)
     calibration = Calibration.load(folder) if (folder / CALIBRATION_META).is_file() else None
     kernels_file = folder / KERNELS_FILE
     return CompiledModel(program, backend, calibration=calibration,

@@ -91,7 +91,8 @@ class Program:
             condition = broken if len(broken) <= 300 else broken[:300] + " ..."
             raise ValueError(f"inputs of these sizes ({given}) break a condition the model's code held when it was "
                              f"captured, {condition}, so the compiled graph does not hold for them: compile with "
-                             "an example of this size")
+                             "an example of this size if the model runs at it (a bound, such as the length of a "
+                             "position table, holds for every example)")
         self._guarded_shapes.add(shapes)
 
     def input_names(self, spec: pytree.TreeSpec) -> list[str]:

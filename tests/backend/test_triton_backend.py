@@ -268,4 +268,6 @@ def test_fallbacks_are_recorded_in_the_saved_plan_and_a_kernel_file_without_a_la
     saved = moec.load(folder, backend="torch")  # runs no Triton kernel, so it reports none
     assert "triton" not in saved.report
     assert "triton" not in read_plan_json(saved.save(tmp_path / "as-torch"))[1]["metadata"]["report"]
+    as_torch = CompiledModel(partial.program, "torch")  # a torch model over the triton model's program
+    assert "triton" not in as_torch.report and "triton" in partial.report
     compiled.report["triton"] = compiled.runner.report()  # the shared program's record, as the fixture made it
