@@ -49,6 +49,7 @@ from typing import Any
 import safetensors.torch
 import torch
 
+from moec.analysis.real_tokens import real_token_rows, token_mask_of
 from moec.analysis.traces import RoutingTrace
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError, warn
@@ -251,10 +252,25 @@ def given_calibration(data: Any) -> Any:
         raise MoecError(f"calibration of type {type(data).__name__} is not calibration data; give {ACCEPTED_FORMS}")
     samples = list(data)
     for index, sample in enumerate(samples):
-        if isinstance(sample, (str, bytes)) or is_numpy(sample):
+        if not isinstance(sample, (torch.Tensor, Mapping, tuple, list)):
             raise MoecError(f"calibration sample {index} is of type {type(sample).__name__}; give each sample as torch "
                             "tensors (tokenize text first): a dict of the model's inputs by name or a tuple")
+        values = sample.items() if isinstance(sample, Mapping) else enumerate(sample)
+        for key, value in values:
+            if is_numpy(value) or holds_python_numbers(value):
+                where = f"{key!r}" if isinstance(sample, Mapping) else f"argument {key}"
+                raise MoecError(f"calibration sample {index}: {where} is a {type(value).__name__}; give torch tensors "
+                                "(a tokenizer does with return_tensors='pt')")
     return samples
+
+
+def holds_python_numbers(value: Any) -> bool:
+    """Whether ``value`` is a (nested) list or tuple of Python numbers, as a tokenizer returns without tensors."""
+    if not isinstance(value, (list, tuple)):
+        return False
+    while isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return isinstance(value, (int, float))
 
 
 def is_numpy(value: Any) -> bool:
@@ -263,8 +279,8 @@ def is_numpy(value: Any) -> bool:
 
 
 def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch.Tensor]]:
-    """Each sample (a kwargs dict, an args tuple, already the program's flat input tensors in graph input
-    order, or, for a program with one input, a tensor) as the program's flat input tensors."""
+    """Each sample (a kwargs dict, an args tuple as the model takes them positionally, or, for a program with
+    one input, a tensor) as the program's flat input tensors."""
     flat: list[list[torch.Tensor]] = []
     arity = len(program.graph.inputs)
     for sample in samples:
@@ -273,7 +289,7 @@ def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch
                             f"({', '.join(program.graph.input_names)}); give each sample as a dict of them "
                             "by name or a tuple")
         try:
-            flat.append(flat_sample(program, sample, arity))
+            flat.append(flat_sample(program, sample))
         except (TypeError, ValueError) as err:  # the program's own messages name the input at fault
             raise MoecError(f"calibration sample {len(flat)} does not fit the model's inputs: {err}") from None
     if not flat:
@@ -281,17 +297,14 @@ def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch
     return without_padding_only_samples(program, flat)
 
 
-def flat_sample(program: Program, sample: Any, arity: int) -> list[torch.Tensor]:
-    """One sample as the program's flat inputs, checked against their fixed sizes and cast like a call's."""
+def flat_sample(program: Program, sample: Any) -> list[torch.Tensor]:
+    """One sample (a kwargs dict, the model's positional arguments as a tuple or list, or the one input of a
+    one-input program) as the program's flat inputs, checked and cast like a call's."""
     if isinstance(sample, torch.Tensor):
-        leaves = [sample]
-    elif isinstance(sample, (list, tuple)) and len(sample) == arity and all(isinstance(t, torch.Tensor) for t in sample):
-        leaves = list(sample)  # flat inputs; for a model taking tensors positionally, the same thing
-    else:
-        args, kwargs = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {})
-        return program.flatten_inputs(args, kwargs)
-    program.check_input_shapes(leaves)
-    return program.with_captured_dtypes(leaves)
+        program.check_input_shapes([sample])
+        return program.with_captured_dtypes([sample])
+    args, kwargs = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {})
+    return program.flatten_inputs(args, kwargs)
 
 
 def without_padding_only_samples(program: Program, flat: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:
@@ -309,21 +322,6 @@ def without_padding_only_samples(program: Program, flat: list[list[torch.Tensor]
         warn(f"calibration: samples {sorted(padding_only)} are left out, their attention_mask is all "
              "zeros (padding only)")
     return [sample for i, sample in enumerate(flat) if i not in padding_only]
-
-
-def token_mask_of(program: Program, inputs: list[torch.Tensor]) -> torch.Tensor | None:
-    """The sample's real-token mask (its ``attention_mask`` input, flattened to bool), or None without one."""
-    names = program.graph.input_names
-    return inputs[names.index("attention_mask")].reshape(-1).bool() if "attention_mask" in names else None
-
-
-def real_token_rows(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
-    """``x`` as rows ``[N, H]``, without the padding positions when ``token_mask`` has one entry a row (a
-    block that sees other token counts than the sample's keeps all its rows)."""
-    rows = x.reshape(-1, x.shape[-1])
-    if token_mask is not None and token_mask.numel() == rows.shape[0]:
-        rows = rows[token_mask]
-    return rows
 
 
 class _Recorder:

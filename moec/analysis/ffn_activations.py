@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moec.analysis.calibration import SEED, real_token_rows, run_sample, token_mask_of
+from moec.analysis.calibration import SEED, run_sample
+from moec.analysis.real_tokens import real_token_rows, token_mask_of
 from moec.backend.torch_runner import TorchRunner
 from moec.ir.core import Operation
 from moec.ir.ops import DenseFFNOp, ExpertsOp, SharedExpertOp

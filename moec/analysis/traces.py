@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moec.analysis.real_tokens import real_token_rows, token_mask_of
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError
 from moec.ir.ops import ExpertsOp
@@ -95,7 +96,7 @@ class RoutingTrace:
 
 def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> RoutingTrace:
     """Run ``program`` on each batch of flat graph inputs and record the experts each ``moe.experts`` op is
-    given: a ``moe.route``'s choice, or that of the model's own router code, as the stored experts that run
+    given for each real token (padding that an ``attention_mask`` marks is left out): a ``moe.route``'s choice, or that of the model's own router code, as the stored experts that run
     (through the op's ``expert_map`` after a merge), which are what placement distributes.
 
     Every routed layer must share one expert count and top-k (true of every supported family)."""
@@ -114,11 +115,12 @@ def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> Routin
     per_batch = []
     for inputs in batches:
         chosen: dict[int, torch.Tensor] = {}  # position in routes -> its indices
+        token_mask = token_mask_of(program, inputs)
 
-        def observe(op, args, result, chosen=chosen):
+        def observe(op, args, result, chosen=chosen, token_mask=token_mask):
             if id(op) in position:
                 indices = reference.remap_experts(args[1], op.expert_map)
-                chosen[position[id(op)]] = indices.reshape(-1, indices.shape[-1]).clone()
+                chosen[position[id(op)]] = real_token_rows(indices, token_mask).clone()
 
         runner.run(inputs, observe=observe)
         per_batch.append(torch.stack([chosen[layer] for layer in range(len(routes))], dim=1))

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from moec.analysis.calibration import Calibration, real_token_rows, token_mask_of
+from moec.analysis.calibration import Calibration
+from moec.analysis.real_tokens import real_token_rows, token_mask_of
 from moec.analysis.traces import RoutingTrace
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError

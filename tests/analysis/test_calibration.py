@@ -9,6 +9,7 @@ import torch
 import moec
 from moec.analysis.calibration import Calibration, calibrate
 from moec.errors import MoecError
+from moec.frontend.capture import capture
 from moec.passes import PassContext
 
 
@@ -190,6 +191,36 @@ def test_one_batch_given_as_a_dict_or_a_tensor_is_one_sample(captured):
     batch = torch.randn(2, 5, 8)
     from_tensor = PassContext(calibration=batch, progress=False).statistics(program, "test")
     assert len(from_tensor.flat_samples) == 1 and torch.equal(from_tensor.flat_samples[0][0], batch)
+
+
+def test_a_tuple_sample_is_the_models_positional_arguments(captured):
+    """BERT takes (input_ids, attention_mask, token_type_ids) but its graph orders its inputs otherwise: a
+    tuple is read as the forward's positional arguments, like a call of the compiled model."""
+    model, example, _ = captured("tiny-bert")
+    (padded,) = samples_like(example, 1, pad_last=2)
+    ids, mask = padded["input_ids"], padded["attention_mask"]
+    sample = {"input_ids": ids, "token_type_ids": (torch.arange(ids.shape[1]) >= 3).long().expand_as(ids),
+              "attention_mask": mask}  # in a tokenizer's order
+    bert = capture(model, (), sample)
+    assert bert.graph.input_names == list(sample)
+    positional = calibrate(bert, [(ids, mask, sample["token_type_ids"])], progress=False)
+    by_name = calibrate(bert, [sample], progress=False)
+    assert positional.tokens == by_name.tokens == int(sample["attention_mask"].sum())
+    for block, stats in by_name.dense.items():
+        torch.testing.assert_close(positional.dense[block].inputs, stats.inputs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("sample", "where", "kind"), [({"input_ids": [[5, 6, 7]]}, "'input_ids'", "list"),
+                                                      (([5, 6, 7],), "argument 0", "list")])
+def test_token_ids_as_python_lists_are_told_to_be_tensors(sample, where, kind):
+    with pytest.raises(MoecError, match=rf"calibration sample 1: {where} is a {kind}; give torch tensors \(a "
+                                        r"tokenizer does with return_tensors='pt'\)"):
+        PassContext(calibration=[{"input_ids": torch.ones(1, 3, dtype=torch.long)}, sample])
+
+
+def test_none_as_a_sample_names_its_type():
+    with pytest.raises(MoecError, match="calibration sample 0 is of type NoneType; give each sample as torch tensors"):
+        PassContext(calibration=[None])
 
 
 @pytest.mark.parametrize("sample", [torch.randn(5, 6), (torch.randn(5, 6),), {"input": torch.randn(5, 6)}])

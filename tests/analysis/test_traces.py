@@ -59,6 +59,23 @@ def test_collect_trace_records_every_route(compiled_olmoe):
         assert torch.equal(trace.experts[:tokens, layer], chosen.reshape(-1, 2))
 
 
+def test_padding_is_left_out_of_the_trace(compiled_olmoe):
+    """The same real tokens give the same trace whether their batch is padded or not (placement reads it)."""
+    program, _ = compiled_olmoe
+    generator = torch.Generator().manual_seed(0)
+    sentences = [torch.randint(2, 100, (1, 6), generator=generator) for _ in range(3)]
+    unpadded = [program.flatten_inputs((), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+                for ids in sentences]
+    ids = torch.zeros(3, 11, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sentence in enumerate(sentences):
+        ids[row, :6], mask[row, :6] = sentence[0], 1
+    padded = [program.flatten_inputs((), {"input_ids": ids, "attention_mask": mask})]
+    trace = collect_trace(program, padded)
+    assert trace.num_tokens == 18
+    assert torch.equal(trace.experts, collect_trace(program, unpadded).experts)
+
+
 def test_a_merged_layer_is_traced_as_the_stored_experts_that_run():
     weights = merged_weights()
     program = program_of(MERGED, weights)
