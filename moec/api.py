@@ -15,6 +15,7 @@ from torch import nn
 from moec.analysis.allocation_chart import allocation_svg
 from moec.analysis.calibration import META_FILE as CALIBRATION_META
 from moec.analysis.calibration import Calibration
+from moec.analysis.traces import RoutingTrace
 from moec.backend.torch_runner import TorchRunner
 from moec.backend.triton_codegen import KERNELS_FILE
 from moec.errors import MoecError, warn
@@ -25,7 +26,7 @@ from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
-from moec.passes.base import missing_calibration, unused_calibration
+from moec.passes.base import missing_calibration, trace_refusal, unused_calibration
 from moec.passes.dead_code import DeadCode
 from moec.passes.simplify import Simplify
 from moec.paths import user_path
@@ -180,6 +181,10 @@ def compile(
         first = needing[0]
         when = f", with these options (it calibrates {first.calibration_when})," if first.calibration_when else ""
         raise missing_calibration(f"pass {first.name!r}{when}")
+    if isinstance(context.calibration, RoutingTrace):
+        for pass_ in needing:
+            if not pass_.takes_a_trace:
+                raise trace_refusal(f"pass {pass_.name!r}")
     program = capture(model, args, kwargs)
     run_passes(program, [Simplify(), DeadCode(), *passes], context)
     if "placement" in program.metadata.get("expert_parallel", {}):
@@ -193,7 +198,7 @@ def compile(
     program.metadata["backend"] = backend
     if context.report:
         program.metadata["report"] = context.report
-    return CompiledModel(program, backend, calibration=context.calibrations[0] if context.calibrations else None)
+    return CompiledModel(program, backend, calibration=context.plan_calibration())
 
 
 def without_triton_record(program: Program) -> Program:

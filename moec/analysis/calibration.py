@@ -233,6 +233,7 @@ def fingerprint(program: Program) -> str:
     return digest.hexdigest()
 
 
+NO_SAMPLES = "calibration needs at least one sample (a dict of keyword inputs or a tuple of inputs)"
 ACCEPTED_FORMS = ("a list of sample inputs (each a kwargs dict, an args tuple, or a tensor for a model with one "
                   "input), one batch as a dict or a tensor, or a Calibration (moec.load(plan_folder).calibration)")
 
@@ -251,6 +252,8 @@ def given_calibration(data: Any) -> Any:
     if not isinstance(data, Iterable) or is_numpy(data):
         raise MoecError(f"calibration of type {type(data).__name__} is not calibration data; give {ACCEPTED_FORMS}")
     samples = list(data)
+    if not samples:
+        raise MoecError(NO_SAMPLES)
     for index, sample in enumerate(samples):
         if not isinstance(sample, (torch.Tensor, Mapping, tuple, list)):
             raise MoecError(f"calibration sample {index} is of type {type(sample).__name__}; give each sample as torch "
@@ -279,8 +282,7 @@ def is_numpy(value: Any) -> bool:
 
 
 def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch.Tensor]]:
-    """Each sample (a kwargs dict, an args tuple as the model takes them positionally, or, for a program with
-    one input, a tensor) as the program's flat input tensors."""
+    """Each sample (see ``flat_sample``) as the program's flat input tensors."""
     flat: list[list[torch.Tensor]] = []
     arity = len(program.graph.inputs)
     for sample in samples:
@@ -289,22 +291,28 @@ def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch
                             f"({', '.join(program.graph.input_names)}); give each sample as a dict of them "
                             "by name or a tuple")
         try:
-            flat.append(flat_sample(program, sample))
+            flat.append(flat_sample(program, sample, arity))
         except (TypeError, ValueError) as err:  # the program's own messages name the input at fault
             raise MoecError(f"calibration sample {len(flat)} does not fit the model's inputs: {err}") from None
     if not flat:
-        raise MoecError("calibration needs at least one sample (a dict of keyword inputs or a tuple of inputs)")
+        raise MoecError(NO_SAMPLES)
     return without_padding_only_samples(program, flat)
 
 
-def flat_sample(program: Program, sample: Any) -> list[torch.Tensor]:
-    """One sample (a kwargs dict, the model's positional arguments as a tuple or list, or the one input of a
-    one-input program) as the program's flat inputs, checked and cast like a call's."""
+def flat_sample(program: Program, sample: Any, arity: int) -> list[torch.Tensor]:
+    """One sample as the program's flat inputs, checked and cast like a call's: a kwargs dict, a tuple of the
+    model's positional arguments, a list of the program's flat inputs (as ``Program.flatten_inputs`` gives
+    them: graph input order, which can differ from the model's positional order), or the one input of a
+    one-input program."""
     if isinstance(sample, torch.Tensor):
-        program.check_input_shapes([sample])
-        return program.with_captured_dtypes([sample])
-    args, kwargs = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {})
-    return program.flatten_inputs(args, kwargs)
+        leaves = [sample]
+    elif isinstance(sample, list) and len(sample) == arity and all(isinstance(t, torch.Tensor) for t in sample):
+        leaves = sample
+    else:
+        args, kwargs = ((), dict(sample)) if isinstance(sample, Mapping) else (tuple(sample), {})
+        return program.flatten_inputs(args, kwargs)
+    program.check_input_shapes(leaves)
+    return program.with_captured_dtypes(leaves)
 
 
 def without_padding_only_samples(program: Program, flat: list[list[torch.Tensor]]) -> list[list[torch.Tensor]]:

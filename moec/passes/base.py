@@ -25,7 +25,8 @@ class PassContext:
     ``calibration`` is what the user gave: sample inputs (a list of kwargs dicts or args tuples; a dict or
     a tensor is one batch), a ``Calibration`` (for example one loaded from a plan folder), or None; any other
     form is refused here (``given_calibration``). ``calibrations`` holds every calibration known so far,
-    oldest first; the first is the one a plan folder stores.
+    oldest first; ``described`` those that were the statistics of the program at some point of this run
+    (see ``plan_calibration``).
     """
 
     calibration: Any = None
@@ -33,6 +34,8 @@ class PassContext:
     max_rows: int | None = None
     progress: bool = True
     calibrations: list[Any] = field(default_factory=list)
+    described: list[Any] = field(default_factory=list)
+    given_is_foreign: bool = False
 
     def __post_init__(self) -> None:
         from moec.analysis.calibration import Calibration, given_calibration
@@ -45,13 +48,18 @@ class PassContext:
         """The calibration samples as lists of the program's flat input tensors, for passes that run the
         program themselves (e.g. to measure output error under each candidate rewrite). ``needed_by``
         names the asking pass in errors (``"pass 'quantize'"``)."""
-        from moec.analysis.calibration import Calibration, flatten_samples
+        from moec.analysis.calibration import Calibration, fingerprint, flatten_samples
 
         if self.calibration is None:
             raise missing_calibration(needed_by)
+        self.refuse_a_trace(needed_by)
         if isinstance(self.calibration, Calibration):
             if not self.calibration.flat_samples:
                 raise PassError(f"{needed_by}: the given calibration stores no samples; pass the sample inputs")
+            if self.calibration.fingerprint == fingerprint(program):
+                self.describes(self.calibration)  # this program's own: the plan keeps it
+            elif not self.described:
+                self.given_is_foreign = True  # of another program: its statistics are not this plan's
             return self.calibration.flat_samples
         return flatten_samples(program, self.calibration)
 
@@ -63,9 +71,11 @@ class PassContext:
 
         if self.calibration is None:
             raise missing_calibration(needed_by)
+        self.refuse_a_trace(needed_by)
         current = fingerprint(program)
         for known in self.calibrations:
             if known.fingerprint == current:
+                self.describes(known)
                 return known
         max_rows = self.max_rows or (self.calibrations[0].max_rows if self.calibrations else DEFAULT_MAX_ROWS)
         stored = next((c.flat_samples for c in self.calibrations if c.flat_samples), None)
@@ -77,7 +87,37 @@ class PassContext:
         else:
             result = calibrate(program, self.calibration, max_rows=max_rows, progress=self.progress)
         self.calibrations.append(result)
+        self.describes(result)
         return result
+
+    def refuse_a_trace(self, needed_by: str) -> None:
+        """A ``PassError`` when the calibration given is a routing trace, which only expert placement reads."""
+        from moec.analysis.traces import RoutingTrace
+
+        if isinstance(self.calibration, RoutingTrace):
+            raise trace_refusal(needed_by)
+
+    def plan_calibration(self) -> Any:
+        """The calibration a plan stores: the first that held the statistics of the program as a pass read them;
+        without one, a given ``Calibration`` that no pass found to be of another program; else None."""
+        from moec.analysis.calibration import Calibration
+
+        if self.described:
+            return self.described[0]
+        if isinstance(self.calibration, Calibration) and not self.given_is_foreign:
+            return self.calibration
+        return None
+
+    def describes(self, calibration: Any) -> None:
+        """Note that ``calibration`` holds the statistics of the program at this point of the run."""
+        if not any(known is calibration for known in self.described):
+            self.described.append(calibration)
+
+
+def trace_refusal(needed_by: str) -> PassError:
+    """The error of a pass that runs sample inputs and was given a routing trace as calibration."""
+    return PassError(f"{needed_by} runs sample inputs through the model, and calibration= is a RoutingTrace (only "
+                     "expert-placement reads one); pass a list of sample inputs or a Calibration")
 
 
 def missing_calibration(needed_by: str) -> PassError:
@@ -166,6 +206,8 @@ class Pass:
     # For a pass whose use of calibration data depends on its options: when it uses it ("with method gptq"),
     # for the message that says why given calibration goes unused.
     calibration_when: ClassVar[str] = ""
+    # True for a pass that can take a RoutingTrace as its calibration (expert placement) instead of samples.
+    takes_a_trace: ClassVar[bool] = False
 
     def needs_calibration(self) -> bool:
         """Whether ``run`` (with these options) calls ``context.statistics``."""

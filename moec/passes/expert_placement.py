@@ -45,6 +45,7 @@ def stored_expert_bytes(program: Program, op: ExpertsOp) -> int:
 class ExpertPlacement(Pass):
     name = "expert-placement"
     calibration_when = "with method cp-sat"
+    takes_a_trace = True
 
     world_size: int = 2
     method: str = "cp-sat"

@@ -10,6 +10,7 @@ import moec
 from moec.analysis.calibration import Calibration, calibrate
 from moec.errors import MoecError
 from moec.frontend.capture import capture
+from moec.frontend.zoo import build_preset
 from moec.passes import PassContext
 
 
@@ -162,6 +163,24 @@ def test_a_calibration_saved_in_a_plan_is_reused_without_the_samples(tmp_path, c
     assert loaded.calibration.fingerprint == cal.fingerprint
     context = PassContext(calibration=loaded.calibration)
     assert context.statistics(captured("tiny-bert")[2], "test").fingerprint == cal.fingerprint
+
+
+def test_a_calibration_of_another_model_is_not_stored_as_the_plans():
+    """A calibration of another model (here another preset) lends only its samples: the plan stores the
+    statistics they give on this model, or, where no pass reads statistics, no calibration."""
+    prune = {"passes": [{"expert-prune": {"keep": 3}}]}
+    mixtral, mixtral_example = build_preset("tiny-mixtral")
+    foreign = moec.compile(mixtral, mixtral_example, recipe=prune, calibration=[mixtral_example]).calibration
+    qwen, qwen_example = build_preset("tiny-qwen2-moe")
+    given_foreign = moec.compile(qwen, qwen_example, recipe=prune, calibration=foreign).calibration
+    given_samples = moec.compile(qwen, qwen_example, recipe=prune, calibration=[mixtral_example]).calibration
+    assert given_foreign.fingerprint == given_samples.fingerprint != foreign.fingerprint
+    block = next(iter(given_samples.moe))
+    assert torch.equal(given_foreign.moe[block].counts, given_samples.moe[block].counts)
+    gptq = {"passes": [{"quantize": {"bits": 4, "group": 32, "method": "gptq"}}]}
+    assert moec.compile(qwen, qwen_example, recipe=gptq, calibration=foreign).calibration is None
+    own = moec.compile(mixtral, mixtral_example, recipe=gptq, calibration=foreign).calibration
+    assert own is foreign  # the statistics of this very program, kept for reuse
 
 
 def one_input_program():

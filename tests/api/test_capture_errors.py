@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import moec
+from moec.analysis.traces import synthetic_trace
 from moec.ir import AtenOp
 
 
@@ -206,6 +207,17 @@ def test_a_pass_that_calibrates_only_with_some_options_says_so_when_calibration_
     with pytest.raises(moec.PassError, match=r"^pass 'dense-to-moe', with these options \(it calibrates with router "
                                              r"fitted, method coactivation or shared above 0\), needs calibration data"):
         moec.compile(TanhMLP(), (torch.randn(3, 8),), recipe=recipe)
+
+
+@pytest.mark.parametrize(("calibration", "message"), [
+    (synthetic_trace(16, 2, 4, top_k=2), r"^pass 'expert-prune' runs sample inputs through the model, and "
+                                         r"calibration= is a RoutingTrace \(only expert-placement reads one\)"),
+    ([], r"^calibration needs at least one sample")], ids=["trace", "empty"])
+def test_calibration_that_cannot_serve_the_recipe_fails_before_capture(monkeypatch, calibration, message):
+    monkeypatch.setattr("moec.api.capture", lambda *args: pytest.fail("the model was captured"))
+    with pytest.raises(moec.MoecError, match=message):
+        moec.compile(TanhMLP(), (torch.randn(3, 8),), recipe={"passes": [{"expert-prune": {"keep": 2}}]},
+                     calibration=calibration)
 
 
 def test_an_op_returning_a_list_of_one_tensor_runs():
