@@ -57,6 +57,7 @@ from moec.passes.quantize import (
 )
 
 IMPORTANCES = ("output", "routing")
+REFERENCE_BYTES = 256 * 2**20  # the most memory the output error's reference rows (float64) may take
 
 
 def unit_output(program: Program, unit: Unit, rows: torch.Tensor, replaced: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -117,7 +118,9 @@ class OutputError:
     """The model-level error of rounding units (RTN) to some widths: the mean cosine distance between the
     rows (last-dim vectors) of the program's first output with those units rounded and without, on the
     calibration ``batches``. With an ``attention_mask`` input, padding positions are left out, as in
-    calibration. ``program.weights`` is left as it was."""
+    calibration. Rows wide enough to exceed ``REFERENCE_BYTES`` (a causal LM's logits over a large
+    vocabulary) are compared on an equal seeded subset of each batch's rows that fits it. ``program.weights``
+    is left as it was."""
 
     def __init__(self, program: Program, batches: list[list[torch.Tensor]], group: int) -> None:
         self.program, self.batches, self.group = program, batches, group
@@ -125,15 +128,26 @@ class OutputError:
         names = program.graph.input_names
         self.masks = [batch[names.index("attention_mask")].bool() if "attention_mask" in names else None
                       for batch in batches]
-        self.reference = [self.rows(batch, mask) for batch, mask in zip(batches, self.masks, strict=True)]
+        self.picks: list[torch.Tensor | None] = [None] * len(batches)
+        self.reference = []
+        generator = torch.Generator().manual_seed(0)
+        for index, (batch, mask) in enumerate(zip(batches, self.masks, strict=True)):
+            rows = self.rows(index, batch, mask)
+            per_batch = max(1, REFERENCE_BYTES // (rows.element_size() * rows.shape[-1] * len(batches)))
+            if rows.shape[0] > per_batch:
+                self.picks[index] = torch.randperm(rows.shape[0], generator=generator)[:per_batch].sort().values
+                rows = rows[self.picks[index]]
+            self.reference.append(rows)
 
-    def rows(self, batch: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
-        """The first output's rows on ``batch``, real tokens only, in float64 (one unit's rounding moves the
-        cosine by less than float32 resolves near 1)."""
+    def rows(self, index: int, batch: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        """The first output's rows on ``batch`` (the ``index``-th), real tokens only (those picked, if any), in
+        float64 (one unit's rounding moves the cosine by less than float32 resolves near 1)."""
         output = self.runner.run(batch)[0]
         if mask is not None and output.dim() >= 3 and output.shape[:2] == mask.shape:
             output = output[mask]
-        return output.double().reshape(-1, output.shape[-1])
+        output = output.reshape(-1, output.shape[-1])
+        pick = self.picks[index]
+        return (output if pick is None else output[pick]).double()
 
     def __call__(self, units: list[Unit], bits: list[int]) -> float:
         originals: dict[str, torch.Tensor] = {}
@@ -148,8 +162,9 @@ class OutputError:
                     weight = self.program.weights[name]
                     matrix = weight if unit.expert is None else weight[unit.expert]
                     matrix.copy_(quantize_matrix(matrix, width, self.group).dequantize())
-            distance = [1 - F.cosine_similarity(self.rows(batch, mask), reference, dim=-1).mean()
-                        for batch, mask, reference in zip(self.batches, self.masks, self.reference, strict=True)]
+            distance = [1 - F.cosine_similarity(self.rows(index, batch, mask), reference, dim=-1).mean()
+                        for index, (batch, mask, reference)
+                        in enumerate(zip(self.batches, self.masks, self.reference, strict=True))]
             return float(sum(distance)) / len(self.batches)
         finally:
             self.program.weights.update(originals)

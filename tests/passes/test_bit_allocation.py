@@ -13,7 +13,7 @@ from moec.errors import PassError
 from moec.frontend.capture import capture
 from moec.frontend.zoo import build_preset, minilm_path
 from moec.ir.quant import QuantizedType
-from moec.passes import PassContext, build_passes, run_passes
+from moec.passes import PassContext, bit_allocation, build_passes, run_passes
 from moec.passes.bit_allocation import OutputError
 from moec.passes.quantize import quantizable_units, quantize_units
 from tests.passes.conftest import clone
@@ -55,6 +55,22 @@ def test_output_error_leaves_padding_positions_out(compiled_program):
     errors = [OutputError(program, [program.flatten_inputs((), {"input_ids": x, "attention_mask": mask})], 32)([unit], [2])
               for x in (ids, other_ids)]
     assert errors[0] > 0 and errors[0] == pytest.approx(errors[1], rel=1e-6)
+
+
+def test_output_error_keeps_its_reference_within_its_memory_bound(compiled_program, monkeypatch):
+    """A causal LM's first output is its logits: the reference keeps an equal seeded subset of each batch's
+    rows that fits ``REFERENCE_BYTES``, the same rows as the unbounded reference."""
+    _, example, program = compiled_program("tiny-mixtral")
+    batches = [program.flatten_inputs((), example)] * 2
+    (unit, *_) = quantizable_units(program, dense=False, per_linear=False)
+    full = OutputError(program, batches, 32)
+    width = full.reference[0].shape[-1]
+    monkeypatch.setattr(bit_allocation, "REFERENCE_BYTES", 8 * width * 6)
+    bounded = OutputError(program, batches, 32)
+    assert [rows.shape[0] for rows in bounded.reference] == [3, 3] < [rows.shape[0] for rows in full.reference]
+    for index, rows in enumerate(bounded.reference):
+        torch.testing.assert_close(rows, full.reference[index][bounded.picks[index]], rtol=0, atol=0)
+    assert bounded([unit], [2]) > 0
 
 
 def test_keeps_the_uniform_width_when_the_allocation_measures_worse(compiled_program, monkeypatch):
