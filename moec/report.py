@@ -161,7 +161,7 @@ def onnx_lines(onnx: dict[str, Any] | None) -> list[str]:
 
 def onnx_fallback_lines(onnx: dict[str, Any]) -> list[str]:
     """The MoE blocks an ``ort`` export wrote with the portable lowering, and why."""
-    return [f"{block}: portable MoE lowering (com.microsoft.MoE cannot express {reason})"
+    return [f"{block}: portable MoE lowering ({reason})"
             for block, reason in onnx["portable_fallbacks"].items()]
 
 

@@ -80,7 +80,7 @@ def test_quality_lines_name_the_routers_only_for_a_routed_plan():
 def test_onnx_lines_give_the_file_its_parity_and_each_portable_fallback():
     export = {"path": "/tmp/m.onnx", "lowering": "ort", "opset": 20, "fused_moe_ops_by_op": {"com.microsoft.MoE": 1},
               "parity_max_abs_diff": {"3x5": 1.04e-07, "1x11": 6e-08}, "tolerance": 1e-4,
-              "portable_fallbacks": {"model.layers.1.mlp": "gelu experts"}}
+              "portable_fallbacks": {"model.layers.1.mlp": "com.microsoft.MoE cannot express gelu experts"}}
     assert onnx_lines(export) == [
         "`/tmp/m.onnx`: ort lowering, opset 20, 1 com.microsoft.MoE",
         "onnxruntime parity vs the torch runner (batch x sequence: max abs diff) 3x5: 1.04e-07, 1x11: 6e-08 "

@@ -7,6 +7,7 @@ machine: one torch.export trace, translation, optimization, checks); each family
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 
 import onnx
@@ -19,6 +20,7 @@ from moec.backend.onnx import export_onnx
 from moec.backend.onnx.module import plan_moe
 from moec.cli import main
 from moec.errors import BackendError
+from moec.ir.guards import InputGuards
 from moec.ir.ops import ExpertsOp, RouteOp
 
 TOLERANCE = 1e-4
@@ -321,10 +323,13 @@ def test_the_report_gives_the_written_opset_and_the_cli_checks_it_first(tmp_path
 @pytest.mark.parametrize("output, why", [(".", "is a folder; give the path of the .onnx file"),
                                          ("notes/model.onnx", "notes is a file, not a folder"),
                                          ("exports/", "exports/ names a folder; give the path of the .onnx file "
-                                                      "to write (such as exports/model.onnx)")])
+                                                      "to write (such as exports/model.onnx)"),
+                                         ("taken.onnx", "taken.onnx.data is a folder, where the export keeps the "
+                                                        "weights of taken.onnx")])
 def test_the_cli_refuses_an_unusable_output_path_first_as_bad_usage(output, why, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notes").write_text("")
+    (tmp_path / "taken.onnx.data").mkdir()
     assert main(["export-onnx", str(tmp_path / "no-plan"), "-o", output]) == 2
     err = capsys.readouterr().err
     assert why in err and "Traceback" not in err
@@ -379,6 +384,15 @@ def test_image_sizes_come_from_the_capture_example(tmp_path):
     assert compiled.program.metadata["example_shapes"] == [[2, 3, 16, 24]]
     result = export_onnx(compiled.program, tmp_path / "model.onnx")
     assert max(result.max_abs_diff.values()) <= 1e-5
+    onnx_model = onnx.load(str(tmp_path / "model.onnx"))
+    (output,) = onnx_model.graph.output  # its patch count, written in the inputs' renamed dims
+    assert [dim.dim_param or dim.dim_value for dim in output.type.tensor_type.shape.dim] == [
+        "batch", "((dim3//8))*((dim2//8))", 8]
+    (entry,) = onnx_model.metadata_props  # the conditions on input sizes, which onnxruntime does not check
+    guards = InputGuards(json.loads(entry.value))
+    assert entry.key == "moec_input_guards" and json.loads(entry.value) == compiled.program.metadata["input_guards"]
+    assert guards.broken({"pixels": torch.zeros(1, 3, 16, 40)}) is None
+    assert "pixels.shape[3] >= 8" in guards.broken({"pixels": torch.zeros(1, 3, 16, 4)})
 
 
 # The default run exports one family per routing kind and one per dense FFN kind; the rest run with -m slow.

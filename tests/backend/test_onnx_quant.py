@@ -113,6 +113,7 @@ def test_qmoe_semantics_match_onnxruntime_without_normalization():
 
 
 @pytest.mark.parametrize("w_in, w_out, why", [
+    ((2, 2), (2, 2), "2-bit experts"),
     ((3, 3), (3, 3), "3-bit experts"),
     ((8, 8), (8, 8), "8-bit experts"),
     ((4, 2), (4, 4), "mixed widths"),
@@ -197,8 +198,8 @@ def test_3bit_experts_fall_back_to_dequantized_portable_experts(tmp_path):
     float_bytes = sum(p.numel() * 4 for p in model.parameters())
     path = tmp_path / "q.onnx"
     compiled, onnx_model, fallbacks = quantize_and_export(model, example, 3, "ort", path)
-    assert fallbacks == [f"model.layers.{i}.mlp uses the portable MoE lowering: com.microsoft.MoE cannot express "
-                         "3-bit experts (onnxruntime's CPU QMoE matches moec's dequantization for 2 and 4 bits)"
+    assert fallbacks == [f"model.layers.{i}.mlp uses the portable MoE lowering: com.microsoft.QMoE cannot express "
+                         "3-bit experts (onnxruntime's CPU QMoE matches moec's dequantized experts for 4 bits only)"
                          for i in range(2)]
     ops = {node.op_type for node in onnx_model.graph.node}
     assert {"NonZero", "ScatterND", "Mod"} <= ops and "QMoE" not in ops

@@ -16,6 +16,12 @@ inline export removes the ``<file>.data`` an earlier export with external data l
 outputs keep the model's names; symbolic dims are named ``batch`` and ``sequence`` (axis 0 and 1) where
 they are dynamic.
 
+The conditions ``torch.export`` put on input sizes (a plan checks them on each call; see ``moec.ir.guards``)
+are not in the graph: onnxruntime runs any size the axes allow, and a size outside them fails in some node
+(BERT past its position table) or, where the model's code branches on a size, can compute the example's
+branch. They travel as the model's metadata ``moec_input_guards`` (a JSON list), which
+``moec.ir.guards.InputGuards(conditions).broken(inputs)`` checks a call's inputs against.
+
 Only float32 programs are exported: onnxruntime's CPU kernels lack bfloat16 for most ops (and float16
 for some, ScatterND's add among them), so a plan compiled in bfloat16 or float16 is refused up front.
 """
@@ -25,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -69,6 +77,7 @@ DEFAULT_OPSET = 20
 MIN_OPSET = TORCHLIB_OPSET  # torch.onnx translates at this opset; the version converter only goes up
 MAX_OPSET = min(SUPPORTED_MAX_ONNX_OPSET, onnx.defs.onnx_opset_version())
 FUSED_MOE_OPS = ("MoE", "QMoE")  # com.microsoft ops of the ort lowering
+GUARDS_KEY = "moec_input_guards"  # the model metadata that keeps the plan's conditions on input sizes
 LOW_PRECISION = {"bf16": "bfloat16", "f16": "float16"}  # IR dtypes the export refuses
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above 1 GiB go to a ``<file>.data`` beside the model
 INLINE_BYTES_MAX = _torch_onnx_program._LARGE_MODEL_THRESHOLD  # torch.onnx writes external data above it, asked or not
@@ -130,7 +139,7 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
     rules = ProgramRules(program, lowering)
     fallbacks = dict(rules.moe_plan.fallbacks)
     for block, reason in fallbacks.items():
-        warn(f"{block} uses the portable MoE lowering: com.microsoft.MoE cannot express {reason}")
+        warn(f"{block} uses the portable MoE lowering: {reason}")
     result = OnnxExport(target, lowering, opset, external_data, fallbacks=fallbacks, tolerance=tolerance)
     made = next((folder for folder in reversed(target.parents) if not folder.exists()), None)
     try:
@@ -144,7 +153,7 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
         staged = staging / target.name
         onnx_program = trace_to_onnx(rules.module, program, opset, optimize)
         onnx_program.save(str(staged), external_data=external_data)
-        result.opset, result.fused_ops = tidy(staged)
+        result.opset, result.fused_ops = tidy(staged, program.metadata.get("input_guards", []))
         check_model(staged)
         result.max_abs_diff = check_parity(staged, program, tolerance)
         for file in sorted(staging.iterdir(), key=lambda f: f.name == target.name):  # the model file last
@@ -269,9 +278,11 @@ def output_names(program: Program) -> list[str]:
     return names
 
 
-def tidy(path: Path) -> tuple[int, dict[str, int]]:
-    """Rename the exporter's symbolic dims (``s21``) after their role (``batch``, ``sequence`` ...) and drop
-    its per-node debugging metadata (stack traces into this exporter's module, not into the model).
+def tidy(path: Path, input_guards: list[str]) -> tuple[int, dict[str, int]]:
+    """Rename the exporter's symbolic dims (``s21``) after their role (``batch``, ``sequence`` ...), in
+    the expressions of derived dims too, drop its per-node debugging metadata (stack traces into this
+    exporter's module, not into the model), and keep the plan's conditions on input sizes as the model's
+    metadata ``moec_input_guards`` (JSON; onnxruntime does not check them).
 
     Returns the file's ONNX opset and its fused MoE nodes, counted by op (``com.microsoft.QMoE``: 2).
     """
@@ -293,10 +304,13 @@ def tidy(path: Path) -> tuple[int, dict[str, int]]:
             if name in renames.values():
                 name = f"{value.name}_{name}"
             renames[dim.dim_param] = name
+    symbol = re.compile(r"\b(" + "|".join(map(re.escape, renames)) + r")\b") if renames else None
     for value in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         for dim in value.type.tensor_type.shape.dim:
-            if dim.dim_param in renames:
-                dim.dim_param = renames[dim.dim_param]
+            if symbol is not None and dim.dim_param:
+                dim.dim_param = symbol.sub(lambda match: renames[match.group(1)], dim.dim_param)
+    if input_guards:
+        onnx.helper.set_model_props(model, {GUARDS_KEY: json.dumps(input_guards)})
     onnx.save(model, str(path))
     return opset, fused
 
@@ -321,6 +335,10 @@ def check_target(path: str | os.PathLike) -> Path:
     target = user_path(path).resolve()
     if target.is_dir():
         raise BackendError(f"{target} is a folder; give the path of the .onnx file to write")
+    data = target.with_name(target.name + ".data")
+    if data.is_dir():
+        raise BackendError(f"{data} is a folder, where the export keeps the weights of {target.name} (or removes "
+                           "a stale file of them); move it away or choose another output path")
     if os.fspath(path).endswith(("/", os.sep)):  # a folder to be, which Path would make the file's name
         raise BackendError(f"{os.fspath(path)} names a folder; give the path of the .onnx file to write "
                            f"(such as {os.path.join(path, 'model.onnx')})")

@@ -59,7 +59,7 @@ class MoEPlan:
     """Which experts ops become one com.microsoft.MoE, and why the others do not."""
 
     fused: dict[int, FusedExperts] = field(default_factory=dict)  # id(ExpertsOp) -> how it is fused
-    fallbacks: dict[str, str] = field(default_factory=dict)  # block -> reason
+    fallbacks: dict[str, str] = field(default_factory=dict)  # block -> why the fused op cannot run it
 
     def is_fused_route(self, op: RouteOp) -> bool:
         """Whether a fused op does this router's work (else the router runs and hands its choice on)."""
@@ -81,23 +81,26 @@ def plan_moe(program: Program, lowering: str) -> MoEPlan:
     for experts in program.graph.ops_of(ExpertsOp):
         block = experts.block or f"moe.experts #{program.graph.ops.index(experts)}"
         weight_types = [quantized_type(program, experts.weight(role)) for role in ("w_in", "w_out")]
+        packed = any(t is not None for t in weight_types)
         unsupported = ort_experts_support(experts.spec) or qmoe_support(*weight_types)
         if not unsupported and int(experts.top_k) > experts.spec.num_experts:
             unsupported = (f"top-{experts.top_k} routing over {experts.spec.num_experts} stored experts (the op "
                            "picks k distinct experts)")
+        fused_op = f"com.microsoft.{'QMoE' if packed else 'MoE'}"
         if unsupported:
-            plan.fallbacks[block] = unsupported
+            plan.fallbacks[block] = f"{fused_op} cannot express {unsupported}"
             continue
         route = own_route(experts)
-        packed = any(t is not None for t in weight_types)
         support = None if route is None else ort_moe_support(route.spec, experts.spec, packed)
         changes_routing = experts.expert_map is not None or experts.skip_threshold > 0
         if support is not None and support.ok and support.routes_itself and not changes_routing:
             plan.fused[id(experts)] = FusedExperts(route, support.normalize)
         elif not is_nonnegative(experts.args[2]):
-            plan.fallbacks[block] = "routing weights not provably >= 0 (the op weighs experts by probabilities)"
+            plan.fallbacks[block] = (f"{fused_op} cannot express routing weights not provably >= 0 (the op weighs "
+                                     "experts by probabilities)")
         elif not has_distinct_choices(experts.args[1]):
-            plan.fallbacks[block] = "a routing that may choose one expert twice for a token (the op chooses distinct experts)"
+            plan.fallbacks[block] = (f"{fused_op} cannot express a routing that may choose one expert twice for a "
+                                     "token (the op chooses distinct experts)")
         else:
             plan.fused[id(experts)] = FusedExperts()
     return plan
