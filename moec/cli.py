@@ -41,8 +41,8 @@ rich.reconfigure(highlight=False, width=WIDTH, soft_wrap=True)  # a message is o
 console = rich.get_console()
 errors = Console(stderr=True, highlight=False, width=WIDTH, soft_wrap=True)
 
-CALIBRATION_FORMS = ("a .txt file (one text sample per line) or a .safetensors file (the model's inputs by name, "
-                     "samples along dim 0)")
+CALIBRATION_FORMS = ("a .txt file (one text sample per line), a .safetensors file (the model's inputs by name, "
+                     "samples along dim 0), or a plan folder holding a calibration, to reuse its samples")
 
 
 class UsageError(MoecError):
@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument(
         "--calibration", metavar="FILE",
         help="data for passes that calibrate: a .txt file (one text sample per line, encoded by the model's "
-             "tokenizer) or a .safetensors file (the model's inputs by name, samples along dim 0); default: "
-             "built-in English text (standard-library docstrings) when the model has a tokenizer",
+             "tokenizer), a .safetensors file (the model's inputs by name, samples along dim 0), or a plan folder "
+             "written after a pass that calibrated (its stored samples, and its statistics where the model is the "
+             "same); default: built-in English text (standard-library docstrings) when the model has a tokenizer",
     )
     compile_.add_argument("--backend", default="torch", choices=["torch", "triton"],
                           help="execution backend (default: torch); triton writes its generated kernels into the plan")
@@ -224,7 +225,7 @@ def run_compile(args: argparse.Namespace) -> int:
         dtype = getattr(torch, args.dtype)
         model, example = model.to(dtype), in_dtype(example, dtype)
     calibration, held_out = calibration_data(args.model, passes, args.calibration)
-    if calibration is not None:
+    if isinstance(calibration, list):
         calibration = [in_dtype(batch, dtype) for batch in calibration]  # float inputs follow --dtype as the model's
     with step("capturing and compiling"):
         compiled = moec.compile(model, example, recipe=recipe, calibration=calibration, backend=args.backend)
@@ -296,7 +297,7 @@ CALIBRATION_SENTENCES, HELD_OUT_SENTENCES = 256, 128
 CALIBRATION_BATCH = 32
 
 
-def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tuple[list | None, list | None]:
+def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tuple[Any, list | None]:
     """(calibration batches, held-out batches) when one of ``passes`` needs calibration, else Nones.
 
     Calibration is the ``path`` file when given (see ``read_calibration_file``; also when the passes only use
@@ -338,10 +339,17 @@ def model_tokenizer(model_spec: str) -> Any:
 
 
 def check_calibration_path(path: str) -> Path:
-    """``path`` if it names a calibration file of an accepted form, else one ``UsageError`` listing them."""
+    """``path`` if it names a calibration file of an accepted form, or the plan folder of a plan's calibration
+    (given as the folder or one of its two calibration files), else one ``UsageError`` listing them."""
+    from moec.analysis.calibration import META_FILE, TENSORS_FILE
+
     file = user_path(path)
+    if file.name in (META_FILE, TENSORS_FILE) and (file.parent / META_FILE).is_file():
+        return file.parent
     if file.is_dir():
-        raise UsageError(f"--calibration {path} is a folder, not a calibration file; give {CALIBRATION_FORMS}")
+        if (file / META_FILE).is_file():
+            return file
+        raise UsageError(f"--calibration {path} is a folder without a plan's {META_FILE}; give {CALIBRATION_FORMS}")
     if not file.is_file():
         raise UsageError(f"--calibration {path}: no such file")
     if file.suffix not in (".txt", ".safetensors"):
@@ -374,15 +382,19 @@ def check_plan_path(path: str) -> Path:
     return folder
 
 
-def read_calibration_file(path: str, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+def read_calibration_file(path: str, tokenizer: Any) -> Any:
     """Calibration batches from ``path``: a ``.txt`` file (one text sample per non-empty line, encoded by the
-    model's tokenizer) or a ``.safetensors`` file (the model's inputs by name, samples along dim 0)."""
+    model's tokenizer) or a ``.safetensors`` file (the model's inputs by name, samples along dim 0); or the
+    ``Calibration`` a plan folder stores."""
     import safetensors
     import safetensors.torch
 
+    from moec.analysis.calibration import Calibration
     from moec.analysis.corpus import tokenized_batches
 
     file = check_calibration_path(path)
+    if file.is_dir():
+        return Calibration.load(file)
     if file.suffix == ".txt":
         try:
             text = file.read_text(encoding="utf-8")

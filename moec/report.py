@@ -190,7 +190,7 @@ def pass_details(summary: dict[str, Any]) -> list[str]:
         if "experts_before" not in row or row["experts_before"] == row["experts_after"]:
             continue
         if "removed" in row:
-            what = f"removed {', '.join(map(str, row['removed']))}"
+            what = f"removed {'expert' if len(row['removed']) == 1 else 'experts'} {', '.join(map(str, row['removed']))}"
         else:
             what = "merged " + ", ".join("+".join(map(str, group)) for group in row["groups"] if len(group) > 1)
         lines.append(f"{row['layer']}: {row['experts_before']} -> {row['experts_after']} experts ({what}), "

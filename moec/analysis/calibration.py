@@ -416,16 +416,23 @@ class _Recorder:
         self.tokens += self.sample_tokens or 0
 
     def result(self, fingerprint_: str, flat_samples: list[list[torch.Tensor]]) -> Calibration:
+        """The statistics, as ordinary tensors (the runner records them in inference mode, whose tensors
+        a user's autograd code could not use)."""
+        def ordinary(t: torch.Tensor) -> torch.Tensor:
+            return t.clone() if t.is_inference() else t
+
         dense = {
-            block: DenseStats(s["inputs"], s["hidden"], s["active_count"], s["abs_sum"], s["tokens"])
+            block: DenseStats(ordinary(s["inputs"]), ordinary(s["hidden"]), ordinary(s["active_count"]),
+                              ordinary(s["abs_sum"]), s["tokens"])
             for block, s in self.dense.items()
         }
         moe = {
-            block: MoEStats(s["inputs"], torch.cat(s["indices"]), torch.cat(s["weights"]), s["num_experts"])
+            block: MoEStats(ordinary(s["inputs"]), ordinary(torch.cat(s["indices"])),
+                            ordinary(torch.cat(s["weights"])), s["num_experts"])
             for block, s in self.moe.items()
         }
         any_state = next(iter([*self.dense.values(), *self.moe.values()]), {})
-        row_tokens = any_state.get("row_tokens", torch.zeros(0, dtype=torch.int64))
+        row_tokens = ordinary(any_state.get("row_tokens", torch.zeros(0, dtype=torch.int64)))
         return Calibration(fingerprint_, dense, moe, row_tokens, self.tokens, self.max_rows, flat_samples)
 
 
@@ -464,7 +471,8 @@ def run_sample(runner: TorchRunner, inputs: list[torch.Tensor], index: int,
         shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(names, inputs, strict=True))
         raise MoecError(f"calibration sample {index} ({shapes}) does not run through the model: "
                         f"{type(error).__name__}: {error}; check that the samples are valid inputs for it "
-                        "(token ids below the vocabulary size, shapes the model takes)") from error
+                        "(token ids below the vocabulary size, sequences within the model's position table, shapes the "
+                        "model takes)") from error
 
 
 def _progress(items: list[Any], show: bool) -> Iterable[Any]:

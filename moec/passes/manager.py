@@ -47,7 +47,9 @@ def load_recipe(source: str | os.PathLike | dict | None) -> dict[str, Any]:
         try:
             recipe = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise PassError(f"recipe file {path} is not valid YAML/JSON: {err}") from None
+            other = f" (a {path.suffix} file is not read: write the recipe as YAML or JSON)" \
+                if path.suffix.lower() not in (".yaml", ".yml", ".json") else ""
+            raise PassError(f"recipe file {path} is not valid YAML/JSON{other}: {err}") from None
     else:
         recipe = source
     example = "e.g. {'passes': [{'quantize': {'bits': 4}}]}"

@@ -88,6 +88,19 @@ def test_routing_trace_matches_the_hf_router_and_statistics_add_up(captured):
     assert cal.traces().shape == (cal.tokens, 2, 2)
 
 
+def test_statistics_are_ordinary_tensors_that_autograd_takes(captured):
+    """The runner records in inference mode; what calibrate returns must serve a user's fitting code."""
+    _, example, program = captured("tiny-olmoe")
+    cal = calibrate(program, samples_like(example, 2), progress=False)
+    stats = next(iter(cal.moe.values()))
+    tensors = [stats.inputs, stats.indices, stats.weights, cal.row_tokens]
+    tensors += [t for dense in cal.dense.values() for t in (dense.inputs, dense.hidden)]
+    assert tensors and not any(t.is_inference() for t in tensors)
+    router = torch.ones(stats.num_experts, stats.inputs.shape[1], requires_grad=True)
+    torch.nn.functional.linear(stats.inputs, router).square().sum().backward()
+    assert router.grad is not None and router.grad.abs().sum() > 0
+
+
 def test_save_and_load_round_trip(tmp_path, captured):
     model, example, program = captured("tiny-mixtral")
     cal = calibrate(program, samples_like(example, 2), max_rows=4, progress=False)

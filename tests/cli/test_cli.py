@@ -87,7 +87,7 @@ def test_compile_names_the_experts_each_compression_pass_removed_or_merged():
     row = {"layer": "model.layers.0.mlp", "experts_before": 4, "experts_after": 2, "output_cosine": 0.98765}
     whole = {**row, "layer": "model.layers.1.mlp", "experts_after": 4}
     assert pass_details({"layers": [row | {"kept": [0, 3], "removed": [1, 2]}, whole]}) == [
-        "model.layers.0.mlp: 4 -> 2 experts (removed 1, 2), output cosine 0.9877"]
+        "model.layers.0.mlp: 4 -> 2 experts (removed experts 1, 2), output cosine 0.9877"]
     assert pass_details({"layers": [row | {"groups": [[0, 1], [3], [2]]}]}) == [
         "model.layers.0.mlp: 4 -> 2 experts (merged 0+1), output cosine 0.9877"]
     assert pass_details({"threshold": 0.5, "expert_ops": 2, "top_1_ops": 1, "measured": False,
@@ -241,6 +241,12 @@ def test_calibration_from_a_file_for_a_model_without_tokenizer(calibration_files
     assert "\n\n" not in out  # no calibration progress bar (nor the blank line it leaves) off a terminal
     assert Calibration.load(plan).tokens == 40 * 12  # every calibration token, stored with the plan
     assert len(moec.load(plan).program.graph.ops_of(ExpertsOp)) == 2  # both FFNs became experts
+    for reuse in (plan, plan / "calibration.safetensors"):  # the plan's calibration, given back: reused as is
+        again = tmp_path / f"again-{reuse.name}"
+        assert main(["compile", "--model", "tiny-llama", "--recipe", str(folder / "convert.yaml"),
+                     "--calibration", str(reuse), "-o", str(again)]) == 0
+        assert Calibration.load(again).fingerprint == Calibration.load(plan).fingerprint
+        assert (again / "weights.safetensors").read_bytes() == (plan / "weights.safetensors").read_bytes()
 
 
 @pytest.mark.slow  # about 16 s; a calibration file is read by default in the test above
@@ -259,7 +265,7 @@ def test_gptq_and_bit_allocation_take_a_calibration_file(calibration_files, tmp_
     ("quantize.yaml", "ids.safetensors", "no pass of the recipe needs calibration data", 2),
     ("convert.yaml", "missing.safetensors", "no such file", 2),
     ("convert.yaml", "convert.yaml", "give a .txt file", 2),
-    ("convert.yaml", "plan", "is a folder, not a calibration file; give a .txt file", 2),
+    ("convert.yaml", "plan", "is a folder without a plan's calibration.json; give a .txt file", 2),
     ("convert.yaml", "truncated.safetensors", "truncated.safetensors is not a readable .safetensors file", 2),
     ("convert.yaml", "uneven.safetensors", "same number of samples along dim 0", 1),
     ("convert.yaml", "latin1.txt", "latin1.txt is not UTF-8 text (byte 3)", 2),

@@ -71,6 +71,15 @@ def test_a_recipe_path_that_is_a_folder_is_named_as_one(tmp_path):
         load_recipe(tmp_path)
 
 
+@pytest.mark.parametrize(("name", "hint"), [("recipe.toml", True), ("recipe.yaml", False)])
+def test_a_recipe_that_does_not_parse_names_the_formats_read(tmp_path, name, hint):
+    path = tmp_path / name
+    path.write_text('[[passes]]\nquantize = { bits = 4 }\nx: [1\n')
+    with pytest.raises(PassError, match=rf"recipe file {path} is not valid YAML/JSON") as caught:
+        load_recipe(path)
+    assert ("(a .toml file is not read: write the recipe as YAML or JSON)" in str(caught.value)) == hint
+
+
 @pytest.mark.parametrize(("entry", "message"), [
     (5, r"recipe entry 5 must be a pass name or \{name: \{options\}\}"),
     (None, r"recipe entry None must be a pass name"),
