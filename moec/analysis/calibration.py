@@ -60,6 +60,7 @@ from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.kernels.reference import activation, gated_activation
 from moec.paths import user_path
+from moec.progress import progress_bar
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "calibration.safetensors"
@@ -437,21 +438,23 @@ class _Recorder:
 
 
 def calibrate(program: Program, samples: Iterable[Any], *, max_rows: int = DEFAULT_MAX_ROWS,
-              progress: bool = True) -> Calibration:
+              progress: bool = True, label: str = "calibrating") -> Calibration:
     """Run ``samples`` (kwargs dicts or args tuples, as the model takes them) through ``program`` once and
-    collect statistics of its ``ffn.dense`` and ``moe.experts`` ops (see the module docstring)."""
-    return calibrate_flat(program, flatten_samples(program, samples), max_rows=max_rows, progress=progress)
+    collect statistics of its ``ffn.dense`` and ``moe.experts`` ops (see the module docstring); ``progress``:
+    a bar named ``label`` on a terminal, advancing per sample."""
+    return calibrate_flat(program, flatten_samples(program, samples), max_rows=max_rows, progress=progress,
+                          label=label)
 
 
 def calibrate_flat(program: Program, flat_samples: list[list[torch.Tensor]], *, max_rows: int = DEFAULT_MAX_ROWS,
-                   progress: bool = True) -> Calibration:
+                   progress: bool = True, label: str = "calibrating") -> Calibration:
     """``calibrate`` on samples already flattened to the program's input tensors."""
     if max_rows < 1:
         raise MoecError(f"max_rows={max_rows} must be at least 1")
     names = program.graph.input_names
     runner = TorchRunner(program)
     recorder = _Recorder(program, max_rows)
-    for index, inputs in enumerate(_progress(flat_samples, progress)):
+    for index, inputs in enumerate(progress_bar(flat_samples, label, progress)):
         if len(inputs) != len(names):
             raise MoecError(f"a calibration sample has {len(inputs)} inputs, the program takes {len(names)}")
         recorder.start_sample(token_mask_of(program, inputs))
@@ -473,21 +476,3 @@ def run_sample(runner: TorchRunner, inputs: list[torch.Tensor], index: int,
                         f"{type(error).__name__}: {error}; check that the samples are valid inputs for it "
                         "(token ids below the vocabulary size, sequences within the model's position table, shapes the "
                         "model takes)") from error
-
-
-def _progress(items: list[Any], show: bool) -> Iterable[Any]:
-    """``items``, with a transient progress bar on a terminal (elsewhere a bar is noise: a blank line). The bar
-    is drawn on rich's global console, so it shows below a spinner the ``moec`` CLI has running there instead
-    of taking turns with it on one line."""
-    if not show:
-        yield from items
-        return
-    import rich
-    from rich.progress import Progress
-
-    console = rich.get_console()
-    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
-        task = bar.add_task("calibrating", total=len(items))
-        for item in items:
-            yield item
-            bar.advance(task)

@@ -80,12 +80,14 @@ class PassContext:
         max_rows = self.max_rows or (self.calibrations[0].max_rows if self.calibrations else DEFAULT_MAX_ROWS)
         stored = next((c.flat_samples for c in self.calibrations if c.flat_samples), None)
         if stored is not None:
-            result = calibrate_flat(program, stored, max_rows=max_rows, progress=self.progress)
+            result = calibrate_flat(program, stored, max_rows=max_rows, progress=self.progress,
+                                    label=f"calibrating for {needed_by}")
         elif self.calibrations:
             raise PassError(f"{needed_by}: the given calibration was computed on another program and stores "
                             "no samples to rerun; pass the sample inputs instead")
         else:
-            result = calibrate(program, self.calibration, max_rows=max_rows, progress=self.progress)
+            result = calibrate(program, self.calibration, max_rows=max_rows, progress=self.progress,
+                               label=f"calibrating for {needed_by}")
         self.calibrations.append(result)
         self.describes(result)
         return result

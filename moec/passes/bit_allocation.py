@@ -55,6 +55,7 @@ from moec.passes.quantize import (
     quantizable_units,
     quantize_units,
 )
+from moec.progress import progress_bar
 
 IMPORTANCES = ("output", "routing")
 REFERENCE_BYTES = 256 * 2**20  # the most memory the output error's reference rows (float64) may take
@@ -235,7 +236,8 @@ class BitAllocation(Pass):
         activations = activations_for(program, context, needed_by)
         output_error = OutputError(program, context.flat_samples(program, needed_by), self.group)
         if self.importance == "output":
-            errors = [[output_error([u], [width]) for width in self.widths] for u in units]
+            errors = [[output_error([u], [width]) for width in self.widths]
+                      for u in progress_bar(units, "bit allocation: measuring each unit's output error")]
             importance = [1.0] * len(units)
         else:
             errors = [unit_errors(program, u, self.widths, self.group, activations) for u in units]

@@ -29,6 +29,7 @@ from moec.kernels.gptq import gptq_quantize
 from moec.kernels.quant import QuantizedMatrix, QuantizedWeight, quantize_matrix
 from moec.kernels.reference import activation, gated_activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
+from moec.progress import progress_bar
 
 METHODS = ("rtn", "gptq")
 UNIT_KINDS = ("expert", "shared", "dense")
@@ -168,7 +169,8 @@ def quantize_units(program: Program, units: list[Unit], bits: list[int], group: 
             widths.setdefault((unit.op_index, role), {})[unit.expert] = width
     graph = program.graph
     quantized: dict[str, QuantizedWeight] = {}
-    for (op_index, role), by_expert in widths.items():  # all from the float weights, then all replaced
+    steps = progress_bar(list(widths.items()), "GPTQ: rounding the weights", show=method == "gptq")
+    for (op_index, role), by_expert in steps:  # all from the float weights, then all replaced
         name = graph.ops[op_index].kwargs[role].name
         weight_type = graph.weights[name]
         float_weight = program.weights[name].float()

@@ -153,3 +153,24 @@ def test_a_spinner_names_each_running_pass_on_a_terminal_only(compiled_program, 
         assert "pass dead-code (1 of 2)..." in drawn and "pass dynamic-skip (2 of 2)..." in drawn
     else:
         assert drawn == ""
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_calibration_and_gptq_draw_a_named_bar_on_a_terminal_only(compiled_program, monkeypatch, terminal):
+    """The calibration run says which pass it calibrates for, and GPTQ's rounding has its own bar."""
+    import io
+
+    import rich
+    from rich.console import Console
+
+    screen = io.StringIO()
+    console = Console(file=screen, force_terminal=terminal, width=120)
+    monkeypatch.setattr(rich, "get_console", lambda: console)
+    _, example, program = compiled_program("tiny-mixtral")
+    recipe = {"passes": [{"expert-prune": {"keep": 3}}, {"quantize": {"bits": 4, "group": 32, "method": "gptq"}}]}
+    run_passes(program, build_passes(recipe), PassContext(calibration=[example]))
+    drawn = screen.getvalue()
+    if terminal:
+        assert "calibrating for pass 'expert-prune'" in drawn and "GPTQ: rounding the weights" in drawn
+    else:
+        assert drawn == ""
