@@ -200,6 +200,13 @@ class ComplexExponential(nn.Module):
         return torch.view_as_real(torch.exp(torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2)))).flatten(-2)
 
 
+class Histogram(nn.Module):
+    """An op torch.onnx lists but fails to translate (histc), found only while translating."""
+
+    def forward(self, x):
+        return x + torch.histc(x, bins=4).sum() * 0
+
+
 def test_complex_rotary_exports_as_real_ops(tmp_path):
     compiled = moec.compile(ComplexRotation(), (torch.randn(2, 3, 2, 4),))
     assert "c64" in compiled.ir
@@ -214,6 +221,7 @@ def test_complex_rotary_exports_as_real_ops(tmp_path):
 @pytest.mark.parametrize("module, reason", [
     (Searchsorted(), r"aten\.searchsorted\.Tensor \(no ONNX translation"),
     (ComplexExponential(), r"aten\.exp\.default \(complex-valued tensors: moec carries complex values through "),
+    (Histogram(), r"aten\.histc\.default \(torch.onnx failed to translate it\)"),
 ])
 def test_unlowerable_op_is_one_clear_error_and_no_file(module, reason, tmp_path):
     compiled = moec.compile(module, (torch.randn(2, 3, 4),))

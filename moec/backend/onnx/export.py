@@ -197,9 +197,21 @@ def trace_to_onnx(module: ProgramModule, program: Program, opset: int, optimize:
                 optimize_onnx(onnx_program.model)
             return onnx_program
     except Exception as err:  # torch.onnx raises many types; all mean "cannot export"
+        failed = failed_op(program, str(err))
+        if failed is not None:
+            raise unlowerable(program, failed, "torch.onnx failed to translate it") from err
         summary = next((line for line in str(err).splitlines() if line.startswith("<class")), str(err)[:300])
+        summary = summary.replace(" See the stack trace for more information.", "")
         raise BackendError(f"torch.onnx could not export the program: {summary}\n"
                            "Run the model with the torch backend, or report the op named above.") from err
+
+
+def failed_op(program: Program, message: str) -> AtenOp | None:
+    """The program's first op of the ATen target a torch.onnx translation error names, if any."""
+    named = re.search(r"target=torch\.ops\.(aten\.[\w.]+)", message)
+    if named is None:
+        return None
+    return next((op for op in program.graph.ops if isinstance(op, AtenOp) and op.target == named.group(1)), None)
 
 
 # Overloads torch.onnx reaches only through a decomposition, and the implemented overload each one
@@ -362,7 +374,6 @@ def check_float32(program: Program) -> None:
 def check_lowerable(program: Program) -> None:
     """Refuse, before any tracing, a generic op that torch.onnx can neither translate nor decompose."""
     supported = onnx_supported_targets()
-    lines, op_lines = print_graph_lines(program.graph)
     for op in program.graph.ops:
         if not isinstance(op, AtenOp):
             continue
@@ -375,11 +386,17 @@ def check_lowerable(program: Program) -> None:
             reason = f"no ONNX translation or decomposition in torch.onnx {torch.__version__}"
         else:
             continue
-        raise BackendError(
-            f"the ONNX exporter cannot lower {op.target} ({reason}): line {op_lines[id(op)] + 1} of the IR, "
-            f"`{lines[op_lines[id(op)]].strip()}`, {model_location(program, op)}. Rewrite that "
-            "part of the model with supported ops, or run it with the torch backend"
-        )
+        raise unlowerable(program, op, reason)
+
+
+def unlowerable(program: Program, op: AtenOp, reason: str) -> BackendError:
+    """The error for an op the exporter cannot lower: the op, why, its IR line and where it is in the model."""
+    lines, op_lines = print_graph_lines(program.graph)
+    return BackendError(
+        f"the ONNX exporter cannot lower {op.target} ({reason}): line {op_lines[id(op)] + 1} of the IR, "
+        f"`{lines[op_lines[id(op)]].strip()}`, {model_location(program, op)}. Rewrite that "
+        "part of the model with supported ops, or run it with the torch backend"
+    )
 
 
 @functools.cache
