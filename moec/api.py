@@ -95,7 +95,8 @@ class CompiledModel:
         if "bit_allocation" in self.report:
             extra_files[ALLOCATION_CHART] = allocation_svg(self.report["bit_allocation"])
         program = dataclasses.replace(self.program, metadata={**self.program.metadata, "backend": self.backend})
-        report = plan_report(program, self.summary(), list(extra_files))
+        report = plan_report(program, self.summary(), list(extra_files),
+                             self.calibration.describe() if self.calibration is not None else "")
         return save_plan(program, path, extra_files or None, documents={REPORT_FILE: report})
 
     def export_onnx(self, path: str | os.PathLike, *, lowering: str = "portable", opset: int | None = None,

@@ -18,10 +18,11 @@ REPORT_FILE = "report.md"
 ALLOCATION_CHART = "bit_allocation.svg"  # written by ``CompiledModel.save`` after bit allocation
 
 
-def plan_report(program: Program, layers: list[dict[str, Any]], files: list[str]) -> str:
+def plan_report(program: Program, layers: list[dict[str, Any]], files: list[str], calibration: str = "") -> str:
     """Markdown for a plan of ``program``: the model and versions, the checks recorded when it was compiled,
-    the recipe and each pass's changes, the ``layers`` table (rows of ``moec.api.layer_summary``), and the
-    report's parts that apply (expert parallelism, Triton, ONNX); ``files`` are the plan's other files."""
+    the recipe and each pass's changes, the calibration the plan stores (``calibration``, its description), the
+    ``layers`` table (rows of ``moec.api.layer_summary``), and the report's parts that apply (expert
+    parallelism, Triton, ONNX); ``files`` are the plan's other files."""
     from moec import __version__
 
     metadata = program.metadata
@@ -37,6 +38,7 @@ def plan_report(program: Program, layers: list[dict[str, Any]], files: list[str]
     recipe = metadata.get("recipe", {"passes": []})
     lines += ["", "## Recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None).rstrip(), "```"]
     lines += ["", "## Passes", ""] + pass_table(metadata.get("passes", []), files)
+    lines += section("Calibration", [calibration] if calibration else [])
     lines += ["", "## Layers", ""] + layer_table(layers)
     params, size = program.weight_sizes()
     lines += ["", f"All weights: {params:,} parameters, {size:,} bytes."]

@@ -141,6 +141,16 @@ class Calibration:
     max_rows: int = DEFAULT_MAX_ROWS
     flat_samples: list[list[torch.Tensor]] = field(default_factory=list)
 
+    def describe(self) -> str:
+        """One line for a plan's report: what the statistics cover and how to reuse them."""
+        blocks = [f"{len(self.dense)} FFN{'s' if len(self.dense) != 1 else ''}" if self.dense else "",
+                  f"{len(self.moe)} MoE block{'s' if len(self.moe) != 1 else ''}" if self.moe else ""]
+        covered = " and ".join(b for b in blocks if b) or "no block"
+        samples = len(self.flat_samples)
+        return (f"{samples} sample{'s' if samples != 1 else ''}, {self.tokens:,} real tokens; statistics of {covered}, at most "
+                f"{self.max_rows:,} rows each (`{META_FILE}`, `{TENSORS_FILE}`); reuse them with "
+                "`moec.load(folder).calibration` or `moec compile --calibration folder`")
+
     def affinity(self, block_a: str, block_b: str) -> torch.Tensor:
         """[E_a, E_b]: of the tokens routed to expert i in ``block_a``, the fraction routed to j in ``block_b``
         (rows sum to ``top_k`` of block b where expert i got tokens)."""

@@ -36,6 +36,18 @@ def test_a_saved_plan_reports_its_model_recipe_passes_and_layers(preset, tmp_pat
     rows = [line for line in report.splitlines() if line.startswith("| ") and "`model.layers." in line]
     assert len(rows) == len(compiled.summary()) == 4  # route and experts of both layers
     assert "## Checks" not in report  # moec.compile compares nothing with the original: nothing to claim
+    assert "## Calibration" not in report  # these passes only run the samples: the plan stores none
+
+
+def test_a_plan_that_stores_a_calibration_says_what_it_covers(preset, tmp_path):
+    model, example = preset("tiny-mixtral")
+    compiled = moec.compile(model, example, recipe={"passes": [{"expert-prune": {"keep": 3}}]},
+                            calibration=[example, example])
+    report = (compiled.save(tmp_path / "plan") / REPORT_FILE).read_text()
+    tokens = 2 * int(example["attention_mask"].sum())
+    assert (f"## Calibration\n\n- 2 samples, {tokens:,} real tokens; statistics of 2 MoE blocks, at most 2,048 rows "
+            "each (`calibration.json`, `calibration.safetensors`); reuse them with `moec.load(folder).calibration` "
+            "or `moec compile --calibration folder`\n") in report
 
 
 def test_the_report_is_not_a_checked_file_of_the_plan(preset, tmp_path):
