@@ -16,6 +16,7 @@ import hashlib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -180,7 +181,11 @@ LAUNCHERS = {{{table}}}
 
 
 def load_kernels(path: Path, program: Program) -> ModuleType:
-    """Import a generated kernel file and check it was generated for ``program``'s IR."""
+    """Import a generated kernel file after checking that its header names ``program``'s IR (a file for
+    another IR is refused unrun). Importing runs the file: a triton plan runs the kernels it carries."""
+    header = re.search(r'^IR_SHA256 = "([0-9a-f]{64})"$', path.read_text(), flags=re.MULTILINE)
+    if header is None or header.group(1) != ir_digest(program):
+        raise PlanError(f"{path} was generated for another IR than the plan's; compile the plan again")
     name = f"moec_triton_kernels_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
@@ -192,8 +197,6 @@ def load_kernels(path: Path, program: Program) -> ModuleType:
     except Exception as err:
         del sys.modules[name]
         raise PlanError(f"{path} does not load ({type(err).__name__}: {err}); compile the plan again") from None
-    if getattr(module, "IR_SHA256", None) != ir_digest(program):
-        raise PlanError(f"{path} was generated for another IR than the plan's; compile the plan again")
     return module
 
 

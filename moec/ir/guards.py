@@ -4,8 +4,8 @@ Export makes a dimension dynamic, then records the conditions the model's code h
 (``seq <= 512`` for BERT's position table, ``min(h // 4, w // 4) > 4`` for a Swin window): outside them the
 graph may fail, or compute something else. They are Python expressions over ``L['name'].size()[i]`` (``L``: the
 forward's arguments by name). moec keeps them as text in the plan and evaluates them with its own small
-interpreter (integer arithmetic, comparisons, ``min``/``max``), never with ``eval``: a plan runs no code it
-carries. An expression of any other form is left unchecked.
+interpreter (integer arithmetic, comparisons, ``min``/``max``), never with ``eval``: conditions are data, and
+loading them runs no code. An expression of any other form is left unchecked.
 
 Export treats sizes 0 and 1 apart (``seq != 1``, ``8 * seq != 8``), while moec runs batch-1 and one-token
 inputs, which its tests check: a guard that fails for an input with sizes of 1 but holds with them read as any

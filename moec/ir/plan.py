@@ -74,14 +74,17 @@ DOCUMENTS_BEFORE_LISTING = ("report.md",)
 
 
 def plan_entries(folder: Path) -> set[str]:
-    """The names a plan folder's own ``plan.json`` accounts for: itself, its files and its documents (all of
-    them for one whose ``plan.json`` does not read as a plan: nothing to keep apart)."""
+    """The names a plan folder's own ``plan.json`` accounts for: itself, its files and its documents. For a
+    ``plan.json`` that does not read as a moec plan (another tool's, or a damaged one) only the names every
+    plan has, so that replacing the folder never deletes what moec did not write."""
     try:
         plan = json.loads((folder / PLAN_FILE).read_text())
+        if plan["format"] != FORMAT:
+            raise ValueError("another format")
         files, documents = list(plan["files"]), list(plan.get("documents", DOCUMENTS_BEFORE_LISTING))
     except (OSError, ValueError, KeyError, TypeError):
-        return {entry.name for entry in folder.iterdir()}
-    return {PLAN_FILE, *files, *documents}
+        return {PLAN_FILE, WEIGHTS_FILE, *DOCUMENTS_BEFORE_LISTING}
+    return {PLAN_FILE, *(name for name in files if isinstance(name, str)), *documents}
 
 
 def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, str | bytes] | None = None,

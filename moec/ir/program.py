@@ -6,6 +6,7 @@ import functools
 import importlib
 import json
 import math
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -226,13 +227,19 @@ def dump_treespec(spec: pytree.TreeSpec) -> str:
     return pytree.treespec_dumps(spec)
 
 
+OUTPUT_TYPE_PACKAGES = ("transformers", "torch")  # packages a plan's spec may name types of before they load
+
+
 @functools.lru_cache(maxsize=64)
 def load_treespec(text: str) -> pytree.TreeSpec:
     """Load a serialized pytree spec, importing the modules that define its node types first (cached: a
-    compiled model loads its input and output specs on every call)."""
+    compiled model loads its input and output specs on every call). Only modules of packages already
+    imported, or of transformers and torch (whose output classes a plan names), are imported: a plan is data,
+    and a type name in it must not make moec run a module it carries or one the process never asked for."""
     for type_name in _node_type_names(json.loads(text)):
         module_name = type_name.rpartition(".")[0]
-        if module_name:
+        package = module_name.partition(".")[0]
+        if module_name and (package in sys.modules or package in OUTPUT_TYPE_PACKAGES):
             try:
                 importlib.import_module(module_name)
             except ImportError:

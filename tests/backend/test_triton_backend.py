@@ -19,7 +19,7 @@ import moec  # noqa: E402
 from moec.api import CompiledModel  # noqa: E402
 from moec.backend.torch_runner import TorchRunner  # noqa: E402
 from moec.backend.triton_codegen import KERNELS_FILE  # noqa: E402
-from moec.errors import BackendError  # noqa: E402
+from moec.errors import BackendError, PlanError  # noqa: E402
 from moec.ir.ops import RouteOp  # noqa: E402
 from moec.ir.parser import parse_graph  # noqa: E402
 from moec.ir.plan import read_plan_json  # noqa: E402
@@ -245,6 +245,18 @@ def test_a_float64_plan_runs_on_the_torch_runner_and_says_so_once():
     expected = CompiledModel(compiled.program, "torch")(**example).logits
     assert expected.dtype == torch.float64
     torch.testing.assert_close(compiled(**example).logits, expected, rtol=0, atol=0)
+
+
+def test_a_kernel_file_for_another_ir_is_refused_without_running_it(mixtral, tmp_path):
+    compiled, _ = mixtral
+    marker = tmp_path / "ran"
+    stale = re.sub(r'^IR_SHA256 = "[0-9a-f]{64}"$', 'IR_SHA256 = "' + "0" * 64 + '"', compiled.runner.source,
+                   flags=re.MULTILINE)
+    kernels = tmp_path / KERNELS_FILE
+    kernels.write_text(f"open({str(marker)!r}, 'w').close()\n" + stale)
+    with pytest.raises(PlanError, match="was generated for another IR than the plan's"):
+        CompiledModel(compiled.program, "triton", kernels_file=kernels)
+    assert not marker.exists()
 
 
 def test_fallbacks_are_recorded_in_the_saved_plan_and_a_kernel_file_without_a_launcher_is_one(mixtral, tmp_path):

@@ -64,6 +64,34 @@ def test_refuses_to_overwrite_a_plan_beside_entries_it_does_not_list(compiled, t
     assert (folder / "model.onnx").read_bytes() == b"exported" and moec.load(folder).ir == compiled[0].ir
 
 
+@pytest.mark.parametrize("plan_json", ['{"terraform_version": "1.6"}', '{"format": "moec-plan", "fil'],
+                         ids=["another tool's", "truncated"])
+def test_a_folder_whose_plan_json_is_not_a_moec_plan_keeps_what_moec_did_not_write(compiled, tmp_path, plan_json):
+    (tmp_path / PLAN_FILE).write_text(plan_json)
+    (tmp_path / "important.txt").write_text("mine")
+    with pytest.raises(moec.PlanError, match=r"also holds important\.txt, which writing the plan again would delete"):
+        compiled[0].save(tmp_path)
+    assert (tmp_path / "important.txt").read_text() == "mine"
+    (tmp_path / "important.txt").unlink()
+    (tmp_path / WEIGHTS_FILE).write_bytes(b"damaged")  # a damaged plan of moec's own files is replaced
+    assert moec.load(compiled[0].save(tmp_path)).ir == compiled[0].ir
+
+
+def test_a_type_named_in_a_plans_spec_never_imports_a_module_it_carries(compiled, tmp_path, monkeypatch):
+    """A tampered out_spec naming ``plan.payload.Out``, with the plan's parent on sys.path (a script beside
+    it): loading refuses the spec without importing, so ``payload.py`` never runs."""
+    folder = compiled[0].save(tmp_path / "plan")
+    marker = tmp_path / "ran"
+    (folder / "payload.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Out: pass\n")
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    plan["out_spec"] = json.dumps([1, {"type": "plan.payload.Out", "context": "null", "children_spec": []}])
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(moec.PlanError, match="its out_spec cannot be read"):
+        moec.load(folder)
+    assert not marker.exists()
+
+
 def test_a_plan_written_before_plan_json_listed_its_report_is_replaced(compiled, tmp_path):
     folder = compiled[0].save(tmp_path / "plan")
     plan = json.loads((folder / PLAN_FILE).read_text())
