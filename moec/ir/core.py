@@ -9,6 +9,8 @@ printer names them. Passes edit graphs through ``Operation.set_args``, ``Value.r
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -24,7 +26,16 @@ class WeightRef:
     name: str
 
     def __str__(self) -> str:
-        return f"@{self.name}"
+        return weight_token(self.name)
+
+
+PLAIN_WEIGHT_NAME = re.compile(r"[A-Za-z0-9_./\-]+")
+
+
+def weight_token(name: str) -> str:
+    """``@name`` in IR text; a name of other characters (a ``ModuleDict`` key with a colon or a space) is
+    written as a JSON string, ``@"a:b.weight"``."""
+    return f"@{name}" if PLAIN_WEIGHT_NAME.fullmatch(name) else "@" + json.dumps(name, ensure_ascii=False)
 
 
 @dataclass(frozen=True)

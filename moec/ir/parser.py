@@ -19,12 +19,17 @@ from moec.ir.types import DTYPES_BY_NAME, Dim, IndexType, TensorType, Type
 
 TOKEN_PATTERNS = [
     ("value", r"%[A-Za-z0-9_.]+"),
-    ("weight", r"@[A-Za-z0-9_./\-]+"),
+    ("weight", r'@(?:[A-Za-z0-9_./\-]+|"(?:[^"\\]|\\.)*")'),
     ("string", r'"(?:[^"\\]|\\.)*"'),
     ("number", r"-?(?:\d+\.\d*(?:[eE][+-]?\d+)?|\d+[eE][+-]?\d+|\d+)|-inf\b"),
     ("ident", r"[A-Za-z_][A-Za-z0-9_.]*"),
     ("punct", r"[(){}\[\],:=<>]"),
 ]
+def weight_name(token: str) -> str:
+    """The name a weight token spells: ``@name``, or ``@"..."`` (JSON) for a name of other characters."""
+    return json.loads(token[1:]) if token.startswith('@"') else token[1:]
+
+
 TOKEN_RE = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in TOKEN_PATTERNS))
 SPACE_RE = re.compile(r"(?:\s|//[^\n]*)*")
 TORCH_CONSTANT_TYPES = (torch.dtype, torch.layout, torch.memory_format)
@@ -87,7 +92,7 @@ class Parser:
     # -- grammar --------------------------------------------------------------------------
     def parse_graph(self) -> Graph:
         self.expect("graph")
-        graph = Graph(self.expect_kind("weight", "@graph_name")[1:])
+        graph = Graph(weight_name(self.expect_kind("weight", "@graph_name")))
         self.expect("(")
         while not self.accept(")"):
             name = self.expect_kind("value", "%input")[1:]
@@ -100,7 +105,7 @@ class Parser:
             kind, text = self.peek()
             if text == "weight":
                 self.next()
-                name = self.expect_kind("weight", "@weight_name")[1:]
+                name = weight_name(self.expect_kind("weight", "@weight_name"))
                 self.expect(":")
                 weight_type = self.parse_weight_type()
                 graph.weights[name] = weight_type
@@ -169,7 +174,7 @@ class Parser:
         if kind == "value":
             return self.use(text)
         if kind == "weight":
-            return WeightRef(text[1:])
+            return WeightRef(weight_name(text))
         if kind == "string":
             return json.loads(text)
         if kind == "number":

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from moec.ir.core import Graph, Operation, Value, WeightRef
+from moec.ir.core import Graph, Operation, Value, WeightRef, weight_token
 
 
 class Namer:
@@ -85,8 +85,8 @@ def print_graph_lines(graph: Graph) -> tuple[list[str], dict[int, int]]:
     """The text lines of a graph, and for each op (by id) the index of its line."""
     namer = Namer(graph)
     params = ", ".join(f"%{name}: {v.type}" for v, name in zip(graph.inputs, graph.input_names, strict=True))
-    lines = [f"graph @{graph.name}({params}) {{"]
-    lines += [f"  weight @{name}: {t}" for name, t in graph.weights.items()]
+    lines = [f"graph {weight_token(graph.name)}({params}) {{"]
+    lines += [f"  weight {weight_token(name)}: {t}" for name, t in graph.weights.items()]
     op_lines: dict[int, int] = {}
     for op in graph.ops:
         op_lines[id(op)] = len(lines)

@@ -78,8 +78,8 @@ ATEN_TARGETS = ["aten.add.Tensor", "aten.view.default", "aten.linear.default", "
 def graphs(draw):
     graph = Graph(draw(st.sampled_from(["main", "encoder"])))
     values = [graph.add_input(f"in{i}", draw(tensor_types)) for i in range(draw(st.integers(1, 3)))]
-    for i in range(draw(st.integers(0, 3))):
-        graph.weights[f"layers.{i}.w"] = draw(tensor_types)
+    for i in range(draw(st.integers(0, 3))):  # module keys may hold any character: ':', ' ', quotes, accents
+        graph.weights[f"layers.{draw(st.text(min_size=1, max_size=6))}.{i}.w"] = draw(tensor_types)
     weights = [WeightRef(name) for name in graph.weights]
     operands = st.sampled_from(values) if values else st.nothing()
     for _ in range(draw(st.integers(0, 6))):
