@@ -14,14 +14,15 @@ from torch import nn
 
 from moec.analysis.allocation_chart import allocation_svg
 from moec.analysis.calibration import META_FILE as CALIBRATION_META
+from moec.analysis.calibration import TENSORS_FILE as CALIBRATION_TENSORS
 from moec.analysis.calibration import Calibration
 from moec.analysis.traces import RoutingTrace
 from moec.backend.torch_runner import TorchRunner
 from moec.backend.triton_codegen import KERNELS_FILE
-from moec.errors import MoecError, warn
+from moec.errors import MoecError, PlanError, warn
 from moec.frontend.capture import capture, inference_setup
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
-from moec.ir.plan import load_plan, save_plan
+from moec.ir.plan import listed_files, load_plan, save_plan
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
@@ -236,10 +237,16 @@ def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
     folder = user_path(path)
     program = load_plan(folder)
     backend = backend or program.metadata.get("backend", "torch")
-    calibration = Calibration.load(folder) if (folder / CALIBRATION_META).is_file() else None
-    kernels_file = folder / KERNELS_FILE
+    listed = listed_files(folder)
+    calibration = None
+    if {CALIBRATION_META, CALIBRATION_TENSORS} <= listed:
+        try:
+            calibration = Calibration.load(folder)
+        except Exception as err:  # checksums matched, so the files were written so: from another moec's format
+            raise PlanError(f"{folder}: its calibration does not load ({type(err).__name__}: {err}); compile the plan "
+                            "again") from None
     return CompiledModel(program, backend, calibration=calibration,
-                         kernels_file=kernels_file if kernels_file.is_file() else None)
+                         kernels_file=folder / KERNELS_FILE if KERNELS_FILE in listed else None)
 
 
 def layer_summary(program: Program) -> list[dict[str, Any]]:

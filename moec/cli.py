@@ -11,7 +11,7 @@ import contextlib
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -451,10 +451,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     folder, plan = read_plan_json(check_plan_path(args.plan))
     compiled = moec.load(folder, backend="torch")  # inspecting runs nothing: a triton plan needs no Triton here
-    console.print(f"plan {folder}: format {plan['format_version']}, moec {plan['moec_version']}, "
-                  f"torch {plan['torch_version']}, model {plan['metadata'].get('model_class', '?')}, "
+    console.print(f"plan {folder}: format {plan['format_version']}, moec {plan.get('moec_version', '?')}, "
+                  f"torch {plan.get('torch_version', '?')}, model {plan['metadata'].get('model_class', '?')}, "
                   f"backend {plan['metadata'].get('backend', 'torch')}")
-    for line in triton_lines(plan["metadata"]):
+    for line in recorded(lambda: triton_lines(plan["metadata"])):
         console.print(line, markup=False)
     if not args.no_ir:
         console.print(compiled.ir, markup=False)
@@ -464,7 +464,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     for line in expert_parallel_lines(compiled.program):
         console.print(line, markup=False)
     report = plan["metadata"].get("report", {})
-    checked = check_lines(report.get("checks", [])) + quality_lines(report.get("quality"))
+    checked = recorded(lambda: check_lines(report.get("checks", [])) + quality_lines(report.get("quality")))
     if checked:
         console.print("checked against the original model when compiled:")
         for line in checked:
@@ -472,6 +472,15 @@ def run_inspect(args: argparse.Namespace) -> int:
     if (folder / REPORT_FILE).is_file():
         console.print(f"report: {folder / REPORT_FILE}")
     return 0
+
+
+def recorded(lines: Callable[[], list[str]]) -> list[str]:
+    """The ``lines`` a plan's recorded report gives, or one line saying it does not read: plan.json is data a
+    person may have edited, and inspecting it should still show the rest."""
+    try:
+        return lines()
+    except (TypeError, KeyError, AttributeError, ValueError) as err:
+        return [f"(a record in plan.json's metadata does not read: {type(err).__name__}: {err})"]
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:

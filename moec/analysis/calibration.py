@@ -213,11 +213,24 @@ class Calibration:
         if not (folder / META_FILE).is_file() or not (folder / TENSORS_FILE).is_file():
             raise MoecError(f"{folder} holds no calibration ({META_FILE} and {TENSORS_FILE}); "
                             "compile with calibration samples to write one")
-        meta = json.loads((folder / META_FILE).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise MoecError(f"{folder / META_FILE} has calibration format {meta.get('format_version')}, "
-                            f"this moec reads {FORMAT_VERSION}; calibrate again")
-        t = safetensors.torch.load_file(str(folder / TENSORS_FILE))
+        try:
+            meta = json.loads((folder / META_FILE).read_text(encoding="utf-8"))
+            version = meta.get("format_version")
+        except (ValueError, RecursionError, AttributeError) as err:
+            raise MoecError(f"{folder / META_FILE} does not read as a calibration ({type(err).__name__}); "
+                            "calibrate again") from None
+        if version != FORMAT_VERSION:
+            raise MoecError(f"{folder / META_FILE} has calibration format {version}, this moec reads "
+                            f"{FORMAT_VERSION}; calibrate again")
+        try:
+            return Calibration.from_parts(meta, safetensors.torch.load_file(str(folder / TENSORS_FILE)))
+        except Exception as err:  # a truncated tensor file, or entries the two files do not share
+            raise MoecError(f"{folder}: its calibration files do not match ({type(err).__name__}: {err}); "
+                            "calibrate again") from None
+
+    @staticmethod
+    def from_parts(meta: dict[str, Any], t: dict[str, torch.Tensor]) -> Calibration:
+        """The calibration of ``calibration.json``'s contents and the tensors of ``calibration.safetensors``."""
         dense = {
             block: DenseStats(t[f"dense/{block}/inputs"], t[f"dense/{block}/hidden"], t[f"dense/{block}/active_count"],
                               t[f"dense/{block}/abs_sum"], info["tokens"])

@@ -86,7 +86,8 @@ class Parser:
         pos = self.pos if at is None else at
         line = self.text.count("\n", 0, pos) + 1
         column = pos - (self.text.rfind("\n", 0, pos) + 1) + 1
-        source_line = self.text.splitlines()[line - 1] if self.text.strip() else ""
+        lines = self.text.splitlines()
+        source_line = lines[line - 1] if line <= len(lines) else ""  # at the end of text ending in a newline
         raise ParseError(f"line {line}, column {column}: {message}\n  {source_line}\n  {' ' * (column - 1)}^")
 
     # -- grammar --------------------------------------------------------------------------

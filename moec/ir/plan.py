@@ -22,6 +22,7 @@ from moec.ir.parser import parse_graph
 from moec.ir.printer import print_graph
 from moec.ir.program import Program, load_treespec
 from moec.ir.quant import QuantizedType, storage_names
+from moec.ir.types import DTYPES_BY_NAME, TensorType
 from moec.ir.verifier import verify
 from moec.kernels.quant import check_storage
 from moec.paths import user_path
@@ -176,9 +177,10 @@ def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     if not plan_file.is_file():
         raise PlanError(f"{folder} is not a moec plan: {PLAN_FILE} is missing (write one with `moec compile -o`)")
     try:
-        plan = json.loads(plan_file.read_text())
-    except json.JSONDecodeError as err:
-        raise PlanError(f"{plan_file} is not valid JSON ({err}); the plan is corrupt, compile it again") from None
+        plan = json.loads(plan_file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as err:  # not JSON, not UTF-8, or nested past the decoder's depth
+        raise PlanError(f"{plan_file} is not valid JSON ({type(err).__name__}: {str(err)[:200]}); the plan is "
+                        "corrupt, compile it again") from None
     if not isinstance(plan, dict):
         raise PlanError(f"{plan_file} holds a JSON {type(plan).__name__}, not a plan; the plan is corrupt, "
                         "compile it again")
@@ -207,9 +209,13 @@ def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
                             "checksum string; the plan is corrupt, compile it again")
     for name, expected in plan["files"].items():
         file = folder / name
-        if not file.is_file():
-            raise PlanError(f"{folder}: {name} is missing; the plan is incomplete, compile it again")
-        actual = sha256_of(file)
+        try:
+            if not file.is_file():
+                raise PlanError(f"{folder}: {name} is missing; the plan is incomplete, compile it again")
+            actual = sha256_of(file)
+        except (OSError, ValueError) as err:  # a name no file system takes (too long, a NUL in it)
+            raise PlanError(f"{plan_file}: its 'files' entry {name[:80]!r} cannot be read ({err}); the plan is "
+                            "corrupt, compile it again") from None
         if actual != expected:
             raise PlanError(
                 f"{folder}: sha256 checksum mismatch for {name} (expected {expected[:12]}..., found "
@@ -222,7 +228,11 @@ def file_in_plan(folder: Path, name: str, plan_file: Path) -> Path:
     """The file ``name`` of a plan's 'files' entry, refused with ``PlanError`` unless it lies inside ``folder``
     (no absolute path, no '..', no link out of the folder), so a plan never makes moec read another file."""
     file = folder / name
-    if Path(name).is_absolute() or ".." in Path(name).parts or not file.resolve().is_relative_to(folder.resolve()):
+    try:
+        inside = file.resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError):  # a name no file system takes: refused below as not the plan's own
+        inside = False
+    if Path(name).is_absolute() or ".." in Path(name).parts or not inside:
         raise PlanError(f"{plan_file}: its 'files' entry names {name!r}, which is outside the plan folder; "
                         "a plan lists only its own files, so this one is corrupt or was tampered with; "
                         "compile it again")
@@ -239,16 +249,26 @@ def load_plan(path: str | os.PathLike) -> Program:
         first_line = str(err).splitlines()[0]  # a parse error goes on to quote the line it points into
         raise PlanError(f"{folder / PLAN_FILE}: its IR does not load ({first_line}); the plan is corrupt, compile "
                         "it again") from None
-    weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
+    except Exception as err:  # what else an edited IR makes an op's constructor or the verifier raise
+        raise PlanError(f"{folder / PLAN_FILE}: its IR does not load ({type(err).__name__}: {err}); the plan is "
+                        "corrupt, compile it again") from None
+    try:
+        weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
+    except Exception as err:  # safetensors' own errors for a truncated or foreign file
+        raise PlanError(f"{folder}: {WEIGHTS_FILE} does not read as safetensors ({type(err).__name__}: {err}); the "
+                        "plan is corrupt, compile it again") from None
     missing = stored_weight_names(graph) - set(weights)
     if missing:
         raise PlanError(f"{folder}: {WEIGHTS_FILE} lacks weights {sorted(missing)[:5]}; compile the plan again")
+    used = graph.used_weights()
     for name, weight_type in graph.weights.items():
-        if isinstance(weight_type, QuantizedType):
-            try:
+        try:
+            if isinstance(weight_type, QuantizedType):
                 check_storage(name, weight_type, weights)
-            except ValueError as err:
-                raise PlanError(f"{folder}: {err}; the plan is corrupt, compile it again") from None
+            elif name in used:
+                check_stored(name, weight_type, weights[name])
+        except ValueError as err:
+            raise PlanError(f"{folder}: {err}; the plan is corrupt, compile it again") from None
     for key in ("in_spec", "out_spec"):
         try:
             load_treespec(plan[key])
@@ -256,3 +276,17 @@ def load_plan(path: str | os.PathLike) -> Program:
             raise PlanError(f"{folder}: its {key} cannot be read ({type(err).__name__}: {err}); the plan is "
                             "corrupt, compile it again") from None
     return Program(graph, weights, plan["in_spec"], plan["out_spec"], plan["metadata"])
+
+
+def check_stored(name: str, weight_type: TensorType, tensor: torch.Tensor) -> None:
+    """``ValueError`` when the tensor stored for weight ``name`` is not of its declared type."""
+    if weight_type.dtype not in DTYPES_BY_NAME or tuple(tensor.shape) != weight_type.static_shape \
+            or tensor.dtype != weight_type.torch_dtype:
+        raise ValueError(f"weight @{name} is declared {weight_type}, but {WEIGHTS_FILE} stores it as "
+                         f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}")
+
+
+def listed_files(folder: Path) -> set[str]:
+    """The files a loaded plan's ``plan.json`` lists with their checksums (checked by ``load_plan``): a file of
+    the folder that it does not list is no part of the plan and is never read."""
+    return set(json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))["files"])

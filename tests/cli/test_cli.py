@@ -382,6 +382,21 @@ def test_inspect_a_plan_whose_ir_does_not_parse_names_the_file(qwen_plan, tmp_pa
                         r"\d+: unknown op 'moe.rout'; known: [^()]*\); the plan is corrupt, compile it again", err), err
 
 
+def test_inspect_a_plan_json_edited_by_hand_shows_what_still_reads(qwen_plan, tmp_path, capsys):
+    edited = tmp_path / "edited"
+    edited.mkdir()
+    for file in qwen_plan.iterdir():
+        (edited / file.name).write_bytes(file.read_bytes())
+    plan = json.loads((edited / "plan.json").read_text())
+    del plan["moec_version"]
+    plan["metadata"]["report"] = {"checks": "x"}
+    (edited / "plan.json").write_text(json.dumps(plan))
+    assert main(["inspect", str(edited), "--no-ir"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"plan {edited}: format 1, moec ?, torch" in out and "moe.experts" in out
+    assert "(a record in plan.json's metadata does not read: TypeError:" in out
+
+
 def test_a_long_warning_prints_as_one_line_on_stderr(capsys):
     from moec.cli import print_warning
 

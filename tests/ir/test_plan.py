@@ -148,12 +148,50 @@ def test_an_output_path_that_is_or_lies_under_a_file_is_one_error(compiled, tmp_
     (lambda plan: {k: v for k, v in plan.items() if k != "files"}, "its 'files' entry is missing"),
     (lambda plan: {**plan, "files": {}}, f"lists no checksum for {WEIGHTS_FILE}"),
     (lambda plan: {**plan, "in_spec": "[1, 2"}, "its in_spec cannot be read"),
+    (lambda plan: {**plan, "ir": plan["ir"].rstrip().removesuffix("}") + "\n"}, r"its IR does not load \(line \d+"),
+    (lambda plan: {**plan, "ir": plan["ir"].replace("top_k=2", 'top_k="2"', 1)}, "its IR does not load"),
+    (lambda plan: {**plan, "files": {**plan["files"], "a\x00b": "0" * 64}}, "cannot be read|outside the plan folder"),
 ])
 def test_a_damaged_plan_json_is_one_plan_error(compiled, tmp_path, damage, message):
     folder = compiled[0].save(tmp_path / "plan")
     (folder / PLAN_FILE).write_text(json.dumps(damage(json.loads((folder / PLAN_FILE).read_text()))))
     with pytest.raises(moec.PlanError, match=message):
         moec.load(folder)
+
+
+def test_plan_json_that_is_not_utf8_is_one_plan_error(compiled, tmp_path):
+    folder = compiled[0].save(tmp_path / "plan")
+    (folder / PLAN_FILE).write_bytes(b'{"format": "moec-plan\xff"}')
+    with pytest.raises(moec.PlanError, match="is not valid JSON"):
+        moec.load(folder)
+
+
+def test_a_stored_weight_of_another_shape_than_declared_is_refused_at_load(compiled, tmp_path):
+    """The checksum matches (the file was written so): the declared types are what the graph was verified on."""
+    import safetensors.torch
+
+    folder = compiled[0].save(tmp_path / "plan")
+    weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
+    name = next(name for name, tensor in weights.items() if tensor.dim() == 2)
+    weights[name] = weights[name][:, :3].contiguous()
+    safetensors.torch.save_file(weights, str(folder / WEIGHTS_FILE))
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    plan["files"][WEIGHTS_FILE] = plan_module.sha256_of(folder / WEIGHTS_FILE)
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    with pytest.raises(moec.PlanError, match=rf"weight @{re.escape(name)} is declared f32\[.*but {WEIGHTS_FILE} "
+                                             r"stores it as float32 \["):
+        moec.load(folder)
+
+
+def test_calibration_files_the_plan_does_not_list_are_not_read(compiled, tmp_path, preset):
+    model, example = preset("tiny-mixtral")
+    with_calibration = moec.compile(model, example, recipe={"passes": [{"expert-prune": {"keep": 3}}]},
+                                    calibration=[example]).save(tmp_path / "calibrated")
+    folder = compiled[0].save(tmp_path / "plan")
+    for name in ("calibration.json", "calibration.safetensors"):
+        (folder / name).write_bytes((with_calibration / name).read_bytes())
+    assert moec.load(with_calibration).calibration is not None
+    assert moec.load(folder).calibration is None
 
 
 @pytest.mark.parametrize("version", ["1", 1.0, True, 0, None])
