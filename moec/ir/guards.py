@@ -20,9 +20,23 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+MAX_EXPONENT = 64  # sizes are small integers: a larger power is no condition on them, and could take forever
+MAX_GUARD_LENGTH = 10_000  # characters: export writes conditions of a few hundred
+
+
+class OutOfRange(ValueError):
+    """A power whose exponent no condition on sizes needs: the guard is skipped."""
+
+
+def _power(base: Any, exponent: Any) -> Any:
+    if not isinstance(exponent, int) or not 0 <= exponent <= MAX_EXPONENT:
+        raise OutOfRange(f"exponent {exponent!r}")
+    return operator.pow(base, exponent)
+
+
 _BINARY: dict[type, Callable[[Any, Any], Any]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.FloorDiv: operator.floordiv,
-    ast.Mod: operator.mod, ast.Pow: operator.pow,
+    ast.Mod: operator.mod, ast.Pow: _power,
 }
 _COMPARE: dict[type, Callable[[Any, Any], bool]] = {
     ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
@@ -42,7 +56,7 @@ def _compile(node: ast.AST) -> Evaluator:
     """A function of ``L`` evaluating ``node``, or ``Unsupported``."""
     if isinstance(node, ast.Expression):
         return _compile(node.body)
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, str)):
+    if isinstance(node, ast.Constant) and isinstance(node.value, int):
         value = node.value
         return lambda L, one: value
     if isinstance(node, ast.Name) and node.id == "L":
@@ -72,6 +86,11 @@ def _compile(node: ast.AST) -> Evaluator:
             return True
 
         return compare
+    if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "L":
+        if not (isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+            raise Unsupported(ast.dump(node)[:80])
+        name = node.slice.value  # an argument by name: the one place a string may stand
+        return lambda L, one: L[name]
     if isinstance(node, ast.Subscript):
         container, key = _compile(node.value), _compile(node.slice)
         return lambda L, one: container(L, one)[key(L, one)]
@@ -96,10 +115,14 @@ class InputGuards:
 
     def __init__(self, guards: Sequence[str]) -> None:
         self.checks: list[tuple[str, Evaluator]] = []
+        if not isinstance(guards, (list, tuple)):  # a plan.json edited by hand: no conditions to read
+            return
         for guard in guards:
+            if not isinstance(guard, str) or len(guard) > MAX_GUARD_LENGTH:
+                continue
             try:
                 self.checks.append((guard, _compile(ast.parse(guard, mode="eval"))))
-            except (SyntaxError, Unsupported, RecursionError):
+            except (SyntaxError, ValueError, RecursionError, MemoryError):  # Unsupported is a ValueError
                 continue  # a form the interpreter does not take: left unchecked, as before guards were kept
 
     def broken(self, inputs: dict[str, Any]) -> str | None:
@@ -110,7 +133,7 @@ class InputGuards:
             try:
                 if check(inputs, 1) or all(check(inputs, one) for one in GENERIC_SIZES):
                     continue
-            except (KeyError, IndexError, TypeError, AttributeError, ZeroDivisionError, RecursionError):
-                continue
+            except (KeyError, IndexError, TypeError, AttributeError, ArithmeticError, ValueError, RecursionError):
+                continue  # a condition these inputs cannot be put to (ArithmeticError: division by 0, overflow)
             return readable(guard)
         return None

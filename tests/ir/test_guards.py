@@ -93,3 +93,20 @@ def test_batch_one_and_one_token_inputs_pass_the_guards(name):
         long = {key: value.expand(1, 65) for key, value in inputs.items()}
         with pytest.raises(ValueError, match=r"input_ids.shape\[1\] == min\(64, input_ids.shape\[1\]\)"):
             compiled(**long)
+
+
+@pytest.mark.parametrize("guard", [
+    "L['x'].size()[0] < 9**9**9",                  # a power too large to compute: skipped, never a hang
+    "L['x'].size()[0] < (10**-1)**-10000",         # a negative exponent: no condition on sizes
+    "'a' * 10**8 != ''",                           # strings stand only as argument names
+    "min('') > 0",
+    "L['x'].size()[0] == " + "-" * 100_000 + "1",  # past the length export writes
+])
+def test_a_guard_of_a_tampered_plan_is_skipped_quickly_and_never_raises(guard):
+    guards = InputGuards([guard, 5, "L['x'].size()[0] > 2"])  # and a non-string one
+    assert guards.broken({"x": torch.zeros(4)}) is None
+    assert guards.broken({"x": torch.zeros(2)}) == "x.shape[0] > 2"
+
+
+def test_guards_that_are_not_a_list_are_none():
+    assert InputGuards("L['x'].size()[0] > 2").checks == []  # type: ignore[arg-type]
