@@ -96,6 +96,7 @@ def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, 
     from moec import __version__
 
     target = check_plan_target(path)
+    made = next((folder for folder in reversed(target.parents) if not folder.exists()), None)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -121,8 +122,10 @@ def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, 
         (staging / PLAN_FILE).write_text(json.dumps(plan, indent=1))
         make_readable(staging)
         replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as err:
+        shutil.rmtree(made if made is not None else staging, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk, a quota: nothing was written
+            raise PlanError(f"cannot write the plan at {target}: {err.strerror or err}; nothing was written") from None
         raise
     return target
 

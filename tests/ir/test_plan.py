@@ -49,6 +49,18 @@ def test_failed_save_leaves_nothing(compiled, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_save_the_disk_refuses_is_one_error_and_leaves_no_folder_it_made(compiled, tmp_path, monkeypatch):
+    import errno
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plan_module.safetensors.torch, "save_file", full_disk)
+    with pytest.raises(moec.PlanError, match=r"cannot write the plan at .*plan: No space left on device; nothing was"):
+        compiled[0].save(tmp_path / "new" / "deep" / "plan")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_refuses_to_overwrite_a_folder_that_is_not_a_plan(compiled, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(moec.PlanError, match="is not a moec plan folder"):
