@@ -12,6 +12,7 @@ Every MoE op works on ``[..., H]`` inputs: leading dims are tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import fields
 from typing import Any, ClassVar
@@ -114,6 +115,11 @@ class SpecOp(Operation):
                 raise ValueError(f"weight {role!r} is required and must be a '@name' reference")
         if len(self.args) != self.num_operands or not all(isinstance(a, Value) for a in self.args):
             raise ValueError(f"takes {self.num_operands} value operands, got {len(self.args)} arguments")
+        for name, kinds in spec_field_kinds(self.spec_class).items():
+            if name in self.kwargs and not is_of_kind(self.kwargs[name], kinds):
+                value = self.kwargs[name]
+                shown = json.dumps(value) if isinstance(value, str) else repr(value)
+                raise ValueError(f"{name!r} is {shown}; it must be {' or '.join(kinds)}")
         try:
             spec = self.spec
         except TypeError as err:
@@ -128,6 +134,31 @@ class SpecOp(Operation):
         if weight_type is not None and tuple(weight_type.shape) != tuple(shape):
             raise ValueError(f"weight {role!r} ('{self.kwargs[role]}') has shape {list(weight_type.shape)}, "
                              f"expected {list(shape)}")
+
+
+SCALAR_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+                "None": "none"}
+
+
+@functools.cache
+def spec_field_kinds(spec_class: type) -> dict[str, tuple[str, ...]]:
+    """The scalar kinds each field of ``spec_class`` takes, by its annotation (``float | None``: a number or
+    none); fields of other types are left out."""
+    kinds = {}
+    for field in fields(spec_class):
+        names = tuple(part.strip() for part in str(field.type).split("|"))
+        if all(name in SCALAR_KINDS for name in names):
+            kinds[field.name] = tuple(SCALAR_KINDS[name] for name in names)
+    return kinds
+
+
+def is_of_kind(value: Any, kinds: tuple[str, ...]) -> bool:
+    """Whether an attribute value is one of ``kinds`` (``SCALAR_KINDS`` phrases; a bool is no integer)."""
+    return any({"an integer": isinstance(value, int) and not isinstance(value, bool),
+                "a number": isinstance(value, (int, float)) and not isinstance(value, bool),
+                "true or false": isinstance(value, bool),
+                "a string": isinstance(value, str),
+                "none": value is None}[kind] for kind in kinds)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -17,6 +17,10 @@ def broken(old: str, new: str):
     ("old", "new", "message"),
     [
         ("top_k=2", "top_k=5", r"'moe.route' \(op #0\): 'top_k' is 5; it must be in 1..4 \('num_experts'\)"),
+        ("top_k=2", "top_k=2.0", r"'top_k' is 2.0; it must be an integer"),
+        ("renormalize=true", "renormalize=1", r"'renormalize' is 1; it must be true or false"),
+        ('scoring="softmax"', "scoring=2", r"'scoring' is 2; it must be a string"),
+        ("gated=true)", 'gated=true, limit="7")', r"'limit' is \"7\"; it must be a number or none"),
         ('scoring="softmax"', 'scoring="tanh"', "'scoring' is \"tanh\"; it must be one of \"softmax\", \"sigmoid\""),
         ('act="silu"', 'act="swish2"', "'act' is \"swish2\"; it must be one of"),
         ("intermediate=16", "intermediate=12", r"weight 'w_in' \('@experts.w_in'\) has shape \[4, 32, 8\], expected \[4, 24, 8\]"),
