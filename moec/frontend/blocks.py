@@ -70,6 +70,8 @@ class RouteSpec:
 
     def counts_problem(self) -> str | None:
         """Why ``top_k``, ``n_group`` or ``topk_group`` do not fit ``num_experts``, or None."""
+        if self.num_experts < 1:
+            return f"'num_experts' is {self.num_experts}; it must be at least 1"
         if not 1 <= self.top_k <= self.num_experts:
             return f"'top_k' is {self.top_k}; it must be in 1..{self.num_experts} ('num_experts')"
         if self.num_experts % self.n_group or not 1 <= self.topk_group <= self.n_group:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from typing import Any, ClassVar
 
 from moec.frontend.blocks import ACTIVATIONS, GROUP_SCORES, ORDERS, SCORINGS, ExpertsSpec, FFNSpec, RouteSpec
@@ -115,6 +115,11 @@ class SpecOp(Operation):
                 raise ValueError(f"weight {role!r} is required and must be a '@name' reference")
         if len(self.args) != self.num_operands or not all(isinstance(a, Value) for a in self.args):
             raise ValueError(f"takes {self.num_operands} value operands, got {len(self.args)} arguments")
+        required = [f.name for f in fields(self.spec_class) if f.default is MISSING and f.default_factory is MISSING
+                    and f.name not in self.derived_fields]
+        missing = [name for name in required if name not in self.kwargs]
+        if missing:
+            raise ValueError(f"missing attributes {', '.join(map(repr, missing))}")
         for name, kinds in spec_field_kinds(self.spec_class).items():
             if name in self.kwargs and not is_of_kind(self.kwargs[name], kinds):
                 value = self.kwargs[name]

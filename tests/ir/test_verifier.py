@@ -18,6 +18,7 @@ def broken(old: str, new: str):
     [
         ("top_k=2", "top_k=5", r"'moe.route' \(op #0\): 'top_k' is 5; it must be in 1..4 \('num_experts'\)"),
         ("top_k=2", "top_k=2.0", r"'top_k' is 2.0; it must be an integer"),
+        ("num_experts=4, top_k=2", "num_experts=0, top_k=2", r"'num_experts' is 0; it must be at least 1"),
         ("renormalize=true", "renormalize=1", r"'renormalize' is 1; it must be true or false"),
         ('scoring="softmax"', "scoring=2", r"'scoring' is 2; it must be a string"),
         ("gated=true)", 'gated=true, limit="7")', r"'limit' is \"7\"; it must be a number or none"),
@@ -27,7 +28,7 @@ def broken(old: str, new: str):
         ("weight @experts.w_out: f32[4, 8, 16]\n", "", "weight '@experts.w_out' is not declared"),
         ("aten.view.default", "aten.no_such_op.default", "torch has no ATen op 'aten.no_such_op.default'"),
         ("gated=true)", "gated=true, colour=1)", "unknown attributes 'colour'"),
-        ("num_experts=4, top_k=2", "top_k=2", "bad configuration: .*num_experts"),
+        ("num_experts=4, top_k=2", "top_k=2", "missing attributes 'num_experts'"),
         ("gated=true)", "gated=true, limit=-1.0)", "'limit' is -1.0; it must be a positive number"),
         ("gated=true)", "gated=false, up_offset=1.0)", "'limit' and 'up_offset' apply to gated experts and FFNs only"),
         ("w_out=@experts.w_out,", "w_out=@experts.w_out, b_out=@experts.w_in, weighted_input=true,",
