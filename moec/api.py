@@ -21,6 +21,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.backend.triton_codegen import KERNELS_FILE
 from moec.errors import MoecError, PlanError, warn
 from moec.frontend.capture import capture, inference_setup
+from moec.ir.core import WeightRef
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.plan import listed_files, load_plan, save_plan
 from moec.ir.printer import print_graph
@@ -258,7 +259,7 @@ def layer_summary(program: Program) -> list[dict[str, Any]]:
         spec = op.spec
         row = {
             "op": op.op_name,
-            "weights": op.weight_refs[0].name.rsplit(".", 1)[0] if op.weight_refs else "",
+            "weights": weights_module(op.weight_refs),
             "experts": getattr(spec, "num_experts", ""),
             "top_k": op.top_k if isinstance(op, ExpertsOp) else getattr(spec, "top_k", ""),
             "detail": describe_spec(op) + describe_quantization(program, op),
@@ -267,6 +268,12 @@ def layer_summary(program: Program) -> list[dict[str, Any]]:
         }
         rows.append(row)
     return rows
+
+
+def weights_module(refs: list[WeightRef]) -> str:
+    """The module that holds all of an op's weights: their longest common dotted prefix (a lone weight's
+    module), so an FFN's row names the MLP, not its first projection."""
+    return ".".join(os.path.commonprefix([ref.name.split(".")[:-1] for ref in refs])) if refs else ""
 
 
 def describe_spec(op: Any) -> str:

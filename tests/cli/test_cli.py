@@ -307,6 +307,9 @@ def test_inspect_shows_shared_expert_and_gate(qwen_plan, capsys):
     assert "moe.shared_expert(" in out  # the IR text
     assert "gate=@model.layers.0.mlp.shared_expert_gate.weight" in out
     assert "sigmoid gate" in out  # the table's description of the shared expert
+    rows = {row["op"]: row["weights"] for row in moec.load(qwen_plan).summary()}  # the module holding them all
+    assert rows == {"moe.route": "model.layers.1.mlp.gate", "moe.experts": "model.layers.1.mlp.experts",
+                    "moe.shared_expert": "model.layers.1.mlp"}
     ir_lines = moec.load(qwen_plan).ir.splitlines()
     assert max(map(len, ir_lines)) > 140  # wider than the console when piped: each line still prints whole
     assert set(ir_lines) <= set(out.splitlines())
