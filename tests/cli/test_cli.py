@@ -371,14 +371,22 @@ def test_inspect_a_corrupted_plan_names_the_checksum(qwen_plan, tmp_path, capsys
     assert "checksum mismatch" in captured.err and "Traceback" not in captured.err + captured.out
 
 
+def edited_copy(plan_folder, folder, edit):
+    """A copy of ``plan_folder`` at ``folder`` whose plan.json went through ``edit`` (a function of the dict)."""
+    folder.mkdir()
+    for file in plan_folder.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    plan = json.loads((folder / "plan.json").read_text())
+    edit(plan)
+    (folder / "plan.json").write_text(json.dumps(plan))
+    return folder
+
+
 def test_inspect_a_plan_whose_ir_does_not_parse_names_the_file(qwen_plan, tmp_path, capsys):
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for file in qwen_plan.iterdir():
-        (broken / file.name).write_bytes(file.read_bytes())
-    plan = json.loads((broken / "plan.json").read_text())
-    plan["ir"] = plan["ir"].replace("moe.route", "moe.rout", 1)
-    (broken / "plan.json").write_text(json.dumps(plan))
+    def misspell_an_op(plan):
+        plan["ir"] = plan["ir"].replace("moe.route", "moe.rout", 1)
+
+    broken = edited_copy(qwen_plan, tmp_path / "broken", misspell_an_op)
     assert main(["inspect", str(broken)]) == 1
     err = " ".join(capsys.readouterr().err.split())
     assert re.fullmatch(rf"error: {re.escape(str(broken / 'plan.json'))}: its IR does not load \(line \d+, column "
@@ -386,14 +394,11 @@ def test_inspect_a_plan_whose_ir_does_not_parse_names_the_file(qwen_plan, tmp_pa
 
 
 def test_inspect_a_plan_json_edited_by_hand_shows_what_still_reads(qwen_plan, tmp_path, capsys):
-    edited = tmp_path / "edited"
-    edited.mkdir()
-    for file in qwen_plan.iterdir():
-        (edited / file.name).write_bytes(file.read_bytes())
-    plan = json.loads((edited / "plan.json").read_text())
-    del plan["moec_version"]
-    plan["metadata"]["report"] = {"checks": "x"}
-    (edited / "plan.json").write_text(json.dumps(plan))
+    def edit(plan):
+        del plan["moec_version"]
+        plan["metadata"]["report"] = {"checks": "x"}
+
+    edited = edited_copy(qwen_plan, tmp_path / "edited", edit)
     assert main(["inspect", str(edited), "--no-ir"]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert f"plan {edited}: format 1, moec ?, torch" in out and "moe.experts" in out
