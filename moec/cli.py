@@ -217,6 +217,7 @@ def run_compile(args: argparse.Namespace) -> int:
         from moec.passes.base import unused_calibration
 
         raise UsageError(f"--calibration {args.calibration}: {unused_calibration(passes)}; leave it out")
+    check_calibration_source(args.model, passes, args.calibration)  # before the model loads, not after
     with step(f"loading model {args.model}"):
         from transformers.utils import logging as transformers_logging
 
@@ -312,12 +313,9 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
     from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
 
     tokenizer = model_tokenizer(model_spec)
-    if path is None and tokenizer is None:
-        raise MoecError(f"the recipe needs calibration data, and model {model_spec!r} has no tokenizer to encode the "
-                        "built-in text; give --calibration FILE (token ids by input name in a .safetensors file)")
     with step(f"loading calibration data ({path or 'standard-library docstrings'})"):
         if tokenizer is None:
-            assert path is not None, "checked above: without a tokenizer a calibration file is given"
+            assert path is not None, "check_calibration_source: without a tokenizer a calibration file is given"
             return read_calibration_file(path, tokenizer), None
         text, held_out = calibration_and_held_out(CALIBRATION_SENTENCES, HELD_OUT_SENTENCES)
         calibration = (read_calibration_file(path, tokenizer) if path is not None
@@ -326,12 +324,33 @@ def calibration_data(model_spec: str, passes: list[Any], path: str | None) -> tu
         return calibration, tokenized_batches(tokenizer, held_out) if changing else None
 
 
-def model_tokenizer(model_spec: str) -> Any:
-    """The tokenizer of the default model or of a local Hugging Face folder, or None."""
+def tokenizer_folder(model_spec: str) -> Path | None:
+    """The folder of the default model's or a local Hugging Face folder's tokenizer, or None (presets and
+    factories have none); found without loading anything."""
     from moec.frontend.zoo import minilm_path
 
     folder = minilm_path() if model_spec == "minilm" else user_path(model_spec)
-    if not (folder / "tokenizer_config.json").is_file():
+    return folder if (folder / "tokenizer_config.json").is_file() else None
+
+
+def check_calibration_source(model_spec: str, passes: list[Any], path: str | None) -> None:
+    """One ``MoecError`` when the recipe's calibration would need a tokenizer the model does not have: the
+    built-in text (no ``--calibration``) or a ``.txt`` file."""
+    needs = any(p.needs_calibration() for p in passes)
+    if tokenizer_folder(model_spec) is not None:
+        return
+    if needs and path is None:
+        raise MoecError(f"the recipe needs calibration data, and model {model_spec!r} has no tokenizer to encode the "
+                        "built-in text; give --calibration FILE (token ids by input name in a .safetensors file)")
+    if path is not None and user_path(path).suffix == ".txt":
+        raise MoecError(f"--calibration {path}: the model has no tokenizer to encode text; give its inputs as "
+                        "token ids in a .safetensors file instead")
+
+
+def model_tokenizer(model_spec: str) -> Any:
+    """The tokenizer of the default model or of a local Hugging Face folder, or None."""
+    folder = tokenizer_folder(model_spec)
+    if folder is None:
         return None
     from transformers import AutoTokenizer
 
