@@ -48,6 +48,9 @@ def check_plan_target(path: str | os.PathLike) -> Path:
     ``PlanError`` saying why. Whether the nearest existing folder takes new entries is tried (a temporary
     folder made and removed)."""
     target = user_path(path).resolve()
+    if target.is_dir() and Path.cwd().resolve().is_relative_to(target):
+        raise PlanError(f"{target} is the current folder (or holds it), which writing a plan there would replace "
+                        "under this process; give a folder of its own, such as ./plan")
     if target.is_dir():
         if not (target / PLAN_FILE).exists():
             if any(target.iterdir()):

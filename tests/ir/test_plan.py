@@ -61,6 +61,14 @@ def test_a_save_the_disk_refuses_is_one_error_and_leaves_no_folder_it_made(compi
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_current_folder_is_refused_as_a_plan_folder(compiled, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(moec.PlanError, match="is the current folder .*give a folder of its own, such as ./plan"):
+        compiled[0].save(".")
+    assert list(tmp_path.iterdir()) == []
+    assert moec.load(compiled[0].save("plan")).ir == compiled[0].ir
+
+
 def test_refuses_to_overwrite_a_folder_that_is_not_a_plan(compiled, tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(moec.PlanError, match="is not a moec plan folder"):
