@@ -11,7 +11,8 @@ Compared in one process, interleaved repeat by repeat, median of ``--repeats`` a
 * ``hf_compiled``     ``torch.compile`` of the same block (inductor, default mode);
 * ``moec``            ``moec.compile`` of the block: the torch runner, its default CPU kernels.
 
-Every implementation is checked against ``hf_eager`` on each size before timing (max abs difference, reported).
+Every implementation is checked against ``hf_eager`` on each size before timing (the run stops if one differs by more
+than 1e-4 of the output's largest value; the max abs differences are reported).
 
 Run:  python tools/bench/llama4_block.py [--quick] [--threads N] [--out bench-results/llama4_block.json]
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +31,8 @@ import transformers
 from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench_util import output_file, positive_int, require_close, run_facts  # noqa: E402
 
 import moec  # noqa: E402
 
@@ -59,15 +61,17 @@ def timed(fn, repeats: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tokens 1 and 64 only, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
-    parser.add_argument("--out", default="bench-results/llama4_block.json")
+    parser.add_argument("--quick", action="store_true", help="tokens 1 and 64 only, 3 repeats unless --repeats")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed runs per runner and size, median taken (default: 7; --quick: 3)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--out", default="bench-results/llama4_block.json", help="the JSON result (default: %(default)s)")
     args = parser.parse_args()
-    if args.threads:
+    args.out = output_file(args.out)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     sizes = [1, 64] if args.quick else [1, 16, 128, 512]
-    repeats = 3 if args.quick else args.repeats
+    repeats = args.repeats or (3 if args.quick else 7)
 
     moe = block()
     example = torch.randn(1, 8, HIDDEN)
@@ -90,6 +94,7 @@ def main() -> None:
             for name, run in runners.items():
                 got = run(x).reshape(tokens, HIDDEN)  # also the warmup (and torch.compile's compile)
                 diffs[name] = float((got - want).abs().max())
+                require_close(name, got, want, 1e-4, f"at {tokens} tokens")  # not timing a wrong result
             samples = {name: [] for name in runners}
             for _ in range(repeats):
                 for name, run in runners.items():
@@ -103,13 +108,9 @@ def main() -> None:
                   f"vs compiled  (max abs diff {max(diffs.values()):.1e})", flush=True)
 
     result = {"block": {"hidden": HIDDEN, "ffn": FFN, "experts": EXPERTS, "top_k": TOP_K, "dtype": "float32"},
-              "threads": torch.get_num_threads(), "repeats": repeats, "moec_compile_s": moec_compile_s,
-              "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.processor(),
-              "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+              "repeats": repeats, "moec_compile_s": moec_compile_s, **run_facts(quick=args.quick), "rows": rows}
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench_util import output_file, positive_int, require_close, run_facts  # noqa: E402
+
 from moec.backend.torch_runner import EXPERT_KERNEL_CHOICE, expert_kernel_key, float_experts  # noqa: E402
 from moec.frontend.blocks import ExpertsSpec  # noqa: E402
 from moec.kernels.moe_cpu import onednn_available  # noqa: E402
@@ -154,22 +156,33 @@ def build_block():
     return config, block
 
 
+TOLERANCE = 1e-4  # relative to the output's largest value: float32 sums in another order stay near 1e-6
+
+
+def token_counts(text: str) -> list[int]:
+    """An argparse type: comma-separated token counts, each at least 1."""
+    return [positive_int(part) for part in text.split(",")]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats")
-    parser.add_argument("--out", default="bench-results/moe_block.json")
-    parser.add_argument("--sizes", default=None, help="comma-separated token counts")
-    parser.add_argument("--batched-mm-cap-gb", type=float, default=3.0)
+    parser.add_argument("--out", default="bench-results/moe_block.json", help="the JSON result (default: %(default)s)")
+    parser.add_argument("--sizes", default=None, type=token_counts,
+                        help="comma-separated token counts (default: 1,16,64,256,2048; --quick: 1,16,64,256)")
+    parser.add_argument("--batched-mm-cap-gb", type=float, default=3.0,
+                        help="skip HF's batched_mm at sizes whose gathered expert weights exceed this (GB)")
     parser.add_argument("--no-torch-compile", action="store_true", help="leave out the torch.compile baseline")
     parser.add_argument(
         "--threads",
-        type=int,
+        type=positive_int,
         default=None,
         help="intra-op threads for this run (default: torch's; restored at exit)",
     )
     args = parser.parse_args(argv)
+    args.out = output_file(args.out)
     saved_threads = torch.get_num_threads()
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
         return _run(args)
@@ -180,11 +193,7 @@ def main(argv=None) -> int:
 def _run(args) -> int:
     load_before = os.getloadavg()
 
-    sizes = (
-        [int(s) for s in args.sizes.split(",")]
-        if args.sizes
-        else ([1, 16, 64, 256] if args.quick else [1, 16, 64, 256, 2048])
-    )
+    sizes = args.sizes or ([1, 16, 64, 256] if args.quick else [1, 16, 64, 256, 2048])
     torch.set_grad_enabled(False)
     config, block = build_block()
     experts = block.experts
@@ -255,7 +264,7 @@ def _run(args) -> int:
             need_bytes = int(torch.unique(top_i).numel()) * per_expert_bytes
             flops = 2 * pairs * (2 * FFN * HIDDEN + HIDDEN * FFN)
             ref = impls["hf_eager"](x)
-            err = float((moec_run(x) - ref).abs().max() / ref.abs().max())  # measures the kernels for this size
+            err = require_close("moec", moec_run(x), ref, TOLERANCE, f"at {tokens} tokens")  # times its kernels too
             choice_key = expert_kernel_key(spec, TOP_K, tokens)
             active = dict(impls)
             skipped = {}
@@ -264,6 +273,8 @@ def _run(args) -> int:
                     f"needs {pairs * per_expert_bytes / 1e9:.1f} GB of gathered weights"
                 )
                 active.pop("hf_batched_mm")
+            errors = {name: require_close(name, fn(x), ref, TOLERANCE, f"at {tokens} tokens")
+                      for name, fn in active.items() if name != "hf_eager"}  # every timed result, at its size
             big = tokens >= 1024
             repeats = (3 if big else 5) if args.quick else (3 if big else 9)
             samples = {name: [] for name in active}
@@ -288,6 +299,7 @@ def _run(args) -> int:
                 "speedup_vs": {name: med[name] / t for name in med if name != "moec"},
                 "skipped": skipped,
                 "moec_rel_err_vs_hf": err,
+                "rel_err_vs_hf": errors,
                 "weight_bytes_needed": need_bytes,
                 "flops": flops,
                 "moec_gbs": gbs,
@@ -333,19 +345,14 @@ def _run(args) -> int:
     result = {
         "benchmark": "moe_block",
         "config": {"hidden": HIDDEN, "ffn": FFN, "experts": EXPERTS, "top_k": TOP_K, "dtype": "float32"},
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "quick": args.quick,
+        **run_facts(quick=args.quick, sizes=sizes),
         "loadavg_before_after": [load_before, os.getloadavg()],
         "limits": limits,
         "unavailable": unavailable,
         "rows": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
     return 0
 
 

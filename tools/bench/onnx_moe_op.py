@@ -40,6 +40,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench_util import output_file, positive_int, require_close, run_facts  # noqa: E402
+
 from moec.backend.onnx.moe import interleave_gate_up, ort_moe  # noqa: E402
 
 TOKENS = (1, 16, 256)
@@ -147,10 +149,12 @@ def interleaved_medians(runs: dict[str, tuple[onnxruntime.InferenceSession, dict
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small layer and fewer repeats")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for onnxruntime")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", default="bench-results/onnx_moe_op.json")
+    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads for onnxruntime")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed runs per variant and size, median taken (default: 21; --quick: 5)")
+    parser.add_argument("--out", default="bench-results/onnx_moe_op.json", help="the JSON result (default: %(default)s)")
     args = parser.parse_args(argv)
+    args.out = output_file(args.out)
     repeats = args.repeats or (5 if args.quick else 21)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = args.threads
@@ -174,6 +178,9 @@ def main(argv=None) -> int:
         expected = ort_moe(x, logits, fc1, None, torch.from_numpy(w_out), None, TOP_K, True, "swiglu", 1.0, 0.0, None).numpy()
         feeds = {"x": x.numpy(), "logits": logits.numpy()}
         diffs = {name: float(np.abs(s.run(None, feeds)[0] - expected).max()) for name, s in sessions.items()}
+        for name, s in sessions.items():  # not timing a wrong result
+            require_close(name, torch.from_numpy(s.run(None, feeds)[0]), torch.from_numpy(expected), 1e-5,
+                          f"at {tokens} tokens")
         ms = interleaved_medians({name: (s, feeds) for name, s in sessions.items()}, repeats)
         rows.append({"tokens": tokens, "ms": ms, "max_abs_diff_vs_torch": diffs})
 
@@ -191,6 +198,9 @@ def main(argv=None) -> int:
     for expert_rows in sorted({1, 16 * TOP_K // experts, 256 * TOP_K // experts}):
         x = np.random.default_rng(expert_rows).standard_normal((expert_rows, hidden)).astype(np.float32)
         runs = {"prepacked": (gemms["prepacked"], {"x": x}), "per_call": (gemms["per_call"], {"x": x, "w": weight})}
+        for name, (gemm, feeds) in runs.items():  # checked, and each new session's first run left out of the timing
+            require_close(f"Gemm {name}", torch.from_numpy(gemm.run(None, feeds)[0]), torch.from_numpy(x @ weight.T),
+                          1e-5, f"at {expert_rows} rows")
         probe.append({"rows": expert_rows, "ms": interleaved_medians(runs, repeats * 3)})
     print(f"\nGemm x [rows, {hidden}] @ W^T, W [{weight.shape[0]}, {hidden}] (one expert's gate/up):")
     print("| rows | W pre-packed ms | W packed per call ms | per call / pre-packed |")
@@ -199,14 +209,15 @@ def main(argv=None) -> int:
         ms = row["ms"]
         print(f"| {row['rows']} | {ms['prepacked']:.3f} | {ms['per_call']:.3f} | {ms['per_call'] / ms['prepacked']:.2f}x |")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    for row in rows:
+        row["moe_vs_portable"] = row["ms"]["portable"] / row["ms"]["moe"]
+    for row in probe:
+        row["per_call_vs_prepacked"] = row["ms"]["per_call"] / row["ms"]["prepacked"]
+    args.out.write_text(json.dumps({
         "hidden": hidden, "ffn": int(w_out.shape[2]), "experts": experts, "top_k": TOP_K, "threads": args.threads,
-        "repeats": repeats, "onnxruntime": onnxruntime.__version__, "load_average_end": os.getloadavg()[0],
-        "rows": rows, "gemm_probe": probe,
+        "repeats": repeats, **run_facts(quick=args.quick), "rows": rows, "gemm_probe": probe,
     }, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
 
 

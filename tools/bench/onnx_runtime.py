@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -39,6 +38,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench_util import output_file, positive_int, require_close, run_facts  # noqa: E402
 
 import moec  # noqa: E402
 from moec.frontend.zoo import build_preset  # noqa: E402
@@ -85,11 +86,13 @@ def make_runners(model, compiled, sessions, inputs):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="the tiny-mixtral preset and fewer repeats")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and onnxruntime")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads for torch and onnxruntime")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed runs per runner and size, median taken (default: 11; --quick: 5)")
     parser.add_argument("--bits", type=int, default=None, help="quantize the experts to this width before export")
-    parser.add_argument("--out", default="bench-results/onnx_runtime.json")
+    parser.add_argument("--out", default="bench-results/onnx_runtime.json", help="the JSON result (default: %(default)s)")
     args = parser.parse_args(argv)
+    args.out = output_file(args.out)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (5 if args.quick else 11)
@@ -119,6 +122,9 @@ def main(argv=None) -> int:
         print(f"export {lowering}: {check['export_seconds']} s, parity max abs diff {check['parity_max_abs_diff']}, "
               f"{check['fused_moe_ops']} fused MoE ops, file {check['file_bytes'] / 1e6:.2f} MB "
               f"(float32 weights {float_bytes / 1e6:.2f} MB)")
+    if not checks["ort"]["fused_moe_ops"]:
+        raise SystemExit("the ort export fused no MoE op, so it is the portable graph and there is nothing fused to "
+                         f"time: {'; '.join(sorted(set(checks['ort']['portable_fallbacks'].values())))}")
 
     rows = []
     for tokens in TOKENS:
@@ -127,12 +133,19 @@ def main(argv=None) -> int:
         runs = make_runners(model, compiled, sessions, inputs)
         reference = runs["hf_eager"]()  # every runner runs once before timing (warmup and agreement)
         agreement = {name: float((torch.as_tensor(fn()) - reference).abs().max()) for name, fn in runs.items()}
+        plan = runs["moec_torch"]()  # the plan the exports were made from: HF's model unless quantized
+        if not args.bits:
+            require_close("moec_torch", plan, reference, 1e-4, f"at {tokens} tokens (against hf_eager)")
+        for name in ("ort_portable", "ort_fused"):
+            require_close(name, torch.as_tensor(runs[name]()), plan, 1e-4, f"at {tokens} tokens (against moec_torch)")
         times: dict[str, list[float]] = {name: [] for name in RUNNERS}
         for _ in range(repeats):  # interleaved, one timing of each per round
             for name in RUNNERS:
                 times[name].append(timed(runs[name]))
         ms = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-        rows.append({"tokens": tokens, "ms": ms, "max_abs_diff_vs_hf": agreement})
+        ratios = {f"fused_vs_{name.removeprefix('ort_')}": ms[name] / ms["ort_fused"]
+                  for name in ("hf_eager", "moec_torch", "ort_portable")}
+        rows.append({"tokens": tokens, "ms": ms, "max_abs_diff_vs_hf": agreement, "ratios": ratios})
 
     header = "| tokens | hf_eager ms | moec_torch ms | ort_portable ms | ort_fused ms | fused vs hf | fused vs moec | fused vs portable |"
     print(header)
@@ -143,14 +156,13 @@ def main(argv=None) -> int:
               f"{ms['ort_fused']:.2f} | {ms['hf_eager'] / ms['ort_fused']:.2f}x | {ms['moec_torch'] / ms['ort_fused']:.2f}x | "
               f"{ms['ort_portable'] / ms['ort_fused']:.2f}x |")
     print("ratios: other time / ort_fused time (> 1: the fused onnxruntime model is faster)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "model": description, "threads": args.threads, "repeats": repeats, "machine": platform.processor() or platform.machine(),
-        "load_average_end": os.getloadavg()[0], "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+    for check in checks.values():
+        check.pop("path", None)  # a temporary folder, gone by now
+    args.out.write_text(json.dumps({
+        "model": description, "threads": args.threads, "repeats": repeats, **run_facts(quick=args.quick),
         "bits": args.bits, "float_weight_bytes": float_bytes, "exports": checks, "rows": rows,
     }, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {args.out}")
     return 0
 
 

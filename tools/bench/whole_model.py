@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench_util import output_file, positive_int, require_close, run_facts  # noqa: E402
 
 import moec  # noqa: E402
 from moec.frontend.zoo import build_preset  # noqa: E402
@@ -95,6 +96,8 @@ def bench_model(name: str, repeats: int, with_torch_compile: bool) -> list[dict]
             reference = runners["hf_eager"]()
             first_call = {runner: timed(fn) for runner, fn in runners.items()}  # torch.compile compiles here
             agreement = {runner: float((fn() - reference).abs().max()) for runner, fn in runners.items()}
+            for runner, fn in runners.items():  # not timing a wrong result
+                require_close(runner, fn(), reference, 1e-4, f"of {name} at {batch}x{seq}")
             times: dict[str, list[float]] = {runner: [] for runner in runners}
             for _ in range(repeats):
                 for runner, fn in runners.items():
@@ -115,11 +118,13 @@ def bench_model(name: str, repeats: int, with_torch_compile: bool) -> list[dict]
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {', '.join(MODELS)}")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
-    parser.add_argument("--repeats", type=int, default=41)
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--repeats", type=positive_int, default=41,
+                        help="timed runs per runner and size, median taken (default: %(default)s)")
     parser.add_argument("--no-torch-compile", action="store_true", help="leave torch.compile out (it compiles each size)")
-    parser.add_argument("--out", default="bench-results/whole_model.json")
+    parser.add_argument("--out", default="bench-results/whole_model.json", help="the JSON result (default: %(default)s)")
     args = parser.parse_args(argv)
+    args.out = output_file(args.out)
     models = args.models.split(",")
     if unknown := set(models) - set(MODELS):
         parser.error(f"unknown models {sorted(unknown)}; choose from {', '.join(MODELS)}")
@@ -128,14 +133,9 @@ def main(argv=None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
     rows = [row for name in models for row in bench_model(name, args.repeats, not args.no_torch_compile)]
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "threads": args.threads, "repeats": args.repeats, "machine": platform.processor() or platform.machine(),
-        "load_average_end": os.getloadavg()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-        "rows": rows,
-    }, indent=2))
-    print(f"wrote {out}")
+    args.out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, **run_facts(), "rows": rows},
+                                   indent=2))
+    print(f"wrote {args.out}")
     return 0
 
 
