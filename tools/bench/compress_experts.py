@@ -43,6 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench_util import output_file, positive_int  # noqa: E402
+
 from moec.analysis.calibration import calibrate  # noqa: E402
 from moec.analysis.corpus import calibration_and_held_out, tokenized_batches  # noqa: E402
 from moec.analysis.quality import embedding_quality, sentence_embeddings  # noqa: E402
@@ -104,10 +106,11 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=4)
     parser.add_argument("--keep", type=int, default=8)
     parser.add_argument("--rows", type=int, default=8192, help="calibration rows kept per layer")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", default="bench-results/compress_experts.json")
     args = parser.parse_args()
-    if args.threads:
+    args.out = output_file(args.out)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     n_cal, n_held = (128, 128) if args.quick else (256, 256)
 
@@ -170,12 +173,11 @@ def main() -> None:
     for check, ok in checks.items():
         print(f"{'PASS' if ok else 'FAIL'} {check}")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "load_average": os.getloadavg()},
-        "options": vars(args), "calibration_sentences": n_cal, "held_out_sentences": n_held,
+        "options": {**vars(args), "out": str(args.out)}, "calibration_sentences": n_cal, "held_out_sentences": n_held,
         "moe": {"experts": args.experts, "top_k": args.top_k, **moe_quality}, "rows": rows, "checks": checks,
     }
     out.write_text(json.dumps(result, indent=2))

@@ -33,6 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench_util import output_file, positive_int  # noqa: E402
+
 from moec.analysis.calibration import calibrate  # noqa: E402
 from moec.analysis.corpus import calibration_and_held_out, tokenized_batches  # noqa: E402
 from moec.analysis.quality import (  # noqa: E402,E501
@@ -85,10 +87,11 @@ def main() -> None:
     parser.add_argument("--shared", type=float, default=0.0, help="fraction of neurons in an always-on shared expert")
     parser.add_argument("--method", default=None, choices=["weights", "coactivation"],
                         help="neuron clustering (default: the pass's, coactivation with a fitted router)")
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     parser.add_argument("--out", default="bench-results/dense_to_moe.json")
     args = parser.parse_args()
-    if args.threads:
+    args.out = output_file(args.out)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     n_cal, n_held, repeats = (128, 128, 3) if args.quick else (256, 256, 7)
 
@@ -146,12 +149,11 @@ def main() -> None:
     for line in kernels:
         print(f"  {line}")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out
     result = {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "load_average": os.getloadavg()},
-        "options": vars(args), "calibration_sentences": n_cal, "held_out_sentences": n_held,
+        "options": {**vars(args), "out": str(args.out)}, "calibration_sentences": n_cal, "held_out_sentences": n_held,
         "calibration_s": calibration_s, "quality": rows,
         "speed_ms": {k: v * 1000 for k, v in seconds.items()},
         "speedup_vs_original": {k: seconds["original"] / v for k, v in seconds.items()},

@@ -34,6 +34,8 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench_util import output_file, positive_int  # noqa: E402
+
 import moec  # noqa: E402
 from moec.analysis.corpus import calibration_and_held_out, tokenized_batches  # noqa: E402
 from moec.analysis.quality import embedding_quality, mean_pooled  # noqa: E402
@@ -90,10 +92,11 @@ def token_row_cosine(reference: list[torch.Tensor], candidate: list[torch.Tensor
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="training steps (about 0.5 s each on 2 CPUs)")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--out", default="bench-results/dynamic_skip_trained.json")
     args = parser.parse_args()
-    if args.threads:
+    args.out = output_file(args.out)
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
     train_text, held_out_text = calibration_and_held_out(TRAIN_SENTENCES, HELD_OUT_SENTENCES)
@@ -137,8 +140,7 @@ def main() -> None:
               "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
               "loadavg": os.getloadavg(), "parity_max_abs_diff": parity, "mean_pairwise_cosine": spread,
               "held_out_sentences": len(held_out_text), "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out
     out.write_text(json.dumps(result, indent=2))
     print(f"wrote {out}")
 

@@ -34,10 +34,10 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from bench_util import output_file, positive_int
 
 SHAPES = {"gate_up": (7168, 1024), "down": (1024, 3584)}  # (out, in) of one Mixtral-sized expert matrix
 
@@ -113,7 +113,7 @@ def _check(name: str, got: object, want: torch.Tensor) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and onnxruntime (default 1)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads for torch and onnxruntime (default 1)")
     parser.add_argument("--rows", default="1,2,4,8,16,32,64", help="comma-separated row counts M")
     parser.add_argument("--matrices", type=int, default=12, help="distinct weights cycled per shape (default 12: 350 MB for gate_up)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per row count (median)")
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="rows 1,4,16; 4 matrices; 3 rounds")
     parser.add_argument("--out", default="bench-results/expert_gemm.json")
     args = parser.parse_args(argv)
+    args.out = output_file(args.out)
     if args.quick:
         args.rows, args.matrices, args.rounds = "1,4,16", 4, 3
     torch.set_num_threads(args.threads)
@@ -162,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  M={rows:3d}  {cells}  best: {best}", flush=True)
             results.append({"matrix": shape_name, "shape": [out_features, in_features], "rows": rows, "ms": ms,
                             "gb_per_s": {name: megabytes / value for name, value in ms.items()}, "best": best})
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out
     out.write_text(json.dumps({"threads": args.threads, "matrices": args.matrices, "rounds": args.rounds,
                                "torch": torch.__version__, "load_before": load_before, "load_after": os.getloadavg(),
                                "results": results}, indent=2))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from bench_util import output_file  # noqa: E402
+
 import moec  # noqa: E402
 from moec.backend.onnx import export as onnx_export  # noqa: E402
 from moec.frontend.zoo import build_preset  # noqa: E402
@@ -61,6 +63,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny-mixtral and tiny-llama only")
     parser.add_argument("--out", default="bench-results/onnx_export_time.json")
     args = parser.parse_args(argv)
+    args.out = output_file(args.out)
     warnings.filterwarnings("ignore")
     seconds: dict[str, float] = defaultdict(float)
     timing_wrappers(seconds)
@@ -87,8 +90,7 @@ def main(argv=None) -> int:
                       f"{seconds['optimize']:.1f} | {seconds['checks']:.1f} |", flush=True)
     total_s = time.perf_counter() - start_all
     print(f"all: {total_s:.0f} s (compiles included); load average at end {os.getloadavg()[0]:.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = args.out
     out.write_text(json.dumps({"rows": rows, "total_s": total_s, "load_average_end": os.getloadavg()[0]}, indent=2))
     print(f"wrote {out}")
     return 0

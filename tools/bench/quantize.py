@@ -1,6 +1,6 @@
 """Quantization benchmark: LP bit allocation vs uniform widths, bytes on disk, dynamic skip, CPU kernels.
 
-Everything is measured side by side in one run and written to bench-results/quantize.json:
+Everything is measured side by side in one run and written as JSON (``--out``; default bench-results/quantize.json):
 
 1. ``lp``: solve time of the allocation LP for 64 layers x 64 experts x 4 widths (random tables).
 2. ``quality``: 1 - embedding cosine on real all-MiniLM-L6-v2 (128 held-out standard-library docstring
@@ -42,6 +42,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import transformers
+from bench_util import output_file, positive_int, run_facts  # noqa: E402
 from moe_block import CacheEviction, median_seconds  # this folder, first on sys.path when run as a script
 
 import moec
@@ -421,15 +422,19 @@ PARTS = ("lp", "kernels", "linears", "moe", "minilm", "converted")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer sizes, repeats and sentences")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--out", default=None, help="the JSON result (default: bench-results/quantize.json, or "
+                                                    "bench-results/quantize-<parts>.json for a subset of the parts)")
     args = parser.parse_args()
     parts = args.parts.split(",")
     if unknown := set(parts) - set(PARTS):
         parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
-    if args.threads:
+    name = "quantize.json" if parts == list(PARTS) else f"quantize-{'-'.join(parts)}.json"
+    out = output_file(args.out or f"bench-results/{name}")
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
-    results: dict = {"threads": torch.get_num_threads(), "parts": parts}
+    results: dict = {**run_facts(quick=args.quick), "parts": parts}
     if "lp" in parts:
         results["lp"] = bench_lp()
         print("lp", json.dumps(results["lp"]), flush=True)
@@ -451,11 +456,8 @@ def main() -> None:
     if "converted" in parts:
         results["converted_minilm"] = converted_minilm(args.quick)
         print("converted minilm", json.dumps(results["converted_minilm"]), flush=True)
-    out = Path("bench-results")
-    out.mkdir(exist_ok=True)
-    name = "quantize.json" if parts == list(PARTS) else f"quantize-{'-'.join(parts)}.json"
-    (out / name).write_text(json.dumps(results, indent=1))
-    print(f"wrote {out / name}")
+    out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
