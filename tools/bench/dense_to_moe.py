@@ -83,13 +83,16 @@ def time_runs(programs: dict[str, Program], batch: dict, repeats: int) -> dict[s
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sentences and repeats")
-    parser.add_argument("--experts", type=int, default=16)
+    parser.add_argument("--experts", type=int, default=16,
+                        help="experts per FFN, a multiple of 8 (top-k E/2, E/4 and E/8 give the three fractions)")
     parser.add_argument("--shared", type=float, default=0.0, help="fraction of neurons in an always-on shared expert")
     parser.add_argument("--method", default=None, choices=["weights", "coactivation"],
                         help="neuron clustering (default: the pass's, coactivation with a fitted router)")
-    parser.add_argument("--threads", type=positive_int, default=None)
-    parser.add_argument("--out", default="bench-results/dense_to_moe.json")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--out", default="bench-results/dense_to_moe.json", help="the JSON result (default: %(default)s)")
     args = parser.parse_args()
+    if args.experts < 8 or args.experts % 8:
+        parser.error(f"--experts {args.experts}: give a multiple of 8, so that E/8 experts are active at 1/8")
     args.out = output_file(args.out)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -114,16 +114,25 @@ def _check(name: str, got: object, want: torch.Tensor) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=positive_int, default=1, help="intra-op threads for torch and onnxruntime (default 1)")
-    parser.add_argument("--rows", default="1,2,4,8,16,32,64", help="comma-separated row counts M")
-    parser.add_argument("--matrices", type=int, default=12, help="distinct weights cycled per shape (default 12: 350 MB for gate_up)")
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds per row count (median)")
+    parser.add_argument("--rows", default=None,
+                        help="comma-separated row counts M (default: 1,2,4,8,16,32,64; --quick: 1,4,16)")
+    parser.add_argument("--matrices", type=positive_int, default=None,
+                        help="distinct weights cycled per shape (default 12: 350 MB for gate_up; --quick: 4)")
+    parser.add_argument("--rounds", type=positive_int, default=None,
+                        help="interleaved timing rounds per row count, median taken (default 7; --quick: 3)")
     parser.add_argument("--inductor", action="store_true", help="also time inductor's C++ GEMM template (slow to compile)")
-    parser.add_argument("--quick", action="store_true", help="rows 1,4,16; 4 matrices; 3 rounds")
-    parser.add_argument("--out", default="bench-results/expert_gemm.json")
+    parser.add_argument("--quick", action="store_true", help="fewer rows, matrices and rounds (options given win)")
+    parser.add_argument("--out", default="bench-results/expert_gemm.json", help="the JSON result (default: %(default)s)")
     args = parser.parse_args(argv)
     args.out = output_file(args.out)
-    if args.quick:
-        args.rows, args.matrices, args.rounds = "1,4,16", 4, 3
+    quick_rows, quick_matrices, quick_rounds = ("1,4,16", 4, 3) if args.quick else ("1,2,4,8,16,32,64", 12, 7)
+    args.rows = args.rows or quick_rows
+    args.matrices = args.matrices or quick_matrices
+    args.rounds = args.rounds or quick_rounds
+    try:
+        row_counts = [positive_int(part) for part in args.rows.split(",")]
+    except argparse.ArgumentTypeError as err:
+        parser.error(f"--rows {args.rows}: {err}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     load_before = os.getloadavg()
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         weights = [torch.randn(out_features, in_features) / in_features**0.5 for _ in range(args.matrices)]
         megabytes = out_features * in_features * 4 / 1e6
         print(f"\n{shape_name}: {out_features} x {in_features} ({megabytes:.1f} MB per matrix, {args.matrices} matrices)")
-        for rows in [int(r) for r in args.rows.split(",")]:
+        for rows in row_counts:
             x = torch.randn(rows, in_features) * 100
             want = [F.linear(x, w) for w in weights]
             gemms = candidates(weights, rows, args.threads)
