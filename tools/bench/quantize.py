@@ -42,7 +42,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import transformers
-from bench_util import output_file, positive_int, run_facts  # noqa: E402
+from bench_util import output_file, positive_int, require_close, run_facts  # noqa: E402
 from moe_block import CacheEviction, median_seconds  # this folder, first on sys.path when run as a script
 
 import moec
@@ -68,6 +68,7 @@ from moec.frontend.zoo import build_preset, minilm_path
 from moec.ir import parse_graph, print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
+from moec.kernels import reference as reference_kernels
 from moec.kernels.matmul_nbits import single_matmul_session
 from moec.kernels.quant import QuantizedWeight, quantize_matrix
 from moec.kernels.quant_matmul import (
@@ -294,7 +295,7 @@ def bench_kernels(quick: bool) -> list[dict]:
                 reader, x, indices, weights, (q_in, q_out, None, None), spec)
         reference = QuantizedExperts(q_in.dequantize(), q_out.dequantize(), None, None, spec)  # float path, dequantized weights
         for tokens in (1, 16) if quick else (1, 4, 8, 16, 64, 256, 1024):
-            rows.append(measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, reference,
+            rows.append(measure_tokens(bits, tokens, hidden, experts, spec, (w_in, w_out), float32, paths, reference,
                                        q_in.matrix(0), generator, evict))
         if bits == 4 and not quick:
             rows += [activation_rounds(paths, tokens, hidden, experts, generator, evict) for tokens in (256, 512, 1024, 2048)]
@@ -379,18 +380,21 @@ def float32_plan(spec: ExpertsSpec, w_in: torch.Tensor, w_out: torch.Tensor):
                                                      lambda: onnxruntime_kernel)
 
 
-def measure_tokens(bits, tokens, hidden, experts, spec, w_in, float32, paths, reference, matrix, generator,
+def measure_tokens(bits, tokens, hidden, experts, spec, float_weights, float32, paths, reference, matrix, generator,
                    evict) -> dict:
+    w_in, w_out = float_weights
     x = torch.randn(tokens, hidden, generator=generator)
     logits = torch.randn(tokens, experts, generator=generator)
     weights, indices = torch.softmax(logits, -1).topk(2, dim=-1)
     weights = weights / weights.sum(-1, keepdim=True)
     want = reference(x, indices, weights)
-    float32_ms = time_call(lambda: float32(x, indices, weights), 5, evict)  # its warm-up call races the kernels
+    exact = float32(x, indices, weights)  # the runner races its kernels here; then checked before it is timed
+    require_close("the float32 plan", exact, reference_kernels.experts(x, indices, weights, w_in, w_out, None, None, spec),
+                  1e-4, f"at {tokens} tokens")
+    float32_ms = time_call(lambda: float32(x, indices, weights), 5, evict)
     row = {"bits": bits, "tokens": tokens,
            "float32_kernel": EXPERT_KERNEL_CHOICE.chosen[expert_kernel_key(spec, 2, tokens)],
            "float32_ms": float32_ms}
-    exact = float32(x, indices, weights)  # what rounding the weights to ``bits`` costs, for scale
     row["weights_max_rel_error"] = float((want - exact).abs().max() / exact.abs().max())
     for kernel, fn in paths.items():
         got = fn(x, indices, weights)
