@@ -373,6 +373,12 @@ def check_calibration_path(path: str) -> Path:
         raise UsageError(f"--calibration {path}: no such file")
     if file.suffix not in (".txt", ".safetensors"):
         raise UsageError(f"--calibration {path}: give {CALIBRATION_FORMS}")
+    if file.suffix == ".txt":
+        try:
+            file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--calibration {path} is not UTF-8 text (byte {err.start}); save it as UTF-8, "
+                             "one sample per line") from None
     return file
 
 
@@ -415,11 +421,7 @@ def read_calibration_file(path: str, tokenizer: Any) -> Any:
     if file.is_dir():
         return Calibration.load(file)
     if file.suffix == ".txt":
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as err:
-            raise UsageError(f"--calibration {path} is not UTF-8 text (byte {err.start}); save it as UTF-8, "
-                             "one sample per line") from None
+        text = file.read_text(encoding="utf-8")  # check_calibration_path read it as UTF-8
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise MoecError(f"--calibration {path}: the file has no text (one sample per line)")
