@@ -23,7 +23,7 @@ from moec.errors import MoecError, PlanError, warn
 from moec.frontend.capture import capture, inference_setup
 from moec.ir.core import WeightRef
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
-from moec.ir.plan import listed_files, load_plan, save_plan
+from moec.ir.plan import load_plan, save_plan
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
@@ -236,9 +236,8 @@ def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
     ``backend`` defaults to the one the plan was saved with; a triton plan runs the kernels saved in it.
     """
     folder = user_path(path)
-    program = load_plan(folder)
+    program, listed = load_plan(folder)
     backend = backend or program.metadata.get("backend", "torch")
-    listed = listed_files(folder)
     calibration = None
     if {CALIBRATION_META, CALIBRATION_TENSORS} <= listed:
         try:

@@ -147,8 +147,8 @@ class Calibration:
                   f"{len(self.moe)} MoE block{'s' if len(self.moe) != 1 else ''}" if self.moe else ""]
         covered = " and ".join(b for b in blocks if b) or "no block"
         samples = len(self.flat_samples)
-        return (f"{samples} sample{'s' if samples != 1 else ''}, {self.tokens:,} real tokens; statistics of {covered}, at most "
-                f"{self.max_rows:,} rows each (`{META_FILE}`, `{TENSORS_FILE}`); reuse them with "
+        return (f"{samples} sample{'s' if samples != 1 else ''}, {self.tokens:,} real tokens; statistics of "
+                f"{covered}, at most {self.max_rows:,} rows each (`{META_FILE}`, `{TENSORS_FILE}`); reuse them with "
                 "`moec.load(folder).calibration` or `moec compile --calibration folder`")
 
     def affinity(self, block_a: str, block_b: str) -> torch.Tensor:
@@ -497,5 +497,5 @@ def run_sample(runner: TorchRunner, inputs: list[torch.Tensor], index: int,
         shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(names, inputs, strict=True))
         raise MoecError(f"calibration sample {index} ({shapes}) does not run through the model: "
                         f"{type(error).__name__}: {error}; check that the samples are valid inputs for it "
-                        "(token ids below the vocabulary size, sequences within the model's position table, shapes the "
-                        "model takes)") from error
+                        "(token ids below the vocabulary size, sequences within the model's position table, "
+                        "shapes the model takes)") from error

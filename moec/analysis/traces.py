@@ -96,8 +96,9 @@ class RoutingTrace:
 
 def collect_trace(program: Program, batches: list[list[torch.Tensor]]) -> RoutingTrace:
     """Run ``program`` on each batch of flat graph inputs and record the experts each ``moe.experts`` op is
-    given for each real token (padding that an ``attention_mask`` marks is left out): a ``moe.route``'s choice, or that of the model's own router code, as the stored experts that run
-    (through the op's ``expert_map`` after a merge), which are what placement distributes.
+    given for each real token (padding that an ``attention_mask`` marks is left out): a ``moe.route``'s
+    choice, or that of the model's own router code, as the stored experts that run (through the op's
+    ``expert_map`` after a merge), which are what placement distributes.
 
     Every routed layer must share one expert count and top-k (true of every supported family)."""
     if not isinstance(batches, (list, tuple)) or not all(isinstance(batch, (list, tuple)) for batch in batches):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import Any, ClassVar
 
@@ -121,10 +122,10 @@ class SpecOp(Operation):
         if missing:
             raise ValueError(f"missing attributes {', '.join(map(repr, missing))}")
         for name, kinds in spec_field_kinds(self.spec_class).items():
-            if name in self.kwargs and not is_of_kind(self.kwargs[name], kinds):
-                value = self.kwargs[name]
+            value = self.kwargs.get(name, MISSING)
+            if value is not MISSING and not any(SCALAR_KINDS[kind][1](value) for kind in kinds):
                 shown = json.dumps(value) if isinstance(value, str) else repr(value)
-                raise ValueError(f"{name!r} is {shown}; it must be {' or '.join(kinds)}")
+                raise ValueError(f"{name!r} is {shown}; it must be {' or '.join(SCALAR_KINDS[k][0] for k in kinds)}")
         try:
             spec = self.spec
         except TypeError as err:
@@ -141,29 +142,26 @@ class SpecOp(Operation):
                              f"expected {list(shape)}")
 
 
-SCALAR_KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-                "None": "none"}
+# A spec field's annotation -> how an error names it, and whether an attribute value is of it (a bool is no number).
+SCALAR_KINDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "int": ("an integer", lambda value: isinstance(value, int) and not isinstance(value, bool)),
+    "float": ("a number", lambda value: isinstance(value, (int, float)) and not isinstance(value, bool)),
+    "bool": ("true or false", lambda value: isinstance(value, bool)),
+    "str": ("a string", lambda value: isinstance(value, str)),
+    "None": ("none", lambda value: value is None),
+}
 
 
 @functools.cache
 def spec_field_kinds(spec_class: type) -> dict[str, tuple[str, ...]]:
-    """The scalar kinds each field of ``spec_class`` takes, by its annotation (``float | None``: a number or
-    none); fields of other types are left out."""
+    """The ``SCALAR_KINDS`` each field of ``spec_class`` takes, by its annotation (``float | None``: float or
+    None); fields of other types are left out."""
     kinds = {}
     for field in fields(spec_class):
         names = tuple(part.strip() for part in str(field.type).split("|"))
         if all(name in SCALAR_KINDS for name in names):
-            kinds[field.name] = tuple(SCALAR_KINDS[name] for name in names)
+            kinds[field.name] = names
     return kinds
-
-
-def is_of_kind(value: Any, kinds: tuple[str, ...]) -> bool:
-    """Whether an attribute value is one of ``kinds`` (``SCALAR_KINDS`` phrases; a bool is no integer)."""
-    return any({"an integer": isinstance(value, int) and not isinstance(value, bool),
-                "a number": isinstance(value, (int, float)) and not isinstance(value, bool),
-                "true or false": isinstance(value, bool),
-                "a string": isinstance(value, str),
-                "none": value is None}[kind] for kind in kinds)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

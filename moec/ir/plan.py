@@ -22,7 +22,7 @@ from moec.ir.parser import parse_graph
 from moec.ir.printer import print_graph
 from moec.ir.program import Program, load_treespec
 from moec.ir.quant import QuantizedType, storage_names
-from moec.ir.types import DTYPES_BY_NAME, TensorType
+from moec.ir.types import TensorType
 from moec.ir.verifier import verify
 from moec.kernels.quant import check_storage
 from moec.paths import user_path
@@ -245,8 +245,10 @@ def file_in_plan(folder: Path, name: str, plan_file: Path) -> Path:
     return file
 
 
-def load_plan(path: str | os.PathLike) -> Program:
-    """Load and verify a plan folder written by ``save_plan``."""
+def load_plan(path: str | os.PathLike) -> tuple[Program, set[str]]:
+    """Load and verify a plan folder written by ``save_plan``: its program, and the files its plan.json lists
+    with their checksums beside the weights (a file of the folder it does not list is no part of the plan and
+    is never read)."""
     folder, plan = read_plan_json(path)
     try:
         graph = parse_graph(plan["ir"])
@@ -281,18 +283,12 @@ def load_plan(path: str | os.PathLike) -> Program:
         except Exception as err:  # whatever a corrupt spec makes pytree raise
             raise PlanError(f"{folder}: its {key} cannot be read ({type(err).__name__}: {err}); the plan is "
                             "corrupt, compile it again") from None
-    return Program(graph, weights, plan["in_spec"], plan["out_spec"], plan["metadata"])
+    program = Program(graph, weights, plan["in_spec"], plan["out_spec"], plan["metadata"])
+    return program, set(plan["files"]) - {WEIGHTS_FILE}
 
 
 def check_stored(name: str, weight_type: TensorType, tensor: torch.Tensor) -> None:
     """``ValueError`` when the tensor stored for weight ``name`` is not of its declared type."""
-    if weight_type.dtype not in DTYPES_BY_NAME or tuple(tensor.shape) != weight_type.static_shape \
-            or tensor.dtype != weight_type.torch_dtype:
+    if tuple(tensor.shape) != weight_type.static_shape or tensor.dtype != weight_type.torch_dtype:
         raise ValueError(f"weight @{name} is declared {weight_type}, but {WEIGHTS_FILE} stores it as "
                          f"{str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}")
-
-
-def listed_files(folder: Path) -> set[str]:
-    """The files a loaded plan's ``plan.json`` lists with their checksums (checked by ``load_plan``): a file of
-    the folder that it does not list is no part of the plan and is never read."""
-    return set(json.loads((folder / PLAN_FILE).read_text(encoding="utf-8"))["files"])

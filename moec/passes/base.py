@@ -56,10 +56,11 @@ class PassContext:
         if isinstance(self.calibration, Calibration):
             if not self.calibration.flat_samples:
                 raise PassError(f"{needed_by}: the given calibration stores no samples; pass the sample inputs")
-            if self.calibration.fingerprint == fingerprint(program):
-                self.describes(self.calibration)  # this program's own: the plan keeps it
-            elif not self.described:
-                self.given_is_foreign = True  # of another program: its statistics are not this plan's
+            if not self.described:  # which calibration the plan keeps is still open: is the given one this program's?
+                if self.calibration.fingerprint == fingerprint(program):
+                    self.describes(self.calibration)
+                else:
+                    self.given_is_foreign = True  # of another program: its statistics are not this plan's
             return self.calibration.flat_samples
         return flatten_samples(program, self.calibration)
 

@@ -86,23 +86,20 @@ def plan_moe(program: Program, lowering: str) -> MoEPlan:
         if not unsupported and int(experts.top_k) > experts.spec.num_experts:
             unsupported = (f"top-{experts.top_k} routing over {experts.spec.num_experts} stored experts (the op "
                            "picks k distinct experts)")
-        fused_op = f"com.microsoft.{'QMoE' if packed else 'MoE'}"
+        if not unsupported:
+            route = own_route(experts)
+            support = None if route is None else ort_moe_support(route.spec, experts.spec, packed)
+            changes_routing = experts.expert_map is not None or experts.skip_threshold > 0
+            if support is not None and support.ok and support.routes_itself and not changes_routing:
+                plan.fused[id(experts)] = FusedExperts(route, support.normalize)
+            elif not is_nonnegative(experts.args[2]):
+                unsupported = "routing weights not provably >= 0 (the op weighs experts by probabilities)"
+            elif not has_distinct_choices(experts.args[1]):
+                unsupported = "a routing that may choose one expert twice for a token (the op chooses distinct experts)"
+            else:
+                plan.fused[id(experts)] = FusedExperts()
         if unsupported:
-            plan.fallbacks[block] = f"{fused_op} cannot express {unsupported}"
-            continue
-        route = own_route(experts)
-        support = None if route is None else ort_moe_support(route.spec, experts.spec, packed)
-        changes_routing = experts.expert_map is not None or experts.skip_threshold > 0
-        if support is not None and support.ok and support.routes_itself and not changes_routing:
-            plan.fused[id(experts)] = FusedExperts(route, support.normalize)
-        elif not is_nonnegative(experts.args[2]):
-            plan.fallbacks[block] = (f"{fused_op} cannot express routing weights not provably >= 0 (the op weighs "
-                                     "experts by probabilities)")
-        elif not has_distinct_choices(experts.args[1]):
-            plan.fallbacks[block] = (f"{fused_op} cannot express a routing that may choose one expert twice for a "
-                                     "token (the op chooses distinct experts)")
-        else:
-            plan.fused[id(experts)] = FusedExperts()
+            plan.fallbacks[block] = f"com.microsoft.{'QMoE' if packed else 'MoE'} cannot express {unsupported}"
     return plan
 
 
