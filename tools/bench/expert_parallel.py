@@ -37,6 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bench_util import output_file, require_close  # noqa: E402
+
 from moec.analysis import placement as placing  # noqa: E402
 from moec.analysis.schedule import (  # noqa: E402
     CostModel,
@@ -227,6 +229,17 @@ def worker(out: Path, quick: bool) -> None:
     chosen = choose_chunks(work, cost, max_chunks=8)
     local_index = local_positions(owners, world)
 
+    # Every variant must compute the layer: each rank's rows against the experts of all ranks in one process.
+    gathered = {name: [torch.empty_like(weight[name]) for _ in range(world)] for name in ("w_in", "w_out")}
+    for name, parts in gathered.items():
+        dist.all_gather(parts, weight[name])
+    everything = {name: torch.stack([parts[e % world][e // world] for e in range(experts)])
+                  for name, parts in gathered.items()}
+    want = reference.experts(x, indices, routing, everything["w_in"], everything["w_out"], None, None, spec)
+    for chunks in sorted({1, chosen.chunks}):
+        got = expert_parallel_layer(x, indices, routing, owners, local_index, weight, spec, chunks, shared)
+        require_close(f"the expert-parallel layer in {chunks} chunk(s)", got, want, 1e-5, f"on rank {rank}")
+
     def serial():
         expert_parallel_layer(x, indices, routing, owners, local_index, weight, spec, 1)
         shared()
@@ -294,8 +307,7 @@ def main() -> None:
     if args.worker:
         worker(Path(args.worker), args.quick)
         return
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_file(args.out)
     tokens, layers, experts, ranks = (4096, 8, 32, 8) if args.quick else (16384, 16, 64, 8)
     limit = 20.0
     rows = []
