@@ -112,6 +112,13 @@ def placement_mismatch(placement: Placement, graph: Graph) -> str | None:
     return None
 
 
+def idle_ranks(placement: Placement) -> dict[str, list[int]]:
+    """Per layer, the ranks the placement gives no expert of it (every rank needs one to run its share)."""
+    idle = {layer: sorted(set(range(placement.world_size)) - set(row))
+            for layer, row in zip(placement.layers, placement.ranks, strict=True)}
+    return {layer: ranks for layer, ranks in idle.items() if ranks}
+
+
 def check_world_size(num_experts: int, world_size: int) -> None:
     if world_size < 1:
         raise MoecError(f"world size must be at least 1, got {world_size}")
@@ -190,6 +197,9 @@ def solve_placement(
     """
     E, L, R = trace.num_experts, trace.num_layers, world_size
     check_world_size(E, R)
+    if trace.num_tokens == 0:
+        raise MoecError("the routing trace holds no tokens, so it says nothing about where experts belong; trace "
+                        "sample inputs with real (unpadded) tokens")
     capacity = math.ceil(E / R) if capacity is None else capacity
     if capacity * R < E:
         raise MoecError(
@@ -251,7 +261,7 @@ def solve_placement(
         weights = load[layer].tolist()
         for r in range(R):
             column = [x[layer][e][r] for e in range(E)]
-            model.add(cp_model.LinearExpr.sum(column) <= capacity)
+            model.add_linear_constraint(cp_model.LinearExpr.sum(column), 1, capacity)  # no rank idles in a layer
             model.add(cp_model.LinearExpr.weighted_sum(column, weights) <= limit[layer])
     if memory_bytes is not None:
         for r in range(R):
@@ -293,6 +303,11 @@ def solve_placement(
     solver.parameters.random_seed = seed
     solver.parameters.symmetry_level = 0  # symmetry breaking in presolve would discard the hint
     status = solver.solve(model)
+    if status == cp_model.UNKNOWN:
+        raise MoecError(
+            f"the solver found no placement of {E} experts x {L} layers on {R} ranks within time_limit_s="
+            f"{time_limit_s:g} (nor proved that none exists); raise time_limit_s, or relax the balance or capacity"
+        )
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         balance = (f"balance_eps={balance_eps}" if balance_eps is not None
                    else "the tightest balance each layer allows")
@@ -340,8 +355,9 @@ def tightest_rank_loads(load: torch.Tensor, world_size: int, capacity: int, targ
     for layer, weights in enumerate(load.tolist()):
         lower = max(max(weights), math.ceil(sum(weights) / R))
         rank_load, rank_count = [0] * R, [0] * R
-        for weight in sorted(weights, reverse=True):
-            best = min((r for r in range(R) if rank_count[r] < capacity), key=lambda r: rank_load[r])
+        for placed, weight in enumerate(sorted(weights, reverse=True)):
+            open_ranks = ranks_with_room(rank_count, capacity, len(weights) - placed)
+            best = min(open_ranks, key=lambda r: rank_load[r])
             rank_load[best] += weight
             rank_count[best] += 1
         upper = max(rank_load)
@@ -353,7 +369,7 @@ def tightest_rank_loads(load: torch.Tensor, world_size: int, capacity: int, targ
                 model.add_exactly_one(row)
             for r in range(R):
                 column = [row[r] for row in x]
-                model.add(cp_model.LinearExpr.sum(column) <= capacity)
+                model.add_linear_constraint(cp_model.LinearExpr.sum(column), 1, capacity)
                 model.add(cp_model.LinearExpr.weighted_sum(column, weights) <= busiest)
             for e in range(min(len(weights), R)):  # interchangeable ranks: expert e uses one of ranks 0..e
                 for r in range(e + 1, R):
@@ -367,6 +383,15 @@ def tightest_rank_loads(load: torch.Tensor, world_size: int, capacity: int, targ
                 upper = min(upper, int(solver.objective_value))
         tightest.append(upper)
     return tightest
+
+
+def ranks_with_room(rank_count: list[int], capacity: int, remaining: int) -> list[int]:
+    """The ranks the next of ``remaining`` experts may go to: those below ``capacity``, or only the empty
+    ones once there are no more experts left than empty ranks (every rank holds an expert of each layer)."""
+    empty = [r for r, count in enumerate(rank_count) if count == 0]
+    if len(empty) >= remaining:
+        return empty
+    return [r for r, count in enumerate(rank_count) if count < capacity]
 
 
 def affinity_edges(transitions: torch.Tensor, per_expert: int, min_share: float) -> list[list[list[tuple[int, int]]]]:
@@ -408,9 +433,9 @@ def greedy_placement(load: torch.Tensor, transitions: torch.Tensor, world_size: 
         owner = [-1] * E
         rank_load = [0] * world_size
         rank_count = [0] * world_size
-        for e in sorted(range(E), key=lambda e: -int(load[layer, e])):
-            allowed = [r for r in range(world_size)
-                       if rank_count[r] < capacity and rank_load[r] + int(load[layer, e]) <= limit[layer]]
+        for placed, e in enumerate(sorted(range(E), key=lambda e: -int(load[layer, e]))):
+            allowed = [r for r in ranks_with_room(rank_count, capacity, E - placed)
+                       if rank_load[r] + int(load[layer, e]) <= limit[layer]]
             if not allowed:
                 return None
             if layer == 0:

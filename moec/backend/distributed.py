@@ -31,7 +31,7 @@ import safetensors
 import torch
 import torch.distributed as dist
 
-from moec.analysis.placement import Placement, placement_mismatch
+from moec.analysis.placement import Placement, idle_ranks, placement_mismatch
 from moec.analysis.schedule import LayerSchedule
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError, MoecError, PlanError
@@ -68,7 +68,8 @@ def agree(error: MoecError | None, group: Any = None) -> None:
 
 def runtime_refusal(graph: Graph) -> str | None:
     """What in ``graph`` this runtime does not run, described (quantized weights; experts merged with router
-    ``members``, which several router experts share), or None."""
+    ``members``, which several router experts share; a 0-d output, which no rank's share of the batch holds),
+    or None."""
     quantized = [name for name, weight_type in graph.weights.items() if isinstance(weight_type, QuantizedType)]
     if quantized:
         return f"quantized weights ({quantized[0]})"
@@ -76,6 +77,10 @@ def runtime_refusal(graph: Graph) -> str | None:
     if shared:
         return (f"experts of MoE block {shared[0]!r} that several router experts share (expert-merge with router "
                 "'members')")
+    scalars = [i for i, value in enumerate(graph.outputs) if isinstance(value.type, TensorType) and not value.type.rank]
+    if scalars:  # every rank runs a share of the batch, and only rows can be gathered back into one
+        return (f"a 0-d output (output {scalars[0]}: one value for the whole batch, such as the loss a model returns "
+                "when given labels; compile without labels)")
     return None
 
 
@@ -104,6 +109,12 @@ def load_rank_program(path: str | os.PathLike, rank: int, world_size: int) -> tu
     if mismatch is not None:
         raise PlanError(f"{folder}: {mismatch}; a pass changed the experts after expert-placement: run "
                         "expert-placement after the passes that prune, merge or convert experts")
+    idle = idle_ranks(placement)
+    if idle:
+        layer, ranks = next(iter(idle.items()))
+        raise PlanError(f"{folder}: its expert placement gives rank(s) {ranks} no expert of MoE block {layer!r} "
+                        f"({len(idle)} block(s) so); every rank needs one: place the plan's experts again "
+                        "(expert-placement)")
     for op in graph.ops_of(ExpertsOp):
         local = placement.local_experts(op.block, rank)
         for role in EXPERT_ROLES:
@@ -166,13 +177,12 @@ class ExpertParallelRunner(TorchRunner):
 
         def step(args):
             x, indices, routing = args
-            if op.skip_threshold:  # a skipped pair travels with weight 0, as the torch runner computes it
-                routing = routing.float()
-                routing = routing.masked_fill(skipped_pairs(routing, op.skip_threshold), 0.0)
-            run_shared = (lambda: self.early_results.__setitem__(id(shared), shared_step([x]))) if shared else None
             hidden, k = x.shape[-1], indices.shape[-1]
+            # Dynamic skip's dropped pairs stay home, as the torch runner leaves them uncomputed.
+            kept = ~skipped_pairs(routing.float(), op.skip_threshold).reshape(-1, k) if op.skip_threshold else None
+            run_shared = (lambda: self.early_results.__setitem__(id(shared), shared_step([x]))) if shared else None
             y = expert_parallel_layer(x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k), owners,
-                                      local_index, weight, spec, schedule.chunks, run_shared)
+                                      local_index, weight, spec, schedule.chunks, run_shared, kept)
             return y.reshape(x.shape)
 
         return step
@@ -239,16 +249,21 @@ class ChunkRoute:
 
 
 def route_chunks(indices: torch.Tensor, routing: torch.Tensor, owners: torch.Tensor, local_index: torch.Tensor,
-                 world_size: int, chunks: int) -> list[ChunkRoute]:
-    """Split this rank's tokens into ``chunks`` chunks and sort each chunk's pairs by destination."""
+                 world_size: int, chunks: int, kept: torch.Tensor | None = None) -> list[ChunkRoute]:
+    """Split this rank's tokens into ``chunks`` chunks and sort each chunk's pairs by destination; with
+    ``kept`` [T, k], only the pairs it marks travel (dynamic skip's dropped pairs are neither sent nor run)."""
     k, per_rank = indices.shape[-1], int(local_index.max()) + 1
     destination = owners * per_rank + local_index  # per expert: its (rank, local row) as one sort key
     routes = []
     for chunk in torch.arange(indices.shape[0]).tensor_split(chunks):
-        keys = destination[indices[chunk].reshape(-1)]
+        keys, token_of_pair = destination[indices[chunk].reshape(-1)], chunk.repeat_interleave(k)
+        weights = routing[chunk].reshape(-1)
+        if kept is not None:
+            travels = kept[chunk].reshape(-1)
+            keys, token_of_pair, weights = keys[travels], token_of_pair[travels], weights[travels]
         order = torch.argsort(keys, stable=True)
         counts = torch.bincount(keys, minlength=world_size * per_rank).reshape(world_size, per_rank)
-        routes.append(ChunkRoute(chunk.repeat_interleave(k)[order], routing[chunk].reshape(-1)[order], counts))
+        routes.append(ChunkRoute(token_of_pair[order], weights[order], counts))
     return routes
 
 
@@ -273,13 +288,14 @@ def add_combined(y: torch.Tensor, returned: torch.Tensor, route: ChunkRoute, spe
 
 def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor, owners: torch.Tensor,
                           local_index: torch.Tensor, weight: dict[str, torch.Tensor | None], spec: Any, chunks: int,
-                          run_shared: Any = None) -> torch.Tensor:
+                          run_shared: Any = None, kept: torch.Tensor | None = None) -> torch.Tensor:
     """One MoE layer across the process group, in the program order of ``moec.analysis.schedule``.
 
     ``tokens`` [T, H], ``indices``/``routing`` [T, k] are this rank's; ``owners[e]`` is expert e's rank,
     ``local_index[e]`` its row in its owner's ``weight`` tensors (which hold that rank's experts only).
-    ``run_shared`` (or None) is called once the first dispatches are in flight. Returns y [T, H]. The layer
-    runs in ``chunks`` chunks, or in as many as the most tokens any rank holds where that is fewer.
+    ``run_shared`` (or None) is called once the first dispatches are in flight; ``kept`` [T, k] (or None:
+    all) marks the pairs to run. Returns y [T, H]. The layer runs in ``chunks`` chunks, or in as many as the
+    most tokens any rank holds where that is fewer.
 
     Only token rows travel: the per-expert pair counts exchanged first tell each owner which of its
     experts every received row is for, since rows arrive sorted by expert.
@@ -289,7 +305,7 @@ def expert_parallel_layer(tokens: torch.Tensor, indices: torch.Tensor, routing: 
         raise BackendError("an experts layer needs its w_in and w_out weights")
     world_size = dist.get_world_size()
     hidden = tokens.shape[-1]
-    routes = route_chunks(indices, routing, owners, local_index, world_size, chunks)
+    routes = route_chunks(indices, routing, owners, local_index, world_size, chunks, kept)
     send_counts = torch.stack([route.counts for route in routes], dim=1)  # [R, C, L]
     # Each rank's token count travels with its pair counts, so that every rank learns the most tokens any
     # rank holds and all agree, without another exchange, to leave out the chunks past it: with fewer

@@ -99,6 +99,10 @@ class ExpertPlacement(Pass):
             trace = self.routing_trace(program, context)
             if trace.layers != blocks:
                 raise PassError(f"the trace's layers {list(trace.layers)} are not the program's MoE blocks {list(blocks)}")
+            if trace.num_experts != num_experts:
+                raise PassError(f"the trace routes among {trace.num_experts} experts per layer, the program's MoE blocks "
+                                f"have {num_experts}; trace this program (a trace taken before a pass pruned, merged or "
+                                "converted experts no longer fits)")
             expert_bytes = [stored_expert_bytes(program, op) for op in experts_ops]
             placement, solve = placing.solve_placement(
                 trace, self.world_size, balance_eps=self.balance_eps, capacity=self.capacity,

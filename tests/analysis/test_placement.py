@@ -107,6 +107,34 @@ def test_bad_inputs_raise_clear_errors():
     assert stats.balance_limits == {"a": 2.0} and stats.relaxed_layers == ["a"]
 
 
+def test_every_rank_holds_an_expert_of_every_layer():
+    """A skewed trace of few tokens (some experts never chosen) or a generous capacity leaves the solver free
+    to pile experts on some ranks; a rank with no expert of a layer could not run its share of it."""
+    cases = [(synthetic_trace(16, 3, 8, 2, skew=1.5, affinity=0.8, seed=seed), 6, None) for seed in range(4)]
+    cases += [(synthetic_trace(64, 2, 4, 2, skew=2.0, seed=0), 2, 4), (synthetic_trace(16, 3, 8, 2, skew=1.5, seed=2), 5, 8)]
+    for trace, world_size, capacity in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the default balance relaxed on such traces
+            placement, _ = placing.solve_placement(trace, world_size, capacity=capacity, time_limit_s=2)
+        assert placing.idle_ranks(placement) == {}, (world_size, capacity, placement.ranks)
+    loads = torch.tensor([[40, 0, 0, 0, 0, 0, 0, 0]])
+    assert min(placing.tightest_rank_loads(loads, 6, 8, [0])) == 40  # reachable with a rank for each of 6
+    hint = placing.greedy_placement(loads, torch.zeros(0, 8, 8, dtype=torch.int64), 6, 8, [40])
+    assert hint is not None and sorted(set(hint[0])) == list(range(6))
+
+
+def test_a_solver_out_of_time_is_not_called_infeasible(monkeypatch):
+    monkeypatch.setattr(placing.cp_model.CpSolver, "solve", lambda self, model: placing.cp_model.UNKNOWN)
+    with pytest.raises(MoecError, match=r"found no placement .* within time_limit_s=0.5 \(nor proved that none "
+                       r"exists\); raise time_limit_s"):
+        placing.solve_placement(chain_trace(), 2, balance_eps=0.5, time_limit_s=0.5)
+
+
+def test_an_empty_trace_is_refused():
+    with pytest.raises(MoecError, match="holds no tokens"):
+        placing.solve_placement(RoutingTrace(torch.zeros(0, 2, 1, dtype=torch.int64), ("a", "b"), 4), 2)
+
+
 def few_tokens_trace() -> RoutingTrace:
     """32 top-1 tokens per layer with expert loads 10, 4, 8, 10 and 5, 9, 9, 9 (tiny-mixtral's on its
     example input): two experts a rank, so the best split is 18 / 14, 12.5% over the mean, not 10%."""
@@ -143,7 +171,8 @@ def test_tightest_rank_loads_match_brute_force():
         for layer, weights in enumerate(load.tolist()):
             best = min(max(sum(w for w, r in zip(weights, row, strict=True) if r == rank) for rank in range(world_size))
                        for row in itertools.product(range(world_size), repeat=6)
-                       if max(row.count(rank) for rank in range(world_size)) <= capacity)
+                       if 1 <= min(row.count(rank) for rank in range(world_size))
+                       and max(row.count(rank) for rank in range(world_size)) <= capacity)
             assert found[layer] == best, (world_size, capacity, layer)
 
 
@@ -184,23 +213,30 @@ def test_local_search_respects_the_load_limit():
 
 @pytest.mark.slow
 def test_minilm_converted_to_moe_traces_without_padding_and_placement_beats_round_robin(captured):
-    """The bench's real-trace case in miniature: dense-to-moe on the real all-MiniLM-L6-v2 (its default
-    coactivation clustering), routing traced one sentence at a time (no padding tokens), placed on 2 ranks:
-    at least 40% fewer cross-rank moves than round-robin. Slow: about a minute here."""
+    """The bench's real-trace case: dense-to-moe on the real all-MiniLM-L6-v2 (its default coactivation
+    clustering, 16 experts, top-4) calibrated on 128 sentences, routing traced one sentence at a time (no
+    padding tokens), placed on 2 ranks from the calibration trace: on 128 held-out sentences at least 40%
+    fewer cross-rank moves than round-robin. Slow: 100 s on a busy 2-core machine. (Smaller cases are too
+    noisy to hold a floor: with 16 or 32 calibration sentences and 8 experts the cut ranged from 21% to 47%.)"""
     _, _, program = captured("minilm")
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm_path(), local_files_only=True)
-    calibration_text, held_text = calibration_and_held_out(16, 8)
+    calibration_text, held_text = calibration_and_held_out(128, 128)
     calibration = calibrate(program, tokenized_batches(tokenizer, calibration_text), progress=False)
     program = Program(parse_graph(print_graph(program.graph)), program.weights, program.in_spec, program.out_spec)
-    run_passes(program, build_passes({"passes": [{"dense_to_moe": {"experts": 8, "top_k": 2}}]}),
+    run_passes(program, build_passes({"passes": [{"dense_to_moe": {"experts": 16, "top_k": 4}}]}),
                PassContext(calibration=calibration, progress=False))
-    batches = tokenized_batches(tokenizer, held_text, batch_size=1)
-    trace = collect_trace(program, [program.flatten_inputs((), batch) for batch in batches])
-    assert trace.num_layers == 6 and trace.top_k == 2
-    assert trace.num_tokens == sum(int(batch["attention_mask"].sum()) for batch in batches)
-    rr = placing.round_robin_placement(trace.layers, 8, 2)
-    eps = max(0.1, placing.load_imbalance(trace, rr) - 1)
-    placement, _ = placing.solve_placement(trace, 2, balance_eps=eps, time_limit_s=5)
-    assert placing.load_imbalance(trace, placement) <= 1 + eps + 1e-9
-    cut = 1 - placing.cross_rank_moves(trace, placement) / placing.cross_rank_moves(trace, rr)
-    assert cut >= 0.40, cut  # the issue's target; 51% measured
+
+    def trace_of(sentences: list[str]) -> RoutingTrace:
+        batches = tokenized_batches(tokenizer, sentences, batch_size=1)
+        trace = collect_trace(program, [program.flatten_inputs((), batch) for batch in batches])
+        assert trace.num_layers == 6 and trace.top_k == 4
+        assert trace.num_tokens == sum(int(batch["attention_mask"].sum()) for batch in batches)
+        return trace
+
+    placed_on, held_out = trace_of(calibration_text), trace_of(held_text)
+    rr = placing.round_robin_placement(placed_on.layers, 16, 2)
+    eps = max(0.1, placing.load_imbalance(placed_on, rr) - 1)
+    placement, _ = placing.solve_placement(placed_on, 2, balance_eps=eps, time_limit_s=10)
+    assert placing.load_imbalance(placed_on, placement) <= 1 + eps + 1e-9
+    cut = 1 - placing.cross_rank_moves(held_out, placement) / placing.cross_rank_moves(held_out, rr)
+    assert cut >= 0.40, cut  # the issue's target; 58.6% measured

@@ -168,6 +168,31 @@ def test_two_rank_run_matches_single_process(qwen_plan):
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+def test_a_dynamic_skip_plan_on_two_ranks_matches_single_process(tmp_path):
+    """A dynamic-skip plan on 2 ranks (whose skipped pairs are not sent: ``test_pair_bookkeeping_in_one_process``)
+    gives the single process's outputs (routers scaled up so that routing weights differ and a tenth or more of the pairs are dropped)."""
+    from moec.passes.dynamic_skip import skip_statistics
+
+    model, example = build_preset("tiny-qwen2-moe")
+    example = {key: torch.cat([value, value.flip(0)]) for key, value in example.items()}
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.mul_(8)
+    recipe = {"passes": [{"dynamic-skip": {"threshold": 0.5}},
+                         {"expert-placement": {"world_size": 2, "method": "round-robin"}}]}
+    compiled = moec.compile(model, example, recipe=recipe)
+    program = compiled.program
+    assert skip_statistics(program, [program.flatten_inputs((), example)])["skipped_fraction"] >= 0.1
+    expected = compiled(**example).logits
+    compiled.save(tmp_path / "plan")
+    safetensors.torch.save_file(example, str(tmp_path / "inputs.safetensors"))
+    done = run_ranks(2, str(tmp_path / "plan"), "--inputs", str(tmp_path / "inputs.safetensors"), "--output",
+                     str(tmp_path / "out.safetensors"))
+    assert [rank.returncode for rank in done] == [0, 0], done[0].stderr[-3000:] + done[1].stderr[-3000:]
+    got = safetensors.torch.load_file(str(tmp_path / "out.safetensors"))["output_0"]
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
 def test_an_error_every_rank_hits_is_printed_once(qwen_plan, tmp_path):
     folder, _ = qwen_plan
     broken = tmp_path / "inputs.safetensors"
@@ -298,11 +323,29 @@ def test_a_placement_made_before_the_experts_changed_is_refused(qwen_plan, tmp_p
         load_rank_program(plan, 0, 2)
 
 
+def test_a_placement_that_leaves_a_rank_idle_is_refused(qwen_plan, tmp_path):
+    """A placement (edited, or written by another tool) giving rank 1 no expert of a layer is one PlanError: that
+    rank could not run its share of the layer."""
+    from moec.backend.distributed import load_rank_program
+
+    folder, _ = qwen_plan
+    plan = shutil.copytree(folder / "plan", tmp_path / "plan")
+    data = json.loads((plan / "plan.json").read_text())
+    placement = data["metadata"]["expert_parallel"]["placement"]
+    placement["ranks"] = [[0] * len(row) for row in placement["ranks"]]
+    (plan / "plan.json").write_text(json.dumps(data))
+    for rank in (0, 1):  # every rank says so, not only the idle one
+        with pytest.raises(moec.PlanError, match=r"gives rank\(s\) \[1\] no expert of MoE block .*every rank needs one"):
+            load_rank_program(plan, rank, 2)
+
+
 @pytest.mark.parametrize("weighted_input", [False, True])
-def test_pair_bookkeeping_in_one_process(weighted_input):
+@pytest.mark.parametrize("skipping", [False, True])
+def test_pair_bookkeeping_in_one_process(weighted_input, skipping):
     """The runtime's dispatch and combine bookkeeping with the all-to-alls simulated by slicing: each owner
     derives every received row's expert from the exchanged counts alone, and the sums match the MoE (the
-    routing weight scaling each expert's output, or its input)."""
+    routing weight scaling each expert's output, or its input). Pairs a dynamic skip drops are not sent:
+    with weighted inputs an expert of a zero row would still add its biases' output."""
     world, experts, k, tokens, hidden, chunks = 3, 7, 2, 11, 4, 2
     spec = ExpertsSpec(num_experts=experts, hidden=hidden, intermediate=1, act="silu", gated=False,
                        weighted_input=weighted_input)
@@ -314,7 +357,12 @@ def test_pair_bookkeeping_in_one_process(weighted_input):
     ranks = [(torch.randn(tokens, hidden, generator=gen),
               torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)]),
               torch.rand(tokens, k, generator=gen)) for _ in range(world)]
-    routes = [route_chunks(ids, weights, owners, local_index, world, chunks) for _, ids, weights in ranks]
+    kept = [torch.rand(tokens, k, generator=gen) > 0.4 if skipping else torch.ones(tokens, k, dtype=torch.bool)
+            for _ in range(world)]
+    routes = [route_chunks(ids, weights, owners, local_index, world, chunks, kept[s] if skipping else None)
+              for s, (_, ids, weights) in enumerate(ranks)]
+    if skipping:
+        assert sum(int(route.counts.sum()) for route in routes[0]) == int(kept[0].sum()) < tokens * k
     outputs = [torch.zeros(tokens, hidden) for _ in range(world)]
     for chunk in range(chunks):
         sent = [torch.tensor([0, *routes[s][chunk].counts.sum(1).cumsum(0).tolist()]) for s in range(world)]
@@ -325,17 +373,17 @@ def test_pair_bookkeeping_in_one_process(weighted_input):
             counts = torch.stack([routes[s][chunk].counts[owner] for s in range(world)])
             expert = global_id[owner, received_expert_rows(counts)]
             assert (expert >= 0).all()
-            out = rows.square() * (expert + 1).unsqueeze(1)  # expert e squares and multiplies by e + 1
+            out = (rows.square() + 1) * (expert + 1).unsqueeze(1)  # expert e: (x^2 + 1) * (e + 1), nonzero at 0
             bounds = counts.sum(1).cumsum(0).tolist()
             for s, (start, end) in enumerate(zip([0, *bounds[:-1]], bounds, strict=True)):
                 returned[s].append(out[start:end])
         for s in range(world):
             add_combined(outputs[s], torch.cat(returned[s]), routes[s][chunk], spec)
-    for (x, ids, weights), y in zip(ranks, outputs, strict=True):
+    for (x, ids, weights), y, mask in zip(ranks, outputs, kept, strict=True):
         w = weights.unsqueeze(-1)
         inputs = w * x.unsqueeze(1) if weighted_input else x.unsqueeze(1)
-        expected = ((1 if weighted_input else w) * inputs.square() * (ids + 1).unsqueeze(-1)).sum(1)
-        torch.testing.assert_close(y, expected)
+        per_pair = (1 if weighted_input else w) * (inputs.square() + 1) * (ids + 1).unsqueeze(-1)
+        torch.testing.assert_close(y, (per_pair * mask.unsqueeze(-1)).sum(1))
 
 
 def test_chunks_beyond_the_tokens_are_left_out(one_rank_job, monkeypatch):
@@ -375,6 +423,19 @@ def test_a_placed_plan_the_runtime_cannot_run_is_told_at_compile_time(tmp_path):
         compiled = moec.compile(model, example, recipe=recipe)
     report = (compiled.save(tmp_path / "plan") / REPORT_FILE).read_text()
     assert "placed on 2 ranks (round-robin), but it has quantized weights" in report and "torchrun" not in report
+
+
+def test_a_plan_with_a_0d_output_is_refused_at_compile_time_and_by_the_runtime(tmp_path):
+    """Given labels, a causal LM returns its loss, one value for the whole batch: no rank's share holds it."""
+    from moec.backend.distributed import load_rank_program
+
+    model, example = build_preset("tiny-qwen2-moe")
+    example = {**example, "labels": example["input_ids"]}
+    recipe = {"passes": [{"expert-placement": {"world_size": 2, "method": "round-robin"}}]}
+    with pytest.warns(UserWarning, match=r"but it has a 0-d output \(output 0: .*the loss.*compile without labels\)"):
+        compiled = moec.compile(model, example, recipe=recipe)
+    with pytest.raises(moec.PlanError, match="has a 0-d output"):
+        load_rank_program(compiled.save(tmp_path / "plan"), 0, 2)
 
 
 @pytest.mark.slow  # about 8 s

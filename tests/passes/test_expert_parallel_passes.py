@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import moec
-from moec.analysis.traces import collect_trace, synthetic_trace
+from moec.analysis.traces import RoutingTrace, collect_trace, synthetic_trace
 from moec.errors import PassError
 from moec.frontend.zoo import build_preset
 from moec.ir.ops import ExpertsOp, SharedExpertOp
@@ -84,6 +84,12 @@ def test_placement_errors(qwen):
         run(program, [{"expert-placement": {"world_size": 2}}], synthetic_trace(10, 2, 4))
     with pytest.raises(PassError, match="raise the capacity"):
         run(program, [{"expert-placement": {"world_size": 2, "capacity": 1}}], trace)
+    other_count = RoutingTrace(synthetic_trace(10, 2, 8).experts, trace.layers, 8)  # the program has 4 per layer
+    with pytest.raises(PassError, match="routes among 8 experts per layer, the program's MoE blocks have 4; trace this"):
+        run(program, [{"expert-placement": {"world_size": 2}}], other_count)
+    empty = RoutingTrace(torch.zeros(0, 2, 2, dtype=torch.int64), trace.layers, 4)
+    with pytest.raises(PassError, match="holds no tokens"):
+        run(program, [{"expert-placement": {"world_size": 2}}], empty)
 
 
 @pytest.mark.slow  # about 9 s
