@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -301,14 +302,16 @@ def describe_spec(op: Any) -> str:
 
 def describe_quantization(program: Program, op: Any) -> str:
     """``", 4-bit, group 32"`` for an op with quantized weights (``", 2-8 bits (mean 3.50), group 32"`` when
-    its matrices have several widths); ``""`` for a float one."""
+    its matrices have several widths: the mean per parameter); ``""`` for a float one."""
     types = [program.graph.weights[ref.name] for ref in op.weight_refs]
     quantized = [t for t in types if isinstance(t, QuantizedType)]
     if not quantized:
         return ""
     bits = [width for t in quantized for width in t.bits]
-    widths = f"{bits[0]}-bit" if len(set(bits)) == 1 else \
-        f"{min(bits)}-{max(bits)} bits (mean {sum(bits) / len(bits):.2f})"
+    # the mean over parameters, as a budget counts them: each matrix's width weighs by its size
+    sizes = [math.prod(t.static_shape[-2:]) for t in quantized for _ in t.bits]
+    mean = sum(width * size for width, size in zip(bits, sizes, strict=True)) / sum(sizes)
+    widths = f"{bits[0]}-bit" if len(set(bits)) == 1 else f"{min(bits)}-{max(bits)} bits (mean {mean:.2f})"
     groups = " or ".join(str(group) for group in sorted({t.group for t in quantized}))
     return f", {widths}, group {groups}"
 

@@ -187,6 +187,9 @@ def solve(params: Sequence[int], importance: Sequence[float], error: Sequence[Se
     floors = list(floors) if floors is not None else [None] * units
     if not (len(importance) == len(error) == len(floors) == units) or any(len(row) != len(widths) for row in error):
         raise ValueError("params, importance, error and floors need one entry per unit, error one column per width")
+    if not all(math.isfinite(x) for x in [*importance, *(e for row in error for e in row)]):
+        raise ValueError("importance and error must be finite numbers (a non-finite error makes every comparison "
+                         "false, so no width could be weighed)")
     for floor in floors:
         if floor is not None and floor > max(widths):
             raise PassError(f"a floor of {floor} bits is above every candidate width {list(widths)}")

@@ -28,6 +28,7 @@ from moec.kernels.moe_cpu import experts_forward, onednn_available
 from moec.kernels.quant import QuantizedWeight
 from moec.kernels.quant_matmul import (
     INT4_MAX_BITS,
+    INT4_ROW_MULTIPLE,
     QuantizedExperts,
     auto_kernel,
     onnxruntime_linear,
@@ -294,7 +295,7 @@ def quantized_linear(weight: WeightReader, role: str, w: QuantizedWeight, b: tor
     bits = max(w.type.bits)
     racing = (rows.dtype == torch.float32 and rows.device.type == "cpu" and bits <= INT4_MAX_BITS
               and rows.shape[0] >= QUANTIZED_ONNXRUNTIME_MIN_TOKENS)
-    single = auto_kernel(bits, w.qweight.device)  # what ``prepare_linear`` runs for ``auto``
+    single = auto_kernel(bits, w.qweight.device, w.type.static_shape[-2])  # what ``prepare_linear`` runs for ``auto``
     if not racing:
         return prepared(single)()  # cached under its own name: one prepared copy, raced or not
     candidates = {"dequant": prepared("dequant")}
@@ -376,7 +377,8 @@ RULES: dict[type[Operation], Rule] = {
 
 def check_quant_kernel(program: Program, kernel: str) -> None:
     """A ``BackendError`` naming the first quantized weight ``quant_kernel=kernel`` cannot run: ``int4pack``
-    and ``onnxruntime`` take matrices of at most ``INT4_MAX_BITS`` bits stored on the CPU, and
+    and ``onnxruntime`` take matrices of at most ``INT4_MAX_BITS`` bits stored on the CPU (``int4pack`` with rows
+    in whole tiles of ``INT4_ROW_MULTIPLE``), and
     ``onnxruntime`` needs onnxruntime's int8 MatMulNBits kernel here."""
     if kernel not in ("int4pack", "onnxruntime"):
         return
@@ -389,9 +391,12 @@ def check_quant_kernel(program: Program, kernel: str) -> None:
             continue
         device = program.weights[storage_names(name)["qweight"]].device
         widest = max(weight_type.bits)
-        if widest > INT4_MAX_BITS or device.type != "cpu":
-            found = f"{widest}-bit matrices" if widest > INT4_MAX_BITS else f"its storage on {device}"
-            raise BackendError(f"quant_kernel={kernel!r} runs CPU matrices of at most {INT4_MAX_BITS} bits, and "
+        rows = weight_type.static_shape[-2]
+        if widest > INT4_MAX_BITS or device.type != "cpu" or (kernel == "int4pack" and rows % INT4_ROW_MULTIPLE):
+            found = (f"{widest}-bit matrices" if widest > INT4_MAX_BITS else f"its storage on {device}"
+                     if device.type != "cpu" else f"{rows} rows, not a multiple of {INT4_ROW_MULTIPLE}")
+            whole_tiles = f" with rows in multiples of {INT4_ROW_MULTIPLE}" if kernel == "int4pack" else ""
+            raise BackendError(f"quant_kernel={kernel!r} runs CPU matrices of at most {INT4_MAX_BITS} bits{whole_tiles}, and "
                                f"weight @{name} has {found}; use quant_kernel='auto' (a kernel that runs each "
                                "matrix) or 'dequant'")
 

@@ -109,6 +109,10 @@ class QuantizedMatrix:
     bits: int
 
     @property
+    def rows(self) -> int:
+        return self.packed.shape[-2]
+
+    @property
     def columns(self) -> int:
         return self.packed.shape[-1] * 8 // self.bits
 

@@ -8,8 +8,9 @@ Three kernels compute ``y = x @ dequantize(W).T (+ b)`` for one quantized matrix
   activations, for 2-, 3- and 4-bit matrices. The codes are repacked once, at load, into torch's tile layout
   (a 2- or 3-bit code, moved to the middle of the 4-bit range, is a 4-bit code, so narrower matrices take
   4 bits per weight in memory while the plan keeps their narrow packing) and the zero point folded into a
-  float offset: ``(q - z) * s == (q - 8) * s + (8 - z) * s`` for 4 bits. Exact to its reference, ``dequant`` on
-  bfloat16-rounded inputs with a bfloat16 result.
+  float offset: ``(q - z) * s == (q - 8) * s + (8 - z) * s`` for 4 bits. Not exact: its scales and offsets are
+  rounded to bfloat16, so it departs from ``dequant`` (on bfloat16-rounded inputs) by about 0.3-0.6% of the
+  output's largest value. Matrices with rows in whole tiles of 16 only.
 * ``onnxruntime``: onnxruntime's MatMulNBits on int8 activations, for 2-, 3- and 4-bit CPU matrices
   (``moec.kernels.matmul_nbits``). Exact to its reference, ``dequant`` on ``int8_block_rounded`` inputs.
 
@@ -44,6 +45,7 @@ from moec.kernels.reference import (
 KERNELS = ("auto", "dequant", "int4pack", "onnxruntime")
 INT4_TILES = 1  # inner-k tiles of torch's CPU int4 layout (the CPU kernel ignores other values)
 INT4_MAX_BITS = 4  # narrower codes fit the 4-bit tiles unchanged
+INT4_ROW_MULTIPLE = 16  # torch's CPU int4 layout packs a matrix's rows (N) in tiles of 16
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 
@@ -60,6 +62,9 @@ def int4pack_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None) -
     if matrix.bits > INT4_MAX_BITS:
         raise ValueError(f"int4pack takes matrices of at most {INT4_MAX_BITS} bits, got {matrix.bits} bits; "
                          "use the dequant kernel")
+    if matrix.rows % INT4_ROW_MULTIPLE:
+        raise ValueError(f"int4pack takes matrices whose rows are a multiple of {INT4_ROW_MULTIPLE}, got "
+                         f"{matrix.rows}; use the dequant kernel")
     # Narrower codes are shifted to the middle of the 4-bit range: q + c with c = 8 - 2**(bits-1), so that
     # (q - z) * s == (q + c - 8) * s + (2**(bits-1) - z) * s keeps both factors small and the bfloat16
     # rounding of the scale and the offset costs least.
@@ -112,9 +117,10 @@ def int4pack_available() -> bool:
         return False
 
 
-def auto_kernel(bits: int, device: torch.device) -> str:
-    """The kernel ``auto`` picks for a matrix of ``bits`` stored on ``device``: ``int4pack`` has CPU kernels only."""
-    if device.type == "cpu" and bits <= INT4_MAX_BITS and int4pack_available():
+def auto_kernel(bits: int, device: torch.device, rows: int = INT4_ROW_MULTIPLE) -> str:
+    """The kernel ``auto`` picks for a matrix of ``bits`` and ``rows`` stored on ``device``: ``int4pack`` has CPU
+    kernels only, for row counts in whole tiles."""
+    if device.type == "cpu" and bits <= INT4_MAX_BITS and rows % INT4_ROW_MULTIPLE == 0 and int4pack_available():
         return "int4pack"
     return "dequant"
 
@@ -124,7 +130,7 @@ def prepare_linear(matrix: QuantizedMatrix, bias: torch.Tensor | None = None, ke
     if kernel not in KERNELS:
         raise ValueError(f"unknown quantized kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if kernel == "auto":
-        kernel = auto_kernel(matrix.bits, matrix.packed.device)
+        kernel = auto_kernel(matrix.bits, matrix.packed.device, matrix.rows)
     builders = {"int4pack": int4pack_linear, "onnxruntime": onnxruntime_linear, "dequant": dequant_linear}
     return builders[kernel](matrix, bias)
 

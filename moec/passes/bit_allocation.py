@@ -219,6 +219,19 @@ class BitAllocation(Pass):
     def needs_calibration(self) -> bool:
         return True  # both importances measure errors on calibration samples
 
+    def check_finite(self, units: list[Unit], errors: list[list[float]]) -> None:
+        """One ``PassError`` naming the first unit and width whose rounding made the measured error non-finite
+        (a half-precision model that overflows at a narrow width): no allocation can weigh it."""
+        for unit, row in zip(units, errors, strict=True):
+            for width, error in zip(self.widths, row, strict=True):
+                if not math.isfinite(error):
+                    wider = [w for w in self.widths if w > width]
+                    floor = (f"hold it wider with a floor (floors: {{{unit.block!r}: {wider[0]}}}) or " if wider and
+                             unit.block else "")
+                    raise PassError(f"rounding {unit_label(unit)} to {width} bits makes the measured error {error} "
+                                    f"(the output overflows or is undefined on the calibration samples); {floor}leave "
+                                    f"{width} out of widths")
+
     def floor_of(self, unit: Unit) -> int | None:
         return self.floors.get(unit.block, self.floors.get(unit.kind))
 
@@ -242,6 +255,7 @@ class BitAllocation(Pass):
         else:
             errors = [unit_errors(program, u, self.widths, self.group, activations) for u in units]
             importance = [routing_importance(u, activations) for u in units]
+        self.check_finite(units, errors)
         allocation = bit_allocation.solve(params, importance, errors, self.widths, self.budget, floors)
         # every unit at one width, or at the smallest width its floor allows where that is wider
         uniform_bits = {width: [min(w for w in self.widths if w >= max(width, f or width)) for f in floors]

@@ -52,6 +52,12 @@ def test_budget_must_be_finite(budget):
         solve([100, 100, 100], [1, 1, 1], ERRORS, (2, 4), budget=budget)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_errors_are_refused(bad):
+    with pytest.raises(ValueError, match="must be finite numbers"):
+        solve([100, 100], [1, 1], [[bad, 0.1], [0.5, 0.1]], (2, 4), budget=3.0)
+
+
 @settings(max_examples=50, deadline=None)
 @given(
     data=st.data(),

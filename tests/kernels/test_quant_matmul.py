@@ -75,8 +75,9 @@ def test_runner_refuses_int4pack_for_eight_bit_matrices_when_built():
     weights = {"gate": torch.randn(4, 32, generator=generator), "w_out": torch.randn(4, 32, 16, generator=generator),
                **QuantizedWeight.from_matrices("f32", (4, 32, 32), matrices).storage("w_in")}
     program = program_of(text, weights)
-    with pytest.raises(BackendError, match=r"quant_kernel='int4pack' runs CPU matrices of at most 4 bits, and weight "
-                                           r"@w_in has 8-bit matrices; use quant_kernel='auto' .* or 'dequant'"):
+    with pytest.raises(BackendError, match=r"quant_kernel='int4pack' runs CPU matrices of at most 4 bits with rows in "
+                                           r"multiples of 16, and weight @w_in has 8-bit matrices; use "
+                                           r"quant_kernel='auto' .* or 'dequant'"):
         TorchRunner(program, quant_kernel="int4pack")
     x = torch.randn(5, 32, generator=generator)
     assert TorchRunner(program).run([x])[0].shape == (5, 32)  # auto runs the 8-bit expert on dequant
@@ -85,6 +86,18 @@ def test_runner_refuses_int4pack_for_eight_bit_matrices_when_built():
 def test_int4pack_refuses_eight_bits_naming_the_kernel_to_use():
     with pytest.raises(ValueError, match="at most 4 bits, got 8 bits; use the dequant kernel"):
         int4pack_linear(quantize_matrix(torch.randn(8, 64), 8, 32))
+
+
+def test_int4pack_needs_rows_in_whole_tiles_and_auto_runs_other_matrices_on_dequant():
+    """torch's int4 CPU layout packs rows in tiles of 16: a matrix of 24 rows (a plan another tool wrote) is
+    refused by int4pack by name, and ``auto`` runs it on dequant."""
+    generator = torch.Generator().manual_seed(0)
+    matrix = quantize_matrix(torch.randn(24, 64, generator=generator), 4, 32)
+    with pytest.raises(ValueError, match="rows are a multiple of 16, got 24; use the dequant kernel"):
+        int4pack_linear(matrix)
+    x = torch.randn(3, 64, generator=generator)
+    assert torch.equal(prepare_linear(matrix)(x), dequant_linear(matrix)(x))
+    assert auto_kernel(4, torch.device("cpu"), 24) == "dequant"
 
 
 @needs_int4pack

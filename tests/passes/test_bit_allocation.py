@@ -120,6 +120,20 @@ def test_infeasible_budget_is_one_error_naming_the_smallest(compiled_program):
         allocate(program, [program.flatten_inputs((), example)], budget=2.0, group=32, floors={"shared": 8})
 
 
+def test_a_width_whose_rounding_makes_the_output_non_finite_is_one_error_naming_the_unit(compiled_program, monkeypatch):
+    """A half-precision model can overflow once a unit is rounded narrow: its measured error is NaN, which no
+    allocation can weigh (every comparison with it is false)."""
+    from moec.passes import bit_allocation as pass_module
+
+    measure = pass_module.OutputError.__call__
+    monkeypatch.setattr(pass_module.OutputError, "__call__", lambda self, units, bits: float("nan")
+                        if len(units) == 1 and bits == [2] else measure(self, units, bits))
+    _, example, program = compiled_program("tiny-qwen2-moe")
+    with pytest.raises(PassError, match=r"rounding model\.layers\.0\.mlp.* to 2 bits makes the measured error nan .*"
+                       r"floors: \{'model\.layers\.0\.mlp': 3\}\) or leave 2 out of widths"):
+        allocate(clone(program), [program.flatten_inputs((), example)], budget=3.0, group=32, importance="output")
+
+
 @pytest.mark.parametrize(("options", "same_as"), [
     ({"budget": 8.0, "floors": {"shared": 5}}, "uniform 8-bit"),
     ({"budget": 2.7, "widths": [2, 4], "floors": {"shared": 3}}, "uniform 2-bit (floors applied)"),

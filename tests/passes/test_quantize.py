@@ -170,6 +170,11 @@ def test_layer_table_shows_each_quantized_ops_widths_and_group(compiled_program)
     quantize_units(program, units, [2, 3, 4, 8] * 2, 32, "rtn", None)
     details = [row["detail"] for row in CompiledModel(program).summary() if row["op"] == "moe.experts"]
     assert details and all(detail.endswith(", 2-8 bits (mean 4.25), group 32") for detail in details)
+    _, _, program = compiled_program("tiny-mixtral")
+    units = quantizable_units(program, dense=False, per_linear=True)  # w_in is twice w_out's size in every expert
+    quantize_units(program, units, [2 if unit.roles == ("w_in",) else 8 for unit in units], 32, "rtn", None)
+    details = [row["detail"] for row in CompiledModel(program).summary() if row["op"] == "moe.experts"]
+    assert details and all(detail.endswith(", 2-8 bits (mean 4.00), group 32") for detail in details)  # per parameter
 
 
 @pytest.mark.parametrize(("options", "message"), [
