@@ -1,16 +1,21 @@
 """Built-in English text for calibration and evaluation, available offline: sentences from the docstrings of
 Python standard-library modules (written by CPython's authors, shipped with every Python).
 
-The sentence list is deterministic for a given Python version: modules in a fixed order, sentences
-deduplicated, then shuffled with a fixed seed, so calibration and held-out parts never overlap.
+The sentence list is deterministic for a given Python version: the docstrings are read in a fresh interpreter
+(``python -I -S``, so no package imported by the calling process can add or replace a documented member),
+modules in a fixed order, sentences deduplicated, then shuffled with a fixed seed, so calibration and held-out
+parts never overlap.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import random
 import re
+import subprocess
+import sys
 from functools import cache
 
 # Modules with plenty of prose in their docstrings; any that fail to import are skipped.
@@ -48,7 +53,19 @@ def _docstrings(module_name: str) -> list[str]:
 
 @cache
 def stdlib_sentences(min_words: int = 6, max_words: int = 40) -> tuple[str, ...]:
-    """Prose sentences from standard-library docstrings, deduplicated and shuffled with a fixed seed."""
+    """Prose sentences from standard-library docstrings, deduplicated and shuffled with a fixed seed.
+
+    Read in a fresh isolated interpreter: this process may have patched the standard library (transformers adds
+    methods to ``logging.Logger``, a CLI replaces ``warnings.showwarning``), which would change the list.
+    """
+    command = [sys.executable, "-I", "-S", __file__, str(min_words), str(max_words)]
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"reading standard-library docstrings failed: {result.stderr.strip()[-2000:]}")
+    return tuple(json.loads(result.stdout))
+
+
+def _extract_sentences(min_words: int, max_words: int) -> list[str]:
     seen: dict[str, None] = {}
     for module_name in MODULES:
         for doc in _docstrings(module_name):
@@ -59,7 +76,7 @@ def stdlib_sentences(min_words: int = 6, max_words: int = 40) -> tuple[str, ...]
                         seen.setdefault(sentence)
     sentences = list(seen)
     random.Random(SEED).shuffle(sentences)
-    return tuple(sentences)
+    return sentences
 
 
 def calibration_and_held_out(calibration: int, held_out: int) -> tuple[list[str], list[str]]:
@@ -77,3 +94,8 @@ def tokenized_batches(tokenizer, sentences: list[str], batch_size: int = 32, max
                        return_tensors="pt"))
         for i in range(0, len(sentences), batch_size)
     ]
+
+
+if __name__ == "__main__":  # run by ``stdlib_sentences`` in a fresh interpreter
+    sys.stdout.reconfigure(encoding="utf-8")
+    json.dump(_extract_sentences(int(sys.argv[1]), int(sys.argv[2])), sys.stdout)
