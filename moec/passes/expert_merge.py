@@ -46,8 +46,9 @@ Ensures: ``moe.experts`` stores one expert per group, in the order of the domina
 ``groups`` routing the router keeps the dominant experts' rows (same order) and ``moe.route`` chooses top-k
 among them; with ``members`` routing the router is unchanged and ``expert_map`` maps router experts to
 merged ones. Shared experts and all other ops are untouched. The summary reports per layer experts,
-parameters and bytes before/after, ``output_cosine`` (mean per-token cosine of the layer's routed output
-before and after, on the calibration rows the refit saw) and the groups. A layer with no more experts than
+parameters and bytes before/after, ``output_cosine`` and ``output_norm_ratio`` (mean per-token cosine of the
+layer's routed output before and after, and the ratio of its mean row norms, on the calibration rows the refit
+saw) and the groups. A layer with no more experts than
 the target is left as it is, and when that is every layer the pass calibrates nothing and says so in its
 note (the summary's ``note``, and a warning).
 In place (weights keep their names and get new shapes).
@@ -75,8 +76,8 @@ from moec.passes.moe_layers import (
     keep_by_score,
     kept_whole_record,
     layer_record,
-    mean_cosine,
     nothing_to_do_note,
+    output_change,
     routing_groups,
     target_count,
     unmerged_moe_layers,
@@ -347,7 +348,7 @@ class ExpertMerge(Pass):
             router_rows = count if expert_map is None else route.num_experts
             layer.rewrite(program, merged, router_rows, count, expert_map)
             record = layer_record(layer.name, (route.num_experts, *before_size), (count, *layer.size(program)),
-                                  mean_cosine(before_out, after_out))
+                                  output_change(before_out, after_out))
             records.append(record | {"groups": [group.members for group in groups]})
         return PassResult(True, {"layers": records})
 

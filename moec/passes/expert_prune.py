@@ -14,13 +14,15 @@ Requires: a verified graph; calibration data (``PassContext.statistics``) for ev
 merged (``moe.experts`` with an ``expert_map``) are refused: prune before merging; so are quantized layers:
 prune before quantizing.
 Ensures: each layer keeps the chosen experts in their original order; the router's rows (and score bias) of
-removed experts are dropped, so ``moe.route`` chooses ``top_k`` among the kept ones; ``keep >= top_k``.
+removed experts are dropped, so ``moe.route`` chooses ``top_k`` among the kept ones and a softmax scores over
+them only (without renormalization, as OLMoE routes, every kept weight grows); ``keep >= top_k``.
 A layer with no more experts than the target is left as it is, and when that is every layer the pass
 calibrates nothing and says so in its note (the summary's ``note``, and a warning).
 With grouped routing (``n_group > 1``, DeepSeek-V3) every group keeps ``keep / n_group`` experts so groups stay
 equal. Shared experts and all other ops are untouched. The summary reports per layer experts, parameters and
-bytes before/after, the original ids of the experts ``kept`` and ``removed``, and ``output_cosine``: the mean
-per-token cosine of the layer's routed output before and after, on the calibration rows.
+bytes before/after, the original ids of the experts ``kept`` and ``removed``, and ``output_cosine`` and
+``output_norm_ratio``: the mean per-token cosine of the layer's routed output before and after, and the ratio
+of its mean row norms, on the calibration rows.
 In place (weights keep their names and get new shapes).
 """
 
@@ -41,8 +43,8 @@ from moec.passes.moe_layers import (
     keep_by_score,
     kept_whole_record,
     layer_record,
-    mean_cosine,
     nothing_to_do_note,
+    output_change,
     routing_groups,
     target_count,
     unmerged_moe_layers,
@@ -134,7 +136,7 @@ class ExpertPrune(Pass):
             after_out = layer.routed_output(pruned, rows)
             layer.rewrite(program, pruned, len(kept), len(kept), None)
             record = layer_record(layer.name, (route.num_experts, *before_size), (len(kept), *layer.size(program)),
-                                  mean_cosine(before_out, after_out))
+                                  output_change(before_out, after_out))
             removed = [expert for expert in range(route.num_experts) if expert not in kept]
             records.append(record | {"kept": kept, "removed": removed})
         return PassResult(True, {"layers": records})

@@ -141,9 +141,13 @@ def unmerged_moe_layers(program: Program, pass_name: str, advice: str) -> list[M
     return layers
 
 
-def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean over rows of the cosine similarity of two [N, H] tensors (1.0 for identical rows)."""
-    return F.cosine_similarity(a.float(), b.float(), dim=-1, eps=1e-12).mean().item()
+def output_change(before: torch.Tensor, after: torch.Tensor) -> tuple[float, float]:
+    """How a layer's [N, H] routed output changed: the mean over rows of the cosine similarity (1.0 for
+    identical rows; blind to scale) and the ratio of the mean row norms (1.0 for an unchanged scale)."""
+    before, after = before.float(), after.float()
+    cosine = F.cosine_similarity(before, after, dim=-1, eps=1e-12).mean().item()
+    norm_ratio = (after.norm(dim=-1).mean() / before.norm(dim=-1).mean().clamp_min(1e-30)).item()
+    return cosine, norm_ratio
 
 
 def target_count(pass_name: str, layer: MoELayer, keep: int | None, keep_ratio: float | None, grouped: bool) -> int:
@@ -202,7 +206,7 @@ def check_target_options(pass_name: str, keep: int | None, keep_ratio: float | N
 def kept_whole_record(program: Program, layer: MoELayer) -> dict:
     """The report row of a layer that keeps every expert (the target is at least its expert count)."""
     whole = (layer.route.spec.num_experts, *layer.size(program))
-    return layer_record(layer.name, whole, whole, 1.0)
+    return layer_record(layer.name, whole, whole, (1.0, 1.0))
 
 
 def nothing_to_do_note(keep: int | None, keep_ratio: float | None, layers: list[MoELayer], done: str) -> str:
@@ -213,12 +217,14 @@ def nothing_to_do_note(keep: int | None, keep_ratio: float | None, layers: list[
             f"keep fewer experts than a layer has")
 
 
-def layer_record(name: str, before: tuple[int, int, int], after: tuple[int, int, int], cosine: float) -> dict:
-    """One row of a compression report: experts, parameters and bytes before/after, output cosine."""
+def layer_record(name: str, before: tuple[int, int, int], after: tuple[int, int, int],
+                 change: tuple[float, float]) -> dict:
+    """One row of a compression report: experts, parameters and bytes before/after, and the routed output's
+    change (``output_change``: cosine and norm ratio)."""
     return {
         "layer": name,
         "experts_before": before[0], "experts_after": after[0],
         "params_before": before[1], "params_after": after[1],
         "bytes_before": before[2], "bytes_after": after[2],
-        "output_cosine": round(cosine, 6),
+        "output_cosine": round(change[0], 6), "output_norm_ratio": round(change[1], 6),
     }

@@ -84,12 +84,13 @@ def test_a_lossless_recipe_that_breaks_parity_fails_without_writing_a_plan(tmp_p
 
 
 def test_compile_names_the_experts_each_compression_pass_removed_or_merged():
-    row = {"layer": "model.layers.0.mlp", "experts_before": 4, "experts_after": 2, "output_cosine": 0.98765}
+    row = {"layer": "model.layers.0.mlp", "experts_before": 4, "experts_after": 2, "output_cosine": 0.98765,
+           "output_norm_ratio": 1.31234}
     whole = {**row, "layer": "model.layers.1.mlp", "experts_after": 4}
     assert pass_details({"layers": [row | {"kept": [0, 3], "removed": [1, 2]}, whole]}) == [
-        "model.layers.0.mlp: 4 -> 2 experts (removed experts 1, 2), output cosine 0.9877"]
+        "model.layers.0.mlp: 4 -> 2 experts (removed experts 1, 2), output cosine 0.9877, norm x1.312"]
     assert pass_details({"layers": [row | {"groups": [[0, 1], [3], [2]]}]}) == [
-        "model.layers.0.mlp: 4 -> 2 experts (merged 0+1), output cosine 0.9877"]
+        "model.layers.0.mlp: 4 -> 2 experts (merged 0+1), output cosine 0.9877, norm x1.312"]
     assert pass_details({"threshold": 0.5, "expert_ops": 2, "top_1_ops": 1, "measured": False,
                          "not_measured_because": "no calibration samples were given"}) == [
         "skip threshold 0.5 on 2 moe.experts ops (1 with top-1 routing left alone)",

@@ -156,3 +156,7 @@ def test_zoo_layers_match_the_masked_router_reference(preset, keep, criterion):
         expected = masked_reference(x, tensors, route_spec, experts_spec, kept)
         torch.testing.assert_close(y.float(), expected, atol=2e-5, rtol=1e-4)
     assert [r["experts_after"] for r in record["summary"]["layers"]] == [keep] * len(layers)
+    route_spec = next(iter(original.values()))[1]
+    if route_spec.scoring == "softmax" and route_spec.order == "score_then_topk" and not route_spec.renormalize:
+        # OLMoE's softmax runs over the kept experts only: every kept weight grows, and the report says by how much
+        assert all(r["output_norm_ratio"] > 1.05 for r in record["summary"]["layers"]), record["summary"]
