@@ -140,6 +140,20 @@ class Calibration:
     tokens: int = 0
     max_rows: int = DEFAULT_MAX_ROWS
     flat_samples: list[list[torch.Tensor]] = field(default_factory=list)
+    input_names: list[str] | None = None  # what each entry of a flat sample is (None: not recorded, older files)
+
+    def samples_for(self, program: Program) -> list[list[torch.Tensor]]:
+        """The stored samples as ``program``'s flat inputs: entries matched by input name (a program captured
+        from an example that gave its inputs in another order takes them in that order); ``MoecError`` when
+        the names differ, since the samples are of another model's inputs."""
+        names = list(program.graph.input_names)
+        if self.input_names is None or self.input_names == names:
+            return self.flat_samples
+        if sorted(self.input_names) != sorted(names):
+            raise MoecError(f"the calibration's samples give the inputs {self.input_names}, the program takes "
+                            f"{names}; pass sample inputs for this model")
+        order = [self.input_names.index(name) for name in names]
+        return [[sample[i] for i in order] for sample in self.flat_samples]
 
     def describe(self) -> str:
         """One line for a plan's report: what the statistics cover and how to reuse them."""
@@ -192,6 +206,7 @@ class Calibration:
             "dense": {block: {"tokens": s.tokens} for block, s in self.dense.items()},
             "moe": {block: {"num_experts": s.num_experts} for block, s in self.moe.items()},
             "samples": [len(sample) for sample in self.flat_samples],
+            "input_names": self.input_names,
         }
         blob = safetensors.torch.save(unshared(tensors))
         return {TENSORS_FILE: blob, META_FILE: json.dumps(meta, indent=1)}
@@ -242,18 +257,20 @@ class Calibration:
             for block, info in meta["moe"].items()
         }
         samples = [[t[f"samples/{i}/{j}"] for j in range(n)] for i, n in enumerate(meta["samples"])]
-        return Calibration(meta["fingerprint"], dense, moe, t["row_tokens"], meta["tokens"], meta["max_rows"], samples)
+        names = meta.get("input_names")
+        return Calibration(meta["fingerprint"], dense, moe, t["row_tokens"], meta["tokens"], meta["max_rows"], samples,
+                           list(names) if isinstance(names, list) else None)
 
 
 def fingerprint(program: Program) -> str:
-    """A digest of the program's IR text and the tensors its weights are stored in (shape, dtype and a
-    checksum of values; a quantized weight's packed storage), so any rewrite of ops or weights gives
-    another fingerprint."""
+    """A digest of the program's IR text and the tensors its weights are stored in (shape, dtype and every
+    byte; a quantized weight's packed storage), so any rewrite of ops or weights, a permutation of a
+    weight's values included, gives another fingerprint."""
     digest = hashlib.sha256(print_graph(program.graph).encode())
     for name in sorted(stored_weight_names(program.graph)):
-        tensor = program.weights[name]
-        checksum = tensor.detach().double().sum().item() if tensor.is_floating_point() else tensor.sum().item()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:{checksum!r}".encode())
+        tensor = program.weights[name].detach()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
@@ -457,7 +474,8 @@ class _Recorder:
         }
         any_state = next(iter([*self.dense.values(), *self.moe.values()]), {})
         row_tokens = ordinary(any_state.get("row_tokens", torch.zeros(0, dtype=torch.int64)))
-        return Calibration(fingerprint_, dense, moe, row_tokens, self.tokens, self.max_rows, flat_samples)
+        return Calibration(fingerprint_, dense, moe, row_tokens, self.tokens, self.max_rows, flat_samples,
+                           list(self.program.graph.input_names))
 
 
 def calibrate(program: Program, samples: Iterable[Any], *, max_rows: int = DEFAULT_MAX_ROWS,

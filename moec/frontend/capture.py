@@ -29,6 +29,7 @@ from moec.frontend.hf_blocks import is_hf_experts
 from moec.frontend.lower import lower
 from moec.frontend.recognize import recognize, user_registration
 from moec.frontend.swap import swap_blocks
+from moec.ir.guards import InputGuards
 from moec.ir.program import Program
 from moec.ir.types import TensorType
 from moec.ir.verifier import verify
@@ -37,8 +38,9 @@ if TYPE_CHECKING:  # annotations only: importing moec does not import transforme
     from transformers import PretrainedConfig
 
 
-def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> Program:
-    """Export ``model(*args, **kwargs)`` and lower it to IR with its recognized blocks as moec ops."""
+def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, batch_of_two: bool = True) -> Program:
+    """Export ``model(*args, **kwargs)`` and lower it to IR with its recognized blocks as moec ops; an example of
+    batch 1 is traced at batch 2 unless ``batch_of_two`` is False (``export_batch_of_two``)."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"moec compiles torch.nn.Module models, got {type(model).__name__}")
     unloaded = next((name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta),
@@ -52,18 +54,29 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None) -> P
     with inference_setup(model):
         try:
             with exportable_experts(model, specs), swap_blocks(model, specs):
-                ep = export_batch_of_two(model, args, kwargs) or export(model, args, kwargs)
+                ep = (batch_of_two and export_batch_of_two(model, args, kwargs)) or export(model, args, kwargs)
         except EagerFailure as failure:
             if eager_failure(model, args, kwargs) is None:  # the model itself runs: moec's swap broke it
+                registered = sorted({type(model.get_submodule(spec.module)).__qualname__ for spec in specs
+                                     if user_registration(model.get_submodule(spec.module)) is not None})
+                why = (f"a block registered with moec.register_moe_block ({', '.join(registered)}) is called as its "
+                       "kind says once swapped: an 'moe' or 'ffn' block with the hidden states alone, an 'experts' "
+                       "block with the hidden states and the router's choice; its forward must take those and "
+                       "nothing else" if registered else
+                       "this is a moec recognizer error; please report it")
                 raise CaptureError(
                     f"{type(model).__name__} runs on the example inputs, but not with moec's ops in place of its "
                     f"recognized blocks ({', '.join(sorted({spec.family for spec in specs}))}): "
-                    f"{describe(model, failure.eager_error)}\nthis is a moec recognizer error; please report it"
+                    f"{describe(model, failure.eager_error)}\n{why}"
                 ) from failure.eager_error
             raise
     check_serializable_structure(model, ep)
     program = lower(ep)
     program.metadata["input_guards"] = list(getattr(ep, "_guards_code", None) or [])  # checked on every call
+    unchecked = InputGuards(program.metadata["input_guards"]).unreadable
+    if unchecked:
+        warn(f"{type(model).__name__}'s export holds {len(unchecked)} condition(s) on input sizes in a form moec "
+             f"does not check on each call ({unchecked[0][:200]}); inputs outside them may compute something else")
     warn_pinned_token_dims(model, program)
     folded = fold_dense_ffns(program)
     verify_registered_blocks(model, program)
@@ -343,6 +356,14 @@ def check_serializable_structure(model: nn.Module, ep: torch.export.ExportedProg
                     f"without a serialized_type_name, so moec cannot store its structure; register it with one: "
                     f"{pytree_registration(node.type)}")
             nodes.extend(node.child(i) for i in range(node.num_children))
+        try:
+            torch.utils._pytree.treespec_dumps(spec)
+        except Exception as err:  # a NamedTuple class torch knows no serialized name for, among others
+            raise CaptureError(
+                f"{type(model).__name__}.forward {what} a structure moec cannot store in a plan "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:300]}); return a tuple, a dict or a ModelOutput "
+                "instead, or register a NamedTuple class with torch.utils._pytree._register_namedtuple(cls, "
+                "serialized_type_name='package.Class')") from None
 
 
 def describe(model: nn.Module, err: BaseException) -> str:
@@ -385,7 +406,8 @@ def failing_module(model: nn.Module, err: BaseException) -> str:
     found = "in the model's own forward"
     tb = err.__traceback__
     while tb is not None:
-        owner = tb.tb_frame.f_locals.get("self")
+        code = tb.tb_frame.f_code  # the method's first parameter, whatever its name (``self`` by convention)
+        owner = tb.tb_frame.f_locals.get(code.co_varnames[0]) if code.co_argcount else None
         if id(owner) in names:
             name = names[id(owner)] or "<root>"
             found = f"module {name!r} ({type(owner).__name__}), line {tb.tb_lineno} of {tb.tb_frame.f_code.co_filename}"

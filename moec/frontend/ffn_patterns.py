@@ -311,7 +311,9 @@ def split_weight_name(fused: str, role: str) -> str:
 
 
 def block_name(match: FFNMatch, taken: set[str]) -> str:
-    """The common module path of the chain's weights; the up projection's module when that is empty or taken."""
+    """The common module path of the chain's weights; the up projection's module when that is empty or taken;
+    with ``#2``, ``#3`` ... after it while that is taken too (one module called several times: ALBERT's shared
+    layer), so that every FFN op names its own block."""
     names = list(match.weights.values()) + [name for name, _, _ in match.fused_rows.values()]
     modules = [name.rsplit(".", 1)[0].split(".") if "." in name else [] for name in names]
     common = []
@@ -323,6 +325,10 @@ def block_name(match: FFNMatch, taken: set[str]) -> str:
     if not block or block in taken:
         up = match.weights.get("w_up") or match.fused_rows["w_up"][0]
         block = up.rsplit(".", 1)[0] if "." in up else up
+    base, call = block, 1
+    while block in taken:
+        call += 1
+        block = f"{base}#{call}"
     return block
 
 

@@ -68,7 +68,14 @@ class Lowering:
             elif node.op == "call_function":
                 self.lower_call(node)
             elif node.op == "output":
-                outputs = [self.env[n] for n in node.args[0]]
+                returned = node.args[0]
+                constant = next((i for i, n in enumerate(returned) if not isinstance(n, torch.fx.Node)), None)
+                if constant is not None:  # None, a number: export keeps it in the output, no node computes it
+                    raise CaptureError(
+                        f"the model returns {returned[constant]!r} (output {constant} of its flattened result) beside "
+                        "its tensors; moec compiles tensor outputs only: return tensors alone (leave None entries "
+                        "out, or return a dict or a ModelOutput without them)")
+                outputs = [self.env[n] for n in returned]
                 if not all(isinstance(v, Value) for v in outputs):
                     raise CaptureError("the model returns a non-tensor output; moec compiles tensor outputs only")
                 self.graph.set_outputs(outputs)
@@ -94,6 +101,9 @@ class Lowering:
             self.env[node] = WeightRef(source)
             return
         value = node.meta.get("val")
+        if value is None:
+            raise CaptureError(f"model input {node.name!r} is None in the example; leave it out of the example (a "
+                               "keyword argument left out takes its default; pass the inputs after it by keyword)")
         if not isinstance(value, torch.Tensor):
             raise CaptureError(
                 f"model input {node.name!r} is a {type(value).__name__}; moec compiles tensor inputs only "

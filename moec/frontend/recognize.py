@@ -110,9 +110,15 @@ def _spec_for(module: nn.Module, path: str) -> BlockSpec | None:
     found = _registration_for(module)
     if found is None:
         return probed_gated_mlp(module) or probed_hf_experts(module)
-    spec = found[1](module)
-    if not isinstance(found[0], str):
-        _check_registered_spec(module, path, found[1], spec)
+    if isinstance(found[0], str):  # a built-in recognizer
+        return found[1](module)
+    try:
+        spec = found[1](module)
+    except Exception as err:  # the user's own to_spec failed: name it, with the block it was given
+        name = getattr(found[1], "__qualname__", repr(found[1]))
+        raise CaptureError(f"block {path!r}: {name}, registered for {type(module).__name__} with "
+                           f"moec.register_moe_block, raised {type(err).__name__}: {err}") from err
+    _check_registered_spec(module, path, found[1], spec)
     return spec
 
 

@@ -9,7 +9,9 @@ loading them runs no code. An expression of any other form is left unchecked.
 
 Export treats sizes 0 and 1 apart (``seq != 1``, ``8 * seq != 8``), while moec runs batch-1 and one-token
 inputs, which its tests check: a guard that fails for an input with sizes of 1 but holds with them read as any
-of ``GENERIC_SIZES`` is one of those and is let pass; one that does not (``seq % 2 == 0``) is enforced.
+of ``GENERIC_SIZES`` is one of those and is let pass; one that does not (``seq % 2 == 0``) is enforced. Where
+the model's own code branches on a size of 1 (``if x.shape[0] == 1``), ``moec.compile`` finds it by running the
+model and the graph on the example cut to 1 and keeps those guards (``kept_at_one``) enforced.
 """
 
 from __future__ import annotations
@@ -92,8 +94,15 @@ def _compile(node: ast.AST) -> Evaluator:
         name = node.slice.value  # an argument by name: the one place a string may stand
         return lambda L, one: L[name]
     if isinstance(node, ast.Subscript):
-        container, key = _compile(node.value), _compile(node.slice)
+        container = _compile(node.value)
+        if isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):  # a dict input's entry
+            entry = node.slice.value
+            return lambda L, one: container(L, one)[entry]
+        key = _compile(node.slice)
         return lambda L, one: container(L, one)[key(L, one)]
+    if isinstance(node, ast.Attribute) and not node.attr.startswith("_"):  # a dataclass input's field
+        owner, field = _compile(node.value), node.attr
+        return lambda L, one: getattr(owner(L, one), field)
     if isinstance(node, ast.Call) and not node.keywords:
         args = [_compile(arg) for arg in node.args]
         if isinstance(node.func, ast.Name) and node.func.id in _CALLS:
@@ -106,15 +115,17 @@ def _compile(node: ast.AST) -> Evaluator:
 
 
 def readable(guard: str) -> str:
-    """``L['x'].size()[2]`` written as ``x.shape[2]``."""
-    return re.sub(r"L\['([^']+)'\]\.size\(\)", r"\1.shape", guard)
+    """``L['x'].size()[2]`` written as ``x.shape[2]`` (``L['batch']['x'].size()`` as ``batch['x'].shape``)."""
+    return re.sub(r"L\['([^']+)'\]((?:\['[^']+'\]|\.[A-Za-z]\w*)*)\.size\(\)", r"\1\2.shape", guard)
 
 
 class InputGuards:
     """The guards of a capture, compiled once; ``broken(L)`` names the first one that inputs ``L`` break."""
 
-    def __init__(self, guards: Sequence[str]) -> None:
+    def __init__(self, guards: Sequence[str], kept_at_one: Sequence[str] = ()) -> None:
         self.checks: list[tuple[str, Evaluator]] = []
+        self.unreadable: list[str] = []  # guards of a form the interpreter does not take: left unchecked
+        self.kept_at_one = set(kept_at_one) if isinstance(kept_at_one, (list, tuple)) else set()
         if not isinstance(guards, (list, tuple)):  # a plan.json edited by hand: no conditions to read
             return
         for guard in guards:
@@ -123,17 +134,29 @@ class InputGuards:
             try:
                 self.checks.append((guard, _compile(ast.parse(guard, mode="eval"))))
             except (SyntaxError, ValueError, RecursionError, MemoryError):  # Unsupported is a ValueError
-                continue  # a form the interpreter does not take: left unchecked, as before guards were kept
+                self.unreadable.append(guard)
 
     def broken(self, inputs: dict[str, Any]) -> str | None:
         """The first guard ``inputs`` (the forward's arguments by name) do not satisfy, readable, or None.
         A guard naming an argument the call does not give is skipped, and so is one that fails only for sizes
-        of 1 (it holds with them read as 2, 3 and 4: export's 0/1 specialization)."""
+        of 1 (it holds with them read as 2, 3 and 4: export's 0/1 specialization) unless it is kept at one."""
         for guard, check in self.checks:
-            try:
-                if check(inputs, 1) or all(check(inputs, one) for one in GENERIC_SIZES):
-                    continue
-            except (KeyError, IndexError, TypeError, AttributeError, ArithmeticError, ValueError, RecursionError):
-                continue  # a condition these inputs cannot be put to (ArithmeticError: division by 0, overflow)
-            return readable(guard)
+            verdict = self.verdict(check, inputs)
+            if verdict == "fails" or (verdict == "fails at one only" and guard in self.kept_at_one):
+                return readable(guard)
         return None
+
+    def passed_at_one(self, inputs: dict[str, Any]) -> list[str]:
+        """The guards ``inputs`` fail and are let pass only because their sizes of 1 read as generic sizes."""
+        return [guard for guard, check in self.checks if self.verdict(check, inputs) == "fails at one only"]
+
+    @staticmethod
+    def verdict(check: Evaluator, inputs: dict[str, Any]) -> str:
+        """``holds``, ``fails at one only`` (holds with sizes of 1 read as 2, 3 and 4), ``fails``, or ``skipped``
+        (a condition these inputs cannot be put to: an argument the call does not give, division by 0)."""
+        try:
+            if check(inputs, 1):
+                return "holds"
+            return "fails at one only" if all(check(inputs, one) for one in GENERIC_SIZES) else "fails"
+        except (KeyError, IndexError, TypeError, AttributeError, ArithmeticError, ValueError, RecursionError):
+            return "skipped"

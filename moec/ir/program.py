@@ -67,10 +67,18 @@ class Program:
         self.check_guards(captured, leaves)
         return self.with_captured_dtypes(leaves)
 
+    def keep_guards_at_one(self, guards: list[str]) -> None:
+        """Enforce ``guards`` at sizes of 1 too (``moec.frontend.sizes_of_one``): recorded in the metadata, and
+        the input shapes already checked are checked again."""
+        self.metadata["input_guards_kept_at_one"] = list(guards)
+        self.__dict__.pop("input_guards", None)  # the cached compiled guards
+        self._guarded_shapes.clear()
+
     @functools.cached_property
     def input_guards(self) -> InputGuards:
-        """The capture's conditions on input sizes (``metadata["input_guards"]``, export's guards), compiled."""
-        return InputGuards(self.metadata.get("input_guards", []))
+        """The capture's conditions on input sizes (``metadata["input_guards"]``, export's guards), compiled, with
+        those enforced at sizes of 1 too (``metadata["input_guards_kept_at_one"]``)."""
+        return InputGuards(self.metadata.get("input_guards", []), self.metadata.get("input_guards_kept_at_one", []))
 
     def check_guards(self, captured: tuple[tuple, dict], leaves: list[Any]) -> None:
         """A ``ValueError`` naming the first guard of the capture that a call's input sizes break; each set of

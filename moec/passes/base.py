@@ -13,7 +13,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from moec.errors import PassError
+from moec.errors import MoecError, PassError
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
 
@@ -61,7 +61,7 @@ class PassContext:
                     self.describes(self.calibration)
                 else:
                     self.given_is_foreign = True  # of another program: its statistics are not this plan's
-            return self.calibration.flat_samples
+            return self.stored_samples(self.calibration, program, needed_by)
         return flatten_samples(program, self.calibration)
 
     def statistics(self, program: Program, needed_by: str) -> Any:
@@ -79,10 +79,10 @@ class PassContext:
                 self.describes(known)
                 return known
         max_rows = self.max_rows or (self.calibrations[0].max_rows if self.calibrations else DEFAULT_MAX_ROWS)
-        stored = next((c.flat_samples for c in self.calibrations if c.flat_samples), None)
+        stored = next((c for c in self.calibrations if c.flat_samples), None)
         if stored is not None:
-            result = calibrate_flat(program, stored, max_rows=max_rows, progress=self.progress,
-                                    label=f"calibrating for {needed_by}")
+            result = calibrate_flat(program, self.stored_samples(stored, program, needed_by), max_rows=max_rows,
+                                    progress=self.progress, label=f"calibrating for {needed_by}")
         elif self.calibrations:
             raise PassError(f"{needed_by}: the given calibration was computed on another program and stores "
                             "no samples to rerun; pass the sample inputs instead")
@@ -92,6 +92,14 @@ class PassContext:
         self.calibrations.append(result)
         self.describes(result)
         return result
+
+    @staticmethod
+    def stored_samples(calibration: Any, program: Program, needed_by: str) -> list[list[Any]]:
+        """A known calibration's samples as ``program``'s flat inputs (``Calibration.samples_for``)."""
+        try:
+            return calibration.samples_for(program)
+        except MoecError as err:
+            raise PassError(f"{needed_by}: {err}") from None
 
     def refuse_a_trace(self, needed_by: str) -> None:
         """A ``PassError`` when the calibration given is a routing trace, which only expert placement reads."""

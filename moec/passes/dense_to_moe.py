@@ -9,8 +9,8 @@ For each chosen ``ffn.dense`` op (GELU/ReLU MLPs and gated SiLU MLPs), with F ne
    the up row, with the gate row first for gated MLPs) or their activations on calibration tokens
    (``method="coactivation"``: neurons that fire together share an expert). The default is
    ``"coactivation"`` whenever the pass calibrates anyway (a fitted router or a shared expert), else
-   ``"weights"``: on MiniLM at half the FFN, coactivation experts keep embedding cosine 0.890 against
-   0.854 (``tools/bench/dense_to_moe.py``, docs/BENCHMARKS.md).
+   ``"weights"``: on MiniLM at half the FFN, coactivation experts keep embedding cosine 0.897 against
+   0.860 (``tools/bench/dense_to_moe.py``, docs/BENCHMARKS.md).
 3. **Mean compensation** (with calibration): a skipped expert contributes its mean output ``m_e`` over the
    calibration tokens instead of nothing. Each expert gets the output bias ``-m_e`` and ``sum_e m_e`` joins the
    FFN's output bias, so ``y = sum_chosen (f_e(x) - m_e) + b_down + sum_e m_e`` (exact when all experts run).
@@ -44,13 +44,14 @@ experts than neurons, neurons that do not divide, a ``shared`` too small for one
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from moec.analysis.neuron_clustering import balanced_kmeans
-from moec.errors import PassError
+from moec.errors import PassError, warn
 from moec.frontend.blocks import ExpertsSpec, FFNSpec, RouteSpec
 from moec.ir.core import Operation, Value, WeightRef
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
@@ -122,12 +123,20 @@ class DenseToMoE(Pass):
         if not ops:
             return PassResult(False, note="the program has no ffn.dense ops to split into experts")
         stats = context.statistics(program, needed_by=f"pass {self.name!r}") if self.needs_calibration() else None
+        rounding: dict[str, float] = {}  # block -> its mean compensation's rounding, relative to its output
         for op in ops:
             dense_stats = stats.dense.get(op.block) if stats is not None else None
             if stats is not None and dense_stats is None:
                 raise PassError(f"block {op.block!r}: calibration has no statistics for it")
             layout = self.split(program, op, dense_stats)
+            if dense_stats is not None:
+                rounding[op.block] = compensation_rounding(program, op, layout, dense_stats)
             self.rewrite(program, op, layout, dense_stats)
+        worst = max(rounding, key=rounding.__getitem__, default=None)
+        if worst is not None and rounding[worst] > COMPENSATION_ROUNDING_WARNING:
+            warn(f"dense-to-moe: the mean compensation's terms, stored in the model's half-precision dtype, round by "
+                 f"about {rounding[worst]:.1%} of the FFN output's RMS in block {worst!r} (terms that should cancel in "
+                 "the converted layer's sum); convert a float32 model for the most faithful result")
         return PassResult(True, {"layers": len(ops), "experts": self.experts, "top_k": self.top_k,
                                  "method": self.clustering})
 
@@ -162,6 +171,10 @@ class DenseToMoE(Pass):
                             f"{width}) = 0 of the FFN's {width}); use shared >= {1 / width:.4g} (one neuron), or "
                             "shared=0 for no shared expert")
         routed = width - self.shared_count(op)
+        if routed < 1:
+            raise PassError(f"{where}: shared={self.shared} puts all {width} neurons of the FFN in the shared expert "
+                            f"(round(shared * {width}) = {self.shared_count(op)}), leaving none to route; use shared <= "
+                            f"{(width - self.experts) / width:.4g} to leave one neuron for each of experts={self.experts}")
         if self.experts > routed:
             raise PassError(f"{where}: experts={self.experts} must be in 1..{routed} (the FFN's routed neurons)")
         if routed % self.experts:
@@ -287,10 +300,27 @@ class DenseToMoE(Pass):
             program.weights.pop(name, None)
 
 
+COMPENSATION_ROUNDING_WARNING = 0.01  # of the FFN output's RMS
+
+
 def expert_outputs(program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any) -> torch.Tensor:
     """[E, N, H] each routed expert's output on the calibration rows (its share of the FFN's output)."""
     hidden, w_down = stats.hidden.float(), weight(program, op, "w_down").float()
     return torch.stack([hidden[:, ids] @ w_down[:, ids].T for ids in layout.experts])
+
+
+def compensation_rounding(program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any) -> float:
+    """How coarsely the mean compensation of ``op``'s conversion rounds in the weights' dtype, relative to the
+    RMS of the FFN's output on the calibration rows (0.0 in float32 or wider): each chosen expert adds
+    ``f_e(x) - m_e`` and the output bias adds back every ``m_e``, terms that cancel only as exactly as the dtype
+    holds them (MiniLM in bfloat16: terms up to about 20, so steps of about 0.08)."""
+    dtype = weight(program, op, "w_up").dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return 0.0
+    largest = float(mean_expert_outputs(program, op, layout, stats).abs().max())
+    output = stats.hidden.float() @ weight(program, op, "w_down").float().T
+    rms = float(output.pow(2).mean().sqrt().clamp_min(1e-30))
+    return largest * torch.finfo(dtype).eps * math.sqrt(len(layout.experts)) / rms
 
 
 def mean_expert_outputs(program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any) -> torch.Tensor:

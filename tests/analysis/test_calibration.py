@@ -113,6 +113,43 @@ def test_save_and_load_round_trip(tmp_path, captured):
     assert not list((tmp_path / "cal").glob(".*"))
 
 
+def test_stored_samples_are_matched_to_another_capture_by_input_name(tmp_path):
+    """An example that gives its inputs in another order captures a program taking them in that order: a stored
+    calibration's samples are rerun by name, not by position (an attention mask read as token ids)."""
+    from moec.analysis.calibration import flatten_samples
+
+    model, example = build_preset("tiny-bert")
+    program = capture(model, (), example)
+    reordered = capture(model, (), dict(reversed(list(example.items()))))
+    assert reordered.graph.input_names == list(reversed(program.graph.input_names))
+    samples = [{key: value.roll(i, dims=1) for key, value in example.items()} for i in range(2)]
+    calibration = Calibration.load(calibrate(program, samples, progress=False).save(tmp_path / "cal"))
+    assert calibration.input_names == program.graph.input_names
+    for stored, given in zip(calibration.samples_for(reordered), flatten_samples(reordered, samples), strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(stored, given, strict=True))
+    calibration.input_names = ["input_ids", "attention_mask", "labels"]
+    with pytest.raises(MoecError, match=r"the calibration's samples give the inputs .*'labels'.*pass sample inputs "
+                                        "for this model"):
+        calibration.samples_for(program)
+
+
+def test_the_fingerprint_tells_a_permuted_weight_apart(captured):
+    """A model whose weights hold the same values in another order (neurons permuted) is another program: its
+    statistics differ, so a calibration of one must not pass for the other's."""
+    from moec.analysis.calibration import fingerprint
+
+    _, _, program = captured("tiny-llama")
+    before = fingerprint(program)
+    name = next(name for name, tensor in program.weights.items() if tensor.dim() == 2 and tensor.shape[0] > 1)
+    original = program.weights[name]
+    program.weights[name] = original.flip(0)
+    try:
+        assert fingerprint(program) != before
+    finally:
+        program.weights[name] = original
+    assert fingerprint(program) == before
+
+
 def test_samples_that_share_memory_are_saved(tmp_path, captured):
     """Rows of one batch given as samples (views of one tensor), and one sample given twice."""
     model, example, program = captured("tiny-bert")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 import torch
@@ -301,6 +302,54 @@ def model_returning(output_class: type) -> nn.Module:
             return output_class(hidden=self.proj(x))
 
     return ReturnsItsOwnClass()
+
+
+class ReturnsAConstant(nn.Module):
+    def __init__(self, extra):
+        super().__init__()
+        self.extra = extra
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.proj(x), self.extra
+
+
+@pytest.mark.parametrize("extra", [None, 3, 0.5])
+def test_a_constant_beside_the_tensor_outputs_is_one_error_naming_it(extra):
+    with pytest.raises(moec.CaptureError, match=rf"the model returns {extra!r} \(output 1 of its flattened result\) "
+                                                r"beside its tensors; moec compiles tensor outputs only"):
+        moec.compile(ReturnsAConstant(extra), (torch.randn(2, 3, 4),))
+
+
+class Pair(typing.NamedTuple):
+    first: torch.Tensor
+    second: torch.Tensor
+
+
+class ReturnsANamedTuple(nn.Module):
+    def forward(self, x):
+        return Pair(x * 2, x + 1)
+
+
+def test_a_named_tuple_output_torch_cannot_store_is_named_with_what_to_do():
+    with pytest.raises(moec.CaptureError, match=r"returns a structure moec cannot store in a plan .*return a tuple, a "
+                                                r"dict or a ModelOutput instead, or register a NamedTuple class"):
+        moec.compile(ReturnsANamedTuple(), (torch.randn(2, 3),))
+
+
+class TakesAMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x, mask=None, scale=None):
+        y = self.proj(x)
+        return y if mask is None else y * mask[..., None]
+
+
+def test_an_example_input_that_is_none_is_told_to_be_left_out():
+    with pytest.raises(moec.CaptureError, match=r"model input 'mask' is None in the example; leave it out"):
+        moec.compile(TakesAMask(), {"x": torch.randn(2, 3, 4), "mask": None})
 
 
 def test_an_unregistered_dataclass_output_is_named_with_the_call_that_registers_it():

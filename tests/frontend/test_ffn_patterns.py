@@ -231,3 +231,25 @@ def test_dense_to_moe_converts_a_folded_ffn():
     assert not ffn_ops(compiled.program) and len(compiled.program.graph.ops_of(ExpertsOp)) == 1
     x = torch.randn(2, 3, 8)
     torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_one_ffn_module_called_several_times_names_a_block_per_call(tmp_path):
+    """ALBERT runs one shared layer three times: each call is its own FFN op with its own block (calibration
+    keeps each call's statistics apart), and dense-to-moe converts every call."""
+    from moec.analysis.calibration import calibrate
+
+    torch.manual_seed(0)
+    config = transformers.AlbertConfig(vocab_size=128, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                       num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    model = transformers.AlbertModel(config).eval()
+    ids = torch.randint(0, 128, (2, 8))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    program = capture(model, (), example)
+    blocks = [op.block for op in ffn_ops(program)]
+    assert len(blocks) == 3 and len(set(blocks)) == 3
+    assert all(stats.tokens == 16 for stats in calibrate(program, [example], progress=False).dense.values())
+    recipe = {"passes": [{"dense_to_moe": {"experts": 4, "top_k": 4}}]}
+    compiled = moec.compile(model, example, recipe=recipe, calibration=[example])
+    assert len(compiled.program.graph.ops_of(ExpertsOp)) == 3
+    again = moec.load(compiled.save(tmp_path / "plan"))
+    assert parity(model, again, example) <= TOLERANCE

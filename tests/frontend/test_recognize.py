@@ -168,6 +168,41 @@ def test_a_block_moec_cannot_stand_in_for_is_named_as_moecs_error(isolated_regis
         moec.compile(UnpacksTuple(), (torch.randn(3, 5, 8),))
 
 
+class MaskedMoE(TinyMoE):
+    """A registered block whose forward also takes a mask: once swapped, moec calls it with the hidden states."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = super().forward(x)
+        return y if mask is None else y * mask[..., None]
+
+
+class PassesAMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.moe = MaskedMoE()
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.moe(x, mask)
+
+
+def test_a_registered_block_whose_forward_takes_more_than_moec_gives_is_named_as_the_users(isolated_registry):
+    register_moe_block(MaskedMoE, tiny_moe_spec)
+    with pytest.raises(moec.CaptureError, match=r"(?s)not with moec's ops in place.*registered with "
+                                                r"moec.register_moe_block \(MaskedMoE\).*must take those and nothing"):
+        moec.compile(PassesAMask(), (torch.randn(3, 5, 8), torch.ones(3, 5)))
+
+
+def test_a_to_spec_that_raises_is_named_with_its_block(isolated_registry):
+    def broken_spec(module: TinyMoE) -> BlockSpec:
+        return module.no_such_attribute
+
+    register_moe_block(TinyMoE, broken_spec)
+    model = nn.Sequential(nn.Linear(8, 8), TinyMoE())
+    with pytest.raises(moec.CaptureError, match=r"block '1': .*broken_spec, registered for TinyMoE with "
+                                                r"moec.register_moe_block, raised AttributeError"):
+        moec.compile(model, (torch.randn(3, 5, 8),))
+
+
 @pytest.mark.parametrize(("module_class", "to_spec", "message"), [
     (TinyMoE(), tiny_moe_spec, "module_class must be a torch.nn.Module subclass, got an instance of TinyMoE"),
     (tiny_moe_spec, tiny_moe_spec, "module_class must be a torch.nn.Module subclass, got <function tiny_moe_spec"),

@@ -48,6 +48,56 @@ def test_a_guard_that_only_sets_size_one_apart_lets_it_pass():
     assert guards.broken(sizes(2, 3)) == "(x.shape[1] % 2) == 0"
 
 
+def test_guards_on_inputs_inside_a_dict_or_a_dataclass_are_checked():
+    guards = InputGuards(["L['batch']['input_ids'].size()[1] <= 8", "L['pair'].first.size()[0] == 2"])
+    assert len(guards.checks) == 2 and guards.unreadable == []
+
+    class Pair:
+        def __init__(self, first: torch.Tensor) -> None:
+            self.first = first
+
+    assert guards.broken({"batch": {"input_ids": torch.empty(2, 8)}, "pair": Pair(torch.empty(2))}) is None
+    assert guards.broken({"batch": {"input_ids": torch.empty(2, 9)}}) == "batch['input_ids'].shape[1] <= 8"
+    assert guards.broken({"pair": Pair(torch.empty(3))}) == "pair.first.shape[0] == 2"
+    assert InputGuards(["L['pair']._secret.size()[0] == 2"]).unreadable  # private attributes are not read
+
+
+class BranchAtOne(nn.Module):
+    """Code that treats a batch of 1 or a single token apart: export's ``!= 1`` guards are real conditions here."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.proj(x)
+        return y * 3 if x.shape[self.dim] == 1 else y
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_a_branch_at_size_one_keeps_its_guard(dim):
+    model = BranchAtOne(dim).eval()
+    compiled = moec.compile(model, (torch.randn(2, 5, 4),))
+    assert compiled.program.metadata["input_guards_kept_at_one"] == [f"L['x'].size()[{dim}] != 1"]
+    x = torch.randn(3, 6, 4)
+    torch.testing.assert_close(compiled(x), model(x))
+    one = torch.randn(*(1 if axis == dim else size for axis, size in enumerate((3, 6))), 4)
+    with pytest.raises(ValueError, match=rf"x.shape\[{dim}\] != 1, so the compiled graph does not hold"):
+        compiled(one)  # the graph would not multiply by 3
+
+
+def test_a_batch_one_example_of_code_that_branches_at_batch_one_is_captured_at_batch_one():
+    """A batch-1 example is traced at batch 2 (so that other batches run); where the code branches at batch 1
+    that graph would refuse its own example, so it is captured again at batch 1."""
+    model = BranchAtOne(0).eval()
+    example = torch.randn(1, 5, 4)
+    compiled = moec.compile(model, (example,))
+    torch.testing.assert_close(compiled(example), model(example))
+    with pytest.raises(ValueError, match=r"x \[3, 5, 4\]"):
+        compiled(torch.randn(3, 5, 4))
+
+
 def test_a_guard_naming_an_argument_the_call_does_not_give_is_skipped():
     assert InputGuards(["L['mask'].size()[1] == L['x'].size()[1]"]).broken(sizes(2, 3)) is None
     assert readable("L['input_ids'].size()[1] > L['x'].size()[0]") == "input_ids.shape[1] > x.shape[0]"

@@ -135,6 +135,8 @@ def test_fitted_router_beats_random_routing():
     ({"experts": 4, "top_k": 2, "shared": 0.3}, r"block 'mlp': the 11 routed neurons"),
     ({"experts": 4, "top_k": 2, "shared": 0.01}, r"block 'mlp': shared=0.01 gives the shared expert no neuron .* "
                                                  r"use shared >= 0\.0625 \(one neuron\)"),
+    ({"experts": 4, "top_k": 2, "shared": 0.99}, r"block 'mlp': shared=0.99 puts all 16 neurons of the FFN in the "
+                                                 r"shared expert .* use shared <= 0\.75 to leave one neuron for each"),
     ({"experts": 4, "top_k": 2, "layers": [0, "mlp"]}, r"layers: 'mlp' names block 'mlp' a second time"),
     ({"experts": 4, "top_k": 2, "layers": []}, r"layers=\[\] chooses no FFN"),
 ])

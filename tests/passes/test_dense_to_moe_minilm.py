@@ -11,9 +11,13 @@ experts gives 0.911, and the neuron oracle (every neuron its own expert; the ben
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
+import torch
 import transformers
 
+import moec
 from moec.analysis.calibration import calibrate
 from moec.analysis.corpus import calibration_and_held_out, tokenized_batches
 from moec.analysis.quality import conversion_quality
@@ -60,3 +64,19 @@ def test_half_active_ffn_keeps_sentence_embeddings(minilm_setup):
     assert quality["router"]["nn_agreement"] >= NN_FLOOR, quality
     assert quality["random"]["cosine"] < quality["router"]["cosine"] <= quality["oracle"]["cosine"] + 0.01
     assert quality["gap_closed"] >= GAP_FLOOR, quality
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mean_compensation_that_rounds_coarsely_in_half_precision_is_warned_about(dtype):
+    """MiniLM's compensation terms reach about 20 while its FFN outputs are a few units: in bfloat16 they round
+    by a fifth of the output's RMS, which the converted layer's sum does not cancel; float32 holds them."""
+    model, example = build_preset("minilm")
+    recipe = {"passes": [{"dense_to_moe": {"experts": 16, "top_k": 16, "layers": [0]}}]}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        moec.compile(model.to(dtype), example, recipe=recipe, calibration=[example])
+    warned = [str(w.message) for w in caught if "mean compensation" in str(w.message)]
+    if dtype == torch.float32:
+        assert not warned
+    else:
+        assert len(warned) == 1 and "of the FFN output's RMS in block 'encoder.layer.0'" in warned[0]
