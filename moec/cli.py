@@ -470,7 +470,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     import moec
     from moec.ir.plan import read_plan_json
 
-    folder, plan = read_plan_json(check_plan_path(args.plan))
+    folder, plan = read_plan_json(check_plan_path(args.plan), check_files=False)  # moec.load checks them
     compiled = moec.load(folder, backend="torch")  # inspecting runs nothing: a triton plan needs no Triton here
     console.print(f"plan {folder}: format {plan['format_version']}, moec {plan.get('moec_version', '?')}, "
                   f"torch {plan.get('torch_version', '?')}, model {plan['metadata'].get('model_class', '?')}, "

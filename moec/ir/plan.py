@@ -174,8 +174,9 @@ def replace_dir(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
-    """The plan folder and its checked ``plan.json``: format, version, and checksums of its files."""
+def read_plan_json(path: str | os.PathLike, check_files: bool = True) -> tuple[Path, dict[str, Any]]:
+    """The plan folder and its checked ``plan.json``: format, version, and (unless ``check_files`` is False,
+    for a caller that loads the plan next, which checks them) the checksums of its files."""
     folder = user_path(path)
     plan_file = folder / PLAN_FILE
     if folder.is_file():
@@ -213,7 +214,7 @@ def read_plan_json(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         if not isinstance(expected, str):
             raise PlanError(f"{plan_file}: the 'files' entry for {name!r} is {json.dumps(expected)}, expected a sha256 "
                             "checksum string; the plan is corrupt, compile it again")
-    for name, expected in plan["files"].items():
+    for name, expected in plan["files"].items() if check_files else ():
         file = folder / name
         try:
             if not file.is_file():
