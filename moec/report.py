@@ -195,9 +195,9 @@ def pass_details(summary: dict[str, Any]) -> list[str]:
             what = f"removed {'expert' if len(row['removed']) == 1 else 'experts'} {', '.join(map(str, row['removed']))}"
         else:
             what = "merged " + ", ".join("+".join(map(str, group)) for group in row["groups"] if len(group) > 1)
-        scale = row.get("output_norm_ratio", 1.0)  # plans saved before the ratio was recorded lack it
+        scale = row.get("output_norm_ratio")  # plans saved before the ratio was recorded lack it
         lines.append(f"{row['layer']}: {row['experts_before']} -> {row['experts_after']} experts ({what}), "
-                     f"output cosine {row['output_cosine']:.4f}, norm x{scale:.3f}")
+                     f"output cosine {row['output_cosine']:.4f}" + (f", norm x{scale:.3f}" if scale is not None else ""))
     if "units_by_bits" in summary:
         lines.extend(bit_allocation_lines(summary))
     if "top_1_ops" in summary and summary["expert_ops"]:

@@ -270,7 +270,7 @@ def fingerprint(program: Program) -> str:
     for name in sorted(stored_weight_names(program.graph)):
         tensor = program.weights[name].detach()
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 

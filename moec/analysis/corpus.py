@@ -97,5 +97,4 @@ def tokenized_batches(tokenizer, sentences: list[str], batch_size: int = 32, max
 
 
 if __name__ == "__main__":  # run by ``stdlib_sentences`` in a fresh interpreter
-    sys.stdout.reconfigure(encoding="utf-8")
     json.dump(_extract_sentences(int(sys.argv[1]), int(sys.argv[2])), sys.stdout)

@@ -48,6 +48,12 @@ def run_experts(op: ExpertsOp, weight, args):
     k, hidden = indices.shape[-1], x.shape[-1]
     # float32 routing weights: a model's own router code may hand over bf16 ones
     tokens, indices, routing = x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k).float()
+    if indices.device.type == "cpu" and indices.numel() and \
+            not 0 <= int(indices.min()) <= int(indices.max()) < op.spec.num_experts:
+        # a model's own router (an 'experts' block) chose them: the kernels would read another expert, or fail
+        # (checked on the CPU only, where reading the ids back costs no device sync)
+        raise BackendError(f"MoE block {op.block!r} was handed expert ids {int(indices.min())}..{int(indices.max())}, "
+                           f"outside 0..{op.spec.num_experts - 1} (its {op.spec.num_experts} experts)")
     threshold = op.skip_threshold
     if threshold:
         routing = routing.masked_fill(skipped_pairs(routing, threshold), 0.0)
@@ -313,8 +319,9 @@ class WeightReader:
     for kernels prepared once (repacked quantized matrices, onnxruntime sessions holding packed experts).
 
     A cached kernel is rebuilt when a weight it was built from has been replaced in ``program.weights``
-    since (passes and analyses that try weights out on one runner do that); changes made in place to a
-    weight tensor are not seen.
+    since (passes and analyses that try weights out on one runner do that) or changed in place (a compiled
+    model's weights are the model's own tensors, so ``model.load_state_dict`` reaches them): every kernel then
+    computes with the same weights, whichever a call's size picks.
     """
 
     def __init__(self, op: Operation, program: Program, quant_kernel: str, expert_kernel: str) -> None:
@@ -332,16 +339,27 @@ class WeightReader:
         return self.program.weights[ref.name]
 
     def cached(self, key: str, build: Callable[[], Any], sources: tuple[torch.Tensor | QuantizedWeight | None, ...]) -> Any:
-        """``build()``, kept while the weights in ``sources`` are the ones it was built from."""
+        """``build()``, kept while the weights in ``sources`` are the ones it was built from, unchanged, and torch's
+        thread count is the one it was built under (an onnxruntime session keeps the count it was built with)."""
         tensors = [t for source in sources for t in _storage_tensors(source)]
+        state = ([_version(t) for t in tensors], torch.get_num_threads())  # sessions take the thread count built with
         entry = self.prepared.get(key)
-        if entry is None or not _same_objects(entry[0], tensors):
-            entry = self.prepared[key] = (tensors, build())
-        return entry[1]
+        if entry is None or not _same_objects(entry[0], tensors) or entry[1] != state:
+            entry = self.prepared[key] = (tensors, state, build())
+        return entry[2]
 
 
 def _same_objects(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    """The count of in-place changes torch keeps for ``tensor`` (None for an inference tensor, which keeps none
+    and cannot be changed outside inference mode)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
 
 
 def _storage_tensors(weight: torch.Tensor | QuantizedWeight | None) -> tuple[torch.Tensor, ...]:

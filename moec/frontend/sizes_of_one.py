@@ -4,13 +4,13 @@
 the model computes the same there (``seq != 1``); ``moec.ir.guards`` lets such guards pass. But a model may
 branch on a size of 1 itself (``if x.shape[0] == 1:``), and the graph, traced on the other branch, then computes
 something else there. ``guards_kept_at_one`` tells the two apart by running the model and the captured graph
-on the example cut to 1 along each dynamic dimension.
+on the example itself and on the example cut to 1 along each of its sizes.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
@@ -21,62 +21,88 @@ from moec.ir.guards import InputGuards
 from moec.ir.program import Program
 from moec.ir.types import TensorType
 
+NOISE_FACTOR = 10  # a cut that departs this much more than the uncut example does is a branch, not rounding
+# Of the largest output value, by the model's dtype: below it, a departure is rounding.
+ROUNDING = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
 
 def guards_kept_at_one(model: nn.Module, program: Program, args: tuple, kwargs: dict) -> list[str]:
-    """The guards that the example cut to 1 along some dimension fails only at one, where the model and the
-    freshly captured ``program`` disagree (or either fails) on that cut example."""
+    """The guards let pass at sizes of 1 that the model's own code needs there: those the example itself (a
+    batch of 1, say) passes only at one, or that cutting it to 1 along one of its sizes makes pass only at one,
+    where the model and the freshly captured ``program`` then depart by more than rounding."""
     guards = InputGuards(program.metadata.get("input_guards", []))
     if not guards.checks:
         return []
-    kept: list[str] = []
     names = program.metadata.get("forward_parameters", [])
+
+    def passed_at_one(cut_args: tuple, cut_kwargs: dict) -> set[str]:
+        return set(guards.passed_at_one({**dict(zip(names, cut_args, strict=False)), **cut_kwargs}))
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    rounding = ROUNDING.get(dtype, ROUNDING[torch.float32])
+    already = passed_at_one(args, kwargs)
+    baseline = departure(model, program, args, kwargs)
+    if baseline is None:  # the model fails on its own example: capture has said so already
+        return []
+    kept = set(already) if already and baseline > rounding else set()
     for cut_args, cut_kwargs in cut_to_one(program, args, kwargs):
-        passed = guards.passed_at_one({**dict(zip(names, cut_args, strict=False)), **cut_kwargs})
-        passed = [guard for guard in passed if guard not in kept]
-        if passed and not agree_on(model, program, cut_args, cut_kwargs):
-            kept += passed
-    return kept
+        blamed = passed_at_one(cut_args, cut_kwargs) - already - kept
+        if not blamed:
+            continue
+        departed = departure(model, program, cut_args, cut_kwargs)
+        if departed is not None and departed > max(rounding, NOISE_FACTOR * baseline):
+            kept |= blamed
+    return [guard for guard, _ in guards.checks if guard in kept]
 
 
 def cut_to_one(program: Program, args: tuple, kwargs: dict) -> Iterator[tuple[tuple, dict]]:
-    """The example with every input dimension of one symbol cut to its first entry, for each symbol that
-    stands alone wherever it appears (a dimension written as an expression of it cannot be cut alike)."""
+    """The example with every input dimension of one example size cut to its first entry, for each size above
+    1 that some dynamic dimension has (dimensions of one size are cut together: export may give an input's
+    dims symbols of their own that only its guards tie to another input's, as GPT-2's attention mask)."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
     types = [value.type for value in program.graph.inputs]
     if len(leaves) != len(types):
         return
-    dims = [list(t.shape) if isinstance(t, TensorType) and isinstance(leaf, torch.Tensor) else []
-            for leaf, t in zip(leaves, types, strict=True)]
-    symbols = dict.fromkeys(d for shape in dims for d in shape if isinstance(d, str) and d.isidentifier())
-    for symbol in symbols:
-        word = re.compile(rf"\b{re.escape(symbol)}\b")
-        if any(isinstance(d, str) and d != symbol and word.search(d) for shape in dims for d in shape):
-            continue
-        cut = []
-        for leaf, shape in zip(leaves, dims, strict=True):
-            for axis, d in enumerate(shape):
-                if d == symbol:
-                    leaf = leaf.narrow(axis, 0, 1)
-            cut.append(leaf)
-        yield pytree.tree_unflatten(cut, spec)
+    dynamic = [[axis for axis, d in enumerate(t.shape) if isinstance(d, str)]
+               if isinstance(t, TensorType) and isinstance(leaf, torch.Tensor) else []
+               for leaf, t in zip(leaves, types, strict=True)]
+    sizes = sorted({leaf.shape[axis] for leaf, axes in zip(leaves, dynamic, strict=True) for axis in axes} - {0, 1})
+    for size in sizes:
+        yield pytree.tree_unflatten([cut(leaf, axes, size) for leaf, axes in zip(leaves, dynamic, strict=True)], spec)
 
 
-def agree_on(model: nn.Module, program: Program, args: tuple, kwargs: dict) -> bool:
-    """Whether the model and ``program`` (run on the torch runner) give the same outputs on these inputs,
-    within the parity tolerance of the model's dtype; False where either fails."""
-    from moec.api import PARITY_TOLERANCE  # the frontend runs a graph only here
-    from moec.backend.torch_runner import TorchRunner
+def cut(leaf: Any, axes: list[int], size: int) -> Any:
+    """``leaf`` narrowed to its first entry along each of ``axes`` that has ``size``."""
+    for axis in axes:
+        if leaf.shape[axis] == size:
+            leaf = leaf.narrow(axis, 0, 1)
+    return leaf
 
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    try:
-        with inference_setup(model), torch.inference_mode():
+
+def departure(model: nn.Module, program: Program, args: tuple, kwargs: dict) -> float | None:
+    """The largest difference between the model's and ``program``'s outputs on these inputs, relative to the
+    model's largest output value; None where the model fails on them (no evidence either way), infinity where
+    only the graph fails or the outputs differ in number or shape."""
+    from moec.backend.torch_runner import TorchRunner  # the frontend runs a graph only here
+
+    with inference_setup(model), torch.inference_mode():
+        try:
             expected = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
-            leaves = pytree.tree_leaves((args, kwargs))
-            got = TorchRunner(program).run(program.with_captured_dtypes(leaves))
-    except Exception:  # noqa: BLE001  (a failure at size 1 on either side: the guard stays)
-        return False
-    got = [t for t in got if isinstance(t, torch.Tensor)]
-    return len(got) == len(expected) and all(
-        a.shape == b.shape and (not a.numel() or (a.float() - b.float().to(a.device)).abs().max().item()
-                                <= PARITY_TOLERANCE.get(dtype, 1e-4))
-        for a, b in zip(expected, got, strict=True))
+        except Exception:  # noqa: BLE001  (the model refuses these inputs: the cut says nothing)
+            return None
+        try:  # the torch kernels: no onnxruntime session or kernel race for one probing call
+            runner = TorchRunner(program, expert_kernel="torch")
+            got = [t for t in runner.run(program.with_captured_dtypes(pytree.tree_leaves((args, kwargs))))
+                   if isinstance(t, torch.Tensor)]
+        except Exception:  # noqa: BLE001  (the model runs here and the graph does not)
+            return float("inf")
+    if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(expected, got, strict=True)):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(expected, got, strict=True):
+        if a.numel() and (a.is_floating_point() or b.is_floating_point()):
+            scale = float(a.float().abs().max().clamp_min(1e-30))
+            worst = max(worst, float((a.float() - b.float().to(a.device)).abs().max()) / scale)
+        elif a.numel() and not torch.equal(a, b.to(a.device)):
+            worst = float("inf")
+    return worst

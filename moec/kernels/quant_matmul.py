@@ -14,9 +14,9 @@ Three kernels compute ``y = x @ dequantize(W).T (+ b)`` for one quantized matrix
 * ``onnxruntime``: onnxruntime's MatMulNBits on int8 activations, for 2-, 3- and 4-bit CPU matrices
   (``moec.kernels.matmul_nbits``). Exact to its reference, ``dequant`` on ``int8_block_rounded`` inputs.
 
-For a single linear, ``auto`` picks ``int4pack`` for CPU matrices of at most 4 bits when a probe on a small
-problem agrees with ``dequant``, and ``dequant`` otherwise (8 bits, weights on another device such as a GPU,
-or where the probe fails; ``auto_kernel``). Calls of 16 rows or more are timed instead, since which kernel
+For a single linear, ``auto`` picks ``int4pack`` for CPU matrices of at most 4 bits whose rows come in whole
+tiles of 16, when a probe on a small problem agrees with ``dequant``, and ``dequant`` otherwise (8 bits, other
+row counts, weights on another device such as a GPU, or where the probe fails; ``auto_kernel``). Calls of 16 rows or more are timed instead, since which kernel
 is faster depends on the host and the size: the torch runner races ``int4pack``, MatMulNBits and ``dequant``
 for each dense linear (``moec.backend.torch_runner.quantized_linear``; on many rows the float32 GEMM after
 dequantizing wins), and ``QuantizedExperts`` (on ``int4pack``) against ``OnnxruntimeExperts`` (on

@@ -154,3 +154,19 @@ def test_auto_does_not_race_an_empty_call(monkeypatch) -> None:
     y = torch_runner.float_experts("auto", torch.zeros(0, spec.hidden), empty, empty.float(), w_in, w_out, None, None,
                                    spec, lambda: pytest.fail("an empty call builds no onnxruntime session"))
     assert y.shape == (0, spec.hidden) and not choice.chosen
+
+
+def test_a_weight_changed_in_place_rebuilds_the_session_that_packed_it() -> None:
+    """A compiled model's weights are the model's own tensors, so loading a checkpoint into the model changes
+    them in place; the onnxruntime session packed its own copy when built, and must not keep serving it while
+    the torch kernels see the new weights."""
+    model, example = build_preset("tiny-mixtral")
+    program = capture(model, (), example)
+    runner = TorchRunner(program, expert_kernel="onnxruntime")
+    inputs = program.flatten_inputs((), example)
+    runner.run(inputs)  # builds the sessions
+    with torch.no_grad():
+        model.load_state_dict({name: value * 1.5 if "experts" in name else value
+                               for name, value in model.state_dict().items()})
+        expected = model(**example).logits
+    torch.testing.assert_close(runner.run(inputs)[0], expected, rtol=1e-4, atol=1e-4)

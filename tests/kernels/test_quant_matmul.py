@@ -115,3 +115,4 @@ def test_experts_of_mixed_widths_agree_with_dequant():
     want = QuantizedExperts(q_in, q_out, None, None, spec, "dequant")(x, indices, weights)
     got = QuantizedExperts(q_in, q_out, None, None, spec)(x, indices, weights)
     assert relative_error(got, want) < 2e-2
+
