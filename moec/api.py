@@ -21,8 +21,8 @@ from moec.analysis.traces import RoutingTrace
 from moec.backend.torch_runner import TorchRunner
 from moec.backend.triton_codegen import KERNELS_FILE
 from moec.errors import MoecError, PlanError, warn
-from moec.frontend.capture import capture, inference_setup
-from moec.frontend.sizes_of_one import guards_kept_at_one
+from moec.frontend.capture import float_dtype, inference_setup
+from moec.frontend.sizes_of_one import capture_for_sizes_of_one
 from moec.ir.core import WeightRef
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
 from moec.ir.plan import load_plan, save_plan
@@ -137,8 +137,7 @@ class CompiledModel:
                        "scale": result.scale,
                        "masked": isinstance(inputs, Mapping) and isinstance(inputs.get("attention_mask"), torch.Tensor)}
         else:
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-            difference, tolerance = parity(model, self, inputs), PARITY_TOLERANCE.get(dtype, 1e-4)
+            difference, tolerance = parity(model, self, inputs), PARITY_TOLERANCE.get(float_dtype(model), 1e-4)
             record |= {"kind": "parity", "max_abs_diff": difference, "tolerance": tolerance,
                        "passed": difference <= tolerance}
         self.report.setdefault("checks", []).append(record)
@@ -362,25 +361,6 @@ def deviation(model: nn.Module, compiled: CompiledModel, inputs: tuple | Mapping
     cosines = torch.cat([torch.nn.functional.cosine_similarity(a, b, dim=-1) for a, b in rows])
     return Deviation(max((a - b).abs().max().item() for a, b in rows), max(a.abs().max().item() for a, _ in rows),
                      cosines.mean().item())
-
-
-def capture_for_sizes_of_one(model: nn.Module, args: tuple, kwargs: dict) -> Program:
-    """``capture``, with the guards the model's code needs at sizes of 1 enforced there too; an example of batch 1
-    whose code branches at batch 1 is captured again at batch 1 (traced at batch 2, the graph would refuse its
-    own example)."""
-    program = capture(model, args, kwargs)
-    kept_at_one = guards_kept_at_one(model, program, args, kwargs)
-    if not kept_at_one:
-        return program
-    program.keep_guards_at_one(kept_at_one)
-    try:
-        program.flatten_inputs(args, kwargs)
-    except ValueError:
-        program = capture(model, args, kwargs, batch_of_two=False)
-        kept_at_one = guards_kept_at_one(model, program, args, kwargs)
-        if kept_at_one:
-            program.keep_guards_at_one(kept_at_one)
-    return program
 
 
 def paired_outputs(model: nn.Module, compiled: CompiledModel,

@@ -29,7 +29,6 @@ from moec.frontend.hf_blocks import is_hf_experts
 from moec.frontend.lower import lower
 from moec.frontend.recognize import recognize, user_registration
 from moec.frontend.swap import swap_blocks
-from moec.ir.guards import InputGuards
 from moec.ir.program import Program
 from moec.ir.types import TensorType
 from moec.ir.verifier import verify
@@ -73,7 +72,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, batc
     check_serializable_structure(model, ep)
     program = lower(ep)
     program.metadata["input_guards"] = list(getattr(ep, "_guards_code", None) or [])  # checked on every call
-    unchecked = InputGuards(program.metadata["input_guards"]).unreadable
+    unchecked = program.input_guards.unreadable
     if unchecked:
         warn(f"{type(model).__name__}'s export holds {len(unchecked)} condition(s) on input sizes in a form moec "
              f"does not check on each call ({unchecked[0][:200]}); inputs outside them may compute something else")
@@ -152,6 +151,11 @@ def distinct_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 # Config settings that add outputs an inference graph does not carry, with the value capture uses.
 INFERENCE_CONFIG = {"use_cache": False, "output_router_logits": False}
+
+
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 for a model without one)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 @contextlib.contextmanager

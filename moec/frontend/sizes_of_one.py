@@ -16,8 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from moec.frontend.capture import inference_setup
-from moec.ir.guards import InputGuards
+from moec.frontend.capture import capture, float_dtype, inference_setup
 from moec.ir.program import Program
 from moec.ir.types import TensorType
 
@@ -26,22 +25,43 @@ NOISE_FACTOR = 10  # a cut that departs this much more than the uncut example do
 ROUNDING = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
+def capture_for_sizes_of_one(model: nn.Module, args: tuple, kwargs: dict) -> Program:
+    """``capture``, with the guards the model's code needs at sizes of 1 enforced there too; an example of batch 1
+    whose code branches at batch 1 is captured again at batch 1 (traced at batch 2, the graph would refuse its
+    own example)."""
+    program = capture(model, args, kwargs)
+    kept_at_one = guards_kept_at_one(model, program, args, kwargs)
+    if not kept_at_one:
+        return program
+    program.keep_guards_at_one(kept_at_one)
+    try:
+        program.flatten_inputs(args, kwargs)
+    except ValueError:
+        program = capture(model, args, kwargs, batch_of_two=False)
+        kept_at_one = guards_kept_at_one(model, program, args, kwargs)
+        if kept_at_one:
+            program.keep_guards_at_one(kept_at_one)
+    return program
+
+
 def guards_kept_at_one(model: nn.Module, program: Program, args: tuple, kwargs: dict) -> list[str]:
     """The guards let pass at sizes of 1 that the model's own code needs there: those the example itself (a
     batch of 1, say) passes only at one, or that cutting it to 1 along one of its sizes makes pass only at one,
     where the model and the freshly captured ``program`` then depart by more than rounding."""
-    guards = InputGuards(program.metadata.get("input_guards", []))
+    from moec.backend.torch_runner import TorchRunner  # the frontend runs a graph only here
+
+    guards = program.input_guards
     if not guards.checks:
         return []
     names = program.metadata.get("forward_parameters", [])
+    runner = TorchRunner(program, expert_kernel="torch")  # no onnxruntime session or kernel race for a probe
 
     def passed_at_one(cut_args: tuple, cut_kwargs: dict) -> set[str]:
         return set(guards.passed_at_one({**dict(zip(names, cut_args, strict=False)), **cut_kwargs}))
 
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    rounding = ROUNDING.get(dtype, ROUNDING[torch.float32])
+    rounding = ROUNDING.get(float_dtype(model), ROUNDING[torch.float32])
     already = passed_at_one(args, kwargs)
-    baseline = departure(model, program, args, kwargs)
+    baseline = departure(model, runner, args, kwargs)
     if baseline is None:  # the model fails on its own example: capture has said so already
         return []
     kept = set(already) if already and baseline > rounding else set()
@@ -49,7 +69,7 @@ def guards_kept_at_one(model: nn.Module, program: Program, args: tuple, kwargs: 
         blamed = passed_at_one(cut_args, cut_kwargs) - already - kept
         if not blamed:
             continue
-        departed = departure(model, program, cut_args, cut_kwargs)
+        departed = departure(model, runner, cut_args, cut_kwargs)
         if departed is not None and departed > max(rounding, NOISE_FACTOR * baseline):
             kept |= blamed
     return [guard for guard, _ in guards.checks if guard in kept]
@@ -79,19 +99,17 @@ def cut(leaf: Any, axes: list[int], size: int) -> Any:
     return leaf
 
 
-def departure(model: nn.Module, program: Program, args: tuple, kwargs: dict) -> float | None:
-    """The largest difference between the model's and ``program``'s outputs on these inputs, relative to the
-    model's largest output value; None where the model fails on them (no evidence either way), infinity where
-    only the graph fails or the outputs differ in number or shape."""
-    from moec.backend.torch_runner import TorchRunner  # the frontend runs a graph only here
-
+def departure(model: nn.Module, runner: Any, args: tuple, kwargs: dict) -> float | None:
+    """The largest difference between the model's and ``runner``'s (a torch runner of its program) outputs on
+    these inputs, relative to the model's largest output value; None where the model fails on them (no evidence
+    either way), infinity where only the graph fails or the outputs differ in number or shape."""
+    program = runner.program
     with inference_setup(model), torch.inference_mode():
         try:
             expected = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
         except Exception:  # noqa: BLE001  (the model refuses these inputs: the cut says nothing)
             return None
-        try:  # the torch kernels: no onnxruntime session or kernel race for one probing call
-            runner = TorchRunner(program, expert_kernel="torch")
+        try:
             got = [t for t in runner.run(program.with_captured_dtypes(pytree.tree_leaves((args, kwargs))))
                    if isinstance(t, torch.Tensor)]
         except Exception:  # noqa: BLE001  (the model runs here and the graph does not)

@@ -129,9 +129,10 @@ class DenseToMoE(Pass):
             if stats is not None and dense_stats is None:
                 raise PassError(f"block {op.block!r}: calibration has no statistics for it")
             layout = self.split(program, op, dense_stats)
-            if dense_stats is not None:
-                rounding[op.block] = compensation_rounding(program, op, layout, dense_stats)
-            self.rewrite(program, op, layout, dense_stats)
+            means = mean_expert_outputs(program, op, layout, dense_stats) if dense_stats is not None else None
+            if means is not None:
+                rounding[op.block] = compensation_rounding(program, op, means, dense_stats)
+            self.rewrite(program, op, layout, dense_stats, means)
         worst = max(rounding, key=rounding.__getitem__, default=None)
         if worst is not None and rounding[worst] > COMPENSATION_ROUNDING_WARNING:
             warn(f"dense-to-moe: the mean compensation's terms, stored in the model's half-precision dtype, round by "
@@ -214,7 +215,10 @@ class DenseToMoE(Pass):
 
     # ---- rewriting the graph -----------------------------------------------------------------------------
 
-    def rewrite(self, program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any) -> None:
+    def rewrite(self, program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any,
+                means: torch.Tensor | None) -> None:
+        """Replace ``op`` by the route and experts ops of ``layout`` (and its shared expert); ``means`` [E, H]
+        are the experts' mean outputs for the compensation (None without calibration)."""
         graph = program.graph
         spec = op.spec
         x = op.args[0]
@@ -254,8 +258,8 @@ class DenseToMoE(Pass):
         }
         if op.weight("b_up") is not None or op.weight("b_gate") is not None:
             expert_weights["b_in"] = add_weight("experts.b_in", torch.cat(b_in_parts, dim=1))
-        if stats is not None:
-            expert_weights["b_out"] = add_weight("experts.b_out", -mean_expert_outputs(program, op, layout, stats))
+        if means is not None:
+            expert_weights["b_out"] = add_weight("experts.b_out", -means)
         experts_spec = ExpertsSpec(num_experts=self.experts, hidden=spec.hidden, intermediate=ids.shape[1],
                                    act=spec.act, gated=spec.gated, limit=spec.limit, up_offset=spec.up_offset)
         experts = ExpertsOp.build([x, *route.results], {k: v.name for k, v in expert_weights.items()},
@@ -309,18 +313,18 @@ def expert_outputs(program: Program, op: DenseFFNOp, layout: ExpertLayout, stats
     return torch.stack([hidden[:, ids] @ w_down[:, ids].T for ids in layout.experts])
 
 
-def compensation_rounding(program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any) -> float:
-    """How coarsely the mean compensation of ``op``'s conversion rounds in the weights' dtype, relative to the
-    RMS of the FFN's output on the calibration rows (0.0 in float32 or wider): each chosen expert adds
-    ``f_e(x) - m_e`` and the output bias adds back every ``m_e``, terms that cancel only as exactly as the dtype
-    holds them (MiniLM in bfloat16: terms up to about 20, so steps of about 0.08)."""
+def compensation_rounding(program: Program, op: DenseFFNOp, means: torch.Tensor, stats: Any) -> float:
+    """How coarsely the mean compensation ``means`` [E, H] of ``op``'s conversion rounds in the weights' dtype,
+    relative to the RMS of the FFN's output on the calibration rows (0.0 in float32 or wider): each chosen
+    expert adds ``f_e(x) - m_e`` and the output bias adds back every ``m_e``, terms that cancel only as exactly
+    as the dtype holds them (MiniLM in bfloat16: terms up to about 20, so steps of about 0.08)."""
     dtype = weight(program, op, "w_up").dtype
     if dtype not in (torch.bfloat16, torch.float16):
         return 0.0
-    largest = float(mean_expert_outputs(program, op, layout, stats).abs().max())
+    largest = float(means.abs().max())
     output = stats.hidden.float() @ weight(program, op, "w_down").float().T
     rms = float(output.pow(2).mean().sqrt().clamp_min(1e-30))
-    return largest * torch.finfo(dtype).eps * math.sqrt(len(layout.experts)) / rms
+    return largest * torch.finfo(dtype).eps * math.sqrt(len(means)) / rms
 
 
 def mean_expert_outputs(program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any) -> torch.Tensor:

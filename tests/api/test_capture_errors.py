@@ -197,13 +197,13 @@ def test_check_inputs_of_the_wrong_kind_say_how_to_pass_them():
 
 
 def test_a_recipe_that_needs_calibration_without_it_fails_before_capture(monkeypatch):
-    monkeypatch.setattr("moec.api.capture", lambda *args: pytest.fail("the model was captured"))
+    monkeypatch.setattr("moec.api.capture_for_sizes_of_one", lambda *args: pytest.fail("the model was captured"))
     with pytest.raises(moec.PassError, match=r"^pass 'expert-prune' needs calibration data: pass calibration="):
         moec.compile(TanhMLP(), (torch.randn(3, 8),), recipe={"passes": [{"expert-prune": {"keep": 2}}]})
 
 
 def test_a_pass_that_calibrates_only_with_some_options_says_so_when_calibration_is_missing(monkeypatch):
-    monkeypatch.setattr("moec.api.capture", lambda *args: pytest.fail("the model was captured"))
+    monkeypatch.setattr("moec.api.capture_for_sizes_of_one", lambda *args: pytest.fail("the model was captured"))
     recipe = {"passes": [{"dense-to-moe": {"experts": 2, "shared": 0.5, "method": "weights", "router": "centroid"}}]}
     with pytest.raises(moec.PassError, match=r"^pass 'dense-to-moe', with these options \(it calibrates with router "
                                              r"fitted, method coactivation or shared above 0\), needs calibration data"):
@@ -215,7 +215,7 @@ def test_a_pass_that_calibrates_only_with_some_options_says_so_when_calibration_
                                          r"calibration= is a RoutingTrace \(only expert-placement reads one\)"),
     ([], r"^calibration needs at least one sample")], ids=["trace", "empty"])
 def test_calibration_that_cannot_serve_the_recipe_fails_before_capture(monkeypatch, calibration, message):
-    monkeypatch.setattr("moec.api.capture", lambda *args: pytest.fail("the model was captured"))
+    monkeypatch.setattr("moec.api.capture_for_sizes_of_one", lambda *args: pytest.fail("the model was captured"))
     with pytest.raises(moec.MoecError, match=message):
         moec.compile(TanhMLP(), (torch.randn(3, 8),), recipe={"passes": [{"expert-prune": {"keep": 2}}]},
                      calibration=calibration)
