@@ -174,7 +174,7 @@ def test_compile_for_triton_without_triton_fails_before_capturing(monkeypatch):
     def capture(*args):
         raise AssertionError("captured the model before finding that the backend cannot run")
 
-    monkeypatch.setattr(moec.api, "capture", capture)
+    monkeypatch.setattr(moec.api, "capture_for_sizes_of_one", capture)
     monkeypatch.setitem(sys.modules, "triton", None)  # what `import triton` sees when it is not installed
     with pytest.raises(BackendError, match=r"pip install 'moec\[triton\]'"):
         moec.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), backend="triton")
