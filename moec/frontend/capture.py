@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import unittest.mock
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -275,7 +276,20 @@ def export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic: dict[str, 
         # torch's own pytree deprecation notices, raised inside export: nothing a user can act on
         warnings.simplefilter("ignore", FutureWarning)
         ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
-        return ep.run_decompositions({})
+        with retrace_without_guard_checks():
+            return ep.run_decompositions({})
+
+
+@contextlib.contextmanager
+def retrace_without_guard_checks() -> Iterator[None]:
+    """``run_decompositions`` re-traces ``ep.module()``, whose guard-checking submodule evaluates the
+    export's guards again on symbolic sizes and records stricter ones: BERT's ``seq <= 512`` came back as
+    ``seq < 512``, refusing the model's own maximum length. Within this block the re-trace leaves that
+    submodule out; the first trace's guards, and any a decomposition adds, are kept."""
+    with_guard_checks = torch.export.ExportedProgram.module
+    with unittest.mock.patch.object(torch.export.ExportedProgram, "module",
+                                    lambda self, check_guards=False: with_guard_checks(self, check_guards=False)):
+        yield
 
 
 def specializes_size_one(err: BaseException) -> bool:
