@@ -129,10 +129,10 @@ class DenseToMoE(Pass):
             if stats is not None and dense_stats is None:
                 raise PassError(f"block {op.block!r}: calibration has no statistics for it")
             layout = self.split(program, op, dense_stats)
-            means = mean_expert_outputs(program, op, layout, dense_stats) if dense_stats is not None else None
-            if means is not None:
-                rounding[op.block] = compensation_rounding(program, op, means, dense_stats)
-            self.rewrite(program, op, layout, dense_stats, means)
+            outputs = expert_outputs(program, op, layout, dense_stats) if dense_stats is not None else None
+            if outputs is not None:
+                rounding[op.block] = compensation_rounding(program, op, outputs.mean(1), dense_stats)
+            self.rewrite(program, op, layout, dense_stats, outputs)
         worst = max(rounding, key=rounding.__getitem__, default=None)
         if worst is not None and rounding[worst] > COMPENSATION_ROUNDING_WARNING:
             warn(f"dense-to-moe: the mean compensation's terms, stored in the model's half-precision dtype, round by "
@@ -203,22 +203,24 @@ class DenseToMoE(Pass):
         experts = torch.stack([routed[cluster == e] for e in range(self.experts)])
         return ExpertLayout(shared, experts)
 
-    def router_weights(self, program: Program, op: DenseFFNOp, layout: ExpertLayout,
-                       stats: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(router [E, H], bias [E]) before scaling."""
+    def router_weights(self, program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any,
+                       outputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(router [E, H], bias [E]) before scaling; ``outputs`` as ``expert_outputs`` gives them."""
         if self.router == "centroid":
             unit = torch.nn.functional.normalize(weight(program, op, "w_gate" if op.spec.gated else "w_up").float(), dim=1)
             return unit[layout.experts].mean(1), torch.zeros(self.experts)
-        outputs = expert_outputs(program, op, layout, stats)  # [E, N, H]
+        assert outputs is not None, "the fitted router needs calibration (needs_calibration)"
         deviations = (outputs - outputs.mean(1, keepdim=True)).norm(dim=-1)  # [E, N]
         return fit_linear(stats.inputs.float(), deviations.T)
 
     # ---- rewriting the graph -----------------------------------------------------------------------------
 
     def rewrite(self, program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any,
-                means: torch.Tensor | None) -> None:
-        """Replace ``op`` by the route and experts ops of ``layout`` (and its shared expert); ``means`` [E, H]
-        are the experts' mean outputs for the compensation (None without calibration)."""
+                outputs: torch.Tensor | None) -> None:
+        """Replace ``op`` by the route and experts ops of ``layout`` (and its shared expert); ``outputs``
+        [E, N, H] are the experts' outputs on the calibration rows, whose means the compensation subtracts
+        (None without calibration)."""
+        means = outputs.mean(1) if outputs is not None else None
         graph = program.graph
         spec = op.spec
         x = op.args[0]
@@ -233,7 +235,7 @@ class DenseToMoE(Pass):
             new_weights[name] = tensor.to(dtype).contiguous()
             return WeightRef(name)
 
-        router, bias = self.router_weights(program, op, layout, stats)
+        router, bias = self.router_weights(program, op, layout, stats, outputs)
         route_spec = RouteSpec(num_experts=self.experts, top_k=self.top_k, order="topk_then_score",
                                scaling=float(self.top_k), has_bias=True)
         lead = x.tensor_type.shape[:-1]
@@ -325,11 +327,6 @@ def compensation_rounding(program: Program, op: DenseFFNOp, means: torch.Tensor,
     output = stats.hidden.float() @ weight(program, op, "w_down").float().T
     rms = float(output.pow(2).mean().sqrt().clamp_min(1e-30))
     return largest * torch.finfo(dtype).eps * math.sqrt(len(means)) / rms
-
-
-def mean_expert_outputs(program: Program, op: DenseFFNOp, layout: ExpertLayout, stats: Any) -> torch.Tensor:
-    """[E, H] each routed expert's mean output on calibration tokens."""
-    return expert_outputs(program, op, layout, stats).mean(1)
 
 
 def program_weight(new_weights: dict[str, torch.Tensor], ref: WeightRef) -> torch.Tensor:
