@@ -48,10 +48,11 @@ from typing import Any
 
 import safetensors.torch
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from moec.analysis.real_tokens import real_token_rows, token_mask_of
 from moec.analysis.traces import RoutingTrace
-from moec.backend.torch_runner import TorchRunner
+from moec.backend.torch_runner import TorchRunner, inplace_version
 from moec.errors import MoecError, warn
 from moec.ir.core import Operation
 from moec.ir.ops import DenseFFNOp, ExpertsOp
@@ -268,10 +269,27 @@ def fingerprint(program: Program) -> str:
     weight's values included, gives another fingerprint."""
     digest = hashlib.sha256(print_graph(program.graph).encode())
     for name in sorted(stored_weight_names(program.graph)):
-        tensor = program.weights[name].detach()
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}:".encode())
-        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        digest.update(f"{name}:".encode() + tensor_digest(program.weights[name]))
     return digest.hexdigest()
+
+
+_TENSOR_DIGESTS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tensor -> (its in-place version, its digest)
+
+
+def tensor_digest(tensor: torch.Tensor) -> bytes:
+    """sha256 of ``tensor``'s shape, dtype and every byte, kept for the tensor while torch counts no in-place
+    change to it: every pass asks for the program's fingerprint, and hashing a large model's weights (from a GPU
+    through the host) each time would cost more than the pass. An inference tensor keeps no count and is
+    hashed each time."""
+    version = inplace_version(tensor)
+    kept = _TENSOR_DIGESTS.get(tensor) if version is not None else None
+    if kept is not None and kept[0] == version:
+        return kept[1]
+    digest = hashlib.sha256(f"{tuple(tensor.shape)}:{tensor.dtype}:".encode())
+    digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+    if version is not None:
+        _TENSOR_DIGESTS[tensor] = (version, digest.digest())
+    return digest.digest()
 
 
 NO_SAMPLES = "calibration needs at least one sample (a dict of keyword inputs or a tuple of inputs)"

@@ -342,7 +342,7 @@ class WeightReader:
         """``build()``, kept while the weights in ``sources`` are the ones it was built from, unchanged, and torch's
         thread count is the one it was built under (an onnxruntime session keeps the count it was built with)."""
         tensors = [t for source in sources for t in _storage_tensors(source)]
-        state = ([_version(t) for t in tensors], torch.get_num_threads())  # sessions take the thread count built with
+        state = ([inplace_version(t) for t in tensors], torch.get_num_threads())  # sessions take the thread count built with
         entry = self.prepared.get(key)
         if entry is None or not _same_objects(entry[0], tensors) or entry[1] != state:
             entry = self.prepared[key] = (tensors, state, build())
@@ -353,7 +353,7 @@ def _same_objects(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
-def _version(tensor: torch.Tensor) -> int | None:
+def inplace_version(tensor: torch.Tensor) -> int | None:
     """The count of in-place changes torch keeps for ``tensor`` (None for an inference tensor, which keeps none
     and cannot be changed outside inference mode)."""
     try:

@@ -150,6 +150,27 @@ def test_the_fingerprint_tells_a_permuted_weight_apart(captured):
     assert fingerprint(program) == before
 
 
+def test_the_fingerprint_sees_a_weight_changed_in_place_though_it_keeps_each_weights_digest(captured):
+    """Each weight's digest is kept between fingerprints (hashing a large model for every pass costs more than
+    the pass); a change in place, which torch counts, is seen, and so is one inside inference mode."""
+    from moec.analysis.calibration import fingerprint
+
+    _, _, program = captured("tiny-llama")
+    before = fingerprint(program)
+    weight = next(tensor for tensor in program.weights.values() if tensor.dim() == 2)
+    value = float(weight[0, 0])
+    with torch.no_grad():
+        weight[0, 0] = value + 1.0
+    changed = fingerprint(program)
+    assert changed != before
+    with torch.inference_mode():
+        weight[0, 0] = value + 2.0
+    assert fingerprint(program) not in (before, changed)
+    with torch.no_grad():
+        weight[0, 0] = value
+    assert fingerprint(program) == before
+
+
 def test_samples_that_share_memory_are_saved(tmp_path, captured):
     """Rows of one batch given as samples (views of one tensor), and one sample given twice."""
     model, example, program = captured("tiny-bert")
