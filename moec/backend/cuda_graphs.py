@@ -14,11 +14,13 @@ second time its shapes are seen, so a one-off shape (a prompt's length) runs dir
 shapes are captured, and later new shapes run directly. A call that cannot be captured (it broke the
 contract) warns once and runs directly from then on. Outputs are copies, so callers may keep them. The graphs
 of one wrapper share one memory pool (pass ``pool`` to share it wider): their scratch memory overlaps, which
-is safe because replays run one after another on one stream and each output is copied out at once.
+is safe because replays run one after another on one stream and each output is copied out at once. Threads
+share a wrapper: one at a time copies its inputs in, replays and copies the outputs out.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,28 +57,37 @@ class GraphedCall:
         self.pool = pool
         self.seen: Counter[ShapeKey] = Counter()
         self.graphs: dict[ShapeKey, CapturedCall] = {}
+        self.lock = threading.Lock()
 
     def __call__(self, *inputs: torch.Tensor) -> Outputs:
         if not inputs[0].is_cuda or inputs[0].shape[0] > self.max_rows:
             return self.fn(*inputs)
         key = tuple((tuple(t.shape), t.stride(), t.dtype, t.device) for t in inputs)
-        captured = self.graphs.get(key)
-        if captured is None:
-            self.seen[key] += 1
-            if self.seen[key] < 2 or len(self.graphs) >= self.max_graphs:
-                return self.fn(*inputs)
-            try:
-                captured = self.graphs[key] = self.capture(inputs)
-            except RuntimeError as error:  # fn broke the contract (it waited for the host): run it directly
-                self.max_graphs = 0
-                warn(f"moec: a kernel call could not be captured in a CUDA graph, so it runs directly "
-                     f"from now on ({str(error).splitlines()[0]})")
-                return self.fn(*inputs)
-        for static, given in zip(captured.inputs, inputs, strict=True):
-            static.copy_(given)
-        captured.graph.replay()
-        outputs = captured.outputs
-        return outputs.clone() if isinstance(outputs, torch.Tensor) else tuple(t.clone() for t in outputs)
+        with self.lock:  # a graph has one set of input and output buffers: one thread at a time copies, replays
+            captured = self.graphs.get(key)
+            if captured is None:
+                self.seen[key] += 1
+                if self.seen[key] >= 2 and len(self.graphs) < self.max_graphs:
+                    captured = self.capture_or_give_up(key, inputs)
+            if captured is not None:
+                for static, given in zip(captured.inputs, inputs, strict=True):
+                    static.copy_(given)
+                captured.graph.replay()
+                outputs = captured.outputs
+                return outputs.clone() if isinstance(outputs, torch.Tensor) else tuple(t.clone() for t in outputs)
+        return self.fn(*inputs)
+
+    def capture_or_give_up(self, key: ShapeKey, inputs: tuple[torch.Tensor, ...]) -> CapturedCall | None:
+        """The call on ``inputs`` captured and kept for ``key``; None, with a warning and no more captures, if
+        ``fn`` broke the contract (it waited for the host)."""
+        try:
+            self.graphs[key] = self.capture(inputs)
+        except RuntimeError as error:
+            self.max_graphs = 0
+            warn(f"moec: a kernel call could not be captured in a CUDA graph, so it runs directly "
+                 f"from now on ({str(error).splitlines()[0]})")
+            return None
+        return self.graphs[key]
 
     def capture(self, inputs: tuple[torch.Tensor, ...]) -> CapturedCall:
         """Capture ``fn`` on copies of ``inputs``, after one warm-up call on a side stream (the recipe of

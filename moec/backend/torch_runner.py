@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -327,7 +328,8 @@ class WeightReader:
     def __init__(self, op: Operation, program: Program, quant_kernel: str, expert_kernel: str) -> None:
         self.op, self.program = op, program
         self.quant_kernel, self.expert_kernel = quant_kernel, expert_kernel
-        self.prepared: dict[str, Any] = {}
+        self.prepared: dict[tuple[str, int], Any] = {}  # (key, torch thread count) -> (sources, versions, kernel)
+        self.building = threading.RLock()  # re-entrant: a build may prepare another kernel of the op
 
     def __call__(self, role: str) -> torch.Tensor | QuantizedWeight | None:
         ref = self.op.kwargs.get(role)
@@ -339,14 +341,20 @@ class WeightReader:
         return self.program.weights[ref.name]
 
     def cached(self, key: str, build: Callable[[], Any], sources: tuple[torch.Tensor | QuantizedWeight | None, ...]) -> Any:
-        """``build()``, kept while the weights in ``sources`` are the ones it was built from, unchanged, and torch's
-        thread count is the one it was built under (an onnxruntime session keeps the count it was built with)."""
+        """``build()``, kept while the weights in ``sources`` are the ones it was built from, unchanged; one per
+        torch thread count (an onnxruntime session keeps the count it was built with, and server threads may run
+        with different counts). Threads asking together for a kernel not yet built wait for one build."""
         tensors = [t for source in sources for t in _storage_tensors(source)]
-        state = ([inplace_version(t) for t in tensors], torch.get_num_threads())  # sessions take the thread count built with
-        entry = self.prepared.get(key)
-        if entry is None or not _same_objects(entry[0], tensors) or entry[1] != state:
-            entry = self.prepared[key] = (tensors, state, build())
-        return entry[2]
+        versions = [inplace_version(t) for t in tensors]
+        slot = (key, torch.get_num_threads())
+        entry = self.prepared.get(slot)
+        if entry is not None and _same_objects(entry[0], tensors) and entry[1] == versions:
+            return entry[2]
+        with self.building:
+            entry = self.prepared.get(slot)
+            if entry is None or not _same_objects(entry[0], tensors) or entry[1] != versions:
+                entry = self.prepared[slot] = (tensors, versions, build())
+            return entry[2]
 
 
 def _same_objects(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:

@@ -13,10 +13,13 @@ then ``rounds`` timed rounds, candidates interleaved so that background load hit
 round a candidate slower than ``drop_above`` x the best time so far leaves the race. The fastest by its
 best time is remembered for the key, and the call returns that candidate's result from its last run.
 Later calls with the key run only the winner, so every call of one size in a process runs one kernel.
+Races run one at a time (a lock): threads making a key's first call together wait for one race and run its
+winner, and no race times kernels slowed by another.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping
 from typing import Generic, TypeVar
@@ -37,6 +40,7 @@ class KernelChoice(Generic[KeyT]):
         self.rounds, self.drop_above, self.clock = rounds, drop_above, clock
         self.chosen: dict[KeyT, str] = {}
         self.timings: dict[KeyT, dict[str, float]] = {}  # key -> candidate -> best seconds measured
+        self.racing = threading.RLock()  # re-entrant: a candidate may itself choose with this instance
 
     def run(self, key: KeyT, candidates: Mapping[str, Callable[[], ResultT]]) -> ResultT:
         """``candidates[name]()`` for the fastest ``name`` for ``key`` (measured now if ``key`` is new)."""
@@ -48,6 +52,14 @@ class KernelChoice(Generic[KeyT]):
         if len(candidates) == 1:  # nothing to choose: no race, nothing remembered
             (only,) = candidates.values()
             return only()
+        with self.racing:
+            known = self.chosen.get(key)  # another thread's race for this key may have ended meanwhile
+            if known is not None and known in candidates:
+                return candidates[known]()
+            return self.race(key, candidates)
+
+    def race(self, key: KeyT, candidates: Mapping[str, Callable[[], ResultT]]) -> ResultT:
+        """Time ``candidates`` (see the module), remember the winner for ``key``, return its result."""
         results = {name: run() for name, run in candidates.items()}  # warm-up round, untimed
         best: dict[str, float] = {}
         racing = list(candidates)

@@ -3,6 +3,10 @@ candidate advances by its cost stands in for time)."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
 from moec.kernels.kernel_choice import KernelChoice
@@ -85,3 +89,31 @@ def test_bad_arguments() -> None:
         KernelChoice(rounds=0)
     with pytest.raises(ValueError, match="at least one candidate"):
         KernelChoice().run("k", {})
+
+
+def test_threads_making_a_keys_first_call_together_wait_for_one_race() -> None:
+    """Every call of one size runs one kernel, in a server's threads too: the threads that arrive while the race
+    runs wait for it and run its winner (each racing on its own gave different threads different kernels)."""
+    clock = FakeTime()
+    choice = KernelChoice(rounds=1, clock=clock)
+
+    def arriving_slowly(name: str, cost: float):
+        run = clock.candidate(name, cost)
+
+        def call() -> str:
+            time.sleep(0.01)  # real time, for the other threads to arrive during the race
+            return run()
+
+        return call
+
+    candidates = {"a": arriving_slowly("a", 3.0), "b": arriving_slowly("b", 1.0)}
+    together = threading.Barrier(4)
+
+    def first_call(_: int) -> str:
+        together.wait()
+        return choice.run("k", candidates)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(first_call, range(4)))
+    assert results == ["result of b"] * 4
+    assert clock.calls.count("a") == 2, "one race: a's warm-up and its timed round"

@@ -7,6 +7,8 @@ another order than torch's).
 from __future__ import annotations
 
 import dataclasses
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -170,3 +172,41 @@ def test_a_weight_changed_in_place_rebuilds_the_session_that_packed_it() -> None
                                for name, value in model.state_dict().items()})
         expected = model(**example).logits
     torch.testing.assert_close(runner.run(inputs)[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_threads_share_one_session_build_and_each_thread_count_keeps_its_own(monkeypatch) -> None:
+    """Server threads calling a fresh model together build each session once (each built its own, a packed copy
+    of the experts apiece); calls alternating between torch thread counts rebuild nothing (they rebuilt the
+    sessions on every switch)."""
+    model, example = build_preset("tiny-mixtral")
+    program = capture(model, (), example)
+    inputs = program.flatten_inputs((), example)
+    built: list[int] = []
+    real = torch_runner.onnxruntime_experts
+
+    def counted(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_runner, "onnxruntime_experts", counted)
+    layers = len(program.graph.ops_of(ExpertsOp))
+    runner = TorchRunner(program, expert_kernel="onnxruntime")
+    together = threading.Barrier(4)
+
+    def first_call(_: int) -> torch.Tensor:
+        together.wait()
+        return runner.run(inputs)[0]
+
+    with ThreadPoolExecutor(4) as pool:
+        outputs = list(pool.map(first_call, range(4)))
+    assert len(built) == layers
+    for output in outputs[1:]:
+        torch.testing.assert_close(output, outputs[0], rtol=0, atol=0)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 1, 2):
+            torch.set_num_threads(count)
+            runner.run(inputs)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(built) == layers * len({threads, 1, 2})
