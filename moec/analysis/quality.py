@@ -29,6 +29,8 @@ from moec.backend.torch_runner import TorchRunner
 from moec.ir.core import Operation
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SpecOp
 from moec.ir.program import Program
+from moec.ir.quant import QuantizedType
+from moec.kernels.quant import QuantizedWeight
 from moec.kernels.reference import activation, gated_activation
 
 BASELINES = ("random", "oracle")
@@ -67,22 +69,31 @@ def embedding_quality(reference: torch.Tensor, candidate: torch.Tensor) -> dict[
     return {"cosine": cosine, "nn_agreement": agreement}
 
 
-def float_weight(op: SpecOp, role: str, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The float32 weight of ``op``'s ``role``, or None if the op has none."""
+def float_weight(op: SpecOp, role: str, program: Program) -> torch.Tensor | None:
+    """The float32 weight of ``op``'s ``role`` (dequantized where it is stored quantized), or None if the op
+    has none."""
     ref = op.weight(role)
-    return None if ref is None else weights[ref.name].float()
+    if ref is None:
+        return None
+    stored = program.graph.weights.get(ref.name)
+    if isinstance(stored, QuantizedType):
+        return QuantizedWeight.from_storage(ref.name, stored, program.weights).dequantize()
+    return program.weights[ref.name].float()
 
 
-def required_float_weight(op: SpecOp, role: str, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+def required_float_weight(op: SpecOp, role: str, program: Program) -> torch.Tensor:
     """The float32 weight of a role ``op`` must have (see ``SpecOp.required_weight``)."""
-    return weights[op.required_weight(role).name].float()
+    op.required_weight(role)
+    weight = float_weight(op, role, program)
+    assert weight is not None, "required_weight raises for a missing role"
+    return weight
 
 
-def expert_output_norms(x: torch.Tensor, op: ExpertsOp, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+def expert_output_norms(x: torch.Tensor, op: ExpertsOp, program: Program) -> torch.Tensor:
     """[T, E] norm of every expert's output on every token row of ``x`` [T, H]."""
     spec = op.spec
-    w_in, w_out = required_float_weight(op, "w_in", weights), required_float_weight(op, "w_out", weights)
-    b_in, b_out = float_weight(op, "b_in", weights), float_weight(op, "b_out", weights)
+    w_in, w_out = required_float_weight(op, "w_in", program), required_float_weight(op, "w_out", program)
+    b_in, b_out = float_weight(op, "b_in", program), float_weight(op, "b_out", program)
     act = activation(spec.act)
     norms = []
     for e in range(spec.num_experts):
@@ -116,7 +127,7 @@ class RoutedRunner(TorchRunner):
             if self.baseline == "random":
                 scores = torch.rand(rows.shape[0], experts.spec.num_experts, generator=self.generator)
             else:
-                scores = expert_output_norms(rows, experts, self.program.weights)
+                scores = expert_output_norms(rows, experts, self.program)
             stored = scores.topk(top_k, dim=-1).indices
             indices = router_id[stored].reshape(*x.shape[:-1], top_k)
             return indices, torch.ones(indices.shape, dtype=torch.float32)
@@ -144,11 +155,11 @@ class NeuronOracleRunner(TorchRunner):
     def prepare(self, op: Operation) -> Callable[[list[Any]], Any]:
         if not isinstance(op, DenseFFNOp):
             return super().prepare(op)
-        spec, mean, weights = op.spec, self.means[op.block], self.program.weights
-        w_up = required_float_weight(op, "w_up", weights)
-        w_down = required_float_weight(op, "w_down", weights)
-        w_gate = required_float_weight(op, "w_gate", weights) if spec.gated else None
-        b_gate, b_up, b_down = (float_weight(op, role, weights) for role in ("b_gate", "b_up", "b_down"))
+        spec, mean, program = op.spec, self.means[op.block], self.program
+        w_up = required_float_weight(op, "w_up", program)
+        w_down = required_float_weight(op, "w_down", program)
+        w_gate = required_float_weight(op, "w_gate", program) if spec.gated else None
+        b_gate, b_up, b_down = (float_weight(op, role, program) for role in ("b_gate", "b_up", "b_down"))
         act, column_norms = activation(spec.act), w_down.norm(dim=0)
         keep = max(1, round(self.fraction * spec.intermediate))
 

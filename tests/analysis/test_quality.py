@@ -95,3 +95,23 @@ def test_the_gap_share_is_reported_only_where_random_and_oracle_differ():
     one_expert = conversion_quality(reference, moe_program(top_k=1), batches())
     assert one_expert["oracle"]["cosine"] > one_expert["random"]["cosine"]
     assert "gap_closed" in one_expert
+
+
+def test_the_oracle_reads_quantized_experts_dequantized():
+    """Quantized experts are stored packed under other names; the oracle computes their outputs from the packed
+    weights dequantized (it looked the float names up: the quality table of ``moec compile`` with dense-to-moe
+    then quantize died with a KeyError after the whole compile)."""
+    import transformers
+
+    import moec
+    from moec.frontend.zoo import tiny_decoder
+
+    model, example = tiny_decoder(transformers.LlamaForCausalLM, transformers.LlamaConfig, intermediate_size=128)
+    generator = torch.Generator().manual_seed(0)
+    samples = [{"input_ids": torch.randint(0, 128, (2, 12), generator=generator),
+                "attention_mask": torch.ones(2, 12, dtype=torch.int64)} for _ in range(4)]
+    recipe = {"passes": [{"dense_to_moe": {"experts": 4, "top_k": 1}}, {"quantize": {"bits": 4, "group": 32}}]}
+    compiled = moec.compile(model, example, recipe=recipe, calibration=samples)
+    with torch.no_grad():
+        quality = conversion_quality(lambda batch: model(**batch).logits, compiled.program, samples[:2])
+    assert quality["oracle"]["cosine"] > quality["random"]["cosine"]
