@@ -51,7 +51,7 @@ def capture(model: nn.Module, args: tuple = (), kwargs: dict | None = None, batc
                            "or to_empty() then load_state_dict())")
     args, kwargs = distinct_inputs(tuple(args), dict(kwargs or {}))
     specs = recognize(model)
-    with inference_setup(model):
+    with inference_setup(model), tensor_state_kept(model):
         try:
             with exportable_experts(model, specs), swap_blocks(model, specs):
                 ep = (batch_of_two and export_batch_of_two(model, args, kwargs)) or export(model, args, kwargs)
@@ -179,6 +179,31 @@ def inference_setup(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
         for config, name, value in changed:
             setattr(config, name, value)
+
+
+@contextlib.contextmanager
+def tensor_state_kept(model: nn.Module) -> Iterator[None]:
+    """The modules' buffers and tensor attributes as they were, after the capture: export runs the model's
+    Python on fake tensors, and code that keeps a tensor on its module while it runs (Phi-3's longrope caches
+    ``long_inv_freq`` and registers ``inv_freq`` anew) would leave fake tensors in the user's model, which
+    then computed other logits. torch's warning about such attributes is left out: moec puts them back."""
+    kept = [(module, dict(module._buffers), set(module._non_persistent_buffers_set),
+             {name: value for name, value in vars(module).items() if isinstance(value, torch.Tensor)})
+            for module in model.modules()]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The tensor attribute .* was assigned during export")
+            yield
+    finally:
+        for module, buffers, non_persistent, tensors in kept:
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            module._non_persistent_buffers_set.clear()
+            module._non_persistent_buffers_set.update(non_persistent)
+            for name in [name for name, value in vars(module).items()
+                         if isinstance(value, torch.Tensor) and name not in tensors]:
+                delattr(module, name)
+            vars(module).update(tensors)
 
 
 @contextlib.contextmanager

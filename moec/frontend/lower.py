@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.fx
 from torch.export import ExportedProgram
+from torch.export.graph_signature import OutputKind
 
 from moec.errors import CaptureError
 from moec.frontend.blocks import GATE_UP_PARTS, ROUTER_BIAS_ROLES, BlockSpec, required_part
@@ -68,7 +70,7 @@ class Lowering:
             elif node.op == "call_function":
                 self.lower_call(node)
             elif node.op == "output":
-                returned = node.args[0]
+                returned = self.user_outputs(node.args[0])
                 constant = next((i for i, n in enumerate(returned) if not isinstance(n, torch.fx.Node)), None)
                 if constant is not None:  # None, a number: export keeps it in the output, no node computes it
                     raise CaptureError(
@@ -89,6 +91,29 @@ class Lowering:
             in_spec=dump_treespec(self.ep.call_spec.in_spec),
             out_spec=dump_treespec(self.ep.call_spec.out_spec),
         )
+
+    def user_outputs(self, returned: Sequence[Any]) -> list[Any]:
+        """The model's own outputs among the graph's ``returned`` values. The others are the new values of
+        buffers the model writes while it runs (Phi-3's longrope sets ``inv_freq`` for the call's length): left
+        out where the graph never reads the old value, so that no call depends on what an earlier one wrote;
+        state carried from call to call, or an input changed in place, is refused."""
+        signature = self.ep.graph_signature
+        placeholders = {node.name: node for node in self.ep.graph.nodes if node.op == "placeholder"}
+        read_from = {spec.target: placeholders[spec.arg.name] for spec in signature.input_specs
+                     if spec.target is not None and hasattr(spec.arg, "name")}
+        outputs = []
+        for value, spec in zip(returned, signature.output_specs, strict=True):
+            if spec.kind == OutputKind.USER_OUTPUT:
+                outputs.append(value)
+                continue
+            old = read_from.get(spec.target) if spec.kind == OutputKind.BUFFER_MUTATION else None
+            if old is None or any(str(user.target) not in DROPPED_TARGETS for user in old.users):
+                what = (f"writes buffer {spec.target!r} in place and reads it, so each call depends on the calls "
+                        "before it" if spec.kind == OutputKind.BUFFER_MUTATION else
+                        f"changes {spec.target or 'an input'} in place ({spec.kind.name.lower()})")
+                raise CaptureError(f"the model {what}; moec compiles models whose calls depend only on their "
+                                   "inputs: keep such state outside the model's forward")
+        return outputs
 
     # -- nodes ----------------------------------------------------------------------------
     def lower_placeholder(self, node: torch.fx.Node) -> None:

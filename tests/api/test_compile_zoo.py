@@ -125,6 +125,46 @@ def test_bfloat16_moe_blocks_choose_the_experts_hugging_face_chooses(name, round
     assert (rows.abs().amax(dim=-1) / peaks).max() <= 5e-2
 
 
+def test_a_model_that_sets_a_buffer_for_each_call_compiles_and_is_left_as_it_was():
+    """Phi-3's longrope (Phi-3-mini-128k, Phi-3.5) sets ``inv_freq`` for each call's length and caches
+    ``long_inv_freq`` on its module while it runs: the graph returned the buffer's new value beside the logits
+    (every call failed) and export left a fake tensor in the model (its own logits moved by 1.5e-3)."""
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0] * 4,
+            "long_factor": [4.0, 8.0, 16.0, 32.0], "original_max_position_embeddings": 16}
+    model, example = tiny_decoder(transformers.Phi3ForCausalLM, transformers.Phi3Config, intermediate_size=64,
+                                  max_position_embeddings=64, original_max_position_embeddings=16, pad_token_id=0,
+                                  rope_parameters=rope)
+    fresh, _ = tiny_decoder(transformers.Phi3ForCausalLM, transformers.Phi3Config, intermediate_size=64,
+                            max_position_embeddings=64, original_max_position_embeddings=16, pad_token_id=0,
+                            rope_parameters=rope)
+    compiled = moec.compile(model, example)
+    assert not [name for module in model.modules() for name, value in vars(module).items()
+                if isinstance(value, torch._subclasses.FakeTensor)]
+    for batch, seq in [(2, 8), (1, 24)]:  # short and long factors
+        inputs = reshaped(example, batch, seq)
+        with torch.no_grad():
+            expected = fresh(**inputs).logits
+            torch.testing.assert_close(model(**inputs).logits, expected, rtol=0, atol=0)
+        torch.testing.assert_close(compiled(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+class CountsItsCalls(torch.nn.Module):
+    """State carried from call to call: each call reads the count the earlier ones wrote."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return x * self.calls
+
+
+def test_a_model_whose_calls_depend_on_earlier_calls_is_refused():
+    with pytest.raises(moec.CaptureError, match="writes buffer 'calls' in place and reads it"):
+        moec.compile(CountsItsCalls(), (torch.randn(2, 3),))
+
+
 def test_train_mode_model_is_compiled_for_inference_and_left_in_train_mode():
     model, example = build_preset("tiny-bert")
     model.config.hidden_dropout_prob = 0.5
