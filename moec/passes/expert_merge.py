@@ -73,12 +73,15 @@ from moec.passes.moe_layers import (
     ROUTE_ROLES,
     MoELayer,
     check_target_options,
+    expert_origins,
     keep_by_score,
     kept_whole_record,
     layer_record,
+    model_ids,
     nothing_to_do_note,
     output_change,
     routing_groups,
+    set_expert_origins,
     target_count,
     unmerged_moe_layers,
 )
@@ -340,6 +343,7 @@ class ExpertMerge(Pass):
                 routing_group, per_group = torch.zeros(route.num_experts, dtype=torch.long), count
             stats = statistics.moe[layer.block]
             tensors, rows = layer.tensors(program), stats.inputs.float()
+            origins = expert_origins(program, layer)
             before_size = layer.size(program)
             before_out = layer.routed_output(tensors, rows)
             groups = plan_layer(tensors, stats, layer, routing_group, per_group, self.alignment, self.combine)
@@ -349,14 +353,15 @@ class ExpertMerge(Pass):
             layer.rewrite(program, merged, router_rows, count, expert_map)
             record = layer_record(layer.name, (route.num_experts, *before_size), (count, *layer.size(program)),
                                   output_change(before_out, after_out))
-            records.append(record | {"groups": [group.members for group in groups]})
+            merged_origins = [model_ids(origins, group.members) for group in groups]
+            set_expert_origins(program, layer, merged_origins)
+            records.append(record | {"groups": merged_origins})
         return PassResult(True, {"layers": records})
 
     @staticmethod
     def kept_whole(program: Program, layer: MoELayer) -> dict:
         """The report row of a layer that keeps every expert: each expert its own group."""
-        groups = [[expert] for expert in range(layer.route.spec.num_experts)]
-        return kept_whole_record(program, layer) | {"groups": groups}
+        return kept_whole_record(program, layer) | {"groups": expert_origins(program, layer)}
 
     def merge(self, tensors: dict[str, torch.Tensor], groups: list[MergeGroup], layer: MoELayer, rows: torch.Tensor,
               target: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[int] | None]:

@@ -40,12 +40,15 @@ from moec.passes.base import Pass, PassContext, PassResult, register_pass
 from moec.passes.moe_layers import (
     MoELayer,
     check_target_options,
+    expert_origins,
     keep_by_score,
     kept_whole_record,
     layer_record,
+    model_ids,
     nothing_to_do_note,
     output_change,
     routing_groups,
+    set_expert_origins,
     target_count,
     unmerged_moe_layers,
 )
@@ -128,6 +131,7 @@ class ExpertPrune(Pass):
                 records.append(self.kept_whole(program, layer))
                 continue
             kept = self.choose(layer, program, statistics.moe[layer.block], count)
+            origins = expert_origins(program, layer)
             before_size, tensors = layer.size(program), layer.tensors(program)
             rows = statistics.moe[layer.block].inputs
             before_out = layer.routed_output(tensors, rows)
@@ -138,13 +142,15 @@ class ExpertPrune(Pass):
             record = layer_record(layer.name, (route.num_experts, *before_size), (len(kept), *layer.size(program)),
                                   output_change(before_out, after_out))
             removed = [expert for expert in range(route.num_experts) if expert not in kept]
-            records.append(record | {"kept": kept, "removed": removed})
+            set_expert_origins(program, layer, [origins[expert] for expert in kept])
+            records.append(record | {"kept": model_ids(origins, kept), "removed": model_ids(origins, removed)})
         return PassResult(True, {"layers": records})
 
     @staticmethod
     def kept_whole(program: Program, layer: MoELayer) -> dict:
         """The report row of a layer that keeps every expert."""
-        return kept_whole_record(program, layer) | {"kept": list(range(layer.route.spec.num_experts)), "removed": []}
+        origins = expert_origins(program, layer)
+        return kept_whole_record(program, layer) | {"kept": model_ids(origins, range(len(origins))), "removed": []}
 
     def choose(self, layer: MoELayer, program: Program, stats, count: int) -> list[int]:
         """The experts a layer keeps, in expert order."""

@@ -7,6 +7,7 @@ write the result back with ``MoELayer.rewrite``; shared experts and every other 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -201,6 +202,27 @@ def check_target_options(pass_name: str, keep: int | None, keep_ratio: float | N
         raise PassError(f"{pass_name}: keep={keep!r} must be a positive number of experts per layer")
     if keep_ratio is not None and not 0 < keep_ratio <= 1:
         raise PassError(f"{pass_name}: keep_ratio={keep_ratio!r} must be in (0, 1]")
+
+
+ORIGINS = "expert_origins"  # program.metadata: layer name -> for each stored expert, the model's experts it holds
+
+
+def expert_origins(program: Program, layer: MoELayer) -> list[list[int]]:
+    """For each expert ``layer`` stores now, the ids (as the model numbered them) of the experts it stands for:
+    itself, or those an earlier merge joined into it; earlier prunes and merges keep this up to date, so that
+    every report names the model's experts."""
+    known = program.metadata.get(ORIGINS, {}).get(layer.name)
+    return [list(ids) for ids in known] if known is not None else [[e] for e in range(layer.experts.spec.num_experts)]
+
+
+def set_expert_origins(program: Program, layer: MoELayer, origins: list[list[int]]) -> None:
+    program.metadata.setdefault(ORIGINS, {})[layer.name] = origins
+
+
+def model_ids(origins: list[list[int]], stored: Iterable[int]) -> list[int]:
+    """The model's expert ids that the ``stored`` experts stand for, in their order (a merged expert's
+    dominant one first)."""
+    return [e for index in stored for e in origins[index]]
 
 
 def kept_whole_record(program: Program, layer: MoELayer) -> dict:

@@ -65,6 +65,21 @@ def test_frequency_keeps_the_most_chosen_experts_and_shrinks_router_and_weights(
     assert 0 < layer["output_cosine"] < 1
 
 
+def test_a_second_prune_names_the_models_experts():
+    """Report rows name the model's expert ids, after an earlier prune too (they named positions among the
+    experts left: a second prune reported removing experts the first had kept)."""
+    weights = small_moe_weights(seed=2)  # the first prune removes expert 0, so positions and ids part
+    program = program_of(SMALL_MOE, weights)
+    samples = token_samples()
+    first, _ = prune(program, samples, keep=3)
+    second, _ = prune(program, samples, keep=2)
+    (once,) = first["summary"]["layers"]
+    (twice,) = second["summary"]["layers"]
+    assert set(twice["kept"]) | set(twice["removed"]) == set(once["kept"])
+    torch.testing.assert_close(program.weights["gate"], weights["gate"][twice["kept"]])
+    torch.testing.assert_close(program.weights["w_in"], weights["w_in"][twice["kept"]])
+
+
 def test_similarity_removes_one_of_two_identical_experts():
     weights = small_moe_weights()
     for name in weights:  # expert 3 is a copy of expert 1: the most similar pair, whatever is compared
