@@ -142,7 +142,8 @@ def unused_calibration(passes: list[Pass]) -> str:
     (``needs_calibration``): names the recipe's passes, the options under which those would use it
     (``calibration_when``), else the passes that can use it."""
     recipe = f"its passes: {', '.join(p.name for p in passes)}" if passes else "it has no passes"
-    conditional = [f"{p.name} uses it only {p.calibration_when}" for p in passes if p.calibration_when]
+    conditional = list(dict.fromkeys(f"{p.name} uses it only {p.calibration_when}" for p in passes
+                                     if p.calibration_when))  # a pass given twice is named once
     if conditional:
         return f"no pass of the recipe needs calibration data with its options ({recipe}); {'; '.join(conditional)}"
     users = []

@@ -85,7 +85,7 @@ class DenseToMoE(Pass):
     shared: float = 0.0
     method: str | None = None  # None: "coactivation" when the pass calibrates anyway, else "weights"
     router: str = "fitted"
-    layers: tuple[str | int, ...] | None = None  # blocks (op.block) or indices among the ffn.dense ops
+    layers: tuple[str | int, ...] | None = None  # blocks (op.block) or indices among the ffn.dense ops left
 
     def __post_init__(self) -> None:
         if self.method is not None and self.method not in METHODS:
@@ -124,6 +124,7 @@ class DenseToMoE(Pass):
             return PassResult(False, note="the program has no ffn.dense ops to split into experts")
         stats = context.statistics(program, needed_by=f"pass {self.name!r}") if self.needs_calibration() else None
         rounding: dict[str, float] = {}  # block -> its mean compensation's rounding, relative to its output
+        blocks = [op.block for op in ops]
         for op in ops:
             dense_stats = stats.dense.get(op.block) if stats is not None else None
             if stats is not None and dense_stats is None:
@@ -138,8 +139,8 @@ class DenseToMoE(Pass):
             warn(f"dense-to-moe: the mean compensation's terms, stored in the model's half-precision dtype, round by "
                  f"about {rounding[worst]:.1%} of the FFN output's RMS in block {worst!r} (terms that should cancel in "
                  "the converted layer's sum); convert a float32 model for the most faithful result")
-        return PassResult(True, {"layers": len(ops), "experts": self.experts, "top_k": self.top_k,
-                                 "method": self.clustering})
+        return PassResult(True, {"layers": len(ops), "blocks": blocks, "experts": self.experts,
+                                 "top_k": self.top_k, "method": self.clustering})
 
     def chosen_ops(self, program: Program) -> list[DenseFFNOp]:
         ops = program.graph.ops_of(DenseFFNOp)
@@ -152,6 +153,9 @@ class DenseToMoE(Pass):
                 chosen.append(ops[layer])
             elif layer in by_block:
                 chosen.append(by_block[layer])
+            elif layer in {op.block for op in program.graph.ops_of(ExpertsOp)}:
+                raise PassError(f"layers: block {layer!r} already runs routed experts (the model's own MoE, or an "
+                                "earlier dense-to-moe); list ffn.dense blocks only")
             else:
                 raise PassError(f"layers: {layer!r} is neither an ffn.dense block ({', '.join(by_block)}) "
                                 f"nor an index below {len(ops)}")

@@ -215,7 +215,9 @@ def group_advice(columns: int, kind: str) -> str:
         return f"set the pass's group option to {' or '.join(fits)}"
     advice = (f"no supported group size ({', '.join(map(str, SUPPORTED_GROUPS))}) divides it, so this weight "
               "cannot be quantized")
-    return advice if kind == "expert" else f"{advice}; dense: false leaves dense FFNs and shared experts float"
+    if kind == "expert":  # dense-to-moe's experts are the FFN's width over its expert count wide
+        return f"{advice}; if dense-to-moe made these experts, fewer of them (its experts option) makes each wider"
+    return f"{advice}; dense: false leaves dense FFNs and shared experts float"
 
 
 def activations_for(program: Program, context: PassContext, needed_by: str) -> FFNActivations:

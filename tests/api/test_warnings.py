@@ -32,6 +32,9 @@ def test_calibration_for_passes_that_never_use_it_names_the_passes_that_would():
     from moec.passes import build_passes
     from moec.passes.base import unused_calibration
 
+    assert unused_calibration(build_passes({"passes": ["quantize", "quantize"]})).endswith(
+        "; quantize uses it only with method gptq"), "a pass given twice is named once"
+
     assert unused_calibration(build_passes({"passes": ["dead-code"]})) == (
         "no pass of the recipe needs calibration data (its passes: dead-code); only bit-allocation, dense-to-moe "
         "(with router fitted, method coactivation or shared above 0), dynamic-skip, expert-merge, expert-placement "

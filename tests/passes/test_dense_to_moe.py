@@ -147,6 +147,16 @@ def test_bad_options_name_the_block_and_change_nothing(options, message):
     assert print_graph(program.graph) == GELU_FFN
 
 
+def test_a_block_converted_before_is_named_as_such():
+    program = program_from(GELU_FFN)
+    context = PassContext(calibration=token_samples(), progress=False)
+    recipe = {"passes": [{"dense_to_moe": {"experts": 4, "top_k": 2, "layers": ["mlp"]}}]}
+    (record,) = run_passes(program, build_passes(recipe), context)
+    assert record["summary"]["blocks"] == ["mlp"]
+    with pytest.raises(PassError, match=r"layers: block 'mlp' already runs routed experts"):
+        run_passes(program, build_passes(recipe), context)
+
+
 @pytest.mark.parametrize(("options", "clustering"), [
     ({"router": "fitted"}, "coactivation"),
     ({"router": "fitted", "method": "weights"}, "weights"),

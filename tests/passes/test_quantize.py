@@ -213,7 +213,8 @@ block="mlp") : f32[s0, {width}]
                                r"\(32, 64, 128\) divides it, so this weight cannot be quantized; dense: false leaves "
                                r"dense FFNs and shared experts float$"),
     (lambda: program_of(SMALL_MOE, small_moe_weights()), 32,
-     r"reduced dimension 8; no supported group size \(32, 64, 128\) divides it, so this weight cannot be quantized$"),
+     r"reduced dimension 8; no supported group size \(32, 64, 128\) divides it, so this weight cannot be quantized; "
+     r"if dense-to-moe made these experts, fewer of them \(its experts option\) makes each wider$"),
 ], ids=["dense-32", "dense-64", "dense-8", "experts-8"])
 def test_group_that_does_not_divide_says_which_group_would(program, group, advice):
     with pytest.raises(PassError, match=advice):
