@@ -65,19 +65,19 @@ def test_guards_on_inputs_inside_a_dict_or_a_dataclass_are_checked():
 class BranchAtOne(nn.Module):
     """Code that treats a batch of 1 or a single token apart: export's ``!= 1`` guards are real conditions here."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, factor: float = 3.0) -> None:
         super().__init__()
-        self.dim = dim
+        self.dim, self.factor = dim, factor
         self.proj = nn.Linear(4, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.proj(x)
-        return y * 3 if x.shape[self.dim] == 1 else y
+        return y * self.factor if x.shape[self.dim] == 1 else y
 
 
-@pytest.mark.parametrize("dim", [0, 1])
-def test_a_branch_at_size_one_keeps_its_guard(dim):
-    model = BranchAtOne(dim).eval()
+@pytest.mark.parametrize(("dim", "factor"), [(0, 3.0), (1, 3.0), (1, 1 + 5e-4)])  # a small change counts too
+def test_a_branch_at_size_one_keeps_its_guard(dim, factor):
+    model = BranchAtOne(dim, factor).eval()
     compiled = moec.compile(model, (torch.randn(2, 5, 4),))
     assert compiled.program.metadata["input_guards_kept_at_one"] == [f"L['x'].size()[{dim}] != 1"]
     x = torch.randn(3, 6, 4)
