@@ -259,7 +259,8 @@ def skip_rate_lines(summary: dict[str, Any]) -> list[str]:
                 f"({row['skipped_fraction']:.1%}), dropping {row['dropped_weight']:.1%} of the routing weight")
 
     batches = f"{summary['samples']} batch{'es' if summary['samples'] != 1 else ''}"
-    lines = [f"on the calibration data ({batches}, real tokens only): {rate(summary)}"]
+    after = f", after {summary['measured_after']}" if summary.get("measured_after") else ""
+    lines = [f"on the calibration data ({batches}, real tokens only{after}): {rate(summary)}"]
     lines += [f"{row['layer']}: {rate(row)}" for row in summary["layers"] if row["threshold"]]
     return lines
 

@@ -232,3 +232,8 @@ class Pass:
 
     def run(self, program: Program, context: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def refresh(self, program: Program, context: PassContext, summary: dict[str, Any], changed_by: list[str]) -> None:
+        """Bring this pass's ``summary`` up to date with the final ``program`` after the later passes
+        ``changed_by`` changed it. Most summaries say what the pass did and stay; one that measured the program
+        (``dynamic-skip``'s skip rate) measures again."""

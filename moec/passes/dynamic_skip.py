@@ -65,6 +65,13 @@ class DynamicSkip(Pass):
             note = "every moe.experts op routes each token to one expert (top-1), which always runs: nothing to skip"
         return PassResult(bool(skipping), summary, note=note)
 
+    def refresh(self, program: Program, context: PassContext, summary: dict[str, Any], changed_by: list[str]) -> None:
+        """The skip rate measured again on the final program, which later passes changed (a prune or merge
+        changes which experts tokens choose), naming the last of them."""
+        if summary.get("measured"):
+            summary |= self.measure(program, context) | {"measured_after": changed_by[-1]}
+            context.report["dynamic_skip"] = summary
+
     def measure(self, program: Program, context: PassContext) -> dict[str, Any]:
         """The skip rate on the context's calibration samples (``skip_statistics``), or why it was not measured."""
         if context.calibration is None:

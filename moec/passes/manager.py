@@ -206,6 +206,11 @@ def run_passes(program: Program, passes: list[Pass], context: PassContext,
             hook(pass_, program, record)
         mismatch = placement_mismatch(program)
         outdated_by = None if mismatch is None else (outdated_by or (pass_.name, mismatch))
+    for index, (pass_, record) in enumerate(zip(passes, records, strict=True)):
+        changed_by = [later["pass"] for later in records[index + 1:] if later["modified"]]
+        own = record.get("summary")
+        if changed_by and isinstance(own, dict):
+            pass_.refresh(program, context, own, changed_by)
     if outdated_by is not None:
         name, mismatch = outdated_by
         changed = "the experts were changed" if name is None else f"pass {name!r} changed the experts"

@@ -97,6 +97,20 @@ def test_the_skip_rate_is_measured_on_calibration_samples():
     assert context.report["dynamic_skip"] == summary
 
 
+def test_a_later_pass_that_changes_the_experts_has_the_skip_rate_measured_again():
+    """A prune after dynamic-skip changes which experts tokens choose: the figures describe the final program
+    (they kept the rate measured before the prune) and say after which pass they were taken."""
+    program = program_of(SMALL_MOE, small_moe_weights(seed=2))
+    samples = token_samples()
+    context = PassContext(calibration=samples, progress=False)
+    recipe = {"passes": [{"dynamic-skip": {"threshold": 0.5}}, {"expert-prune": {"keep": 3}}]}
+    skip, _ = run_passes(program, build_passes(recipe), context)
+    evaluations, skipped = skip_rate_by_hand(program, samples, 0.5)
+    assert (skip["summary"]["evaluations"], skip["summary"]["skipped"]) == (evaluations, skipped)
+    assert skip["summary"]["measured_after"] == "expert-prune"
+    assert context.report["dynamic_skip"] is skip["summary"]
+
+
 def test_without_calibration_the_skip_rate_is_not_measured():
     program = program_of(SMALL_MOE, small_moe_weights())
     (record,) = run_passes(program, build_passes({"passes": [{"dynamic-skip": {"threshold": 0.5}}]}), PassContext())
