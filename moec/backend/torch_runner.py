@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from moec.backend.graph_function import Callee, GraphFunction, Observer
-from moec.errors import BackendError
+from moec.errors import BackendError, warn
 from moec.frontend.blocks import ExpertsSpec
 from moec.ir.core import Operation, OpT
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
@@ -191,17 +191,57 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
         why = "it runs float32 experts on the CPU only" if onnxruntime_installed() else \
             "onnxruntime is not installed (pip install onnxruntime)"
         raise BackendError(f"expert_kernel='onnxruntime' cannot run this plan: {why}; use expert_kernel='torch'")
-    # At one token onnxruntime lost the race on every host measured, and building its session costs a packed
-    # copy of the experts, so ``auto`` leaves it out there: decoding alone never builds it.
-    if float32_cpu and onnxruntime_installed() and (kernel == "onnxruntime" or tokens.shape[0] > 1):
-        candidates["onnxruntime"] = lambda: onnxruntime_kernel()(tokens, indices, routing)
+    if kernel == "onnxruntime":
+        return onnxruntime_kernel()(tokens, indices, routing)
     if kernel != "auto":
         return candidates[kernel]()
     if not float32_cpu or tokens.shape[0] == 0:
         return candidates["torch"]()
     if not onednn_available():  # then "torch" runs F.linear too
         del candidates["torch-blas"]
-    return EXPERT_KERNEL_CHOICE.run(expert_kernel_key(spec, indices.shape[1], tokens.shape[0]), candidates)
+    key = expert_kernel_key(spec, indices.shape[1], tokens.shape[0])
+    # At one token onnxruntime lost the race on every host measured, and building its session costs a packed
+    # copy of the experts, so ``auto`` leaves it out there: decoding alone never builds it.
+    if onnxruntime_installed() and tokens.shape[0] > 1 and onnxruntime_may_race(key, spec, w_in, w_out):
+        candidates["onnxruntime"] = lambda: onnxruntime_kernel()(tokens, indices, routing)
+    return EXPERT_KERNEL_CHOICE.run(key, candidates)
+
+
+PACKED_COPY_HEADROOM = 0.2  # of the machine's memory, left available after building a packed copy of experts
+_warned_low_memory = False
+
+
+def onnxruntime_may_race(key: ExpertKernelKey, spec: ExpertsSpec, w_in: torch.Tensor, w_out: torch.Tensor) -> bool:
+    """Whether ``auto`` runs onnxruntime for ``key``: it won the key's race, or the key is new and the packed
+    copy of the experts its session keeps (about their size again) leaves a fifth of the machine's memory
+    available (Linux's MemAvailable); else the torch kernels run, with one warning: a model that fits in
+    memory is not pushed out of it by its first prompt."""
+    global _warned_low_memory
+    chosen = EXPERT_KERNEL_CHOICE.chosen.get(key)
+    if chosen is not None:
+        return chosen == "onnxruntime"
+    packed = w_in.numel() * w_in.element_size() + w_out.numel() * w_out.element_size()
+    memory = available_memory()
+    if memory is None or memory[0] - packed >= PACKED_COPY_HEADROOM * memory[1]:
+        return True
+    if not _warned_low_memory:
+        _warned_low_memory = True
+        warn(f"moec: onnxruntime's experts kernel would keep a packed copy of each MoE layer's experts "
+             f"({packed / 2**20:,.0f} MiB for a layer of {spec.num_experts} experts), leaving less than "
+             f"{PACKED_COPY_HEADROOM:.0%} of this machine's memory available, so the torch kernels run the experts "
+             "instead where it was not built already")
+    return False
+
+
+def available_memory() -> tuple[int, int] | None:
+    """(bytes available, bytes in all) of this machine's memory, from /proc/meminfo; None where it cannot
+    be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in meminfo}
+        return fields["MemAvailable"], fields["MemTotal"]
+    except (OSError, ValueError, IndexError, KeyError):
+        return None
 
 
 def kernel_choice_lines() -> list[str]:

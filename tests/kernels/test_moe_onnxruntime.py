@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -210,3 +211,26 @@ def test_threads_share_one_session_build_and_each_thread_count_keeps_its_own(mon
     finally:
         torch.set_num_threads(threads)
     assert len(built) == layers * len({threads, 1, 2})
+
+
+@pytest.mark.parametrize("available_gib", [1, 7])
+def test_auto_leaves_onnxruntime_out_where_its_packed_copy_would_crowd_memory(monkeypatch, available_gib) -> None:
+    """The onnxruntime kernel keeps a packed copy of each layer's experts: a model near the machine's memory
+    compiled, then was killed on its first prompt of two tokens or more. ``auto`` races it only where a fifth of
+    the memory stays available (here the machine has 8 GiB and the memory it reports is patched)."""
+    model, example = build_preset("tiny-mixtral")
+    program = capture(model, (), example)
+    monkeypatch.setattr(torch_runner, "EXPERT_KERNEL_CHOICE", KernelChoice())
+    monkeypatch.setattr(torch_runner, "_warned_low_memory", False)
+    monkeypatch.setattr(torch_runner, "available_memory", lambda: (available_gib * 2**30, 8 * 2**30))
+    built: list[int] = []
+    real = torch_runner.onnxruntime_experts
+    monkeypatch.setattr(torch_runner, "onnxruntime_experts", lambda *args, **kwargs: built.append(1) or real(*args, **kwargs))
+    runner = TorchRunner(program)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        output = runner.run(program.flatten_inputs((), example))[0]
+    crowded = [w for w in caught if "leaving less than 20% of this machine's memory available" in str(w.message)]
+    assert (len(built), len(crowded)) == ((0, 1) if available_gib == 1 else (len(program.graph.ops_of(ExpertsOp)), 0))
+    with torch.no_grad():
+        torch.testing.assert_close(output, model(**example).logits, rtol=1e-4, atol=1e-4)
