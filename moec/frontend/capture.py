@@ -235,10 +235,11 @@ def exportable_experts(model: nn.Module, specs: list[BlockSpec]) -> Iterator[Non
 
 
 class EagerFailure(CaptureError):
-    """The model, as export saw it, fails when simply run on the example inputs (``eager_error``)."""
+    """The model fails when simply run on the example inputs (``eager_error``)."""
 
-    def __init__(self, message: str, eager_error: Exception) -> None:
-        super().__init__(message)
+    def __init__(self, model: nn.Module, eager_error: Exception) -> None:
+        super().__init__(f"{type(model).__name__} fails on the example inputs themselves, without moec: "
+                         f"{describe(model, eager_error)}\npass example inputs that the model runs on")
         self.eager_error = eager_error
 
 
@@ -253,10 +254,7 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
     except Exception as err:  # export raises many types; all mean "cannot capture"
         output, eager_error = eager_run(model, args, kwargs)
         if eager_error is not None:
-            raise EagerFailure(
-                f"{type(model).__name__} fails on the example inputs themselves, without moec: "
-                f"{describe(model, eager_error)}\npass example inputs that the model runs on", eager_error
-            ) from eager_error
+            raise EagerFailure(model, eager_error) from eager_error
         for what, structure in (("takes", (args, kwargs)), ("returns", output)):
             opaque = opaque_leaf_type(structure)
             if opaque is not None:

@@ -16,7 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import nn
 
-from moec.frontend.capture import capture, float_dtype, inference_setup
+from moec.frontend.capture import EagerFailure, capture, eager_failure, float_dtype, inference_setup
 from moec.ir.program import Program
 from moec.ir.types import TensorType
 
@@ -47,23 +47,28 @@ def capture_for_sizes_of_one(model: nn.Module, args: tuple, kwargs: dict) -> Pro
 def guards_kept_at_one(model: nn.Module, program: Program, args: tuple, kwargs: dict) -> list[str]:
     """The guards let pass at sizes of 1 that the model's own code needs there: those the example itself (a
     batch of 1, say) passes only at one, or that cutting it to 1 along one of its sizes makes pass only at one,
-    where the model and the freshly captured ``program`` then depart by more than rounding."""
+    where the model and the freshly captured ``program`` then depart by more than rounding. A model that export
+    traced but that fails on its own example (its fake tensors check less) is an ``EagerFailure``."""
     from moec.backend.torch_runner import TorchRunner  # the frontend runs a graph only here
 
+    runner = TorchRunner(program, expert_kernel="torch")  # no onnxruntime session or kernel race for a probe
+    baseline = departure(model, runner, args, kwargs)
+    if baseline is None:  # export's fake tensors traced it (a float32 norm in a bf16 model), but it does not run
+        with inference_setup(model):
+            error = eager_failure(model, args, kwargs)
+        if error is not None:
+            raise EagerFailure(model, error) from error
+        return []
     guards = program.input_guards
     if not guards.checks:
         return []
     names = program.metadata.get("forward_parameters", [])
-    runner = TorchRunner(program, expert_kernel="torch")  # no onnxruntime session or kernel race for a probe
 
     def passed_at_one(cut_args: tuple, cut_kwargs: dict) -> set[str]:
         return set(guards.passed_at_one({**dict(zip(names, cut_args, strict=False)), **cut_kwargs}))
 
     rounding = ROUNDING.get(float_dtype(model), ROUNDING[torch.float32])
     already = passed_at_one(args, kwargs)
-    baseline = departure(model, runner, args, kwargs)
-    if baseline is None:  # the model fails on its own example: capture has said so already
-        return []
     kept = set(already) if already and baseline > rounding else set()
     for cut_args, cut_kwargs in cut_to_one(program, args, kwargs):
         blamed = passed_at_one(cut_args, cut_kwargs) - already - kept

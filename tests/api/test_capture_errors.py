@@ -239,6 +239,20 @@ def test_a_model_that_fails_on_its_example_inputs_is_told_so():
         moec.compile(WantsTwoInputs(), (torch.randn(3, 8),))
 
 
+def test_a_model_that_export_traces_but_that_fails_on_its_example_is_told_so():
+    """A bfloat16 Llama whose norms were kept in float32: export's fake tensors let the mixed matmul through, so
+    compile returned a plan whose every call failed with torch's dtype error."""
+    from moec.frontend.zoo import build_preset
+
+    model, example = build_preset("tiny-llama", torch.bfloat16)
+    for name, module in model.named_modules():
+        if name.endswith("norm"):
+            module.float()
+    with pytest.raises(moec.CaptureError, match=r"fails on the example inputs themselves, without moec: module "
+                                                r"'model.layers.0.self_attn.q_proj' \(Linear\).*same dtype"):
+        moec.compile(model, example)
+
+
 def test_an_example_of_one_token_is_told_to_use_two():
     from moec.frontend.zoo import build_preset
 
