@@ -22,8 +22,8 @@ are not in the graph: onnxruntime runs any size the axes allow, and a size outsi
 branch. They travel as the model's metadata ``moec_input_guards`` (a JSON list), which
 ``moec.ir.guards.InputGuards(conditions).broken(inputs)`` checks a call's inputs against.
 
-Only float32 programs are exported: onnxruntime's CPU kernels lack bfloat16 for most ops (and float16
-for some, ScatterND's add among them), so a plan compiled in bfloat16 or float16 is refused up front.
+Only float32 programs are exported: onnxruntime's CPU kernels lack bfloat16 for most ops (and float16 and
+float64 for some: ScatterND's add, Erf), so a plan compiled in bfloat16, float16 or float64 is refused up front.
 """
 
 from __future__ import annotations
@@ -361,14 +361,19 @@ def check_target(path: str | os.PathLike) -> Path:
 
 
 def check_float32(program: Program) -> None:
-    """Refuse a program with bfloat16 or float16 weights or values (see the module docstring)."""
+    """Refuse a program with bfloat16 or float16 weights or values, or float64 weights or inputs (see the module
+    docstring; a float32 model may compute a value in float64 on the way, which onnxruntime runs)."""
     graph = program.graph
-    types = [*graph.weights.values(), *(v.type for v in graph.inputs), *(v.type for op in graph.ops for v in op.results)]
-    found = sorted(LOW_PRECISION.keys() & {getattr(t, "dtype", "") for t in types})
+    stored = [*graph.weights.values(), *(v.type for v in graph.inputs)]
+    types = [*stored, *(v.type for op in graph.ops for v in op.results)]
+    found = {getattr(t, "dtype", "") for t in types} & LOW_PRECISION.keys()
+    found |= {getattr(t, "dtype", "") for t in stored} & {"f64"}
     if found:
-        raise BackendError(f"the plan computes in {' and '.join(LOW_PRECISION[d] for d in found)}; the ONNX export "
-                           "writes float32 models only (onnxruntime's CPU kernels lack bfloat16 for most ops, float16 "
-                           "for some). Compile the model in float32 (moec compile --dtype float32) and export that plan")
+        names = " and ".join({**LOW_PRECISION, "f64": "float64"}[d] for d in sorted(found))
+        raise BackendError(f"the plan computes in {names}; the ONNX export writes float32 models only "
+                           "(onnxruntime's CPU kernels lack bfloat16 for most ops, float16 and float64 for some, "
+                           "such as GELU's Erf). Compile the model in float32 (moec compile --dtype float32) and "
+                           "export that plan")
 
 
 def check_lowerable(program: Program) -> None:
