@@ -45,6 +45,11 @@ def run_route(op: RouteOp, weight, args):
 
 def run_experts(op: ExpertsOp, weight, args):
     x, indices, routing = args
+    if torch.is_autocast_enabled(x.device.type):
+        # The experts compute in the plan's dtype whichever kernel runs (onnxruntime's does not autocast), and
+        # return the op's type: a float32 plan called under autocast mixed bf16 rows into its float32 sum.
+        with torch.autocast(x.device.type, enabled=False):
+            return run_experts(op, weight, args)
     indices = reference.remap_experts(indices, op.expert_map)
     k, hidden = indices.shape[-1], x.shape[-1]
     # float32 routing weights: a model's own router code may hand over bf16 ones

@@ -91,7 +91,7 @@ class QuantizedType:
         if self.rank not in (2, 3) or not all(isinstance(d, int) for d in self.shape):
             raise ValueError(f"a quantized weight must have a static 2-D or 3-D shape, got {list(self.shape)}")
         if self.dtype not in ("f32", "f16", "bf16"):
-            raise ValueError(f"a quantized weight's logical dtype must be floating, got {self.dtype}")
+            raise ValueError(f"a quantized weight's logical dtype must be f32, f16 or bf16, got {self.dtype}")
         if len(self.bits) != self.num_matrices:
             raise ValueError(f"'bits' has {len(self.bits)} entries, expected one per matrix ({self.num_matrices})")
         bad_bits = sorted({b for b in self.bits if b not in SUPPORTED_BITS})

@@ -190,9 +190,12 @@ def quantize_units(program: Program, units: list[Unit], bits: list[int], group: 
         program.weights.update(weight.storage(name))
 
 
+QUANTIZABLE_DTYPES = ("f32", "f16", "bf16")  # a quantized weight's logical dtypes (moec.ir.quant)
+
+
 def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
-    """One ``PassError`` naming the first weight of ``units`` that is already quantized or whose reduced
-    dimension ``group`` does not divide, and the group sizes that would (checked before any slow
+    """One ``PassError`` naming the first weight of ``units`` that is already quantized, not of a float dtype
+    quantize takes, or whose reduced dimension ``group`` does not divide, and the group sizes that would (checked before any slow
     measurement or rounding)."""
     for unit in units:
         for role in unit.roles:
@@ -201,6 +204,9 @@ def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
             if isinstance(weight_type, QuantizedType):
                 raise PassError(f"weight @{name} is already quantized (by an earlier quantize or bit-allocation); "
                                 "quantize each weight once")
+            if weight_type.dtype not in QUANTIZABLE_DTYPES:
+                raise PassError(f"weight @{name} is {weight_type.torch_dtype}; quantize takes float32, float16 and "
+                                "bfloat16 weights: compile the model in one of those (model.float())")
             columns = weight_type.static_shape[-1]
             if columns % group:
                 raise PassError(f"weight @{name} {list(weight_type.shape)}: group size {group} does not divide the "

@@ -165,6 +165,19 @@ def test_a_model_whose_calls_depend_on_earlier_calls_is_refused():
         moec.compile(CountsItsCalls(), (torch.randn(2, 3),))
 
 
+def test_a_float32_moe_plan_runs_under_autocast_like_the_model():
+    """Called inside ``torch.autocast`` (bf16 inference on the CPU), the experts kernel summed bf16 rows into
+    float32 ones and failed; the experts now compute in the plan's dtype, and the rest follows autocast as the
+    model does."""
+    model, example = build_preset("tiny-mixtral")
+    compiled = moec.compile(model, example)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**example).logits
+        got = compiled(**example).logits
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert (got.float() - expected.float()).abs().max() <= 2e-2 * expected.float().abs().max()
+
+
 def test_train_mode_model_is_compiled_for_inference_and_left_in_train_mode():
     model, example = build_preset("tiny-bert")
     model.config.hidden_dropout_prob = 0.5

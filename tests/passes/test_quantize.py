@@ -13,6 +13,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError, PassError
 from moec.ir.ops import ExpertsOp
 from moec.ir.quant import QuantizedType, storage_names
+from moec.ir.types import TensorType
 from moec.kernels.quant import QuantizedWeight
 from moec.passes import PassContext, build_passes, run_passes
 from moec.passes.quantize import calibration_rows, quantizable_units, quantize_units
@@ -219,6 +220,15 @@ block="mlp") : f32[s0, {width}]
 def test_group_that_does_not_divide_says_which_group_would(program, group, advice):
     with pytest.raises(PassError, match=advice):
         quantized(program(), [{"quantize": {"bits": 4, "group": group}}])
+
+
+def test_float64_weights_are_refused_naming_the_dtypes_quantize_takes():
+    program = dense_ffn(64)
+    program.weights = {name: tensor.double() for name, tensor in program.weights.items()}
+    program.graph.weights = {name: TensorType.of(tensor) for name, tensor in program.weights.items()}
+    with pytest.raises(PassError, match=r"weight @mlp.up.weight is torch.float64; quantize takes float32, float16 "
+                                        r"and bfloat16 weights"):
+        quantized(program, [{"quantize": {"bits": 4, "group": 32}}])
 
 
 def test_calibration_rows_of_experts_weighing_their_input_are_the_rows_they_compute_on():
