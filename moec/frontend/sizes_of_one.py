@@ -48,17 +48,19 @@ def guards_kept_at_one(model: nn.Module, program: Program, args: tuple, kwargs: 
     """The guards let pass at sizes of 1 that the model's own code needs there: those the example itself (a
     batch of 1, say) passes only at one, or that cutting it to 1 along one of its sizes makes pass only at one,
     where the model and the freshly captured ``program`` then depart by more than rounding. A model that export
-    traced but that fails on its own example (its fake tensors check less) is an ``EagerFailure``."""
+    traced but that fails on its own example, as the graph then does (export's fake tensors check less), is an
+    ``EagerFailure``."""
     from moec.backend.torch_runner import TorchRunner  # the frontend runs a graph only here
 
     runner = TorchRunner(program, expert_kernel="torch")  # no onnxruntime session or kernel race for a probe
     baseline = departure(model, runner, args, kwargs)
-    if baseline is None:  # export's fake tensors traced it (a float32 norm in a bf16 model), but it does not run
-        with inference_setup(model):
-            error = eager_failure(model, args, kwargs)
-        if error is not None:
-            raise EagerFailure(model, error) from error
-        return []
+    if baseline is None:  # the model fails on its example: where the graph does too, every call would fail
+        if not graph_runs(runner, args, kwargs):  # (export's fake tensors let a float32 norm in a bf16 model by)
+            with inference_setup(model):
+                error = eager_failure(model, args, kwargs)
+            if error is not None:
+                raise EagerFailure(model, error) from error
+        return []  # moec's ops run what the model's own code does not (float64 experts that HF's grouped_mm refuses)
     guards = program.input_guards
     if not guards.checks:
         return []
@@ -102,6 +104,16 @@ def cut(leaf: Any, axes: list[int], size: int) -> Any:
         if leaf.shape[axis] == size:
             leaf = leaf.narrow(axis, 0, 1)
     return leaf
+
+
+def graph_runs(runner: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``runner`` (a torch runner of a program) runs on these inputs."""
+    with torch.inference_mode():
+        try:
+            runner.run(runner.program.with_captured_dtypes(pytree.tree_leaves((args, kwargs))))
+        except Exception:  # noqa: BLE001  (any failure of the graph)
+            return False
+    return True
 
 
 def departure(model: nn.Module, runner: Any, args: tuple, kwargs: dict) -> float | None:
