@@ -69,24 +69,23 @@ def embedding_quality(reference: torch.Tensor, candidate: torch.Tensor) -> dict[
     return {"cosine": cosine, "nn_agreement": agreement}
 
 
-def float_weight(op: SpecOp, role: str, program: Program) -> torch.Tensor | None:
-    """The float32 weight of ``op``'s ``role`` (dequantized where it is stored quantized), or None if the op
-    has none."""
-    ref = op.weight(role)
-    if ref is None:
-        return None
-    stored = program.graph.weights.get(ref.name)
+def stored_as_float(name: str, program: Program) -> torch.Tensor:
+    """The program's weight ``name`` in float32, dequantized where it is stored quantized."""
+    stored = program.graph.weights.get(name)
     if isinstance(stored, QuantizedType):
-        return QuantizedWeight.from_storage(ref.name, stored, program.weights).dequantize()
-    return program.weights[ref.name].float()
+        return QuantizedWeight.from_storage(name, stored, program.weights).dequantize()
+    return program.weights[name].float()
+
+
+def float_weight(op: SpecOp, role: str, program: Program) -> torch.Tensor | None:
+    """The float32 weight of ``op``'s ``role``, or None if the op has none."""
+    ref = op.weight(role)
+    return None if ref is None else stored_as_float(ref.name, program)
 
 
 def required_float_weight(op: SpecOp, role: str, program: Program) -> torch.Tensor:
     """The float32 weight of a role ``op`` must have (see ``SpecOp.required_weight``)."""
-    op.required_weight(role)
-    weight = float_weight(op, role, program)
-    assert weight is not None, "required_weight raises for a missing role"
-    return weight
+    return stored_as_float(op.required_weight(role).name, program)
 
 
 def expert_output_norms(x: torch.Tensor, op: ExpertsOp, program: Program) -> torch.Tensor:

@@ -55,7 +55,9 @@ def guards_kept_at_one(model: nn.Module, program: Program, args: tuple, kwargs: 
     runner = TorchRunner(program, expert_kernel="torch")  # no onnxruntime session or kernel race for a probe
     baseline = departure(model, runner, args, kwargs)
     if baseline is None:  # the model fails on its example: where the graph does too, every call would fail
-        if not graph_runs(runner, args, kwargs):  # (export's fake tensors let a float32 norm in a bf16 model by)
+        with torch.inference_mode():  # (export's fake tensors let a float32 norm in a bf16 model by)
+            graph_fails = graph_outputs(runner, args, kwargs) is None
+        if graph_fails:
             with inference_setup(model):
                 error = eager_failure(model, args, kwargs)
             if error is not None:
@@ -106,31 +108,27 @@ def cut(leaf: Any, axes: list[int], size: int) -> Any:
     return leaf
 
 
-def graph_runs(runner: Any, args: tuple, kwargs: dict) -> bool:
-    """Whether ``runner`` (a torch runner of a program) runs on these inputs."""
-    with torch.inference_mode():
-        try:
-            runner.run(runner.program.with_captured_dtypes(pytree.tree_leaves((args, kwargs))))
-        except Exception:  # noqa: BLE001  (any failure of the graph)
-            return False
-    return True
+def graph_outputs(runner: Any, args: tuple, kwargs: dict) -> list[torch.Tensor] | None:
+    """The tensor outputs of ``runner`` (a torch runner of a program) on these inputs; None where it fails."""
+    try:
+        outputs = runner.run(runner.program.with_captured_dtypes(pytree.tree_leaves((args, kwargs))))
+    except Exception:  # noqa: BLE001  (any failure of the graph)
+        return None
+    return [t for t in outputs if isinstance(t, torch.Tensor)]
 
 
 def departure(model: nn.Module, runner: Any, args: tuple, kwargs: dict) -> float | None:
     """The largest difference between the model's and ``runner``'s (a torch runner of its program) outputs on
     these inputs, relative to the model's largest output value; None where the model fails on them (no evidence
     either way), infinity where only the graph fails or the outputs differ in number or shape."""
-    program = runner.program
     with inference_setup(model), torch.inference_mode():
         try:
             expected = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
         except Exception:  # noqa: BLE001  (the model refuses these inputs: the cut says nothing)
             return None
-        try:
-            got = [t for t in runner.run(program.with_captured_dtypes(pytree.tree_leaves((args, kwargs))))
-                   if isinstance(t, torch.Tensor)]
-        except Exception:  # noqa: BLE001  (the model runs here and the graph does not)
-            return float("inf")
+        got = graph_outputs(runner, args, kwargs)
+    if got is None:  # the model runs here and the graph does not
+        return float("inf")
     if len(got) != len(expected) or any(a.shape != b.shape for a, b in zip(expected, got, strict=True)):
         return float("inf")
     worst = 0.0

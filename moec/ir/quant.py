@@ -45,6 +45,7 @@ from moec.ir.types import Dim, check_dtype, static_shape
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUPS = (32, 64, 128)
+LOGICAL_DTYPES = ("f32", "f16", "bf16")  # what a quantized weight stands for
 STORAGE_SUFFIXES = ("qweight", "scales", "zeros")
 FORMAT_VERSION = 1
 
@@ -90,8 +91,9 @@ class QuantizedType:
         """Raise ``ValueError`` naming the broken rule of the format (see the module docstring)."""
         if self.rank not in (2, 3) or not all(isinstance(d, int) for d in self.shape):
             raise ValueError(f"a quantized weight must have a static 2-D or 3-D shape, got {list(self.shape)}")
-        if self.dtype not in ("f32", "f16", "bf16"):
-            raise ValueError(f"a quantized weight's logical dtype must be f32, f16 or bf16, got {self.dtype}")
+        if self.dtype not in LOGICAL_DTYPES:
+            raise ValueError(f"a quantized weight's logical dtype must be one of {', '.join(LOGICAL_DTYPES)}, "
+                             f"got {self.dtype}")
         if len(self.bits) != self.num_matrices:
             raise ValueError(f"'bits' has {len(self.bits)} entries, expected one per matrix ({self.num_matrices})")
         bad_bits = sorted({b for b in self.bits if b not in SUPPORTED_BITS})

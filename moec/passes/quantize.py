@@ -24,7 +24,7 @@ from moec.analysis.ffn_activations import FFNActivations, collect
 from moec.errors import PassError
 from moec.ir.ops import DenseFFNOp, ExpertsOp, SharedExpertOp
 from moec.ir.program import Program
-from moec.ir.quant import SUPPORTED_BITS, SUPPORTED_GROUPS, QuantizedType, check_group
+from moec.ir.quant import LOGICAL_DTYPES, SUPPORTED_BITS, SUPPORTED_GROUPS, QuantizedType, check_group
 from moec.kernels.gptq import gptq_quantize
 from moec.kernels.quant import QuantizedMatrix, QuantizedWeight, quantize_matrix
 from moec.kernels.reference import activation, gated_activation
@@ -190,13 +190,10 @@ def quantize_units(program: Program, units: list[Unit], bits: list[int], group: 
         program.weights.update(weight.storage(name))
 
 
-QUANTIZABLE_DTYPES = ("f32", "f16", "bf16")  # a quantized weight's logical dtypes (moec.ir.quant)
-
-
 def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
     """One ``PassError`` naming the first weight of ``units`` that is already quantized, not of a float dtype
-    quantize takes, or whose reduced dimension ``group`` does not divide, and the group sizes that would (checked before any slow
-    measurement or rounding)."""
+    quantize takes, or whose reduced dimension ``group`` does not divide, and the group sizes that would
+    (checked before any slow measurement or rounding)."""
     for unit in units:
         for role in unit.roles:
             name = program.graph.ops[unit.op_index].kwargs[role].name
@@ -204,7 +201,7 @@ def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
             if isinstance(weight_type, QuantizedType):
                 raise PassError(f"weight @{name} is already quantized (by an earlier quantize or bit-allocation); "
                                 "quantize each weight once")
-            if weight_type.dtype not in QUANTIZABLE_DTYPES:
+            if weight_type.dtype not in LOGICAL_DTYPES:
                 raise PassError(f"weight @{name} is {weight_type.torch_dtype}; quantize takes float32, float16 and "
                                 "bfloat16 weights: compile the model in one of those (model.float())")
             columns = weight_type.static_shape[-1]
