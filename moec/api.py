@@ -72,7 +72,9 @@ class CompiledModel:
             outputs = self.runner.run(inputs)
         except (IndexError, RuntimeError) as err:
             for mismatch, advice in ((self.program.rank_mismatch(inputs), "inputs of the example's rank"),
-                                     (self.program.dtype_mismatch(inputs), "inputs of the example's dtypes")):
+                                     (self.program.dtype_mismatch(inputs), "inputs of the example's dtypes"),
+                                     (self.program.size_disagreement(inputs),
+                                      "inputs whose sizes agree as the example's did")):
                 if mismatch is not None:
                     raise ValueError(f"{mismatch}, and the compiled model fails on it ({type(err).__name__}: "
                                      f"{err}); call it with {advice}") from err

@@ -8,7 +8,8 @@ after its last use (so memory is freed as early as in an interpreter), and compi
 
 A line calls either a *target* with the op's arguments spread (``ATen`` ops and Python operators) or a *step*
 with its argument list (every other op); the runner says which (``Callee``). The source
-is kept in ``source`` and registered with ``linecache``, so a failing op shows its own line in tracebacks.
+is kept in ``source`` and registered with ``linecache``, so a failing op shows its own line in tracebacks, and
+``failed_step`` reads which op that was.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from moec.ir.ops import AtenOp
 Observer = Callable[[Operation, list[Any], Any], None]
 
 _FILE_NUMBERS = itertools.count()
+_STEP_COMMENT = re.compile(r"    # (\d+): ")  # the line opening each op's lines: its index in the graph
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,17 @@ class GraphFunction:
 
     def __call__(self, weights: dict[str, Any], observe: Observer | None, inputs: Sequence[Any]) -> list[Any]:
         return self.fn(weights, observe, *inputs)
+
+    def failed_step(self, error: BaseException) -> int | None:
+        """The index in the graph of the op whose line raised ``error`` (read from its traceback), or None when
+        it was not raised from this function."""
+        traceback = error.__traceback__
+        while traceback is not None and traceback.tb_frame.f_code.co_filename != self.filename:
+            traceback = traceback.tb_next
+        if traceback is None:
+            return None
+        lines = self.source.splitlines()[:traceback.tb_lineno]
+        return next((int(match[1]) for line in reversed(lines) if (match := _STEP_COMMENT.match(line))), None)
 
     def __del__(self) -> None:
         linecache.cache.pop(self.filename, None)

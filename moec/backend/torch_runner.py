@@ -20,6 +20,7 @@ from moec.errors import BackendError, warn
 from moec.frontend.blocks import ExpertsSpec
 from moec.ir.core import Operation, OpT
 from moec.ir.ops import AtenOp, DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
+from moec.ir.printer import op_location
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.targets import resolve_target
@@ -531,7 +532,8 @@ class TorchRunner:
 
     def run(self, inputs: list[torch.Tensor], observe: Observer | None = None) -> list[torch.Tensor]:
         """Run the graph on flat inputs; ``observe(op, args, result)`` sees every op as it runs
-        (calibration and tracing use it to record activations and routing decisions)."""
+        (calibration and tracing use it to record activations and routing decisions). An error an op raises
+        gets a note naming that op: its IR line and where it is in the model."""
         graph = self.program.graph
         if len(inputs) != len(graph.inputs):
             raise BackendError(f"the graph takes {len(graph.inputs)} inputs, got {len(inputs)}")
@@ -541,4 +543,10 @@ class TorchRunner:
                 self._observing_function = GraphFunction(graph, self.callees, observing=True)
             function = self._observing_function
         with torch.inference_mode():
-            return function(self.program.weights, observe, inputs)
+            try:
+                return function(self.program.weights, observe, inputs)
+            except Exception as error:
+                step = function.failed_step(error)
+                if step is not None:
+                    error.add_note(f"moec: raised by the op at {op_location(graph, graph.ops[step])}")
+                raise

@@ -96,5 +96,28 @@ def print_graph_lines(graph: Graph) -> tuple[list[str], dict[int, int]]:
     return lines, op_lines
 
 
+def op_location(graph: Graph, op: Operation) -> str:
+    """Where ``op`` is, for an error: its line of the IR, quoted, and its place in the model (its own block, or
+    the recognized blocks around it; the IR keeps no finer location)."""
+    lines, op_lines = print_graph_lines(graph)
+    line = op_lines[id(op)]
+    return f"line {line + 1} of the IR, `{lines[line].strip()}`, {model_place(graph, op)}"
+
+
+def model_place(graph: Graph, op: Operation) -> str:
+    """``op``'s block in the model, or the recognized blocks (ops with a ``block``) before and after it."""
+    blocks = [getattr(o, "block", "") for o in graph.ops]
+    index = graph.ops.index(op)
+    if blocks[index]:
+        return f"in the model's block {blocks[index]!r}"
+    before = next((block for block in reversed(blocks[:index]) if block), None)
+    after = next((block for block in blocks[index + 1:] if block), None)
+    if before and after:
+        return f"in the model between blocks {before!r} and {after!r}"
+    if before or after:
+        return f"in the model {'after' if before else 'before'} block {before or after!r}"
+    return "in the model (no recognized block around it)"
+
+
 def print_graph(graph: Graph) -> str:
     return "\n".join(print_graph_lines(graph)[0]) + "\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import itertools
 import json
 import math
 import sys
@@ -198,6 +199,21 @@ class Program:
             if isinstance(leaf, torch.Tensor) and shape is not None and leaf.dim() != len(shape):
                 return (f"input {name!r} has {leaf.dim()} dimension{'s' if leaf.dim() != 1 else ''} "
                         f"{list(leaf.shape)}, where the compiled model takes {value.type}")
+        return None
+
+    def size_disagreement(self, leaves: list[Any]) -> str | None:
+        """The first input tensor whose size along an axis differs from an earlier input's where the example's
+        two sizes were equal (a mask of another batch than its ids), described, or None: sizes may also be
+        independent, so this only explains a failed run."""
+        examples = self.metadata.get("example_shapes") or []
+        tensors = [(name, leaf, example) for name, leaf, example in zip(self.graph.input_names, leaves, examples,
+                                                                        strict=False)
+                   if isinstance(leaf, torch.Tensor) and isinstance(example, list) and leaf.dim() == len(example)]
+        for (first, a, a_example), (second, b, b_example) in itertools.combinations(tensors, 2):
+            for axis in range(min(a.dim(), b.dim())):
+                if a_example[axis] == b_example[axis] and a.shape[axis] != b.shape[axis]:
+                    return (f"input {second!r} {list(b.shape)} differs from input {first!r} {list(a.shape)} along "
+                            f"axis {axis}, where the example's sizes were equal ({a_example[axis]})")
         return None
 
     def dtype_mismatch(self, leaves: list[Any]) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -166,6 +167,26 @@ def test_an_input_of_another_dtype_that_the_model_fails_on_is_named():
                                          r"and the compiled model fails on it \(RuntimeError: .*\); call it with "
                                          r"inputs of the example's dtypes$"):
         compiled(torch.randn(3, 8, dtype=torch.float64))
+
+
+class MasksEachRow(nn.Module):
+    """Reads its mask row by row, as Hugging Face's mask builders do: the mask's batch is its own size."""
+
+    def forward(self, x, mask):
+        return x * mask[torch.arange(x.shape[0])]
+
+
+def test_inputs_whose_sizes_no_longer_agree_are_named_with_the_failing_op():
+    compiled = moec.compile(MasksEachRow(), (torch.randn(2, 4), torch.ones(2, 4)))
+    with pytest.raises(ValueError, match=r"^input 'mask' \[1, 4\] differs from input 'x' \[3, 4\] along axis 0, "
+                                         r"where the example's sizes were equal \(2\), and the compiled model fails "
+                                         r"on it \(IndexError: .*\); call it with inputs whose sizes agree as the "
+                                         r"example's did$") as caught:
+        compiled(torch.randn(3, 4), torch.ones(1, 4))
+    notes = caught.value.__cause__.__notes__
+    assert len(notes) == 1
+    assert re.match(r"moec: raised by the op at line \d+ of the IR, `%\d+ = aten\.index\.Tensor\(", notes[0])
+    assert notes[0].endswith("in the model (no recognized block around it)")
 
 
 def test_an_input_of_another_rank_runs_where_the_graph_allows_it():

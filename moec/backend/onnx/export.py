@@ -67,9 +67,9 @@ from moec.backend.onnx.moe import LOWERINGS
 from moec.backend.onnx.moe import TRANSLATIONS as MOE_TRANSLATIONS
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError, warn
-from moec.ir.core import Operation, WeightRef
-from moec.ir.ops import AtenOp, SpecOp
-from moec.ir.printer import print_graph_lines
+from moec.ir.core import WeightRef
+from moec.ir.ops import AtenOp
+from moec.ir.printer import op_location
 from moec.ir.program import Program, load_treespec
 from moec.paths import user_path
 
@@ -396,12 +396,8 @@ def check_lowerable(program: Program) -> None:
 
 def unlowerable(program: Program, op: AtenOp, reason: str) -> BackendError:
     """The error for an op the exporter cannot lower: the op, why, its IR line and where it is in the model."""
-    lines, op_lines = print_graph_lines(program.graph)
-    return BackendError(
-        f"the ONNX exporter cannot lower {op.target} ({reason}): line {op_lines[id(op)] + 1} of the IR, "
-        f"`{lines[op_lines[id(op)]].strip()}`, {model_location(program, op)}. Rewrite that "
-        "part of the model with supported ops, or run it with the torch backend"
-    )
+    return BackendError(f"the ONNX exporter cannot lower {op.target} ({reason}): {op_location(program.graph, op)}. "
+                        "Rewrite that part of the model with supported ops, or run it with the torch backend")
 
 
 @functools.cache
@@ -431,19 +427,6 @@ def onnx_supported_targets() -> set[str]:
     implemented = directly_translated(registry)
     decomposed = _decomp.create_onnx_friendly_decomposition_table(implemented)
     return {str(overload) for overload in (*implemented, *decomposed) if hasattr(overload, "_schema")}
-
-
-def model_location(program: Program, op: Operation) -> str:
-    """Where ``op`` sits in the model: between which recognized blocks (the IR keeps no finer location)."""
-    ops = program.graph.ops
-    index = ops.index(op)
-    before = next((o.block for o in reversed(ops[:index]) if isinstance(o, SpecOp) and o.block), None)
-    after = next((o.block for o in ops[index + 1:] if isinstance(o, SpecOp) and o.block), None)
-    if before and after:
-        return f"in the model between blocks {before!r} and {after!r}"
-    if before or after:
-        return f"in the model {'after' if before else 'before'} block {before or after!r}"
-    return "in the model (no recognized block around it)"
 
 
 def check_model(path: Path) -> None:
