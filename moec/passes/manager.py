@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from moec.errors import MoecError, PassError, warn
+from moec.ir.ops import DenseFFNOp, ExpertsOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.ir.verifier import verify
 from moec.passes.base import Pass, PassContext, find_pass, pass_names
@@ -168,13 +169,49 @@ def program_stats(program: Program) -> dict[str, int]:
     return {"experts": experts, "params": params, "bytes": size}
 
 
+QUANTIZING_PASSES = ("quantize", "bit-allocation")
+EXPERT_REWRITING_PASSES = ("expert-prune", "expert-merge")  # they rewrite float expert weights
+
+
+def refused_order(program: Program, passes: Sequence[Pass]) -> str | None:
+    """Why a pass of ``passes`` will refuse the weights an earlier one quantized (expert-prune or expert-merge
+    after the experts were quantized, dense-to-moe after the dense FFNs were, a weight quantized twice), or
+    None: found from the recipe before any pass runs, where the refusal would come after the earlier passes
+    ran (a GPTQ quantization takes minutes on a large model)."""
+    kinds_present = {"experts": any(program.graph.ops_of(ExpertsOp)),
+                     "dense FFNs": any(program.graph.ops_of(DenseFFNOp)) or any(program.graph.ops_of(SharedExpertOp))}
+    quantized_by: dict[str, str] = {}  # kind of weight -> the pass that quantized it
+    for pass_ in passes:
+        name = pass_.name
+        reads = {"experts"} if name in EXPERT_REWRITING_PASSES else {"dense FFNs"} if name == "dense-to-moe" else set()
+        if name in QUANTIZING_PASSES:
+            reads = {kind for kind in ("experts", "dense FFNs")
+                     if kinds_present[kind] and (kind == "experts" or getattr(pass_, "dense", False))}
+        for kind in sorted(reads & set(quantized_by)):
+            where = f"{name!r} comes after {quantized_by[kind]!r}"
+            if name in QUANTIZING_PASSES:
+                return (f"{where}, which already quantized the {kind}: quantize each weight once (bit-allocation "
+                        "quantizes the weights it chooses widths for)")
+            return (f"{where}, which quantized the {kind} it rewrites: {name} works on float weights; put it "
+                    "before quantize and bit-allocation in the recipe")
+        if name in QUANTIZING_PASSES:
+            quantized_by |= dict.fromkeys(reads, name)
+        if name == "dense-to-moe":
+            kinds_present["experts"] = True
+    return None
+
+
 def run_passes(program: Program, passes: list[Pass], context: PassContext,
                hooks: Sequence[Hook] = ()) -> list[dict[str, Any]]:
     """Run ``passes`` in order; verify after each; return one record per pass (time, changes), which is also
-    appended to ``program.metadata["passes"]``, the program's history that reports read. A recipe
+    appended to ``program.metadata["passes"]``, the program's history that reports read. A recipe whose
+    order a pass would refuse after earlier ones ran (``refused_order``) is a ``PassError`` before any runs. A recipe
     that leaves an expert placement out of date (a pass after expert-placement pruned, merged or converted
     experts, and no later expert-placement placed them again) is a ``PassError`` naming that pass: the plan
     could not run expert-parallel."""
+    refused = refused_order(program, passes)
+    if refused is not None:
+        raise PassError(f"the recipe's order will not run: {refused}")
     records: list[dict[str, Any]] = []
     # The pass after which the program's expert placement no longer fits its experts (None: before any).
     mismatch = placement_mismatch(program)

@@ -16,6 +16,7 @@ from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.types import TensorType
 from moec.kernels.quant import QuantizedWeight
 from moec.passes import PassContext, build_passes, run_passes
+from moec.passes.manager import refused_order
 from moec.passes.quantize import calibration_rows, quantizable_units, quantize_units
 from tests.passes.moe_programs import SMALL_MOE, program_of, small_moe_weights, token_samples
 
@@ -114,18 +115,56 @@ def test_gptq_after_a_merge_that_keeps_every_router_row(compiled_program):
     ("tiny-llama", {"dense-to-moe": {"experts": 4, "top_k": 2}}, "model.layers.0.mlp"),
 ])
 def test_passes_that_rewrite_float_weights_refuse_quantized_layers(compiled_program, preset, rewrite, layer):
+    """A program quantized by an earlier run of passes: the rewriting pass refuses it when it runs."""
     _, example, program = compiled_program(preset)
     (name,) = rewrite
+    calibration = [program.flatten_inputs((), example)]
+    quantized(program, [{"quantize": {"bits": 4, "group": 32}}])
     with pytest.raises(PassError, match=rf"{name}: layer {layer} is already quantized \(@{layer}\..*\); "
                                         rf"run {name} before quantize"):
+        quantized(program, [rewrite], calibration=calibration)
+
+
+@pytest.mark.parametrize(("preset", "rewrite", "kind"), [
+    ("tiny-mixtral", {"expert-prune": {"keep": 2}}, "experts"),
+    ("tiny-mixtral", {"expert-merge": {"keep": 2}}, "experts"),
+    ("tiny-llama", {"dense-to-moe": {"experts": 4, "top_k": 2}}, "dense FFNs"),
+])
+def test_a_recipe_rewriting_weights_it_quantized_is_refused_before_any_pass_runs(compiled_program, preset, rewrite,
+                                                                                  kind):
+    _, example, program = compiled_program(preset)
+    (name,) = rewrite
+    with pytest.raises(PassError, match=rf"^the recipe's order will not run: '{name}' comes after 'quantize', which "
+                                        rf"quantized the {kind} it rewrites: {name} works on float weights; put it "
+                                        "before quantize and bit-allocation in the recipe$"):
         quantized(program, [{"quantize": {"bits": 4, "group": 32}}, rewrite],
                   calibration=[program.flatten_inputs((), example)])
+    assert not any(isinstance(t, QuantizedType) for t in program.graph.weights.values())  # quantize did not run
+
+
+def test_a_recipe_leaving_what_it_rewrites_float_is_let_run(compiled_program):
+    """Quantizing only routed experts of a dense model quantizes nothing: dense-to-moe and pruning may follow."""
+    _, _, program = compiled_program("tiny-llama")
+    passes = build_passes({"passes": [{"quantize": {"bits": 4, "dense": False}}, {"dense-to-moe": {"experts": 4}},
+                                      {"expert-prune": {"keep": 2}}]})
+    assert refused_order(program, passes) is None
+    passes = build_passes({"passes": [{"dense-to-moe": {"experts": 4}}, {"quantize": {"bits": 4, "dense": False}},
+                                      {"expert-prune": {"keep": 2}}]})
+    assert "'expert-prune' comes after 'quantize', which quantized the experts" in refused_order(program, passes)
 
 
 def test_bit_allocation_after_quantize_names_the_quantized_weight(compiled_program):
     _, example, program = compiled_program("tiny-mixtral")
+    quantized(program, [{"quantize": {"bits": 4, "group": 32}}])
     with pytest.raises(PassError, match=r"weight @model.layers.0.mlp.experts.\w+ is already quantized \(by an earlier "
                                         r"quantize or bit-allocation\); quantize each weight once"):
+        quantized(program, [{"bit-allocation": {"group": 32}}], calibration=[program.flatten_inputs((), example)])
+
+
+def test_a_recipe_quantizing_the_experts_twice_is_refused_before_any_pass_runs(compiled_program):
+    _, example, program = compiled_program("tiny-mixtral")
+    with pytest.raises(PassError, match=r"'bit-allocation' comes after 'quantize', which already quantized the "
+                                        r"experts: quantize each weight once"):
         quantized(program, [{"quantize": {"bits": 4, "group": 32}}, {"bit-allocation": {"group": 32}}],
                   calibration=[program.flatten_inputs((), example)])
 
