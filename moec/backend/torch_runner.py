@@ -55,6 +55,9 @@ def run_experts(op: ExpertsOp, weight, args):
     k, hidden = indices.shape[-1], x.shape[-1]
     # float32 routing weights: a model's own router code may hand over bf16 ones
     tokens, indices, routing = x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k).float()
+    merged = op.expert_map is not None  # a token's members of one merged expert run it once, on their summed weight
+    if merged:
+        routing, _ = reference.merge_repeated_experts(indices, routing)
     if indices.device.type == "cpu" and indices.numel() and \
             not 0 <= int(indices.min()) <= int(indices.max()) < op.spec.num_experts:
         # a model's own router (an 'experts' block) chose them: the kernels would read another expert, or fail
@@ -70,9 +73,10 @@ def run_experts(op: ExpertsOp, weight, args):
         y = quantized_experts(weight, tokens, indices, routing, sources, op.spec)
     else:
         def onnxruntime_kernel():
-            return weight.cached("onnxruntime_experts", lambda: onnxruntime_experts(*sources, op.spec), sources)
+            return weight.cached("onnxruntime_experts", lambda: onnxruntime_experts(*sources, op.spec, merged), sources)
 
-        y = float_experts(weight.expert_kernel, tokens, indices, routing, *sources, op.spec, onnxruntime_kernel)
+        y = float_experts(weight.expert_kernel, tokens, indices, routing, *sources, op.spec, onnxruntime_kernel,
+                          drop_zero_weight=merged)
     return y.reshape(x.shape)
 
 
@@ -178,9 +182,10 @@ def quantized_experts(weight: WeightReader, tokens: torch.Tensor, indices: torch
 
 def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, routing: torch.Tensor,
                   w_in: torch.Tensor, w_out: torch.Tensor, b_in: torch.Tensor | None, b_out: torch.Tensor | None,
-                  spec: ExpertsSpec, onnxruntime_kernel: Callable[[], Any]) -> torch.Tensor:
+                  spec: ExpertsSpec, onnxruntime_kernel: Callable[[], Any], drop_zero_weight: bool = False
+                  ) -> torch.Tensor:
     """Float routed experts on ``kernel`` (``EXPERT_KERNELS``); ``onnxruntime_kernel()`` gives the op's
-    ``OnnxruntimeExperts``, built once.
+    ``OnnxruntimeExperts``, built once (dropping pairs of weight 0 as ``drop_zero_weight`` asks of the others).
 
     ``auto``, for float32 experts on the CPU: the fastest of ``onnxruntime`` (from two tokens on), ``torch``
     (oneDNN's matmuls) and ``torch-blas`` (``F.linear``) for this layer shape, thread count and token count
@@ -190,8 +195,10 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
     """
     float32_cpu = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (tokens, w_in, w_out))
     candidates = {
-        "torch": lambda: experts_forward(tokens, indices, routing, w_in, w_out, b_in, b_out, spec),
-        "torch-blas": lambda: experts_forward(tokens, indices, routing, w_in, w_out, b_in, b_out, spec, onednn=False),
+        "torch": lambda: experts_forward(tokens, indices, routing, w_in, w_out, b_in, b_out, spec,
+                                         drop_zero_weight=drop_zero_weight),
+        "torch-blas": lambda: experts_forward(tokens, indices, routing, w_in, w_out, b_in, b_out, spec, onednn=False,
+                                              drop_zero_weight=drop_zero_weight),
     }
     if kernel == "onnxruntime" and not (float32_cpu and onnxruntime_installed()):
         why = "it runs float32 experts on the CPU only" if onnxruntime_installed() else \

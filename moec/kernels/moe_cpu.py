@@ -171,9 +171,11 @@ def experts_forward(
     b_out: torch.Tensor | None,
     spec: ExpertsSpec,
     onednn: bool = True,
+    drop_zero_weight: bool = False,
 ) -> torch.Tensor:
     """Routed experts, grouped by expert. Shapes and semantics: see the module docstring. ``onednn=False``
-    runs every matmul on ``F.linear`` (the BLAS torch was built with, MKL on x86) even where oneDNN runs."""
+    runs every matmul on ``F.linear`` (the BLAS torch was built with, MKL on x86) even where oneDNN runs;
+    ``drop_zero_weight`` skips the pairs of routing weight exactly 0 (the repeats of a merged expert)."""
     if x.dim() != 2 or indices.shape != weights.shape or indices.shape[0] != x.shape[0]:
         raise ValueError(
             f"experts_forward: expected x [T, H] and indices/weights [T, k]; got x {tuple(x.shape)}, "
@@ -204,9 +206,9 @@ def experts_forward(
     )
 
     if num_tokens == 1:
-        return _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast)
+        return _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast, drop_zero_weight)
 
-    groups = group_by_expert(indices, weights, spec.num_experts)
+    groups = group_by_expert(indices, weights, spec.num_experts, drop_zero_weight)
     xs = gathered_rows(x, groups.token_of)  # [S, H] the rows of the pairs, sorted by expert
     y = torch.zeros_like(x)
     for expert, pairs in groups.slices():
@@ -219,10 +221,12 @@ def experts_forward(
     return y
 
 
-def _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast) -> torch.Tensor:
+def _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast, drop_zero_weight) -> torch.Tensor:
     """T == 1: read only the k chosen experts, one matvec pair each (gate and up rows in one matvec, the
     activation after it: faster than the two post-op-fused matvecs), in expert order."""
     order = indices[0].argsort(stable=True)
+    if drop_zero_weight:
+        order = order[weights[0, order] != 0]
     y = torch.zeros_like(x)  # [1, H]
     for expert, weight in zip(indices[0, order].tolist(), weights[0, order].split(1), strict=True):
         b_in_e = None if b_in is None else b_in[expert]

@@ -123,6 +123,16 @@ def remap_experts(indices: torch.Tensor, expert_map: list[int] | None) -> torch.
     return torch.tensor(expert_map, dtype=indices.dtype, device=indices.device)[indices]
 
 
+def merge_repeated_experts(indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token's slots that name one expert twice (router experts an ``expert_map`` sends to one stored expert)
+    merged: each repeated expert's weights summed onto its first slot, its later slots' weights set to 0, which
+    the kernels skip, so it runs once per token (its output is linear in the weight, so the sum is unchanged).
+    Returns the merged ``weights`` [..., k] and a bool mask [..., k] of the repeated slots."""
+    first = (indices.unsqueeze(-1) == indices.unsqueeze(-2)).to(torch.uint8).argmax(dim=-1)  # first slot of each id
+    repeated = first != torch.arange(indices.shape[-1], device=indices.device)
+    return torch.zeros_like(weights).scatter_add_(-1, first, weights), repeated
+
+
 def gated_activation(gate: torch.Tensor, up: torch.Tensor, spec: ExpertsSpec | FFNSpec) -> torch.Tensor:
     """``act(gate) * up`` of gated experts or FFNs, with the clamp and offset ``spec`` may carry (GPT-OSS,
     DeepSeek-V4, GLM-5-Next): ``act(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset)``."""

@@ -29,6 +29,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
 from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program
+from moec.kernels.reference import merge_repeated_experts, remap_experts
 from moec.kernels.skip import skipped_pairs
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
 
@@ -100,12 +101,17 @@ def skip_statistics(program: Program, batches: list[list[torch.Tensor]]) -> dict
         if not isinstance(op, ExpertsOp):
             return
         routing = real_token_rows(args[2], mask[0]).float().abs()  # [tokens, k]
+        evaluated = torch.ones_like(routing, dtype=torch.bool)
+        if op.expert_map is not None:  # a token's members of one merged expert are one evaluation (the runner's rule)
+            indices = remap_experts(real_token_rows(args[1], mask[0]), op.expert_map)
+            routing, repeated = merge_repeated_experts(indices, routing)
+            evaluated = ~repeated
         row = rows.setdefault(id(op), {"layer": op.block or f"moe.experts {len(rows)}", "threshold": op.skip_threshold,
                                        "evaluations": 0, "skipped": 0, "weight": 0.0, "dropped": 0.0})
-        row["evaluations"] += routing.numel()
+        row["evaluations"] += int(evaluated.sum())
         row["weight"] += float(routing.sum())
         if op.skip_threshold:
-            dropped = skipped_pairs(routing, op.skip_threshold)
+            dropped = skipped_pairs(routing, op.skip_threshold) & evaluated
             row["skipped"] += int(dropped.sum())
             row["dropped"] += float(routing[dropped].sum())
 

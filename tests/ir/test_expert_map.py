@@ -58,3 +58,61 @@ def test_runner_runs_the_mapped_expert_and_adds_weights_of_shared_targets():
     both_to_one = ((indices % 2)[:, 0] == (indices % 2)[:, 1]).sum()
     assert both_to_one > 0  # some tokens chose two router experts with one target
     torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "torch-blas", "onnxruntime"])
+def test_runner_runs_a_target_chosen_twice_once_per_token(monkeypatch, kernel):
+    """Two chosen router experts of one target: the stored expert computes the token once, on the summed weight."""
+    from moec.kernels import moe_cpu, moe_onnxruntime
+
+    weights = merged_weights()
+    program = program_of(MERGED, weights)
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(3))
+    indices, _ = reference.route(x, weights["gate"], None, program.graph.ops[0].spec)
+    distinct = sum(len(set((indices[t] % 2).tolist())) for t in range(x.shape[0]))
+    assert distinct < indices.numel()  # some tokens chose both members of one target
+    rows = []
+    for module in (moe_cpu, moe_onnxruntime):
+        gathered = module.gathered_rows
+        monkeypatch.setattr(module, "gathered_rows", lambda x, index, g=gathered: rows.append(len(index)) or g(x, index))
+    want = TorchRunner(program_of(MERGED, weights), expert_kernel="torch").run([x])[0]
+    rows.clear()
+    (y,) = TorchRunner(program, expert_kernel=kernel).run([x])
+    assert rows == [distinct]
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_decoding_a_token_that_chose_both_members_of_one_target_runs_it_once(monkeypatch):
+    from moec.kernels import moe_cpu
+
+    weights = merged_weights()
+    program = program_of(MERGED, weights)
+    gen = torch.Generator().manual_seed(0)
+    candidates = torch.randn(200, 8, generator=gen)
+    indices, _ = reference.route(candidates, weights["gate"], None, program.graph.ops[0].spec)
+    x = candidates[(indices % 2)[:, 0] == (indices % 2)[:, 1]][:1]
+    calls = []
+    linear = moe_cpu.F.linear
+    expert_shapes = (weights["w_in"].shape[1:], weights["w_out"].shape[1:])
+    monkeypatch.setattr(moe_cpu.F, "linear", lambda x, w, *rest: calls.append(w.shape in expert_shapes) or linear(x, w, *rest))
+    (y,) = TorchRunner(program, expert_kernel="torch-blas").run([x])
+    assert sum(calls) == 2  # gate/up and down of the one stored expert
+    torch.testing.assert_close(y, TorchRunner(program_of(MERGED, weights), expert_kernel="torch").run([x])[0])
+
+
+def test_skip_statistics_count_a_target_chosen_twice_as_one_evaluation():
+    from moec.passes.dynamic_skip import skip_statistics
+
+    weights = merged_weights()
+    skipping = MERGED.replace("expert_map=[0, 1, 0, 1])", "expert_map=[0, 1, 0, 1], skip_threshold=0.9)")
+    program = program_of(skipping, weights)
+    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(3))
+    indices, routing = reference.route(x, weights["gate"], None, program.graph.ops[0].spec)
+    targets = indices % 2
+    distinct = sum(len(set(targets[t].tolist())) for t in range(x.shape[0]))
+    # A token with two targets drops its smaller one below 0.9 of the larger; one with a single target drops nothing.
+    two = targets[:, 0] != targets[:, 1]
+    dropped = int((routing[two].min(dim=-1).values < 0.9 * routing[two].max(dim=-1).values).sum())
+    stats = skip_statistics(program, [[x]])
+    assert (stats["evaluations"], stats["skipped"]) == (distinct, dropped)
+    assert 0 < dropped < distinct < indices.numel()
