@@ -257,18 +257,28 @@ OUTPUT_TYPE_PACKAGES = ("transformers", "torch")  # packages a plan's spec may n
 @functools.lru_cache(maxsize=64)
 def load_treespec(text: str) -> pytree.TreeSpec:
     """Load a serialized pytree spec, importing the modules that define its node types first (cached: a
-    compiled model loads its input and output specs on every call). Only modules of packages already
-    imported, or of transformers and torch (whose output classes a plan names), are imported: a plan is data,
-    and a type name in it must not make moec run a module it carries or one the process never asked for."""
+    compiled model loads its input and output specs on every call). A plan is data, and a type name in it must
+    not make moec run a module it carries, one the process never asked for, or a module that acts when
+    imported: only modules of transformers and torch (whose output classes a plan names) or of third-party
+    packages already imported are imported, never a ``__main__`` (``unittest.__main__`` runs tests it finds
+    in the current folder) nor one of the standard library."""
     for type_name in _node_type_names(json.loads(text)):
         module_name = type_name.rpartition(".")[0]
-        package = module_name.partition(".")[0]
-        if module_name and (package in sys.modules or package in OUTPUT_TYPE_PACKAGES):
+        if importable_type_module(module_name):
             try:
                 importlib.import_module(module_name)
             except ImportError:
                 pass  # treespec_loads names the missing type
     return pytree.treespec_loads(text)
+
+
+def importable_type_module(module_name: str) -> bool:
+    """Whether ``load_treespec`` may import ``module_name`` to register a type a plan names."""
+    parts = module_name.split(".")
+    package = parts[0]
+    return (all(part.isidentifier() and part != "__main__" for part in parts)
+            and package not in sys.stdlib_module_names
+            and (package in sys.modules or package in OUTPUT_TYPE_PACKAGES))
 
 
 def _node_type_names(tree: Any) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import re
 
 import pytest
@@ -109,6 +110,22 @@ def test_a_type_named_in_a_plans_spec_never_imports_a_module_it_carries(compiled
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(moec.PlanError, match="its out_spec cannot be read"):
         moec.load(folder)
+    assert not marker.exists()
+
+
+def test_a_type_named_in_a_plans_spec_never_runs_unittest_main(compiled, tmp_path, monkeypatch):
+    """``unittest`` is imported (torch imports it), and importing ``unittest.__main__`` runs ``unittest.main()``,
+    which imports the ``test*.py`` files of the current folder: a plan naming a type there must not import it."""
+    folder = compiled[0].save(tmp_path / "plan")
+    marker = tmp_path / "ran"
+    (tmp_path / "test_payload.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    plan["out_spec"] = json.dumps([1, {"type": "unittest.__main__.X", "context": "null", "children_spec": []}])
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    monkeypatch.chdir(tmp_path)
+    assert "unittest" in sys.modules
+    with pytest.raises(moec.PlanError, match="its out_spec cannot be read"):
+        moec.load(folder, backend="torch")
     assert not marker.exists()
 
 
