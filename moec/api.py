@@ -25,7 +25,7 @@ from moec.frontend.capture import float_dtype, inference_setup
 from moec.frontend.sizes_of_one import capture_for_sizes_of_one
 from moec.ir.core import WeightRef
 from moec.ir.ops import DenseFFNOp, ExpertsOp, RouteOp, SharedExpertOp
-from moec.ir.plan import load_plan, save_plan
+from moec.ir.plan import load_plan, read_consistently, save_plan
 from moec.ir.printer import print_graph
 from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
@@ -239,17 +239,22 @@ def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
     ``backend`` defaults to the one the plan was saved with; a triton plan runs the kernels saved in it.
     """
     folder = user_path(path)
-    program, listed = load_plan(folder)
+    program, listed, calibration = read_consistently(folder, lambda: read_plan_files(folder))
     backend = backend or program.metadata.get("backend", "torch")
-    calibration = None
-    if {CALIBRATION_META, CALIBRATION_TENSORS} <= listed:
-        try:
-            calibration = Calibration.load(folder)
-        except Exception as err:  # checksums matched, so the files were written so: from another moec's format
-            raise PlanError(f"{folder}: its calibration does not load ({type(err).__name__}: {err}); compile the plan "
-                            "again") from None
     return CompiledModel(program, backend, calibration=calibration,
                          kernels_file=folder / KERNELS_FILE if KERNELS_FILE in listed else None)
+
+
+def read_plan_files(folder: Path) -> tuple[Program, set[str], Calibration | None]:
+    """The program of the plan at ``folder``, the files its plan.json lists, and its calibration if it has one."""
+    program, listed = load_plan(folder)
+    if not {CALIBRATION_META, CALIBRATION_TENSORS} <= listed:
+        return program, listed, None
+    try:
+        return program, listed, Calibration.load(folder)
+    except Exception as err:  # checksums matched, so the files were written so: from another moec's format
+        raise PlanError(f"{folder}: its calibration does not load ({type(err).__name__}: {err}); compile the plan "
+                        "again") from None
 
 
 def layer_summary(program: Program) -> list[dict[str, Any]]:

@@ -10,8 +10,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import safetensors.torch
 import torch
@@ -26,6 +27,8 @@ from moec.ir.types import TensorType
 from moec.ir.verifier import verify
 from moec.kernels.quant import check_storage
 from moec.paths import user_path
+
+T = TypeVar("T")
 
 FORMAT = "moec-plan"
 FORMAT_VERSION = 1
@@ -172,6 +175,37 @@ def replace_dir(staging: Path, target: Path) -> None:
     target.rename(old)
     staging.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_consistently(folder: Path, read: Callable[[], T]) -> T:
+    """``read()`` of the plan at ``folder``, refused with one ``PlanError`` where another process replaced the
+    folder's files meanwhile (a save to the same path: what was read could mix the two plans' files)."""
+    before = folder_state(folder)
+    try:
+        result = read()
+    except PlanError:
+        if folder_state(folder) != before:
+            raise replaced_while_read(folder) from None
+        raise
+    if folder_state(folder) != before:
+        raise replaced_while_read(folder)
+    return result
+
+
+def folder_state(folder: Path) -> tuple | None:
+    """What identifies the folder's files now (name, inode, size, modification time), or None where it is
+    missing: a save writes new files, so their inodes change."""
+    try:
+        with os.scandir(folder) as entries:
+            return tuple(sorted((entry.name, entry.inode(), stat.st_size, stat.st_mtime_ns)
+                                for entry in entries for stat in [entry.stat(follow_symlinks=False)]))
+    except OSError:
+        return None
+
+
+def replaced_while_read(folder: Path) -> PlanError:
+    return PlanError(f"{folder} was written again while it was being loaded (another process saved a plan to it), "
+                     "so what was read may mix two plans; load it again once that save has finished")
 
 
 def read_plan_json(path: str | os.PathLike, check_files: bool = True) -> tuple[Path, dict[str, Any]]:

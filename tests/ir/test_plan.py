@@ -257,3 +257,22 @@ def test_a_files_entry_outside_the_plan_folder_is_refused_unread(compiled, tmp_p
                                              "the plan folder"):
         moec.load(folder)
     assert read == []  # not even the plan's own files: the entry is refused first
+
+
+def test_a_plan_saved_again_while_it_loads_is_refused_not_mixed(compiled, tmp_path, monkeypatch):
+    """Another process saves to the folder after its plan.json was read and checked and before its weights
+    are: the load says so instead of pairing one plan's IR with the other's weights."""
+    model, _ = compiled
+    folder = model.save(tmp_path / "plan")
+    load_file = plan_module.safetensors.torch.load_file
+
+    def saved_again_meanwhile(path):
+        monkeypatch.setattr(plan_module.safetensors.torch, "load_file", load_file)
+        model.save(folder)
+        return load_file(path)
+
+    monkeypatch.setattr(plan_module.safetensors.torch, "load_file", saved_again_meanwhile)
+    with pytest.raises(moec.PlanError, match=r"was written again while it was being loaded \(another process saved "
+                                             r"a plan to it\), so what was read may mix two plans; load it again"):
+        moec.load(folder)
+    assert moec.load(folder).ir == model.ir  # once the save has finished
