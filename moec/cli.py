@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import sys
 import time
 import warnings
@@ -270,7 +271,13 @@ def run_compile(args: argparse.Namespace) -> int:
         verb = "changes" if len(changing) == 1 else "change"
         console.print(f"(not a parity check: {', '.join(changing)} {verb} the model's outputs by design)")
     show_timed_kernels(compiled.backend)
-    return write_plan(compiled, args.output) if ok else 1
+    if not ok:
+        failed = " and ".join(record["inputs"] for record in records if not record.get("passed", True))
+        written = f"; no plan was written to {args.output}" if args.output else ""
+        errors.print(Text("error: ", style="bold red") + Text(f"the compiled model fails the parity check on the "
+                                                              f"{failed} (above){written}"))
+        return 1
+    return write_plan(compiled, args.output)
 
 
 def show_timed_kernels(backend: str) -> None:
@@ -550,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handlers = {"compile": run_compile, "inspect": run_inspect, "export-onnx": run_export_onnx}
+    on_terminate = signal.signal(signal.SIGTERM, terminate)  # so that a kill, as Ctrl-C, cleans up what it wrote
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
@@ -563,6 +571,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         errors.print("interrupted")
         return 130
+    except Terminated:
+        errors.print("terminated")
+        return 128 + signal.SIGTERM
+    finally:
+        signal.signal(signal.SIGTERM, on_terminate)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the CLI is, so that the cleanup of a half-written plan or file runs."""
+
+
+def terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import safetensors
 import safetensors.torch
 import torch
 
@@ -130,8 +131,9 @@ def save_plan(program: Program, path: str | os.PathLike, extra_files: dict[str, 
         replace_dir(staging, target)
     except BaseException as err:
         shutil.rmtree(made if made is not None else staging, ignore_errors=True)
-        if isinstance(err, OSError):  # a full disk, a quota: nothing was written
-            raise PlanError(f"cannot write the plan at {target}: {err.strerror or err}; nothing was written") from None
+        if isinstance(err, (OSError, safetensors.SafetensorError)):  # a full disk, a quota: nothing was written
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+            raise PlanError(f"cannot write the plan at {target}: {reason}; nothing was written") from None
         raise
     return target
 
@@ -167,13 +169,18 @@ def make_readable(folder: Path) -> None:
 
 
 def replace_dir(staging: Path, target: Path) -> None:
+    """Put the staged folder at ``target``, replacing a folder there (which stays whole if this fails)."""
     if not target.exists():
         staging.rename(target)
         return
     old = target.with_name(f".{target.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     target.rename(old)
-    staging.rename(target)
+    try:
+        staging.rename(target)
+    except BaseException:  # interrupted between the renames: the previous plan goes back to its path
+        old.rename(target)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

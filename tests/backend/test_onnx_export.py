@@ -525,3 +525,34 @@ def test_merged_and_skipping_experts_export_with_both_lowerings(merged_skipping_
     onnx_model, report, fallbacks = export_and_check(merged_skipping_mixtral, lowering, tmp_path / "m.onnx")
     assert not fallbacks
     assert report["fused_moe_ops_by_op"] == ({"com.microsoft.MoE": 2} if lowering == "ort" else {})
+
+
+def test_an_export_interrupted_between_its_files_leaves_the_earlier_pair_whole(tmp_path, monkeypatch):
+    """A model and its external data are replaced as one: interrupted after the new data file moved in, the
+    earlier model and data are both put back (a new data file beside an old model runs, and computes garbage)."""
+    import os
+
+    from moec.backend.onnx import export as export_module
+
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    out.mkdir()
+    staging.mkdir()
+    for name, text in (("model.onnx", "old model"), ("model.onnx.data", "old data")):
+        (out / name).write_text(text)
+    files = [staging / "model.onnx.data", staging / "model.onnx"]
+    for file in files:
+        file.write_text("new")
+    replace = os.replace
+
+    def interrupted_at_the_model(source, destination):
+        if str(source) == str(staging / "model.onnx"):
+            raise KeyboardInterrupt
+        replace(source, destination)
+
+    monkeypatch.setattr(export_module.os, "replace", interrupted_at_the_model)
+    with pytest.raises(KeyboardInterrupt):
+        export_module.replace_files(files, out)
+    monkeypatch.undo()
+    assert {f.name: f.read_text() for f in out.iterdir()} == {"model.onnx": "old model", "model.onnx.data": "old data"}
+    export_module.replace_files(files[1:], out)  # uninterrupted: replaced, nothing set aside is left
+    assert {f.name: f.read_text() for f in out.iterdir()} == {"model.onnx": "new", "model.onnx.data": "old data"}

@@ -78,9 +78,35 @@ def test_a_lossless_recipe_that_breaks_parity_fails_without_writing_a_plan(tmp_p
     recipe = tmp_path / "broken.yaml"
     recipe.write_text("passes:\n  - test-scale-first-weight: {}\n")
     assert main(["compile", "--model", "tiny-mixtral", "--recipe", str(recipe), "-o", str(tmp_path / "plan")]) == 1
-    out = capsys.readouterr().out
-    assert out.count("FAILED") == 2 and "deviation" not in out
+    captured = capsys.readouterr()
+    assert captured.out.count("FAILED") == 2 and "deviation" not in captured.out
+    assert captured.err == (f"error: the compiled model fails the parity check on the example inputs and resized "
+                            f"inputs (above); no plan was written to {tmp_path / 'plan'}\n")
     assert not (tmp_path / "plan").exists()
+
+
+def test_a_terminated_command_says_so_and_gives_back_the_signal_handler(monkeypatch, capsys):
+    """SIGTERM (a kill, a CI timeout) raises where the command is, as Ctrl-C does, so that cleanup runs."""
+    import signal
+    import time
+
+    from moec import cli
+
+    reached_cleanup = []
+
+    def killed_while_running(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            reached_cleanup.append(True)
+        return 0
+
+    monkeypatch.setattr(cli, "run_inspect", killed_while_running)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["inspect", "anything"]) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == "terminated\n"
+    assert reached_cleanup == [True] and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_compile_names_the_experts_each_compression_pass_removed_or_merged():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,3 +277,36 @@ def test_a_plan_saved_again_while_it_loads_is_refused_not_mixed(compiled, tmp_pa
                                              r"a plan to it\), so what was read may mix two plans; load it again"):
         moec.load(folder)
     assert moec.load(folder).ir == model.ir  # once the save has finished
+
+
+def test_a_save_interrupted_between_its_renames_leaves_the_previous_plan_in_place(compiled, tmp_path, monkeypatch):
+    model, _ = compiled
+    folder = model.save(tmp_path / "plan")
+    before = (folder / PLAN_FILE).read_text()
+    rename = Path.rename
+
+    def interrupted_once_the_old_plan_is_set_aside(self, target):
+        if Path(target) == folder and self.name.startswith(".plan.") and self.name != ".plan.old":
+            raise KeyboardInterrupt
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", interrupted_once_the_old_plan_is_set_aside)
+    with pytest.raises(KeyboardInterrupt):
+        model.save(folder)
+    monkeypatch.undo()
+    assert (folder / PLAN_FILE).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]  # no staging folder, no set-aside plan
+
+
+def test_a_full_disk_while_writing_the_weights_is_one_error(compiled, tmp_path, monkeypatch):
+    model, _ = compiled
+
+    def no_space(tensors, filename):
+        raise plan_module.safetensors.SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(plan_module.safetensors.torch, "save_file", no_space)
+    with pytest.raises(moec.PlanError, match=rf"^cannot write the plan at {re.escape(str(tmp_path / 'plan'))}: Error "
+                                             r"while serializing: .*No space left on device.*; nothing was written$"):
+        model.save(tmp_path / "plan")
+    assert list(tmp_path.iterdir()) == []

@@ -156,13 +156,14 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
         result.opset, result.fused_ops = tidy(staged, program.metadata.get("input_guards", []))
         check_model(staged)
         result.max_abs_diff = check_parity(staged, program, tolerance)
-        for file in sorted(staging.iterdir(), key=lambda f: f.name == target.name):  # the model file last
-            os.replace(file, target.parent / file.name)
+        replace_files(sorted(staging.iterdir()), target.parent)
         if not external_data:
             target.with_name(target.name + ".data").unlink(missing_ok=True)  # an earlier export's, now stale
-    except BaseException:
+    except BaseException as err:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
+        if isinstance(err, OSError):  # a full disk, a quota
+            raise BackendError(f"cannot write {target}: {err.strerror or err}; nothing was written") from None
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -172,6 +173,31 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
 # ----------------------------------------------------------------------------------------------
 # tracing
 # ----------------------------------------------------------------------------------------------
+
+
+def replace_files(files: list[Path], folder: Path) -> None:
+    """Move ``files`` into ``folder`` as one change: the files they replace (a model and its external data)
+    are set aside first and put back if any move fails, so an interrupted export never leaves a new data
+    file beside an old model."""
+    set_aside = []
+    try:
+        for file in files:
+            destination = folder / file.name
+            if destination.exists():
+                aside = destination.with_name(f".{destination.name}.old")
+                os.replace(destination, aside)
+                set_aside.append((aside, destination))
+        for file in files:
+            os.replace(file, folder / file.name)
+    except BaseException:
+        for file in files:
+            if not file.exists():
+                (folder / file.name).unlink(missing_ok=True)
+        for aside, destination in set_aside:
+            os.replace(aside, destination)
+        raise
+    for aside, _ in set_aside:
+        aside.unlink(missing_ok=True)
 
 
 def trace_to_onnx(module: ProgramModule, program: Program, opset: int, optimize: bool):
