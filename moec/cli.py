@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -40,6 +41,18 @@ WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns wh
 # below this command's spinner rather than over it.
 rich.reconfigure(highlight=False, width=WIDTH, soft_wrap=True)  # a message is one line, for grep
 console = rich.get_console()
+
+
+def keep_going_without_stdout() -> None:
+    """What rich does when stdout's reader has gone (``moec compile -o plan | head``): stop printing and go on,
+    so that the plan is still written (rich's own default exits with code 1, without a word)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    console.quiet = True
+
+
+console.on_broken_pipe = keep_going_without_stdout  # type: ignore[method-assign]
 errors = Console(stderr=True, highlight=False, width=WIDTH, soft_wrap=True)
 
 CALIBRATION_FORMS = ("a .txt file (one text sample per line), a .safetensors file (the model's inputs by name, "
@@ -180,7 +193,9 @@ def in_dtype(example: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
 def summary_table(rows: list[dict[str, Any]], title: str) -> Table:
     table = Table(title=title)
     for column in ("#", "op", "weights", "experts", "top-k", "detail", "params", "bytes"):
-        table.add_column(column, justify="right" if column in ("#", "experts", "top-k", "params", "bytes") else "left")
+        number = column in ("#", "experts", "top-k", "params", "bytes")
+        # a narrow terminal wraps the names (never cut to "model.lay…": users copy them into recipes), not numbers
+        table.add_column(column, justify="right" if number else "left", no_wrap=number, overflow="fold")
     for index, row in enumerate(rows):
         table.add_row(str(index), row["op"], row["weights"], str(row["experts"]), str(row["top_k"]),
                       row["detail"], f"{row['params']:,}", f"{row['bytes']:,}")
@@ -463,7 +478,7 @@ def show_quality(model: Any, compiled: Any, held_out: list) -> None:
     title = "quality vs the original model"
     table = Table(title=f"{title} (active FFN fraction {quality['active_ffn_fraction']:.3f})" if routed else title)
     for column in ("routing" if routed else "model", "embedding cosine", "nearest-neighbour agreement"):
-        table.add_column(column, justify="right" if table.columns else "left")
+        table.add_column(column, justify="right" if table.columns else "left", overflow="fold")
     for label in ("router", "random", "oracle"):
         if label in quality:
             name = label if routed else "compiled"

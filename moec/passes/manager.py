@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import time
 import types
 import typing
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -30,6 +32,48 @@ Hook = Callable[[Pass, Program, dict[str, Any]], None]
 RECIPE_KEYS = ("passes",)
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last silently: a recipe
+    with ``bits: 4`` and later ``bits: 8`` would quantize to 8 bits without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen = []
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_recipe_file(path: Path) -> Any:
+    """The contents of a recipe file: JSON for a ``.json`` file, else YAML (of which JSON is nearly a subset);
+    a key given twice in one mapping is an error, as are unreadable text and syntax errors."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise PassError(f"recipe file {path} cannot be read as UTF-8 text ({err}); write the recipe as YAML or "
+                        "JSON") from None
+    if path.suffix.lower() == ".json":
+        def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [key for key, _ in pairs]
+            twice = next((key for key in keys if keys.count(key) > 1), None)
+            if twice is not None:
+                raise ValueError(f"{twice!r} is given twice in one object")
+            return dict(pairs)
+
+        try:
+            return json.loads(text, object_pairs_hook=unique)
+        except ValueError as err:
+            raise PassError(f"recipe file {path} is not valid JSON: {err}") from None
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a safe loader
+    except yaml.YAMLError as err:
+        other = f" (a {path.suffix} file is not read: write the recipe as YAML or JSON)" \
+            if path.suffix.lower() not in (".yaml", ".yml") else ""
+        raise PassError(f"recipe file {path} is not valid YAML/JSON{other}: {err}") from None
+
+
 def load_recipe(source: str | os.PathLike | dict | None) -> dict[str, Any]:
     """A recipe dict from a dict, a YAML/JSON file path, or None (no passes).
 
@@ -45,12 +89,7 @@ def load_recipe(source: str | os.PathLike | dict | None) -> dict[str, Any]:
             raise PassError(f"recipe file {path} is a folder; give the path of a YAML/JSON recipe file")
         if not path.is_file():
             raise PassError(f"recipe file {path} does not exist")
-        try:
-            recipe = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            other = f" (a {path.suffix} file is not read: write the recipe as YAML or JSON)" \
-                if path.suffix.lower() not in (".yaml", ".yml", ".json") else ""
-            raise PassError(f"recipe file {path} is not valid YAML/JSON{other}: {err}") from None
+        recipe = read_recipe_file(path)
     else:
         recipe = source
     example = "e.g. {'passes': [{'quantize': {'bits': 4}}]}"

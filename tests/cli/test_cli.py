@@ -727,3 +727,32 @@ def test_cp_sat_placement_calibrates_on_a_calibration_file(calibration_files, tm
                  "--calibration", str(calibration_files / "ids.safetensors"), "-o", str(plan)]) == 0
     assert "parity on resized inputs" in capsys.readouterr().out
     assert moec.load(plan).program.metadata["expert_parallel"]["placement"]["method"] == "cp-sat"
+
+
+def test_compile_piped_into_a_reader_that_stops_early_still_writes_the_plan(tmp_path):
+    """``moec compile -o plan | head -1``: once the reader has gone, the command stops printing and finishes."""
+    plan = tmp_path / "plan"
+    process = subprocess.Popen([sys.executable, "-m", "moec.cli", "compile", "--model", "tiny-mixtral", "-o", str(plan)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline()
+    process.stdout.close()  # as head does after its line
+    returncode = process.wait(timeout=300)
+    assert (returncode, process.stderr.read()) == (0, "")
+    assert moec.load(plan).ir
+
+
+def test_a_narrow_layer_table_wraps_names_and_keeps_numbers_whole():
+    from rich.console import Console
+
+    from moec.cli import summary_table
+
+    rows = [{"op": "moe.experts", "weights": "model.layers.12.block_sparse_moe.experts", "experts": 64, "top_k": 8,
+             "detail": "gated silu, hidden 4096, ffn 14336", "params": 11_274_289_152, "bytes": 45_097_156_608}]
+    console = Console(width=70, record=True, file=io.StringIO())
+    console.print(summary_table(rows, "layers"))
+    text = console.export_text()
+    assert "…" not in text
+    assert "11,274,289,152" in text and "45,097,156,608" in text
+    lines = [line for line in text.splitlines() if line.startswith("│")]
+    weights_column = "".join(line.split("│")[3].strip() for line in lines)
+    assert weights_column == "model.layers.12.block_sparse_moe.experts"

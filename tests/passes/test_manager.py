@@ -3,6 +3,7 @@ clear error."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -78,6 +79,28 @@ def test_a_recipe_that_does_not_parse_names_the_formats_read(tmp_path, name, hin
     with pytest.raises(PassError, match=rf"recipe file {path} is not valid YAML/JSON") as caught:
         load_recipe(path)
     assert ("(a .toml file is not read: write the recipe as YAML or JSON)" in str(caught.value)) == hint
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("recipe.yaml", "passes:\n  - quantize: {bits: 4, group: 32, bits: 8}\n",
+     r"is not valid YAML/JSON: 'bits' is given twice\n"),
+    ("recipe.json", '{"passes": [{"quantize": {"bits": 4, "bits": 8}}]}',
+     r"is not valid JSON: 'bits' is given twice in one object$"),
+    ("recipe.json", '{"passes": [],}', r"is not valid JSON: Expecting property name"),
+    ("recipe.yaml", b"\xff\xfe\x00bin", r"cannot be read as UTF-8 text \('utf-8' codec can't decode byte 0xff"),
+])
+def test_a_recipe_file_with_a_key_twice_or_unreadable_text_is_refused(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    with pytest.raises(PassError, match=rf"^recipe file {re.escape(str(path))} {message}"):
+        load_recipe(path)
+
+
+def test_a_json_recipe_is_read_as_json(tmp_path):
+    """Tab indentation is JSON, but no YAML: a .json recipe is read by a JSON parser."""
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"passes": [{"quantize": {"bits": 4}}]}, indent="\t"))
+    assert load_recipe(path) == {"passes": [{"quantize": {"bits": 4}}]}
 
 
 @pytest.mark.parametrize(("entry", "message"), [
