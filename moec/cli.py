@@ -504,7 +504,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     console.print(summary_table(compiled.summary(), "FFN and MoE layers"), soft_wrap=False)
     params, size = compiled.program.weight_sizes()
     console.print(f"all weights: {params:,} parameters, {size:,} bytes")
-    for line in expert_parallel_lines(compiled.program):
+    for line in recorded(lambda: expert_parallel_lines(compiled.program)):
         console.print(line, markup=False)
     report = plan["metadata"].get("report", {})
     checked = recorded(lambda: check_lines(report.get("checks", [])) + quality_lines(report.get("quality")))

@@ -36,6 +36,11 @@ FORMAT_VERSION = 1
 PLAN_FILE = "plan.json"
 WEIGHTS_FILE = "weights.safetensors"
 PLAN_FIELDS = {"ir": str, "in_spec": str, "out_spec": str, "metadata": dict, "files": dict}  # and their types
+# The metadata entries code reads as these types, where a plan has them (passes record more, read as data).
+METADATA_FIELDS = {"input_guards": list, "input_guards_kept_at_one": list, "blocks": list, "model_class": str,
+                   "forward_parameters": list, "example_shapes": list, "passes": list, "recipe": dict, "backend": str,
+                   "report": dict, "expert_parallel": dict}
+JSON_KINDS = {dict: "JSON object", list: "list", str: "string"}
 
 
 def sha256_of(path: Path) -> str:
@@ -248,6 +253,11 @@ def read_plan_json(path: str | os.PathLike, check_files: bool = True) -> tuple[P
             found = "missing" if key not in plan else f"a JSON {type(plan[key]).__name__}"
             raise PlanError(f"{plan_file}: its {key!r} entry is {found}, expected a {kind.__name__}; the plan is "
                             "corrupt, compile it again")
+    for key, kind in METADATA_FIELDS.items():
+        if key in plan["metadata"] and not isinstance(plan["metadata"][key], kind):
+            raise PlanError(f"{plan_file}: its metadata entry {key!r} is a JSON {type(plan['metadata'][key]).__name__}, "
+                            f"expected a {JSON_KINDS[kind]}; the plan is corrupt, "
+                            "compile it again")
     if WEIGHTS_FILE not in plan["files"]:
         raise PlanError(f"{plan_file} lists no checksum for {WEIGHTS_FILE}; the plan is corrupt, compile it again")
     for name, expected in plan["files"].items():  # every entry checked before any file is read

@@ -756,3 +756,17 @@ def test_a_narrow_layer_table_wraps_names_and_keeps_numbers_whole():
     lines = [line for line in text.splitlines() if line.startswith("│")]
     weights_column = "".join(line.split("│")[3].strip() for line in lines)
     assert weights_column == "model.layers.12.block_sparse_moe.experts"
+
+
+def test_inspect_shows_the_rest_of_a_plan_whose_placement_record_does_not_read(qwen_plan, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "plan"
+    shutil.copytree(qwen_plan, folder)
+    plan = json.loads((folder / "plan.json").read_text())
+    plan["metadata"]["expert_parallel"] = {"placement": 5}  # edited by hand: no world_size, no method
+    (folder / "plan.json").write_text(json.dumps(plan))
+    assert main(["inspect", "--no-ir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "(a record in plan.json's metadata does not read: KeyError: 'world_size')" in out
+    assert "all weights:" in out

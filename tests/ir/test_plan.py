@@ -310,3 +310,19 @@ def test_a_full_disk_while_writing_the_weights_is_one_error(compiled, tmp_path, 
                                              r"while serializing: .*No space left on device.*; nothing was written$"):
         model.save(tmp_path / "plan")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("key", "value", "kind"), [
+    ("report", ["triton"], "JSON object"),
+    ("input_guards", "L['input_ids'].size()[1] <= 64", "list"),  # a string would leave every guard unchecked
+    ("forward_parameters", 5, "list"),
+    ("backend", ["torch"], "string"),
+])
+def test_a_metadata_entry_of_the_wrong_type_is_named(compiled, tmp_path, key, value, kind):
+    folder = compiled[0].save(tmp_path / "plan")
+    plan = json.loads((folder / PLAN_FILE).read_text())
+    plan["metadata"][key] = value
+    (folder / PLAN_FILE).write_text(json.dumps(plan))
+    with pytest.raises(moec.PlanError, match=rf"its metadata entry '{key}' is a JSON \w+, expected a {kind}; the plan "
+                                             "is corrupt"):
+        moec.load(folder)
