@@ -18,7 +18,7 @@ from moec.analysis.calibration import META_FILE as CALIBRATION_META
 from moec.analysis.calibration import TENSORS_FILE as CALIBRATION_TENSORS
 from moec.analysis.calibration import Calibration
 from moec.analysis.traces import RoutingTrace
-from moec.backend.torch_runner import TorchRunner
+from moec.backend.torch_runner import TorchRunner, check_kernel_names
 from moec.backend.triton_codegen import KERNELS_FILE
 from moec.errors import MoecError, PlanError, warn
 from moec.frontend.capture import float_dtype, inference_setup
@@ -39,6 +39,9 @@ from moec.report import ALLOCATION_CHART, REPORT_FILE, plan_report
 BACKENDS = ("torch", "triton")
 
 
+KERNELS = "kernels"  # program.metadata: the kernels fixed at compile time (none: each timed on the host)
+
+
 def unknown_backend(backend: object) -> MoecError:
     """The error for a backend name moec does not run, pointing to where ONNX and expert parallelism live."""
     return MoecError(f"unknown backend {backend!r}; available: {', '.join(BACKENDS)} (ONNX files come from "
@@ -49,22 +52,28 @@ class CompiledModel:
     """A compiled model: call it like the original model; inspect ``.ir``; ``.save()`` a plan folder."""
 
     def __init__(self, program: Program, backend: str = "torch", *, calibration: Calibration | None = None,
-                 kernels_file: Path | None = None) -> None:
+                 kernels_file: Path | None = None, expert_kernel: str = "auto", quant_kernel: str = "auto") -> None:
         if backend not in BACKENDS:
             raise unknown_backend(backend)
+        check_kernel_names(quant_kernel, expert_kernel)
         if backend != "triton" and "triton" in program.metadata.get("report", {}):
             program = without_triton_record(program)
+        kernels = {"expert_kernel": expert_kernel, "quant_kernel": quant_kernel}
+        if kernels != {"expert_kernel": "auto", "quant_kernel": "auto"}:
+            program.metadata[KERNELS] = kernels  # kept by a saved plan, which loads with them
+        else:
+            program.metadata.pop(KERNELS, None)
         self.program = program
         self.backend = backend
         self.calibration = calibration  # the statistics passes used, saved with the plan for reuse
         if backend == "triton":
             from moec.backend.triton_runner import TritonRunner
 
-            triton_runner = TritonRunner(program, kernels_file)
+            triton_runner = TritonRunner(program, kernels_file, quant_kernel, expert_kernel)
             self.report["triton"] = triton_runner.report()  # its fallbacks to the torch rules, saved with the plan
             self.runner: TorchRunner = triton_runner
         else:
-            self.runner = TorchRunner(program)
+            self.runner = TorchRunner(program, quant_kernel, expert_kernel)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         inputs = self.program.flatten_inputs(args, kwargs)
@@ -157,6 +166,8 @@ def compile(
     recipe: str | os.PathLike | Mapping[str, Any] | None = None,
     calibration: Any = None,
     backend: str = "torch",
+    expert_kernel: str = "auto",
+    quant_kernel: str = "auto",
 ) -> CompiledModel:
     """Compile ``model`` for inference from example inputs.
 
@@ -166,10 +177,14 @@ def compile(
     of sample inputs (each a tuple or kwargs dict like ``example_inputs``, or a tensor for a model with one
     input), one batch (a dict, or a tensor), or a ``Calibration`` (for example
     ``Calibration.load(plan_folder)``, stored with the plan), see ``moec.analysis.calibration``; samples
-    that no pass of the recipe needs are left unused, with a warning.
+    that no pass of the recipe needs are left unused, with a warning. ``expert_kernel`` and ``quant_kernel``
+    fix the kernels of float routed experts and of quantized weights (``auto``: the fastest, timed on this host
+    per size; ``torch`` and ``dequant`` give outputs that do not depend on the process or the batch size), kept
+    by a saved plan.
     """
     if backend not in BACKENDS:
         raise unknown_backend(backend)
+    check_kernel_names(quant_kernel, expert_kernel)
     if backend == "triton":  # before capture and passes, which can take minutes
         from moec.backend.triton_runner import check_available
 
@@ -204,7 +219,8 @@ def compile(
     program.metadata["backend"] = backend
     if context.report:
         program.metadata["report"] = context.report
-    return CompiledModel(program, backend, calibration=context.plan_calibration())
+    return CompiledModel(program, backend, calibration=context.plan_calibration(), expert_kernel=expert_kernel,
+                         quant_kernel=quant_kernel)
 
 
 def without_triton_record(program: Program) -> Program:
@@ -233,16 +249,21 @@ def check_compile_arguments(example_inputs: Any, recipe: Any) -> None:
                         "{'passes': [{'quantize': {'bits': 4}}]}, or the path of a YAML/JSON recipe file")
 
 
-def load(path: str | os.PathLike, backend: str | None = None) -> CompiledModel:
+def load(path: str | os.PathLike, backend: str | None = None, *, expert_kernel: str | None = None,
+         quant_kernel: str | None = None) -> CompiledModel:
     """Load a plan folder written by ``CompiledModel.save`` or ``moec compile -o``.
 
-    ``backend`` defaults to the one the plan was saved with; a triton plan runs the kernels saved in it.
+    ``backend``, ``expert_kernel`` and ``quant_kernel`` (see ``compile``) default to those the plan was saved
+    with; a triton plan runs the kernels saved in it.
     """
     folder = user_path(path)
     program, listed, calibration = read_consistently(folder, lambda: read_plan_files(folder))
     backend = backend or program.metadata.get("backend", "torch")
+    kernels = program.metadata.get(KERNELS, {})
     return CompiledModel(program, backend, calibration=calibration,
-                         kernels_file=folder / KERNELS_FILE if KERNELS_FILE in listed else None)
+                         kernels_file=folder / KERNELS_FILE if KERNELS_FILE in listed else None,
+                         expert_kernel=expert_kernel or kernels.get("expert_kernel", "auto"),
+                         quant_kernel=quant_kernel or kernels.get("quant_kernel", "auto"))
 
 
 def read_plan_files(folder: Path) -> tuple[Program, set[str], Calibration | None]:

@@ -82,6 +82,14 @@ def run_experts(op: ExpertsOp, weight, args):
 
 EXPERT_KERNELS = ("auto", "onnxruntime", "torch", "torch-blas")
 
+
+def check_kernel_names(quant_kernel: object, expert_kernel: object) -> None:
+    """One ``BackendError`` naming a ``quant_kernel`` or ``expert_kernel`` the runner does not have."""
+    if quant_kernel not in QUANT_KERNELS:
+        raise BackendError(f"quant_kernel={quant_kernel!r} is not one of {', '.join(QUANT_KERNELS)}")
+    if expert_kernel not in EXPERT_KERNELS:
+        raise BackendError(f"expert_kernel={expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
+
 # The float32 CPU experts kernel that ``expert_kernel="auto"`` measured fastest, per layer shape and size.
 ExpertKernelKey = tuple[ExpertsSpec, int, int, int, str]  # see expert_kernel_key
 EXPERT_KERNEL_CHOICE: KernelChoice[ExpertKernelKey] = KernelChoice()
@@ -495,10 +503,7 @@ class TorchRunner:
         ``moec.kernels.moe_onnxruntime``, ``torch`` is ``moec.kernels.moe_cpu`` on oneDNN's matmuls,
         ``torch-blas`` the same on ``F.linear``, ``auto`` the fastest of them measured on this host for float32
         experts on the CPU, else ``torch``; see ``float_experts``)."""
-        if quant_kernel not in QUANT_KERNELS:
-            raise BackendError(f"quant_kernel={quant_kernel!r} is not one of {', '.join(QUANT_KERNELS)}")
-        if expert_kernel not in EXPERT_KERNELS:
-            raise BackendError(f"expert_kernel={expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
+        check_kernel_names(quant_kernel, expert_kernel)
         check_quant_kernel(program, quant_kernel)
         self.program = program
         self.quant_kernel = quant_kernel

@@ -121,7 +121,8 @@ class TritonRunner(TorchRunner):
     outputs stay there; in the interpreter everything stays on the CPU.
     """
 
-    def __init__(self, program: Program, kernels_file: Path | None = None) -> None:
+    def __init__(self, program: Program, kernels_file: Path | None = None, quant_kernel: str = "auto",
+                 expert_kernel: str = "auto") -> None:
         device = check_available()
         self.source = triton_codegen.generate(program) if kernels_file is None else kernels_file.read_text()
         self.kernels_file = kernels_file or triton_codegen.write_cached(self.source)
@@ -144,7 +145,7 @@ class TritonRunner(TorchRunner):
         self.device = device
         if device.type != "cpu":
             program = dataclasses.replace(program, weights={k: v.to(device) for k, v in program.weights.items()})
-        super().__init__(program)
+        super().__init__(program, quant_kernel, expert_kernel)  # for the ops the Triton kernels leave to it
 
     def run(self, inputs: list[torch.Tensor], observe: Observer | None = None) -> list[torch.Tensor]:
         return super().run([x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs], observe)

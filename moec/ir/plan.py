@@ -39,7 +39,7 @@ PLAN_FIELDS = {"ir": str, "in_spec": str, "out_spec": str, "metadata": dict, "fi
 # The metadata entries code reads as these types, where a plan has them (passes record more, read as data).
 METADATA_FIELDS = {"input_guards": list, "input_guards_kept_at_one": list, "blocks": list, "model_class": str,
                    "forward_parameters": list, "example_shapes": list, "passes": list, "recipe": dict, "backend": str,
-                   "report": dict, "expert_parallel": dict}
+                   "report": dict, "expert_parallel": dict, "kernels": dict}
 JSON_KINDS = {dict: "JSON object", list: "list", str: "string"}
 
 
