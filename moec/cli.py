@@ -37,10 +37,13 @@ from moec.report import (
 )
 
 WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns when piped
-# rich's global console: the progress moec shows while a step runs (calibration, each pass) draws on it too,
-# below this command's spinner rather than over it.
-rich.reconfigure(highlight=False, width=WIDTH, soft_wrap=True)  # a message is one line, for grep
-console = rich.get_console()
+# What a command finds (tables, checks) goes to stdout; how it gets there (each step's spinner and time, the
+# progress of calibration and passes) to stderr, on rich's global console, where the progress moec's library
+# code shows draws below this command's spinner rather than over it. `moec compile > out.txt` keeps showing
+# its progress, and out.txt holds results only.
+console = Console(highlight=False, width=WIDTH, soft_wrap=True)  # a message is one line, for grep
+rich.reconfigure(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140, soft_wrap=True)
+status = rich.get_console()
 
 
 def keep_going_without_stdout() -> None:
@@ -65,11 +68,11 @@ class UsageError(MoecError):
 
 @contextlib.contextmanager
 def step(title: str) -> Iterator[None]:
-    """Show a spinner while a long step runs, then its time."""
+    """Show a spinner while a long step runs, then its time (on stderr)."""
     start = time.perf_counter()
-    with console.status(f"{title}..."):
+    with status.status(f"{title}..."):
         yield
-    console.print(f"[green]done[/] {title} ({time.perf_counter() - start:.1f} s)")
+    status.print(f"[green]done[/] {title} ({time.perf_counter() - start:.1f} s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
