@@ -24,7 +24,6 @@ from moec.ir.plan import WEIGHTS_FILE
 from moec.kernels.kernel_choice import KernelChoice
 from moec.report import pass_details, triton_lines
 
-
 STEP_LINE = re.compile(r"done .* \(\d+\.\d s\)")  # the time of a step, on stderr
 
 
