@@ -150,6 +150,9 @@ def _tiny_gpt_oss():
     return tiny_decoder(
         transformers.GptOssForCausalLM, transformers.GptOssConfig,
         num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, head_dim=8,
+        # GPT-OSS's YaRN rope extends 4,096 positions 32-fold: a shorter window (the shared 64) makes
+        # transformers warn that the two disagree
+        max_position_embeddings=4096 * 32,
     )
 
 

@@ -414,3 +414,12 @@ def test_every_family_is_recognized(family):
     """Each registration finds its model's blocks (the compile tests above check numerics)."""
     specs = recognize(FAMILY_MODELS[family]())
     assert len(specs) == 2 and {spec.family for spec in specs} == {family}
+
+
+def test_the_gpt_oss_preset_has_a_coherent_yarn_rope():
+    """transformers warns (several lines, on every build) where YaRN's factor is not the ratio of the context
+    lengths: the preset's window is the one the factor extends to."""
+    model, _ = build_preset("tiny-gpt-oss")
+    rope = model.config.rope_parameters
+    assert rope["rope_type"] == "yarn"
+    assert model.config.max_position_embeddings / rope["original_max_position_embeddings"] == rope["factor"]
