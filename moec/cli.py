@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
              "tiny-llama, tiny-gpt2, tiny-bert), a local Hugging Face model folder, or pkg.module:factory (a function returning a model or "
              "(model, example_kwargs))",
     )
-    compile_.add_argument("-o", "--output", metavar="PLAN", help="write the plan folder here (replaced if it is a plan)")
+    compile_.add_argument("-o", "--output", metavar="PLAN", help="write the plan folder here (replaced if it is a plan); without it, "
+                          "nothing is written")
     compile_.add_argument("--recipe", metavar="FILE", help="YAML/JSON recipe listing the passes to run")
     compile_.add_argument(
         "--calibration", metavar="FILE",
@@ -106,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--backend", default="torch", choices=["torch", "triton"],
                           help="execution backend (default: torch); triton writes its generated kernels into the plan")
     compile_.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="cast the model and its floating-point example inputs to this dtype first"
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="cast the model and its floating-point example inputs to this dtype first (default: float32, "
+             "the model as it loads)"
     )
     compile_.add_argument("--print-ir", action="store_true", help="print the compiled IR")
 
@@ -404,6 +406,15 @@ def check_calibration_path(path: str) -> Path:
         except UnicodeDecodeError as err:
             raise UsageError(f"--calibration {path} is not UTF-8 text (byte {err.start}); save it as UTF-8, "
                              "one sample per line") from None
+    else:  # its header and size, read before the model loads (the tensors are read later)
+        import safetensors
+
+        try:
+            with safetensors.safe_open(str(file), framework="pt"):
+                pass
+        except safetensors.SafetensorError as err:
+            raise UsageError(f"--calibration {path} is not a readable .safetensors file (truncated or corrupt: "
+                             f"{err}); write it again with safetensors.torch.save_file") from None
     return file
 
 

@@ -778,3 +778,17 @@ def test_inspect_shows_the_rest_of_a_plan_whose_placement_record_does_not_read(q
     out = capsys.readouterr().out
     assert "(a record in plan.json's metadata does not read: KeyError: 'world_size')" in out
     assert "all weights:" in out
+
+
+def test_a_truncated_calibration_file_is_bad_usage_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from moec.frontend import zoo
+
+    path = tmp_path / "ids.safetensors"
+    safetensors.torch.save_file({"input_ids": torch.ones(4, 8, dtype=torch.long)}, str(path))
+    path.write_bytes(path.read_bytes()[:-10])
+    (tmp_path / "d2m.yaml").write_text("passes:\n  - dense-to-moe: {experts: 4, top_k: 2}\n")
+    monkeypatch.setattr(zoo, "load_model_spec", lambda spec: pytest.fail("the model was loaded"))
+    assert main(["compile", "--model", "tiny-llama", "--recipe", str(tmp_path / "d2m.yaml"),
+                 "--calibration", str(path)]) == 2
+    assert (f"error: --calibration {path} is not a readable .safetensors file (truncated or corrupt: Error while "
+            "deserializing header: incomplete metadata") in " ".join(capsys.readouterr().err.split())
