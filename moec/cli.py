@@ -118,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect_.add_argument("plan", metavar="PLAN", help="a plan folder written by `moec compile -o`")
     inspect_.add_argument("--no-ir", action="store_true", help="show only the table, not the IR text")
+    inspect_.add_argument(
+        "--json", action="store_true",
+        help="print one JSON object instead, for scripts: the plan's versions, model class and backend, its layers "
+             "(the table's rows), its weights' parameters and bytes, the passes that ran with what each changed, "
+             "and the report recorded when it was compiled (checks, quality, kernels, placement); no IR unless "
+             "it is asked for with --ir",
+    )
+    inspect_.add_argument("--ir", action="store_true", help="with --json: include the IR text")
 
     export_ = commands.add_parser(
         "export-onnx", help="export a plan to a .onnx file checked in onnxruntime",
@@ -508,6 +516,11 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     folder, plan = read_plan_json(check_plan_path(args.plan), check_files=False)  # moec.load checks them
     compiled = moec.load(folder, backend="torch")  # inspecting runs nothing: a triton plan needs no Triton here
+    if args.json:
+        console.print_json(data=plan_description(folder, plan, compiled, with_ir=args.ir))
+        return 0
+    if args.ir:
+        raise UsageError("--ir goes with --json (without --json the IR is shown unless --no-ir)")
     console.print(f"plan {folder}: format {plan['format_version']}, moec {plan.get('moec_version', '?')}, "
                   f"torch {plan.get('torch_version', '?')}, model {plan['metadata'].get('model_class', '?')}, "
                   f"backend {plan['metadata'].get('backend', 'torch')}")
@@ -529,6 +542,26 @@ def run_inspect(args: argparse.Namespace) -> int:
     if (folder / REPORT_FILE).is_file():
         console.print(f"report: {folder / REPORT_FILE}")
     return 0
+
+
+def plan_description(folder: Path, plan: dict[str, Any], compiled: Any, with_ir: bool) -> dict[str, Any]:
+    """What ``moec inspect --json`` prints: the plan as data (the metadata's records as plan.json holds them)."""
+    params, size = compiled.program.weight_sizes()
+    metadata = plan["metadata"]
+    description = {
+        "plan": str(folder),
+        "format_version": plan["format_version"],
+        "moec_version": plan.get("moec_version"),
+        "torch_version": plan.get("torch_version"),
+        "model_class": metadata.get("model_class"),
+        "backend": metadata.get("backend", "torch"),
+        "layers": compiled.summary(),
+        "weights": {"params": params, "bytes": size},
+        "passes": metadata.get("passes", []),
+        "report": metadata.get("report", {}),
+        "expert_parallel": metadata.get("expert_parallel"),
+    }
+    return description | ({"ir": compiled.ir} if with_ir else {})
 
 
 def recorded(lines: Callable[[], list[str]]) -> list[str]:

@@ -792,3 +792,19 @@ def test_a_truncated_calibration_file_is_bad_usage_before_the_model_loads(tmp_pa
                  "--calibration", str(path)]) == 2
     assert (f"error: --calibration {path} is not a readable .safetensors file (truncated or corrupt: Error while "
             "deserializing header: incomplete metadata") in " ".join(capsys.readouterr().err.split())
+
+
+def test_inspect_json_is_the_plan_as_data_for_scripts(qwen_plan, capsys):
+    assert main(["inspect", "--json", str(qwen_plan)]) == 0
+    captured = capsys.readouterr()
+    described = json.loads(captured.out)  # nothing else on stdout
+    plan = moec.load(qwen_plan)
+    assert described["layers"] == plan.summary() and described["plan"] == str(qwen_plan)
+    assert described["weights"] == dict(zip(("params", "bytes"), plan.program.weight_sizes(), strict=True))
+    assert described["model_class"].endswith("Qwen2MoeForCausalLM") and described["backend"] == "torch"
+    assert [check["inputs"] for check in described["report"]["checks"]] == ["example inputs", "resized inputs"]
+    assert "ir" not in described
+    assert main(["inspect", "--json", "--ir", str(qwen_plan)]) == 0
+    assert json.loads(capsys.readouterr().out)["ir"] == plan.ir
+    assert main(["inspect", "--ir", str(qwen_plan)]) == 2
+    assert "--ir goes with --json" in capsys.readouterr().err
