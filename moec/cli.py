@@ -36,13 +36,23 @@ from moec.report import (
     triton_lines,
 )
 
-WIDTH = None if sys.stdout.isatty() else 140  # rich falls back to 80 columns when piped
+
+def piped_width(stream: object) -> int | None:
+    """The width to print at: a terminal's own (None: rich asks it); piped, ``COLUMNS`` where it is set to a
+    number, else 140 (rich would fall back to 80 columns and cut the tables narrow)."""
+    if getattr(stream, "isatty", lambda: False)():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else 140
+
+
+WIDTH = piped_width(sys.stdout)
 # What a command finds (tables, checks) goes to stdout; how it gets there (each step's spinner and time, the
 # progress of calibration and passes) to stderr, on rich's global console, where the progress moec's library
 # code shows draws below this command's spinner rather than over it. `moec compile > out.txt` keeps showing
 # its progress, and out.txt holds results only.
 console = Console(highlight=False, width=WIDTH, soft_wrap=True)  # a message is one line, for grep
-rich.reconfigure(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 140, soft_wrap=True)
+rich.reconfigure(stderr=True, highlight=False, width=piped_width(sys.stderr), soft_wrap=True)
 status = rich.get_console()
 
 

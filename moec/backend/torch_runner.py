@@ -90,6 +90,7 @@ def check_kernel_names(quant_kernel: object, expert_kernel: object) -> None:
     if expert_kernel not in EXPERT_KERNELS:
         raise BackendError(f"expert_kernel={expert_kernel!r} is not one of {', '.join(EXPERT_KERNELS)}")
 
+
 # The float32 CPU experts kernel that ``expert_kernel="auto"`` measured fastest, per layer shape and size.
 ExpertKernelKey = tuple[ExpertsSpec, int, int, int, str]  # see expert_kernel_key
 EXPERT_KERNEL_CHOICE: KernelChoice[ExpertKernelKey] = KernelChoice()

@@ -808,3 +808,14 @@ def test_inspect_json_is_the_plan_as_data_for_scripts(qwen_plan, capsys):
     assert json.loads(capsys.readouterr().out)["ir"] == plan.ir
     assert main(["inspect", "--ir", str(qwen_plan)]) == 2
     assert "--ir goes with --json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("columns", "width"), [(None, 140), ("60", 60), ("wide", 140), ("0", 140)])
+def test_piped_output_is_as_wide_as_columns_says(monkeypatch, columns, width):
+    from moec.cli import piped_width
+
+    if columns is None:
+        monkeypatch.delenv("COLUMNS", raising=False)
+    else:
+        monkeypatch.setenv("COLUMNS", columns)
+    assert piped_width(io.StringIO()) == width
