@@ -55,9 +55,6 @@ def run_experts(op: ExpertsOp, weight, args):
     k, hidden = indices.shape[-1], x.shape[-1]
     # float32 routing weights: a model's own router code may hand over bf16 ones
     tokens, indices, routing = x.reshape(-1, hidden), indices.reshape(-1, k), routing.reshape(-1, k).float()
-    merged = op.expert_map is not None  # a token's members of one merged expert run it once, on their summed weight
-    if merged:
-        routing, _ = reference.merge_repeated_experts(indices, routing)
     if indices.device.type == "cpu" and indices.numel() and \
             not 0 <= int(indices.min()) <= int(indices.max()) < op.spec.num_experts:
         # a model's own router (an 'experts' block) chose them: the kernels would read another expert, or fail
@@ -65,8 +62,11 @@ def run_experts(op: ExpertsOp, weight, args):
         raise BackendError(f"MoE block {op.block!r} was handed expert ids {int(indices.min())}..{int(indices.max())}, "
                            f"outside 0..{op.spec.num_experts - 1} (its {op.spec.num_experts} experts)")
     threshold = op.skip_threshold
-    if threshold:
+    if threshold:  # per chosen router expert, as every backend does
         routing = routing.masked_fill(skipped_pairs(routing, threshold), 0.0)
+    merged = op.expert_map is not None  # a token's members of one merged expert run it once, on their summed weight
+    if merged:
+        routing, _ = reference.merge_repeated_experts(indices, routing)
     w_in, w_out, b_in, b_out = weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out")
     sources = (w_in, w_out, b_in, b_out)
     if threshold or isinstance(w_in, QuantizedWeight) or isinstance(w_out, QuantizedWeight):

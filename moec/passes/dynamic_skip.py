@@ -101,18 +101,20 @@ def skip_statistics(program: Program, batches: list[list[torch.Tensor]]) -> dict
         if not isinstance(op, ExpertsOp):
             return
         routing = real_token_rows(args[2], mask[0]).float().abs()  # [tokens, k]
-        evaluated = torch.ones_like(routing, dtype=torch.bool)
-        if op.expert_map is not None:  # a token's members of one merged expert are one evaluation (the runner's rule)
-            indices = remap_experts(real_token_rows(args[1], mask[0]), op.expert_map)
-            routing, repeated = merge_repeated_experts(indices, routing)
-            evaluated = ~repeated
+        dropped = skipped_pairs(routing, op.skip_threshold) if op.skip_threshold else torch.zeros_like(routing, dtype=torch.bool)
         row = rows.setdefault(id(op), {"layer": op.block or f"moe.experts {len(rows)}", "threshold": op.skip_threshold,
                                        "evaluations": 0, "skipped": 0, "weight": 0.0, "dropped": 0.0})
-        row["evaluations"] += int(evaluated.sum())
+        if op.expert_map is None:
+            row["evaluations"] += routing.numel()
+            row["skipped"] += int(dropped.sum())
+        else:  # the runner's rule: a token computes each stored expert once, unless every slot naming it is dropped
+            indices = remap_experts(real_token_rows(args[1], mask[0]), op.expert_map)
+            kept, repeated = merge_repeated_experts(indices, routing.masked_fill(dropped, 0.0))
+            evaluations = int((~repeated).sum())
+            row["evaluations"] += evaluations
+            row["skipped"] += evaluations - int(((kept != 0) & ~repeated).sum())
         row["weight"] += float(routing.sum())
         if op.skip_threshold:
-            dropped = skipped_pairs(routing, op.skip_threshold) & evaluated
-            row["skipped"] += int(dropped.sum())
             row["dropped"] += float(routing[dropped].sum())
 
     # Which pairs a threshold drops does not depend on the kernels: fixed ones, so that nothing is timed here.
