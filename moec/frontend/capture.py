@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import io
+import logging
 import unittest.mock
 import warnings
 from collections.abc import Iterator
@@ -295,12 +297,29 @@ def export_batch_of_two(model: nn.Module, args: tuple, kwargs: dict) -> torch.ex
 def export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic: dict[str, Any]) -> torch.export.ExportedProgram:
     # patch() is added to the config module at run time (torch's own calls ignore the same error).
     with (torch.no_grad(), fx_config.patch(backed_size_oblivious=True),  # type: ignore[attr-defined]
-          warnings.catch_warnings()):
+          warnings.catch_warnings(), torch_quiet()):
         # torch's own pytree deprecation notices, raised inside export: nothing a user can act on
         warnings.simplefilter("ignore", FutureWarning)
         ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
         with retrace_without_guard_checks():
             return ep.run_decompositions({})
+
+
+@contextlib.contextmanager
+def torch_quiet() -> Iterator[None]:
+    """Within this block torch's logs and its prints to stderr are dropped: a failing export logs fake-tensor
+    tracebacks and prints the partial graph, before moec's one error says what failed and what to do."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
