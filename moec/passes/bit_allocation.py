@@ -40,6 +40,7 @@ from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
 from moec.ir.ops import ExpertsOp
 from moec.ir.program import Program
+from moec.ir.quant import SUPPORTED_BITS
 from moec.kernels.quant import quantize_matrix
 from moec.kernels.reference import activation, gated_activation
 from moec.passes.base import Pass, PassContext, PassResult, register_pass
@@ -199,6 +200,11 @@ class BitAllocation(Pass):
             raise PassError(f"widths={list(self.widths)} must list one or more distinct widths")
         object.__setattr__(self, "widths", tuple(sorted(self.widths)))
         object.__setattr__(self, "floors", dict(self.floors))
+        unsupported = [width for width in self.widths if width not in SUPPORTED_BITS]
+        if unsupported:
+            raise PassError(f"widths={list(self.widths)}: {', '.join(map(str, unsupported))} "
+                            f"{'is not a supported width' if len(unsupported) == 1 else 'are not supported widths'}; "
+                            f"choose widths from {list(SUPPORTED_BITS)}")
         for width in self.widths:
             check_options(width, self.group, self.method)
         if not (self.budget > 0 and math.isfinite(self.budget)):

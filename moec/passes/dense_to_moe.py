@@ -180,6 +180,10 @@ class DenseToMoE(Pass):
             raise PassError(f"{where}: shared={self.shared} puts all {width} neurons of the FFN in the shared expert "
                             f"(round(shared * {width}) = {self.shared_count(op)}), leaving none to route; use shared <= "
                             f"{(width - self.experts) / width:.4g} to leave one neuron for each of experts={self.experts}")
+        if self.experts > routed and self.shared_count(op):
+            raise PassError(f"{where}: shared={self.shared} leaves {routed} of the FFN's {width} neurons to route "
+                            f"(round(shared * {width}) = {self.shared_count(op)} shared), fewer than experts="
+                            f"{self.experts}; use shared <= {(width - self.experts) / width:.4g}, or fewer experts")
         if self.experts > routed:
             raise PassError(f"{where}: experts={self.experts} must be in 1..{routed} (the FFN's routed neurons)")
         if routed % self.experts:

@@ -137,6 +137,9 @@ def test_fitted_router_beats_random_routing():
                                                  r"use shared >= 0\.0625 \(one neuron\)"),
     ({"experts": 4, "top_k": 2, "shared": 0.99}, r"block 'mlp': shared=0.99 puts all 16 neurons of the FFN in the "
                                                  r"shared expert .* use shared <= 0\.75 to leave one neuron for each"),
+    ({"experts": 4, "top_k": 2, "shared": 0.9}, r"block 'mlp': shared=0.9 leaves 2 of the FFN's 16 neurons to route "
+                                                r"\(round\(shared \* 16\) = 14 shared\), fewer than experts=4; use shared "
+                                                r"<= 0\.75, or fewer experts"),
     ({"experts": 4, "top_k": 2, "layers": [0, "mlp"]}, r"layers: 'mlp' names block 'mlp' a second time"),
     ({"experts": 4, "top_k": 2, "layers": []}, r"layers=\[\] chooses no FFN"),
 ])

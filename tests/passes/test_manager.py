@@ -119,6 +119,8 @@ def test_a_json_recipe_is_read_as_json(tmp_path):
     ({"bit-allocation": {"budget": float("nan")}}, r"pass 'bit-allocation': budget=nan must be a positive, finite"),
     ({"bit-allocation": {"widths": []}}, r"pass 'bit-allocation': widths=\[\] must list one or more distinct widths"),
     ({"bit-allocation": {"widths": [2, 2, 4]}}, r"widths=\[2, 2, 4\] must list one or more distinct widths"),
+    ({"bit-allocation": {"widths": [5, 4]}}, r"pass 'bit-allocation': widths=\[4, 5\]: 5 is not a supported width; "
+                                             r"choose widths from \[2, 3, 4, 8\]$"),
     ({"bit-allocation": {"widths": 4}}, r"option widths=4 must be a list of integers$"),
     ({"bit-allocation": {"floors": {"expert": 16}}}, r"pass 'bit-allocation': floors\['expert'\]=16 is above every "
                                                      r"width in \[2, 3, 4, 8\]"),
