@@ -83,7 +83,9 @@ class CompiledModel:
             for mismatch, advice in ((self.program.rank_mismatch(inputs), "inputs of the example's rank"),
                                      (self.program.dtype_mismatch(inputs), "inputs of the example's dtypes"),
                                      (self.program.size_disagreement(inputs),
-                                      "inputs whose sizes agree as the example's did")):
+                                      "inputs whose sizes agree as the example's did"),
+                                     (self.program.empty_input(inputs), "at least one along each axis"),
+                                     (self.program.ids_out_of_range(inputs), "ids the model's vocabulary has")):
                 if mismatch is not None:
                     raise ValueError(f"{mismatch}, and the compiled model fails on it ({type(err).__name__}: "
                                      f"{err}); call it with {advice}") from err

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from moec.ir.core import Graph
+from moec.ir.core import Graph, WeightRef
 from moec.ir.guards import InputGuards
 from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.types import DTYPE_NAMES
@@ -99,6 +99,10 @@ class Program:
                                                                                strict=False)
                               if isinstance(leaf, torch.Tensor))
             condition = broken if len(broken) <= 300 else broken[:300] + " ..."
+            empty = self.empty_input(leaves)
+            if empty is not None:  # no example of size 0 compiles: say so, not "compile with an example of it"
+                raise ValueError(f"{empty}, which the compiled model does not take (the model's code held "
+                                 f"{condition} when it was captured); give it at least one along each axis")
             raise ValueError(f"inputs of these sizes ({given}) break a condition the model's code held when it was "
                              f"captured, {condition}, so the compiled graph does not hold for them: compile with "
                              "an example of this size if the model runs at it (a bound, such as the length of a "
@@ -181,8 +185,11 @@ class Program:
             if not hasattr(expected, "shape"):
                 continue
             if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"input {name!r} is {leaf!r:.40}, but the compiled model takes a tensor {expected} "
-                                "there, as the example gave; pass a tensor")
+                kind = type(leaf)
+                given = "None" if leaf is None else f"a {kind.__module__}.{kind.__qualname__}".replace("builtins.", "")
+                hint = " (torch.from_numpy makes one of it)" if kind.__module__ == "numpy" else ""
+                raise TypeError(f"input {name!r} is {given}, but the compiled model takes a tensor {expected} "
+                                f"there, as the example gave; pass a tensor{hint}")
             fixed = [(axis, size) for axis, size in enumerate(expected.shape) if isinstance(size, int)]
             if leaf.dim() == len(expected.shape) and any(leaf.shape[axis] != size for axis, size in fixed):
                 raise ValueError(
@@ -214,6 +221,37 @@ class Program:
                 if a_example[axis] == b_example[axis] and a.shape[axis] != b.shape[axis]:
                     return (f"input {second!r} {list(b.shape)} differs from input {first!r} {list(a.shape)} along "
                             f"axis {axis}, where the example's sizes were equal ({a_example[axis]})")
+        return None
+
+    def embedding_rows(self) -> dict[int, int]:
+        """For each graph input read as embedding indices (token ids), by position, the smallest table's rows."""
+        positions = {id(value): index for index, value in enumerate(self.graph.inputs)}
+        rows: dict[int, int] = {}
+        for op in self.graph.ops:
+            if getattr(op, "target", None) == "aten.embedding.default" and id(op.args[1]) in positions:
+                table = op.args[0]
+                if isinstance(table, WeightRef) and table.name in self.weights:
+                    size = self.weights[table.name].shape[0]
+                    index = positions[id(op.args[1])]
+                    rows[index] = min(size, rows.get(index, size))
+        return rows
+
+    def ids_out_of_range(self, leaves: list[Any]) -> str | None:
+        """The first input of token ids holding one outside its embedding table, described, or None."""
+        for index, size in self.embedding_rows().items():
+            ids = leaves[index] if index < len(leaves) else None
+            if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
+                low, high = int(ids.min()), int(ids.max())
+                if low < 0 or high >= size:
+                    return (f"input {self.graph.input_names[index]!r} holds ids {low}..{high}, outside its embedding "
+                            f"table's {size} rows (ids 0..{size - 1})")
+        return None
+
+    def empty_input(self, leaves: list[Any]) -> str | None:
+        """The first input tensor with a size of 0, described, or None."""
+        for leaf, name in zip(leaves, self.graph.input_names, strict=False):
+            if isinstance(leaf, torch.Tensor) and 0 in leaf.shape:
+                return f"input {name!r} {list(leaf.shape)} is empty along axis {list(leaf.shape).index(0)}"
         return None
 
     def dtype_mismatch(self, leaves: list[Any]) -> str | None:

@@ -58,3 +58,37 @@ def test_none_where_the_example_gave_a_tensor_names_the_input(compiled):
     with pytest.raises(TypeError, match=r"^input 'mask' is None, but the compiled model takes a tensor f32\[.*\] "
                                         r"there, as the example gave; pass a tensor$"):
         compiled[1](X, mask=None)
+
+
+def test_a_numpy_array_where_the_example_gave_a_tensor_says_how_to_make_one(compiled):
+    with pytest.raises(TypeError, match=r"^input 'mask' is a numpy.ndarray, but the compiled model takes a tensor "
+                                        r"f32\[.*\] there, as the example gave; pass a tensor \(torch.from_numpy "
+                                        r"makes one of it\)$"):
+        compiled[1](X, mask=MASK.numpy())
+
+
+@pytest.fixture(scope="module")
+def compiled_decoder(preset):
+    model, example = preset("tiny-mixtral")
+    return moec.compile(model, example), example
+
+
+def test_ids_outside_the_vocabulary_are_named(compiled_decoder):
+    compiled, example = compiled_decoder
+    with pytest.raises(ValueError, match=r"^input 'input_ids' holds ids 5..200, outside its embedding table's 128 "
+                                         r"rows \(ids 0..127\), and the compiled model fails on it \(IndexError: .*\); "
+                                         r"call it with ids the model's vocabulary has$"):
+        compiled(input_ids=torch.tensor([[5, 200]]), attention_mask=torch.ones(1, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(("rows", "tokens", "message"), [
+    (2, 0, r"^input 'input_ids' \[2, 0\] is empty along axis 1, which the compiled model does not take \(the model's "
+           r"code held .* when it was captured\); give it at least one along each axis$"),
+    (0, 8, r"^input 'input_ids' \[0, 8\] is empty along axis 0, and the compiled model fails on it \(RuntimeError: "
+           r".*\); call it with at least one along each axis$"),
+])
+def test_an_empty_input_is_named(compiled_decoder, rows, tokens, message):
+    compiled, _ = compiled_decoder
+    with pytest.raises(ValueError, match=message):
+        compiled(input_ids=torch.zeros(rows, tokens, dtype=torch.long),
+                 attention_mask=torch.ones(rows, tokens, dtype=torch.long))

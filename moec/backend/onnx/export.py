@@ -67,7 +67,6 @@ from moec.backend.onnx.moe import LOWERINGS
 from moec.backend.onnx.moe import TRANSLATIONS as MOE_TRANSLATIONS
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import BackendError, warn
-from moec.ir.core import WeightRef
 from moec.ir.ops import AtenOp
 from moec.ir.printer import op_location
 from moec.ir.program import Program, load_treespec
@@ -476,17 +475,17 @@ def example_inputs(program: Program, batch: int, sequence: int) -> list[torch.Te
     (masks) are all ones; float inputs are standard normal. Seeded by the shape.
     """
     generator = torch.Generator().manual_seed(batch * 1000 + sequence)
-    vocab = embedding_rows(program)
+    vocab = program.embedding_rows()
     examples = program.metadata.get("example_shapes") or [None] * len(program.graph.inputs)
     inputs = []
-    for value, example in zip(program.graph.inputs, examples, strict=True):
+    for index, (value, example) in enumerate(zip(program.graph.inputs, examples, strict=True)):
         t = value.tensor_type
         shape = [dim if isinstance(dim, int) else input_size(axis, batch, sequence, example, t.rank)
                  for axis, dim in enumerate(t.shape)]
         if t.torch_dtype.is_floating_point:
             inputs.append(torch.randn(shape, generator=generator).to(t.torch_dtype))
-        elif id(value) in vocab:
-            inputs.append(torch.randint(0, vocab[id(value)], shape, generator=generator, dtype=t.torch_dtype))
+        elif index in vocab:
+            inputs.append(torch.randint(0, vocab[index], shape, generator=generator, dtype=t.torch_dtype))
         else:
             inputs.append(torch.ones(shape, dtype=t.torch_dtype))
     return inputs
@@ -499,19 +498,6 @@ def input_size(axis: int, batch: int, sequence: int, example: list[int] | None, 
     if axis >= 2 and example is not None and len(example) == rank:
         return example[axis]
     return sequence
-
-
-def embedding_rows(program: Program) -> dict[int, int]:
-    """For each graph input used as embedding indices, the smallest table's row count."""
-    rows: dict[int, int] = {}
-    inputs = {id(v) for v in program.graph.inputs}
-    for op in program.graph.ops:
-        if isinstance(op, AtenOp) and op.target == "aten.embedding.default":
-            table, indices = op.args[0], op.args[1]
-            if id(indices) in inputs and isinstance(table, WeightRef):
-                size = program.weights[table.name].shape[0]
-                rows[id(indices)] = min(size, rows.get(id(indices), size))
-    return rows
 
 
 def check_parity(path: Path, program: Program, tolerance: float) -> dict[str, float]:
