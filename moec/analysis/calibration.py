@@ -355,6 +355,10 @@ def flatten_samples(program: Program, samples: Iterable[Any]) -> list[list[torch
             raise MoecError(f"calibration sample {len(flat)} does not fit the model's inputs: {err}") from None
     if not flat:
         raise MoecError(NO_SAMPLES)
+    for index, sample in enumerate(flat):
+        empty = program.empty_input(sample)
+        if empty is not None:
+            raise MoecError(f"calibration sample {index}: {empty}; give samples of at least one row and one token")
     return without_padding_only_samples(program, flat)
 
 
@@ -529,8 +533,16 @@ def run_sample(runner: TorchRunner, inputs: list[torch.Tensor], index: int,
     try:
         runner.run(inputs, observe=observe)
     except (IndexError, RuntimeError, ValueError) as error:
-        names = runner.program.graph.input_names
+        program = runner.program
+        names = program.graph.input_names
         shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(names, inputs, strict=True))
+        cause = next((found for found in (program.rank_mismatch(inputs), program.dtype_mismatch(inputs),
+                                          program.size_disagreement(inputs), program.ids_out_of_range(inputs))
+                      if found is not None), None)
+        if cause is not None:
+            raise MoecError(f"calibration sample {index}: {cause}, and the model fails on it ({type(error).__name__}: "
+                            f"{error}); give samples as the example was given (its ranks, dtypes and vocabulary)"
+                            ) from error
         raise MoecError(f"calibration sample {index} ({shapes}) does not run through the model: "
                         f"{type(error).__name__}: {error}; check that the samples are valid inputs for it "
                         "(token ids below the vocabulary size, sequences within the model's position table, "

@@ -208,6 +208,7 @@ def program_stats(program: Program) -> dict[str, int]:
     return {"experts": experts, "params": params, "bytes": size}
 
 
+ALWAYS_RUN = ("simplify", "dead-code")  # before every recipe (moec.api.compile): not named in its errors
 QUANTIZING_PASSES = ("quantize", "bit-allocation")
 EXPERT_REWRITING_PASSES = ("expert-prune", "expert-merge")  # they rewrite float expert weights
 
@@ -263,8 +264,10 @@ def run_passes(program: Program, passes: list[Pass], context: PassContext,
                 result = pass_.run(program, context)
             verify(program.graph)
         except MoecError as err:
-            ran = ", ".join(r["pass"] for r in records) or "none"
-            raise PassError(f"pass {pass_.name!r} failed (passes run before it: {ran}): {err}") from err
+            ran = [record["pass"] for record in records if record["pass"] not in ALWAYS_RUN]
+            after = f" (after {', '.join(map(repr, ran))})" if ran else ""
+            message = str(err).removeprefix(f"{pass_.name}: ")  # the pass named itself: once is enough
+            raise PassError(f"pass {pass_.name!r}{after} failed: {message}") from err
         summary = {**result.summary, "note": result.note} if result.note else result.summary
         if result.note:
             warn(f"pass {pass_.name!r} changed nothing: {result.note}")

@@ -354,3 +354,20 @@ def test_samples_that_are_all_padding_are_left_out_and_none_left_is_an_error(cap
     assert all(not stats.hidden.isnan().any() for stats in cal.dense.values())
     with pytest.raises(MoecError, match="the attention_mask of every sample is all zeros"):
         calibrate(program, [padding, padding], progress=False)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda ids, mask: {"input_ids": ids[:0], "attention_mask": mask[:0]},
+     r"^calibration sample 1: input 'input_ids' \[0, 8\] is empty along axis 0; give samples of at least one row "
+     r"and one token$"),
+    (lambda ids, mask: {"input_ids": ids[0], "attention_mask": mask[0]},
+     r"^calibration sample 1: input 'input_ids' has 1 dimension \[8\], where the compiled model takes .*, and the "
+     r"model fails on it \(IndexError: .*\); give samples as the example was given"),
+    (lambda ids, mask: {"input_ids": ids + 1000, "attention_mask": mask},
+     r"^calibration sample 1: input 'input_ids' holds ids \d+..\d+, outside its embedding table's 128 rows"),
+])
+def test_a_sample_the_model_cannot_take_is_named_with_what_is_wrong(captured, change, message):
+    _, example, program = captured("tiny-mixtral")
+    ids, mask = example["input_ids"], example["attention_mask"]
+    with pytest.raises(MoecError, match=message):
+        calibrate(program, [example, change(ids, mask)], progress=False)

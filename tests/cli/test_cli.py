@@ -819,3 +819,14 @@ def test_piped_output_is_as_wide_as_columns_says(monkeypatch, columns, width):
     else:
         monkeypatch.setenv("COLUMNS", columns)
     assert piped_width(io.StringIO()) == width
+
+
+def test_a_calibration_file_of_no_samples_says_so(tmp_path, capsys):
+    path = tmp_path / "ids.safetensors"
+    safetensors.torch.save_file({"input_ids": torch.ones(0, 8, dtype=torch.long),
+                                 "attention_mask": torch.ones(0, 8, dtype=torch.long)}, str(path))
+    (tmp_path / "d2m.yaml").write_text("passes:\n  - dense-to-moe: {experts: 4, top_k: 2}\n")
+    assert main(["compile", "--model", "tiny-llama", "--recipe", str(tmp_path / "d2m.yaml"),
+                 "--calibration", str(path)]) == 1
+    assert (f"error: --calibration {path} holds no samples (its tensors input_ids, attention_mask have 0 rows along "
+            "dim 0); write the samples along dim 0") in " ".join(capsys.readouterr().err.split())

@@ -199,3 +199,15 @@ def test_calibration_and_gptq_draw_a_named_bar_on_a_terminal_only(compiled_progr
         assert "calibrating for pass 'expert-prune'" in drawn and "GPTQ: rounding the weights" in drawn
     else:
         assert drawn == ""
+
+
+def test_a_failing_pass_is_named_once_with_the_recipe_passes_before_it(compiled_program):
+    """The passes every recipe starts with (simplify, dead-code) go unnamed; a message the pass begins with
+    its own name does not name it twice."""
+    _, example, program = compiled_program("tiny-mixtral")
+    passes = [*build_passes({"passes": [{"expert-prune": {"keep": 3}}, {"expert-prune": {"keep": 1}}]})]
+    from moec.passes.dead_code import DeadCode
+    from moec.passes.simplify import Simplify
+
+    with pytest.raises(PassError, match=r"^pass 'expert-prune' \(after 'expert-prune'\) failed: keep=1 is fewer "):
+        run_passes(program, [Simplify(), DeadCode(), *passes], PassContext(calibration=[example], progress=False))

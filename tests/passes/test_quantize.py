@@ -120,7 +120,7 @@ def test_passes_that_rewrite_float_weights_refuse_quantized_layers(compiled_prog
     (name,) = rewrite
     calibration = [program.flatten_inputs((), example)]
     quantized(program, [{"quantize": {"bits": 4, "group": 32}}])
-    with pytest.raises(PassError, match=rf"{name}: layer {layer} is already quantized \(@{layer}\..*\); "
+    with pytest.raises(PassError, match=rf"pass '{name}' failed: layer {layer} is already quantized \(@{layer}\..*\); "
                                         rf"run {name} before quantize"):
         quantized(program, [rewrite], calibration=calibration)
 
