@@ -828,5 +828,5 @@ def test_a_calibration_file_of_no_samples_says_so(tmp_path, capsys):
     (tmp_path / "d2m.yaml").write_text("passes:\n  - dense-to-moe: {experts: 4, top_k: 2}\n")
     assert main(["compile", "--model", "tiny-llama", "--recipe", str(tmp_path / "d2m.yaml"),
                  "--calibration", str(path)]) == 1
-    assert (f"error: --calibration {path} holds no samples (its tensors input_ids, attention_mask have 0 rows along "
+    assert (f"error: --calibration {path} holds no samples (its tensors attention_mask, input_ids have 0 rows along "
             "dim 0); write the samples along dim 0") in " ".join(capsys.readouterr().err.split())
