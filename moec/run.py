@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     unset = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if unset:  # started by hand: init_process_group would fail with pytorch's own message
-        print(f"error: python -m moec.run runs on every rank of a torchrun job, and {', '.join(unset)} "
-              f"{'is' if len(unset) == 1 else 'are'} not set; start it as torchrun --nproc-per-node R -m moec.run "
-              f"{args.plan} --inputs {args.inputs}", file=sys.stderr)
+        output = f" --output {args.output}" if args.output else ""
+        say(f"error: python -m moec.run runs on every rank of a torchrun job, and {', '.join(unset)} "
+            f"{'is' if len(unset) == 1 else 'are'} not set; start it as torchrun --nproc-per-node R -m moec.run "
+            f"{args.plan} --inputs {args.inputs}{output}")
         return 2
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group("gloo")
@@ -60,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         agree(usage)
         runner = ExpertParallelRunner(args.plan)
         if rank == 0 and runner.program.metadata.get("backend") == "triton":
-            print(f"note: {args.plan} was compiled for the triton backend; expert-parallel runs do not use its Triton "
-                  "kernels, so it runs on the torch runner", file=sys.stderr)
+            say(f"note: {args.plan} was compiled for the triton backend; expert-parallel runs do not use its Triton "
+                "kernels, so it runs on the torch runner")
         error = None
         try:
             if args.output:
@@ -78,13 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             outputs = runner.run_sharded(inputs)
         except MoecError as err:  # hit while running: maybe by this rank alone, the others waiting on it
-            print(f"error (rank {rank}): {err}", file=sys.stderr)
+            say(f"error (rank {rank}): {err}")
             return 1
         except Exception as err:  # whatever the model's ops raise on these inputs (torchrun then stops the others)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            print(f"error (rank {rank}): the plan fails on its share of {args.inputs}: {type(err).__name__}: "
-                  f"{reason}; check that the inputs are valid for the model (token ids below its vocabulary size, "
-                  "masks of 0 and 1)", file=sys.stderr)
+            say(f"error (rank {rank}): the plan fails on its share of {args.inputs}: {type(err).__name__}: "
+                f"{reason}; check that the inputs are valid for the model (token ids below its vocabulary size, "
+                "masks of 0 and 1)")
             return 1
         if args.output:  # rank 0 writes, and tells every rank whether it could
             failure: list[str | None] = [None]
@@ -97,14 +98,20 @@ def main(argv: list[str] | None = None) -> int:
             if failure[0] is not None:
                 raise MoecError(failure[0])
         elif rank == 0:
-            print("note: no --output given, so the outputs were not written", file=sys.stderr)
+            say("note: no --output given, so the outputs were not written")
         return 0
     except MoecError as err:  # raised on every rank with one message (``agree``), so rank 0 says it for all
         if rank == 0:
-            print(f"error: {err}", file=sys.stderr)
+            say(f"error: {err}")
         return 2 if isinstance(err, UsageError) else 1
     finally:
         dist.destroy_process_group()
+
+
+def say(message: str) -> None:
+    """``message`` on stderr in one write, so that the lines of ranks failing together do not interleave."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
 
 
 def check_inputs_path(path: str) -> None:

@@ -242,6 +242,8 @@ def test_started_without_torchrun_is_bad_usage_naming_the_command(monkeypatch, c
     assert capsys.readouterr().err == (
         "error: python -m moec.run runs on every rank of a torchrun job, and RANK, WORLD_SIZE, MASTER_ADDR, "
         "MASTER_PORT are not set; start it as torchrun --nproc-per-node R -m moec.run plan --inputs inputs.safetensors\n")
+    assert run_main(["plan", "--inputs", "inputs.safetensors", "--output", "out.safetensors"]) == 2
+    assert capsys.readouterr().err.endswith("-m moec.run plan --inputs inputs.safetensors --output out.safetensors\n")
 
 
 def test_a_failed_output_write_fails_every_rank_and_leaves_nothing(qwen_plan, tmp_path):
