@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import os
 import time
@@ -66,8 +67,10 @@ def read_recipe_file(path: Path) -> Any:
             return json.loads(text, object_pairs_hook=unique)
         except ValueError as err:
             raise PassError(f"recipe file {path} is not valid JSON: {err}") from None
+    stream = io.StringIO(text)
+    stream.name = str(path)  # YAML's error marks name the file, not "<unicode string>"
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a safe loader
+        return yaml.load(stream, Loader=UniqueKeyLoader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as err:
         other = f" (a {path.suffix} file is not read: write the recipe as YAML or JSON)" \
             if path.suffix.lower() not in (".yaml", ".yml") else ""

@@ -207,12 +207,13 @@ def check_quantizable(program: Program, units: list[Unit], group: int) -> None:
             columns = weight_type.static_shape[-1]
             if columns % group:
                 raise PassError(f"weight @{name} {list(weight_type.shape)}: group size {group} does not divide the "
-                                f"reduced dimension {columns}; {group_advice(columns, unit.kind)}")
+                                f"reduced dimension {columns}; "
+                                f"{group_advice(columns, unit.kind, bool(program.graph.ops_of(ExpertsOp)))}")
 
 
-def group_advice(columns: int, kind: str) -> str:
+def group_advice(columns: int, kind: str, routed_experts: bool) -> str:
     """What to do about a weight of ``kind`` (a ``UNIT_KINDS`` entry) whose reduced dimension ``columns``
-    the chosen group size does not divide."""
+    the chosen group size does not divide, in a program with or without ``routed_experts``."""
     fits = [str(group) for group in SUPPORTED_GROUPS if columns % group == 0]
     if fits:
         return f"set the pass's group option to {' or '.join(fits)}"
@@ -220,7 +221,9 @@ def group_advice(columns: int, kind: str) -> str:
               "cannot be quantized")
     if kind == "expert":  # dense-to-moe's experts are the FFN's width over its expert count wide
         return f"{advice}; if dense-to-moe made these experts, fewer of them (its experts option) makes each wider"
-    return f"{advice}; dense: false leaves dense FFNs and shared experts float"
+    if routed_experts:
+        return f"{advice}; dense: false leaves dense FFNs and shared experts float"
+    return f"{advice}, and the model has no routed experts to quantize instead (dense: false would leave nothing)"
 
 
 def activations_for(program: Program, context: PassContext, needed_by: str) -> FFNActivations:

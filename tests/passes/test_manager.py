@@ -79,6 +79,7 @@ def test_a_recipe_that_does_not_parse_names_the_formats_read(tmp_path, name, hin
     with pytest.raises(PassError, match=rf"recipe file {path} is not valid YAML/JSON") as caught:
         load_recipe(path)
     assert ("(a .toml file is not read: write the recipe as YAML or JSON)" in str(caught.value)) == hint
+    assert f'in "{path}", line 2' in str(caught.value)  # where in the file, not in "<unicode string>"
 
 
 @pytest.mark.parametrize(("name", "content", "message"), [

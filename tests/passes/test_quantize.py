@@ -9,6 +9,7 @@ import torch
 from moec.analysis.calibration import fingerprint
 from moec.analysis.ffn_activations import collect
 from moec.api import CompiledModel, load
+from moec.api import compile as moec_compile
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import MoecError, PassError
 from moec.ir.ops import ExpertsOp
@@ -285,3 +286,16 @@ def test_calibration_rows_of_experts_weighing_their_input_are_the_rows_they_comp
         expected = record.inputs[chosen] * (weight if weighted_input else 1.0)
         torch.testing.assert_close(calibration_rows(program, activations, op_index, 1), expected)
         assert (weight < 0.99).any()  # the scaling shows
+
+
+def test_a_dense_model_whose_width_no_group_divides_is_told_nothing_else_can_be_quantized():
+    import transformers
+
+    from moec.frontend.zoo import tiny_decoder
+
+    model, example = tiny_decoder(transformers.LlamaForCausalLM, transformers.LlamaConfig, intermediate_size=61)
+    program = moec_compile(model, example).program
+    with pytest.raises(PassError, match=r"reduced dimension 61; no supported group size \(.*\) divides it, so this "
+                                        r"weight cannot be quantized, and the model has no routed experts to quantize "
+                                        r"instead \(dense: false would leave nothing\)$"):
+        quantized(program, [{"quantize": {"bits": 4, "group": 32}}])

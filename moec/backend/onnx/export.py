@@ -397,8 +397,8 @@ def check_float32(program: Program) -> None:
         names = " and ".join({**LOW_PRECISION, "f64": "float64"}[d] for d in sorted(found))
         raise BackendError(f"the plan computes in {names}; the ONNX export writes float32 models only "
                            "(onnxruntime's CPU kernels lack bfloat16 for most ops, float16 and float64 for some, "
-                           "such as GELU's Erf). Compile the model in float32 (moec compile --dtype float32) and "
-                           "export that plan")
+                           "such as GELU's Erf). Compile the model in float32 (moec.compile(model.float(), ...), or "
+                           "moec compile --dtype float32) and export that plan")
 
 
 def check_lowerable(program: Program) -> None:
