@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -632,7 +633,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     handlers = {"compile": run_compile, "inspect": run_inspect, "export-onnx": run_export_onnx}
-    on_terminate = signal.signal(signal.SIGTERM, terminate)  # so that a kill, as Ctrl-C, cleans up what it wrote
+    # so that a kill, as Ctrl-C, cleans up what it wrote (only the main thread may set a signal handler)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    on_terminate = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
@@ -650,7 +653,8 @@ def main(argv: list[str] | None = None) -> int:
         errors.print("terminated")
         return 128 + signal.SIGTERM
     finally:
-        signal.signal(signal.SIGTERM, on_terminate)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, on_terminate)
 
 
 class Terminated(BaseException):

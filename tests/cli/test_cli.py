@@ -830,3 +830,14 @@ def test_a_calibration_file_of_no_samples_says_so(tmp_path, capsys):
                  "--calibration", str(path)]) == 1
     assert (f"error: --calibration {path} holds no samples (its tensors attention_mask, input_ids have 0 rows along "
             "dim 0); write the samples along dim 0") in " ".join(capsys.readouterr().err.split())
+
+
+def test_the_command_runs_from_a_thread_other_than_the_main_one(qwen_plan, capsys):
+    """Only the main thread may set a signal handler: elsewhere main() leaves SIGTERM alone and runs."""
+    import threading
+
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(["inspect", "--no-ir", str(qwen_plan)])))
+    thread.start()
+    thread.join()
+    assert codes == [0] and "all weights:" in capsys.readouterr().out
