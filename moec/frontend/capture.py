@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import io
 import logging
+import threading
 import unittest.mock
 import warnings
 from collections.abc import Iterator
@@ -305,21 +306,25 @@ def export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic: dict[str, 
             return ep.run_decompositions({})
 
 
+_QUIET = threading.Lock()  # logger levels and sys.stderr are the process's: one quiet block at a time
+
+
 @contextlib.contextmanager
 def torch_quiet() -> Iterator[None]:
     """Within this block torch's logs and its prints to stderr are dropped: a failing export logs fake-tensor
     tracebacks and prints the partial graph, before moec's one error says what failed and what to do."""
-    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
-               if name == "torch" or name.startswith("torch.")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
+    with _QUIET:
+        loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+                   if name == "torch" or name.startswith("torch.")]
+        levels = [logger.level for logger in loggers]
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL)
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                yield
+        finally:
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 @contextlib.contextmanager
