@@ -491,7 +491,7 @@ def read_calibration_file(path: str, tokenizer: Any) -> Any:
                          "write it again with safetensors.torch.save_file") from None
     rows = {name: tensor.shape[0] if tensor.dim() else 0 for name, tensor in tensors.items()}
     if tensors and set(rows.values()) == {0}:
-        raise MoecError(f"--calibration {path} holds no samples (its tensors {', '.join(rows)} have 0 rows along "
+        raise MoecError(f"--calibration {path} holds no samples (its tensors {', '.join(sorted(rows))} have 0 rows along "
                         "dim 0); write the samples along dim 0")
     if not tensors or len(set(rows.values())) != 1 or 0 in rows.values():
         raise MoecError(f"--calibration {path}: expected the model's inputs by name with the same number of "

@@ -301,7 +301,7 @@ def test_gptq_and_bit_allocation_take_a_calibration_file(calibration_files, tmp_
     ("convert.yaml", "uneven.safetensors", "same number of samples along dim 0", 1),
     ("convert.yaml", "latin1.txt", "latin1.txt is not UTF-8 text (byte 3)", 2),
     ("convert.yaml", "lines.txt", "no tokenizer to encode text", 1),
-    ("convert.yaml", "big.safetensors", "token ids below the vocabulary size", 1),
+    ("convert.yaml", "big.safetensors", "outside its embedding table's 128 rows", 1),
 ])
 def test_calibration_file_errors(calibration_files, tmp_path, capsys, recipe, calibration, message, code):
     """A path that is not a calibration file, or one the recipe has no use for, is bad usage (2); a file the
