@@ -18,9 +18,14 @@ from moec.analysis.calibration import META_FILE as CALIBRATION_META
 from moec.analysis.calibration import TENSORS_FILE as CALIBRATION_TENSORS
 from moec.analysis.calibration import Calibration
 from moec.analysis.traces import RoutingTrace
-from moec.backend.torch_runner import TorchRunner, check_kernel_names
+from moec.backend.torch_runner import (
+    TorchRunner,
+    check_kernel_names,
+    check_quant_kernel,
+    onnxruntime_installed,
+)
 from moec.backend.triton_codegen import KERNELS_FILE
-from moec.errors import MoecError, PlanError, warn
+from moec.errors import BackendError, MoecError, PlanError, warn
 from moec.frontend.capture import float_dtype, inference_setup
 from moec.frontend.sizes_of_one import capture_for_sizes_of_one
 from moec.ir.core import WeightRef
@@ -58,12 +63,8 @@ class CompiledModel:
         check_kernel_names(quant_kernel, expert_kernel)
         if backend != "triton" and "triton" in program.metadata.get("report", {}):
             program = without_triton_record(program)
-        kernels = {"expert_kernel": expert_kernel, "quant_kernel": quant_kernel}
-        if kernels != {"expert_kernel": "auto", "quant_kernel": "auto"}:
-            program.metadata[KERNELS] = kernels  # kept by a saved plan, which loads with them
-        else:
-            program.metadata.pop(KERNELS, None)
         self.program = program
+        self.kernels = {"expert_kernel": expert_kernel, "quant_kernel": quant_kernel}  # kept by a saved plan
         self.backend = backend
         self.calibration = calibration  # the statistics passes used, saved with the plan for reuse
         if backend == "triton":
@@ -80,12 +81,14 @@ class CompiledModel:
         try:
             outputs = self.runner.run(inputs)
         except (IndexError, RuntimeError) as err:
-            for mismatch, advice in ((self.program.rank_mismatch(inputs), "inputs of the example's rank"),
-                                     (self.program.dtype_mismatch(inputs), "inputs of the example's dtypes"),
-                                     (self.program.size_disagreement(inputs),
-                                      "inputs whose sizes agree as the example's did"),
-                                     (self.program.empty_input(inputs), "at least one along each axis"),
-                                     (self.program.ids_out_of_range(inputs), "ids the model's vocabulary has")):
+            program = self.program
+            explanations = ((program.rank_mismatch, "inputs of the example's rank"),
+                            (program.dtype_mismatch, "inputs of the example's dtypes"),
+                            (program.size_disagreement, "inputs whose sizes agree as the example's did"),
+                            (program.empty_input, "at least one along each axis"),
+                            (program.ids_out_of_range, "ids the model's vocabulary has"))
+            for explain, advice in explanations:  # the first that applies: after a failed kernel, read no more
+                mismatch = explain(inputs)
                 if mismatch is not None:
                     raise ValueError(f"{mismatch}, and the compiled model fails on it ({type(err).__name__}: "
                                      f"{err}); call it with {advice}") from err
@@ -111,7 +114,10 @@ class CompiledModel:
         extra_files |= self.runner.plan_files()
         if "bit_allocation" in self.report:
             extra_files[ALLOCATION_CHART] = allocation_svg(self.report["bit_allocation"])
-        program = dataclasses.replace(self.program, metadata={**self.program.metadata, "backend": self.backend})
+        metadata = {key: value for key, value in self.program.metadata.items() if key != KERNELS}
+        if set(self.kernels.values()) != {"auto"}:
+            metadata[KERNELS] = self.kernels
+        program = dataclasses.replace(self.program, metadata={**metadata, "backend": self.backend})
         report = plan_report(program, self.summary(), list(extra_files),
                              self.calibration.describe() if self.calibration is not None else "")
         return save_plan(program, path, extra_files or None, documents={REPORT_FILE: report})
@@ -261,11 +267,22 @@ def load(path: str | os.PathLike, backend: str | None = None, *, expert_kernel: 
     folder = user_path(path)
     program, listed, calibration = read_consistently(folder, lambda: read_plan_files(folder))
     backend = backend or program.metadata.get("backend", "torch")
-    kernels = program.metadata.get(KERNELS, {})
-    return CompiledModel(program, backend, calibration=calibration,
-                         kernels_file=folder / KERNELS_FILE if KERNELS_FILE in listed else None,
-                         expert_kernel=expert_kernel or kernels.get("expert_kernel", "auto"),
-                         quant_kernel=quant_kernel or kernels.get("quant_kernel", "auto"))
+    kernels_file = folder / KERNELS_FILE if KERNELS_FILE in listed else None
+    fixed = program.metadata.pop(KERNELS, {})  # the CompiledModel's kernels from here on
+    kernels = {"expert_kernel": expert_kernel or fixed.get("expert_kernel", "auto"),
+               "quant_kernel": quant_kernel or fixed.get("quant_kernel", "auto")}
+    if quant_kernel is None and kernels["quant_kernel"] != "auto":  # fixed by the plan, on another host maybe
+        try:
+            check_quant_kernel(program, kernels["quant_kernel"])
+        except BackendError as err:
+            warn(f"{folder} fixes quant_kernel={kernels['quant_kernel']!r}, which cannot run here ({err}); it runs "
+                 "on the quantized kernels timed on this host instead")
+            kernels["quant_kernel"] = "auto"
+    if expert_kernel is None and kernels["expert_kernel"] == "onnxruntime" and not onnxruntime_installed():
+        warn(f"{folder} fixes expert_kernel='onnxruntime', and onnxruntime is not installed here; it runs on the "
+             "expert kernels timed on this host instead")
+        kernels["expert_kernel"] = "auto"
+    return CompiledModel(program, backend, calibration=calibration, kernels_file=kernels_file, **kernels)
 
 
 def read_plan_files(folder: Path) -> tuple[Program, set[str], Calibration | None]:

@@ -529,7 +529,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     from moec.ir.plan import read_plan_json
 
     folder, plan = read_plan_json(check_plan_path(args.plan), check_files=False)  # moec.load checks them
-    compiled = moec.load(folder, backend="torch")  # inspecting runs nothing: a triton plan needs no Triton here
+    # inspecting runs nothing: a triton plan needs no Triton here, a plan's fixed kernels need not run here
+    compiled = moec.load(folder, backend="torch", expert_kernel="auto", quant_kernel="auto")
     if args.json:
         console.print_json(data=plan_description(folder, plan, compiled, with_ir=args.ir))
         return 0
@@ -538,6 +539,10 @@ def run_inspect(args: argparse.Namespace) -> int:
     console.print(f"plan {folder}: format {plan['format_version']}, moec {plan.get('moec_version', '?')}, "
                   f"torch {plan.get('torch_version', '?')}, model {plan['metadata'].get('model_class', '?')}, "
                   f"backend {plan['metadata'].get('backend', 'torch')}")
+    fixed = plan["metadata"].get("kernels")
+    if fixed:
+        console.print(f"kernels fixed at compile time: {', '.join(f'{name}={kernel}' for name, kernel in fixed.items())}",
+                      markup=False)
     for line in recorded(lambda: triton_lines(plan["metadata"])):
         console.print(line, markup=False)
     if not args.no_ir:
@@ -569,6 +574,7 @@ def plan_description(folder: Path, plan: dict[str, Any], compiled: Any, with_ir:
         "torch_version": plan.get("torch_version"),
         "model_class": metadata.get("model_class"),
         "backend": metadata.get("backend", "torch"),
+        "kernels": metadata.get("kernels"),
         "layers": compiled.summary(),
         "weights": {"params": params, "bytes": size},
         "passes": metadata.get("passes", []),
@@ -599,7 +605,8 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     except BackendError as err:
         raise UsageError(str(err)) from None
     plan = check_plan_path(args.plan)
-    compiled = moec.load(plan, backend="torch")  # the export needs no plan backend (triton may be missing)
+    # the export runs none of the plan's backend or kernels (Triton may be missing, a fixed kernel may not run)
+    compiled = moec.load(plan, backend="torch", expert_kernel="auto", quant_kernel="auto")
     with step(f"exporting {args.plan} to {args.output} ({args.lowering} lowering) and checking it"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fallbacks are printed below, from the report

@@ -64,7 +64,9 @@ def run_experts(op: ExpertsOp, weight, args):
     threshold = op.skip_threshold
     if threshold:  # per chosen router expert, as every backend does
         routing = routing.masked_fill(skipped_pairs(routing, threshold), 0.0)
-    merged = op.expert_map is not None  # a token's members of one merged expert run it once, on their summed weight
+    # a token's members of one merged expert run it once, on their summed weight (where the weight scales the
+    # expert's output: one that weighs its input computes something else for each weight)
+    merged = op.expert_map is not None and not op.spec.weighted_input
     if merged:
         routing, _ = reference.merge_repeated_experts(indices, routing)
     w_in, w_out, b_in, b_out = weight("w_in"), weight("w_out"), weight("b_in"), weight("b_out")
@@ -560,6 +562,6 @@ class TorchRunner:
                 return function(self.program.weights, observe, inputs)
             except Exception as error:
                 step = function.failed_step(error)
-                if step is not None:
+                if step is not None and hasattr(error, "add_note"):  # notes: Python 3.11 on
                     error.add_note(f"moec: raised by the op at {op_location(graph, graph.ops[step])}")
                 raise

@@ -240,7 +240,8 @@ class Program:
         """The first input of token ids holding one outside its embedding table, described, or None."""
         for index, size in self.embedding_rows().items():
             ids = leaves[index] if index < len(leaves) else None
-            if isinstance(ids, torch.Tensor) and ids.numel() and not ids.is_floating_point():
+            # on the CPU only: after a device-side assert, reading a GPU tensor raises again
+            if isinstance(ids, torch.Tensor) and ids.device.type == "cpu" and ids.numel() and not ids.is_floating_point():
                 low, high = int(ids.min()), int(ids.max())
                 if low < 0 or high >= size:
                     return (f"input {self.graph.input_names[index]!r} holds ids {low}..{high}, outside its embedding "

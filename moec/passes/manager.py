@@ -40,6 +40,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen = []
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *defaults": merged by the base loader
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"{key!r} is given twice", key_node.start_mark)
@@ -221,15 +223,15 @@ def refused_order(program: Program, passes: Sequence[Pass]) -> str | None:
     after the experts were quantized, dense-to-moe after the dense FFNs were, a weight quantized twice), or
     None: found from the recipe before any pass runs, where the refusal would come after the earlier passes
     ran (a GPTQ quantization takes minutes on a large model)."""
-    kinds_present = {"experts": any(program.graph.ops_of(ExpertsOp)),
-                     "dense FFNs": any(program.graph.ops_of(DenseFFNOp)) or any(program.graph.ops_of(SharedExpertOp))}
+    present = {"experts": any(program.graph.ops_of(ExpertsOp)), "dense FFNs": any(program.graph.ops_of(DenseFFNOp)),
+               "shared experts": any(program.graph.ops_of(SharedExpertOp))}
     quantized_by: dict[str, str] = {}  # kind of weight -> the pass that quantized it
     for pass_ in passes:
         name = pass_.name
         reads = {"experts"} if name in EXPERT_REWRITING_PASSES else {"dense FFNs"} if name == "dense-to-moe" else set()
-        if name in QUANTIZING_PASSES:
-            reads = {kind for kind in ("experts", "dense FFNs")
-                     if kinds_present[kind] and (kind == "experts" or getattr(pass_, "dense", False))}
+        if name in QUANTIZING_PASSES:  # routed experts always; dense FFNs and shared experts with dense=true
+            kinds = ("experts", "dense FFNs", "shared experts") if getattr(pass_, "dense", False) else ("experts",)
+            reads = {kind for kind in kinds if present[kind]}
         for kind in sorted(reads & set(quantized_by)):
             where = f"{name!r} comes after {quantized_by[kind]!r}"
             if name in QUANTIZING_PASSES:
@@ -240,7 +242,8 @@ def refused_order(program: Program, passes: Sequence[Pass]) -> str | None:
         if name in QUANTIZING_PASSES:
             quantized_by |= dict.fromkeys(reads, name)
         if name == "dense-to-moe":
-            kinds_present["experts"] = True
+            present["experts"] = True
+            present["shared experts"] = present["shared experts"] or getattr(pass_, "shared", 0) > 0
     return None
 
 

@@ -97,6 +97,15 @@ def test_a_recipe_file_with_a_key_twice_or_unreadable_text_is_refused(tmp_path, 
         load_recipe(path)
 
 
+def test_yaml_merge_keys_are_not_keys_given_twice(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("defaults: &q {bits: 4}\npasses:\n  - quantize: {<<: *q, group: 32}\n")
+    with pytest.raises(PassError, match="unknown key 'defaults'"):  # read, then refused for its extra key
+        load_recipe(path)
+    path.write_text("passes:\n  - quantize: {<<: {bits: 4}, group: 32}\n")
+    assert load_recipe(path) == {"passes": [{"quantize": {"bits": 4, "group": 32}}]}
+
+
 def test_a_json_recipe_is_read_as_json(tmp_path):
     """Tab indentation is JSON, but no YAML: a .json recipe is read by a JSON parser."""
     path = tmp_path / "recipe.json"

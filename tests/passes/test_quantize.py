@@ -151,6 +151,9 @@ def test_a_recipe_leaving_what_it_rewrites_float_is_let_run(compiled_program):
     passes = build_passes({"passes": [{"dense-to-moe": {"experts": 4}}, {"quantize": {"bits": 4, "dense": False}},
                                       {"expert-prune": {"keep": 2}}]})
     assert "'expert-prune' comes after 'quantize', which quantized the experts" in refused_order(program, passes)
+    _, _, with_shared = compiled_program("tiny-qwen2-moe")  # routed and shared experts, no dense FFN
+    passes = build_passes({"passes": [{"quantize": {"bits": 4}}, {"dense-to-moe": {"experts": 4}}]})
+    assert refused_order(with_shared, passes) is None  # dense-to-moe finds nothing to convert: a note, not a refusal
 
 
 def test_bit_allocation_after_quantize_names_the_quantized_weight(compiled_program):
