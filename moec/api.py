@@ -36,8 +36,7 @@ from moec.ir.program import Program
 from moec.ir.quant import QuantizedType
 from moec.passes import PassContext, build_passes, load_recipe, run_passes
 from moec.passes.base import missing_calibration, trace_refusal, unused_calibration
-from moec.passes.dead_code import DeadCode
-from moec.passes.simplify import Simplify
+from moec.passes.manager import with_cleanup
 from moec.paths import user_path
 from moec.report import ALLOCATION_CHART, REPORT_FILE, plan_report
 
@@ -215,7 +214,7 @@ def compile(
             if not pass_.takes_a_trace:
                 raise trace_refusal(f"pass {pass_.name!r}")
     program = capture_for_sizes_of_one(model, args, kwargs)
-    run_passes(program, [Simplify(), DeadCode(), *passes], context)
+    run_passes(program, with_cleanup(passes), context)
     if "placement" in program.metadata.get("expert_parallel", {}):
         from moec.backend.distributed import runtime_refusal
 
@@ -265,7 +264,7 @@ def load(path: str | os.PathLike, backend: str | None = None, *, expert_kernel: 
     with; a triton plan runs the kernels saved in it.
     """
     folder = user_path(path)
-    program, listed, calibration = read_consistently(folder, lambda: read_plan_files(folder))
+    program, listed, calibration = read_consistently(folder, lambda: read_plan_files(folder), lambda read: read[1])
     backend = backend or program.metadata.get("backend", "torch")
     kernels_file = folder / KERNELS_FILE if KERNELS_FILE in listed else None
     fixed = program.metadata.pop(KERNELS, {})  # the CompiledModel's kernels from here on

@@ -67,7 +67,7 @@ def keep_going_without_stdout() -> None:
 
 
 console.on_broken_pipe = keep_going_without_stdout  # type: ignore[method-assign]
-errors = Console(stderr=True, highlight=False, width=WIDTH, soft_wrap=True)
+errors = Console(stderr=True, highlight=False, width=piped_width(sys.stderr), soft_wrap=True)
 
 CALIBRATION_FORMS = ("a .txt file (one text sample per line), a .safetensors file (the model's inputs by name, "
                      "samples along dim 0), or a plan folder holding a calibration, to reuse its samples")
@@ -641,8 +641,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"compile": run_compile, "inspect": run_inspect, "export-onnx": run_export_onnx}
     # so that a kill, as Ctrl-C, cleans up what it wrote (only the main thread may set a signal handler)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    on_terminate = signal.signal(signal.SIGTERM, terminate) if in_main_thread else None
+    handle_term = threading.current_thread() is threading.main_thread() \
+        and signal.getsignal(signal.SIGTERM) not in (signal.SIG_IGN, None)  # ignored, or set outside Python: left
+    on_terminate = signal.signal(signal.SIGTERM, terminate) if handle_term else None
     try:
         with warnings.catch_warnings():
             warnings.showwarning = show_warning
@@ -660,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         errors.print("terminated")
         return 128 + signal.SIGTERM
     finally:
-        if in_main_thread:
+        if handle_term:
             signal.signal(signal.SIGTERM, on_terminate)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import inspect
 import io
 import logging
+import os
 import threading
 import unittest.mock
 import warnings
@@ -306,13 +307,17 @@ def export_with(model: nn.Module, args: tuple, kwargs: dict, dynamic: dict[str, 
             return ep.run_decompositions({})
 
 
-_QUIET = threading.Lock()  # logger levels and sys.stderr are the process's: one quiet block at a time
+_QUIET = threading.RLock()  # logger levels and sys.stderr are the process's: one quiet block at a time
 
 
 @contextlib.contextmanager
 def torch_quiet() -> Iterator[None]:
     """Within this block torch's logs and its prints to stderr are dropped: a failing export logs fake-tensor
-    tracebacks and prints the partial graph, before moec's one error says what failed and what to do."""
+    tracebacks and prints the partial graph, before moec's one error says what failed and what to do. With
+    ``TORCH_LOGS`` set (someone debugging the export) nothing is dropped."""
+    if os.environ.get("TORCH_LOGS"):
+        yield
+        return
     with _QUIET:
         loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
                    if name == "torch" or name.startswith("torch.")]

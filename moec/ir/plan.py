@@ -189,30 +189,40 @@ def replace_dir(staging: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def read_consistently(folder: Path, read: Callable[[], T]) -> T:
+def read_consistently(folder: Path, read: Callable[[], T], files_read: Callable[[T], set[str]]) -> T:
     """``read()`` of the plan at ``folder``, refused with one ``PlanError`` where another process replaced the
-    folder's files meanwhile (a save to the same path: what was read could mix the two plans' files)."""
+    files it read (plan.json, the weights and ``files_read`` of its result) meanwhile: a save
+    to the same path, so that what was read could mix two plans' files. Other entries may change freely."""
     before = folder_state(folder)
     try:
         result = read()
-    except PlanError:
-        if folder_state(folder) != before:
+    except (PlanError, OSError) as err:
+        if changed(before, folder_state(folder), {PLAN_FILE, WEIGHTS_FILE}):
             raise replaced_while_read(folder) from None
+        if isinstance(err, OSError):
+            raise PlanError(f"{folder}: cannot read the plan ({err.strerror or err})") from None
         raise
-    if folder_state(folder) != before:
+    if changed(before, folder_state(folder), {PLAN_FILE, WEIGHTS_FILE, *files_read(result)}):
         raise replaced_while_read(folder)
     return result
 
 
-def folder_state(folder: Path) -> tuple | None:
-    """What identifies the folder's files now (name, inode, size, modification time), or None where it is
-    missing: a save writes new files, so their inodes change."""
+def folder_state(folder: Path) -> dict[str, tuple[int, int, int]] | None:
+    """What identifies each entry of the folder now (inode, size, modification time), or None where the folder
+    is missing: a save writes new files, so their inodes change."""
     try:
         with os.scandir(folder) as entries:
-            return tuple(sorted((entry.name, entry.inode(), stat.st_size, stat.st_mtime_ns)
-                                for entry in entries for stat in [entry.stat(follow_symlinks=False)]))
+            return {entry.name: (entry.inode(), stat.st_size, stat.st_mtime_ns)
+                    for entry in entries for stat in [entry.stat(follow_symlinks=False)]}
     except OSError:
         return None
+
+
+def changed(before: dict | None, after: dict | None, names: set[str]) -> bool:
+    """Whether any of ``names`` differs between two ``folder_state``s (or the folder came or went)."""
+    if before is None or after is None:
+        return before is not after
+    return any(before.get(name) != after.get(name) for name in names)
 
 
 def replaced_while_read(folder: Path) -> PlanError:
@@ -255,9 +265,9 @@ def read_plan_json(path: str | os.PathLike, check_files: bool = True) -> tuple[P
                             "corrupt, compile it again")
     for key, kind in METADATA_FIELDS.items():
         if key in plan["metadata"] and not isinstance(plan["metadata"][key], kind):
-            raise PlanError(f"{plan_file}: its metadata entry {key!r} is a JSON {type(plan['metadata'][key]).__name__}, "
-                            f"expected a {JSON_KINDS[kind]}; the plan is corrupt, "
-                            "compile it again")
+            found = type(plan["metadata"][key]).__name__
+            raise PlanError(f"{plan_file}: its metadata entry {key!r} is a JSON {found}, expected a {JSON_KINDS[kind]}; "
+                            "the plan is corrupt, compile it again")
     if WEIGHTS_FILE not in plan["files"]:
         raise PlanError(f"{plan_file} lists no checksum for {WEIGHTS_FILE}; the plan is corrupt, compile it again")
     for name, expected in plan["files"].items():  # every entry checked before any file is read

@@ -101,13 +101,15 @@ def skip_statistics(program: Program, batches: list[list[torch.Tensor]]) -> dict
         if not isinstance(op, ExpertsOp):
             return
         routing = real_token_rows(args[2], mask[0]).float().abs()  # [tokens, k]
-        dropped = skipped_pairs(routing, op.skip_threshold) if op.skip_threshold else torch.zeros_like(routing, dtype=torch.bool)
+        dropped = (skipped_pairs(routing, op.skip_threshold) if op.skip_threshold
+                   else torch.zeros_like(routing, dtype=torch.bool))
         row = rows.setdefault(id(op), {"layer": op.block or f"moe.experts {len(rows)}", "threshold": op.skip_threshold,
                                        "evaluations": 0, "skipped": 0, "weight": 0.0, "dropped": 0.0})
         if op.expert_map is None:
             row["evaluations"] += routing.numel()
             row["skipped"] += int(dropped.sum())
-        else:  # the runner's rule: a token computes each stored expert once, unless every slot naming it is dropped
+        else:  # the runner's rule (on |weights|): each stored expert computes once per token, unless every slot
+            # naming it is dropped
             indices = remap_experts(real_token_rows(args[1], mask[0]), op.expert_map)
             kept, repeated = merge_repeated_experts(indices, routing.masked_fill(dropped, 0.0))
             evaluations = int((~repeated).sum())

@@ -25,6 +25,8 @@ from moec.ir.ops import DenseFFNOp, ExpertsOp, SharedExpertOp
 from moec.ir.program import Program
 from moec.ir.verifier import verify
 from moec.passes.base import Pass, PassContext, find_pass, pass_names
+from moec.passes.dead_code import DeadCode
+from moec.passes.simplify import Simplify
 from moec.paths import user_path
 
 Hook = Callable[[Pass, Program, dict[str, Any]], None]
@@ -213,9 +215,14 @@ def program_stats(program: Program) -> dict[str, int]:
     return {"experts": experts, "params": params, "bytes": size}
 
 
-ALWAYS_RUN = ("simplify", "dead-code")  # before every recipe (moec.api.compile): not named in its errors
+ALWAYS_RUN = (Simplify.name, DeadCode.name)  # before every recipe (moec.api.compile): not named in its errors
 QUANTIZING_PASSES = ("quantize", "bit-allocation")
 EXPERT_REWRITING_PASSES = ("expert-prune", "expert-merge")  # they rewrite float expert weights
+
+
+def with_cleanup(passes: Sequence[Pass]) -> list[Pass]:
+    """``passes`` after the two every recipe starts with (``ALWAYS_RUN``): generic no-ops, then dead code."""
+    return [Simplify(), DeadCode(), *passes]
 
 
 def refused_order(program: Program, passes: Sequence[Pass]) -> str | None:

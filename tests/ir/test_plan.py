@@ -326,3 +326,17 @@ def test_a_metadata_entry_of_the_wrong_type_is_named(compiled, tmp_path, key, va
     with pytest.raises(moec.PlanError, match=rf"its metadata entry '{key}' is a JSON \w+, expected a {kind}; the plan "
                                              "is corrupt"):
         moec.load(folder)
+
+
+def test_an_entry_the_plan_does_not_read_may_change_while_it_loads(compiled, tmp_path, monkeypatch):
+    """An export into the plan folder, or a person's notes there, is no second plan."""
+    model, _ = compiled
+    folder = model.save(tmp_path / "plan")
+    load_file = plan_module.safetensors.torch.load_file
+
+    def notes_written_meanwhile(path):
+        (folder / "notes.txt").write_text("mine")
+        return load_file(path)
+
+    monkeypatch.setattr(plan_module.safetensors.torch, "load_file", notes_written_meanwhile)
+    assert moec.load(folder).ir == model.ir

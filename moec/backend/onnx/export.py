@@ -29,6 +29,7 @@ float64 for some: ScatterND's add, Erf), so a plan compiled in bfloat16, float16
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import io
 import json
@@ -161,7 +162,7 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
     except BaseException as err:
         if made is not None:
             shutil.rmtree(made, ignore_errors=True)
-        if isinstance(err, OSError):  # a full disk, a quota
+        if isinstance(err, OSError) and err.errno in WRITE_FAILURES:  # a full disk, a quota, a read-only disk
             raise BackendError(f"cannot write {target}: {err.strerror or err}; nothing was written") from None
         raise
     finally:
@@ -172,6 +173,9 @@ def export_onnx(program: Program, path: str | os.PathLike, *, lowering: str = "p
 # ----------------------------------------------------------------------------------------------
 # tracing
 # ----------------------------------------------------------------------------------------------
+
+
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG)
 
 
 def replace_files(files: list[Path], folder: Path) -> None:
