@@ -80,17 +80,11 @@ class CompiledModel:
         try:
             outputs = self.runner.run(inputs)
         except (IndexError, RuntimeError) as err:
-            program = self.program
-            explanations = ((program.rank_mismatch, "inputs of the example's rank"),
-                            (program.dtype_mismatch, "inputs of the example's dtypes"),
-                            (program.size_disagreement, "inputs whose sizes agree as the example's did"),
-                            (program.empty_input, "at least one along each axis"),
-                            (program.ids_out_of_range, "ids the model's vocabulary has"))
-            for explain, advice in explanations:  # the first that applies: after a failed kernel, read no more
-                mismatch = explain(inputs)
-                if mismatch is not None:
-                    raise ValueError(f"{mismatch}, and the compiled model fails on it ({type(err).__name__}: "
-                                     f"{err}); call it with {advice}") from err
+            found = self.program.input_problem(inputs)
+            if found is not None:
+                problem, advice = found
+                raise ValueError(f"{problem}, and the compiled model fails on it ({type(err).__name__}: {err}); "
+                                 f"call it with {advice}") from err
             raise
         return self.program.unflatten_outputs(outputs)
 

@@ -534,15 +534,13 @@ def run_sample(runner: TorchRunner, inputs: list[torch.Tensor], index: int,
         runner.run(inputs, observe=observe)
     except (IndexError, RuntimeError, ValueError) as error:
         program = runner.program
-        names = program.graph.input_names
-        shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(names, inputs, strict=True))
-        cause = next((found for found in (program.rank_mismatch(inputs), program.dtype_mismatch(inputs),
-                                          program.size_disagreement(inputs), program.ids_out_of_range(inputs))
-                      if found is not None), None)
-        if cause is not None:
-            raise MoecError(f"calibration sample {index}: {cause}, and the model fails on it ({type(error).__name__}: "
-                            f"{error}); give samples as the example was given (its ranks, dtypes and vocabulary)"
-                            ) from error
+        found = program.input_problem(inputs)
+        if found is not None:
+            problem, advice = found
+            raise MoecError(f"calibration sample {index}: {problem}, and the model fails on it "
+                            f"({type(error).__name__}: {error}); give samples with {advice}") from error
+        shapes = ", ".join(f"{name} {tuple(x.shape)}" for name, x in zip(program.graph.input_names, inputs,
+                                                                          strict=True))
         raise MoecError(f"calibration sample {index} ({shapes}) does not run through the model: "
                         f"{type(error).__name__}: {error}; check that the samples are valid inputs for it "
                         "(token ids below the vocabulary size, sequences within the model's position table, "

@@ -198,6 +198,21 @@ class Program:
                     "pins them to the example's sizes); compile with an example of the size you will run"
                 )
 
+    def input_problem(self, leaves: list[Any]) -> tuple[str, str] | None:
+        """Why a run on these flat inputs failed, as (what is wrong with an input, what to give instead), or None
+        when no input explains it. Checked in order and lazily: after a failed GPU kernel, reading more inputs
+        can raise again."""
+        checks = ((self.rank_mismatch, "inputs of the example's rank"),
+                  (self.dtype_mismatch, "inputs of the example's dtypes"),
+                  (self.size_disagreement, "inputs whose sizes agree as the example's did"),
+                  (self.empty_input, "at least one along each axis"),
+                  (self.ids_out_of_range, "ids the model's vocabulary has"))
+        for check, advice in checks:
+            problem = check(leaves)
+            if problem is not None:
+                return problem, advice
+        return None
+
     def rank_mismatch(self, leaves: list[Any]) -> str | None:
         """The first input tensor whose number of dimensions differs from its graph input's, described (a
         rank-agnostic graph may run on it: ``check_input_shapes``), or None."""
