@@ -274,8 +274,15 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
                     f"({', '.join(sizes_of_one(args, kwargs))}), so the compiled model takes only 1 there. If one of "
                     "them should vary (a sequence), compile with an example of at least 2 there")
                 return ep
+        single = sizes_of_one(args, kwargs)
+        if single and specializes_size_one(err):  # the cause first: torch's own message reads like a moec bug
+            raise CaptureError(
+                f"cannot export {type(model).__name__} on an example with a size of 1 after the batch dimension "
+                f"({', '.join(single)}): the model's code branches on that size, so export cannot keep it "
+                f"dynamic; use an example with at least 2 tokens there\n(export failed in "
+                f"{describe(model, err)})") from err
         raise CaptureError(f"cannot export {type(model).__name__}: {describe(model, err)}\n"
-                           f"{export_hint(err, args, kwargs)}") from err
+                           f"{export_hint(err)}") from err
 
 
 def export_batch_of_two(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.ExportedProgram | None:
@@ -355,12 +362,8 @@ def sizes_of_one(args: tuple, kwargs: dict) -> list[str]:
     return [f"{name} {list(x.shape)}" for name, x in named_tensors(args, kwargs) if 1 in x.shape[1:]]
 
 
-def export_hint(err: BaseException, args: tuple, kwargs: dict) -> str:
-    """What a user can do about an export failure ``err`` on the example ``args``/``kwargs``."""
-    single = sizes_of_one(args, kwargs)
-    if single and specializes_size_one(err):
-        return (f"the example has inputs with a size of 1 after the batch dimension ({', '.join(single)}), "
-                "which export cannot keep dynamic; use an example with at least 2 tokens there")
+def export_hint(err: BaseException) -> str:
+    """What a user can do about an export failure ``err``."""
     if "Couldn't swap" in str(err):  # Module._apply under export: a .to()/.float() of a module inside forward
         return ("that module converts its own parameters while it runs (a .to() or .float() of a module inside "
                 "forward), which torch.export cannot trace; convert the model before compiling and remove the "
