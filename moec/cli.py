@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from moec import __version__
 from moec.errors import MoecError, PlanError
 from moec.paths import user_path
 from moec.report import (
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="moec",
         description="moec: an MoE-aware model compiler. Capture a PyTorch model, run passes, write a plan.",
     )
+    parser.add_argument("--version", action="version", version=f"moec {__version__} (torch {torch.__version__})",
+                        help="show moec's version and the torch it runs on, and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     compile_ = commands.add_parser(

@@ -537,6 +537,13 @@ def test_bad_usage_exits_2(capsys):
     assert info.value.code == 2
 
 
+def test_version_names_moec_and_its_torch(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"moec {moec.__version__} (torch {torch.__version__})"
+
+
 def test_model_help_names_every_preset(monkeypatch, capsys):
     from moec.frontend.zoo import PRESETS
 
