@@ -148,10 +148,11 @@ def test_flipped_byte_names_the_checksum(compiled, tmp_path):
 def test_missing_file_and_newer_version(compiled, tmp_path):
     folder = compiled[0].save(tmp_path / "plan")
     plan = json.loads((folder / PLAN_FILE).read_text())
-    plan["format_version"] = 99
-    (folder / PLAN_FILE).write_text(json.dumps(plan))
-    with pytest.raises(moec.PlanError, match="format version 99, newer than this moec reads"):
-        moec.load(folder)
+    for newer in (plan_module.FORMAT_VERSION + 1, 99):
+        plan["format_version"] = newer
+        (folder / PLAN_FILE).write_text(json.dumps(plan))
+        with pytest.raises(moec.PlanError, match=f"format version {newer}, newer than this moec reads"):
+            moec.load(folder)
     (folder / WEIGHTS_FILE).unlink()
     plan["format_version"] = 1
     (folder / PLAN_FILE).write_text(json.dumps(plan))
@@ -195,20 +196,24 @@ def test_plan_json_that_is_not_utf8_is_one_plan_error(compiled, tmp_path):
         moec.load(folder)
 
 
-def test_a_stored_weight_of_another_shape_than_declared_is_refused_at_load(compiled, tmp_path):
+@pytest.mark.parametrize(("change", "stored"), [
+    (lambda tensor: tensor[:, :3].contiguous(), r"float32 \[\d+, 3\]"),
+    (lambda tensor: tensor.half(), r"float16 \[\d+, \d+\]"),
+], ids=["shape", "dtype"])
+def test_a_stored_weight_of_another_type_than_declared_is_refused_at_load(compiled, tmp_path, change, stored):
     """The checksum matches (the file was written so): the declared types are what the graph was verified on."""
     import safetensors.torch
 
     folder = compiled[0].save(tmp_path / "plan")
     weights = safetensors.torch.load_file(str(folder / WEIGHTS_FILE))
     name = next(name for name, tensor in weights.items() if tensor.dim() == 2)
-    weights[name] = weights[name][:, :3].contiguous()
+    weights[name] = change(weights[name])
     safetensors.torch.save_file(weights, str(folder / WEIGHTS_FILE))
     plan = json.loads((folder / PLAN_FILE).read_text())
     plan["files"][WEIGHTS_FILE] = plan_module.sha256_of(folder / WEIGHTS_FILE)
     (folder / PLAN_FILE).write_text(json.dumps(plan))
     with pytest.raises(moec.PlanError, match=rf"weight @{re.escape(name)} is declared f32\[.*but {WEIGHTS_FILE} "
-                                             r"stores it as float32 \["):
+                                             rf"stores it as {stored}; the plan is corrupt"):
         moec.load(folder)
 
 

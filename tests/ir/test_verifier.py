@@ -78,6 +78,10 @@ def test_messages_quote_the_values_and_ops_they_cite():
     with pytest.raises(VerifyError, match="graph input '%x' is declared twice"):
         verify(graph)
     graph, relu = relu_graph()
+    graph.add_input("bad name", TensorType("f32", (8,)))  # the text form could not print it back
+    with pytest.raises(VerifyError, match="graph input '%bad name' is not an identifier"):
+        verify(graph)
+    graph, relu = relu_graph()
     graph.set_outputs([relu_graph()[1].result])  # a value of another graph
     with pytest.raises(VerifyError, match=r"graph output #0 \('%<undefined>'\) is not defined"):
         verify(graph)
