@@ -73,6 +73,7 @@ def test_ort_moe_semantics_equal_route_plus_experts(renormalize):
     (RouteSpec(8, 2, n_group=2, topk_group=1), "grouped"),
     (RouteSpec(8, 2, has_bias=True), "bias"),
     (RouteSpec(8, 2, scaling=2.5), "scaled"),
+    (RouteSpec(8, 2, renormalize=True, renorm_eps=1e-3), "eps 0.001"),
 ])
 def test_routing_beyond_the_op_is_handed_over_as_a_choice(route, why):
     support = ort_moe_support(route, ExpertsSpec(8, 16, 8, "silu", True))

@@ -112,6 +112,18 @@ def test_a_terminated_command_says_so_and_gives_back_the_signal_handler(monkeypa
     assert reached_cleanup == [True] and signal.getsignal(signal.SIGTERM) is before
 
 
+def test_ctrl_c_while_the_plan_is_written_says_interrupted_and_leaves_nothing(monkeypatch, capsys, tmp_path):
+    from moec.ir import plan as plan_module
+
+    def interrupted(tensors, filename):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plan_module.safetensors.torch, "save_file", interrupted)
+    assert main(["compile", "--model", "tiny-mixtral", "-o", str(tmp_path / "plan")]) == 130
+    assert capsys.readouterr().err.endswith("\ninterrupted\n")
+    assert list(tmp_path.iterdir()) == []  # neither the plan nor its staging folder
+
+
 def test_compile_names_the_experts_each_compression_pass_removed_or_merged():
     row = {"layer": "model.layers.0.mlp", "experts_before": 4, "experts_after": 2, "output_cosine": 0.98765,
            "output_norm_ratio": 1.31234}
