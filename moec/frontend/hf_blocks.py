@@ -596,6 +596,15 @@ def _nemotron_h_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, di
     return _DEEPSEEK_V3_ROUTE(block, num_experts)
 
 
+def _axk2_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
+    """DeepSeek-V3's routing for a router that chooses from all experts; with expert groups (``num_group``),
+    A.X-K2 gives the experts of the groups left out a choice value of 0, not -inf, so one of them wins over
+    an expert whose biased score is negative: not modelled."""
+    if _setting(block, "gate.num_group") is not None:
+        return None
+    return _DEEPSEEK_V3_ROUTE(block, num_experts)
+
+
 def _longcat_flash_route(block: nn.Module, num_experts: int) -> tuple[RouteSpec, dict[str, str]] | None:
     """Softmax scores, a score-correction bias for the choice only, not renormalized, scaled (the router's
     ``classifier.bias`` is never applied by the model); zero-compute (identity) experts, ``zero_expert_num``,
@@ -724,7 +733,7 @@ BUILTIN_BLOCKS: list[tuple[str, ToSpec]] = [
     (f"{HF}.deepseek_v32.modeling_deepseek_v32.DeepseekV32MoE", _deepseek_v3_moe("deepseek_v32")),
     (f"{HF}.dots3_note.modeling_dots3_note.Dots3NoteTextMoE", _deepseek_v3_moe("dots3_note")),
     (f"{HF}.axk1.modeling_axk1.AXK1MoE", _deepseek_v3_moe("axk1")),
-    (f"{HF}.axk2.modeling_axk2.AXK2MoE", _moe_block("axk2", _DEEPSEEK_V3_ROUTE, "shared_experts")),
+    (f"{HF}.axk2.modeling_axk2.AXK2MoE", _moe_block("axk2", _axk2_route, "shared_experts")),
     (f"{HF}.beam.modeling_beam.BeamMoE",
      _stacked_moe("beam", _route(scoring="sigmoid", renormalize="gate.norm_topk_prob", renorm_eps=1e-20,
                                  scaling="routed_scaling_factor", bias="gate.e_score_correction_bias", groups="gate"))),

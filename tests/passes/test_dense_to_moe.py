@@ -114,6 +114,25 @@ def test_shared_expert_holds_the_most_frequently_active_neurons():
     assert sorted(chosen) == sorted(torch.argsort(frequency, descending=True)[:4].tolist())
 
 
+def test_mean_compensation_is_each_experts_mean_output_on_the_calibration_rows():
+    """With top_k < experts a skipped expert's share is replaced by its mean: every expert's output bias is
+    minus its mean output over the calibration rows, and the FFN's output bias gains the sum of the means."""
+    program = program_from(GELU_FFN)
+    samples = token_samples()
+    convert(program, calibration=samples, experts=4, top_k=2)
+    original = program_from(GELU_FFN).weights
+    up, down = original["mlp.up.weight"], original["mlp.down.weight"]
+    x = torch.cat([x for (x,) in samples])
+    hidden = torch.nn.functional.gelu(x @ up.T + original["mlp.up.bias"])
+    means = []
+    for rows in program.weights["mlp.moe.experts.w_in"]:  # [F_e, 8]: the expert's neurons' up rows
+        neurons = [int((up == row).all(1).nonzero()) for row in rows]
+        means.append((hidden[:, neurons] @ down[:, neurons].T).mean(0))
+    torch.testing.assert_close(program.weights["mlp.moe.experts.b_out"], -torch.stack(means), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(program.weights["mlp.moe.output_bias"], original["mlp.down.bias"] + sum(means),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_fitted_router_beats_random_routing():
     program = program_from(GELU_FFN)
     x = token_samples(count=1, tokens=512, seed=7)[0][0]

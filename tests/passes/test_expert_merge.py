@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from moec.api import layer_summary
 from moec.backend.torch_runner import TorchRunner
 from moec.errors import PassError
+from moec.frontend.blocks import ExpertsSpec
 from moec.ir import print_graph
 from moec.kernels import reference
 from moec.passes import PassContext, build_passes, run_passes
@@ -17,6 +18,7 @@ from moec.passes.expert_merge import (
     ExpertMerge,
     importance_alignment,
     merge_weights,
+    neuron_shares,
     plan_layer,
     refit_outputs,
 )
@@ -80,6 +82,31 @@ def test_importance_alignment_keeps_the_most_important_half_of_a_pair(seed):
     torch.testing.assert_close(kept.sort(descending=True).values, best)
     unaligned_kept = torch.maximum(dominant, member).sum()
     assert kept.sum() >= unaligned_kept
+
+
+def test_select_gives_each_merged_neuron_to_the_member_whose_aligned_neuron_matters_most():
+    spec = ExpertsSpec(num_experts=2, hidden=8, intermediate=3, act="silu", gated=True)
+    importances = [torch.tensor([3.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 5.0, 0.0], dtype=torch.float64)]
+    permutations = [[0, 1, 2], [2, 0, 1]]  # the member's neurons 2, 0, 1 meet the dominant's 0, 1, 2: importance 0, 1, 5
+    shares = neuron_shares(importances, permutations, torch.tensor([0.9, 0.1]), spec)
+    # position 0: 3 > 0, the dominant; position 1: a tie of 1, the dominant; position 2: 5 > 2, the member
+    assert shares.tolist() == [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+
+def test_average_weighs_members_by_their_routing_counts():
+    """Without alignment or refit, each merged expert is its members' weights averaged with weights
+    ``counts[member] / counts[group].sum()`` from the calibration statistics (seed 0: all counts differ)."""
+    weights = small_moe_weights()
+    program = program_of(SMALL_MOE, {k: v.clone() for k, v in weights.items()})
+    counts = PassContext(calibration=token_samples(), progress=False).statistics(program, "test").moe["moe"].counts
+    record = merge(program, token_samples(), keep=2, align="none", combine="average", refit=False)
+    (layer,) = record["summary"]["layers"]
+    assert max(len(group) for group in layer["groups"]) > 1
+    for index, group in enumerate(layer["groups"]):
+        share = counts[group].double() / counts[group].sum()
+        for role in ("w_in", "w_out"):
+            expected = (share.reshape(-1, 1, 1) * weights[role][group].double()).sum(0).float()
+            torch.testing.assert_close(program.weights[role][index], expected, atol=1e-6, rtol=1e-6)
 
 
 def test_member_routing_keeps_the_router_and_maps_router_experts():

@@ -80,18 +80,35 @@ def test_a_second_prune_names_the_models_experts():
     torch.testing.assert_close(program.weights["w_in"], weights["w_in"][twice["kept"]])
 
 
-def test_similarity_removes_one_of_two_identical_experts():
+def test_weight_mass_keeps_the_experts_with_the_most_routing_weight():
+    """Seed 0 ranks experts differently by weight mass ({0, 2} on top) than by count ({1, 2})."""
     weights = small_moe_weights()
-    for name in weights:  # expert 3 is a copy of expert 1: the most similar pair, whatever is compared
+    program = program_of(SMALL_MOE, weights)
+    samples = token_samples()
+    mass = PassContext(calibration=samples, progress=False).statistics(program, "test").moe["moe"].weight_mass
+    record, _ = prune(program, samples, keep=2, criterion="weight_mass")
+    kept = sorted(torch.argsort(mass, descending=True)[:2].tolist())
+    (layer,) = record["summary"]["layers"]
+    assert layer["kept"] == kept == [0, 2]
+    torch.testing.assert_close(program.weights["gate"], weights["gate"][kept])
+
+
+def test_similarity_removes_the_lighter_of_two_twin_experts():
+    """Expert 3 computes what expert 1 does and its router row points the same way at twice the length, so
+    the pair is the most similar whatever is compared, and the twins' routing weights differ: the one with
+    less weight goes (here expert 1, though the lower id)."""
+    weights = small_moe_weights()
+    for name in weights:
         weights[name][3] = weights[name][1]
+    weights["gate"][3] = 2 * weights["gate"][1]
     for similarity_of in ("output", "router"):
         program = program_of(SMALL_MOE, {k: v.clone() for k, v in weights.items()})
-        prune(program, token_samples(), keep=3, criterion="similarity", similarity_of=similarity_of)
-        kept_rows = program.weights["gate"]
-        assert kept_rows.shape[0] == 3
-        assert sum(torch.equal(row, weights["gate"][1]) for row in kept_rows) == 1
-        assert any(torch.equal(row, weights["gate"][0]) for row in kept_rows)
-        assert any(torch.equal(row, weights["gate"][2]) for row in kept_rows)
+        mass = PassContext(calibration=token_samples(), progress=False).statistics(program, "test").moe["moe"].weight_mass
+        assert mass[3] > 2 * mass[1]
+        record, _ = prune(program, token_samples(), keep=3, criterion="similarity", similarity_of=similarity_of)
+        (layer,) = record["summary"]["layers"]
+        assert (layer["kept"], layer["removed"]) == ([0, 2, 3], [1])
+        torch.testing.assert_close(program.weights["gate"], weights["gate"][[0, 2, 3]])
 
 
 @pytest.mark.parametrize(("options", "message"), [
