@@ -26,7 +26,7 @@ from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.targets import resolve_target
 from moec.kernels import reference
 from moec.kernels.kernel_choice import KernelChoice
-from moec.kernels.moe_cpu import experts_forward, onednn_available
+from moec.kernels.moe_cpu import experts_forward, experts_grouped_mm, grouped_mm_fits, onednn_available
 from moec.kernels.quant import QuantizedWeight
 from moec.kernels.quant_matmul import (
     INT4_MAX_BITS,
@@ -82,7 +82,7 @@ def run_experts(op: ExpertsOp, weight, args):
     return y.reshape(x.shape)
 
 
-EXPERT_KERNELS = ("auto", "onnxruntime", "torch", "torch-blas")
+EXPERT_KERNELS = ("auto", "onnxruntime", "torch", "torch-blas", "torch-grouped")
 
 
 def check_kernel_names(quant_kernel: object, expert_kernel: object) -> None:
@@ -198,19 +198,29 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
     """Float routed experts on ``kernel`` (``EXPERT_KERNELS``); ``onnxruntime_kernel()`` gives the op's
     ``OnnxruntimeExperts``, built once (dropping pairs of weight 0 as ``drop_zero_weight`` asks of the others).
 
-    ``auto``, for float32 experts on the CPU: the fastest of ``onnxruntime`` (from two tokens on), ``torch``
-    (oneDNN's matmuls) and ``torch-blas`` (``F.linear``) for this layer shape, thread count and token count
-    (to the next power of two), timed on the first such call and remembered for the process
+    ``auto``, for float32 and bfloat16 experts on the CPU: the fastest of ``torch`` (oneDNN's matmuls),
+    ``torch-blas`` (``F.linear``), ``torch-grouped`` (``F.grouped_mm``, where its layout rules allow) and, for
+    float32 from two tokens on, ``onnxruntime``, for this layer shape, dtype, thread count and token count (to
+    the next power of two), timed on the first such call and remembered for the process
     (``EXPERT_KERNEL_CHOICE``); which one wins depends on the host (``moec.kernels.kernel_choice``). Other
     dtypes and devices: ``torch``.
     """
-    float32_cpu = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (tokens, w_in, w_out))
+    on_cpu = all(t.device.type == "cpu" for t in (tokens, w_in, w_out))
+    float32_cpu = on_cpu and all(t.dtype == torch.float32 for t in (tokens, w_in, w_out))
     candidates = {
         "torch": lambda: experts_forward(tokens, indices, routing, w_in, w_out, b_in, b_out, spec,
                                          drop_zero_weight=drop_zero_weight),
         "torch-blas": lambda: experts_forward(tokens, indices, routing, w_in, w_out, b_in, b_out, spec, onednn=False,
                                               drop_zero_weight=drop_zero_weight),
     }
+    if on_cpu and grouped_mm_fits(tokens.dtype, tokens.device, spec):
+        candidates["torch-grouped"] = lambda: experts_grouped_mm(tokens, indices, routing, w_in, w_out, b_in, b_out,
+                                                                 spec, drop_zero_weight=drop_zero_weight)
+    elif kernel == "torch-grouped":
+        raise BackendError(f"expert_kernel='torch-grouped' cannot run this plan: F.grouped_mm takes float32 and "
+                           f"bfloat16 experts on the CPU with rows of a multiple of 16 bytes, and these are "
+                           f"{str(tokens.dtype).removeprefix('torch.')} on {tokens.device.type} (hidden "
+                           f"{spec.hidden}, intermediate {spec.intermediate}); use expert_kernel='torch'")
     if kernel == "onnxruntime" and not (float32_cpu and onnxruntime_installed()):
         why = "it runs float32 experts on the CPU only" if onnxruntime_installed() else \
             "onnxruntime is not installed (pip install onnxruntime)"
@@ -219,14 +229,15 @@ def float_experts(kernel: str, tokens: torch.Tensor, indices: torch.Tensor, rout
         return onnxruntime_kernel()(tokens, indices, routing)
     if kernel != "auto":
         return candidates[kernel]()
-    if not float32_cpu or tokens.shape[0] == 0:
+    raced_dtype = tokens.dtype in (torch.float32, torch.bfloat16) and w_in.dtype == w_out.dtype == tokens.dtype
+    if not (on_cpu and raced_dtype) or tokens.shape[0] == 0:
         return candidates["torch"]()
-    if not onednn_available():  # then "torch" runs F.linear too
+    if not onednn_available(tokens.dtype):  # then "torch" runs F.linear too
         del candidates["torch-blas"]
-    key = expert_kernel_key(spec, indices.shape[1], tokens.shape[0])
+    key = expert_kernel_key(spec, indices.shape[1], tokens.shape[0], str(tokens.dtype).removeprefix("torch."))
     # At one token onnxruntime lost the race on every host measured, and building its session costs a packed
     # copy of the experts, so ``auto`` leaves it out there: decoding alone never builds it.
-    if onnxruntime_installed() and tokens.shape[0] > 1 and onnxruntime_may_race(key, spec, w_in, w_out):
+    if float32_cpu and onnxruntime_installed() and tokens.shape[0] > 1 and onnxruntime_may_race(key, spec, w_in, w_out):
         candidates["onnxruntime"] = lambda: onnxruntime_kernel()(tokens, indices, routing)
     return EXPERT_KERNEL_CHOICE.run(key, candidates)
 
@@ -292,8 +303,8 @@ def _choice_line(what: str, size_bits: int, unit: str, threads: int, winner: str
 
 def expert_kernel_key(spec: ExpertsSpec, top_k: int, num_tokens: int, weights: str = "float32") -> ExpertKernelKey:
     """What ``auto``'s choice of kernel is remembered by: the layer's shape, its top-k, the token count to
-    the next power of two, torch's intra-op thread count (onnxruntime's sessions take the same), and whether
-    the experts' ``weights`` are ``float32`` or ``quantized``."""
+    the next power of two, torch's intra-op thread count (onnxruntime's sessions take the same), and the
+    experts' ``weights``: their dtype (``float32``, ``bfloat16``) or ``quantized``."""
     return spec, top_k, num_tokens.bit_length(), torch.get_num_threads(), weights
 
 
@@ -504,8 +515,9 @@ class TorchRunner:
         """``quant_kernel`` picks the kernel for quantized linears (``moec.kernels.quant_matmul.KERNELS``);
         ``expert_kernel`` the one for float routed experts (``EXPERT_KERNELS``: ``onnxruntime`` is
         ``moec.kernels.moe_onnxruntime``, ``torch`` is ``moec.kernels.moe_cpu`` on oneDNN's matmuls,
-        ``torch-blas`` the same on ``F.linear``, ``auto`` the fastest of them measured on this host for float32
-        experts on the CPU, else ``torch``; see ``float_experts``)."""
+        ``torch-blas`` the same on ``F.linear``, ``torch-grouped`` on ``F.grouped_mm``, ``auto`` the fastest of
+        them measured on this host for float32 and bfloat16 experts on the CPU, else ``torch``; see
+        ``float_experts``)."""
         check_kernel_names(quant_kernel, expert_kernel)
         check_quant_kernel(program, quant_kernel)
         self.program = program

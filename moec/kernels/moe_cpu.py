@@ -1,6 +1,7 @@
 """Routed experts grouped by expert, on torch's matmuls: the torch runner's ``moe.experts`` kernel for every
-dtype and device (for float32 on the CPU, the runner times it, with oneDNN's matmuls and with ``F.linear``,
-against ``moec.kernels.moe_onnxruntime`` and runs the fastest: ``torch_runner.float_experts``).
+dtype and device (for float32 and bfloat16 on the CPU, the runner times it, with oneDNN's matmuls, with
+``F.linear`` and with ``F.grouped_mm``, against ``moec.kernels.moe_onnxruntime`` for float32, and runs the
+fastest: ``torch_runner.float_experts``).
 
 Contract (the same as the plain reference in ``moec.kernels.reference``)::
 
@@ -43,6 +44,11 @@ How it runs (why each choice, measured on a 2-core AMD EPYC, Mixtral-sized exper
   Mixtral-sized block with 2 threads 4.3-5.0 ms for two experts against 4.7-5.5 ms with the activation
   fused into two matvecs; 1.4 vs 1.7 ms on 512 x 1536 experts).
 * ``.tolist()`` of the per-expert counts is a host copy of E integers, not a device sync, on the CPU.
+
+``experts_grouped_mm`` computes the same with two ``F.grouped_mm`` calls over all experts at once (torch's
+grouped GEMM, a loop over the experts in C++), so no Python runs per expert: on an Intel Xeon the fastest of
+the torch kernels from 16 tokens on, in bfloat16 and for many small experts in float32
+(``tools/bench/experts_kernels.py``).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from moec.kernels.reference import (
 )
 from moec.kernels.workspace import gathered_rows
 
-__all__ = ["experts_forward", "onednn_available"]
+__all__ = ["experts_forward", "experts_grouped_mm", "grouped_mm_fits", "onednn_available"]
 
 
 # oneDNN post-op name and algorithm for the activations it can fuse into the gate GEMM.
@@ -234,3 +240,48 @@ def _decode(x, indices, weights, w_in, w_out, b_in, b_out, spec, fast, drop_zero
         h = _gated_hidden(weighted_rows(x, weight, spec), w_in[expert], b_in_e, spec, fast, fused=False)  # [1, F]
         y.add_(weighted_outputs(_linear(h, w_out[expert], b_out_e, fast), weight, spec))
     return y
+
+
+def grouped_mm_fits(dtype: torch.dtype, device: torch.device, spec: ExpertsSpec) -> bool:
+    """Whether ``experts_grouped_mm`` runs these experts: ``F.grouped_mm`` takes float32 and bfloat16 on the
+    CPU, with every row of its operands a multiple of 16 bytes long."""
+    if not hasattr(F, "grouped_mm") or device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    f_in = 2 * spec.intermediate if spec.gated else spec.intermediate
+    return all(size * dtype.itemsize % 16 == 0 for size in (spec.hidden, spec.intermediate, f_in))
+
+
+def experts_grouped_mm(
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    w_in: torch.Tensor,
+    w_out: torch.Tensor,
+    b_in: torch.Tensor | None,
+    b_out: torch.Tensor | None,
+    spec: ExpertsSpec,
+    drop_zero_weight: bool = False,
+) -> torch.Tensor:
+    """``experts_forward``'s result with one ``F.grouped_mm`` for every expert's input projection and one for
+    the output projections (where ``grouped_mm_fits``); the same contract, the pairs summed in expert order."""
+    dtype = x.dtype
+    if x.shape[0] == 0 or indices.shape[1] == 0:
+        return torch.zeros_like(x)
+    groups = group_by_expert(indices, weights, spec.num_experts, drop_zero_weight)
+    ends = torch.tensor(groups.counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    expert_of_row = torch.repeat_interleave(torch.arange(spec.num_experts), torch.tensor(groups.counts))  # for biases
+    rows = weighted_rows(gathered_rows(x.contiguous(), groups.token_of), groups.weight, spec)  # [S, H]
+    h = F.grouped_mm(rows, w_in.to(dtype).transpose(1, 2), offs=ends)  # [S, F_in]
+    if b_in is not None:
+        h.add_(b_in.to(dtype).index_select(0, expert_of_row))
+    f = spec.intermediate
+    if not spec.gated:
+        h = activation(spec.act)(h)
+    elif spec.plain_gating:
+        h = activation(spec.act)(h[:, :f]).mul_(h[:, f:])
+    else:
+        h = gated_activation(h[:, :f], h[:, f:], spec)
+    out = F.grouped_mm(h.contiguous(), w_out.to(dtype).transpose(1, 2), offs=ends)  # [S, H]
+    if b_out is not None:
+        out.add_(b_out.to(dtype).index_select(0, expert_of_row))
+    return torch.zeros_like(x).index_add_(0, groups.token_of, weighted_outputs(out, groups.weight, spec))

@@ -47,7 +47,7 @@ def test_an_unknown_kernel_is_refused_before_capture(monkeypatch):
     monkeypatch.setattr(api, "capture_for_sizes_of_one", lambda *args: pytest.fail("captured"))
     with pytest.raises(BackendError, match=r"^quant_kernel='exact' is not one of auto, "):
         moec.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), quant_kernel="exact")
-    with pytest.raises(BackendError, match=r"^expert_kernel='fast' is not one of auto, onnxruntime, torch, torch-blas$"):
+    with pytest.raises(BackendError, match=r"^expert_kernel='fast' is not one of auto, onnxruntime, torch, torch-blas, torch-grouped$"):
         moec.compile(torch.nn.Linear(4, 4), (torch.randn(2, 4),), expert_kernel="fast")
 
 

@@ -1,4 +1,5 @@
-"""Parity of moec's grouped CPU experts kernel with Hugging Face's MixtralExperts and a per-slot loop.
+"""Parity of moec's CPU experts kernels (grouped by expert on oneDNN or ``F.linear``, and on ``F.grouped_mm``)
+with Hugging Face's MixtralExperts and a per-slot loop.
 
 Tolerance: 1e-5 relative (to the output's max magnitude) in float32; the kernel sums the same products
 in the same expert order as HF, so only GEMM blocking differs.
@@ -12,13 +13,20 @@ import torch.nn.functional as F
 
 from moec.frontend.blocks import ExpertsSpec
 from moec.kernels import moe_cpu
-from moec.kernels.moe_cpu import experts_forward
+from moec.kernels.moe_cpu import experts_forward, experts_grouped_mm, grouped_mm_fits
 
 transformers = pytest.importorskip("transformers")
 from transformers import MixtralConfig  # noqa: E402
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: E402
 
 RTOL = 1e-5
+
+# The runner's torch kernels for float experts, by their expert_kernel name.
+KERNELS = {
+    "torch": experts_forward,
+    "torch-blas": lambda *args, **kwargs: experts_forward(*args, **kwargs, onednn=False),
+    "torch-grouped": experts_grouped_mm,
+}
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -83,7 +91,8 @@ def _hf_experts(num_experts: int, hidden: int, inter: int, act: str, gen: torch.
     [(1, 2, ()), (1, 1, ()), (1, 4, ()), (7, 1, ()), (13, 2, (0, 5)), (33, 4, (3,)), (64, 2, ())],
 )
 @pytest.mark.parametrize("act", ["silu", "gelu"])
-def test_matches_hf_mixtral_experts(num_tokens, top_k, skip, act):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_matches_hf_mixtral_experts(num_tokens, top_k, skip, act, kernel):
     gen = torch.Generator().manual_seed(num_tokens * 10 + top_k)
     num_experts, hidden, inter = 8, 48, 40
     hf = _hf_experts(num_experts, hidden, inter, act, gen)
@@ -92,7 +101,7 @@ def test_matches_hf_mixtral_experts(num_tokens, top_k, skip, act):
     spec = ExpertsSpec(num_experts=num_experts, hidden=hidden, intermediate=inter, act=act, gated=True)
     with torch.inference_mode():
         want = hf(x, indices, weights)
-        got = experts_forward(x, indices, weights, hf.gate_up_proj, hf.down_proj, None, None, spec)
+        got = KERNELS[kernel](x, indices, weights, hf.gate_up_proj, hf.down_proj, None, None, spec)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert _rel_err(got, want) < RTOL
 
@@ -100,7 +109,8 @@ def test_matches_hf_mixtral_experts(num_tokens, top_k, skip, act):
 @pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh", "relu", "quick_gelu"])
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("num_tokens", [1, 9])
-def test_bias_and_activations_match_loop(act, gated, num_tokens):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_bias_and_activations_match_loop(act, gated, num_tokens, kernel):
     gen = torch.Generator().manual_seed(7)
     num_experts, hidden, inter, top_k = 6, 32, 24, 3
     f_in = 2 * inter if gated else inter
@@ -112,13 +122,14 @@ def test_bias_and_activations_match_loop(act, gated, num_tokens):
     indices, weights = _routing(num_tokens, num_experts, top_k, gen, skip=(2,))
     spec = ExpertsSpec(num_experts, hidden, inter, act=act, gated=gated, has_bias=True)
     want = loop_reference(x, indices, weights, w_in, w_out, b_in, b_out, spec)
-    got = experts_forward(x, indices, weights, w_in, w_out, b_in, b_out, spec)
+    got = KERNELS[kernel](x, indices, weights, w_in, w_out, b_in, b_out, spec)
     assert _rel_err(got, want) < RTOL
 
 
 @pytest.mark.parametrize("num_tokens", [1, 9])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, RTOL), (torch.bfloat16, 2e-2)])
-def test_clamped_gating_matches_reference(num_tokens, dtype, tolerance):
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_clamped_gating_matches_reference(num_tokens, dtype, tolerance, kernel):
     """GPT-OSS's gating (limit 2 here, up + 1) on weights large enough that the clamps bind; one token takes
     the decode path."""
     from moec.kernels import reference
@@ -131,11 +142,12 @@ def test_clamped_gating_matches_reference(num_tokens, dtype, tolerance):
     indices, weights = _routing(num_tokens, 6, 3, gen, skip=())
     want = reference.experts(x, indices, weights, w_in, w_out, b_in, b_out, spec)
     x, w_in, w_out, b_in, b_out = (t.to(dtype) for t in (x, w_in, w_out, b_in, b_out))
-    got = experts_forward(x, indices, weights, w_in, w_out, b_in, b_out, spec)
+    got = KERNELS[kernel](x, indices, weights, w_in, w_out, b_in, b_out, spec)
     assert _rel_err(got.float(), want) < tolerance
 
 
-def test_repeated_expert_in_one_token_counts_twice():
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_repeated_expert_in_one_token_counts_twice(kernel):
     gen = torch.Generator().manual_seed(3)
     spec = ExpertsSpec(4, 16, 8, act="silu", gated=True)
     w_in = torch.randn(4, 16, 16, generator=gen)
@@ -145,7 +157,7 @@ def test_repeated_expert_in_one_token_counts_twice():
     weights = torch.rand(3, 2, generator=gen)
     want = loop_reference(x, indices, weights, w_in, w_out, None, None, spec)
     for rows in (slice(0, 1), slice(0, 3)):  # decode path and grouped path
-        got = experts_forward(x[rows], indices[rows], weights[rows], w_in, w_out, None, None, spec)
+        got = KERNELS[kernel](x[rows], indices[rows], weights[rows], w_in, w_out, None, None, spec)
         assert _rel_err(got, want[rows]) < RTOL
 
 
@@ -187,7 +199,8 @@ def test_onednn_off_runs_every_matmul_on_f_linear(monkeypatch):
         assert len(linear_calls) == 2 * used, "one F.linear for gate and up, one for down, per expert used"
 
 
-def test_bfloat16_close_to_float32():
+@pytest.mark.parametrize("kernel", list(KERNELS))
+def test_bfloat16_close_to_float32(kernel):
     gen = torch.Generator().manual_seed(5)
     spec = ExpertsSpec(4, 32, 16, act="silu", gated=True)
     w_in = torch.randn(4, 32, 32, generator=gen) * 0.2
@@ -195,7 +208,7 @@ def test_bfloat16_close_to_float32():
     x = torch.randn(6, 32, generator=gen)
     indices, weights = _routing(6, 4, 2, gen)
     want = experts_forward(x, indices, weights, w_in, w_out, None, None, spec)
-    got = experts_forward(x.bfloat16(), indices, weights, w_in.bfloat16(), w_out.bfloat16(), None, None, spec)
+    got = KERNELS[kernel](x.bfloat16(), indices, weights, w_in.bfloat16(), w_out.bfloat16(), None, None, spec)
     assert got.dtype == torch.bfloat16
     assert _rel_err(got, want) < 5e-2
 
@@ -225,3 +238,42 @@ def test_empty_and_bad_shapes():
             None,
             spec,
         )
+
+
+def test_grouped_mm_runs_two_grouped_gemms_and_pairs_of_weight_zero_cost_nothing(monkeypatch):
+    """All experts in one ``F.grouped_mm`` per projection, whatever the number of experts used; the pairs
+    ``drop_zero_weight`` drops (dynamic skipping, merged experts' repeats) are not computed."""
+    gen = torch.Generator().manual_seed(13)
+    spec = ExpertsSpec(5, 24, 16, act="silu", gated=True, has_bias=True)
+    w_in, w_out = torch.randn(5, 32, 24, generator=gen), torch.randn(5, 24, 16, generator=gen)
+    b_in, b_out = torch.randn(5, 32, generator=gen), torch.randn(5, 24, generator=gen)
+    x = torch.randn(10, 24, generator=gen)
+    indices, weights = _routing(10, 5, 2, gen)
+    weights[::2, 1] = 0.0
+    rows = []
+    grouped_mm = F.grouped_mm
+    monkeypatch.setattr(moe_cpu.F, "grouped_mm", lambda a, b, **kw: rows.append(len(a)) or grouped_mm(a, b, **kw))
+    got = experts_grouped_mm(x, indices, weights, w_in, w_out, b_in, b_out, spec, drop_zero_weight=True)
+    assert rows == [15, 15], "10 tokens x 2 slots, less the 5 pairs of weight 0, in one call per projection"
+    want = loop_reference(x, indices, weights, w_in, w_out, b_in, b_out, spec)
+    assert _rel_err(got, want) < RTOL
+
+
+@pytest.mark.parametrize(("dtype", "hidden", "intermediate", "fits"), [
+    (torch.float32, 24, 16, True),
+    (torch.bfloat16, 24, 16, True),
+    (torch.float32, 24, 7, False),  # rows of 28 bytes
+    (torch.bfloat16, 12, 16, False),  # rows of 24 bytes
+    (torch.float16, 24, 16, False),
+    (torch.float64, 24, 16, False),
+])
+def test_grouped_mm_fits_only_the_layouts_it_takes(dtype, hidden, intermediate, fits):
+    spec = ExpertsSpec(3, hidden, intermediate, act="silu", gated=True)
+    assert grouped_mm_fits(dtype, torch.device("cpu"), spec) == fits
+    if fits:  # and it then runs
+        x = torch.randn(4, hidden, dtype=dtype)
+        w_in, w_out = torch.randn(3, 2 * intermediate, hidden, dtype=dtype), torch.randn(3, hidden, intermediate, dtype=dtype)
+        indices, weights = _routing(4, 3, 2, torch.Generator().manual_seed(0))
+        want = experts_forward(x.float(), indices, weights, w_in.float(), w_out.float(), None, None, spec)
+        got = experts_grouped_mm(x, indices, weights, w_in, w_out, None, None, spec)
+        assert _rel_err(got, want) < (RTOL if dtype == torch.float32 else 2e-2)

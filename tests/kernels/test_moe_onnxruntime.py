@@ -92,12 +92,12 @@ def test_runner_expert_kernels_agree_and_auto_runs_the_one_it_measured_fastest(m
     program = capture(model, (), example)
     inputs = program.flatten_inputs((), example)
     want = TorchRunner(program, expert_kernel="torch").run(inputs)[0]
-    for kernel in ("torch-blas", "onnxruntime", "auto"):
+    for kernel in ("torch-blas", "torch-grouped", "onnxruntime", "auto"):
         got = TorchRunner(program, expert_kernel=kernel).run(inputs)[0]
         assert float((got - want).abs().max() / want.abs().max()) < RTOL, kernel
     # Both experts ops have one shape: one race of every kernel for this size, remembered.
     ((key, timings),) = choice.timings.items()
-    assert set(timings) == {"torch", "onnxruntime"} | ({"torch-blas"} if onednn_available() else set())
+    assert set(timings) == {"torch", "torch-grouped", "onnxruntime"} | ({"torch-blas"} if onednn_available() else set())
     experts_ops = len(program.graph.ops_of(ExpertsOp))
     for winner, onnxruntime_calls in (("onnxruntime", experts_ops), ("torch", 0)):
         choice.chosen[key] = winner
@@ -113,14 +113,28 @@ def test_runner_expert_kernels_agree_and_auto_runs_the_one_it_measured_fastest(m
 
 
 @pytest.mark.slow  # about 8 s
-def test_runner_refuses_onnxruntime_for_bfloat16_and_unknown_kernels() -> None:
+def test_runner_refuses_onnxruntime_for_bfloat16_and_unknown_kernels(monkeypatch) -> None:
     model, example = build_preset("tiny-mixtral")
     program = capture(model.to(torch.bfloat16), (), example)
     with pytest.raises(BackendError, match="float32 experts on the CPU only"):
         TorchRunner(program, expert_kernel="onnxruntime").run(program.flatten_inputs((), example))
-    assert TorchRunner(program).run(program.flatten_inputs((), example))[0].dtype == torch.bfloat16  # auto: torch
+    choice = KernelChoice()
+    monkeypatch.setattr(torch_runner, "EXPERT_KERNEL_CHOICE", choice)
+    assert TorchRunner(program).run(program.flatten_inputs((), example))[0].dtype == torch.bfloat16
+    ((key, timings),) = choice.timings.items()  # auto races the torch kernels on bfloat16 experts too
+    assert key[-1] == "bfloat16" and {"torch", "torch-grouped"} <= set(timings) and "onnxruntime" not in timings
     with pytest.raises(BackendError, match="expert_kernel='fast' is not one of"):
         TorchRunner(program, expert_kernel="fast")
+
+
+def test_a_fixed_grouped_kernel_is_refused_for_experts_grouped_mm_does_not_take() -> None:
+    spec = ExpertsSpec(4, 24, 7, act="silu", gated=True)  # rows of 7 floats: 28 bytes
+    x, indices = torch.randn(3, 24), torch.tensor([[0, 1], [2, 3], [1, 2]])
+    w_in, w_out = torch.randn(4, 14, 24), torch.randn(4, 24, 7)
+    with pytest.raises(BackendError, match=r"expert_kernel='torch-grouped' cannot run this plan: .* float32 on cpu "
+                                           r"\(hidden 24, intermediate 7\); use expert_kernel='torch'"):
+        torch_runner.float_experts("torch-grouped", x, indices, torch.rand(3, 2), w_in, w_out, None, None, spec,
+                                   lambda: pytest.fail("no onnxruntime session"))
 
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -220,7 +234,8 @@ def test_auto_leaves_onnxruntime_out_where_its_packed_copy_would_crowd_memory(mo
     the memory stays available (here the machine has 8 GiB and the memory it reports is patched)."""
     model, example = build_preset("tiny-mixtral")
     program = capture(model, (), example)
-    monkeypatch.setattr(torch_runner, "EXPERT_KERNEL_CHOICE", KernelChoice())
+    choice = KernelChoice()
+    monkeypatch.setattr(torch_runner, "EXPERT_KERNEL_CHOICE", choice)
     monkeypatch.setattr(torch_runner, "_warned_low_memory", False)
     monkeypatch.setattr(torch_runner, "available_memory", lambda: (available_gib * 2**30, 8 * 2**30))
     built: list[int] = []
@@ -231,6 +246,8 @@ def test_auto_leaves_onnxruntime_out_where_its_packed_copy_would_crowd_memory(mo
         warnings.simplefilter("always")
         output = runner.run(program.flatten_inputs((), example))[0]
     crowded = [w for w in caught if "leaving less than 20% of this machine's memory available" in str(w.message)]
-    assert (len(built), len(crowded)) == ((0, 1) if available_gib == 1 else (len(program.graph.ops_of(ExpertsOp)), 0))
+    ((_, timings),) = choice.timings.items()  # the layers share one shape: one race, which onnxruntime joins or not
+    assert ("onnxruntime" in timings, bool(built), len(crowded)) == ((False, False, 1) if available_gib == 1 else
+                                                                     (True, True, 0))
     with torch.no_grad():
         torch.testing.assert_close(output, model(**example).logits, rtol=1e-4, atol=1e-4)

@@ -52,6 +52,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def token_counts(text: str) -> list[int]:
+    """An argparse type: comma-separated token counts, each at least 1."""
+    return [positive_int(part) for part in text.split(",")]
+
+
 def cpu_name() -> str:
     """The CPU's model name (Linux's /proc/cpuinfo), else what platform reports."""
     try:

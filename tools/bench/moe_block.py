@@ -12,11 +12,12 @@ Compared, in the same process and interleaved repeat by repeat (so background lo
 * ``hf_compiled``    the block as shipped under ``torch.compile`` (inductor, default mode; ``--no-torch-compile``
   leaves it out), compiled on its first call (about 20 s here), then for dynamic token counts.
 * ``moec``           the *same* HF router (``block.gate``) followed by the experts kernel the torch runner runs
-  by default for float32 on the CPU (``expert_kernel="auto"``: the fastest of the three below, timed on the
+  by default for float32 on the CPU (``expert_kernel="auto"``: the fastest of the four below, timed on the
   first call of each size; ``torch_runner.float_experts``); only the expert computation differs.
-* ``moec_onnxruntime``, ``moec_torch``, ``moec_torch_blas``: the same with each of the runner's kernels
-  forced: onnxruntime GEMMs on weights packed once (``moec.kernels.moe_onnxruntime``), and
-  ``moec.kernels.moe_cpu.experts_forward`` on oneDNN's matmuls or on ``F.linear`` (MKL).
+* ``moec_onnxruntime``, ``moec_torch``, ``moec_torch_blas``, ``moec_torch_grouped``: the same with each of
+  the runner's kernels forced: onnxruntime GEMMs on weights packed once (``moec.kernels.moe_onnxruntime``),
+  ``moec.kernels.moe_cpu.experts_forward`` on oneDNN's matmuls or on ``F.linear`` (MKL), and
+  ``experts_grouped_mm`` on ``F.grouped_mm``.
 
 Before every timed call a 512 MB read evicts the CPU caches (``CacheEviction``), so each call streams its
 weights from memory as a layer inside a model would. The machine's own limits are probed in the same run:
@@ -45,7 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench_util import output_file, positive_int, require_close, run_facts  # noqa: E402
+from bench_util import output_file, positive_int, require_close, run_facts, token_counts  # noqa: E402
 
 from moec.backend.torch_runner import EXPERT_KERNEL_CHOICE, expert_kernel_key, float_experts  # noqa: E402
 from moec.frontend.blocks import ExpertsSpec  # noqa: E402
@@ -53,7 +54,7 @@ from moec.kernels.moe_cpu import onednn_available  # noqa: E402
 from moec.kernels.moe_onnxruntime import OnnxruntimeExperts  # noqa: E402
 
 HIDDEN, FFN, EXPERTS, TOP_K = 1024, 3584, 8, 2
-MOEC_KERNELS = ("onnxruntime", "torch", "torch-blas")  # what expert_kernel="auto" chooses from
+MOEC_KERNELS = ("onnxruntime", "torch", "torch-blas", "torch-grouped")  # what expert_kernel="auto" chooses from
 
 
 class CacheEviction:
@@ -157,11 +158,6 @@ def build_block():
 
 
 TOLERANCE = 1e-4  # relative to the output's largest value: float32 sums in another order stay near 1e-6
-
-
-def token_counts(text: str) -> list[int]:
-    """An argparse type: comma-separated token counts, each at least 1."""
-    return [positive_int(part) for part in text.split(",")]
 
 
 def main(argv=None) -> int:

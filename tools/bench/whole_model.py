@@ -4,9 +4,13 @@ Models:
 
 * ``minilm``: all-MiniLM-L6-v2 (real weights, dense: moec gains nothing from MoE kernels here), batch x
   sequence 1x8, 4x16 and 8x64, returning the last hidden state;
-* ``mixtral``: a Mixtral-style causal LM, 2 layers, hidden 512, FFN 1536, 8 experts, top-2, vocab 1024,
-  float32 (seeded random weights; the model of ``onnx_runtime.py``), one sequence of 1, 16 and 256
-  tokens without a cache, returning the logits.
+* ``mixtral``: a Mixtral-style causal LM, 2 layers, hidden 512, FFN 1536, 8 experts, top-2, vocab 1024
+  (seeded random weights; the model of ``onnx_runtime.py``), one sequence of 1, 16 and 256 tokens without
+  a cache, returning the logits;
+* ``qwen3-moe``: the same with fine-grained experts, Qwen3-MoE's block: 64 experts of 256, top-8.
+
+``--dtype bfloat16`` runs every model in bfloat16; its outputs are then checked against the float32 model:
+moec's error may not exceed 1.5x HF eager's own (routing flips under bfloat16 rounding) plus 1e-2.
 
 Compared in the same process and interleaved repeat by repeat (median of ``--repeats``):
 
@@ -16,13 +20,14 @@ Compared in the same process and interleaved repeat by repeat (median of ``--rep
 
 Ratios are other time / moec time (> 1: moec faster).
 
-Run:  python tools/bench/whole_model.py [--models minilm,mixtral] [--threads 2] [--no-torch-compile]
-                                        [--out bench-results/whole_model.json]
+Run:  python tools/bench/whole_model.py [--models minilm,mixtral,qwen3-moe] [--threads 2] [--no-torch-compile]
+                                        [--dtype bfloat16] [--out bench-results/whole_model.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -41,7 +46,7 @@ from bench_util import output_file, positive_int, require_close, run_facts  # no
 import moec  # noqa: E402
 from moec.frontend.zoo import build_preset  # noqa: E402
 
-MODELS = ("minilm", "mixtral")
+MODELS = ("minilm", "mixtral", "qwen3-moe")
 
 
 def minilm_case():
@@ -62,7 +67,20 @@ def mixtral_case():
         num_local_experts=8, num_experts_per_tok=2, use_cache=False,
     )
     torch.manual_seed(0)
-    model = transformers.MixtralForCausalLM(config).eval()
+    return causal_lm_case(transformers.MixtralForCausalLM(config).eval())
+
+
+def qwen3_moe_case():
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=1024, hidden_size=512, moe_intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=64, max_position_embeddings=512, num_experts=64, num_experts_per_tok=8,
+        use_cache=False,
+    )
+    torch.manual_seed(0)
+    return causal_lm_case(transformers.Qwen3MoeForCausalLM(config).eval())
+
+
+def causal_lm_case(model):
     example = {"input_ids": torch.randint(0, 1024, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
 
     def inputs(tokens: int) -> dict[str, torch.Tensor]:
@@ -78,8 +96,13 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(name: str, repeats: int, with_torch_compile: bool) -> list[dict]:
-    model, example, sizes, output_of = minilm_case() if name == "minilm" else mixtral_case()
+CASES = {"minilm": minilm_case, "mixtral": mixtral_case, "qwen3-moe": qwen3_moe_case}
+
+
+def bench_model(name: str, repeats: int, with_torch_compile: bool, dtype: torch.dtype) -> list[dict]:
+    model, example, sizes, output_of = CASES[name]()
+    float32_model = copy.deepcopy(model) if dtype != torch.float32 else None  # the reference for other dtypes
+    model.to(dtype)
     start = time.perf_counter()
     compiled = moec.compile(model, example)
     print(f"{name}: moec.compile {time.perf_counter() - start:.1f} s, {len(compiled.program.graph.ops)} ops", flush=True)
@@ -96,8 +119,15 @@ def bench_model(name: str, repeats: int, with_torch_compile: bool) -> list[dict]
             reference = runners["hf_eager"]()
             first_call = {runner: timed(fn) for runner, fn in runners.items()}  # torch.compile compiles here
             agreement = {runner: float((fn() - reference).abs().max()) for runner, fn in runners.items()}
-            for runner, fn in runners.items():  # not timing a wrong result
-                require_close(runner, fn(), reference, 1e-4, f"of {name} at {batch}x{seq}")
+            if float32_model is None:
+                for runner, fn in runners.items():  # not timing a wrong result
+                    require_close(runner, fn(), reference, 1e-4, f"of {name} at {batch}x{seq}")
+            else:  # as close to the float32 model as HF eager is in this dtype
+                exact = output_of(float32_model(**inputs))
+                hf_error = require_close("hf_eager", reference, exact, 1.0)
+                for runner, fn in runners.items():
+                    require_close(runner, fn(), exact, 1.5 * hf_error + 1e-2,
+                                  f"of {name} at {batch}x{seq} (HF eager: {hf_error:.3g} relative)")
             times: dict[str, list[float]] = {runner: [] for runner in runners}
             for _ in range(repeats):
                 for runner, fn in runners.items():
@@ -122,6 +152,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=positive_int, default=41,
                         help="timed runs per runner and size, median taken (default: %(default)s)")
     parser.add_argument("--no-torch-compile", action="store_true", help="leave torch.compile out (it compiles each size)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the models' dtype (default: %(default)s)")
     parser.add_argument("--out", default="bench-results/whole_model.json", help="the JSON result (default: %(default)s)")
     args = parser.parse_args(argv)
     args.out = output_file(args.out)
@@ -132,9 +164,10 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    rows = [row for name in models for row in bench_model(name, args.repeats, not args.no_torch_compile)]
-    args.out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, **run_facts(), "rows": rows},
-                                   indent=2))
+    dtype = getattr(torch, args.dtype)
+    rows = [row for name in models for row in bench_model(name, args.repeats, not args.no_torch_compile, dtype)]
+    args.out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "dtype": args.dtype,
+                                    **run_facts(), "rows": rows}, indent=2))
     print(f"wrote {args.out}")
     return 0
 
