@@ -25,6 +25,7 @@ from moec.ir.program import Program
 from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.targets import resolve_target
 from moec.kernels import reference
+from moec.kernels.attention import causal_sdpa
 from moec.kernels.kernel_choice import KernelChoice
 from moec.kernels.moe_cpu import experts_forward, experts_grouped_mm, grouped_mm_fits, onednn_available
 from moec.kernels.quant import QuantizedWeight
@@ -532,6 +533,8 @@ class TorchRunner:
         spread; any other op's rule, through ``prepare``."""
         if not isinstance(op, AtenOp):
             return Callee(self.prepare(op), spread=False)
+        if op.target == "aten.scaled_dot_product_attention.default":  # a causal mask runs as is_causal
+            return Callee(causal_sdpa, spread=True)
         fn = resolve_target(op.target)
         schema = getattr(fn, "_schema", None)
         returns_list = schema is not None and len(op.results) == 1 and len(schema.returns) == 1 \

@@ -7,7 +7,10 @@ Models:
 * ``mixtral``: a Mixtral-style causal LM, 2 layers, hidden 512, FFN 1536, 8 experts, top-2, vocab 1024
   (seeded random weights; the model of ``onnx_runtime.py``), one sequence of 1, 16 and 256 tokens without
   a cache, returning the logits;
-* ``qwen3-moe``: the same with fine-grained experts, Qwen3-MoE's block: 64 experts of 256, top-8.
+* ``qwen3-moe``: the same with fine-grained experts, Qwen3-MoE's block: 64 experts of 256, top-8;
+* ``llama``: the same without experts, a dense FFN of 1536 (Llama's).
+
+``--tokens`` sets the causal LMs' sequence lengths (long ones show attention's share).
 
 ``--dtype bfloat16`` runs every model in bfloat16; its outputs are then checked against the float32 model:
 moec's error may not exceed 1.5x HF eager's own (routing flips under bfloat16 rounding) plus 1e-2.
@@ -20,8 +23,8 @@ Compared in the same process and interleaved repeat by repeat (median of ``--rep
 
 Ratios are other time / moec time (> 1: moec faster).
 
-Run:  python tools/bench/whole_model.py [--models minilm,mixtral,qwen3-moe] [--threads 2] [--no-torch-compile]
-                                        [--dtype bfloat16] [--out bench-results/whole_model.json]
+Run:  python tools/bench/whole_model.py [--models minilm,mixtral,qwen3-moe,llama] [--threads 2] [--no-torch-compile]
+                                        [--dtype bfloat16] [--tokens 512,2048] [--out bench-results/whole_model.json]
 """
 
 from __future__ import annotations
@@ -41,12 +44,12 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench_util import output_file, positive_int, require_close, run_facts  # noqa: E402
+from bench_util import output_file, positive_int, require_close, run_facts, token_counts  # noqa: E402
 
 import moec  # noqa: E402
 from moec.frontend.zoo import build_preset  # noqa: E402
 
-MODELS = ("minilm", "mixtral", "qwen3-moe")
+MODELS = ("minilm", "mixtral", "qwen3-moe", "llama")
 
 
 def minilm_case():
@@ -63,7 +66,7 @@ def minilm_case():
 def mixtral_case():
     config = transformers.MixtralConfig(
         vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
         num_local_experts=8, num_experts_per_tok=2, use_cache=False,
     )
     torch.manual_seed(0)
@@ -73,11 +76,20 @@ def mixtral_case():
 def qwen3_moe_case():
     config = transformers.Qwen3MoeConfig(
         vocab_size=1024, hidden_size=512, moe_intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=4, head_dim=64, max_position_embeddings=512, num_experts=64, num_experts_per_tok=8,
+        num_key_value_heads=4, head_dim=64, max_position_embeddings=4096, num_experts=64, num_experts_per_tok=8,
         use_cache=False,
     )
     torch.manual_seed(0)
     return causal_lm_case(transformers.Qwen3MoeForCausalLM(config).eval())
+
+
+def llama_case():
+    config = transformers.LlamaConfig(
+        vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=4096, use_cache=False,
+    )
+    torch.manual_seed(0)
+    return causal_lm_case(transformers.LlamaForCausalLM(config).eval())
 
 
 def causal_lm_case(model):
@@ -87,7 +99,7 @@ def causal_lm_case(model):
         ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(tokens))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    return model, example, [((1, n), inputs(n)) for n in (1, 16, 256)], lambda out: out.logits
+    return model, example, [((1, n), inputs(n)) for n in CAUSAL_TOKENS], lambda out: out.logits
 
 
 def timed(fn) -> float:
@@ -96,7 +108,8 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-CASES = {"minilm": minilm_case, "mixtral": mixtral_case, "qwen3-moe": qwen3_moe_case}
+CASES = {"minilm": minilm_case, "mixtral": mixtral_case, "qwen3-moe": qwen3_moe_case, "llama": llama_case}
+CAUSAL_TOKENS = [1, 16, 256]  # the causal LMs' sequence lengths: --tokens
 
 
 def bench_model(name: str, repeats: int, with_torch_compile: bool, dtype: torch.dtype) -> list[dict]:
@@ -154,6 +167,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-torch-compile", action="store_true", help="leave torch.compile out (it compiles each size)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the models' dtype (default: %(default)s)")
+    parser.add_argument("--tokens", type=token_counts, default=CAUSAL_TOKENS,
+                        help="the causal LMs' sequence lengths (default: 1,16,256)")
     parser.add_argument("--out", default="bench-results/whole_model.json", help="the JSON result (default: %(default)s)")
     args = parser.parse_args(argv)
     args.out = output_file(args.out)
@@ -164,6 +179,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
+    CAUSAL_TOKENS[:] = args.tokens
     dtype = getattr(torch, args.dtype)
     rows = [row for name in models for row in bench_model(name, args.repeats, not args.no_torch_compile, dtype)]
     args.out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "dtype": args.dtype,
