@@ -179,14 +179,20 @@ def test_fallback_without_onednn_matches(monkeypatch):
     assert not any(moe_cpu._PROBED.values())
 
 
-def test_onednn_off_runs_every_matmul_on_f_linear(monkeypatch):
-    """``onednn=False`` (the runner's ``torch-blas`` kernel) computes the same on ``F.linear`` alone."""
-    gen = torch.Generator().manual_seed(12)
+def _biased_gated_case(seed: int):
+    """5 gated SiLU experts with biases (hidden 24, FFN 16) and 10 tokens routed to 2 of them each."""
+    gen = torch.Generator().manual_seed(seed)
     spec = ExpertsSpec(5, 24, 16, act="silu", gated=True, has_bias=True)
     w_in, w_out = torch.randn(5, 32, 24, generator=gen), torch.randn(5, 24, 16, generator=gen)
     b_in, b_out = torch.randn(5, 32, generator=gen), torch.randn(5, 24, generator=gen)
     x = torch.randn(10, 24, generator=gen)
     indices, weights = _routing(10, 5, 2, gen)
+    return spec, x, indices, weights, w_in, w_out, b_in, b_out
+
+
+def test_onednn_off_runs_every_matmul_on_f_linear(monkeypatch):
+    """``onednn=False`` (the runner's ``torch-blas`` kernel) computes the same on ``F.linear`` alone."""
+    spec, x, indices, weights, w_in, w_out, b_in, b_out = _biased_gated_case(12)
     want = loop_reference(x, indices, weights, w_in, w_out, b_in, b_out, spec)
     linear_calls = []
     linear = F.linear
@@ -243,12 +249,7 @@ def test_empty_and_bad_shapes():
 def test_grouped_mm_runs_two_grouped_gemms_and_pairs_of_weight_zero_cost_nothing(monkeypatch):
     """All experts in one ``F.grouped_mm`` per projection, whatever the number of experts used; the pairs
     ``drop_zero_weight`` drops (dynamic skipping, merged experts' repeats) are not computed."""
-    gen = torch.Generator().manual_seed(13)
-    spec = ExpertsSpec(5, 24, 16, act="silu", gated=True, has_bias=True)
-    w_in, w_out = torch.randn(5, 32, 24, generator=gen), torch.randn(5, 24, 16, generator=gen)
-    b_in, b_out = torch.randn(5, 32, generator=gen), torch.randn(5, 24, generator=gen)
-    x = torch.randn(10, 24, generator=gen)
-    indices, weights = _routing(10, 5, 2, gen)
+    spec, x, indices, weights, w_in, w_out, b_in, b_out = _biased_gated_case(13)
     weights[::2, 1] = 0.0
     rows = []
     grouped_mm = F.grouped_mm
