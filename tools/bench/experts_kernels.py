@@ -1,8 +1,8 @@
 """Benchmark: the torch runner's CPU kernels for routed experts, alone, against Hugging Face's experts module.
 
 Two layer shapes, each in float32 and bfloat16, on T tokens routed uniformly at random (k distinct experts a
-token, as a router trained with a load-balancing loss spreads them; a random-init model's router sends
-most tokens to the same few experts, which flatters per-expert loops):
+token, as a router trained with a load-balancing loss spreads them; a random-init model's router spreads
+them unevenly):
 
 * ``mixtral``: 8 experts, hidden 512, FFN 1536, top-2 (Mixtral's layout, few large experts);
 * ``qwen3``: 64 experts, hidden 512, FFN 256, top-8 (Qwen3-MoE's, many small experts).
