@@ -265,16 +265,16 @@ def export(model: nn.Module, args: tuple, kwargs: dict) -> torch.export.Exported
                 raise CaptureError(f"{type(model).__name__}.forward {what} {opaque.__qualname__}, a class torch.export "
                                    f"cannot look inside; register it as a pytree before compiling: "
                                    f"{pytree_registration(opaque)}") from None
-        if sizes_of_one(args, kwargs) and not specializes_size_one(err):
+        single = sizes_of_one(args, kwargs)
+        if single and not specializes_size_one(err):
             with contextlib.suppress(Exception):  # the first error is the one to report
                 ep = export_with(model, args, kwargs, dynamic_shapes_for(model, args, kwargs, fix_ones=True))
                 warn(
                     f"{type(model).__name__} could not be exported with every size dynamic ({describe(model, err)}); "
                     f"it was exported with the sizes of 1 after the batch dimension fixed "
-                    f"({', '.join(sizes_of_one(args, kwargs))}), so the compiled model takes only 1 there. If one of "
+                    f"({', '.join(single)}), so the compiled model takes only 1 there. If one of "
                     "them should vary (a sequence), compile with an example of at least 2 there")
                 return ep
-        single = sizes_of_one(args, kwargs)
         if single and specializes_size_one(err):  # the cause first: torch's own message reads like a moec bug
             raise CaptureError(
                 f"cannot export {type(model).__name__} on an example with a size of 1 after the batch dimension "

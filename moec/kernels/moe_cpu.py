@@ -268,12 +268,12 @@ def experts_grouped_mm(
     if x.shape[0] == 0 or indices.shape[1] == 0:
         return torch.zeros_like(x)
     groups = group_by_expert(indices, weights, spec.num_experts, drop_zero_weight)
-    ends = torch.tensor(groups.counts, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    expert_of_row = torch.repeat_interleave(torch.arange(spec.num_experts), torch.tensor(groups.counts))  # for biases
+    counts = torch.tensor(groups.counts)
+    ends = counts.cumsum(0, dtype=torch.int32)
     rows = weighted_rows(gathered_rows(x.contiguous(), groups.token_of), groups.weight, spec)  # [S, H]
     h = F.grouped_mm(rows, w_in.to(dtype).transpose(1, 2), offs=ends)  # [S, F_in]
-    if b_in is not None:
-        h.add_(b_in.to(dtype).index_select(0, expert_of_row))
+    if b_in is not None:  # each expert's bias repeated for its rows
+        h.add_(b_in.to(dtype).repeat_interleave(counts, dim=0))
     f = spec.intermediate
     if not spec.gated:
         h = activation(spec.act)(h)
@@ -283,5 +283,5 @@ def experts_grouped_mm(
         h = gated_activation(h[:, :f], h[:, f:], spec)
     out = F.grouped_mm(h.contiguous(), w_out.to(dtype).transpose(1, 2), offs=ends)  # [S, H]
     if b_out is not None:
-        out.add_(b_out.to(dtype).index_select(0, expert_of_row))
+        out.add_(b_out.to(dtype).repeat_interleave(counts, dim=0))
     return torch.zeros_like(x).index_add_(0, groups.token_of, weighted_outputs(out, groups.weight, spec))
