@@ -52,7 +52,8 @@ from moec.frontend.zoo import build_preset  # noqa: E402
 MODELS = ("minilm", "mixtral", "qwen3-moe", "llama")
 
 
-def minilm_case():
+def minilm_case(tokens: list[int]):
+    """MiniLM at its own sizes (``tokens``, the causal LMs' lengths, does not apply)."""
     model, example = build_preset("minilm")
 
     def inputs(batch: int, seq: int) -> dict[str, torch.Tensor]:
@@ -63,43 +64,43 @@ def minilm_case():
     return model, example, sizes, lambda out: out.last_hidden_state
 
 
-def mixtral_case():
+def mixtral_case(tokens: list[int]):
     config = transformers.MixtralConfig(
         vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=2,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=4096,
         num_local_experts=8, num_experts_per_tok=2, use_cache=False,
     )
     torch.manual_seed(0)
-    return causal_lm_case(transformers.MixtralForCausalLM(config).eval())
+    return causal_lm_case(transformers.MixtralForCausalLM(config).eval(), tokens)
 
 
-def qwen3_moe_case():
+def qwen3_moe_case(tokens: list[int]):
     config = transformers.Qwen3MoeConfig(
         vocab_size=1024, hidden_size=512, moe_intermediate_size=256, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=4, head_dim=64, max_position_embeddings=4096, num_experts=64, num_experts_per_tok=8,
         use_cache=False,
     )
     torch.manual_seed(0)
-    return causal_lm_case(transformers.Qwen3MoeForCausalLM(config).eval())
+    return causal_lm_case(transformers.Qwen3MoeForCausalLM(config).eval(), tokens)
 
 
-def llama_case():
+def llama_case(tokens: list[int]):
     config = transformers.LlamaConfig(
         vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=2, num_attention_heads=8,
         num_key_value_heads=4, max_position_embeddings=4096, use_cache=False,
     )
     torch.manual_seed(0)
-    return causal_lm_case(transformers.LlamaForCausalLM(config).eval())
+    return causal_lm_case(transformers.LlamaForCausalLM(config).eval(), tokens)
 
 
-def causal_lm_case(model):
+def causal_lm_case(model, tokens: list[int]):
     example = {"input_ids": torch.randint(0, 1024, (2, 8)), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
 
     def inputs(tokens: int) -> dict[str, torch.Tensor]:
         ids = torch.randint(0, 1024, (1, tokens), generator=torch.Generator().manual_seed(tokens))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    return model, example, [((1, n), inputs(n)) for n in CAUSAL_TOKENS], lambda out: out.logits
+    return model, example, [((1, n), inputs(n)) for n in tokens], lambda out: out.logits
 
 
 def timed(fn) -> float:
@@ -109,11 +110,10 @@ def timed(fn) -> float:
 
 
 CASES = {"minilm": minilm_case, "mixtral": mixtral_case, "qwen3-moe": qwen3_moe_case, "llama": llama_case}
-CAUSAL_TOKENS = [1, 16, 256]  # the causal LMs' sequence lengths: --tokens
 
 
-def bench_model(name: str, repeats: int, with_torch_compile: bool, dtype: torch.dtype) -> list[dict]:
-    model, example, sizes, output_of = CASES[name]()
+def bench_model(name: str, repeats: int, with_torch_compile: bool, dtype: torch.dtype, tokens: list[int]) -> list[dict]:
+    model, example, sizes, output_of = CASES[name](tokens)
     float32_model = copy.deepcopy(model) if dtype != torch.float32 else None  # the reference for other dtypes
     model.to(dtype)
     start = time.perf_counter()
@@ -167,7 +167,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-torch-compile", action="store_true", help="leave torch.compile out (it compiles each size)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the models' dtype (default: %(default)s)")
-    parser.add_argument("--tokens", type=token_counts, default=CAUSAL_TOKENS,
+    parser.add_argument("--tokens", type=token_counts, default=[1, 16, 256],
                         help="the causal LMs' sequence lengths (default: 1,16,256)")
     parser.add_argument("--out", default="bench-results/whole_model.json", help="the JSON result (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -179,9 +179,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} thread(s), "
           f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    CAUSAL_TOKENS[:] = args.tokens
     dtype = getattr(torch, args.dtype)
-    rows = [row for name in models for row in bench_model(name, args.repeats, not args.no_torch_compile, dtype)]
+    rows = [row for name in models for row in bench_model(name, args.repeats, not args.no_torch_compile, dtype, args.tokens)]
     args.out.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "dtype": args.dtype,
                                     **run_facts(), "rows": rows}, indent=2))
     print(f"wrote {args.out}")
