@@ -42,19 +42,33 @@ class Callee:
     returns_list: bool = False
 
 
+@dataclass(frozen=True)
+class Skip:
+    """Ops the function may leave out: on each call ``check(*inputs)`` (all graph inputs) returns ``(skip,
+    token)``; with ``skip`` the ops at ``ops`` (graph indices; each of one result, not a list) do not run and
+    their results are None. Their results are read only by each other and by the ops at ``readers``, whose
+    callees (spread) get ``token`` as their first argument."""
+
+    check: Callable[..., tuple[bool, Any]]
+    ops: frozenset[int]
+    readers: frozenset[int]
+
+
 class GraphFunction:
     """``graph`` as a compiled Python function of ``(weights, observe, inputs) -> outputs``.
 
     ``weights`` is read when the function runs, so a weight replaced in it is seen. Weight references are read
     from it only in the arguments of spread callees; a rule reads its op's weights (and attributes) itself.
     With ``observing``, ``observe(op, args, result)`` sees every op right after it ran; without, ``observe``
-    is ignored and nothing is written for it.
+    is ignored and nothing is written for it. ``skips`` name ops to leave out when their check says so (never
+    while observing: their readers get the token None).
     """
 
-    def __init__(self, graph: Graph, callees: Sequence[Callee], observing: bool = False) -> None:
+    def __init__(self, graph: Graph, callees: Sequence[Callee], observing: bool = False,
+                 skips: Sequence[Skip] = ()) -> None:
         self.filename = f"<moec graph {next(_FILE_NUMBERS)}>"
         self.bound: dict[str, Any] = {}  # global names of the function: callees, observed ops, constants
-        self.source = _Writer(graph, callees, self.bound).source(observing)
+        self.source = _Writer(graph, callees, self.bound, skips).source(observing)
         namespace = dict(self.bound)
         exec(compile(self.source, self.filename, "exec"), namespace)  # noqa: S102 - source written above
         linecache.cache[self.filename] = (len(self.source), None, self.source.splitlines(True), self.filename)
@@ -81,8 +95,8 @@ class GraphFunction:
 class _Writer:
     """Writes the source of one graph, naming values, callees and constants as it goes."""
 
-    def __init__(self, graph: Graph, callees: Sequence[Callee], bound: dict[str, Any]) -> None:
-        self.graph, self.callees, self.bound = graph, callees, bound
+    def __init__(self, graph: Graph, callees: Sequence[Callee], bound: dict[str, Any], skips: Sequence[Skip]) -> None:
+        self.graph, self.callees, self.bound, self.skips = graph, callees, bound, skips
         self.names: dict[int, str] = {}
 
     def bind(self, prefix: str, obj: Any) -> str:
@@ -109,9 +123,9 @@ class _Writer:
             return f"({items},)" if len(tree) == 1 else f"({items})"
         return f"{self.bind('kind', type(tree))}([{items}])"
 
-    def call(self, callee: Callee, op: Operation, args_name: str | None) -> tuple[str, str]:
+    def call(self, callee: Callee, op: Operation, args_name: str | None, token: str | None) -> tuple[str, str]:
         """The call expression of ``op``, and the expression of the argument list an observer gets; a step's
-        argument list is read from ``args_name`` when given."""
+        argument list is read from ``args_name`` when given, a spread call gets ``token`` first when given."""
         label = op.target.removeprefix("aten.") if isinstance(op, AtenOp) else op.op_name
         fn = self.bind(re.sub(r"\W", "_", label) + "_", callee.fn)
         args = [self.expr(arg) for arg in op.args]
@@ -120,7 +134,7 @@ class _Writer:
             return f"{fn}({args_name or observed})", observed
         keywords = [f"{key}={self.expr(item)}" if key.isidentifier() else f"**{{{key!r}: {self.expr(item)}}}"
                     for key, item in op.kwargs.items()]
-        return f"{fn}({', '.join(args + keywords)})", observed
+        return f"{fn}({', '.join(([token] if token else []) + args + keywords)})", observed
 
     def source(self, observing: bool) -> str:
         graph = self.graph
@@ -128,17 +142,28 @@ class _Writer:
         for value, name in zip(graph.inputs, inputs, strict=True):
             self.names[id(value)] = name
         lines = [f"def graph({', '.join(['weights', 'observe', *inputs])}):"]
+        skipped: dict[int, str] = {}  # op index -> the flag that leaves it out
+        tokens: dict[int, str] = {}  # op index -> the token its callee gets first
+        for number, skip in enumerate(self.skips):
+            if observing:
+                lines.append(f"    token{number} = None")
+            else:
+                lines.append(f"    skip{number}, token{number} = {self.bind('check', skip.check)}({', '.join(inputs)})")
+                skipped.update(dict.fromkeys(skip.ops, f"skip{number}"))
+            tokens.update(dict.fromkeys(skip.readers, f"token{number}"))
         frees = _frees(graph)
         counter = itertools.count()
         for step, (op, callee) in enumerate(zip(graph.ops, self.callees, strict=True)):
             lines.append(f"    # {step}: {op.op_name}")
             step_args = "_args" if observing and not callee.spread else None
-            call, observed = self.call(callee, op, step_args)
+            call, observed = self.call(callee, op, step_args, tokens.get(step))
             results = [f"v{next(counter)}" for _ in op.results]
             for value, name in zip(op.results, results, strict=True):
                 self.names[id(value)] = name
             temporaries = []
-            if len(results) == 1 and not callee.returns_list and not observing:
+            if step in skipped:  # one result, not a list (Skip's contract), and not observing
+                lines.append(f"    {results[0]} = None if {skipped[step]} else {call}")
+            elif len(results) == 1 and not callee.returns_list and not observing:
                 lines.append(f"    {results[0]} = {call}")
             else:
                 if step_args:

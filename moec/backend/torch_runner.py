@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from moec.backend.causal_mask import mask_skips
 from moec.backend.graph_function import Callee, GraphFunction, Observer
 from moec.errors import BackendError, warn
 from moec.frontend.blocks import ExpertsSpec
@@ -25,7 +26,7 @@ from moec.ir.program import Program
 from moec.ir.quant import QuantizedType, storage_names
 from moec.ir.targets import resolve_target
 from moec.kernels import reference
-from moec.kernels.attention import causal_sdpa
+from moec.kernels.attention import read_mask_sdpa
 from moec.kernels.kernel_choice import KernelChoice
 from moec.kernels.moe_cpu import experts_forward, experts_grouped_mm, grouped_mm_fits, onednn_available
 from moec.kernels.quant import QuantizedWeight
@@ -525,7 +526,8 @@ class TorchRunner:
         self.quant_kernel = quant_kernel
         self.expert_kernel = expert_kernel
         self.callees = [self.callee(op) for op in program.graph.ops]
-        self.function = GraphFunction(program.graph, self.callees)
+        self.skips = mask_skips(program.graph, self.callees)  # and the callees of their SDPA ops
+        self.function = GraphFunction(program.graph, self.callees, skips=self.skips)
         self._observing_function: GraphFunction | None = None
 
     def callee(self, op: Operation) -> Callee:
@@ -533,8 +535,8 @@ class TorchRunner:
         spread; any other op's rule, through ``prepare``."""
         if not isinstance(op, AtenOp):
             return Callee(self.prepare(op), spread=False)
-        if op.target == "aten.scaled_dot_product_attention.default":  # a causal mask runs as is_causal
-            return Callee(causal_sdpa, spread=True)
+        if op.target == "aten.scaled_dot_product_attention.default":  # a mask that needs none runs without
+            return Callee(read_mask_sdpa, spread=True)
         fn = resolve_target(op.target)
         schema = getattr(fn, "_schema", None)
         returns_list = schema is not None and len(op.results) == 1 and len(schema.returns) == 1 \
@@ -570,7 +572,7 @@ class TorchRunner:
         function = self.function
         if observe is not None:
             if self._observing_function is None:  # written on first use: only calibration and tracing observe
-                self._observing_function = GraphFunction(graph, self.callees, observing=True)
+                self._observing_function = GraphFunction(graph, self.callees, observing=True, skips=self.skips)
             function = self._observing_function
         with torch.inference_mode():
             try:
