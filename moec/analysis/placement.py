@@ -11,8 +11,13 @@ those expected crossings with OR-Tools CP-SAT subject to
 * per layer, at most ``capacity`` experts per rank, and optionally at most ``memory_bytes`` of expert
   weights per rank over all layers,
 
-under a time limit, returning the best solution found together with the solver's bound. Two baselines,
+within a work budget, returning the best solution found together with the solver's bound. Two baselines,
 ``contiguous_placement`` and ``round_robin_placement``, are the usual static layouts.
+
+The solves are reproducible: CP-SAT interleaves its search strategies deterministically over a fixed number
+of workers and stops on its deterministic work count (``max_deterministic_time``, about a second of work
+on an idle 2-core machine per unit), not on the clock, so a busy or slow machine takes longer and places the
+same. Only a wall-clock backstop (``BACKSTOP``, with a warning) can cut a solve short by the clock.
 
 Model: ``x[l, e, r]`` (expert e of layer l on rank r) and, for each *affinity edge* a -> b (expert a of
 layer l to expert b of layer l+1: one of b's ``predecessors_per_expert`` heaviest predecessors carrying at
@@ -41,6 +46,8 @@ from moec.analysis.traces import RoutingTrace
 from moec.errors import MoecError, warn
 from moec.ir.core import Graph
 from moec.ir.ops import ExpertsOp
+
+BACKSTOP = 5.0  # the wall-clock limit of a solve, in multiples of its work budget: only a stalled machine hits it
 
 DEFAULT_BALANCE_EPS = 0.1  # the default load bound, relaxed per layer where the load cannot meet it
 
@@ -78,7 +85,8 @@ class SolveStats:
     ``solver_moves`` = total transition mass - objective (unmodelled mass counted as moved) and
     ``gap_moves`` = (bound - objective) / solver_moves, the same gap relative to moved tokens.
     ``moves``: the returned placement's cross-rank moves on the full trace (after swap polishing).
-    ``seconds``: the whole call (local search and model building included); ``solver_seconds``: CP-SAT's part.
+    ``seconds``: the whole call (local search and model building included); ``solver_seconds``: CP-SAT's part,
+    and ``solver_work`` its deterministic time (what ``time_limit_s`` budgets).
     ``balance_limits``: per layer, the busiest rank's allowed load divided by the mean rank load (the bound
     the placement was held to); ``relaxed_layers``: the layers whose default 10% bound was out of reach and
     was relaxed to the tightest balance found for them.
@@ -93,6 +101,7 @@ class SolveStats:
     moves: float
     seconds: float
     solver_seconds: float
+    solver_work: float
     balance_limits: dict[str, float]
     relaxed_layers: list[str]
 
@@ -190,8 +199,10 @@ def solve_placement(
     size of one expert of layer l. ``balance_eps`` bounds each rank's routed load per layer to
     ``(1 + balance_eps)`` times the mean; None (the default) means 0.1, relaxed in each layer where no
     placement within the capacity reaches it to the tightest balance found for that layer (see
-    ``tightest_rank_loads``), with one warning naming those layers. ``time_limit_s`` bounds model building
-    and solving; the local search on the solver's answer comes on top (well under a second at 16 x 64 x 8).
+    ``tightest_rank_loads``), with one warning naming those layers. ``time_limit_s`` is the solver's work
+    budget (CP-SAT's deterministic time: about that many seconds on an idle 2-core machine); model building
+    and the local search come on top (well under a second at 16 x 64 x 8). The result depends on the
+    trace, the options, ``workers`` and ``seed``, not on the machine's speed or load.
     Raises ``MoecError`` when no placement can satisfy the constraints (with an explicit ``balance_eps``,
     also when it is out of reach).
     """
@@ -221,7 +232,7 @@ def solve_placement(
     relaxed: list[int] = []
     if balance_eps is None:
         tightest = tightest_rank_loads(load, R, capacity, limit, time_limit_s=min(1.0, time_limit_s / (4 * L)),
-                                       workers=workers, seed=seed)
+                                       seed=seed)
         relaxed = [layer for layer in range(L) if tightest[layer] > limit[layer]]
         limit = [max(bound, best) for bound, best in zip(limit, tightest, strict=True)]
         if relaxed:
@@ -297,16 +308,16 @@ def solve_placement(
                 for r in range(R):
                     model.add_hint(x[layer][e][r], hint[layer][e] == r)
 
-    solver = cp_model.CpSolver()
-    solver.parameters.max_time_in_seconds = max(time_limit_s - (time.perf_counter() - start), 0.1)
-    solver.parameters.num_workers = workers
-    solver.parameters.random_seed = seed
+    solver = reproducible_solver(time_limit_s, workers, seed)
     solver.parameters.symmetry_level = 0  # symmetry breaking in presolve would discard the hint
     status = solver.solve(model)
+    clock = check_the_clock(solver, status, time_limit_s, "the placement")
     if status == cp_model.UNKNOWN:
         raise MoecError(
+            f"{clock}, before it found a placement; run it on a less busy machine" if clock else
             f"the solver found no placement of {E} experts x {L} layers on {R} ranks within time_limit_s="
-            f"{time_limit_s:g} (nor proved that none exists); raise time_limit_s, or relax the balance or capacity"
+            f"{time_limit_s:g} of work (nor proved that none exists); raise time_limit_s, or relax the balance or "
+            "capacity"
         )
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         balance = (f"balance_eps={balance_eps}" if balance_eps is not None
@@ -326,7 +337,7 @@ def solve_placement(
         gap=(bound - found) / found if found > 0 else 0.0,
         gap_moves=(bound - found) / (total - found) if total > found else 0.0,
         solver_moves=(total - found) / k, moves=cross_rank_moves(trace, placement),
-        seconds=time.perf_counter() - start, solver_seconds=solver.wall_time,
+        seconds=time.perf_counter() - start, solver_seconds=solver.wall_time, solver_work=solver.deterministic_time,
         balance_limits={name: round(balance_ratio(limit[layer], load[layer], R), 4)
                         for layer, name in enumerate(trace.layers)},
         relaxed_layers=[trace.layers[layer] for layer in relaxed],
@@ -341,15 +352,15 @@ def balance_ratio(rank_load: int, load: torch.Tensor, world_size: int) -> float:
 
 
 def tightest_rank_loads(load: torch.Tensor, world_size: int, capacity: int, targets: list[int], *,
-                        time_limit_s: float = 1.0, workers: int = 2, seed: int = 0) -> list[int]:
+                        time_limit_s: float = 1.0, seed: int = 0) -> list[int]:
     """Per layer, the smallest busiest-rank load found for placing that layer's experts (integer loads
     ``load[layer]``) on ``world_size`` ranks with at most ``capacity`` experts each; a layer is only
     searched until it reaches ``targets[layer]`` (a bound it is allowed anyway).
 
     Longest-load-first onto the least loaded rank with room gives a first answer; where it is above both
     the target and the lower bound (the heaviest expert, the mean rank load rounded up), a small CP-SAT
-    min-max model improves it within ``time_limit_s``, and its best solution found is taken (optimal or not,
-    it is a load some placement reaches)."""
+    min-max model improves it within ``time_limit_s`` of work per layer, and its best solution found is taken
+    (optimal or not, it is a load some placement reaches)."""
     R = world_size
     tightest = []
     for layer, weights in enumerate(load.tolist()):
@@ -375,11 +386,12 @@ def tightest_rank_loads(load: torch.Tensor, world_size: int, capacity: int, targ
                 for r in range(e + 1, R):
                     model.add(x[e][r] == 0)
             model.minimize(busiest)
-            solver = cp_model.CpSolver()
-            solver.parameters.max_time_in_seconds = time_limit_s
-            solver.parameters.num_workers = workers
-            solver.parameters.random_seed = seed
-            if solver.solve(model) in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            # One worker: with more, CP-SAT only checks the budget between batches of tasks and overshoots
+            # a small one several times.
+            solver = reproducible_solver(time_limit_s, 1, seed)
+            status = solver.solve(model)
+            check_the_clock(solver, status, time_limit_s, f"the balance search of layer {layer}")
+            if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
                 upper = min(upper, int(solver.objective_value))
         tightest.append(upper)
     return tightest
@@ -452,3 +464,30 @@ def greedy_placement(load: torch.Tensor, transitions: torch.Tensor, world_size: 
     return placement
 
 
+def reproducible_solver(work_s: float, workers: int, seed: int) -> cp_model.CpSolver:
+    """A CP-SAT solver whose answer depends only on the model, ``workers`` and ``seed``: its strategies
+    interleaved deterministically over ``workers`` and a budget of ``work_s`` deterministic seconds, with a
+    wall-clock backstop of ``BACKSTOP`` times that."""
+    solver = cp_model.CpSolver()
+    solver.parameters.interleave_search = True
+    solver.parameters.num_workers = workers
+    solver.parameters.max_deterministic_time = work_s
+    solver.parameters.max_time_in_seconds = BACKSTOP * work_s
+    solver.parameters.random_seed = seed
+    return solver
+
+
+def check_the_clock(solver: cp_model.CpSolver, status: cp_model.CpSolverStatus, work_s: float,
+                    what: str) -> str | None:
+    """After a solve of ``what`` with a budget of ``work_s`` that ended with ``status``: where the wall-clock
+    backstop rather than the budget or a proof ended it, a sentence saying so (else None), and where it found an
+    answer, a warning that another run may not repeat it."""
+    backstop = solver.parameters.max_time_in_seconds
+    if status in (cp_model.OPTIMAL, cp_model.INFEASIBLE) or solver.deterministic_time >= work_s \
+            or solver.wall_time < backstop:
+        return None
+    clock = (f"the solver's wall-clock backstop ({backstop:g} s) ended {what} after {solver.deterministic_time:.2f} "
+             f"of its {work_s:g} s of work")
+    if status == cp_model.FEASIBLE:
+        warn(f"expert placement: {clock}, so another run may place differently; run it on a less busy machine")
+    return clock

@@ -1,4 +1,6 @@
 import itertools
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -65,6 +67,34 @@ def test_solver_reports_its_gap_both_ways():
     assert stats.moves <= stats.solver_moves  # unmodelled mass that the local search keeps local only helps
 
 
+def test_a_solve_cut_short_by_its_budget_places_the_same_on_a_busy_machine():
+    """CP-SAT stops on its deterministic work count, not the clock: a run while another process keeps a core
+    busy gets less wall time per unit of work and still returns the same placement."""
+    trace = synthetic_trace(1500, 4, 12, top_k=2, skew=0.3, affinity=0.6, seed=3)
+
+    def solve():
+        return placing.solve_placement(trace, 3, balance_eps=0.3, min_predecessor_share=0.0, time_limit_s=0.5)
+
+    idle, idle_stats = solve()
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        loaded, loaded_stats = solve()
+    finally:
+        busy.kill()
+        busy.wait()
+    assert idle_stats.status == loaded_stats.status == "FEASIBLE"  # not proved optimal: the budget ended it
+    assert loaded.ranks == idle.ranks
+    assert loaded_stats.solver_work == idle_stats.solver_work
+
+
+def test_a_solve_the_wall_clock_backstop_ends_says_so(monkeypatch):
+    monkeypatch.setattr(placing, "BACKSTOP", 1e-4)  # 0.1 ms of wall clock: over before the hint is read
+    trace = synthetic_trace(1500, 4, 12, top_k=2, skew=0.3, affinity=0.6, seed=3)
+    with pytest.raises(MoecError, match=r"^the solver's wall-clock backstop \(0\.0001 s\) ended the placement after "
+                                        r"[0-9.]+ of its 1 s of work, before it found a placement; run it on a less busy"):
+        placing.solve_placement(trace, 3, balance_eps=0.3, min_predecessor_share=0.0, time_limit_s=1)
+
+
 def test_affinity_edges_leave_out_thin_predecessors():
     transitions = torch.zeros(1, 3, 3, dtype=torch.int64)
     transitions[0, :, 0] = torch.tensor([100, 30, 10])  # expert 0 of layer 1: 10 is under a quarter of 100
@@ -125,8 +155,9 @@ def test_every_rank_holds_an_expert_of_every_layer():
 
 def test_a_solver_out_of_time_is_not_called_infeasible(monkeypatch):
     monkeypatch.setattr(placing.cp_model.CpSolver, "solve", lambda self, model: placing.cp_model.UNKNOWN)
-    with pytest.raises(MoecError, match=r"found no placement .* within time_limit_s=0.5 \(nor proved that none "
-                       r"exists\); raise time_limit_s"):
+    monkeypatch.setattr(placing.cp_model.CpSolver, "deterministic_time", property(lambda self: 0.5))  # all spent
+    with pytest.raises(MoecError, match=r"found no placement .* within time_limit_s=0.5 of work \(nor proved that "
+                       r"none exists\); raise time_limit_s"):
         placing.solve_placement(chain_trace(), 2, balance_eps=0.5, time_limit_s=0.5)
 
 

@@ -77,7 +77,8 @@ def placement_case(name, trace, world_size, time_limit_s, balance_eps=0.1, held_
     if "optimum_moves" in row:
         print(f"{'':40s} exact optimum on 2 ranks: {row['optimum_moves']:.0f} moves "
               f"(cut {1 - row['optimum_moves'] / row['moves']['round-robin']:.1%})")
-    print(f"{'':40s} solver {stats.status} {stats.seconds:.1f} s (CP-SAT {stats.solver_seconds:.1f} s), gap {stats.gap:.2%} of the objective, "
+    print(f"{'':40s} solver {stats.status} {stats.seconds:.1f} s (CP-SAT {stats.solver_seconds:.1f} s, "
+          f"{stats.solver_work:.1f} of work), gap {stats.gap:.2%} of the objective, "
           f"{stats.gap_moves:.2%} of modelled moves", flush=True)
     return row
 
