@@ -52,7 +52,9 @@ class ExpertPlacement(Pass):
     balance_eps: float | None = None  # None: within 10% of the mean, relaxed per layer where out of reach
     capacity: int | None = None
     memory_bytes: int | None = None
-    time_limit_s: float | None = None  # None: DEFAULT_TIME_LIMIT_S (None tells "not given" from the default)
+    # The solver's work budget (about seconds on an idle 2-core machine; the placement does not depend on the
+    # machine's speed). None: DEFAULT_TIME_LIMIT_S (None tells "not given" from the default).
+    time_limit_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
